@@ -1,0 +1,1 @@
+"""The command line: parsing, output and exit codes. Never imports pyfuse3."""

@@ -1,0 +1,249 @@
+"""``s3cachefs`` command line: parse, run, print one clear line on failure.
+
+Exit codes (README, "Exit codes"):
+    0  success
+    1  unexpected internal error (a bug: see the log)
+    2  bad usage or configuration (flags, sizes, mountpoint, cache dir)
+    3  S3 refused or could not be reached (bucket, credentials, endpoint)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import select
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import psutil
+
+from s3cachefs import __version__
+from s3cachefs.daemon.config import (
+    MountConfig,
+    default_cache_dir,
+    parse_size,
+    parse_target,
+    parse_ttl,
+)
+from s3cachefs.daemon.errors import ConfigError, S3CacheFSError, StoreError
+from s3cachefs.daemon.logs import LEVELS, setup_logging
+from s3cachefs.daemon.mountpoint import is_stale, unmount
+from s3cachefs.daemon.runtime import read_record, remove_record
+
+log = logging.getLogger("s3cachefs")
+
+EXIT_OK, EXIT_BUG, EXIT_USAGE, EXIT_S3 = 0, 1, 2, 3
+# How long `mount` waits for the daemon to report the mount usable.
+START_TIMEOUT = 120.0
+
+
+def exit_code_for(exc: S3CacheFSError) -> int:
+    return EXIT_S3 if isinstance(exc, StoreError) else EXIT_USAGE
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors are one line, like every other error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"s3cachefs: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="s3cachefs", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"s3cachefs {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    m = sub.add_parser("mount", help="mount BUCKET[/PREFIX] read-only at MOUNTPOINT")
+    m.add_argument("target", metavar="BUCKET[/PREFIX]")
+    m.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
+    m.add_argument("--endpoint-url", help="S3-compatible endpoint (MinIO, Ceph RGW, R2)")
+    m.add_argument("--region", help="AWS region (default: from the AWS config)")
+    m.add_argument("--profile", help="AWS profile for credentials")
+    m.add_argument("--cache-dir", type=Path, help=f"default: {default_cache_dir()}")
+    m.add_argument("--cache-size", default="10G", help="cache limit, e.g. 200G (default 10G)")
+    m.add_argument("--min-free", default="5G", help="disk space to keep free (default 5G)")
+    m.add_argument(
+        "--metadata-ttl",
+        default="60",
+        help="seconds listings and attributes are trusted, or 'indefinite' (default 60)",
+    )
+    m.add_argument("--allow-other", action="store_true", help="let other users use the mount")
+    m.add_argument("--foreground", action="store_true", help="stay attached (systemd, debugging)")
+    m.add_argument("--log-level", choices=LEVELS, default="info")
+    m.add_argument("--log-file", type=Path, help="background log (default: CACHE_DIR/daemon.log)")
+    m.add_argument("--s3-concurrency", type=int, default=16, help="parallel S3 requests")
+    m.add_argument(
+        "--readahead", type=int, default=8, help="max blocks fetched ahead of sequential reads"
+    )
+    m.add_argument("--block-size", default="1M", help="block size for a new cache dir (default 1M)")
+    m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+
+    u = sub.add_parser("unmount", help="unmount (also cleans a stale mount of a dead daemon)")
+    u.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
+    u.add_argument("--lazy", action="store_true", help="detach now even if files are open")
+
+    d = sub.add_parser("demo", help="run the quick start against an embedded local S3 server")
+    d.add_argument("--workdir", type=Path, help="where to mount and cache (default: a temp dir)")
+    return parser
+
+
+def mount_config(args: argparse.Namespace) -> MountConfig:
+    bucket, prefix = parse_target(args.target)
+    return MountConfig(
+        bucket=bucket,
+        prefix=prefix,
+        mountpoint=args.mountpoint.absolute(),
+        cache_dir=(args.cache_dir or default_cache_dir()).absolute(),
+        endpoint_url=args.endpoint_url,
+        region=args.region,
+        profile=args.profile,
+        cache_size=parse_size(args.cache_size),
+        min_free=parse_size(args.min_free),
+        metadata_ttl=parse_ttl(args.metadata_ttl),
+        allow_other=args.allow_other,
+        block_size=parse_size(args.block_size),
+        s3_concurrency=args.s3_concurrency,
+        readahead_blocks=max(0, args.readahead),
+    )
+
+
+def cmd_mount(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    config = mount_config(args)  # bad sizes etc. fail here, before anything starts
+    if not args.foreground:
+        return _mount_in_background(argv, config)
+    ready_fd: int | None = args.ready_fd
+
+    def on_ready() -> None:
+        if ready_fd is not None:
+            os.write(ready_fd, b"READY\n")
+            os.close(ready_fd)
+
+    try:
+        log_file = None
+        if ready_fd is not None:
+            log_file = args.log_file or config.cache_dir / "daemon.log"
+            try:
+                setup_logging(args.log_level, log_file)
+            except OSError as exc:
+                raise ConfigError(f"cannot write log file {log_file}: {exc.strerror}") from None
+        else:
+            setup_logging(args.log_level)
+        from s3cachefs.daemon.app import run_daemon  # imports pyfuse3: only for the daemon
+
+        run_daemon(config, on_ready)
+    except S3CacheFSError as exc:
+        if ready_fd is not None:
+            _report(ready_fd, exit_code_for(exc), str(exc))
+        raise
+    except Exception as exc:
+        log.exception("daemon failed")
+        if ready_fd is not None:
+            _report(ready_fd, EXIT_BUG, f"internal error: {type(exc).__name__}: {exc}")
+        raise
+    return EXIT_OK
+
+
+def _report(fd: int, code: int, message: str) -> None:
+    with contextlib.suppress(OSError):  # the waiting parent is gone; the log has it
+        os.write(fd, f"ERROR {code} {message}\n".encode())
+
+
+def _mount_in_background(argv: Sequence[str], config: MountConfig) -> int:
+    """Start the daemon detached; return once it reports the mount usable, or its error."""
+    read_fd, write_fd = os.pipe()
+    cmd = [sys.executable, "-m", "s3cachefs", *argv, "--foreground", "--ready-fd", str(write_fd)]
+    proc = subprocess.Popen(
+        cmd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        pass_fds=(write_fd,),
+        start_new_session=True,
+    )
+    os.close(write_fd)
+    message = b""
+    deadline = time.monotonic() + START_TIMEOUT
+    with os.fdopen(read_fd, "rb") as pipe:
+        while b"\n" not in message and time.monotonic() < deadline:
+            ready, _, _ = select.select([pipe], [], [], 0.5)
+            if ready:
+                chunk = os.read(pipe.fileno(), 4096)
+                if not chunk:
+                    break
+                message += chunk
+    line = message.decode(errors="replace").strip()
+    if line == "READY":
+        print(f"mounted {config.source} at {config.mountpoint} (daemon pid {proc.pid})")
+        return EXIT_OK
+    if line.startswith("ERROR "):
+        _, code, text = line.split(" ", 2)
+        print(f"s3cachefs: {text}", file=sys.stderr)
+        return int(code)
+    if proc.poll() is None:
+        proc.terminate()
+        print(f"s3cachefs: daemon did not become ready in {START_TIMEOUT:.0f}s", file=sys.stderr)
+    else:
+        log_file = config.cache_dir / "daemon.log"
+        print(
+            f"s3cachefs: daemon exited during start-up (code {proc.returncode}); see {log_file}",
+            file=sys.stderr,
+        )
+    return EXIT_BUG
+
+
+def cmd_unmount(args: argparse.Namespace) -> int:
+    path: Path = args.mountpoint.absolute()
+    stale = is_stale(path)
+    if not stale and not os.path.ismount(path):
+        raise ConfigError(f"{path} is not mounted")
+    record = read_record(path)
+    unmount(path, lazy=args.lazy or stale)
+    if record is not None and _wait_for_exit(record.pid, timeout=30.0):
+        print(f"unmounted {path}")
+    elif stale:
+        remove_record(path)
+        print(f"cleaned stale mount {path}")
+    else:
+        print(f"unmounted {path}")
+    return EXIT_OK
+
+
+def _wait_for_exit(pid: int, timeout: float) -> bool:
+    """Wait for the daemon to finish flushing; True if it was running and is now gone."""
+    try:
+        proc = psutil.Process(pid)
+        proc.wait(timeout=timeout)
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.TimeoutExpired:
+        print(f"s3cachefs: daemon pid {pid} still running after {timeout:.0f}s", file=sys.stderr)
+        return False
+    return True
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "mount":
+            return cmd_mount(args, argv)
+        if args.command == "unmount":
+            return cmd_unmount(args)
+        if args.command == "demo":
+            from s3cachefs.cli.demo import run_demo
+
+            return run_demo(args.workdir)
+        raise AssertionError(args.command)
+    except S3CacheFSError as exc:
+        print(f"s3cachefs: {exc}", file=sys.stderr)
+        return exit_code_for(exc)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001  a bug: its traceback went to the log; the user gets one line
+        print(f"s3cachefs: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_BUG

@@ -1,0 +1,112 @@
+"""The daemon: wires store, cache and filesystem under one root nursery.
+
+Start-up order matters for clear errors: every check that can fail on bad
+input (bucket, credentials, endpoint, cache dir, mountpoint) runs before the
+kernel mount, and the caller hears "ready" only once the mount is usable.
+Stop unwinds in reverse: FUSE loop ends (signal or external unmount), the
+mount goes away, the cache index closes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import pyfuse3
+import trio
+
+from s3cachefs.daemon.blockcache import BlockCache
+from s3cachefs.daemon.errors import ConfigError, TransientError
+from s3cachefs.daemon.mountpoint import check_mountpoint
+from s3cachefs.daemon.runtime import MountRecord, remove_record, write_record
+from s3cachefs.daemon.store import S3Store
+from s3cachefs.fs.core import FsCore
+from s3cachefs.fs.operations import Operations
+
+if TYPE_CHECKING:
+    from s3cachefs.daemon.config import MountConfig
+
+log = logging.getLogger(__name__)
+
+# pyfuse3's workers: enough to keep many readers' requests in flight while
+# some wait on S3.
+FUSE_MAX_TASKS = 64
+
+
+def fuse_options(config: MountConfig) -> set[str]:
+    options = {
+        f"fsname=s3cachefs:{config.bucket}/{config.prefix}".rstrip("/"),
+        "subtype=s3cachefs",
+        "ro",
+        "default_permissions",
+        "noatime",
+    }
+    if config.allow_other:
+        options.add("allow_other")
+    return options
+
+
+def run_daemon(config: MountConfig, on_ready: Callable[[], None]) -> None:
+    """Serve the mount until SIGTERM/SIGINT or an external unmount. Blocking."""
+    store = S3Store(config)
+    try:
+        store.check_bucket()
+    except TransientError as exc:
+        where = config.endpoint_url or "AWS S3"
+        raise ConfigError(f"cannot reach {where}: {exc}") from None
+    s3_limiter = trio.CapacityLimiter(config.s3_concurrency)
+    disk_limiter = trio.CapacityLimiter(8)
+    cache = BlockCache(
+        config.cache_dir,
+        store,
+        block_size=config.block_size,
+        cache_size=config.cache_size,
+        min_free=config.min_free,
+        memory_bytes=config.memory_cache_bytes,
+        s3_limiter=s3_limiter,
+        disk_limiter=disk_limiter,
+        readahead_limit=max(1, config.s3_concurrency // 2),
+    )
+    with contextlib.ExitStack() as stack:
+        cache.open()
+        stack.callback(cache.close)
+        check_mountpoint(config.mountpoint)
+        core = FsCore(
+            store,
+            cache,
+            prefix=config.prefix,
+            metadata_ttl=config.metadata_ttl,
+            s3_limiter=s3_limiter,
+            readahead_blocks=config.readahead_blocks,
+        )
+        ops = Operations(core, uid=os.getuid(), gid=os.getgid(), block_size=cache.block_size)
+        pyfuse3.init(ops, str(config.mountpoint), fuse_options(config))
+        stack.callback(pyfuse3.close, unmount=True)
+        write_record(
+            MountRecord(os.getpid(), str(config.mountpoint), config.source, str(config.cache_dir))
+        )
+        stack.callback(remove_record, config.mountpoint)
+        log.info("mounted source=%s mountpoint=%s", config.source, config.mountpoint)
+        trio.run(_serve, cache, on_ready)
+        log.info("unmounting mountpoint=%s", config.mountpoint)
+
+
+async def _serve(cache: BlockCache, on_ready: Callable[[], None]) -> None:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(cache.run)
+        nursery.start_soon(_terminate_on_signal)
+        on_ready()
+        await pyfuse3.main(max_tasks=FUSE_MAX_TASKS)
+        nursery.cancel_scope.cancel()
+
+
+async def _terminate_on_signal() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("signal=%s; unmounting", signal.Signals(signum).name)
+            pyfuse3.terminate()
+            return

@@ -1,0 +1,555 @@
+"""The persistent, verified, single-flight block cache.
+
+Layout (versioned, so a future format ignores this one instead of misreading it)::
+
+    CACHE_DIR/lock                       flock'd by the one daemon using the dir
+    CACHE_DIR/v1/format.json             {"format": 1, "block_size": ...}
+    CACHE_DIR/v1/index/                  diskcache (SQLite): object and block records
+    CACHE_DIR/v1/objects/ab/cd/<oid>     one sparse file per object version
+
+One file per object *version* (oid = hash of bucket, key, ETag), filled block
+by block with ``pwrite`` at the block's offset, so that a complete file is a
+byte-exact copy of the object: a pinned dataset can later be exposed to the
+kernel as plain files (hard links) with no daemon on the read path.
+
+The index records, per object, ``("o", oid) -> (bucket, key, etag, size)`` and,
+per block present, ``("b", oid, idx) -> crc32``. The data file is written
+before the index row; neither is fsync'd, so after a power loss a row may point
+at zeros or a torn block. Every block is therefore checked against its CRC
+when it is first read from disk in this process, and a block that fails is a
+miss: it is dropped and fetched again. Wrong bytes are never served.
+
+The whole index is loaded into memory at start; reads never touch SQLite, and
+least-recently-used order is kept in memory only (after a restart, blocks
+start in the order they were cached).
+
+Concurrency invariants: all in-memory state (``_objects``, ``_lru``,
+``_flights``, ``_used``) is changed only on the trio thread, by synchronous
+helpers (names start with ``_sync_`` or are plain methods without ``await``),
+so no other task can interleave. Disk I/O runs in worker threads under the
+disk limiter and receives plain values, never this object's dicts.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import zlib
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import diskcache
+import psutil
+import trio
+
+from s3cachefs.daemon.errors import CacheDirError, StoreError
+from s3cachefs.daemon.store import ObjectStore
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+@dataclass(frozen=True)
+class ObjectVersion:
+    """What a block belongs to: one immutable version of one object."""
+
+    bucket: str
+    key: str
+    etag: str
+    size: int
+
+    @property
+    def oid(self) -> str:
+        digest = hashlib.sha256(f"{self.bucket}\0{self.key}\0{self.etag}".encode())
+        return digest.hexdigest()[:40]
+
+
+@dataclass
+class _Record:
+    version: ObjectVersion
+    blocks: dict[int, int] = field(default_factory=dict)  # block index -> crc32
+
+
+@dataclass
+class _Flight:
+    """One in-progress download of one block, shared by every reader that wants it."""
+
+    done: trio.Event = field(default_factory=trio.Event)
+    data: bytes | None = None
+    error: BaseException | None = None
+
+
+BlockKey = tuple[str, int]
+
+
+def block_span(index: int, block_size: int, size: int) -> tuple[int, int]:
+    """Byte range ``[start, end)`` of block ``index`` in an object of ``size`` bytes."""
+    start = index * block_size
+    return start, min(start + block_size, size)
+
+
+def blocks_for_range(offset: int, length: int, block_size: int, size: int) -> range:
+    """Indices of the blocks that hold bytes ``[offset, offset+length)``, clipped to EOF."""
+    end = min(offset + length, size)
+    if offset >= end:
+        return range(0)
+    return range(offset // block_size, (end - 1) // block_size + 1)
+
+
+def _punch_hole(fd: int, offset: int, length: int) -> None:
+    ret = _libc.fallocate(
+        fd,
+        _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE,
+        ctypes.c_long(offset),
+        ctypes.c_long(length),
+    )
+    if ret != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+class CacheStats:
+    """Counters the status command, metrics and tests read."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+
+    def __getitem__(self, name: str) -> int:
+        return self.counts[name]
+
+
+class BlockCache:
+    """Blocks of object versions: memory, then verified disk, then one GET per block."""
+
+    def __init__(
+        self,
+        cache_dir: Path,
+        store: ObjectStore,
+        *,
+        block_size: int,
+        cache_size: int,
+        min_free: int,
+        memory_bytes: int,
+        s3_limiter: trio.CapacityLimiter,
+        disk_limiter: trio.CapacityLimiter,
+        readahead_limit: int = 8,
+    ) -> None:
+        self.cache_dir = cache_dir
+        self.store = store
+        self.block_size = block_size
+        self.cache_size = cache_size
+        self.min_free = min_free
+        self.memory_bytes = memory_bytes
+        self.stats = CacheStats()
+        self._s3_limiter = s3_limiter
+        self._disk_limiter = disk_limiter
+        self._readahead_limit = readahead_limit
+        self._readahead_inflight = 0
+        self._objects: dict[str, _Record] = {}
+        self._lru: OrderedDict[BlockKey, None] = OrderedDict()
+        self._used = 0
+        self._memory: OrderedDict[BlockKey, bytes] = OrderedDict()
+        self._memory_used = 0
+        self._flights: dict[BlockKey, _Flight] = {}
+        self._nursery: trio.Nursery | None = None
+        self._lock_fd: int | None = None
+        self._index: Any = None
+        self._root = cache_dir / f"v{FORMAT_VERSION}"
+
+    # ---- lifecycle -------------------------------------------------------
+
+    def open(self) -> None:
+        """Lock the cache dir, load the index into memory. Blocking; call before serving."""
+        try:
+            self.cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            (self._root / "objects").mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CacheDirError(
+                f"cannot create cache dir {self.cache_dir}: {exc.strerror}"
+            ) from None
+        if not os.access(self.cache_dir, os.R_OK | os.W_OK | os.X_OK):
+            raise CacheDirError(f"cache dir {self.cache_dir} is not readable and writable")
+        self._lock()
+        self._check_format()
+        self._index = diskcache.Cache(
+            str(self._root / "index"),
+            eviction_policy="none",  # we evict; diskcache's LRU would write on every get
+            size_limit=2**62,
+            cull_limit=0,
+            statistics=False,
+            timeout=30,
+        )
+        self._load_index()
+
+    def close(self) -> None:
+        if self._index is not None:
+            self._index.close()
+            self._index = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Own the nursery that downloads run in, so a cancelled reader cancels no fetch."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    def _lock(self) -> None:
+        path = self.cache_dir / "lock"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise CacheDirError(f"cannot open {path}: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise CacheDirError(
+                f"cache dir {self.cache_dir} is in use by another s3cachefs daemon (pid {owner});"
+                " give this mount its own --cache-dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def _check_format(self) -> None:
+        path = self._root / "format.json"
+        try:
+            meta = json.loads(path.read_text())
+        except FileNotFoundError:
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"format": FORMAT_VERSION, "block_size": self.block_size}))
+            os.replace(tmp, path)
+            return
+        except (OSError, ValueError) as exc:
+            raise CacheDirError(f"unreadable cache format file {path}: {exc}") from None
+        stored = int(meta.get("block_size", 0))
+        if stored != self.block_size:
+            log.info("cache_dir=%s keeps its block_size=%d", self.cache_dir, stored)
+            self.block_size = stored
+
+    def _load_index(self) -> None:
+        index = self._index
+        blocks: list[tuple[str, int, int]] = []
+        for key in index.iterkeys():
+            value = index.get(key)
+            if key[0] == "o" and value is not None:
+                self._objects[key[1]] = _Record(ObjectVersion(*value))
+            elif key[0] == "b" and value is not None:
+                blocks.append((key[1], key[2], value))
+        dropped = 0
+        for oid, idx, crc in blocks:
+            record = self._objects.get(oid)
+            if record is None:  # a block row whose object row was lost: unusable
+                index.delete(("b", oid, idx))
+                dropped += 1
+                continue
+            record.blocks[idx] = crc
+            self._lru[(oid, idx)] = None
+            start, end = block_span(idx, self.block_size, record.version.size)
+            self._used += end - start
+        for oid, record in list(self._objects.items()):
+            if not self._path(oid).exists():
+                self._forget_object_sync(oid)
+                dropped += len(record.blocks)
+        if dropped:
+            log.warning("cache_dir=%s dropped %d index rows with no data", self.cache_dir, dropped)
+        log.info(
+            "cache_dir=%s objects=%d blocks=%d bytes=%d",
+            self.cache_dir,
+            len(self._objects),
+            len(self._lru),
+            self._used,
+        )
+
+    def _forget_object_sync(self, oid: str) -> None:
+        record = self._objects.pop(oid)
+        for idx in record.blocks:
+            self._index.delete(("b", oid, idx))
+            self._lru.pop((oid, idx), None)
+        self._index.delete(("o", oid))
+
+    # ---- public API ------------------------------------------------------
+
+    @property
+    def used_bytes(self) -> int:
+        return self._used
+
+    def is_cached(self, version: ObjectVersion, index: int) -> bool:
+        record = self._objects.get(version.oid)
+        return record is not None and index in record.blocks
+
+    async def read(self, version: ObjectVersion, offset: int, length: int) -> bytes:
+        """Bytes ``[offset, offset+length)`` of ``version``, clipped to its size."""
+        indices = blocks_for_range(offset, length, self.block_size, version.size)
+        if not indices:
+            return b""
+        if len(indices) == 1:
+            parts = [await self.get_block(version, indices[0])]
+        else:
+            for idx in indices:  # start them all, so a multi-block read is parallel GETs
+                self.start_fetch(version, idx)
+            parts = [await self.get_block(version, idx) for idx in indices]
+        data = b"".join(parts) if len(parts) > 1 else parts[0]
+        skip = offset - indices[0] * self.block_size
+        return data[skip : skip + length]
+
+    async def get_block(self, version: ObjectVersion, index: int) -> bytes:
+        """One whole block: from memory, from verified disk, or from one shared GET."""
+        key = (version.oid, index)
+        data = self._memory.get(key)
+        if data is not None:
+            self._memory.move_to_end(key)
+            self.stats.counts["hits_memory"] += 1
+            return data
+        record = self._objects.get(version.oid)
+        if record is not None and index in record.blocks:
+            data = await self._read_verified(version, index, record.blocks[index])
+            if data is not None:
+                self.stats.counts["hits_disk"] += 1
+                self._lru.move_to_end(key)
+                self._remember(key, data)
+                return data
+        flight = self._flights.get(key) or self._start_flight(version, index)
+        await flight.done.wait()
+        if flight.error is not None:
+            raise flight.error
+        assert flight.data is not None
+        return flight.data
+
+    def start_fetch(self, version: ObjectVersion, index: int) -> None:
+        """Make sure block ``index`` is on its way, without waiting for it."""
+        key = (version.oid, index)
+        if key in self._memory or key in self._flights or self.is_cached(version, index):
+            return
+        self._start_flight(version, index)
+
+    def readahead(self, version: ObjectVersion, indices: range) -> None:
+        """Best-effort prefetch: dropped, not queued, when too many are in flight."""
+        for idx in indices:
+            if self._readahead_inflight >= self._readahead_limit:
+                self.stats.counts["readahead_dropped"] += 1
+                return
+            key = (version.oid, idx)
+            if key in self._flights or key in self._memory or self.is_cached(version, idx):
+                continue
+            self.stats.counts["readahead"] += 1
+            self._start_flight(version, idx, readahead=True)
+
+    # ---- fetch path ------------------------------------------------------
+
+    def _start_flight(self, version: ObjectVersion, index: int, readahead: bool = False) -> _Flight:
+        assert self._nursery is not None, "BlockCache.run() is not running"
+        flight = _Flight()
+        self._flights[(version.oid, index)] = flight
+        if readahead:
+            self._readahead_inflight += 1
+        self._nursery.start_soon(self._fetch, version, index, flight, readahead)
+        return flight
+
+    async def _fetch(
+        self, version: ObjectVersion, index: int, flight: _Flight, readahead: bool
+    ) -> None:
+        key = (version.oid, index)
+        start, end = block_span(index, self.block_size, version.size)
+        try:
+            data = await trio.to_thread.run_sync(
+                self.store.get_range,
+                version.key,
+                version.etag,
+                start,
+                end,
+                limiter=self._s3_limiter,
+                abandon_on_cancel=True,
+            )
+            self.stats.counts["misses"] += 1
+            self.stats.counts["bytes_from_s3"] += len(data)
+            flight.data = data
+            self._remember(key, data)
+        except StoreError as exc:
+            flight.error = exc
+        except Exception as exc:  # an unexpected bug must still wake every waiter
+            log.exception("fetch of %s block %d failed", version.key, index)
+            flight.error = exc
+        finally:
+            del self._flights[key]
+            if readahead:
+                self._readahead_inflight -= 1
+            flight.done.set()
+        if flight.data is not None:
+            await self._store_block(version, index, flight.data)
+
+    async def _store_block(self, version: ObjectVersion, index: int, data: bytes) -> None:
+        crc = zlib.crc32(data)
+        victims, fits = self._sync_reserve(len(data))
+        if not fits:
+            self.stats.counts["store_skipped_full"] += 1
+            log.warning(
+                "cache cannot hold more (cache_size=%d min_free=%d); block served uncached",
+                self.cache_size,
+                self.min_free,
+            )
+        oid = version.oid
+        new_object = fits and oid not in self._objects
+        if new_object:
+            self._objects[oid] = _Record(version)
+        try:
+            await trio.to_thread.run_sync(
+                self._write_block_blocking,
+                version,
+                index,
+                data if fits else None,
+                crc,
+                victims,
+                new_object,
+                limiter=self._disk_limiter,
+            )
+        except OSError as exc:
+            if fits:
+                self._used -= len(data)
+            self.stats.counts["disk_errors"] += 1
+            log.warning("cache write failed for %s: %s; reads go to S3", version.key, exc.strerror)
+            return
+        record = self._objects.get(oid)
+        if not fits or record is None:  # evicted whole while we wrote: do not index it
+            if fits:
+                self._used -= len(data)
+            return
+        record.blocks[index] = crc
+        self._lru[(oid, index)] = None
+
+    def _sync_reserve(self, nbytes: int) -> tuple[list[tuple[str, int, int, int]], bool]:
+        """Take LRU victims off the books until ``nbytes`` fit. Must not await.
+
+        Returns the victims (to be removed from disk) and whether the block fits;
+        ``--min-free`` can make the cache shrink below what it holds now.
+        """
+        free = psutil.disk_usage(str(self.cache_dir)).free
+        victims: list[tuple[str, int, int, int]] = []
+        freed = 0
+
+        def over() -> bool:
+            return (
+                self._used - freed + nbytes > self.cache_size
+                or free + freed - nbytes < self.min_free
+            )
+
+        while over() and self._lru:
+            (oid, idx), _ = self._lru.popitem(last=False)
+            record = self._objects[oid]
+            del record.blocks[idx]
+            start, end = block_span(idx, self.block_size, record.version.size)
+            last = not record.blocks
+            if last:
+                del self._objects[oid]
+            victims.append((oid, idx, start, -1 if last else end - start))
+            freed += end - start
+        self.stats.counts["evictions"] += len(victims)
+        fits = not over()
+        self._used += (nbytes if fits else 0) - freed
+        return victims, fits
+
+    def _write_block_blocking(
+        self,
+        version: ObjectVersion,
+        index: int,
+        data: bytes | None,
+        crc: int,
+        victims: list[tuple[str, int, int, int]],
+        new_object: bool,
+    ) -> None:
+        for oid, idx, start, length in victims:
+            self._evict_blocking(oid, idx, start, length)
+        if data is None:
+            return
+        oid = version.oid
+        path = self._path(oid)
+        if new_object:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._index.set(("o", oid), (version.bucket, version.key, version.etag, version.size))
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            if os.fstat(fd).st_size != version.size:
+                os.ftruncate(fd, version.size)  # sparse, full length: a complete file is the object
+            os.pwrite(fd, data, index * self.block_size)
+        finally:
+            os.close(fd)
+        self._index.set(("b", oid, index), crc)
+
+    def _evict_blocking(self, oid: str, idx: int, start: int, length: int) -> None:
+        self._index.delete(("b", oid, idx))
+        path = self._path(oid)
+        if length < 0:  # the object's last block: drop the whole file
+            self._index.delete(("o", oid))
+            path.unlink(missing_ok=True)
+            return
+        try:
+            fd = os.open(path, os.O_WRONLY)
+        except FileNotFoundError:
+            return
+        try:
+            _punch_hole(fd, start, length)
+        finally:
+            os.close(fd)
+
+    async def _read_verified(self, version: ObjectVersion, index: int, crc: int) -> bytes | None:
+        start, end = block_span(index, self.block_size, version.size)
+        try:
+            data = await trio.to_thread.run_sync(
+                self._pread_blocking, version.oid, start, end - start, limiter=self._disk_limiter
+            )
+        except OSError as exc:
+            log.warning("cache read failed for %s: %s; refetching", version.key, exc.strerror)
+            data = b""
+        if len(data) == end - start and zlib.crc32(data) == crc:
+            return data
+        self.stats.counts["corrupt_blocks"] += 1
+        log.warning(
+            "cache block failed verification key=%s block=%d; discarded and refetched",
+            version.key,
+            index,
+        )
+        record = self._objects.get(version.oid)
+        if record is not None and record.blocks.get(index) == crc:
+            record.blocks.pop(index)
+            self._lru.pop((version.oid, index), None)
+            self._used -= end - start
+            await trio.to_thread.run_sync(
+                self._index.delete, ("b", version.oid, index), limiter=self._disk_limiter
+            )
+        return None
+
+    def _pread_blocking(self, oid: str, offset: int, length: int) -> bytes:
+        fd = os.open(self._path(oid), os.O_RDONLY)
+        try:
+            return os.pread(fd, length, offset)
+        finally:
+            os.close(fd)
+
+    # ---- helpers ---------------------------------------------------------
+
+    def _path(self, oid: str) -> Path:
+        return self._root / "objects" / oid[:2] / oid[2:4] / oid
+
+    def _remember(self, key: BlockKey, data: bytes) -> None:
+        if key in self._memory:
+            return
+        self._memory[key] = data
+        self._memory_used += len(data)
+        while self._memory_used > self.memory_bytes and self._memory:
+            _, old = self._memory.popitem(last=False)
+            self._memory_used -= len(old)

@@ -1,0 +1,117 @@
+"""Mount configuration and the parsers for its user-facing value syntaxes."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from s3cachefs.daemon.errors import ConfigError
+
+KIB = 1024
+MIB = 1024 * KIB
+GIB = 1024 * MIB
+
+# 1 MiB: small enough that a 30 KB document image costs one small GET, large
+# enough that sequential reads of big objects are a few dozen parallel GETs.
+# bench/blocksize.py measures the alternatives (README, "Block size").
+DEFAULT_BLOCK_SIZE = 1 * MIB
+
+# What "indefinite" means to the kernel: ten years is forever for a mount.
+INDEFINITE_TTL = 10 * 365 * 24 * 3600.0
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(I?B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "K": KIB, "M": MIB, "G": GIB, "T": 1024 * GIB, "P": 1024 * 1024 * GIB}
+
+
+def parse_size(text: str) -> int:
+    """Parse a byte count like ``200G``, ``512MiB``, ``1.5T`` or ``4096``.
+
+    Suffixes are powers of 1024 (``G`` = ``GiB`` = ``GB`` = 2**30).
+    """
+    match = _SIZE_RE.match(text)
+    if not match:
+        raise ConfigError(f"bad size {text!r}: use a number with an optional K, M, G or T suffix")
+    number, unit, _ = match.groups()
+    return int(float(number) * _UNITS[unit.upper()])
+
+
+def parse_ttl(text: str) -> float:
+    """Parse ``--metadata-ttl``: seconds (``0`` disables caching) or ``indefinite``."""
+    if text.strip().lower() == "indefinite":
+        return INDEFINITE_TTL
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"bad TTL {text!r}: use seconds or 'indefinite'") from None
+    if value < 0 or not math.isfinite(value):
+        raise ConfigError(f"bad TTL {text!r}: must be a finite number >= 0")
+    return value
+
+
+_BUCKET_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._-]{1,254}$")
+
+
+def parse_target(text: str) -> tuple[str, str]:
+    """Split ``BUCKET[/PREFIX]`` (an ``s3://`` scheme is accepted) into bucket and prefix.
+
+    The prefix is returned normalised to end with ``/`` (or empty for the whole bucket).
+    """
+    body = text.removeprefix("s3://")
+    bucket, _, prefix = body.partition("/")
+    if not _BUCKET_RE.match(bucket):
+        raise ConfigError(f"bad bucket name {bucket!r} in {text!r}")
+    prefix = prefix.strip("/")
+    if prefix and any(part in ("", ".", "..") for part in prefix.split("/")):
+        raise ConfigError(f"bad prefix {prefix!r}: empty, '.' or '..' path segments")
+    return bucket, (prefix + "/" if prefix else "")
+
+
+def default_cache_dir() -> Path:
+    """``/var/cache/s3cachefs`` for root (the systemd service), XDG cache otherwise."""
+    if os.geteuid() == 0:
+        return Path("/var/cache/s3cachefs")
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "s3cachefs"
+
+
+@dataclass(frozen=True)
+class MountConfig:
+    """Everything a daemon needs to serve one mount."""
+
+    bucket: str
+    prefix: str
+    mountpoint: Path
+    cache_dir: Path
+    endpoint_url: str | None = None
+    region: str | None = None
+    profile: str | None = None
+    cache_size: int = 10 * GIB
+    min_free: int = 5 * GIB
+    metadata_ttl: float = 60.0
+    allow_other: bool = False
+    block_size: int = DEFAULT_BLOCK_SIZE
+    # Parallel GETs: also sizes botocore's connection pool and the S3 thread limiter.
+    s3_concurrency: int = 16
+    # Blocks fetched ahead of a sequential reader, at most.
+    readahead_blocks: int = 8
+    # Verified blocks kept in memory so that 128 KiB kernel reads of a 1 MiB
+    # block do not re-read and re-check it from disk.
+    memory_cache_bytes: int = 64 * MIB
+    # A read that S3 cannot serve within this budget fails with EIO, never hangs.
+    s3_timeout: float = 30.0
+    s3_max_attempts: int = 5
+
+    def __post_init__(self) -> None:
+        if self.block_size < 64 * KIB or self.block_size & (self.block_size - 1):
+            raise ConfigError("block size must be a power of two of at least 64K")
+        if self.cache_size < self.block_size:
+            raise ConfigError(f"cache size {self.cache_size} is smaller than one block")
+        if self.s3_concurrency < 1:
+            raise ConfigError("S3 concurrency must be at least 1")
+
+    @property
+    def source(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}"

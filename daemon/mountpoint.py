@@ -1,0 +1,62 @@
+"""Mountpoint checks and unmounting, including stale mounts of a dead daemon."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from s3cachefs.daemon.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def fusermount() -> str:
+    path = shutil.which("fusermount3") or shutil.which("fusermount")
+    if path is None:
+        raise ConfigError("fusermount3 not found: install the fuse3 package")
+    return path
+
+
+def is_stale(path: Path) -> bool:
+    """True for a FUSE mount whose daemon is gone ("Transport endpoint is not connected")."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        return exc.errno == errno.ENOTCONN
+    return False
+
+
+def unmount(path: Path, *, lazy: bool = False) -> None:
+    """Unmount ``path``; ConfigError with fusermount's reason if that fails."""
+    args = [fusermount(), "-u", *(["-z"] if lazy else []), str(path)]
+    result = subprocess.run(args, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"
+        raise ConfigError(f"cannot unmount {path}: {reason}")
+
+
+def check_mountpoint(path: Path) -> None:
+    """A usable mountpoint is an existing, empty directory that is not mounted.
+
+    A stale mount left by a crashed daemon is cleaned first (so a restart
+    under systemd just works).
+    """
+    if is_stale(path):
+        log.warning("mountpoint=%s is a stale mount of a dead daemon; unmounting it", path)
+        unmount(path, lazy=True)
+    if not path.exists():
+        raise ConfigError(f"mountpoint {path} does not exist")
+    if not path.is_dir():
+        raise ConfigError(f"mountpoint {path} is not a directory")
+    if os.path.ismount(path):
+        raise ConfigError(f"mountpoint {path} is already a mount point")
+    try:
+        with os.scandir(path) as entries:
+            if next(entries, None) is not None:
+                raise ConfigError(f"mountpoint {path} is not empty")
+    except PermissionError:
+        raise ConfigError(f"mountpoint {path} is not readable") from None

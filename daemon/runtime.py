@@ -1,0 +1,55 @@
+"""Per-mount runtime records (``/run/s3cachefs``): which daemon serves which mountpoint.
+
+``unmount`` uses them to wait for the daemon to finish (so a remount on the
+same cache dir can start at once); the control socket of later issues lives
+beside them. The directory is 0700: only the daemon's user reads it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+
+def runtime_dir() -> Path:
+    if os.geteuid() == 0:
+        return Path("/run/s3cachefs")
+    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/s3cachefs-{os.getuid()}"  # noqa: S108
+    return Path(base) / "s3cachefs"
+
+
+@dataclass(frozen=True)
+class MountRecord:
+    pid: int
+    mountpoint: str
+    source: str
+    cache_dir: str
+
+
+def _path(mountpoint: Path) -> Path:
+    # abspath, not resolve(): stat-ing our own mountpoint before the FUSE loop runs deadlocks.
+    digest = hashlib.sha256(os.path.abspath(mountpoint).encode()).hexdigest()[:16]
+    return runtime_dir() / f"mount-{digest}.json"
+
+
+def write_record(record: MountRecord) -> Path:
+    path = _path(Path(record.mountpoint))
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(asdict(record)))
+    os.replace(tmp, path)
+    return path
+
+
+def read_record(mountpoint: Path) -> MountRecord | None:
+    try:
+        return MountRecord(**json.loads(_path(mountpoint).read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def remove_record(mountpoint: Path) -> None:
+    _path(mountpoint).unlink(missing_ok=True)

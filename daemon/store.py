@@ -1,0 +1,337 @@
+"""The object store interface, its S3 implementation and an in-memory fake.
+
+All methods are blocking; the daemon calls them from worker threads under the
+S3 capacity limiter. botocore errors never leave this module: they become the
+errors of `s3cachefs.daemon.errors` in `_translated`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+import boto3
+import botocore.config
+import botocore.exceptions
+
+from s3cachefs.daemon.errors import (
+    AccessDeniedError,
+    CredentialsError,
+    NoSuchBucketError,
+    NotFoundError,
+    StaleError,
+    StoreError,
+    TransientError,
+)
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+    from s3cachefs.daemon.config import MountConfig
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One object version as a listing or HEAD saw it."""
+
+    key: str
+    size: int
+    etag: str
+    mtime_ns: int
+
+
+@dataclass
+class Listing:
+    """One directory level: objects directly under a prefix, and sub-prefixes."""
+
+    objects: list[ObjectInfo] = field(default_factory=list)
+    prefixes: list[str] = field(default_factory=list)
+
+
+class ObjectStore(Protocol):
+    """What the cache and the filesystem need from S3."""
+
+    @property
+    def bucket(self) -> str: ...
+
+    @property
+    def requests(self) -> Counter[str]:
+        """Requests sent so far, by operation (``get``, ``list``, ``head``)."""
+        ...
+
+    def check_bucket(self) -> None: ...
+
+    def list_dir(self, prefix: str) -> Listing:
+        """All objects and sub-prefixes directly under ``prefix`` (every page)."""
+        ...
+
+    def head(self, key: str) -> ObjectInfo: ...
+
+    def get_range(self, key: str, etag: str, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of the version ``etag`` of ``key``; `StaleError` if it changed."""
+        ...
+
+
+# S3 error codes, by the error they become. Anything else is a StoreError.
+_NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
+_NO_BUCKET = {"NoSuchBucket"}
+_DENIED = {
+    "AccessDenied",
+    "403",
+    "Forbidden",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "InvalidToken",
+    "ExpiredToken",
+    "AllAccessDisabled",
+}
+_STALE = {"PreconditionFailed", "412"}
+_TRANSIENT = {
+    "SlowDown",
+    "503",
+    "500",
+    "InternalError",
+    "ServiceUnavailable",
+    "Throttling",
+    "ThrottlingException",
+    "RequestTimeout",
+    "RequestTimeTooSkewed",
+    "502",
+    "504",
+}
+
+_NETWORK_ERRORS = (
+    botocore.exceptions.EndpointConnectionError,
+    botocore.exceptions.ConnectionClosedError,
+    botocore.exceptions.ReadTimeoutError,
+    botocore.exceptions.ConnectTimeoutError,
+    botocore.exceptions.ResponseStreamingError,
+    botocore.exceptions.IncompleteReadError,
+    botocore.exceptions.HTTPClientError,
+)
+
+
+@contextlib.contextmanager
+def _translated(what: str) -> Iterator[None]:
+    """Turn botocore's errors into ours; ``what`` names the object for the message."""
+    try:
+        yield
+    except botocore.exceptions.ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        if code in _NO_BUCKET:
+            raise NoSuchBucketError(f"{what}: no such bucket") from None
+        if code in _NOT_FOUND:
+            raise NotFoundError(f"{what}: not found") from None
+        if code in _DENIED:
+            raise AccessDeniedError(f"{what}: access denied ({code})") from None
+        if code in _STALE:
+            raise StaleError(f"{what}: changed in S3 since it was opened") from None
+        if code in _TRANSIENT:
+            raise TransientError(f"{what}: S3 unavailable ({code}) after retries") from None
+        raise StoreError(f"{what}: S3 error {code}") from None
+    except botocore.exceptions.NoCredentialsError:
+        raise CredentialsError(
+            "no AWS credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+            "--profile, or an instance role)"
+        ) from None
+    except botocore.exceptions.ProfileNotFound as exc:
+        raise CredentialsError(str(exc)) from None
+    except _NETWORK_ERRORS as exc:
+        raise TransientError(f"{what}: network error: {type(exc).__name__}") from None
+
+
+class S3Store:
+    """`ObjectStore` over one shared boto3 client (thread-safe by botocore's design)."""
+
+    def __init__(self, config: MountConfig) -> None:
+        self._bucket = config.bucket
+        self._lock = threading.Lock()
+        self._requests: Counter[str] = Counter()
+        self._body_attempts = config.s3_max_attempts
+        try:
+            session = boto3.session.Session(profile_name=config.profile)
+        except botocore.exceptions.ProfileNotFound as exc:
+            raise CredentialsError(str(exc)) from None
+        client_config = botocore.config.Config(
+            region_name=config.region or session.region_name or "us-east-1",
+            # Throttling, 5xx and connection errors: exponential backoff with
+            # jitter, bounded attempts (botocore "standard" mode).
+            retries={"mode": "standard", "max_attempts": config.s3_max_attempts},
+            max_pool_connections=config.s3_concurrency,
+            connect_timeout=min(10.0, config.s3_timeout),
+            read_timeout=config.s3_timeout,
+            # Path style works with every S3-compatible server (MinIO, Ceph, moto).
+            s3={"addressing_style": "path"} if config.endpoint_url else None,
+        )
+        self._client: S3Client = session.client(
+            "s3", endpoint_url=config.endpoint_url, config=client_config
+        )
+
+    @property
+    def bucket(self) -> str:
+        return self._bucket
+
+    @property
+    def requests(self) -> Counter[str]:
+        return self._requests
+
+    def _count(self, op: str) -> None:
+        with self._lock:
+            self._requests[op] += 1
+
+    def check_bucket(self) -> None:
+        self._count("head_bucket")
+        with _translated(f"s3://{self._bucket}"):
+            self._client.head_bucket(Bucket=self._bucket)
+
+    def list_dir(self, prefix: str) -> Listing:
+        listing = Listing()
+        token = ""
+        with _translated(f"s3://{self._bucket}/{prefix}"):
+            while True:
+                self._count("list")
+                if token:
+                    page = self._client.list_objects_v2(
+                        Bucket=self._bucket, Prefix=prefix, Delimiter="/", ContinuationToken=token
+                    )
+                else:
+                    page = self._client.list_objects_v2(
+                        Bucket=self._bucket, Prefix=prefix, Delimiter="/"
+                    )
+                for obj in page.get("Contents", []):
+                    listing.objects.append(
+                        ObjectInfo(
+                            key=obj["Key"],
+                            size=obj["Size"],
+                            etag=obj["ETag"],
+                            mtime_ns=int(obj["LastModified"].timestamp() * 1e9),
+                        )
+                    )
+                listing.prefixes.extend(p["Prefix"] for p in page.get("CommonPrefixes", []))
+                if not page.get("IsTruncated"):
+                    return listing
+                token = page["NextContinuationToken"]
+
+    def head(self, key: str) -> ObjectInfo:
+        self._count("head")
+        with _translated(f"s3://{self._bucket}/{key}"):
+            resp = self._client.head_object(Bucket=self._bucket, Key=key)
+        return ObjectInfo(
+            key=key,
+            size=resp["ContentLength"],
+            etag=resp["ETag"],
+            mtime_ns=int(resp["LastModified"].timestamp() * 1e9),
+        )
+
+    def get_range(self, key: str, etag: str, start: int, end: int) -> bytes:
+        # botocore retries the request but not a body cut half-way; that is ours.
+        for attempt in range(1, self._body_attempts + 1):
+            try:
+                return self._get_range_once(key, etag, start, end)
+            except TransientError:
+                if attempt == self._body_attempts:
+                    raise
+                time.sleep(min(2.0, 0.05 * 2**attempt) * random.random())  # noqa: S311
+        raise AssertionError("unreachable")
+
+    def _get_range_once(self, key: str, etag: str, start: int, end: int) -> bytes:
+        what = f"s3://{self._bucket}/{key}"
+        self._count("get")
+        with _translated(what):
+            resp = self._client.get_object(
+                Bucket=self._bucket, Key=key, Range=f"bytes={start}-{end - 1}", IfMatch=etag
+            )
+            data = resp["Body"].read()
+        if len(data) != end - start:
+            raise TransientError(f"{what}: short read ({len(data)} of {end - start} bytes)")
+        return data
+
+
+class MemoryStore:
+    """An in-process `ObjectStore` for unit tests of the core: no network, exact counters.
+
+    ``fail_next`` makes the next N GETs raise the given error (fault injection by
+    wrapping the interface, not by patching boto3).
+    """
+
+    def __init__(self, bucket: str = "mem") -> None:
+        self._bucket = bucket
+        self._objects: dict[str, tuple[bytes, str, int]] = {}
+        self._lock = threading.Lock()
+        self._requests: Counter[str] = Counter()
+        self.get_delay = 0.0
+        self.fail_next: list[StoreError] = []
+
+    @property
+    def bucket(self) -> str:
+        return self._bucket
+
+    @property
+    def requests(self) -> Counter[str]:
+        return self._requests
+
+    def put(self, key: str, data: bytes, mtime_ns: int = 1_700_000_000 * 10**9) -> str:
+        etag = '"' + hashlib.md5(data, usedforsecurity=False).hexdigest() + '"'
+        with self._lock:
+            self._objects[key] = (data, etag, mtime_ns)
+        return etag
+
+    def delete(self, key: str) -> None:
+        with self._lock:
+            del self._objects[key]
+
+    def _count(self, op: str) -> None:
+        with self._lock:
+            self._requests[op] += 1
+
+    def check_bucket(self) -> None:
+        self._count("head_bucket")
+
+    def list_dir(self, prefix: str) -> Listing:
+        self._count("list")
+        listing = Listing()
+        seen: set[str] = set()
+        with self._lock:
+            items = sorted(self._objects.items())
+        for key, (data, etag, mtime) in items:
+            if not key.startswith(prefix):
+                continue
+            rest = key[len(prefix) :]
+            head, sep, _ = rest.partition("/")
+            if sep:
+                sub = prefix + head + "/"
+                if sub not in seen:
+                    seen.add(sub)
+                    listing.prefixes.append(sub)
+            else:
+                listing.objects.append(ObjectInfo(key, len(data), etag, mtime))
+        return listing
+
+    def head(self, key: str) -> ObjectInfo:
+        self._count("head")
+        with self._lock:
+            if key not in self._objects:
+                raise NotFoundError(f"{key}: not found")
+            data, etag, mtime = self._objects[key]
+        return ObjectInfo(key, len(data), etag, mtime)
+
+    def get_range(self, key: str, etag: str, start: int, end: int) -> bytes:
+        self._count("get")
+        if self.get_delay:
+            time.sleep(self.get_delay)
+        with self._lock:
+            if self.fail_next:
+                raise self.fail_next.pop(0)
+            if key not in self._objects:
+                raise NotFoundError(f"{key}: not found")
+            data, current, _ = self._objects[key]
+        if current != etag:
+            raise StaleError(f"{key}: changed in S3 since it was opened")
+        return data[start:end]

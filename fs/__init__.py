@@ -1,0 +1,1 @@
+"""The filesystem: a kernel-free core and a thin pyfuse3 adapter over it."""

@@ -1,0 +1,285 @@
+"""The filesystem core: inodes, lookups, directory handles and reads.
+
+It knows nothing of pyfuse3 or the kernel; `fs.operations` adapts it, and the
+tests drive it directly. It raises only `s3cachefs.daemon.errors` exceptions.
+
+Semantics (README, "Semantics"):
+- A directory is a prefix; its entries come from one paginated
+  ListObjectsV2 with delimiter, cached for ``metadata_ttl`` seconds, which also
+  answers negative lookups in that directory.
+- When a key is both an object and a prefix (``a`` and ``a/b``), the
+  directory wins and the object is hidden, with a warning.
+- Keys with segments that are not valid names (`fs.names`) are skipped.
+- A file handle reads the version (ETag) seen when it was opened; if S3 now
+  holds another version, the read fails with ESTALE and the directory is
+  re-listed, so the next open sees the new version.
+
+Concurrency: dictionaries here change only on the trio thread. ``_apply_listing``
+must not await: it swaps a directory's children in one step.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from s3cachefs.daemon.blockcache import BlockCache, ObjectVersion
+from s3cachefs.daemon.errors import (
+    BadHandleError,
+    IsADirError,
+    NotADirError,
+    NotFoundError,
+    StaleError,
+)
+from s3cachefs.daemon.store import Listing, ObjectInfo, ObjectStore
+from s3cachefs.fs.names import valid_name
+
+log = logging.getLogger(__name__)
+
+ROOT_INODE = 1
+
+
+@dataclass
+class Node:
+    """A file (an object) or a directory (a prefix)."""
+
+    ino: int
+    parent: int
+    name: str
+    key: str  # object key, or the prefix ending in "/" for a directory
+    is_dir: bool
+    size: int = 0
+    etag: str = ""
+    mtime_ns: int = 0
+    # directories: name -> inode, and when that listing was taken
+    children: dict[str, int] | None = None
+    listed_at: float | None = None
+    # files: ETag of the last open, to tell the kernel whether its pages are still good
+    opened_etag: str | None = None
+
+
+@dataclass
+class FileHandle:
+    node: Node
+    version: ObjectVersion
+    next_offset: int = 0  # where a sequential reader reads next
+    sequential_run: int = 0  # consecutive sequential reads, sizes the readahead window
+
+
+@dataclass
+class DirHandle:
+    entries: list[tuple[str, int]] = field(default_factory=list)
+
+
+class FsCore:
+    """A read-only tree over ``bucket/prefix`` served through a `BlockCache`."""
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        cache: BlockCache,
+        *,
+        prefix: str,
+        metadata_ttl: float,
+        s3_limiter: trio.CapacityLimiter,
+        readahead_blocks: int = 8,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.cache = cache
+        self.metadata_ttl = metadata_ttl
+        self.readahead_blocks = readahead_blocks
+        self._s3_limiter = s3_limiter
+        self._clock = clock
+        self._nodes: dict[int, Node] = {
+            ROOT_INODE: Node(ROOT_INODE, ROOT_INODE, "", prefix, is_dir=True, mtime_ns=0)
+        }
+        self._next_ino = itertools.count(ROOT_INODE + 1)
+        self._next_fh = itertools.count(1)
+        self._files: dict[int, FileHandle] = {}
+        self._dirs: dict[int, DirHandle] = {}
+        self._listing: dict[int, trio.Event] = {}
+
+    # ---- metadata --------------------------------------------------------
+
+    def node(self, ino: int) -> Node:
+        try:
+            return self._nodes[ino]
+        except KeyError:
+            raise NotFoundError(f"inode {ino}: unknown") from None
+
+    async def lookup(self, parent_ino: int, name: str) -> Node | None:
+        """The child ``name`` of a directory, or None (a cacheable negative answer)."""
+        parent = self.node(parent_ino)
+        if not parent.is_dir:
+            raise NotADirError(f"{parent.key}: not a directory")
+        if name == ".":
+            return parent
+        if name == "..":
+            return self._nodes[parent.parent]
+        children = await self._children(parent)
+        ino = children.get(name)
+        return None if ino is None else self._nodes[ino]
+
+    async def getattr(self, ino: int) -> Node:
+        """Attributes as last listed; never an S3 request (lookups refresh them)."""
+        return self.node(ino)
+
+    async def _children(self, directory: Node) -> dict[str, int]:
+        while not self._fresh(directory):
+            pending = self._listing.get(directory.ino)
+            if pending is not None:  # single-flight: one LIST per directory at a time
+                await pending.wait()
+                continue
+            done = self._listing[directory.ino] = trio.Event()
+            try:
+                listing = await trio.to_thread.run_sync(
+                    self.store.list_dir, directory.key, limiter=self._s3_limiter
+                )
+                self._apply_listing(directory, listing)
+            finally:
+                del self._listing[directory.ino]
+                done.set()
+            break
+        assert directory.children is not None
+        return directory.children
+
+    def _fresh(self, directory: Node) -> bool:
+        return (
+            directory.children is not None
+            and directory.listed_at is not None
+            and self._clock() - directory.listed_at < self.metadata_ttl
+        )
+
+    def _apply_listing(self, directory: Node, listing: Listing) -> None:
+        """Replace a directory's children with a new listing. Must not await."""
+        old = directory.children or {}
+        new: dict[str, int] = {}
+        skipped: list[str] = []
+        for prefix in listing.prefixes:
+            name = prefix[len(directory.key) :].removesuffix("/")
+            if not valid_name(name):
+                skipped.append(prefix)
+                continue
+            new[name] = self._child(directory, old.get(name), name, prefix, None)
+        for info in listing.objects:
+            name = info.key[len(directory.key) :]
+            if name == "":
+                continue  # the "dir/" marker object of this directory itself
+            if not valid_name(name):
+                skipped.append(info.key)
+                continue
+            if name in new:
+                log.warning("key=%s is hidden by the directory of the same name", info.key)
+                continue
+            new[name] = self._child(directory, old.get(name), name, info.key, info)
+        if skipped:
+            log.warning(
+                "dir=%s skipped %d keys that are not valid file names, e.g. %r",
+                directory.key or "/",
+                len(skipped),
+                skipped[0],
+            )
+        directory.children = new
+        directory.listed_at = self._clock()
+
+    def _child(
+        self, parent: Node, ino: int | None, name: str, key: str, info: ObjectInfo | None
+    ) -> int:
+        """The inode for ``name``: the old one if it is still the same kind, else a new one."""
+        is_dir = info is None
+        node = self._nodes.get(ino) if ino is not None else None
+        if node is None or node.is_dir != is_dir:
+            node = Node(next(self._next_ino), parent.ino, name, key, is_dir=is_dir)
+            self._nodes[node.ino] = node
+        if info is not None:
+            node.size, node.etag, node.mtime_ns = info.size, info.etag, info.mtime_ns
+        return node.ino
+
+    # ---- directories -----------------------------------------------------
+
+    async def opendir(self, ino: int) -> int:
+        directory = self.node(ino)
+        if not directory.is_dir:
+            raise NotADirError(f"{directory.key}: not a directory")
+        children = await self._children(directory)
+        fh = next(self._next_fh)
+        self._dirs[fh] = DirHandle(sorted(children.items()))
+        return fh
+
+    def readdir(self, fh: int, start: int) -> list[tuple[str, Node, int]]:
+        """Entries from position ``start``: (name, node, position of the next entry)."""
+        handle = self._dir_handle(fh)
+        return [
+            (name, self._nodes[ino], pos + 1)
+            for pos, (name, ino) in enumerate(handle.entries)
+            if pos >= start
+        ]
+
+    def releasedir(self, fh: int) -> None:
+        self._dirs.pop(fh, None)
+
+    def _dir_handle(self, fh: int) -> DirHandle:
+        try:
+            return self._dirs[fh]
+        except KeyError:
+            raise BadHandleError(f"directory handle {fh}: unknown") from None
+
+    # ---- files -----------------------------------------------------------
+
+    async def open(self, ino: int) -> tuple[int, bool]:
+        """Open a file for reading: its handle, and whether kernel pages are still valid."""
+        node = self.node(ino)
+        if node.is_dir:
+            raise IsADirError(f"{node.key}: is a directory")
+        version = ObjectVersion(self.store.bucket, node.key, node.etag, node.size)
+        keep_cache = node.opened_etag in (None, node.etag)
+        node.opened_etag = node.etag
+        fh = next(self._next_fh)
+        self._files[fh] = FileHandle(node, version)
+        return fh, keep_cache
+
+    async def read(self, fh: int, offset: int, length: int) -> bytes:
+        handle = self._file_handle(fh)
+        version = handle.version
+        if offset >= version.size or length <= 0:
+            return b""
+        self._plan_readahead(handle, offset, length)
+        try:
+            return await self.cache.read(version, offset, length)
+        except StaleError:
+            self._nodes[handle.node.parent].listed_at = None  # next lookup sees the new version
+            raise
+
+    def _plan_readahead(self, handle: FileHandle, offset: int, length: int) -> None:
+        """Grow a window of blocks fetched ahead while reads stay sequential. Must not await."""
+        if offset == handle.next_offset and offset > 0:
+            handle.sequential_run += 1
+        elif offset != handle.next_offset:
+            handle.sequential_run = 0
+        handle.next_offset = offset + length
+        if handle.sequential_run == 0 or self.readahead_blocks == 0:
+            return
+        block_size = self.cache.block_size
+        window = min(self.readahead_blocks, 2 ** (handle.sequential_run - 1))
+        last = (min(offset + length, handle.version.size) - 1) // block_size
+        nblocks = -(-handle.version.size // block_size)
+        self.cache.readahead(handle.version, range(last + 1, min(nblocks, last + 1 + window)))
+
+    def release(self, fh: int) -> None:
+        self._files.pop(fh, None)
+
+    def _file_handle(self, fh: int) -> FileHandle:
+        try:
+            return self._files[fh]
+        except KeyError:
+            raise BadHandleError(f"file handle {fh}: unknown") from None
+
+    @property
+    def open_files(self) -> int:
+        return len(self._files)

@@ -1,0 +1,3 @@
+from s3cachefs.cli.main import main
+
+raise SystemExit(main())
