@@ -23,6 +23,7 @@ from pathlib import Path
 import psutil
 
 from s3cachefs import __version__
+from s3cachefs.daemon.blockcache import prepare_cache_dir
 from s3cachefs.daemon.config import (
     MountConfig,
     default_cache_dir,
@@ -126,6 +127,7 @@ def cmd_mount(args: argparse.Namespace, argv: Sequence[str]) -> int:
     try:
         log_file = None
         if ready_fd is not None:
+            prepare_cache_dir(config.cache_dir)
             log_file = args.log_file or config.cache_dir / "daemon.log"
             try:
                 setup_logging(args.log_level, log_file)

@@ -52,6 +52,7 @@ def fuse_options(config: MountConfig) -> set[str]:
 
 def run_daemon(config: MountConfig, on_ready: Callable[[], None]) -> None:
     """Serve the mount until SIGTERM/SIGINT or an external unmount. Blocking."""
+    check_mountpoint(config.mountpoint)  # cheapest check first: no network needed
     store = S3Store(config)
     try:
         store.check_bucket()
@@ -74,7 +75,6 @@ def run_daemon(config: MountConfig, on_ready: Callable[[], None]) -> None:
     with contextlib.ExitStack() as stack:
         cache.open()
         stack.callback(cache.close)
-        check_mountpoint(config.mountpoint)
         core = FsCore(
             store,
             cache,

@@ -119,6 +119,16 @@ def _punch_hole(fd: int, offset: int, length: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
+def prepare_cache_dir(path: Path) -> None:
+    """Create the cache dir (0700: cached objects are private) or say in one line why not."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CacheDirError(f"cannot create cache dir {path}: {exc.strerror}") from None
+    if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
+        raise CacheDirError(f"cache dir {path} is not readable and writable")
+
+
 class CacheStats:
     """Counters the status command, metrics and tests read."""
 
@@ -171,15 +181,11 @@ class BlockCache:
 
     def open(self) -> None:
         """Lock the cache dir, load the index into memory. Blocking; call before serving."""
+        prepare_cache_dir(self.cache_dir)
         try:
-            self.cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             (self._root / "objects").mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
-            raise CacheDirError(
-                f"cannot create cache dir {self.cache_dir}: {exc.strerror}"
-            ) from None
-        if not os.access(self.cache_dir, os.R_OK | os.W_OK | os.X_OK):
-            raise CacheDirError(f"cache dir {self.cache_dir} is not readable and writable")
+            raise CacheDirError(f"cannot use cache dir {self.cache_dir}: {exc.strerror}") from None
         self._lock()
         self._check_format()
         self._index = diskcache.Cache(

@@ -24,7 +24,7 @@ def fusermount() -> str:
 def is_stale(path: Path) -> bool:
     """True for a FUSE mount whose daemon is gone ("Transport endpoint is not connected")."""
     try:
-        os.stat(path)
+        os.statvfs(path)  # not stat(): the kernel may answer that from cached attributes
     except OSError as exc:
         return exc.errno == errno.ENOTCONN
     return False

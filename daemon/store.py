@@ -173,6 +173,14 @@ class S3Store:
         self._client: S3Client = session.client(
             "s3", endpoint_url=config.endpoint_url, config=client_config
         )
+        # The start-up check fails fast on a typo'd endpoint instead of retrying for seconds.
+        self._probe: S3Client = session.client(
+            "s3",
+            endpoint_url=config.endpoint_url,
+            config=client_config.merge(
+                botocore.config.Config(retries={"mode": "standard", "max_attempts": 2})
+            ),
+        )
 
     @property
     def bucket(self) -> str:
@@ -188,8 +196,11 @@ class S3Store:
 
     def check_bucket(self) -> None:
         self._count("head_bucket")
-        with _translated(f"s3://{self._bucket}"):
-            self._client.head_bucket(Bucket=self._bucket)
+        try:
+            with _translated(f"s3://{self._bucket}"):
+                self._probe.head_bucket(Bucket=self._bucket)
+        except NotFoundError:  # HEAD has no body: S3 says only "404"
+            raise NoSuchBucketError(f"s3://{self._bucket}: no such bucket") from None
 
     def list_dir(self, prefix: str) -> Listing:
         listing = Listing()

@@ -1,0 +1,199 @@
+"""Fixtures: a real S3 server on loopback (moto, counting requests) and real FUSE mounts.
+
+boto3 is never patched: the daemon and the test talk HTTP to the server.
+Mounts run ``s3cachefs mount --foreground`` in a subprocess, so a kernel or
+daemon hang fails one test instead of hanging pytest; teardown always
+unmounts, lazily as the fallback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+
+from s3cachefs.cli.locals3 import LocalS3
+
+CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "test-access-key",
+    "AWS_SECRET_ACCESS_KEY": "test-secret-key-do-not-log",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+_bucket_ids = itertools.count()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def aws_env() -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in CREDENTIALS}
+    os.environ.update(CREDENTIALS)
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def s3_server(aws_env: None) -> Iterator[LocalS3]:
+    server = LocalS3().start()
+    yield server
+    server.stop()
+
+
+class Bucket:
+    """A fresh bucket on the test server, with helpers to fill it."""
+
+    def __init__(self, server: LocalS3, name: str) -> None:
+        self.server = server
+        self.name = name
+        self.client: Any = boto3.client("s3", endpoint_url=server.endpoint_url)
+        self.client.create_bucket(Bucket=name)
+
+    def put(self, key: str, data: bytes) -> str:
+        return str(self.client.put_object(Bucket=self.name, Key=key, Body=data)["ETag"])
+
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.name, Key=key)
+
+
+@pytest.fixture
+def bucket(s3_server: LocalS3) -> Bucket:
+    made = Bucket(s3_server, f"bucket-{os.getpid()}-{next(_bucket_ids)}")
+    s3_server.reset()  # each test counts only its own requests
+    return made
+
+
+def s3cachefs_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "s3cachefs", *args]
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        s3cachefs_cmd(*args), capture_output=True, text=True, timeout=90, env=env, check=False
+    )
+
+
+class Mount:
+    """One ``s3cachefs mount --foreground`` daemon and its mountpoint."""
+
+    def __init__(
+        self,
+        server: LocalS3,
+        target: str,
+        path: Path,
+        cache_dir: Path,
+        log: Path,
+        extra: tuple[str, ...] = (),
+    ) -> None:
+        self.path = path
+        self.cache_dir = cache_dir
+        self.log = log
+        path.mkdir(parents=True, exist_ok=True)
+        with log.open("ab") as log_out:
+            self.proc = subprocess.Popen(
+                s3cachefs_cmd(
+                    "mount",
+                    target,
+                    str(path),
+                    "--foreground",
+                    "--endpoint-url",
+                    server.endpoint_url,
+                    "--cache-dir",
+                    str(cache_dir),
+                    "--log-level",
+                    "debug",
+                    *extra,
+                ),
+                stdin=subprocess.DEVNULL,
+                stdout=log_out,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 30
+        while not (os.path.ismount(path) and not _stale(path)):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError(f"mount failed:\n{log.read_text()}")
+            time.sleep(0.05)
+
+    def log_text(self) -> str:
+        return self.log.read_text()
+
+    def stop(self) -> int | None:
+        """Unmount (lazily if it must) and reap the daemon; returns its exit code."""
+        if os.path.ismount(self.path) or _stale(self.path):
+            result = subprocess.run(
+                ["fusermount3", "-u", str(self.path)], capture_output=True, check=False
+            )
+            if result.returncode != 0:
+                subprocess.run(
+                    ["fusermount3", "-uz", str(self.path)], capture_output=True, check=False
+                )
+        try:
+            return self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            return None
+
+    def kill9(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+
+def _stale(path: Path) -> bool:
+    try:
+        os.statvfs(path)
+    except OSError:
+        return True
+    return False
+
+
+class Mounter:
+    def __init__(self, server: LocalS3, tmp_path: Path) -> None:
+        self.server = server
+        self.tmp_path = tmp_path
+        self.mounts: list[Mount] = []
+
+    def __call__(
+        self, target: str, *extra: str, cache_dir: Path | None = None, name: str = "mnt"
+    ) -> Mount:
+        mount = Mount(
+            self.server,
+            target,
+            self.tmp_path / name,
+            cache_dir or self.tmp_path / "cache",
+            self.tmp_path / f"{name}.log",
+            extra,
+        )
+        self.mounts.append(mount)
+        return mount
+
+    def close(self) -> None:
+        for mount in self.mounts:
+            with contextlib.suppress(Exception):
+                mount.stop()
+
+
+@pytest.fixture
+def mounter(s3_server: LocalS3, tmp_path: Path) -> Iterator[Mounter]:
+    if not os.path.exists("/dev/fuse") or os.geteuid() != 0:
+        pytest.fail("these tests need root and /dev/fuse (see README, Tests)")
+    m = Mounter(s3_server, tmp_path)
+    yield m
+    m.close()
+
+
+def drop_page_cache() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
