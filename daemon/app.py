@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 # pyfuse3's workers: enough to keep many readers' requests in flight while
 # some wait on S3.
 FUSE_MAX_TASKS = 64
+# At stop, how long in-flight fetches may take to land in the cache.
+DRAIN_TIMEOUT = 10.0
 
 
 def fuse_options(config: MountConfig) -> set[str]:
@@ -101,6 +103,8 @@ async def _serve(cache: BlockCache, on_ready: Callable[[], None]) -> None:
         nursery.start_soon(_terminate_on_signal)
         on_ready()
         await pyfuse3.main(max_tasks=FUSE_MAX_TASKS)
+        with trio.move_on_after(DRAIN_TIMEOUT):  # keep what was fetched: finish disk writes
+            await cache.drain()
         nursery.cancel_scope.cancel()
 
 

@@ -172,6 +172,7 @@ class BlockCache:
         self._memory: OrderedDict[BlockKey, bytes] = OrderedDict()
         self._memory_used = 0
         self._flights: dict[BlockKey, _Flight] = {}
+        self._idle = trio.Event()  # set whenever the last flight ends
         self._nursery: trio.Nursery | None = None
         self._lock_fd: int | None = None
         self._index: Any = None
@@ -212,6 +213,13 @@ class BlockCache:
             self._nursery = nursery
             task_status.started()
             await trio.sleep_forever()
+
+    async def drain(self) -> None:
+        """Wait until every started fetch has been served and written (clean stop, tests)."""
+        while self._flights:
+            if self._idle.is_set():
+                self._idle = trio.Event()
+            await self._idle.wait()
 
     def _lock(self) -> None:
         path = self.cache_dir / "lock"
@@ -287,6 +295,8 @@ class BlockCache:
         for idx in record.blocks:
             self._index.delete(("b", oid, idx))
             self._lru.pop((oid, idx), None)
+            start, end = block_span(idx, self.block_size, record.version.size)
+            self._used -= end - start
         self._index.delete(("o", oid))
 
     # ---- public API ------------------------------------------------------
@@ -392,12 +402,24 @@ class BlockCache:
             log.exception("fetch of %s block %d failed", version.key, index)
             flight.error = exc
         finally:
-            del self._flights[key]
+            if flight.data is None:  # failures are not cached: the next reader tries again
+                self._end_flight(key)
             if readahead:
                 self._readahead_inflight -= 1
             flight.done.set()
-        if flight.data is not None:
+        if flight.data is None:
+            return
+        # The flight stays registered, with its data, until the block is on disk: a
+        # reader arriving in between gets these bytes instead of starting a second GET.
+        try:
             await self._store_block(version, index, flight.data)
+        finally:
+            self._end_flight(key)
+
+    def _end_flight(self, key: BlockKey) -> None:
+        del self._flights[key]
+        if not self._flights:
+            self._idle.set()
 
     async def _store_block(self, version: ObjectVersion, index: int, data: bytes) -> None:
         crc = zlib.crc32(data)
@@ -485,9 +507,12 @@ class BlockCache:
         oid = version.oid
         path = self._path(oid)
         if new_object:
-            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._index.set(("o", oid), (version.bucket, version.key, version.etag, version.size))
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+        except FileNotFoundError:  # first block of a new fan-out directory
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
         try:
             if os.fstat(fd).st_size != version.size:
                 os.ftruncate(fd, version.size)  # sparse, full length: a complete file is the object

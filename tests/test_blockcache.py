@@ -1,0 +1,248 @@
+"""The block cache on its own, over the in-memory store: exact counters, injected faults."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+import trio
+
+from s3cachefs.daemon.blockcache import BlockCache, ObjectVersion
+from s3cachefs.daemon.errors import CacheDirError, StaleError, TransientError
+from s3cachefs.daemon.store import MemoryStore
+from s3cachefs.fs.core import ROOT_INODE, FsCore
+
+BS = 64 * 1024  # small blocks keep these tests fast; the arithmetic is the same
+
+
+def make_cache(path: Path, store: MemoryStore, **overrides: int) -> BlockCache:
+    options = {"cache_size": 1 << 30, "min_free": 0, "memory_bytes": 0}
+    options.update(overrides)
+    cache = BlockCache(
+        path,
+        store,
+        block_size=BS,
+        s3_limiter=trio.CapacityLimiter(8),
+        disk_limiter=trio.CapacityLimiter(4),
+        **options,
+    )
+    cache.open()
+    return cache
+
+
+def run_with(cache: BlockCache, body: Callable[[], Awaitable[None]]) -> None:
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(cache.run)
+            await body()
+            await cache.drain()
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def version_of(store: MemoryStore, key: str, data: bytes) -> ObjectVersion:
+    return ObjectVersion(store.bucket, key, store.put(key, data), len(data))
+
+
+def test_concurrent_readers_share_one_get(tmp_path: Path) -> None:
+    store = MemoryStore()
+    data = os.urandom(3 * BS)
+    v = version_of(store, "k", data)
+    store.get_delay = 0.05
+    cache = make_cache(tmp_path, store)
+    results: list[bytes] = []
+
+    async def body() -> None:
+        async def reader() -> None:
+            results.append(await cache.get_block(v, 1))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(8):
+                nursery.start_soon(reader)
+
+    run_with(cache, body)
+    assert results == [data[BS : 2 * BS]] * 8
+    assert store.requests["get"] == 1
+
+
+def test_a_cancelled_reader_does_not_fail_the_others(tmp_path: Path) -> None:
+    store = MemoryStore()
+    v = version_of(store, "k", b"x" * BS)
+    store.get_delay = 0.2
+    cache = make_cache(tmp_path, store)
+    got: list[bytes] = []
+
+    async def body() -> None:
+        async with trio.open_nursery() as nursery:
+            with trio.CancelScope() as doomed:
+                nursery.start_soon(lambda: _append(got, cache.get_block(v, 0)))
+                await trio.sleep(0.01)
+                doomed.cancel()
+            with trio.move_on_after(0.01):  # the first reader, cancelled mid-fetch
+                await cache.get_block(v, 0)
+        assert await cache.get_block(v, 0) == b"x" * BS
+
+    run_with(cache, body)
+    assert got == [b"x" * BS]
+    assert store.requests["get"] == 1
+
+
+async def _append(out: list[bytes], value: Awaitable[bytes]) -> None:
+    out.append(await value)
+
+
+def test_cache_persists_across_reopen_with_zero_gets(tmp_path: Path) -> None:
+    store = MemoryStore()
+    data = os.urandom(5 * BS + 123)
+    v = version_of(store, "dir/obj", data)
+    cache = make_cache(tmp_path, store)
+
+    async def read_all() -> None:
+        assert await cache.read(v, 0, len(data)) == data
+
+    run_with(cache, read_all)
+    cache.close()
+    assert store.requests["get"] == 6
+    cache = make_cache(tmp_path, store)
+    assert cache.used_bytes == len(data)
+    run_with(cache, read_all)
+    assert store.requests["get"] == 6
+    assert cache.stats["hits_disk"] == 6
+
+
+def test_bit_flip_and_truncation_are_misses_never_wrong_bytes(tmp_path: Path) -> None:
+    store = MemoryStore()
+    data = os.urandom(4 * BS)
+    v = version_of(store, "k", data)
+    cache = make_cache(tmp_path, store)
+
+    async def read_all() -> None:
+        assert await cache.read(v, 0, len(data)) == data
+
+    run_with(cache, read_all)
+    cache.close()
+    path = next(p for p in (tmp_path / "v1" / "objects").rglob("*") if p.is_file())
+    raw = bytearray(path.read_bytes())
+    raw[BS + 5] ^= 0x01
+    path.write_bytes(bytes(raw[: 3 * BS]))  # one flipped bit, and the last block cut off
+    cache = make_cache(tmp_path, store)
+    run_with(cache, read_all)
+    assert cache.stats["corrupt_blocks"] == 2
+    assert store.requests["get"] == 4 + 2
+
+
+def test_index_rows_without_data_are_dropped(tmp_path: Path) -> None:
+    store = MemoryStore()
+    v = version_of(store, "k", b"y" * BS)
+    cache = make_cache(tmp_path, store)
+
+    async def read() -> None:
+        assert await cache.get_block(v, 0) == b"y" * BS
+
+    run_with(cache, read)
+    cache.close()
+    for p in (tmp_path / "v1" / "objects").rglob("*"):
+        if p.is_file():
+            p.unlink()
+    cache = make_cache(tmp_path, store)
+    assert cache.used_bytes == 0
+    run_with(cache, read)
+    assert store.requests["get"] == 2
+
+
+def test_eviction_keeps_the_cache_bounded_and_drops_least_recent(tmp_path: Path) -> None:
+    store = MemoryStore()
+    versions = [version_of(store, f"k{i}", bytes([i]) * BS) for i in range(6)]
+    cache = make_cache(tmp_path, store, cache_size=3 * BS)
+
+    async def body() -> None:
+        for i in (0, 1, 2, 0, 3):  # after the second k0, k1 is the least recent
+            await cache.get_block(versions[i], 0)
+            await cache.drain()
+        assert cache.used_bytes == 3 * BS
+        assert not cache.is_cached(versions[1], 0)
+        assert cache.is_cached(versions[0], 0)
+        for v in versions[4:]:
+            await cache.get_block(v, 0)
+        await cache.drain()
+        assert cache.used_bytes <= 3 * BS
+
+    run_with(cache, body)
+    files = [p for p in (tmp_path / "v1" / "objects").rglob("*") if p.is_file()]
+    assert len(files) == 3  # evicted objects' files are gone from disk
+    assert cache.stats["evictions"] == 3
+
+
+def test_min_free_larger_than_the_disk_serves_without_caching(tmp_path: Path) -> None:
+    store = MemoryStore()
+    v = version_of(store, "k", b"z" * BS)
+    cache = make_cache(tmp_path, store, min_free=1 << 62)
+
+    async def body() -> None:
+        for _ in range(2):
+            assert await cache.get_block(v, 0) == b"z" * BS
+            await cache.drain()
+
+    run_with(cache, body)
+    assert cache.used_bytes == 0
+    assert cache.stats["store_skipped_full"] == 2
+    assert store.requests["get"] == 2
+    assert not [p for p in (tmp_path / "v1" / "objects").rglob("*") if p.is_file()]
+
+
+def test_changed_object_raises_stale_and_errors_reach_every_waiter(tmp_path: Path) -> None:
+    store = MemoryStore()
+    v = version_of(store, "k", b"a" * 2 * BS)
+    store.put("k", b"b" * 2 * BS)
+    cache = make_cache(tmp_path, store)
+
+    async def body() -> None:
+        with pytest.raises(StaleError):
+            await cache.get_block(v, 0)
+        store.fail_next = [TransientError("boom")]
+        fresh = ObjectVersion(store.bucket, "k", store.head("k").etag, 2 * BS)
+        with pytest.raises(TransientError):
+            await cache.get_block(fresh, 0)
+        assert await cache.get_block(fresh, 0) == b"b" * BS  # failures are not cached
+
+    run_with(cache, body)
+
+
+def test_a_second_daemon_on_the_same_cache_dir_is_refused(tmp_path: Path) -> None:
+    store = MemoryStore()
+    first = make_cache(tmp_path, store)
+    with pytest.raises(CacheDirError, match="in use"):
+        make_cache(tmp_path, store)
+    first.close()
+    make_cache(tmp_path, store).close()
+
+
+def test_sequential_reads_trigger_readahead_random_reads_do_not(tmp_path: Path) -> None:
+    store = MemoryStore()
+    store.put("seq.bin", os.urandom(32 * BS))
+    store.put("rand.bin", os.urandom(32 * BS))
+    cache = make_cache(tmp_path, store)
+    limiter = trio.CapacityLimiter(8)
+    core = FsCore(store, cache, prefix="", metadata_ttl=60, s3_limiter=limiter, readahead_blocks=4)
+
+    async def body() -> None:
+        seq = await core.lookup(ROOT_INODE, "seq.bin")
+        assert seq is not None
+        fh, _ = await core.open(seq.ino)
+        for i in range(4):
+            await core.read(fh, i * BS, BS)
+        await cache.drain()
+        assert cache.stats["readahead"] > 0
+        assert cache.is_cached(core._files[fh].version, 6)  # fetched before it was asked for
+        before = cache.stats["readahead"]
+        rand = await core.lookup(ROOT_INODE, "rand.bin")
+        assert rand is not None
+        fh2, _ = await core.open(rand.ino)
+        for block in (9, 2, 30, 17):
+            await core.read(fh2, block * BS, BS)
+        assert cache.stats["readahead"] == before
+
+    run_with(cache, body)
