@@ -9,6 +9,7 @@ can assert "zero GETs" rather than infer it. moto is an optional dependency
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -39,7 +40,8 @@ def classify(method: str, path: str, query: str) -> str:
 class LocalS3:
     """moto on 127.0.0.1 in a background thread; ``requests`` records what arrived."""
 
-    def __init__(self, port: int = 0) -> None:
+    def __init__(self, port: int = 0, latency: float = 0.0) -> None:
+        """``latency`` delays every request, like the first-byte latency of a remote S3."""
         try:
             from moto.moto_server.werkzeug_app import (
                 DomainDispatcherApplication,
@@ -68,6 +70,8 @@ class LocalS3:
             )
             with self._lock:
                 self.log.append(request)
+            if latency:
+                time.sleep(latency)
             return app(environ, start_response)
 
         class QuietHandler(WSGIRequestHandler):
