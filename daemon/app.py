@@ -72,7 +72,8 @@ def run_daemon(config: MountConfig, on_ready: Callable[[], None]) -> None:
         memory_bytes=config.memory_cache_bytes,
         s3_limiter=s3_limiter,
         disk_limiter=disk_limiter,
-        readahead_limit=max(1, config.s3_concurrency // 2),
+        readahead_limit=2 * max(1, config.readahead_blocks),
+        fetch_bytes=config.fetch_size,
     )
     with contextlib.ExitStack() as stack:
         cache.open()

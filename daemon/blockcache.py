@@ -49,7 +49,7 @@ import diskcache
 import psutil
 import trio
 
-from s3cachefs.daemon.errors import CacheDirError, StoreError
+from s3cachefs.daemon.errors import CacheDirError, StoreError, TransientError
 from s3cachefs.daemon.store import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -154,6 +154,7 @@ class BlockCache:
         s3_limiter: trio.CapacityLimiter,
         disk_limiter: trio.CapacityLimiter,
         readahead_limit: int = 8,
+        fetch_bytes: int = 8 * 1024 * 1024,
     ) -> None:
         self.cache_dir = cache_dir
         self.store = store
@@ -165,7 +166,8 @@ class BlockCache:
         self._s3_limiter = s3_limiter
         self._disk_limiter = disk_limiter
         self._readahead_limit = readahead_limit
-        self._readahead_inflight = 0
+        self._readahead_inflight = 0  # readahead blocks requested and not yet arrived
+        self.fetch_bytes = fetch_bytes  # most bytes one GET may cover
         self._objects: dict[str, _Record] = {}
         self._lru: OrderedDict[BlockKey, None] = OrderedDict()
         self._used = 0
@@ -302,6 +304,11 @@ class BlockCache:
     # ---- public API ------------------------------------------------------
 
     @property
+    def run_blocks(self) -> int:
+        """Most blocks one GET covers (the block size is known only once the cache is open)."""
+        return max(1, self.fetch_bytes // self.block_size)
+
+    @property
     def used_bytes(self) -> int:
         return self._used
 
@@ -314,12 +321,9 @@ class BlockCache:
         indices = blocks_for_range(offset, length, self.block_size, version.size)
         if not indices:
             return b""
-        if len(indices) == 1:
-            parts = [await self.get_block(version, indices[0])]
-        else:
-            for idx in indices:  # start them all, so a multi-block read is parallel GETs
-                self.start_fetch(version, idx)
-            parts = [await self.get_block(version, idx) for idx in indices]
+        if len(indices) > 1:  # start every missing block now: one GET per contiguous run
+            self.start_fetch(version, indices)
+        parts = [await self.get_block(version, idx) for idx in indices]
         data = b"".join(parts) if len(parts) > 1 else parts[0]
         skip = offset - indices[0] * self.block_size
         return data[skip : skip + length]
@@ -340,81 +344,122 @@ class BlockCache:
                 self._lru.move_to_end(key)
                 self._remember(key, data)
                 return data
-        flight = self._flights.get(key) or self._start_flight(version, index)
+        flight = self._flights.get(key)
+        if flight is None:
+            self.start_fetch(version, range(index, index + 1))
+            flight = self._flights[key]
         await flight.done.wait()
         if flight.error is not None:
             raise flight.error
         assert flight.data is not None
         return flight.data
 
-    def start_fetch(self, version: ObjectVersion, index: int) -> None:
-        """Make sure block ``index`` is on its way, without waiting for it."""
-        key = (version.oid, index)
-        if key in self._memory or key in self._flights or self.is_cached(version, index):
-            return
-        self._start_flight(version, index)
+    def start_fetch(self, version: ObjectVersion, indices: range) -> None:
+        """Make sure these blocks are on their way, without waiting for them."""
+        for run in self._missing_runs(version, indices):
+            self._start_run(version, run, readahead=False)
 
     def readahead(self, version: ObjectVersion, indices: range) -> None:
-        """Best-effort prefetch: dropped, not queued, when too many are in flight."""
-        for idx in indices:
-            if self._readahead_inflight >= self._readahead_limit:
-                self.stats.counts["readahead_dropped"] += 1
+        """Best-effort prefetch: dropped, not queued, when too much is in flight."""
+        for run in self._missing_runs(version, indices):
+            room = self._readahead_limit - self._readahead_inflight
+            if room <= 0:
+                self.stats.counts["readahead_dropped"] += len(run)
                 return
+            taken = run[:room]
+            self.stats.counts["readahead"] += len(taken)
+            self._start_run(version, taken, readahead=True)
+
+    def _missing_runs(self, version: ObjectVersion, indices: range) -> list[range]:
+        """Contiguous runs of blocks that are neither cached nor in flight, each one GET long."""
+        runs: list[range] = []
+        first: int | None = None
+        for idx in indices:
             key = (version.oid, idx)
-            if key in self._flights or key in self._memory or self.is_cached(version, idx):
+            missing = not (
+                key in self._flights or key in self._memory or self.is_cached(version, idx)
+            )
+            if missing and first is not None and idx - first < self.run_blocks:
                 continue
-            self.stats.counts["readahead"] += 1
-            self._start_flight(version, idx, readahead=True)
+            if first is not None:
+                runs.append(range(first, idx))
+            first = idx if missing else None
+        if first is not None:
+            runs.append(range(first, indices.stop))
+        return runs
 
     # ---- fetch path ------------------------------------------------------
 
-    def _start_flight(self, version: ObjectVersion, index: int, readahead: bool = False) -> _Flight:
+    def _start_run(self, version: ObjectVersion, run: range, *, readahead: bool) -> None:
+        """Register one flight per block of ``run`` and start the one GET that fills them."""
         assert self._nursery is not None, "BlockCache.run() is not running"
-        flight = _Flight()
-        self._flights[(version.oid, index)] = flight
+        flights = []
+        for idx in run:
+            flight = _Flight()
+            self._flights[(version.oid, idx)] = flight
+            flights.append(flight)
         if readahead:
-            self._readahead_inflight += 1
-        self._nursery.start_soon(self._fetch, version, index, flight, readahead)
-        return flight
+            self._readahead_inflight += len(run)
+        self._nursery.start_soon(self._fetch_run, version, run, flights, readahead)
 
-    async def _fetch(
-        self, version: ObjectVersion, index: int, flight: _Flight, readahead: bool
+    async def _fetch_run(
+        self, version: ObjectVersion, run: range, flights: list[_Flight], readahead: bool
     ) -> None:
-        key = (version.oid, index)
-        start, end = block_span(index, self.block_size, version.size)
-        try:
-            data = await trio.to_thread.run_sync(
-                self.store.get_range,
-                version.key,
-                version.etag,
-                start,
-                end,
-                limiter=self._s3_limiter,
-                abandon_on_cancel=True,
-            )
+        start = run.start * self.block_size
+        end = min(run.stop * self.block_size, version.size)
+        delivered = 0
+        finished = False  # set once this task gave up: a late piece must not be delivered
+
+        def arrived(data: bytes) -> None:  # on the trio thread, between two pieces
+            nonlocal delivered
+            if finished:
+                return
+            idx = run.start + delivered
+            flight = flights[delivered]
+            delivered += 1
             self.stats.counts["misses"] += 1
             self.stats.counts["bytes_from_s3"] += len(data)
             flight.data = data
-            self._remember(key, data)
-        except StoreError as exc:
-            flight.error = exc
-        except Exception as exc:  # an unexpected bug must still wake every waiter
-            log.exception("fetch of %s block %d failed", version.key, index)
-            flight.error = exc
-        finally:
-            if flight.data is None:  # failures are not cached: the next reader tries again
-                self._end_flight(key)
+            self._remember((version.oid, idx), data)
             if readahead:
                 self._readahead_inflight -= 1
             flight.done.set()
-        if flight.data is None:
-            return
-        # The flight stays registered, with its data, until the block is on disk: a
-        # reader arriving in between gets these bytes instead of starting a second GET.
+            assert self._nursery is not None
+            # The flight stays registered, with its data, until the block is on disk: a
+            # reader arriving in between gets these bytes instead of starting a GET.
+            self._nursery.start_soon(self._store_and_land, version, idx, data)
+
+        def stream() -> None:  # in a worker thread
+            for piece in self.store.iter_range(
+                version.key, version.etag, start, end, self.block_size
+            ):
+                if finished:
+                    return
+                trio.from_thread.run_sync(arrived, piece)
+
+        error: BaseException | None = None
         try:
-            await self._store_block(version, index, flight.data)
+            await trio.to_thread.run_sync(stream, limiter=self._s3_limiter, abandon_on_cancel=True)
+        except StoreError as exc:
+            error = exc
+        except Exception as exc:  # an unexpected bug must still wake every waiter
+            log.exception("fetch of %s blocks %d-%d failed", version.key, run.start, run.stop - 1)
+            error = exc
         finally:
-            self._end_flight(key)
+            finished = True
+            for offset in range(delivered, len(flights)):
+                # Failures are not cached: the next reader of these blocks tries again.
+                flights[offset].error = error or TransientError(f"{version.key}: fetch cancelled")
+                flights[offset].done.set()
+                self._end_flight((version.oid, run.start + offset))
+                if readahead:
+                    self._readahead_inflight -= 1
+
+    async def _store_and_land(self, version: ObjectVersion, index: int, data: bytes) -> None:
+        try:
+            await self._store_block(version, index, data)
+        finally:
+            self._end_flight((version.oid, index))
 
     def _end_flight(self, key: BlockKey) -> None:
         del self._flights[key]

@@ -15,7 +15,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import boto3
 import botocore.config
@@ -74,8 +74,13 @@ class ObjectStore(Protocol):
 
     def head(self, key: str) -> ObjectInfo: ...
 
-    def get_range(self, key: str, etag: str, start: int, end: int) -> bytes:
-        """Bytes ``[start, end)`` of the version ``etag`` of ``key``; `StaleError` if it changed."""
+    def iter_range(self, key: str, etag: str, start: int, end: int, chunk: int) -> Iterator[bytes]:
+        """Bytes ``[start, end)`` of version ``etag`` of ``key``, in ``chunk``-sized pieces.
+
+        One ranged GET, conditional on the ETag (`StaleError` if the object
+        changed); each piece is yielded as soon as it has arrived, so the first
+        block of a long GET is served before the last one is in.
+        """
         ...
 
 
@@ -241,28 +246,44 @@ class S3Store:
             mtime_ns=int(resp["LastModified"].timestamp() * 1e9),
         )
 
-    def get_range(self, key: str, etag: str, start: int, end: int) -> bytes:
-        # botocore retries the request but not a body cut half-way; that is ours.
-        for attempt in range(1, self._body_attempts + 1):
+    def iter_range(self, key: str, etag: str, start: int, end: int, chunk: int) -> Iterator[bytes]:
+        what = f"s3://{self._bucket}/{key}"
+        pos = start
+        attempt = 0
+        # botocore retries a failed request, not a body cut half-way: that is ours,
+        # resuming at the first piece not yet delivered.
+        while pos < end:
             try:
-                return self._get_range_once(key, etag, start, end)
+                self._count("get")
+                with _translated(what):
+                    resp = self._client.get_object(
+                        Bucket=self._bucket, Key=key, Range=f"bytes={pos}-{end - 1}", IfMatch=etag
+                    )
+                    body = resp["Body"]
+                    while pos < end:
+                        piece = _read_exactly(body, min(chunk, end - pos))
+                        if piece is None:
+                            raise TransientError(f"{what}: body ended early at byte {pos}")
+                        pos += len(piece)
+                        yield piece
             except TransientError:
-                if attempt == self._body_attempts:
+                attempt += 1
+                if attempt >= self._body_attempts:
                     raise
                 time.sleep(min(2.0, 0.05 * 2**attempt) * random.random())  # noqa: S311
-        raise AssertionError("unreachable")
 
-    def _get_range_once(self, key: str, etag: str, start: int, end: int) -> bytes:
-        what = f"s3://{self._bucket}/{key}"
-        self._count("get")
-        with _translated(what):
-            resp = self._client.get_object(
-                Bucket=self._bucket, Key=key, Range=f"bytes={start}-{end - 1}", IfMatch=etag
-            )
-            data = resp["Body"].read()
-        if len(data) != end - start:
-            raise TransientError(f"{what}: short read ({len(data)} of {end - start} bytes)")
-        return data
+
+def _read_exactly(body: Any, size: int) -> bytes | None:
+    """``size`` bytes from a streaming body, or None if it ends first."""
+    parts: list[bytes] = []
+    missing = size
+    while missing:
+        data = body.read(missing)
+        if not data:
+            return None
+        parts.append(data)
+        missing -= len(data)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 class MemoryStore:
@@ -333,7 +354,7 @@ class MemoryStore:
             data, etag, mtime = self._objects[key]
         return ObjectInfo(key, len(data), etag, mtime)
 
-    def get_range(self, key: str, etag: str, start: int, end: int) -> bytes:
+    def iter_range(self, key: str, etag: str, start: int, end: int, chunk: int) -> Iterator[bytes]:
         self._count("get")
         if self.get_delay:
             time.sleep(self.get_delay)
@@ -345,4 +366,5 @@ class MemoryStore:
             data, current, _ = self._objects[key]
         if current != etag:
             raise StaleError(f"{key}: changed in S3 since it was opened")
-        return data[start:end]
+        for pos in range(start, end, chunk):
+            yield data[pos : min(pos + chunk, end)]

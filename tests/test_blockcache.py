@@ -105,11 +105,12 @@ def test_cache_persists_across_reopen_with_zero_gets(tmp_path: Path) -> None:
 
     run_with(cache, read_all)
     cache.close()
-    assert store.requests["get"] == 6
+    assert store.requests["get"] == 1  # six missing blocks in a row: one GET
+    assert cache.stats["misses"] == 6
     cache = make_cache(tmp_path, store)
     assert cache.used_bytes == len(data)
     run_with(cache, read_all)
-    assert store.requests["get"] == 6
+    assert store.requests["get"] == 1
     assert cache.stats["hits_disk"] == 6
 
 
@@ -131,7 +132,39 @@ def test_bit_flip_and_truncation_are_misses_never_wrong_bytes(tmp_path: Path) ->
     cache = make_cache(tmp_path, store)
     run_with(cache, read_all)
     assert cache.stats["corrupt_blocks"] == 2
-    assert store.requests["get"] == 4 + 2
+    assert store.requests["get"] == 1 + 2  # blocks 1 and 3 again, each its own GET
+
+
+def test_a_run_of_missing_blocks_is_split_into_gets_of_fetch_size(tmp_path: Path) -> None:
+    store = MemoryStore()
+    data = os.urandom(7 * BS)
+    v = version_of(store, "k", data)
+    cache = make_cache(tmp_path, store, fetch_bytes=3 * BS)
+
+    async def body() -> None:
+        assert await cache.get_block(v, 2) == data[2 * BS : 3 * BS]
+        await cache.drain()
+        assert await cache.read(v, 0, len(data)) == data  # misses 0-1 and 3-6
+
+    run_with(cache, body)
+    assert store.requests["get"] == 1 + 1 + 2  # block 2; blocks 0-1; blocks 3-5 and 6
+    assert cache.stats["misses"] == 7
+
+
+def test_a_failed_get_fails_its_waiters_and_is_retried_by_the_next(tmp_path: Path) -> None:
+    store = MemoryStore()
+    data = os.urandom(4 * BS)
+    v = version_of(store, "k", data)
+    cache = make_cache(tmp_path, store)
+
+    async def body() -> None:
+        store.fail_next = [TransientError("503 SlowDown")]
+        with pytest.raises(TransientError):
+            await cache.read(v, 0, len(data))
+        assert await cache.read(v, 0, len(data)) == data
+
+    run_with(cache, body)
+    assert store.requests["get"] == 2
 
 
 def test_index_rows_without_data_are_dropped(tmp_path: Path) -> None:
