@@ -31,6 +31,7 @@ class DirS3:
                 self.etags[path] = '"' + hashlib.md5(path.read_bytes()).hexdigest() + '"'
         self.requests: dict[str, int] = {}
         self.bytes_sent = 0
+        self.ranges: list[str] = []  # Range headers of GETs, in arrival order
         self._lock = threading.Lock()
         server = self
 
@@ -87,6 +88,9 @@ class DirS3:
         headers = {"ETag": etag, "Last-Modified": _http_date(path), "Accept-Ranges": "bytes"}
         start, end, status = 0, size - 1, 200
         spec = req.headers.get("Range")
+        if spec and not head:
+            with self._lock:
+                self.ranges.append(f"{time.monotonic():.3f} {spec}")
         if spec:
             first, _, last = spec.removeprefix("bytes=").partition("-")
             start, end, status = int(first), min(int(last), size - 1), 206

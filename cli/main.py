@@ -78,9 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--log-level", choices=LEVELS, default="info")
     m.add_argument("--log-file", type=Path, help="background log (default: CACHE_DIR/daemon.log)")
     m.add_argument("--s3-concurrency", type=int, default=16, help="parallel S3 requests")
-    m.add_argument(
-        "--readahead", type=int, default=32, help="max blocks fetched ahead of sequential reads"
-    )
+    m.add_argument("--readahead", default="32M", help="most bytes fetched ahead of a reader")
     m.add_argument("--block-size", default="1M", help="block size for a new cache dir (default 1M)")
     m.add_argument("--fetch-size", default="8M", help="most bytes one ranged GET covers")
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
@@ -111,7 +109,7 @@ def mount_config(args: argparse.Namespace) -> MountConfig:
         block_size=parse_size(args.block_size),
         fetch_size=parse_size(args.fetch_size),
         s3_concurrency=args.s3_concurrency,
-        readahead_blocks=max(0, args.readahead),
+        readahead_size=parse_size(args.readahead),
     )
 
 

@@ -72,7 +72,7 @@ def run_daemon(config: MountConfig, on_ready: Callable[[], None]) -> None:
         memory_bytes=config.memory_cache_bytes,
         s3_limiter=s3_limiter,
         disk_limiter=disk_limiter,
-        readahead_limit=2 * max(1, config.readahead_blocks),
+        readahead_limit=2 * max(1, config.readahead_size // config.block_size),
         fetch_bytes=config.fetch_size,
     )
     with contextlib.ExitStack() as stack:
@@ -84,7 +84,7 @@ def run_daemon(config: MountConfig, on_ready: Callable[[], None]) -> None:
             prefix=config.prefix,
             metadata_ttl=config.metadata_ttl,
             s3_limiter=s3_limiter,
-            readahead_blocks=config.readahead_blocks,
+            readahead_blocks=config.readahead_size // cache.block_size,
         )
         ops = Operations(core, uid=os.getuid(), gid=os.getgid(), block_size=cache.block_size)
         pyfuse3.init(ops, str(config.mountpoint), fuse_options(config))

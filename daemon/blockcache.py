@@ -359,16 +359,23 @@ class BlockCache:
         for run in self._missing_runs(version, indices):
             self._start_run(version, run, readahead=False)
 
-    def readahead(self, version: ObjectVersion, indices: range) -> None:
-        """Best-effort prefetch: dropped, not queued, when too much is in flight."""
+    def readahead(self, version: ObjectVersion, indices: range) -> int:
+        """Best-effort prefetch: dropped, not queued, when too much is in flight.
+
+        Returns the block index up to which ``indices`` is now cached or on its way.
+        """
         for run in self._missing_runs(version, indices):
             room = self._readahead_limit - self._readahead_inflight
             if room <= 0:
                 self.stats.counts["readahead_dropped"] += len(run)
-                return
+                return run.start
             taken = run[:room]
             self.stats.counts["readahead"] += len(taken)
             self._start_run(version, taken, readahead=True)
+            if len(taken) < len(run):
+                self.stats.counts["readahead_dropped"] += len(run) - len(taken)
+                return taken.stop
+        return indices.stop
 
     def _missing_runs(self, version: ObjectVersion, indices: range) -> list[range]:
         """Contiguous runs of blocks that are neither cached nor in flight, each one GET long."""

@@ -95,9 +95,9 @@ class MountConfig:
     block_size: int = DEFAULT_BLOCK_SIZE
     # Parallel GETs: also sizes botocore's connection pool and the S3 thread limiter.
     s3_concurrency: int = 16
-    # Blocks fetched ahead of a sequential reader, at most (32 MiB at 1 MiB blocks:
-    # enough to keep a 20 ms-latency link busy at several hundred MB/s).
-    readahead_blocks: int = 32
+    # Bytes fetched ahead of a sequential reader, at most: 32 MiB keeps a
+    # 20 ms-latency link busy at several hundred MB/s.
+    readahead_size: int = 32 * MIB
     # Most bytes one ranged GET covers: a run of missing blocks is one GET whose
     # blocks are served as they arrive (small blocks, few requests).
     fetch_size: int = 8 * MIB

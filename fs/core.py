@@ -42,6 +42,9 @@ from s3cachefs.fs.names import valid_name
 log = logging.getLogger(__name__)
 
 ROOT_INODE = 1
+# How far out of order a read may arrive and still count as sequential
+# (a few of the kernel's 128 KiB FUSE reads in flight at once).
+SEQUENTIAL_SLACK = 1024 * 1024
 
 
 @dataclass
@@ -69,6 +72,7 @@ class FileHandle:
     version: ObjectVersion
     next_offset: int = 0  # where a sequential reader reads next
     sequential_run: int = 0  # consecutive sequential reads, sizes the readahead window
+    readahead_until: int = 0  # blocks before this one have been asked for ahead of the reader
 
 
 @dataclass
@@ -257,19 +261,31 @@ class FsCore:
             raise
 
     def _plan_readahead(self, handle: FileHandle, offset: int, length: int) -> None:
-        """Grow a window of blocks fetched ahead while reads stay sequential. Must not await."""
-        if offset == handle.next_offset and offset > 0:
+        """Grow a window of blocks fetched ahead while reads stay sequential. Must not await.
+
+        "Sequential" tolerates reordering: the kernel sends its own readahead
+        reads concurrently, so they arrive slightly out of order (within
+        ``SEQUENTIAL_SLACK`` of where the reader is); a jump further away
+        restarts the window.
+        """
+        if handle.next_offset > 0 and abs(offset - handle.next_offset) <= SEQUENTIAL_SLACK:
             handle.sequential_run += 1
         elif offset != handle.next_offset:
             handle.sequential_run = 0
-        handle.next_offset = offset + length
+        handle.next_offset = max(handle.next_offset, offset + length)
         if handle.sequential_run == 0 or self.readahead_blocks == 0:
+            handle.readahead_until = 0
             return
         block_size = self.cache.block_size
         window = min(self.readahead_blocks, 2 ** (handle.sequential_run - 1))
         last = (min(offset + length, handle.version.size) - 1) // block_size
         nblocks = -(-handle.version.size // block_size)
-        self.cache.readahead(handle.version, range(last + 1, min(nblocks, last + 1 + window)))
+        start = max(last + 1, handle.readahead_until)
+        stop = min(nblocks, last + 1 + window)
+        # Top the window up in batches, not a block at a time: a batch is one GET.
+        batch = max(1, min(self.cache.run_blocks, window // 2))
+        if stop - start >= batch or (stop == nblocks and stop > start):
+            handle.readahead_until = self.cache.readahead(handle.version, range(start, stop))
 
     def release(self, fh: int) -> None:
         self._files.pop(fh, None)

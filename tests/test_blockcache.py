@@ -256,7 +256,7 @@ def test_a_second_daemon_on_the_same_cache_dir_is_refused(tmp_path: Path) -> Non
 def test_sequential_reads_trigger_readahead_random_reads_do_not(tmp_path: Path) -> None:
     store = MemoryStore()
     store.put("seq.bin", os.urandom(32 * BS))
-    store.put("rand.bin", os.urandom(32 * BS))
+    store.put("rand.bin", os.urandom(128 * BS))
     cache = make_cache(tmp_path, store)
     limiter = trio.CapacityLimiter(8)
     core = FsCore(store, cache, prefix="", metadata_ttl=60, s3_limiter=limiter, readahead_blocks=4)
@@ -274,7 +274,7 @@ def test_sequential_reads_trigger_readahead_random_reads_do_not(tmp_path: Path) 
         rand = await core.lookup(ROOT_INODE, "rand.bin")
         assert rand is not None
         fh2, _ = await core.open(rand.ino)
-        for block in (9, 2, 30, 17):
+        for block in (100, 3, 60, 20):  # jumps of more than SEQUENTIAL_SLACK
             await core.read(fh2, block * BS, BS)
         assert cache.stats["readahead"] == before
 
