@@ -81,6 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--readahead", default="32M", help="most bytes fetched ahead of a reader")
     m.add_argument("--block-size", default="1M", help="block size for a new cache dir (default 1M)")
     m.add_argument("--fetch-size", default="8M", help="most bytes one ranged GET covers")
+    m.add_argument(
+        "--kernel-readahead",
+        default="1M",
+        help="the mount's kernel readahead, sizes FUSE reads (0: kernel default)",
+    )
+    m.add_argument(
+        "--no-keep-cache",
+        action="store_true",
+        help="drop the kernel page cache at every open (for measurements)",
+    )
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
 
     u = sub.add_parser("unmount", help="unmount (also cleans a stale mount of a dead daemon)")
@@ -108,6 +118,8 @@ def mount_config(args: argparse.Namespace) -> MountConfig:
         allow_other=args.allow_other,
         block_size=parse_size(args.block_size),
         fetch_size=parse_size(args.fetch_size),
+        keep_cache=not args.no_keep_cache,
+        kernel_readahead_kib=parse_size(args.kernel_readahead) // 1024,
         s3_concurrency=args.s3_concurrency,
         readahead_size=parse_size(args.readahead),
     )

@@ -21,7 +21,7 @@ import trio
 
 from s3cachefs.daemon.blockcache import BlockCache
 from s3cachefs.daemon.errors import ConfigError, TransientError
-from s3cachefs.daemon.mountpoint import check_mountpoint
+from s3cachefs.daemon.mountpoint import check_mountpoint, set_kernel_readahead
 from s3cachefs.daemon.runtime import MountRecord, remove_record, write_record
 from s3cachefs.daemon.store import S3Store
 from s3cachefs.fs.core import FsCore
@@ -85,6 +85,7 @@ def run_daemon(config: MountConfig, on_ready: Callable[[], None]) -> None:
             metadata_ttl=config.metadata_ttl,
             s3_limiter=s3_limiter,
             readahead_blocks=config.readahead_size // cache.block_size,
+            keep_cache=config.keep_cache,
         )
         ops = Operations(core, uid=os.getuid(), gid=os.getgid(), block_size=cache.block_size)
         pyfuse3.init(ops, str(config.mountpoint), fuse_options(config))
@@ -94,19 +95,40 @@ def run_daemon(config: MountConfig, on_ready: Callable[[], None]) -> None:
         )
         stack.callback(remove_record, config.mountpoint)
         log.info("mounted source=%s mountpoint=%s", config.source, config.mountpoint)
-        trio.run(_serve, cache, on_ready)
+        trio.run(_serve, cache, config, on_ready)
         log.info("unmounting mountpoint=%s", config.mountpoint)
+        log.info("stats %s", _stats_line(ops, cache, store))
 
 
-async def _serve(cache: BlockCache, on_ready: Callable[[], None]) -> None:
+def _stats_line(ops: Operations, cache: BlockCache, store: S3Store) -> str:
+    """One key=value line of what this daemon did: FUSE requests, cache, S3 requests."""
+    fields = {f"fuse_{k}": v for k, v in sorted(ops.counts.items())}
+    fields |= {f"cache_{k}": v for k, v in sorted(cache.stats.counts.items())}
+    fields |= {f"s3_{k}": v for k, v in sorted(store.requests.items())}
+    return " ".join(f"{k}={v}" for k, v in fields.items())
+
+
+async def _serve(cache: BlockCache, config: MountConfig, on_ready: Callable[[], None]) -> None:
     async with trio.open_nursery() as nursery:
         await nursery.start(cache.run)
         nursery.start_soon(_terminate_on_signal)
-        on_ready()
+        nursery.start_soon(_announce_ready, config, on_ready)
         await pyfuse3.main(max_tasks=FUSE_MAX_TASKS)
         with trio.move_on_after(DRAIN_TIMEOUT):  # keep what was fetched: finish disk writes
             await cache.drain()
         nursery.cancel_scope.cancel()
+
+
+async def _announce_ready(config: MountConfig, on_ready: Callable[[], None]) -> None:
+    """Say "ready" once a request has made the round trip through the kernel.
+
+    By then the kernel has also applied the INIT reply, which resets the
+    mount's readahead: only now does raising it stick.
+    """
+    await trio.to_thread.run_sync(os.statvfs, config.mountpoint)
+    if config.kernel_readahead_kib:
+        set_kernel_readahead(config.mountpoint, config.kernel_readahead_kib)
+    on_ready()
 
 
 async def _terminate_on_signal() -> None:

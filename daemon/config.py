@@ -104,6 +104,10 @@ class MountConfig:
     # Verified blocks kept in memory so that 128 KiB kernel reads of a 1 MiB
     # block do not re-read and re-check it from disk.
     memory_cache_bytes: int = 64 * MIB
+    # Keep the kernel's page cache across opens of an unchanged object version.
+    keep_cache: bool = True
+    # The mount's kernel readahead: 1024 KiB lets sequential FUSE reads be 1 MiB.
+    kernel_readahead_kib: int = 1024
     # A read that S3 cannot serve within this budget fails with EIO, never hangs.
     s3_timeout: float = 30.0
     s3_max_attempts: int = 5

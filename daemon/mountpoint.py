@@ -60,3 +60,42 @@ def check_mountpoint(path: Path) -> None:
                 raise ConfigError(f"mountpoint {path} is not empty")
     except PermissionError:
         raise ConfigError(f"mountpoint {path} is not readable") from None
+
+
+def mount_device(path: Path) -> str | None:
+    """``major:minor`` of the mount at ``path``, from /proc/self/mountinfo.
+
+    Read from mountinfo, not stat(): the daemon must not send itself FUSE requests.
+    """
+    target = os.path.abspath(path)
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return None
+    device = None
+    for line in lines:
+        fields = line.split()
+        # mount point field escapes spaces etc. as octal
+        mount_point = fields[4].encode().decode("unicode_escape")
+        if mount_point == target:
+            device = fields[2]  # the last mount on the path is the visible one
+    return device
+
+
+def set_kernel_readahead(path: Path, kib: int) -> bool:
+    """Let the kernel read ahead ``kib`` KiB on this mount, so FUSE reads are up to 1 MiB.
+
+    The default (128 KiB) splits every sequential read into 128 KiB requests,
+    each a round trip through the daemon; 1024 KiB measured 1.85x the warm
+    sequential throughput here (README, "Kernel caching"). Best effort: needs
+    a writable /sys (root, or a container with it).
+    """
+    device = mount_device(path)
+    if device is None:
+        return False
+    try:
+        Path(f"/sys/class/bdi/{device}/read_ahead_kb").write_text(f"{kib}\n")
+    except OSError as exc:
+        log.debug("cannot set read_ahead_kb for %s: %s", path, exc.strerror)
+        return False
+    return True

@@ -92,12 +92,14 @@ class FsCore:
         metadata_ttl: float,
         s3_limiter: trio.CapacityLimiter,
         readahead_blocks: int = 8,
+        keep_cache: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
         self.cache = cache
         self.metadata_ttl = metadata_ttl
         self.readahead_blocks = readahead_blocks
+        self.keep_cache = keep_cache
         self._s3_limiter = s3_limiter
         self._clock = clock
         self._nodes: dict[int, Node] = {
@@ -242,7 +244,8 @@ class FsCore:
         if node.is_dir:
             raise IsADirError(f"{node.key}: is a directory")
         version = ObjectVersion(self.store.bucket, node.key, node.etag, node.size)
-        keep_cache = node.opened_etag in (None, node.etag)
+        # The kernel's pages are valid while the version is the one they were read from.
+        keep_cache = self.keep_cache and node.opened_etag in (None, node.etag)
         node.opened_etag = node.etag
         fh = next(self._next_fh)
         self._files[fh] = FileHandle(node, version)

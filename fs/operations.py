@@ -12,6 +12,7 @@ import errno
 import logging
 import os
 import stat
+from collections import Counter
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -79,9 +80,16 @@ class Operations(pyfuse3.Operations):
     def __init__(self, core: FsCore, *, uid: int, gid: int, block_size: int) -> None:
         super().__init__()
         self.core = core
+        self.counts: Counter[str] = Counter()  # FUSE requests by operation (stats, tests)
         self.uid = uid
         self.gid = gid
         self.block_size = block_size
+
+    @contextlib.contextmanager
+    def _op(self, name: str) -> Iterator[None]:
+        self.counts[name] += 1
+        with _errno_mapped(name):
+            yield
 
     def _attrs(self, node: Node) -> pyfuse3.EntryAttributes:
         attrs = pyfuse3.EntryAttributes()
@@ -106,7 +114,7 @@ class Operations(pyfuse3.Operations):
     async def lookup(
         self, parent_inode: InodeT, name: FileNameT, ctx: RequestContext
     ) -> pyfuse3.EntryAttributes:
-        with _errno_mapped("lookup"):
+        with self._op("lookup"):
             node = await self.core.lookup(parent_inode, os.fsdecode(name))
         if node is None:
             negative = pyfuse3.EntryAttributes()
@@ -116,34 +124,37 @@ class Operations(pyfuse3.Operations):
         return self._attrs(node)
 
     async def getattr(self, inode: InodeT, ctx: RequestContext) -> pyfuse3.EntryAttributes:
-        with _errno_mapped("getattr"):
+        with self._op("getattr"):
             return self._attrs(await self.core.getattr(inode))
 
     async def opendir(self, inode: InodeT, ctx: RequestContext) -> FileHandleT:
-        with _errno_mapped("opendir"):
+        with self._op("opendir"):
             return pyfuse3.FileHandleT(await self.core.opendir(inode))
 
     async def readdir(self, fh: FileHandleT, start_id: int, token: ReaddirToken) -> None:
-        with _errno_mapped("readdir"):
+        with self._op("readdir"):
             for name, node, next_id in self.core.readdir(fh, start_id):
                 if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attrs(node), next_id):
                     break
 
     async def releasedir(self, fh: FileHandleT) -> None:
+        self.counts["releasedir"] += 1
         self.core.releasedir(fh)
 
     async def open(self, inode: InodeT, flags: FlagT, ctx: RequestContext) -> pyfuse3.FileInfo:
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise pyfuse3.FUSEError(errno.EROFS)
-        with _errno_mapped("open"):
+        with self._op("open"):
             fh, keep_cache = await self.core.open(inode)
         return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=keep_cache)
 
     async def read(self, fh: FileHandleT, off: int, size: int) -> bytes:
-        with _errno_mapped("read"):
+        self.counts["read_bytes_asked"] += size
+        with self._op("read"):
             return await self.core.read(fh, off, size)
 
     async def release(self, fh: FileHandleT) -> None:
+        self.counts["release"] += 1
         self.core.release(fh)
 
     async def statfs(self, ctx: RequestContext) -> pyfuse3.StatvfsData:

@@ -218,3 +218,52 @@ def test_slow_s3_request_does_not_block_other_files(bucket: Bucket, mounter: Mou
             assert f.read() == b"hot"
     assert reader.wait(timeout=60) == 0
     assert time.monotonic() - start < 60
+
+
+def _stats(mount_log: str) -> dict[str, int]:
+    """The daemon's last "stats key=value ..." line, parsed."""
+    line = [ln for ln in mount_log.splitlines() if " stats " in ln][-1]
+    return {k: int(v) for k, v in (f.split("=") for f in line.split(" stats ", 1)[1].split())}
+
+
+@pytest.mark.parametrize("keep_cache", [True, False])
+def test_page_cache_is_kept_across_opens_of_an_unchanged_file(
+    bucket: Bucket, mounter: Mounter, keep_cache: bool
+) -> None:
+    data = os.urandom(2 * MIB)
+    bucket.put("page.png", data)
+    extra = () if keep_cache else ("--no-keep-cache",)
+    first = mounter(bucket.name, *extra)
+    drop_page_cache()
+    assert (first.path / "page.png").read_bytes() == data
+    assert first.stop() == 0
+    one_pass = _stats(first.log_text())["fuse_read"]
+
+    again = mounter(bucket.name, *extra, name="mnt2")
+    drop_page_cache()
+    for _ in range(5):
+        assert (again.path / "page.png").read_bytes() == data
+    assert again.stop() == 0
+    stats = _stats(again.log_text())
+    assert stats["fuse_open"] == 5
+    if keep_cache:  # opens 2-5 are served by the kernel alone
+        assert stats["fuse_read"] == one_pass
+    else:
+        assert stats["fuse_read"] >= 5 * one_pass
+    assert stats.get("s3_get", 0) == 0
+
+
+def test_kernel_readahead_is_raised_so_fuse_reads_are_large(
+    bucket: Bucket, mounter: Mounter
+) -> None:
+    data = os.urandom(4 * MIB)
+    bucket.put("scan.tar", data)
+    mount = mounter(bucket.name)
+    st = os.stat(mount.path)
+    bdi = Path(f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/read_ahead_kb")
+    assert bdi.read_text().strip() == "1024"
+    drop_page_cache()
+    assert (mount.path / "scan.tar").read_bytes() == data
+    assert mount.stop() == 0
+    stats = _stats(mount.log_text())
+    assert stats["fuse_read_bytes_asked"] / stats["fuse_read"] > 256 * 1024
