@@ -90,6 +90,8 @@ class LocalS3:
         return self
 
     def stop(self) -> None:
+        if not self._thread.is_alive():
+            return
         self._server.shutdown()
         self._server.server_close()
         self._thread.join()

@@ -5,6 +5,7 @@ Exit codes (README, "Exit codes"):
     1  unexpected internal error (a bug: see the log)
     2  bad usage or configuration (flags, sizes, mountpoint, cache dir)
     3  S3 refused or could not be reached (bucket, credentials, endpoint)
+    4  prefetch or verify ended with objects missing or failed (they are listed)
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from s3cachefs.daemon.runtime import read_record, remove_record
 
 log = logging.getLogger("s3cachefs")
 
-EXIT_OK, EXIT_BUG, EXIT_USAGE, EXIT_S3 = 0, 1, 2, 3
+EXIT_OK, EXIT_BUG, EXIT_USAGE, EXIT_S3, EXIT_INCOMPLETE = 0, 1, 2, 3, 4
 # How long `mount` waits for the daemon to report the mount usable.
 START_TIMEOUT = 120.0
 
@@ -96,6 +97,28 @@ def build_parser() -> argparse.ArgumentParser:
     u = sub.add_parser("unmount", help="unmount (also cleans a stale mount of a dead daemon)")
     u.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
     u.add_argument("--lazy", action="store_true", help="detach now even if files are open")
+
+    p = sub.add_parser("prefetch", help="download a dataset into the cache, verify and pin it")
+    p.add_argument("dataset", metavar="DATASET", help="prefix under the mount, or a path in it")
+    p.add_argument("--mount", type=Path, help="the mount to use (default: the only one)")
+    p.add_argument("--jobs", type=int, help="concurrent GETs (default 8)")
+    p.add_argument("--dry-run", action="store_true", help="count, size and whether it fits")
+    p.add_argument("--shard", metavar="I/N", help="only shard I of N (stable hash of the key)")
+    p.add_argument("--list-out", type=Path, help="write the (shard's) keys to this file")
+    p.add_argument("--json", action="store_true", help="machine-readable progress events")
+
+    st = sub.add_parser("status", help="mounts, cache, pinned datasets, jobs, recent errors")
+    st.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path, nargs="?")
+    st.add_argument("--json", action="store_true")
+
+    v = sub.add_parser("verify", help="re-check a pinned dataset, re-fetch what fails")
+    v.add_argument("dataset", metavar="DATASET")
+    v.add_argument("--mount", type=Path)
+    v.add_argument("--json", action="store_true")
+
+    e = sub.add_parser("evict", help="unpin a dataset and free its cache space")
+    e.add_argument("dataset", metavar="DATASET")
+    e.add_argument("--mount", type=Path)
 
     d = sub.add_parser("demo", help="run the quick start against an embedded local S3 server")
     d.add_argument("--workdir", type=Path, help="where to mount and cache (default: a temp dir)")
@@ -240,19 +263,25 @@ def _wait_for_exit(pid: int, timeout: float) -> bool:
     return True
 
 
+def _dispatch(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    if args.command == "mount":
+        return cmd_mount(args, argv)
+    if args.command == "unmount":
+        return cmd_unmount(args)
+    if args.command == "demo":
+        from s3cachefs.cli.demo import run_demo
+
+        return run_demo(args.workdir)
+    from s3cachefs.cli import jobs  # prefetch, status, verify, evict
+
+    return int(getattr(jobs, f"cmd_{args.command}")(args))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "mount":
-            return cmd_mount(args, argv)
-        if args.command == "unmount":
-            return cmd_unmount(args)
-        if args.command == "demo":
-            from s3cachefs.cli.demo import run_demo
-
-            return run_demo(args.workdir)
-        raise AssertionError(args.command)
+        return _dispatch(args, argv)
     except S3CacheFSError as exc:
         print(f"s3cachefs: {exc}", file=sys.stderr)
         return exit_code_for(exc)

@@ -10,19 +10,29 @@ mount goes away, the cache index closes.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import signal
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pyfuse3
 import trio
 
+from s3cachefs.daemon import control
 from s3cachefs.daemon.blockcache import BlockCache
+from s3cachefs.daemon.commands import Daemon, RecentErrors
 from s3cachefs.daemon.errors import ConfigError, TransientError
 from s3cachefs.daemon.mountpoint import check_mountpoint, set_kernel_readahead
-from s3cachefs.daemon.runtime import MountRecord, remove_record, write_record
+from s3cachefs.daemon.pins import PinStore
+from s3cachefs.daemon.runtime import (
+    MountRecord,
+    control_socket_path,
+    remove_record,
+    write_record,
+)
 from s3cachefs.daemon.store import S3Store
 from s3cachefs.fs.core import FsCore
 from s3cachefs.fs.operations import Operations
@@ -75,9 +85,14 @@ def run_daemon(config: MountConfig, on_ready: Callable[[], None]) -> None:
         readahead_limit=2 * max(1, config.readahead_size // config.block_size),
         fetch_bytes=config.fetch_size,
     )
+    errors = RecentErrors()
+    logging.getLogger().addHandler(errors)
     with contextlib.ExitStack() as stack:
         cache.open()
         stack.callback(cache.close)
+        pins = PinStore(cache.root, config.bucket)
+        pins.load()
+        cache.set_pinned(pins.pinned_oids())
         core = FsCore(
             store,
             cache,
@@ -86,16 +101,25 @@ def run_daemon(config: MountConfig, on_ready: Callable[[], None]) -> None:
             s3_limiter=s3_limiter,
             readahead_blocks=config.readahead_size // cache.block_size,
             keep_cache=config.keep_cache,
+            pins=pins,
         )
         ops = Operations(core, uid=os.getuid(), gid=os.getgid(), block_size=cache.block_size)
+        daemon = Daemon(config, store, cache, pins, ops, errors)
         pyfuse3.init(ops, str(config.mountpoint), fuse_options(config))
         stack.callback(pyfuse3.close, unmount=True)
+        socket_path = control_socket_path(config.mountpoint)
         write_record(
-            MountRecord(os.getpid(), str(config.mountpoint), config.source, str(config.cache_dir))
+            MountRecord(
+                os.getpid(),
+                str(config.mountpoint),
+                config.source,
+                str(config.cache_dir),
+                str(socket_path),
+            )
         )
         stack.callback(remove_record, config.mountpoint)
         log.info("mounted source=%s mountpoint=%s", config.source, config.mountpoint)
-        trio.run(_serve, cache, config, on_ready)
+        trio.run(_serve, daemon, socket_path, on_ready)
         log.info("unmounting mountpoint=%s", config.mountpoint)
         log.info("stats %s", _stats_line(ops, cache, store))
 
@@ -108,14 +132,16 @@ def _stats_line(ops: Operations, cache: BlockCache, store: S3Store) -> str:
     return " ".join(f"{k}={v}" for k, v in fields.items())
 
 
-async def _serve(cache: BlockCache, config: MountConfig, on_ready: Callable[[], None]) -> None:
+async def _serve(daemon: Daemon, socket_path: Path, on_ready: Callable[[], None]) -> None:
+    """The root nursery: cache fetches, control socket, signals, the FUSE loop."""
     async with trio.open_nursery() as nursery:
-        await nursery.start(cache.run)
+        await nursery.start(daemon.cache.run)
+        await nursery.start(functools.partial(control.serve, socket_path, daemon.handlers()))
         nursery.start_soon(_terminate_on_signal)
-        nursery.start_soon(_announce_ready, config, on_ready)
+        nursery.start_soon(_announce_ready, daemon.config, on_ready)
         await pyfuse3.main(max_tasks=FUSE_MAX_TASKS)
         with trio.move_on_after(DRAIN_TIMEOUT):  # keep what was fetched: finish disk writes
-            await cache.drain()
+            await daemon.cache.drain()
         nursery.cancel_scope.cancel()
 
 

@@ -85,7 +85,8 @@ class _Record:
 class _Flight:
     """One in-progress download of one block, shared by every reader that wants it."""
 
-    done: trio.Event = field(default_factory=trio.Event)
+    done: trio.Event = field(default_factory=trio.Event)  # data (or error) is available
+    landed: trio.Event = field(default_factory=trio.Event)  # and it is on disk (or given up)
     data: bytes | None = None
     error: BaseException | None = None
 
@@ -169,7 +170,8 @@ class BlockCache:
         self._readahead_inflight = 0  # readahead blocks requested and not yet arrived
         self.fetch_bytes = fetch_bytes  # most bytes one GET may cover
         self._objects: dict[str, _Record] = {}
-        self._lru: OrderedDict[BlockKey, None] = OrderedDict()
+        self._lru: OrderedDict[BlockKey, None] = OrderedDict()  # unpinned blocks only
+        self._pinned: set[str] = set()  # oids of pinned object versions: never evicted
         self._used = 0
         self._memory: OrderedDict[BlockKey, bytes] = OrderedDict()
         self._memory_used = 0
@@ -178,7 +180,7 @@ class BlockCache:
         self._nursery: trio.Nursery | None = None
         self._lock_fd: int | None = None
         self._index: Any = None
-        self._root = cache_dir / f"v{FORMAT_VERSION}"
+        self.root = cache_dir / f"v{FORMAT_VERSION}"
 
     # ---- lifecycle -------------------------------------------------------
 
@@ -186,13 +188,13 @@ class BlockCache:
         """Lock the cache dir, load the index into memory. Blocking; call before serving."""
         prepare_cache_dir(self.cache_dir)
         try:
-            (self._root / "objects").mkdir(mode=0o700, parents=True, exist_ok=True)
+            (self.root / "objects").mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
             raise CacheDirError(f"cannot use cache dir {self.cache_dir}: {exc.strerror}") from None
         self._lock()
         self._check_format()
         self._index = diskcache.Cache(
-            str(self._root / "index"),
+            str(self.root / "index"),
             eviction_policy="none",  # we evict; diskcache's LRU would write on every get
             size_limit=2**62,
             cull_limit=0,
@@ -243,7 +245,7 @@ class BlockCache:
         self._lock_fd = fd
 
     def _check_format(self) -> None:
-        path = self._root / "format.json"
+        path = self.root / "format.json"
         try:
             meta = json.loads(path.read_text())
         except FileNotFoundError:
@@ -341,7 +343,8 @@ class BlockCache:
             data = await self._read_verified(version, index, record.blocks[index])
             if data is not None:
                 self.stats.counts["hits_disk"] += 1
-                self._lru.move_to_end(key)
+                if key in self._lru:
+                    self._lru.move_to_end(key)
                 self._remember(key, data)
                 return data
         flight = self._flights.get(key)
@@ -354,8 +357,25 @@ class BlockCache:
         assert flight.data is not None
         return flight.data
 
-    def start_fetch(self, version: ObjectVersion, indices: range) -> None:
-        """Make sure these blocks are on their way, without waiting for them."""
+    def start_fetch(self, version: ObjectVersion, indices: range, *, persist: bool = False) -> None:
+        """Make sure these blocks are on their way, without waiting for them.
+
+        With ``persist``, blocks held only in memory are written to disk too
+        (prefetch needs them there; a read is happy with memory).
+        """
+        if persist:
+            for idx in indices:
+                key = (version.oid, idx)
+                data = self._memory.get(key)
+                if (
+                    data is not None
+                    and key not in self._flights
+                    and not self.is_cached(version, idx)
+                ):
+                    flight = self._flights[key] = _Flight(data=data)
+                    flight.done.set()
+                    assert self._nursery is not None
+                    self._nursery.start_soon(self._store_and_land, version, idx, data)
         for run in self._missing_runs(version, indices):
             self._start_run(version, run, readahead=False)
 
@@ -394,6 +414,135 @@ class BlockCache:
         if first is not None:
             runs.append(range(first, indices.stop))
         return runs
+
+    # ---- pinning and whole-object checks -----------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        """Blocks being fetched or written right now."""
+        return len(self._flights)
+
+    @property
+    def pinned(self) -> set[str]:
+        return set(self._pinned)
+
+    async def drain_object(self, version: ObjectVersion) -> None:
+        """Wait until every fetch of this object's blocks has landed on disk."""
+        for key, flight in list(self._flights.items()):
+            if key[0] == version.oid:
+                await flight.landed.wait()
+
+    async def forget_object(self, version: ObjectVersion) -> None:
+        """Drop every cached block of this version (its content failed a whole-object check)."""
+        record = self._objects.get(version.oid)
+        for idx, crc in list(record.blocks.items()) if record else ():
+            await self._drop_block(version, idx, crc)
+
+    @property
+    def pinned_bytes(self) -> int:
+        return sum(
+            self._block_len(record.version, idx)
+            for oid in self._pinned
+            if (record := self._objects.get(oid)) is not None
+            for idx in record.blocks
+        )
+
+    def room_for(self, nbytes: int) -> tuple[bool, int]:
+        """Whether ``nbytes`` more can be cached without evicting pinned data, and the room."""
+        evictable = self._used - self.pinned_bytes
+        free = psutil.disk_usage(str(self.cache_dir)).free
+        room = min(self.cache_size - self._used, free - self.min_free) + evictable
+        return nbytes <= room, max(0, room)
+
+    def set_pinned(self, oids: set[str]) -> None:
+        """Make exactly ``oids`` pinned: their blocks leave the LRU; unpinned ones rejoin it.
+
+        Must not await.
+        """
+        for oid in self._pinned - oids:
+            record = self._objects.get(oid)
+            for idx in record.blocks if record else ():
+                self._lru[(oid, idx)] = None
+        for oid in oids - self._pinned:
+            record = self._objects.get(oid)
+            for idx in record.blocks if record else ():
+                self._lru.pop((oid, idx), None)
+        self._pinned = set(oids)
+
+    def missing_blocks(self, version: ObjectVersion) -> list[int]:
+        record = self._objects.get(version.oid)
+        nblocks = -(-version.size // self.block_size)
+        have = record.blocks if record else {}
+        return [idx for idx in range(nblocks) if idx not in have]
+
+    async def verify_object(self, version: ObjectVersion, md5: str | None) -> tuple[bool, str]:
+        """Re-read a complete object from disk: every block's CRC, and its MD5 if known.
+
+        Blocks that fail are dropped (the next read or prefetch fetches them
+        again). Returns (intact, hex MD5 of what is on disk).
+        """
+        record = self._objects.get(version.oid)
+        if record is None or self.missing_blocks(version):
+            return False, ""
+        crcs = dict(record.blocks)
+        bad, digest = await trio.to_thread.run_sync(
+            self._verify_blocking, version, crcs, limiter=self._disk_limiter
+        )
+        for idx in bad:
+            self.stats.counts["corrupt_blocks"] += 1
+            log.warning("cache block failed verification key=%s block=%d", version.key, idx)
+            await self._drop_block(version, idx, crcs[idx])
+        return not bad and (md5 is None or md5 == digest), digest
+
+    def _verify_blocking(
+        self, version: ObjectVersion, crcs: dict[int, int]
+    ) -> tuple[list[int], str]:
+        digest = hashlib.md5(usedforsecurity=False)
+        bad = []
+        try:
+            fd = os.open(self._path(version.oid), os.O_RDONLY)
+        except FileNotFoundError:
+            return sorted(crcs), ""
+        try:
+            for idx in sorted(crcs):
+                start, end = block_span(idx, self.block_size, version.size)
+                data = os.pread(fd, end - start, start)
+                if len(data) != end - start or zlib.crc32(data) != crcs[idx]:
+                    bad.append(idx)
+                digest.update(data)
+        finally:
+            os.close(fd)
+        return bad, digest.hexdigest()
+
+    async def free(self, oids: set[str]) -> int:
+        """Delete the cached data of these (unpinned) object versions; returns bytes freed."""
+        freed = 0
+        for oid in oids - self._pinned:
+            record = self._objects.pop(oid, None)
+            if record is None:
+                continue
+            nbytes = 0
+            for idx in record.blocks:
+                self._lru.pop((oid, idx), None)
+                nbytes += self._block_len(record.version, idx)
+            for key in [k for k in self._memory if k[0] == oid]:
+                self._memory_used -= len(self._memory.pop(key))
+            self._used -= nbytes
+            freed += nbytes
+            await trio.to_thread.run_sync(
+                self._free_blocking, oid, list(record.blocks), limiter=self._disk_limiter
+            )
+        return freed
+
+    def _free_blocking(self, oid: str, blocks: list[int]) -> None:
+        for idx in blocks:
+            self._index.delete(("b", oid, idx))
+        self._index.delete(("o", oid))
+        self._path(oid).unlink(missing_ok=True)
+
+    def _block_len(self, version: ObjectVersion, idx: int) -> int:
+        start, end = block_span(idx, self.block_size, version.size)
+        return end - start
 
     # ---- fetch path ------------------------------------------------------
 
@@ -469,7 +618,7 @@ class BlockCache:
             self._end_flight((version.oid, index))
 
     def _end_flight(self, key: BlockKey) -> None:
-        del self._flights[key]
+        self._flights.pop(key).landed.set()
         if not self._flights:
             self._idle.set()
 
@@ -510,7 +659,8 @@ class BlockCache:
                 self._used -= len(data)
             return
         record.blocks[index] = crc
-        self._lru[(oid, index)] = None
+        if oid not in self._pinned:
+            self._lru[(oid, index)] = None
 
     def _sync_reserve(self, nbytes: int) -> tuple[list[tuple[str, int, int, int]], bool]:
         """Take LRU victims off the books until ``nbytes`` fit. Must not await.
@@ -606,15 +756,21 @@ class BlockCache:
             version.key,
             index,
         )
+        await self._drop_block(version, index, crc)
+        return None
+
+    async def _drop_block(self, version: ObjectVersion, index: int, crc: int) -> None:
+        """Forget a block that failed its check (unless it was replaced meanwhile)."""
         record = self._objects.get(version.oid)
         if record is not None and record.blocks.get(index) == crc:
             record.blocks.pop(index)
             self._lru.pop((version.oid, index), None)
-            self._used -= end - start
+            stale = self._memory.pop((version.oid, index), None)
+            self._memory_used -= len(stale or b"")
+            self._used -= self._block_len(version, index)
             await trio.to_thread.run_sync(
                 self._index.delete, ("b", version.oid, index), limiter=self._disk_limiter
             )
-        return None
 
     def _pread_blocking(self, oid: str, offset: int, length: int) -> bytes:
         fd = os.open(self._path(oid), os.O_RDONLY)
@@ -626,7 +782,7 @@ class BlockCache:
     # ---- helpers ---------------------------------------------------------
 
     def _path(self, oid: str) -> Path:
-        return self._root / "objects" / oid[:2] / oid[2:4] / oid
+        return self.root / "objects" / oid[:2] / oid[2:4] / oid
 
     def _remember(self, key: BlockKey, data: bytes) -> None:
         if key in self._memory:

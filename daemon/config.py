@@ -95,6 +95,9 @@ class MountConfig:
     block_size: int = DEFAULT_BLOCK_SIZE
     # Parallel GETs: also sizes botocore's connection pool and the S3 thread limiter.
     s3_concurrency: int = 16
+    # Concurrent GETs of a prefetch: half the S3 slots, so foreground reads never queue
+    # behind a whole prefetch.
+    prefetch_jobs: int = 8
     # Bytes fetched ahead of a sequential reader, at most: 32 MiB keeps a
     # 20 ms-latency link busy at several hundred MB/s.
     readahead_size: int = 32 * MIB
@@ -110,7 +113,7 @@ class MountConfig:
     kernel_readahead_kib: int = 1024
     # A read that S3 cannot serve within this budget fails with EIO, never hangs.
     s3_timeout: float = 30.0
-    s3_max_attempts: int = 5
+    s3_max_attempts: int = 3
 
     def __post_init__(self) -> None:
         if self.block_size < 64 * KIB or self.block_size & (self.block_size - 1):

@@ -27,12 +27,40 @@ class MountRecord:
     mountpoint: str
     source: str
     cache_dir: str
+    socket: str
 
 
 def _path(mountpoint: Path) -> Path:
     # abspath, not resolve(): stat-ing our own mountpoint before the FUSE loop runs deadlocks.
     digest = hashlib.sha256(os.path.abspath(mountpoint).encode()).hexdigest()[:16]
     return runtime_dir() / f"mount-{digest}.json"
+
+
+def control_socket_path(mountpoint: Path) -> Path:
+    return _path(mountpoint).with_suffix(".sock")
+
+
+def all_records() -> list[MountRecord]:
+    """Records of daemons that are still alive (stale ones are skipped)."""
+    records = []
+    for path in sorted(runtime_dir().glob("mount-*.json")):
+        try:
+            record = MountRecord(**json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError):
+            continue
+        if _alive(record.pid):
+            records.append(record)
+    return records
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_record(record: MountRecord) -> Path:

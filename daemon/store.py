@@ -72,6 +72,10 @@ class ObjectStore(Protocol):
         """All objects and sub-prefixes directly under ``prefix`` (every page)."""
         ...
 
+    def list_tree(self, prefix: str) -> Iterator[list[ObjectInfo]]:
+        """Every object under ``prefix`` at any depth, one page (up to 1,000) at a time."""
+        ...
+
     def head(self, key: str) -> ObjectInfo: ...
 
     def iter_range(self, key: str, etag: str, start: int, end: int, chunk: int) -> Iterator[bytes]:
@@ -209,30 +213,34 @@ class S3Store:
 
     def list_dir(self, prefix: str) -> Listing:
         listing = Listing()
+        for page in self._pages(prefix, "/"):
+            listing.objects.extend(_objects(page))
+            listing.prefixes.extend(p["Prefix"] for p in page.get("CommonPrefixes", []))
+        return listing
+
+    def list_tree(self, prefix: str) -> Iterator[list[ObjectInfo]]:
+        for page in self._pages(prefix, ""):
+            yield _objects(page)
+
+    def _pages(self, prefix: str, delimiter: str) -> Iterator[Any]:
         token = ""
         with _translated(f"s3://{self._bucket}/{prefix}"):
             while True:
                 self._count("list")
                 if token:
                     page = self._client.list_objects_v2(
-                        Bucket=self._bucket, Prefix=prefix, Delimiter="/", ContinuationToken=token
+                        Bucket=self._bucket,
+                        Prefix=prefix,
+                        Delimiter=delimiter,
+                        ContinuationToken=token,
                     )
                 else:
                     page = self._client.list_objects_v2(
-                        Bucket=self._bucket, Prefix=prefix, Delimiter="/"
+                        Bucket=self._bucket, Prefix=prefix, Delimiter=delimiter
                     )
-                for obj in page.get("Contents", []):
-                    listing.objects.append(
-                        ObjectInfo(
-                            key=obj["Key"],
-                            size=obj["Size"],
-                            etag=obj["ETag"],
-                            mtime_ns=int(obj["LastModified"].timestamp() * 1e9),
-                        )
-                    )
-                listing.prefixes.extend(p["Prefix"] for p in page.get("CommonPrefixes", []))
+                yield page
                 if not page.get("IsTruncated"):
-                    return listing
+                    return
                 token = page["NextContinuationToken"]
 
     def head(self, key: str) -> ObjectInfo:
@@ -271,6 +279,18 @@ class S3Store:
                 if attempt >= self._body_attempts:
                     raise
                 time.sleep(min(2.0, 0.05 * 2**attempt) * random.random())  # noqa: S311
+
+
+def _objects(page: Any) -> list[ObjectInfo]:
+    return [
+        ObjectInfo(
+            key=obj["Key"],
+            size=obj["Size"],
+            etag=obj["ETag"],
+            mtime_ns=int(obj["LastModified"].timestamp() * 1e9),
+        )
+        for obj in page.get("Contents", [])
+    ]
 
 
 def _read_exactly(body: Any, size: int) -> bytes | None:
@@ -345,6 +365,18 @@ class MemoryStore:
             else:
                 listing.objects.append(ObjectInfo(key, len(data), etag, mtime))
         return listing
+
+    def list_tree(self, prefix: str) -> Iterator[list[ObjectInfo]]:
+        with self._lock:
+            items = sorted(self._objects.items())
+        found = [
+            ObjectInfo(key, len(data), etag, mtime)
+            for key, (data, etag, mtime) in items
+            if key.startswith(prefix)
+        ]
+        for start in range(0, max(1, len(found)), 1000):
+            self._count("list")
+            yield found[start : start + 1000]
 
     def head(self, key: str) -> ObjectInfo:
         self._count("head")

@@ -29,19 +29,24 @@ from dataclasses import dataclass, field
 import trio
 
 from s3cachefs.daemon.blockcache import BlockCache, ObjectVersion
+from s3cachefs.daemon.config import INDEFINITE_TTL
 from s3cachefs.daemon.errors import (
     BadHandleError,
     IsADirError,
     NotADirError,
     NotFoundError,
     StaleError,
+    TransientError,
 )
+from s3cachefs.daemon.pins import PinStore
 from s3cachefs.daemon.store import Listing, ObjectInfo, ObjectStore
 from s3cachefs.fs.names import valid_name
 
 log = logging.getLogger(__name__)
 
 ROOT_INODE = 1
+# With S3 unreachable, how long a directory serves its last listing before trying again.
+S3_DOWN_RETRY = 10.0
 # How far out of order a read may arrive and still count as sequential
 # (a few of the kernel's 128 KiB FUSE reads in flight at once).
 SEQUENTIAL_SLACK = 1024 * 1024
@@ -64,6 +69,9 @@ class Node:
     listed_at: float | None = None
     # files: ETag of the last open, to tell the kernel whether its pages are still good
     opened_etag: str | None = None
+    # inside a pinned dataset: answered from its manifest, never expires
+    pinned: bool = False
+    pin_generation: int = -1
 
 
 @dataclass
@@ -93,6 +101,7 @@ class FsCore:
         s3_limiter: trio.CapacityLimiter,
         readahead_blocks: int = 8,
         keep_cache: bool = True,
+        pins: PinStore | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
@@ -100,6 +109,7 @@ class FsCore:
         self.metadata_ttl = metadata_ttl
         self.readahead_blocks = readahead_blocks
         self.keep_cache = keep_cache
+        self.pins = pins
         self._s3_limiter = s3_limiter
         self._clock = clock
         self._nodes: dict[int, Node] = {
@@ -137,6 +147,14 @@ class FsCore:
         return self.node(ino)
 
     async def _children(self, directory: Node) -> dict[str, int]:
+        pinned = self.pins.listing(directory.key) if self.pins else None
+        if pinned is not None:  # inside a pinned dataset: the manifest, no S3 request
+            assert self.pins is not None
+            if directory.pin_generation != self.pins.generation:
+                self._apply_listing(directory, pinned, pinned=True)
+                directory.pin_generation = self.pins.generation
+            assert directory.children is not None
+            return directory.children
         while not self._fresh(directory):
             pending = self._listing.get(directory.ino)
             if pending is not None:  # single-flight: one LIST per directory at a time
@@ -148,12 +166,36 @@ class FsCore:
                     self.store.list_dir, directory.key, limiter=self._s3_limiter
                 )
                 self._apply_listing(directory, listing)
+            except TransientError:
+                if not self._serve_stale(directory):
+                    raise
             finally:
                 del self._listing[directory.ino]
                 done.set()
             break
         assert directory.children is not None
         return directory.children
+
+    def _serve_stale(self, directory: Node) -> bool:
+        """S3 is unreachable: keep the last listing, or the way down to pinned datasets."""
+        below = self.pins.ancestors(directory.key) if self.pins else None
+        if directory.children is None and below is None:
+            return False
+        log.warning("dir=%s S3 unreachable; serving the last known listing", directory.key or "/")
+        if directory.children is None and below is not None:
+            self._apply_listing(directory, below)
+        elif below is not None:  # make sure pinned datasets stay reachable
+            assert directory.children is not None
+            missing = [
+                p
+                for p in below.prefixes
+                if p[len(directory.key) :].rstrip("/") not in directory.children
+            ]
+            if missing:
+                self._apply_listing(directory, Listing([], below.prefixes), merge=True)
+        # Retry after a pause, not on every lookup (a TTL of 0 would re-list each time).
+        directory.listed_at = self._clock() - self.metadata_ttl + S3_DOWN_RETRY
+        return True
 
     def _fresh(self, directory: Node) -> bool:
         return (
@@ -162,17 +204,19 @@ class FsCore:
             and self._clock() - directory.listed_at < self.metadata_ttl
         )
 
-    def _apply_listing(self, directory: Node, listing: Listing) -> None:
-        """Replace a directory's children with a new listing. Must not await."""
+    def _apply_listing(
+        self, directory: Node, listing: Listing, *, pinned: bool = False, merge: bool = False
+    ) -> None:
+        """Replace (or extend) a directory's children with a listing. Must not await."""
         old = directory.children or {}
-        new: dict[str, int] = {}
+        new: dict[str, int] = dict(old) if merge else {}
         skipped: list[str] = []
         for prefix in listing.prefixes:
             name = prefix[len(directory.key) :].removesuffix("/")
             if not valid_name(name):
                 skipped.append(prefix)
                 continue
-            new[name] = self._child(directory, old.get(name), name, prefix, None)
+            new[name] = self._child(directory, old.get(name), name, prefix, None, pinned)
         for info in listing.objects:
             name = info.key[len(directory.key) :]
             if name == "":
@@ -183,7 +227,7 @@ class FsCore:
             if name in new:
                 log.warning("key=%s is hidden by the directory of the same name", info.key)
                 continue
-            new[name] = self._child(directory, old.get(name), name, info.key, info)
+            new[name] = self._child(directory, old.get(name), name, info.key, info, pinned)
         if skipped:
             log.warning(
                 "dir=%s skipped %d keys that are not valid file names, e.g. %r",
@@ -195,7 +239,13 @@ class FsCore:
         directory.listed_at = self._clock()
 
     def _child(
-        self, parent: Node, ino: int | None, name: str, key: str, info: ObjectInfo | None
+        self,
+        parent: Node,
+        ino: int | None,
+        name: str,
+        key: str,
+        info: ObjectInfo | None,
+        pinned: bool,
     ) -> int:
         """The inode for ``name``: the old one if it is still the same kind, else a new one."""
         is_dir = info is None
@@ -205,6 +255,7 @@ class FsCore:
             self._nodes[node.ino] = node
         if info is not None:
             node.size, node.etag, node.mtime_ns = info.size, info.etag, info.mtime_ns
+        node.pinned = pinned
         return node.ino
 
     # ---- directories -----------------------------------------------------
@@ -298,6 +349,10 @@ class FsCore:
             return self._files[fh]
         except KeyError:
             raise BadHandleError(f"file handle {fh}: unknown") from None
+
+    def timeout(self, node: Node) -> float:
+        """How long the kernel may trust this entry: pinned data does not change under us."""
+        return INDEFINITE_TTL if node.pinned or node.pin_generation >= 0 else self.metadata_ttl
 
     @property
     def open_files(self) -> int:

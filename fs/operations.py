@@ -95,8 +95,7 @@ class Operations(pyfuse3.Operations):
         attrs = pyfuse3.EntryAttributes()
         attrs.st_ino = pyfuse3.InodeT(node.ino)
         attrs.generation = 0
-        attrs.entry_timeout = self.core.metadata_ttl
-        attrs.attr_timeout = self.core.metadata_ttl
+        attrs.entry_timeout = attrs.attr_timeout = self.core.timeout(node)
         if node.is_dir:
             attrs.st_mode = pyfuse3.ModeT(stat.S_IFDIR | 0o555)
             attrs.st_nlink = 2

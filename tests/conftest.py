@@ -166,10 +166,15 @@ class Mounter:
         self.mounts: list[Mount] = []
 
     def __call__(
-        self, target: str, *extra: str, cache_dir: Path | None = None, name: str = "mnt"
+        self,
+        target: str,
+        *extra: str,
+        cache_dir: Path | None = None,
+        name: str = "mnt",
+        server: LocalS3 | None = None,
     ) -> Mount:
         mount = Mount(
-            self.server,
+            server or self.server,
             target,
             self.tmp_path / name,
             cache_dir or self.tmp_path / "cache",

@@ -1,0 +1,62 @@
+"""Talking to a running daemon over its control socket (blocking; the CLI has no trio)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from s3cachefs.daemon.errors import ConfigError
+from s3cachefs.daemon.runtime import MountRecord, all_records, read_record
+
+
+def find_daemon(mount: Path | None, dataset: str | None = None) -> MountRecord:
+    """The daemon serving ``mount``, or the one whose mount holds ``dataset``, or the only one."""
+    if mount is not None:
+        record = read_record(mount.absolute())
+        if record is None:
+            raise ConfigError(f"no s3cachefs daemon serves {mount}")
+        return record
+    records = all_records()
+    if dataset is not None:
+        path = os.path.abspath(dataset)
+        for record in records:
+            if path == record.mountpoint or path.startswith(record.mountpoint + "/"):
+                return record
+    if not records:
+        raise ConfigError("no s3cachefs daemon is running (s3cachefs mount first)")
+    if len(records) > 1:
+        mounts = ", ".join(r.mountpoint for r in records)
+        raise ConfigError(f"several mounts ({mounts}): choose one with --mount")
+    return records[0]
+
+
+def dataset_in(record: MountRecord, dataset: str) -> str:
+    """A path inside the mount becomes the dataset prefix relative to the mount's root."""
+    path = os.path.abspath(dataset)
+    if path == record.mountpoint or path.startswith(record.mountpoint + "/"):
+        return os.path.relpath(path, record.mountpoint)
+    return dataset
+
+
+def request(record: MountRecord, message: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Send one request; yield every event the daemon sends back, the last one included."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(record.socket)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(
+            f"cannot reach the daemon of {record.mountpoint} ({exc.strerror}); is it running?"
+        ) from None
+    with sock, sock.makefile("rb") as lines:
+        sock.sendall(json.dumps(message).encode() + b"\n")
+        for line in lines:
+            event = json.loads(line)
+            yield event
+            if event.get("event") in ("done", "error"):
+                return
+    raise ConfigError(f"the daemon of {record.mountpoint} closed the connection")

@@ -1,0 +1,144 @@
+"""``prefetch``, ``status``, ``verify`` and ``evict``: requests to a running daemon."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from typing import Any
+
+from s3cachefs.cli.client import dataset_in, find_daemon, request
+from s3cachefs.cli.progress import ProgressView, describe, human_bytes
+from s3cachefs.daemon.errors import ConfigError, S3CacheFSError, StoreError
+
+EXIT_OK, EXIT_INCOMPLETE = 0, 4
+
+
+class DaemonError(S3CacheFSError):
+    """The daemon refused the request (its message is the one line)."""
+
+
+def _last(events: Any, view: ProgressView | None = None) -> dict[str, Any]:
+    for event in events:
+        if event.get("event") == "error":
+            if view:
+                view.finish()
+            if event.get("kind") == "s3":
+                raise StoreError(event["message"])
+            raise ConfigError(event["message"])
+        if event.get("event") == "done":
+            if view:
+                view.finish()
+            return dict(event)
+        if view and "bytes_total" in event:
+            view.update(event)
+    raise ConfigError("the daemon sent no answer")
+
+
+def cmd_prefetch(args: argparse.Namespace) -> int:
+    record = find_daemon(args.mount, args.dataset)
+    view = ProgressView.choose(args.json)
+    message = {
+        "op": "prefetch",
+        "dataset": dataset_in(record, args.dataset),
+        "jobs": args.jobs,
+        "dry_run": args.dry_run,
+        "shard": args.shard,
+        "list_keys": args.list_out is not None,
+    }
+    final = _last(request(record, message), view)
+    if args.list_out is not None:
+        args.list_out.write_text("".join(k + "\n" for k in final.pop("keys", [])))
+    if args.json:
+        print(json.dumps(final), flush=True)
+    elif args.dry_run:
+        verdict = "fits" if final["fits"] else "does NOT fit"
+        print(
+            f"{final['dataset']}: {final['files_total']} objects, "
+            f"{human_bytes(final['bytes_total'])}; {human_bytes(final['bytes_needed'])} to "
+            f"download, room for {human_bytes(final['room'])}: {verdict}"
+        )
+    else:
+        print(
+            f"{final['dataset']}: {describe(final)}, "
+            f"{human_bytes(final['bytes_fetched'])} fetched in {final['elapsed']:.1f}s"
+        )
+        for key, reason in final["failed_objects"].items():
+            print(f"FAILED {key}: {reason}", file=sys.stderr)
+        if final["complete"]:
+            print(f"{final['dataset']}: complete, verified and pinned")
+    if args.dry_run:
+        return EXIT_OK if final["fits"] else 2
+    return EXIT_OK if final["ok"] else EXIT_INCOMPLETE
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from s3cachefs.daemon.runtime import all_records
+
+    records = [find_daemon(args.mountpoint)] if args.mountpoint else all_records()
+    if not records:
+        raise ConfigError("no s3cachefs daemon is running")
+    answers = [_last(request(r, {"op": "status"})) for r in records]
+    if args.json:
+        print(json.dumps(answers if not args.mountpoint else answers[0], indent=2))
+        return EXIT_OK
+    for status in answers:
+        _print_status(status)
+    return EXIT_OK
+
+
+def _print_status(s: dict[str, Any]) -> None:
+    c = s["cache"]
+    ratio = "n/a" if c["hit_ratio"] is None else f"{c['hit_ratio']:.1%}"
+    print(f"{s['mountpoint']}  <- {s['source']}  (pid {s['pid']}, up {s['uptime']}s)")
+    print(
+        f"  cache {c['dir']}: {human_bytes(c['used_bytes'])} of {human_bytes(c['limit_bytes'])}"
+        f" ({human_bytes(c['pinned_bytes'])} pinned), disk free "
+        f"{human_bytes(c['disk_free_bytes'])} (keeps {human_bytes(c['min_free_bytes'])})"
+    )
+    print(
+        f"  hit ratio {ratio}, {human_bytes(c['bytes_from_s3'])} from S3, "
+        f"{c['in_flight_blocks']} blocks in flight, {c['corrupt_blocks']} corrupt blocks found"
+    )
+    for d in s["datasets"]:
+        when = (
+            "never"
+            if d["verified_at"] is None
+            else datetime.datetime.fromtimestamp(d["verified_at"]).isoformat(timespec="seconds")
+        )
+        state = "complete" if d["complete"] else "INCOMPLETE"
+        shard = f" shard {d['shard']}" if d["shard"] else ""
+        print(
+            f"  dataset {d['dataset']}{shard}: {d['objects']} objects, "
+            f"{human_bytes(d['bytes'])}, {d['cached_percent']}% cached, {state}, "
+            f"verified {when}"
+        )
+    for j in s["jobs"]:
+        print(f"  prefetching {j['dataset']}: {describe(j)}")
+    for line in s["recent_errors"]:
+        print(f"  ! {line}")
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    record = find_daemon(args.mount, args.dataset)
+    final = _last(request(record, {"op": "verify", "dataset": dataset_in(record, args.dataset)}))
+    if args.json:
+        print(json.dumps(final))
+    else:
+        print(
+            f"{final['dataset']}: {final['files_checked']} files checked, "
+            f"{len(final['repaired'])} repaired, {len(final['failed_objects'])} failed"
+        )
+        for key in final["repaired"]:
+            print(f"repaired {key}")
+        for key, reason in final["failed_objects"].items():
+            print(f"FAILED {key}: {reason}", file=sys.stderr)
+    return EXIT_OK if final["ok"] else EXIT_INCOMPLETE
+
+
+def cmd_evict(args: argparse.Namespace) -> int:
+    record = find_daemon(args.mount, args.dataset)
+    final = _last(request(record, {"op": "evict", "dataset": dataset_in(record, args.dataset)}))
+    print(f"{final['dataset']}: unpinned, {human_bytes(final['freed_bytes'])} freed")
+    return EXIT_OK

@@ -1,0 +1,238 @@
+"""What the control socket can ask of a running daemon: status, prefetch, verify, evict."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import psutil
+import trio
+
+from s3cachefs.daemon.blockcache import BlockCache
+from s3cachefs.daemon.control import Handler, Send
+from s3cachefs.daemon.errors import ConfigError, StoreError
+from s3cachefs.daemon.pins import Manifest, PinStore
+from s3cachefs.daemon.prefetch import PrefetchJob, etag_md5, parse_shard
+from s3cachefs.daemon.store import ObjectStore
+from s3cachefs.fs.names import valid_name
+
+if TYPE_CHECKING:
+    from s3cachefs.daemon.config import MountConfig
+    from s3cachefs.fs.operations import Operations
+
+log = logging.getLogger(__name__)
+
+
+class RecentErrors(logging.Handler):
+    """The last warnings and errors, for `status` (no object data, no credentials are logged)."""
+
+    def __init__(self, size: int = 20) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: collections.deque[str] = collections.deque(maxlen=size)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(record.created))
+        self.lines.append(f"{stamp} {record.levelname} {record.getMessage()}")
+
+
+@dataclass
+class Daemon:
+    config: MountConfig
+    store: ObjectStore
+    cache: BlockCache
+    pins: PinStore
+    ops: Operations
+    errors: RecentErrors
+    jobs: dict[str, PrefetchJob] = field(default_factory=dict)
+    started: float = field(default_factory=time.time)
+
+    def handlers(self) -> dict[str, Handler]:
+        return {
+            "status": self.status,
+            "prefetch": self.prefetch,
+            "verify": self.verify,
+            "evict": self.evict,
+        }
+
+    def dataset_prefix(self, dataset: str) -> str:
+        parts = [p for p in dataset.strip("/").split("/") if p]
+        if not parts or not all(valid_name(p) for p in parts):
+            raise ConfigError(f"bad dataset {dataset!r}: give a prefix like dataset-v3")
+        return self.config.prefix + "/".join(parts) + "/"
+
+    def dataset_name(self, prefix: str) -> str:
+        return prefix[len(self.config.prefix) :].rstrip("/")
+
+    async def status(self, request: dict[str, Any], send: Send) -> dict[str, Any]:
+        cache, counts = self.cache, self.cache.stats.counts
+        hits = counts["hits_memory"] + counts["hits_disk"]
+        lookups = hits + counts["misses"]
+        disk = psutil.disk_usage(str(cache.cache_dir))
+        proc = psutil.Process()
+        return {
+            "event": "done",
+            "mountpoint": str(self.config.mountpoint),
+            "source": self.config.source,
+            "pid": os.getpid(),
+            "uptime": round(time.time() - self.started),
+            "cache": {
+                "dir": str(cache.cache_dir),
+                "used_bytes": cache.used_bytes,
+                "limit_bytes": cache.cache_size,
+                "min_free_bytes": cache.min_free,
+                "disk_free_bytes": disk.free,
+                "pinned_bytes": cache.pinned_bytes,
+                "block_size": cache.block_size,
+                "hit_ratio": round(hits / lookups, 4) if lookups else None,
+                "hits": hits,
+                "misses": counts["misses"],
+                "bytes_from_s3": counts["bytes_from_s3"],
+                "corrupt_blocks": counts["corrupt_blocks"],
+                "evictions": counts["evictions"],
+                "in_flight_blocks": cache.in_flight,
+            },
+            "s3_requests": dict(self.store.requests),
+            "fuse_requests": dict(self.ops.counts),
+            "daemon": {
+                "rss_bytes": proc.memory_info().rss,
+                "cpu_seconds": sum(proc.cpu_times()[:2]),
+            },
+            "datasets": [self._dataset_status(m) for m in self.pins.manifests.values()],
+            "jobs": [
+                {"dataset": self.dataset_name(j.prefix), **j.progress.event("progress")}
+                for j in self.jobs.values()
+            ],
+            "recent_errors": list(self.errors.lines),
+        }
+
+    def _dataset_status(self, manifest: Manifest) -> dict[str, Any]:
+        versions = manifest.versions()
+        cached = sum(
+            v.size - len(self.cache.missing_blocks(v)) * self.cache.block_size for v in versions
+        )
+        total = manifest.total_bytes
+        return {
+            "dataset": self.dataset_name(manifest.prefix),
+            "shard": manifest.shard,
+            "objects": len(versions),
+            "bytes": total,
+            "cached_percent": round(100 * max(0, cached) / total, 2) if total else 100.0,
+            "complete": manifest.complete,
+            "verified_at": manifest.verified_at,
+        }
+
+    async def prefetch(self, request: dict[str, Any], send: Send) -> dict[str, Any]:
+        prefix = self.dataset_prefix(str(request["dataset"]))
+        shard = parse_shard(request["shard"]) if request.get("shard") else None
+        job = PrefetchJob(
+            self.store,
+            self.cache,
+            self.pins,
+            prefix=prefix,
+            shard=shard,
+            jobs=int(request.get("jobs") or self.config.prefetch_jobs),
+            dry_run=bool(request.get("dry_run")),
+        )
+        job_id = f"{prefix}#{shard}"
+        if job_id in self.jobs:
+            raise ConfigError(f"a prefetch of {self.dataset_name(prefix)} is already running")
+        self.jobs[job_id] = job
+        log.info("prefetch dataset=%s shard=%s jobs=%d started", prefix, shard, job.jobs)
+        try:
+            final = await job.run(send)
+        finally:
+            del self.jobs[job_id]
+        log.info(
+            "prefetch dataset=%s files=%d/%d bytes_fetched=%d failed=%d complete=%s",
+            prefix,
+            final["files_done"],
+            final["files_total"],
+            final["bytes_fetched"],
+            final["failed"],
+            final["complete"],
+        )
+        if request.get("list_keys"):
+            final["keys"] = sorted(job.listed_keys)
+        final["dataset"] = self.dataset_name(prefix)
+        return final
+
+    async def verify(self, request: dict[str, Any], send: Send) -> dict[str, Any]:
+        """Re-check every file of a pinned dataset; re-fetch what fails; report repairs."""
+        prefix = self.dataset_prefix(str(request["dataset"]))
+        manifests = [m for m in self.pins.manifests.values() if m.prefix == prefix]
+        if not manifests:
+            raise ConfigError(f"dataset {self.dataset_name(prefix)} is not pinned: prefetch it")
+        repaired: list[str] = []
+        failed: dict[str, str] = {}
+        checked = 0
+        total = sum(len(m.objects) for m in manifests)
+        for manifest in manifests:
+            for version in manifest.versions():
+                expected = manifest.md5.get(version.key) or etag_md5(version.etag)
+                intact, _ = await self.cache.verify_object(version, expected)
+                if not intact:
+                    try:
+                        await self._refetch(version)
+                        intact, _ = await self.cache.verify_object(version, expected)
+                    except StoreError as exc:
+                        failed[version.key] = str(exc)
+                    else:
+                        if intact:
+                            repaired.append(version.key)
+                        else:
+                            failed[version.key] = "still corrupt after re-fetching"
+                checked += 1
+                if checked % 100 == 0:
+                    await send({"event": "progress", "files_done": checked, "files_total": total})
+            if not failed:
+                manifest.verified_at = time.time()
+                self.pins.save(manifest)
+        log.info(
+            "verify dataset=%s checked=%d repaired=%d failed=%d",
+            prefix,
+            checked,
+            len(repaired),
+            len(failed),
+        )
+        return {
+            "event": "done",
+            "ok": not failed and all(m.complete for m in manifests),
+            "dataset": self.dataset_name(prefix),
+            "files_checked": checked,
+            "repaired": repaired,
+            "failed_objects": failed,
+            "complete": all(m.complete for m in manifests),
+        }
+
+    async def _refetch(self, version: Any) -> None:
+        missing = self.cache.missing_blocks(version)
+        if not missing:
+            await self.cache.forget_object(version)
+            missing = self.cache.missing_blocks(version)
+        self.cache.start_fetch(version, range(missing[0], missing[-1] + 1), persist=True)
+        for idx in missing:
+            await self.cache.get_block(version, idx)
+        await self.cache.drain_object(version)
+
+    async def evict(self, request: dict[str, Any], send: Send) -> dict[str, Any]:
+        prefix = self.dataset_prefix(str(request["dataset"]))
+        manifests = [m for m in self.pins.manifests.values() if m.prefix == prefix]
+        if not manifests:
+            raise ConfigError(f"dataset {self.dataset_name(prefix)} is not pinned")
+        oids = {v.oid for m in manifests for v in m.versions()}
+        for manifest in manifests:
+            self.pins.delete(manifest)
+        self.cache.set_pinned(self.pins.pinned_oids())
+        freed = await self.cache.free(oids)
+        log.info("evict dataset=%s freed_bytes=%d", prefix, freed)
+        await trio.lowlevel.checkpoint()
+        return {
+            "event": "done",
+            "ok": True,
+            "dataset": self.dataset_name(prefix),
+            "freed_bytes": freed,
+        }

@@ -1,0 +1,189 @@
+"""Pinned datasets: manifests that survive restarts and answer metadata without S3.
+
+A completed prefetch writes a manifest (every object's key, size, ETag,
+mtime and MD5 where S3 gives one) to ``CACHE_DIR/v1/pins/<id>.json``
+(temp file, fsync, rename: a crash leaves the old manifest or the new one).
+The block cache never evicts a pinned object version. A complete, unsharded
+manifest also serves lookups, ``stat`` and ``readdir`` inside the dataset
+with no S3 request, so the dataset stays readable while S3 is unreachable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from s3cachefs.daemon.blockcache import ObjectVersion
+from s3cachefs.daemon.store import Listing, ObjectInfo
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Shard ``index`` of ``count``: the keys whose stable hash falls on it."""
+
+    index: int
+    count: int
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+    def holds(self, key: str) -> bool:
+        """Stable across machines and releases: first 8 bytes of SHA-256 of the key, mod count."""
+        digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
+        return int.from_bytes(digest[:8], "big") % self.count == self.index
+
+
+@dataclass
+class Manifest:
+    bucket: str
+    prefix: str  # full key prefix of the dataset, ending in "/"
+    shard: str | None  # "I/N", or None for the whole dataset
+    objects: dict[str, ObjectInfo] = field(default_factory=dict)
+    md5: dict[str, str] = field(default_factory=dict)  # key -> hex MD5, where S3 gave one
+    complete: bool = False
+    verified_at: float | None = None
+
+    @property
+    def id(self) -> str:
+        return manifest_id(self.bucket, self.prefix, self.shard)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(info.size for info in self.objects.values())
+
+    def versions(self) -> list[ObjectVersion]:
+        return [ObjectVersion(self.bucket, o.key, o.etag, o.size) for o in self.objects.values()]
+
+
+def manifest_id(bucket: str, prefix: str, shard: str | None) -> str:
+    return hashlib.sha256(f"{bucket}\0{prefix}\0{shard or ''}".encode()).hexdigest()[:24]
+
+
+class PinStore:
+    """The manifests of one cache dir, and the directory listings they answer."""
+
+    def __init__(self, cache_root: Path, bucket: str) -> None:
+        self.dir = cache_root / "pins"
+        self.bucket = bucket
+        self.manifests: dict[str, Manifest] = {}
+        self.generation = 0  # bumped whenever the pinned tree changes
+        self._listings: dict[str, Listing] = {}
+        self._ancestors: dict[str, Listing] = {}
+
+    def load(self) -> None:
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for path in self.dir.glob("*.json.tmp"):
+            path.unlink()  # a save that a crash interrupted; the previous manifest stands
+        for path in sorted(self.dir.glob("*.json")):
+            try:
+                manifest = _decode(json.loads(path.read_text()))
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.warning("manifest=%s unreadable (%s); ignored", path.name, exc)
+                continue
+            self.manifests[manifest.id] = manifest
+        self._rebuild()
+
+    def save(self, manifest: Manifest) -> None:
+        """Write atomically: temp file, fsync, rename, fsync the directory."""
+        path = self.dir / f"{manifest.id}.json"
+        tmp = path.with_suffix(".json.tmp")
+        with tmp.open("w") as f:
+            json.dump(_encode(manifest), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(self.dir, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        self.manifests[manifest.id] = manifest
+        self._rebuild()
+
+    def delete(self, manifest: Manifest) -> None:
+        (self.dir / f"{manifest.id}.json").unlink(missing_ok=True)
+        self.manifests.pop(manifest.id, None)
+        self._rebuild()
+
+    def find(self, prefix: str, shard: str | None) -> Manifest | None:
+        return self.manifests.get(manifest_id(self.bucket, prefix, shard))
+
+    def pinned_oids(self) -> set[str]:
+        return {v.oid for m in self.manifests.values() for v in m.versions()}
+
+    def listing(self, dir_prefix: str) -> Listing | None:
+        """A directory's entries from complete manifests, if it lies inside one."""
+        return self._listings.get(dir_prefix)
+
+    def ancestors(self, dir_prefix: str) -> Listing | None:
+        """For a directory above pinned datasets: the way down to them (S3 unreachable)."""
+        return self._ancestors.get(dir_prefix)
+
+    def _rebuild(self) -> None:
+        """Index every directory inside complete, unsharded manifests. Must not await."""
+        listings: dict[str, Listing] = {}
+        ancestors: dict[str, Listing] = {}
+        for manifest in self.manifests.values():
+            if not manifest.complete or manifest.shard is not None:
+                continue  # a shard holds part of each directory: S3 still lists them
+            listings.setdefault(manifest.prefix, Listing())
+            parts = manifest.prefix.rstrip("/").split("/")
+            for depth in range(len(parts)):
+                above = "".join(p + "/" for p in parts[:depth])
+                child = above + parts[depth] + "/"
+                entry = ancestors.setdefault(above, Listing())
+                if child not in entry.prefixes:
+                    entry.prefixes.append(child)
+            for info in manifest.objects.values():
+                parts = info.key[len(manifest.prefix) :].split("/")
+                parent = manifest.prefix
+                for part in parts[:-1]:
+                    child = parent + part + "/"
+                    if child not in listings:
+                        listings[child] = Listing()
+                        listings.setdefault(parent, Listing()).prefixes.append(child)
+                    parent = child
+                listings.setdefault(parent, Listing()).objects.append(info)
+        self._listings = listings
+        self._ancestors = ancestors
+        self.generation += 1
+
+
+def _encode(m: Manifest) -> dict[str, object]:
+    return {
+        "format": 1,
+        "bucket": m.bucket,
+        "prefix": m.prefix,
+        "shard": m.shard,
+        "complete": m.complete,
+        "verified_at": m.verified_at,
+        "objects": [[*asdict(o).values(), m.md5.get(o.key)] for o in m.objects.values()],
+    }
+
+
+def _decode(data: dict[str, object]) -> Manifest:
+    if data.get("format") != 1:
+        raise ValueError(f"unknown manifest format {data.get('format')!r}")
+    manifest = Manifest(
+        bucket=str(data["bucket"]),
+        prefix=str(data["prefix"]),
+        shard=None if data["shard"] is None else str(data["shard"]),
+        complete=bool(data["complete"]),
+        verified_at=None if data["verified_at"] is None else float(data["verified_at"]),  # type: ignore[arg-type]
+    )
+    for key, size, etag, mtime_ns, md5 in data["objects"]:  # type: ignore[attr-defined]
+        manifest.objects[key] = ObjectInfo(key, size, etag, mtime_ns)
+        if md5:
+            manifest.md5[key] = md5
+    return manifest
+
+
+def now() -> float:
+    return time.time()

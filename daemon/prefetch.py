@@ -1,0 +1,399 @@
+"""Prefetch (Sync-before-Run): every object of a dataset into the cache, verified, pinned.
+
+The job lists the dataset's prefix page by page and downloads while the
+listing goes on. Work items are runs of missing blocks (up to
+``--fetch-size`` each), so a large object is several ranged GETs in
+parallel; ``jobs`` workers fetch at once, fewer than the S3 limiter's slots,
+so a foreground read never waits behind the whole prefetch. Blocks go through
+the same cache, single-flight and CRCs as reads: a read and a prefetch never
+download the same block twice.
+
+Each object, once all its blocks are in, is re-read from disk: every block's
+CRC, and its MD5 against the ETag where S3 gives one (single-part uploads).
+A verified object is pinned at once, so the rest of the job cannot evict it.
+At the end the manifest is saved: complete when every object verified.
+
+Capacity: before a page's objects are queued, the bytes still missing are
+checked against what the cache can hold without evicting pinned data; a
+dataset that does not fit is refused with the numbers. A dataset whose first
+page does not fit downloads nothing; ``--dry-run`` checks the whole listing
+first.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from s3cachefs.daemon.blockcache import BlockCache, ObjectVersion
+from s3cachefs.daemon.errors import S3CacheFSError, StoreError
+from s3cachefs.daemon.pins import Manifest, PinStore, Shard
+from s3cachefs.daemon.store import ObjectInfo, ObjectStore
+from s3cachefs.fs.names import valid_name
+
+log = logging.getLogger(__name__)
+
+Report = Callable[[dict[str, Any]], Awaitable[None]]
+_MD5_ETAG = re.compile(r'^"?([0-9a-f]{32})"?$')
+PROGRESS_INTERVAL = 0.5
+
+
+class PrefetchRefused(S3CacheFSError):
+    """The dataset cannot fit in the cache (the message has the numbers)."""
+
+
+def etag_md5(etag: str) -> str | None:
+    """The object's MD5 when the ETag is one (single-part, non-KMS uploads)."""
+    match = _MD5_ETAG.match(etag)
+    return match.group(1) if match else None
+
+
+def valid_key(key: str, prefix: str) -> bool:
+    return all(valid_name(part) for part in key[len(prefix) :].split("/"))
+
+
+@dataclass
+class Progress:
+    files_total: int = 0
+    bytes_total: int = 0
+    files_done: int = 0
+    bytes_done: int = 0
+    bytes_fetched: int = 0
+    files_skipped: int = 0
+    listing_done: bool = False
+    failed: dict[str, str] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
+
+    def event(self, kind: str) -> dict[str, Any]:
+        elapsed = max(1e-6, time.monotonic() - self.started)
+        rate = self.bytes_fetched / elapsed
+        left = self.bytes_total - self.bytes_done
+        return {
+            "event": kind,
+            "files_done": self.files_done,
+            "files_total": self.files_total,
+            "bytes_done": self.bytes_done,
+            "bytes_total": self.bytes_total,
+            "bytes_fetched": self.bytes_fetched,
+            "listing_done": self.listing_done,
+            "failed": len(self.failed),
+            "elapsed": round(elapsed, 3),
+            "rate": round(rate),
+            "eta": round(left / rate) if rate > 0 and self.listing_done else None,
+        }
+
+
+@dataclass
+class _Object:
+    info: ObjectInfo
+    version: ObjectVersion
+    runs_left: int
+
+
+class PrefetchJob:
+    def __init__(
+        self,
+        store: ObjectStore,
+        cache: BlockCache,
+        pins: PinStore,
+        *,
+        prefix: str,
+        shard: Shard | None,
+        jobs: int,
+        dry_run: bool = False,
+    ) -> None:
+        self.store = store
+        self.cache = cache
+        self.pins = pins
+        self.prefix = prefix
+        self.shard = shard
+        self.jobs = max(1, jobs)
+        self.dry_run = dry_run
+        self.progress = Progress()
+        self.manifest = Manifest(store.bucket, prefix, None if shard is None else str(shard))
+        self.previous = pins.find(prefix, self.manifest.shard)
+        self._needed = 0  # bytes not yet in the cache, of what was listed so far
+        self._all_done = trio.Event()
+        self.listed_keys: set[str] = set()
+
+    async def run(self, report: Report) -> dict[str, Any]:
+        """Run to the end; raises PrefetchRefused or StoreError (listing) with the reason."""
+        try:
+            await self._run(report)
+        except BaseExceptionGroup as group:  # one task's error, wrapped by the nursery
+            raise _single(group) from None
+        return self._final()
+
+    async def _run(self, report: Report) -> None:
+        send, receive = trio.open_memory_channel[_Object | tuple[_Object, range]](10_000)
+        refused = False
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._report_every, report)
+                async with send:
+                    if not self.dry_run:
+                        for _ in range(self.jobs):
+                            nursery.start_soon(self._worker, receive.clone())
+                    await receive.aclose()
+                    await self._list(send)
+                if self.dry_run:
+                    nursery.cancel_scope.cancel()
+                else:
+                    await self._wait_done()
+                    nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            refused = any(isinstance(e, PrefetchRefused) for e in group.exceptions)
+            raise
+        finally:
+            if not self.dry_run and not refused:
+                with trio.CancelScope(shield=True):
+                    await self._finish()
+
+    async def _list(self, send: trio.MemorySendChannel[Any]) -> None:
+        pages = self.store.list_tree(self.prefix)
+        while True:
+            page = await trio.to_thread.run_sync(next, pages, None)
+            if page is None:
+                break
+            files = [info for info in page if not info.key.endswith("/")]  # not dir markers
+            valid = [info for info in files if valid_key(info.key, self.prefix)]
+            if len(valid) < len(files):
+                self.progress.files_skipped += len(files) - len(valid)
+                log.warning(
+                    "prefetch skipped %d keys that are not valid file names under %s",
+                    len(files) - len(valid),
+                    self.prefix,
+                )
+            accepted = [i for i in valid if self.shard is None or self.shard.holds(i.key)]
+            self._admit(accepted)
+            for info in accepted:
+                await self._queue(info, send)
+        self.progress.listing_done = True
+        self._check_done()
+        if self.progress.files_total == 0 and not self.progress.files_skipped:
+            raise PrefetchRefused(f"s3://{self.store.bucket}/{self.prefix} holds no objects")
+
+    def _admit(self, page: list[ObjectInfo]) -> None:
+        """Count a page into the totals, refusing if what is missing cannot fit. Must not await."""
+        for info in page:
+            self.manifest.objects[info.key] = info
+            self.listed_keys.add(info.key)
+            self.progress.files_total += 1
+            self.progress.bytes_total += info.size
+            version = ObjectVersion(self.store.bucket, info.key, info.etag, info.size)
+            missing = len(self.cache.missing_blocks(version))
+            self._needed += min(info.size, missing * self.cache.block_size)
+        fits, room = self.cache.room_for(self._needed)
+        if not fits:
+            raise PrefetchRefused(
+                f"dataset does not fit: {_gib(self._needed)} still to download "
+                f"({self.progress.files_total} objects, {_gib(self.progress.bytes_total)} listed"
+                f"{'' if self.progress.listing_done else ' so far'}), room for {_gib(room)} "
+                f"(--cache-size {_gib(self.cache.cache_size)}, --min-free "
+                f"{_gib(self.cache.min_free)}, pinned {_gib(self.cache.pinned_bytes)})"
+            )
+
+    async def _queue(self, info: ObjectInfo, send: trio.MemorySendChannel[Any]) -> None:
+        version = ObjectVersion(self.store.bucket, info.key, info.etag, info.size)
+        missing = self.cache.missing_blocks(version)
+        known = self.previous is not None and self.previous.objects.get(info.key) == info
+        if not missing and known:  # verified when it was pinned; `verify` re-checks
+            self._done(info, self.previous.md5.get(info.key) if self.previous else None)
+            return
+        if self.dry_run:
+            return
+        runs = _runs(missing, self.cache.run_blocks)
+        item = _Object(info, version, len(runs))
+        if not runs:
+            await send.send(item)  # only needs verifying
+        for run in runs:
+            await send.send((item, run))
+
+    async def _worker(self, receive: trio.MemoryReceiveChannel[Any]) -> None:
+        async with receive:
+            async for item in receive:
+                if isinstance(item, _Object):
+                    await self._verify(item)
+                    continue
+                obj, run = item
+                if obj.info.key in self.progress.failed:
+                    continue
+                try:
+                    self.cache.start_fetch(obj.version, run, persist=True)
+                    for idx in run:
+                        data = await self.cache.get_block(obj.version, idx)
+                        self.progress.bytes_fetched += len(data)
+                except StoreError as exc:
+                    self._fail(obj.info.key, str(exc))
+                    continue
+                obj.runs_left -= 1
+                if obj.runs_left == 0:
+                    await self._verify(obj)
+
+    async def _verify(self, obj: _Object) -> None:
+        """Check a complete object; on failure fetch it again once, then decide."""
+        expected = etag_md5(obj.info.etag)
+        first_md5 = ""
+        for attempt in range(2):
+            await self.cache.drain_object(obj.version)
+            intact, md5 = await self.cache.verify_object(obj.version, expected)
+            if intact:
+                self._pin(obj.info, md5)
+                return
+            missing = self.cache.missing_blocks(obj.version)
+            if attempt == 1:
+                if not missing and md5 == first_md5:
+                    # Same bytes twice, every block CRC-clean: the ETag is not an MD5
+                    # of the content (SSE-KMS, SSE-C). Size and CRCs are what we have.
+                    log.warning(
+                        "key=%s ETag is not the MD5 of its content; pinned on size and block CRCs",
+                        obj.info.key,
+                    )
+                    self._pin(obj.info, md5)
+                else:
+                    self._fail(obj.info.key, "content does not match its ETag or size")
+                return
+            first_md5 = md5
+            if not missing:  # CRCs fine but MD5 wrong: refetch everything once
+                await self.cache.forget_object(obj.version)
+                missing = self.cache.missing_blocks(obj.version)
+            try:
+                self.cache.start_fetch(
+                    obj.version, range(missing[0], missing[-1] + 1), persist=True
+                )
+                for idx in missing:
+                    await self.cache.get_block(obj.version, idx)
+            except StoreError as exc:
+                self._fail(obj.info.key, str(exc))
+                return
+
+    def _pin(self, info: ObjectInfo, md5: str) -> None:
+        version = ObjectVersion(self.store.bucket, info.key, info.etag, info.size)
+        self.cache.set_pinned(self.cache.pinned | {version.oid})
+        self._done(info, md5)
+
+    def _done(self, info: ObjectInfo, md5: str | None) -> None:
+        if md5:
+            self.manifest.md5[info.key] = md5
+        self.progress.files_done += 1
+        self.progress.bytes_done += info.size
+        self._check_done()
+
+    def _fail(self, key: str, reason: str) -> None:
+        if key not in self.progress.failed:
+            log.warning("prefetch key=%s failed: %s", key, reason)
+            self.progress.failed[key] = reason
+            self._check_done()
+
+    def _check_done(self) -> None:
+        progress = self.progress
+        if progress.listing_done and (
+            progress.files_done + len(progress.failed) >= progress.files_total
+        ):
+            self._all_done.set()
+
+    async def _wait_done(self) -> None:
+        await self._all_done.wait()
+
+    async def _report_every(self, report: Report) -> None:
+        while True:
+            await report(self.progress.event("progress"))
+            await trio.sleep(PROGRESS_INTERVAL)
+
+    async def _finish(self) -> None:
+        """Save what is verified, pinned; release what the previous manifest pinned and no more.
+
+        A job that stops early (Ctrl-C, S3 down) keeps what it verified, plus what
+        the previous manifest had that is still cached, pinned; the next run resumes.
+        """
+        progress = self.progress
+        if self.previous is not None:
+            for key, info in self.previous.objects.items():
+                self.manifest.objects.setdefault(key, info)
+                if key in self.previous.md5:
+                    self.manifest.md5.setdefault(key, self.previous.md5[key])
+        verified = {
+            key: info
+            for key, info in self.manifest.objects.items()
+            if key not in progress.failed
+            and not self.cache.missing_blocks(
+                ObjectVersion(self.store.bucket, key, info.etag, info.size)
+            )
+        }
+        self.manifest.complete = (
+            progress.listing_done
+            and not progress.failed
+            and progress.files_done == progress.files_total
+        )
+        if self.manifest.complete:  # exactly what S3 lists now: deleted objects leave the view
+            listed = self.listed_keys
+            self.manifest.objects = {k: v for k, v in verified.items() if k in listed}
+        else:
+            self.manifest.objects = verified  # pin only what is verified; resume does the rest
+        if not self.manifest.objects and self.previous is None:
+            return
+        self.manifest.verified_at = time.time()
+        self.pins.save(self.manifest)
+        pinned = self.pins.pinned_oids()
+        dropped = self.cache.pinned - pinned
+        self.cache.set_pinned(pinned)
+        if dropped and self.manifest.complete:  # old versions and deleted objects
+            await self.cache.free(dropped)
+
+    def _final(self) -> dict[str, Any]:
+        event = self.progress.event("done")
+        event["ok"] = (not self.dry_run and self.manifest.complete) or (
+            self.dry_run and self.progress.listing_done
+        )
+        event["complete"] = self.manifest.complete
+        event["failed_objects"] = dict(sorted(self.progress.failed.items()))
+        if self.dry_run:
+            fits, room = self.cache.room_for(self._needed)
+            event.update(dry_run=True, fits=fits, bytes_needed=self._needed, room=room)
+        return event
+
+
+def _single(group: BaseExceptionGroup[Any]) -> BaseException:
+    """The error that made a nursery fail (ours first), out of its exception group."""
+    flat: list[BaseException] = []
+    stack: list[BaseException] = [group]
+    while stack:
+        exc = stack.pop()
+        if isinstance(exc, BaseExceptionGroup):
+            stack.extend(exc.exceptions)
+        else:
+            flat.append(exc)
+    for exc in flat:
+        if isinstance(exc, S3CacheFSError):
+            return exc
+    return flat[0]
+
+
+def _runs(indices: list[int], longest: int) -> list[range]:
+    """Group sorted block indices into contiguous runs of at most ``longest``."""
+    runs: list[range] = []
+    for idx in indices:
+        if runs and runs[-1].stop == idx and len(runs[-1]) < longest:
+            runs[-1] = range(runs[-1].start, idx + 1)
+        else:
+            runs.append(range(idx, idx + 1))
+    return runs
+
+
+def _gib(n: int) -> str:
+    if n < 1024**3:
+        return f"{n / 1024**2:.1f} MiB"
+    return f"{n / 1024**3:.2f} GiB"
+
+
+def parse_shard(text: str) -> Shard:
+    match = re.fullmatch(r"(\d+)/(\d+)", text.strip())
+    if not match or not 0 <= int(match.group(1)) < int(match.group(2)):
+        raise ValueError(f"bad shard {text!r}: use I/N with 0 <= I < N")
+    return Shard(int(match.group(1)), int(match.group(2)))
