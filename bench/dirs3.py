@@ -93,7 +93,11 @@ class DirS3:
                 self.ranges.append(f"{time.monotonic():.3f} {spec}")
         if spec:
             first, _, last = spec.removeprefix("bytes=").partition("-")
-            start, end, status = int(first), min(int(last), size - 1), 206
+            if not first:  # "bytes=-N": the last N bytes
+                start, end = max(0, size - int(last)), size - 1
+            else:  # "bytes=A-B" or "bytes=A-"
+                start, end = int(first), min(int(last), size - 1) if last else size - 1
+            status = 206
             headers["Content-Range"] = f"bytes {start}-{end}/{size}"
         self.count("head" if head else "get")
         if head:
