@@ -20,40 +20,21 @@ import os
 import random
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from bench.common import cli, mount
 from bench.dirs3 import DirS3
 
 MIB = 1024 * 1024
-
-
-def _cli(*args: str) -> None:
-    subprocess.run(
-        [sys.executable, "-m", "s3cachefs", *args], check=True, stdout=subprocess.DEVNULL
-    )
 
 
 MOUNT_ARGS: list[str] = []  # --mount-args: extra `s3cachefs mount` options for every size
 
 
 def _mount(server: DirS3, mnt: Path, cache: Path, block: str) -> None:
-    _cli(
-        "mount",
-        "bench",
-        str(mnt),
-        "--endpoint-url",
-        server.endpoint_url,
-        "--cache-dir",
-        str(cache),
-        "--block-size",
-        block,
-        "--min-free",
-        "0",
-        *MOUNT_ARGS,
-    )
+    mount(server, mnt, cache, "--block-size", block, *MOUNT_ARGS)
 
 
 def _measure(
@@ -73,7 +54,7 @@ def _measure(
             subprocess.run(["cat", str(mnt / "big.bin")], stdout=subprocess.DEVNULL, check=True)
             seq = len(big) / (time.perf_counter() - t0) / 1e6
         finally:
-            _cli("unmount", str(mnt))
+            cli("unmount", str(mnt))
         _mount(server, mnt, Path(tmp) / "cache2", block)  # cold again
         try:
             t0 = time.perf_counter()
@@ -88,7 +69,7 @@ def _measure(
             os.close(fd)
             amplification = (server.bytes_sent - before) / asked
         finally:
-            _cli("unmount", str(mnt))
+            cli("unmount", str(mnt))
     return seq, ttfb, files_s, amplification
 
 

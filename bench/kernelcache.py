@@ -18,26 +18,15 @@ import os
 import random
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from bench.common import cli, drop_caches, mount
 from bench.dirs3 import DirS3
 
 MIB = 1024 * 1024
-
-
-def _cli(*args: str) -> None:
-    subprocess.run(
-        [sys.executable, "-m", "s3cachefs", *args], check=True, stdout=subprocess.DEVNULL
-    )
-
-
-def _drop_caches() -> None:
-    os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
 def _read_tree(root: Path) -> int:
@@ -74,25 +63,12 @@ def _case(
         mnt = Path(tmp) / "mnt"
         mnt.mkdir()
         log = Path(tmp) / "daemon.log"
-        _cli(
-            "mount",
-            "bench",
-            str(mnt),
-            "--endpoint-url",
-            server.endpoint_url,
-            "--cache-dir",
-            str(cache),
-            "--min-free",
-            "0",
-            "--log-file",
-            str(log),
-            *options,
-        )
+        mount(server, mnt, cache, "--log-file", str(log), *options)
         try:
             warm(mnt)
             figure = measure(mnt)
         finally:
-            _cli("unmount", str(mnt))
+            cli("unmount", str(mnt))
         return figure, _stats(log)
 
 
@@ -128,7 +104,7 @@ def main() -> None:
             return 5 / (time.perf_counter() - t0)
 
         def seq(mnt: Path) -> float:
-            _drop_caches()
+            drop_caches()
             t0 = time.perf_counter()
             subprocess.run(["cat", str(mnt / "big.bin")], stdout=subprocess.DEVNULL, check=True)
             return 128 * MIB / (time.perf_counter() - t0) / 1e6

@@ -21,18 +21,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.common import cli, drop_caches, mount
 from bench.dirs3 import DirS3
 
 MIB = 1024 * 1024
 
 
-def _drop_caches() -> None:
-    os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
-
-
 def _timed(cmd: list[str], env: dict[str, str] | None = None) -> float:
-    _drop_caches()
+    drop_caches()
     start = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env)
     return time.perf_counter() - start
@@ -72,30 +68,25 @@ def main() -> None:
 
         mnt = work / "mnt"
         mnt.mkdir()
-        cli = [sys.executable, "-m", "s3cachefs"]
-        subprocess.run(
-            [
-                *cli,
-                "mount",
-                "bench",
-                str(mnt),
-                "--endpoint-url",
-                server.endpoint_url,
-                "--cache-dir",
-                str(work / "cache"),
-                "--min-free",
-                "0",
-            ],
-            check=True,
-            stdout=subprocess.DEVNULL,
-            env=env,
-        )
+        os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})
+        mount(server, mnt, work / "cache")
         try:
             secs = _timed(
-                [*cli, "prefetch", "dataset", "--mount", str(mnt), "--jobs", str(args.jobs)], env
+                [
+                    sys.executable,
+                    "-m",
+                    "s3cachefs",
+                    "prefetch",
+                    "dataset",
+                    "--mount",
+                    str(mnt),
+                    "--jobs",
+                    str(args.jobs),
+                ],
+                env,
             )
         finally:
-            subprocess.run([*cli, "unmount", str(mnt)], check=True, stdout=subprocess.DEVNULL)
+            cli("unmount", str(mnt))
         rows.append((f"s3cachefs prefetch (jobs {args.jobs})", secs))
 
         if args.aws:

@@ -174,7 +174,7 @@ def test_background_mount_returns_when_usable_and_unmount_waits(
     mnt = tmp_path / "bg"
     mnt.mkdir()
     cache = tmp_path / "bgcache"
-    result = run_cli(
+    mount_args = (
         "mount",
         bucket.name,
         str(mnt),
@@ -183,6 +183,7 @@ def test_background_mount_returns_when_usable_and_unmount_waits(
         "--cache-dir",
         str(cache),
     )
+    result = run_cli(*mount_args)
     try:
         assert result.returncode == 0, result.stderr
         assert (mnt / "f.txt").read_bytes() == b"data"  # usable the moment mount returns
@@ -192,15 +193,7 @@ def test_background_mount_returns_when_usable_and_unmount_waits(
     assert not os.path.ismount(mnt)
     assert "mounted" in (cache / "daemon.log").read_text()
     # unmount waited for the daemon: the cache dir is free for the next one at once
-    again = run_cli(
-        "mount",
-        bucket.name,
-        str(mnt),
-        "--endpoint-url",
-        bucket.server.endpoint_url,
-        "--cache-dir",
-        str(cache),
-    )
+    again = run_cli(*mount_args)
     assert again.returncode == 0, again.stderr
     assert run_cli("unmount", str(mnt)).returncode == 0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -285,3 +286,33 @@ def test_refresh_picks_up_changed_new_and_deleted_objects(bucket: Bucket, mounte
     assert result.returncode == 0, result.stderr
     assert len(bucket.server.gets()) == 2  # the changed and the new object
     check_tree(mount, files)
+
+
+def test_ctrl_c_stops_the_job_and_keeps_what_was_verified(bucket: Bucket, mounter: Mounter) -> None:
+    files = fill(bucket, count=40)
+    slow = LocalS3(latency=0.05).start()
+    try:
+        mount = mounter(bucket.name, server=slow)
+        job = subprocess.Popen(
+            s3cachefs_cmd("prefetch", "dataset-v3", "--mount", str(mount.path), "--jobs", "2"),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 60
+        while len(slow.gets()) < 10 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        job.send_signal(signal.SIGINT)
+        _, err = job.communicate(timeout=30)
+        assert job.returncode == 130
+        assert "Traceback" not in err
+        status = json.loads(run_cli("status", str(mount.path), "--json").stdout)
+        [dataset] = status["datasets"]
+        assert not dataset["complete"] and 0 < dataset["objects"] < len(files)
+        assert status["jobs"] == []  # the daemon stopped the job when the client went away
+        kept = dataset["objects"]
+        slow.reset()
+        assert prefetch(mount, "dataset-v3").returncode == 0
+        assert len(slow.gets()) <= len(files) - kept
+    finally:
+        slow.stop()
