@@ -55,6 +55,7 @@ from s3cachefs.daemon.store import ObjectStore
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+_EMPTY_MD5 = hashlib.md5(b"", usedforsecurity=False).hexdigest()
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
@@ -286,6 +287,17 @@ class BlockCache:
                 dropped += len(record.blocks)
         if dropped:
             log.warning("cache_dir=%s dropped %d index rows with no data", self.cache_dir, dropped)
+        strays = [
+            p
+            for p in (self.root / "objects").glob("*/*/*")
+            if p.name not in self._objects and p.is_file()
+        ]
+        for path in strays:  # data whose index row never landed (crash, racing eviction)
+            path.unlink(missing_ok=True)
+        if strays:
+            log.warning(
+                "cache_dir=%s removed %d files with no index row", self.cache_dir, len(strays)
+            )
         log.info(
             "cache_dir=%s objects=%d blocks=%d bytes=%d",
             self.cache_dir,
@@ -350,7 +362,9 @@ class BlockCache:
         flight = self._flights.get(key)
         if flight is None:
             self.start_fetch(version, range(index, index + 1))
-            flight = self._flights[key]
+            flight = self._flights.get(key)
+            if flight is None:  # it landed while we checked the disk: look again
+                return await self.get_block(version, index)
         await flight.done.wait()
         if flight.error is not None:
             raise flight.error
@@ -481,6 +495,8 @@ class BlockCache:
         Blocks that fail are dropped (the next read or prefetch fetches them
         again). Returns (intact, hex MD5 of what is on disk).
         """
+        if version.size == 0:  # nothing to store, nothing to check
+            return md5 in (None, _EMPTY_MD5), _EMPTY_MD5
         record = self._objects.get(version.oid)
         if record is None or self.missing_blocks(version):
             return False, ""
@@ -614,6 +630,9 @@ class BlockCache:
     async def _store_and_land(self, version: ObjectVersion, index: int, data: bytes) -> None:
         try:
             await self._store_block(version, index, data)
+        except Exception:  # a full index DB, a sqlite timeout: the read was served; log it
+            self.stats.counts["disk_errors"] += 1
+            log.exception("cache write failed for %s block %d", version.key, index)
         finally:
             self._end_flight((version.oid, index))
 

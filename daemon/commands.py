@@ -146,6 +146,8 @@ class Daemon:
             final = await job.run(send)
         finally:
             del self.jobs[job_id]
+            if not job.dry_run:
+                self.ops.invalidate(self.ops.core.pins_changed())
         log.info(
             "prefetch dataset=%s files=%d/%d bytes_fetched=%d failed=%d complete=%s",
             prefix,
@@ -162,7 +164,7 @@ class Daemon:
 
     async def verify(self, request: dict[str, Any], send: Send) -> dict[str, Any]:
         """Re-check every file of a pinned dataset; re-fetch what fails; report repairs."""
-        prefix = self.dataset_prefix(str(request["dataset"]))
+        prefix = self.dataset_prefix(str(request.get("dataset", "")))
         manifests = [m for m in self.pins.manifests.values() if m.prefix == prefix]
         if not manifests:
             raise ConfigError(f"dataset {self.dataset_name(prefix)} is not pinned: prefetch it")
@@ -213,13 +215,15 @@ class Daemon:
         if not missing:
             await self.cache.forget_object(version)
             missing = self.cache.missing_blocks(version)
+        if not missing:
+            return  # an empty object: nothing to fetch
         self.cache.start_fetch(version, range(missing[0], missing[-1] + 1), persist=True)
         for idx in missing:
             await self.cache.get_block(version, idx)
         await self.cache.drain_object(version)
 
     async def evict(self, request: dict[str, Any], send: Send) -> dict[str, Any]:
-        prefix = self.dataset_prefix(str(request["dataset"]))
+        prefix = self.dataset_prefix(str(request.get("dataset", "")))
         manifests = [m for m in self.pins.manifests.values() if m.prefix == prefix]
         if not manifests:
             raise ConfigError(f"dataset {self.dataset_name(prefix)} is not pinned")
@@ -227,6 +231,7 @@ class Daemon:
         for manifest in manifests:
             self.pins.delete(manifest)
         self.cache.set_pinned(self.pins.pinned_oids())
+        self.ops.invalidate(self.ops.core.pins_changed())
         freed = await self.cache.free(oids)
         log.info("evict dataset=%s freed_bytes=%d", prefix, freed)
         await trio.lowlevel.checkpoint()

@@ -51,40 +51,50 @@ def _clear(path: Path) -> None:
 
 
 async def _connection(stream: trio.SocketStream, *, handlers: dict[str, Handler]) -> None:
-    async with stream:
-        buffer = b""
-        while b"\n" not in buffer:
-            chunk = await stream.receive_some(4096)
-            if not chunk or len(buffer) > MAX_REQUEST:
-                return
-            buffer += chunk
-        try:
-            request = json.loads(buffer.split(b"\n", 1)[0])
-            handler = handlers[request["op"]]
-        except (ValueError, KeyError, TypeError):
-            await _send(stream, {"event": "error", "message": "bad request"})
+    """One request: a bug or a client going away ends this connection, never the daemon."""
+    try:
+        async with stream:
+            await _answer(stream, handlers)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass  # the client went away
+    except Exception:
+        log.exception("control connection failed")
+
+
+async def _answer(stream: trio.SocketStream, handlers: dict[str, Handler]) -> None:
+    buffer = b""
+    while b"\n" not in buffer:
+        chunk = await stream.receive_some(4096)
+        if not chunk or len(buffer) > MAX_REQUEST:
             return
+        buffer += chunk
+    try:
+        request = json.loads(buffer.split(b"\n", 1)[0])
+        handler = handlers[request["op"]]
+    except (ValueError, KeyError, TypeError):
+        await _send(stream, {"event": "error", "message": "bad request"})
+        return
 
-        async def send(event: dict[str, Any]) -> None:
-            await _send(stream, event)
+    async def send(event: dict[str, Any]) -> None:
+        await _send(stream, event)
 
-        with trio.CancelScope() as scope:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_cancel_on_hangup, stream, scope)
-                try:
-                    final = await handler(request, send)
-                except S3CacheFSError as exc:
-                    kind = "s3" if isinstance(exc, StoreError) else "usage"
-                    final = {"event": "error", "message": str(exc), "kind": kind}
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    scope.cancel()
-                    return
-                except Exception as exc:
-                    log.exception("control op=%s failed", request.get("op"))
-                    final = {"event": "error", "message": f"internal error: {exc}"}
-                nursery.cancel_scope.cancel()
-            with trio.move_on_after(5):
-                await send(final)
+    final: dict[str, Any] | None = None
+    with trio.CancelScope() as scope:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_cancel_on_hangup, stream, scope)
+            try:
+                final = await handler(request, send)
+            except S3CacheFSError as exc:
+                kind = "s3" if isinstance(exc, StoreError) else "usage"
+                final = {"event": "error", "message": str(exc), "kind": kind}
+            except Exception as exc:
+                log.exception("control op=%s failed", request.get("op"))
+                final = {"event": "error", "message": f"internal error: {exc}"}
+            nursery.cancel_scope.cancel()
+    if final is None or scope.cancelled_caught:
+        return  # the client hung up: nobody to answer
+    with trio.move_on_after(5):
+        await send(final)
 
 
 async def _cancel_on_hangup(stream: trio.abc.Stream, scope: trio.CancelScope) -> None:

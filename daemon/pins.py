@@ -76,6 +76,8 @@ class PinStore:
         self.generation = 0  # bumped whenever the pinned tree changes
         self._listings: dict[str, Listing] = {}
         self._ancestors: dict[str, Listing] = {}
+        # Objects verified by running prefetch jobs, not yet in a saved manifest.
+        self._held: dict[str, set[str]] = {}
 
     def load(self) -> None:
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -116,7 +118,16 @@ class PinStore:
         return self.manifests.get(manifest_id(self.bucket, prefix, shard))
 
     def pinned_oids(self) -> set[str]:
-        return {v.oid for m in self.manifests.values() for v in m.versions()}
+        """Every object version that must not be evicted: saved manifests and running jobs."""
+        saved = {v.oid for m in self.manifests.values() for v in m.versions()}
+        return saved.union(*self._held.values())
+
+    def hold(self, owner: str, oid: str) -> None:
+        """Pin ``oid`` for a running job until it saves its manifest (or stops)."""
+        self._held.setdefault(owner, set()).add(oid)
+
+    def release(self, owner: str) -> None:
+        self._held.pop(owner, None)
 
     def listing(self, dir_prefix: str) -> Listing | None:
         """A directory's entries from complete manifests, if it lies inside one."""

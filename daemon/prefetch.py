@@ -118,7 +118,11 @@ class PrefetchJob:
         self.progress = Progress()
         self.manifest = Manifest(store.bucket, prefix, None if shard is None else str(shard))
         self.previous = pins.find(prefix, self.manifest.shard)
-        self._needed = 0  # bytes not yet in the cache, of what was listed so far
+        # Bytes each listed object still had to download when listed; an object
+        # leaves when it is done (its bytes are then in the cache's own count).
+        self._pending: dict[str, int] = {}
+        self.accepted: set[str] = set()  # keys verified (or known good) in this run
+        self.owner = f"prefetch:{self.manifest.id}"
         self._all_done = trio.Event()
         self.listed_keys: set[str] = set()
 
@@ -151,9 +155,11 @@ class PrefetchJob:
             refused = any(isinstance(e, PrefetchRefused) for e in group.exceptions)
             raise
         finally:
-            if not self.dry_run and not refused:
-                with trio.CancelScope(shield=True):
+            with trio.CancelScope(shield=True):
+                if not self.dry_run and not refused:
                     await self._finish()
+                self.pins.release(self.owner)
+                self.cache.set_pinned(self.pins.pinned_oids())
 
     async def _list(self, send: trio.MemorySendChannel[Any]) -> None:
         pages = self.store.list_tree(self.prefix)
@@ -188,11 +194,11 @@ class PrefetchJob:
             self.progress.bytes_total += info.size
             version = ObjectVersion(self.store.bucket, info.key, info.etag, info.size)
             missing = len(self.cache.missing_blocks(version))
-            self._needed += min(info.size, missing * self.cache.block_size)
-        fits, room = self.cache.room_for(self._needed)
-        if not fits:
+            self._pending[info.key] = min(info.size, missing * self.cache.block_size)
+        fits, room = self.cache.room_for(self.bytes_needed)
+        if not fits and not self.dry_run:  # a dry run counts everything, then says
             raise PrefetchRefused(
-                f"dataset does not fit: {_gib(self._needed)} still to download "
+                f"dataset does not fit: {_gib(self.bytes_needed)} still to download "
                 f"({self.progress.files_total} objects, {_gib(self.progress.bytes_total)} listed"
                 f"{'' if self.progress.listing_done else ' so far'}), room for {_gib(room)} "
                 f"(--cache-size {_gib(self.cache.cache_size)}, --min-free "
@@ -263,6 +269,9 @@ class PrefetchJob:
             if not missing:  # CRCs fine but MD5 wrong: refetch everything once
                 await self.cache.forget_object(obj.version)
                 missing = self.cache.missing_blocks(obj.version)
+            if not missing:  # nothing to fetch again (an empty object cannot fail)
+                self._fail(obj.info.key, "content does not match its ETag")
+                return
             try:
                 self.cache.start_fetch(
                     obj.version, range(missing[0], missing[-1] + 1), persist=True
@@ -275,12 +284,19 @@ class PrefetchJob:
 
     def _pin(self, info: ObjectInfo, md5: str) -> None:
         version = ObjectVersion(self.store.bucket, info.key, info.etag, info.size)
-        self.cache.set_pinned(self.cache.pinned | {version.oid})
+        self.pins.hold(self.owner, version.oid)
+        self.cache.set_pinned(self.pins.pinned_oids())
         self._done(info, md5)
+
+    @property
+    def bytes_needed(self) -> int:
+        return sum(self._pending.values())
 
     def _done(self, info: ObjectInfo, md5: str | None) -> None:
         if md5:
             self.manifest.md5[info.key] = md5
+        self.accepted.add(info.key)
+        self._pending.pop(info.key, None)
         self.progress.files_done += 1
         self.progress.bytes_done += info.size
         self._check_done()
@@ -307,44 +323,37 @@ class PrefetchJob:
             await trio.sleep(PROGRESS_INTERVAL)
 
     async def _finish(self) -> None:
-        """Save what is verified, pinned; release what the previous manifest pinned and no more.
+        """Save what this run verified, pinned; release what is no longer pinned.
 
-        A job that stops early (Ctrl-C, S3 down) keeps what it verified, plus what
-        the previous manifest had that is still cached, pinned; the next run resumes.
+        Saved: the objects this run accepted, plus, when it stopped early
+        (Ctrl-C, S3 down), the previous manifest's entries that are unchanged
+        and still cached (verified by an earlier run); the next run resumes.
+        Complete: every listed object accepted, listing finished, none failed.
         """
         progress = self.progress
-        if self.previous is not None:
-            for key, info in self.previous.objects.items():
-                self.manifest.objects.setdefault(key, info)
-                if key in self.previous.md5:
-                    self.manifest.md5.setdefault(key, self.previous.md5[key])
-        verified = {
-            key: info
-            for key, info in self.manifest.objects.items()
-            if key not in progress.failed
-            and not self.cache.missing_blocks(
-                ObjectVersion(self.store.bucket, key, info.etag, info.size)
-            )
-        }
+        saved = {k: self.manifest.objects[k] for k in self.accepted}
+        md5 = {k: v for k, v in self.manifest.md5.items() if k in saved}
         self.manifest.complete = (
-            progress.listing_done
-            and not progress.failed
-            and progress.files_done == progress.files_total
+            progress.listing_done and not progress.failed and self.accepted >= self.listed_keys
         )
-        if self.manifest.complete:  # exactly what S3 lists now: deleted objects leave the view
-            listed = self.listed_keys
-            self.manifest.objects = {k: v for k, v in verified.items() if k in listed}
-        else:
-            self.manifest.objects = verified  # pin only what is verified; resume does the rest
-        if not self.manifest.objects and self.previous is None:
-            return
+        if not self.manifest.complete and self.previous is not None:
+            for key, info in self.previous.objects.items():
+                version = ObjectVersion(self.store.bucket, key, info.etag, info.size)
+                unchanged = self.manifest.objects.get(key, info) == info
+                if key not in saved and unchanged and not self.cache.missing_blocks(version):
+                    saved[key] = info
+                    if key in self.previous.md5:
+                        md5[key] = self.previous.md5[key]
+        self.manifest.objects, self.manifest.md5 = saved, md5
         self.manifest.verified_at = time.time()
-        self.pins.save(self.manifest)
+        if saved or self.previous is not None:
+            self.pins.save(self.manifest)
+        self.pins.release(self.owner)
         pinned = self.pins.pinned_oids()
-        dropped = self.cache.pinned - pinned
         self.cache.set_pinned(pinned)
-        if dropped and self.manifest.complete:  # old versions and deleted objects
-            await self.cache.free(dropped)
+        if self.previous is not None and self.manifest.complete:
+            # old versions of changed objects and deleted objects: no longer pinned by anyone
+            await self.cache.free({v.oid for v in self.previous.versions()} - pinned)
 
     def _final(self) -> dict[str, Any]:
         event = self.progress.event("done")
@@ -354,8 +363,8 @@ class PrefetchJob:
         event["complete"] = self.manifest.complete
         event["failed_objects"] = dict(sorted(self.progress.failed.items()))
         if self.dry_run:
-            fits, room = self.cache.room_for(self._needed)
-            event.update(dry_run=True, fits=fits, bytes_needed=self._needed, room=room)
+            fits, room = self.cache.room_for(self.bytes_needed)
+            event.update(dry_run=True, fits=fits, bytes_needed=self.bytes_needed, room=room)
         return event
 
 

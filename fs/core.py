@@ -350,6 +350,20 @@ class FsCore:
         except KeyError:
             raise BadHandleError(f"file handle {fh}: unknown") from None
 
+    def pins_changed(self) -> list[tuple[int, str]]:
+        """Forget every listing a manifest gave; return the entries the kernel must drop.
+
+        Called when a manifest is saved or deleted (prefetch, evict): entries
+        the kernel holds for years must not outlive the manifest that made them.
+        Must not await.
+        """
+        stale: list[tuple[int, str]] = []
+        for node in list(self._nodes.values()):
+            if node.is_dir and (node.pin_generation >= 0 or node.pinned):
+                stale.extend((node.ino, name) for name in node.children or {})
+                node.children, node.listed_at, node.pin_generation = None, None, -1
+        return stale
+
     def timeout(self, node: Node) -> float:
         """How long the kernel may trust this entry: pinned data does not change under us."""
         return INDEFINITE_TTL if node.pinned or node.pin_generation >= 0 else self.metadata_ttl

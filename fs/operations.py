@@ -85,6 +85,13 @@ class Operations(pyfuse3.Operations):
         self.gid = gid
         self.block_size = block_size
 
+    def invalidate(self, entries: list[tuple[int, str]]) -> None:
+        """Make the kernel forget these directory entries (queued: safe inside a handler)."""
+        for parent, name in entries:
+            pyfuse3.invalidate_entry_async(
+                pyfuse3.InodeT(parent), pyfuse3.FileNameT(os.fsencode(name)), ignore_enoent=True
+            )
+
     @contextlib.contextmanager
     def _op(self, name: str) -> Iterator[None]:
         self.counts[name] += 1

@@ -274,6 +274,7 @@ def test_refresh_picks_up_changed_new_and_deleted_objects(bucket: Bucket, mounte
     files = fill(bucket)
     mount = mounter(bucket.name, "--metadata-ttl", "0")
     assert prefetch(mount, "dataset-v3").returncode == 0
+    check_tree(mount, files)  # the kernel now holds the pinned entries (for years)
     changed, deleted = sorted(files)[0], sorted(files)[1]
     files[changed] = b"new content"
     bucket.put(changed, files[changed])
@@ -285,6 +286,9 @@ def test_refresh_picks_up_changed_new_and_deleted_objects(bucket: Bucket, mounte
     result = prefetch(mount, "dataset-v3")
     assert result.returncode == 0, result.stderr
     assert len(bucket.server.gets()) == 2  # the changed and the new object
+    # By path, without a readdir first: the kernel must not keep the old entries.
+    assert (mount.path / changed).read_bytes() == files[changed]
+    assert not (mount.path / deleted).exists()
     check_tree(mount, files)
 
 
@@ -316,3 +320,26 @@ def test_ctrl_c_stops_the_job_and_keeps_what_was_verified(bucket: Bucket, mounte
         assert len(slow.gets()) <= len(files) - kept
     finally:
         slow.stop()
+
+
+def test_empty_objects_and_two_datasets_pinned_side_by_side(
+    bucket: Bucket, mounter: Mounter
+) -> None:
+    first = fill(bucket, "dataset-a", count=6)
+    first["dataset-a/val/empty.txt"] = b""
+    bucket.put("dataset-a/val/empty.txt", b"")
+    second = fill(bucket, "dataset-b", count=6)
+    mount = mounter(bucket.name, "--min-free", "0")
+    for name in ("dataset-a", "dataset-b"):
+        result = prefetch(mount, name)
+        assert result.returncode == 0, result.stderr
+    status = json.loads(run_cli("status", str(mount.path), "--json").stdout)
+    by_name = {d["dataset"]: d for d in status["datasets"]}
+    assert by_name["dataset-a"]["complete"] and by_name["dataset-b"]["complete"]
+    assert by_name["dataset-a"]["cached_percent"] == by_name["dataset-b"]["cached_percent"] == 100
+    total = sum(map(len, first.values())) + sum(map(len, second.values()))
+    assert status["cache"]["pinned_bytes"] == total
+    assert run_cli("evict", "dataset-b", "--mount", str(mount.path)).returncode == 0
+    bucket.server.reset()
+    check_tree(mount, first, "dataset-a")  # untouched by the other dataset's eviction
+    assert bucket.server.counts()["get"] == 0
