@@ -6,10 +6,12 @@ import argparse
 import datetime
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from s3cachefs.cli.client import dataset_in, find_daemon, request
 from s3cachefs.cli.progress import ProgressView, describe, human_bytes
+from s3cachefs.cli.settings import BY_NAME, read_file
 from s3cachefs.daemon.errors import ConfigError, S3CacheFSError, StoreError
 
 EXIT_OK, EXIT_INCOMPLETE = 0, 4
@@ -37,6 +39,26 @@ def _last(events: Any, view: ProgressView | None = None) -> dict[str, Any]:
 
 
 def cmd_prefetch(args: argparse.Namespace) -> int:
+    """One dataset, or (with --config and no DATASET) every dataset the file lists."""
+    if args.config is not None:
+        values = read_file(args.config)
+        if args.mount is None and "mountpoint" in values:
+            args.mount = Path(str(values["mountpoint"]))
+        if args.dataset is None:
+            datasets = BY_NAME["prefetch"].convert(values.get("prefetch") or [])
+            if not datasets:
+                raise ConfigError(f"{args.config}: no `prefetch` datasets and no DATASET given")
+            codes = []
+            for dataset in datasets:
+                args.dataset = dataset
+                codes.append(_prefetch_one(args))
+            return max(codes)
+    if args.dataset is None:
+        raise ConfigError("prefetch needs a DATASET (or --config with `prefetch = [...]`)")
+    return _prefetch_one(args)
+
+
+def _prefetch_one(args: argparse.Namespace) -> int:
     record = find_daemon(args.mount, args.dataset)
     view = ProgressView.choose(args.json)
     message = {

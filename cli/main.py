@@ -24,16 +24,11 @@ from pathlib import Path
 import psutil
 
 from s3cachefs import __version__
+from s3cachefs.cli.settings import add_mount_options, mount_config, resolve
 from s3cachefs.daemon.blockcache import prepare_cache_dir
-from s3cachefs.daemon.config import (
-    MountConfig,
-    default_cache_dir,
-    parse_size,
-    parse_target,
-    parse_ttl,
-)
+from s3cachefs.daemon.config import MountConfig
 from s3cachefs.daemon.errors import ConfigError, S3CacheFSError, StoreError
-from s3cachefs.daemon.logs import LEVELS, setup_logging
+from s3cachefs.daemon.logs import setup_logging
 from s3cachefs.daemon.mountpoint import is_stale, unmount
 from s3cachefs.daemon.runtime import read_record, remove_record
 
@@ -61,37 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     m = sub.add_parser("mount", help="mount BUCKET[/PREFIX] read-only at MOUNTPOINT")
-    m.add_argument("target", metavar="BUCKET[/PREFIX]")
-    m.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
-    m.add_argument("--endpoint-url", help="S3-compatible endpoint (MinIO, Ceph RGW, R2)")
-    m.add_argument("--region", help="AWS region (default: from the AWS config)")
-    m.add_argument("--profile", help="AWS profile for credentials")
-    m.add_argument("--cache-dir", type=Path, help=f"default: {default_cache_dir()}")
-    m.add_argument("--cache-size", default="10G", help="cache limit, e.g. 200G (default 10G)")
-    m.add_argument("--min-free", default="5G", help="disk space to keep free (default 5G)")
-    m.add_argument(
-        "--metadata-ttl",
-        default="60",
-        help="seconds listings and attributes are trusted, or 'indefinite' (default 60)",
-    )
-    m.add_argument("--allow-other", action="store_true", help="let other users use the mount")
+    add_mount_options(m)
     m.add_argument("--foreground", action="store_true", help="stay attached (systemd, debugging)")
-    m.add_argument("--log-level", choices=LEVELS, default="info")
-    m.add_argument("--log-file", type=Path, help="background log (default: CACHE_DIR/daemon.log)")
-    m.add_argument("--s3-concurrency", type=int, default=16, help="parallel S3 requests")
-    m.add_argument("--readahead", default="32M", help="most bytes fetched ahead of a reader")
-    m.add_argument("--block-size", default="1M", help="block size for a new cache dir (default 1M)")
-    m.add_argument("--fetch-size", default="8M", help="most bytes one ranged GET covers")
-    m.add_argument(
-        "--kernel-readahead",
-        default="1M",
-        help="the mount's kernel readahead, sizes FUSE reads (0: kernel default)",
-    )
-    m.add_argument(
-        "--no-keep-cache",
-        action="store_true",
-        help="drop the kernel page cache at every open (for measurements)",
-    )
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
 
     u = sub.add_parser("unmount", help="unmount (also cleans a stale mount of a dead daemon)")
@@ -99,7 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--lazy", action="store_true", help="detach now even if files are open")
 
     p = sub.add_parser("prefetch", help="download a dataset into the cache, verify and pin it")
-    p.add_argument("dataset", metavar="DATASET", help="prefix under the mount, or a path in it")
+    p.add_argument(
+        "dataset",
+        metavar="DATASET",
+        nargs="?",
+        help="prefix under the mount, or a path in it (default: `prefetch` in --config)",
+    )
+    p.add_argument("--config", type=Path, help="a mount's TOML file: its mountpoint, datasets")
     p.add_argument("--mount", type=Path, help="the mount to use (default: the only one)")
     p.add_argument("--jobs", type=int, help="concurrent GETs (default 8)")
     p.add_argument("--dry-run", action="store_true", help="count, size and whether it fits")
@@ -125,34 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def mount_config(args: argparse.Namespace) -> MountConfig:
-    bucket, prefix = parse_target(args.target)
-    return MountConfig(
-        bucket=bucket,
-        prefix=prefix,
-        mountpoint=args.mountpoint.absolute(),
-        cache_dir=(args.cache_dir or default_cache_dir()).absolute(),
-        endpoint_url=args.endpoint_url,
-        region=args.region,
-        profile=args.profile,
-        cache_size=parse_size(args.cache_size),
-        min_free=parse_size(args.min_free),
-        metadata_ttl=parse_ttl(args.metadata_ttl),
-        allow_other=args.allow_other,
-        block_size=parse_size(args.block_size),
-        fetch_size=parse_size(args.fetch_size),
-        keep_cache=not args.no_keep_cache,
-        kernel_readahead_kib=parse_size(args.kernel_readahead) // 1024,
-        s3_concurrency=args.s3_concurrency,
-        readahead_size=parse_size(args.readahead),
-    )
-
-
 def cmd_mount(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    config = mount_config(args)  # bad sizes etc. fail here, before anything starts
+    values = resolve(args, os.environ)  # bad sizes etc. fail here, before anything starts
+    config = mount_config(values)
     if not args.foreground:
         return _mount_in_background(argv, config)
     ready_fd: int | None = args.ready_fd
+    level = values["log-level"]
 
     def on_ready() -> None:
         if ready_fd is not None:
@@ -163,13 +114,13 @@ def cmd_mount(args: argparse.Namespace, argv: Sequence[str]) -> int:
         log_file = None
         if ready_fd is not None:
             prepare_cache_dir(config.cache_dir)
-            log_file = args.log_file or config.cache_dir / "daemon.log"
+            log_file = values["log-file"] or config.cache_dir / "daemon.log"
             try:
-                setup_logging(args.log_level, log_file)
+                setup_logging(level, log_file)
             except OSError as exc:
                 raise ConfigError(f"cannot write log file {log_file}: {exc.strerror}") from None
         else:
-            setup_logging(args.log_level)
+            setup_logging(level)
         from s3cachefs.daemon.app import run_daemon  # imports pyfuse3: only for the daemon
 
         run_daemon(config, on_ready)

@@ -26,6 +26,7 @@ from s3cachefs.daemon.blockcache import BlockCache
 from s3cachefs.daemon.commands import Daemon, RecentErrors
 from s3cachefs.daemon.errors import ConfigError, TransientError
 from s3cachefs.daemon.mountpoint import check_mountpoint, set_kernel_readahead
+from s3cachefs.daemon.notify import notify
 from s3cachefs.daemon.pins import PinStore
 from s3cachefs.daemon.runtime import (
     MountRecord,
@@ -45,6 +46,8 @@ log = logging.getLogger(__name__)
 # pyfuse3's workers: enough to keep many readers' requests in flight while
 # some wait on S3.
 FUSE_MAX_TASKS = 64
+# How often systemd's STATUS= line is refreshed.
+STATUS_INTERVAL = 30.0
 # At stop, how long in-flight fetches may take to land in the cache.
 DRAIN_TIMEOUT = 10.0
 
@@ -138,23 +141,29 @@ async def _serve(daemon: Daemon, socket_path: Path, on_ready: Callable[[], None]
         await nursery.start(daemon.cache.run)
         await nursery.start(functools.partial(control.serve, socket_path, daemon.handlers()))
         nursery.start_soon(_terminate_on_signal)
-        nursery.start_soon(_announce_ready, daemon.config, on_ready)
+        nursery.start_soon(_announce_ready, daemon, on_ready)
         await pyfuse3.main(max_tasks=FUSE_MAX_TASKS)
+        notify("STOPPING=1", "STATUS=unmounting")
         with trio.move_on_after(DRAIN_TIMEOUT):  # keep what was fetched: finish disk writes
             await daemon.cache.drain()
         nursery.cancel_scope.cancel()
 
 
-async def _announce_ready(config: MountConfig, on_ready: Callable[[], None]) -> None:
+async def _announce_ready(daemon: Daemon, on_ready: Callable[[], None]) -> None:
     """Say "ready" once a request has made the round trip through the kernel.
 
     By then the kernel has also applied the INIT reply, which resets the
     mount's readahead: only now does raising it stick.
     """
+    config = daemon.config
     await trio.to_thread.run_sync(os.statvfs, config.mountpoint)
     if config.kernel_readahead_kib:
         set_kernel_readahead(config.mountpoint, config.kernel_readahead_kib)
     on_ready()
+    notify("READY=1", f"STATUS={daemon.summary()}")
+    while True:  # systemctl status shows a live summary
+        await trio.sleep(STATUS_INTERVAL)
+        notify(f"STATUS={daemon.summary()}")
 
 
 async def _terminate_on_signal() -> None:

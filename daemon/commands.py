@@ -58,6 +58,20 @@ class Daemon:
             "evict": self.evict,
         }
 
+    def summary(self) -> str:
+        """One line for systemd's STATUS=: cache use, pinned datasets, hit ratio."""
+        counts = self.cache.stats.counts
+        hits = counts["hits_memory"] + counts["hits_disk"]
+        lookups = hits + counts["misses"]
+        ratio = f"{hits / lookups:.0%}" if lookups else "n/a"
+        complete = sum(1 for m in self.pins.manifests.values() if m.complete)
+        running = f", {len(self.jobs)} prefetching" if self.jobs else ""
+        used, limit = self.cache.used_bytes / 2**30, self.cache.cache_size / 2**30
+        return (
+            f"cache {used:.2f} of {limit:.0f} GiB, "
+            f"{complete} pinned datasets complete{running}, hit ratio {ratio}"
+        )
+
     def dataset_prefix(self, dataset: str) -> str:
         parts = [p for p in dataset.strip("/").split("/") if p]
         if not parts or not all(valid_name(p) for p in parts):

@@ -1,0 +1,162 @@
+"""Running it as a system daemon: config precedence, sd_notify, systemd units."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from s3cachefs.cli.main import build_parser
+from s3cachefs.cli.settings import mount_config, resolve
+from s3cachefs.daemon.errors import ConfigError
+from tests.conftest import Bucket, run_cli, s3cachefs_cmd
+
+REPO = Path(__file__).resolve().parent.parent
+GIB = 1 << 30
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    return build_parser().parse_args(["mount", *argv])
+
+
+def test_file_then_environment_then_flags(tmp_path: Path) -> None:
+    config = tmp_path / "m.toml"
+    config.write_text(
+        'source = "datasets/v3"\nmountpoint = "/mnt/x"\ncache-size = "100G"\n'
+        'min_free = "1G"\nmetadata-ttl = "indefinite"\nallow-other = true\n'
+        "s3-concurrency = 4\n"
+    )
+    env = {"S3CACHEFS_CACHE_SIZE": "200G", "S3CACHEFS_S3_CONCURRENCY": "8", "HOME": "/root"}
+    values = resolve(_args("--config", str(config), "--s3-concurrency", "32"), env)
+    cfg = mount_config(values)
+    assert (cfg.bucket, cfg.prefix, str(cfg.mountpoint)) == ("datasets", "v3/", "/mnt/x")
+    assert cfg.cache_size == 200 * GIB  # env beats file
+    assert cfg.min_free == GIB  # file beats default; underscores work too
+    assert cfg.s3_concurrency == 32  # flag beats env and file
+    assert cfg.allow_other and cfg.metadata_ttl > 10**8
+    plain = mount_config(resolve(_args("bkt", "/mnt/y"), {}))
+    assert (plain.cache_size, plain.min_free, plain.allow_other) == (10 * GIB, 5 * GIB, False)
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "needle"),
+    [
+        ('sourse = "typo"\n', {}, "unknown key 'sourse'"),
+        ('cache-size = "lots"\n', {}, "cache-size: bad size"),
+        ("allow-other = 3\n", {}, "allow-other: bad boolean"),
+        ("not toml [\n", {}, "not valid TOML"),
+        ("", {"S3CACHEFS_CACHE_SIZ": "1G"}, "unknown environment variable S3CACHEFS_CACHE_SIZ"),
+        ("", {"S3CACHEFS_METADATA_TTL": "-5"}, "S3CACHEFS_METADATA_TTL: bad TTL"),
+    ],
+)
+def test_config_errors_name_their_source(
+    tmp_path: Path, text: str, env: dict[str, str], needle: str
+) -> None:
+    config = tmp_path / "m.toml"
+    config.write_text(text)
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):
+        resolve(_args("bkt", str(tmp_path), "--config", str(config)), env)
+
+
+def test_config_errors_reach_the_user_as_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "m.toml"
+    config.write_text('source = "bkt"\nmountpoint = "/tmp"\ncache_sise = "1G"\n')
+    result = run_cli("mount", "--config", str(config))
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"s3cachefs: {config}: unknown key 'cache_sise'"
+    missing = run_cli("mount", "--config", str(tmp_path / "nope.toml"))
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+def test_mount_and_prefetch_from_one_config_file(bucket: Bucket, tmp_path: Path) -> None:
+    bucket.put("ds/a.bin", b"a" * 1000)
+    bucket.put("ds/sub/b.bin", b"b" * 2000)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    config = tmp_path / "node.toml"
+    config.write_text(
+        f'source = "{bucket.name}"\nmountpoint = "{mnt}"\n'
+        f'endpoint-url = "{bucket.server.endpoint_url}"\ncache-dir = "{tmp_path / "cache"}"\n'
+        'min-free = 0\nprefetch = ["ds"]\n'
+    )
+    assert run_cli("mount", "--config", str(config)).returncode == 0
+    try:
+        result = run_cli("prefetch", "--config", str(config))
+        assert result.returncode == 0, result.stderr
+        assert "ds: complete, verified and pinned" in result.stdout
+        assert (mnt / "ds" / "sub" / "b.bin").read_bytes() == b"b" * 2000
+    finally:
+        assert run_cli("unmount", str(mnt)).returncode == 0
+
+
+def test_sd_notify_ready_status_and_stopping(bucket: Bucket, tmp_path: Path) -> None:
+    bucket.put("f.txt", b"data")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    sock_path = str(tmp_path / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(sock_path)
+        sock.settimeout(30)
+        env = dict(os.environ, NOTIFY_SOCKET=sock_path)
+        proc = subprocess.Popen(
+            s3cachefs_cmd(
+                "mount",
+                bucket.name,
+                str(mnt),
+                "--foreground",
+                "--endpoint-url",
+                bucket.server.endpoint_url,
+                "--cache-dir",
+                str(tmp_path / "cache"),
+            ),
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            ready = sock.recv(4096).decode().splitlines()
+            assert ready[0] == "READY=1"
+            assert ready[1].startswith("STATUS=cache ") and "hit ratio" in ready[1]
+            assert (mnt / "f.txt").read_bytes() == b"data"  # READY meant usable
+            proc.send_signal(signal.SIGTERM)
+            stopping = sock.recv(4096).decode().splitlines()
+            assert stopping[0] == "STOPPING=1"
+            assert proc.wait(timeout=30) == 0
+            assert not os.path.ismount(mnt)
+        finally:
+            if proc.poll() is None:
+                subprocess.run(["fusermount3", "-uz", str(mnt)], check=False)
+                proc.kill()
+                proc.wait()
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
+def test_systemd_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
+    """The units as shipped, with ExecStart pointed at the s3cachefs this test runs."""
+    installed = shutil.which("s3cachefs")
+    assert installed is not None
+    for unit in ("s3cachefs@.service", "s3cachefs-prefetch@.service"):
+        text = (REPO / "systemd" / unit).read_text()
+        instance = unit.replace("@.", "@datasets.")
+        (tmp_path / instance).write_text(text.replace("/usr/local/bin/s3cachefs", installed))
+    result = subprocess.run(
+        [
+            "systemd-analyze",
+            "verify",
+            "--man=no",
+            str(tmp_path / "s3cachefs@datasets.service"),
+            str(tmp_path / "s3cachefs-prefetch@datasets.service"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip() == "", result.stderr
