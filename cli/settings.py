@@ -109,6 +109,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("fetch-size", _size, "8M", "most bytes one ranged GET covers (default 8M)"),
     Setting("kernel-readahead", _size, "1M", "the mount's kernel readahead (0: kernel's)"),
     Setting("no-keep-cache", _bool, False, "drop the page cache at every open (measurements)"),
+    Setting("metrics-address", str, None, "serve Prometheus /metrics at HOST:PORT (off)"),
     # Read by `s3cachefs prefetch --config`, not by the mount.
     Setting("prefetch", _datasets, None, "datasets to prefetch", flag=False),
 )
@@ -206,4 +207,5 @@ def mount_config(values: Mapping[str, Any]) -> MountConfig:
         kernel_readahead_kib=values["kernel-readahead"] // 1024,
         s3_concurrency=values["s3-concurrency"],
         readahead_size=values["readahead"],
+        metrics_address=values["metrics-address"],
     )

@@ -25,6 +25,7 @@ from s3cachefs.daemon import control
 from s3cachefs.daemon.blockcache import BlockCache
 from s3cachefs.daemon.commands import Daemon, RecentErrors
 from s3cachefs.daemon.errors import ConfigError, TransientError
+from s3cachefs.daemon.metrics import Metrics
 from s3cachefs.daemon.mountpoint import check_mountpoint, set_kernel_readahead
 from s3cachefs.daemon.notify import notify
 from s3cachefs.daemon.pins import PinStore
@@ -108,6 +109,11 @@ def run_daemon(config: MountConfig, on_ready: Callable[[], None]) -> None:
         )
         ops = Operations(core, uid=os.getuid(), gid=os.getgid(), block_size=cache.block_size)
         daemon = Daemon(config, store, cache, pins, ops, errors)
+        if config.metrics_address:
+            metrics = Metrics(daemon)
+            metrics.serve(config.metrics_address)
+            stack.callback(metrics.close)
+            store.observer = metrics.observe_s3
         pyfuse3.init(ops, str(config.mountpoint), fuse_options(config))
         stack.callback(pyfuse3.close, unmount=True)
         socket_path = control_socket_path(config.mountpoint)

@@ -111,6 +111,8 @@ class MountConfig:
     keep_cache: bool = True
     # The mount's kernel readahead: 1024 KiB lets sequential FUSE reads be 1 MiB.
     kernel_readahead_kib: int = 1024
+    # HOST:PORT for Prometheus /metrics; None: off.
+    metrics_address: str | None = None
     # A read that S3 cannot serve within this budget fails with EIO, never hangs.
     s3_timeout: float = 30.0
     s3_max_attempts: int = 3

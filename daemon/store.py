@@ -13,7 +13,7 @@ import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -163,6 +163,8 @@ class S3Store:
         self._bucket = config.bucket
         self._lock = threading.Lock()
         self._requests: Counter[str] = Counter()
+        # Called after every request with (operation, outcome, seconds): metrics.
+        self.observer: Callable[[str, str, float], None] | None = None
         self._body_attempts = config.s3_max_attempts
         try:
             session = boto3.session.Session(profile_name=config.profile)
@@ -203,10 +205,25 @@ class S3Store:
         with self._lock:
             self._requests[op] += 1
 
-    def check_bucket(self) -> None:
-        self._count("head_bucket")
+    @contextlib.contextmanager
+    def _request(self, op: str, what: str) -> Iterator[None]:
+        """Count, translate errors, and report (op, outcome, seconds) to ``observer``."""
+        self._count(op)
+        start = time.monotonic()
+        outcome = "ok"
         try:
-            with _translated(f"s3://{self._bucket}"):
+            with _translated(what):
+                yield
+        except StoreError as exc:
+            outcome = type(exc).__name__.removesuffix("Error").lower()
+            raise
+        finally:
+            if self.observer is not None:
+                self.observer(op, outcome, time.monotonic() - start)
+
+    def check_bucket(self) -> None:
+        try:
+            with self._request("head_bucket", f"s3://{self._bucket}"):
                 self._probe.head_bucket(Bucket=self._bucket)
         except NotFoundError:  # HEAD has no body: S3 says only "404"
             raise NoSuchBucketError(f"s3://{self._bucket}: no such bucket") from None
@@ -224,9 +241,9 @@ class S3Store:
 
     def _pages(self, prefix: str, delimiter: str) -> Iterator[Any]:
         token = ""
-        with _translated(f"s3://{self._bucket}/{prefix}"):
-            while True:
-                self._count("list")
+        what = f"s3://{self._bucket}/{prefix}"
+        while True:
+            with self._request("list", what):
                 if token:
                     page = self._client.list_objects_v2(
                         Bucket=self._bucket,
@@ -238,14 +255,13 @@ class S3Store:
                     page = self._client.list_objects_v2(
                         Bucket=self._bucket, Prefix=prefix, Delimiter=delimiter
                     )
-                yield page
-                if not page.get("IsTruncated"):
-                    return
-                token = page["NextContinuationToken"]
+            yield page
+            if not page.get("IsTruncated"):
+                return
+            token = page["NextContinuationToken"]
 
     def head(self, key: str) -> ObjectInfo:
-        self._count("head")
-        with _translated(f"s3://{self._bucket}/{key}"):
+        with self._request("head", f"s3://{self._bucket}/{key}"):
             resp = self._client.head_object(Bucket=self._bucket, Key=key)
         return ObjectInfo(
             key=key,
@@ -262,11 +278,11 @@ class S3Store:
         # resuming at the first piece not yet delivered.
         while pos < end:
             try:
-                self._count("get")
-                with _translated(what):
+                with self._request("get", what):  # the latency observed: time to headers
                     resp = self._client.get_object(
                         Bucket=self._bucket, Key=key, Range=f"bytes={pos}-{end - 1}", IfMatch=etag
                     )
+                with _translated(what):
                     body = resp["Body"]
                     while pos < end:
                         piece = _read_exactly(body, min(chunk, end - pos))

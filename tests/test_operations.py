@@ -8,6 +8,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ import pytest
 from s3cachefs.cli.main import build_parser
 from s3cachefs.cli.settings import mount_config, resolve
 from s3cachefs.daemon.errors import ConfigError
-from tests.conftest import Bucket, run_cli, s3cachefs_cmd
+from tests.conftest import Bucket, Mounter, run_cli, s3cachefs_cmd
 
 REPO = Path(__file__).resolve().parent.parent
 GIB = 1 << 30
@@ -160,3 +161,55 @@ def test_systemd_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stderr.strip() == "", result.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_metrics_endpoint_parses_and_counts(bucket: Bucket, mounter: Mounter) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    bucket.put("ds/page.png", os.urandom(300_000))
+    port = _free_port()
+    mount = mounter(bucket.name, "--metrics-address", f"127.0.0.1:{port}")
+    assert len((mount.path / "ds" / "page.png").read_bytes()) == 300_000
+    assert run_cli("prefetch", "ds", "--mount", str(mount.path)).returncode == 0
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    assert samples[("s3cachefs_cache_misses_total", ())] >= 1
+    assert samples[("s3cachefs_cache_bytes_from_s3_total", ())] == 300_000
+    assert samples[("s3cachefs_s3_requests_total", (("operation", "get"),))] >= 1
+    assert samples[("s3cachefs_fuse_requests_total", (("operation", "read"),))] >= 1
+    assert samples[("s3cachefs_cache_pinned_bytes", ())] == 300_000
+    assert samples[("s3cachefs_dataset_complete", (("dataset", "ds"),))] == 1
+    assert samples[("s3cachefs_process_resident_memory_bytes", ())] > 10_000_000
+    assert samples[("s3cachefs_disk_free_bytes", ())] > 0
+    latency = ("s3cachefs_s3_request_seconds_count", (("operation", "get"), ("outcome", "ok")))
+    assert samples[latency] >= 1
+
+
+def test_bad_metrics_address_is_one_line(bucket: Bucket, tmp_path: Path) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    result = run_cli(
+        "mount",
+        bucket.name,
+        str(mnt),
+        "--endpoint-url",
+        bucket.server.endpoint_url,
+        "--cache-dir",
+        str(tmp_path / "c"),
+        "--metrics-address",
+        "nowhere",
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("s3cachefs: bad metrics address 'nowhere'")
+    assert not os.path.ismount(mnt)
