@@ -164,3 +164,15 @@ def cmd_evict(args: argparse.Namespace) -> int:
     final = _last(request(record, {"op": "evict", "dataset": dataset_in(record, args.dataset)}))
     print(f"{final['dataset']}: unpinned, {human_bytes(final['freed_bytes'])} freed")
     return EXIT_OK
+
+
+def cmd_sentry_test(args: argparse.Namespace) -> int:
+    record = find_daemon(args.mount)
+    for event in request(record, {"op": "sentry-test"}):
+        if event.get("event") == "error":
+            print(
+                f"the daemon of {record.mountpoint} raised a test error; with SENTRY_DSN set "
+                "it is on its way to Sentry"
+            )
+            return EXIT_OK
+    raise ConfigError("the daemon did not raise the test error")

@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("dataset", metavar="DATASET")
     e.add_argument("--mount", type=Path)
 
+    t = sub.add_parser("sentry-test", help="make the daemon report a test error to Sentry")
+    t.add_argument("--mount", type=Path)
+
     d = sub.add_parser("demo", help="run the quick start against an embedded local S3 server")
     d.add_argument("--workdir", type=Path, help="where to mount and cache (default: a temp dir)")
     return parser
@@ -225,7 +228,7 @@ def _dispatch(args: argparse.Namespace, argv: Sequence[str]) -> int:
         return run_demo(args.workdir)
     from s3cachefs.cli import jobs  # prefetch, status, verify, evict
 
-    return int(getattr(jobs, f"cmd_{args.command}")(args))
+    return int(getattr(jobs, f"cmd_{args.command.replace('-', '_')}")(args))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -29,6 +29,8 @@ from s3cachefs.daemon.metrics import Metrics
 from s3cachefs.daemon.mountpoint import check_mountpoint, set_kernel_readahead
 from s3cachefs.daemon.notify import notify
 from s3cachefs.daemon.pins import PinStore
+from s3cachefs.daemon.reporting import flush as flush_sentry
+from s3cachefs.daemon.reporting import setup_sentry
 from s3cachefs.daemon.runtime import (
     MountRecord,
     control_socket_path,
@@ -92,6 +94,8 @@ def run_daemon(config: MountConfig, on_ready: Callable[[], None]) -> None:
     errors = RecentErrors()
     logging.getLogger().addHandler(errors)
     with contextlib.ExitStack() as stack:
+        if setup_sentry():
+            stack.callback(flush_sentry)  # last out: events of the shutdown itself
         cache.open()
         stack.callback(cache.close)
         pins = PinStore(cache.root, config.bucket)

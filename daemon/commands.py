@@ -56,7 +56,12 @@ class Daemon:
             "prefetch": self.prefetch,
             "verify": self.verify,
             "evict": self.evict,
+            "sentry-test": self.sentry_test,
         }
+
+    async def sentry_test(self, request: dict[str, Any], send: Send) -> dict[str, Any]:
+        """Raise on purpose: the operator's check that unexpected errors reach Sentry."""
+        raise RuntimeError("s3cachefs sentry test: this error was raised on purpose")
 
     def summary(self) -> str:
         """One line for systemd's STATUS=: cache use, pinned datasets, hit ratio."""

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import gzip
+import http.server
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import threading
 import urllib.request
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -213,3 +217,64 @@ def test_bad_metrics_address_is_one_line(bucket: Bucket, tmp_path: Path) -> None
     assert result.returncode == 2
     assert result.stderr.strip().startswith("s3cachefs: bad metrics address 'nowhere'")
     assert not os.path.ismount(mnt)
+
+
+class _Envelopes(http.server.BaseHTTPRequestHandler):
+    """A stand-in Sentry: keeps the body of every envelope POSTed to it."""
+
+    received: ClassVar[list[bytes]] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        if self.headers.get("Content-Encoding") == "gzip":
+            body = gzip.decompress(body)
+        elif self.headers.get("Content-Encoding") == "br":
+            import brotli  # type: ignore[import-not-found]
+
+            body = brotli.decompress(body)
+        self.received.append(body)
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_unexpected_errors_reach_sentry_without_secrets(
+    bucket: Bucket, mounter: Mounter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Envelopes)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        monkeypatch.setenv("SENTRY_DSN", f"http://publickey@127.0.0.1:{server.server_port}/42")
+        monkeypatch.setenv("SENTRY_ENVIRONMENT", "ci")
+        bucket.put("f.txt", b"data")
+        mount = mounter(bucket.name)
+        assert (mount.path / "f.txt").read_bytes() == b"data"
+        result = run_cli("sentry-test", "--mount", str(mount.path))
+        assert result.returncode == 0, result.stderr
+        assert mount.stop() == 0  # the daemon flushes Sentry on the way out
+        events = [e for e in _Envelopes.received if b"raised on purpose" in e]
+        assert events, _Envelopes.received
+        event = events[0].decode()
+        assert '"release":"s3cachefs@' in event.replace(" ", "")
+        assert '"environment":"ci"' in event.replace(" ", "")
+        assert os.environ["AWS_SECRET_ACCESS_KEY"] not in event
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_scrub_removes_secrets_and_signatures(monkeypatch: pytest.MonkeyPatch) -> None:
+    from s3cachefs.daemon.reporting import scrub
+
+    secret = os.environ["AWS_SECRET_ACCESS_KEY"]
+    event = {
+        "message": f"failed with key {secret}",
+        "extra": ["https://b.s3/k?X-Amz-Signature=abcdef123&X-Amz-Credential=AKIA/x"],
+        "n": 3,
+    }
+    clean = scrub(event, [secret])
+    assert secret not in str(clean) and "abcdef123" not in str(clean) and "AKIA" not in str(clean)
+    assert clean["n"] == 3 and "[redacted]" in clean["message"]
