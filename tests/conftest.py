@@ -12,6 +12,7 @@ import contextlib
 import itertools
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -99,7 +100,14 @@ class Mount:
         self.path = path
         self.cache_dir = cache_dir
         self.log = log
-        path.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(OSError):
+            path.mkdir(parents=True, exist_ok=True)  # a stale mount: the daemon cleans it
+        # Readiness the way systemd hears it: READY=1 on a notify socket.
+        notify_path = str(log.with_suffix(".notify"))
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(notify_path)
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify.bind(notify_path)
         with log.open("ab") as log_out:
             self.proc = subprocess.Popen(
                 s3cachefs_cmd(
@@ -118,13 +126,20 @@ class Mount:
                 stdin=subprocess.DEVNULL,
                 stdout=log_out,
                 stderr=subprocess.STDOUT,
+                env=dict(os.environ, NOTIFY_SOCKET=notify_path),
             )
-        deadline = time.monotonic() + 30
-        while not (os.path.ismount(path) and not _stale(path)):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise AssertionError(f"mount failed:\n{log.read_text()}")
-            time.sleep(0.05)
+        try:
+            notify.settimeout(0.1)
+            deadline = time.monotonic() + 30
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    if b"READY=1" in notify.recv(4096):
+                        break
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise AssertionError(f"mount failed:\n{log.read_text()}")
+        finally:
+            notify.close()
 
     def log_text(self) -> str:
         return self.log.read_text()

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import threading
+import time
 import urllib.request
 from pathlib import Path
 from typing import ClassVar
@@ -229,7 +230,7 @@ class _Envelopes(http.server.BaseHTTPRequestHandler):
         if self.headers.get("Content-Encoding") == "gzip":
             body = gzip.decompress(body)
         elif self.headers.get("Content-Encoding") == "br":
-            import brotli  # type: ignore[import-not-found]
+            import brotli
 
             body = brotli.decompress(body)
         self.received.append(body)
@@ -278,3 +279,58 @@ def test_scrub_removes_secrets_and_signatures(monkeypatch: pytest.MonkeyPatch) -
     clean = scrub(event, [secret])
     assert secret not in str(clean) and "abcdef123" not in str(clean) and "AKIA" not in str(clean)
     assert clean["n"] == 3 and "[redacted]" in clean["message"]
+
+
+def test_journald_gets_one_prefixed_line_per_event(bucket: Bucket, tmp_path: Path) -> None:
+    """Under systemd (JOURNAL_STREAM set) every stderr line carries its syslog priority."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    (mnt / "occupied").write_text("x")  # a start-up failure: an ERROR-free, one-line reason
+    env = dict(os.environ, JOURNAL_STREAM="8:12345")
+    result = subprocess.run(
+        s3cachefs_cmd(
+            "mount",
+            bucket.name,
+            str(mnt),
+            "--foreground",
+            "--endpoint-url",
+            bucket.server.endpoint_url,
+            "--cache-dir",
+            str(tmp_path / "c"),
+        ),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().endswith("is not empty")
+    (mnt / "occupied").unlink()
+    proc = subprocess.Popen(
+        s3cachefs_cmd(
+            "mount",
+            bucket.name,
+            str(mnt),
+            "--foreground",
+            "--endpoint-url",
+            bucket.server.endpoint_url,
+            "--cache-dir",
+            str(tmp_path / "c"),
+        ),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.ismount(mnt) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.listdir(mnt)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    lines = err.strip().splitlines()
+    assert lines and all(line[:3] in ("<6>", "<4>", "<3>", "<7>") for line in lines), lines
+    assert any(line.startswith("<6>INFO s3cachefs.daemon.app: mounted ") for line in lines)
