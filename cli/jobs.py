@@ -119,6 +119,11 @@ def _print_status(s: dict[str, Any]) -> None:
         f" ({human_bytes(c['pinned_bytes'])} pinned), disk free "
         f"{human_bytes(c['disk_free_bytes'])} (keeps {human_bytes(c['min_free_bytes'])})"
     )
+    d = s["daemon"]
+    print(
+        f"  daemon RSS {human_bytes(d['rss_bytes'])}, CPU {d['cpu_seconds']:.1f}s, "
+        f"metrics {d['metrics_address'] or 'off'}, sentry {'on' if d['sentry'] else 'off'}"
+    )
     print(
         f"  hit ratio {ratio}, {human_bytes(c['bytes_from_s3'])} from S3, "
         f"{c['in_flight_blocks']} blocks in flight, {c['corrupt_blocks']} corrupt blocks found"

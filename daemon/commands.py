@@ -119,6 +119,8 @@ class Daemon:
             "daemon": {
                 "rss_bytes": proc.memory_info().rss,
                 "cpu_seconds": sum(proc.cpu_times()[:2]),
+                "metrics_address": self.config.metrics_address,
+                "sentry": bool(os.environ.get("SENTRY_DSN")),
             },
             "datasets": [self._dataset_status(m) for m in self.pins.manifests.values()],
             "jobs": [

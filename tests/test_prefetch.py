@@ -169,8 +169,10 @@ def test_status_reports_the_cache_and_pinned_datasets(bucket: Bucket, mounter: M
     assert dataset["dataset"] == "dataset-v3"
     assert (dataset["objects"], dataset["bytes"], dataset["complete"]) == (len(files), total, True)
     assert dataset["cached_percent"] == 100.0
+    assert status["daemon"]["rss_bytes"] > 0 and status["daemon"]["sentry"] is False
     human = run_cli("status", str(mount.path))
     assert "dataset dataset-v3" in human.stdout and "complete" in human.stdout
+    assert "metrics off, sentry off" in human.stdout
 
 
 def test_shards_are_disjoint_and_cover_the_dataset(
