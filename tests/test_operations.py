@@ -27,6 +27,19 @@ REPO = Path(__file__).resolve().parent.parent
 GIB = 1 << 30
 
 
+def _foreground(bucket: Bucket, mnt: Path, cache: Path) -> list[str]:
+    return s3cachefs_cmd(
+        "mount",
+        bucket.name,
+        str(mnt),
+        "--foreground",
+        "--endpoint-url",
+        bucket.server.endpoint_url,
+        "--cache-dir",
+        str(cache),
+    )
+
+
 def _args(*argv: str) -> argparse.Namespace:
     return build_parser().parse_args(["mount", *argv])
 
@@ -111,16 +124,7 @@ def test_sd_notify_ready_status_and_stopping(bucket: Bucket, tmp_path: Path) -> 
         sock.settimeout(30)
         env = dict(os.environ, NOTIFY_SOCKET=sock_path)
         proc = subprocess.Popen(
-            s3cachefs_cmd(
-                "mount",
-                bucket.name,
-                str(mnt),
-                "--foreground",
-                "--endpoint-url",
-                bucket.server.endpoint_url,
-                "--cache-dir",
-                str(tmp_path / "cache"),
-            ),
+            _foreground(bucket, mnt, tmp_path / "cache"),
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -288,16 +292,7 @@ def test_journald_gets_one_prefixed_line_per_event(bucket: Bucket, tmp_path: Pat
     (mnt / "occupied").write_text("x")  # a start-up failure: an ERROR-free, one-line reason
     env = dict(os.environ, JOURNAL_STREAM="8:12345")
     result = subprocess.run(
-        s3cachefs_cmd(
-            "mount",
-            bucket.name,
-            str(mnt),
-            "--foreground",
-            "--endpoint-url",
-            bucket.server.endpoint_url,
-            "--cache-dir",
-            str(tmp_path / "c"),
-        ),
+        _foreground(bucket, mnt, tmp_path / "c"),
         env=env,
         capture_output=True,
         text=True,
@@ -308,16 +303,7 @@ def test_journald_gets_one_prefixed_line_per_event(bucket: Bucket, tmp_path: Pat
     assert result.stderr.strip().endswith("is not empty")
     (mnt / "occupied").unlink()
     proc = subprocess.Popen(
-        s3cachefs_cmd(
-            "mount",
-            bucket.name,
-            str(mnt),
-            "--foreground",
-            "--endpoint-url",
-            bucket.server.endpoint_url,
-            "--cache-dir",
-            str(tmp_path / "c"),
-        ),
+        _foreground(bucket, mnt, tmp_path / "c"),
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

@@ -46,6 +46,22 @@ def check_tree(mount: Mount, files: dict[str, bytes], prefix: str = "dataset-v3"
     assert seen == files
 
 
+def start_prefetch_until(
+    mount: Mount, server: LocalS3, gets: int, stderr: int
+) -> subprocess.Popen[str]:
+    """Start a 2-job prefetch of dataset-v3 and return once ``gets`` GETs reached S3."""
+    job = subprocess.Popen(
+        s3cachefs_cmd("prefetch", "dataset-v3", "--mount", str(mount.path), "--jobs", "2"),
+        stdout=subprocess.DEVNULL,
+        stderr=stderr,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while len(server.gets()) < gets and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return job
+
+
 @pytest.fixture
 def own_s3(s3_server: LocalS3) -> Iterator[LocalS3]:
     """A second endpoint on the same moto state, that a test may slow down or stop."""
@@ -201,14 +217,7 @@ def test_kill9_mid_prefetch_then_resume_reuses_what_was_verified(
     slow = LocalS3(latency=0.05).start()
     try:
         mount = mounter(bucket.name, server=slow)
-        job = subprocess.Popen(
-            s3cachefs_cmd("prefetch", "dataset-v3", "--mount", str(mount.path), "--jobs", "2"),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 60
-        while len(slow.gets()) < 12 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        job = start_prefetch_until(mount, slow, gets=12, stderr=subprocess.DEVNULL)
         mount.kill9()
         job.wait(timeout=30)
         first_run = {r.path for r in slow.gets()}
@@ -299,15 +308,7 @@ def test_ctrl_c_stops_the_job_and_keeps_what_was_verified(bucket: Bucket, mounte
     slow = LocalS3(latency=0.05).start()
     try:
         mount = mounter(bucket.name, server=slow)
-        job = subprocess.Popen(
-            s3cachefs_cmd("prefetch", "dataset-v3", "--mount", str(mount.path), "--jobs", "2"),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        deadline = time.monotonic() + 60
-        while len(slow.gets()) < 10 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        job = start_prefetch_until(mount, slow, gets=10, stderr=subprocess.PIPE)
         job.send_signal(signal.SIGINT)
         _, err = job.communicate(timeout=30)
         assert job.returncode == 130
