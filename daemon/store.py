@@ -274,14 +274,15 @@ class S3Store:
         what = f"s3://{self._bucket}/{key}"
         pos = start
         attempt = 0
-        # botocore retries a failed request, not a body cut half-way: that is ours,
-        # resuming at the first piece not yet delivered.
+        # botocore retries a failed request (its budget, not ours: a request error
+        # propagates at once), but not a body cut half-way: that is ours, resuming at
+        # the first piece not yet delivered.
         while pos < end:
+            with self._request("get", what):  # the latency observed: time to headers
+                resp = self._client.get_object(
+                    Bucket=self._bucket, Key=key, Range=f"bytes={pos}-{end - 1}", IfMatch=etag
+                )
             try:
-                with self._request("get", what):  # the latency observed: time to headers
-                    resp = self._client.get_object(
-                        Bucket=self._bucket, Key=key, Range=f"bytes={pos}-{end - 1}", IfMatch=etag
-                    )
                 with _translated(what):
                     body = resp["Body"]
                     while pos < end:

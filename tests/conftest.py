@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import boto3
 import pytest
@@ -85,12 +85,16 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
     )
 
 
+class Endpoint(Protocol):
+    endpoint_url: str
+
+
 class Mount:
     """One ``s3cachefs mount --foreground`` daemon and its mountpoint."""
 
     def __init__(
         self,
-        server: LocalS3,
+        server: Endpoint,
         target: str,
         path: Path,
         cache_dir: Path,
@@ -186,7 +190,7 @@ class Mounter:
         *extra: str,
         cache_dir: Path | None = None,
         name: str = "mnt",
-        server: LocalS3 | None = None,
+        server: Endpoint | None = None,
     ) -> Mount:
         mount = Mount(
             server or self.server,

@@ -1,0 +1,127 @@
+"""A fault-injecting HTTP proxy between the daemon and the test S3 server.
+
+What only the wire shows: 503 SlowDown, 500 InternalError, connections reset
+before an answer, and bodies cut half-way (the headers promise more bytes than
+arrive). Each request draws one outcome from the configured rates with a
+seeded RNG, so a run is reproducible; ``down`` refuses every request, as an
+unreachable S3 would (connection reset without a response).
+"""
+
+from __future__ import annotations
+
+import http.client
+import random
+import socket
+import threading
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+SLOWDOWN = (
+    b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+    b"<Message>Please reduce your request rate.</Message></Error>"
+)
+INTERNAL = (
+    b"<Error><Code>InternalError</Code><Message>We encountered an internal error.</Message></Error>"
+)
+
+
+class FaultProxy:
+    def __init__(
+        self,
+        upstream: str,
+        *,
+        slowdown: float = 0.0,
+        internal: float = 0.0,
+        reset: float = 0.0,
+        cut: float = 0.0,
+        seed: int = 5,
+    ) -> None:
+        self.upstream = urlsplit(upstream)
+        self.rates = {"slowdown": slowdown, "internal": internal, "reset": reset, "cut": cut}
+        self.down = False
+        self.faults: Counter[str] = Counter()
+        self._rng = random.Random(seed)
+        self._lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                proxy.handle(self)
+
+            do_HEAD = do_PUT = do_POST = do_DELETE = do_GET
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.endpoint_url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def start(self) -> FaultProxy:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def _draw(self) -> str:
+        with self._lock:
+            if self.down:
+                return "down"
+            x = self._rng.random()
+            for name, rate in self.rates.items():
+                if x < rate:
+                    self.faults[name] += 1
+                    return name
+                x -= rate
+            return "ok"
+
+    def handle(self, req: BaseHTTPRequestHandler) -> None:
+        length = int(req.headers.get("Content-Length") or 0)
+        body = req.rfile.read(length) if length else None
+        outcome = self._draw()
+        if outcome in ("down", "reset"):
+            req.close_connection = True
+            req.connection.shutdown(socket.SHUT_RDWR)
+            return
+        if outcome in ("slowdown", "internal"):
+            payload = SLOWDOWN if outcome == "slowdown" else INTERNAL
+            req.send_response(503 if outcome == "slowdown" else 500)
+            req.send_header("Content-Type", "application/xml")
+            req.send_header("Content-Length", str(len(payload)))
+            req.end_headers()
+            if req.command != "HEAD":
+                req.wfile.write(payload)
+            return
+        conn = http.client.HTTPConnection(
+            self.upstream.hostname or "127.0.0.1", self.upstream.port, timeout=30
+        )
+        try:
+            headers = {k: v for k, v in req.headers.items() if k.lower() != "host"}
+            headers["Host"] = self.upstream.netloc
+            conn.request(req.command, req.path, body=body, headers=headers)
+            resp = conn.getresponse()
+            data = resp.read()
+        finally:
+            conn.close()
+        cut = outcome == "cut" and req.command == "GET" and len(data) > 1
+        req.send_response(resp.status)
+        for name, value in resp.getheaders():
+            if name.lower() not in ("transfer-encoding", "connection", "content-length"):
+                req.send_header(name, value)
+        req.send_header("Content-Length", str(len(data)))
+        req.end_headers()
+        if req.command == "HEAD":
+            return
+        if cut:  # promise all of it, send half, hang up
+            req.wfile.write(data[: len(data) // 2])
+            req.wfile.flush()
+            req.close_connection = True
+            req.connection.shutdown(socket.SHUT_RDWR)
+            return
+        req.wfile.write(data)
