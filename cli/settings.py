@@ -110,6 +110,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("kernel-readahead", _size, "1M", "the mount's kernel readahead (0: kernel's)"),
     Setting("no-keep-cache", _bool, False, "drop the page cache at every open (measurements)"),
     Setting("metrics-address", str, None, "serve Prometheus /metrics at HOST:PORT (off)"),
+    Setting("s3-timeout", _ttl, "30", "seconds an S3 connection may stall before a retry (30)"),
     # Read by `s3cachefs prefetch --config`, not by the mount.
     Setting("prefetch", _datasets, None, "datasets to prefetch", flag=False),
 )
@@ -208,4 +209,5 @@ def mount_config(values: Mapping[str, Any]) -> MountConfig:
         s3_concurrency=values["s3-concurrency"],
         readahead_size=values["readahead"],
         metrics_address=values["metrics-address"],
+        s3_timeout=values["s3-timeout"],
     )

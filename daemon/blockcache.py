@@ -39,6 +39,9 @@ import hashlib
 import json
 import logging
 import os
+import pickle
+import sqlite3
+import time
 import zlib
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
@@ -194,7 +197,30 @@ class BlockCache:
             raise CacheDirError(f"cannot use cache dir {self.cache_dir}: {exc.strerror}") from None
         self._lock()
         self._check_format()
-        self._index = diskcache.Cache(
+        try:
+            self._index = self._open_index()
+            self._load_index()
+        except (sqlite3.DatabaseError, pickle.UnpicklingError, EOFError, TypeError) as exc:
+            # A damaged index (power loss, bad disk): set it aside and start empty. The
+            # data files then have no index row and are swept; prefetch refetches them.
+            if self._index is not None:
+                self._index.close()
+            aside = self.root / f"index.damaged-{int(time.time())}"
+            os.replace(self.root / "index", aside)
+            log.error(
+                "cache index damaged (%s: %s); moved to %s, starting with an empty cache",
+                type(exc).__name__,
+                exc,
+                aside.name,
+            )
+            self._objects.clear()
+            self._lru.clear()
+            self._used = 0
+            self._index = self._open_index()
+            self._load_index()
+
+    def _open_index(self) -> Any:
+        return diskcache.Cache(
             str(self.root / "index"),
             eviction_policy="none",  # we evict; diskcache's LRU would write on every get
             size_limit=2**62,
@@ -202,7 +228,6 @@ class BlockCache:
             statistics=False,
             timeout=30,
         )
-        self._load_index()
 
     def close(self) -> None:
         if self._index is not None:

@@ -262,8 +262,12 @@ class PrefetchJob:
                         obj.info.key,
                     )
                     self._pin(obj.info, md5)
+                elif missing:
+                    self._fail(
+                        obj.info.key, "could not be kept in the cache (disk full or failing?)"
+                    )
                 else:
-                    self._fail(obj.info.key, "content does not match its ETag or size")
+                    self._fail(obj.info.key, "content does not match its ETag")
                 return
             first_md5 = md5
             if not missing:  # CRCs fine but MD5 wrong: refetch everything once

@@ -1,10 +1,11 @@
 """A fault-injecting HTTP proxy between the daemon and the test S3 server.
 
 What only the wire shows: 503 SlowDown, 500 InternalError, connections reset
-before an answer, and bodies cut half-way (the headers promise more bytes than
-arrive). Each request draws one outcome from the configured rates with a
-seeded RNG, so a run is reproducible; ``down`` refuses every request, as an
-unreachable S3 would (connection reset without a response).
+before an answer, bodies cut half-way (the headers promise more bytes than
+arrive), and bodies that stall half-way (the connection stays open, silent).
+Each request draws one outcome from the configured rates with a seeded RNG,
+so a run is reproducible; ``down`` refuses every request, as an unreachable
+S3 would (connection reset without a response).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import http.client
 import random
 import socket
 import threading
+import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
@@ -35,10 +37,18 @@ class FaultProxy:
         internal: float = 0.0,
         reset: float = 0.0,
         cut: float = 0.0,
+        stall: float = 0.0,
         seed: int = 5,
     ) -> None:
         self.upstream = urlsplit(upstream)
-        self.rates = {"slowdown": slowdown, "internal": internal, "reset": reset, "cut": cut}
+        self.rates = {
+            "slowdown": slowdown,
+            "internal": internal,
+            "reset": reset,
+            "cut": cut,
+            "stall": stall,
+        }
+        self.stall_seconds = 60.0
         self.down = False
         self.faults: Counter[str] = Counter()
         self._rng = random.Random(seed)
@@ -109,7 +119,7 @@ class FaultProxy:
             data = resp.read()
         finally:
             conn.close()
-        cut = outcome == "cut" and req.command == "GET" and len(data) > 1
+        cut = outcome in ("cut", "stall") and req.command == "GET" and len(data) > 1
         req.send_response(resp.status)
         for name, value in resp.getheaders():
             if name.lower() not in ("transfer-encoding", "connection", "content-length"):
@@ -118,9 +128,11 @@ class FaultProxy:
         req.end_headers()
         if req.command == "HEAD":
             return
-        if cut:  # promise all of it, send half, hang up
+        if cut:  # promise all of it, send half, then hang up (cut) or go silent (stall)
             req.wfile.write(data[: len(data) // 2])
             req.wfile.flush()
+            if outcome == "stall":
+                time.sleep(self.stall_seconds)
             req.close_connection = True
             req.connection.shutdown(socket.SHUT_RDWR)
             return

@@ -124,6 +124,7 @@ def test_keys_that_are_not_file_names_are_skipped(bucket: Bucket, open_fs: OpenF
     bucket.put("ok/./dot.txt", b"bad")
     bucket.put("ok/../escape.txt", b"bad")
     bucket.put("../outside.txt", b"bad")
+    bucket.put("/etc/passwd", b"bad")  # an "absolute" key: its first segment is empty
     bucket.put("ok/" + "n" * 256, b"bad")
     bucket.put("ok/" + "n" * 255, b"longest allowed")
     fs = open_fs()

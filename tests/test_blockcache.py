@@ -279,3 +279,28 @@ def test_sequential_reads_trigger_readahead_random_reads_do_not(tmp_path: Path) 
         assert cache.stats["readahead"] == before
 
     run_with(cache, body)
+
+
+def test_a_damaged_index_is_set_aside_and_the_cache_starts_empty(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = MemoryStore()
+    data = os.urandom(3 * BS)
+    v = version_of(store, "k", data)
+    cache = make_cache(tmp_path, store)
+
+    async def read_all() -> None:
+        assert await cache.read(v, 0, len(data)) == data
+
+    run_with(cache, read_all)
+    cache.close()
+    db = tmp_path / "v1" / "index" / "cache.db"
+    db.write_bytes(b"this is not an sqlite database" * 100)  # what a bad disk leaves
+    with caplog.at_level("ERROR"):
+        cache = make_cache(tmp_path, store)
+    assert "cache index damaged" in caplog.text
+    assert cache.used_bytes == 0
+    assert list((tmp_path / "v1").glob("index.damaged-*"))
+    assert not [p for p in (tmp_path / "v1" / "objects").rglob("*") if p.is_file()]
+    run_with(cache, read_all)  # fetched again, right bytes
+    assert store.requests["get"] == 2

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -52,6 +53,31 @@ def test_prefetch_completes_byte_exact_through_a_flaky_s3(
     proxy.down = True  # every byte now comes from the cache, and must be right
     drop_page_cache()
     read_all(mount.path, files)
+
+
+def test_a_stalled_body_is_abandoned_after_s3_timeout_not_waited_for(
+    bucket: Bucket, mounter: Mounter, proxy: FaultProxy
+) -> None:
+    files = fill(bucket, "ds", 2)
+    mount = mounter(bucket.name, "--s3-timeout", "1", server=proxy)
+    proxy.rates.update(stall=1.0)  # every GET goes silent half-way, for 60 s
+    key = "ds/big.bin"
+    result: list[bytes | BaseException] = []
+    thread = threading.Thread(target=lambda: result.append(_read_or_error(mount.path / key)))
+    thread.start()
+    thread.join(timeout=40)  # 3 attempts x 1 s of silence plus backoff (~10 s seen), not 60 s
+    assert not thread.is_alive(), "a stalled S3 body hung the read"
+    [outcome] = result
+    assert isinstance(outcome, OSError) and outcome.errno == errno.EIO
+    proxy.rates.update(stall=0.0)
+    assert (mount.path / key).read_bytes() == files[key]  # and it recovers
+
+
+def _read_or_error(path: Path) -> bytes | BaseException:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        return exc
 
 
 def test_s3_down_pinned_data_serves_the_rest_fails_then_recovers(
