@@ -165,3 +165,27 @@ def test_credentials_never_appear_in_logs_or_status(bucket: Bucket, mounter: Mou
     for text in (mount.log_text(), status):
         assert secret not in text
         assert "Signature=" not in text and "X-Amz-Signature" not in text
+
+
+def test_a_failing_cache_dir_fails_prefetch_clearly_and_reads_go_on(
+    bucket: Bucket, mounter: Mounter
+) -> None:
+    """Every write to the cache dir fails (a file stands where each of the 256 fan-out
+    directories must go): prefetch names every object it could not keep; reads come
+    from S3, byte-exact; the daemon stays up."""
+    files = fill(bucket, "ds", 6)
+    mount = mounter(bucket.name, "--min-free", "0")
+    objects = mount.cache_dir / "v1" / "objects"
+    for i in range(256):
+        (objects / f"{i:02x}").write_bytes(b"")
+    result = run_cli("prefetch", "ds", "--mount", str(mount.path))
+    assert result.returncode == 4
+    failed = [ln for ln in result.stderr.splitlines() if ln.startswith("FAILED ")]
+    assert len(failed) == len(files)
+    assert all("could not be kept in the cache" in ln for ln in failed)
+    assert "Traceback" not in result.stderr
+    drop_page_cache()
+    read_all(mount.path, files)
+    status = json.loads(run_cli("status", str(mount.path), "--json").stdout)
+    assert any("cache write failed" in line for line in status["recent_errors"])
+    assert mount.proc.poll() is None
