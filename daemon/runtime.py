@@ -63,9 +63,26 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def sweep_dead_records() -> int:
+    """Remove the records and sockets of daemons that died without cleaning up (kill -9)."""
+    removed = 0
+    for path in runtime_dir().glob("mount-*.json"):
+        try:
+            pid = int(json.loads(path.read_text())["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pid = 0
+        if pid and _alive(pid):
+            continue
+        path.unlink(missing_ok=True)
+        path.with_suffix(".sock").unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
 def write_record(record: MountRecord) -> Path:
     path = _path(Path(record.mountpoint))
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    sweep_dead_records()
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(asdict(record)))
     os.replace(tmp, path)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from s3cachefs.cli.locals3 import LocalS3
+from s3cachefs.daemon.runtime import read_record
 from tests.conftest import CREDENTIALS, Bucket, Mounter, drop_page_cache, run_cli
 from tests.faultproxy import FaultProxy
 
@@ -138,7 +139,11 @@ def test_other_users_cannot_reach_the_cache_or_the_control_socket(
     assert run_cli("prefetch", "ds", "--mount", str(mount.path)).returncode == 0
     record = json.loads(run_cli("status", str(mount.path), "--json").stdout)
     assert oct(os.stat(mount.cache_dir).st_mode & 0o777) == "0o700"
-    sock = next(Path("/run/s3cachefs").glob("*.sock"))
+    mount_record = read_record(mount.path)
+    assert mount_record is not None
+    sock = Path(mount_record.socket)
+    assert oct(sock.stat().st_mode & 0o777) == "0o600"
+    assert oct(sock.parent.stat().st_mode & 0o777) == "0o700"
     as_nobody = ["runuser", "-u", "nobody", "--"]
     for cmd in (
         ["ls", str(mount.cache_dir)],

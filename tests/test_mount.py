@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import multiprocessing
 import os
 import signal
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from s3cachefs.daemon.runtime import runtime_dir
 from tests.conftest import Bucket, Mounter, drop_page_cache, run_cli
 
 MIB = 1024 * 1024
@@ -161,10 +163,15 @@ def test_unmount_cleans_a_stale_mount_and_mount_reuses_it(bucket: Bucket, mounte
     assert os.listdir(mount.path) == []
     # And a daemon started on a stale mountpoint cleans it itself (systemd restart).
     again = mounter(bucket.name, name="mnt")
+    dead = again.proc.pid
     again.kill9()
     third = mounter(bucket.name, name="mnt")
     assert (third.path / "f.txt").read_bytes() == b"data"
     assert "stale mount" in third.log_text()
+    # and the dead daemon's runtime record and socket are gone
+    records = [json.loads(p.read_text()) for p in runtime_dir().glob("mount-*.json")]
+    assert dead not in [r["pid"] for r in records]
+    assert third.proc.pid in [r["pid"] for r in records]
 
 
 def test_background_mount_returns_when_usable_and_unmount_waits(
