@@ -10,15 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from s3cachefs.cli.client import dataset_in, find_daemon, request
+from s3cachefs.cli.main import EXIT_INCOMPLETE, EXIT_OK, EXIT_USAGE
 from s3cachefs.cli.progress import ProgressView, describe, human_bytes
 from s3cachefs.cli.settings import BY_NAME, read_file
-from s3cachefs.daemon.errors import ConfigError, S3CacheFSError, StoreError
-
-EXIT_OK, EXIT_INCOMPLETE = 0, 4
-
-
-class DaemonError(S3CacheFSError):
-    """The daemon refused the request (its message is the one line)."""
+from s3cachefs.daemon.errors import ConfigError, StoreError
 
 
 def _last(events: Any, view: ProgressView | None = None) -> dict[str, Any]:
@@ -91,7 +86,7 @@ def _prefetch_one(args: argparse.Namespace) -> int:
         if final["complete"]:
             print(f"{final['dataset']}: complete, verified and pinned")
     if args.dry_run:
-        return EXIT_OK if final["fits"] else 2
+        return EXIT_OK if final["fits"] else EXIT_USAGE
     return EXIT_OK if final["ok"] else EXIT_INCOMPLETE
 
 

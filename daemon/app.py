@@ -88,7 +88,7 @@ def run_daemon(config: MountConfig, on_ready: Callable[[], None]) -> None:
         memory_bytes=config.memory_cache_bytes,
         s3_limiter=s3_limiter,
         disk_limiter=disk_limiter,
-        readahead_limit=2 * max(1, config.readahead_size // config.block_size),
+        readahead_bytes=config.readahead_size,
         fetch_bytes=config.fetch_size,
     )
     errors = RecentErrors()

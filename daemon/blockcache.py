@@ -158,7 +158,7 @@ class BlockCache:
         memory_bytes: int,
         s3_limiter: trio.CapacityLimiter,
         disk_limiter: trio.CapacityLimiter,
-        readahead_limit: int = 8,
+        readahead_bytes: int = 32 * 1024 * 1024,
         fetch_bytes: int = 8 * 1024 * 1024,
     ) -> None:
         self.cache_dir = cache_dir
@@ -170,7 +170,7 @@ class BlockCache:
         self.stats = CacheStats()
         self._s3_limiter = s3_limiter
         self._disk_limiter = disk_limiter
-        self._readahead_limit = readahead_limit
+        self.readahead_bytes = readahead_bytes
         self._readahead_inflight = 0  # readahead blocks requested and not yet arrived
         self.fetch_bytes = fetch_bytes  # most bytes one GET may cover
         self._objects: dict[str, _Record] = {}
@@ -343,6 +343,11 @@ class BlockCache:
     # ---- public API ------------------------------------------------------
 
     @property
+    def readahead_limit(self) -> int:
+        """Readahead blocks in flight at most: two windows (block size known once open)."""
+        return 2 * max(1, self.readahead_bytes // self.block_size)
+
+    @property
     def run_blocks(self) -> int:
         """Most blocks one GET covers (the block size is known only once the cache is open)."""
         return max(1, self.fetch_bytes // self.block_size)
@@ -424,7 +429,7 @@ class BlockCache:
         Returns the block index up to which ``indices`` is now cached or on its way.
         """
         for run in self._missing_runs(version, indices):
-            room = self._readahead_limit - self._readahead_inflight
+            room = self.readahead_limit - self._readahead_inflight
             if room <= 0:
                 self.stats.counts["readahead_dropped"] += len(run)
                 return run.start
@@ -470,6 +475,25 @@ class BlockCache:
         for key, flight in list(self._flights.items()):
             if key[0] == version.oid:
                 await flight.landed.wait()
+
+    async def refetch(self, version: ObjectVersion) -> bool:
+        """Fetch again, onto disk, what a whole-object check found missing or wrong.
+
+        Blocks that are missing are fetched; if none are (every CRC passed but the
+        object as a whole did not), all of them are. False if there is nothing to
+        fetch (an empty object). Raises StoreError.
+        """
+        missing = self.missing_blocks(version)
+        if not missing:
+            await self.forget_object(version)
+            missing = self.missing_blocks(version)
+        if not missing:
+            return False
+        self.start_fetch(version, range(missing[0], missing[-1] + 1), persist=True)
+        for idx in missing:
+            await self.get_block(version, idx)
+        await self.drain_object(version)
+        return True
 
     async def forget_object(self, version: ObjectVersion) -> None:
         """Drop every cached block of this version (its content failed a whole-object check)."""

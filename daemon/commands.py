@@ -199,7 +199,7 @@ class Daemon:
                 intact, _ = await self.cache.verify_object(version, expected)
                 if not intact:
                     try:
-                        await self._refetch(version)
+                        await self.cache.refetch(version)
                         intact, _ = await self.cache.verify_object(version, expected)
                     except StoreError as exc:
                         failed[version.key] = str(exc)
@@ -230,18 +230,6 @@ class Daemon:
             "failed_objects": failed,
             "complete": all(m.complete for m in manifests),
         }
-
-    async def _refetch(self, version: Any) -> None:
-        missing = self.cache.missing_blocks(version)
-        if not missing:
-            await self.cache.forget_object(version)
-            missing = self.cache.missing_blocks(version)
-        if not missing:
-            return  # an empty object: nothing to fetch
-        self.cache.start_fetch(version, range(missing[0], missing[-1] + 1), persist=True)
-        for idx in missing:
-            await self.cache.get_block(version, idx)
-        await self.cache.drain_object(version)
 
     async def evict(self, request: dict[str, Any], send: Send) -> dict[str, Any]:
         prefix = self.dataset_prefix(str(request.get("dataset", "")))

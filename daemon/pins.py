@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import os
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -194,7 +193,3 @@ def _decode(data: dict[str, object]) -> Manifest:
         if md5:
             manifest.md5[key] = md5
     return manifest
-
-
-def now() -> float:
-    return time.time()

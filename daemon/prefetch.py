@@ -270,18 +270,10 @@ class PrefetchJob:
                     self._fail(obj.info.key, "content does not match its ETag")
                 return
             first_md5 = md5
-            if not missing:  # CRCs fine but MD5 wrong: refetch everything once
-                await self.cache.forget_object(obj.version)
-                missing = self.cache.missing_blocks(obj.version)
-            if not missing:  # nothing to fetch again (an empty object cannot fail)
-                self._fail(obj.info.key, "content does not match its ETag")
-                return
             try:
-                self.cache.start_fetch(
-                    obj.version, range(missing[0], missing[-1] + 1), persist=True
-                )
-                for idx in missing:
-                    await self.cache.get_block(obj.version, idx)
+                if not await self.cache.refetch(obj.version):
+                    self._fail(obj.info.key, "content does not match its ETag")
+                    return
             except StoreError as exc:
                 self._fail(obj.info.key, str(exc))
                 return

@@ -367,7 +367,3 @@ class FsCore:
     def timeout(self, node: Node) -> float:
         """How long the kernel may trust this entry: pinned data does not change under us."""
         return INDEFINITE_TTL if node.pinned or node.pin_generation >= 0 else self.metadata_ttl
-
-    @property
-    def open_files(self) -> int:
-        return len(self._files)

@@ -43,6 +43,15 @@ def run_with(cache: BlockCache, body: Callable[[], Awaitable[None]]) -> None:
     trio.run(main)
 
 
+def read_back(cache: BlockCache, v: ObjectVersion, data: bytes) -> None:
+    """Read the whole object through ``cache`` and check every byte."""
+
+    async def body() -> None:
+        assert await cache.read(v, 0, len(data)) == data
+
+    run_with(cache, body)
+
+
 def version_of(store: MemoryStore, key: str, data: bytes) -> ObjectVersion:
     return ObjectVersion(store.bucket, key, store.put(key, data), len(data))
 
@@ -100,16 +109,13 @@ def test_cache_persists_across_reopen_with_zero_gets(tmp_path: Path) -> None:
     v = version_of(store, "dir/obj", data)
     cache = make_cache(tmp_path, store)
 
-    async def read_all() -> None:
-        assert await cache.read(v, 0, len(data)) == data
-
-    run_with(cache, read_all)
+    read_back(cache, v, data)
     cache.close()
     assert store.requests["get"] == 1  # six missing blocks in a row: one GET
     assert cache.stats["misses"] == 6
     cache = make_cache(tmp_path, store)
     assert cache.used_bytes == len(data)
-    run_with(cache, read_all)
+    read_back(cache, v, data)
     assert store.requests["get"] == 1
     assert cache.stats["hits_disk"] == 6
 
@@ -120,17 +126,14 @@ def test_bit_flip_and_truncation_are_misses_never_wrong_bytes(tmp_path: Path) ->
     v = version_of(store, "k", data)
     cache = make_cache(tmp_path, store)
 
-    async def read_all() -> None:
-        assert await cache.read(v, 0, len(data)) == data
-
-    run_with(cache, read_all)
+    read_back(cache, v, data)
     cache.close()
     path = next(p for p in (tmp_path / "v1" / "objects").rglob("*") if p.is_file())
     raw = bytearray(path.read_bytes())
     raw[BS + 5] ^= 0x01
     path.write_bytes(bytes(raw[: 3 * BS]))  # one flipped bit, and the last block cut off
     cache = make_cache(tmp_path, store)
-    run_with(cache, read_all)
+    read_back(cache, v, data)
     assert cache.stats["corrupt_blocks"] == 2
     assert store.requests["get"] == 1 + 2  # blocks 1 and 3 again, each its own GET
 
@@ -289,10 +292,7 @@ def test_a_damaged_index_is_set_aside_and_the_cache_starts_empty(
     v = version_of(store, "k", data)
     cache = make_cache(tmp_path, store)
 
-    async def read_all() -> None:
-        assert await cache.read(v, 0, len(data)) == data
-
-    run_with(cache, read_all)
+    read_back(cache, v, data)
     cache.close()
     db = tmp_path / "v1" / "index" / "cache.db"
     db.write_bytes(b"this is not an sqlite database" * 100)  # what a bad disk leaves
@@ -302,5 +302,5 @@ def test_a_damaged_index_is_set_aside_and_the_cache_starts_empty(
     assert cache.used_bytes == 0
     assert list((tmp_path / "v1").glob("index.damaged-*"))
     assert not [p for p in (tmp_path / "v1" / "objects").rglob("*") if p.is_file()]
-    run_with(cache, read_all)  # fetched again, right bytes
+    read_back(cache, v, data)  # fetched again, right bytes
     assert store.requests["get"] == 2

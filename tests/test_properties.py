@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import itertools
+import posixpath
+from pathlib import Path
 
-from hypothesis import given
+import trio
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from s3cachefs.daemon.blockcache import block_span, blocks_for_range
+from s3cachefs.daemon.blockcache import BlockCache, block_span, blocks_for_range
 from s3cachefs.daemon.config import parse_size
+from s3cachefs.daemon.store import MemoryStore
+from s3cachefs.fs.core import ROOT_INODE, FsCore
 from s3cachefs.fs.names import MAX_NAME_BYTES, valid_name
 
 block_sizes = st.sampled_from([1 << 16, 1 << 20, 1 << 22])
@@ -51,14 +56,41 @@ def test_valid_names_are_safe_single_path_components(segment: str) -> None:
         assert len(segment.encode("utf-8", "surrogateescape")) <= MAX_NAME_BYTES
 
 
-@given(st.lists(st.text(alphabet="ab./\0", max_size=6), max_size=6))
-def test_a_key_never_maps_outside_the_mount(parts: list[str]) -> None:
-    """Walking a key segment by segment, skipping at the first invalid one, never climbs up."""
-    key = "/".join(parts)
-    depth = 0
-    for segment in key.split("/"):
-        if not valid_name(segment):
-            break
-        depth += 1
-        assert segment != ".."
-    assert depth >= 0
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.text(alphabet="ab./\0", min_size=1, max_size=8), min_size=1, max_size=8))
+def test_crafted_keys_never_map_outside_the_mount(keys: list[str]) -> None:
+    """List the tree the filesystem core builds from hostile keys: every entry is a safe
+    name, no path climbs out of the mount, and every key of only safe segments shows up."""
+    store = MemoryStore()
+    for key in keys:
+        store.put(key, b"x")
+    limiter = trio.CapacityLimiter(1)
+    cache = BlockCache(  # never opened: listing touches no cache
+        Path("/nonexistent"),
+        store,
+        block_size=1 << 20,
+        cache_size=1 << 30,
+        min_free=0,
+        memory_bytes=0,
+        s3_limiter=limiter,
+        disk_limiter=limiter,
+    )
+    core = FsCore(store, cache, prefix="", metadata_ttl=60, s3_limiter=limiter)
+    seen: set[str] = set()
+
+    async def walk(ino: int, path: str) -> None:
+        fh = await core.opendir(ino)
+        for name, node, _ in core.readdir(fh, 0):
+            assert valid_name(name), name
+            child = f"{path}/{name}"
+            assert posixpath.normpath("/mnt" + child).startswith("/mnt/"), child
+            if node.is_dir:
+                await walk(node.ino, child)
+            else:
+                seen.add(child.lstrip("/"))
+        core.releasedir(fh)
+
+    trio.run(walk, ROOT_INODE, "")
+    safe = {k for k in keys if all(valid_name(p) for p in k.split("/"))}
+    prefixes = {k[:i] for k in keys for i, c in enumerate(k) if c == "/"}
+    assert seen == safe - prefixes  # a key that is also a directory is hidden by it
