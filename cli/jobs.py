@@ -1,4 +1,4 @@
-"""``prefetch``, ``status``, ``verify`` and ``evict``: requests to a running daemon."""
+"""``prefetch``, ``status``, ``verify``, ``evict``, ``staged``: requests to a running daemon."""
 
 from __future__ import annotations
 
@@ -138,6 +138,18 @@ def _print_status(s: dict[str, Any]) -> None:
         )
     for j in s["jobs"]:
         print(f"  prefetching {j['dataset']}: {describe(j)}")
+    w = s["writes"]
+    if w["writable"]:
+        flags = [f for f in ("allow_overwrite", "allow_delete") if w[f]]
+        print(
+            f"  writable ({', '.join(flags) or 'create only'}): {w['uploads']} uploads, "
+            f"{human_bytes(w['upload_bytes'])}, {w['upload_failures']} failed, "
+            f"{w['open_for_writing']} open for writing"
+        )
+    for x in s["staged"]:
+        print(f"  ! NOT UPLOADED {x['key']} ({human_bytes(x['size'])}, {x['state']}): {x['error']}")
+    if s["staged"]:
+        print("    resolve with `s3cachefs staged --upload` or `--discard`")
     for line in s["recent_errors"]:
         print(f"  ! {line}")
 
@@ -176,3 +188,25 @@ def cmd_sentry_test(args: argparse.Namespace) -> int:
             )
             return EXIT_OK
     raise ConfigError("the daemon did not raise the test error")
+
+
+def cmd_staged(args: argparse.Namespace) -> int:
+    record = find_daemon(args.mount)
+    action = "upload" if args.upload else "discard" if args.discard else "list"
+    message = {"op": "staged", "action": action, "targets": args.targets, "all": args.all}
+    final = _last(request(record, message))
+    if args.json:
+        print(json.dumps(final))
+    elif action == "list":
+        for x in final["staged"]:
+            created = datetime.datetime.fromtimestamp(x["created"]).isoformat(timespec="seconds")
+            print(f"{x['id']}  {x['state']:9}  {human_bytes(x['size']):>9}  {created}  {x['key']}")
+            print(f"    {x['error']}")
+        if not final["staged"]:
+            print("nothing staged: every written file is in S3")
+    else:
+        for key in final["done"]:
+            print(f"{'uploaded' if action == 'upload' else 'discarded'} {key}")
+        for key, reason in final["failed"].items():
+            print(f"FAILED {key}: {reason}", file=sys.stderr)
+    return EXIT_OK if final["ok"] else EXIT_INCOMPLETE

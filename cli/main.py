@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"s3cachefs {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    m = sub.add_parser("mount", help="mount BUCKET[/PREFIX] read-only at MOUNTPOINT")
+    m = sub.add_parser("mount", help="mount BUCKET[/PREFIX] at MOUNTPOINT (read-only by default)")
     add_mount_options(m)
     m.add_argument("--foreground", action="store_true", help="stay attached (systemd, debugging)")
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
@@ -91,6 +91,15 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evict", help="unpin a dataset and free its cache space")
     e.add_argument("dataset", metavar="DATASET")
     e.add_argument("--mount", type=Path)
+
+    w = sub.add_parser("staged", help="files written but not uploaded: list, --upload, --discard")
+    w.add_argument("targets", metavar="ID|KEY", nargs="*", help="staged files (see the list)")
+    action = w.add_mutually_exclusive_group()
+    action.add_argument("--upload", action="store_true", help="upload them now")
+    action.add_argument("--discard", action="store_true", help="delete the staged data")
+    w.add_argument("--all", action="store_true", help="every staged file")
+    w.add_argument("--mount", type=Path)
+    w.add_argument("--json", action="store_true")
 
     t = sub.add_parser("sentry-test", help="make the daemon report a test error to Sentry")
     t.add_argument("--mount", type=Path)

@@ -111,11 +111,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("no-keep-cache", _bool, False, "drop the page cache at every open (measurements)"),
     Setting("metrics-address", str, None, "serve Prometheus /metrics at HOST:PORT (off)"),
     Setting("s3-timeout", _ttl, "30", "seconds an S3 connection may stall before a retry (30)"),
+    Setting("writable", _bool, False, "write-through: new files go to S3 on close (off)"),
+    Setting("allow-overwrite", _bool, False, "with --writable: let writes replace objects"),
+    Setting("allow-delete", _bool, False, "with --writable: let unlink/rmdir delete objects"),
+    Setting("upload-part-size", _size, "8M", "multipart part size for writes (default 8M)"),
     # Read by `s3cachefs prefetch --config`, not by the mount.
     Setting("prefetch", _datasets, None, "datasets to prefetch", flag=False),
 )
 BY_NAME = {s.name: s for s in SETTINGS}
-_BOOLEAN = {"allow-other", "no-keep-cache"}
+_BOOLEAN = {"allow-other", "no-keep-cache", "writable", "allow-overwrite", "allow-delete"}
 
 
 def add_mount_options(parser: argparse.ArgumentParser) -> None:
@@ -210,4 +214,8 @@ def mount_config(values: Mapping[str, Any]) -> MountConfig:
         readahead_size=values["readahead"],
         metrics_address=values["metrics-address"],
         s3_timeout=values["s3-timeout"],
+        writable=values["writable"],
+        allow_overwrite=values["allow-overwrite"],
+        allow_delete=values["allow-delete"],
+        upload_part_size=values["upload-part-size"],
     )

@@ -38,8 +38,10 @@ from s3cachefs.daemon.runtime import (
     write_record,
 )
 from s3cachefs.daemon.store import S3Store
+from s3cachefs.daemon.writeback import Writeback
 from s3cachefs.fs.core import FsCore
 from s3cachefs.fs.operations import Operations
+from s3cachefs.fs.writes import Writer
 
 if TYPE_CHECKING:
     from s3cachefs.daemon.config import MountConfig
@@ -59,10 +61,11 @@ def fuse_options(config: MountConfig) -> set[str]:
     options = {
         f"fsname=s3cachefs:{config.bucket}/{config.prefix}".rstrip("/"),
         "subtype=s3cachefs",
-        "ro",
         "default_permissions",
         "noatime",
     }
+    if not config.writable:
+        options.add("ro")
     if config.allow_other:
         options.add("allow_other")
     return options
@@ -111,8 +114,29 @@ def run_daemon(config: MountConfig, on_ready: Callable[[], None]) -> None:
             keep_cache=config.keep_cache,
             pins=pins,
         )
-        ops = Operations(core, uid=os.getuid(), gid=os.getgid(), block_size=cache.block_size)
-        daemon = Daemon(config, store, cache, pins, ops, errors)
+        # Always looked at, writable or not: what a crash left staged is reported.
+        writeback = Writeback(
+            cache,
+            store,
+            part_size=config.upload_part_size,
+            s3_limiter=s3_limiter,
+            disk_limiter=disk_limiter,
+            parallel_parts=max(1, config.s3_concurrency // 4),
+        )
+        writeback.open()
+        writer = None
+        if config.writable:
+            writer = Writer(
+                core,
+                writeback,
+                allow_overwrite=config.allow_overwrite,
+                allow_delete=config.allow_delete,
+                s3_limiter=s3_limiter,
+            )
+        ops = Operations(
+            core, uid=os.getuid(), gid=os.getgid(), block_size=cache.block_size, writer=writer
+        )
+        daemon = Daemon(config, store, cache, pins, ops, errors, writeback)
         if config.metrics_address:
             metrics = Metrics(daemon)
             metrics.serve(config.metrics_address)

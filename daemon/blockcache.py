@@ -501,6 +501,62 @@ class BlockCache:
         for idx, crc in list(record.blocks.items()) if record else ():
             await self._drop_block(version, idx, crc)
 
+    async def adopt(self, version: ObjectVersion, path: Path, crcs: dict[int, int]) -> bool:
+        """Take a complete local copy of ``version`` (a finished upload) as its cached data.
+
+        ``path`` must be on the cache's filesystem; it is moved into place, or
+        deleted when the cache cannot hold it. ``crcs`` are the CRC32s of the
+        bytes that were uploaded, so every block stays verifiable. Returns
+        whether the object is now cached.
+        """
+        oid = version.oid
+        if oid in self._objects or version.size == 0:  # nothing to add (same bytes, or empty)
+            await trio.to_thread.run_sync(path.unlink, limiter=self._disk_limiter)
+            return version.size == 0 or not self.missing_blocks(version)
+        victims, fits = self._sync_reserve(version.size)
+        if fits:
+            self._objects[oid] = _Record(version)
+        try:
+            await trio.to_thread.run_sync(
+                self._adopt_blocking, version, path, crcs, victims, fits, limiter=self._disk_limiter
+            )
+        except OSError as exc:
+            if fits:
+                self._objects.pop(oid, None)
+                self._used -= version.size
+            log.warning("cache could not keep %s: %s", version.key, exc.strerror)
+            return False
+        record = self._objects.get(oid)
+        if not fits or record is None:  # no room, or evicted whole while we wrote
+            return False
+        record.blocks.update(crcs)
+        if oid not in self._pinned:
+            self._lru.update((k, None) for k in ((oid, idx) for idx in sorted(crcs)))
+        self.stats.counts["adopted_bytes"] += version.size
+        return True
+
+    def _adopt_blocking(
+        self,
+        version: ObjectVersion,
+        path: Path,
+        crcs: dict[int, int],
+        victims: list[tuple[str, int, int, int]],
+        fits: bool,
+    ) -> None:
+        for oid, idx, start, length in victims:
+            self._evict_blocking(oid, idx, start, length)
+        if not fits:
+            path.unlink(missing_ok=True)
+            return
+        target = self._path(version.oid)
+        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.replace(path, target)
+        index = self._index
+        with index.transact():  # one SQLite commit, not one per block
+            index.set(("o", version.oid), (version.bucket, version.key, version.etag, version.size))
+            for idx, crc in crcs.items():
+                index.set(("b", version.oid, idx), crc)
+
     @property
     def pinned_bytes(self) -> int:
         return sum(

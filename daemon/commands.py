@@ -1,4 +1,4 @@
-"""What the control socket can ask of a running daemon: status, prefetch, verify, evict."""
+"""What the control socket can ask of a running daemon: status, prefetch, verify, evict, staged."""
 
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ import trio
 
 from s3cachefs.daemon.blockcache import BlockCache
 from s3cachefs.daemon.control import Handler, Send
-from s3cachefs.daemon.errors import ConfigError, StoreError
+from s3cachefs.daemon.errors import ConfigError, S3CacheFSError, StoreError
 from s3cachefs.daemon.pins import Manifest, PinStore
 from s3cachefs.daemon.prefetch import PrefetchJob, etag_md5, parse_shard
 from s3cachefs.daemon.store import ObjectStore
+from s3cachefs.daemon.writeback import Writeback
 from s3cachefs.fs.names import valid_name
 
 if TYPE_CHECKING:
@@ -47,6 +48,7 @@ class Daemon:
     pins: PinStore
     ops: Operations
     errors: RecentErrors
+    writeback: Writeback
     jobs: dict[str, PrefetchJob] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
 
@@ -56,6 +58,7 @@ class Daemon:
             "prefetch": self.prefetch,
             "verify": self.verify,
             "evict": self.evict,
+            "staged": self.staged,
             "sentry-test": self.sentry_test,
         }
 
@@ -71,6 +74,8 @@ class Daemon:
         ratio = f"{hits / lookups:.0%}" if lookups else "n/a"
         complete = sum(1 for m in self.pins.manifests.values() if m.complete)
         running = f", {len(self.jobs)} prefetching" if self.jobs else ""
+        left = len(self.writeback.left())
+        running += f", {left} staged files NOT UPLOADED" if left else ""
         used, limit = self.cache.used_bytes / 2**30, self.cache.cache_size / 2**30
         return (
             f"cache {used:.2f} of {limit:.0f} GiB, "
@@ -127,6 +132,16 @@ class Daemon:
                 {"dataset": self.dataset_name(j.prefix), **j.progress.event("progress")}
                 for j in self.jobs.values()
             ],
+            "writes": {
+                "writable": self.config.writable,
+                "allow_overwrite": self.config.allow_overwrite,
+                "allow_delete": self.config.allow_delete,
+                "uploads": self.writeback.stats["uploads"],
+                "upload_bytes": self.writeback.stats["upload_bytes"],
+                "upload_failures": self.writeback.stats["upload_failures"],
+                "open_for_writing": sum(1 for x in self.writeback.staged.values() if x.handles),
+            },
+            "staged": [x.describe() for x in self.writeback.left()],
             "recent_errors": list(self.errors.lines),
         }
 
@@ -250,3 +265,32 @@ class Daemon:
             "dataset": self.dataset_name(prefix),
             "freed_bytes": freed,
         }
+
+    async def staged(self, request: dict[str, Any], send: Send) -> dict[str, Any]:
+        """Files written but never uploaded: list them, upload them now, or discard them."""
+        action = str(request.get("action", "list"))
+        targets = [str(t) for t in request.get("targets", [])]
+        every = bool(request.get("all"))
+        writeback = self.writeback
+        if action == "list":
+            return {"event": "done", "ok": True, "staged": [x.describe() for x in writeback.left()]}
+        if action not in ("upload", "discard"):
+            raise ConfigError(f"unknown staged action {action!r}")
+        if not targets and not every:
+            raise ConfigError(f"staged --{action} needs an ID or KEY (or --all)")
+        done: list[str] = []
+        failed: dict[str, str] = {}
+        for staged in writeback.select(targets, every):
+            if action == "discard":
+                await writeback.discard(staged)
+                done.append(staged.key)
+                continue
+            try:
+                await writeback.upload_left(staged, create_only=not self.config.allow_overwrite)
+            except S3CacheFSError as exc:
+                failed[staged.key] = str(exc)
+                continue
+            done.append(staged.key)
+            self.ops.core.key_changed(staged.key)
+            await send({"event": "uploaded", "key": staged.key})
+        return {"event": "done", "ok": not failed, "action": action, "done": done, "failed": failed}

@@ -116,6 +116,13 @@ class MountConfig:
     # A read that S3 cannot serve within this budget fails with EIO, never hangs.
     s3_timeout: float = 30.0
     s3_max_attempts: int = 3
+    # Write-through (README "Writable mounts"): off unless asked; overwrite and
+    # delete need their own flag on top.
+    writable: bool = False
+    allow_overwrite: bool = False
+    allow_delete: bool = False
+    # Files larger than one part go up as a multipart upload of parts this size.
+    upload_part_size: int = 8 * MIB
 
     def __post_init__(self) -> None:
         if self.block_size < 64 * KIB or self.block_size & (self.block_size - 1):
@@ -124,6 +131,12 @@ class MountConfig:
             raise ConfigError(f"cache size {self.cache_size} is smaller than one block")
         if self.s3_concurrency < 1:
             raise ConfigError("S3 concurrency must be at least 1")
+        if self.upload_part_size < 5 * MIB or self.upload_part_size % self.block_size:
+            raise ConfigError(
+                "upload part size must be at least 5M and a multiple of the block size"
+            )
+        if (self.allow_overwrite or self.allow_delete) and not self.writable:
+            raise ConfigError("--allow-overwrite and --allow-delete need --writable")
 
     @property
     def source(self) -> str:

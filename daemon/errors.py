@@ -11,13 +11,22 @@ as its one line.
     ├── FilesystemError        what a path operation got wrong
     │   ├── NotADirError                                  -> ENOTDIR
     │   ├── IsADirError                                   -> EISDIR
-    │   └── BadHandleError     unknown file handle        -> EBADF
+    │   ├── BadHandleError     unknown file handle        -> EBADF
+    │   ├── ReadOnlyError      write to a read-only mount or a pinned dataset -> EROFS
+    │   ├── NotPermittedError  overwrite/delete without --allow-overwrite/-delete -> EPERM
+    │   ├── ExistsError        create over an existing name -> EEXIST
+    │   ├── NotEmptyError      rmdir of a directory with entries -> ENOTEMPTY
+    │   ├── BusyError          delete of a file still being written -> EBUSY
+    │   ├── UnsupportedError   an operation s3cachefs cannot make safe -> EOPNOTSUPP
+    │   ├── NoSpaceError       the staging disk is full   -> ENOSPC
+    │   └── UploadFailedError  close/fsync could not make the data durable in S3 -> EIO
     └── StoreError             anything S3 answered (or failed to)
         ├── NotFoundError      NoSuchKey / 404            -> ENOENT
         │   └── NoSuchBucketError
         ├── AccessDeniedError  403, bad signature/key     -> EACCES
         ├── CredentialsError   no credentials found       -> EACCES
         ├── StaleError         ETag changed under a reader -> ESTALE
+        ├── AlreadyExistsError a create-only write found the key taken
         └── TransientError     5xx, throttling, network, after retries -> EIO
 """
 
@@ -50,6 +59,38 @@ class BadHandleError(FilesystemError):
     """A file handle the filesystem never issued (or already released)."""
 
 
+class ReadOnlyError(FilesystemError):
+    """A modification of a read-only mount, or of a pinned dataset."""
+
+
+class NotPermittedError(FilesystemError):
+    """An overwrite or delete that the mount's flags do not allow."""
+
+
+class ExistsError(FilesystemError):
+    """Creating a name that already exists."""
+
+
+class NotEmptyError(FilesystemError):
+    """Removing a directory that still has entries."""
+
+
+class BusyError(FilesystemError):
+    """An operation on a file that is still being written."""
+
+
+class UnsupportedError(FilesystemError):
+    """An operation s3cachefs does not do because it cannot make it safe on S3."""
+
+
+class NoSpaceError(FilesystemError):
+    """The disk holding the staging files is full."""
+
+
+class UploadFailedError(FilesystemError):
+    """Written data could not be made durable in S3; it stays staged."""
+
+
 class StoreError(S3CacheFSError):
     """S3 refused or failed a request."""
 
@@ -72,6 +113,10 @@ class CredentialsError(AccessDeniedError):
 
 class StaleError(StoreError):
     """The object changed in S3 since it was opened (ETag mismatch)."""
+
+
+class AlreadyExistsError(StoreError):
+    """A create-only write (If-None-Match: *) found that the key exists."""
 
 
 class TransientError(StoreError):

@@ -92,7 +92,7 @@ class DaemonCollector(Collector):
             "s3cachefs_fuse_requests", "FUSE requests served", labels=["operation"]
         )
         for op, n in sorted(dict(d.ops.counts).items()):
-            if op != "read_bytes_asked":
+            if op not in ("read_bytes_asked", "write_bytes"):
                 fuse.add_metric([op], n)
         yield fuse
         files = GaugeMetricFamily(
@@ -116,6 +116,18 @@ class DaemonCollector(Collector):
         for manifest in list(d.pins.manifests.values()):
             pinned.add_metric([d.dataset_name(manifest.prefix)], 1.0 if manifest.complete else 0)
         yield pinned
+        writes = dict(d.writeback.stats)
+        for name, key, doc in (
+            ("s3cachefs_uploads", "uploads", "Files uploaded by close/fsync"),
+            ("s3cachefs_upload_bytes", "upload_bytes", "Bytes uploaded by close/fsync"),
+            ("s3cachefs_upload_failures", "upload_failures", "Uploads that failed (EIO)"),
+        ):
+            yield CounterMetricFamily(name, doc, value=writes.get(key, 0))
+        yield GaugeMetricFamily(
+            "s3cachefs_staged_not_uploaded",
+            "Written files whose upload never completed (s3cachefs staged)",
+            value=len(d.writeback.left()),
+        )
 
 
 class Metrics:

@@ -7,6 +7,7 @@ errors of `s3cachefs.daemon.errors` in `_translated`.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import random
@@ -23,6 +24,7 @@ import botocore.exceptions
 
 from s3cachefs.daemon.errors import (
     AccessDeniedError,
+    AlreadyExistsError,
     CredentialsError,
     NoSuchBucketError,
     NotFoundError,
@@ -86,6 +88,31 @@ class ObjectStore(Protocol):
         block of a long GET is served before the last one is in.
         """
         ...
+
+    # Writes (writable mounts). ``create_only`` sends If-None-Match: * so that a
+    # key someone else created meanwhile is never replaced (`AlreadyExistsError`).
+
+    def put_object(self, key: str, data: bytes, *, create_only: bool) -> str:
+        """Store ``data`` as ``key`` in one PUT; returns the new ETag."""
+        ...
+
+    def create_multipart(self, key: str) -> str:
+        """Start a multipart upload; returns its upload id."""
+        ...
+
+    def upload_part(self, key: str, upload_id: str, number: int, data: bytes) -> str:
+        """Upload part ``number`` (from 1); returns the part's ETag."""
+        ...
+
+    def complete_multipart(
+        self, key: str, upload_id: str, etags: list[str], *, create_only: bool
+    ) -> str:
+        """Make the parts one object; returns its ETag."""
+        ...
+
+    def abort_multipart(self, key: str, upload_id: str) -> None: ...
+
+    def delete_object(self, key: str) -> None: ...
 
 
 # S3 error codes, by the error they become. Anything else is a StoreError.
@@ -297,6 +324,70 @@ class S3Store:
                     raise
                 time.sleep(min(2.0, 0.05 * 2**attempt) * random.random())  # noqa: S311
 
+    def put_object(self, key: str, data: bytes, *, create_only: bool) -> str:
+        what = f"s3://{self._bucket}/{key}"
+        extra: dict[str, Any] = {"IfNoneMatch": "*"} if create_only else {}
+        with _created(what), self._request("put", what):
+            resp = self._client.put_object(
+                Bucket=self._bucket, Key=key, Body=data, ContentMD5=_content_md5(data), **extra
+            )
+        return resp["ETag"]
+
+    def create_multipart(self, key: str) -> str:
+        with self._request("multipart", f"s3://{self._bucket}/{key}"):
+            resp = self._client.create_multipart_upload(Bucket=self._bucket, Key=key)
+        return resp["UploadId"]
+
+    def upload_part(self, key: str, upload_id: str, number: int, data: bytes) -> str:
+        with self._request("put_part", f"s3://{self._bucket}/{key} part {number}"):
+            resp = self._client.upload_part(
+                Bucket=self._bucket,
+                Key=key,
+                UploadId=upload_id,
+                PartNumber=number,
+                Body=data,
+                ContentMD5=_content_md5(data),
+            )
+        return resp["ETag"]
+
+    def complete_multipart(
+        self, key: str, upload_id: str, etags: list[str], *, create_only: bool
+    ) -> str:
+        what = f"s3://{self._bucket}/{key}"
+        extra: dict[str, Any] = {"IfNoneMatch": "*"} if create_only else {}
+        parts = [{"ETag": etag, "PartNumber": n} for n, etag in enumerate(etags, start=1)]
+        with _created(what), self._request("multipart", what):
+            resp = self._client.complete_multipart_upload(
+                Bucket=self._bucket,
+                Key=key,
+                UploadId=upload_id,
+                MultipartUpload={"Parts": parts},  # type: ignore[typeddict-item]
+                **extra,
+            )
+        return resp["ETag"]
+
+    def abort_multipart(self, key: str, upload_id: str) -> None:
+        with self._request("multipart", f"s3://{self._bucket}/{key}"):
+            self._client.abort_multipart_upload(Bucket=self._bucket, Key=key, UploadId=upload_id)
+
+    def delete_object(self, key: str) -> None:
+        with self._request("delete", f"s3://{self._bucket}/{key}"):
+            self._client.delete_object(Bucket=self._bucket, Key=key)
+
+
+def _content_md5(data: bytes) -> str:
+    """Content-MD5: S3 rejects a body that arrived altered (BadDigest)."""
+    return base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
+
+
+@contextlib.contextmanager
+def _created(what: str) -> Iterator[None]:
+    """A 412 on a create-only write means the key exists, not that a read went stale."""
+    try:
+        yield
+    except StaleError:
+        raise AlreadyExistsError(f"{what}: already exists in S3") from None
+
 
 def _objects(page: Any) -> list[ObjectInfo]:
     return [
@@ -337,6 +428,8 @@ class MemoryStore:
         self._requests: Counter[str] = Counter()
         self.get_delay = 0.0
         self.fail_next: list[StoreError] = []
+        self.fail_puts: list[StoreError] = []  # the next N writes raise these
+        self._uploads: dict[str, dict[int, bytes]] = {}
 
     @property
     def bucket(self) -> str:
@@ -417,3 +510,54 @@ class MemoryStore:
             raise StaleError(f"{key}: changed in S3 since it was opened")
         for pos in range(start, end, chunk):
             yield data[pos : min(pos + chunk, end)]
+
+    def _write(self, key: str, data: bytes, create_only: bool, etag: str | None = None) -> str:
+        with self._lock:
+            if self.fail_puts:
+                raise self.fail_puts.pop(0)
+            if create_only and key in self._objects:
+                raise AlreadyExistsError(f"{key}: already exists")
+        new = self.put(key, data, time.time_ns())
+        if etag is not None:
+            with self._lock:
+                self._objects[key] = (data, etag, time.time_ns())
+            return etag
+        return new
+
+    def put_object(self, key: str, data: bytes, *, create_only: bool) -> str:
+        self._count("put")
+        return self._write(key, data, create_only)
+
+    def create_multipart(self, key: str) -> str:
+        self._count("multipart")
+        upload_id = f"up{len(self._uploads) + 1}"
+        self._uploads[upload_id] = {}
+        return upload_id
+
+    def upload_part(self, key: str, upload_id: str, number: int, data: bytes) -> str:
+        self._count("put_part")
+        with self._lock:
+            if self.fail_puts:
+                raise self.fail_puts.pop(0)
+        self._uploads[upload_id][number] = data
+        return '"' + hashlib.md5(data, usedforsecurity=False).hexdigest() + '"'
+
+    def complete_multipart(
+        self, key: str, upload_id: str, etags: list[str], *, create_only: bool
+    ) -> str:
+        self._count("multipart")
+        parts = self._uploads.pop(upload_id)
+        data = b"".join(parts[n] for n in range(1, len(etags) + 1))
+        digest = hashlib.md5(
+            b"".join(bytes.fromhex(e.strip('"')) for e in etags), usedforsecurity=False
+        )
+        return self._write(key, data, create_only, f'"{digest.hexdigest()}-{len(etags)}"')
+
+    def abort_multipart(self, key: str, upload_id: str) -> None:
+        self._count("multipart")
+        self._uploads.pop(upload_id, None)
+
+    def delete_object(self, key: str) -> None:
+        self._count("delete")
+        with self._lock:
+            self._objects.pop(key, None)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ from s3cachefs.daemon.errors import (
 )
 from s3cachefs.daemon.pins import PinStore
 from s3cachefs.daemon.store import Listing, ObjectInfo, ObjectStore
+from s3cachefs.daemon.writeback import Staged
 from s3cachefs.fs.names import valid_name
 
 log = logging.getLogger(__name__)
@@ -72,6 +74,8 @@ class Node:
     # inside a pinned dataset: answered from its manifest, never expires
     pinned: bool = False
     pin_generation: int = -1
+    # a file being written through this mount: reads come from the staged bytes
+    staged: Staged | None = None
 
 
 @dataclass
@@ -81,6 +85,9 @@ class FileHandle:
     next_offset: int = 0  # where a sequential reader reads next
     sequential_run: int = 0  # consecutive sequential reads, sizes the readahead window
     readahead_until: int = 0  # blocks before this one have been asked for ahead of the reader
+    staged: Staged | None = None  # reading or writing a file being written
+    writable: bool = False
+    fd: int | None = None  # a reader's own descriptor of the staged data
 
 
 @dataclass
@@ -138,7 +145,7 @@ class FsCore:
             return parent
         if name == "..":
             return self._nodes[parent.parent]
-        children = await self._children(parent)
+        children = await self.children(parent)
         ino = children.get(name)
         return None if ino is None else self._nodes[ino]
 
@@ -146,7 +153,7 @@ class FsCore:
         """Attributes as last listed; never an S3 request (lookups refresh them)."""
         return self.node(ino)
 
-    async def _children(self, directory: Node) -> dict[str, int]:
+    async def children(self, directory: Node) -> dict[str, int]:
         pinned = self.pins.listing(directory.key) if self.pins else None
         if pinned is not None:  # inside a pinned dataset: the manifest, no S3 request
             assert self.pins is not None
@@ -175,6 +182,39 @@ class FsCore:
             break
         assert directory.children is not None
         return directory.children
+
+    def add_node(self, parent: Node, name: str, *, is_dir: bool) -> Node:
+        """A name created through this mount (writable mounts). Must not await."""
+        key = parent.key + name + ("/" if is_dir else "")
+        node = Node(next(self._next_ino), parent.ino, name, key, is_dir, mtime_ns=time.time_ns())
+        if is_dir:  # new and empty: nothing to list until the TTL runs out
+            node.children, node.listed_at = {}, self._clock()
+        self._nodes[node.ino] = node
+        assert parent.children is not None
+        parent.children[name] = node.ino
+        return node
+
+    def remove_name(self, parent: Node, name: str) -> None:
+        """Drop a deleted name. The node stays: open handles may still read it."""
+        if parent.children is not None:
+            parent.children.pop(name, None)
+
+    def relist(self, directory: Node) -> None:
+        """Make the next lookup in ``directory`` list it again."""
+        directory.listed_at = None
+
+    def key_changed(self, key: str) -> None:
+        """An object changed behind the tree's back (a staged upload): re-list its directory."""
+        parent = key.rpartition("/")[0] + "/" if "/" in key else ""
+        for node in self._nodes.values():
+            if node.is_dir and node.key == parent:
+                self.relist(node)
+
+    def in_pinned(self, node: Node) -> bool:
+        """Inside a pinned dataset: never writable."""
+        if node.pinned or node.pin_generation >= 0:
+            return True
+        return node.is_dir and self.pins is not None and self.pins.listing(node.key) is not None
 
     def _serve_stale(self, directory: Node) -> bool:
         """S3 is unreachable: keep the last listing, or the way down to pinned datasets."""
@@ -235,6 +275,10 @@ class FsCore:
                 len(skipped),
                 skipped[0],
             )
+        for name, ino in old.items():  # files being written are not in S3 yet
+            node = self._nodes.get(ino)
+            if name not in new and node is not None and node.staged is not None:
+                new[name] = ino
         directory.children = new
         directory.listed_at = self._clock()
 
@@ -264,7 +308,7 @@ class FsCore:
         directory = self.node(ino)
         if not directory.is_dir:
             raise NotADirError(f"{directory.key}: not a directory")
-        children = await self._children(directory)
+        children = await self.children(directory)
         fh = next(self._next_fh)
         self._dirs[fh] = DirHandle(sorted(children.items()))
         return fh
@@ -294,16 +338,31 @@ class FsCore:
         node = self.node(ino)
         if node.is_dir:
             raise IsADirError(f"{node.key}: is a directory")
+        if node.staged is not None:  # being written here: read the staged bytes
+            try:  # through a descriptor of our own: the data file moves when the upload ends
+                fd = await trio.to_thread.run_sync(os.open, node.staged.path, os.O_RDONLY)
+            except FileNotFoundError:
+                pass  # finished meanwhile: the node names the uploaded version now
+            else:
+                version = ObjectVersion(self.store.bucket, node.key, "", 0)
+                return self.add_handle(FileHandle(node, version, staged=node.staged, fd=fd)), False
         version = ObjectVersion(self.store.bucket, node.key, node.etag, node.size)
         # The kernel's pages are valid while the version is the one they were read from.
         keep_cache = self.keep_cache and node.opened_etag in (None, node.etag)
         node.opened_etag = node.etag
+        return self.add_handle(FileHandle(node, version)), keep_cache
+
+    def add_handle(self, handle: FileHandle) -> int:
         fh = next(self._next_fh)
-        self._files[fh] = FileHandle(node, version)
-        return fh, keep_cache
+        self._files[fh] = handle
+        return fh
 
     async def read(self, fh: int, offset: int, length: int) -> bytes:
-        handle = self._file_handle(fh)
+        handle = self.file_handle(fh)
+        if handle.fd is not None:  # a reader of a file being written
+            return await trio.to_thread.run_sync(os.pread, handle.fd, length, offset)
+        if handle.staged is not None:  # its writer
+            return await trio.to_thread.run_sync(handle.staged.pread, offset, length)
         version = handle.version
         if offset >= version.size or length <= 0:
             return b""
@@ -341,10 +400,13 @@ class FsCore:
         if stop - start >= batch or (stop == nblocks and stop > start):
             handle.readahead_until = self.cache.readahead(handle.version, range(start, stop))
 
-    def release(self, fh: int) -> None:
-        self._files.pop(fh, None)
+    def release(self, fh: int) -> FileHandle | None:
+        handle = self._files.pop(fh, None)
+        if handle is not None and handle.fd is not None:
+            os.close(handle.fd)
+        return handle
 
-    def _file_handle(self, fh: int) -> FileHandle:
+    def file_handle(self, fh: int) -> FileHandle:
         try:
             return self._files[fh]
         except KeyError:

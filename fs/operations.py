@@ -20,18 +20,36 @@ import pyfuse3
 
 from s3cachefs.daemon.errors import (
     AccessDeniedError,
+    AlreadyExistsError,
     BadHandleError,
+    BusyError,
+    ExistsError,
     IsADirError,
+    NoSpaceError,
     NotADirError,
+    NotEmptyError,
     NotFoundError,
+    NotPermittedError,
+    ReadOnlyError,
     S3CacheFSError,
     StaleError,
     TransientError,
+    UnsupportedError,
 )
 from s3cachefs.fs.core import FsCore, Node
+from s3cachefs.fs.writes import Writer
 
 if TYPE_CHECKING:
-    from pyfuse3 import FileHandleT, FileNameT, FlagT, InodeT, ModeT, ReaddirToken, RequestContext
+    from pyfuse3 import (
+        FileHandleT,
+        FileNameT,
+        FlagT,
+        InodeT,
+        ModeT,
+        ReaddirToken,
+        RequestContext,
+        SetattrFields,
+    )
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +62,16 @@ ERRNO_TABLE: tuple[tuple[type[S3CacheFSError], int], ...] = (
     (NotADirError, errno.ENOTDIR),
     (IsADirError, errno.EISDIR),
     (BadHandleError, errno.EBADF),
+    (ReadOnlyError, errno.EROFS),
+    (NotPermittedError, errno.EPERM),
+    (ExistsError, errno.EEXIST),
+    (AlreadyExistsError, errno.EEXIST),
+    (NotEmptyError, errno.ENOTEMPTY),
+    (BusyError, errno.EBUSY),
+    (UnsupportedError, errno.EOPNOTSUPP),
+    (NoSpaceError, errno.ENOSPC),
 )
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
 
 
 def errno_for(exc: S3CacheFSError) -> int:
@@ -71,15 +98,24 @@ def _errno_mapped(op: str) -> Iterator[None]:
 
 
 class Operations(pyfuse3.Operations):
-    """Read-only pyfuse3 operations over an `FsCore`."""
+    """pyfuse3 operations over an `FsCore`; writes go to its `Writer` when the mount has one."""
 
     supports_dot_lookup = True
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, core: FsCore, *, uid: int, gid: int, block_size: int) -> None:
+    def __init__(
+        self,
+        core: FsCore,
+        *,
+        uid: int,
+        gid: int,
+        block_size: int,
+        writer: Writer | None = None,
+    ) -> None:
         super().__init__()
         self.core = core
+        self.writer = writer
         self.counts: Counter[str] = Counter()  # FUSE requests by operation (stats, tests)
         self.uid = uid
         self.gid = gid
@@ -103,11 +139,12 @@ class Operations(pyfuse3.Operations):
         attrs.st_ino = pyfuse3.InodeT(node.ino)
         attrs.generation = 0
         attrs.entry_timeout = attrs.attr_timeout = self.core.timeout(node)
+        writable = self.writer is not None and not self.core.in_pinned(node)
         if node.is_dir:
-            attrs.st_mode = pyfuse3.ModeT(stat.S_IFDIR | 0o555)
+            attrs.st_mode = pyfuse3.ModeT(stat.S_IFDIR | (0o755 if writable else 0o555))
             attrs.st_nlink = 2
         else:
-            attrs.st_mode = pyfuse3.ModeT(stat.S_IFREG | 0o444)
+            attrs.st_mode = pyfuse3.ModeT(stat.S_IFREG | (0o644 if writable else 0o444))
             attrs.st_nlink = 1
         attrs.st_size = node.size
         attrs.st_blksize = self.block_size
@@ -148,8 +185,10 @@ class Operations(pyfuse3.Operations):
         self.core.releasedir(fh)
 
     async def open(self, inode: InodeT, flags: FlagT, ctx: RequestContext) -> pyfuse3.FileInfo:
-        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
-            raise pyfuse3.FUSEError(errno.EROFS)
+        if flags & _WRITE_FLAGS:
+            with self._op("open_write"):
+                fh = await self._writer().open(inode, truncate=bool(flags & os.O_TRUNC))
+            return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh))
         with self._op("open"):
             fh, keep_cache = await self.core.open(inode)
         return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=keep_cache)
@@ -161,7 +200,13 @@ class Operations(pyfuse3.Operations):
 
     async def release(self, fh: FileHandleT) -> None:
         self.counts["release"] += 1
-        self.core.release(fh)
+        if self.writer is None:
+            self.core.release(fh)
+            return
+        with self._op("release"):
+            forget = await self.writer.release(fh)
+        if forget is not None:
+            self.invalidate([forget])
 
     async def statfs(self, ctx: RequestContext) -> pyfuse3.StatvfsData:
         cache = self.core.cache
@@ -174,13 +219,12 @@ class Operations(pyfuse3.Operations):
         data.f_namemax = 255
         return data
 
-    # Every modifying operation: the kernel refuses them already on an "ro"
-    # mount; these make the answer EROFS even if a request gets through.
-    async def setattr(self, *args: object, **kwargs: object) -> pyfuse3.EntryAttributes:
-        raise pyfuse3.FUSEError(errno.EROFS)
+    # ---- writes: EROFS unless the mount is --writable ----------------------
 
-    async def write(self, fh: FileHandleT, off: int, buf: bytes) -> int:
-        raise pyfuse3.FUSEError(errno.EROFS)
+    def _writer(self) -> Writer:
+        if self.writer is None:  # the kernel refuses writes on an "ro" mount already
+            raise ReadOnlyError("the mount is read-only (mount with --writable)")
+        return self.writer
 
     async def create(
         self,
@@ -190,15 +234,69 @@ class Operations(pyfuse3.Operations):
         flags: FlagT,
         ctx: RequestContext,
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        raise pyfuse3.FUSEError(errno.EROFS)
+        with self._op("create"):
+            fh, node = await self._writer().create(parent_inode, os.fsdecode(name))
+        return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh)), self._attrs(node)
+
+    async def write(self, fh: FileHandleT, off: int, buf: bytes) -> int:
+        self.counts["write_bytes"] += len(buf)
+        with self._op("write"):
+            return await self._writer().write(fh, off, buf)
+
+    async def flush(self, fh: FileHandleT) -> None:
+        if self.writer is None:
+            return
+        with self._op("flush"):
+            await self.writer.flush(fh)
+
+    async def fsync(self, fh: FileHandleT, datasync: bool) -> None:
+        if self.writer is None:
+            return
+        with self._op("fsync"):
+            await self.writer.flush(fh)
+
+    async def setattr(
+        self,
+        inode: InodeT,
+        attr: pyfuse3.EntryAttributes,
+        fields: SetattrFields,
+        fh: FileHandleT | None,
+        ctx: RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        with self._op("setattr"):
+            writer = self._writer()
+            if fields.update_size:
+                return self._attrs(await writer.truncate(inode, attr.st_size))
+            # Modes, owners and times are not stored in S3; tools such as `cp -p`
+            # and `touch` set them, so they are accepted and not kept.
+            return self._attrs(await self.core.getattr(inode))
 
     async def mkdir(
         self, parent_inode: InodeT, name: FileNameT, mode: ModeT, ctx: RequestContext
     ) -> pyfuse3.EntryAttributes:
-        raise pyfuse3.FUSEError(errno.EROFS)
+        with self._op("mkdir"):
+            return self._attrs(await self._writer().mkdir(parent_inode, os.fsdecode(name)))
 
     async def unlink(self, parent_inode: InodeT, name: FileNameT, ctx: RequestContext) -> None:
-        raise pyfuse3.FUSEError(errno.EROFS)
+        with self._op("unlink"):
+            await self._writer().unlink(parent_inode, os.fsdecode(name))
 
     async def rmdir(self, parent_inode: InodeT, name: FileNameT, ctx: RequestContext) -> None:
-        raise pyfuse3.FUSEError(errno.EROFS)
+        with self._op("rmdir"):
+            await self._writer().rmdir(parent_inode, os.fsdecode(name))
+
+    async def rename(
+        self,
+        parent_inode_old: InodeT,
+        name_old: FileNameT,
+        parent_inode_new: InodeT,
+        name_new: FileNameT,
+        flags: FlagT,
+        ctx: RequestContext,
+    ) -> None:
+        # S3 has no rename: copy-then-delete is not atomic. EXDEV makes `mv` copy
+        # (durable on close) and then delete the source (with --allow-delete).
+        with self._op("rename"):
+            self._writer()
+        log.info("rename of %s refused (EXDEV): S3 cannot rename atomically", os.fsdecode(name_old))
+        raise pyfuse3.FUSEError(errno.EXDEV)

@@ -50,6 +50,9 @@ class FaultProxy:
         }
         self.stall_seconds = 60.0
         self.down = False
+        # Methods the rates apply to (None: all), e.g. {"PUT", "POST"} to fail only uploads.
+        self.methods: set[str] | None = None
+        self.write_delay = 0.0  # seconds each PUT (object or part) waits before going upstream
         self.faults: Counter[str] = Counter()
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
@@ -79,10 +82,12 @@ class FaultProxy:
         self.server.shutdown()
         self.server.server_close()
 
-    def _draw(self) -> str:
+    def _draw(self, method: str) -> str:
         with self._lock:
             if self.down:
                 return "down"
+            if self.methods is not None and method not in self.methods:
+                return "ok"
             x = self._rng.random()
             for name, rate in self.rates.items():
                 if x < rate:
@@ -94,7 +99,9 @@ class FaultProxy:
     def handle(self, req: BaseHTTPRequestHandler) -> None:
         length = int(req.headers.get("Content-Length") or 0)
         body = req.rfile.read(length) if length else None
-        outcome = self._draw()
+        outcome = self._draw(req.command)
+        if self.write_delay and req.command == "PUT":
+            time.sleep(self.write_delay)
         if outcome in ("down", "reset"):
             req.close_connection = True
             req.connection.shutdown(socket.SHUT_RDWR)

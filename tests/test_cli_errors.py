@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Bucket, run_cli
+from tests.conftest import Bucket, Mounter, run_cli
 
 
 def _assert_one_line_error(result: object, code: int, *needles: str) -> None:
@@ -131,3 +131,22 @@ def test_unknown_option_is_one_line() -> None:
 def test_unmount_of_something_not_mounted(tmp_path: Path) -> None:
     result = run_cli("unmount", str(tmp_path))
     _assert_one_line_error(result, 2, "not mounted")
+
+
+def test_write_flags_need_writable(bucket: Bucket, mnt: Path, tmp_path: Path) -> None:
+    result = _mount(bucket, mnt, tmp_path / "cache", "--allow-delete")
+    _assert_one_line_error(result, 2, "--allow-delete", "--writable")
+
+
+def test_bad_upload_part_size(bucket: Bucket, mnt: Path, tmp_path: Path) -> None:
+    result = _mount(bucket, mnt, tmp_path / "cache", "--writable", "--upload-part-size", "1M")
+    _assert_one_line_error(result, 2, "part size")
+
+
+def test_staged_actions_need_a_target_and_a_known_one(bucket: Bucket, mounter: Mounter) -> None:
+    mount = mounter(bucket.name, "--writable")
+    where = ("--mount", str(mount.path))
+    _assert_one_line_error(run_cli("staged", "--upload", *where), 2, "needs an ID or KEY")
+    _assert_one_line_error(run_cli("staged", "--discard", "nope.txt", *where), 2, "nope.txt")
+    listing = run_cli("staged", *where)
+    assert listing.returncode == 0 and "nothing staged" in listing.stdout

@@ -1,0 +1,414 @@
+"""Write-through: files being written are staged in the cache dir and uploaded on close.
+
+Layout, beside the block cache's objects and on the same filesystem, so that a
+finished upload becomes cached data with one rename::
+
+    CACHE_DIR/v1/staging/<id>.json   {"bucket", "key", "created", "state", "error", "upload_id"}
+    CACHE_DIR/v1/staging/<id>.data   the bytes written so far
+
+The record is written (atomically) before the first byte and removed last,
+after the upload succeeded and the data moved into the cache. So after a crash
+every file whose upload did not complete still has its record and its data:
+the daemon reports it at start and in ``status``, and only an explicit
+``s3cachefs staged --upload`` or ``--discard`` acts on it. Nothing is uploaded
+behind the user's back: a file a crash left half-written is not what the
+application meant to publish.
+
+Durability: ``close()`` (the kernel's FLUSH) and ``fsync()`` upload the whole
+staged file and return only once S3 has acknowledged it, as one PUT or as a
+multipart upload whose parts go up in parallel. Any failure is EIO, and the
+data stays staged as "failed". S3 replaces an object atomically, so readers
+see the old object or the new one, never a mix.
+
+Concurrency: a staged file's ``lock`` is held by an upload and by each write,
+so the bytes uploaded are exactly the bytes whose CRCs are recorded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import time
+import uuid
+import zlib
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from s3cachefs.daemon.blockcache import BlockCache, ObjectVersion
+from s3cachefs.daemon.errors import (
+    AlreadyExistsError,
+    BusyError,
+    ConfigError,
+    NoSpaceError,
+    StoreError,
+    UploadFailedError,
+)
+from s3cachefs.daemon.store import ObjectStore
+
+log = logging.getLogger(__name__)
+
+WRITING = "writing"  # open by an application in this daemon
+FAILED = "failed"  # the last upload failed; kept until uploaded or discarded
+LEFT_OVER = "left-over"  # found at start: a crash or stop came before the upload completed
+
+
+@dataclass
+class Staged:
+    """One file being written (or left behind), and what its last upload sent."""
+
+    id: str
+    bucket: str
+    key: str
+    path: Path  # the .data file
+    created: float
+    state: str = WRITING
+    error: str = ""
+    upload_id: str | None = None  # a multipart upload in progress: aborted on discard
+    size: int = 0
+    create_only: bool = True  # upload with If-None-Match: * (never replace someone's object)
+    dirty: bool = True  # bytes written since the last successful upload (new: empty file)
+    etag: str | None = None  # of the last successful upload
+    crcs: dict[int, int] = field(default_factory=dict)  # per block, of the bytes uploaded
+    fd: int | None = None
+    handles: int = 0  # open file handles writing it
+    lock: trio.Lock = field(default_factory=trio.Lock)
+
+    @property
+    def record_path(self) -> Path:
+        return self.path.with_suffix(".json")
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "key": self.key,
+            "state": self.state,
+            "size": self.size,
+            "created": self.created,
+            "error": self.error,
+        }
+
+    def pread(self, offset: int, length: int) -> bytes:
+        """Bytes written so far (blocking: call in a thread)."""
+        if self.fd is not None:
+            return os.pread(self.fd, length, offset)
+        with self.path.open("rb") as f:
+            f.seek(offset)
+            return f.read(length)
+
+
+class Writeback:
+    """Staged files of one cache dir, their uploads, and what crashes left behind."""
+
+    def __init__(
+        self,
+        cache: BlockCache,
+        store: ObjectStore,
+        *,
+        part_size: int,
+        s3_limiter: trio.CapacityLimiter,
+        disk_limiter: trio.CapacityLimiter,
+        parallel_parts: int = 4,
+    ) -> None:
+        self.cache = cache
+        self.store = store
+        self.part_size = part_size
+        self.dir = cache.root / "staging"
+        self.staged: dict[str, Staged] = {}
+        self.stats: Counter[str] = Counter()
+        self._s3_limiter = s3_limiter
+        self._disk_limiter = disk_limiter
+        self._parallel_parts = parallel_parts
+
+    # ---- start-up --------------------------------------------------------
+
+    def open(self) -> None:
+        """Find what an earlier daemon left staged (blocking; after the cache is open)."""
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for tmp in self.dir.glob("*.tmp"):
+            tmp.unlink(missing_ok=True)
+        for record in sorted(self.dir.glob("*.json")):
+            data = record.with_suffix(".data")
+            try:
+                meta = json.loads(record.read_text())
+                size = data.stat().st_size
+            except FileNotFoundError:  # the data moved into the cache; only the record was left
+                record.unlink(missing_ok=True)
+                continue
+            except (OSError, ValueError) as exc:
+                log.error("staging record %s unreadable (%s); left in place", record, exc)
+                continue
+            staged = Staged(
+                id=record.stem,
+                bucket=str(meta["bucket"]),
+                key=str(meta["key"]),
+                path=data,
+                created=float(meta["created"]),
+                state=FAILED if meta.get("state") == FAILED else LEFT_OVER,
+                error=str(meta.get("error") or "the daemon stopped before the upload completed"),
+                upload_id=meta.get("upload_id"),
+                size=size,
+            )
+            self.staged[staged.id] = staged
+            log.warning(
+                "staged file s3://%s/%s (%d bytes) was never uploaded: %s; "
+                "`s3cachefs staged` lists it, --upload or --discard resolves it",
+                staged.bucket,
+                staged.key,
+                size,
+                staged.error,
+            )
+
+    # ---- files being written ---------------------------------------------
+
+    async def create(self, key: str, *, create_only: bool) -> Staged:
+        """A new, empty staged file for ``key``, with its record on disk first."""
+        sid = uuid.uuid4().hex
+        staged = Staged(
+            sid, self.store.bucket, key, self.dir / f"{sid}.data", time.time(),
+            create_only=create_only,
+        )  # fmt: skip
+        try:
+            await trio.to_thread.run_sync(self._create_blocking, staged, limiter=self._disk_limiter)
+        except OSError as exc:
+            raise _disk_error(exc, key) from None
+        staged.handles = 1
+        self.staged[sid] = staged
+        return staged
+
+    def _create_blocking(self, staged: Staged) -> None:
+        self._save_blocking(staged)
+        staged.fd = os.open(staged.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+
+    async def write(self, staged: Staged, offset: int, data: bytes) -> int:
+        async with staged.lock:  # never while an upload reads the file
+            assert staged.fd is not None
+            try:
+                n = await trio.to_thread.run_sync(
+                    os.pwrite, staged.fd, data, offset, limiter=self._disk_limiter
+                )
+            except OSError as exc:
+                raise _disk_error(exc, staged.key) from None
+            staged.size = max(staged.size, offset + n)
+            staged.dirty = True
+            return n
+
+    async def truncate(self, staged: Staged, size: int) -> None:
+        async with staged.lock:
+            assert staged.fd is not None
+            try:
+                await trio.to_thread.run_sync(os.ftruncate, staged.fd, size)
+            except OSError as exc:
+                raise _disk_error(exc, staged.key) from None
+            staged.size = size
+            staged.dirty = True
+
+    async def upload(self, staged: Staged) -> None:
+        """Make S3 hold exactly the staged bytes; UploadFailedError (EIO) if it cannot."""
+        async with staged.lock:
+            if not staged.dirty:
+                return
+            try:
+                if staged.size <= self.part_size:
+                    etag, crcs = await trio.to_thread.run_sync(
+                        self._put_blocking, staged, limiter=self._s3_limiter
+                    )
+                else:
+                    etag, crcs = await self._multipart(staged)
+            except (StoreError, OSError) as exc:
+                await self._failed(staged, exc)
+                raise UploadFailedError(
+                    f"s3://{staged.bucket}/{staged.key}: {staged.error}"
+                ) from None
+            staged.etag, staged.crcs, staged.dirty = etag, crcs, False
+            staged.create_only = False  # the object is ours now: the next upload replaces it
+            self.stats["uploads"] += 1
+            self.stats["upload_bytes"] += staged.size
+            if staged.state != WRITING:
+                staged.state, staged.error = WRITING, ""
+                await trio.to_thread.run_sync(self._save_blocking, staged)
+
+    async def _failed(self, staged: Staged, exc: BaseException) -> None:
+        if isinstance(exc, AlreadyExistsError):
+            reason = (
+                "created in S3 by someone else meanwhile; not replaced without --allow-overwrite"
+            )
+        elif isinstance(exc, OSError):
+            reason = f"cannot read the staged data: {exc.strerror}"
+        else:
+            reason = str(exc)
+        staged.state, staged.error = FAILED, reason
+        self.stats["upload_failures"] += 1
+        log.error(
+            "upload of s3://%s/%s failed: %s; the data stays staged (`s3cachefs staged`)",
+            staged.bucket,
+            staged.key,
+            reason,
+        )
+        try:
+            await trio.to_thread.run_sync(self._save_blocking, staged)
+        except OSError as err:
+            log.error("cannot update staging record of %s: %s", staged.key, err.strerror)
+
+    def _put_blocking(self, staged: Staged) -> tuple[str, dict[int, int]]:
+        data = staged.pread(0, staged.size)
+        if len(data) != staged.size:
+            raise OSError(errno.EIO, "staged file is shorter than written")
+        etag = self.store.put_object(staged.key, data, create_only=staged.create_only)
+        return etag, self._crcs(data, 0)
+
+    def _crcs(self, data: bytes, offset: int) -> dict[int, int]:
+        """CRC32 per cache block of ``data``, which starts at block-aligned ``offset``."""
+        bs = self.cache.block_size
+        view = memoryview(data)
+        return {(offset + i) // bs: zlib.crc32(view[i : i + bs]) for i in range(0, len(data), bs)}
+
+    async def _multipart(self, staged: Staged) -> tuple[str, dict[int, int]]:
+        upload_id = await trio.to_thread.run_sync(
+            self.store.create_multipart, staged.key, limiter=self._s3_limiter
+        )
+        staged.upload_id = upload_id
+        await trio.to_thread.run_sync(self._save_blocking, staged)  # a crash can abort it later
+        nparts = -(-staged.size // self.part_size)
+        etags = [""] * nparts
+        crcs: dict[int, int] = {}
+        errors: list[BaseException] = []
+        parts = trio.CapacityLimiter(self._parallel_parts)
+
+        async def send(number: int, cancel: trio.CancelScope) -> None:
+            async with parts:
+                try:
+                    etags[number - 1], part_crcs = await trio.to_thread.run_sync(
+                        self._part_blocking, staged, upload_id, number, limiter=self._s3_limiter
+                    )
+                except (StoreError, OSError) as exc:
+                    errors.append(exc)
+                    cancel.cancel()
+                    return
+                crcs.update(part_crcs)
+
+        async with trio.open_nursery() as nursery:
+            for number in range(1, nparts + 1):
+                nursery.start_soon(send, number, nursery.cancel_scope)
+        try:
+            if errors:
+                raise errors[0]
+            etag = await trio.to_thread.run_sync(
+                lambda: self.store.complete_multipart(
+                    staged.key, upload_id, etags, create_only=staged.create_only
+                ),
+                limiter=self._s3_limiter,
+            )
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self._abort(staged)
+            raise
+        staged.upload_id = None
+        return etag, crcs
+
+    def _part_blocking(
+        self, staged: Staged, upload_id: str, number: int
+    ) -> tuple[str, dict[int, int]]:
+        offset = (number - 1) * self.part_size
+        length = min(self.part_size, staged.size - offset)
+        data = staged.pread(offset, length)
+        if len(data) != length:
+            raise OSError(errno.EIO, "staged file is shorter than written")
+        return self.store.upload_part(staged.key, upload_id, number, data), self._crcs(data, offset)
+
+    async def _abort(self, staged: Staged) -> None:
+        if staged.upload_id is None:
+            return
+        try:
+            await trio.to_thread.run_sync(
+                self.store.abort_multipart, staged.key, staged.upload_id, limiter=self._s3_limiter
+            )
+        except StoreError as exc:  # S3 expires it by lifecycle rule, if the bucket has one
+            log.warning("could not abort multipart upload of %s: %s", staged.key, exc)
+        staged.upload_id = None
+
+    async def release(self, staged: Staged) -> ObjectVersion | None:
+        """One handle closed. At the last: the version now in S3, cached; None if kept staged."""
+        staged.handles -= 1
+        if staged.handles > 0:
+            return None
+        if staged.dirty and staged.state == WRITING:  # written after the last close: last try
+            with contextlib.suppress(UploadFailedError):  # logged, and kept staged
+                await self.upload(staged)
+        if staged.fd is not None:
+            os.close(staged.fd)
+            staged.fd = None
+        if staged.dirty or staged.etag is None:
+            return None
+        return await self._finish(staged)
+
+    async def _finish(self, staged: Staged) -> ObjectVersion:
+        """Uploaded: the data becomes the cache's copy of the new version; the record goes."""
+        assert staged.etag is not None
+        version = ObjectVersion(staged.bucket, staged.key, staged.etag, staged.size)
+        await self.cache.adopt(version, staged.path, staged.crcs)
+        await trio.to_thread.run_sync(staged.record_path.unlink, True)
+        self.staged.pop(staged.id, None)
+        return version
+
+    # ---- what is left: `s3cachefs staged` ----------------------------------
+
+    def left(self) -> list[Staged]:
+        """Staged files no application has open: failed or left over, oldest first."""
+        return sorted((s for s in self.staged.values() if s.handles == 0), key=lambda s: s.created)
+
+    def select(self, targets: list[str], every: bool) -> list[Staged]:
+        """Left files named by id or key (or all); NotFoundError names what matched nothing."""
+        left = self.left()
+        if every:
+            return left
+        chosen = [s for s in left if s.id in targets or s.key in targets]
+        unknown = [t for t in targets if not any(t in (s.id, s.key) for s in chosen)]
+        if unknown:
+            busy = [t for t in unknown if any(t == s.key for s in self.staged.values())]
+            if busy:
+                raise BusyError(f"{busy[0]}: still open for writing")
+            raise ConfigError(f"nothing staged as {', '.join(unknown)}")
+        return chosen
+
+    async def upload_left(self, staged: Staged, *, create_only: bool) -> ObjectVersion:
+        """Upload a left-over or failed file now (an explicit user action)."""
+        staged.create_only, staged.dirty = create_only, True
+        if staged.upload_id is not None:  # from the crashed attempt: S3 would keep its parts
+            await self._abort(staged)
+        await self.upload(staged)
+        return await self._finish(staged)
+
+    async def discard(self, staged: Staged) -> None:
+        await self._abort(staged)
+        await trio.to_thread.run_sync(staged.path.unlink, True)
+        await trio.to_thread.run_sync(staged.record_path.unlink, True)
+        self.staged.pop(staged.id, None)
+        log.warning(
+            "discarded staged file s3://%s/%s (%d bytes)", staged.bucket, staged.key, staged.size
+        )
+
+    def _save_blocking(self, staged: Staged) -> None:
+        record = {
+            "bucket": staged.bucket,
+            "key": staged.key,
+            "created": staged.created,
+            "state": staged.state,
+            "error": staged.error,
+            "upload_id": staged.upload_id,
+        }
+        tmp = staged.record_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record))
+        os.replace(tmp, staged.record_path)
+
+
+def _disk_error(exc: OSError, key: str) -> Exception:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return NoSpaceError(f"{key}: no space left for staging in the cache dir")
+    return UploadFailedError(f"{key}: staging write failed: {exc.strerror}")
