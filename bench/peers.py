@@ -87,7 +87,15 @@ def aws_sync(aws: str, endpoint: str, target: Path) -> None:
 
 
 def rclone_copy(rclone: str, endpoint: str, target: Path, transfers: int = 32) -> None:
-    cmd = [rclone, "copy", f"bs3:{BUCKET}/{PREFIX}", str(target), "--transfers", str(transfers)]
+    cmd = [
+        rclone,
+        "copy",
+        "-q",
+        f"bs3:{BUCKET}/{PREFIX}",
+        str(target),
+        "--transfers",
+        str(transfers),
+    ]
     subprocess.run([*cmd, "--checkers", str(transfers)], check=True, env=rclone_env(endpoint))
 
 
@@ -165,12 +173,15 @@ class S3CacheFS(Mount):
         self.pid = int(match.group(1)) if match else 0
 
     def prefetch(self) -> None:
-        subprocess.run(
+        done = subprocess.run(
             [self.cli, "prefetch", PREFIX, "--mount", str(self.mnt)],
-            check=True,
+            check=False,
             env=env(),
-            stdout=subprocess.DEVNULL,
-        )
+            capture_output=True,
+            text=True,
+        )  # captured: its progress lines would break up the table's log
+        if done.returncode:
+            raise RuntimeError(f"prefetch exit {done.returncode}: {done.stderr.strip()[-500:]}")
 
     def stop(self) -> None:
         done = subprocess.run(
@@ -192,6 +203,7 @@ class RcloneMount(Mount):
             [
                 self.rclone,
                 "mount",
+                "-q",
                 f"bs3:{BUCKET}",
                 str(self.mnt),
                 "--read-only",
