@@ -65,7 +65,7 @@ class Network:
         if not self.profile.shaped:
             self.endpoint_url = self.stats_url = self._start(server_cmd)
             return self
-        subnet = 201 + len(self.profile.name)  # distinct per profile: lan and wan may coexist
+        subnet = {"lan": 201, "wan": 202}[self.profile.name]  # one /30 per profile
         host_ip, ns_ip = f"10.{subnet}.0.1", f"10.{subnet}.0.2"
         peer = self.dev + "n"
         _run("ip", "netns", "add", self.ns)
