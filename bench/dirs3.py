@@ -7,11 +7,18 @@ benchmarks measure moto. This server answers HeadBucket, ListObjectsV2
 from files, with an optional per-request latency standing in for S3's
 first-byte latency. Bucket = a subdirectory; ETag = MD5 of the file. No auth
 checks: loopback only.
+
+As a process (``python -m bench.dirs3 ROOT [--host H] [--port P]``) it prints
+its endpoint URL on the first line of stdout, and ``GET /_bench/stats`` (JSON
+request counts and bytes sent) / ``GET /_bench/reset`` let a harness count the
+S3 traffic of a run from outside (``_bench`` is no valid bucket name).
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
+import json
 import threading
 import time
 from datetime import UTC, datetime
@@ -21,8 +28,15 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from xml.sax.saxutils import escape
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128  # rclone/aws open 32+ connections at once
+
+
 class DirS3:
-    def __init__(self, root: Path, latency: float = 0.0) -> None:
+    def __init__(
+        self, root: Path, latency: float = 0.0, host: str = "127.0.0.1", port: int = 0
+    ) -> None:
         self.root = root
         self.latency = latency
         self.etags: dict[Path, str] = {}
@@ -47,9 +61,8 @@ class DirS3:
             def do_GET(self) -> None:
                 server.handle(self, head=False)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.endpoint_url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.httpd = _Server((host, port), Handler)
+        self.endpoint_url = f"http://{host}:{self.httpd.server_address[1]}"
         self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
     def start(self) -> DirS3:
@@ -64,10 +77,12 @@ class DirS3:
         with self._lock:
             self.requests[op] = self.requests.get(op, 0) + 1
 
-    def handle(self, req: BaseHTTPRequestHandler, head: bool) -> None:
+    def handle(self, req: BaseHTTPRequestHandler, head: bool) -> None:  # noqa: PLR0911
         if self.latency:
             time.sleep(self.latency)
         url = urlsplit(req.path)
+        if url.path.startswith("/_bench/"):
+            return self._admin(req, url.path)
         bucket, _, key = unquote(url.path).lstrip("/").partition("/")
         query = parse_qs(url.query)
         if not key and "list-type" in query and not head:
@@ -102,12 +117,22 @@ class DirS3:
         self.count("head" if head else "get")
         if head:
             return _reply(req, 200, b"", head=True, headers=headers, length=size)
-        with path.open("rb") as f:
-            f.seek(start)
-            body = f.read(end - start + 1)
+        length = end - start + 1
+        _reply(req, status, b"", head=True, headers=headers, length=length)
+        with path.open("rb") as f:  # sendfile: the body never passes through Python
+            req.connection.sendfile(f, start, length)
         with self._lock:
-            self.bytes_sent += len(body)
-        return _reply(req, status, body, headers=headers)
+            self.bytes_sent += length
+        return None
+
+    def _admin(self, req: BaseHTTPRequestHandler, path: str) -> None:
+        with self._lock:
+            if path == "/_bench/reset":
+                self.requests.clear()
+                self.bytes_sent = 0
+                self.ranges.clear()
+            body = json.dumps({"requests": self.requests, "bytes_sent": self.bytes_sent})
+        _reply(req, 200, body.encode(), headers={"Content-Type": "application/json"})
 
     def _list(self, req: BaseHTTPRequestHandler, bucket: str, query: dict[str, list[str]]) -> None:
         prefix = query.get("prefix", [""])[0]
@@ -190,3 +215,19 @@ def _reply(
     req.end_headers()
     if not head:
         req.wfile.write(body)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("root", type=Path, help="folder whose subfolders are buckets")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--latency", type=float, default=0.0)
+    args = parser.parse_args()
+    server = DirS3(args.root, args.latency, args.host, args.port)
+    print(server.endpoint_url, flush=True)
+    server.httpd.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
