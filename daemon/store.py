@@ -13,6 +13,7 @@ import hashlib
 import random
 import threading
 import time
+import urllib.parse
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -21,6 +22,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 import boto3
 import botocore.config
 import botocore.exceptions
+import botocore.session
+import urllib3
+from botocore.httpsession import DEFAULT_CA_BUNDLE
 
 from s3cachefs.daemon.errors import (
     AccessDeniedError,
@@ -32,6 +36,7 @@ from s3cachefs.daemon.errors import (
     StoreError,
     TransientError,
 )
+from s3cachefs.daemon.rangeget import RangeGetter, proxy_applies
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -151,7 +156,23 @@ _NETWORK_ERRORS = (
     botocore.exceptions.ResponseStreamingError,
     botocore.exceptions.IncompleteReadError,
     botocore.exceptions.HTTPClientError,
+    urllib3.exceptions.HTTPError,  # the lean GET path (`daemon.rangeget`)
 )
+
+
+def error_for_code(code: str, what: str) -> StoreError:
+    """The error an S3 error code (or bare HTTP status) becomes."""
+    if code in _NO_BUCKET:
+        return NoSuchBucketError(f"{what}: no such bucket")
+    if code in _NOT_FOUND:
+        return NotFoundError(f"{what}: not found")
+    if code in _DENIED:
+        return AccessDeniedError(f"{what}: access denied ({code})")
+    if code in _STALE:
+        return StaleError(f"{what}: changed in S3 since it was opened")
+    if code in _TRANSIENT:
+        return TransientError(f"{what}: S3 unavailable ({code}) after retries")
+    return StoreError(f"{what}: S3 error {code}")
 
 
 @contextlib.contextmanager
@@ -161,17 +182,7 @@ def _translated(what: str) -> Iterator[None]:
         yield
     except botocore.exceptions.ClientError as exc:
         code = str(exc.response.get("Error", {}).get("Code", ""))
-        if code in _NO_BUCKET:
-            raise NoSuchBucketError(f"{what}: no such bucket") from None
-        if code in _NOT_FOUND:
-            raise NotFoundError(f"{what}: not found") from None
-        if code in _DENIED:
-            raise AccessDeniedError(f"{what}: access denied ({code})") from None
-        if code in _STALE:
-            raise StaleError(f"{what}: changed in S3 since it was opened") from None
-        if code in _TRANSIENT:
-            raise TransientError(f"{what}: S3 unavailable ({code}) after retries") from None
-        raise StoreError(f"{what}: S3 error {code}") from None
+        raise error_for_code(code, what) from None
     except botocore.exceptions.NoCredentialsError:
         raise CredentialsError(
             "no AWS credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
@@ -193,8 +204,11 @@ class S3Store:
         # Called after every request with (operation, outcome, seconds): metrics.
         self.observer: Callable[[str, str, float], None] | None = None
         self._body_attempts = config.s3_max_attempts
+        self._config = config
+        self._getter: RangeGetter | None = None  # set by check_bucket, once the region is known
         try:
-            session = boto3.session.Session(profile_name=config.profile)
+            self._core_session = botocore.session.Session(profile=config.profile)
+            session = boto3.session.Session(botocore_session=self._core_session)
         except botocore.exceptions.ProfileNotFound as exc:
             raise CredentialsError(str(exc)) from None
         client_config = botocore.config.Config(
@@ -211,6 +225,7 @@ class S3Store:
         self._client: S3Client = session.client(
             "s3", endpoint_url=config.endpoint_url, config=client_config
         )
+        self._session = session
         # The start-up check fails fast on a typo'd endpoint instead of retrying for seconds.
         self._probe: S3Client = session.client(
             "s3",
@@ -251,9 +266,42 @@ class S3Store:
     def check_bucket(self) -> None:
         try:
             with self._request("head_bucket", f"s3://{self._bucket}"):
-                self._probe.head_bucket(Bucket=self._bucket)
+                resp = self._probe.head_bucket(Bucket=self._bucket)
         except NotFoundError:  # HEAD has no body: S3 says only "404"
             raise NoSuchBucketError(f"s3://{self._bucket}: no such bucket") from None
+        headers = resp.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+        self._getter = self._range_getter(headers.get("x-amz-bucket-region"))
+
+    def _range_getter(self, bucket_region: str | None) -> RangeGetter | None:
+        """The lean GET path, addressed and signed exactly as botocore would."""
+        client = self._client
+        region = bucket_region or client.meta.region_name
+        if (
+            bucket_region
+            and bucket_region != client.meta.region_name
+            and not self._config.endpoint_url
+        ):
+            client = self._session.client("s3", region_name=bucket_region)
+        # A presigned URL is botocore's endpoint resolution (region, virtual host or path
+        # style, FIPS, custom endpoints) for this bucket, without sending anything.
+        url = client.generate_presigned_url(
+            "get_object", Params={"Bucket": self._bucket, "Key": "k"}, ExpiresIn=60
+        )
+        base = urllib.parse.urlsplit(url)._replace(query="").geturl().removesuffix("k")
+        if proxy_applies(base):
+            return None
+        config = self._config
+        return RangeGetter(
+            base_url=base,
+            region=region,
+            credentials=self._session.get_credentials(),
+            ca_bundle=self._core_session.get_config_variable("ca_bundle") or DEFAULT_CA_BUNDLE,
+            max_connections=config.s3_concurrency,
+            connect_timeout=min(10.0, config.s3_timeout),
+            read_timeout=config.s3_timeout,
+            max_attempts=config.s3_max_attempts,
+            error_for_code=error_for_code,
+        )
 
     def list_dir(self, prefix: str) -> Listing:
         listing = Listing()
@@ -301,28 +349,33 @@ class S3Store:
         what = f"s3://{self._bucket}/{key}"
         pos = start
         attempt = 0
-        # botocore retries a failed request (its budget, not ours: a request error
-        # propagates at once), but not a body cut half-way: that is ours, resuming at
-        # the first piece not yet delivered.
+        # A failed request is retried inside the request (botocore's budget, or the lean
+        # path's); a body cut half-way is ours, resuming at the first piece not yet delivered.
         while pos < end:
             with self._request("get", what):  # the latency observed: time to headers
-                resp = self._client.get_object(
-                    Bucket=self._bucket, Key=key, Range=f"bytes={pos}-{end - 1}", IfMatch=etag
-                )
+                if self._getter is not None:
+                    body = self._getter.open(key, etag, pos, end, what)
+                else:
+                    body = self._client.get_object(
+                        Bucket=self._bucket, Key=key, Range=f"bytes={pos}-{end - 1}", IfMatch=etag
+                    )["Body"]
+            whole = False
             try:
                 with _translated(what):
-                    body = resp["Body"]
                     while pos < end:
                         piece = _read_exactly(body, min(chunk, end - pos))
                         if piece is None:
                             raise TransientError(f"{what}: body ended early at byte {pos}")
                         pos += len(piece)
                         yield piece
+                whole = True
             except TransientError:
                 attempt += 1
                 if attempt >= self._body_attempts:
                     raise
                 time.sleep(min(2.0, 0.05 * 2**attempt) * random.random())  # noqa: S311
+            finally:
+                _release(body, whole)
 
     def put_object(self, key: str, data: bytes, *, create_only: bool) -> str:
         what = f"s3://{self._bucket}/{key}"
@@ -399,6 +452,14 @@ def _objects(page: Any) -> list[ObjectInfo]:
         )
         for obj in page.get("Contents", [])
     ]
+
+
+def _release(body: Any, whole: bool) -> None:
+    """Give a read-to-the-end connection back to the pool; close one left mid-body."""
+    if whole and hasattr(body, "release_conn"):
+        body.release_conn()
+    else:
+        body.close()
 
 
 def _read_exactly(body: Any, size: int) -> bytes | None:

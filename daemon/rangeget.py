@@ -1,0 +1,121 @@
+"""Ranged GETs on the read path without botocore's per-request machinery.
+
+Measured on this project's 2-core machine (``bench/README.md``, "W1 profile"):
+a botocore ``get_object`` costs 1.6 ms of CPU per request (endpoint rules,
+event hooks, response parsing), a third of prefetch's CPU per small file;
+signing with botocore's own SigV4 signer and sending with urllib3 costs
+0.5 ms. Everything else (listings, HEAD, writes) stays on the boto3 client.
+
+What is kept from botocore: the credential chain (refreshable credentials are
+re-read before each request), SigV4 signing, the CA bundle. What is ours:
+retries of throttling, 5xx and network errors (bounded attempts, exponential
+backoff with full jitter, as botocore's "standard" mode) and the mapping of
+S3 error codes, shared with the client path (`error_for_code`).
+
+Not used (the client path serves GETs instead) when an HTTP proxy applies:
+urllib3 does not read the proxy environment.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+
+import botocore.auth
+import botocore.awsrequest
+import botocore.credentials
+import urllib3
+
+from s3cachefs.daemon.errors import CredentialsError, StoreError, TransientError
+
+# Statuses worth another attempt: throttling and server-side trouble.
+_RETRY_STATUS = {429, 500, 502, 503, 504}
+_CODE = re.compile(rb"<Code>([^<]+)</Code>")
+
+
+def proxy_applies(url: str) -> bool:
+    """Whether the environment routes ``url`` through a proxy (then botocore does the GET)."""
+    host = urllib.parse.urlsplit(url).hostname or ""
+    proxies = urllib.request.getproxies()
+    scheme = urllib.parse.urlsplit(url).scheme
+    return scheme in proxies and not urllib.request.proxy_bypass(host)
+
+
+class RangeGetter:
+    """Signed ranged GETs over one urllib3 connection pool (thread-safe)."""
+
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        region: str,
+        credentials: botocore.credentials.Credentials | None,
+        ca_bundle: str | None,
+        max_connections: int,
+        connect_timeout: float,
+        read_timeout: float,
+        max_attempts: int,
+        error_for_code: Callable[[str, str], StoreError],
+    ) -> None:
+        self.base_url = base_url.rstrip("/") + "/"
+        self.region = region
+        self._credentials = credentials
+        self._max_attempts = max_attempts
+        self._error_for_code = error_for_code
+        self._pool = urllib3.PoolManager(
+            maxsize=max_connections,
+            block=False,
+            retries=False,  # ours, below: urllib3's would retry behind our counters
+            timeout=urllib3.Timeout(connect=connect_timeout, read=read_timeout),
+            ca_certs=ca_bundle,
+        )
+
+    def url(self, key: str) -> str:
+        return self.base_url + urllib.parse.quote(key, safe="/~")
+
+    def open(self, key: str, etag: str, start: int, end: int, what: str) -> Any:
+        """The response to ``GET key`` for bytes [start, end) of version ``etag``.
+
+        The caller reads the body (urllib3 errors while reading are network
+        errors) and releases it. Raises StoreError.
+        """
+        url = self.url(key)
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                response = self._send(url, etag, start, end)
+            except urllib3.exceptions.HTTPError as exc:
+                error: StoreError = TransientError(f"{what}: network error: {type(exc).__name__}")
+            else:
+                if response.status in (200, 206):
+                    return response
+                body = response.read()
+                response.release_conn()
+                match = _CODE.search(body)
+                code = match.group(1).decode() if match else str(response.status)
+                error = self._error_for_code(code, what)
+                if response.status not in _RETRY_STATUS:
+                    raise error
+            if attempt >= self._max_attempts:
+                raise error
+            time.sleep(random.random() * min(20.0, 0.1 * 2**attempt))  # noqa: S311
+
+    def _send(self, url: str, etag: str, start: int, end: int) -> Any:
+        if self._credentials is None:
+            raise CredentialsError(
+                "no AWS credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+                "--profile, or an instance role)"
+            )
+        headers = {"Range": f"bytes={start}-{end - 1}", "If-Match": etag}
+        request = botocore.awsrequest.AWSRequest(method="GET", url=url, headers=headers)
+        frozen = self._credentials.get_frozen_credentials()  # refreshes role credentials
+        botocore.auth.S3SigV4Auth(frozen, "s3", self.region).add_auth(request)
+        return self._pool.request(
+            "GET", url, headers=dict(request.headers.items()), preload_content=False
+        )
