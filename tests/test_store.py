@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Generator
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -46,7 +48,9 @@ def test_ranged_gets_are_exact_conditional_and_translated(
     with pytest.raises(NotFoundError):
         list(store.iter_range("dir/missing", etag, 0, 10, 10))
     # An abandoned body gives its connection up instead of leaving it half-read.
-    stream = store.iter_range("dir/a file+x.bin", etag, 0, len(data), 1 << 20)
+    stream = cast(
+        Generator[bytes], store.iter_range("dir/a file+x.bin", etag, 0, len(data), 1 << 20)
+    )
     next(stream)
     stream.close()
     assert b"".join(store.iter_range("dir/a file+x.bin", etag, 0, 10, 10)) == data[:10]
