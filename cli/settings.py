@@ -111,11 +111,18 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("no-keep-cache", _bool, False, "drop the page cache at every open (measurements)"),
     Setting("metrics-address", str, None, "serve Prometheus /metrics at HOST:PORT (off)"),
     Setting("s3-timeout", _ttl, "30", "seconds an S3 connection may stall before a retry (30)"),
+    Setting(
+        "kernel-serve-pinned",
+        _bool,
+        True,
+        "bind complete pinned datasets read-only over their dirs: the kernel serves them (on)",
+    ),
     # Read by `s3cachefs prefetch --config`, not by the mount.
     Setting("prefetch", _datasets, None, "datasets to prefetch", flag=False),
 )
 BY_NAME = {s.name: s for s in SETTINGS}
 _BOOLEAN = {"allow-other", "no-keep-cache"}
+_TOGGLES = {"kernel-serve-pinned"}  # --NAME and --no-NAME
 
 
 def add_mount_options(parser: argparse.ArgumentParser) -> None:
@@ -128,6 +135,8 @@ def add_mount_options(parser: argparse.ArgumentParser) -> None:
             continue
         if s.name in _BOOLEAN:
             parser.add_argument(f"--{s.name}", action="store_const", const=True, help=s.help)
+        elif s.name in _TOGGLES:
+            parser.add_argument(f"--{s.name}", action=argparse.BooleanOptionalAction, help=s.help)
         else:
             parser.add_argument(f"--{s.name}", help=s.help)
 
@@ -210,4 +219,5 @@ def mount_config(values: Mapping[str, Any]) -> MountConfig:
         readahead_size=values["readahead"],
         metrics_address=values["metrics-address"],
         s3_timeout=values["s3-timeout"],
+        kernel_serve_pinned=values["kernel-serve-pinned"],
     )

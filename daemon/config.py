@@ -116,6 +116,9 @@ class MountConfig:
     # A read that S3 cannot serve within this budget fails with EIO, never hangs.
     s3_timeout: float = 30.0
     s3_max_attempts: int = 3
+    # Complete pinned datasets served by the kernel: a read-only bind of a tree of
+    # hard links to their cache files over the dataset's directory (daemon.kernelserve).
+    kernel_serve_pinned: bool = True
 
     def __post_init__(self) -> None:
         if self.block_size < 64 * KIB or self.block_size & (self.block_size - 1):
