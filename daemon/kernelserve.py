@@ -249,6 +249,11 @@ class KernelServe:
     async def _refresh(self, manifest_id: str, verify_rebuilt: bool) -> None:
         manifest = self.pins.manifests.get(manifest_id)
         bind = self.binds.get(manifest_id)
+        if bind is not None and bind.mount_id not in await trio.to_thread.run_sync(self._live_ids):
+            log.info("kernel-serve target=%s: bind gone (unmounted by someone else)", bind.target)
+            self.binds.pop(manifest_id)
+            await self._release_hold(bind)
+            bind = None
         reason = "not pinned" if manifest is None else self._ineligible(manifest)
         entries = None
         if manifest is not None and reason is None:
