@@ -53,6 +53,8 @@ def main() -> None:
     parser.add_argument("--readers", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        os.environ.setdefault(name, "bench")
     work = Path(tempfile.mkdtemp(prefix="pinnedread-"))
     rng = random.Random(1)
     names = []
