@@ -131,10 +131,14 @@ def _print_status(s: dict[str, Any]) -> None:
         )
         state = "complete" if d["complete"] else "INCOMPLETE"
         shard = f" shard {d['shard']}" if d["shard"] else ""
+        if d.get("kernel_served"):
+            served = f"kernel-served (bind on {d['bind']})"
+        else:
+            served = f"through FUSE ({d.get('kernel_note') or 'not bound'})"
         print(
             f"  dataset {d['dataset']}{shard}: {d['objects']} objects, "
             f"{human_bytes(d['bytes'])}, {d['cached_percent']}% cached, {state}, "
-            f"verified {when}"
+            f"verified {when}, {served}"
         )
     for j in s["jobs"]:
         print(f"  prefetching {j['dataset']}: {describe(j)}")

@@ -24,6 +24,7 @@ from pathlib import Path
 import psutil
 
 from s3cachefs import __version__
+from s3cachefs.cli.client import request
 from s3cachefs.cli.settings import add_mount_options, mount_config, resolve
 from s3cachefs.daemon.blockcache import prepare_cache_dir
 from s3cachefs.daemon.config import MountConfig
@@ -202,6 +203,11 @@ def cmd_unmount(args: argparse.Namespace) -> int:
     if not stale and not os.path.ismount(path):
         raise ConfigError(f"{path} is not mounted")
     record = read_record(path)
+    if record is not None and not stale:
+        # Kernel-served datasets are binds on the mount: the daemon unmounts its own first.
+        with contextlib.suppress(ConfigError, OSError, ValueError):
+            for _ in request(record, {"op": "unbind"}):
+                pass
     unmount(path, lazy=args.lazy or stale)
     if record is not None and _wait_for_exit(record.pid, timeout=30.0):
         print(f"unmounted {path}")

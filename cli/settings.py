@@ -115,11 +115,18 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("allow-overwrite", _bool, False, "with --writable: let writes replace objects"),
     Setting("allow-delete", _bool, False, "with --writable: let unlink/rmdir delete objects"),
     Setting("upload-part-size", _size, "8M", "multipart part size for writes (default 8M)"),
+    Setting(
+        "kernel-serve-pinned",
+        _bool,
+        True,
+        "bind complete pinned datasets read-only over their dirs: the kernel serves them (on)",
+    ),
     # Read by `s3cachefs prefetch --config`, not by the mount.
     Setting("prefetch", _datasets, None, "datasets to prefetch", flag=False),
 )
 BY_NAME = {s.name: s for s in SETTINGS}
 _BOOLEAN = {"allow-other", "no-keep-cache", "writable", "allow-overwrite", "allow-delete"}
+_TOGGLES = {"kernel-serve-pinned"}  # --NAME and --no-NAME
 
 
 def add_mount_options(parser: argparse.ArgumentParser) -> None:
@@ -132,6 +139,8 @@ def add_mount_options(parser: argparse.ArgumentParser) -> None:
             continue
         if s.name in _BOOLEAN:
             parser.add_argument(f"--{s.name}", action="store_const", const=True, help=s.help)
+        elif s.name in _TOGGLES:
+            parser.add_argument(f"--{s.name}", action=argparse.BooleanOptionalAction, help=s.help)
         else:
             parser.add_argument(f"--{s.name}", help=s.help)
 
@@ -218,4 +227,5 @@ def mount_config(values: Mapping[str, Any]) -> MountConfig:
         allow_overwrite=values["allow-overwrite"],
         allow_delete=values["allow-delete"],
         upload_part_size=values["upload-part-size"],
+        kernel_serve_pinned=values["kernel-serve-pinned"],
     )

@@ -25,6 +25,7 @@ from s3cachefs.daemon import control
 from s3cachefs.daemon.blockcache import BlockCache
 from s3cachefs.daemon.commands import Daemon, RecentErrors
 from s3cachefs.daemon.errors import ConfigError, TransientError
+from s3cachefs.daemon.kernelserve import KernelServe
 from s3cachefs.daemon.metrics import Metrics
 from s3cachefs.daemon.mountpoint import check_mountpoint, set_kernel_readahead
 from s3cachefs.daemon.notify import notify
@@ -136,7 +137,15 @@ def run_daemon(config: MountConfig, on_ready: Callable[[], None]) -> None:
         ops = Operations(
             core, uid=os.getuid(), gid=os.getgid(), block_size=cache.block_size, writer=writer
         )
-        daemon = Daemon(config, store, cache, pins, ops, errors, writeback)
+        kernel = KernelServe(
+            mountpoint=config.mountpoint,
+            mount_prefix=config.prefix,
+            bucket=config.bucket,
+            cache=cache,
+            pins=pins,
+            enabled=config.kernel_serve_pinned,
+        )
+        daemon = Daemon(config, store, cache, pins, ops, errors, writeback, kernel=kernel)
         if config.metrics_address:
             metrics = Metrics(daemon)
             metrics.serve(config.metrics_address)
@@ -174,7 +183,7 @@ async def _serve(daemon: Daemon, socket_path: Path, on_ready: Callable[[], None]
     async with trio.open_nursery() as nursery:
         await nursery.start(daemon.cache.run)
         await nursery.start(functools.partial(control.serve, socket_path, daemon.handlers()))
-        nursery.start_soon(_terminate_on_signal)
+        nursery.start_soon(_terminate_on_signal, daemon)
         nursery.start_soon(_announce_ready, daemon, on_ready)
         await pyfuse3.main(max_tasks=FUSE_MAX_TASKS)
         notify("STOPPING=1", "STATUS=unmounting")
@@ -195,14 +204,18 @@ async def _announce_ready(daemon: Daemon, on_ready: Callable[[], None]) -> None:
         set_kernel_readahead(config.mountpoint, config.kernel_readahead_kib)
     on_ready()
     notify("READY=1", f"STATUS={daemon.summary()}")
+    if daemon.kernel is not None:  # the FUSE path serves correct bytes until then
+        await daemon.kernel.restore()
     while True:  # systemctl status shows a live summary
         await trio.sleep(STATUS_INTERVAL)
         notify(f"STATUS={daemon.summary()}")
 
 
-async def _terminate_on_signal() -> None:
+async def _terminate_on_signal(daemon: Daemon) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
             log.info("signal=%s; unmounting", signal.Signals(signum).name)
+            if daemon.kernel is not None:  # binds first, while the FUSE loop still answers
+                await daemon.kernel.stop()
             pyfuse3.terminate()
             return

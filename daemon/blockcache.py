@@ -908,6 +908,10 @@ class BlockCache:
     def _path(self, oid: str) -> Path:
         return self.root / "objects" / oid[:2] / oid[2:4] / oid
 
+    def object_path(self, oid: str) -> Path:
+        """The data file of an object version (kernel-served trees link it)."""
+        return self._path(oid)
+
     def _remember(self, key: BlockKey, data: bytes) -> None:
         if key in self._memory:
             return

@@ -23,6 +23,7 @@ from s3cachefs.fs.names import valid_name
 
 if TYPE_CHECKING:
     from s3cachefs.daemon.config import MountConfig
+    from s3cachefs.daemon.kernelserve import KernelServe
     from s3cachefs.fs.operations import Operations
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class Daemon:
     writeback: Writeback
     jobs: dict[str, PrefetchJob] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
+    kernel: KernelServe | None = None  # binds of kernel-served pinned datasets
 
     def handlers(self) -> dict[str, Handler]:
         return {
@@ -59,6 +61,7 @@ class Daemon:
             "verify": self.verify,
             "evict": self.evict,
             "staged": self.staged,
+            "unbind": self.unbind,
             "sentry-test": self.sentry_test,
         }
 
@@ -95,6 +98,7 @@ class Daemon:
         cache, counts = self.cache, self.cache.stats.counts
         hits = counts["hits_memory"] + counts["hits_disk"]
         lookups = hits + counts["misses"]
+        served = await self.kernel.describe() if self.kernel is not None else {}
         disk = psutil.disk_usage(str(cache.cache_dir))
         proc = psutil.Process()
         return {
@@ -127,7 +131,10 @@ class Daemon:
                 "metrics_address": self.config.metrics_address,
                 "sentry": bool(os.environ.get("SENTRY_DSN")),
             },
-            "datasets": [self._dataset_status(m) for m in self.pins.manifests.values()],
+            "datasets": [
+                {**self._dataset_status(m), **served.get(m.id, {})}
+                for m in self.pins.manifests.values()
+            ],
             "jobs": [
                 {"dataset": self.dataset_name(j.prefix), **j.progress.event("progress")}
                 for j in self.jobs.values()
@@ -184,6 +191,9 @@ class Daemon:
             del self.jobs[job_id]
             if not job.dry_run:
                 self.ops.invalidate(self.ops.core.pins_changed())
+                if self.kernel is not None:  # bind, swap or unbind to match the manifest
+                    with trio.CancelScope(shield=True):
+                        await self.kernel.refresh(job.manifest.id)
         log.info(
             "prefetch dataset=%s files=%d/%d bytes_fetched=%d failed=%d complete=%s",
             prefix,
@@ -209,11 +219,14 @@ class Daemon:
         checked = 0
         total = sum(len(m.objects) for m in manifests)
         for manifest in manifests:
+            fixed = []
             for version in manifest.versions():
                 expected = manifest.md5.get(version.key) or etag_md5(version.etag)
                 intact, _ = await self.cache.verify_object(version, expected)
                 if not intact:
                     try:
+                        if self.kernel is not None:  # kernel-served: repair into a new file
+                            await self.kernel.repair(manifest, [version])
                         await self.cache.refetch(version)
                         intact, _ = await self.cache.verify_object(version, expected)
                     except StoreError as exc:
@@ -221,11 +234,14 @@ class Daemon:
                     else:
                         if intact:
                             repaired.append(version.key)
+                            fixed.append(version)
                         else:
                             failed[version.key] = "still corrupt after re-fetching"
                 checked += 1
                 if checked % 100 == 0:
                     await send({"event": "progress", "files_done": checked, "files_total": total})
+            if self.kernel is not None:  # repaired files into the tree, or unbind
+                await self.kernel.relink(manifest, fixed, ok=not failed)
             if not failed:
                 manifest.verified_at = time.time()
                 self.pins.save(manifest)
@@ -246,6 +262,12 @@ class Daemon:
             "complete": all(m.complete for m in manifests),
         }
 
+    async def unbind(self, request: dict[str, Any], send: Send) -> dict[str, Any]:
+        """`s3cachefs unmount`: unmount the binds so that the FUSE mount can go."""
+        if self.kernel is not None:
+            await self.kernel.stop()
+        return {"event": "done", "ok": True}
+
     async def evict(self, request: dict[str, Any], send: Send) -> dict[str, Any]:
         prefix = self.dataset_prefix(str(request.get("dataset", "")))
         manifests = [m for m in self.pins.manifests.values() if m.prefix == prefix]
@@ -253,6 +275,8 @@ class Daemon:
             raise ConfigError(f"dataset {self.dataset_name(prefix)} is not pinned")
         oids = {v.oid for m in manifests for v in m.versions()}
         for manifest in manifests:
+            if self.kernel is not None:  # unbind before anything is unpinned or freed
+                await self.kernel.release(manifest)
             self.pins.delete(manifest)
         self.cache.set_pinned(self.pins.pinned_oids())
         self.ops.invalidate(self.ops.core.pins_changed())

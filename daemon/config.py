@@ -123,6 +123,9 @@ class MountConfig:
     allow_delete: bool = False
     # Files larger than one part go up as a multipart upload of parts this size.
     upload_part_size: int = 8 * MIB
+    # Complete pinned datasets served by the kernel: a read-only bind of a tree of
+    # hard links to their cache files over the dataset's directory (daemon.kernelserve).
+    kernel_serve_pinned: bool = True
 
     def __post_init__(self) -> None:
         if self.block_size < 64 * KIB or self.block_size & (self.block_size - 1):

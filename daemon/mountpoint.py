@@ -47,6 +47,7 @@ def check_mountpoint(path: Path) -> None:
     """
     if is_stale(path):
         log.warning("mountpoint=%s is a stale mount of a dead daemon; unmounting it", path)
+        # Lazy: also detaches the binds of kernel-served datasets stacked on it.
         unmount(path, lazy=True)
     if not path.exists():
         raise ConfigError(f"mountpoint {path} does not exist")

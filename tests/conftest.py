@@ -24,6 +24,7 @@ import boto3
 import pytest
 
 from s3cachefs.cli.locals3 import LocalS3
+from s3cachefs.daemon.binds import mounts_below
 
 CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "test-access-key",
@@ -154,6 +155,10 @@ class Mount:
             result = subprocess.run(
                 ["fusermount3", "-u", str(self.path)], capture_output=True, check=False
             )
+            if result.returncode != 0:  # busy, or binds of kernel-served datasets on it
+                result = subprocess.run(
+                    ["umount", "-R", str(self.path)], capture_output=True, check=False
+                )
             if result.returncode != 0:
                 subprocess.run(
                     ["fusermount3", "-uz", str(self.path)], capture_output=True, check=False
@@ -216,6 +221,11 @@ def mounter(s3_server: LocalS3, tmp_path: Path) -> Iterator[Mounter]:
     m = Mounter(s3_server, tmp_path)
     yield m
     m.close()
+    leaked = mounts_below(tmp_path)
+    if leaked:  # clean up for the next test, then fail this one
+        for entry in reversed(leaked):
+            subprocess.run(["umount", "-l", entry.mount_point], capture_output=True, check=False)
+        pytest.fail(f"mounts left behind: {[e.mount_point for e in leaked]}")
 
 
 def drop_page_cache() -> None:

@@ -1,0 +1,419 @@
+"""Kernel-served pinned datasets: a tree of hard links, bound read-only over the dataset.
+
+A Python FUSE daemon tops out near 0.2x local disk for small files: every
+open, read and release is a round trip through it. A complete, verified,
+unsharded pinned dataset does not need the daemon: its cache files are
+byte-exact copies of the objects (`daemon.blockcache`). So after a prefetch
+completes, the daemon links them into ``CACHE/v1/trees/<manifest id>/``
+(dirs 0755, files 0444; the cache dir itself stays 0700, so the tree is
+reachable only through the bind) and binds that tree read-only over
+``MOUNTPOINT/<dataset>``. From then on the kernel serves the dataset like any
+local directory; the daemon's counters no longer see those reads.
+
+Rules that keep every guarantee of the FUSE path:
+- Objects a tree links stay pinned while the tree exists (a hold on the pin
+  store): the cache never punches holes in a linked inode. A whole-object free
+  is an unlink, so readers holding a file open keep its bytes.
+- A tree is built completely, ``syncfs``'d, and only then bound. A rebuild
+  (re-prefetch that changed objects, a tree that no longer matches) builds a
+  new tree and swaps (`daemon.binds`: beneath, then detach the old one).
+  ``<id>.synced`` marks a tree that was synced; a tree without it (crash,
+  power loss) is rebuilt at start from objects verified again.
+- Unbind before unpin: evict, a prefetch that leaves the dataset incomplete,
+  and stop detach the bind (lazily if busy) before anything is freed.
+- `verify` repairs a kernel-served object into a *new* file and renames it
+  over the tree entry: a reader sees the old inode or the repaired one.
+- Only what this daemon mounted is unmounted, by path and mount id.
+- Every mount and unmount runs in a worker thread: the path lookup crosses the
+  FUSE mount, which this daemon's trio thread answers.
+
+Refused, with one INFO line, and served through FUSE as before: a sharded
+pin (a shard is part of a dataset), a dataset whose directory is the mount
+root (binding over the mountpoint itself), datasets nested in one another,
+and anything when the daemon may not mount (not root).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from s3cachefs.daemon import binds
+from s3cachefs.daemon.blockcache import BlockCache, ObjectVersion
+from s3cachefs.daemon.pins import Manifest, PinStore
+from s3cachefs.daemon.prefetch import etag_md5
+
+log = logging.getLogger(__name__)
+
+# How long stop may spend unmounting binds before the FUSE unmount goes ahead.
+STOP_TIMEOUT = 10.0
+
+
+@dataclass
+class Bind:
+    manifest_id: str
+    target: Path
+    tree: Path
+    mount_id: int
+    owner: str  # the pin-store hold that keeps the tree's objects pinned
+    oids: frozenset[str]
+
+
+class KernelServe:
+    """The binds of one daemon: which datasets the kernel serves, and their trees."""
+
+    def __init__(
+        self,
+        *,
+        mountpoint: Path,
+        mount_prefix: str,
+        bucket: str,
+        cache: BlockCache,
+        pins: PinStore,
+        enabled: bool,
+    ) -> None:
+        self.mountpoint = mountpoint
+        self.mount_prefix = mount_prefix
+        self.bucket = bucket
+        self.cache = cache
+        self.pins = pins
+        self.enabled = enabled
+        self.trees = cache.root / "trees"
+        self.binds: dict[str, Bind] = {}
+        self.notes: dict[str, str] = {}  # manifest id -> why it is not kernel-served
+        self._lock = trio.Lock()
+        self._generation = 0
+
+    # ---- lifecycle ---------------------------------------------------------
+
+    async def restore(self) -> None:
+        """At start, once the FUSE mount answers: bind every eligible dataset again."""
+        if not self.enabled:
+            return
+        await trio.to_thread.run_sync(self._sweep)
+        for manifest_id in list(self.pins.manifests):
+            await self.refresh(manifest_id, verify_rebuilt=True)
+
+    def _sweep(self) -> None:
+        """Trees whose build or swap a crash interrupted, and trees of forgotten manifests."""
+        self.trees.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for path in self.trees.iterdir():
+            name = path.name.split(".")[0]
+            leftover = path.is_dir() and path.name != name
+            if leftover:
+                _rmtree(path)
+            elif name not in self.pins.manifests:
+                if path.is_dir():
+                    binds.remove_tree(path)
+                else:
+                    path.unlink(missing_ok=True)
+
+    async def stop(self) -> None:
+        """Before the FUSE unmount: unmount every bind (trees stay for the next start)."""
+        with trio.move_on_after(STOP_TIMEOUT):
+            async with self._lock:
+                for bind in list(self.binds.values()):
+                    await self._detach(bind, "daemon stopping")
+                    self.binds.pop(bind.manifest_id, None)
+
+    # ---- what changes the binds ---------------------------------------------
+
+    async def refresh(self, manifest_id: str, *, verify_rebuilt: bool = False) -> None:
+        """Make the bind of one dataset match its manifest: bind, rebuild and swap, or unbind."""
+        if not self.enabled:
+            return
+        async with self._lock:
+            await self._refresh(manifest_id, verify_rebuilt)
+
+    async def release(self, manifest: Manifest) -> None:
+        """Unbind and remove the tree before the dataset is unpinned (evict)."""
+        async with self._lock:
+            bind = self.binds.get(manifest.id)
+            if bind is not None:
+                await self._unbind(bind, "dataset evicted")
+            else:  # a tree that was never bound (bind failed, or served off)
+                await trio.to_thread.run_sync(self._remove, self.trees / manifest.id)
+            self.notes.pop(manifest.id, None)
+
+    async def repair(self, manifest: Manifest, versions: list[ObjectVersion]) -> None:
+        """Before `verify` re-fetches these objects: make the fetch land in new files.
+
+        The cache path is unlinked (the tree keeps the damaged inode meanwhile),
+        so the re-fetch creates a new file; `relink` then renames it into the tree.
+        """
+        if manifest.id not in self.binds:
+            return
+        for version in versions:
+            await self.cache.drain_object(version)
+            await self.cache.forget_object(version)
+            path = self.cache.object_path(version.oid)
+            await trio.to_thread.run_sync(path.unlink, True)
+
+    async def relink(self, manifest: Manifest, repaired: list[ObjectVersion], ok: bool) -> None:
+        """After `verify`: repaired files renamed over their tree entries; unbind if not intact."""
+        async with self._lock:
+            bind = self.binds.get(manifest.id)
+            if bind is None:
+                return
+            if not ok:
+                await self._unbind(bind, "verify found objects it could not repair")
+                self.notes[manifest.id] = "not intact (verify failed); served through FUSE"
+                return
+            for version in repaired:
+                rel = version.key[len(manifest.prefix) :]
+                await trio.to_thread.run_sync(
+                    binds.relink, self.cache.object_path(version.oid), bind.tree / rel
+                )
+            await trio.to_thread.run_sync(binds.syncfs, self.trees)
+            await self._refresh(manifest.id, verify_rebuilt=False)  # and check the whole tree
+
+    # ---- status --------------------------------------------------------------
+
+    async def describe(self) -> dict[str, dict[str, Any]]:
+        """Per manifest id: whether the kernel serves it now (read from mountinfo), and where."""
+        live = await trio.to_thread.run_sync(self._live_ids)
+        out: dict[str, dict[str, Any]] = {}
+        for manifest_id, manifest in self.pins.manifests.items():
+            bind = self.binds.get(manifest_id)
+            bound = bind is not None and bind.mount_id in live
+            note = self.notes.get(manifest_id) or self._ineligible(manifest) or "not bound"
+            out[manifest_id] = {
+                "kernel_served": bound,
+                "bind": str(bind.target) if bind and bound else None,
+                "tree": str(bind.tree) if bind and bound else None,
+                "kernel_note": None if bound else note,
+            }
+        return out
+
+    def _live_ids(self) -> set[int]:
+        return {e.id for e in binds.mountinfo()}
+
+    # ---- internals (under the lock) ---------------------------------------
+
+    def _ineligible(self, manifest: Manifest) -> str | None:
+        """Why the kernel must not serve this dataset, or None. Must not await."""
+        nested = [
+            other.prefix
+            for other in self.pins.manifests.values()
+            if other is not manifest
+            and other.complete
+            and other.shard is None
+            and (
+                other.prefix.startswith(manifest.prefix) or manifest.prefix.startswith(other.prefix)
+            )
+        ]
+        checks = (
+            (not self.enabled, "off (--no-kernel-serve-pinned)"),
+            (
+                manifest.bucket != self.bucket or not manifest.prefix.startswith(self.mount_prefix),
+                "not under this mount",
+            ),
+            (manifest.shard is not None, "a shard is part of a dataset; served through FUSE"),
+            (not manifest.complete, "incomplete; served through FUSE"),
+            (
+                manifest.prefix == self.mount_prefix,
+                "the dataset is the mount root; binding over the mountpoint itself is refused",
+            ),
+            (bool(nested), f"nested with dataset {nested[:1]}; both served through FUSE"),
+            (os.geteuid() != 0, "the daemon is not root and cannot bind"),
+        )
+        return next((reason for failed, reason in checks if failed), None)
+
+    def _entries(self, manifest: Manifest) -> list[binds.TreeEntry] | None:
+        """The tree's files; None if any object is not complete in the cache. Must not await."""
+        objects = manifest.objects.values()
+        dirs = {
+            "/".join(parts[:depth])
+            for info in objects
+            for parts in [info.key[len(manifest.prefix) :].split("/")]
+            for depth in range(1, len(parts))
+        }
+        entries = []
+        for info in objects:
+            rel = info.key[len(manifest.prefix) :]
+            if rel in dirs:
+                continue  # hidden by the directory of the same name, as in the FUSE view
+            version = ObjectVersion(manifest.bucket, info.key, info.etag, info.size)
+            if info.size and self.cache.missing_blocks(version):
+                return None
+            source = self.cache.object_path(version.oid) if info.size else None
+            entries.append(binds.TreeEntry(rel, source, info.size, info.mtime_ns))
+        return entries
+
+    async def _refresh(self, manifest_id: str, verify_rebuilt: bool) -> None:
+        manifest = self.pins.manifests.get(manifest_id)
+        bind = self.binds.get(manifest_id)
+        if bind is not None and bind.mount_id not in await trio.to_thread.run_sync(self._live_ids):
+            log.info("kernel-serve target=%s: bind gone (unmounted by someone else)", bind.target)
+            self.binds.pop(manifest_id)
+            await self._release_hold(bind)
+            bind = None
+        reason = "not pinned" if manifest is None else self._ineligible(manifest)
+        entries = None
+        if manifest is not None and reason is None:
+            entries = self._entries(manifest)
+            if entries is None:
+                reason = "not every object is in the cache; served through FUSE"
+        if reason is not None or manifest is None or entries is None:
+            if bind is not None:
+                await self._unbind(bind, reason or "not pinned")
+            if reason and manifest is not None and self.notes.get(manifest_id) != reason:
+                log.info("kernel-serve dataset=%s off: %s", manifest.prefix, reason)
+            if reason is not None:
+                self.notes[manifest_id] = reason
+            return
+        self.notes.pop(manifest_id, None)
+        tree = self.trees / manifest_id
+        synced = self.trees / f"{manifest_id}.synced"
+
+        def current() -> bool:
+            return synced.exists() and binds.tree_matches(tree, entries)
+
+        if await trio.to_thread.run_sync(current):
+            if bind is None:
+                await self._bind(manifest, tree, entries, previous=None)
+            return
+        if verify_rebuilt and not await self._verify_all(manifest):
+            self.notes[manifest_id] = "objects failed verification; served through FUSE"
+            return
+        await self._bind(manifest, tree, entries, previous=bind)
+
+    async def _verify_all(self, manifest: Manifest) -> bool:
+        """Before linking files whose tree was not synced (crash): CRCs and MD5 again."""
+        for version in manifest.versions():
+            expected = manifest.md5.get(version.key) or etag_md5(version.etag)
+            intact, _ = await self.cache.verify_object(version, expected)
+            if not intact:
+                log.info(
+                    "kernel-serve dataset=%s key=%s failed verification",
+                    manifest.prefix,
+                    version.key,
+                )
+                return False
+        return True
+
+    async def _bind(
+        self,
+        manifest: Manifest,
+        tree: Path,
+        entries: list[binds.TreeEntry],
+        previous: Bind | None,
+    ) -> None:
+        """Build (if needed) and bind ``tree``; with ``previous``, swap it in under the old bind."""
+        rel = manifest.prefix[len(self.mount_prefix) :].rstrip("/")
+        target = self.mountpoint / rel
+        self._generation += 1
+        owner = f"kernel:{manifest.id}:{self._generation}"
+        oids = frozenset(
+            ObjectVersion(manifest.bucket, k, i.etag, i.size).oid
+            for k, i in manifest.objects.items()
+        )
+        for oid in oids:
+            self.pins.hold(owner, oid)
+        self.cache.set_pinned(self.pins.pinned_oids())
+        staged = tree.with_name(f"{tree.name}.next")
+        synced = tree.with_name(f"{tree.name}.synced")
+        try:
+            fresh = await trio.to_thread.run_sync(self._stage, tree, staged, synced, entries)
+            source = staged if fresh else tree
+            if not await trio.to_thread.run_sync(self._target_ready, target, previous):
+                raise OSError(f"{target} is not a directory of the mount")
+            if previous is None:
+                mount_id = await trio.to_thread.run_sync(binds.attach_ro, source, target)
+            else:
+                mount_id = await self._swap(source, target, previous)
+            if fresh:
+                await trio.to_thread.run_sync(self._promote, staged, tree, synced)
+        except OSError as exc:
+            self.pins.release(owner)
+            self.cache.set_pinned(self.pins.pinned_oids())
+            self.notes[manifest.id] = f"bind failed: {exc}"
+            log.warning(
+                "kernel-serve dataset=%s bind on %s failed: %s", manifest.prefix, target, exc
+            )
+            await trio.to_thread.run_sync(_rmtree, staged)
+            return
+        self.binds[manifest.id] = Bind(manifest.id, target, tree, mount_id, owner, oids)
+        log.info(
+            "kernel-serve bound dataset=%s target=%s files=%d%s",
+            manifest.prefix,
+            target,
+            len(entries),
+            " (swapped)" if previous is not None else "",
+        )
+        if previous is not None:
+            await self._release_hold(previous)
+
+    def _stage(
+        self, tree: Path, staged: Path, synced: Path, entries: list[binds.TreeEntry]
+    ) -> bool:
+        """Build the tree at ``staged`` unless ``tree`` is current; sync. True if built."""
+        self.trees.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fresh = not (synced.exists() and binds.tree_matches(tree, entries))
+        if fresh:
+            binds.build_tree(staged, entries)
+        binds.syncfs(self.trees)
+        return fresh
+
+    def _target_ready(self, target: Path, previous: Bind | None) -> bool:
+        """The dataset's directory exists in the FUSE view (a lookup the daemon answers
+        from the manifest) and nothing but our own bind is mounted on it."""
+        if previous is None and binds.stack_at(target):
+            return False
+        os.listdir(target)  # also puts the manifest's listing in: long kernel timeouts
+        return os.path.isdir(target)
+
+    async def _swap(self, source: Path, target: Path, previous: Bind) -> int:
+        """Mount the new tree beneath the old bind, then detach the old one."""
+        try:
+            mount_id = await trio.to_thread.run_sync(
+                lambda: binds.attach_ro(source, target, beneath=True)
+            )
+        except binds.BeneathUnsupported:
+            # Old kernel: for a moment the FUSE view (same bytes, through the daemon) answers.
+            await self._detach(previous, "swapping (no MOVE_MOUNT_BENEATH)")
+            return await trio.to_thread.run_sync(binds.attach_ro, source, target)
+        await self._detach(previous, "swapped for a new tree")
+        return mount_id
+
+    def _promote(self, staged: Path, tree: Path, synced: Path) -> None:
+        """The staged tree becomes ``trees/<id>`` (a bound mount's root may be renamed)."""
+        synced.unlink(missing_ok=True)
+        binds.remove_tree(tree)
+        os.replace(staged, tree)
+        synced.touch(mode=0o600)
+
+    async def _detach(self, bind: Bind, why: str) -> None:
+        outcome = await trio.to_thread.run_sync(binds.detach, bind.target, bind.mount_id)
+        if outcome == "covered":
+            log.warning("kernel-serve target=%s has another mount on top; left alone", bind.target)
+        else:
+            log.info("kernel-serve unbound target=%s (%s): %s", bind.target, outcome, why)
+
+    async def _unbind(self, bind: Bind, why: str) -> None:
+        await self._detach(bind, why)
+        self.binds.pop(bind.manifest_id, None)
+        await trio.to_thread.run_sync(self._remove, bind.tree)
+        await self._release_hold(bind)
+
+    def _remove(self, tree: Path) -> None:
+        tree.with_name(f"{tree.name}.synced").unlink(missing_ok=True)
+        binds.remove_tree(tree)
+
+    async def _release_hold(self, bind: Bind) -> None:
+        """Objects only the old tree kept pinned are freed whole (unlinked): a reader that
+        still holds one open keeps its bytes; the cache never punches holes in it."""
+        self.pins.release(bind.owner)
+        pinned = self.pins.pinned_oids()
+        self.cache.set_pinned(pinned)
+        await self.cache.free(set(bind.oids) - pinned)
+
+
+def _rmtree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)

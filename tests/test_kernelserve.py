@@ -1,0 +1,316 @@
+"""Kernel-served pinned datasets: a read-only bind of a tree of hard links over the dataset.
+
+Real mounts, real S3 server. "Served by the kernel" is shown by what the
+daemon did not see: its FUSE open and read counters stay still while a reader
+reads the whole dataset, and /proc/self/mountinfo shows the bind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from s3cachefs.cli.locals3 import LocalS3
+from s3cachefs.daemon.binds import MountEntry, mountinfo, mounts_below, stack_at
+from tests.conftest import Bucket, Mount, Mounter, drop_page_cache, run_cli
+from tests.test_prefetch import check_tree, fill, prefetch
+
+
+def status(mount: Mount) -> dict[str, Any]:
+    result = run_cli("status", str(mount.path), "--json")
+    assert result.returncode == 0, result.stderr
+    return dict(json.loads(result.stdout))
+
+
+def dataset(mount: Mount, name: str = "dataset-v3") -> dict[str, Any]:
+    [found] = [d for d in status(mount)["datasets"] if d["dataset"] == name]
+    return dict(found)
+
+
+def fuse_reads(mount: Mount) -> tuple[int, int]:
+    counts = status(mount)["fuse_requests"]
+    return counts.get("open", 0), counts.get("read", 0)
+
+
+def bind_on(path: Path) -> MountEntry | None:
+    """The visible mount on ``path`` if it is a bind of a kernel-serve tree."""
+    stack = stack_at(path)
+    return stack[-1] if stack and "/v1/trees/" in stack[-1].root else None
+
+
+def wait_bound(mount: Mount, name: str = "dataset-v3", timeout: float = 30) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        found = dataset(mount, name)
+        if found["kernel_served"] or time.monotonic() > deadline:
+            return found
+        time.sleep(0.1)
+
+
+def test_prefetched_dataset_is_read_by_the_kernel_not_the_daemon(
+    bucket: Bucket, mounter: Mounter
+) -> None:
+    files = fill(bucket, count=30)
+    mount = mounter(bucket.name, "--min-free", "0")
+    result = prefetch(mount, "dataset-v3")
+    assert result.returncode == 0, result.stderr
+    target = mount.path / "dataset-v3"
+    entry = bind_on(target)
+    assert entry is not None, mountinfo()
+    info = dataset(mount)
+    assert info["kernel_served"] and info["bind"] == str(target)
+    tree = Path(info["tree"])
+    assert tree == mount.cache_dir / "v1" / "trees" / tree.name
+    assert entry.root.endswith(f"/v1/trees/{tree.name}")
+    modes = [p.stat().st_mode & 0o777 for p in (tree, tree.parent, mount.cache_dir)]
+    assert modes == [0o755, 0o700, 0o700]  # the tree is reachable only through the bind
+    before = fuse_reads(mount)
+    bucket.server.reset()
+    drop_page_cache()
+    check_tree(mount, files)
+    assert fuse_reads(mount) == before  # not one open or read reached the daemon
+    assert bucket.server.counts()["get"] == 0
+    big = target / "archive" / "big.tar"
+    assert big.stat().st_mode & 0o777 == 0o444
+    assert big.stat().st_ino == (tree / "archive" / "big.tar").stat().st_ino
+    with pytest.raises(OSError, match="Read-only"):
+        (target / "new.txt").write_bytes(b"x")
+    human = run_cli("status", str(mount.path)).stdout
+    assert f"kernel-served (bind on {target})" in human
+
+
+def test_rebuild_swaps_atomically_and_open_readers_keep_old_bytes(
+    bucket: Bucket, mounter: Mounter
+) -> None:
+    files = fill(bucket, count=30)
+    mount = mounter(bucket.name, "--min-free", "0")
+    assert prefetch(mount, "dataset-v3").returncode == 0
+    old_files = dict(files)
+    old_tree = Path(dataset(mount)["tree"])
+    changed = sorted(files)[0]
+    held = (mount.path / changed).open("rb")  # through the bind: the old inode
+    files[changed] = b"new content " * 1000
+    bucket.put(changed, files[changed])
+    files["dataset-v3/val/new.png"] = b"brand new"
+    bucket.put("dataset-v3/val/new.png", files["dataset-v3/val/new.png"])
+    before = fuse_reads(mount)
+
+    seen: list[str] = []
+    stop = threading.Event()
+
+    def watch() -> None:  # a reader walking the dataset all through the swap
+        while not stop.is_set():
+            listing = {
+                str(Path(d, n).relative_to(mount.path))
+                for d, _, names in os.walk(mount.path / "dataset-v3")
+                for n in names
+            }
+            if listing == set(old_files):
+                seen.append("old")
+            elif listing == set(files):
+                seen.append("new")
+            else:
+                seen.append(f"MIXED {sorted(listing ^ set(files))[:3]}")
+            body = (mount.path / changed).read_bytes()
+            if body not in (old_files[changed], files[changed]):
+                seen.append("WRONG BYTES")
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        result = prefetch(mount, "dataset-v3")
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        watcher.join()
+    assert result.returncode == 0, result.stderr
+    assert not [s for s in seen if s not in ("old", "new")], seen
+    assert seen[-1] == "new"
+    check_tree(mount, files)
+    assert held.read() == old_files[changed]  # the old inode outlives its tree
+    held.close()
+    assert fuse_reads(mount) == before
+    info = dataset(mount)
+    assert info["kernel_served"] and Path(info["tree"]) == old_tree  # same place, new tree
+    assert len(stack_at(mount.path / "dataset-v3")) == 1  # the old bind is gone
+    assert "(swapped)" in mount.log_text()
+    assert not list(old_tree.parent.glob("*.next")) and not list(old_tree.parent.glob("*.old"))
+
+
+def test_evict_unbinds_before_freeing_and_fuse_serves_again(
+    bucket: Bucket, mounter: Mounter
+) -> None:
+    files = fill(bucket)
+    mount = mounter(bucket.name, "--min-free", "0")
+    assert prefetch(mount, "dataset-v3").returncode == 0
+    tree = Path(dataset(mount)["tree"])
+    reader = (mount.path / "dataset-v3" / "archive" / "big.tar").open("rb")
+    assert run_cli("evict", "dataset-v3", "--mount", str(mount.path)).returncode == 0
+    assert bind_on(mount.path / "dataset-v3") is None
+    assert not tree.exists()
+    assert reader.read() == files["dataset-v3/archive/big.tar"]  # busy: detached lazily
+    reader.close()
+    log = mount.log_text()
+    assert log.index("kernel-serve unbound") < log.index("evict dataset=")
+    assert status(mount)["datasets"] == []
+    before = fuse_reads(mount)
+    check_tree(mount, files)  # the FUSE path, from S3 again
+    assert fuse_reads(mount)[1] > before[1]
+
+
+def test_sigterm_unbinds_then_restart_rebinds_and_kill9_leaks_nothing(
+    bucket: Bucket, mounter: Mounter
+) -> None:
+    files = fill(bucket)
+    mount = mounter(bucket.name, "--min-free", "0")
+    assert prefetch(mount, "dataset-v3").returncode == 0
+    tree = Path(dataset(mount)["tree"])
+    inode = (tree / "archive" / "big.tar").stat().st_ino
+    mount.proc.send_signal(signal.SIGTERM)
+    assert mount.proc.wait(timeout=30) == 0
+    assert mounts_below(mount.path) == []
+    assert "kernel-serve unbound" in mount.log_text()
+
+    again = mounter(bucket.name, "--min-free", "0", name="mnt")  # same mountpoint
+    assert wait_bound(again)["kernel_served"]
+    assert (tree / "archive" / "big.tar").stat().st_ino == inode  # the tree matched: reused
+    check_tree(again, files)
+
+    again.kill9()  # the stale FUSE mount keeps the bind stacked on it
+    assert len(mounts_below(again.path)) == 2
+    third = mounter(bucket.name, "--min-free", "0", name="mnt")
+    assert "stale mount" in third.log_text()
+    assert wait_bound(third)["kernel_served"]
+    assert len(mounts_below(third.path)) == 2  # one FUSE mount, one bind: nothing leaked
+    bucket.server.reset()
+    before = fuse_reads(third)
+    check_tree(third, files)
+    assert fuse_reads(third) == before and bucket.server.counts()["get"] == 0
+
+
+def test_a_tree_that_no_longer_matches_is_rebuilt_at_start(
+    bucket: Bucket, mounter: Mounter
+) -> None:
+    files = fill(bucket)
+    mount = mounter(bucket.name, "--min-free", "0")
+    assert prefetch(mount, "dataset-v3").returncode == 0
+    tree = Path(dataset(mount)["tree"])
+    assert mount.stop() == 0
+    victim = tree / "archive" / "big.tar"
+    victim.unlink()
+    victim.write_bytes(b"not a link to the cache file")
+    os.chmod(victim, 0o444)
+    again = mounter(bucket.name, "--min-free", "0", name="mnt2")
+    assert wait_bound(again)["kernel_served"]
+    check_tree(again, files)
+    assert victim.stat().st_nlink == 2  # a link to the cache file again
+
+
+def test_verify_repairs_a_kernel_served_file_through_a_new_inode(
+    bucket: Bucket, mounter: Mounter
+) -> None:
+    files = fill(bucket)
+    mount = mounter(bucket.name, "--min-free", "0")
+    assert prefetch(mount, "dataset-v3").returncode == 0
+    tree = Path(dataset(mount)["tree"])
+    served = mount.path / "dataset-v3" / "archive" / "big.tar"
+    old_inode = served.stat().st_ino
+    objects = [p for p in (mount.cache_dir / "v1" / "objects").rglob("*") if p.is_file()]
+    [victim] = [p for p in objects if p.stat().st_ino == old_inode]
+    with victim.open("r+b") as f:  # the same inode the bind serves
+        f.seek(2 * 1024 * 1024 + 3)
+        f.write(b"\x00garbage\x00")
+    assert served.read_bytes() != files["dataset-v3/archive/big.tar"]
+    result = run_cli("verify", "dataset-v3", "--mount", str(mount.path))
+    assert result.returncode == 0, result.stderr
+    assert "1 repaired" in result.stdout
+    drop_page_cache()
+    assert served.read_bytes() == files["dataset-v3/archive/big.tar"]
+    assert served.stat().st_ino != old_inode  # renamed in, never rewritten in place
+    assert served.stat().st_ino == victim.stat().st_ino == (tree / "archive/big.tar").stat().st_ino
+    assert dataset(mount)["kernel_served"]
+    check_tree(mount, files)
+
+
+def test_kernel_served_data_survives_s3_going_away(
+    bucket: Bucket, mounter: Mounter, s3_server: LocalS3
+) -> None:
+    files = fill(bucket)
+    own = LocalS3(latency=0.0).start()
+    try:
+        mount = mounter(bucket.name, "--min-free", "0", server=own)
+        assert prefetch(mount, "dataset-v3").returncode == 0
+        own.stop()
+        drop_page_cache()
+        check_tree(mount, files)
+        assert dataset(mount)["kernel_served"]
+    finally:
+        own.stop()
+
+
+def test_off_switch_shards_and_the_mount_root_are_served_through_fuse(
+    bucket: Bucket, mounter: Mounter
+) -> None:
+    files = fill(bucket, count=6)
+    mount = mounter(bucket.name, "--min-free", "0", "--no-kernel-serve-pinned")
+    assert prefetch(mount, "dataset-v3").returncode == 0
+    info = dataset(mount)
+    assert not info["kernel_served"] and "off" in info["kernel_note"]
+    assert bind_on(mount.path / "dataset-v3") is None
+    assert mount.stop() == 0
+
+    sharded = mounter(bucket.name, "--min-free", "0", name="mnt2", cache_dir=mount.cache_dir)
+    assert prefetch(sharded, "dataset-v3", "--shard", "0/2").returncode == 0
+    shard = next(d for d in status(sharded)["datasets"] if d["shard"])
+    assert not shard["kernel_served"] and "shard" in shard["kernel_note"]
+    assert sharded.stop() == 0
+
+    # The same cache under a mount of the dataset's own prefix: the dataset is the root.
+    rooted = mounter(
+        f"{bucket.name}/dataset-v3", "--min-free", "0", name="mnt3", cache_dir=mount.cache_dir
+    )
+    deadline = time.monotonic() + 30
+    while "binding over the mountpoint itself is refused" not in rooted.log_text():
+        assert time.monotonic() < deadline, rooted.log_text()
+        time.sleep(0.1)
+    assert [e.mount_point for e in mounts_below(rooted.path)] == [str(rooted.path)]
+    assert (rooted.path / "archive" / "big.tar").read_bytes() == files["dataset-v3/archive/big.tar"]
+
+
+def test_setting_comes_from_flag_file_and_environment(tmp_path: Path) -> None:
+    import argparse
+
+    from s3cachefs.cli.settings import add_mount_options, mount_config, resolve
+
+    parser = argparse.ArgumentParser()
+    add_mount_options(parser)
+    args = ["bucket", str(tmp_path)]
+    assert mount_config(resolve(parser.parse_args(args), {})).kernel_serve_pinned
+    off = parser.parse_args([*args, "--no-kernel-serve-pinned"])
+    assert not mount_config(resolve(off, {})).kernel_serve_pinned
+    env = {"S3CACHEFS_KERNEL_SERVE_PINNED": "false"}
+    assert not mount_config(resolve(parser.parse_args(args), env)).kernel_serve_pinned
+    on = parser.parse_args([*args, "--kernel-serve-pinned"])
+    assert mount_config(resolve(on, env)).kernel_serve_pinned
+    conf = tmp_path / "c.toml"
+    conf.write_text("kernel-serve-pinned = false\n")
+    from_file = parser.parse_args([*args, "--config", str(conf)])
+    assert not mount_config(resolve(from_file, {})).kernel_serve_pinned
+
+
+def test_unmount_command_removes_the_binds_first(bucket: Bucket, mounter: Mounter) -> None:
+    fill(bucket, count=4)
+    mount = mounter(bucket.name, "--min-free", "0")
+    assert prefetch(mount, "dataset-v3").returncode == 0
+    assert bind_on(mount.path / "dataset-v3") is not None
+    result = run_cli("unmount", str(mount.path))
+    assert result.returncode == 0, result.stderr
+    assert mounts_below(mount.path) == []
+    assert mount.proc.wait(timeout=30) == 0
