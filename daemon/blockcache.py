@@ -35,6 +35,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -73,8 +74,8 @@ class ObjectVersion:
     etag: str
     size: int
 
-    @property
-    def oid(self) -> str:
+    @functools.cached_property
+    def oid(self) -> str:  # cached: it names the version in every cache lookup
         digest = hashlib.sha256(f"{self.bucket}\0{self.key}\0{self.etag}".encode())
         return digest.hexdigest()[:40]
 
@@ -93,9 +94,20 @@ class _Flight:
     landed: trio.Event = field(default_factory=trio.Event)  # and it is on disk (or given up)
     data: bytes | None = None
     error: BaseException | None = None
+    # The start of the block while the rest is still on its way (an eager run's first piece).
+    head: bytes = b""
+    grew: trio.Event = field(default_factory=trio.Event)  # set when ``head`` grows or done
+
+    def wake(self) -> None:
+        self.grew.set()
+        self.grew = trio.Event()
 
 
 BlockKey = tuple[str, int]
+# A FUSE read of a cold file's start is answered once this much of its first
+# block has arrived, not the whole block: the kernel's first read of a file
+# is small (its readahead window starts small).
+EAGER_FIRST_PIECE = 128 * 1024
 
 
 def block_span(index: int, block_size: int, size: int) -> tuple[int, int]:
@@ -365,12 +377,36 @@ class BlockCache:
         indices = blocks_for_range(offset, length, self.block_size, version.size)
         if not indices:
             return b""
+        if len(indices) == 1:
+            early = await self._read_early(version, indices[0], offset, length)
+            if early is not None:
+                return early
         if len(indices) > 1:  # start every missing block now: one GET per contiguous run
             self.start_fetch(version, indices)
         parts = [await self.get_block(version, idx) for idx in indices]
         data = b"".join(parts) if len(parts) > 1 else parts[0]
         skip = offset - indices[0] * self.block_size
         return data[skip : skip + length]
+
+    async def _read_early(
+        self, version: ObjectVersion, index: int, offset: int, length: int
+    ) -> bytes | None:
+        """The asked bytes from a block still arriving, once they are in; else None."""
+        key = (version.oid, index)
+        if key in self._memory or self.is_cached(version, index):
+            return None
+        flight = self._flights.get(key)
+        if flight is None:
+            self._start_run(version, range(index, index + 1), readahead=False, eager=True)
+            flight = self._flights[key]
+        start = index * self.block_size
+        need = min(offset + length, version.size) - start
+        while not flight.done.is_set() and len(flight.head) < need:
+            await flight.grew.wait()
+        if flight.done.is_set():  # the whole block, or an error: the usual path
+            return None
+        self.stats.counts["early_reads"] += 1
+        return flight.head[offset - start : offset - start + length]
 
     async def get_block(self, version: ObjectVersion, index: int) -> bytes:
         """One whole block: from memory, from verified disk, or from one shared GET."""
@@ -573,6 +609,15 @@ class BlockCache:
         room = min(self.cache_size - self._used, free - self.min_free) + evictable
         return nbytes <= room, max(0, room)
 
+    def pin(self, oid: str) -> None:
+        """Add one version to the pinned set (prefetch, per verified object). Must not await."""
+        if oid in self._pinned:
+            return
+        self._pinned.add(oid)
+        record = self._objects.get(oid)
+        for idx in record.blocks if record else ():
+            self._lru.pop((oid, idx), None)
+
     def set_pinned(self, oids: set[str]) -> None:
         """Make exactly ``oids`` pinned: their blocks leave the LRU; unpinned ones rejoin it.
 
@@ -667,8 +712,14 @@ class BlockCache:
 
     # ---- fetch path ------------------------------------------------------
 
-    def _start_run(self, version: ObjectVersion, run: range, *, readahead: bool) -> None:
-        """Register one flight per block of ``run`` and start the one GET that fills them."""
+    def _start_run(
+        self, version: ObjectVersion, run: range, *, readahead: bool, eager: bool = False
+    ) -> None:
+        """Register one flight per block of ``run`` and start the one GET that fills them.
+
+        ``eager``: a reader waits for the run's first bytes (`_read_early`); its first
+        block arrives in two pieces.
+        """
         assert self._nursery is not None, "BlockCache.run() is not running"
         flights = []
         for idx in run:
@@ -677,10 +728,15 @@ class BlockCache:
             flights.append(flight)
         if readahead:
             self._readahead_inflight += len(run)
-        self._nursery.start_soon(self._fetch_run, version, run, flights, readahead)
+        self._nursery.start_soon(self._fetch_run, version, run, flights, readahead, eager)
 
     async def _fetch_run(
-        self, version: ObjectVersion, run: range, flights: list[_Flight], readahead: bool
+        self,
+        version: ObjectVersion,
+        run: range,
+        flights: list[_Flight],
+        readahead: bool,
+        eager: bool,
     ) -> None:
         start = run.start * self.block_size
         end = min(run.stop * self.block_size, version.size)
@@ -693,6 +749,12 @@ class BlockCache:
                 return
             idx = run.start + delivered
             flight = flights[delivered]
+            if len(flight.head) + len(data) < self._block_len(version, idx):
+                flight.head += data  # a first piece: early readers take it now
+                flight.wake()
+                return
+            if flight.head:
+                data, flight.head = flight.head + data, b""
             delivered += 1
             self.stats.counts["misses"] += 1
             self.stats.counts["bytes_from_s3"] += len(data)
@@ -701,14 +763,16 @@ class BlockCache:
             if readahead:
                 self._readahead_inflight -= 1
             flight.done.set()
+            flight.wake()
             assert self._nursery is not None
             # The flight stays registered, with its data, until the block is on disk: a
             # reader arriving in between gets these bytes instead of starting a GET.
             self._nursery.start_soon(self._store_and_land, version, idx, data)
 
         def stream() -> None:  # in a worker thread
+            first = EAGER_FIRST_PIECE if eager else 0
             for piece in self.store.iter_range(
-                version.key, version.etag, start, end, self.block_size
+                version.key, version.etag, start, end, self.block_size, first
             ):
                 if finished:
                     return
@@ -728,6 +792,7 @@ class BlockCache:
                 # Failures are not cached: the next reader of these blocks tries again.
                 flights[offset].error = error or TransientError(f"{version.key}: fetch cancelled")
                 flights[offset].done.set()
+                flights[offset].wake()
                 self._end_flight((version.oid, run.start + offset))
                 if readahead:
                     self._readahead_inflight -= 1

@@ -281,7 +281,7 @@ class PrefetchJob:
     def _pin(self, info: ObjectInfo, md5: str) -> None:
         version = ObjectVersion(self.store.bucket, info.key, info.etag, info.size)
         self.pins.hold(self.owner, version.oid)
-        self.cache.set_pinned(self.pins.pinned_oids())
+        self.cache.pin(version.oid)  # one at a time: the whole set per object is O(n^2)
         self._done(info, md5)
 
     @property

@@ -85,12 +85,16 @@ class ObjectStore(Protocol):
 
     def head(self, key: str) -> ObjectInfo: ...
 
-    def iter_range(self, key: str, etag: str, start: int, end: int, chunk: int) -> Iterator[bytes]:
+    def iter_range(
+        self, key: str, etag: str, start: int, end: int, chunk: int, first: int = 0
+    ) -> Iterator[bytes]:
         """Bytes ``[start, end)`` of version ``etag`` of ``key``, in ``chunk``-sized pieces.
 
         One ranged GET, conditional on the ETag (`StaleError` if the object
         changed); each piece is yielded as soon as it has arrived, so the first
-        block of a long GET is served before the last one is in.
+        block of a long GET is served before the last one is in. With
+        ``first``, the first chunk comes as two pieces, ``first`` bytes and the
+        rest (`piece_size`): a cold reader of the start is served sooner.
         """
         ...
 
@@ -345,7 +349,9 @@ class S3Store:
             mtime_ns=int(resp["LastModified"].timestamp() * 1e9),
         )
 
-    def iter_range(self, key: str, etag: str, start: int, end: int, chunk: int) -> Iterator[bytes]:
+    def iter_range(
+        self, key: str, etag: str, start: int, end: int, chunk: int, first: int = 0
+    ) -> Iterator[bytes]:
         what = f"s3://{self._bucket}/{key}"
         pos = start
         attempt = 0
@@ -363,7 +369,8 @@ class S3Store:
             try:
                 with _translated(what):
                     while pos < end:
-                        piece = _read_exactly(body, min(chunk, end - pos))
+                        size = piece_size(pos - start, chunk, first)
+                        piece = _read_exactly(body, min(size, end - pos))
                         if piece is None:
                             raise TransientError(f"{what}: body ended early at byte {pos}")
                         pos += len(piece)
@@ -452,6 +459,13 @@ def _objects(page: Any) -> list[ObjectInfo]:
         )
         for obj in page.get("Contents", [])
     ]
+
+
+def piece_size(done: int, chunk: int, first: int) -> int:
+    """The next piece after ``done`` bytes: chunk-aligned, the first chunk split at ``first``."""
+    if 0 < first < chunk and done < first:
+        return first - done
+    return chunk - done % chunk
 
 
 def _release(body: Any, whole: bool) -> None:
@@ -557,7 +571,9 @@ class MemoryStore:
             data, etag, mtime = self._objects[key]
         return ObjectInfo(key, len(data), etag, mtime)
 
-    def iter_range(self, key: str, etag: str, start: int, end: int, chunk: int) -> Iterator[bytes]:
+    def iter_range(
+        self, key: str, etag: str, start: int, end: int, chunk: int, first: int = 0
+    ) -> Iterator[bytes]:
         self._count("get")
         if self.get_delay:
             time.sleep(self.get_delay)
@@ -569,8 +585,11 @@ class MemoryStore:
             data, current, _ = self._objects[key]
         if current != etag:
             raise StaleError(f"{key}: changed in S3 since it was opened")
-        for pos in range(start, end, chunk):
-            yield data[pos : min(pos + chunk, end)]
+        pos = start
+        while pos < end:
+            size = min(piece_size(pos - start, chunk, first), end - pos)
+            yield data[pos : pos + size]
+            pos += size
 
     def _write(self, key: str, data: bytes, create_only: bool, etag: str | None = None) -> str:
         with self._lock:

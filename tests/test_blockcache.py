@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Awaitable, Callable
+import threading
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -304,3 +305,47 @@ def test_a_damaged_index_is_set_aside_and_the_cache_starts_empty(
     assert not [p for p in (tmp_path / "v1" / "objects").rglob("*") if p.is_file()]
     read_back(cache, v, data)  # fetched again, right bytes
     assert store.requests["get"] == 2
+
+
+class GatedStore(MemoryStore):
+    """Sends the first piece of a GET, then waits for ``gate`` before the rest."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+
+    def iter_range(
+        self, key: str, etag: str, start: int, end: int, chunk: int, first: int = 0
+    ) -> Iterator[bytes]:
+        for n, piece in enumerate(super().iter_range(key, etag, start, end, chunk, first)):
+            if n == 1:
+                assert self.gate.wait(10)
+            yield piece
+
+
+def test_a_cold_read_of_a_block_start_is_served_before_the_whole_block(tmp_path: Path) -> None:
+    store = GatedStore()
+    data = os.urandom(3 * 1024 * 1024)
+    v = ObjectVersion(store.bucket, "k", store.put("k", data), len(data))
+    cache = BlockCache(
+        tmp_path,
+        store,
+        block_size=1024 * 1024,
+        cache_size=1 << 30,
+        min_free=0,
+        memory_bytes=0,
+        s3_limiter=trio.CapacityLimiter(8),
+        disk_limiter=trio.CapacityLimiter(4),
+    )
+    cache.open()
+
+    async def body() -> None:
+        with trio.fail_after(5):  # the rest of the block is held back: only the start can come
+            assert await cache.read(v, 100, 4096) == data[100:4196]
+        assert cache.stats.counts["early_reads"] == 1
+        store.gate.set()
+        assert await cache.read(v, 0, len(data)) == data  # the same GET finishes the block
+        assert await cache.read(v, 200_000, 10) == data[200_000:200_010]
+
+    run_with(cache, body)
+    assert store.requests["get"] == 2  # the eager block 0, then blocks 1-2 in one run
