@@ -2,7 +2,7 @@
 
     python -m bench [--small] [--profile local,lan,wan] [--json PATH]
 
-Sets up what it needs (this worktree's .venv, rclone, s3fs, aws-cli), writes
+Sets up what it needs (.venv via ./quickstart bench, rclone, s3fs, aws-cli), writes
 the dataset to the S3 server's folder and to a plain local folder, then runs
 W1 (prefetch/sync) and W3 (cold reads) on every profile, and W2 (parallel
 reads), W4 (stat walk) and W5 (daemon RSS/CPU) on the first profile. Every
@@ -13,7 +13,6 @@ bench/README.md.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,28 +21,10 @@ VENV = ROOT / ".venv"
 
 
 def _ensure_venv() -> None:
-    """Re-run inside this worktree's .venv (made on first use): bench this branch's code."""
+    """Re-run inside the checkout's .venv, installed by ./quickstart: bench this code."""
     if Path(sys.prefix).resolve() == VENV.resolve():
         return
-    python = VENV / "bin" / "python"
-    if not python.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
-        subprocess.run(
-            [
-                str(python),
-                "-m",
-                "pip",
-                "install",
-                "-q",
-                "-e",
-                f"{ROOT}[test]",
-                "--config-settings",
-                "editable_mode=strict",
-            ],
-            check=True,
-        )
-    os.chdir(ROOT)
-    os.execv(python, [str(python), "-m", "bench", *sys.argv[1:]])
+    os.execv(str(ROOT / "quickstart"), [str(ROOT / "quickstart"), "bench", *sys.argv[1:]])
 
 
 if __name__ == "__main__":

@@ -349,6 +349,8 @@ class FsCore:
         version = ObjectVersion(self.store.bucket, node.key, node.etag, node.size)
         # The kernel's pages are valid while the version is the one they were read from.
         keep_cache = self.keep_cache and node.opened_etag in (None, node.etag)
+        if not keep_cache or node.opened_etag is None:  # else the kernel likely has the pages
+            self.cache.open_hint(version)
         node.opened_etag = node.etag
         return self.add_handle(FileHandle(node, version)), keep_cache
 
