@@ -151,7 +151,8 @@ def _print_status(s: dict[str, Any]) -> None:
             f"{w['open_for_writing']} open for writing"
         )
     for x in s["staged"]:
-        print(f"  ! NOT UPLOADED {x['key']} ({human_bytes(x['size'])}, {x['state']}): {x['error']}")
+        where = f"s3://{x['bucket']}/{x['key']}"
+        print(f"  ! NOT UPLOADED {where} ({human_bytes(x['size'])}, {x['state']}): {x['error']}")
     if s["staged"]:
         print("    resolve with `s3cachefs staged --upload` or `--discard`")
     for line in s["recent_errors"]:
@@ -204,7 +205,8 @@ def cmd_staged(args: argparse.Namespace) -> int:
     elif action == "list":
         for x in final["staged"]:
             created = datetime.datetime.fromtimestamp(x["created"]).isoformat(timespec="seconds")
-            print(f"{x['id']}  {x['state']:9}  {human_bytes(x['size']):>9}  {created}  {x['key']}")
+            where = f"s3://{x['bucket']}/{x['key']}"
+            print(f"{x['id']}  {x['state']:10}  {human_bytes(x['size']):>9}  {created}  {where}")
             print(f"    {x['error']}")
         if not final["staged"]:
             print("nothing staged: every written file is in S3")

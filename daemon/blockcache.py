@@ -562,7 +562,10 @@ class BlockCache:
         if oid in self._objects or version.size == 0:  # nothing to add (same bytes, or empty)
             await trio.to_thread.run_sync(path.unlink, limiter=self._disk_limiter)
             return version.size == 0 or not self.missing_blocks(version)
-        victims, fits = self._sync_reserve(version.size)
+        if version.size > self.cache_size - self.pinned_bytes:  # would only flush the cache
+            await trio.to_thread.run_sync(path.unlink, limiter=self._disk_limiter)
+            return False
+        victims, fits = self._sync_reserve(version.size, on_disk=True)
         if fits:
             self._objects[oid] = _Record(version)
         try:
@@ -864,20 +867,25 @@ class BlockCache:
         if oid not in self._pinned:
             self._lru[(oid, index)] = None
 
-    def _sync_reserve(self, nbytes: int) -> tuple[list[tuple[str, int, int, int]], bool]:
+    def _sync_reserve(
+        self, nbytes: int, *, on_disk: bool = False
+    ) -> tuple[list[tuple[str, int, int, int]], bool]:
         """Take LRU victims off the books until ``nbytes`` fit. Must not await.
 
         Returns the victims (to be removed from disk) and whether the block fits;
         ``--min-free`` can make the cache shrink below what it holds now.
+        ``on_disk``: the bytes are on the disk already (an adopted file): they
+        count against ``--cache-size`` but take no more disk space.
         """
         free = psutil.disk_usage(str(self.cache_dir)).free
         victims: list[tuple[str, int, int, int]] = []
         freed = 0
+        new_disk = 0 if on_disk else nbytes
 
         def over() -> bool:
             return (
                 self._used - freed + nbytes > self.cache_size
-                or free + freed - nbytes < self.min_free
+                or free + freed - new_disk < self.min_free
             )
 
         while over() and self._lru:

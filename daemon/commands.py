@@ -304,7 +304,7 @@ class Daemon:
             raise ConfigError(f"staged --{action} needs an ID or KEY (or --all)")
         done: list[str] = []
         failed: dict[str, str] = {}
-        for staged in writeback.select(targets, every):
+        for staged in writeback.select(targets, every, upload=action == "upload"):
             if action == "discard":
                 await writeback.discard(staged)
                 done.append(staged.key)
@@ -315,6 +315,6 @@ class Daemon:
                 failed[staged.key] = str(exc)
                 continue
             done.append(staged.key)
-            self.ops.core.key_changed(staged.key)
+            self.ops.invalidate(self.ops.core.key_changed(staged.key))
             await send({"event": "uploaded", "key": staged.key})
         return {"event": "done", "ok": not failed, "action": action, "done": done, "failed": failed}

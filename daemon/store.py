@@ -160,6 +160,7 @@ _NETWORK_ERRORS = (
     botocore.exceptions.ResponseStreamingError,
     botocore.exceptions.IncompleteReadError,
     botocore.exceptions.HTTPClientError,
+    botocore.exceptions.ConnectionError,
     urllib3.exceptions.HTTPError,  # the lean GET path (`daemon.rangeget`)
 )
 
@@ -196,6 +197,8 @@ def _translated(what: str) -> Iterator[None]:
         raise CredentialsError(str(exc)) from None
     except _NETWORK_ERRORS as exc:
         raise TransientError(f"{what}: network error: {type(exc).__name__}") from None
+    except botocore.exceptions.BotoCoreError as exc:  # e.g. a checksum that did not match
+        raise StoreError(f"{what}: {type(exc).__name__}: {exc}") from None
 
 
 class S3Store:
@@ -619,14 +622,19 @@ class MemoryStore:
         with self._lock:
             if self.fail_puts:
                 raise self.fail_puts.pop(0)
-        self._uploads[upload_id][number] = data
+            if upload_id not in self._uploads:
+                raise StoreError(f"{key}: S3 error NoSuchUpload")
+            self._uploads[upload_id][number] = data
         return '"' + hashlib.md5(data, usedforsecurity=False).hexdigest() + '"'
 
     def complete_multipart(
         self, key: str, upload_id: str, etags: list[str], *, create_only: bool
     ) -> str:
         self._count("multipart")
-        parts = self._uploads.pop(upload_id)
+        with self._lock:
+            if create_only and key in self._objects:  # S3 keeps the upload: it can be aborted
+                raise AlreadyExistsError(f"{key}: already exists")
+            parts = self._uploads.pop(upload_id)
         data = b"".join(parts[n] for n in range(1, len(etags) + 1))
         digest = hashlib.md5(
             b"".join(bytes.fromhex(e.strip('"')) for e in etags), usedforsecurity=False

@@ -55,8 +55,15 @@ from s3cachefs.daemon.store import ObjectStore
 log = logging.getLogger(__name__)
 
 WRITING = "writing"  # open by an application in this daemon
+UPLOADED = "uploaded"  # on disk = what S3 acknowledged last (a crash now loses nothing)
 FAILED = "failed"  # the last upload failed; kept until uploaded or discarded
 LEFT_OVER = "left-over"  # found at start: a crash or stop came before the upload completed
+SUPERSEDED = "superseded"  # failed or left over, and this key was uploaded again since
+UNREADABLE = "unreadable"  # its record is damaged: the key is unknown; discard only
+
+
+class StagingReadError(Exception):
+    """The staged bytes could not be read back for an upload."""
 
 
 @dataclass
@@ -78,6 +85,8 @@ class Staged:
     crcs: dict[int, int] = field(default_factory=dict)  # per block, of the bytes uploaded
     fd: int | None = None
     handles: int = 0  # open file handles writing it
+    closing: bool = False  # the last handle closed: its upload and caching are under way
+    final: ObjectVersion | None = None  # once uploaded and closed: the version readers read
     lock: trio.Lock = field(default_factory=trio.Lock)
 
     @property
@@ -87,6 +96,7 @@ class Staged:
     def describe(self) -> dict[str, Any]:
         return {
             "id": self.id,
+            "bucket": self.bucket,
             "key": self.key,
             "state": self.state,
             "size": self.size,
@@ -101,6 +111,16 @@ class Staged:
         with self.path.open("rb") as f:
             f.seek(offset)
             return f.read(length)
+
+    def read_for_upload(self, offset: int, length: int) -> bytes:
+        """Exactly ``length`` staged bytes, or StagingReadError (never a network error)."""
+        try:
+            data = self.pread(offset, length)
+        except OSError as exc:
+            raise StagingReadError(f"cannot read the staged data: {exc.strerror}") from None
+        if len(data) != length:
+            raise StagingReadError("the staged data is shorter than what was written")
+        return data
 
 
 class Writeback:
@@ -125,6 +145,11 @@ class Writeback:
         self._s3_limiter = s3_limiter
         self._disk_limiter = disk_limiter
         self._parallel_parts = parallel_parts
+        if part_size % cache.block_size:  # the cache dir keeps the block size it was made with
+            raise ConfigError(
+                f"upload part size {part_size} is not a multiple of the block size "
+                f"{cache.block_size} of cache dir {cache.cache_dir}"
+            )
 
     # ---- start-up --------------------------------------------------------
 
@@ -133,24 +158,40 @@ class Writeback:
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         for tmp in self.dir.glob("*.tmp"):
             tmp.unlink(missing_ok=True)
+        for data in self.dir.glob("*.data"):
+            if not data.with_suffix(".json").exists():  # uploaded; its record already gone
+                data.unlink(missing_ok=True)
         for record in sorted(self.dir.glob("*.json")):
             data = record.with_suffix(".data")
             try:
-                meta = json.loads(record.read_text())
                 size = data.stat().st_size
             except FileNotFoundError:  # the data moved into the cache; only the record was left
                 record.unlink(missing_ok=True)
                 continue
-            except (OSError, ValueError) as exc:
-                log.error("staging record %s unreadable (%s); left in place", record, exc)
+            try:
+                meta = json.loads(record.read_text())
+                bucket, key, created = str(meta["bucket"]), str(meta["key"]), float(meta["created"])
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.error(
+                    "staging record %s is damaged (%s): `s3cachefs staged` lists it", record, exc
+                )
+                staged = Staged(record.stem, "?", "?", data, record.stat().st_mtime, UNREADABLE)
+                staged.size, staged.error = size, f"damaged staging record: {exc}"
+                self.staged[staged.id] = staged
+                continue
+            state = str(meta.get("state"))
+            if state == UPLOADED:  # S3 acknowledged exactly these bytes: nothing to keep
+                log.info("staged copy of s3://%s/%s was uploaded; removed", bucket, key)
+                data.unlink(missing_ok=True)
+                record.unlink(missing_ok=True)
                 continue
             staged = Staged(
                 id=record.stem,
-                bucket=str(meta["bucket"]),
-                key=str(meta["key"]),
+                bucket=bucket,
+                key=key,
                 path=data,
-                created=float(meta["created"]),
-                state=FAILED if meta.get("state") == FAILED else LEFT_OVER,
+                created=created,
+                state=state if state in (FAILED, SUPERSEDED) else LEFT_OVER,
                 error=str(meta.get("error") or "the daemon stopped before the upload completed"),
                 upload_id=meta.get("upload_id"),
                 size=size,
@@ -189,6 +230,7 @@ class Writeback:
     async def write(self, staged: Staged, offset: int, data: bytes) -> int:
         async with staged.lock:  # never while an upload reads the file
             assert staged.fd is not None
+            await self._dirty(staged)
             try:
                 n = await trio.to_thread.run_sync(
                     os.pwrite, staged.fd, data, offset, limiter=self._disk_limiter
@@ -202,12 +244,22 @@ class Writeback:
     async def truncate(self, staged: Staged, size: int) -> None:
         async with staged.lock:
             assert staged.fd is not None
+            await self._dirty(staged)
             try:
                 await trio.to_thread.run_sync(os.ftruncate, staged.fd, size)
             except OSError as exc:
                 raise _disk_error(exc, staged.key) from None
             staged.size = size
             staged.dirty = True
+
+    async def _dirty(self, staged: Staged) -> None:
+        """About to change staged bytes: the record must stop saying "uploaded" first."""
+        if staged.state == UPLOADED:
+            staged.state = WRITING
+            try:
+                await trio.to_thread.run_sync(self._save_blocking, staged)
+            except OSError as exc:
+                raise _disk_error(exc, staged.key) from None
 
     async def upload(self, staged: Staged) -> None:
         """Make S3 hold exactly the staged bytes; UploadFailedError (EIO) if it cannot."""
@@ -221,28 +273,45 @@ class Writeback:
                     )
                 else:
                     etag, crcs = await self._multipart(staged)
-            except (StoreError, OSError) as exc:
+            except Exception as exc:  # noqa: BLE001 -- any failure is EIO and keeps the data
                 await self._failed(staged, exc)
                 raise UploadFailedError(
                     f"s3://{staged.bucket}/{staged.key}: {staged.error}"
                 ) from None
             staged.etag, staged.crcs, staged.dirty = etag, crcs, False
             staged.create_only = False  # the object is ours now: the next upload replaces it
+            staged.state, staged.error = UPLOADED, ""
             self.stats["uploads"] += 1
             self.stats["upload_bytes"] += staged.size
-            if staged.state != WRITING:
-                staged.state, staged.error = WRITING, ""
+            try:  # a crash from now on loses nothing: say so, or it would be reported
                 await trio.to_thread.run_sync(self._save_blocking, staged)
+            except OSError as exc:
+                log.warning("cannot update staging record of %s: %s", staged.key, exc.strerror)
+            await self._supersede(staged)
+
+    async def _supersede(self, uploaded: Staged) -> None:
+        """Older failed or left-over copies of a key just uploaded must not replace it later."""
+        for old in self.left():
+            if (
+                old.key == uploaded.key
+                and old.bucket == uploaded.bucket
+                and old.state != UNREADABLE
+            ):
+                old.state = SUPERSEDED
+                old.error = "this key was uploaded again since; upload only by id, knowingly"
+                with contextlib.suppress(OSError):
+                    await trio.to_thread.run_sync(self._save_blocking, old)
 
     async def _failed(self, staged: Staged, exc: BaseException) -> None:
         if isinstance(exc, AlreadyExistsError):
             reason = (
                 "created in S3 by someone else meanwhile; not replaced without --allow-overwrite"
             )
-        elif isinstance(exc, OSError):
-            reason = f"cannot read the staged data: {exc.strerror}"
-        else:
+        elif isinstance(exc, StoreError | StagingReadError):
             reason = str(exc)
+        else:
+            log.error("upload of %s failed unexpectedly", staged.key, exc_info=exc)
+            reason = f"unexpected error: {type(exc).__name__}: {exc}"
         staged.state, staged.error = FAILED, reason
         self.stats["upload_failures"] += 1
         log.error(
@@ -257,9 +326,7 @@ class Writeback:
             log.error("cannot update staging record of %s: %s", staged.key, err.strerror)
 
     def _put_blocking(self, staged: Staged) -> tuple[str, dict[int, int]]:
-        data = staged.pread(0, staged.size)
-        if len(data) != staged.size:
-            raise OSError(errno.EIO, "staged file is shorter than written")
+        data = staged.read_for_upload(0, staged.size)
         etag = self.store.put_object(staged.key, data, create_only=staged.create_only)
         return etag, self._crcs(data, 0)
 
@@ -274,11 +341,10 @@ class Writeback:
             self.store.create_multipart, staged.key, limiter=self._s3_limiter
         )
         staged.upload_id = upload_id
-        await trio.to_thread.run_sync(self._save_blocking, staged)  # a crash can abort it later
         nparts = -(-staged.size // self.part_size)
         etags = [""] * nparts
         crcs: dict[int, int] = {}
-        errors: list[BaseException] = []
+        errors: list[Exception] = []
         parts = trio.CapacityLimiter(self._parallel_parts)
 
         async def send(number: int, cancel: trio.CancelScope) -> None:
@@ -287,16 +353,18 @@ class Writeback:
                     etags[number - 1], part_crcs = await trio.to_thread.run_sync(
                         self._part_blocking, staged, upload_id, number, limiter=self._s3_limiter
                     )
-                except (StoreError, OSError) as exc:
+                except Exception as exc:  # noqa: BLE001 -- re-raised after the nursery
                     errors.append(exc)
                     cancel.cancel()
                     return
                 crcs.update(part_crcs)
 
-        async with trio.open_nursery() as nursery:
-            for number in range(1, nparts + 1):
-                nursery.start_soon(send, number, nursery.cancel_scope)
         try:
+            # The id is on disk before any part: a crash leaves something to abort.
+            await trio.to_thread.run_sync(self._save_blocking, staged)
+            async with trio.open_nursery() as nursery:
+                for number in range(1, nparts + 1):
+                    nursery.start_soon(send, number, nursery.cancel_scope)
             if errors:
                 raise errors[0]
             etag = await trio.to_thread.run_sync(
@@ -317,9 +385,7 @@ class Writeback:
     ) -> tuple[str, dict[int, int]]:
         offset = (number - 1) * self.part_size
         length = min(self.part_size, staged.size - offset)
-        data = staged.pread(offset, length)
-        if len(data) != length:
-            raise OSError(errno.EIO, "staged file is shorter than written")
+        data = staged.read_for_upload(offset, length)
         return self.store.upload_part(staged.key, upload_id, number, data), self._crcs(data, offset)
 
     async def _abort(self, staged: Staged) -> None:
@@ -338,12 +404,16 @@ class Writeback:
         staged.handles -= 1
         if staged.handles > 0:
             return None
-        if staged.dirty and staged.state == WRITING:  # written after the last close: last try
-            with contextlib.suppress(UploadFailedError):  # logged, and kept staged
-                await self.upload(staged)
-        if staged.fd is not None:
-            os.close(staged.fd)
-            staged.fd = None
+        staged.closing = True
+        try:
+            if staged.dirty and staged.state == WRITING:  # written after the last close
+                with contextlib.suppress(UploadFailedError):  # logged, and kept staged
+                    await self.upload(staged)
+        finally:
+            if staged.fd is not None:
+                os.close(staged.fd)
+                staged.fd = None
+            staged.closing = False
         if staged.dirty or staged.etag is None:
             return None
         return await self._finish(staged)
@@ -352,40 +422,71 @@ class Writeback:
         """Uploaded: the data becomes the cache's copy of the new version; the record goes."""
         assert staged.etag is not None
         version = ObjectVersion(staged.bucket, staged.key, staged.etag, staged.size)
-        await self.cache.adopt(version, staged.path, staged.crcs)
-        await trio.to_thread.run_sync(staged.record_path.unlink, True)
-        self.staged.pop(staged.id, None)
+        staged.final = version  # readers of the staged inode switch to the cache now
+        staged.closing = True
+        try:
+            await self.cache.adopt(version, staged.path, staged.crcs)
+            await trio.to_thread.run_sync(staged.path.unlink, True)  # if the cache did not take it
+            await trio.to_thread.run_sync(staged.record_path.unlink, True)
+        finally:
+            staged.closing = False
+            self.staged.pop(staged.id, None)
         return version
 
     # ---- what is left: `s3cachefs staged` ----------------------------------
 
     def left(self) -> list[Staged]:
-        """Staged files no application has open: failed or left over, oldest first."""
-        return sorted((s for s in self.staged.values() if s.handles == 0), key=lambda s: s.created)
+        """Staged files no application has open nor is closing, oldest first."""
+        return sorted(
+            (s for s in self.staged.values() if s.handles == 0 and not s.closing),
+            key=lambda s: s.created,
+        )
 
-    def select(self, targets: list[str], every: bool) -> list[Staged]:
-        """Left files named by id or key (or all); NotFoundError names what matched nothing."""
+    def select(self, targets: list[str], every: bool, *, upload: bool) -> list[Staged]:
+        """Left files of this mount's bucket named by id or key, or all (--all skips superseded)."""
         left = self.left()
+        mine = [s for s in left if s.bucket == self.store.bucket or s.state == UNREADABLE]
         if every:
-            return left
-        chosen = [s for s in left if s.id in targets or s.key in targets]
-        unknown = [t for t in targets if not any(t in (s.id, s.key) for s in chosen)]
-        if unknown:
-            busy = [t for t in unknown if any(t == s.key for s in self.staged.values())]
-            if busy:
-                raise BusyError(f"{busy[0]}: still open for writing")
-            raise ConfigError(f"nothing staged as {', '.join(unknown)}")
+            return [
+                s for s in mine if s.state != SUPERSEDED and not (upload and s.state == UNREADABLE)
+            ]
+        chosen = [
+            s for s in mine if s.id in targets or (s.key in targets and s.state != SUPERSEDED)
+        ]
+        for target in targets:
+            if any(target in (s.id, s.key) for s in chosen):
+                continue
+            other = [s for s in left if target in (s.id, s.key) and s not in mine]
+            if other:
+                raise ConfigError(
+                    f"{target} was written for s3://{other[0].bucket}; mount that bucket on "
+                    "this cache dir to upload or discard it"
+                )
+            if any(target == s.key for s in self.staged.values()):
+                raise BusyError(f"{target}: still open for writing, or superseded (name its id)")
+            raise ConfigError(f"nothing staged as {target}")
+        if upload and any(s.state == UNREADABLE for s in chosen):
+            raise ConfigError("a staged file with a damaged record has no key: discard it")
         return chosen
 
     async def upload_left(self, staged: Staged, *, create_only: bool) -> ObjectVersion:
         """Upload a left-over or failed file now (an explicit user action)."""
+        self._check_bucket(staged)
         staged.create_only, staged.dirty = create_only, True
         if staged.upload_id is not None:  # from the crashed attempt: S3 would keep its parts
             await self._abort(staged)
         await self.upload(staged)
         return await self._finish(staged)
 
+    def _check_bucket(self, staged: Staged) -> None:
+        if staged.bucket != self.store.bucket and staged.state != UNREADABLE:
+            raise ConfigError(
+                f"{staged.key} was written for s3://{staged.bucket}; mount that bucket on "
+                "this cache dir to upload or discard it"
+            )
+
     async def discard(self, staged: Staged) -> None:
+        self._check_bucket(staged)
         await self._abort(staged)
         await trio.to_thread.run_sync(staged.path.unlink, True)
         await trio.to_thread.run_sync(staged.record_path.unlink, True)
@@ -402,6 +503,7 @@ class Writeback:
             "state": staged.state,
             "error": staged.error,
             "upload_id": staged.upload_id,
+            "etag": staged.etag,
         }
         tmp = staged.record_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(record))

@@ -203,12 +203,19 @@ class FsCore:
         """Make the next lookup in ``directory`` list it again."""
         directory.listed_at = None
 
-    def key_changed(self, key: str) -> None:
-        """An object changed behind the tree's back (a staged upload): re-list its directory."""
-        parent = key.rpartition("/")[0] + "/" if "/" in key else ""
+    def key_changed(self, key: str) -> list[tuple[int, str]]:
+        """An object changed behind the tree's back (a staged upload): re-list its directory.
+
+        Returns the entry the kernel must forget (it may hold a negative one).
+        """
+        parent, _, name = key.rpartition("/")
+        parent_key = parent + "/" if parent else ""
+        stale = []
         for node in self._nodes.values():
-            if node.is_dir and node.key == parent:
+            if node.is_dir and node.key == parent_key:
                 self.relist(node)
+                stale.append((node.ino, name))
+        return stale
 
     def in_pinned(self, node: Node) -> bool:
         """Inside a pinned dataset: never writable."""
@@ -297,7 +304,7 @@ class FsCore:
         if node is None or node.is_dir != is_dir:
             node = Node(next(self._next_ino), parent.ino, name, key, is_dir=is_dir)
             self._nodes[node.ino] = node
-        if info is not None:
+        if info is not None and node.staged is None:  # a file being written keeps its own
             node.size, node.etag, node.mtime_ns = info.size, info.etag, info.mtime_ns
         node.pinned = pinned
         return node.ino
@@ -361,6 +368,10 @@ class FsCore:
 
     async def read(self, fh: int, offset: int, length: int) -> bytes:
         handle = self.file_handle(fh)
+        if handle.fd is not None and handle.staged is not None and handle.staged.final:
+            # Written and uploaded: its data is the cache's now, checked and evictable.
+            os.close(handle.fd)
+            handle.version, handle.fd, handle.staged = handle.staged.final, None, None
         if handle.fd is not None:  # a reader of a file being written
             return await trio.to_thread.run_sync(os.pread, handle.fd, length, offset)
         if handle.staged is not None:  # its writer

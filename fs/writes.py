@@ -96,12 +96,13 @@ class Writer:
         if node.is_dir:
             raise IsADirError(f"{node.key}: is a directory")
         self._check_target(node, "writing")
-        if node.staged is not None and node.staged.handles > 0:  # being written here already
-            node.staged.handles += 1
+        staged = node.staged
+        if staged is not None and staged.handles > 0:  # being written here already
             if truncate:
-                await self.writeback.truncate(node.staged, 0)
+                await self.writeback.truncate(staged, 0)
                 node.size = 0
-            return self._writing(node, node.staged)
+            staged.handles += 1
+            return self._writing(node, staged)
         if not self.allow_overwrite:
             log.warning(
                 "refused to overwrite %s: mount with --allow-overwrite", self._url(node.key)
@@ -155,7 +156,7 @@ class Writer:
             return None
         staged, node = handle.staged, handle.node
         version = await self.writeback.release(staged)
-        if staged.handles > 0:
+        if staged.handles > 0 or node.staged is not staged:  # reopened (and rewritten) since
             return None
         node.staged = None
         parent = self.core.node(node.parent)
@@ -189,7 +190,9 @@ class Writer:
         except AlreadyExistsError:  # made elsewhere meanwhile: its contents are not listed yet
             self.core.relist(parent)
             raise ExistsError(f"{key}: exists") from None
-        return self.core.add_node(parent, name, is_dir=True)
+        node = self.core.add_node(parent, name, is_dir=True)
+        self.core.relist(node)  # the prefix may hold objects already (a stale parent listing)
+        return node
 
     async def _existing(self, parent_ino: int, name: str, what: str) -> tuple[Node, Node]:
         parent, children = await self._parent(parent_ino, name, what)

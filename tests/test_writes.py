@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -290,3 +291,64 @@ def test_concurrent_writers_to_different_files(bucket: Bucket, mounter: Mounter)
         assert (mount.path / key).read_bytes() == data, key
     writes = status(mount)["writes"]
     assert writes["uploads"] == len(files)
+
+
+def test_a_relisting_during_an_append_keeps_the_writers_size(
+    bucket: Bucket, mounter: Mounter
+) -> None:
+    mount = mounter(bucket.name, "--writable", "--metadata-ttl", "1")
+    p = mount.path / "log.txt"
+    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.write(fd, b"A" * 100)
+    os.fsync(fd)  # durable: S3 holds 100 bytes
+    os.write(fd, b"B" * 100)  # staged: 200 bytes
+    time.sleep(1.5)  # the directory listing expires
+    os.listdir(mount.path)  # relist (readdirplus attrs too)
+    size_seen = os.stat(p).st_size
+    os.write(fd, b"C" * 100)
+    os.close(fd)
+    got = s3_bytes(bucket, "log.txt")
+    assert got == b"A" * 100 + b"B" * 100 + b"C" * 100
+    assert size_seen == 200
+
+
+def test_a_crash_after_a_successful_fsync_leaves_nothing_to_report(
+    bucket: Bucket, mounter: Mounter
+) -> None:
+    mount = mounter(bucket.name, "--writable")
+    fd = os.open(mount.path / "done.json", os.O_WRONLY | os.O_CREAT, 0o644)
+    os.write(fd, b'{"ok": true}\n')
+    os.fsync(fd)  # success: S3 acknowledged it
+    assert s3_bytes(bucket, "done.json") == b'{"ok": true}\n'
+    mount.kill9()
+    with contextlib.suppress(OSError):  # the daemon is gone
+        os.close(fd)
+    mount = mounter(bucket.name, "--writable")
+    assert status(mount)["staged"] == []  # acknowledged by S3: nothing was lost
+    assert "was uploaded; removed" in mount.log_text()
+    assert s3_bytes(bucket, "done.json") == b'{"ok": true}\n'
+
+
+def test_a_staged_upload_appears_even_with_an_indefinite_ttl(
+    bucket: Bucket, mounter: Mounter, s3_server: LocalS3
+) -> None:
+    proxy = FaultProxy(s3_server.endpoint_url).start()
+    try:
+        mount = mounter(bucket.name, "--writable", "--metadata-ttl", "indefinite", server=proxy)
+        proxy.methods = {"PUT", "POST"}
+        proxy.rates["internal"] = 1.0
+        with pytest.raises(OSError) as failed:
+            (mount.path / "r.json").write_bytes(b"result")
+        assert failed.value.errno == errno.EIO
+        print("exists right after EIO close:", (mount.path / "r.json").exists())
+        time.sleep(1)
+        assert not (mount.path / "r.json").exists()  # the job checks: not there (negative dentry)
+        proxy.rates["internal"] = 0.0
+        result = run_cli("staged", "--upload", "--all", "--mount", str(mount.path))
+        assert result.returncode == 0, result.stderr
+        assert s3_bytes(bucket, "r.json") == b"result"
+        time.sleep(1)
+        print("visible after staged --upload:", (mount.path / "r.json").exists())
+        assert (mount.path / "r.json").exists()
+    finally:
+        proxy.stop()
