@@ -108,6 +108,9 @@ BlockKey = tuple[str, int]
 # block has arrived, not the whole block: the kernel's first read of a file
 # is small (its readahead window starts small).
 EAGER_FIRST_PIECE = 128 * 1024
+# Downloaded bytes waiting for their disk write, at most: a network faster than
+# the disk makes the download wait, instead of the daemon's memory grow.
+UNWRITTEN_LIMIT = 64 * 1024 * 1024
 
 
 def block_span(index: int, block_size: int, size: int) -> tuple[int, int]:
@@ -193,6 +196,8 @@ class BlockCache:
         self._memory_used = 0
         self._flights: dict[BlockKey, _Flight] = {}
         self._idle = trio.Event()  # set whenever the last flight ends
+        self._unwritten = 0  # bytes handed to _store_and_land and not yet on disk
+        self._written = trio.Event()  # set whenever some of them land
         self._nursery: trio.Nursery | None = None
         self._lock_fd: int | None = None
         self._index: Any = None
@@ -467,8 +472,7 @@ class BlockCache:
                 ):
                     flight = self._flights[key] = _Flight(data=data)
                     flight.done.set()
-                    assert self._nursery is not None
-                    self._nursery.start_soon(self._store_and_land, version, idx, data)
+                    self._spawn_store(version, idx, data)
         for run in self._missing_runs(version, indices):
             self._start_run(version, run, readahead=False)
 
@@ -780,10 +784,9 @@ class BlockCache:
                 self._readahead_inflight -= 1
             flight.done.set()
             flight.wake()
-            assert self._nursery is not None
             # The flight stays registered, with its data, until the block is on disk: a
             # reader arriving in between gets these bytes instead of starting a GET.
-            self._nursery.start_soon(self._store_and_land, version, idx, data)
+            self._spawn_store(version, idx, data)
 
         def stream() -> None:  # in a worker thread
             first = EAGER_FIRST_PIECE if eager else 0
@@ -792,6 +795,8 @@ class BlockCache:
             ):
                 if finished:
                     return
+                if self._unwritten >= UNWRITTEN_LIMIT:  # a racy read is fine: a hint
+                    trio.from_thread.run(self._room_to_write)
                 trio.from_thread.run_sync(arrived, piece)
 
         error: BaseException | None = None
@@ -813,6 +818,12 @@ class BlockCache:
                 if readahead:
                     self._readahead_inflight -= 1
 
+    def _spawn_store(self, version: ObjectVersion, index: int, data: bytes) -> None:
+        """Write a block in the background; its bytes count as unwritten until then."""
+        assert self._nursery is not None
+        self._unwritten += len(data)
+        self._nursery.start_soon(self._store_and_land, version, index, data)
+
     async def _store_and_land(self, version: ObjectVersion, index: int, data: bytes) -> None:
         try:
             await self._store_block(version, index, data)
@@ -820,7 +831,15 @@ class BlockCache:
             self.stats.counts["disk_errors"] += 1
             log.exception("cache write failed for %s block %d", version.key, index)
         finally:
+            self._unwritten -= len(data)
+            self._written.set()
+            self._written = trio.Event()
             self._end_flight((version.oid, index))
+
+    async def _room_to_write(self) -> None:
+        """Wait while too much downloaded data waits for the disk (backpressure)."""
+        while self._unwritten >= UNWRITTEN_LIMIT:
+            await self._written.wait()
 
     def _end_flight(self, key: BlockKey) -> None:
         self._flights.pop(key).landed.set()

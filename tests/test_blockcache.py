@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 
+from s3cachefs.daemon import blockcache
 from s3cachefs.daemon.blockcache import BlockCache, ObjectVersion
 from s3cachefs.daemon.errors import CacheDirError, StaleError, TransientError
 from s3cachefs.daemon.store import MemoryStore
@@ -349,3 +352,38 @@ def test_a_cold_read_of_a_block_start_is_served_before_the_whole_block(tmp_path:
 
     run_with(cache, body)
     assert store.requests["get"] == 2  # the eager block 0, then blocks 1-2 in one run
+
+
+def test_a_disk_slower_than_the_network_makes_the_download_wait(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(blockcache, "UNWRITTEN_LIMIT", 4 * BS)
+    store = MemoryStore()
+    data = os.urandom(64 * BS)
+    v = version_of(store, "big", data)
+    cache = make_cache(tmp_path, store)
+    slow_write = cache._write_block_blocking
+
+    def write(*args: Any) -> None:
+        time.sleep(0.005)  # a slow disk
+        slow_write(*args)
+
+    monkeypatch.setattr(cache, "_write_block_blocking", write)
+    peak = 0
+    spawn = cache._spawn_store
+
+    def spawn_and_measure(version: ObjectVersion, index: int, block: bytes) -> None:
+        nonlocal peak
+        spawn(version, index, block)
+        peak = max(peak, cache._unwritten)
+
+    monkeypatch.setattr(cache, "_spawn_store", spawn_and_measure)
+
+    async def body() -> None:
+        cache.start_fetch(v, range(64), persist=True)
+        for idx in range(64):
+            await cache.get_block(v, idx)
+
+    run_with(cache, body)
+    assert cache.missing_blocks(v) == []
+    assert BS <= peak <= 5 * BS  # the limit, plus the block in hand when it was checked

@@ -42,7 +42,7 @@ def setup(
     return cache, wb, core, writer
 
 
-def test_reader_of_a_file_being_written_reads_holes_after_adopt_and_eviction(
+def test_a_reader_of_a_written_file_reads_verified_bytes_after_eviction(
     tmp_path: Path,
 ) -> None:
     store = MemoryStore()
@@ -67,7 +67,7 @@ def test_reader_of_a_file_being_written_reads_holes_after_adopt_and_eviction(
     assert got[0] == b"x" * BS, f"reader got {got[0][:8]!r}... (holes punched by eviction)"
 
 
-def test_staged_upload_goes_to_the_mounts_bucket_not_the_records(tmp_path: Path) -> None:
+def test_staged_files_act_only_on_their_own_bucket(tmp_path: Path) -> None:
     a = MemoryStore("bucket-a")
     cache = make_cache(tmp_path, a)
     wb = Writeback(
@@ -110,7 +110,7 @@ def test_staged_upload_goes_to_the_mounts_bucket_not_the_records(tmp_path: Path)
     assert list(b._objects) == []
 
 
-def test_reopen_during_release_adopt_loses_node_staged(tmp_path: Path) -> None:
+def test_a_reopen_during_release_keeps_the_new_writer(tmp_path: Path) -> None:
     store = MemoryStore()
     cache, _wb, _core, writer = setup(tmp_path, store, overwrite=True, delete=True)
     out: dict[str, object] = {}
@@ -145,7 +145,7 @@ def test_reopen_during_release_adopt_loses_node_staged(tmp_path: Path) -> None:
     assert out["unlink"] == "BusyError"
 
 
-def test_adopting_a_file_larger_than_the_cache_evicts_everything_for_nothing(
+def test_a_file_larger_than_the_cache_is_not_adopted_and_evicts_nothing(
     tmp_path: Path,
 ) -> None:
     store = MemoryStore()
@@ -181,7 +181,7 @@ def test_a_part_size_the_cache_block_does_not_divide_is_refused(tmp_path: Path) 
         )
 
 
-def test_unexpected_part_error_leaks_the_multipart_upload_and_skips_failed_state(
+def test_an_unexpected_part_error_fails_the_upload_and_aborts_it(
     tmp_path: Path,
 ) -> None:
     store = MemoryStore()
