@@ -15,6 +15,7 @@ from s3cachefs.daemon.writeback import Writeback
 from s3cachefs.fs.core import ROOT_INODE, FsCore
 from s3cachefs.fs.writes import Writer
 from tests.test_blockcache import BS, make_cache, run_with
+from tests.test_writeback import make_writeback
 
 PART = 5 * 1024 * 1024
 
@@ -28,14 +29,7 @@ def setup(
     **cache_opts: int,
 ) -> tuple[BlockCache, Writeback, FsCore, Writer]:
     cache = make_cache(tmp_path, store, **cache_opts)
-    wb = Writeback(
-        cache,
-        store,
-        part_size=PART,
-        s3_limiter=trio.CapacityLimiter(8),
-        disk_limiter=trio.CapacityLimiter(4),
-    )
-    wb.open()
+    wb = make_writeback(cache, store)
     lim = trio.CapacityLimiter(8)
     core = FsCore(store, cache, prefix="", metadata_ttl=60, s3_limiter=lim)
     writer = Writer(core, wb, allow_overwrite=overwrite, allow_delete=delete, s3_limiter=lim)
@@ -70,14 +64,7 @@ def test_a_reader_of_a_written_file_reads_verified_bytes_after_eviction(
 def test_staged_files_act_only_on_their_own_bucket(tmp_path: Path) -> None:
     a = MemoryStore("bucket-a")
     cache = make_cache(tmp_path, a)
-    wb = Writeback(
-        cache,
-        a,
-        part_size=PART,
-        s3_limiter=trio.CapacityLimiter(8),
-        disk_limiter=trio.CapacityLimiter(4),
-    )
-    wb.open()
+    wb = make_writeback(cache, a)
 
     async def crash() -> None:
         s = await wb.create("results/out.json", create_only=True)
@@ -87,14 +74,7 @@ def test_staged_files_act_only_on_their_own_bucket(tmp_path: Path) -> None:
     cache.close()
     b = MemoryStore("bucket-b")  # next mount on the same (default) cache dir is another bucket
     cache = make_cache(tmp_path, b)
-    wb = Writeback(
-        cache,
-        b,
-        part_size=PART,
-        s3_limiter=trio.CapacityLimiter(8),
-        disk_limiter=trio.CapacityLimiter(4),
-    )
-    wb.open()
+    wb = make_writeback(cache, b)
     (left,) = wb.left()
     assert left.bucket == "bucket-a"
 
@@ -172,13 +152,7 @@ def test_a_part_size_the_cache_block_does_not_divide_is_refused(tmp_path: Path) 
     store = MemoryStore()
     cache = make_cache(tmp_path, store)  # a cache dir keeps the block size it was made with
     with pytest.raises(ConfigError, match="not a multiple of the block size"):
-        Writeback(
-            cache,
-            store,
-            part_size=BS + BS // 2,
-            s3_limiter=trio.CapacityLimiter(8),
-            disk_limiter=trio.CapacityLimiter(4),
-        )
+        make_writeback(cache, store, part_size=BS + BS // 2)
 
 
 def test_an_unexpected_part_error_fails_the_upload_and_aborts_it(
@@ -186,14 +160,7 @@ def test_an_unexpected_part_error_fails_the_upload_and_aborts_it(
 ) -> None:
     store = MemoryStore()
     cache = make_cache(tmp_path, store)
-    wb = Writeback(
-        cache,
-        store,
-        part_size=2 * BS,
-        s3_limiter=trio.CapacityLimiter(8),
-        disk_limiter=trio.CapacityLimiter(4),
-    )
-    wb.open()
+    wb = make_writeback(cache, store, part_size=2 * BS)
     out: dict[str, object] = {}
 
     async def body() -> None:

@@ -17,11 +17,11 @@ from tests.test_blockcache import make_cache, run_with
 PART = 5 * 1024 * 1024
 
 
-def make_writeback(cache: BlockCache, store: MemoryStore) -> Writeback:
+def make_writeback(cache: BlockCache, store: MemoryStore, part_size: int = PART) -> Writeback:
     wb = Writeback(
         cache,
         store,
-        part_size=PART,
+        part_size=part_size,
         s3_limiter=trio.CapacityLimiter(8),
         disk_limiter=trio.CapacityLimiter(4),
     )
