@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import pyfuse3
 import trio
 
-from s3cachefs.daemon import control
+from s3cachefs.daemon import control, memory
 from s3cachefs.daemon.blockcache import BlockCache
 from s3cachefs.daemon.commands import Daemon, RecentErrors
 from s3cachefs.daemon.errors import ConfigError, TransientError
@@ -209,6 +209,7 @@ async def _announce_ready(daemon: Daemon, on_ready: Callable[[], None]) -> None:
     while True:  # systemctl status shows a live summary
         await trio.sleep(STATUS_INTERVAL)
         notify(f"STATUS={daemon.summary()}")
+        memory.trim()
 
 
 async def _terminate_on_signal(daemon: Daemon) -> None:

@@ -97,6 +97,7 @@ class _Flight:
     # The start of the block while the rest is still on its way (an eager run's first piece).
     head: bytes = b""
     grew: trio.Event = field(default_factory=trio.Event)  # set when ``head`` grows or done
+    remember: bool = True  # keep the block in memory too (not for prefetch: disk only)
 
     def wake(self) -> None:
         self.grew.set()
@@ -110,7 +111,7 @@ BlockKey = tuple[str, int]
 EAGER_FIRST_PIECE = 128 * 1024
 # Downloaded bytes waiting for their disk write, at most: a network faster than
 # the disk makes the download wait, instead of the daemon's memory grow.
-UNWRITTEN_LIMIT = 64 * 1024 * 1024
+UNWRITTEN_LIMIT = 32 * 1024 * 1024
 
 
 def block_span(index: int, block_size: int, size: int) -> tuple[int, int]:
@@ -473,8 +474,8 @@ class BlockCache:
                     flight = self._flights[key] = _Flight(data=data)
                     flight.done.set()
                     self._spawn_store(version, idx, data)
-        for run in self._missing_runs(version, indices):
-            self._start_run(version, run, readahead=False)
+        for run in self._missing_runs(version, indices):  # a prefetch passes gigabytes
+            self._start_run(version, run, readahead=False, remember=not persist)
 
     def readahead(self, version: ObjectVersion, indices: range) -> int:
         """Best-effort prefetch: dropped, not queued, when too much is in flight.
@@ -733,17 +734,23 @@ class BlockCache:
     # ---- fetch path ------------------------------------------------------
 
     def _start_run(
-        self, version: ObjectVersion, run: range, *, readahead: bool, eager: bool = False
+        self,
+        version: ObjectVersion,
+        run: range,
+        *,
+        readahead: bool,
+        eager: bool = False,
+        remember: bool = True,
     ) -> None:
         """Register one flight per block of ``run`` and start the one GET that fills them.
 
         ``eager``: a reader waits for the run's first bytes (`_read_early`); its first
-        block arrives in two pieces.
+        block arrives in two pieces. ``remember``: keep the blocks in memory too.
         """
         assert self._nursery is not None, "BlockCache.run() is not running"
         flights = []
         for idx in run:
-            flight = _Flight()
+            flight = _Flight(remember=remember)
             self._flights[(version.oid, idx)] = flight
             flights.append(flight)
         if readahead:
@@ -779,7 +786,8 @@ class BlockCache:
             self.stats.counts["misses"] += 1
             self.stats.counts["bytes_from_s3"] += len(data)
             flight.data = data
-            self._remember((version.oid, idx), data)
+            if flight.remember:
+                self._remember((version.oid, idx), data)
             if readahead:
                 self._readahead_inflight -= 1
             flight.done.set()

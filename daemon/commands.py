@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 import trio
 
+from s3cachefs.daemon import memory
 from s3cachefs.daemon.blockcache import BlockCache
 from s3cachefs.daemon.control import Handler, Send
 from s3cachefs.daemon.errors import ConfigError, S3CacheFSError, StoreError
@@ -189,6 +190,7 @@ class Daemon:
             final = await job.run(send)
         finally:
             del self.jobs[job_id]
+            memory.trim()  # the buffers it passed through go back to the OS
             if not job.dry_run:
                 self.ops.invalidate(self.ops.core.pins_changed())
                 if self.kernel is not None:  # bind, swap or unbind to match the manifest
