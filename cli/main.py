@@ -74,7 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", type=Path, help="a mount's TOML file: its mountpoint, datasets")
     p.add_argument("--mount", type=Path, help="the mount to use (default: the only one)")
-    p.add_argument("--jobs", type=int, help="concurrent GETs (default 8)")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        help="concurrent GETs (default: half of the mount's --s3-concurrency, 32)",
+    )
     p.add_argument("--dry-run", action="store_true", help="count, size and whether it fits")
     p.add_argument("--shard", metavar="I/N", help="only shard I of N (stable hash of the key)")
     p.add_argument("--list-out", type=Path, help="write the (shard's) keys to this file")

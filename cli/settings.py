@@ -103,7 +103,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("allow-other", _bool, False, "let other users (container uids) use the mount"),
     Setting("log-level", _level, "info", "debug, info, warning or error"),
     Setting("log-file", Path, None, "background log (default: CACHE_DIR/daemon.log)"),
-    Setting("s3-concurrency", _int, 16, "parallel S3 requests (default 16)"),
+    Setting("s3-concurrency", _int, 64, "parallel S3 requests (default 64)"),
     Setting("readahead", _size, "32M", "most bytes fetched ahead of a reader (default 32M)"),
     Setting("block-size", _size, "1M", "block size of a new cache dir (default 1M)"),
     Setting("fetch-size", _size, "8M", "most bytes one ranged GET covers (default 8M)"),

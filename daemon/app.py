@@ -122,7 +122,7 @@ def run_daemon(config: MountConfig, on_ready: Callable[[], None]) -> None:
             part_size=config.upload_part_size,
             s3_limiter=s3_limiter,
             disk_limiter=disk_limiter,
-            parallel_parts=max(1, config.s3_concurrency // 4),
+            parallel_parts=max(1, min(4, config.s3_concurrency // 4)),  # 4 x 8 MiB in memory
         )
         writeback.open()
         writer = None

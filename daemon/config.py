@@ -93,11 +93,10 @@ class MountConfig:
     metadata_ttl: float = 60.0
     allow_other: bool = False
     block_size: int = DEFAULT_BLOCK_SIZE
-    # Parallel GETs: also sizes botocore's connection pool and the S3 thread limiter.
-    s3_concurrency: int = 16
-    # Concurrent GETs of a prefetch: half the S3 slots, so foreground reads never queue
-    # behind a whole prefetch.
-    prefetch_jobs: int = 8
+    # Parallel S3 requests: also sizes the connection pools and the S3 thread limiter.
+    # 64: a prefetch of small files over a 40 ms link needs ~32 GETs in flight to
+    # fill it (measured: 8 jobs 51 MB/s, 32 jobs 86 MB/s; no change at 1 ms).
+    s3_concurrency: int = 64
     # Bytes fetched ahead of a sequential reader, at most: 32 MiB keeps a
     # 20 ms-latency link busy at several hundred MB/s.
     readahead_size: int = 32 * MIB
@@ -140,6 +139,12 @@ class MountConfig:
             )
         if (self.allow_overwrite or self.allow_delete) and not self.writable:
             raise ConfigError("--allow-overwrite and --allow-delete need --writable")
+
+    @property
+    def prefetch_jobs(self) -> int:
+        """Concurrent GETs of a prefetch: half the S3 slots, so foreground reads never
+        queue behind a whole prefetch."""
+        return max(1, self.s3_concurrency // 2)
 
     @property
     def source(self) -> str:
