@@ -74,6 +74,7 @@ def fuse_options(config: MountConfig) -> set[str]:
 
 def run_daemon(config: MountConfig, on_ready: Callable[[], None]) -> None:
     """Serve the mount until SIGTERM/SIGINT or an external unmount. Blocking."""
+    memory.limit_arenas()
     check_mountpoint(config.mountpoint)  # cheapest check first: no network needed
     store = S3Store(config)
     try:

@@ -19,6 +19,21 @@ _libc_name = ctypes.util.find_library("c")
 _libc = ctypes.CDLL(_libc_name) if _libc_name else None
 
 
+# glibc gives each busy thread its own heap ("arena"), up to 8 per core; with 64
+# S3 threads passing 1 MiB buffers, each arena keeps its own free pages. Two
+# arenas: a 3 x 512 MiB prefetch peaked at 324 MiB RSS instead of 371 MiB, at
+# the same CPU time (one run each).
+_M_ARENA_MAX = -8  # <malloc.h>
+ARENAS = 2
+
+
+def limit_arenas() -> None:
+    """Fewer malloc arenas (call before threads start); a no-op without glibc."""
+    if _libc is not None:
+        with contextlib.suppress(AttributeError):
+            _libc.mallopt(_M_ARENA_MAX, ARENAS)
+
+
 def trim() -> None:
     """Return free heap pages to the OS (glibc ``malloc_trim``); a no-op elsewhere."""
     if _libc is not None:
