@@ -54,6 +54,14 @@ def wait_bound(mount: Mount, name: str = "dataset-v3", timeout: float = 30) -> d
         time.sleep(0.1)
 
 
+def kernel_served(bucket: Bucket, mounter: Mounter) -> tuple[dict[str, bytes], Mount, Path]:
+    """A filled bucket, mounted, with dataset-v3 prefetched: its files, the mount, its tree."""
+    files = fill(bucket)
+    mount = mounter(bucket.name, "--min-free", "0")
+    assert prefetch(mount, "dataset-v3").returncode == 0
+    return files, mount, Path(dataset(mount)["tree"])
+
+
 def test_prefetched_dataset_is_read_by_the_kernel_not_the_daemon(
     bucket: Bucket, mounter: Mounter
 ) -> None:
@@ -147,10 +155,7 @@ def test_rebuild_swaps_atomically_and_open_readers_keep_old_bytes(
 def test_evict_unbinds_before_freeing_and_fuse_serves_again(
     bucket: Bucket, mounter: Mounter
 ) -> None:
-    files = fill(bucket)
-    mount = mounter(bucket.name, "--min-free", "0")
-    assert prefetch(mount, "dataset-v3").returncode == 0
-    tree = Path(dataset(mount)["tree"])
+    files, mount, tree = kernel_served(bucket, mounter)
     reader = (mount.path / "dataset-v3" / "archive" / "big.tar").open("rb")
     assert run_cli("evict", "dataset-v3", "--mount", str(mount.path)).returncode == 0
     assert bind_on(mount.path / "dataset-v3") is None
@@ -168,10 +173,7 @@ def test_evict_unbinds_before_freeing_and_fuse_serves_again(
 def test_sigterm_unbinds_then_restart_rebinds_and_kill9_leaks_nothing(
     bucket: Bucket, mounter: Mounter
 ) -> None:
-    files = fill(bucket)
-    mount = mounter(bucket.name, "--min-free", "0")
-    assert prefetch(mount, "dataset-v3").returncode == 0
-    tree = Path(dataset(mount)["tree"])
+    files, mount, tree = kernel_served(bucket, mounter)
     inode = (tree / "archive" / "big.tar").stat().st_ino
     mount.proc.send_signal(signal.SIGTERM)
     assert mount.proc.wait(timeout=30) == 0
@@ -198,10 +200,7 @@ def test_sigterm_unbinds_then_restart_rebinds_and_kill9_leaks_nothing(
 def test_a_tree_that_no_longer_matches_is_rebuilt_at_start(
     bucket: Bucket, mounter: Mounter
 ) -> None:
-    files = fill(bucket)
-    mount = mounter(bucket.name, "--min-free", "0")
-    assert prefetch(mount, "dataset-v3").returncode == 0
-    tree = Path(dataset(mount)["tree"])
+    files, mount, tree = kernel_served(bucket, mounter)
     assert mount.stop() == 0
     victim = tree / "archive" / "big.tar"
     victim.unlink()
@@ -216,10 +215,7 @@ def test_a_tree_that_no_longer_matches_is_rebuilt_at_start(
 def test_verify_repairs_a_kernel_served_file_through_a_new_inode(
     bucket: Bucket, mounter: Mounter
 ) -> None:
-    files = fill(bucket)
-    mount = mounter(bucket.name, "--min-free", "0")
-    assert prefetch(mount, "dataset-v3").returncode == 0
-    tree = Path(dataset(mount)["tree"])
+    files, mount, tree = kernel_served(bucket, mounter)
     served = mount.path / "dataset-v3" / "archive" / "big.tar"
     old_inode = served.stat().st_ino
     objects = [p for p in (mount.cache_dir / "v1" / "objects").rglob("*") if p.is_file()]
