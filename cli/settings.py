@@ -9,6 +9,7 @@ bad values, are errors that name where they came from.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import tomllib
 from collections.abc import Callable, Mapping
@@ -203,29 +204,16 @@ def mount_config(values: Mapping[str, Any]) -> MountConfig:
         )
     bucket, prefix = parse_target(values["source"])
     cache_dir = values["cache-dir"] or default_cache_dir()
+    # A setting named like a MountConfig field passes through; the rest are converted here.
+    fields = {f.name for f in dataclasses.fields(MountConfig)} - {"cache_dir"}
+    same = {s.attr: values[s.name] for s in SETTINGS if s.flag and s.attr in fields}
     return MountConfig(
+        **same,
         bucket=bucket,
         prefix=prefix,
         mountpoint=Path(os.path.abspath(values["mountpoint"])),
         cache_dir=Path(os.path.abspath(cache_dir)),
-        endpoint_url=values["endpoint-url"],
-        region=values["region"],
-        profile=values["profile"],
-        cache_size=values["cache-size"],
-        min_free=values["min-free"],
-        metadata_ttl=values["metadata-ttl"],
-        allow_other=values["allow-other"],
-        block_size=values["block-size"],
-        fetch_size=values["fetch-size"],
         keep_cache=not values["no-keep-cache"],
         kernel_readahead_kib=values["kernel-readahead"] // 1024,
-        s3_concurrency=values["s3-concurrency"],
         readahead_size=values["readahead"],
-        metrics_address=values["metrics-address"],
-        s3_timeout=values["s3-timeout"],
-        writable=values["writable"],
-        allow_overwrite=values["allow-overwrite"],
-        allow_delete=values["allow-delete"],
-        upload_part_size=values["upload-part-size"],
-        kernel_serve_pinned=values["kernel-serve-pinned"],
     )

@@ -210,7 +210,7 @@ async def _announce_ready(daemon: Daemon, on_ready: Callable[[], None]) -> None:
     while True:  # systemctl status shows a live summary
         await trio.sleep(STATUS_INTERVAL)
         notify(f"STATUS={daemon.summary()}")
-        memory.trim()
+        await trio.to_thread.run_sync(memory.trim)
 
 
 async def _terminate_on_signal(daemon: Daemon) -> None:

@@ -791,7 +791,7 @@ class BlockCache:
             if readahead:
                 self._readahead_inflight -= 1
             flight.done.set()
-            flight.wake()
+            flight.grew.set()  # final: early readers see ``done``
             # The flight stays registered, with its data, until the block is on disk: a
             # reader arriving in between gets these bytes instead of starting a GET.
             self._spawn_store(version, idx, data)
@@ -821,7 +821,7 @@ class BlockCache:
                 # Failures are not cached: the next reader of these blocks tries again.
                 flights[offset].error = error or TransientError(f"{version.key}: fetch cancelled")
                 flights[offset].done.set()
-                flights[offset].wake()
+                flights[offset].grew.set()
                 self._end_flight((version.oid, run.start + offset))
                 if readahead:
                     self._readahead_inflight -= 1

@@ -190,12 +190,13 @@ class Daemon:
             final = await job.run(send)
         finally:
             del self.jobs[job_id]
-            memory.trim()  # the buffers it passed through go back to the OS
             if not job.dry_run:
                 self.ops.invalidate(self.ops.core.pins_changed())
                 if self.kernel is not None:  # bind, swap or unbind to match the manifest
                     with trio.CancelScope(shield=True):
                         await self.kernel.refresh(job.manifest.id)
+            with trio.CancelScope(shield=True):  # the buffers it used go back to the OS
+                await trio.to_thread.run_sync(memory.trim)
         log.info(
             "prefetch dataset=%s files=%d/%d bytes_fetched=%d failed=%d complete=%s",
             prefix,

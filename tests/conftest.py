@@ -86,6 +86,29 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
     )
 
 
+def mount_cli(
+    bucket: Bucket,
+    mnt: Path,
+    cache: Path,
+    *extra: str,
+    target: str | None = None,
+    env: dict[str, str] | None = None,
+    endpoint: str | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """``s3cachefs mount`` in the background, as a user types it."""
+    return run_cli(
+        "mount",
+        target or bucket.name,
+        str(mnt),
+        "--endpoint-url",
+        endpoint or bucket.server.endpoint_url,
+        "--cache-dir",
+        str(cache),
+        *extra,
+        env=env,
+    )
+
+
 class Endpoint(Protocol):
     endpoint_url: str
 

@@ -4,44 +4,25 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Bucket, Mounter, run_cli
+from tests.conftest import Bucket, Mounter, mount_cli, run_cli
 
 
-def _assert_one_line_error(result: object, code: int, *needles: str) -> None:
-    stderr: str = result.stderr  # type: ignore[attr-defined]
-    assert result.returncode == code, (result.returncode, stderr)  # type: ignore[attr-defined]
+def _assert_one_line_error(
+    result: subprocess.CompletedProcess[str], code: int, *needles: str
+) -> None:
+    stderr = result.stderr
+    assert result.returncode == code, (result.returncode, stderr)
     assert "Traceback" not in stderr
     lines = stderr.strip().splitlines()
     assert len(lines) == 1, stderr
     assert lines[0].startswith("s3cachefs: ")
     for needle in needles:
         assert needle in lines[0]
-
-
-def _mount(
-    bucket: Bucket,
-    mnt: Path,
-    cache: Path,
-    *extra: str,
-    target: str | None = None,
-    env: dict[str, str] | None = None,
-    endpoint: str | None = None,
-) -> object:
-    return run_cli(
-        "mount",
-        target or bucket.name,
-        str(mnt),
-        "--endpoint-url",
-        endpoint or bucket.server.endpoint_url,
-        "--cache-dir",
-        str(cache),
-        *extra,
-        env=env,
-    )
 
 
 @pytest.fixture
@@ -52,18 +33,18 @@ def mnt(tmp_path: Path) -> Path:
 
 
 def test_missing_mountpoint(bucket: Bucket, tmp_path: Path) -> None:
-    result = _mount(bucket, tmp_path / "nope", tmp_path / "cache")
+    result = mount_cli(bucket, tmp_path / "nope", tmp_path / "cache")
     _assert_one_line_error(result, 2, "does not exist")
 
 
 def test_non_empty_mountpoint(bucket: Bucket, mnt: Path, tmp_path: Path) -> None:
     (mnt / "someone-elses-file").write_text("x")
-    result = _mount(bucket, mnt, tmp_path / "cache")
+    result = mount_cli(bucket, mnt, tmp_path / "cache")
     _assert_one_line_error(result, 2, "not empty")
 
 
 def test_unknown_bucket(bucket: Bucket, mnt: Path, tmp_path: Path) -> None:
-    result = _mount(bucket, mnt, tmp_path / "cache", target="no-such-bucket-here")
+    result = mount_cli(bucket, mnt, tmp_path / "cache", target="no-such-bucket-here")
     _assert_one_line_error(result, 3, "no such bucket")
     assert not os.path.ismount(mnt)
 
@@ -72,7 +53,7 @@ def test_wrong_endpoint(bucket: Bucket, mnt: Path, tmp_path: Path) -> None:
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    result = _mount(bucket, mnt, tmp_path / "cache", endpoint=f"http://127.0.0.1:{port}")
+    result = mount_cli(bucket, mnt, tmp_path / "cache", endpoint=f"http://127.0.0.1:{port}")
     _assert_one_line_error(result, 2, "cannot reach", str(port))
 
 
@@ -83,21 +64,21 @@ def test_missing_credentials(bucket: Bucket, mnt: Path, tmp_path: Path) -> None:
         AWS_CONFIG_FILE=str(tmp_path / "none"),
         AWS_EC2_METADATA_DISABLED="true",
     )
-    result = _mount(bucket, mnt, tmp_path / "cache", env=env)
+    result = mount_cli(bucket, mnt, tmp_path / "cache", env=env)
     _assert_one_line_error(result, 3, "no AWS credentials")
 
 
 def test_wrong_credentials_are_not_printed(bucket: Bucket, mnt: Path, tmp_path: Path) -> None:
     env = dict(os.environ, AWS_PROFILE="no-such-profile")
-    result = _mount(bucket, mnt, tmp_path / "cache", env=env)
+    result = mount_cli(bucket, mnt, tmp_path / "cache", env=env)
     _assert_one_line_error(result, 3, "no-such-profile")
-    assert os.environ["AWS_SECRET_ACCESS_KEY"] not in result.stderr  # type: ignore[attr-defined]
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] not in result.stderr
 
 
 def test_unusable_cache_dir(bucket: Bucket, mnt: Path, tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
-    result = _mount(bucket, mnt, blocker / "cache")
+    result = mount_cli(bucket, mnt, blocker / "cache")
     _assert_one_line_error(result, 2, "cache dir")
 
 
@@ -114,12 +95,12 @@ def test_unusable_cache_dir(bucket: Bucket, mnt: Path, tmp_path: Path) -> None:
 def test_bad_values(
     bucket: Bucket, mnt: Path, tmp_path: Path, option: str, value: str, needle: str
 ) -> None:
-    result = _mount(bucket, mnt, tmp_path / "cache", option, value)
+    result = mount_cli(bucket, mnt, tmp_path / "cache", option, value)
     _assert_one_line_error(result, 2, needle)
 
 
 def test_bad_bucket_name(bucket: Bucket, mnt: Path, tmp_path: Path) -> None:
-    result = _mount(bucket, mnt, tmp_path / "cache", target="Bad Bucket!")
+    result = mount_cli(bucket, mnt, tmp_path / "cache", target="Bad Bucket!")
     _assert_one_line_error(result, 2, "bad bucket name")
 
 
@@ -134,12 +115,12 @@ def test_unmount_of_something_not_mounted(tmp_path: Path) -> None:
 
 
 def test_write_flags_need_writable(bucket: Bucket, mnt: Path, tmp_path: Path) -> None:
-    result = _mount(bucket, mnt, tmp_path / "cache", "--allow-delete")
+    result = mount_cli(bucket, mnt, tmp_path / "cache", "--allow-delete")
     _assert_one_line_error(result, 2, "--allow-delete", "--writable")
 
 
 def test_bad_upload_part_size(bucket: Bucket, mnt: Path, tmp_path: Path) -> None:
-    result = _mount(bucket, mnt, tmp_path / "cache", "--writable", "--upload-part-size", "1M")
+    result = mount_cli(bucket, mnt, tmp_path / "cache", "--writable", "--upload-part-size", "1M")
     _assert_one_line_error(result, 2, "part size")
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from s3cachefs.daemon.runtime import runtime_dir
-from tests.conftest import Bucket, Mounter, drop_page_cache, run_cli
+from tests.conftest import Bucket, Mounter, drop_page_cache, mount_cli, run_cli
 
 MIB = 1024 * 1024
 
@@ -181,16 +181,7 @@ def test_background_mount_returns_when_usable_and_unmount_waits(
     mnt = tmp_path / "bg"
     mnt.mkdir()
     cache = tmp_path / "bgcache"
-    mount_args = (
-        "mount",
-        bucket.name,
-        str(mnt),
-        "--endpoint-url",
-        bucket.server.endpoint_url,
-        "--cache-dir",
-        str(cache),
-    )
-    result = run_cli(*mount_args)
+    result = mount_cli(bucket, mnt, cache)
     try:
         assert result.returncode == 0, result.stderr
         assert (mnt / "f.txt").read_bytes() == b"data"  # usable the moment mount returns
@@ -200,7 +191,7 @@ def test_background_mount_returns_when_usable_and_unmount_waits(
     assert not os.path.ismount(mnt)
     assert "mounted" in (cache / "daemon.log").read_text()
     # unmount waited for the daemon: the cache dir is free for the next one at once
-    again = run_cli(*mount_args)
+    again = mount_cli(bucket, mnt, cache)
     assert again.returncode == 0, again.stderr
     assert run_cli("unmount", str(mnt)).returncode == 0
 

@@ -21,7 +21,7 @@ import pytest
 from s3cachefs.cli.main import build_parser
 from s3cachefs.cli.settings import mount_config, resolve
 from s3cachefs.daemon.errors import ConfigError
-from tests.conftest import Bucket, Mounter, run_cli, s3cachefs_cmd
+from tests.conftest import Bucket, Mounter, mount_cli, run_cli, s3cachefs_cmd
 
 REPO = Path(__file__).resolve().parent.parent
 GIB = 1 << 30
@@ -208,17 +208,7 @@ def test_metrics_endpoint_parses_and_counts(bucket: Bucket, mounter: Mounter) ->
 def test_bad_metrics_address_is_one_line(bucket: Bucket, tmp_path: Path) -> None:
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    result = run_cli(
-        "mount",
-        bucket.name,
-        str(mnt),
-        "--endpoint-url",
-        bucket.server.endpoint_url,
-        "--cache-dir",
-        str(tmp_path / "c"),
-        "--metrics-address",
-        "nowhere",
-    )
+    result = mount_cli(bucket, mnt, tmp_path / "c", "--metrics-address", "nowhere")
     assert result.returncode == 2
     assert result.stderr.strip().startswith("s3cachefs: bad metrics address 'nowhere'")
     assert not os.path.ismount(mnt)

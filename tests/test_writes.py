@@ -164,8 +164,10 @@ def test_overwrite_and_delete_are_refused_without_their_flags(
     assert not s3_has(bucket, "new/")
 
 
+# Kernel-served, the bind is read-only; through FUSE, the daemon refuses (fs/writes.py).
+@pytest.mark.parametrize("serve", ["--kernel-serve-pinned", "--no-kernel-serve-pinned"])
 def test_read_only_is_the_default_and_pinned_datasets_are_never_writable(
-    bucket: Bucket, mounter: Mounter
+    bucket: Bucket, mounter: Mounter, serve: str
 ) -> None:
     bucket.put("ds/x.bin", b"x" * 1000)
     mount = mounter(bucket.name)
@@ -174,7 +176,7 @@ def test_read_only_is_the_default_and_pinned_datasets_are_never_writable(
     assert refused.value.errno == errno.EROFS
     mount.stop()
 
-    mount = mounter(bucket.name, "--writable", "--allow-overwrite", "--allow-delete")
+    mount = mounter(bucket.name, "--writable", "--allow-overwrite", "--allow-delete", serve)
     result = run_cli("prefetch", "ds", "--mount", str(mount.path))
     assert result.returncode == 0, result.stdout + result.stderr
     for attempt in (
