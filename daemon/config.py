@@ -95,7 +95,8 @@ class MountConfig:
     block_size: int = DEFAULT_BLOCK_SIZE
     # Parallel S3 requests: also sizes the connection pools and the S3 thread limiter.
     # 64: a prefetch of small files over a 40 ms link needs ~32 GETs in flight to
-    # fill it (measured: 8 jobs 51 MB/s, 32 jobs 86 MB/s; no change at 1 ms).
+    # fill it (`python -m bench.prefetchrss --large 0 --pages 1000 --latency 0.04
+    # --jobs 8|32`: 41 against 69 MB/s; at 1 ms both are CPU-bound at 75 MB/s).
     s3_concurrency: int = 64
     # Bytes fetched ahead of a sequential reader, at most: 32 MiB keeps a
     # 20 ms-latency link busy at several hundred MB/s.

@@ -3,7 +3,7 @@
 A prefetch passes gigabytes through 1 MiB buffers. glibc keeps what they
 freed in its heap (its mmap threshold grows to the largest chunk freed), so
 without a trim the daemon's RSS stays near its high-water mark after a
-prefetch (measured on 3 x 512 MiB + 300 pages: 196-219 MiB after the
+prefetch (`python -m bench.prefetchrss`, 3 x 512 MiB + 300 pages: 196-219 MiB after the
 prefetch without, 163 MiB with a trim). Trimming once after each prefetch
 and on the status tick costs a few milliseconds; a fixed mmap threshold
 (every buffer mmap'd) cost ~10% more prefetch CPU.

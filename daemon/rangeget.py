@@ -1,10 +1,10 @@
 """Ranged GETs on the read path without botocore's per-request machinery.
 
-Measured on this project's 2-core machine (``bench/README.md``, "W1 profile"):
-a botocore ``get_object`` costs 1.6 ms of CPU per request (endpoint rules,
+Measured on this project's 2-core machine (``python -m bench.getcost``): a
+botocore ``get_object`` costs 1.6-1.8 ms of CPU per request (endpoint rules,
 event hooks, response parsing), a third of prefetch's CPU per small file;
 signing with botocore's own SigV4 signer and sending with urllib3 costs
-0.5 ms. Everything else (listings, HEAD, writes) stays on the boto3 client.
+0.5-0.6 ms. Everything else (listings, HEAD, writes) stays on the boto3 client.
 
 What is kept from botocore: the credential chain (refreshable credentials are
 re-read before each request), SigV4 signing, the CA bundle. What is ours:
