@@ -473,10 +473,10 @@ class FsCore:
             return await trio.to_thread.run_sync(handle.staged.pread, offset, length)
         if offset >= handle.version.size or length <= 0:
             return b""
+        self._plan_readahead(handle, offset, length)
         retried = False
         while True:
             version = handle.version
-            self._plan_readahead(handle, offset, length)
             try:
                 data = await self.cache.read(version, offset, length)
                 if data:
