@@ -10,9 +10,15 @@ Semantics (README, "Semantics"):
 - When a key is both an object and a prefix (``a`` and ``a/b``), the
   directory wins and the object is hidden, with a warning.
 - Keys with segments that are not valid names (`fs.names`) are skipped.
-- A file handle reads the version (ETag) seen when it was opened; if S3 now
-  holds another version, the read fails with ESTALE and the directory is
-  re-listed, so the next open sees the new version.
+- An inode is one object version (key, ETag, size): a re-listing that shows
+  another version for a name maps the name to a new inode, so the kernel's
+  page cache (kept per inode) cannot mix versions. The old inode stays valid
+  for its open handles and is dropped once the kernel forgets it
+  (`remember`/`forget` keep the kernel's lookup count). Directories keep
+  their inodes.
+- A file handle reads the version it was opened at (`fs.versions`); if S3 now
+  holds another version, its uncached reads fail with ESTALE, the node is
+  retired and the name re-listed, so the next open sees the new version.
 
 Concurrency: dictionaries here change only on the trio thread. ``_apply_listing``
 must not await: it swaps a directory's children in one step.
@@ -43,6 +49,7 @@ from s3cachefs.daemon.pins import PinStore
 from s3cachefs.daemon.store import Listing, ObjectInfo, ObjectStore
 from s3cachefs.daemon.writeback import Staged
 from s3cachefs.fs.names import valid_name
+from s3cachefs.fs.versions import VersionGuard
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +78,13 @@ class Node:
     listed_at: float | None = None
     # files: ETag of the last open, to tell the kernel whether its pages are still good
     opened_etag: str | None = None
+    # files: the ETag the listing gave (``etag`` is the server's, see `fs.versions`)
+    listed_etag: str = ""
+    # files: the version whose bytes this inode returned (the kernel may cache them)
+    served_etag: str | None = None
+    retired: bool = False  # S3 holds another version: the name gets a new inode
+    lookups: int = 0  # the kernel's lookup count of this inode
+    handles: int = 0  # open file handles
     # inside a pinned dataset: answered from its manifest, never expires
     pinned: bool = False
     pin_generation: int = -1
@@ -88,10 +102,12 @@ class FileHandle:
     staged: Staged | None = None  # reading or writing a file being written
     writable: bool = False
     fd: int | None = None  # a reader's own descriptor of the staged data
+    served: bool = False  # it returned bytes: it is never re-bound to another version
 
 
 @dataclass
 class DirHandle:
+    ino: int
     entries: list[tuple[str, int]] = field(default_factory=list)
 
 
@@ -127,6 +143,10 @@ class FsCore:
         self._files: dict[int, FileHandle] = {}
         self._dirs: dict[int, DirHandle] = {}
         self._listing: dict[int, trio.Event] = {}
+        self.versions = VersionGuard(store, s3_limiter)
+        # Directory entries the kernel must forget (a name now names another inode);
+        # the adapter sets it. Called on the trio thread, must not await.
+        self.on_stale_entries: Callable[[list[tuple[int, str]]], None] = lambda entries: None
 
     # ---- metadata --------------------------------------------------------
 
@@ -182,6 +202,46 @@ class FsCore:
             break
         assert directory.children is not None
         return directory.children
+
+    def remember(self, node: Node) -> None:
+        """The kernel got an entry for ``node`` (lookup, readdirplus, create, mkdir)."""
+        node.lookups += 1
+
+    def forget(self, ino: int, nlookup: int) -> None:
+        """The kernel dropped ``nlookup`` references. Must not raise."""
+        node = self._nodes.get(ino)
+        if node is not None:
+            node.lookups = max(0, node.lookups - nlookup)
+            self._drop_if_unused(node)
+
+    def _drop_if_unused(self, node: Node) -> None:
+        """Forget a file inode that no name, kernel reference or handle leads to any more."""
+        if node.is_dir or node.lookups > 0 or node.handles > 0 or self._is_current(node):
+            return
+        self._nodes.pop(node.ino, None)
+
+    def _is_current(self, node: Node) -> bool:
+        """Whether ``node`` is what its name in its directory means now."""
+        parent = self._nodes.get(node.parent)
+        return parent is not None and (parent.children or {}).get(node.name) == node.ino
+
+    def _retire(self, node: Node) -> None:
+        """S3 refused ``node``'s version: the next lookup of its name makes a new inode.
+
+        Must not await.
+        """
+        if node.retired:
+            return
+        node.retired = True
+        log.info(
+            "key=%s changed in S3 (ETag %s was opened): uncached reads of it get ESTALE,"
+            " the next open sees the current version",
+            node.key,
+            node.etag,
+        )
+        if self._is_current(node):
+            self.relist(self._nodes[node.parent])
+            self.on_stale_entries([(node.parent, node.name)])
 
     def add_node(self, parent: Node, name: str, *, is_dir: bool) -> Node:
         """A name created through this mount (writable mounts). Must not await."""
@@ -288,6 +348,14 @@ class FsCore:
                 new[name] = ino
         directory.children = new
         directory.listed_at = self._clock()
+        replaced: list[tuple[int, str]] = []
+        for name, ino in old.items():  # a file that changed or went: the kernel re-looks it up
+            node = self._nodes.get(ino)
+            if new.get(name) != ino and node is not None and not node.is_dir:
+                replaced.append((directory.ino, name))
+                self._drop_if_unused(node)
+        if replaced:
+            self.on_stale_entries(replaced)
 
     def _child(
         self,
@@ -298,16 +366,35 @@ class FsCore:
         info: ObjectInfo | None,
         pinned: bool,
     ) -> int:
-        """The inode for ``name``: the old one if it is still the same kind, else a new one."""
-        is_dir = info is None
+        """The inode for ``name``: the old one while it is the same directory or version.
+
+        A file's inode is one version: another ETag or size is a new inode, so
+        the kernel's pages of the old one cannot mix into reads of the new one.
+        A file being written here keeps its inode (and its own size).
+        """
         node = self._nodes.get(ino) if ino is not None else None
-        if node is None or node.is_dir != is_dir:
-            node = Node(next(self._next_ino), parent.ino, name, key, is_dir=is_dir)
+        if node is None or not self._same(node, info):
+            node = Node(next(self._next_ino), parent.ino, name, key, is_dir=info is None)
+            if info is not None:
+                node.size, node.etag, node.mtime_ns = info.size, info.etag, info.mtime_ns
+                node.listed_etag = info.etag
             self._nodes[node.ino] = node
-        if info is not None and node.staged is None:  # a file being written keeps its own
-            node.size, node.etag, node.mtime_ns = info.size, info.etag, info.mtime_ns
+        elif info is not None and node.staged is None:
+            node.mtime_ns = info.mtime_ns  # S3's time for a file written here
         node.pinned = pinned
         return node.ino
+
+    @staticmethod
+    def _same(node: Node, info: ObjectInfo | None) -> bool:
+        if info is None or node.is_dir:
+            return info is None and node.is_dir
+        if node.staged is not None:
+            return True
+        return (
+            not node.retired
+            and info.size == node.size
+            and info.etag in (node.etag, node.listed_etag)  # listed_etag: row 7 gateways
+        )
 
     # ---- directories -----------------------------------------------------
 
@@ -317,17 +404,23 @@ class FsCore:
             raise NotADirError(f"{directory.key}: not a directory")
         children = await self.children(directory)
         fh = next(self._next_fh)
-        self._dirs[fh] = DirHandle(sorted(children.items()))
+        self._dirs[fh] = DirHandle(ino, sorted(children.items()))
         return fh
 
     def readdir(self, fh: int, start: int) -> list[tuple[str, Node, int]]:
-        """Entries from position ``start``: (name, node, position of the next entry)."""
+        """Entries from position ``start``: (name, node, position of the next entry).
+
+        An inode of the snapshot dropped since (its file changed) is replaced by
+        what the name means now, or left out if the name is gone.
+        """
         handle = self._dir_handle(fh)
-        return [
-            (name, self._nodes[ino], pos + 1)
-            for pos, (name, ino) in enumerate(handle.entries)
-            if pos >= start
-        ]
+        now = self._nodes[handle.ino].children or {}
+        entries = []
+        for pos, (name, ino) in enumerate(handle.entries):
+            node = self._nodes.get(ino) or self._nodes.get(now.get(name, -1))
+            if pos >= start and node is not None:
+                entries.append((name, node, pos + 1))
+        return entries
 
     def releasedir(self, fh: int) -> None:
         self._dirs.pop(fh, None)
@@ -354,7 +447,8 @@ class FsCore:
                 version = ObjectVersion(self.store.bucket, node.key, "", 0)
                 return self.add_handle(FileHandle(node, version, staged=node.staged, fd=fd)), False
         version = ObjectVersion(self.store.bucket, node.key, node.etag, node.size)
-        # The kernel's pages are valid while the version is the one they were read from.
+        # The kernel's pages are valid while the version is the one they were read from
+        # (always, but for a file rewritten through this mount: an inode is one version).
         keep_cache = self.keep_cache and node.opened_etag in (None, node.etag)
         if not keep_cache or node.opened_etag is None:  # else the kernel likely has the pages
             self.cache.open_hint(version)
@@ -364,6 +458,7 @@ class FsCore:
     def add_handle(self, handle: FileHandle) -> int:
         fh = next(self._next_fh)
         self._files[fh] = handle
+        handle.node.handles += 1
         return fh
 
     async def read(self, fh: int, offset: int, length: int) -> bytes:
@@ -376,15 +471,24 @@ class FsCore:
             return await trio.to_thread.run_sync(os.pread, handle.fd, length, offset)
         if handle.staged is not None:  # its writer
             return await trio.to_thread.run_sync(handle.staged.pread, offset, length)
-        version = handle.version
-        if offset >= version.size or length <= 0:
+        if offset >= handle.version.size or length <= 0:
             return b""
         self._plan_readahead(handle, offset, length)
-        try:
-            return await self.cache.read(version, offset, length)
-        except StaleError:
-            self._nodes[handle.node.parent].listed_at = None  # next lookup sees the new version
-            raise
+        retried = False
+        while True:
+            version = handle.version
+            try:
+                data = await self.cache.read(version, offset, length)
+                if data:
+                    self.versions.served(handle, version)
+                return data
+            except StaleError:
+                # One retry, at the version HEAD confirms, for what has served nothing yet.
+                if not retried and await self.versions.rebind(handle, version):
+                    retried = True
+                    continue
+                self._retire(handle.node)
+                raise
 
     def _plan_readahead(self, handle: FileHandle, offset: int, length: int) -> None:
         """Grow a window of blocks fetched ahead while reads stay sequential. Must not await.
@@ -415,8 +519,12 @@ class FsCore:
 
     def release(self, fh: int) -> FileHandle | None:
         handle = self._files.pop(fh, None)
-        if handle is not None and handle.fd is not None:
+        if handle is None:
+            return None
+        if handle.fd is not None:
             os.close(handle.fd)
+        handle.node.handles -= 1
+        self._drop_if_unused(handle.node)
         return handle
 
     def file_handle(self, fh: int) -> FileHandle:

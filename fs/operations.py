@@ -13,7 +13,7 @@ import logging
 import os
 import stat
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import pyfuse3
@@ -120,6 +120,7 @@ class Operations(pyfuse3.Operations):
         self.uid = uid
         self.gid = gid
         self.block_size = block_size
+        core.on_stale_entries = self.invalidate
 
     def invalidate(self, entries: list[tuple[int, str]]) -> None:
         """Make the kernel forget these directory entries (queued: safe inside a handler)."""
@@ -164,7 +165,13 @@ class Operations(pyfuse3.Operations):
             negative.st_ino = pyfuse3.InodeT(0)  # tells the kernel to cache the miss
             negative.entry_timeout = self.core.metadata_ttl
             return negative
+        self.core.remember(node)
         return self._attrs(node)
+
+    async def forget(self, inode_list: Sequence[tuple[InodeT, int]]) -> None:
+        self.counts["forget"] += 1
+        for inode, nlookup in inode_list:
+            self.core.forget(inode, nlookup)
 
     async def getattr(self, inode: InodeT, ctx: RequestContext) -> pyfuse3.EntryAttributes:
         with self._op("getattr"):
@@ -179,6 +186,7 @@ class Operations(pyfuse3.Operations):
             for name, node, next_id in self.core.readdir(fh, start_id):
                 if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attrs(node), next_id):
                     break
+                self.core.remember(node)  # readdirplus: each entry given is a lookup
 
     async def releasedir(self, fh: FileHandleT) -> None:
         self.counts["releasedir"] += 1
@@ -236,6 +244,7 @@ class Operations(pyfuse3.Operations):
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         with self._op("create"):
             fh, node = await self._writer().create(parent_inode, os.fsdecode(name))
+        self.core.remember(node)
         return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh)), self._attrs(node)
 
     async def write(self, fh: FileHandleT, off: int, buf: bytes) -> int:
@@ -275,7 +284,9 @@ class Operations(pyfuse3.Operations):
         self, parent_inode: InodeT, name: FileNameT, mode: ModeT, ctx: RequestContext
     ) -> pyfuse3.EntryAttributes:
         with self._op("mkdir"):
-            return self._attrs(await self._writer().mkdir(parent_inode, os.fsdecode(name)))
+            node = await self._writer().mkdir(parent_inode, os.fsdecode(name))
+        self.core.remember(node)
+        return self._attrs(node)
 
     async def unlink(self, parent_inode: InodeT, name: FileNameT, ctx: RequestContext) -> None:
         with self._op("unlink"):

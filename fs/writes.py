@@ -121,6 +121,8 @@ class Writer:
         node.staged = staged
         node.size = staged.size
         node.opened_etag = ""  # the kernel's pages of this file must not outlive the write
+        node.served_etag = None  # and the inode serves the written version from now on
+        node.listed_etag = ""  # the listing's old ETag no longer names this inode's version
         version = ObjectVersion(self.core.store.bucket, node.key, "", 0)
         return self.core.add_handle(FileHandle(node, version, staged=staged, writable=True))
 
