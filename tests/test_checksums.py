@@ -45,7 +45,9 @@ def b64int(value: int, width: int) -> str:
         ("sha256", base64.b64encode(hashlib.sha256(CHECK).digest()).decode()),
     ],
 )
-def test_full_object_digests_match_the_catalogue_check_values(algorithm: str, expected: str) -> None:
+def test_full_object_digests_match_the_catalogue_check_values(
+    algorithm: str, expected: str
+) -> None:
     check = Check(f"{algorithm}-full", expected)
     for chunk in (None, 1, 4):  # however the bytes are fed
         digest = digest_of(check, CHECK, chunk)
@@ -114,7 +116,11 @@ def test_a_multipart_object_without_checksums_is_checked_by_its_etag(
     info = head_info(bucket, "mp-plain")
     store = s3_store(bucket, tmp_path)
     check = plan(store, info)
-    assert (check.kind, check.parts, check.guessed) == ("mpu-etag", (5 * MIB,) * 2 + (3 * MIB,), True)
+    assert (check.kind, check.parts, check.guessed) == (
+        "mpu-etag",
+        (5 * MIB,) * 2 + (3 * MIB,),
+        True,
+    )
     assert check.value == info.etag.strip('"')
     assert digest_of(check, b"".join(parts)).matches()
     assert store.requests["head"] == 2  # the checksum HEAD, then part 1's
