@@ -291,7 +291,7 @@ class PrefetchJob:
                 if changed:
                     continue
                 if refetched:
-                    return self._mismatch(key, check, same_bytes=digest == first)
+                    return await self._mismatch(obj, check, same_bytes=digest == first)
                 first = digest
             elif refetched:
                 self._fail(key, "could not be kept in the cache (disk full or failing?)")
@@ -311,16 +311,20 @@ class PrefetchJob:
                 return other
         return check
 
-    def _mismatch(self, key: str, check: Check, *, same_bytes: bool) -> Check | None:
+    async def _mismatch(self, obj: _Object, check: Check, *, same_bytes: bool) -> Check | None:
         """Fetched twice, CRC-clean, and still not S3's digest: failed, or size-checked only."""
         if check.kind == "md5" and same_bytes:
             log.warning(
                 "key=%s ETag is not the MD5 of its content and S3 has no checksum for it: "
                 "size-checked only",
-                key,
+                obj.info.key,
             )
             return Check("size")
-        self._fail(key, f"content does not match {check.describe()} in S3")
+        # Its blocks' CRCs are of wrong bytes: dropped before the failure is reported (the
+        # job may end at once), and whole even if the job is being cancelled.
+        with trio.CancelScope(shield=True):
+            await self.cache.forget_object(obj.version)
+        self._fail(obj.info.key, f"content does not match {check.describe()} in S3")
         return None
 
     async def _plan(self, info: ObjectInfo, *, ask_s3: bool) -> Check:

@@ -8,16 +8,20 @@ import json
 import os
 import random
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from s3cachefs.daemon.blockcache import ObjectVersion
 from s3cachefs.daemon.checksums import Check, Digest, combine_crc64nvme, crc64nvme, plan
 from s3cachefs.daemon.config import MountConfig
 from s3cachefs.daemon.pins import Manifest, PinStore
+from s3cachefs.daemon.prefetch import PrefetchJob
 from s3cachefs.daemon.store import MemoryStore, ObjectInfo, S3Store
 from tests.conftest import Bucket
+from tests.test_blockcache import make_cache, read_back, run_with
 
 MIB = 1024 * 1024
 CHECK = b"123456789"  # the standard check input of CRC catalogues
@@ -260,3 +264,60 @@ def test_manifests_record_the_check_and_older_manifests_still_load(tmp_path: Pat
     assert legacy.check("ds/b") == Check("local-md5", "f" * 32)
     assert legacy.check("ds/c") == Check("size")
     assert legacy.size_only() == ["ds/b", "ds/c"]  # never verified end to end
+
+
+class FlippingStore(MemoryStore):
+    """A store whose GET bodies have one byte flipped while ``flip`` is set (same length)."""
+
+    flip = True
+
+    def iter_range(
+        self, key: str, etag: str, start: int, end: int, chunk: int, first: int = 0
+    ) -> Iterator[bytes]:
+        for n, piece in enumerate(super().iter_range(key, etag, start, end, chunk, first)):
+            if self.flip and n == 0:
+                flipped = bytearray(piece)
+                flipped[len(flipped) // 2] ^= 0xFF
+                yield bytes(flipped)
+            else:
+                yield piece
+
+
+def test_prefetch_keeps_nothing_of_an_object_that_fails_then_pins_it_when_right(
+    tmp_path: Path,
+) -> None:
+    """The core path, without a kernel: a flipped byte fails the multipart ETag check."""
+    store = FlippingStore()
+    parts = [b"a" * 200_000, b"b" * 200_000, b"c" * 50_000]
+    store.put_parts("ds/big", parts)
+    cache = make_cache(tmp_path, store)
+    pins = PinStore(cache.root, store.bucket)
+    pins.load()
+    finals: list[dict[str, Any]] = []
+
+    async def body() -> None:
+        for flip in (True, False):
+            store.flip = flip
+            job = PrefetchJob(store, cache, pins, prefix="ds/", shard=None, jobs=2)
+            finals.append(await job.run(ignore))
+            if flip:  # its blocks' CRCs were of wrong bytes: none of them is kept
+                assert cache.used_bytes == 0
+
+    async def ignore(event: dict[str, Any]) -> None:
+        pass
+
+    run_with(cache, body)
+    failed, done = finals
+    assert failed["failed_objects"] == {
+        "ds/big": "content does not match its multipart ETag (3 parts) in S3"
+    }
+    assert (done["ok"], done["size_only"]) == (True, 0)
+    (manifest,) = pins.manifests.values()
+    assert manifest.checks["ds/big"] == Check(
+        "mpu-etag", store.head("ds/big").etag.strip('"'), (200_000, 200_000, 50_000)
+    )
+    read_back(
+        cache,
+        ObjectVersion(store.bucket, "ds/big", store.head("ds/big").etag, 450_000),
+        b"".join(parts),
+    )
