@@ -661,6 +661,8 @@ class MemoryStore:
     def delete(self, key: str) -> None:
         with self._lock:
             del self._objects[key]
+            self._layouts.pop(key, None)
+            self._checksums.pop(key, None)
 
     def _count(self, op: str) -> None:
         with self._lock:
