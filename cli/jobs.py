@@ -61,6 +61,7 @@ def _prefetch_one(args: argparse.Namespace) -> int:
         "dataset": dataset_in(record, args.dataset),
         "jobs": args.jobs,
         "dry_run": args.dry_run,
+        "require_checksums": args.require_checksums,
         "shard": args.shard,
         "list_keys": args.list_out is not None,
     }
@@ -83,11 +84,25 @@ def _prefetch_one(args: argparse.Namespace) -> int:
         )
         for key, reason in final["failed_objects"].items():
             print(f"FAILED {key}: {reason}", file=sys.stderr)
-        if final["complete"]:
+        if final["complete"] and not final["size_only"]:
             print(f"{final['dataset']}: complete, verified and pinned")
+        elif final["complete"]:
+            print(f"{final['dataset']}: complete and pinned, {_size_only(final)}")
+        elif final["size_only"]:
+            print(f"{final['dataset']}: {_size_only(final)}")
     if args.dry_run:
         return EXIT_OK if final["fits"] else EXIT_USAGE
     return EXIT_OK if final["ok"] else EXIT_INCOMPLETE
+
+
+def _size_only(answer: dict[str, Any]) -> str:
+    """The objects S3 gave nothing to verify end to end against, named plainly."""
+    count, keys = answer["size_only"], answer["size_only_keys"]
+    more = f", ... ({count - len(keys)} more)" if count > len(keys) else ""
+    return (
+        f"{count} object{'s' if count != 1 else ''} size-checked only, not verified end to end "
+        f"(S3 has no checksum or MD5 ETag for them): {', '.join(keys)}{more}"
+    )
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -140,6 +155,8 @@ def _print_status(s: dict[str, Any]) -> None:
             f"{human_bytes(d['bytes'])}, {d['cached_percent']}% cached, {state}, "
             f"verified {when}, {served}"
         )
+        if d.get("size_only"):
+            print(f"    {_size_only(d)}")
     for j in s["jobs"]:
         print(f"  prefetching {j['dataset']}: {describe(j)}")
     w = s["writes"]
@@ -171,6 +188,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         )
         for key in final["repaired"]:
             print(f"repaired {key}")
+        if final.get("size_only"):
+            print(f"{final['dataset']}: {_size_only(final)}")
         for key, reason in final["failed_objects"].items():
             print(f"FAILED {key}: {reason}", file=sys.stderr)
     return EXIT_OK if final["ok"] else EXIT_INCOMPLETE

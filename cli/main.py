@@ -80,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="concurrent GETs (default: half of the mount's --s3-concurrency, 32)",
     )
     p.add_argument("--dry-run", action="store_true", help="count, size and whether it fits")
+    p.add_argument(
+        "--require-checksums",
+        action="store_true",
+        help="fail objects that S3 gives nothing to verify end to end against (size-checked only)",
+    )
     p.add_argument("--shard", metavar="I/N", help="only shard I of N (stable hash of the key)")
     p.add_argument("--list-out", type=Path, help="write the (shard's) keys to this file")
     p.add_argument("--json", action="store_true", help="machine-readable progress events")

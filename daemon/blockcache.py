@@ -53,13 +53,13 @@ import diskcache
 import psutil
 import trio
 
+from s3cachefs.daemon.checksums import Check, Digest
 from s3cachefs.daemon.errors import CacheDirError, StoreError, TransientError
 from s3cachefs.daemon.store import ObjectStore
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-_EMPTY_MD5 = hashlib.md5(b"", usedforsecurity=False).hexdigest()
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
@@ -524,6 +524,11 @@ class BlockCache:
     def pinned(self) -> set[str]:
         return set(self._pinned)
 
+    @property
+    def s3_limiter(self) -> trio.CapacityLimiter:
+        """The S3 limiter, for callers' own requests (prefetch's checksum HEADs)."""
+        return self._s3_limiter
+
     async def drain_object(self, version: ObjectVersion) -> None:
         """Wait until every fetch of this object's blocks has landed on disk."""
         for key, flight in list(self._flights.items()):
@@ -660,36 +665,37 @@ class BlockCache:
         have = record.blocks if record else {}
         return [idx for idx in range(nblocks) if idx not in have]
 
-    async def verify_object(self, version: ObjectVersion, md5: str | None) -> tuple[bool, str]:
-        """Re-read a complete object from disk: every block's CRC, and its MD5 if known.
+    async def verify_object(self, version: ObjectVersion, check: Check) -> tuple[bool, str]:
+        """Re-read a complete object from disk: every block's CRC, then ``check`` end to end.
 
         Blocks that fail are dropped (the next read or prefetch fetches them
-        again). Returns (intact, hex MD5 of what is on disk).
+        again). Returns (intact, what the bytes on disk digest to in the
+        check's terms: `daemon.checksums.Digest.result`).
         """
-        if version.size == 0:  # nothing to store, nothing to check
-            return md5 in (None, _EMPTY_MD5), _EMPTY_MD5
+        digest = Digest(check)
+        if version.size == 0:  # nothing to store, nothing to read
+            return digest.matches(), digest.result()
         record = self._objects.get(version.oid)
         if record is None or self.missing_blocks(version):
             return False, ""
         crcs = dict(record.blocks)
-        bad, digest = await trio.to_thread.run_sync(
-            self._verify_blocking, version, crcs, limiter=self._disk_limiter
+        bad = await trio.to_thread.run_sync(
+            self._verify_blocking, version, crcs, digest, limiter=self._disk_limiter
         )
         for idx in bad:
             self.stats.counts["corrupt_blocks"] += 1
             log.warning("cache block failed verification key=%s block=%d", version.key, idx)
             await self._drop_block(version, idx, crcs[idx])
-        return not bad and (md5 is None or md5 == digest), digest
+        return not bad and digest.matches(), digest.result()
 
     def _verify_blocking(
-        self, version: ObjectVersion, crcs: dict[int, int]
-    ) -> tuple[list[int], str]:
-        digest = hashlib.md5(usedforsecurity=False)
+        self, version: ObjectVersion, crcs: dict[int, int], digest: Digest
+    ) -> list[int]:
         bad = []
         try:
             fd = os.open(self._path(version.oid), os.O_RDONLY)
         except FileNotFoundError:
-            return sorted(crcs), ""
+            return sorted(crcs)
         try:
             for idx in sorted(crcs):
                 start, end = block_span(idx, self.block_size, version.size)
@@ -699,7 +705,7 @@ class BlockCache:
                 digest.update(data)
         finally:
             os.close(fd)
-        return bad, digest.hexdigest()
+        return bad
 
     async def free(self, oids: set[str]) -> int:
         """Delete the cached data of these (unpinned) object versions; returns bytes freed."""

@@ -17,7 +17,7 @@ from s3cachefs.daemon.blockcache import BlockCache
 from s3cachefs.daemon.control import Handler, Send
 from s3cachefs.daemon.errors import ConfigError, S3CacheFSError, StoreError
 from s3cachefs.daemon.pins import Manifest, PinStore
-from s3cachefs.daemon.prefetch import PrefetchJob, etag_md5, parse_shard
+from s3cachefs.daemon.prefetch import SIZE_ONLY_SHOWN, PrefetchJob, parse_shard
 from s3cachefs.daemon.store import ObjectStore
 from s3cachefs.daemon.writeback import Writeback
 from s3cachefs.fs.names import valid_name
@@ -159,6 +159,7 @@ class Daemon:
             v.size - len(self.cache.missing_blocks(v)) * self.cache.block_size for v in versions
         )
         total = manifest.total_bytes
+        size_only = manifest.size_only()
         return {
             "dataset": self.dataset_name(manifest.prefix),
             "shard": manifest.shard,
@@ -167,6 +168,9 @@ class Daemon:
             "cached_percent": round(100 * max(0, cached) / total, 2) if total else 100.0,
             "complete": manifest.complete,
             "verified_at": manifest.verified_at,
+            # objects S3 gave nothing to verify end to end against (size and CRCs only)
+            "size_only": len(size_only),
+            "size_only_keys": size_only[:SIZE_ONLY_SHOWN],
         }
 
     async def prefetch(self, request: dict[str, Any], send: Send) -> dict[str, Any]:
@@ -180,6 +184,7 @@ class Daemon:
             shard=shard,
             jobs=int(request.get("jobs") or self.config.prefetch_jobs),
             dry_run=bool(request.get("dry_run")),
+            require_checksums=bool(request.get("require_checksums")),
         )
         job_id = f"{prefix}#{shard}"
         if job_id in self.jobs:
@@ -198,12 +203,13 @@ class Daemon:
             with trio.CancelScope(shield=True):  # the buffers it used go back to the OS
                 await trio.to_thread.run_sync(memory.trim)
         log.info(
-            "prefetch dataset=%s files=%d/%d bytes_fetched=%d failed=%d complete=%s",
+            "prefetch dataset=%s files=%d/%d bytes_fetched=%d failed=%d size_only=%d complete=%s",
             prefix,
             final["files_done"],
             final["files_total"],
             final["bytes_fetched"],
             final["failed"],
+            final["size_only"],
             final["complete"],
         )
         if request.get("list_keys"):
@@ -224,7 +230,7 @@ class Daemon:
         for manifest in manifests:
             fixed = []
             for version in manifest.versions():
-                expected = manifest.md5.get(version.key) or etag_md5(version.etag)
+                expected = manifest.check(version.key)  # what prefetch verified it by
                 intact, _ = await self.cache.verify_object(version, expected)
                 if not intact:
                     try:
@@ -248,12 +254,14 @@ class Daemon:
             if not failed:
                 manifest.verified_at = time.time()
                 self.pins.save(manifest)
+        size_only = sorted(k for m in manifests for k in m.size_only())
         log.info(
-            "verify dataset=%s checked=%d repaired=%d failed=%d",
+            "verify dataset=%s checked=%d repaired=%d failed=%d size_only=%d",
             prefix,
             checked,
             len(repaired),
             len(failed),
+            len(size_only),
         )
         return {
             "event": "done",
@@ -263,6 +271,8 @@ class Daemon:
             "repaired": repaired,
             "failed_objects": failed,
             "complete": all(m.complete for m in manifests),
+            "size_only": len(size_only),
+            "size_only_keys": size_only[:SIZE_ONLY_SHOWN],
         }
 
     async def unbind(self, request: dict[str, Any], send: Send) -> dict[str, Any]:

@@ -47,7 +47,6 @@ import trio
 from s3cachefs.daemon import binds
 from s3cachefs.daemon.blockcache import BlockCache, ObjectVersion
 from s3cachefs.daemon.pins import Manifest, PinStore
-from s3cachefs.daemon.prefetch import etag_md5
 
 log = logging.getLogger(__name__)
 
@@ -285,10 +284,9 @@ class KernelServe:
         await self._bind(manifest, tree, entries, previous=bind)
 
     async def _verify_all(self, manifest: Manifest) -> bool:
-        """Before linking files whose tree was not synced (crash): CRCs and MD5 again."""
+        """Before linking files whose tree was not synced (crash): CRCs and end to end again."""
         for version in manifest.versions():
-            expected = manifest.md5.get(version.key) or etag_md5(version.etag)
-            intact, _ = await self.cache.verify_object(version, expected)
+            intact, _ = await self.cache.verify_object(version, manifest.check(version.key))
             if not intact:
                 log.info(
                     "kernel-serve dataset=%s key=%s failed verification",

@@ -1,7 +1,9 @@
 """Pinned datasets: manifests that survive restarts and answer metadata without S3.
 
 A completed prefetch writes a manifest (every object's key, size, ETag,
-mtime and MD5 where S3 gives one) to ``CACHE_DIR/v1/pins/<id>.json``
+mtime, MD5 where S3 gives one, and the end-to-end check it passed, with the
+expected digest and part layout: `daemon.checksums.Check`) to
+``CACHE_DIR/v1/pins/<id>.json``
 (temp file, fsync, rename: a crash leaves the old manifest or the new one).
 The block cache never evicts a pinned object version. A complete, unsharded
 manifest also serves lookups, ``stat`` and ``readdir`` inside the dataset
@@ -18,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from s3cachefs.daemon.blockcache import ObjectVersion
+from s3cachefs.daemon.checksums import Check, etag_md5
 from s3cachefs.daemon.store import Listing, ObjectInfo
 
 log = logging.getLogger(__name__)
@@ -46,6 +49,8 @@ class Manifest:
     shard: str | None  # "I/N", or None for the whole dataset
     objects: dict[str, ObjectInfo] = field(default_factory=dict)
     md5: dict[str, str] = field(default_factory=dict)  # key -> hex MD5, where S3 gave one
+    # key -> the end-to-end check it passed; absent in manifests written before checks
+    checks: dict[str, Check] = field(default_factory=dict)
     complete: bool = False
     verified_at: float | None = None
 
@@ -56,6 +61,20 @@ class Manifest:
     @property
     def total_bytes(self) -> int:
         return sum(info.size for info in self.objects.values())
+
+    def check(self, key: str) -> Check:
+        """The check ``key`` passed; for an older manifest, what was done then (MD5 or size)."""
+        if key in self.checks:
+            return self.checks[key]
+        md5 = etag_md5(self.objects[key].etag)
+        if md5 is not None:
+            return Check("md5", md5)
+        local = self.md5.get(key)  # of what was pinned, not S3's: size and CRCs only
+        return Check("local-md5", local) if local else Check("size")
+
+    def size_only(self) -> list[str]:
+        """Keys not verified end to end (S3 gave nothing to check them against)."""
+        return sorted(k for k in self.objects if not self.check(k).end_to_end)
 
     def versions(self) -> list[ObjectVersion]:
         return [ObjectVersion(self.bucket, o.key, o.etag, o.size) for o in self.objects.values()]
@@ -175,6 +194,8 @@ def _encode(m: Manifest) -> dict[str, object]:
         "complete": m.complete,
         "verified_at": m.verified_at,
         "objects": [[*asdict(o).values(), m.md5.get(o.key)] for o in m.objects.values()],
+        # Beside "objects", not in its rows: older daemons read this manifest as before.
+        "checks": {k: c.encode() for k, c in m.checks.items() if k in m.objects},
     }
 
 
@@ -192,4 +213,7 @@ def _decode(data: dict[str, object]) -> Manifest:
         manifest.objects[key] = ObjectInfo(key, size, etag, mtime_ns)
         if md5:
             manifest.md5[key] = md5
+    for key, check in dict(data.get("checks") or {}).items():  # type: ignore[call-overload]
+        if key in manifest.objects:
+            manifest.checks[key] = Check.decode(check)
     return manifest

@@ -9,8 +9,11 @@ the same cache, single-flight and CRCs as reads: a read and a prefetch never
 download the same block twice.
 
 Each object, once all its blocks are in, is re-read from disk: every block's
-CRC, and its MD5 against the ETag where S3 gives one (single-part uploads).
-A verified object is pinned at once, so the rest of the job cannot evict it.
+CRC, and the whole object against a digest S3 computed (`daemon.checksums`:
+the MD5 ETag, an additional checksum, or the multipart ETag over the part
+layout). An object S3 gives nothing to check against is pinned "size-checked
+only", and says so; with ``require_checksums`` it fails instead. A verified
+object is pinned at once, so the rest of the job cannot evict it.
 At the end the manifest is saved: complete when every object verified.
 
 Capacity: before a page's objects are queued, the bytes still missing are
@@ -22,16 +25,19 @@ first.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import trio
 
+from s3cachefs.daemon import checksums
 from s3cachefs.daemon.blockcache import BlockCache, ObjectVersion
+from s3cachefs.daemon.checksums import Check, etag_md5
 from s3cachefs.daemon.errors import S3CacheFSError, StoreError
 from s3cachefs.daemon.pins import Manifest, PinStore, Shard
 from s3cachefs.daemon.store import ObjectInfo, ObjectStore
@@ -40,18 +46,12 @@ from s3cachefs.fs.names import valid_name
 log = logging.getLogger(__name__)
 
 Report = Callable[[dict[str, Any]], Awaitable[None]]
-_MD5_ETAG = re.compile(r'^"?([0-9a-f]{32})"?$')
 PROGRESS_INTERVAL = 0.5
+SIZE_ONLY_SHOWN = 5  # keys named in reports of size-checked-only objects
 
 
 class PrefetchRefused(S3CacheFSError):
     """The dataset cannot fit in the cache (the message has the numbers)."""
-
-
-def etag_md5(etag: str) -> str | None:
-    """The object's MD5 when the ETag is one (single-part, non-KMS uploads)."""
-    match = _MD5_ETAG.match(etag)
-    return match.group(1) if match else None
 
 
 def valid_key(key: str, prefix: str) -> bool:
@@ -68,6 +68,7 @@ class Progress:
     files_skipped: int = 0
     listing_done: bool = False
     failed: dict[str, str] = field(default_factory=dict)
+    size_only: set[str] = field(default_factory=set)  # accepted, not verified end to end
     started: float = field(default_factory=time.monotonic)
 
     def event(self, kind: str) -> dict[str, Any]:
@@ -83,6 +84,7 @@ class Progress:
             "bytes_fetched": self.bytes_fetched,
             "listing_done": self.listing_done,
             "failed": len(self.failed),
+            "size_only": len(self.size_only),
             "elapsed": round(elapsed, 3),
             "rate": round(rate),
             "eta": round(left / rate) if rate > 0 and self.listing_done else None,
@@ -107,6 +109,7 @@ class PrefetchJob:
         shard: Shard | None,
         jobs: int,
         dry_run: bool = False,
+        require_checksums: bool = False,
     ) -> None:
         self.store = store
         self.cache = cache
@@ -115,6 +118,7 @@ class PrefetchJob:
         self.shard = shard
         self.jobs = max(1, jobs)
         self.dry_run = dry_run
+        self.require_checksums = require_checksums
         self.progress = Progress()
         self.manifest = Manifest(store.bucket, prefix, None if shard is None else str(shard))
         self.previous = pins.find(prefix, self.manifest.shard)
@@ -208,9 +212,15 @@ class PrefetchJob:
     async def _queue(self, info: ObjectInfo, send: trio.MemorySendChannel[Any]) -> None:
         version = ObjectVersion(self.store.bucket, info.key, info.etag, info.size)
         missing = self.cache.missing_blocks(version)
-        known = self.previous is not None and self.previous.objects.get(info.key) == info
-        if not missing and known:  # verified when it was pinned; `verify` re-checks
-            self._done(info, self.previous.md5.get(info.key) if self.previous else None)
+        previous = self.previous
+        known = (
+            previous is not None
+            and previous.objects.get(info.key) == info
+            # pinned before end-to-end checks (no check recorded): verify it now
+            and (info.key in previous.checks or etag_md5(info.etag) is not None)
+        )
+        if not missing and known and previous is not None:  # verified when it was pinned
+            self._accept(info, previous.check(info.key))
             return
         if self.dry_run:
             return
@@ -243,54 +253,117 @@ class PrefetchJob:
                     await self._verify(obj)
 
     async def _verify(self, obj: _Object) -> None:
-        """Check a complete object; on failure fetch it again once, then decide."""
-        expected = etag_md5(obj.info.etag)
-        first_md5 = ""
-        for attempt in range(2):
-            await self.cache.drain_object(obj.version)
-            intact, md5 = await self.cache.verify_object(obj.version, expected)
-            if intact:
-                self._pin(obj.info, md5)
-                return
-            missing = self.cache.missing_blocks(obj.version)
-            if attempt == 1:
-                if not missing and md5 == first_md5:
-                    # Same bytes twice, every block CRC-clean: the ETag is not an MD5
-                    # of the content (SSE-KMS, SSE-C). Size and CRCs are what we have.
-                    log.warning(
-                        "key=%s ETag is not the MD5 of its content; pinned on size and block CRCs",
-                        obj.info.key,
-                    )
-                    self._pin(obj.info, md5)
-                elif missing:
-                    self._fail(
-                        obj.info.key, "could not be kept in the cache (disk full or failing?)"
-                    )
-                else:
-                    self._fail(obj.info.key, "content does not match its ETag")
-                return
-            first_md5 = md5
-            try:
-                if not await self.cache.refetch(obj.version):
-                    self._fail(obj.info.key, "content does not match its ETag")
-                    return
-            except StoreError as exc:
-                self._fail(obj.info.key, str(exc))
-                return
+        try:
+            check = await self._check_object(obj)
+        except StoreError as exc:
+            self._fail(obj.info.key, str(exc))
+            return
+        if check is not None:
+            self._pin(obj.info, check)
 
-    def _pin(self, info: ObjectInfo, md5: str) -> None:
+    async def _check_object(self, obj: _Object) -> Check | None:
+        """The check a complete object passed; None if it failed (reported).
+
+        On a mismatch: another check of the same bytes if S3 offers one, else
+        fetch the object again once, then decide.
+        """
+        key = obj.info.key
+        check = await self._plan(obj.info, ask_s3=False)
+        asked = check.kind != "md5"  # whether S3 was asked for its checksum
+        refetched, first = False, ""
+        while True:
+            await self.cache.drain_object(obj.version)
+            intact, digest = await self.cache.verify_object(obj.version, check)
+            if intact:
+                return check
+            if not self.cache.missing_blocks(obj.version):  # CRC-clean, yet not S3's digest
+                other = await self._other_check(obj.info, check, asked)
+                asked, changed = (
+                    True,
+                    (other.kind, other.value, other.parts)
+                    != (
+                        check.kind,
+                        check.value,
+                        check.parts,
+                    ),
+                )
+                check = other
+                if changed:
+                    continue
+                if refetched:
+                    return await self._mismatch(obj, check, same_bytes=digest == first)
+                first = digest
+            elif refetched:
+                self._fail(key, "could not be kept in the cache (disk full or failing?)")
+                return None
+            if not await self.cache.refetch(obj.version):
+                self._fail(key, f"content does not match {check.describe()} in S3")
+                return None
+            refetched = True
+
+    async def _other_check(self, info: ObjectInfo, check: Check, asked: bool) -> Check:
+        """The same bytes, checked another way S3 offers, or ``check`` again."""
+        if check.guessed:  # equal parts were assumed: ask S3 for every part
+            check = await self._s3(checksums.confirmed, self.store, info, check)
+        elif not asked:  # an ETag that looks like an MD5 may not be one (SSE-KMS)
+            other = await self._plan(info, ask_s3=True)
+            if other.end_to_end:
+                return other
+        return check
+
+    async def _mismatch(self, obj: _Object, check: Check, *, same_bytes: bool) -> Check | None:
+        """Fetched twice, CRC-clean, and still not S3's digest: failed, or size-checked only."""
+        if check.kind == "md5" and same_bytes:
+            log.warning(
+                "key=%s ETag is not the MD5 of its content and S3 has no checksum for it: "
+                "size-checked only",
+                obj.info.key,
+            )
+            return Check("size")
+        # Its blocks' CRCs are of wrong bytes: dropped before the failure is reported (the
+        # job may end at once), and whole even if the job is being cancelled.
+        with trio.CancelScope(shield=True):
+            await self.cache.forget_object(obj.version)
+        self._fail(obj.info.key, f"content does not match {check.describe()} in S3")
+        return None
+
+    async def _plan(self, info: ObjectInfo, *, ask_s3: bool) -> Check:
+        return await self._s3(functools.partial(checksums.plan, ask_s3=ask_s3), self.store, info)
+
+    async def _s3(self, fn: Callable[..., Check], *args: Any) -> Check:
+        """A blocking call that asks S3 (HEADs), in a thread under the S3 limiter."""
+        return await trio.to_thread.run_sync(fn, *args, limiter=self.cache.s3_limiter)
+
+    def _pin(self, info: ObjectInfo, check: Check) -> None:
+        if not check.end_to_end and self.require_checksums:
+            self._refuse(info.key, check)
+            return
         version = ObjectVersion(self.store.bucket, info.key, info.etag, info.size)
         self.pins.hold(self.owner, version.oid)
         self.cache.pin(version.oid)  # one at a time: the whole set per object is O(n^2)
-        self._done(info, md5)
+        self._accept(info, check)
+
+    def _refuse(self, key: str, check: Check) -> None:
+        self._fail(
+            key,
+            "size-checked only: S3 gives no checksum, MD5 ETag or part layout to verify it "
+            f"against (refused by --require-checksums; checked: {check.describe()})",
+        )
 
     @property
     def bytes_needed(self) -> int:
         return sum(self._pending.values())
 
-    def _done(self, info: ObjectInfo, md5: str | None) -> None:
-        if md5:
-            self.manifest.md5[info.key] = md5
+    def _accept(self, info: ObjectInfo, check: Check) -> None:
+        if not check.end_to_end and self.require_checksums:
+            self._refuse(info.key, check)
+            return
+        check = replace(check, guessed=False)  # the digest matched: the layout was right
+        self.manifest.checks[info.key] = check
+        if check.kind == "md5":
+            self.manifest.md5[info.key] = check.value
+        if not check.end_to_end:
+            self.progress.size_only.add(info.key)
         self.accepted.add(info.key)
         self._pending.pop(info.key, None)
         self.progress.files_done += 1
@@ -329,6 +402,7 @@ class PrefetchJob:
         progress = self.progress
         saved = {k: self.manifest.objects[k] for k in self.accepted}
         md5 = {k: v for k, v in self.manifest.md5.items() if k in saved}
+        checks = {k: v for k, v in self.manifest.checks.items() if k in saved}
         self.manifest.complete = (
             progress.listing_done and not progress.failed and self.accepted >= self.listed_keys
         )
@@ -340,7 +414,9 @@ class PrefetchJob:
                     saved[key] = info
                     if key in self.previous.md5:
                         md5[key] = self.previous.md5[key]
-        self.manifest.objects, self.manifest.md5 = saved, md5
+                    if key in self.previous.checks:
+                        checks[key] = self.previous.checks[key]
+        self.manifest.objects, self.manifest.md5, self.manifest.checks = saved, md5, checks
         self.manifest.verified_at = time.time()
         if saved or self.previous is not None:
             self.pins.save(self.manifest)
@@ -358,6 +434,7 @@ class PrefetchJob:
         )
         event["complete"] = self.manifest.complete
         event["failed_objects"] = dict(sorted(self.progress.failed.items()))
+        event["size_only_keys"] = sorted(self.progress.size_only)[:SIZE_ONLY_SHOWN]
         if self.dry_run:
             fits, room = self.cache.room_for(self.bytes_needed)
             event.update(dry_run=True, fits=fits, bytes_needed=self.bytes_needed, room=room)

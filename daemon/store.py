@@ -17,7 +17,7 @@ import urllib.parse
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import boto3
 import botocore.config
@@ -26,6 +26,7 @@ import botocore.session
 import urllib3
 from botocore.httpsession import DEFAULT_CA_BUNDLE
 
+from s3cachefs.daemon import checksums
 from s3cachefs.daemon.errors import (
     AccessDeniedError,
     AlreadyExistsError,
@@ -52,6 +53,28 @@ class ObjectInfo:
     size: int
     etag: str
     mtime_ns: int
+
+
+@dataclass(frozen=True)
+class ChecksumHead:
+    """What ``HEAD`` with ``ChecksumMode=ENABLED`` says of one object version."""
+
+    algorithm: str | None  # "crc32", "crc32c", "crc64nvme", "sha1", "sha256"; None: no checksum
+    value: str | None  # base64, as S3 gives it (some servers append "-N" to a composite one)
+    checksum_type: str | None  # "FULL_OBJECT", "COMPOSITE", or None when not said
+
+
+@dataclass(frozen=True)
+class PartHead:
+    """What ``HEAD ?partNumber=N`` says: the part's size and the object's part count."""
+
+    size: int
+    parts_count: int | None  # None: the server ignored partNumber (whole-object answer)
+
+
+# The checksum this tool's uploads carry (`put_object`, multipart FULL_OBJECT): S3's own
+# default since 2024, one value for the whole object whatever its parts, and moto keeps it.
+UPLOAD_CHECKSUM: Final = "CRC64NVME"
 
 
 @dataclass
@@ -85,6 +108,14 @@ class ObjectStore(Protocol):
 
     def head(self, key: str) -> ObjectInfo: ...
 
+    def head_checksum(self, key: str, etag: str) -> ChecksumHead:
+        """The additional checksum of version ``etag`` (`StaleError` if it changed)."""
+        ...
+
+    def head_part(self, key: str, number: int) -> PartHead:
+        """Part ``number`` (from 1) of ``key``: its size and the part count."""
+        ...
+
     def iter_range(
         self, key: str, etag: str, start: int, end: int, chunk: int, first: int = 0
     ) -> Iterator[bytes]:
@@ -101,22 +132,41 @@ class ObjectStore(Protocol):
     # Writes (writable mounts). ``create_only`` sends If-None-Match: * so that a
     # key someone else created meanwhile is never replaced (`AlreadyExistsError`).
 
-    def put_object(self, key: str, data: bytes, *, create_only: bool) -> str:
+    # Every write carries Content-MD5 and a CRC64NVME that S3 checks and keeps
+    # (``crc64nvme`` of ``data``, computed here if not given), so what this tool
+    # writes is end-to-end verifiable by `daemon.checksums` later.
+
+    def put_object(
+        self, key: str, data: bytes, *, create_only: bool, crc64nvme: int | None = None
+    ) -> str:
         """Store ``data`` as ``key`` in one PUT; returns the new ETag."""
         ...
 
     def create_multipart(self, key: str) -> str:
-        """Start a multipart upload; returns its upload id."""
+        """Start a multipart upload (full-object CRC64NVME); returns its upload id."""
         ...
 
-    def upload_part(self, key: str, upload_id: str, number: int, data: bytes) -> str:
+    def upload_part(
+        self, key: str, upload_id: str, number: int, data: bytes, *, crc64nvme: int | None = None
+    ) -> str:
         """Upload part ``number`` (from 1); returns the part's ETag."""
         ...
 
     def complete_multipart(
-        self, key: str, upload_id: str, etags: list[str], *, create_only: bool
+        self,
+        key: str,
+        upload_id: str,
+        etags: list[str],
+        *,
+        create_only: bool,
+        part_crcs: list[int] | None = None,
+        crc64nvme: int | None = None,
     ) -> str:
-        """Make the parts one object; returns its ETag."""
+        """Make the parts one object; returns its ETag.
+
+        ``part_crcs`` (each part's CRC64NVME) and ``crc64nvme`` (the whole
+        object's) let S3 check the assembled object against what was sent.
+        """
         ...
 
     def abort_multipart(self, key: str, upload_id: str) -> None: ...
@@ -352,6 +402,20 @@ class S3Store:
             mtime_ns=int(resp["LastModified"].timestamp() * 1e9),
         )
 
+    def head_checksum(self, key: str, etag: str) -> ChecksumHead:
+        with self._request("head", f"s3://{self._bucket}/{key}"):
+            resp = self._client.head_object(
+                Bucket=self._bucket, Key=key, IfMatch=etag, ChecksumMode="ENABLED"
+            )
+        return checksum_head(resp)
+
+    def head_part(self, key: str, number: int) -> PartHead:
+        # No If-Match: moto answers a part HEAD with the part's ETag (AWS: the object's).
+        with self._request("head", f"s3://{self._bucket}/{key} part {number}"):
+            resp = self._client.head_object(Bucket=self._bucket, Key=key, PartNumber=number)
+        count = resp.get("PartsCount")
+        return PartHead(resp["ContentLength"], None if count is None else int(count))
+
     def iter_range(
         self, key: str, etag: str, start: int, end: int, chunk: int, first: int = 0
     ) -> Iterator[bytes]:
@@ -387,21 +451,38 @@ class S3Store:
             finally:
                 _release(body, whole)
 
-    def put_object(self, key: str, data: bytes, *, create_only: bool) -> str:
+    def put_object(
+        self, key: str, data: bytes, *, create_only: bool, crc64nvme: int | None = None
+    ) -> str:
         what = f"s3://{self._bucket}/{key}"
         extra: dict[str, Any] = {"IfNoneMatch": "*"} if create_only else {}
+        crc = checksums.crc64nvme(data) if crc64nvme is None else crc64nvme
         with _created(what), self._request("put", what):
             resp = self._client.put_object(
-                Bucket=self._bucket, Key=key, Body=data, ContentMD5=_content_md5(data), **extra
+                Bucket=self._bucket,
+                Key=key,
+                Body=data,
+                ContentMD5=_content_md5(data),
+                ChecksumAlgorithm=UPLOAD_CHECKSUM,  # with the value: both S3 and moto keep it
+                ChecksumCRC64NVME=checksums.b64(crc),
+                **extra,
             )
         return resp["ETag"]
 
     def create_multipart(self, key: str) -> str:
         with self._request("multipart", f"s3://{self._bucket}/{key}"):
-            resp = self._client.create_multipart_upload(Bucket=self._bucket, Key=key)
+            resp = self._client.create_multipart_upload(
+                Bucket=self._bucket,
+                Key=key,
+                ChecksumAlgorithm=UPLOAD_CHECKSUM,
+                ChecksumType="FULL_OBJECT",
+            )
         return resp["UploadId"]
 
-    def upload_part(self, key: str, upload_id: str, number: int, data: bytes) -> str:
+    def upload_part(
+        self, key: str, upload_id: str, number: int, data: bytes, *, crc64nvme: int | None = None
+    ) -> str:
+        crc = checksums.crc64nvme(data) if crc64nvme is None else crc64nvme
         with self._request("put_part", f"s3://{self._bucket}/{key} part {number}"):
             resp = self._client.upload_part(
                 Bucket=self._bucket,
@@ -410,15 +491,30 @@ class S3Store:
                 PartNumber=number,
                 Body=data,
                 ContentMD5=_content_md5(data),
+                ChecksumAlgorithm=UPLOAD_CHECKSUM,
+                ChecksumCRC64NVME=checksums.b64(crc),
             )
         return resp["ETag"]
 
     def complete_multipart(
-        self, key: str, upload_id: str, etags: list[str], *, create_only: bool
+        self,
+        key: str,
+        upload_id: str,
+        etags: list[str],
+        *,
+        create_only: bool,
+        part_crcs: list[int] | None = None,
+        crc64nvme: int | None = None,
     ) -> str:
         what = f"s3://{self._bucket}/{key}"
         extra: dict[str, Any] = {"IfNoneMatch": "*"} if create_only else {}
-        parts = [{"ETag": etag, "PartNumber": n} for n, etag in enumerate(etags, start=1)]
+        parts: list[dict[str, Any]] = [
+            {"ETag": etag, "PartNumber": n} for n, etag in enumerate(etags, start=1)
+        ]
+        for part, crc in zip(parts, part_crcs or [], strict=False):
+            part["ChecksumCRC64NVME"] = checksums.b64(crc)
+        if crc64nvme is not None:  # S3 checks the assembled object against it
+            extra.update(ChecksumCRC64NVME=checksums.b64(crc64nvme), ChecksumType="FULL_OBJECT")
         with _created(what), self._request("multipart", what):
             resp = self._client.complete_multipart_upload(
                 Bucket=self._bucket,
@@ -436,6 +532,15 @@ class S3Store:
     def delete_object(self, key: str) -> None:
         with self._request("delete", f"s3://{self._bucket}/{key}"):
             self._client.delete_object(Bucket=self._bucket, Key=key)
+
+
+def checksum_head(resp: Any) -> ChecksumHead:
+    """The additional checksum in a HEAD/GET response (the first algorithm S3 names)."""
+    for algorithm in checksums.ALGORITHMS:
+        value = resp.get(f"Checksum{algorithm.upper()}")
+        if value:
+            return ChecksumHead(algorithm, str(value), resp.get("ChecksumType"))
+    return ChecksumHead(None, None, resp.get("ChecksumType"))
 
 
 def _content_md5(data: bytes) -> str:
@@ -508,6 +613,11 @@ class MemoryStore:
         self.fail_next: list[StoreError] = []
         self.fail_puts: list[StoreError] = []  # the next N writes raise these
         self._uploads: dict[str, dict[int, bytes]] = {}
+        self._part_md5s: dict[str, list[str]] = {}
+        # Per key: the part sizes of a multipart object, and its additional checksum.
+        self._layouts: dict[str, list[int]] = {}
+        self._checksums: dict[str, ChecksumHead] = {}
+        self.part_heads = True  # False: a server that ignores partNumber
 
     @property
     def bucket(self) -> str:
@@ -518,14 +628,41 @@ class MemoryStore:
         return self._requests
 
     def put(self, key: str, data: bytes, mtime_ns: int = 1_700_000_000 * 10**9) -> str:
+        """A single-part object with no additional checksum (a test's upload)."""
         etag = '"' + hashlib.md5(data, usedforsecurity=False).hexdigest() + '"'
         with self._lock:
             self._objects[key] = (data, etag, mtime_ns)
+            self._layouts.pop(key, None)
+            self._checksums.pop(key, None)
+        return etag
+
+    def put_parts(
+        self, key: str, parts: list[bytes], checksum: str | None = None, full: bool = False
+    ) -> str:
+        """A multipart object, with S3's ``checksum`` algorithm, composite (or ``full``)."""
+        data = b"".join(parts)
+        digests = b"".join(hashlib.md5(p, usedforsecurity=False).digest() for p in parts)
+        etag = f'"{hashlib.md5(digests, usedforsecurity=False).hexdigest()}-{len(parts)}"'
+        with self._lock:
+            self._objects[key] = (data, etag, time.time_ns())
+            self._layouts[key] = [len(p) for p in parts]
+            self._checksums.pop(key, None)
+        if checksum is not None:
+            layout = () if full else tuple(len(p) for p in parts)
+            kind = f"{checksum}-{'full' if full else 'composite'}"
+            digest = checksums.Digest(checksums.Check(kind, parts=layout))
+            digest.update(data)
+            value = digest.result() + ("" if full else f"-{len(parts)}")
+            head = ChecksumHead(checksum, value, "FULL_OBJECT" if full else "COMPOSITE")
+            with self._lock:
+                self._checksums[key] = head
         return etag
 
     def delete(self, key: str) -> None:
         with self._lock:
             del self._objects[key]
+            self._layouts.pop(key, None)
+            self._checksums.pop(key, None)
 
     def _count(self, op: str) -> None:
         with self._lock:
@@ -574,6 +711,22 @@ class MemoryStore:
             data, etag, mtime = self._objects[key]
         return ObjectInfo(key, len(data), etag, mtime)
 
+    def head_checksum(self, key: str, etag: str) -> ChecksumHead:
+        if self.head(key).etag != etag:
+            raise StaleError(f"{key}: changed in S3 since it was opened")
+        with self._lock:
+            return self._checksums.get(key, ChecksumHead(None, None, None))
+
+    def head_part(self, key: str, number: int) -> PartHead:
+        info = self.head(key)
+        with self._lock:
+            layout = self._layouts.get(key, [info.size])
+        if not self.part_heads:
+            return PartHead(info.size, None)
+        if not 1 <= number <= len(layout):
+            raise StoreError(f"{key}: S3 error InvalidPartNumber")
+        return PartHead(layout[number - 1], len(layout) if key in self._layouts else None)
+
     def iter_range(
         self, key: str, etag: str, start: int, end: int, chunk: int, first: int = 0
     ) -> Iterator[bytes]:
@@ -594,22 +747,33 @@ class MemoryStore:
             yield data[pos : pos + size]
             pos += size
 
-    def _write(self, key: str, data: bytes, create_only: bool, etag: str | None = None) -> str:
+    def _write(
+        self, key: str, data: bytes, create_only: bool, crc: int, parts: list[int] | None = None
+    ) -> str:
         with self._lock:
             if self.fail_puts:
                 raise self.fail_puts.pop(0)
             if create_only and key in self._objects:
                 raise AlreadyExistsError(f"{key}: already exists")
-        new = self.put(key, data, time.time_ns())
-        if etag is not None:
+        if crc != checksums.crc64nvme(data):  # S3 refuses a body that does not match
+            raise StoreError(f"{key}: S3 error BadDigest")
+        etag = self.put(key, data, time.time_ns())
+        if parts is not None:
             with self._lock:
+                digests = b"".join(bytes.fromhex(e) for e in self._part_md5s.pop(key))
+                etag = f'"{hashlib.md5(digests, usedforsecurity=False).hexdigest()}-{len(parts)}"'
                 self._objects[key] = (data, etag, time.time_ns())
-            return etag
-        return new
+                self._layouts[key] = parts
+        with self._lock:
+            self._checksums[key] = ChecksumHead("crc64nvme", checksums.b64(crc), "FULL_OBJECT")
+        return etag
 
-    def put_object(self, key: str, data: bytes, *, create_only: bool) -> str:
+    def put_object(
+        self, key: str, data: bytes, *, create_only: bool, crc64nvme: int | None = None
+    ) -> str:
         self._count("put")
-        return self._write(key, data, create_only)
+        crc = checksums.crc64nvme(data) if crc64nvme is None else crc64nvme
+        return self._write(key, data, create_only, crc)
 
     def create_multipart(self, key: str) -> str:
         self._count("multipart")
@@ -617,29 +781,40 @@ class MemoryStore:
         self._uploads[upload_id] = {}
         return upload_id
 
-    def upload_part(self, key: str, upload_id: str, number: int, data: bytes) -> str:
+    def upload_part(
+        self, key: str, upload_id: str, number: int, data: bytes, *, crc64nvme: int | None = None
+    ) -> str:
         self._count("put_part")
         with self._lock:
             if self.fail_puts:
                 raise self.fail_puts.pop(0)
             if upload_id not in self._uploads:
                 raise StoreError(f"{key}: S3 error NoSuchUpload")
+            if crc64nvme is not None and crc64nvme != checksums.crc64nvme(data):
+                raise StoreError(f"{key}: S3 error BadDigest")
             self._uploads[upload_id][number] = data
         return '"' + hashlib.md5(data, usedforsecurity=False).hexdigest() + '"'
 
     def complete_multipart(
-        self, key: str, upload_id: str, etags: list[str], *, create_only: bool
+        self,
+        key: str,
+        upload_id: str,
+        etags: list[str],
+        *,
+        create_only: bool,
+        part_crcs: list[int] | None = None,
+        crc64nvme: int | None = None,
     ) -> str:
         self._count("multipart")
         with self._lock:
             if create_only and key in self._objects:  # S3 keeps the upload: it can be aborted
                 raise AlreadyExistsError(f"{key}: already exists")
             parts = self._uploads.pop(upload_id)
+            self._part_md5s[key] = [e.strip('"') for e in etags]
         data = b"".join(parts[n] for n in range(1, len(etags) + 1))
-        digest = hashlib.md5(
-            b"".join(bytes.fromhex(e.strip('"')) for e in etags), usedforsecurity=False
-        )
-        return self._write(key, data, create_only, f'"{digest.hexdigest()}-{len(etags)}"')
+        crc = checksums.crc64nvme(data) if crc64nvme is None else crc64nvme
+        sizes = [len(parts[n]) for n in range(1, len(etags) + 1)]
+        return self._write(key, data, create_only, crc, sizes)
 
     def abort_multipart(self, key: str, upload_id: str) -> None:
         self._count("multipart")

@@ -16,7 +16,11 @@ application meant to publish.
 
 Durability: ``close()`` (the kernel's FLUSH) and ``fsync()`` upload the whole
 staged file and return only once S3 has acknowledged it, as one PUT or as a
-multipart upload whose parts go up in parallel. Any failure is EIO, and the
+multipart upload whose parts go up in parallel. Every request carries
+Content-MD5 and a CRC64NVME of its body; a multipart upload is a full-object
+CRC64NVME one, completed with the whole object's CRC (combined from the
+parts'), so S3 checks what it assembled and keeps a checksum that later
+prefetches verify the object by end to end (`daemon.checksums`). Any failure is EIO, and the
 data stays staged as "failed". S3 replaces an object atomically, so readers
 see the old object or the new one, never a mix.
 
@@ -41,6 +45,7 @@ from typing import Any
 
 import trio
 
+from s3cachefs.daemon import checksums
 from s3cachefs.daemon.blockcache import BlockCache, ObjectVersion
 from s3cachefs.daemon.errors import (
     AlreadyExistsError,
@@ -327,7 +332,10 @@ class Writeback:
 
     def _put_blocking(self, staged: Staged) -> tuple[str, dict[int, int]]:
         data = staged.read_for_upload(0, staged.size)
-        etag = self.store.put_object(staged.key, data, create_only=staged.create_only)
+        crc = checksums.crc64nvme(data)  # S3 checks it, keeps it; prefetch verifies by it
+        etag = self.store.put_object(
+            staged.key, data, create_only=staged.create_only, crc64nvme=crc
+        )
         return etag, self._crcs(data, 0)
 
     def _crcs(self, data: bytes, offset: int) -> dict[int, int]:
@@ -343,6 +351,7 @@ class Writeback:
         staged.upload_id = upload_id
         nparts = -(-staged.size // self.part_size)
         etags = [""] * nparts
+        part_crcs = [0] * nparts  # CRC64NVME of each part
         crcs: dict[int, int] = {}
         errors: list[Exception] = []
         parts = trio.CapacityLimiter(self._parallel_parts)
@@ -350,14 +359,15 @@ class Writeback:
         async def send(number: int, cancel: trio.CancelScope) -> None:
             async with parts:
                 try:
-                    etags[number - 1], part_crcs = await trio.to_thread.run_sync(
+                    etag, part_crc, block_crcs = await trio.to_thread.run_sync(
                         self._part_blocking, staged, upload_id, number, limiter=self._s3_limiter
                     )
                 except Exception as exc:  # noqa: BLE001 -- re-raised after the nursery
                     errors.append(exc)
                     cancel.cancel()
                     return
-                crcs.update(part_crcs)
+                etags[number - 1], part_crcs[number - 1] = etag, part_crc
+                crcs.update(block_crcs)
 
         try:
             # The id is on disk before any part: a crash leaves something to abort.
@@ -367,9 +377,18 @@ class Writeback:
                     nursery.start_soon(send, number, nursery.cancel_scope)
             if errors:
                 raise errors[0]
+            whole = part_crcs[0]  # the object's CRC64NVME: S3 checks the assembly against it
+            for number in range(2, nparts + 1):
+                length = min(self.part_size, staged.size - (number - 1) * self.part_size)
+                whole = checksums.combine_crc64nvme(whole, part_crcs[number - 1], length)
             etag = await trio.to_thread.run_sync(
                 lambda: self.store.complete_multipart(
-                    staged.key, upload_id, etags, create_only=staged.create_only
+                    staged.key,
+                    upload_id,
+                    etags,
+                    create_only=staged.create_only,
+                    part_crcs=part_crcs,
+                    crc64nvme=whole,
                 ),
                 limiter=self._s3_limiter,
             )
@@ -382,11 +401,14 @@ class Writeback:
 
     def _part_blocking(
         self, staged: Staged, upload_id: str, number: int
-    ) -> tuple[str, dict[int, int]]:
+    ) -> tuple[str, int, dict[int, int]]:
+        """Upload one part: (its ETag, its CRC64NVME, the CRC32 of each cache block in it)."""
         offset = (number - 1) * self.part_size
         length = min(self.part_size, staged.size - offset)
         data = staged.read_for_upload(offset, length)
-        return self.store.upload_part(staged.key, upload_id, number, data), self._crcs(data, offset)
+        crc = checksums.crc64nvme(data)
+        etag = self.store.upload_part(staged.key, upload_id, number, data, crc64nvme=crc)
+        return etag, crc, self._crcs(data, offset)
 
     async def _abort(self, staged: Staged) -> None:
         if staged.upload_id is None:
