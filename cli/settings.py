@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 import os
 import tomllib
 from collections.abc import Callable, Mapping
@@ -133,6 +134,20 @@ def _level(value: Any) -> str:
     if str(value).lower() not in LEVELS:
         raise ConfigError(f"bad log level {value!r}: one of {', '.join(LEVELS)}")
     return str(value).lower()
+
+
+def seconds_variable(variable: str, default: float) -> float:
+    """A variable holding seconds (``S3CACHEFS_PROGRESS_INTERVAL``): a finite number >= 0."""
+    raw = os.environ.get(variable)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise ConfigError(f"{variable}: bad value {raw!r}: use a number of seconds >= 0")
+    return value
 
 
 def jobs_arg(text: str) -> int:

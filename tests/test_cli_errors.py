@@ -210,3 +210,14 @@ def test_unknown_prefixed_variables_warn_and_near_misses_fail(
         run_cli("unmount", str(mnt))
     log = (tmp_path / "cache" / "daemon.log").read_text()
     assert "WARNING s3cachefs: ignoring environment variable S3CACHEFS_BIN: no such setting" in log
+
+
+def test_a_bad_progress_interval_is_one_line(bucket: Bucket, mounter: Mounter) -> None:
+    mount = mounter(bucket.name)
+    for value in ("soon", "-1", "nan"):
+        env = dict(os.environ, S3CACHEFS_PROGRESS_INTERVAL=value)
+        result = run_cli("prefetch", "ds", "--mount", str(mount.path), env=env)
+        _assert_one_line_error(
+            result, 2, f"S3CACHEFS_PROGRESS_INTERVAL: bad value '{value}': use a number"
+        )
+    assert bucket.server.counts()["list"] == 0  # no prefetch was asked of the daemon
