@@ -25,8 +25,8 @@ import psutil
 
 from s3cachefs import __version__
 from s3cachefs.cli.client import request
-from s3cachefs.cli.settings import add_mount_options, mount_config, resolve
-from s3cachefs.daemon.blockcache import prepare_cache_dir
+from s3cachefs.cli.settings import add_mount_options, jobs_arg, mount_config, resolve, shard_arg
+from s3cachefs.daemon.cachedir import DAEMON_UMASK, check_min_free, claim_cache_dir
 from s3cachefs.daemon.config import MountConfig
 from s3cachefs.daemon.errors import ConfigError, S3CacheFSError, StoreError
 from s3cachefs.daemon.logs import setup_logging
@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mount", type=Path, help="the mount to use (default: the only one)")
     p.add_argument(
         "--jobs",
-        type=int,
+        type=jobs_arg,
         help="concurrent GETs (default: half of the mount's --s3-concurrency, 32)",
     )
     p.add_argument("--dry-run", action="store_true", help="count, size and whether it fits")
@@ -85,7 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="fail objects that S3 gives nothing to verify end to end against (size-checked only)",
     )
-    p.add_argument("--shard", metavar="I/N", help="only shard I of N (stable hash of the key)")
+    p.add_argument(
+        "--shard", metavar="I/N", type=shard_arg, help="only shard I of N (stable hash of the key)"
+    )
     p.add_argument("--list-out", type=Path, help="write the (shard's) keys to this file")
     p.add_argument("--json", action="store_true", help="machine-readable progress events")
 
@@ -120,10 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_mount(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    values = resolve(args, os.environ)  # bad sizes etc. fail here, before anything starts
+    notes: list[str] = []
+    values = resolve(args, os.environ, notes)  # bad sizes etc. fail here, before anything starts
     config = mount_config(values)
     if not args.foreground:
+        for note in notes:
+            print(f"s3cachefs: warning: {note}", file=sys.stderr)
         return _mount_in_background(argv, config)
+    os.umask(DAEMON_UMASK)  # every file the daemon creates is 0600, every directory 0700
     ready_fd: int | None = args.ready_fd
     level = values["log-level"]
 
@@ -134,8 +140,10 @@ def cmd_mount(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
     try:
         log_file = None
+        # Before the log: nothing is written into a directory that is not a cache.
+        notes += check_min_free(config.cache_dir, config.min_free)
+        notes += claim_cache_dir(config.cache_dir)
         if ready_fd is not None:
-            prepare_cache_dir(config.cache_dir)
             log_file = values["log-file"] or config.cache_dir / "daemon.log"
             try:
                 setup_logging(level, log_file)
@@ -143,6 +151,8 @@ def cmd_mount(args: argparse.Namespace, argv: Sequence[str]) -> int:
                 raise ConfigError(f"cannot write log file {log_file}: {exc.strerror}") from None
         else:
             setup_logging(level)
+        for note in notes:
+            log.warning("%s", note)
         from s3cachefs.daemon.app import run_daemon  # imports pyfuse3: only for the daemon
 
         run_daemon(config, on_ready)

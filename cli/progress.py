@@ -4,13 +4,14 @@ otherwise) and for programs (``--json``: every event as one JSON line)."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from typing import Any, TextIO
 
+from s3cachefs.cli.settings import seconds_variable
+
 # Seconds between plain progress lines (no terminal: systemd, CI logs).
-PLAIN_INTERVAL = float(os.environ.get("S3CACHEFS_PROGRESS_INTERVAL", "5"))
+PLAIN_INTERVAL = 5.0
 
 
 def human_bytes(n: float) -> str:
@@ -46,6 +47,7 @@ class ProgressView:
         self.mode = mode  # "json", "bar" or "plain"
         self.out = out
         self._last_plain = time.monotonic()
+        self.interval = seconds_variable("S3CACHEFS_PROGRESS_INTERVAL", PLAIN_INTERVAL)
 
     @classmethod
     def choose(cls, json_output: bool) -> ProgressView:
@@ -62,7 +64,7 @@ class ProgressView:
             bar = "#" * int(width * fraction) + "-" * (width - int(width * fraction))
             self.out.write(f"\r[{bar}] {fraction:4.0%} {describe(event)}\x1b[K")
             self.out.flush()
-        elif time.monotonic() - self._last_plain >= PLAIN_INTERVAL:
+        elif time.monotonic() - self._last_plain >= self.interval:
             self._last_plain = time.monotonic()
             print(f"prefetch: {describe(event)}", file=self.out, flush=True)
 

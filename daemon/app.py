@@ -147,6 +147,7 @@ def run_daemon(config: MountConfig, on_ready: Callable[[], None]) -> None:
             enabled=config.kernel_serve_pinned,
         )
         daemon = Daemon(config, store, cache, pins, ops, errors, writeback, kernel=kernel)
+        metrics = None
         if config.metrics_address:
             metrics = Metrics(daemon)
             metrics.serve(config.metrics_address)
@@ -166,7 +167,7 @@ def run_daemon(config: MountConfig, on_ready: Callable[[], None]) -> None:
         )
         stack.callback(remove_record, config.mountpoint)
         log.info("mounted source=%s mountpoint=%s", config.source, config.mountpoint)
-        trio.run(_serve, daemon, socket_path, on_ready)
+        trio.run(_serve, daemon, socket_path, on_ready, metrics)
         log.info("unmounting mountpoint=%s", config.mountpoint)
         log.info("stats %s", _stats_line(ops, cache, store))
 
@@ -179,8 +180,12 @@ def _stats_line(ops: Operations, cache: BlockCache, store: S3Store) -> str:
     return " ".join(f"{k}={v}" for k, v in fields.items())
 
 
-async def _serve(daemon: Daemon, socket_path: Path, on_ready: Callable[[], None]) -> None:
+async def _serve(
+    daemon: Daemon, socket_path: Path, on_ready: Callable[[], None], metrics: Metrics | None
+) -> None:
     """The root nursery: cache fetches, control socket, signals, the FUSE loop."""
+    if metrics is not None:
+        metrics.attach()  # scrapes take their snapshot on this thread from now on
     async with trio.open_nursery() as nursery:
         await nursery.start(daemon.cache.run)
         await nursery.start(functools.partial(control.serve, socket_path, daemon.handlers()))

@@ -53,13 +53,13 @@ import diskcache
 import psutil
 import trio
 
+from s3cachefs.daemon.cachedir import FORMAT_VERSION, ensure_private_dir
 from s3cachefs.daemon.checksums import Check, Digest
 from s3cachefs.daemon.errors import CacheDirError, StoreError, TransientError
 from s3cachefs.daemon.store import ObjectStore
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
@@ -140,16 +140,6 @@ def _punch_hole(fd: int, offset: int, length: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
-def prepare_cache_dir(path: Path) -> None:
-    """Create the cache dir (0700: cached objects are private) or say in one line why not."""
-    try:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as exc:
-        raise CacheDirError(f"cannot create cache dir {path}: {exc.strerror}") from None
-    if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
-        raise CacheDirError(f"cache dir {path} is not readable and writable")
-
-
 class CacheStats:
     """Counters the status command, metrics and tests read."""
 
@@ -208,7 +198,8 @@ class BlockCache:
 
     def open(self) -> None:
         """Lock the cache dir, load the index into memory. Blocking; call before serving."""
-        prepare_cache_dir(self.cache_dir)
+        for note in ensure_private_dir(self.cache_dir):
+            log.warning("%s", note)
         try:
             (self.root / "objects").mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
@@ -383,13 +374,17 @@ class BlockCache:
         indices = blocks_for_range(offset, length, self.block_size, version.size)
         if not indices:
             return b""
+        # Each block of a read counts once: a miss if it must come from S3 (even when a
+        # reader finds it in memory after waiting for it), else a hit where it is found.
+        absent = {idx for idx in indices if not self._present(version, idx)}
+        self.stats.counts["misses"] += len(absent)
         if len(indices) == 1:
             early = await self._read_early(version, indices[0], offset, length)
             if early is not None:
                 return early
         if len(indices) > 1:  # start every missing block now: one GET per contiguous run
             self.start_fetch(version, indices)
-        parts = [await self.get_block(version, idx) for idx in indices]
+        parts = [await self.get_block(version, idx, count=idx not in absent) for idx in indices]
         data = b"".join(parts) if len(parts) > 1 else parts[0]
         skip = offset - indices[0] * self.block_size
         return data[skip : skip + length]
@@ -427,19 +422,34 @@ class BlockCache:
         self.stats.counts["early_reads"] += 1
         return flight.head[offset - start : offset - start + length]
 
-    async def get_block(self, version: ObjectVersion, index: int) -> bytes:
-        """One whole block: from memory, from verified disk, or from one shared GET."""
+    def _present(self, version: ObjectVersion, index: int) -> bool:
+        """Whether a block can be served without waiting for S3. Must not await."""
         key = (version.oid, index)
+        flight = self._flights.get(key)
+        return (
+            key in self._memory
+            or self.is_cached(version, index)
+            or (flight is not None and flight.data is not None)
+        )
+
+    async def get_block(self, version: ObjectVersion, index: int, *, count: bool = False) -> bytes:
+        """One whole block: from memory, from verified disk, or from one shared GET.
+
+        ``count``: a reader's block (``read``), counted as a hit where it is found or
+        as a miss; prefetch and repairs are not reads and count nothing.
+        """
+        key = (version.oid, index)
+        counts = self.stats.counts
         data = self._memory.get(key)
         if data is not None:
             self._memory.move_to_end(key)
-            self.stats.counts["hits_memory"] += 1
+            counts["hits_memory"] += count
             return data
         record = self._objects.get(version.oid)
         if record is not None and index in record.blocks:
             data = await self._read_verified(version, index, record.blocks[index])
             if data is not None:
-                self.stats.counts["hits_disk"] += 1
+                counts["hits_disk"] += count
                 if key in self._lru:
                     self._lru.move_to_end(key)
                 self._remember(key, data)
@@ -449,7 +459,8 @@ class BlockCache:
             self.start_fetch(version, range(index, index + 1))
             flight = self._flights.get(key)
             if flight is None:  # it landed while we checked the disk: look again
-                return await self.get_block(version, index)
+                return await self.get_block(version, index, count=count)
+        counts["hits_memory" if flight.data is not None else "misses"] += count
         await flight.done.wait()
         if flight.error is not None:
             raise flight.error
@@ -582,11 +593,12 @@ class BlockCache:
             await trio.to_thread.run_sync(
                 self._adopt_blocking, version, path, crcs, victims, fits, limiter=self._disk_limiter
             )
-        except OSError as exc:
+        except (OSError, sqlite3.Error) as exc:  # a full disk fails the index write
             if fits:
                 self._objects.pop(oid, None)
                 self._used -= version.size
-            log.warning("cache could not keep %s: %s", version.key, exc.strerror)
+            reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+            log.warning("cache could not keep %s: %s", version.key, reason)
             return False
         record = self._objects.get(oid)
         if not fits or record is None:  # no room, or evicted whole while we wrote
@@ -614,10 +626,16 @@ class BlockCache:
         target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.replace(path, target)
         index = self._index
-        with index.transact():  # one SQLite commit, not one per block
-            index.set(("o", version.oid), (version.bucket, version.key, version.etag, version.size))
-            for idx, crc in crcs.items():
-                index.set(("b", version.oid, idx), crc)
+        try:
+            with index.transact():  # one SQLite commit, not one per block
+                index.set(
+                    ("o", version.oid), (version.bucket, version.key, version.etag, version.size)
+                )
+                for idx, crc in crcs.items():
+                    index.set(("b", version.oid, idx), crc)
+        except BaseException:
+            target.unlink(missing_ok=True)  # no row, no file: S3 has the bytes
+            raise
 
     @property
     def pinned_bytes(self) -> int:
@@ -789,7 +807,7 @@ class BlockCache:
             if flight.head:
                 data, flight.head = flight.head + data, b""
             delivered += 1
-            self.stats.counts["misses"] += 1
+            self.stats.counts["blocks_from_s3"] += 1
             self.stats.counts["bytes_from_s3"] += len(data)
             flight.data = data
             if flight.remember:

@@ -19,6 +19,9 @@ GIB = 1024 * MIB
 # bench/blocksize.py measures the alternatives (README, "Block size").
 DEFAULT_BLOCK_SIZE = 1 * MIB
 
+# S3 refuses a multipart part larger than this.
+MAX_PART_SIZE = 5 * GIB
+
 # What "indefinite" means to the kernel: ten years is forever for a mount.
 INDEFINITE_TTL = 10 * 365 * 24 * 3600.0
 
@@ -29,11 +32,15 @@ _UNITS = {"": 1, "K": KIB, "M": MIB, "G": GIB, "T": 1024 * GIB, "P": 1024 * 1024
 def parse_size(text: str) -> int:
     """Parse a byte count like ``200G``, ``512MiB``, ``1.5T`` or ``4096``.
 
-    Suffixes are powers of 1024 (``G`` = ``GiB`` = ``GB`` = 2**30).
+    Suffixes K, M, G, T, P are powers of 1024, with an optional ``B`` or
+    ``iB`` (``G`` = ``GiB`` = ``GB`` = 2**30); no suffix means bytes.
     """
     match = _SIZE_RE.match(text)
     if not match:
-        raise ConfigError(f"bad size {text!r}: use a number with an optional K, M, G or T suffix")
+        raise ConfigError(
+            f"bad size {text!r}: use a number with an optional K, M, G, T or P suffix "
+            "(powers of 1024)"
+        )
     number, unit, _ = match.groups()
     return int(float(number) * _UNITS[unit.upper()])
 
@@ -137,6 +144,12 @@ class MountConfig:
         if self.upload_part_size < 5 * MIB or self.upload_part_size % self.block_size:
             raise ConfigError(
                 "upload part size must be at least 5M and a multiple of the block size"
+            )
+        if self.upload_part_size > MAX_PART_SIZE:
+            raise ConfigError("upload part size must be at most 5G (S3's limit for one part)")
+        if self.fetch_size < self.block_size:
+            raise ConfigError(
+                f"fetch size {self.fetch_size} is smaller than the block size {self.block_size}"
             )
         if (self.allow_overwrite or self.allow_delete) and not self.writable:
             raise ConfigError("--allow-overwrite and --allow-delete need --writable")

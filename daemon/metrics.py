@@ -2,7 +2,9 @@
 
 Counters the daemon keeps anyway (cache, FUSE, S3 requests) are read at
 scrape time by a collector, so the read path pays nothing for metrics; only
-S3 latency is observed per request, into a histogram.
+S3 latency is observed per request, into a histogram. The collector runs in
+the HTTP server's thread: it asks the trio thread for a snapshot
+(``trio.from_thread``) and never iterates the daemon's structures itself.
 """
 
 from __future__ import annotations
@@ -10,9 +12,11 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import psutil
+import trio
 from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -36,38 +40,69 @@ def parse_address(text: str) -> tuple[str, int]:
     return host or "127.0.0.1", int(port)
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """The daemon's numbers, copied on the trio thread: the HTTP thread reads only this."""
+
+    cache_counts: dict[str, int]
+    used_bytes: int
+    limit_bytes: int
+    pinned_bytes: int
+    in_flight: int
+    s3_requests: dict[str, int]
+    fuse_counts: dict[str, int]
+    jobs: list[tuple[str, int, int, int, int]]  # dataset, files done/total, bytes done/total
+    datasets: list[tuple[str, bool]]  # pinned dataset, complete
+    writes: dict[str, int]
+    staged: int
+
+
+def take_snapshot(d: Daemon) -> Snapshot:
+    """Copy what a scrape shows. Runs on the trio thread, which alone changes these
+    structures (sets, dicts of blocks, staged files): iterating them from the HTTP
+    thread raised "changed size during iteration" under load. Must not await."""
+    cache = d.cache
+    jobs = []
+    for job in d.jobs.values():
+        p = job.progress
+        name = d.dataset_name(job.prefix)
+        jobs.append((name, p.files_done, p.files_total, p.bytes_done, p.bytes_total))
+    return Snapshot(
+        cache_counts=dict(cache.stats.counts),
+        used_bytes=cache.used_bytes,
+        limit_bytes=cache.cache_size,
+        pinned_bytes=cache.pinned_bytes,
+        in_flight=cache.in_flight,
+        s3_requests=dict(d.store.requests),
+        fuse_counts=dict(d.ops.counts),
+        jobs=jobs,
+        datasets=[(d.dataset_name(m.prefix), m.complete) for m in d.pins.manifests.values()],
+        writes=dict(d.writeback.stats),
+        staged=len(d.writeback.left()),
+    )
+
+
 class DaemonCollector(Collector):
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
         self.process = psutil.Process()
+        self.trio_token: trio.lowlevel.TrioToken | None = None  # set once trio runs
+
+    def snapshot(self) -> Snapshot | None:
+        """A snapshot taken on the trio thread; None before it runs or once it ended."""
+        if self.trio_token is None:
+            return None
+        try:
+            return trio.from_thread.run_sync(take_snapshot, self.daemon, trio_token=self.trio_token)
+        except trio.RunFinishedError:
+            return None
 
     def collect(self) -> Iterator[Metric]:
-        d = self.daemon
-        cache = d.cache
-        # dict() copies in one step under the GIL: the trio thread may be counting.
-        counts = dict(cache.stats.counts)
-        hits = CounterMetricFamily(
-            "s3cachefs_cache_hits", "Block reads served from the cache", labels=["tier"]
-        )
-        hits.add_metric(["memory"], counts.get("hits_memory", 0))
-        hits.add_metric(["disk"], counts.get("hits_disk", 0))
-        yield hits
-        for name, key, doc in (
-            ("s3cachefs_cache_misses", "misses", "Blocks fetched from S3"),
-            ("s3cachefs_cache_bytes_from_s3", "bytes_from_s3", "Bytes fetched from S3"),
-            ("s3cachefs_cache_evictions", "evictions", "Blocks evicted"),
-            ("s3cachefs_cache_corrupt_blocks", "corrupt_blocks", "Blocks that failed their CRC"),
-            ("s3cachefs_cache_disk_errors", "disk_errors", "Failed cache writes"),
-        ):
-            yield CounterMetricFamily(name, doc, value=counts.get(key, 0))
+        # The process and the disk are asked directly: no daemon structure is touched.
         for name, value, doc in (
-            ("s3cachefs_cache_used_bytes", cache.used_bytes, "Bytes in the cache"),
-            ("s3cachefs_cache_limit_bytes", cache.cache_size, "--cache-size"),
-            ("s3cachefs_cache_pinned_bytes", cache.pinned_bytes, "Bytes of pinned datasets"),
-            ("s3cachefs_cache_in_flight_blocks", cache.in_flight, "Blocks being fetched"),
             (
                 "s3cachefs_disk_free_bytes",
-                psutil.disk_usage(str(cache.cache_dir)).free,
+                psutil.disk_usage(str(self.daemon.cache.cache_dir)).free,
                 "Free space on the cache dir's filesystem",
             ),
             (
@@ -82,52 +117,82 @@ class DaemonCollector(Collector):
             ),
         ):
             yield GaugeMetricFamily(name, doc, value=value)
-        requests = CounterMetricFamily(
-            "s3cachefs_s3_requests", "S3 requests sent", labels=["operation"]
-        )
-        for op, n in sorted(dict(d.store.requests).items()):
-            requests.add_metric([op], n)
-        yield requests
-        fuse = CounterMetricFamily(
-            "s3cachefs_fuse_requests", "FUSE requests served", labels=["operation"]
-        )
-        for op, n in sorted(dict(d.ops.counts).items()):
-            if op not in ("read_bytes_asked", "write_bytes"):
-                fuse.add_metric([op], n)
-        yield fuse
-        files = GaugeMetricFamily(
-            "s3cachefs_prefetch_files", "Prefetch progress in objects", labels=["dataset", "state"]
-        )
-        nbytes = GaugeMetricFamily(
-            "s3cachefs_prefetch_bytes", "Prefetch progress in bytes", labels=["dataset", "state"]
-        )
-        for job in list(d.jobs.values()):
-            name = d.dataset_name(job.prefix)
-            p = job.progress
-            files.add_metric([name, "done"], p.files_done)
-            files.add_metric([name, "total"], p.files_total)
-            nbytes.add_metric([name, "done"], p.bytes_done)
-            nbytes.add_metric([name, "total"], p.bytes_total)
-        yield files
-        yield nbytes
-        pinned = GaugeMetricFamily(
-            "s3cachefs_dataset_complete", "1 if the pinned dataset is complete", labels=["dataset"]
-        )
-        for manifest in list(d.pins.manifests.values()):
-            pinned.add_metric([d.dataset_name(manifest.prefix)], 1.0 if manifest.complete else 0)
-        yield pinned
-        writes = dict(d.writeback.stats)
-        for name, key, doc in (
-            ("s3cachefs_uploads", "uploads", "Files uploaded by close/fsync"),
-            ("s3cachefs_upload_bytes", "upload_bytes", "Bytes uploaded by close/fsync"),
-            ("s3cachefs_upload_failures", "upload_failures", "Uploads that failed (EIO)"),
-        ):
-            yield CounterMetricFamily(name, doc, value=writes.get(key, 0))
-        yield GaugeMetricFamily(
-            "s3cachefs_staged_not_uploaded",
-            "Written files whose upload never completed (s3cachefs staged)",
-            value=len(d.writeback.left()),
-        )
+        snap = self.snapshot()
+        if snap is not None:
+            yield from _daemon_metrics(snap)
+
+
+def _daemon_metrics(snap: Snapshot) -> Iterator[Metric]:
+    counts = snap.cache_counts
+    hits = CounterMetricFamily(
+        "s3cachefs_cache_hits", "Block reads served from the cache", labels=["tier"]
+    )
+    hits.add_metric(["memory"], counts.get("hits_memory", 0))
+    hits.add_metric(["disk"], counts.get("hits_disk", 0))
+    yield hits
+    for name, key, doc in (
+        ("s3cachefs_cache_misses", "misses", "Block reads that waited for S3"),
+        (
+            "s3cachefs_cache_blocks_from_s3",
+            "blocks_from_s3",
+            "Blocks fetched from S3 (reads, readahead, prefetch)",
+        ),
+        ("s3cachefs_cache_bytes_from_s3", "bytes_from_s3", "Bytes fetched from S3"),
+        ("s3cachefs_cache_evictions", "evictions", "Blocks evicted"),
+        ("s3cachefs_cache_corrupt_blocks", "corrupt_blocks", "Blocks that failed their CRC"),
+        ("s3cachefs_cache_disk_errors", "disk_errors", "Failed cache writes"),
+    ):
+        yield CounterMetricFamily(name, doc, value=counts.get(key, 0))
+    for name, value, doc in (
+        ("s3cachefs_cache_used_bytes", snap.used_bytes, "Bytes in the cache"),
+        ("s3cachefs_cache_limit_bytes", snap.limit_bytes, "--cache-size"),
+        ("s3cachefs_cache_pinned_bytes", snap.pinned_bytes, "Bytes of pinned datasets"),
+        ("s3cachefs_cache_in_flight_blocks", snap.in_flight, "Blocks being fetched"),
+    ):
+        yield GaugeMetricFamily(name, doc, value=value)
+    requests = CounterMetricFamily(
+        "s3cachefs_s3_requests", "S3 requests sent", labels=["operation"]
+    )
+    for op, n in sorted(snap.s3_requests.items()):
+        requests.add_metric([op], n)
+    yield requests
+    fuse = CounterMetricFamily(
+        "s3cachefs_fuse_requests", "FUSE requests served", labels=["operation"]
+    )
+    for op, n in sorted(snap.fuse_counts.items()):
+        if op not in ("read_bytes_asked", "write_bytes"):
+            fuse.add_metric([op], n)
+    yield fuse
+    files = GaugeMetricFamily(
+        "s3cachefs_prefetch_files", "Prefetch progress in objects", labels=["dataset", "state"]
+    )
+    nbytes = GaugeMetricFamily(
+        "s3cachefs_prefetch_bytes", "Prefetch progress in bytes", labels=["dataset", "state"]
+    )
+    for name, files_done, files_total, bytes_done, bytes_total in snap.jobs:
+        files.add_metric([name, "done"], files_done)
+        files.add_metric([name, "total"], files_total)
+        nbytes.add_metric([name, "done"], bytes_done)
+        nbytes.add_metric([name, "total"], bytes_total)
+    yield files
+    yield nbytes
+    pinned = GaugeMetricFamily(
+        "s3cachefs_dataset_complete", "1 if the pinned dataset is complete", labels=["dataset"]
+    )
+    for name, complete in snap.datasets:
+        pinned.add_metric([name], 1.0 if complete else 0)
+    yield pinned
+    for name, key, doc in (
+        ("s3cachefs_uploads", "uploads", "Files uploaded by close/fsync"),
+        ("s3cachefs_upload_bytes", "upload_bytes", "Bytes uploaded by close/fsync"),
+        ("s3cachefs_upload_failures", "upload_failures", "Uploads that failed (EIO)"),
+    ):
+        yield CounterMetricFamily(name, doc, value=snap.writes.get(key, 0))
+    yield GaugeMetricFamily(
+        "s3cachefs_staged_not_uploaded",
+        "Written files whose upload never completed (s3cachefs staged)",
+        value=snap.staged,
+    )
 
 
 class Metrics:
@@ -135,7 +200,8 @@ class Metrics:
 
     def __init__(self, daemon: Daemon) -> None:
         self.registry = CollectorRegistry()
-        self.registry.register(DaemonCollector(daemon))
+        self.collector = DaemonCollector(daemon)
+        self.registry.register(self.collector)
         self.s3_latency = Histogram(
             "s3cachefs_s3_request_seconds",
             "S3 request latency (to response headers)",
@@ -145,6 +211,10 @@ class Metrics:
         )
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
+
+    def attach(self) -> None:
+        """Call on the trio thread once it runs: scrapes then take their snapshot there."""
+        self.collector.trio_token = trio.lowlevel.current_trio_token()
 
     def observe_s3(self, operation: str, outcome: str, seconds: float) -> None:
         self.s3_latency.labels(operation, outcome).observe(seconds)

@@ -38,7 +38,7 @@ import trio
 from s3cachefs.daemon import checksums
 from s3cachefs.daemon.blockcache import BlockCache, ObjectVersion
 from s3cachefs.daemon.checksums import Check, etag_md5
-from s3cachefs.daemon.errors import S3CacheFSError, StoreError
+from s3cachefs.daemon.errors import ConfigError, S3CacheFSError, StoreError
 from s3cachefs.daemon.pins import Manifest, PinStore, Shard
 from s3cachefs.daemon.store import ObjectInfo, ObjectStore
 from s3cachefs.fs.names import valid_name
@@ -477,5 +477,5 @@ def _gib(n: int) -> str:
 def parse_shard(text: str) -> Shard:
     match = re.fullmatch(r"(\d+)/(\d+)", text.strip())
     if not match or not 0 <= int(match.group(1)) < int(match.group(2)):
-        raise ValueError(f"bad shard {text!r}: use I/N with 0 <= I < N")
+        raise ConfigError(f"bad shard {text!r}: use I/N with 0 <= I < N")
     return Shard(int(match.group(1)), int(match.group(2)))

@@ -314,6 +314,8 @@ class Writeback:
             )
         elif isinstance(exc, StoreError | StagingReadError):
             reason = str(exc)
+        elif isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            reason = f"no space left in {self.dir}: free some space on its disk and retry"
         else:
             log.error("upload of %s failed unexpectedly", staged.key, exc_info=exc)
             reason = f"unexpected error: {type(exc).__name__}: {exc}"
@@ -371,7 +373,7 @@ class Writeback:
 
         try:
             # The id is on disk before any part: a crash leaves something to abort.
-            await trio.to_thread.run_sync(self._save_blocking, staged)
+            await self._save_upload_id(staged)
             async with trio.open_nursery() as nursery:
                 for number in range(1, nparts + 1):
                     nursery.start_soon(send, number, nursery.cancel_scope)
@@ -398,6 +400,28 @@ class Writeback:
             raise
         staged.upload_id = None
         return etag, crcs
+
+    async def _save_upload_id(self, staged: Staged) -> None:
+        """Record the multipart upload id; on a full disk, upload anyway and say so.
+
+        An upload must need no free space: it is how a full cache disk gets
+        emptied (the staged data is moved into the cache or deleted once S3
+        has it). Without the id on disk, a crash during the upload leaves its
+        parts in S3 until a lifecycle rule removes them; the staged data itself
+        stays listed for `staged --upload` as before.
+        """
+        try:
+            await trio.to_thread.run_sync(self._save_blocking, staged)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            log.warning(
+                "no space in %s to record the multipart upload of %s; uploading anyway "
+                "(if the daemon stops before it completes, abort upload %s by hand)",
+                self.dir,
+                staged.key,
+                staged.upload_id,
+            )
 
     def _part_blocking(
         self, staged: Staged, upload_id: str, number: int
@@ -528,8 +552,12 @@ class Writeback:
             "etag": staged.etag,
         }
         tmp = staged.record_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, staged.record_path)
+        try:
+            tmp.write_text(json.dumps(record))
+            os.replace(tmp, staged.record_path)
+        except OSError:
+            tmp.unlink(missing_ok=True)  # a full disk must not also collect empty files
+            raise
 
 
 def _disk_error(exc: OSError, key: str) -> Exception:

@@ -131,3 +131,93 @@ def test_staged_actions_need_a_target_and_a_known_one(bucket: Bucket, mounter: M
     _assert_one_line_error(run_cli("staged", "--discard", "nope.txt", *where), 2, "nope.txt")
     listing = run_cli("staged", *where)
     assert listing.returncode == 0 and "nothing staged" in listing.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (("--endpoint-url", "127.0.0.1:18101"), "bad endpoint URL '127.0.0.1:18101': use http://"),
+        (("--endpoint-url", "ftp://127.0.0.1:18101"), "bad endpoint URL"),
+        (("--endpoint-url", "http://127.0.0.1:99999"), "bad endpoint URL"),
+        (("--endpoint-url", "http://"), "bad endpoint URL"),
+        (("--endpoint-url", "http://ak:sk@127.0.0.1:1"), "no credentials in the URL"),
+        (("--min-free", "1PB"), "is not below the size of the cache disk"),
+        (("--cache-size", "0"), "smaller than one block"),
+        (("--s3-concurrency", "0"), "--s3-concurrency: bad number '0': must be at least 1"),
+        (("--s3-concurrency", "-3"), "must be at least 1"),
+        (("--s3-timeout", "0"), "--s3-timeout: bad timeout '0'"),
+        (("--s3-timeout", "indefinite"), "bad timeout 'indefinite'"),
+        (("--metadata-ttl", "inf"), "bad TTL 'inf'"),
+        (("--kernel-readahead", "1000"), "whole KiB"),
+        (("--fetch-size", "64K"), "fetch size 65536 is smaller than the block size"),
+        (("--writable", "--upload-part-size", "6G"), "at most 5G"),
+    ],
+)
+def test_nonsense_settings_are_one_line_at_start(
+    bucket: Bucket, mnt: Path, tmp_path: Path, args: tuple[str, ...], needle: str
+) -> None:
+    cache = tmp_path / "cache"
+    if args[0] == "--endpoint-url":
+        result = mount_cli(bucket, mnt, cache, endpoint=args[1])
+    else:
+        result = mount_cli(bucket, mnt, cache, *args)
+    _assert_one_line_error(result, 2, needle)
+    assert "ak:sk" not in result.stderr and " sk" not in result.stderr
+    assert not os.path.ismount(mnt)
+    assert not cache.exists()  # refused before the daemon made anything
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (("--shard", "3/2"), "argument --shard: bad shard '3/2': use I/N with 0 <= I < N"),
+        (("--shard", "1/0"), "bad shard"),
+        (("--shard", "one/two"), "bad shard"),
+        (("--jobs", "0"), "argument --jobs: bad number '0': must be at least 1"),
+        (("--jobs", "-2"), "must be at least 1"),
+        (("--jobs", "many"), "argument --jobs: bad number 'many'"),
+    ],
+)
+def test_bad_prefetch_arguments_are_usage_errors(args: tuple[str, ...], needle: str) -> None:
+    # Checked while parsing: no daemon is asked, and none needs to run.
+    result = run_cli("prefetch", "ds", "--mount", "/nonexistent", *args)
+    _assert_one_line_error(result, 2, needle)
+
+
+def test_unknown_prefixed_variables_warn_and_near_misses_fail(
+    bucket: Bucket, mnt: Path, tmp_path: Path
+) -> None:
+    typo = dict(os.environ, S3CACHEFS_MIN_FRE="1G")
+    result = mount_cli(bucket, mnt, tmp_path / "cache", env=typo)
+    _assert_one_line_error(
+        result,
+        2,
+        "unknown environment variable S3CACHEFS_MIN_FRE (did you mean S3CACHEFS_MIN_FREE?)",
+    )
+    wrapper = dict(os.environ, S3CACHEFS_BIN="/opt/s3cachefs/bin", S3CACHEFS_SOAK_SECONDS="600")
+    result = mount_cli(bucket, mnt, tmp_path / "cache", env=wrapper)
+    try:
+        assert result.returncode == 0, result.stderr
+        lines = result.stderr.splitlines()
+        assert {
+            "s3cachefs: warning: ignoring environment variable S3CACHEFS_BIN: no such setting",
+            "s3cachefs: warning: ignoring environment variable S3CACHEFS_SOAK_SECONDS: "
+            "no such setting",
+        } <= set(lines)
+        assert all(line.startswith("s3cachefs: warning: ignoring environment") for line in lines)
+        assert os.path.ismount(mnt)
+    finally:
+        run_cli("unmount", str(mnt))
+    log = (tmp_path / "cache" / "daemon.log").read_text()
+    assert "WARNING s3cachefs: ignoring environment variable S3CACHEFS_BIN: no such setting" in log
+
+
+def test_a_bad_progress_interval_is_one_line(bucket: Bucket, mounter: Mounter) -> None:
+    mount = mounter(bucket.name)
+    for value in ("soon", "-1", "nan"):
+        env = dict(os.environ, S3CACHEFS_PROGRESS_INTERVAL=value)
+        result = run_cli("prefetch", "ds", "--mount", str(mount.path), env=env)
+        _assert_one_line_error(
+            result, 2, f"S3CACHEFS_PROGRESS_INTERVAL: bad value '{value}': use a number"
+        )
+    assert bucket.server.counts()["list"] == 0  # no prefetch was asked of the daemon

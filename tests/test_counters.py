@@ -1,0 +1,196 @@
+"""Counters say what happened: each read counted once, and scrapes that never race the daemon."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import threading
+import urllib.error
+import urllib.request
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import trio
+
+from s3cachefs.daemon.store import MemoryStore
+from tests.conftest import Bucket, Mount, Mounter, drop_page_cache, run_cli, s3cachefs_cmd
+from tests.test_blockcache import BS, make_cache, run_with, version_of
+
+
+def test_a_cold_read_is_one_miss_and_no_hit(tmp_path: Path) -> None:
+    store = MemoryStore()
+    data = os.urandom(3 * BS + 100)
+    v = version_of(store, "k", data)
+    cache = make_cache(tmp_path, store, memory_bytes=64 * BS)
+
+    async def body() -> None:
+        assert await cache.read(v, 10, 1000) == data[10:1010]  # waits for block 0
+        assert (cache.stats["misses"], cache.stats["hits_memory"]) == (1, 0)
+        assert await cache.read(v, 2000, 1000) == data[2000:3000]  # block 0, in memory now
+        assert (cache.stats["misses"], cache.stats["hits_memory"]) == (1, 1)
+        assert await cache.read(v, BS - 10, 2 * BS) == data[BS - 10 : 3 * BS - 10]
+        assert (cache.stats["misses"], cache.stats["hits_memory"]) == (3, 2)  # 1, 2 new
+
+    run_with(cache, body)
+    cache.close()
+    assert cache.stats["hits_disk"] == 0
+    assert cache.stats["blocks_from_s3"] == 3  # what came from S3, reads or not
+
+
+def _cache_counts(mount: Mount) -> dict[str, Any]:
+    result = run_cli("status", str(mount.path), "--json")
+    assert result.returncode == 0, result.stderr
+    cache: dict[str, Any] = json.loads(result.stdout)["cache"]
+    return cache
+
+
+def test_status_counts_each_read_of_the_mount_once(bucket: Bucket, mounter: Mounter) -> None:
+    body = os.urandom(50_000)  # one block, one kernel read
+    bucket.put("one.bin", body)
+    mount = mounter(bucket.name)
+    assert (mount.path / "one.bin").read_bytes() == body
+    cold = _cache_counts(mount)
+    assert (cold["hits"], cold["misses"], cold["hit_ratio"]) == (0, 1, 0.0)
+    drop_page_cache()  # the kernel asks the daemon again
+    assert (mount.path / "one.bin").read_bytes() == body
+    warm = _cache_counts(mount)
+    assert (warm["hits"], warm["misses"], warm["hit_ratio"]) == (1, 1, 0.5)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_metrics_scraped_all_through_a_prefetch_always_answer(
+    bucket: Bucket, mounter: Mounter
+) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    files = {f"ds/d{i % 7}/f{i:04d}.bin": os.urandom(700 + i) for i in range(600)}
+    for key, data in files.items():
+        bucket.put(key, data)
+    port = _free_port()
+    mount = mounter(bucket.name, "--metrics-address", f"127.0.0.1:{port}")
+    job = subprocess.Popen(
+        s3cachefs_cmd("prefetch", "ds", "--mount", str(mount.path), "--jobs", "16"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    statuses: list[int | str] = []
+    scraped = threading.Event()
+
+    def scrape() -> None:  # as fast as it can, while the trio thread pins object after object
+        while job.poll() is None or not scraped.is_set():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+                    list(text_string_to_metric_families(r.read().decode()))
+                    statuses.append(r.status)
+            except urllib.error.HTTPError as exc:
+                statuses.append(exc.code)
+            except OSError as exc:
+                statuses.append(repr(exc))
+            scraped.set()
+
+    threads = [threading.Thread(target=scrape) for _ in range(2)]
+    for t in threads:
+        t.start()
+    _, err = job.communicate(timeout=100)
+    for t in threads:
+        t.join(timeout=30)
+    assert job.returncode == 0, err
+    assert len(statuses) > 10
+    assert set(statuses) == {200}, [s for s in statuses if s != 200][:3]
+    log = mount.log_text()
+    assert "changed size during iteration" not in log
+    assert "Traceback" not in log
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    assert samples[("s3cachefs_cache_pinned_bytes", ())] == sum(map(len, files.values()))
+    assert samples[("s3cachefs_dataset_complete", (("dataset", "ds"),))] == 1
+    assert samples[("s3cachefs_cache_blocks_from_s3_total", ())] == len(files)
+    assert samples[("s3cachefs_cache_misses_total", ())] == 0  # a prefetch is not a read
+
+
+def test_a_scrape_before_and_after_the_trio_loop_is_not_an_error() -> None:
+    from s3cachefs.daemon.metrics import DaemonCollector
+
+    class NoDaemon:  # the collector asks the disk and the process only, without a loop
+        class cache:
+            cache_dir = Path("/")
+
+    collector = DaemonCollector(NoDaemon())  # type: ignore[arg-type]
+    names = {m.name for m in collector.collect()}
+    assert "s3cachefs_process_resident_memory_bytes" in names
+    assert "s3cachefs_cache_hits" not in names
+
+    async def main() -> None:
+        collector.trio_token = trio.lowlevel.current_trio_token()
+
+    trio.run(main)
+    assert collector.snapshot() is None  # the loop ended: no snapshot, no hang
+
+
+def test_scrapes_never_iterate_what_the_trio_thread_changes(tmp_path: Path) -> None:
+    """The race itself: the trio thread pins and unpins in a tight loop while another
+    thread scrapes; iterating the pinned set from there raised "changed size"."""
+    from s3cachefs.daemon.metrics import DaemonCollector
+
+    store = MemoryStore()
+    cache = make_cache(tmp_path, store)
+    empty: Counter[str] = Counter()
+    daemon = SimpleNamespace(
+        cache=cache,
+        store=store,
+        ops=SimpleNamespace(counts=empty),
+        jobs={},
+        pins=SimpleNamespace(manifests={}),
+        writeback=SimpleNamespace(stats=empty, left=list),
+        dataset_name=str,
+    )
+    collector = DaemonCollector(daemon)  # type: ignore[arg-type]
+    errors: list[BaseException] = []
+    scrapes = 0
+    done = threading.Event()
+
+    def scrape() -> None:  # the HTTP server's thread
+        nonlocal scrapes
+        while not done.is_set():
+            try:
+                list(collector.collect())
+            except RuntimeError as exc:
+                errors.append(exc)
+            scrapes += 1
+
+    async def main() -> None:
+        collector.trio_token = trio.lowlevel.current_trio_token()
+        thread = threading.Thread(target=scrape)
+        thread.start()
+        try:
+            # A set this large takes longer to iterate than the GIL's switch interval
+            # (5 ms): the other thread is preempted in the middle of it.
+            for round_ in range(8):
+                for i in range(100_000):
+                    cache.pin(f"{round_:02d}{i:038d}")
+                    if i % 1000 == 0:
+                        await trio.lowlevel.checkpoint()  # a scrape may snapshot now
+                cache.set_pinned(set())
+        finally:
+            done.set()
+            await trio.to_thread.run_sync(thread.join)
+
+    trio.run(main)
+    cache.close()
+    assert errors == []
+    assert scrapes > 0
