@@ -27,6 +27,7 @@ as its one line.
         ├── CredentialsError   no credentials found       -> EACCES
         ├── StaleError         ETag changed under a reader -> ESTALE
         ├── AlreadyExistsError a create-only write found the key taken
+        ├── ChecksumsRefusedError an upload's additional checksum refused (400/501)
         └── TransientError     5xx, throttling, network, after retries -> EIO
 """
 
@@ -121,3 +122,7 @@ class AlreadyExistsError(StoreError):
 
 class TransientError(StoreError):
     """Throttling, 5xx or network failure that outlived the retry budget."""
+
+
+class ChecksumsRefusedError(StoreError):
+    """The server refused an upload for its additional checksum headers (it has none)."""
