@@ -120,9 +120,9 @@ class AlreadyExistsError(StoreError):
     """A create-only write (If-None-Match: *) found that the key exists."""
 
 
+class ChecksumsRefusedError(StoreError):
+    """An upload carrying additional checksums was refused as invalid: perhaps for them."""
+
+
 class TransientError(StoreError):
     """Throttling, 5xx or network failure that outlived the retry budget."""
-
-
-class ChecksumsRefusedError(StoreError):
-    """The server refused an upload for its additional checksum headers (it has none)."""

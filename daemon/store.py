@@ -285,7 +285,6 @@ class S3Store:
         self._body_attempts = config.s3_max_attempts
         self._config = config
         self._getter: RangeGetter | None = None  # set by check_bucket, once the region is known
-        self._checksums = ChecksumSupport(config.bucket)
         try:
             self._core_session = botocore.session.Session(profile=config.profile)
             session = boto3.session.Session(botocore_session=self._core_session)
@@ -310,6 +309,7 @@ class S3Store:
             "s3", endpoint_url=config.endpoint_url, config=client_config
         )
         self._session = session
+        self._checksums = ChecksumSupport(config.bucket)  # what the server does with them
         # The start-up check fails fast on a typo'd endpoint instead of retrying for seconds.
         self._probe: S3Client = session.client(
             "s3",

@@ -419,14 +419,6 @@ class Writeback:
         staged.upload_id = None
         return etag, crcs
 
-    def _whole_crc(self, size: int, part_crcs: list[int]) -> int:
-        """The object's CRC64NVME from its parts': S3 checks the assembly against it."""
-        whole = part_crcs[0]
-        for number in range(2, len(part_crcs) + 1):
-            length = min(self.part_size, size - (number - 1) * self.part_size)
-            whole = checksums.combine_crc64nvme(whole, part_crcs[number - 1], length)
-        return whole
-
     def _part_blocking(
         self, staged: Staged, upload_id: str, number: int, with_checksums: bool
     ) -> tuple[str, int, dict[int, int]]:
@@ -439,6 +431,14 @@ class Writeback:
             staged.key, upload_id, number, data, crc64nvme=crc, with_checksums=with_checksums
         )
         return etag, crc, self._crcs(data, offset)
+
+    def _whole_crc(self, size: int, part_crcs: list[int]) -> int:
+        """The object's CRC64NVME from its parts': S3 checks the assembly against it."""
+        whole = part_crcs[0]
+        for number in range(2, len(part_crcs) + 1):
+            length = min(self.part_size, size - (number - 1) * self.part_size)
+            whole = checksums.combine_crc64nvme(whole, part_crcs[number - 1], length)
+        return whole
 
     async def _abort(self, staged: Staged) -> None:
         if staged.upload_id is None:
