@@ -56,12 +56,19 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from awscrt import checksums as crt
 
-from s3cachefs.daemon.errors import CredentialsError, NotFoundError, StoreError, TransientError
+from s3cachefs.daemon.errors import (
+    AccessDeniedError,
+    CredentialsError,
+    NotFoundError,
+    StaleError,
+    StoreError,
+    TransientError,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from s3cachefs.daemon.store import ObjectInfo, ObjectStore
+    from s3cachefs.daemon.store import ChecksumHead, ObjectInfo, ObjectStore
 
 _MD5_ETAG = re.compile(r'^"?([0-9a-f]{32})"?$')
 _MULTIPART_ETAG = re.compile(r'^"?([0-9a-f]{32})-([0-9]+)"?$')
@@ -265,8 +272,8 @@ def plan(store: ObjectStore, info: ObjectInfo, *, ask_s3: bool = False) -> Check
     md5 = etag_md5(info.etag)
     if md5 is not None and not ask_s3:
         return Check("md5", md5)
-    head = store.head_checksum(info.key, info.etag)  # StaleError if it changed
-    if head.algorithm and head.value:
+    head = _checksum_head(store, info)
+    if head is not None and head.algorithm and head.value:
         value, _, suffix = head.value.partition("-")
         composite = head.checksum_type == "COMPOSITE" or (
             head.checksum_type is None and bool(suffix)
@@ -283,6 +290,20 @@ def plan(store: ObjectStore, info: ObjectInfo, *, ask_s3: bool = False) -> Check
         if layout is not None:
             return Check("mpu-etag", info.etag.strip('"'), *layout)
     return Check("size")
+
+
+def _checksum_head(store: ObjectStore, info: ObjectInfo) -> ChecksumHead | None:
+    """S3's additional checksum (`StaleError` if the object changed); None if refused.
+
+    A server without checksums may refuse the ChecksumMode header itself
+    (Backblaze B2: 400 InvalidArgument): the object has none, the ETag may still do.
+    """
+    try:
+        return store.head_checksum(info.key, info.etag)
+    except (TransientError, NotFoundError, AccessDeniedError, StaleError):
+        raise
+    except StoreError:
+        return None
 
 
 def part_layout(

@@ -27,6 +27,7 @@ as its one line.
         ├── CredentialsError   no credentials found       -> EACCES
         ├── StaleError         ETag changed under a reader -> ESTALE
         ├── AlreadyExistsError a create-only write found the key taken
+        ├── ChecksumsRefusedError an upload's additional checksum refused (400/501)
         └── TransientError     5xx, throttling, network, after retries -> EIO
 """
 
@@ -117,6 +118,10 @@ class StaleError(StoreError):
 
 class AlreadyExistsError(StoreError):
     """A create-only write (If-None-Match: *) found that the key exists."""
+
+
+class ChecksumsRefusedError(StoreError):
+    """An upload carrying additional checksums was refused as invalid: perhaps for them."""
 
 
 class TransientError(StoreError):

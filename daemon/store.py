@@ -30,6 +30,7 @@ from s3cachefs.daemon import checksums
 from s3cachefs.daemon.errors import (
     AccessDeniedError,
     AlreadyExistsError,
+    ChecksumsRefusedError,
     CredentialsError,
     NoSuchBucketError,
     NotFoundError,
@@ -38,6 +39,7 @@ from s3cachefs.daemon.errors import (
     TransientError,
 )
 from s3cachefs.daemon.rangeget import RangeGetter, proxy_applies
+from s3cachefs.daemon.uploadchecksums import REFUSAL_CODES, ChecksumSupport
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -134,7 +136,19 @@ class ObjectStore(Protocol):
 
     # Every write carries Content-MD5 and a CRC64NVME that S3 checks and keeps
     # (``crc64nvme`` of ``data``, computed here if not given), so what this tool
-    # writes is end-to-end verifiable by `daemon.checksums` later.
+    # writes is end-to-end verifiable by `daemon.checksums` later. A server that
+    # refuses the CRC (`daemon.uploadchecksums`) gets Content-MD5 only: `put_object`
+    # falls back by itself; a multipart upload raises `ChecksumsRefusedError` and its
+    # caller starts it again with ``with_checksums=False``.
+
+    @property
+    def sends_checksums(self) -> bool:
+        """False once the server refused additional checksums (a multipart upload's choice)."""
+        ...
+
+    def checksums_refused(self, reason: str) -> None:
+        """An upload refused for its checksums succeeded without: none from now on (WARNING)."""
+        ...
 
     def put_object(
         self, key: str, data: bytes, *, create_only: bool, crc64nvme: int | None = None
@@ -142,12 +156,19 @@ class ObjectStore(Protocol):
         """Store ``data`` as ``key`` in one PUT; returns the new ETag."""
         ...
 
-    def create_multipart(self, key: str) -> str:
-        """Start a multipart upload (full-object CRC64NVME); returns its upload id."""
+    def create_multipart(self, key: str, *, with_checksums: bool = True) -> str:
+        """Start a multipart upload (full-object CRC64NVME, or none); returns its upload id."""
         ...
 
     def upload_part(
-        self, key: str, upload_id: str, number: int, data: bytes, *, crc64nvme: int | None = None
+        self,
+        key: str,
+        upload_id: str,
+        number: int,
+        data: bytes,
+        *,
+        crc64nvme: int | None = None,
+        with_checksums: bool = True,
     ) -> str:
         """Upload part ``number`` (from 1); returns the part's ETag."""
         ...
@@ -165,7 +186,8 @@ class ObjectStore(Protocol):
         """Make the parts one object; returns its ETag.
 
         ``part_crcs`` (each part's CRC64NVME) and ``crc64nvme`` (the whole
-        object's) let S3 check the assembled object against what was sent.
+        object's) let S3 check the assembled object against what was sent
+        (none given: an upload started without checksums).
         """
         ...
 
@@ -278,11 +300,16 @@ class S3Store:
             read_timeout=config.s3_timeout,
             # Path style works with every S3-compatible server (MinIO, Ceph, moto).
             s3={"addressing_style": "path"} if config.endpoint_url else None,
+            # Uploads carry the checksums chosen here and no others: by default botocore
+            # adds a CRC32 to a PUT sent without one (an aws-chunked trailer over HTTPS),
+            # which a server that refuses checksums refuses again (`daemon.uploadchecksums`).
+            request_checksum_calculation="when_required",
         )
         self._client: S3Client = session.client(
             "s3", endpoint_url=config.endpoint_url, config=client_config
         )
         self._session = session
+        self._checksums = ChecksumSupport(config.bucket)  # what the server does with them
         # The start-up check fails fast on a typo'd endpoint instead of retrying for seconds.
         self._probe: S3Client = session.client(
             "s3",
@@ -451,39 +478,69 @@ class S3Store:
             finally:
                 _release(body, whole)
 
+    @property
+    def sends_checksums(self) -> bool:
+        return self._checksums.sends
+
+    def checksums_refused(self, reason: str) -> None:
+        self._checksums.refused(reason)
+
     def put_object(
         self, key: str, data: bytes, *, create_only: bool, crc64nvme: int | None = None
     ) -> str:
         what = f"s3://{self._bucket}/{key}"
         extra: dict[str, Any] = {"IfNoneMatch": "*"} if create_only else {}
-        crc = checksums.crc64nvme(data) if crc64nvme is None else crc64nvme
-        with _created(what), self._request("put", what):
-            resp = self._client.put_object(
-                Bucket=self._bucket,
-                Key=key,
-                Body=data,
-                ContentMD5=_content_md5(data),
-                ChecksumAlgorithm=UPLOAD_CHECKSUM,  # with the value: both S3 and moto keep it
-                ChecksumCRC64NVME=checksums.b64(crc),
-                **extra,
-            )
-        return resp["ETag"]
 
-    def create_multipart(self, key: str) -> str:
-        with self._request("multipart", f"s3://{self._bucket}/{key}"):
-            resp = self._client.create_multipart_upload(
-                Bucket=self._bucket,
-                Key=key,
-                ChecksumAlgorithm=UPLOAD_CHECKSUM,
-                ChecksumType="FULL_OBJECT",
-            )
+        def send(with_checksums: bool) -> str:
+            sums: dict[str, Any] = {}
+            if with_checksums:  # with the value: both S3 and moto keep it
+                crc = checksums.crc64nvme(data) if crc64nvme is None else crc64nvme
+                sums = {
+                    "ChecksumAlgorithm": UPLOAD_CHECKSUM,
+                    "ChecksumCRC64NVME": checksums.b64(crc),
+                }
+            with _created(what), self._request("put", what), _refusals(what, with_checksums):
+                resp = self._client.put_object(
+                    Bucket=self._bucket,
+                    Key=key,
+                    Body=data,
+                    ContentMD5=_content_md5(data),
+                    **extra,
+                    **sums,
+                )
+            if with_checksums:
+                self._kept(key, resp)
+            return str(resp["ETag"])
+
+        return self._checksums.put(send)
+
+    def create_multipart(self, key: str, *, with_checksums: bool = True) -> str:
+        what = f"s3://{self._bucket}/{key}"
+        sums: dict[str, Any] = (
+            {"ChecksumAlgorithm": UPLOAD_CHECKSUM, "ChecksumType": "FULL_OBJECT"}
+            if with_checksums
+            else {}
+        )
+        with self._request("multipart", what), _refusals(what, with_checksums):
+            resp = self._client.create_multipart_upload(Bucket=self._bucket, Key=key, **sums)
         return resp["UploadId"]
 
     def upload_part(
-        self, key: str, upload_id: str, number: int, data: bytes, *, crc64nvme: int | None = None
+        self,
+        key: str,
+        upload_id: str,
+        number: int,
+        data: bytes,
+        *,
+        crc64nvme: int | None = None,
+        with_checksums: bool = True,
     ) -> str:
-        crc = checksums.crc64nvme(data) if crc64nvme is None else crc64nvme
-        with self._request("put_part", f"s3://{self._bucket}/{key} part {number}"):
+        what = f"s3://{self._bucket}/{key} part {number}"
+        sums: dict[str, Any] = {}
+        if with_checksums:
+            crc = checksums.crc64nvme(data) if crc64nvme is None else crc64nvme
+            sums = {"ChecksumAlgorithm": UPLOAD_CHECKSUM, "ChecksumCRC64NVME": checksums.b64(crc)}
+        with self._request("put_part", what), _refusals(what, with_checksums):
             resp = self._client.upload_part(
                 Bucket=self._bucket,
                 Key=key,
@@ -491,8 +548,7 @@ class S3Store:
                 PartNumber=number,
                 Body=data,
                 ContentMD5=_content_md5(data),
-                ChecksumAlgorithm=UPLOAD_CHECKSUM,
-                ChecksumCRC64NVME=checksums.b64(crc),
+                **sums,
             )
         return resp["ETag"]
 
@@ -515,7 +571,8 @@ class S3Store:
             part["ChecksumCRC64NVME"] = checksums.b64(crc)
         if crc64nvme is not None:  # S3 checks the assembled object against it
             extra.update(ChecksumCRC64NVME=checksums.b64(crc64nvme), ChecksumType="FULL_OBJECT")
-        with _created(what), self._request("multipart", what):
+        sent = bool(part_crcs) or crc64nvme is not None
+        with _created(what), self._request("multipart", what), _refusals(what, sent):
             resp = self._client.complete_multipart_upload(
                 Bucket=self._bucket,
                 Key=key,
@@ -523,7 +580,19 @@ class S3Store:
                 MultipartUpload={"Parts": parts},  # type: ignore[typeddict-item]
                 **extra,
             )
+        if sent:
+            self._kept(key, resp)
         return resp["ETag"]
+
+    def _kept(self, key: str, resp: Any) -> None:
+        """After an upload with checksums: whether S3 kept one (its echo, else a HEAD)."""
+        if not self._checksums.wants_probe(echoed=bool(resp.get(f"Checksum{UPLOAD_CHECKSUM}"))):
+            return
+        try:
+            head = self.head_checksum(key, str(resp["ETag"]))
+        except StoreError:  # replaced meanwhile, or S3 unavailable: ask after the next upload
+            return
+        self._checksums.kept(head.algorithm is not None)
 
     def abort_multipart(self, key: str, upload_id: str) -> None:
         with self._request("multipart", f"s3://{self._bucket}/{key}"):
@@ -546,6 +615,24 @@ def checksum_head(resp: Any) -> ChecksumHead:
 def _content_md5(data: bytes) -> str:
     """Content-MD5: S3 rejects a body that arrived altered (BadDigest)."""
     return base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
+
+
+@contextlib.contextmanager
+def _refusals(what: str, with_checksums: bool) -> Iterator[None]:
+    """A request with checksums refused as invalid: perhaps for them (`daemon.uploadchecksums`).
+
+    Innermost, so that it sees botocore's error before `_translated` does.
+    """
+    try:
+        yield
+    except botocore.exceptions.ClientError as exc:
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", ""))
+        if not with_checksums or code not in REFUSAL_CODES:
+            raise
+        message = str(error.get("Message") or "")[:200]  # the server's words: which header
+        said = f": {message}" if message else ""
+        raise ChecksumsRefusedError(f"{what}: {code}{said}") from None
 
 
 @contextlib.contextmanager
@@ -618,10 +705,26 @@ class MemoryStore:
         self._layouts: dict[str, list[int]] = {}
         self._checksums: dict[str, ChecksumHead] = {}
         self.part_heads = True  # False: a server that ignores partNumber
+        # Requests whose checksum headers the server refuses: "put", "create", "part",
+        # "complete", and "head" (ChecksumMode, as Backblaze B2 does).
+        self.refuse_checksums: set[str] = set()
+        self._support = ChecksumSupport(bucket)
+        self._plain_uploads: set[str] = set()  # multipart uploads started without checksums
 
     @property
     def bucket(self) -> str:
         return self._bucket
+
+    @property
+    def sends_checksums(self) -> bool:
+        return self._support.sends
+
+    def checksums_refused(self, reason: str) -> None:
+        self._support.refused(reason)
+
+    def _refuse(self, step: str, key: str) -> None:
+        if step in self.refuse_checksums:
+            raise ChecksumsRefusedError(f"{key}: InvalidArgument: Unsupported checksum header")
 
     @property
     def requests(self) -> Counter[str]:
@@ -712,6 +815,9 @@ class MemoryStore:
         return ObjectInfo(key, len(data), etag, mtime)
 
     def head_checksum(self, key: str, etag: str) -> ChecksumHead:
+        if "head" in self.refuse_checksums:  # HEAD with ChecksumMode: no body, a bare 400
+            self._count("head")
+            raise StoreError(f"{key}: S3 error 400")
         if self.head(key).etag != etag:
             raise StaleError(f"{key}: changed in S3 since it was opened")
         with self._lock:
@@ -748,14 +854,19 @@ class MemoryStore:
             pos += size
 
     def _write(
-        self, key: str, data: bytes, create_only: bool, crc: int, parts: list[int] | None = None
+        self,
+        key: str,
+        data: bytes,
+        create_only: bool,
+        crc: int | None,
+        parts: list[int] | None = None,
     ) -> str:
         with self._lock:
             if self.fail_puts:
                 raise self.fail_puts.pop(0)
             if create_only and key in self._objects:
                 raise AlreadyExistsError(f"{key}: already exists")
-        if crc != checksums.crc64nvme(data):  # S3 refuses a body that does not match
+        if crc is not None and crc != checksums.crc64nvme(data):  # S3 refuses an altered body
             raise StoreError(f"{key}: S3 error BadDigest")
         etag = self.put(key, data, time.time_ns())
         if parts is not None:
@@ -764,33 +875,55 @@ class MemoryStore:
                 etag = f'"{hashlib.md5(digests, usedforsecurity=False).hexdigest()}-{len(parts)}"'
                 self._objects[key] = (data, etag, time.time_ns())
                 self._layouts[key] = parts
-        with self._lock:
-            self._checksums[key] = ChecksumHead("crc64nvme", checksums.b64(crc), "FULL_OBJECT")
+        if crc is not None:
+            with self._lock:
+                self._checksums[key] = ChecksumHead("crc64nvme", checksums.b64(crc), "FULL_OBJECT")
         return etag
 
     def put_object(
         self, key: str, data: bytes, *, create_only: bool, crc64nvme: int | None = None
     ) -> str:
-        self._count("put")
-        crc = checksums.crc64nvme(data) if crc64nvme is None else crc64nvme
-        return self._write(key, data, create_only, crc)
+        def send(with_checksums: bool) -> str:
+            self._count("put")
+            if not with_checksums:
+                return self._write(key, data, create_only, None)
+            self._refuse("put", key)
+            crc = checksums.crc64nvme(data) if crc64nvme is None else crc64nvme
+            return self._write(key, data, create_only, crc)
 
-    def create_multipart(self, key: str) -> str:
+        return self._support.put(send)
+
+    def create_multipart(self, key: str, *, with_checksums: bool = True) -> str:
         self._count("multipart")
+        if with_checksums:
+            self._refuse("create", key)
         upload_id = f"up{len(self._uploads) + 1}"
         self._uploads[upload_id] = {}
+        if not with_checksums:
+            self._plain_uploads.add(upload_id)
         return upload_id
 
     def upload_part(
-        self, key: str, upload_id: str, number: int, data: bytes, *, crc64nvme: int | None = None
+        self,
+        key: str,
+        upload_id: str,
+        number: int,
+        data: bytes,
+        *,
+        crc64nvme: int | None = None,
+        with_checksums: bool = True,
     ) -> str:
         self._count("put_part")
+        if with_checksums:
+            self._refuse("part", key)
         with self._lock:
             if self.fail_puts:
                 raise self.fail_puts.pop(0)
             if upload_id not in self._uploads:
                 raise StoreError(f"{key}: S3 error NoSuchUpload")
-            if crc64nvme is not None and crc64nvme != checksums.crc64nvme(data):
+            if with_checksums == (upload_id in self._plain_uploads):  # all parts alike
+                raise StoreError(f"{key}: S3 error InvalidRequest (checksums of part {number})")
+            if with_checksums and crc64nvme is not None and crc64nvme != checksums.crc64nvme(data):
                 raise StoreError(f"{key}: S3 error BadDigest")
             self._uploads[upload_id][number] = data
         return '"' + hashlib.md5(data, usedforsecurity=False).hexdigest() + '"'
@@ -806,19 +939,28 @@ class MemoryStore:
         crc64nvme: int | None = None,
     ) -> str:
         self._count("multipart")
+        plain = upload_id in self._plain_uploads
+        if part_crcs or crc64nvme is not None:
+            if plain:
+                raise StoreError(f"{key}: S3 error InvalidRequest (checksums of a plain upload)")
+            self._refuse("complete", key)
         with self._lock:
             if create_only and key in self._objects:  # S3 keeps the upload: it can be aborted
                 raise AlreadyExistsError(f"{key}: already exists")
             parts = self._uploads.pop(upload_id)
+            self._plain_uploads.discard(upload_id)
             self._part_md5s[key] = [e.strip('"') for e in etags]
         data = b"".join(parts[n] for n in range(1, len(etags) + 1))
-        crc = checksums.crc64nvme(data) if crc64nvme is None else crc64nvme
+        crc: int | None = None  # S3 computes a full-object one for an upload that declared it
+        if not plain:
+            crc = checksums.crc64nvme(data) if crc64nvme is None else crc64nvme
         sizes = [len(parts[n]) for n in range(1, len(etags) + 1)]
         return self._write(key, data, create_only, crc, sizes)
 
     def abort_multipart(self, key: str, upload_id: str) -> None:
         self._count("multipart")
         self._uploads.pop(upload_id, None)
+        self._plain_uploads.discard(upload_id)
 
     def delete_object(self, key: str) -> None:
         self._count("delete")

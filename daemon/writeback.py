@@ -20,9 +20,11 @@ multipart upload whose parts go up in parallel. Every request carries
 Content-MD5 and a CRC64NVME of its body; a multipart upload is a full-object
 CRC64NVME one, completed with the whole object's CRC (combined from the
 parts'), so S3 checks what it assembled and keeps a checksum that later
-prefetches verify the object by end to end (`daemon.checksums`). Any failure is EIO, and the
-data stays staged as "failed". S3 replaces an object atomically, so readers
-see the old object or the new one, never a mix.
+prefetches verify the object by end to end (`daemon.checksums`). A server that
+refuses additional checksums gets the upload again without them, a multipart
+one from its start (`daemon.uploadchecksums`): Content-MD5 still guards every
+request. Any failure is EIO, and the data stays staged as "failed". S3 replaces
+an object atomically, so readers see the old object or the new one, never a mix.
 
 Concurrency: a staged file's ``lock`` is held by an upload and by each write,
 so the bytes uploaded are exactly the bytes whose CRCs are recorded.
@@ -50,6 +52,7 @@ from s3cachefs.daemon.blockcache import BlockCache, ObjectVersion
 from s3cachefs.daemon.errors import (
     AlreadyExistsError,
     BusyError,
+    ChecksumsRefusedError,
     ConfigError,
     NoSpaceError,
     StoreError,
@@ -347,13 +350,28 @@ class Writeback:
         return {(offset + i) // bs: zlib.crc32(view[i : i + bs]) for i in range(0, len(data), bs)}
 
     async def _multipart(self, staged: Staged) -> tuple[str, dict[int, int]]:
+        """One multipart upload; refused for its checksums, all of it again without them."""
+        if not self.store.sends_checksums:
+            return await self._multipart_once(staged, with_checksums=False)
+        try:
+            return await self._multipart_once(staged, with_checksums=True)
+        except ChecksumsRefusedError as exc:  # that upload was aborted: nothing of it is kept
+            reason = str(exc)
+        result = await self._multipart_once(staged, with_checksums=False)
+        self.store.checksums_refused(reason)
+        return result
+
+    async def _multipart_once(
+        self, staged: Staged, *, with_checksums: bool
+    ) -> tuple[str, dict[int, int]]:
         upload_id = await trio.to_thread.run_sync(
-            self.store.create_multipart, staged.key, limiter=self._s3_limiter
+            lambda: self.store.create_multipart(staged.key, with_checksums=with_checksums),
+            limiter=self._s3_limiter,
         )
         staged.upload_id = upload_id
         nparts = -(-staged.size // self.part_size)
         etags = [""] * nparts
-        part_crcs = [0] * nparts  # CRC64NVME of each part
+        part_crcs = [0] * nparts  # CRC64NVME of each part (with checksums)
         crcs: dict[int, int] = {}
         errors: list[Exception] = []
         parts = trio.CapacityLimiter(self._parallel_parts)
@@ -362,7 +380,12 @@ class Writeback:
             async with parts:
                 try:
                     etag, part_crc, block_crcs = await trio.to_thread.run_sync(
-                        self._part_blocking, staged, upload_id, number, limiter=self._s3_limiter
+                        self._part_blocking,
+                        staged,
+                        upload_id,
+                        number,
+                        with_checksums,
+                        limiter=self._s3_limiter,
                     )
                 except Exception as exc:  # noqa: BLE001 -- re-raised after the nursery
                     errors.append(exc)
@@ -379,17 +402,14 @@ class Writeback:
                     nursery.start_soon(send, number, nursery.cancel_scope)
             if errors:
                 raise errors[0]
-            whole = part_crcs[0]  # the object's CRC64NVME: S3 checks the assembly against it
-            for number in range(2, nparts + 1):
-                length = min(self.part_size, staged.size - (number - 1) * self.part_size)
-                whole = checksums.combine_crc64nvme(whole, part_crcs[number - 1], length)
+            whole = self._whole_crc(staged.size, part_crcs) if with_checksums else None
             etag = await trio.to_thread.run_sync(
                 lambda: self.store.complete_multipart(
                     staged.key,
                     upload_id,
                     etags,
                     create_only=staged.create_only,
-                    part_crcs=part_crcs,
+                    part_crcs=part_crcs if with_checksums else None,
                     crc64nvme=whole,
                 ),
                 limiter=self._s3_limiter,
@@ -424,15 +444,25 @@ class Writeback:
             )
 
     def _part_blocking(
-        self, staged: Staged, upload_id: str, number: int
+        self, staged: Staged, upload_id: str, number: int, with_checksums: bool
     ) -> tuple[str, int, dict[int, int]]:
-        """Upload one part: (its ETag, its CRC64NVME, the CRC32 of each cache block in it)."""
+        """Upload one part: (its ETag, its CRC64NVME or 0, the CRC32 of each cache block in it)."""
         offset = (number - 1) * self.part_size
         length = min(self.part_size, staged.size - offset)
         data = staged.read_for_upload(offset, length)
-        crc = checksums.crc64nvme(data)
-        etag = self.store.upload_part(staged.key, upload_id, number, data, crc64nvme=crc)
+        crc = checksums.crc64nvme(data) if with_checksums else 0
+        etag = self.store.upload_part(
+            staged.key, upload_id, number, data, crc64nvme=crc, with_checksums=with_checksums
+        )
         return etag, crc, self._crcs(data, offset)
+
+    def _whole_crc(self, size: int, part_crcs: list[int]) -> int:
+        """The object's CRC64NVME from its parts': S3 checks the assembly against it."""
+        whole = part_crcs[0]
+        for number in range(2, len(part_crcs) + 1):
+            length = min(self.part_size, size - (number - 1) * self.part_size)
+            whole = checksums.combine_crc64nvme(whole, part_crcs[number - 1], length)
+        return whole
 
     async def _abort(self, staged: Staged) -> None:
         if staged.upload_id is None:

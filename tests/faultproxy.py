@@ -53,6 +53,10 @@ class FaultProxy:
         # Methods the rates apply to (None: all), e.g. {"PUT", "POST"} to fail only uploads.
         self.methods: set[str] | None = None
         self.write_delay = 0.0  # seconds each PUT (object or part) waits before going upstream
+        # A server without additional checksums (see `_checksum_headers`): True answers every
+        # PUT/POST that carries one 400 InvalidArgument; strip forwards it without them.
+        self.reject_checksum_headers = False
+        self.strip_checksum_headers = False
         self.faults: Counter[str] = Counter()
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
@@ -78,6 +82,45 @@ class FaultProxy:
         self._thread.start()
         return self
 
+    # ---- servers that do not take additional checksums (x-amz-checksum-*) ----
+
+    CHECKSUM_HEADERS = ("x-amz-checksum-", "x-amz-sdk-checksum-")
+
+    def _checksum_headers(self, req: BaseHTTPRequestHandler) -> bool:
+        """Act as a server that knows no checksum headers; True if the request was answered.
+
+        Older MinIO answers CreateMultipartUpload with CRC64NVME 400 InvalidArgument, and
+        Backblaze B2 any x-amz-checksum-* or x-amz-sdk-checksum-algorithm header ("Unsupported
+        header ... received for this API call"); older Ceph RGW ignores them (strip).
+        """
+        if req.command not in ("PUT", "POST"):
+            return False
+        names = [k for k in req.headers if k.lower().startswith(self.CHECKSUM_HEADERS)]
+        if not names:
+            return False
+        if self.strip_checksum_headers:
+            for name in names:
+                del req.headers[name]
+            return False
+        if not self.reject_checksum_headers:
+            return False
+        with self._lock:
+            self.faults["reject_checksum"] += 1
+        length = int(req.headers.get("Content-Length") or 0)
+        if length:
+            req.rfile.read(length)  # the connection stays usable for the next request
+        payload = (
+            b"<Error><Code>InvalidArgument</Code><Message>Unsupported header '"
+            + names[0].lower().encode()
+            + b"' received for this API call.</Message></Error>"
+        )
+        req.send_response(400)
+        req.send_header("Content-Type", "application/xml")
+        req.send_header("Content-Length", str(len(payload)))
+        req.end_headers()
+        req.wfile.write(payload)
+        return True
+
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
@@ -97,6 +140,8 @@ class FaultProxy:
             return "ok"
 
     def handle(self, req: BaseHTTPRequestHandler) -> None:
+        if self._checksum_headers(req):  # a server without additional checksums
+            return
         length = int(req.headers.get("Content-Length") or 0)
         body = req.rfile.read(length) if length else None
         outcome = self._draw(req.command)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import subprocess
@@ -44,6 +45,14 @@ def write_file(path: Path, data: bytes, chunk: int = 256 * 1024) -> None:
     with path.open("wb") as f:
         for pos in range(0, len(data), chunk):
             f.write(data[pos : pos + chunk])
+
+
+def manifest_checks(cache_dir: Path) -> dict[str, str]:
+    """Key -> the kind of end-to-end check its prefetch manifest records."""
+    checks: dict[str, str] = {}
+    for path in (cache_dir / "v1" / "pins").glob("*.json"):
+        checks.update({k: v[0] for k, v in json.loads(path.read_text())["checks"].items()})
+    return checks
 
 
 def status(mount: Mount) -> dict[str, Any]:
@@ -354,3 +363,48 @@ def test_a_staged_upload_appears_even_with_an_indefinite_ttl(
         assert (mount.path / "r.json").exists()
     finally:
         proxy.stop()
+
+
+@pytest.mark.parametrize("server", ["refuses", "drops"])
+def test_writes_go_on_where_s3_keeps_no_additional_checksums(
+    bucket: Bucket, mounter: Mounter, proxy: FaultProxy, server: str
+) -> None:
+    """Older MinIO and Backblaze B2 refuse checksum headers (400 InvalidArgument); older
+    Ceph drops them. Either way close() succeeds, with one WARNING, and what was written is
+    verified by its MD5 or multipart ETag."""
+    if server == "refuses":
+        proxy.reject_checksum_headers = True
+        said = "refused an upload for its additional checksum"
+    else:
+        proxy.strip_checksum_headers = True
+        said = "S3 server does not keep additional checksums; objects written here are verified"
+    bucket.put("out/", b"")
+    mount = mounter(bucket.name, "--writable", "--upload-part-size", PART, server=proxy)
+    big, small = os.urandom(13 * MIB + 4321), b"written where S3 keeps no checksum\n"
+    # The first upload is multipart: refused at its start, it is sent again whole, without.
+    write_file(mount.path / "out" / "big.bin", big)
+    write_file(mount.path / "out" / "small.txt", small)
+    (mount.path / "out" / "sub").mkdir()
+    for key, data in (("out/big.bin", big), ("out/small.txt", small)):
+        assert hashlib.sha256(s3_bytes(bucket, key)).hexdigest() == hashlib.sha256(data).hexdigest()
+        head = bucket.client.head_object(Bucket=bucket.name, Key=key, ChecksumMode="ENABLED")
+        assert not any(k.startswith("ChecksumCRC") for k in head), key
+    assert s3_has(bucket, "out/sub/")
+    head = bucket.client.head_object(Bucket=bucket.name, Key="out/big.bin")
+    assert head["ETag"].endswith('-3"')
+    assert proxy.faults["reject_checksum"] == (1 if server == "refuses" else 0)
+    assert bucket.client.list_multipart_uploads(Bucket=bucket.name).get("Uploads", []) == []
+    warned = [line for line in mount.log_text().splitlines() if "uploadchecksums" in line]
+    assert len(warned) == 1 and "WARNING" in warned[0] and said in warned[0], warned
+    assert status(mount)["staged"] == []
+
+    # What S3 holds is verified, from the same cache (no GET), by a mount straight to it:
+    # part-size HEADs through this proxy answer Content-Length 0 (tests/faultproxy.py).
+    mount.stop()
+    mount = mounter(bucket.name)
+    result = run_cli("prefetch", "out", "--mount", str(mount.path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "out: complete, verified and pinned" in result.stdout
+    assert manifest_checks(mount.cache_dir) == {"out/big.bin": "mpu-etag", "out/small.txt": "md5"}
+    drop_page_cache()
+    assert (mount.path / "out" / "big.bin").read_bytes() == big
