@@ -23,6 +23,14 @@ Rules that keep every guarantee of the FUSE path:
   and stop detach the bind (lazily if busy) before anything is freed.
 - `verify` repairs a kernel-served object into a *new* file and renames it
   over the tree entry: a reader sees the old inode or the repaired one.
+- Between checks the kernel serves the bytes on disk unchecked. Every block of
+  every file is read back against its CRC32 (`daemon.treecheck`, low priority)
+  before a tree is bound at start, and every ``--verify-interval`` while it is
+  bound. A file that fails unbinds the dataset: the FUSE path (which checks
+  every block, and fetches a bad one again) serves it until `verify` has
+  repaired it, which binds it again.
+- The tree shows the same directories as the FUSE view: those of its files,
+  and those the manifest keeps for ``dir/`` markers and skipped keys.
 - Only what this daemon mounted is unmounted, by path and mount id.
 - Every mount and unmount runs in a worker thread: the path lookup crosses the
   FUSE mount, which this daemon's trio thread answers.
@@ -35,12 +43,16 @@ and anything when the daemon may not mount (not root).
 
 from __future__ import annotations
 
+import collections
+import datetime
 import logging
 import os
 import shutil
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import trio
 
@@ -48,11 +60,17 @@ from s3cachefs.daemon import binds
 from s3cachefs.daemon.blockcache import BlockCache, ObjectVersion
 from s3cachefs.daemon.pins import Manifest, PinStore
 from s3cachefs.daemon.prefetch import etag_md5
+from s3cachefs.daemon.treecheck import CheckResult, FileCheck, check_files, scan
 
 log = logging.getLogger(__name__)
 
 # How long stop may spend unmounting binds before the FUSE unmount goes ahead.
 STOP_TIMEOUT = 10.0
+
+
+class Layout(NamedTuple):
+    entries: list[binds.TreeEntry]
+    dirs: frozenset[str]  # relative, without a trailing "/"
 
 
 @dataclass
@@ -77,6 +95,7 @@ class KernelServe:
         cache: BlockCache,
         pins: PinStore,
         enabled: bool,
+        verify_interval: float | None = None,
     ) -> None:
         self.mountpoint = mountpoint
         self.mount_prefix = mount_prefix
@@ -84,21 +103,51 @@ class KernelServe:
         self.cache = cache
         self.pins = pins
         self.enabled = enabled
+        self.verify_interval = verify_interval
         self.trees = cache.root / "trees"
         self.binds: dict[str, Bind] = {}
         self.notes: dict[str, str] = {}  # manifest id -> why it is not kernel-served
+        # The last check of each dataset's files, replaced whole (the metrics thread reads it).
+        self.checks: dict[str, CheckResult] = {}
+        self.check_counts: collections.Counter[str] = collections.Counter()
+        self.next_check_at: float | None = None
+        self.on_change: Callable[[], None] | None = None  # a check ended: systemd's STATUS=
         self._lock = trio.Lock()
         self._generation = 0
 
     # ---- lifecycle ---------------------------------------------------------
 
     async def restore(self) -> None:
-        """At start, once the FUSE mount answers: bind every eligible dataset again."""
+        """At start, once the FUSE mount answers: check each eligible dataset, then bind it.
+
+        Checked *before* binding, not after: until its check passes, the FUSE
+        path serves the dataset (slower, but it checks every block on the way),
+        so a file damaged while no daemon ran (a crash, a power loss, a failing
+        disk) is never served by the kernel.
+        """
         if not self.enabled:
             return
         await trio.to_thread.run_sync(self._sweep)
         for manifest_id in list(self.pins.manifests):
-            await self.refresh(manifest_id, verify_rebuilt=True)
+            manifest = self.pins.manifests.get(manifest_id)
+            eligible = manifest is not None and self._ineligible(manifest) is None
+            if manifest is not None and eligible and self._entries(manifest) is not None:
+                result = await self._check(manifest, "start", None)
+                if result is None or not result.ok:
+                    continue
+            await self.refresh(manifest_id)
+
+    async def run_schedule(self) -> None:
+        """Check the files of every bound dataset every ``verify_interval`` seconds."""
+        if not self.enabled or self.verify_interval is None:
+            return
+        while True:
+            self.next_check_at = time.time() + self.verify_interval
+            await trio.sleep(self.verify_interval)
+            for manifest_id, bind in list(self.binds.items()):
+                manifest = self.pins.manifests.get(manifest_id)
+                if manifest is not None and self.binds.get(manifest_id) is bind:
+                    await self._check(manifest, "scheduled", bind)
 
     def _sweep(self) -> None:
         """Trees whose build or swap a crash interrupted, and trees of forgotten manifests."""
@@ -124,12 +173,12 @@ class KernelServe:
 
     # ---- what changes the binds ---------------------------------------------
 
-    async def refresh(self, manifest_id: str, *, verify_rebuilt: bool = False) -> None:
+    async def refresh(self, manifest_id: str) -> None:
         """Make the bind of one dataset match its manifest: bind, rebuild and swap, or unbind."""
         if not self.enabled:
             return
         async with self._lock:
-            await self._refresh(manifest_id, verify_rebuilt)
+            await self._refresh(manifest_id)
 
     async def release(self, manifest: Manifest) -> None:
         """Unbind and remove the tree before the dataset is unpinned (evict)."""
@@ -140,6 +189,7 @@ class KernelServe:
             else:  # a tree that was never bound (bind failed, or served off)
                 await trio.to_thread.run_sync(self._remove, self.trees / manifest.id)
             self.notes.pop(manifest.id, None)
+            self.checks.pop(manifest.id, None)
 
     async def repair(self, manifest: Manifest, versions: list[ObjectVersion]) -> None:
         """Before `verify` re-fetches these objects: make the fetch land in new files.
@@ -156,10 +206,17 @@ class KernelServe:
             await trio.to_thread.run_sync(path.unlink, True)
 
     async def relink(self, manifest: Manifest, repaired: list[ObjectVersion], ok: bool) -> None:
-        """After `verify`: repaired files renamed over their tree entries; unbind if not intact."""
+        """After `verify`: repaired files renamed over their tree entries; unbind if not intact.
+
+        A dataset that is not bound (a check found damage) is bound again once intact.
+        """
         async with self._lock:
             bind = self.binds.get(manifest.id)
+            if ok:
+                self._record(manifest, "verify", len(manifest.objects), manifest.total_bytes, [])
             if bind is None:
+                if ok and self.enabled:
+                    await self._refresh(manifest.id)
                 return
             if not ok:
                 await self._unbind(bind, "verify found objects it could not repair")
@@ -171,25 +228,42 @@ class KernelServe:
                     binds.relink, self.cache.object_path(version.oid), bind.tree / rel
                 )
             await trio.to_thread.run_sync(binds.syncfs, self.trees)
-            await self._refresh(manifest.id, verify_rebuilt=False)  # and check the whole tree
+            await self._refresh(manifest.id)  # and check the whole tree
 
     # ---- status --------------------------------------------------------------
 
     async def describe(self) -> dict[str, dict[str, Any]]:
-        """Per manifest id: whether the kernel serves it now (read from mountinfo), and where."""
+        """Per manifest id: whether the kernel serves it now (read from mountinfo), and where,
+        and what the last check of its files found."""
         live = await trio.to_thread.run_sync(self._live_ids)
         out: dict[str, dict[str, Any]] = {}
         for manifest_id, manifest in self.pins.manifests.items():
             bind = self.binds.get(manifest_id)
             bound = bind is not None and bind.mount_id in live
             note = self.notes.get(manifest_id) or self._ineligible(manifest) or "not bound"
+            check = self.checks.get(manifest_id)
             out[manifest_id] = {
                 "kernel_served": bound,
                 "bind": str(bind.target) if bind and bound else None,
                 "tree": str(bind.tree) if bind and bound else None,
                 "kernel_note": None if bound else note,
+                "kernel_check": check.describe() if check else None,
+                "kernel_check_next": self.next_check_at if bound else None,
             }
         return out
+
+    def summary(self) -> str:
+        """For systemd's STATUS= line: what the kernel serves, and whether its checks passed."""
+        failed = [i for i, r in self.checks.items() if not r.ok and i in self.pins.manifests]
+        if failed:
+            return f"kernel check FAILED for {len(failed)} datasets (served through FUSE)"
+        if not self.binds:
+            return ""
+        done = [r.finished for i, r in self.checks.items() if i in self.binds]
+        if not done:
+            return f"{len(self.binds)} kernel-served"
+        when = datetime.datetime.fromtimestamp(min(done)).isoformat(timespec="seconds")
+        return f"{len(self.binds)} kernel-served, last checks OK (oldest {when})"
 
     def _live_ids(self) -> set[int]:
         return {e.id for e in binds.mountinfo()}
@@ -208,6 +282,7 @@ class KernelServe:
                 other.prefix.startswith(manifest.prefix) or manifest.prefix.startswith(other.prefix)
             )
         ]
+        damage = self._damaged(manifest)
         checks = (
             (not self.enabled, "off (--no-kernel-serve-pinned)"),
             (
@@ -222,31 +297,51 @@ class KernelServe:
             ),
             (bool(nested), f"nested with dataset {nested[:1]}; both served through FUSE"),
             (os.geteuid() != 0, "the daemon is not root and cannot bind"),
+            (damage is not None, damage or ""),
         )
         return next((reason for failed, reason in checks if failed), None)
 
-    def _entries(self, manifest: Manifest) -> list[binds.TreeEntry] | None:
-        """The tree's files; None if any object is not complete in the cache. Must not await."""
+    def _damaged(self, manifest: Manifest) -> str | None:
+        """Why a dataset whose files failed a check stays on FUSE until `verify`. Must not await."""
+        check = self.checks.get(manifest.id)
+        if check is None or check.ok:
+            return None
+        when = datetime.datetime.fromtimestamp(check.finished).isoformat(timespec="seconds")
+        name = manifest.prefix[len(self.mount_prefix) :].rstrip("/")
+        return (
+            f"the {check.trigger} check at {when} found {len(check.damaged)} damaged files "
+            f"(e.g. {check.damaged[0]}); served through FUSE until `s3cachefs verify {name}` "
+            "repairs them"
+        )
+
+    def _entries(self, manifest: Manifest) -> Layout | None:
+        """The tree's files and directories; None if any object is not complete in the cache.
+
+        The same tree as the FUSE view: a file hidden by a directory of the same
+        name is left out, and the manifest's directories with no file of their
+        own (``dir/`` markers, or above a skipped key) are made. Must not await.
+        """
         objects = manifest.objects.values()
-        dirs = {
+        dirs = frozenset(d[len(manifest.prefix) :].rstrip("/") for d in manifest.dirs)
+        parents = {
             "/".join(parts[:depth])
-            for info in objects
-            for parts in [info.key[len(manifest.prefix) :].split("/")]
+            for rel in [*(i.key[len(manifest.prefix) :] for i in objects), *(d + "/" for d in dirs)]
+            for parts in [rel.split("/")]
             for depth in range(1, len(parts))
         }
         entries = []
         for info in objects:
             rel = info.key[len(manifest.prefix) :]
-            if rel in dirs:
+            if rel in parents:
                 continue  # hidden by the directory of the same name, as in the FUSE view
             version = ObjectVersion(manifest.bucket, info.key, info.etag, info.size)
             if info.size and self.cache.missing_blocks(version):
                 return None
             source = self.cache.object_path(version.oid) if info.size else None
             entries.append(binds.TreeEntry(rel, source, info.size, info.mtime_ns))
-        return entries
+        return Layout(entries, dirs)
 
-    async def _refresh(self, manifest_id: str, verify_rebuilt: bool) -> None:
+    async def _refresh(self, manifest_id: str) -> None:
         manifest = self.pins.manifests.get(manifest_id)
         bind = self.binds.get(manifest_id)
         if bind is not None and bind.mount_id not in await trio.to_thread.run_sync(self._live_ids):
@@ -255,12 +350,12 @@ class KernelServe:
             await self._release_hold(bind)
             bind = None
         reason = "not pinned" if manifest is None else self._ineligible(manifest)
-        entries = None
+        layout = None
         if manifest is not None and reason is None:
-            entries = self._entries(manifest)
-            if entries is None:
+            layout = self._entries(manifest)
+            if layout is None:
                 reason = "not every object is in the cache; served through FUSE"
-        if reason is not None or manifest is None or entries is None:
+        if reason is not None or manifest is None or layout is None:
             if bind is not None:
                 await self._unbind(bind, reason or "not pinned")
             if reason and manifest is not None and self.notes.get(manifest_id) != reason:
@@ -273,36 +368,100 @@ class KernelServe:
         synced = self.trees / f"{manifest_id}.synced"
 
         def current() -> bool:
-            return synced.exists() and binds.tree_matches(tree, entries)
+            return synced.exists() and binds.tree_matches(tree, layout.entries, layout.dirs)
 
         if await trio.to_thread.run_sync(current):
             if bind is None:
-                await self._bind(manifest, tree, entries, previous=None)
+                await self._bind(manifest, tree, layout, previous=None)
             return
-        if verify_rebuilt and not await self._verify_all(manifest):
-            self.notes[manifest_id] = "objects failed verification; served through FUSE"
-            return
-        await self._bind(manifest, tree, entries, previous=bind)
+        await self._bind(manifest, tree, layout, previous=bind)
 
-    async def _verify_all(self, manifest: Manifest) -> bool:
-        """Before linking files whose tree was not synced (crash): CRCs and MD5 again."""
-        for version in manifest.versions():
-            expected = manifest.md5.get(version.key) or etag_md5(version.etag)
-            intact, _ = await self.cache.verify_object(version, expected)
-            if not intact:
-                log.info(
-                    "kernel-serve dataset=%s key=%s failed verification",
-                    manifest.prefix,
-                    version.key,
-                )
-                return False
-        return True
+    # ---- checks of the files the kernel serves ---------------------------------
+
+    async def _check(
+        self, manifest: Manifest, trigger: str, bind: Bind | None
+    ) -> CheckResult | None:
+        """Read back every file of a dataset (its tree when bound, else its cache files).
+
+        The long read runs unlocked, on a snapshot; damage it finds is read
+        again under the lock with what is current (a `verify` or a swap may
+        have replaced the file meanwhile) before the dataset is unbound.
+        None if the dataset changed under the check.
+        """
+        layout = self._entries(manifest)
+        if layout is None:
+            return None
+        files = self._files(manifest, layout, bind)
+        damaged = await check_files(files, self.cache.block_size, idle=trigger != "start")
+        async with self._lock:
+            if self.pins.manifests.get(manifest.id) is not manifest or (
+                bind is not None and self.binds.get(manifest.id) is not bind
+            ):
+                return None
+            if damaged:
+                layout = self._entries(manifest)
+                if layout is None:  # blocks dropped meanwhile (`verify`): not this check's to say
+                    return None
+                again = [f for f in self._files(manifest, layout, bind) if f.key in damaged]
+                block_size = self.cache.block_size
+                damaged = await trio.to_thread.run_sync(lambda: scan(again, block_size))
+            total = sum(f.size for f in files)
+            result = self._record(manifest, trigger, len(files), total, damaged)
+            if damaged:
+                await self._damage_found(manifest, damaged, bind)
+        return result
+
+    def _files(self, manifest: Manifest, layout: Layout, bind: Bind | None) -> list[FileCheck]:
+        """What to read for a check: each non-empty file the tree has. Must not await."""
+        out = []
+        for entry in layout.entries:
+            if entry.source is None:
+                continue
+            key = manifest.prefix + entry.rel
+            info = manifest.objects[key]
+            version = ObjectVersion(manifest.bucket, key, info.etag, info.size)
+            path = bind.tree / entry.rel if bind is not None else entry.source
+            out.append(FileCheck(key, path, info.size, self.cache.block_crcs(version)))
+        return out
+
+    def _record(
+        self, manifest: Manifest, trigger: str, objects: int, nbytes: int, damaged: list[str]
+    ) -> CheckResult:
+        result = CheckResult(trigger, time.time(), objects, nbytes, tuple(sorted(damaged)))
+        self.checks[manifest.id] = result
+        self.check_counts["intact" if result.ok else "damaged"] += 1
+        log.log(
+            logging.INFO if result.ok else logging.WARNING,
+            "kernel-serve check dataset=%s trigger=%s files=%d bytes=%d damaged=%d%s",
+            manifest.prefix,
+            trigger,
+            objects,
+            nbytes,
+            len(damaged),
+            f" e.g. key={result.damaged[0]}" if damaged else "",
+        )
+        if self.on_change is not None:
+            self.on_change()
+        return result
+
+    async def _damage_found(
+        self, manifest: Manifest, damaged: list[str], bind: Bind | None
+    ) -> None:
+        """Stop the kernel serving the dataset; drop the bad blocks so the FUSE path fetches
+        them again. Under the lock."""
+        if bind is not None:
+            await self._unbind(bind, f"{len(damaged)} files failed the check")
+        for key in damaged:
+            info = manifest.objects[key]
+            version = ObjectVersion(manifest.bucket, key, info.etag, info.size)
+            await self.cache.verify_object(version, manifest.md5.get(key) or etag_md5(info.etag))
+        self.notes[manifest.id] = self._damaged(manifest) or ""
 
     async def _bind(
         self,
         manifest: Manifest,
         tree: Path,
-        entries: list[binds.TreeEntry],
+        layout: Layout,
         previous: Bind | None,
     ) -> None:
         """Build (if needed) and bind ``tree``; with ``previous``, swap it in under the old bind."""
@@ -320,7 +479,7 @@ class KernelServe:
         staged = tree.with_name(f"{tree.name}.next")
         synced = tree.with_name(f"{tree.name}.synced")
         try:
-            fresh = await trio.to_thread.run_sync(self._stage, tree, staged, synced, entries)
+            fresh = await trio.to_thread.run_sync(self._stage, tree, staged, synced, layout)
             source = staged if fresh else tree
             if not await trio.to_thread.run_sync(self._target_ready, target, previous):
                 raise OSError(f"{target} is not a directory of the mount")
@@ -344,20 +503,18 @@ class KernelServe:
             "kernel-serve bound dataset=%s target=%s files=%d%s",
             manifest.prefix,
             target,
-            len(entries),
+            len(layout.entries),
             " (swapped)" if previous is not None else "",
         )
         if previous is not None:
             await self._release_hold(previous)
 
-    def _stage(
-        self, tree: Path, staged: Path, synced: Path, entries: list[binds.TreeEntry]
-    ) -> bool:
+    def _stage(self, tree: Path, staged: Path, synced: Path, layout: Layout) -> bool:
         """Build the tree at ``staged`` unless ``tree`` is current; sync. True if built."""
         self.trees.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fresh = not (synced.exists() and binds.tree_matches(tree, entries))
+        fresh = not (synced.exists() and binds.tree_matches(tree, layout.entries, layout.dirs))
         if fresh:
-            binds.build_tree(staged, entries)
+            binds.build_tree(staged, layout.entries, layout.dirs)
         binds.syncfs(self.trees)
         return fresh
 

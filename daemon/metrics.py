@@ -116,6 +116,7 @@ class DaemonCollector(Collector):
         for manifest in list(d.pins.manifests.values()):
             pinned.add_metric([d.dataset_name(manifest.prefix)], 1.0 if manifest.complete else 0)
         yield pinned
+        yield from _kernel_metrics(d)
         writes = dict(d.writeback.stats)
         for name, key, doc in (
             ("s3cachefs_uploads", "uploads", "Files uploaded by close/fsync"),
@@ -128,6 +129,42 @@ class DaemonCollector(Collector):
             "Written files whose upload never completed (s3cachefs staged)",
             value=len(d.writeback.left()),
         )
+
+
+def _kernel_metrics(d: Daemon) -> Iterator[Metric]:
+    """Kernel-served datasets and the checks of their files (copies: the trio thread writes)."""
+    kernel = d.kernel
+    if kernel is None:
+        return
+    bound, checks, counts = set(kernel.binds), dict(kernel.checks), dict(kernel.check_counts)
+    served = GaugeMetricFamily(
+        "s3cachefs_dataset_kernel_served", "1 if the kernel serves the dataset", labels=["dataset"]
+    )
+    last = GaugeMetricFamily(
+        "s3cachefs_kernel_check_timestamp_seconds",
+        "When the last check of a dataset's kernel-served files ended",
+        labels=["dataset"],
+    )
+    damaged = GaugeMetricFamily(
+        "s3cachefs_kernel_check_damaged_files",
+        "Files the last check found damaged (the dataset is then served through FUSE)",
+        labels=["dataset"],
+    )
+    for manifest in list(d.pins.manifests.values()):
+        name = d.dataset_name(manifest.prefix)
+        served.add_metric([name], 1.0 if manifest.id in bound else 0.0)
+        if (check := checks.get(manifest.id)) is not None:
+            last.add_metric([name], check.finished)
+            damaged.add_metric([name], len(check.damaged))
+    yield served
+    yield last
+    yield damaged
+    runs = CounterMetricFamily(
+        "s3cachefs_kernel_checks", "Checks of kernel-served datasets, by result", labels=["result"]
+    )
+    for result in ("intact", "damaged"):
+        runs.add_metric([result], counts.get(result, 0))
+    yield runs
 
 
 class Metrics:
