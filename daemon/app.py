@@ -296,12 +296,18 @@ async def _announce_ready(
     notify("READY=1", f"STATUS={daemon.summary()}")
     async with trio.open_nursery() as nursery:
         if daemon.kernel is not None:  # the FUSE path serves correct bytes until then
-            await daemon.kernel.restore()
-            nursery.start_soon(daemon.kernel.run_schedule)
+            nursery.start_soon(_kernel_serve, daemon.kernel)
         while True:  # systemctl status shows a live summary
             await trio.sleep(STATUS_INTERVAL)
             notify(f"STATUS={daemon.summary()}")
             await trio.to_thread.run_sync(memory.trim)
+
+
+async def _kernel_serve(kernel: KernelServe) -> None:
+    """Check and bind the pinned datasets (the start check can take a while), then keep
+    checking them on schedule."""
+    await kernel.restore()
+    await kernel.run_schedule()
 
 
 async def _terminate_on_signal(daemon: Daemon) -> None:
@@ -309,6 +315,6 @@ async def _terminate_on_signal(daemon: Daemon) -> None:
         async for signum in signals:
             log.info("signal=%s; unmounting", signal.Signals(signum).name)
             if daemon.kernel is not None:  # binds first, while the FUSE loop still answers
-                await daemon.kernel.stop()
+                await daemon.kernel.stop(final=True)
             pyfuse3.terminate()
             return

@@ -197,18 +197,25 @@ def detach(target: Path, mount_id: int) -> str:
     return unmount_exact(target, mount_id)
 
 
-def unmount_exact(target: Path, mount_id: int, *, lazy: bool = False) -> str:
+def unmount_exact(
+    target: Path, mount_id: int, *, device: str | None = None, lazy: bool = False
+) -> str:
     """Unmount the mount ``mount_id`` through a handle on it, never whatever is on ``target`` now.
 
     The path is opened ``O_PATH`` (no request reaches a FUSE file system), the
-    handle's mount id is compared, and ``umount2`` is given the handle's
-    ``/proc/self/fd`` path: a mount made on ``target`` between the check and the
-    unmount is not the one unmounted. Busy: detached lazily. Returns
-    "unmounted", "detached" or "covered" (the path leads to another mount).
+    handle's mount id (and, with ``device``, its file system: mount ids are
+    reused once freed, a live file system's device is not) is compared, and
+    ``umount2`` is given the handle's ``/proc/self/fd`` path: a mount made on
+    ``target`` between the check and the unmount is not the one unmounted.
+    Busy: detached lazily. Returns "unmounted", "detached" or "covered" (the
+    path leads to another mount).
     """
     fd = os.open(target, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW)
     try:
-        if fd_mount_id(fd) != mount_id:
+        held = fd_mount_id(fd)  # the handle pins that mount: its id cannot be reused now
+        if held != mount_id:
+            return "covered"
+        if device is not None and device not in {e.device for e in mountinfo() if e.id == held}:
             return "covered"
         handle = os.fsencode(f"/proc/self/fd/{fd}")
         if lazy:

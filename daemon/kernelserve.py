@@ -114,6 +114,7 @@ class KernelServe:
         self.on_change: Callable[[], None] | None = None  # a check ended: systemd's STATUS=
         self._lock = trio.Lock()
         self._generation = 0
+        self._stopping = False
 
     # ---- lifecycle ---------------------------------------------------------
 
@@ -163,8 +164,12 @@ class KernelServe:
                 else:
                     path.unlink(missing_ok=True)
 
-    async def stop(self) -> None:
-        """Before the FUSE unmount: unmount every bind (trees stay for the next start)."""
+    async def stop(self, *, final: bool = False) -> None:
+        """Before the FUSE unmount: unmount every bind (trees stay for the next start).
+
+        ``final`` (the daemon is stopping): nothing is bound again after this.
+        """
+        self._stopping = self._stopping or final
         with trio.move_on_after(STOP_TIMEOUT):
             async with self._lock:
                 for bind in list(self.binds.values()):
@@ -350,6 +355,8 @@ class KernelServe:
             await self._release_hold(bind)
             bind = None
         reason = "not pinned" if manifest is None else self._ineligible(manifest)
+        if self._stopping:
+            reason = "the daemon is stopping"
         layout = None
         if manifest is not None and reason is None:
             layout = self._entries(manifest)

@@ -59,7 +59,7 @@ def unmount(path: Path, *, lazy: bool = False, mount: MountEntry | None = None) 
     """
     if mount is not None and os.geteuid() == 0:
         try:
-            outcome = binds.unmount_exact(path, mount.id, lazy=lazy)
+            outcome = binds.unmount_exact(path, mount.id, device=mount.device, lazy=lazy)
         except OSError as exc:
             raise ConfigError(f"cannot unmount {path}: {exc.strerror}") from None
         if outcome == "covered":
@@ -82,15 +82,17 @@ def release_own_mount(own: MountEntry) -> str:
     e.g. a new daemon's: left alone).
     """
     path = Path(own.mount_point)
-    if own.id not in {e.id for e in binds.mountinfo()}:
+    # By id *and* device: a mount id freed when ours left this namespace is given to the
+    # next mount, maybe a new daemon's on this very path; our device lives as long as we do.
+    if (own.id, own.device) not in {(e.id, e.device) for e in binds.mountinfo()}:
         return "gone"
     top = mount_at(path)
-    if top is None or top.id != own.id:
+    if top is None or (top.id, top.device) != (own.id, own.device):
         return "covered"
     if os.geteuid() != 0:  # fusermount3 goes by path: the check above is all we can do
         unmount(path, lazy=True)
         return "detached"
-    return binds.unmount_exact(path, own.id, lazy=True)
+    return binds.unmount_exact(path, own.id, device=own.device, lazy=True)
 
 
 def check_mountpoint(path: Path) -> None:
