@@ -236,14 +236,12 @@ def cmd_unmount(args: argparse.Namespace) -> int:
     if held and not args.lazy:
         _report_held(path, record, held, "refused: ")
         return EXIT_BUSY
-    if record is not None:
-        # Kernel-served datasets are binds on the mount: the daemon unmounts its own first.
-        with contextlib.suppress(ConfigError, OSError, ValueError):
-            for _ in request(record, {"op": "unbind"}):
-                pass
+    # Kernel-served datasets are binds on the mount: the daemon unmounts its own first.
+    _ask(record, "unbind")
     try:
         unmount(path, lazy=args.lazy, mount=mount if fuse else None)
     except ConfigError:
+        _ask(record, "rebind")  # still mounted: the kernel serves the datasets again
         busy = holders(mount, mount.mount_point) if fuse and mount else []
         if busy:  # e.g. a busy copy that our unmount propagates to
             _report_held(path, record, busy, "cannot unmount, busy: ")
@@ -261,6 +259,14 @@ def cmd_unmount(args: argparse.Namespace) -> int:
         _wait_for_exit(record.pid, timeout=30.0)
     print(f"unmounted {path}")
     return EXIT_OK
+
+
+def _ask(record: MountRecord | None, op: str) -> None:
+    """A best-effort request to the daemon of the mount (an older daemon may not know it)."""
+    if record is not None:
+        with contextlib.suppress(ConfigError, OSError, ValueError):
+            for _ in request(record, {"op": op}):
+                pass
 
 
 def _record_of(path: Path, mount: MountEntry | None) -> MountRecord | None:

@@ -48,6 +48,7 @@ _MS_REMOUNT = 0x20
 _MS_BIND = 0x1000
 _MS_PRIVATE = 1 << 18
 _MNT_DETACH = 2
+_UMOUNT_NOFOLLOW = 8
 
 
 class _MountAttr(ctypes.Structure):
@@ -194,21 +195,28 @@ def detach(target: Path, mount_id: int) -> str:
         return "gone"
     if stack[-1].id != mount_id:
         return "covered"
-    return unmount_exact(target, mount_id)
+    try:
+        return unmount_exact(target, mount_id)
+    except OSError as exc:
+        if exc.errno != errno.EBUSY:
+            raise
+    return unmount_exact(target, mount_id, lazy=True)
 
 
 def unmount_exact(
     target: Path, mount_id: int, *, device: str | None = None, lazy: bool = False
 ) -> str:
-    """Unmount the mount ``mount_id`` through a handle on it, never whatever is on ``target`` now.
+    """Unmount the mount ``mount_id`` if ``target`` leads to it, never another one.
 
-    The path is opened ``O_PATH`` (no request reaches a FUSE file system), the
-    handle's mount id (and, with ``device``, its file system: mount ids are
-    reused once freed, a live file system's device is not) is compared, and
-    ``umount2`` is given the handle's ``/proc/self/fd`` path: a mount made on
-    ``target`` between the check and the unmount is not the one unmounted.
-    Busy: detached lazily. Returns "unmounted", "detached" or "covered" (the
-    path leads to another mount).
+    The path is opened ``O_PATH`` (no request reaches a FUSE file system) and
+    the handle's mount id compared (with ``device`` too: mount ids are reused
+    once freed, a live file system's device is not). ``lazy``: ``umount2`` is
+    given the handle's ``/proc/self/fd`` path, so a mount made on ``target``
+    since the check is never the one detached. Not lazy, the handle would keep
+    the mount busy: it is closed and the path unmounted (``OSError`` EBUSY if
+    files are open in it); the check just before makes another mount there
+    unlikely, not impossible. Returns "unmounted", "detached" or "covered"
+    (the path leads to another mount: left alone).
     """
     fd = os.open(target, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW)
     try:
@@ -217,19 +225,12 @@ def unmount_exact(
             return "covered"
         if device is not None and device not in {e.device for e in mountinfo() if e.id == held}:
             return "covered"
-        handle = os.fsencode(f"/proc/self/fd/{fd}")
         if lazy:
-            _check(_libc.umount2(handle, _MNT_DETACH))
-            return "detached"
-        try:
-            _check(_libc.umount2(handle, 0))
-        except OSError as exc:
-            if exc.errno != errno.EBUSY:
-                raise
-            _check(_libc.umount2(handle, _MNT_DETACH))
+            _check(_libc.umount2(os.fsencode(f"/proc/self/fd/{fd}"), _MNT_DETACH))
             return "detached"
     finally:
         os.close(fd)
+    _check(_libc.umount2(os.fsencode(target), _UMOUNT_NOFOLLOW))
     return "unmounted"
 
 

@@ -65,6 +65,7 @@ class Daemon:
             "evict": self.evict,
             "staged": self.staged,
             "unbind": self.unbind,
+            "rebind": self.rebind,
             "sentry-test": self.sentry_test,
         }
 
@@ -276,6 +277,13 @@ class Daemon:
         """`s3cachefs unmount`: unmount the binds so that the FUSE mount can go."""
         if self.kernel is not None:
             await self.kernel.stop()
+        return {"event": "done", "ok": True}
+
+    async def rebind(self, request: dict[str, Any], send: Send) -> dict[str, Any]:
+        """`s3cachefs unmount` failed after `unbind` (busy): bind the datasets again."""
+        if self.kernel is not None:
+            for manifest_id in list(self.pins.manifests):
+                await self.kernel.refresh(manifest_id)
         return {"event": "done", "ok": True}
 
     async def evict(self, request: dict[str, Any], send: Send) -> dict[str, Any]:

@@ -61,11 +61,14 @@ def unmount(path: Path, *, lazy: bool = False, mount: MountEntry | None = None) 
         try:
             outcome = binds.unmount_exact(path, mount.id, device=mount.device, lazy=lazy)
         except OSError as exc:
-            raise ConfigError(f"cannot unmount {path}: {exc.strerror}") from None
+            busy = (
+                " (files are open in it; --lazy detaches it now)"
+                if exc.errno == errno.EBUSY
+                else ""
+            )
+            raise ConfigError(f"cannot unmount {path}: {exc.strerror}{busy}") from None
         if outcome == "covered":
             raise ConfigError(f"cannot unmount {path}: another mount is on it now")
-        if outcome == "detached" and not lazy:
-            log.info("mountpoint=%s was busy: detached lazily", path)
         return
     args = [fusermount(), "-u", *(["-z"] if lazy else []), str(path)]
     result = subprocess.run(args, capture_output=True, text=True, check=False)

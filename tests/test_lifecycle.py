@@ -34,19 +34,15 @@ def proxy(s3_server: LocalS3) -> Iterator[FaultProxy]:
 
 
 class Holder:
-    """A process in a mount namespace of its own whose cwd is inside ``path``."""
+    """A process in a mount namespace of its own (its cwd inside ``path``, if given).
 
-    def __init__(self, path: Path) -> None:
+    ``--propagation slave``: its copies receive the unmounts of shared mounts here.
+    """
+
+    def __init__(self, path: Path | None) -> None:
+        inside = f'cd "{path}" && ' if path is not None else ""
         self.proc = subprocess.Popen(
-            [
-                "unshare",
-                "-m",
-                "--propagation",
-                "slave",
-                "sh",
-                "-c",
-                f'cd "{path}" && exec sleep 300',
-            ],
+            ["unshare", "-m", "--propagation", "slave", "sh", "-c", f"{inside}exec sleep 300"],
             stdin=subprocess.DEVNULL,
         )
         own = os.readlink("/proc/self/ns/mnt")
@@ -125,6 +121,63 @@ def test_unmount_with_no_other_holder_still_says_unmounted(
     mount = mounter(bucket.name)
     result = run_cli("unmount", str(mount.path))
     assert (result.returncode, result.stdout, result.stderr) == (0, f"unmounted {mount.path}\n", "")
+    assert mount.proc.wait(timeout=30) == 0
+
+
+def test_copies_that_receive_our_unmount_do_not_hold_the_mount(
+    bucket: Bucket, mounter: Mounter, holders: list[Holder], tmp_path: Path
+) -> None:
+    shared = tmp_path / "shared"  # its mounts are shared, as systemd makes "/": copies follow
+    shared.mkdir()
+    subprocess.run(["mount", "--bind", str(shared), str(shared)], check=True)
+    subprocess.run(["mount", "--make-shared", str(shared)], check=True)
+    try:
+        _copies_follow(bucket, mounter, holders)
+    finally:
+        for mount in mounter.mounts:
+            mount.stop()
+        subprocess.run(["umount", "-l", str(shared)], check=False)
+
+
+def _copies_follow(bucket: Bucket, mounter: Mounter, holders: list[Holder]) -> None:
+    bucket.put("f.txt", b"data")
+    mount = mounter(bucket.name, name="shared/mnt")
+    mine = mount_at(mount.path)
+    assert mine is not None and any(t.startswith("shared:") for t in mine.tags)
+    busy = Holder(mount.path)  # a slave copy, with its cwd in it
+    holders.append(busy)
+    refused = run_cli("unmount", str(mount.path))
+    assert refused.returncode == 5, refused
+    [line] = refused.stderr.splitlines()
+    assert line.startswith(f"s3cachefs: cannot unmount, busy: {mount.path} is still mounted in ")
+    assert f"{busy.proc.pid} sleep" in line
+    assert mount_at(mount.path) == mine
+    busy.kill()
+
+    idle = Holder(None)  # a slave copy nobody uses: our unmount takes it along
+    holders.append(idle)
+    result = run_cli("unmount", str(mount.path))
+    assert (result.returncode, result.stdout, result.stderr) == (0, f"unmounted {mount.path}\n", "")
+    assert mount.proc.wait(timeout=30) == 0  # the connection ended: no copy is left anywhere
+
+
+def test_a_busy_unmount_fails_in_one_line_and_the_datasets_stay_kernel_served(
+    bucket: Bucket, mounter: Mounter
+) -> None:
+    fill(bucket, count=2)
+    bucket.put("top.txt", b"through FUSE")
+    mount = mounter(bucket.name, "--min-free", "0")
+    assert prefetch(mount, "dataset-v3").returncode == 0
+    with (mount.path / "top.txt").open("rb"):  # an open file on the FUSE mount itself
+        result = run_cli("unmount", str(mount.path))
+        assert result.returncode == 2
+        assert result.stderr == (
+            f"s3cachefs: cannot unmount {mount.path}: Device or resource busy "
+            "(files are open in it; --lazy detaches it now)\n"
+        )
+        assert wait_bound(mount)["kernel_served"]  # unbound for the attempt, bound again
+        assert mount.log_text().count("kernel-serve bound dataset=dataset-v3/") == 2
+    assert run_cli("unmount", str(mount.path)).returncode == 0
     assert mount.proc.wait(timeout=30) == 0
 
 
