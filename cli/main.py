@@ -230,8 +230,10 @@ def cmd_unmount(args: argparse.Namespace) -> int:
         return EXIT_OK
     if mount is None and not os.path.ismount(path):
         raise ConfigError(f"{path} is not mounted")
+    if mount is not None and not mount.fstype.startswith("fuse"):  # e.g. the bind under it
+        raise ConfigError(f"{path} is not an s3cachefs mount ({mount.fstype})")
     record = _record_of(path, mount)
-    fuse = mount is not None and mount.fstype.startswith("fuse")
+    fuse = mount is not None
     held = [h for h in holders(mount, mount.mount_point) if not h.follows] if fuse and mount else []
     if held and not args.lazy:
         _report_held(path, record, held, "refused: ")

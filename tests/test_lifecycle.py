@@ -328,8 +328,15 @@ def test_an_empty_bind_mounted_directory_is_a_usable_mountpoint(
             again.stderr
             == f"s3cachefs: mountpoint {mnt} is already a FUSE mount (fuse.s3cachefs)\n"
         )
-        assert mount.stop() == 0
+        assert run_cli("unmount", str(mnt)).returncode == 0
+        assert mount.proc.wait(timeout=30) == 0
         assert mount_at(mnt) == below  # the bind under it is left as it was
+        again = run_cli("unmount", str(mnt))  # and `unmount` does not take it
+        assert (again.returncode, again.stderr) == (
+            2,
+            f"s3cachefs: {mnt} is not an s3cachefs mount (tmpfs)\n",
+        )
+        assert mount_at(mnt) == below
         (source / "someone-elses-file").write_text("x")
         busy = mount_cli(bucket, mnt, tmp_path / "cache")
         assert (busy.returncode, busy.stderr) == (2, f"s3cachefs: mountpoint {mnt} is not empty\n")
