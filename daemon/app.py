@@ -164,7 +164,7 @@ def run_daemon(config: MountConfig, on_ready: Callable[[], None]) -> None:
         daemon = Daemon(
             config, store, cache, pins, ops, errors, writeback, kernel=kernel, s3_state=s3_state
         )
-        kernel.on_change = lambda: _notify_status(daemon)
+        kernel.checks.on_change = lambda: _notify_status(daemon)
         if config.metrics_address:
             metrics = Metrics(daemon)
             metrics.serve(config.metrics_address)
@@ -307,7 +307,7 @@ async def _kernel_serve(kernel: KernelServe) -> None:
     """Check and bind the pinned datasets (the start check can take a while), then keep
     checking them on schedule."""
     await kernel.restore()
-    await kernel.run_schedule()
+    await kernel.checks.run_schedule()
 
 
 async def _terminate_on_signal(daemon: Daemon) -> None:

@@ -83,8 +83,8 @@ class Daemon:
         running = f", {len(self.jobs)} prefetching" if self.jobs else ""
         left = len(self.writeback.left())
         running += f", {left} staged files NOT UPLOADED" if left else ""
-        if self.kernel is not None and self.kernel.summary():
-            running += f", {self.kernel.summary()}"
+        if self.kernel is not None and self.kernel.checks.summary():
+            running += f", {self.kernel.checks.summary()}"
         if self.s3_state is not None and self.s3_state.unreachable_since is not None:
             running += ", S3 UNREACHABLE since start (serving pinned datasets)"
         used, limit = self.cache.used_bytes / 2**30, self.cache.cache_size / 2**30

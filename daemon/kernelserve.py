@@ -23,12 +23,9 @@ Rules that keep every guarantee of the FUSE path:
   and stop detach the bind (lazily if busy) before anything is freed.
 - `verify` repairs a kernel-served object into a *new* file and renames it
   over the tree entry: a reader sees the old inode or the repaired one.
-- Between checks the kernel serves the bytes on disk unchecked. Every block of
-  every file is read back against its CRC32 (`daemon.treecheck`, low priority)
-  before a tree is bound at start, and every ``--verify-interval`` while it is
-  bound. A file that fails unbinds the dataset: the FUSE path (which checks
-  every block, and fetches a bad one again) serves it until `verify` has
-  repaired it, which binds it again.
+- Between checks the kernel serves the bytes on disk unchecked: a tree's files
+  are checked before it is bound at start and on a schedule while it is bound
+  (`daemon.kernelcheck`); one that fails unbinds the dataset until `verify`.
 - The tree shows the same directories as the FUSE view: those of its files,
   and those the manifest keeps for ``dir/`` markers and skipped keys.
 - Only what this daemon mounted is unmounted, by path and mount id.
@@ -43,13 +40,9 @@ and anything when the daemon may not mount (not root).
 
 from __future__ import annotations
 
-import collections
-import datetime
 import logging
 import os
 import shutil
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -58,9 +51,8 @@ import trio
 
 from s3cachefs.daemon import binds
 from s3cachefs.daemon.blockcache import BlockCache, ObjectVersion
+from s3cachefs.daemon.kernelcheck import KernelChecks
 from s3cachefs.daemon.pins import Manifest, PinStore
-from s3cachefs.daemon.prefetch import etag_md5
-from s3cachefs.daemon.treecheck import CheckResult, FileCheck, check_files, scan
 
 log = logging.getLogger(__name__)
 
@@ -103,16 +95,11 @@ class KernelServe:
         self.cache = cache
         self.pins = pins
         self.enabled = enabled
-        self.verify_interval = verify_interval
         self.trees = cache.root / "trees"
         self.binds: dict[str, Bind] = {}
         self.notes: dict[str, str] = {}  # manifest id -> why it is not kernel-served
-        # The last check of each dataset's files, replaced whole (the metrics thread reads it).
-        self.checks: dict[str, CheckResult] = {}
-        self.check_counts: collections.Counter[str] = collections.Counter()
-        self.next_check_at: float | None = None
-        self.on_change: Callable[[], None] | None = None  # a check ended: systemd's STATUS=
-        self._lock = trio.Lock()
+        self.checks = KernelChecks(self, verify_interval)
+        self.lock = trio.Lock()  # held while binds change
         self._generation = 0
         self._stopping = False
 
@@ -132,23 +119,11 @@ class KernelServe:
         for manifest_id in list(self.pins.manifests):
             manifest = self.pins.manifests.get(manifest_id)
             eligible = manifest is not None and self._ineligible(manifest) is None
-            if manifest is not None and eligible and self._entries(manifest) is not None:
-                result = await self._check(manifest, "start", None)
+            if manifest is not None and eligible and self.layout(manifest) is not None:
+                result = await self.checks.check(manifest, "start", None)
                 if result is None or not result.ok:
                     continue
             await self.refresh(manifest_id)
-
-    async def run_schedule(self) -> None:
-        """Check the files of every bound dataset every ``verify_interval`` seconds."""
-        if not self.enabled or self.verify_interval is None:
-            return
-        while True:
-            self.next_check_at = time.time() + self.verify_interval
-            await trio.sleep(self.verify_interval)
-            for manifest_id, bind in list(self.binds.items()):
-                manifest = self.pins.manifests.get(manifest_id)
-                if manifest is not None and self.binds.get(manifest_id) is bind:
-                    await self._check(manifest, "scheduled", bind)
 
     def _sweep(self) -> None:
         """Trees whose build or swap a crash interrupted, and trees of forgotten manifests."""
@@ -171,7 +146,7 @@ class KernelServe:
         """
         self._stopping = self._stopping or final
         with trio.move_on_after(STOP_TIMEOUT):
-            async with self._lock:
+            async with self.lock:
                 for bind in list(self.binds.values()):
                     await self._detach(bind, "daemon stopping")
                     self.binds.pop(bind.manifest_id, None)
@@ -182,19 +157,19 @@ class KernelServe:
         """Make the bind of one dataset match its manifest: bind, rebuild and swap, or unbind."""
         if not self.enabled:
             return
-        async with self._lock:
+        async with self.lock:
             await self._refresh(manifest_id)
 
     async def release(self, manifest: Manifest) -> None:
         """Unbind and remove the tree before the dataset is unpinned (evict)."""
-        async with self._lock:
+        async with self.lock:
             bind = self.binds.get(manifest.id)
             if bind is not None:
-                await self._unbind(bind, "dataset evicted")
+                await self.unbind(bind, "dataset evicted")
             else:  # a tree that was never bound (bind failed, or served off)
                 await trio.to_thread.run_sync(self._remove, self.trees / manifest.id)
             self.notes.pop(manifest.id, None)
-            self.checks.pop(manifest.id, None)
+            self.checks.forget(manifest.id)
 
     async def repair(self, manifest: Manifest, versions: list[ObjectVersion]) -> None:
         """Before `verify` re-fetches these objects: make the fetch land in new files.
@@ -215,16 +190,18 @@ class KernelServe:
 
         A dataset that is not bound (a check found damage) is bound again once intact.
         """
-        async with self._lock:
+        async with self.lock:
             bind = self.binds.get(manifest.id)
             if ok:
-                self._record(manifest, "verify", len(manifest.objects), manifest.total_bytes, [])
+                self.checks.record(
+                    manifest, "verify", len(manifest.objects), manifest.total_bytes, []
+                )
             if bind is None:
                 if ok and self.enabled:
                     await self._refresh(manifest.id)
                 return
             if not ok:
-                await self._unbind(bind, "verify found objects it could not repair")
+                await self.unbind(bind, "verify found objects it could not repair")
                 self.notes[manifest.id] = "not intact (verify failed); served through FUSE"
                 return
             for version in repaired:
@@ -246,29 +223,14 @@ class KernelServe:
             bind = self.binds.get(manifest_id)
             bound = bind is not None and bind.mount_id in live
             note = self.notes.get(manifest_id) or self._ineligible(manifest) or "not bound"
-            check = self.checks.get(manifest_id)
             out[manifest_id] = {
                 "kernel_served": bound,
                 "bind": str(bind.target) if bind and bound else None,
                 "tree": str(bind.tree) if bind and bound else None,
                 "kernel_note": None if bound else note,
-                "kernel_check": check.describe() if check else None,
-                "kernel_check_next": self.next_check_at if bound else None,
+                **self.checks.describe(manifest_id, bound),
             }
         return out
-
-    def summary(self) -> str:
-        """For systemd's STATUS= line: what the kernel serves, and whether its checks passed."""
-        failed = [i for i, r in self.checks.items() if not r.ok and i in self.pins.manifests]
-        if failed:
-            return f"kernel check FAILED for {len(failed)} datasets (served through FUSE)"
-        if not self.binds:
-            return ""
-        done = [r.finished for i, r in self.checks.items() if i in self.binds]
-        if not done:
-            return f"{len(self.binds)} kernel-served"
-        when = datetime.datetime.fromtimestamp(min(done)).isoformat(timespec="seconds")
-        return f"{len(self.binds)} kernel-served, last checks OK (oldest {when})"
 
     def _live_ids(self) -> set[int]:
         return {e.id for e in binds.mountinfo()}
@@ -287,7 +249,7 @@ class KernelServe:
                 other.prefix.startswith(manifest.prefix) or manifest.prefix.startswith(other.prefix)
             )
         ]
-        damage = self._damaged(manifest)
+        damage = self.checks.damage_note(manifest)
         checks = (
             (not self.enabled, "off (--no-kernel-serve-pinned)"),
             (
@@ -306,20 +268,7 @@ class KernelServe:
         )
         return next((reason for failed, reason in checks if failed), None)
 
-    def _damaged(self, manifest: Manifest) -> str | None:
-        """Why a dataset whose files failed a check stays on FUSE until `verify`. Must not await."""
-        check = self.checks.get(manifest.id)
-        if check is None or check.ok:
-            return None
-        when = datetime.datetime.fromtimestamp(check.finished).isoformat(timespec="seconds")
-        name = manifest.prefix[len(self.mount_prefix) :].rstrip("/")
-        return (
-            f"the {check.trigger} check at {when} found {len(check.damaged)} damaged files "
-            f"(e.g. {check.damaged[0]}); served through FUSE until `s3cachefs verify {name}` "
-            "repairs them"
-        )
-
-    def _entries(self, manifest: Manifest) -> Layout | None:
+    def layout(self, manifest: Manifest) -> Layout | None:
         """The tree's files and directories; None if any object is not complete in the cache.
 
         The same tree as the FUSE view: a file hidden by a directory of the same
@@ -359,12 +308,12 @@ class KernelServe:
             reason = "the daemon is stopping"
         layout = None
         if manifest is not None and reason is None:
-            layout = self._entries(manifest)
+            layout = self.layout(manifest)
             if layout is None:
                 reason = "not every object is in the cache; served through FUSE"
         if reason is not None or manifest is None or layout is None:
             if bind is not None:
-                await self._unbind(bind, reason or "not pinned")
+                await self.unbind(bind, reason or "not pinned")
             if reason and manifest is not None and self.notes.get(manifest_id) != reason:
                 log.info("kernel-serve dataset=%s off: %s", manifest.prefix, reason)
             if reason is not None:
@@ -382,87 +331,6 @@ class KernelServe:
                 await self._bind(manifest, tree, layout, previous=None)
             return
         await self._bind(manifest, tree, layout, previous=bind)
-
-    # ---- checks of the files the kernel serves ---------------------------------
-
-    async def _check(
-        self, manifest: Manifest, trigger: str, bind: Bind | None
-    ) -> CheckResult | None:
-        """Read back every file of a dataset (its tree when bound, else its cache files).
-
-        The long read runs unlocked, on a snapshot; damage it finds is read
-        again under the lock with what is current (a `verify` or a swap may
-        have replaced the file meanwhile) before the dataset is unbound.
-        None if the dataset changed under the check.
-        """
-        layout = self._entries(manifest)
-        if layout is None:
-            return None
-        files = self._files(manifest, layout, bind)
-        damaged = await check_files(files, self.cache.block_size, idle=trigger != "start")
-        async with self._lock:
-            if self.pins.manifests.get(manifest.id) is not manifest or (
-                bind is not None and self.binds.get(manifest.id) is not bind
-            ):
-                return None
-            if damaged:
-                layout = self._entries(manifest)
-                if layout is None:  # blocks dropped meanwhile (`verify`): not this check's to say
-                    return None
-                again = [f for f in self._files(manifest, layout, bind) if f.key in damaged]
-                block_size = self.cache.block_size
-                damaged = await trio.to_thread.run_sync(lambda: scan(again, block_size))
-            total = sum(f.size for f in files)
-            result = self._record(manifest, trigger, len(files), total, damaged)
-            if damaged:
-                await self._damage_found(manifest, damaged, bind)
-        return result
-
-    def _files(self, manifest: Manifest, layout: Layout, bind: Bind | None) -> list[FileCheck]:
-        """What to read for a check: each non-empty file the tree has. Must not await."""
-        out = []
-        for entry in layout.entries:
-            if entry.source is None:
-                continue
-            key = manifest.prefix + entry.rel
-            info = manifest.objects[key]
-            version = ObjectVersion(manifest.bucket, key, info.etag, info.size)
-            path = bind.tree / entry.rel if bind is not None else entry.source
-            out.append(FileCheck(key, path, info.size, self.cache.block_crcs(version)))
-        return out
-
-    def _record(
-        self, manifest: Manifest, trigger: str, objects: int, nbytes: int, damaged: list[str]
-    ) -> CheckResult:
-        result = CheckResult(trigger, time.time(), objects, nbytes, tuple(sorted(damaged)))
-        self.checks[manifest.id] = result
-        self.check_counts["intact" if result.ok else "damaged"] += 1
-        log.log(
-            logging.INFO if result.ok else logging.WARNING,
-            "kernel-serve check dataset=%s trigger=%s files=%d bytes=%d damaged=%d%s",
-            manifest.prefix,
-            trigger,
-            objects,
-            nbytes,
-            len(damaged),
-            f" e.g. key={result.damaged[0]}" if damaged else "",
-        )
-        if self.on_change is not None:
-            self.on_change()
-        return result
-
-    async def _damage_found(
-        self, manifest: Manifest, damaged: list[str], bind: Bind | None
-    ) -> None:
-        """Stop the kernel serving the dataset; drop the bad blocks so the FUSE path fetches
-        them again. Under the lock."""
-        if bind is not None:
-            await self._unbind(bind, f"{len(damaged)} files failed the check")
-        for key in damaged:
-            info = manifest.objects[key]
-            version = ObjectVersion(manifest.bucket, key, info.etag, info.size)
-            await self.cache.verify_object(version, manifest.md5.get(key) or etag_md5(info.etag))
-        self.notes[manifest.id] = self._damaged(manifest) or ""
 
     async def _bind(
         self,
@@ -560,7 +428,7 @@ class KernelServe:
         else:
             log.info("kernel-serve unbound target=%s (%s): %s", bind.target, outcome, why)
 
-    async def _unbind(self, bind: Bind, why: str) -> None:
+    async def unbind(self, bind: Bind, why: str) -> None:
         await self._detach(bind, why)
         self.binds.pop(bind.manifest_id, None)
         await trio.to_thread.run_sync(self._remove, bind.tree)

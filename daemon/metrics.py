@@ -136,7 +136,8 @@ def _kernel_metrics(d: Daemon) -> Iterator[Metric]:
     kernel = d.kernel
     if kernel is None:
         return
-    bound, checks, counts = set(kernel.binds), dict(kernel.checks), dict(kernel.check_counts)
+    bound = set(kernel.binds)
+    checks, counts = dict(kernel.checks.results), dict(kernel.checks.counts)
     served = GaugeMetricFamily(
         "s3cachefs_dataset_kernel_served", "1 if the kernel serves the dataset", labels=["dataset"]
     )

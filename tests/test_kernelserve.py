@@ -389,7 +389,7 @@ def test_a_byte_flipped_on_disk_is_found_by_the_scheduled_check_and_fuse_serves_
         assert "s3cachefs verify dataset-v3" in found["kernel_note"]
         assert bind_on(mount.path / "dataset-v3") is None
         log = mount.log_text()
-        assert "WARNING s3cachefs.daemon.kernelserve: kernel-serve check dataset=dataset-v3/" in log
+        assert "WARNING s3cachefs.daemon.kernelcheck: kernel-serve check dataset=dataset-v3/" in log
         assert "dataset=dataset-v3/ trigger=scheduled files=13" in log
         assert "damaged=1 e.g. key=dataset-v3/archive/big.tar" in log
         human = run_cli("status", str(mount.path)).stdout
