@@ -233,23 +233,22 @@ def cmd_unmount(args: argparse.Namespace) -> int:
     if mount is not None and not mount.fstype.startswith("fuse"):  # e.g. the bind under it
         raise ConfigError(f"{path} is not an s3cachefs mount ({mount.fstype})")
     record = _record_of(path, mount)
-    fuse = mount is not None
-    held = [h for h in holders(mount, mount.mount_point) if not h.follows] if fuse and mount else []
+    held = [h for h in _holders(mount) if not h.follows]
     if held and not args.lazy:
         _report_held(path, record, held, "refused: ")
         return EXIT_BUSY
     # Kernel-served datasets are binds on the mount: the daemon unmounts its own first.
     _ask(record, "unbind")
     try:
-        unmount(path, lazy=args.lazy, mount=mount if fuse else None)
+        unmount(path, lazy=args.lazy, mount=mount)
     except ConfigError:
         _ask(record, "rebind")  # still mounted: the kernel serves the datasets again
-        busy = holders(mount, mount.mount_point) if fuse and mount else []
+        busy = _holders(mount)
         if busy:  # e.g. a busy copy that our unmount propagates to
             _report_held(path, record, busy, "cannot unmount, busy: ")
             return EXIT_BUSY
         raise
-    left = holders(mount, mount.mount_point) if fuse and mount else []
+    left = _holders(mount)
     if left:
         if args.lazy:
             where = "; ".join(h.describe() for h in left)
@@ -261,6 +260,10 @@ def cmd_unmount(args: argparse.Namespace) -> int:
         _wait_for_exit(record.pid, timeout=30.0)
     print(f"unmounted {path}")
     return EXIT_OK
+
+
+def _holders(mount: MountEntry | None) -> list[Holder]:
+    return holders(mount, mount.mount_point) if mount is not None else []
 
 
 def _ask(record: MountRecord | None, op: str) -> None:
