@@ -129,9 +129,9 @@ def cmd_mount(args: argparse.Namespace, argv: Sequence[str]) -> int:
     ready_fd: int | None = args.ready_fd
     level = values["log-level"]
 
-    def on_ready() -> None:
-        if ready_fd is not None:
-            os.write(ready_fd, b"READY\n")
+    def on_ready(warning: str) -> None:
+        if ready_fd is not None:  # one line: the warning must not hold a newline
+            os.write(ready_fd, f"READY {' '.join(warning.split())}".rstrip().encode() + b"\n")
             os.close(ready_fd)
 
     try:
@@ -189,8 +189,10 @@ def _mount_in_background(argv: Sequence[str], config: MountConfig) -> int:
                     break
                 message += chunk
     line = message.decode(errors="replace").strip()
-    if line == "READY":
+    if line == "READY" or line.startswith("READY "):
         print(f"mounted {config.source} at {config.mountpoint} (daemon pid {proc.pid})")
+        if line != "READY":
+            print(f"s3cachefs: warning: {line.removeprefix('READY ')}", file=sys.stderr)
         return EXIT_OK
     if line.startswith("ERROR "):
         _, code, text = line.split(" ", 2)

@@ -82,8 +82,12 @@ def fuse_options(config: MountConfig) -> set[str]:
     return options
 
 
-def run_daemon(config: MountConfig, on_ready: Callable[[], None]) -> None:
-    """Serve the mount until SIGTERM/SIGINT or an external unmount. Blocking."""
+def run_daemon(config: MountConfig, on_ready: Callable[[str], None]) -> None:
+    """Serve the mount until SIGTERM/SIGINT or an external unmount. Blocking.
+
+    ``on_ready`` is called once the mount is usable, with a warning for the
+    user who started it ("" if none).
+    """
     memory.limit_arenas()
     check_mountpoint(config.mountpoint)  # cheapest check first: no network needed
     # Canonical (symlinks resolved) now: after the mount, resolving it would ask ourselves.
@@ -221,7 +225,7 @@ def _start_offline(config: MountConfig, pins: PinStore, reason: str) -> None:
     names = ", ".join(m.prefix[len(config.prefix) :].rstrip("/") for m in servable[:5])
     log.warning(
         "S3 unreachable at start (%s: %s); serving %d pinned datasets from the cache (%s); "
-        "everything else fails with EIO until S3 answers again",
+        "everything else fails until S3 answers again",
         where,
         reason,
         len(servable),
@@ -261,7 +265,7 @@ def _stats_line(ops: Operations, cache: BlockCache, store: S3Store) -> str:
 async def _serve(
     daemon: Daemon,
     socket_path: Path,
-    on_ready: Callable[[], None],
+    on_ready: Callable[[str], None],
     own: MountEntry | None,
     s3_limiter: trio.CapacityLimiter,
 ) -> None:
@@ -281,7 +285,7 @@ async def _serve(
 
 
 async def _announce_ready(
-    daemon: Daemon, on_ready: Callable[[], None], own: MountEntry | None
+    daemon: Daemon, on_ready: Callable[[str], None], own: MountEntry | None
 ) -> None:
     """Say "ready" once a request has made the round trip through the kernel.
 
@@ -292,7 +296,11 @@ async def _announce_ready(
     await trio.to_thread.run_sync(os.statvfs, config.mountpoint)
     if config.kernel_readahead_kib:
         set_kernel_readahead(own, config.kernel_readahead_kib)
-    on_ready()
+    state = daemon.s3_state
+    offline_now = state is not None and state.unreachable_since is not None
+    on_ready(
+        f"S3 unreachable ({state.reason}); serving pinned datasets" if state and offline_now else ""
+    )
     notify("READY=1", f"STATUS={daemon.summary()}")
     async with trio.open_nursery() as nursery:
         if daemon.kernel is not None:  # the FUSE path serves correct bytes until then

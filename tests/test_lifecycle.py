@@ -273,6 +273,25 @@ def test_the_daemon_starts_offline_and_serves_what_is_pinned(
     assert mount.proc.poll() is None
 
 
+def test_mount_says_when_it_started_offline(
+    bucket: Bucket, mounter: Mounter, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    fill(bucket, count=2)
+    first = mounter(bucket.name, "--min-free", "0", server=proxy)
+    assert prefetch(first, "dataset-v3").returncode == 0
+    assert first.stop() == 0
+    proxy.down = True
+    result = mount_cli(bucket, first.path, first.cache_dir, endpoint=proxy.endpoint_url)
+    try:
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith(f"mounted s3://{bucket.name}/ at {first.path}")
+        [line] = result.stderr.splitlines()
+        assert line.startswith("s3cachefs: warning: S3 unreachable (")
+        assert line.endswith("); serving pinned datasets")
+    finally:
+        assert run_cli("unmount", str(first.path)).returncode == 0
+
+
 def test_offline_with_nothing_pinned_is_refused_with_one_line(
     bucket: Bucket, proxy: FaultProxy, tmp_path: Path
 ) -> None:
