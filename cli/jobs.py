@@ -129,6 +129,12 @@ def _print_status(s: dict[str, Any]) -> None:
         f" ({human_bytes(c['pinned_bytes'])} pinned), disk free "
         f"{human_bytes(c['disk_free_bytes'])} (keeps {human_bytes(c['min_free_bytes'])})"
     )
+    s3 = s.get("s3") or {}
+    if s3.get("unreachable_since"):
+        since = _when(s3["unreachable_since"])
+        print(
+            f"  ! S3 UNREACHABLE since {since} (start): {s3.get('reason')}; pinned datasets served"
+        )
     d = s["daemon"]
     print(
         f"  daemon RSS {human_bytes(d['rss_bytes'])}, CPU {d['cpu_seconds']:.1f}s, "
@@ -157,6 +163,9 @@ def _print_status(s: dict[str, Any]) -> None:
         )
         if d.get("size_only"):
             print(f"    {_size_only(d)}")
+        check = d.get("kernel_check")
+        if check:
+            print(f"    {_describe_check(check, d.get('kernel_check_next'))}")
     for j in s["jobs"]:
         print(f"  prefetching {j['dataset']}: {describe(j)}")
     w = s["writes"]
@@ -174,6 +183,23 @@ def _print_status(s: dict[str, Any]) -> None:
         print("    resolve with `s3cachefs staged --upload` or `--discard`")
     for line in s["recent_errors"]:
         print(f"  ! {line}")
+
+
+def _when(stamp: float) -> str:
+    return datetime.datetime.fromtimestamp(stamp).isoformat(timespec="seconds")
+
+
+def _describe_check(check: dict[str, Any], next_at: float | None) -> str:
+    """The last read-back of a kernel-served dataset's files, and when the next one is due."""
+    what = f"{check['objects']} files, {human_bytes(check['bytes'])}"
+    if check["ok"]:
+        due = f"; next {_when(next_at)}" if next_at else ""
+        return f"files checked {_when(check['at'])} ({check['trigger']}, {what}): intact{due}"
+    first = check["damaged"][0] if check["damaged"] else "?"
+    return (
+        f"! files checked {_when(check['at'])} ({check['trigger']}, {what}): "
+        f"{check['damaged_count']} DAMAGED (e.g. {first})"
+    )
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

@@ -6,6 +6,7 @@ Exit codes (README, "Exit codes"):
     2  bad usage or configuration (flags, sizes, mountpoint, cache dir)
     3  S3 refused or could not be reached (bucket, credentials, endpoint)
     4  prefetch or verify ended with objects missing or failed (they are listed)
+    5  unmount: the mount is still in use elsewhere (other mount namespaces, other paths)
 """
 
 from __future__ import annotations
@@ -26,16 +27,18 @@ import psutil
 from s3cachefs import __version__
 from s3cachefs.cli.client import request
 from s3cachefs.cli.settings import add_mount_options, jobs_arg, mount_config, resolve, shard_arg
+from s3cachefs.daemon.binds import MountEntry
 from s3cachefs.daemon.cachedir import DAEMON_UMASK, check_min_free, claim_cache_dir
 from s3cachefs.daemon.config import MountConfig
 from s3cachefs.daemon.errors import ConfigError, S3CacheFSError, StoreError
+from s3cachefs.daemon.holders import Holder, holders
 from s3cachefs.daemon.logs import setup_logging
-from s3cachefs.daemon.mountpoint import is_stale, unmount
-from s3cachefs.daemon.runtime import read_record, remove_record
+from s3cachefs.daemon.mountpoint import is_stale, mount_at, unmount
+from s3cachefs.daemon.runtime import MountRecord, read_record, remove_record
 
 log = logging.getLogger("s3cachefs")
 
-EXIT_OK, EXIT_BUG, EXIT_USAGE, EXIT_S3, EXIT_INCOMPLETE = 0, 1, 2, 3, 4
+EXIT_OK, EXIT_BUG, EXIT_USAGE, EXIT_S3, EXIT_INCOMPLETE, EXIT_BUSY = 0, 1, 2, 3, 4, 5
 # How long `mount` waits for the daemon to report the mount usable.
 START_TIMEOUT = 120.0
 
@@ -63,7 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     u = sub.add_parser("unmount", help="unmount (also cleans a stale mount of a dead daemon)")
     u.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
-    u.add_argument("--lazy", action="store_true", help="detach now even if files are open")
+    u.add_argument(
+        "--lazy",
+        action="store_true",
+        help="detach it here now, even if files are open or other mount namespaces hold it",
+    )
 
     p = sub.add_parser("prefetch", help="download a dataset into the cache, verify and pin it")
     p.add_argument(
@@ -133,9 +140,9 @@ def cmd_mount(args: argparse.Namespace, argv: Sequence[str]) -> int:
     ready_fd: int | None = args.ready_fd
     level = values["log-level"]
 
-    def on_ready() -> None:
-        if ready_fd is not None:
-            os.write(ready_fd, b"READY\n")
+    def on_ready(warning: str) -> None:
+        if ready_fd is not None:  # one line: the warning must not hold a newline
+            os.write(ready_fd, f"READY {' '.join(warning.split())}".rstrip().encode() + b"\n")
             os.close(ready_fd)
 
     try:
@@ -197,8 +204,10 @@ def _mount_in_background(argv: Sequence[str], config: MountConfig) -> int:
                     break
                 message += chunk
     line = message.decode(errors="replace").strip()
-    if line == "READY":
+    if line == "READY" or line.startswith("READY "):
         print(f"mounted {config.source} at {config.mountpoint} (daemon pid {proc.pid})")
+        if line != "READY":
+            print(f"s3cachefs: warning: {line.removeprefix('READY ')}", file=sys.stderr)
         return EXIT_OK
     if line.startswith("ERROR "):
         _, code, text = line.split(" ", 2)
@@ -217,38 +226,108 @@ def _mount_in_background(argv: Sequence[str], config: MountConfig) -> int:
 
 
 def cmd_unmount(args: argparse.Namespace) -> int:
+    """Unmount here; say so (exit 5) when the daemon keeps serving another mount of it.
+
+    A container runtime or ``unshare -m`` holds a copy of the mount in its own
+    mount namespace: unmounting the path here does not end the FUSE connection,
+    and the daemon goes on serving the copy. That is refused up front (nothing
+    changes) unless ``--lazy``; copies that receive our unmount by propagation
+    do not count, and whatever still holds it after the unmount is reported.
+    """
     path: Path = args.mountpoint.absolute()
-    stale = is_stale(path)
-    if not stale and not os.path.ismount(path):
-        raise ConfigError(f"{path} is not mounted")
-    record = read_record(path)
-    if record is not None and not stale:
-        # Kernel-served datasets are binds on the mount: the daemon unmounts its own first.
-        with contextlib.suppress(ConfigError, OSError, ValueError):
-            for _ in request(record, {"op": "unbind"}):
-                pass
-    unmount(path, lazy=args.lazy or stale)
-    if record is not None and _wait_for_exit(record.pid, timeout=30.0):
-        print(f"unmounted {path}")
-    elif stale:
-        remove_record(path)
+    mount = mount_at(os.path.realpath(path))
+    if is_stale(path):  # its daemon is gone: so is every copy's
+        fuse = mount is not None and mount.fstype.startswith("fuse")
+        target = Path(mount.mount_point) if mount and fuse else path
+        unmount(target, lazy=True, mount=mount if fuse else None)
+        record = read_record(path)
+        if record is not None and not psutil.pid_exists(record.pid):
+            remove_record(path, record.pid)
         print(f"cleaned stale mount {path}")
-    else:
-        print(f"unmounted {path}")
+        return EXIT_OK
+    if mount is None and not os.path.ismount(path):
+        raise ConfigError(f"{path} is not mounted")
+    if mount is not None and not mount.fstype.startswith("fuse"):  # e.g. the bind under it
+        raise ConfigError(f"{path} is not an s3cachefs mount ({mount.fstype})")
+    record = _record_of(path, mount)
+    held = [h for h in _holders(mount) if not h.follows]
+    if held and not args.lazy:
+        _report_held(path, record, held, "refused: ")
+        return EXIT_BUSY
+    # Kernel-served datasets are binds on the mount: the daemon unmounts its own first.
+    _ask(record, "unbind")
+    try:
+        unmount(path, lazy=args.lazy, mount=mount)
+    except ConfigError:
+        _ask(record, "rebind")  # still mounted: the kernel serves the datasets again
+        busy = _holders(mount)
+        if busy:  # e.g. a busy copy that our unmount propagates to
+            _report_held(path, record, busy, "cannot unmount, busy: ")
+            return EXIT_BUSY
+        raise
+    left = _holders(mount)
+    if left:
+        if args.lazy:
+            where = "; ".join(h.describe() for h in left)
+            print(f"unmounted {path} here; still mounted in {where}: the daemon serves it there")
+            return EXIT_OK
+        _report_held(path, record, left, "unmounted here, but ")
+        return EXIT_BUSY
+    if record is not None:
+        _wait_for_exit(record.pid, timeout=30.0)
+    print(f"unmounted {path}")
     return EXIT_OK
 
 
+def _holders(mount: MountEntry | None) -> list[Holder]:
+    return holders(mount, mount.mount_point) if mount is not None else []
+
+
+def _ask(record: MountRecord | None, op: str) -> None:
+    """A best-effort request to the daemon of the mount (an older daemon may not know it)."""
+    if record is not None:
+        with contextlib.suppress(ConfigError, OSError, ValueError):
+            for _ in request(record, {"op": op}):
+                pass
+
+
+def _record_of(path: Path, mount: MountEntry | None) -> MountRecord | None:
+    """The runtime record of the daemon whose mount is on ``path`` (not of an older one)."""
+    record = read_record(path)
+    if record is None or mount is None or not record.device:
+        return record
+    return record if (record.device, record.mount_id) == (mount.device, mount.id) else None
+
+
+def _report_held(path: Path, record: MountRecord | None, held: list[Holder], what: str) -> None:
+    where = "; ".join(h.describe() for h in held)
+    daemon = f"daemon pid {record.pid}" if record else "its daemon"
+    print(
+        f"s3cachefs: {what}{path} is still mounted in {where}; the {daemon} keeps serving it "
+        "there. Unmount it there or stop those processes (--lazy: detach it here anyway)",
+        file=sys.stderr,
+    )
+
+
 def _wait_for_exit(pid: int, timeout: float) -> bool:
-    """Wait for the daemon to finish flushing; True if it was running and is now gone."""
+    """Wait for the daemon to finish flushing; True if it was running and is now gone.
+
+    A zombie counts as gone: its work is done, only its parent has not reaped it yet.
+    """
     try:
         proc = psutil.Process(pid)
-        proc.wait(timeout=timeout)
     except psutil.NoSuchProcess:
         return False
-    except psutil.TimeoutExpired:
-        print(f"s3cachefs: daemon pid {pid} still running after {timeout:.0f}s", file=sys.stderr)
-        return False
-    return True
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.05)
+    print(f"s3cachefs: daemon pid {pid} still running after {timeout:.0f}s", file=sys.stderr)
+    return False
 
 
 def _dispatch(args: argparse.Namespace, argv: Sequence[str]) -> int:

@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 from s3cachefs.daemon.config import (
     MountConfig,
     default_cache_dir,
+    parse_interval,
     parse_size,
     parse_target,
     parse_ttl,
@@ -104,6 +105,14 @@ def _bool(value: Any) -> bool:
     if text in ("0", "false", "no", "off", ""):
         return False
     raise ConfigError(f"bad boolean {value!r}: use true or false")
+
+
+def _interval(value: Any) -> float | None:
+    if value is False:
+        return None
+    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+        return float(value) or None
+    return parse_interval(str(value))
 
 
 def _int(value: Any) -> int:
@@ -216,6 +225,12 @@ SETTINGS: tuple[Setting, ...] = (
         _bool,
         True,
         "bind complete pinned datasets read-only over their dirs: the kernel serves them (on)",
+    ),
+    Setting(
+        "verify-interval",
+        _interval,
+        "24h",
+        "re-check kernel-served datasets this often, e.g. 12h (24h; off: at start only)",
     ),
     # Read by `s3cachefs prefetch --config`, not by the mount.
     Setting("prefetch", _datasets, None, "datasets to prefetch", flag=False),

@@ -3,8 +3,11 @@
 Start-up order matters for clear errors: every check that can fail on bad
 input (bucket, credentials, endpoint, cache dir, mountpoint) runs before the
 kernel mount, and the caller hears "ready" only once the mount is usable.
+An unreachable S3 is not bad input: with a complete pinned dataset in the
+cache the daemon starts anyway and serves it (`daemon.offline`).
 Stop unwinds in reverse: FUSE loop ends (signal or external unmount), the
-mount goes away, the cache index closes.
+mount goes away (only if it is still this daemon's: `mountpoint.release_own_mount`),
+the cache index closes.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import functools
 import logging
 import os
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,13 +25,19 @@ from typing import TYPE_CHECKING
 import pyfuse3
 import trio
 
-from s3cachefs.daemon import control, memory
+from s3cachefs.daemon import control, memory, offline
+from s3cachefs.daemon.binds import MountEntry
 from s3cachefs.daemon.blockcache import BlockCache
 from s3cachefs.daemon.commands import Daemon, RecentErrors
 from s3cachefs.daemon.errors import ConfigError, TransientError
 from s3cachefs.daemon.kernelserve import KernelServe
 from s3cachefs.daemon.metrics import Metrics
-from s3cachefs.daemon.mountpoint import check_mountpoint, set_kernel_readahead
+from s3cachefs.daemon.mountpoint import (
+    check_mountpoint,
+    mount_at,
+    release_own_mount,
+    set_kernel_readahead,
+)
 from s3cachefs.daemon.notify import notify
 from s3cachefs.daemon.pins import PinStore
 from s3cachefs.daemon.reporting import flush as flush_sentry
@@ -72,16 +82,22 @@ def fuse_options(config: MountConfig) -> set[str]:
     return options
 
 
-def run_daemon(config: MountConfig, on_ready: Callable[[], None]) -> None:
-    """Serve the mount until SIGTERM/SIGINT or an external unmount. Blocking."""
+def run_daemon(config: MountConfig, on_ready: Callable[[str], None]) -> None:
+    """Serve the mount until SIGTERM/SIGINT or an external unmount. Blocking.
+
+    ``on_ready`` is called once the mount is usable, with a warning for the
+    user who started it ("" if none).
+    """
     memory.limit_arenas()
     check_mountpoint(config.mountpoint)  # cheapest check first: no network needed
+    # Canonical (symlinks resolved) now: after the mount, resolving it would ask ourselves.
+    canonical = os.path.realpath(config.mountpoint)
     store = S3Store(config)
+    s3_state = offline.S3State()
     try:
-        store.check_bucket()
+        store.check_bucket()  # no such bucket, access denied: refused here, one line
     except TransientError as exc:
-        where = config.endpoint_url or "AWS S3"
-        raise ConfigError(f"cannot reach {where}: {exc}") from None
+        s3_state.unreachable_since, s3_state.reason = time.time(), str(exc)
     s3_limiter = trio.CapacityLimiter(config.s3_concurrency)
     disk_limiter = trio.CapacityLimiter(8)
     cache = BlockCache(
@@ -106,6 +122,8 @@ def run_daemon(config: MountConfig, on_ready: Callable[[], None]) -> None:
         pins = PinStore(cache.root, config.bucket)
         pins.load()
         cache.set_pinned(pins.pinned_oids())
+        if s3_state.unreachable_since is not None:
+            _start_offline(config, pins, s3_state.reason)
         core = FsCore(
             store,
             cache,
@@ -145,31 +163,96 @@ def run_daemon(config: MountConfig, on_ready: Callable[[], None]) -> None:
             cache=cache,
             pins=pins,
             enabled=config.kernel_serve_pinned,
+            verify_interval=config.verify_interval,
         )
-        daemon = Daemon(config, store, cache, pins, ops, errors, writeback, kernel=kernel)
+        daemon = Daemon(
+            config, store, cache, pins, ops, errors, writeback, kernel=kernel, s3_state=s3_state
+        )
+        kernel.checks.on_change = lambda: _notify_status(daemon)
         metrics = None
         if config.metrics_address:
             metrics = Metrics(daemon)
             metrics.serve(config.metrics_address)
             stack.callback(metrics.close)
             store.observer = metrics.observe_s3
-        pyfuse3.init(ops, str(config.mountpoint), fuse_options(config))
-        stack.callback(pyfuse3.close, unmount=True)
-        socket_path = control_socket_path(config.mountpoint)
-        write_record(
-            MountRecord(
-                os.getpid(),
-                str(config.mountpoint),
-                config.source,
-                str(config.cache_dir),
-                str(socket_path),
-            )
-        )
-        stack.callback(remove_record, config.mountpoint)
-        log.info("mounted source=%s mountpoint=%s", config.source, config.mountpoint)
-        trio.run(_serve, daemon, socket_path, on_ready, metrics)
+        own, socket_path = _mount(config, ops, canonical, stack)
+        trio.run(_serve, daemon, socket_path, on_ready, own, s3_limiter, metrics)
         log.info("unmounting mountpoint=%s", config.mountpoint)
         log.info("stats %s", _stats_line(ops, cache, store))
+
+
+def _mount(
+    config: MountConfig, ops: Operations, canonical: str, stack: contextlib.ExitStack
+) -> tuple[MountEntry | None, Path]:
+    """The kernel mount and its runtime record; at stop, each undone only if still ours."""
+    pyfuse3.init(ops, str(config.mountpoint), fuse_options(config))
+    own = mount_at(canonical)
+    if own is None or not own.fstype.startswith("fuse"):  # cannot tell ours: libfuse's way
+        log.warning("mountpoint=%s: cannot find our mount in mountinfo", canonical)
+        stack.callback(pyfuse3.close, unmount=True)
+    else:
+        stack.callback(_release, own)
+        stack.callback(pyfuse3.close, unmount=False)  # first out: the session, then the mount
+    socket_path = control_socket_path(config.mountpoint, os.getpid())
+    write_record(
+        MountRecord(
+            os.getpid(),
+            str(config.mountpoint),
+            config.source,
+            str(config.cache_dir),
+            str(socket_path),
+            device=own.device if own else "",
+            mount_id=own.id if own else 0,
+        )
+    )
+    stack.callback(remove_record, config.mountpoint, os.getpid())
+    log.info(
+        "mounted source=%s mountpoint=%s device=%s",
+        config.source,
+        config.mountpoint,
+        own.device if own else "?",
+    )
+    return own, socket_path
+
+
+def _start_offline(config: MountConfig, pins: PinStore, reason: str) -> None:
+    """S3 did not answer: start if pinned datasets can be served, else refuse (one line)."""
+    where = config.endpoint_url or "AWS S3"
+    servable = offline.servable(pins, config.bucket, config.prefix)
+    if not servable:
+        raise ConfigError(
+            f"cannot reach {where}: {reason} (and no complete pinned dataset to serve)"
+        )
+    names = ", ".join(m.prefix[len(config.prefix) :].rstrip("/") for m in servable[:5])
+    log.warning(
+        "S3 unreachable at start (%s: %s); serving %d pinned datasets from the cache (%s); "
+        "everything else fails until S3 answers again",
+        where,
+        reason,
+        len(servable),
+        names,
+    )
+
+
+def _notify_status(daemon: Daemon) -> None:
+    notify(f"STATUS={daemon.summary()}")
+
+
+def _release(own: MountEntry) -> None:
+    """Unmount our mount, if the path still leads to it: never a mount made there since."""
+    try:
+        outcome = release_own_mount(own)
+    except (OSError, ConfigError) as exc:
+        log.warning("mountpoint=%s: unmount failed: %s", own.mount_point, exc)
+        return
+    if outcome == "covered":
+        log.warning(
+            "mountpoint=%s now leads to another mount, not ours (device %s); left alone",
+            own.mount_point,
+            own.device,
+        )
+    else:
+        log.info("mountpoint=%s %s", own.mount_point, outcome)
 
 
 def _stats_line(ops: Operations, cache: BlockCache, store: S3Store) -> str:
@@ -181,7 +264,12 @@ def _stats_line(ops: Operations, cache: BlockCache, store: S3Store) -> str:
 
 
 async def _serve(
-    daemon: Daemon, socket_path: Path, on_ready: Callable[[], None], metrics: Metrics | None
+    daemon: Daemon,
+    socket_path: Path,
+    on_ready: Callable[[str], None],
+    own: MountEntry | None,
+    s3_limiter: trio.CapacityLimiter,
+    metrics: Metrics | None,
 ) -> None:
     """The root nursery: cache fetches, control socket, signals, the FUSE loop."""
     if metrics is not None:
@@ -190,7 +278,9 @@ async def _serve(
         await nursery.start(daemon.cache.run)
         await nursery.start(functools.partial(control.serve, socket_path, daemon.handlers()))
         nursery.start_soon(_terminate_on_signal, daemon)
-        nursery.start_soon(_announce_ready, daemon, on_ready)
+        nursery.start_soon(_announce_ready, daemon, on_ready, own)
+        if daemon.s3_state is not None and daemon.s3_state.unreachable_since is not None:
+            nursery.start_soon(offline.reconnect, daemon.store, daemon.s3_state, s3_limiter)
         await pyfuse3.main(max_tasks=FUSE_MAX_TASKS)
         notify("STOPPING=1", "STATUS=unmounting")
         with trio.move_on_after(DRAIN_TIMEOUT):  # keep what was fetched: finish disk writes
@@ -198,7 +288,9 @@ async def _serve(
         nursery.cancel_scope.cancel()
 
 
-async def _announce_ready(daemon: Daemon, on_ready: Callable[[], None]) -> None:
+async def _announce_ready(
+    daemon: Daemon, on_ready: Callable[[str], None], own: MountEntry | None
+) -> None:
     """Say "ready" once a request has made the round trip through the kernel.
 
     By then the kernel has also applied the INIT reply, which resets the
@@ -207,15 +299,27 @@ async def _announce_ready(daemon: Daemon, on_ready: Callable[[], None]) -> None:
     config = daemon.config
     await trio.to_thread.run_sync(os.statvfs, config.mountpoint)
     if config.kernel_readahead_kib:
-        set_kernel_readahead(config.mountpoint, config.kernel_readahead_kib)
-    on_ready()
+        set_kernel_readahead(own, config.kernel_readahead_kib)
+    state = daemon.s3_state
+    offline_now = state is not None and state.unreachable_since is not None
+    on_ready(
+        f"S3 unreachable ({state.reason}); serving pinned datasets" if state and offline_now else ""
+    )
     notify("READY=1", f"STATUS={daemon.summary()}")
-    if daemon.kernel is not None:  # the FUSE path serves correct bytes until then
-        await daemon.kernel.restore()
-    while True:  # systemctl status shows a live summary
-        await trio.sleep(STATUS_INTERVAL)
-        notify(f"STATUS={daemon.summary()}")
-        await trio.to_thread.run_sync(memory.trim)
+    async with trio.open_nursery() as nursery:
+        if daemon.kernel is not None:  # the FUSE path serves correct bytes until then
+            nursery.start_soon(_kernel_serve, daemon.kernel)
+        while True:  # systemctl status shows a live summary
+            await trio.sleep(STATUS_INTERVAL)
+            notify(f"STATUS={daemon.summary()}")
+            await trio.to_thread.run_sync(memory.trim)
+
+
+async def _kernel_serve(kernel: KernelServe) -> None:
+    """Check and bind the pinned datasets (the start check can take a while), then keep
+    checking them on schedule."""
+    await kernel.restore()
+    await kernel.checks.run_schedule()
 
 
 async def _terminate_on_signal(daemon: Daemon) -> None:
@@ -223,6 +327,6 @@ async def _terminate_on_signal(daemon: Daemon) -> None:
         async for signum in signals:
             log.info("signal=%s; unmounting", signal.Signals(signum).name)
             if daemon.kernel is not None:  # binds first, while the FUSE loop still answers
-                await daemon.kernel.stop()
+                await daemon.kernel.stop(final=True)
             pyfuse3.terminate()
             return

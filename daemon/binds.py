@@ -48,6 +48,7 @@ _MS_REMOUNT = 0x20
 _MS_BIND = 0x1000
 _MS_PRIVATE = 1 << 18
 _MNT_DETACH = 2
+_UMOUNT_NOFOLLOW = 8
 
 
 class _MountAttr(ctypes.Structure):
@@ -79,6 +80,9 @@ class MountEntry:
     parent: int
     root: str  # the path of the mount's root inside its file system
     mount_point: str
+    device: str = ""  # "major:minor" of the file system: one per FUSE connection
+    fstype: str = ""  # "fuse.s3cachefs", "ext4", ...
+    tags: tuple[str, ...] = ()  # propagation: "shared:N", "master:N", ...
 
 
 def _unescape(field: str) -> str:
@@ -86,12 +90,22 @@ def _unescape(field: str) -> str:
     return raw.encode("latin-1").decode("utf-8", "surrogateescape")
 
 
-def mountinfo() -> list[MountEntry]:
+def mountinfo(pid: int | str = "self") -> list[MountEntry]:
+    """The mounts that process ``pid`` sees (its mount namespace); OSError if it is gone."""
     entries = []
-    for line in Path("/proc/self/mountinfo").read_text("latin-1").splitlines():
+    for line in Path(f"/proc/{pid}/mountinfo").read_text("latin-1").splitlines():
         fields = line.split()
+        sep = fields.index("-", 6)
         entries.append(
-            MountEntry(int(fields[0]), int(fields[1]), _unescape(fields[3]), _unescape(fields[4]))
+            MountEntry(
+                int(fields[0]),
+                int(fields[1]),
+                _unescape(fields[3]),
+                _unescape(fields[4]),
+                device=fields[2],
+                fstype=fields[sep + 1],
+                tags=tuple(fields[6:sep]),
+            )
         )
     return entries
 
@@ -182,13 +196,51 @@ def detach(target: Path, mount_id: int) -> str:
     if stack[-1].id != mount_id:
         return "covered"
     try:
-        _check(_libc.umount2(os.fsencode(target), 0))
+        return unmount_exact(target, mount_id)
     except OSError as exc:
         if exc.errno != errno.EBUSY:
             raise
-        _check(_libc.umount2(os.fsencode(target), _MNT_DETACH))
-        return "detached"
+    return unmount_exact(target, mount_id, lazy=True)
+
+
+def unmount_exact(
+    target: Path, mount_id: int, *, device: str | None = None, lazy: bool = False
+) -> str:
+    """Unmount the mount ``mount_id`` if ``target`` leads to it, never another one.
+
+    The path is opened ``O_PATH`` (no request reaches a FUSE file system) and
+    the handle's mount id compared (with ``device`` too: mount ids are reused
+    once freed, a live file system's device is not). ``lazy``: ``umount2`` is
+    given the handle's ``/proc/self/fd`` path, so a mount made on ``target``
+    since the check is never the one detached. Not lazy, the handle would keep
+    the mount busy: it is closed and the path unmounted (``OSError`` EBUSY if
+    files are open in it); the check just before makes another mount there
+    unlikely, not impossible. Returns "unmounted", "detached" or "covered"
+    (the path leads to another mount: left alone).
+    """
+    fd = os.open(target, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        held = fd_mount_id(fd)  # the handle pins that mount: its id cannot be reused now
+        if held != mount_id:
+            return "covered"
+        if device is not None and device not in {e.device for e in mountinfo() if e.id == held}:
+            return "covered"
+        if lazy:
+            _check(_libc.umount2(os.fsencode(f"/proc/self/fd/{fd}"), _MNT_DETACH))
+            return "detached"
+    finally:
+        os.close(fd)
+    _check(_libc.umount2(os.fsencode(target), _UMOUNT_NOFOLLOW))
     return "unmounted"
+
+
+def fd_mount_id(fd: int) -> int | None:
+    """The id of the mount an open file is on (``mnt_id`` in /proc/self/fdinfo)."""
+    for line in Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name == "mnt_id":
+            return int(value)
+    return None
 
 
 def syncfs(path: Path) -> None:
@@ -211,22 +263,23 @@ class TreeEntry:
     mtime_ns: int
 
 
-def build_tree(dest: Path, entries: list[TreeEntry]) -> None:
-    """Make ``dest`` a tree of hard links to the cache files: dirs 0755, files 0444."""
+def build_tree(dest: Path, entries: list[TreeEntry], dirs: frozenset[str] = frozenset()) -> None:
+    """Make ``dest`` a tree of hard links to the cache files: dirs 0755, files 0444.
+
+    ``dirs`` are directories the tree has even with no file in them (what the
+    FUSE view shows for a ``dir/`` marker key, or above a key it skips).
+    """
     if dest.exists():
         shutil.rmtree(dest)
     # 0755 inside the 0700 cache dir: reachable only through the bind.
     dest.mkdir(mode=0o755)
     os.chmod(dest, 0o755)  # noqa: S103
-    made = {dest}
+    for rel in sorted(tree_dirs(entries, dirs)):
+        directory = dest / rel
+        directory.mkdir(mode=0o755)
+        os.chmod(directory, 0o755)  # noqa: S103
     for entry in entries:
         path = dest / entry.rel
-        for parent in reversed(path.relative_to(dest).parents[:-1]):
-            directory = dest / parent
-            if directory not in made:
-                directory.mkdir(mode=0o755, exist_ok=True)
-                os.chmod(directory, 0o755)  # noqa: S103
-                made.add(directory)
         if entry.source is None:
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444))
             os.chmod(path, 0o444)
@@ -238,14 +291,25 @@ def build_tree(dest: Path, entries: list[TreeEntry]) -> None:
         os.link(entry.source, path)
 
 
-def tree_matches(dest: Path, entries: list[TreeEntry]) -> bool:
-    """Whether ``dest`` holds exactly these files, each a 0444 link to its cache file."""
+def tree_dirs(entries: list[TreeEntry], dirs: frozenset[str]) -> set[str]:
+    """Every directory of the tree below its root: ``dirs``, and above every file and dir."""
+    out: set[str] = set()
+    for rel in [*(e.rel for e in entries), *(d + "/x" for d in dirs)]:
+        parts = rel.split("/")
+        out.update("/".join(parts[:depth]) for depth in range(1, len(parts)))
+    return out
+
+
+def tree_matches(dest: Path, entries: list[TreeEntry], dirs: frozenset[str] = frozenset()) -> bool:
+    """Whether ``dest`` holds exactly these files (each a 0444 link to its cache file) and dirs."""
     found: set[str] = set()
+    found_dirs: set[str] = set()
     try:
-        for dirpath, _, filenames in os.walk(dest, onerror=_raise):
+        for dirpath, dirnames, filenames in os.walk(dest, onerror=_raise):
             rel_dir = os.path.relpath(dirpath, dest)
             found.update(os.path.normpath(os.path.join(rel_dir, f)) for f in filenames)
-        if found != {e.rel for e in entries}:
+            found_dirs.update(os.path.normpath(os.path.join(rel_dir, d)) for d in dirnames)
+        if found != {e.rel for e in entries} or found_dirs != tree_dirs(entries, dirs):
             return False
         for entry in entries:
             st = os.lstat(dest / entry.rel)

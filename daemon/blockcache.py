@@ -683,6 +683,11 @@ class BlockCache:
         have = record.blocks if record else {}
         return [idx for idx in range(nblocks) if idx not in have]
 
+    def block_crcs(self, version: ObjectVersion) -> dict[int, int]:
+        """A copy of the CRC32 of every cached block of ``version`` (kernel-serve checks)."""
+        record = self._objects.get(version.oid)
+        return dict(record.blocks) if record else {}
+
     async def verify_object(self, version: ObjectVersion, check: Check) -> tuple[bool, str]:
         """Re-read a complete object from disk: every block's CRC, then ``check`` end to end.
 

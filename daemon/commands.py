@@ -25,6 +25,7 @@ from s3cachefs.fs.names import valid_name
 if TYPE_CHECKING:
     from s3cachefs.daemon.config import MountConfig
     from s3cachefs.daemon.kernelserve import KernelServe
+    from s3cachefs.daemon.offline import S3State
     from s3cachefs.fs.operations import Operations
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ class Daemon:
     jobs: dict[str, PrefetchJob] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
     kernel: KernelServe | None = None  # binds of kernel-served pinned datasets
+    s3_state: S3State | None = None  # set when the daemon started without reaching S3
 
     def handlers(self) -> dict[str, Handler]:
         return {
@@ -63,6 +65,7 @@ class Daemon:
             "evict": self.evict,
             "staged": self.staged,
             "unbind": self.unbind,
+            "rebind": self.rebind,
             "sentry-test": self.sentry_test,
         }
 
@@ -80,6 +83,10 @@ class Daemon:
         running = f", {len(self.jobs)} prefetching" if self.jobs else ""
         left = len(self.writeback.left())
         running += f", {left} staged files NOT UPLOADED" if left else ""
+        if self.kernel is not None and self.kernel.checks.summary():
+            running += f", {self.kernel.checks.summary()}"
+        if self.s3_state is not None and self.s3_state.unreachable_since is not None:
+            running += ", S3 UNREACHABLE since start (serving pinned datasets)"
         used, limit = self.cache.used_bytes / 2**30, self.cache.cache_size / 2**30
         return (
             f"cache {used:.2f} of {limit:.0f} GiB, "
@@ -124,6 +131,7 @@ class Daemon:
                 "evictions": counts["evictions"],
                 "in_flight_blocks": cache.in_flight,
             },
+            "s3": self.s3_state.describe() if self.s3_state else {"reachable": True},
             "s3_requests": dict(self.store.requests),
             "fuse_requests": dict(self.ops.counts),
             "daemon": {
@@ -279,6 +287,13 @@ class Daemon:
         """`s3cachefs unmount`: unmount the binds so that the FUSE mount can go."""
         if self.kernel is not None:
             await self.kernel.stop()
+        return {"event": "done", "ok": True}
+
+    async def rebind(self, request: dict[str, Any], send: Send) -> dict[str, Any]:
+        """`s3cachefs unmount` failed after `unbind` (busy): bind the datasets again."""
+        if self.kernel is not None:
+            for manifest_id in list(self.pins.manifests):
+                await self.kernel.refresh(manifest_id)
         return {"event": "done", "ok": True}
 
     async def evict(self, request: dict[str, Any], send: Send) -> dict[str, Any]:

@@ -58,6 +58,22 @@ def parse_ttl(text: str) -> float:
     return value
 
 
+_INTERVAL_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$", re.IGNORECASE)
+_INTERVAL_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_interval(text: str) -> float | None:
+    """Parse ``--verify-interval``: ``24h``, ``30m``, ``90s``, ``2d`` or seconds; ``0``/``off``
+    give None (no scheduled checks)."""
+    if text.strip().lower() in ("off", "never", "false", "no"):
+        return None
+    match = _INTERVAL_RE.match(text)
+    if not match:
+        raise ConfigError(f"bad interval {text!r}: use e.g. 24h, 30m, 90s, 2d, or off")
+    value = float(match.group(1)) * _INTERVAL_UNITS[match.group(2).lower()]
+    return value or None
+
+
 _BUCKET_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._-]{1,254}$")
 
 
@@ -133,6 +149,9 @@ class MountConfig:
     # Complete pinned datasets served by the kernel: a read-only bind of a tree of
     # hard links to their cache files over the dataset's directory (daemon.kernelserve).
     kernel_serve_pinned: bool = True
+    # How often the files of kernel-served datasets are read back and checked (None: only
+    # at start and by `verify`): between checks the kernel serves disk bytes unchecked.
+    verify_interval: float | None = 24 * 3600.0
 
     def __post_init__(self) -> None:
         if self.block_size < 64 * KIB or self.block_size & (self.block_size - 1):

@@ -23,6 +23,11 @@ Rules that keep every guarantee of the FUSE path:
   and stop detach the bind (lazily if busy) before anything is freed.
 - `verify` repairs a kernel-served object into a *new* file and renames it
   over the tree entry: a reader sees the old inode or the repaired one.
+- Between checks the kernel serves the bytes on disk unchecked: a tree's files
+  are checked before it is bound at start and on a schedule while it is bound
+  (`daemon.kernelcheck`); one that fails unbinds the dataset until `verify`.
+- The tree shows the same directories as the FUSE view: those of its files,
+  and those the manifest keeps for ``dir/`` markers and skipped keys.
 - Only what this daemon mounted is unmounted, by path and mount id.
 - Every mount and unmount runs in a worker thread: the path lookup crosses the
   FUSE mount, which this daemon's trio thread answers.
@@ -40,18 +45,24 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import trio
 
 from s3cachefs.daemon import binds
 from s3cachefs.daemon.blockcache import BlockCache, ObjectVersion
+from s3cachefs.daemon.kernelcheck import KernelChecks
 from s3cachefs.daemon.pins import Manifest, PinStore
 
 log = logging.getLogger(__name__)
 
 # How long stop may spend unmounting binds before the FUSE unmount goes ahead.
 STOP_TIMEOUT = 10.0
+
+
+class Layout(NamedTuple):
+    entries: list[binds.TreeEntry]
+    dirs: frozenset[str]  # relative, without a trailing "/"
 
 
 @dataclass
@@ -76,6 +87,7 @@ class KernelServe:
         cache: BlockCache,
         pins: PinStore,
         enabled: bool,
+        verify_interval: float | None = None,
     ) -> None:
         self.mountpoint = mountpoint
         self.mount_prefix = mount_prefix
@@ -86,18 +98,32 @@ class KernelServe:
         self.trees = cache.root / "trees"
         self.binds: dict[str, Bind] = {}
         self.notes: dict[str, str] = {}  # manifest id -> why it is not kernel-served
-        self._lock = trio.Lock()
+        self.checks = KernelChecks(self, verify_interval)
+        self.lock = trio.Lock()  # held while binds change
         self._generation = 0
+        self._stopping = False
 
     # ---- lifecycle ---------------------------------------------------------
 
     async def restore(self) -> None:
-        """At start, once the FUSE mount answers: bind every eligible dataset again."""
+        """At start, once the FUSE mount answers: check each eligible dataset, then bind it.
+
+        Checked *before* binding, not after: until its check passes, the FUSE
+        path serves the dataset (slower, but it checks every block on the way),
+        so a file damaged while no daemon ran (a crash, a power loss, a failing
+        disk) is never served by the kernel.
+        """
         if not self.enabled:
             return
         await trio.to_thread.run_sync(self._sweep)
         for manifest_id in list(self.pins.manifests):
-            await self.refresh(manifest_id, verify_rebuilt=True)
+            manifest = self.pins.manifests.get(manifest_id)
+            eligible = manifest is not None and self._ineligible(manifest) is None
+            if manifest is not None and eligible and self.layout(manifest) is not None:
+                result = await self.checks.check(manifest, "start", None)
+                if result is None or not result.ok:
+                    continue
+            await self.refresh(manifest_id)
 
     def _sweep(self) -> None:
         """Trees whose build or swap a crash interrupted, and trees of forgotten manifests."""
@@ -113,32 +139,37 @@ class KernelServe:
                 else:
                     path.unlink(missing_ok=True)
 
-    async def stop(self) -> None:
-        """Before the FUSE unmount: unmount every bind (trees stay for the next start)."""
+    async def stop(self, *, final: bool = False) -> None:
+        """Before the FUSE unmount: unmount every bind (trees stay for the next start).
+
+        ``final`` (the daemon is stopping): nothing is bound again after this.
+        """
+        self._stopping = self._stopping or final
         with trio.move_on_after(STOP_TIMEOUT):
-            async with self._lock:
+            async with self.lock:
                 for bind in list(self.binds.values()):
                     await self._detach(bind, "daemon stopping")
                     self.binds.pop(bind.manifest_id, None)
 
     # ---- what changes the binds ---------------------------------------------
 
-    async def refresh(self, manifest_id: str, *, verify_rebuilt: bool = False) -> None:
+    async def refresh(self, manifest_id: str) -> None:
         """Make the bind of one dataset match its manifest: bind, rebuild and swap, or unbind."""
         if not self.enabled:
             return
-        async with self._lock:
-            await self._refresh(manifest_id, verify_rebuilt)
+        async with self.lock:
+            await self._refresh(manifest_id)
 
     async def release(self, manifest: Manifest) -> None:
         """Unbind and remove the tree before the dataset is unpinned (evict)."""
-        async with self._lock:
+        async with self.lock:
             bind = self.binds.get(manifest.id)
             if bind is not None:
-                await self._unbind(bind, "dataset evicted")
+                await self.unbind(bind, "dataset evicted")
             else:  # a tree that was never bound (bind failed, or served off)
                 await trio.to_thread.run_sync(self._remove, self.trees / manifest.id)
             self.notes.pop(manifest.id, None)
+            self.checks.forget(manifest.id)
 
     async def repair(self, manifest: Manifest, versions: list[ObjectVersion]) -> None:
         """Before `verify` re-fetches these objects: make the fetch land in new files.
@@ -155,13 +186,22 @@ class KernelServe:
             await trio.to_thread.run_sync(path.unlink, True)
 
     async def relink(self, manifest: Manifest, repaired: list[ObjectVersion], ok: bool) -> None:
-        """After `verify`: repaired files renamed over their tree entries; unbind if not intact."""
-        async with self._lock:
+        """After `verify`: repaired files renamed over their tree entries; unbind if not intact.
+
+        A dataset that is not bound (a check found damage) is bound again once intact.
+        """
+        async with self.lock:
             bind = self.binds.get(manifest.id)
+            if ok:
+                self.checks.record(
+                    manifest, "verify", len(manifest.objects), manifest.total_bytes, []
+                )
             if bind is None:
+                if ok and self.enabled:
+                    await self._refresh(manifest.id)
                 return
             if not ok:
-                await self._unbind(bind, "verify found objects it could not repair")
+                await self.unbind(bind, "verify found objects it could not repair")
                 self.notes[manifest.id] = "not intact (verify failed); served through FUSE"
                 return
             for version in repaired:
@@ -170,12 +210,13 @@ class KernelServe:
                     binds.relink, self.cache.object_path(version.oid), bind.tree / rel
                 )
             await trio.to_thread.run_sync(binds.syncfs, self.trees)
-            await self._refresh(manifest.id, verify_rebuilt=False)  # and check the whole tree
+            await self._refresh(manifest.id)  # and check the whole tree
 
     # ---- status --------------------------------------------------------------
 
     async def describe(self) -> dict[str, dict[str, Any]]:
-        """Per manifest id: whether the kernel serves it now (read from mountinfo), and where."""
+        """Per manifest id: whether the kernel serves it now (read from mountinfo), and where,
+        and what the last check of its files found."""
         live = await trio.to_thread.run_sync(self._live_ids)
         out: dict[str, dict[str, Any]] = {}
         for manifest_id, manifest in self.pins.manifests.items():
@@ -187,6 +228,7 @@ class KernelServe:
                 "bind": str(bind.target) if bind and bound else None,
                 "tree": str(bind.tree) if bind and bound else None,
                 "kernel_note": None if bound else note,
+                **self.checks.describe(manifest_id, bound),
             }
         return out
 
@@ -207,6 +249,7 @@ class KernelServe:
                 other.prefix.startswith(manifest.prefix) or manifest.prefix.startswith(other.prefix)
             )
         ]
+        damage = self.checks.damage_note(manifest)
         checks = (
             (not self.enabled, "off (--no-kernel-serve-pinned)"),
             (
@@ -221,31 +264,38 @@ class KernelServe:
             ),
             (bool(nested), f"nested with dataset {nested[:1]}; both served through FUSE"),
             (os.geteuid() != 0, "the daemon is not root and cannot bind"),
+            (damage is not None, damage or ""),
         )
         return next((reason for failed, reason in checks if failed), None)
 
-    def _entries(self, manifest: Manifest) -> list[binds.TreeEntry] | None:
-        """The tree's files; None if any object is not complete in the cache. Must not await."""
+    def layout(self, manifest: Manifest) -> Layout | None:
+        """The tree's files and directories; None if any object is not complete in the cache.
+
+        The same tree as the FUSE view: a file hidden by a directory of the same
+        name is left out, and the manifest's directories with no file of their
+        own (``dir/`` markers, or above a skipped key) are made. Must not await.
+        """
         objects = manifest.objects.values()
-        dirs = {
+        dirs = frozenset(d[len(manifest.prefix) :].rstrip("/") for d in manifest.dirs)
+        parents = {
             "/".join(parts[:depth])
-            for info in objects
-            for parts in [info.key[len(manifest.prefix) :].split("/")]
+            for rel in [*(i.key[len(manifest.prefix) :] for i in objects), *(d + "/" for d in dirs)]
+            for parts in [rel.split("/")]
             for depth in range(1, len(parts))
         }
         entries = []
         for info in objects:
             rel = info.key[len(manifest.prefix) :]
-            if rel in dirs:
+            if rel in parents:
                 continue  # hidden by the directory of the same name, as in the FUSE view
             version = ObjectVersion(manifest.bucket, info.key, info.etag, info.size)
             if info.size and self.cache.missing_blocks(version):
                 return None
             source = self.cache.object_path(version.oid) if info.size else None
             entries.append(binds.TreeEntry(rel, source, info.size, info.mtime_ns))
-        return entries
+        return Layout(entries, dirs)
 
-    async def _refresh(self, manifest_id: str, verify_rebuilt: bool) -> None:
+    async def _refresh(self, manifest_id: str) -> None:
         manifest = self.pins.manifests.get(manifest_id)
         bind = self.binds.get(manifest_id)
         if bind is not None and bind.mount_id not in await trio.to_thread.run_sync(self._live_ids):
@@ -254,14 +304,16 @@ class KernelServe:
             await self._release_hold(bind)
             bind = None
         reason = "not pinned" if manifest is None else self._ineligible(manifest)
-        entries = None
+        if self._stopping:
+            reason = "the daemon is stopping"
+        layout = None
         if manifest is not None and reason is None:
-            entries = self._entries(manifest)
-            if entries is None:
+            layout = self.layout(manifest)
+            if layout is None:
                 reason = "not every object is in the cache; served through FUSE"
-        if reason is not None or manifest is None or entries is None:
+        if reason is not None or manifest is None or layout is None:
             if bind is not None:
-                await self._unbind(bind, reason or "not pinned")
+                await self.unbind(bind, reason or "not pinned")
             if reason and manifest is not None and self.notes.get(manifest_id) != reason:
                 log.info("kernel-serve dataset=%s off: %s", manifest.prefix, reason)
             if reason is not None:
@@ -272,35 +324,19 @@ class KernelServe:
         synced = self.trees / f"{manifest_id}.synced"
 
         def current() -> bool:
-            return synced.exists() and binds.tree_matches(tree, entries)
+            return synced.exists() and binds.tree_matches(tree, layout.entries, layout.dirs)
 
         if await trio.to_thread.run_sync(current):
             if bind is None:
-                await self._bind(manifest, tree, entries, previous=None)
+                await self._bind(manifest, tree, layout, previous=None)
             return
-        if verify_rebuilt and not await self._verify_all(manifest):
-            self.notes[manifest_id] = "objects failed verification; served through FUSE"
-            return
-        await self._bind(manifest, tree, entries, previous=bind)
-
-    async def _verify_all(self, manifest: Manifest) -> bool:
-        """Before linking files whose tree was not synced (crash): CRCs and end to end again."""
-        for version in manifest.versions():
-            intact, _ = await self.cache.verify_object(version, manifest.check(version.key))
-            if not intact:
-                log.info(
-                    "kernel-serve dataset=%s key=%s failed verification",
-                    manifest.prefix,
-                    version.key,
-                )
-                return False
-        return True
+        await self._bind(manifest, tree, layout, previous=bind)
 
     async def _bind(
         self,
         manifest: Manifest,
         tree: Path,
-        entries: list[binds.TreeEntry],
+        layout: Layout,
         previous: Bind | None,
     ) -> None:
         """Build (if needed) and bind ``tree``; with ``previous``, swap it in under the old bind."""
@@ -318,7 +354,7 @@ class KernelServe:
         staged = tree.with_name(f"{tree.name}.next")
         synced = tree.with_name(f"{tree.name}.synced")
         try:
-            fresh = await trio.to_thread.run_sync(self._stage, tree, staged, synced, entries)
+            fresh = await trio.to_thread.run_sync(self._stage, tree, staged, synced, layout)
             source = staged if fresh else tree
             if not await trio.to_thread.run_sync(self._target_ready, target, previous):
                 raise OSError(f"{target} is not a directory of the mount")
@@ -342,20 +378,18 @@ class KernelServe:
             "kernel-serve bound dataset=%s target=%s files=%d%s",
             manifest.prefix,
             target,
-            len(entries),
+            len(layout.entries),
             " (swapped)" if previous is not None else "",
         )
         if previous is not None:
             await self._release_hold(previous)
 
-    def _stage(
-        self, tree: Path, staged: Path, synced: Path, entries: list[binds.TreeEntry]
-    ) -> bool:
+    def _stage(self, tree: Path, staged: Path, synced: Path, layout: Layout) -> bool:
         """Build the tree at ``staged`` unless ``tree`` is current; sync. True if built."""
         self.trees.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fresh = not (synced.exists() and binds.tree_matches(tree, entries))
+        fresh = not (synced.exists() and binds.tree_matches(tree, layout.entries, layout.dirs))
         if fresh:
-            binds.build_tree(staged, entries)
+            binds.build_tree(staged, layout.entries, layout.dirs)
         binds.syncfs(self.trees)
         return fresh
 
@@ -394,7 +428,7 @@ class KernelServe:
         else:
             log.info("kernel-serve unbound target=%s (%s): %s", bind.target, outcome, why)
 
-    async def _unbind(self, bind: Bind, why: str) -> None:
+    async def unbind(self, bind: Bind, why: str) -> None:
         await self._detach(bind, why)
         self.binds.pop(bind.manifest_id, None)
         await trio.to_thread.run_sync(self._remove, bind.tree)

@@ -55,6 +55,9 @@ class Snapshot:
     datasets: list[tuple[str, bool]]  # pinned dataset, complete
     writes: dict[str, int]
     staged: int
+    # kernel-served datasets: name, bound, last check's end (or None), files it found damaged
+    kernel: list[tuple[str, bool, float | None, int]]
+    kernel_checks: dict[str, int]  # checks by result (intact, damaged)
 
 
 def take_snapshot(d: Daemon) -> Snapshot:
@@ -79,7 +82,26 @@ def take_snapshot(d: Daemon) -> Snapshot:
         datasets=[(d.dataset_name(m.prefix), m.complete) for m in d.pins.manifests.values()],
         writes=dict(d.writeback.stats),
         staged=len(d.writeback.left()),
+        kernel=_kernel_rows(d),
+        kernel_checks=dict(d.kernel.checks.counts) if d.kernel is not None else {},
     )
+
+
+def _kernel_rows(d: Daemon) -> list[tuple[str, bool, float | None, int]]:
+    if d.kernel is None:
+        return []
+    rows = []
+    for manifest in d.pins.manifests.values():
+        check = d.kernel.checks.results.get(manifest.id)
+        rows.append(
+            (
+                d.dataset_name(manifest.prefix),
+                manifest.id in d.kernel.binds,
+                check.finished if check is not None else None,
+                len(check.damaged) if check is not None else 0,
+            )
+        )
+    return rows
 
 
 class DaemonCollector(Collector):
@@ -193,6 +215,38 @@ def _daemon_metrics(snap: Snapshot) -> Iterator[Metric]:
         "Written files whose upload never completed (s3cachefs staged)",
         value=snap.staged,
     )
+    yield from _kernel_metrics(snap)
+
+
+def _kernel_metrics(snap: Snapshot) -> Iterator[Metric]:
+    """Kernel-served datasets and the checks of their files."""
+    served = GaugeMetricFamily(
+        "s3cachefs_dataset_kernel_served", "1 if the kernel serves the dataset", labels=["dataset"]
+    )
+    last = GaugeMetricFamily(
+        "s3cachefs_kernel_check_timestamp_seconds",
+        "When the last check of a dataset's kernel-served files ended",
+        labels=["dataset"],
+    )
+    damaged = GaugeMetricFamily(
+        "s3cachefs_kernel_check_damaged_files",
+        "Files the last check found damaged (the dataset is then served through FUSE)",
+        labels=["dataset"],
+    )
+    for name, bound, finished, bad in snap.kernel:
+        served.add_metric([name], 1.0 if bound else 0.0)
+        if finished is not None:
+            last.add_metric([name], finished)
+            damaged.add_metric([name], bad)
+    yield served
+    yield last
+    yield damaged
+    runs = CounterMetricFamily(
+        "s3cachefs_kernel_checks", "Checks of kernel-served datasets, by result", labels=["result"]
+    )
+    for result in ("intact", "damaged"):
+        runs.add_metric([result], snap.kernel_checks.get(result, 0))
+    yield runs
 
 
 class Metrics:

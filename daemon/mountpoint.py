@@ -1,4 +1,13 @@
-"""Mountpoint checks and unmounting, including stale mounts of a dead daemon."""
+"""Mountpoint checks and unmounting: stale mounts of a dead daemon, and only our own mount.
+
+A daemon acts only on the mount it made. Another mount namespace may keep a
+copy of it alive after it left this one, and a new daemon may then mount on
+the same path: the old daemon's stop must leave that new mount alone. So the
+daemon records its mount (id and device, from /proc/self/mountinfo) when it
+mounts, and at stop unmounts the path only if that mount is still what the
+path leads to (`binds.unmount_exact`: through a handle on it, no race with a
+mount made meanwhile).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +18,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from s3cachefs.daemon import binds
+from s3cachefs.daemon.binds import MountEntry
 from s3cachefs.daemon.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -30,8 +41,35 @@ def is_stale(path: Path) -> bool:
     return False
 
 
-def unmount(path: Path, *, lazy: bool = False) -> None:
-    """Unmount ``path``; ConfigError with fusermount's reason if that fails."""
+def mount_at(path: Path | str) -> MountEntry | None:
+    """The mount a lookup of ``path`` sees (the top of its stack), from mountinfo.
+
+    ``path`` must be canonical (as the kernel prints it: no symlinks); read from
+    mountinfo, not stat(): the daemon must not send itself FUSE requests.
+    """
+    stack = binds.stack_at(Path(os.path.abspath(path)))
+    return stack[-1] if stack else None
+
+
+def unmount(path: Path, *, lazy: bool = False, mount: MountEntry | None = None) -> None:
+    """Unmount ``path``; ConfigError with the reason if that fails.
+
+    With ``mount`` (and root), exactly that mount: a mount made on the path
+    after it was looked at is never the one removed. Otherwise fusermount3.
+    """
+    if mount is not None and os.geteuid() == 0:
+        try:
+            outcome = binds.unmount_exact(path, mount.id, device=mount.device, lazy=lazy)
+        except OSError as exc:
+            busy = (
+                " (files are open in it; --lazy detaches it now)"
+                if exc.errno == errno.EBUSY
+                else ""
+            )
+            raise ConfigError(f"cannot unmount {path}: {exc.strerror}{busy}") from None
+        if outcome == "covered":
+            raise ConfigError(f"cannot unmount {path}: another mount is on it now")
+        return
     args = [fusermount(), "-u", *(["-z"] if lazy else []), str(path)]
     result = subprocess.run(args, capture_output=True, text=True, check=False)
     if result.returncode != 0:
@@ -39,22 +77,50 @@ def unmount(path: Path, *, lazy: bool = False) -> None:
         raise ConfigError(f"cannot unmount {path}: {reason}")
 
 
-def check_mountpoint(path: Path) -> None:
-    """A usable mountpoint is an existing, empty directory that is not mounted.
+def release_own_mount(own: MountEntry) -> str:
+    """At stop: unmount the mount this daemon made, only if the path still leads to it.
 
+    Returns "unmounted", "detached", "gone" (no longer in this namespace:
+    someone unmounted it) or "covered" (the path now leads to another mount,
+    e.g. a new daemon's: left alone).
+    """
+    path = Path(own.mount_point)
+    # By id *and* device: a mount id freed when ours left this namespace is given to the
+    # next mount, maybe a new daemon's on this very path; our device lives as long as we do.
+    if (own.id, own.device) not in {(e.id, e.device) for e in binds.mountinfo()}:
+        return "gone"
+    top = mount_at(path)
+    if top is None or (top.id, top.device) != (own.id, own.device):
+        return "covered"
+    if os.geteuid() != 0:  # fusermount3 goes by path: the check above is all we can do
+        unmount(path, lazy=True)
+        return "detached"
+    return binds.unmount_exact(path, own.id, device=own.device, lazy=True)
+
+
+def check_mountpoint(path: Path) -> None:
+    """A usable mountpoint is an existing, empty directory with no FUSE mount on it.
+
+    An empty directory that is a mount point of another kind is fine:
+    ``docker run -v /mnt/datasets:/mnt/datasets:rshared`` makes one (a bind).
     A stale mount left by a crashed daemon is cleaned first (so a restart
-    under systemd just works).
+    under systemd just works); only that mount, never one made meanwhile.
     """
     if is_stale(path):
         log.warning("mountpoint=%s is a stale mount of a dead daemon; unmounting it", path)
         # Lazy: also detaches the binds of kernel-served datasets stacked on it.
-        unmount(path, lazy=True)
+        stale = mount_at(os.path.realpath(path))
+        if stale is not None and stale.fstype.startswith("fuse"):
+            unmount(Path(stale.mount_point), lazy=True, mount=stale)
+        else:
+            unmount(path, lazy=True)
     if not path.exists():
         raise ConfigError(f"mountpoint {path} does not exist")
     if not path.is_dir():
         raise ConfigError(f"mountpoint {path} is not a directory")
-    if os.path.ismount(path):
-        raise ConfigError(f"mountpoint {path} is already a mount point")
+    top = mount_at(os.path.realpath(path))
+    if top is not None and top.fstype.startswith("fuse"):
+        raise ConfigError(f"mountpoint {path} is already a FUSE mount ({top.fstype})")
     try:
         with os.scandir(path) as entries:
             if next(entries, None) is not None:
@@ -63,27 +129,7 @@ def check_mountpoint(path: Path) -> None:
         raise ConfigError(f"mountpoint {path} is not readable") from None
 
 
-def mount_device(path: Path) -> str | None:
-    """``major:minor`` of the mount at ``path``, from /proc/self/mountinfo.
-
-    Read from mountinfo, not stat(): the daemon must not send itself FUSE requests.
-    """
-    target = os.path.abspath(path)
-    try:
-        lines = Path("/proc/self/mountinfo").read_text().splitlines()
-    except OSError:
-        return None
-    device = None
-    for line in lines:
-        fields = line.split()
-        # mount point field escapes spaces etc. as octal
-        mount_point = fields[4].encode().decode("unicode_escape")
-        if mount_point == target:
-            device = fields[2]  # the last mount on the path is the visible one
-    return device
-
-
-def set_kernel_readahead(path: Path, kib: int) -> bool:
+def set_kernel_readahead(mount: MountEntry | None, kib: int) -> bool:
     """Let the kernel read ahead ``kib`` KiB on this mount, so FUSE reads are up to 1 MiB.
 
     The default (128 KiB) splits every sequential read into 128 KiB requests,
@@ -91,12 +137,11 @@ def set_kernel_readahead(path: Path, kib: int) -> bool:
     sequential throughput here (README, "Kernel caching"). Best effort: needs
     a writable /sys (root, or a container with it).
     """
-    device = mount_device(path)
-    if device is None:
+    if mount is None:
         return False
     try:
-        Path(f"/sys/class/bdi/{device}/read_ahead_kb").write_text(f"{kib}\n")
+        Path(f"/sys/class/bdi/{mount.device}/read_ahead_kb").write_text(f"{kib}\n")
     except OSError as exc:
-        log.debug("cannot set read_ahead_kb for %s: %s", path, exc.strerror)
+        log.debug("cannot set read_ahead_kb for %s: %s", mount.mount_point, exc.strerror)
         return False
     return True

@@ -22,6 +22,7 @@ from pathlib import Path
 from s3cachefs.daemon.blockcache import ObjectVersion
 from s3cachefs.daemon.checksums import Check, etag_md5
 from s3cachefs.daemon.store import Listing, ObjectInfo
+from s3cachefs.fs.names import valid_name
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,9 @@ class Manifest:
     md5: dict[str, str] = field(default_factory=dict)  # key -> hex MD5, where S3 gave one
     # key -> the end-to-end check it passed; absent in manifests written before checks
     checks: dict[str, Check] = field(default_factory=dict)
+    # Full prefixes of directories the dataset shows with no file of its own in them: the
+    # FUSE view lists them (a "dir/" marker, or above a key it skips), so the pinned view does.
+    dirs: set[str] = field(default_factory=set)
     complete: bool = False
     verified_at: float | None = None
 
@@ -78,6 +82,15 @@ class Manifest:
 
     def versions(self) -> list[ObjectVersion]:
         return [ObjectVersion(self.bucket, o.key, o.etag, o.size) for o in self.objects.values()]
+
+    def keep_dirs_of(self, key: str) -> None:
+        """A key that is not a file of the dataset (a ``dir/`` marker, or one with a segment
+        that is not a valid name): keep the directories the FUSE view shows for it."""
+        parts = key[len(self.prefix) :].split("/")
+        for depth, part in enumerate(parts[:-1]):
+            if not valid_name(part):
+                break  # a skipped segment hides everything below it (`fs.names`)
+            self.dirs.add(self.prefix + "".join(p + "/" for p in parts[: depth + 1]))
 
 
 def manifest_id(bucket: str, prefix: str, shard: str | None) -> str:
@@ -171,18 +184,25 @@ class PinStore:
                 if child not in entry.prefixes:
                     entry.prefixes.append(child)
             for info in manifest.objects.values():
-                parts = info.key[len(manifest.prefix) :].split("/")
-                parent = manifest.prefix
-                for part in parts[:-1]:
-                    child = parent + part + "/"
-                    if child not in listings:
-                        listings[child] = Listing()
-                        listings.setdefault(parent, Listing()).prefixes.append(child)
-                    parent = child
+                parent = _add_parents(listings, manifest.prefix, info.key)
                 listings.setdefault(parent, Listing()).objects.append(info)
+            for directory in sorted(manifest.dirs):
+                _add_parents(listings, manifest.prefix, directory + "x")
         self._listings = listings
         self._ancestors = ancestors
         self.generation += 1
+
+
+def _add_parents(listings: dict[str, Listing], prefix: str, key: str) -> str:
+    """List every directory between ``prefix`` and ``key``; returns the key's directory."""
+    parent = prefix
+    for part in key[len(prefix) :].split("/")[:-1]:
+        child = parent + part + "/"
+        if child not in listings:
+            listings[child] = Listing()
+            listings.setdefault(parent, Listing()).prefixes.append(child)
+        parent = child
+    return parent
 
 
 def _encode(m: Manifest) -> dict[str, object]:
@@ -196,6 +216,7 @@ def _encode(m: Manifest) -> dict[str, object]:
         "objects": [[*asdict(o).values(), m.md5.get(o.key)] for o in m.objects.values()],
         # Beside "objects", not in its rows: older daemons read this manifest as before.
         "checks": {k: c.encode() for k, c in m.checks.items() if k in m.objects},
+        "dirs": sorted(m.dirs),  # absent in manifests of earlier releases
     }
 
 
@@ -209,6 +230,7 @@ def _decode(data: dict[str, object]) -> Manifest:
         complete=bool(data["complete"]),
         verified_at=None if data["verified_at"] is None else float(data["verified_at"]),  # type: ignore[arg-type]
     )
+    manifest.dirs = {str(d) for d in data.get("dirs", [])}  # type: ignore[attr-defined]
     for key, size, etag, mtime_ns, md5 in data["objects"]:  # type: ignore[attr-defined]
         manifest.objects[key] = ObjectInfo(key, size, etag, mtime_ns)
         if md5:

@@ -173,6 +173,9 @@ class PrefetchJob:
                 break
             files = [info for info in page if not info.key.endswith("/")]  # not dir markers
             valid = [info for info in files if valid_key(info.key, self.prefix)]
+            for info in page:  # the directories the FUSE view shows for the others
+                if info.key.endswith("/") or not valid_key(info.key, self.prefix):
+                    self.manifest.keep_dirs_of(info.key)
             if len(valid) < len(files):
                 self.progress.files_skipped += len(files) - len(valid)
                 log.warning(

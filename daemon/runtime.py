@@ -1,8 +1,14 @@
 """Per-mount runtime records (``/run/s3cachefs``): which daemon serves which mountpoint.
 
 ``unmount`` uses them to wait for the daemon to finish (so a remount on the
-same cache dir can start at once); the control socket of later issues lives
-beside them. The directory is 0700: only the daemon's user reads it.
+same cache dir can start at once); the control socket lives beside them. The
+directory is 0700: only the daemon's user reads it.
+
+Two daemons can have served the same path: an old one whose mount lives on in
+another mount namespace, and a new one mounted on the path since. A record
+names its daemon's pid and mount (device ``major:minor``, mount id); each
+daemon's socket carries its pid in its name; a daemon removes a record only if
+it is its own.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ class MountRecord:
     source: str
     cache_dir: str
     socket: str
+    device: str = ""  # "major:minor" of the daemon's FUSE mount ("": an earlier release)
+    mount_id: int = 0
 
 
 def _path(mountpoint: Path) -> Path:
@@ -36,8 +44,9 @@ def _path(mountpoint: Path) -> Path:
     return runtime_dir() / f"mount-{digest}.json"
 
 
-def control_socket_path(mountpoint: Path) -> Path:
-    return _path(mountpoint).with_suffix(".sock")
+def control_socket_path(mountpoint: Path, pid: int) -> Path:
+    path = _path(mountpoint)
+    return path.with_name(f"{path.stem}-{pid}.sock")
 
 
 def all_records() -> list[MountRecord]:
@@ -74,8 +83,12 @@ def sweep_dead_records() -> int:
         if pid and _alive(pid):
             continue
         path.unlink(missing_ok=True)
-        path.with_suffix(".sock").unlink(missing_ok=True)
+        path.with_suffix(".sock").unlink(missing_ok=True)  # named so by earlier releases
         removed += 1
+    for sock in runtime_dir().glob("mount-*-*.sock"):
+        pid_text = sock.stem.rpartition("-")[2]
+        if pid_text.isdigit() and not _alive(int(pid_text)):
+            sock.unlink(missing_ok=True)
     return removed
 
 
@@ -96,5 +109,10 @@ def read_record(mountpoint: Path) -> MountRecord | None:
         return None
 
 
-def remove_record(mountpoint: Path) -> None:
+def remove_record(mountpoint: Path, pid: int | None = None) -> None:
+    """Remove the record of ``mountpoint``; with ``pid``, only if it is that daemon's."""
+    if pid is not None:
+        record = read_record(mountpoint)
+        if record is not None and record.pid != pid:
+            return  # another daemon's, mounted on the path since
     _path(mountpoint).unlink(missing_ok=True)

@@ -7,11 +7,16 @@ reads the whole dataset, and /proc/self/mountinfo shows the bind.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
+import subprocess
 import threading
 import time
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +24,8 @@ import pytest
 
 from s3cachefs.cli.locals3 import LocalS3
 from s3cachefs.daemon.binds import MountEntry, mountinfo, mounts_below, stack_at
-from tests.conftest import Bucket, Mount, Mounter, drop_page_cache, run_cli
-from tests.test_prefetch import check_tree, fill, prefetch
+from tests.conftest import Bucket, Mount, Mounter, drop_page_cache, mount_cli, run_cli
+from tests.test_prefetch import MIB, check_tree, fill, prefetch
 
 
 def status(mount: Mount) -> dict[str, Any]:
@@ -310,3 +315,212 @@ def test_unmount_command_removes_the_binds_first(bucket: Bucket, mounter: Mounte
     assert result.returncode == 0, result.stderr
     assert mounts_below(mount.path) == []
     assert mount.proc.wait(timeout=30) == 0
+
+
+# ---- checks of kernel-served files (a byte flipped on disk) --------------------------
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    """One byte of a file changed in place, as a bad disk or a stray write would."""
+    with path.open("r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def listen_for_status(mount: Mount) -> socket.socket:
+    """Receive the daemon's later STATUS= lines on its notify socket, as systemd would."""
+    path = mount.log.with_suffix(".notify")
+    path.unlink(missing_ok=True)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.settimeout(0.2)
+    return sock
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_a_byte_flipped_on_disk_is_found_by_the_scheduled_check_and_fuse_serves_it(
+    bucket: Bucket, mounter: Mounter
+) -> None:
+    files = fill(bucket)
+    port = free_port()
+    mount = mounter(
+        bucket.name, "--min-free", "0", "--verify-interval", "1", "--metrics-address",
+        f"127.0.0.1:{port}",
+    )  # fmt: skip
+    assert prefetch(mount, "dataset-v3").returncode == 0
+    info = wait_bound(mount)
+    assert info["kernel_served"]
+    wait_for(lambda: dataset(mount)["kernel_check"] is not None, "the first scheduled check")
+    assert dataset(mount)["kernel_check"]["ok"]
+    status_lines = listen_for_status(mount)
+    try:
+        key = "dataset-v3/archive/big.tar"
+        flip_byte(Path(info["tree"]) / "archive" / "big.tar", 2 * MIB + 3)
+        wait_for(lambda: not dataset(mount)["kernel_served"], "the check to unbind")
+        found = dataset(mount)
+        check = found["kernel_check"]
+        assert (check["ok"], check["trigger"], check["damaged"]) == (False, "scheduled", [key])
+        assert "s3cachefs verify dataset-v3" in found["kernel_note"]
+        assert bind_on(mount.path / "dataset-v3") is None
+        log = mount.log_text()
+        assert "WARNING s3cachefs.daemon.kernelcheck: kernel-serve check dataset=dataset-v3/" in log
+        assert "dataset=dataset-v3/ trigger=scheduled files=13" in log
+        assert "damaged=1 e.g. key=dataset-v3/archive/big.tar" in log
+        human = run_cli("status", str(mount.path)).stdout
+        assert "1 DAMAGED (e.g. dataset-v3/archive/big.tar)" in human
+        samples = scrape(port)
+        name = (("dataset", "dataset-v3"),)
+        assert samples[("s3cachefs_dataset_kernel_served", name)] == 0
+        assert samples[("s3cachefs_kernel_check_damaged_files", name)] == 1
+        assert samples[("s3cachefs_kernel_checks_total", (("result", "damaged"),))] == 1
+        assert samples[("s3cachefs_kernel_checks_total", (("result", "intact"),))] >= 1
+        wait_for(lambda: b"kernel check FAILED" in _received(status_lines), "STATUS= line")
+    finally:
+        status_lines.close()
+    # The FUSE path serves the dataset, and fetches the damaged block again.
+    before = fuse_reads(mount)
+    drop_page_cache()
+    check_tree(mount, files)
+    assert fuse_reads(mount)[1] > before[1]
+    assert status(mount)["cache"]["corrupt_blocks"] >= 1
+    # `verify` repairs and binds again; every byte through the bind is right.
+    result = run_cli("verify", "dataset-v3", "--mount", str(mount.path))
+    assert result.returncode == 0, result.stderr
+    again = wait_bound(mount)
+    assert again["kernel_served"] and again["kernel_check"]["ok"]
+    drop_page_cache()
+    check_tree(mount, files)
+    assert bind_on(mount.path / "dataset-v3") is not None
+
+
+def _received(sock: socket.socket) -> bytes:
+    data = b""
+    with contextlib.suppress(TimeoutError):
+        while True:
+            data += sock.recv(4096)
+    return data
+
+
+def test_a_file_damaged_while_no_daemon_ran_is_checked_before_binding(
+    bucket: Bucket, mounter: Mounter
+) -> None:
+    files = fill(bucket)
+    other = fill(bucket, prefix="other-ds", count=4)
+    mount = mounter(bucket.name, "--min-free", "0")
+    assert prefetch(mount, "dataset-v3").returncode == 0
+    assert prefetch(mount, "other-ds").returncode == 0
+    tree = Path(dataset(mount)["tree"])
+    assert mount.stop() == 0
+    flip_byte(tree / "archive" / "big.tar", 5)  # the daemon is down: nothing sees it
+    again = mounter(bucket.name, "--min-free", "0", name="mnt2", cache_dir=mount.cache_dir)
+    wait_for(lambda: dataset(again)["kernel_check"] is not None, "the check at start")
+    assert wait_bound(again, "other-ds")["kernel_served"]
+    damaged = dataset(again)
+    assert not damaged["kernel_served"], damaged
+    assert damaged["kernel_check"]["trigger"] == "start"
+    assert damaged["kernel_check"]["damaged"] == ["dataset-v3/archive/big.tar"]
+    assert dataset(again, "other-ds")["kernel_check"]["ok"]
+    assert bind_on(again.path / "dataset-v3") is None
+    log = again.log_text()
+    check = log.index("kernel-serve check dataset=other-ds/ trigger=start")
+    assert check < log.index("kernel-serve bound dataset=other-ds/")  # checked, then bound
+    assert "kernel-serve bound dataset=dataset-v3/" not in log
+    drop_page_cache()
+    check_tree(again, files)  # through FUSE: the bad block fetched again
+    check_tree(again, other, prefix="other-ds")
+
+
+def test_verify_interval_setting(bucket: Bucket, tmp_path: Path) -> None:
+    import argparse
+
+    from s3cachefs.cli.settings import add_mount_options, mount_config, resolve
+
+    parser = argparse.ArgumentParser()
+    add_mount_options(parser)
+    base = ["bucket", str(tmp_path)]
+
+    def interval(*flags: str, env: dict[str, str] | None = None) -> float | None:
+        return mount_config(resolve(parser.parse_args([*base, *flags]), env or {})).verify_interval
+
+    assert interval() == 24 * 3600
+    assert interval("--verify-interval", "90m") == 5400
+    assert interval("--verify-interval", "2d") == 2 * 86400
+    assert interval("--verify-interval", "off") is None
+    assert interval("--verify-interval", "0") is None
+    assert interval(env={"S3CACHEFS_VERIFY_INTERVAL": "30s"}) == 30
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    result = mount_cli(bucket, mnt, tmp_path / "cache", "--verify-interval", "soon")
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "s3cachefs: --verify-interval: bad interval 'soon': use e.g. 24h, 30m, 90s, 2d, or off"
+    )
+
+
+# ---- the same tree through FUSE and through the kernel ------------------------------------
+
+
+def find(root: Path) -> list[str]:
+    result = subprocess.run(
+        ["find", str(root), "-mindepth", "1", "-printf", "%y %P\n"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return sorted(result.stdout.splitlines())
+
+
+def test_fuse_view_and_kernel_served_tree_are_the_same_tree(
+    bucket: Bucket, mounter: Mounter
+) -> None:
+    keys = {
+        "keys/f.txt": b"f",
+        "keys/sub/g.txt": b"g" * 5000,
+        "keys/dots/..": b"not a name",  # a skipped segment: "dots" stays, empty
+        "keys/trail/": b"",  # a directory marker
+        "keys/a//b": b"empty segment",
+        "keys/x": b"hidden by the directory x/",
+        "keys/x/": b"",
+    }
+    for key, body in keys.items():
+        bucket.put(key, body)
+    expected = ["d a", "d dots", "d sub", "d trail", "d x", "f f.txt", "f sub/g.txt"]
+    mount = mounter(bucket.name, "--min-free", "0")
+    assert find(mount.path / "keys") == expected  # FUSE, listed from S3
+    result = prefetch(mount, "keys")
+    assert result.returncode == 0, result.stderr
+    assert wait_bound(mount, "keys")["kernel_served"]
+    assert bind_on(mount.path / "keys") is not None
+    assert find(mount.path / "keys") == expected  # the kernel, from the tree
+    assert "skipped 2 keys that are not valid file names" in mount.log_text()
+    assert mount.stop() == 0
+    fuse = mounter(bucket.name, "--no-kernel-serve-pinned", name="mnt2", cache_dir=mount.cache_dir)
+    bucket.server.reset()
+    assert find(fuse.path / "keys") == expected  # FUSE, from the manifest
+    assert bucket.server.counts()["list"] == 1  # the root only: the dataset is the manifest's
