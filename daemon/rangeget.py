@@ -31,7 +31,7 @@ import botocore.awsrequest
 import botocore.credentials
 import urllib3
 
-from s3cachefs.daemon.errors import CredentialsError, StoreError, TransientError
+from s3cachefs.daemon.errors import CredentialsError, StaleError, StoreError, TransientError
 
 # Statuses worth another attempt: throttling and server-side trouble.
 _RETRY_STATUS = {429, 500, 502, 503, 504}
@@ -81,8 +81,9 @@ class RangeGetter:
     def open(self, key: str, etag: str, start: int, end: int, what: str) -> Any:
         """The response to ``GET key`` for bytes [start, end) of version ``etag``.
 
-        The caller reads the body (urllib3 errors while reading are network
-        errors) and releases it. Raises StoreError.
+        A 200 or 206, not yet checked: the caller checks it
+        (`daemon.responses.check_get_response`) before reading the body (urllib3
+        errors while reading are network errors), and releases it. Raises StoreError.
         """
         url = self.url(key)
         attempt = 0
@@ -100,6 +101,8 @@ class RangeGetter:
                 match = _CODE.search(body)
                 code = match.group(1).decode() if match else str(response.status)
                 error = self._error_for_code(code, what)
+                if isinstance(error, StaleError):  # the current ETag, if the server said it
+                    error.current_etag = response.headers.get("ETag")
                 if response.status not in _RETRY_STATUS:
                     raise error
             if attempt >= self._max_attempts:
