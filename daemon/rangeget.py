@@ -5,6 +5,9 @@ botocore ``get_object`` costs 1.6-1.8 ms of CPU per request (endpoint rules,
 event hooks, response parsing), a third of prefetch's CPU per small file;
 signing with botocore's own SigV4 signer and sending with urllib3 costs
 0.5-0.6 ms. Everything else (listings, HEAD, writes) stays on the boto3 client.
+The store checks every response before reading it (`daemon.responses`, ~0.05
+ms) and a whole single-part object's body against its MD5 (~0.13 ms per
+100 KB, 1.4 ms per MB on that machine): the price of never serving a wrong byte.
 
 What is kept from botocore: the credential chain (refreshable credentials are
 re-read before each request), SigV4 signing, the CA bundle. What is ours:

@@ -262,7 +262,11 @@ def test_an_ignored_if_match_is_caught_by_the_response_etag(
 
 
 def test_a_listing_that_never_ends_is_an_error_naming_why(
-    bucket: Bucket, proxy: FaultProxy, lying_store: S3Store, caplog: pytest.LogCaptureFixture
+    bucket: Bucket,
+    proxy: FaultProxy,
+    lying_store: S3Store,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     for i in range(3):
         bucket.put(f"p/f{i}", b"x")
@@ -279,6 +283,11 @@ def test_a_listing_that_never_ends_is_an_error_naming_why(
             next(pages)
     assert lying_store.requests["list"] == 6  # two pages each, not 12,000
     assert [r.getMessage() for r in caplog.records] == [f"{why}: the server is misbehaving"]
+    monkeypatch.setattr(store_module, "MAX_LIST_PAGES", 1)  # a listing of too many pages
+    pages = lying_store.list_tree("p/")
+    assert len(next(pages)) == 3
+    with pytest.raises(StoreError, match="went on for more than 1 pages: the server is misb"):
+        next(pages)
     lying_store.listing_budget = 0.0  # a listing that outlives --s3-timeout x attempts
     with pytest.raises(TransientError, match="took longer than 0 s"):
         lying_store.list_dir("p/")
