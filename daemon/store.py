@@ -238,7 +238,7 @@ class S3Store:
         self._body_attempts = config.s3_max_attempts
         self._config = config
         self._getter: RangeGetter | None = None  # set by check_bucket, once the region is known
-        self._warned: set[str] = set()  # server behaviours already named in a WARNING
+        self._warned: set[str] = set()  # server behaviours already logged loudly (once each)
         # A whole listing (every page of one directory) may take this long at most.
         self.listing_budget = config.s3_timeout * config.s3_max_attempts
         try:
