@@ -57,7 +57,9 @@ def main() -> None:
                         IfMatch=etags[key],
                     )["Body"].read()
                 else:
-                    b"".join(store.iter_range(key, etags[key], 0, args.size, 1 << 20))
+                    b"".join(
+                        store.iter_range(key, etags[key], 0, args.size, 1 << 20, size=args.size)
+                    )
             cpu = (time.thread_time() - start) / args.gets
             print(f"  {name:<24} {cpu * 1000:.2f} ms")
         server.stop()

@@ -828,7 +828,7 @@ class BlockCache:
         def stream() -> None:  # in a worker thread
             first = EAGER_FIRST_PIECE if eager else 0
             for piece in self.store.iter_range(
-                version.key, version.etag, start, end, self.block_size, first
+                version.key, version.etag, start, end, self.block_size, first, size=version.size
             ):
                 if finished:
                     return

@@ -29,6 +29,8 @@ as its one line.
         ├── AlreadyExistsError a create-only write found the key taken
         ├── ChecksumsRefusedError an upload's additional checksum refused (400/501)
         └── TransientError     5xx, throttling, network, after retries -> EIO
+            └── BadResponseError  a response that is not what was asked for (wrong range,
+                                  length, or a body failing its MD5 ETag)   -> EIO
 """
 
 
@@ -113,7 +115,15 @@ class CredentialsError(AccessDeniedError):
 
 
 class StaleError(StoreError):
-    """The object changed in S3 since it was opened (ETag mismatch)."""
+    """The object changed in S3 since it was opened (ETag mismatch).
+
+    ``current_etag``: the ETag the server reported instead, when it said (a
+    response's ETag header; a 412 usually does not say).
+    """
+
+    def __init__(self, message: str, *, current_etag: str | None = None) -> None:
+        super().__init__(message)
+        self.current_etag = current_etag
 
 
 class AlreadyExistsError(StoreError):
@@ -126,3 +136,17 @@ class ChecksumsRefusedError(StoreError):
 
 class TransientError(StoreError):
     """Throttling, 5xx or network failure that outlived the retry budget."""
+
+
+class BadResponseError(TransientError):
+    """A response that is not what was asked for; ``behaviour`` names what the server did.
+
+    Retried like any transient failure, never cached, and named once per store
+    in a WARNING (`daemon.responses`).
+    """
+
+    def __init__(self, what: str, behaviour: str, detail: str) -> None:
+        super().__init__(f"{what}: {detail}")
+        self.what = what
+        self.behaviour = behaviour
+        self.detail = detail

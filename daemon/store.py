@@ -10,6 +10,8 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import itertools
+import logging
 import random
 import threading
 import time
@@ -30,6 +32,7 @@ from s3cachefs.daemon import checksums
 from s3cachefs.daemon.errors import (
     AccessDeniedError,
     AlreadyExistsError,
+    BadResponseError,
     ChecksumsRefusedError,
     CredentialsError,
     NoSuchBucketError,
@@ -39,12 +42,15 @@ from s3cachefs.daemon.errors import (
     TransientError,
 )
 from s3cachefs.daemon.rangeget import RangeGetter, proxy_applies
+from s3cachefs.daemon.responses import body_md5, check_get_response
 from s3cachefs.daemon.uploadchecksums import REFUSAL_CODES, ChecksumSupport
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
     from s3cachefs.daemon.config import MountConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -119,15 +125,26 @@ class ObjectStore(Protocol):
         ...
 
     def iter_range(
-        self, key: str, etag: str, start: int, end: int, chunk: int, first: int = 0
+        self,
+        key: str,
+        etag: str,
+        start: int,
+        end: int,
+        chunk: int,
+        first: int = 0,
+        *,
+        size: int,
     ) -> Iterator[bytes]:
         """Bytes ``[start, end)`` of version ``etag`` of ``key``, in ``chunk``-sized pieces.
 
         One ranged GET, conditional on the ETag (`StaleError` if the object
-        changed); each piece is yielded as soon as it has arrived, so the first
-        block of a long GET is served before the last one is in. With
-        ``first``, the first chunk comes as two pieces, ``first`` bytes and the
-        rest (`piece_size`): a cold reader of the start is served sooner.
+        changed); ``size`` is the version's size, which the response must
+        confirm (`daemon.responses`). Each piece is yielded as soon as it has
+        arrived, so the first block of a long GET is served before the last one
+        is in; a GET of a whole single-part object yields nothing before the
+        body matched its MD5 ETag. With ``first``, the first chunk comes as two
+        pieces, ``first`` bytes and the rest (`piece_size`): a cold reader of
+        the start is served sooner.
         """
         ...
 
@@ -196,6 +213,10 @@ class ObjectStore(Protocol):
     def delete_object(self, key: str) -> None: ...
 
 
+# A listing longer than this is a server that never ends it (100,000 pages of 1,000 keys:
+# 100 million objects under one prefix), not a real one: it fails with a StoreError.
+MAX_LIST_PAGES = 100_000
+
 # S3 error codes, by the error they become. Anything else is a StoreError.
 _NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
 _NO_BUCKET = {"NoSuchBucket"}
@@ -259,7 +280,11 @@ def _translated(what: str) -> Iterator[None]:
         yield
     except botocore.exceptions.ClientError as exc:
         code = str(exc.response.get("Error", {}).get("Code", ""))
-        raise error_for_code(code, what) from None
+        error = error_for_code(code, what)
+        if isinstance(error, StaleError):  # the current ETag, if the server said it
+            headers = exc.response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+            error.current_etag = headers.get("etag")
+        raise error from None
     except botocore.exceptions.NoCredentialsError:
         raise CredentialsError(
             "no AWS credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
@@ -285,6 +310,9 @@ class S3Store:
         self._body_attempts = config.s3_max_attempts
         self._config = config
         self._getter: RangeGetter | None = None  # set by check_bucket, once the region is known
+        self._warned: set[str] = set()  # server behaviours already logged loudly (once each)
+        # A whole listing (every page of one directory) may take this long at most.
+        self.listing_budget = config.s3_timeout * config.s3_max_attempts
         try:
             self._core_session = botocore.session.Session(profile=config.profile)
             session = boto3.session.Session(botocore_session=self._core_session)
@@ -389,7 +417,8 @@ class S3Store:
 
     def list_dir(self, prefix: str) -> Listing:
         listing = Listing()
-        for page in self._pages(prefix, "/"):
+        deadline = time.monotonic() + self.listing_budget  # a lookup waits this long at most
+        for page in self._pages(prefix, "/", deadline):
             listing.objects.extend(_objects(page))
             listing.prefixes.extend(p["Prefix"] for p in page.get("CommonPrefixes", []))
         return listing
@@ -398,10 +427,27 @@ class S3Store:
         for page in self._pages(prefix, ""):
             yield _objects(page)
 
-    def _pages(self, prefix: str, delimiter: str) -> Iterator[Any]:
+    def _pages(self, prefix: str, delimiter: str, deadline: float | None = None) -> Iterator[Any]:
+        """Every page of one listing, bounded: a server that never ends it is an error."""
         token = ""
+        seen: set[str] = set()
         what = f"s3://{self._bucket}/{prefix}"
-        while True:
+        for pages in itertools.count(1):
+            if pages > MAX_LIST_PAGES:
+                raise self._listing_error(
+                    what, f"went on for more than {MAX_LIST_PAGES:,} pages", "page_limit"
+                )
+            if deadline is not None and time.monotonic() > deadline:
+                message = (
+                    f"S3 listing of {what} took longer than {self.listing_budget:g} s "
+                    "(--s3-timeout x attempts)"
+                )
+                log.log(
+                    logging.WARNING if self._first("list:deadline") else logging.DEBUG,
+                    "%s",
+                    message,
+                )
+                raise TransientError(message)
             with self._request("list", what):
                 if token:
                     page = self._client.list_objects_v2(
@@ -414,10 +460,32 @@ class S3Store:
                     page = self._client.list_objects_v2(
                         Bucket=self._bucket, Prefix=prefix, Delimiter=delimiter
                     )
-            yield page
             if not page.get("IsTruncated"):
+                yield page
                 return
-            token = page["NextContinuationToken"]
+            # Checked before the page is used: a repeated token repeats a page already seen.
+            token = page.get("NextContinuationToken", "")
+            if not token or token in seen:
+                raise self._listing_error(
+                    what,
+                    "repeated its continuation token" if token else "is truncated with no token",
+                    "token",
+                )
+            seen.add(token)
+            yield page
+
+    def _listing_error(self, what: str, why: str, behaviour: str) -> StoreError:
+        """A listing that cannot end: one ERROR line per behaviour per store, and EIO."""
+        message = f"S3 listing of {what} {why}: the server is misbehaving"
+        log.log(logging.ERROR if self._first(f"list:{behaviour}") else logging.DEBUG, "%s", message)
+        return StoreError(message)
+
+    def _first(self, behaviour: str) -> bool:
+        """Whether this is the first time this store sees ``behaviour`` (then it logs loudly)."""
+        with self._lock:
+            first = behaviour not in self._warned
+            self._warned.add(behaviour)
+        return first
 
     def head(self, key: str) -> ObjectInfo:
         with self._request("head", f"s3://{self._bucket}/{key}"):
@@ -444,39 +512,78 @@ class S3Store:
         return PartHead(resp["ContentLength"], None if count is None else int(count))
 
     def iter_range(
-        self, key: str, etag: str, start: int, end: int, chunk: int, first: int = 0
+        self,
+        key: str,
+        etag: str,
+        start: int,
+        end: int,
+        chunk: int,
+        first: int = 0,
+        *,
+        size: int,
     ) -> Iterator[bytes]:
         what = f"s3://{self._bucket}/{key}"
         pos = start
         attempt = 0
         # A failed request is retried inside the request (botocore's budget, or the lean
-        # path's); a body cut half-way is ours, resuming at the first piece not yet delivered.
+        # path's); a response that is not what was asked for, or a body cut half-way, is
+        # ours: retried from the first piece not yet delivered, within the same budget.
         while pos < end:
-            with self._request("get", what):  # the latency observed: time to headers
-                if self._getter is not None:
-                    body = self._getter.open(key, etag, pos, end, what)
-                else:
-                    body = self._client.get_object(
-                        Bucket=self._bucket, Key=key, Range=f"bytes={pos}-{end - 1}", IfMatch=etag
-                    )["Body"]
+            body: Any = None
             whole = False
             try:
+                with self._request("get", what):  # the latency observed: time to headers
+                    status, headers, body = self._open(key, etag, pos, end, what)
+                    check_get_response(status, headers, pos, end, size, etag, what=what)
+                md5 = body_md5(headers, etag) if pos == 0 and end == size else None
                 with _translated(what):
-                    while pos < end:
-                        size = piece_size(pos - start, chunk, first)
-                        piece = _read_exactly(body, min(size, end - pos))
-                        if piece is None:
-                            raise TransientError(f"{what}: body ended early at byte {pos}")
-                        pos += len(piece)
-                        yield piece
+                    if md5 is None:
+                        while pos < end:
+                            piece = _read_exactly(
+                                body, min(piece_size(pos - start, chunk, first), end - pos)
+                            )
+                            if piece is None:
+                                raise TransientError(f"{what}: body ended early at byte {pos}")
+                            pos += len(piece)
+                            yield piece
+                    else:  # a whole single-part object: not one byte before its MD5 matched
+                        for piece in _read_verified(body, end, chunk, first, md5, what):
+                            pos += len(piece)
+                            yield piece
                 whole = True
-            except TransientError:
+            except TransientError as exc:
+                if body is None:  # the request itself failed, after its own retries
+                    raise
                 attempt += 1
+                if isinstance(exc, BadResponseError):
+                    self._bad_response(exc, retrying=attempt < self._body_attempts)
                 if attempt >= self._body_attempts:
                     raise
                 time.sleep(min(2.0, 0.05 * 2**attempt) * random.random())  # noqa: S311
             finally:
-                _release(body, whole)
+                if body is not None:
+                    _release(body, whole)
+
+    def _open(self, key: str, etag: str, start: int, end: int, what: str) -> tuple[int, Any, Any]:
+        """(status, headers, streaming body) of ``GET key`` for bytes [start, end)."""
+        if self._getter is not None:
+            response = self._getter.open(key, etag, start, end, what)
+            return response.status, response.headers, response
+        resp = self._client.get_object(
+            Bucket=self._bucket, Key=key, Range=f"bytes={start}-{end - 1}", IfMatch=etag
+        )
+        meta = resp["ResponseMetadata"]
+        return meta["HTTPStatusCode"], meta["HTTPHeaders"], resp["Body"]
+
+    def _bad_response(self, exc: BadResponseError, *, retrying: bool) -> None:
+        """One WARNING per behaviour per store: a broken server must not flood the log."""
+        log.log(
+            logging.WARNING if self._first(exc.behaviour) else logging.DEBUG,
+            "%s for %s; %s",
+            exc.detail,
+            exc.what,
+            "retrying" if retrying else "giving up",
+        )
 
     @property
     def sends_checksums(self) -> bool:
@@ -671,6 +778,25 @@ def _release(body: Any, whole: bool) -> None:
         body.close()
 
 
+def _read_verified(
+    body: Any, size: int, chunk: int, first: int, md5: str, what: str
+) -> list[bytes]:
+    """A whole object's body in pieces, read to its end and checked against its MD5."""
+    digest = hashlib.md5(usedforsecurity=False)
+    pieces: list[bytes] = []
+    pos = 0
+    while pos < size:
+        piece = _read_exactly(body, min(piece_size(pos, chunk, first), size - pos))
+        if piece is None:
+            raise TransientError(f"{what}: body ended early at byte {pos}")
+        digest.update(piece)
+        pieces.append(piece)
+        pos += len(piece)
+    if digest.hexdigest() != md5:
+        raise BadResponseError(what, "md5", "body does not match its MD5 ETag")
+    return pieces
+
+
 def _read_exactly(body: Any, size: int) -> bytes | None:
     """``size`` bytes from a streaming body, or None if it ends first."""
     parts: list[bytes] = []
@@ -834,7 +960,15 @@ class MemoryStore:
         return PartHead(layout[number - 1], len(layout) if key in self._layouts else None)
 
     def iter_range(
-        self, key: str, etag: str, start: int, end: int, chunk: int, first: int = 0
+        self,
+        key: str,
+        etag: str,
+        start: int,
+        end: int,
+        chunk: int,
+        first: int = 0,
+        *,
+        size: int,
     ) -> Iterator[bytes]:
         self._count("get")
         if self.get_delay:
@@ -846,7 +980,9 @@ class MemoryStore:
                 raise NotFoundError(f"{key}: not found")
             data, current, _ = self._objects[key]
         if current != etag:
-            raise StaleError(f"{key}: changed in S3 since it was opened")
+            raise StaleError(f"{key}: changed in S3 since it was opened", current_etag=current)
+        if size != len(data):  # as S3Store's response check would find
+            raise BadResponseError(key, "size_mismatch", f"the object has {len(data)} bytes")
         pos = start
         while pos < end:
             size = min(piece_size(pos - start, chunk, first), end - pos)

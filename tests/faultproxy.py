@@ -6,18 +6,34 @@ arrive), and bodies that stall half-way (the connection stays open, silent).
 Each request draws one outcome from the configured rates with a seeded RNG,
 so a run is reproducible; ``down`` refuses every request, as an unreachable
 S3 would (connection reset without a response).
+
+And the lies S3-compatible servers and proxies tell (issue 11), drawn only for
+the requests they can apply to, so a rate is "of those requests":
+
+  ignore_range     GET with Range answered 200 with the whole object (Content-Range dropped)
+  flip_byte        one byte of a GET body flipped, same length, headers unchanged
+  short_range      a ranged GET answered 206 for fewer bytes than asked (consistent headers)
+  strip_if_match   the If-Match header removed before forwarding (server ignores If-Match)
+  listing_etag     ETags in ListObjectsV2 responses rewritten to a different quoted hex
+                   value (the same one for the same object every time: `listing_etag`)
+  endless_listing  ListObjectsV2 answered IsTruncated=true with the same continuation
+                   token forever (`ENDLESS_TOKEN`; a request carrying it lists page 1 again)
 """
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import random
+import re
 import socket
+import sys
 import threading
 import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import urlsplit
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 SLOWDOWN = (
     b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
@@ -26,6 +42,29 @@ SLOWDOWN = (
 INTERNAL = (
     b"<Error><Code>InternalError</Code><Message>We encountered an internal error.</Message></Error>"
 )
+ENDLESS_TOKEN = "s3cachefs-endless-listing"
+# Drawn for every request (subject to ``methods``); the lies only where they apply.
+_EVERY_REQUEST = frozenset({"slowdown", "internal", "reset", "cut", "stall"})
+_RANGE = re.compile(r"^bytes=(\d+)-(\d+)$")
+_ETAG_ELEMENT = re.compile(rb"<ETag>(.*?)</ETag>", re.DOTALL)
+_HEX32 = re.compile(rb"[0-9a-fA-F]{32}")
+
+
+def listing_etag(etag: bytes) -> bytes:
+    """What ``listing_etag`` makes of an ETag: another hex value, the same one every time."""
+    return _HEX32.sub(
+        lambda m: (
+            hashlib.md5(b"listing-etag:" + m.group(0), usedforsecurity=False).hexdigest().encode()
+        ),
+        etag,
+    )
+
+
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client hanging up (a daemon dropping a response it refused) is not news."""
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
 
 class FaultProxy:
@@ -38,6 +77,12 @@ class FaultProxy:
         reset: float = 0.0,
         cut: float = 0.0,
         stall: float = 0.0,
+        ignore_range: float = 0.0,
+        flip_byte: float = 0.0,
+        short_range: float = 0.0,
+        strip_if_match: float = 0.0,
+        listing_etag: float = 0.0,
+        endless_listing: float = 0.0,
         seed: int = 5,
     ) -> None:
         self.upstream = urlsplit(upstream)
@@ -47,6 +92,12 @@ class FaultProxy:
             "reset": reset,
             "cut": cut,
             "stall": stall,
+            "ignore_range": ignore_range,
+            "flip_byte": flip_byte,
+            "short_range": short_range,
+            "strip_if_match": strip_if_match,
+            "listing_etag": listing_etag,
+            "endless_listing": endless_listing,
         }
         self.stall_seconds = 60.0
         self.down = False
@@ -73,7 +124,7 @@ class FaultProxy:
 
             do_HEAD = do_PUT = do_POST = do_DELETE = do_GET
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = _Server(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.endpoint_url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -125,7 +176,7 @@ class FaultProxy:
         self.server.shutdown()
         self.server.server_close()
 
-    def _draw(self, method: str) -> str:
+    def _draw(self, method: str, applicable: frozenset[str] = frozenset()) -> str:
         with self._lock:
             if self.down:
                 return "down"
@@ -133,18 +184,44 @@ class FaultProxy:
                 return "ok"
             x = self._rng.random()
             for name, rate in self.rates.items():
+                if name not in _EVERY_REQUEST and name not in applicable:
+                    continue
                 if x < rate:
                     self.faults[name] += 1
                     return name
                 x -= rate
             return "ok"
 
+    @staticmethod
+    def _applicable(
+        req: BaseHTTPRequestHandler, listing: bool, asked: re.Match[str] | None
+    ) -> frozenset[str]:
+        """The lies that can be told in answer to this request."""
+        if listing:
+            return frozenset({"listing_etag", "endless_listing"})
+        modes = {"strip_if_match"} if "If-Match" in req.headers else set()
+        if req.command == "GET":
+            modes.add("flip_byte")
+            if asked:
+                modes.add("ignore_range")
+                if int(asked.group(2)) > int(asked.group(1)):
+                    modes.add("short_range")
+        return frozenset(modes)
+
     def handle(self, req: BaseHTTPRequestHandler) -> None:
         if self._checksum_headers(req):  # a server without additional checksums
             return
         length = int(req.headers.get("Content-Length") or 0)
         body = req.rfile.read(length) if length else None
-        outcome = self._draw(req.command)
+        url = urlsplit(req.path)
+        query = parse_qsl(url.query, keep_blank_values=True)
+        listing = req.command == "GET" and any(k == "list-type" for k, _ in query)
+        path = req.path
+        if listing and ("continuation-token", ENDLESS_TOKEN) in query:  # only we know it
+            kept = [(k, v) for k, v in query if k != "continuation-token"]
+            path = url._replace(query=urlencode(kept)).geturl()
+        asked = _RANGE.match(req.headers.get("Range", "")) if req.command == "GET" else None
+        outcome = self._draw(req.command, self._applicable(req, listing, asked))
         if self.write_delay and req.command == "PUT":
             time.sleep(self.write_delay)
         if outcome in ("down", "reset"):
@@ -160,26 +237,21 @@ class FaultProxy:
             if req.command != "HEAD":
                 req.wfile.write(payload)
             return
-        conn = http.client.HTTPConnection(
-            self.upstream.hostname or "127.0.0.1", self.upstream.port, timeout=30
-        )
-        try:
-            headers = {k: v for k, v in req.headers.items() if k.lower() != "host"}
-            headers["Host"] = self.upstream.netloc
-            conn.request(req.command, req.path, body=body, headers=headers)
-            resp = conn.getresponse()
-            data = resp.read()
-        finally:
-            conn.close()
+        resp, data = self._forward(req, path, body, outcome, asked)
+        if 200 <= resp.status < 300:
+            data = self._lie(outcome, data)
         cut = outcome in ("cut", "stall") and req.command == "GET" and len(data) > 1
         req.send_response(resp.status)
         for name, value in resp.getheaders():
             if name.lower() not in ("transfer-encoding", "connection", "content-length"):
                 req.send_header(name, value)
+        # A HEAD answer has no body: its length is the object's, as upstream said.
+        if req.command == "HEAD":
+            req.send_header("Content-Length", resp.getheader("Content-Length") or "0")
+            req.end_headers()
+            return
         req.send_header("Content-Length", str(len(data)))
         req.end_headers()
-        if req.command == "HEAD":
-            return
         if cut:  # promise all of it, send half, then hang up (cut) or go silent (stall)
             req.wfile.write(data[: len(data) // 2])
             req.wfile.flush()
@@ -189,3 +261,52 @@ class FaultProxy:
             req.connection.shutdown(socket.SHUT_RDWR)
             return
         req.wfile.write(data)
+
+    def _forward(
+        self,
+        req: BaseHTTPRequestHandler,
+        path: str,
+        body: bytes | None,
+        outcome: str,
+        asked: re.Match[str] | None,
+    ) -> tuple[http.client.HTTPResponse, bytes]:
+        """Send the request upstream, less what ``outcome`` takes out of it."""
+        headers = {k: v for k, v in req.headers.items() if k.lower() != "host"}
+        headers["Host"] = self.upstream.netloc
+        dropped = {"strip_if_match": "if-match", "ignore_range": "range"}.get(outcome)
+        headers = {k: v for k, v in headers.items() if k.lower() != dropped}
+        if outcome == "short_range" and asked:  # ask upstream for half: its headers agree
+            start, last = int(asked.group(1)), int(asked.group(2))
+            headers = {k: v for k, v in headers.items() if k.lower() != "range"}
+            headers["Range"] = f"bytes={start}-{start + (last - start + 1) // 2 - 1}"
+        conn = http.client.HTTPConnection(
+            self.upstream.hostname or "127.0.0.1", self.upstream.port, timeout=30
+        )
+        try:
+            conn.request(req.command, path, body=body, headers=headers)
+            resp = conn.getresponse()
+            return resp, resp.read()
+        finally:
+            conn.close()
+
+    def _lie(self, outcome: str, data: bytes) -> bytes:
+        """The successful answer's body as ``outcome`` tells it."""
+        if outcome == "flip_byte" and data:
+            with self._lock:
+                at = self._rng.randrange(len(data))
+            return data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1 :]
+        if outcome == "listing_etag":
+            return _ETAG_ELEMENT.sub(
+                lambda m: b"<ETag>" + listing_etag(m.group(1)) + b"</ETag>", data
+            )
+        if outcome == "endless_listing":
+            return _endless(data)
+        return data
+
+
+def _endless(page: bytes) -> bytes:
+    """A ListObjectsV2 page that says more follows, always behind the same token."""
+    page = re.sub(rb"<NextContinuationToken>.*?</NextContinuationToken>", b"", page)
+    page = re.sub(rb"<IsTruncated>\w+</IsTruncated>", b"<IsTruncated>true</IsTruncated>", page)
+    token = f"<NextContinuationToken>{ENDLESS_TOKEN}</NextContinuationToken>".encode()
+    return page.replace(b"</IsTruncated>", b"</IsTruncated>" + token, 1)

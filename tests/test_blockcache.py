@@ -320,9 +320,18 @@ class GatedStore(MemoryStore):
         self.gate = threading.Event()
 
     def iter_range(
-        self, key: str, etag: str, start: int, end: int, chunk: int, first: int = 0
+        self,
+        key: str,
+        etag: str,
+        start: int,
+        end: int,
+        chunk: int,
+        first: int = 0,
+        *,
+        size: int,
     ) -> Iterator[bytes]:
-        for n, piece in enumerate(super().iter_range(key, etag, start, end, chunk, first)):
+        pieces = super().iter_range(key, etag, start, end, chunk, first, size=size)
+        for n, piece in enumerate(pieces):
             if n == 1:
                 assert self.gate.wait(10)
             yield piece

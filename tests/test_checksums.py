@@ -272,9 +272,11 @@ class FlippingStore(MemoryStore):
     flip = True
 
     def iter_range(
-        self, key: str, etag: str, start: int, end: int, chunk: int, first: int = 0
+        self, key: str, etag: str, start: int, end: int, chunk: int, first: int = 0, *, size: int
     ) -> Iterator[bytes]:
-        for n, piece in enumerate(super().iter_range(key, etag, start, end, chunk, first)):
+        for n, piece in enumerate(
+            super().iter_range(key, etag, start, end, chunk, first, size=size)
+        ):
             if self.flip and n == 0:
                 flipped = bytearray(piece)
                 flipped[len(flipped) // 2] ^= 0xFF

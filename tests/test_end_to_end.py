@@ -75,8 +75,8 @@ class LyingProxy(FaultProxy):
         self.seen: list[tuple[str, str]] = []  # (method, path with query) of every request
         self._local = threading.local()
 
-    def _draw(self, method: str) -> str:
-        outcome = super()._draw(method)
+    def _draw(self, method: str, applicable: frozenset[str] = frozenset()) -> str:
+        outcome = super()._draw(method, applicable)
         flipper = getattr(self._local, "flipper", None)
         if flipper is not None:
             flipper.armed = outcome == "flip_byte" and method == "GET"

@@ -267,9 +267,9 @@ class GatedStore(MemoryStore):
         self.gated_start = -1
 
     def iter_range(
-        self, key: str, etag: str, start: int, end: int, chunk: int, first: int = 0
+        self, key: str, etag: str, start: int, end: int, chunk: int, first: int = 0, *, size: int
     ) -> Iterator[bytes]:
-        pieces = super().iter_range(key, etag, start, end, chunk, first)
+        pieces = super().iter_range(key, etag, start, end, chunk, first, size=size)
         head = next(pieces)  # the ETag check happens here
         if start == self.gated_start:
             self.held.set()
