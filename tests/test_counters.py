@@ -157,6 +157,7 @@ def test_scrapes_never_iterate_what_the_trio_thread_changes(tmp_path: Path) -> N
         jobs={},
         pins=SimpleNamespace(manifests={}),
         writeback=SimpleNamespace(stats=empty, left=list),
+        kernel=None,
         dataset_name=str,
     )
     collector = DaemonCollector(daemon)  # type: ignore[arg-type]
