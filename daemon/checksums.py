@@ -64,23 +64,17 @@ from s3cachefs.daemon.errors import (
     StoreError,
     TransientError,
 )
+from s3cachefs.daemon.responses import etag_md5
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from s3cachefs.daemon.store import ChecksumHead, ObjectInfo, ObjectStore
 
-_MD5_ETAG = re.compile(r'^"?([0-9a-f]{32})"?$')
 _MULTIPART_ETAG = re.compile(r'^"?([0-9a-f]{32})-([0-9]+)"?$')
 ALGORITHMS = ("crc32", "crc32c", "crc64nvme", "sha1", "sha256")
 # Kinds that compare against a digest S3 computed: the rest are not end to end.
 NOT_END_TO_END = ("size", "local-md5")
-
-
-def etag_md5(etag: str) -> str | None:
-    """The object's MD5 when the ETag is one (single-part, non-KMS uploads)."""
-    match = _MD5_ETAG.match(etag)
-    return match.group(1) if match else None
 
 
 def multipart_parts(etag: str) -> int | None:

@@ -37,9 +37,10 @@ import trio
 
 from s3cachefs.daemon import checksums
 from s3cachefs.daemon.blockcache import BlockCache, ObjectVersion
-from s3cachefs.daemon.checksums import Check, etag_md5
+from s3cachefs.daemon.checksums import Check
 from s3cachefs.daemon.errors import ConfigError, S3CacheFSError, StoreError
 from s3cachefs.daemon.pins import Manifest, PinStore, Shard
+from s3cachefs.daemon.responses import etag_md5
 from s3cachefs.daemon.store import ObjectInfo, ObjectStore
 from s3cachefs.fs.names import valid_name
 
