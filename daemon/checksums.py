@@ -261,7 +261,9 @@ class Digest:
 def plan(store: ObjectStore, info: ObjectInfo, *, ask_s3: bool = False) -> Check:
     """The best check S3 offers for this object version (blocking: HEADs; StoreError).
 
-    Without ``ask_s3`` an MD5 ETag is taken as it is (no request).
+    Without ``ask_s3`` an MD5 ETag is taken as it is (no request). With it (an MD5
+    check that failed, or ``--etag-md5 off``), a 32-hex ETag is not taken as an MD5:
+    S3's additional checksum, else the object is size-checked only.
     """
     md5 = etag_md5(info.etag)
     if md5 is not None and not ask_s3:
