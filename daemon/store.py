@@ -333,6 +333,9 @@ class S3Store:
             # adds a CRC32 to a PUT sent without one (an aws-chunked trailer over HTTPS),
             # which a server that refuses checksums refuses again (`daemon.uploadchecksums`).
             request_checksum_calculation="when_required",
+            # Nor does get_object ask for them (x-amz-checksum-mode: ENABLED by default),
+            # which some servers refuse (Backblaze B2); HEADs that want them say so.
+            response_checksum_validation="when_required",
         )
         self._client: S3Client = session.client(
             "s3", endpoint_url=config.endpoint_url, config=client_config

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Generator, Iterator
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import cast
 
@@ -287,6 +288,38 @@ def test_etags_that_are_not_md5s_fail_saying_so_until_etag_md5_is_off(
     bucket.put("k", os.urandom(300_000))  # If-Match and the response's ETag still hold
     with pytest.raises(StaleError):
         next(off.iter_range("k", etag, 0, len(data), 65536, size=len(data)))
+
+
+class RecordingProxy(FaultProxy):
+    """The proxy, keeping (method, request headers) of every request."""
+
+    def __init__(self, upstream: str) -> None:
+        super().__init__(upstream)
+        self.seen: list[tuple[str, dict[str, str]]] = []
+
+    def handle(self, req: BaseHTTPRequestHandler) -> None:
+        self.seen.append((req.command, {k.lower(): v for k, v in req.headers.items()}))
+        super().handle(req)
+
+
+def test_gets_never_ask_for_checksums_and_checksum_heads_do(
+    bucket: Bucket, s3_server: LocalS3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """botocore asks by default (x-amz-checksum-mode: ENABLED), which Backblaze B2 refuses."""
+    monkeypatch.setattr(store_module, "proxy_applies", lambda url: True)  # botocore's GET
+    proxy = RecordingProxy(s3_server.endpoint_url)
+    proxy.start()
+    try:
+        data = os.urandom(1000)
+        etag = bucket.put("k", data)
+        store = make_store(bucket, tmp_path, proxy.endpoint_url)
+        assert b"".join(store.iter_range("k", etag, 0, 1000, 1000, size=1000)) == data
+        store.head_checksum("k", etag)
+    finally:
+        proxy.stop()
+    modes = [(m, h.get("x-amz-checksum-mode")) for m, h in proxy.seen]
+    assert ("GET", None) in modes and ("HEAD", "ENABLED") in modes
+    assert all(mode is None for method, mode in modes if method == "GET")
 
 
 def test_an_ignored_if_match_is_caught_by_the_response_etag(
