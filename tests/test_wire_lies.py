@@ -245,6 +245,13 @@ def test_a_server_whose_etags_are_not_md5s_says_what_to_do_and_serves_with_etag_
         "(the same bytes twice): if this server's ETags are not MD5s, mount with "
         "--etag-md5 off; until then such objects fail with EIO"
     )
+    for _ in range(4):  # every read fails again: the log does not say so every time
+        assert read_whole(mount.path / "ds" / "crc.bin") == errno.EIO
+    failed = [
+        ln for ln in mount.log_text().splitlines() if "op=read failed" in ln and "/ds/crc.bin" in ln
+    ]
+    assert 1 <= len(failed) < 5, failed  # at most one per 10 s: one, unless the host stalls
+    assert all("more like it in the last" in ln for ln in failed[1:]), failed
     result = run_cli("prefetch", "ds", "--mount", str(mount.path))
     assert result.returncode != 0 and "mount with --etag-md5 off" in result.stderr
     mount.stop()
