@@ -23,6 +23,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from s3cachefs.daemon.config import (
+    ETAG_MD5_MODES,
     MountConfig,
     default_cache_dir,
     parse_interval,
@@ -113,6 +114,13 @@ def _interval(value: Any) -> float | None:
     if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
         return float(value) or None
     return parse_interval(str(value))
+
+
+def _etag_md5(value: Any) -> str:
+    text = str(value).strip().lower()
+    if text not in ETAG_MD5_MODES:
+        raise ConfigError(f"bad value {value!r}: use auto or off")
+    return text
 
 
 def _int(value: Any) -> int:
@@ -231,6 +239,12 @@ SETTINGS: tuple[Setting, ...] = (
         _interval,
         "24h",
         "re-check kernel-served datasets this often, e.g. 12h (24h; off: at start only)",
+    ),
+    Setting(
+        "etag-md5",
+        _etag_md5,
+        "auto",
+        "auto: single-part ETags are MD5s and reads check them; off: this server's are not",
     ),
     # Read by `s3cachefs prefetch --config`, not by the mount.
     Setting("prefetch", _datasets, None, "datasets to prefetch", flag=False),

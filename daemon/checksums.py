@@ -64,23 +64,17 @@ from s3cachefs.daemon.errors import (
     StoreError,
     TransientError,
 )
+from s3cachefs.daemon.responses import etag_md5
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from s3cachefs.daemon.store import ChecksumHead, ObjectInfo, ObjectStore
 
-_MD5_ETAG = re.compile(r'^"?([0-9a-f]{32})"?$')
 _MULTIPART_ETAG = re.compile(r'^"?([0-9a-f]{32})-([0-9]+)"?$')
 ALGORITHMS = ("crc32", "crc32c", "crc64nvme", "sha1", "sha256")
 # Kinds that compare against a digest S3 computed: the rest are not end to end.
 NOT_END_TO_END = ("size", "local-md5")
-
-
-def etag_md5(etag: str) -> str | None:
-    """The object's MD5 when the ETag is one (single-part, non-KMS uploads)."""
-    match = _MD5_ETAG.match(etag)
-    return match.group(1) if match else None
 
 
 def multipart_parts(etag: str) -> int | None:
@@ -267,7 +261,9 @@ class Digest:
 def plan(store: ObjectStore, info: ObjectInfo, *, ask_s3: bool = False) -> Check:
     """The best check S3 offers for this object version (blocking: HEADs; StoreError).
 
-    Without ``ask_s3`` an MD5 ETag is taken as it is (no request).
+    Without ``ask_s3`` an MD5 ETag is taken as it is (no request). With it (an MD5
+    check that failed, or ``--etag-md5 off``), a 32-hex ETag is not taken as an MD5:
+    S3's additional checksum, else the object is size-checked only.
     """
     md5 = etag_md5(info.etag)
     if md5 is not None and not ask_s3:

@@ -193,6 +193,7 @@ class Daemon:
             jobs=int(request.get("jobs") or self.config.prefetch_jobs),
             dry_run=bool(request.get("dry_run")),
             require_checksums=bool(request.get("require_checksums")),
+            etag_md5s=self.config.etag_md5s,
         )
         job_id = f"{prefix}#{shard}"
         if job_id in self.jobs:

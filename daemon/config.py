@@ -22,6 +22,9 @@ DEFAULT_BLOCK_SIZE = 1 * MIB
 # S3 refuses a multipart part larger than this.
 MAX_PART_SIZE = 5 * GIB
 
+# --etag-md5: whether single-part ETags are MD5s of the content (auto) or not (off).
+ETAG_MD5_MODES = ("auto", "off")
+
 # What "indefinite" means to the kernel: ten years is forever for a mount.
 INDEFINITE_TTL = 10 * 365 * 24 * 3600.0
 
@@ -152,6 +155,9 @@ class MountConfig:
     # How often the files of kernel-served datasets are read back and checked (None: only
     # at start and by `verify`): between checks the kernel serves disk bytes unchecked.
     verify_interval: float | None = 24 * 3600.0
+    # "auto": a single-part object's 32-hex ETag is taken as the MD5 of its bytes (S3's
+    # rule, SSE-KMS/SSE-C excepted); "off": a server whose ETags are other digests.
+    etag_md5: str = "auto"
 
     def __post_init__(self) -> None:
         if self.block_size < 64 * KIB or self.block_size & (self.block_size - 1):
@@ -170,6 +176,8 @@ class MountConfig:
             raise ConfigError(
                 f"fetch size {self.fetch_size} is smaller than the block size {self.block_size}"
             )
+        if self.etag_md5 not in ETAG_MD5_MODES:
+            raise ConfigError(f"bad --etag-md5 {self.etag_md5!r}: auto or off")
         if (self.allow_overwrite or self.allow_delete) and not self.writable:
             raise ConfigError("--allow-overwrite and --allow-delete need --writable")
 
@@ -178,6 +186,11 @@ class MountConfig:
         """Concurrent GETs of a prefetch: half the S3 slots, so foreground reads never
         queue behind a whole prefetch."""
         return max(1, self.s3_concurrency // 2)
+
+    @property
+    def etag_md5s(self) -> bool:
+        """Whether a 32-hex single-part ETag is checked as the MD5 of the bytes."""
+        return self.etag_md5 == "auto"
 
     @property
     def source(self) -> str:

@@ -20,7 +20,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from s3cachefs.daemon.blockcache import ObjectVersion
-from s3cachefs.daemon.checksums import Check, etag_md5
+from s3cachefs.daemon.checksums import Check
+from s3cachefs.daemon.responses import etag_md5
 from s3cachefs.daemon.store import Listing, ObjectInfo
 from s3cachefs.fs.names import valid_name
 

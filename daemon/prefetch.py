@@ -37,9 +37,10 @@ import trio
 
 from s3cachefs.daemon import checksums
 from s3cachefs.daemon.blockcache import BlockCache, ObjectVersion
-from s3cachefs.daemon.checksums import Check, etag_md5
+from s3cachefs.daemon.checksums import Check
 from s3cachefs.daemon.errors import ConfigError, S3CacheFSError, StoreError
 from s3cachefs.daemon.pins import Manifest, PinStore, Shard
+from s3cachefs.daemon.responses import etag_md5
 from s3cachefs.daemon.store import ObjectInfo, ObjectStore
 from s3cachefs.fs.names import valid_name
 
@@ -110,8 +111,11 @@ class PrefetchJob:
         jobs: int,
         dry_run: bool = False,
         require_checksums: bool = False,
+        etag_md5s: bool = True,
     ) -> None:
         self.store = store
+        # False (--etag-md5 off): a 32-hex ETag is no MD5; S3 is asked for a checksum instead.
+        self.etag_md5s = etag_md5s
         self.cache = cache
         self.pins = pins
         self.prefix = prefix
@@ -220,7 +224,9 @@ class PrefetchJob:
             previous is not None
             and previous.objects.get(info.key) == info
             # pinned before end-to-end checks (no check recorded): verify it now
-            and (info.key in previous.checks or etag_md5(info.etag) is not None)
+            and (
+                info.key in previous.checks or (self.etag_md5s and etag_md5(info.etag) is not None)
+            )
         )
         if not missing and known and previous is not None:  # verified when it was pinned
             self._accept(info, previous.check(info.key))
@@ -271,7 +277,7 @@ class PrefetchJob:
         fetch the object again once, then decide.
         """
         key = obj.info.key
-        check = await self._plan(obj.info, ask_s3=False)
+        check = await self._plan(obj.info, ask_s3=not self.etag_md5s)
         asked = check.kind != "md5"  # whether S3 was asked for its checksum
         refetched, first = False, ""
         while True:

@@ -311,6 +311,7 @@ class S3Store:
         self._config = config
         self._getter: RangeGetter | None = None  # set by check_bucket, once the region is known
         self._warned: set[str] = set()  # server behaviours already logged loudly (once each)
+        self._etag_md5s = config.etag_md5s  # --etag-md5 auto: whole-object GETs check the MD5
         # A whole listing (every page of one directory) may take this long at most.
         self.listing_budget = config.s3_timeout * config.s3_max_attempts
         try:
@@ -332,6 +333,9 @@ class S3Store:
             # adds a CRC32 to a PUT sent without one (an aws-chunked trailer over HTTPS),
             # which a server that refuses checksums refuses again (`daemon.uploadchecksums`).
             request_checksum_calculation="when_required",
+            # Nor does get_object ask for them (x-amz-checksum-mode: ENABLED by default),
+            # which some servers refuse (Backblaze B2); HEADs that want them say so.
+            response_checksum_validation="when_required",
         )
         self._client: S3Client = session.client(
             "s3", endpoint_url=config.endpoint_url, config=client_config
@@ -525,6 +529,7 @@ class S3Store:
         what = f"s3://{self._bucket}/{key}"
         pos = start
         attempt = 0
+        mismatched: str | None = None  # the digest of a whole body that failed its MD5
         # A failed request is retried inside the request (botocore's budget, or the lean
         # path's); a response that is not what was asked for, or a body cut half-way, is
         # ours: retried from the first piece not yet delivered, within the same budget.
@@ -535,7 +540,9 @@ class S3Store:
                 with self._request("get", what):  # the latency observed: time to headers
                     status, headers, body = self._open(key, etag, pos, end, what)
                     check_get_response(status, headers, pos, end, size, etag, what=what)
-                md5 = body_md5(headers, etag) if pos == 0 and end == size else None
+                # --etag-md5 off: a whole object is checked as a range is (status, length, ETag)
+                whole_object = self._etag_md5s and pos == 0 and end == size
+                md5 = body_md5(headers, etag) if whole_object else None
                 with _translated(what):
                     if md5 is None:
                         while pos < end:
@@ -555,6 +562,7 @@ class S3Store:
                 if body is None:  # the request itself failed, after its own retries
                     raise
                 attempt += 1
+                mismatched = self._same_bytes_again(exc, mismatched, what)
                 if isinstance(exc, BadResponseError):
                     self._bad_response(exc, retrying=attempt < self._body_attempts)
                 if attempt >= self._body_attempts:
@@ -584,6 +592,24 @@ class S3Store:
             exc.what,
             "retrying" if retrying else "giving up",
         )
+
+    def _same_bytes_again(self, exc: TransientError, before: str | None, what: str) -> str | None:
+        """The digest of the last whole body that failed its MD5; raises if two had the same.
+
+        The same bytes twice: the server is consistent, its ETag is just another digest
+        (or not the MD5 of the bytes at all). EIO at once, and one WARNING naming the fix.
+        """
+        if not isinstance(exc, _Md5Mismatch):
+            return before
+        if exc.digest != before:
+            return exc.digest
+        message = (
+            f"S3 server's ETag for {what} is not the MD5 of its bytes (the same bytes twice): "
+            "if this server's ETags are not MD5s, mount with --etag-md5 off; until then such "
+            "objects fail with EIO"
+        )
+        log.log(logging.WARNING if self._first("etag_not_md5") else logging.DEBUG, "%s", message)
+        raise StoreError(message) from None
 
     @property
     def sends_checksums(self) -> bool:
@@ -793,8 +819,16 @@ def _read_verified(
         pieces.append(piece)
         pos += len(piece)
     if digest.hexdigest() != md5:
-        raise BadResponseError(what, "md5", "body does not match its MD5 ETag")
+        raise _Md5Mismatch(what, digest.hexdigest())
     return pieces
+
+
+class _Md5Mismatch(BadResponseError):
+    """A whole body that is not its MD5 ETag; ``digest``: what it was (a retry may match)."""
+
+    def __init__(self, what: str, digest: str) -> None:
+        super().__init__(what, "md5", "body does not match its MD5 ETag")
+        self.digest = digest
 
 
 def _read_exactly(body: Any, size: int) -> bytes | None:

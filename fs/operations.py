@@ -2,7 +2,10 @@
 
 Every handler runs its core call inside `_errno_mapped`, the one place where
 s3cachefs errors become errno. Unexpected exceptions become EIO plus one
-ERROR log line (which Sentry, when configured, picks up).
+ERROR log line (which Sentry, when configured, picks up). An expected EIO (S3
+failing) is a WARNING, each distinct one at most once per `EIO_LOG_INTERVAL`
+(`ThrottledWarnings`): a broken server fails every read, and the store names
+its behaviour once already.
 """
 
 from __future__ import annotations
@@ -12,8 +15,9 @@ import errno
 import logging
 import os
 import stat
+import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import pyfuse3
@@ -72,6 +76,49 @@ ERRNO_TABLE: tuple[tuple[type[S3CacheFSError], int], ...] = (
     (NoSpaceError, errno.ENOSPC),
 )
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
+# The same failure of the same operation (the message names the object) is logged at
+# most once per this many seconds; the next line says how many were not.
+EIO_LOG_INTERVAL = 10.0
+_THROTTLE_ENTRIES = 1024  # distinct failures remembered before expired ones are dropped
+
+
+class ThrottledWarnings:
+    """WARNING lines for failed operations: each distinct (op, message) at most once per
+    ``interval``, the first always; the next one logged carries the count suppressed.
+
+    Used from the trio thread only.
+    """
+
+    def __init__(
+        self, interval: float = EIO_LOG_INTERVAL, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.interval = interval
+        self._clock = clock
+        self._seen: dict[tuple[str, str], tuple[float, int]] = {}  # -> (logged at, suppressed)
+
+    def warning(self, op: str, message: str) -> None:
+        now = self._clock()
+        key = (op, message)
+        logged_at, suppressed = self._seen.get(key, (None, 0))
+        if logged_at is not None and now - logged_at < self.interval:
+            self._seen[key] = (logged_at, suppressed + 1)
+            return
+        if len(self._seen) >= _THROTTLE_ENTRIES:
+            self._seen = {k: v for k, v in self._seen.items() if now - v[0] < self.interval}
+        self._seen[key] = (now, 0)
+        if suppressed and logged_at is not None:
+            log.warning(
+                "op=%s failed: %s (%d more like it in the last %.0f s not logged)",
+                op,
+                message,
+                suppressed,
+                now - logged_at,
+            )
+        else:
+            log.warning("op=%s failed: %s", op, message)
+
+
+_eio_warnings = ThrottledWarnings()
 
 
 def errno_for(exc: S3CacheFSError) -> int:
@@ -90,7 +137,7 @@ def _errno_mapped(op: str) -> Iterator[None]:
     except S3CacheFSError as exc:
         code = errno_for(exc)
         if code == errno.EIO:
-            log.warning("op=%s failed: %s", op, exc)
+            _eio_warnings.warning(op, str(exc))
         raise pyfuse3.FUSEError(code) from None
     except Exception:
         log.exception("op=%s failed unexpectedly", op)

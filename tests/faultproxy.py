@@ -18,6 +18,12 @@ the requests they can apply to, so a rate is "of those requests":
                    value (the same one for the same object every time: `listing_etag`)
   endless_listing  ListObjectsV2 answered IsTruncated=true with the same continuation
                    token forever (`ENDLESS_TOKEN`; a request carrying it lists page 1 again)
+
+Not a lie but a kind of server: ``etag_not_md5`` (a switch, not a rate) gives every
+ETag it sends, in headers (GET, HEAD, PUT) and in XML bodies (listings, completed
+uploads), another 32-hex value, the same one every time (`listing_etag`), and maps
+them back in what it forwards (If-Match, If-None-Match, completion bodies): a
+consistent server whose single-part ETags are not the MD5 of the bytes.
 """
 
 from __future__ import annotations
@@ -108,6 +114,8 @@ class FaultProxy:
         # PUT/POST that carries one 400 InvalidArgument; strip forwards it without them.
         self.reject_checksum_headers = False
         self.strip_checksum_headers = False
+        self.etag_not_md5 = False
+        self._real_etags: dict[bytes, bytes] = {}  # what etag_not_md5 sent -> upstream's
         self.faults: Counter[str] = Counter()
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
@@ -238,11 +246,16 @@ class FaultProxy:
                 req.wfile.write(payload)
             return
         resp, data = self._forward(req, path, body, outcome, asked)
-        if 200 <= resp.status < 300:
+        headers = resp.getheaders()
+        ok = 200 <= resp.status < 300
+        if ok:
             data = self._lie(outcome, data)
+        headers, data = self._other_etags(
+            headers, data, xml=ok and (listing or req.command == "POST")
+        )
         cut = outcome in ("cut", "stall") and req.command == "GET" and len(data) > 1
         req.send_response(resp.status)
-        for name, value in resp.getheaders():
+        for name, value in headers:
             if name.lower() not in ("transfer-encoding", "connection", "content-length"):
                 req.send_header(name, value)
         # A HEAD answer has no body: its length is the object's, as upstream said.
@@ -273,6 +286,14 @@ class FaultProxy:
         """Send the request upstream, less what ``outcome`` takes out of it."""
         headers = {k: v for k, v in req.headers.items() if k.lower() != "host"}
         headers["Host"] = self.upstream.netloc
+        if self.etag_not_md5:  # conditions and completions name the ETags we sent
+            body = self._real(body) if body is not None and req.command == "POST" else body
+            headers = {
+                k: self._real(v.encode()).decode()
+                if k.lower() in ("if-match", "if-none-match")
+                else v
+                for k, v in headers.items()
+            }
         dropped = {"strip_if_match": "if-match", "ignore_range": "range"}.get(outcome)
         headers = {k: v for k, v in headers.items() if k.lower() != dropped}
         if outcome == "short_range" and asked:  # ask upstream for half: its headers agree
@@ -288,6 +309,35 @@ class FaultProxy:
             return resp, resp.read()
         finally:
             conn.close()
+
+    def _other_etags(
+        self, headers: list[tuple[str, str]], data: bytes, *, xml: bool
+    ) -> tuple[list[tuple[str, str]], bytes]:
+        """``etag_not_md5``: the ETag header, and those of an XML body, as this server says."""
+        if not self.etag_not_md5:
+            return headers, data
+        headers = [
+            (name, self._other(value.encode()).decode() if name.lower() == "etag" else value)
+            for name, value in headers
+        ]
+        if xml:
+            data = _ETAG_ELEMENT.sub(
+                lambda m: b"<ETag>" + self._other(m.group(1)) + b"</ETag>", data
+            )
+        return headers, data
+
+    def _other(self, etag: bytes) -> bytes:
+        """``etag_not_md5``: the ETag as this server says it (remembered, to map back)."""
+        other = listing_etag(etag)
+        with self._lock:
+            for fake, real in zip(_HEX32.findall(other), _HEX32.findall(etag), strict=True):
+                self._real_etags[fake] = real
+        return other
+
+    def _real(self, data: bytes) -> bytes:
+        """Every ETag ``etag_not_md5`` sent, in ``data``, back to upstream's."""
+        with self._lock:
+            return _HEX32.sub(lambda m: self._real_etags.get(m.group(0), m.group(0)), data)
 
     def _lie(self, outcome: str, data: bytes) -> bytes:
         """The successful answer's body as ``outcome`` tells it."""

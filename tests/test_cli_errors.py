@@ -90,6 +90,7 @@ def test_unusable_cache_dir(bucket: Bucket, mnt: Path, tmp_path: Path) -> None:
         ("--metadata-ttl", "soon", "bad TTL"),
         ("--metadata-ttl", "-1", "bad TTL"),
         ("--block-size", "1000", "block size"),
+        ("--etag-md5", "no", "--etag-md5: bad value 'no': use auto or off"),
     ],
 )
 def test_bad_values(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import http.server
+import logging
 import os
 import shutil
 import signal
@@ -16,11 +17,13 @@ import urllib.request
 from pathlib import Path
 from typing import ClassVar
 
+import pyfuse3
 import pytest
 
 from s3cachefs.cli.main import build_parser
 from s3cachefs.cli.settings import mount_config, resolve
 from s3cachefs.daemon.errors import ConfigError
+from s3cachefs.fs.operations import ThrottledWarnings, _errno_mapped
 from tests.conftest import Bucket, Mounter, mount_cli, run_cli, s3cachefs_cmd
 
 REPO = Path(__file__).resolve().parent.parent
@@ -72,6 +75,8 @@ def test_file_then_environment_then_flags(tmp_path: Path) -> None:
         ("not toml [\n", {}, "not valid TOML"),
         ("", {"S3CACHEFS_CACHE_SIZ": "1G"}, "unknown environment variable S3CACHEFS_CACHE_SIZ"),
         ("", {"S3CACHEFS_METADATA_TTL": "-5"}, "S3CACHEFS_METADATA_TTL: bad TTL"),
+        ('etag-md5 = "no"\n', {}, "etag-md5: bad value 'no': use auto or off"),
+        ("", {"S3CACHEFS_ETAG_MD5": "md5"}, "S3CACHEFS_ETAG_MD5: bad value 'md5': use auto or"),
     ],
 )
 def test_config_errors_name_their_source(
@@ -81,6 +86,51 @@ def test_config_errors_name_their_source(
     config.write_text(text)
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):
         resolve(_args("bkt", str(tmp_path), "--config", str(config)), env)
+
+
+def test_etag_md5_is_auto_unless_the_file_environment_or_flag_says_off(tmp_path: Path) -> None:
+    config = tmp_path / "m.toml"
+    config.write_text('etag-md5 = "off"\n')
+    assert mount_config(resolve(_args("bkt", "/mnt/y"), {})).etag_md5s
+    from_file = resolve(_args("bkt", "/mnt/y", "--config", str(config)), {})
+    assert mount_config(from_file).etag_md5 == "off"
+    from_env = resolve(_args("bkt", "/mnt/y"), {"S3CACHEFS_ETAG_MD5": "OFF"})
+    assert not mount_config(from_env).etag_md5s
+    flag = _args("bkt", "/mnt/y", "--config", str(config), "--etag-md5", "auto")
+    assert mount_config(resolve(flag, {"S3CACHEFS_ETAG_MD5": "off"})).etag_md5s
+
+
+def test_eio_warnings_are_throttled_per_operation_and_message(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    now = [0.0]
+    warnings = ThrottledWarnings(10.0, clock=lambda: now[0])
+    failed = "s3://b/k: S3 unavailable (503) after retries"
+    with caplog.at_level(logging.WARNING, logger="s3cachefs.fs.operations"):
+        for _ in range(5):
+            warnings.warning("read", failed)
+        warnings.warning("read", "s3://b/other: S3 unavailable (503) after retries")
+        warnings.warning("open", failed)
+        now[0] = 9.9
+        warnings.warning("read", failed)
+        now[0] = 12.0
+        warnings.warning("read", failed)
+        warnings.warning("read", failed)
+        now[0] = 30.0
+        warnings.warning("read", failed)
+        # Unexpected exceptions are ERRORs (Sentry), every one.
+        for _ in range(2):
+            with pytest.raises(pyfuse3.FUSEError), _errno_mapped("read"):
+                raise RuntimeError("a bug")
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("WARNING", f"op=read failed: {failed}"),
+        ("WARNING", "op=read failed: s3://b/other: S3 unavailable (503) after retries"),
+        ("WARNING", f"op=open failed: {failed}"),
+        ("WARNING", f"op=read failed: {failed} (5 more like it in the last 12 s not logged)"),
+        ("WARNING", f"op=read failed: {failed} (1 more like it in the last 18 s not logged)"),
+        ("ERROR", "op=read failed unexpectedly"),
+        ("ERROR", "op=read failed unexpectedly"),
+    ]
 
 
 def test_config_errors_reach_the_user_as_one_line(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Generator, Iterator
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import cast
 
@@ -35,13 +36,16 @@ from tests.faultproxy import FaultProxy
 MIB = 1024 * 1024
 
 
-def make_store(bucket: Bucket, tmp_path: Path, endpoint: str | None = None) -> S3Store:
+def make_store(
+    bucket: Bucket, tmp_path: Path, endpoint: str | None = None, etag_md5: str = "auto"
+) -> S3Store:
     config = MountConfig(
         bucket=bucket.name,
         prefix="",
         mountpoint=tmp_path / "mnt",
         cache_dir=tmp_path / "cache",
         endpoint_url=endpoint or bucket.server.endpoint_url,
+        etag_md5=etag_md5,
     )
     store = S3Store(config)
     store.check_bucket()
@@ -240,6 +244,82 @@ def test_a_whole_single_part_object_yields_nothing_before_its_md5_matched(
     proxy.rates["flip_byte"] = 0.0
     got = list(lying_store.iter_range("small", etag, 0, len(data), 65536, size=len(data)))
     assert b"".join(got) == data and len(got) == 5  # the same pieces as ever
+
+
+def test_etags_that_are_not_md5s_fail_saying_so_until_etag_md5_is_off(
+    bucket: Bucket,
+    proxy: FaultProxy,
+    lying_store: S3Store,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    data = os.urandom(300_000)
+    real = bucket.put("k", data)
+    proxy.etag_not_md5 = True  # every ETag another 32-hex value, the same every time
+    etag = lying_store.head("k").etag
+    assert etag != real and etag_md5(etag) is not None
+    assert [o.etag for o in lying_store.list_dir("").objects] == [etag]
+    what = f"s3://{bucket.name}/k"
+    fix = (
+        f"S3 server's ETag for {what} is not the MD5 of its bytes (the same bytes twice): "
+        "if this server's ETags are not MD5s, mount with --etag-md5 off; until then such "
+        "objects fail with EIO"
+    )
+    with caplog.at_level(logging.WARNING, logger="s3cachefs.daemon.store"):
+        for _ in range(2):
+            stream = lying_store.iter_range("k", etag, 0, len(data), 65536, size=len(data))
+            with pytest.raises(StoreError) as info:
+                next(stream)  # not one byte
+            assert str(info.value) == fix
+            assert not isinstance(info.value, TransientError)  # EIO; S3 is not unavailable
+    assert lying_store.requests["get"] == 4  # the same digest twice ends the attempts
+    assert [r.getMessage() for r in caplog.records] == [
+        f"body does not match its MD5 ETag for {what}; retrying",
+        fix,
+    ]
+    part = b"".join(lying_store.iter_range("k", etag, 10, 70_000, 65536, size=len(data)))
+    assert part == data[10:70_000]  # a range is checked for what it is, not by the MD5
+
+    off = make_store(bucket, tmp_path, proxy.endpoint_url, etag_md5="off")
+    assert (off._getter is None) == (lying_store._getter is None)  # the same GET path
+    got = list(off.iter_range("k", etag, 0, len(data), 65536, size=len(data)))
+    assert b"".join(got) == data and len(got) == 5
+    assert off.requests["get"] == 1
+    bucket.put("k", os.urandom(300_000))  # If-Match and the response's ETag still hold
+    with pytest.raises(StaleError):
+        next(off.iter_range("k", etag, 0, len(data), 65536, size=len(data)))
+
+
+class RecordingProxy(FaultProxy):
+    """The proxy, keeping (method, request headers) of every request."""
+
+    def __init__(self, upstream: str) -> None:
+        super().__init__(upstream)
+        self.seen: list[tuple[str, dict[str, str]]] = []
+
+    def handle(self, req: BaseHTTPRequestHandler) -> None:
+        self.seen.append((req.command, {k.lower(): v for k, v in req.headers.items()}))
+        super().handle(req)
+
+
+def test_gets_never_ask_for_checksums_and_checksum_heads_do(
+    bucket: Bucket, s3_server: LocalS3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """botocore asks by default (x-amz-checksum-mode: ENABLED), which Backblaze B2 refuses."""
+    monkeypatch.setattr(store_module, "proxy_applies", lambda url: True)  # botocore's GET
+    proxy = RecordingProxy(s3_server.endpoint_url)
+    proxy.start()
+    try:
+        data = os.urandom(1000)
+        etag = bucket.put("k", data)
+        store = make_store(bucket, tmp_path, proxy.endpoint_url)
+        assert b"".join(store.iter_range("k", etag, 0, 1000, 1000, size=1000)) == data
+        store.head_checksum("k", etag)
+    finally:
+        proxy.stop()
+    modes = [(m, h.get("x-amz-checksum-mode")) for m, h in proxy.seen]
+    assert ("GET", None) in modes and ("HEAD", "ENABLED") in modes
+    assert all(mode is None for method, mode in modes if method == "GET")
 
 
 def test_an_ignored_if_match_is_caught_by_the_response_etag(

@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import http.client
 import logging
 import os
 import re
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Protocol
-from urllib.parse import urlsplit
+from typing import Any
 
 import pytest
 import trio
@@ -429,89 +426,12 @@ def test_shorter_replacement_old_reader_never_gets_a_silent_prefix(
 # ---- row 7: listings whose ETags differ from GET's and HEAD's ----------------
 
 
-class Proxy(Protocol):
-    endpoint_url: str
-
-    def stop(self) -> None: ...
-
-
-_LIST_ETAG = re.compile(rb"(<ETag>(?:&quot;|&#34;|\"))([0-9a-fA-F]+)")
-
-
-class ListingEtagProxy:
-    """Stand-in for `FaultProxy(listing_etag=...)` until the shared proxy has that mode.
-
-    Forwards everything; in ListObjectsV2 answers, every ETag becomes another
-    (deterministic) quoted hex value.
-    """
-
-    def __init__(self, upstream: str) -> None:
-        target = urlsplit(upstream)
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else None
-                conn = http.client.HTTPConnection(target.hostname or "", target.port, timeout=30)
-                try:
-                    headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
-                    headers["Host"] = target.netloc
-                    conn.request(self.command, self.path, body=body, headers=headers)
-                    resp = conn.getresponse()
-                    data = resp.read()
-                finally:
-                    conn.close()
-                if self.command == "GET" and "list-type=2" in self.path:
-                    data = _LIST_ETAG.sub(
-                        lambda m: (
-                            m.group(1)
-                            + hashlib.md5(m.group(2), usedforsecurity=False).hexdigest().encode()
-                        ),
-                        data,
-                    )
-                self.send_response(resp.status)
-                for name, value in resp.getheaders():
-                    if name.lower() not in ("transfer-encoding", "connection", "content-length"):
-                        self.send_header(name, value)
-                # A HEAD's Content-Length is the object's size, not its (empty) body's.
-                size = resp.getheader("Content-Length") if self.command == "HEAD" else None
-                self.send_header("Content-Length", size or str(len(data)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
-
-            do_HEAD = do_PUT = do_POST = do_DELETE = do_GET
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.endpoint_url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-def listing_etag_proxy(upstream: str) -> Proxy:
-    """The shared proxy's ``listing_etag`` mode, or this file's stand-in before it lands."""
-    mode: dict[str, Any] = {"listing_etag": 1.0}
-    try:
-        return FaultProxy(upstream, **mode).start()
-    except TypeError:
-        return ListingEtagProxy(upstream)
-
-
 def test_listing_etag_differs_from_get_one_warning_and_the_right_bytes(
     bucket: Bucket, mounter: Mounter
 ) -> None:
     files = {"one.bin": os.urandom(300_000), "d/big.bin": os.urandom(3 * MIB + 7)}
     etags = {key: bucket.put(key, data) for key, data in files.items()}
-    proxy = listing_etag_proxy(bucket.server.endpoint_url)
+    proxy = FaultProxy(bucket.server.endpoint_url, listing_etag=1.0).start()
     try:
         mount = mounter(bucket.name, "--min-free", "0", server=proxy)
         drop_page_cache()

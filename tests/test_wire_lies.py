@@ -17,11 +17,14 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import boto3
+import botocore.config
 import pytest
 
 from s3cachefs.cli.locals3 import LocalS3
 from tests.conftest import Bucket, Mount, Mounter, drop_page_cache, run_cli
 from tests.faultproxy import FaultProxy
+from tests.test_end_to_end import manifest_checks
 
 MIB = 1024 * 1024
 STORE_LOG = "s3cachefs.daemon.store: "
@@ -219,3 +222,54 @@ def test_a_listing_that_never_ends_fails_ls_cat_and_prefetch_promptly(
     proxy.rates["endless_listing"] = 0.0  # nothing of it was kept: the server behaves again
     assert sorted(os.listdir(mount.path / "ds")) == sorted(k.split("/")[1] for k in files)
     assert (mount.path / "ds" / "f3.bin").read_bytes() == files["ds/f3.bin"]
+
+
+def test_a_server_whose_etags_are_not_md5s_says_what_to_do_and_serves_with_etag_md5_off(
+    bucket: Bucket, mounter: Mounter, proxy: FaultProxy
+) -> None:
+    with_crc, plain = os.urandom(200_000), os.urandom(50_000)
+    bucket.put("ds/crc.bin", with_crc)  # the test client sends a CRC32, which S3 keeps
+    no_checksums = boto3.client(
+        "s3",
+        endpoint_url=bucket.server.endpoint_url,
+        config=botocore.config.Config(request_checksum_calculation="when_required"),
+    )
+    no_checksums.put_object(Bucket=bucket.name, Key="ds/plain.bin", Body=plain)
+    proxy.etag_not_md5 = True  # consistent, but its ETags are not the MD5s of the bytes
+    mount = mounter(bucket.name, server=proxy)
+    for name in ("crc.bin", "plain.bin"):
+        assert read_whole(mount.path / "ds" / name) == errno.EIO, name
+    [warning] = store_lines(mount, "WARNING", "is not the MD5 of its bytes")
+    assert warning.endswith(
+        f"S3 server's ETag for s3://{bucket.name}/ds/crc.bin is not the MD5 of its bytes "
+        "(the same bytes twice): if this server's ETags are not MD5s, mount with "
+        "--etag-md5 off; until then such objects fail with EIO"
+    )
+    for _ in range(4):  # every read fails again: the log does not say so every time
+        assert read_whole(mount.path / "ds" / "crc.bin") == errno.EIO
+    failed = [
+        ln for ln in mount.log_text().splitlines() if "op=read failed" in ln and "/ds/crc.bin" in ln
+    ]
+    assert 1 <= len(failed) < 5, failed  # at most one per 10 s: one, unless the host stalls
+    assert all("more like it in the last" in ln for ln in failed[1:]), failed
+    result = run_cli("prefetch", "ds", "--mount", str(mount.path))
+    assert result.returncode != 0 and "mount with --etag-md5 off" in result.stderr
+    mount.stop()
+
+    off = mounter(bucket.name, "--etag-md5", "off", server=proxy, name="off")
+    assert sha(off.path.joinpath("ds", "crc.bin").read_bytes()) == sha(with_crc)
+    assert sha(off.path.joinpath("ds", "plain.bin").read_bytes()) == sha(plain)
+    # Prefetch does not take the ETag for an MD5 either: S3's checksum, else the size only.
+    strict = run_cli("prefetch", "ds", "--require-checksums", "--mount", str(off.path))
+    assert strict.returncode == 4, strict.stdout + strict.stderr
+    assert "FAILED ds/plain.bin: size-checked only" in strict.stderr
+    assert "crc.bin" not in strict.stderr
+    result = run_cli("prefetch", "ds", "--mount", str(off.path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 object size-checked only" in result.stdout
+    assert manifest_checks(off) == {"ds/crc.bin": "crc32-full", "ds/plain.bin": "size"}
+    proxy.down = True  # what the cache holds is right, and is all it serves
+    drop_page_cache()
+    assert sha(off.path.joinpath("ds", "crc.bin").read_bytes()) == sha(with_crc)
+    assert sha(off.path.joinpath("ds", "plain.bin").read_bytes()) == sha(plain)
+    assert not store_lines(off, "WARNING", "is not the MD5 of its bytes")
