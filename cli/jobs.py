@@ -101,7 +101,7 @@ def _size_only(answer: dict[str, Any]) -> str:
     more = f", ... ({count - len(keys)} more)" if count > len(keys) else ""
     return (
         f"{count} object{'s' if count != 1 else ''} size-checked only, not verified end to end "
-        f"(S3 has no checksum or MD5 ETag for them): {', '.join(keys)}{more}"
+        f"(S3 gives no checksum for them and their ETags are not MD5s): {', '.join(keys)}{more}"
     )
 
 

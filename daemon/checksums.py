@@ -15,6 +15,10 @@ digest S3 computed from what it stored. In order of preference:
   the first part's size and the part count; parts are assumed equal except the
   last (what every uploader does), and if that does not match, each part is
   HEADed before the object is declared bad.
+- ``<algo>-either``: a multipart object's checksum whose HEAD says neither its
+  type nor a ``-N`` suffix (moto, for uploads that declared no type): the
+  full-object and the composite digest over the part layout are both computed
+  in the one read, and the object passes if either is S3's value.
 - ``size``: none of the above (no checksum, a non-MD5 ETag, a server that does
   not answer part HEADs). Only the size and the block CRCs were checked; status
   and prefetch say so, and ``prefetch --require-checksums`` refuses the object.
@@ -23,9 +27,11 @@ digest S3 computed from what it stored. In order of preference:
 
 A single-part object with an MD5 ETag is checked by MD5 even when it also has
 an additional checksum: both are S3's digest of the stored bytes, and MD5 costs
-no HEAD per object (datasets of many small files). Should the MD5 check fail
-twice, the object is asked for an additional checksum (SSE-KMS ETags look like
-MD5s but are not).
+no HEAD per object (datasets of many small files). Should the MD5 check fail,
+the object is asked for an additional checksum (SSE-KMS ETags look like MD5s
+but are not). Without one, it is size-checked only when S3 says the ETag is no
+MD5 (SSE-KMS, SSE-C) or the mount has ``--etag-md5 off``; otherwise it fails
+(a server or proxy that corrupts the same way every time looks just the same).
 
 What moto 5.2 (the test server) supports, found by experiment (with awscrt):
 PutObject/UploadPart with ChecksumAlgorithm CRC32, CRC32C, SHA1, SHA256,
@@ -108,8 +114,9 @@ class Check:
             return f"its multipart ETag ({len(self.parts)} parts)"
         if self.kind.endswith("-composite"):
             return f"its {self.algorithm.upper()} checksum ({len(self.parts)} parts)"
-        if self.kind.endswith("-full"):
-            return f"its {self.algorithm.upper()} checksum"
+        if self.kind.endswith(("-full", "-either")):
+            either = f" (full-object or over {len(self.parts)} parts)"
+            return f"its {self.algorithm.upper()} checksum{either if self.parts else ''}"
         if self.kind == "local-md5":
             return "the MD5 recorded when it was pinned"
         return "its size"
@@ -201,9 +208,10 @@ class Digest:
         self._part_left = 0
         self._next_part = 0
         kind = check.kind
-        if kind in ("md5", "local-md5") or kind.endswith("-full"):
+        # "-either": the whole and the parts, both from the one read.
+        if kind in ("md5", "local-md5") or kind.endswith(("-full", "-either")):
             self._whole = new_hasher("md5" if "md5" in kind else check.algorithm)
-        elif kind == "mpu-etag" or kind.endswith("-composite"):
+        if kind == "mpu-etag" or kind.endswith(("-composite", "-either")):
             self._part_algorithm = "md5" if kind == "mpu-etag" else check.algorithm
             self._start_part()
 
@@ -221,7 +229,6 @@ class Digest:
         self.fed += len(data)
         if self._whole is not None:
             self._whole.update(data)
-            return
         view = memoryview(data)
         while view and self._part is not None:
             piece = view[: self._part_left]
@@ -233,59 +240,104 @@ class Digest:
                 self._start_part()
 
     def result(self) -> str:
-        """What the bytes fed digest to, encoded like `Check.value` ("" for a size check)."""
+        """What the bytes fed digest to, encoded like `Check.value` ("" for a size check).
+
+        For "-either": the full-object digest, a space, the composite one.
+        """
         kind = self.check.kind
+        if kind.endswith("-either"):
+            return f"{self._whole_result()} {self._composite_result()}"
         if self._whole is not None:
-            raw = self._whole.digest()
-            return raw.hex() if "md5" in kind else b64(raw)
+            return self._whole_result()
         if kind == "mpu-etag":
             md5 = hashlib.md5(b"".join(self._part_digests), usedforsecurity=False)
             return f"{md5.hexdigest()}-{len(self._part_digests)}"
         if kind.endswith("-composite"):
-            combined = new_hasher(self.check.algorithm)
-            combined.update(b"".join(self._part_digests))
-            return b64(combined.digest())
+            return self._composite_result()
         return ""
+
+    def _whole_result(self) -> str:
+        assert self._whole is not None
+        raw = self._whole.digest()
+        return raw.hex() if "md5" in self.check.kind else b64(raw)
+
+    def _composite_result(self) -> str:
+        combined = new_hasher(self.check.algorithm)
+        combined.update(b"".join(self._part_digests))
+        return b64(combined.digest())
+
+    def _layout_fed(self) -> bool:
+        """Every byte fed, in the part layout expected."""
+        parts = self.check.parts
+        return self.fed == sum(parts) and len(self._part_digests) == len(parts)
 
     def matches(self) -> bool:
         """Every byte fed, in the layout expected, and the digest is S3's."""
-        parts = self.check.parts
-        if parts and (self.fed != sum(parts) or len(self._part_digests) != len(parts)):
+        if self.check.kind.endswith("-either"):
+            whole, _, composite = self.result().partition(" ")
+            return self.check.value in (whole, composite if self._layout_fed() else None)
+        if self.check.parts and not self._layout_fed():
             return False
         return self.result() == self.check.value
+
+
+def resolved(check: Check, result: str) -> Check:
+    """An "-either" check that matched, as the one of its two that did (else ``check``)."""
+    if not check.kind.endswith("-either"):
+        return check
+    whole = result.partition(" ")[0]
+    if whole == check.value:
+        return Check(f"{check.algorithm}-full", check.value)
+    return Check(f"{check.algorithm}-composite", check.value, check.parts)
 
 
 # ---- what S3 says: the check for one object ---------------------------------
 
 
-def plan(store: ObjectStore, info: ObjectInfo, *, ask_s3: bool = False) -> Check:
+def plan(
+    store: ObjectStore, info: ObjectInfo, *, ask_s3: bool = False, etag_md5s: bool = True
+) -> Check:
     """The best check S3 offers for this object version (blocking: HEADs; StoreError).
 
     Without ``ask_s3`` an MD5 ETag is taken as it is (no request). With it (an MD5
-    check that failed, or ``--etag-md5 off``), a 32-hex ETag is not taken as an MD5:
-    S3's additional checksum, else the object is size-checked only.
+    check that failed, or ``--etag-md5 off``), S3's additional checksum comes first;
+    then a 32-hex ETag is still an MD5 unless S3 says it is not (SSE-KMS, SSE-C) or
+    ``etag_md5s`` is False (``--etag-md5 off``); else the object is size-checked only.
     """
     md5 = etag_md5(info.etag)
     if md5 is not None and not ask_s3:
         return Check("md5", md5)
     head = _checksum_head(store, info)
-    if head is not None and head.algorithm and head.value:
-        value, _, suffix = head.value.partition("-")
-        composite = head.checksum_type == "COMPOSITE" or (
-            head.checksum_type is None and bool(suffix)
-        )
-        if not composite:
-            return Check(f"{head.algorithm}-full", value)
-        count = int(suffix) if suffix.isdigit() else multipart_parts(info.etag)
-        layout = part_layout(store, info, count)
-        if layout is not None:
-            return Check(f"{head.algorithm}-composite", value, *layout)
     count = multipart_parts(info.etag)
+    if head is not None and head.algorithm and head.value:
+        check = _by_checksum(store, info, head.algorithm, head.value, head.checksum_type)
+        if check is not None:
+            return check
     if count is not None:
         layout = part_layout(store, info, count)
         if layout is not None:
             return Check("mpu-etag", info.etag.strip('"'), *layout)
+    if md5 is not None and etag_md5s and not (head is not None and head.etag_not_md5):
+        return Check("md5", md5)  # S3 does not say otherwise: the MD5 it is
     return Check("size")
+
+
+def _by_checksum(
+    store: ObjectStore, info: ObjectInfo, algorithm: str, value: str, checksum_type: str | None
+) -> Check | None:
+    """The check by S3's additional checksum; None if a composite one has no part layout."""
+    value, _, suffix = value.partition("-")
+    count = multipart_parts(info.etag)
+    composite = checksum_type == "COMPOSITE" or (checksum_type is None and bool(suffix))
+    # A multipart object's checksum of unknown type (S3 has no composite CRC64NVME).
+    either = checksum_type is None and not suffix and count is not None
+    either = either and algorithm != "crc64nvme"
+    if not composite and not either:
+        return Check(f"{algorithm}-full", value)
+    layout = part_layout(store, info, int(suffix) if suffix.isdigit() else count)
+    if layout is not None:
+        return Check(f"{algorithm}-{'either' if either else 'composite'}", value, *layout)
+    return Check(f"{algorithm}-full", value) if either else None  # no layout: full it can be
 
 
 def _checksum_head(store: ObjectStore, info: ObjectInfo) -> ChecksumHead | None:

@@ -72,9 +72,11 @@ class Manifest:
         if key in self.checks:
             return self.checks[key]
         md5 = etag_md5(self.objects[key].etag)
-        if md5 is not None:
-            return Check("md5", md5)
         local = self.md5.get(key)  # of what was pinned, not S3's: size and CRCs only
+        # An MD5 recorded that is not the ETag's: the release that wrote it pinned an object
+        # whose ETag is no MD5 (SSE-KMS, SSE-C) by its size; the ETag was never checked.
+        if md5 is not None and local in (None, md5):
+            return Check("md5", md5)
         return Check("local-md5", local) if local else Check("size")
 
     def size_only(self) -> list[str]:

@@ -12,8 +12,11 @@ Each object, once all its blocks are in, is re-read from disk: every block's
 CRC, and the whole object against a digest S3 computed (`daemon.checksums`:
 the MD5 ETag, an additional checksum, or the multipart ETag over the part
 layout). An object S3 gives nothing to check against is pinned "size-checked
-only", and says so; with ``require_checksums`` it fails instead. A verified
-object is pinned at once, so the rest of the job cannot evict it.
+only", and says so; with ``require_checksums`` it fails instead. A 32-hex ETag
+the bytes do not match is taken for no MD5 (size-checked only) only when S3
+says so (SSE-KMS, SSE-C) or the mount has ``--etag-md5 off``; otherwise the
+object fails. A verified object is pinned at once, so the rest of the job
+cannot evict it.
 At the end the manifest is saved: complete when every object verified.
 
 Capacity: before a page's objects are queued, the bytes still missing are
@@ -40,7 +43,6 @@ from s3cachefs.daemon.blockcache import BlockCache, ObjectVersion
 from s3cachefs.daemon.checksums import Check
 from s3cachefs.daemon.errors import ConfigError, S3CacheFSError, StoreError
 from s3cachefs.daemon.pins import Manifest, PinStore, Shard
-from s3cachefs.daemon.responses import etag_md5
 from s3cachefs.daemon.store import ObjectInfo, ObjectStore
 from s3cachefs.fs.names import valid_name
 
@@ -224,8 +226,10 @@ class PrefetchJob:
             previous is not None
             and previous.objects.get(info.key) == info
             # pinned before end-to-end checks (no check recorded): verify it now
+            # (an older manifest's MD5 that is not the ETag's: S3 is asked what it is now)
             and (
-                info.key in previous.checks or (self.etag_md5s and etag_md5(info.etag) is not None)
+                info.key in previous.checks
+                or (self.etag_md5s and previous.check(info.key).kind == "md5")
             )
         )
         if not missing and known and previous is not None:  # verified when it was pinned
@@ -284,7 +288,7 @@ class PrefetchJob:
             await self.cache.drain_object(obj.version)
             intact, digest = await self.cache.verify_object(obj.version, check)
             if intact:
-                return check
+                return checksums.resolved(check, digest)
             if not self.cache.missing_blocks(obj.version):  # CRC-clean, yet not S3's digest
                 other = await self._other_check(obj.info, check, asked)
                 asked, changed = (
@@ -300,7 +304,8 @@ class PrefetchJob:
                 if changed:
                     continue
                 if refetched:
-                    return await self._mismatch(obj, check, same_bytes=digest == first)
+                    await self._mismatch(obj, check, same_bytes=digest == first)
+                    return None
                 first = digest
             elif refetched:
                 self._fail(key, "could not be kept in the cache (disk full or failing?)")
@@ -315,29 +320,32 @@ class PrefetchJob:
         if check.guessed:  # equal parts were assumed: ask S3 for every part
             check = await self._s3(checksums.confirmed, self.store, info, check)
         elif not asked:  # an ETag that looks like an MD5 may not be one (SSE-KMS)
-            other = await self._plan(info, ask_s3=True)
-            if other.end_to_end:
-                return other
+            # S3's checksum; "size" only if S3 says the ETag is no MD5; else the MD5 again.
+            return await self._plan(info, ask_s3=True)
         return check
 
-    async def _mismatch(self, obj: _Object, check: Check, *, same_bytes: bool) -> Check | None:
-        """Fetched twice, CRC-clean, and still not S3's digest: failed, or size-checked only."""
-        if check.kind == "md5" and same_bytes:
-            log.warning(
-                "key=%s ETag is not the MD5 of its content and S3 has no checksum for it: "
-                "size-checked only",
-                obj.info.key,
-            )
-            return Check("size")
+    async def _mismatch(self, obj: _Object, check: Check, *, same_bytes: bool) -> None:
+        """Fetched twice, CRC-clean, and still not S3's digest: failed.
+
+        The same bytes twice against an MD5 ETag are not taken for a non-MD5 ETag: S3
+        did not say so (`checksums.plan`), and a proxy or server that corrupts the same
+        way every time looks just the same.
+        """
         # Its blocks' CRCs are of wrong bytes: dropped before the failure is reported (the
         # job may end at once), and whole even if the job is being cancelled.
         with trio.CancelScope(shield=True):
             await self.cache.forget_object(obj.version)
-        self._fail(obj.info.key, f"content does not match {check.describe()} in S3")
-        return None
+        reason = f"content does not match {check.describe()} in S3"
+        if check.kind == "md5" and same_bytes:
+            reason += (
+                ", twice over with the same bytes (S3 gives no other checksum for it): "
+                "if this server's ETags are not MD5s, mount with --etag-md5 off"
+            )
+        self._fail(obj.info.key, reason)
 
     async def _plan(self, info: ObjectInfo, *, ask_s3: bool) -> Check:
-        return await self._s3(functools.partial(checksums.plan, ask_s3=ask_s3), self.store, info)
+        plan = functools.partial(checksums.plan, ask_s3=ask_s3, etag_md5s=self.etag_md5s)
+        return await self._s3(plan, self.store, info)
 
     async def _s3(self, fn: Callable[..., Check], *args: Any) -> Check:
         """A blocking call that asks S3 (HEADs), in a thread under the S3 limiter."""

@@ -24,7 +24,7 @@ from s3cachefs.daemon.errors import BadResponseError, StaleError
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+)$")
 _MD5_ETAG = re.compile(r'^"?([0-9a-f]{32})"?$')
 # With these, S3's ETag of a single-part object is not the MD5 of its content.
-_NOT_MD5_ENCRYPTION = {"aws:kms", "aws:kms:dsse"}
+NOT_MD5_ENCRYPTION = {"aws:kms", "aws:kms:dsse"}
 _SSE_C = "x-amz-server-side-encryption-customer-algorithm"
 
 
@@ -125,6 +125,6 @@ def body_md5(headers: Mapping[str, str], etag: str) -> str | None:
     with SSE-KMS or SSE-C, which a GET response says in its headers.
     """
     lower = {k.lower(): v for k, v in headers.items()}
-    if lower.get("x-amz-server-side-encryption") in _NOT_MD5_ENCRYPTION or _SSE_C in lower:
+    if lower.get("x-amz-server-side-encryption") in NOT_MD5_ENCRYPTION or _SSE_C in lower:
         return None
     return etag_md5(etag)

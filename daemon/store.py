@@ -42,7 +42,7 @@ from s3cachefs.daemon.errors import (
     TransientError,
 )
 from s3cachefs.daemon.rangeget import RangeGetter, proxy_applies
-from s3cachefs.daemon.responses import body_md5, check_get_response
+from s3cachefs.daemon.responses import NOT_MD5_ENCRYPTION, body_md5, check_get_response
 from s3cachefs.daemon.uploadchecksums import REFUSAL_CODES, ChecksumSupport
 
 if TYPE_CHECKING:
@@ -70,6 +70,8 @@ class ChecksumHead:
     algorithm: str | None  # "crc32", "crc32c", "crc64nvme", "sha1", "sha256"; None: no checksum
     value: str | None  # base64, as S3 gives it (some servers append "-N" to a composite one)
     checksum_type: str | None  # "FULL_OBJECT", "COMPOSITE", or None when not said
+    # S3 says the ETag is not the MD5 of the bytes: SSE-KMS (or DSSE) or SSE-C encryption.
+    etag_not_md5: bool = False
 
 
 @dataclass(frozen=True)
@@ -738,11 +740,14 @@ class S3Store:
 
 def checksum_head(resp: Any) -> ChecksumHead:
     """The additional checksum in a HEAD/GET response (the first algorithm S3 names)."""
+    not_md5 = resp.get("ServerSideEncryption") in NOT_MD5_ENCRYPTION or bool(
+        resp.get("SSECustomerAlgorithm")
+    )
     for algorithm in checksums.ALGORITHMS:
         value = resp.get(f"Checksum{algorithm.upper()}")
         if value:
-            return ChecksumHead(algorithm, str(value), resp.get("ChecksumType"))
-    return ChecksumHead(None, None, resp.get("ChecksumType"))
+            return ChecksumHead(algorithm, str(value), resp.get("ChecksumType"), not_md5)
+    return ChecksumHead(None, None, resp.get("ChecksumType"), not_md5)
 
 
 def _content_md5(data: bytes) -> str:
@@ -890,13 +895,21 @@ class MemoryStore:
     def requests(self) -> Counter[str]:
         return self._requests
 
-    def put(self, key: str, data: bytes, mtime_ns: int = 1_700_000_000 * 10**9) -> str:
-        """A single-part object with no additional checksum (a test's upload)."""
-        etag = '"' + hashlib.md5(data, usedforsecurity=False).hexdigest() + '"'
+    def put(
+        self, key: str, data: bytes, mtime_ns: int = 1_700_000_000 * 10**9, *, kms: bool = False
+    ) -> str:
+        """A single-part object with no additional checksum (a test's upload).
+
+        ``kms``: encrypted with SSE-KMS, so its 32-hex ETag is not the MD5 of the bytes.
+        """
+        md5 = hashlib.md5((b"kms:" if kms else b"") + data, usedforsecurity=False)
+        etag = f'"{md5.hexdigest()}"'
         with self._lock:
             self._objects[key] = (data, etag, mtime_ns)
             self._layouts.pop(key, None)
             self._checksums.pop(key, None)
+            if kms:
+                self._checksums[key] = ChecksumHead(None, None, None, etag_not_md5=True)
         return etag
 
     def put_parts(

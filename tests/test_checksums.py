@@ -15,11 +15,18 @@ from typing import Any
 import pytest
 
 from s3cachefs.daemon.blockcache import ObjectVersion
-from s3cachefs.daemon.checksums import Check, Digest, combine_crc64nvme, crc64nvme, plan
+from s3cachefs.daemon.checksums import (
+    Check,
+    Digest,
+    combine_crc64nvme,
+    crc64nvme,
+    plan,
+    resolved,
+)
 from s3cachefs.daemon.config import MountConfig
 from s3cachefs.daemon.pins import Manifest, PinStore
 from s3cachefs.daemon.prefetch import PrefetchJob
-from s3cachefs.daemon.store import MemoryStore, ObjectInfo, S3Store
+from s3cachefs.daemon.store import MemoryStore, ObjectInfo, S3Store, checksum_head
 from tests.conftest import Bucket
 from tests.test_blockcache import make_cache, read_back, run_with
 
@@ -322,4 +329,180 @@ def test_prefetch_keeps_nothing_of_an_object_that_fails_then_pins_it_when_right(
         cache,
         ObjectVersion(store.bucket, "ds/big", store.head("ds/big").etag, 450_000),
         b"".join(parts),
+    )
+
+
+async def _ignore(event: dict[str, Any]) -> None:
+    pass
+
+
+def prefetch_ds(
+    store: MemoryStore, tmp_path: Path, etag_md5s: bool = True
+) -> tuple[dict[str, Any], PinStore, Any]:
+    """One prefetch job of ``ds/`` over a fresh cache: (its final report, the pins, the cache)."""
+    cache = make_cache(tmp_path, store)
+    pins = PinStore(cache.root, store.bucket)
+    pins.load()
+    finals: list[dict[str, Any]] = []
+
+    async def body() -> None:
+        job = PrefetchJob(store, cache, pins, prefix="ds/", shard=None, jobs=2, etag_md5s=etag_md5s)
+        finals.append(await job.run(_ignore))
+
+    run_with(cache, body)
+    return finals[0], pins, cache
+
+
+def test_an_md5_etag_failed_twice_by_the_same_bytes_fails_unless_s3_says_it_is_no_md5(
+    tmp_path: Path,
+) -> None:
+    """A server corrupting the same way every time looks like an SSE-KMS ETag: not taken for one."""
+    store = FlippingStore()  # every GET flips the same byte; MemoryStore checks no MD5
+    data = random.Random(5).randbytes(1 * MIB)
+    store.put("ds/big", data)
+    final, pins, cache = prefetch_ds(store, tmp_path / "auto")
+    assert (final["ok"], final["complete"], final["size_only"]) == (False, False, 0)
+    assert final["failed_objects"] == {
+        "ds/big": "content does not match its ETag (MD5) in S3, twice over with the same bytes "
+        "(S3 gives no other checksum for it): if this server's ETags are not MD5s, "
+        "mount with --etag-md5 off"
+    }
+    assert cache.used_bytes == 0 and not pins.pinned_oids()  # nothing of it kept
+
+    # The user says the ETags are not MD5s: size-checked only, and said so.
+    final, pins, cache = prefetch_ds(store, tmp_path / "off", etag_md5s=False)
+    assert (final["ok"], final["size_only_keys"]) == (True, ["ds/big"])
+    (manifest,) = pins.manifests.values()
+    assert manifest.checks["ds/big"] == Check("size")
+
+    # S3 says so (SSE-KMS): the ETag is no MD5, the honest bytes are size-checked only.
+    kms = MemoryStore()
+    kms.put("ds/kms", data, kms=True)
+    final, pins, cache = prefetch_ds(kms, tmp_path / "kms")
+    assert (final["ok"], final["size_only_keys"], final["bytes_fetched"]) == (
+        True,
+        ["ds/kms"],
+        len(data),  # downloaded once: S3 said why the MD5 did not match
+    )
+    (manifest,) = pins.manifests.values()
+    assert manifest.checks["ds/kms"] == Check("size")
+    read_back(cache, ObjectVersion(kms.bucket, "ds/kms", kms.head("ds/kms").etag, len(data)), data)
+
+
+def test_the_checksum_head_says_when_s3_encrypts_with_kms(bucket: Bucket, tmp_path: Path) -> None:
+    bucket.client.put_object(
+        Bucket=bucket.name, Key="kms", Body=b"secret" * 100, ServerSideEncryption="aws:kms"
+    )
+    bucket.put("plain", b"open" * 100)
+    store = s3_store(bucket, tmp_path)
+    for key, encrypted in (("kms", True), ("plain", False)):
+        assert store.head_checksum(key, store.head(key).etag).etag_not_md5 is encrypted, key
+
+
+def test_sse_headers_say_the_etag_is_no_md5() -> None:
+    plain = checksum_head({"ETag": '"' + "a" * 32 + '"', "ServerSideEncryption": "AES256"})
+    assert not plain.etag_not_md5
+    for extra in (
+        {"ServerSideEncryption": "aws:kms"},
+        {"ServerSideEncryption": "aws:kms:dsse"},
+        {"SSECustomerAlgorithm": "AES256"},
+    ):
+        head = checksum_head({"ChecksumCRC32": "AAAAAA==", **extra})
+        assert (head.algorithm, head.etag_not_md5) == ("crc32", True), extra
+
+
+def test_an_older_manifests_md5_that_is_not_the_etags_is_not_taken_for_an_s3_check(
+    tmp_path: Path,
+) -> None:
+    """The previous release pinned SSE-KMS objects by size, recording the MD5 it computed."""
+    data = b"encrypted at rest" * 1000
+    store = MemoryStore()
+    etag = store.put("ds/kms", data, kms=True)
+    ok = store.put("ds/plain", b"plain")
+    local = hashlib.md5(data).hexdigest()
+    assert etag.strip('"') != local
+    cache = make_cache(tmp_path, store)
+    old = {  # written by hand, as that release wrote it: no "checks", MD5s in the rows
+        "format": 1,
+        "bucket": store.bucket,
+        "prefix": "ds/",
+        "shard": None,
+        "complete": True,
+        "verified_at": 1.0,
+        "objects": [
+            ["ds/kms", len(data), etag, 1, local],
+            ["ds/plain", 5, ok, 1, ok.strip('"')],
+        ],
+    }
+    pins_dir = cache.root / "pins"
+    pins_dir.mkdir(parents=True, exist_ok=True)
+    manifest = Manifest(store.bucket, "ds/", None)
+    (pins_dir / f"{manifest.id}.json").write_text(json.dumps(old))
+    pins = PinStore(cache.root, store.bucket)
+    pins.load()
+    legacy = pins.manifests[manifest.id]
+    assert legacy.check("ds/kms") == Check("local-md5", local)  # not Check("md5", etag)
+    assert legacy.check("ds/plain") == Check("md5", ok.strip('"'))
+    assert legacy.size_only() == ["ds/kms"]
+
+    # A prefetch asks S3 again: what it says (SSE-KMS), not the old MD5, goes in the manifest.
+    finals: list[dict[str, Any]] = []
+
+    async def body() -> None:
+        job = PrefetchJob(store, cache, pins, prefix="ds/", shard=None, jobs=2)
+        finals.append(await job.run(_ignore))
+
+    run_with(cache, body)
+    assert (finals[0]["ok"], finals[0]["size_only_keys"]) == (True, ["ds/kms"])
+    renewed = pins.manifests[manifest.id]
+    assert renewed.checks == {"ds/kms": Check("size"), "ds/plain": Check("md5", ok.strip('"'))}
+    assert "ds/kms" not in renewed.md5
+
+
+def test_a_composite_checksum_of_undeclared_type_passes_as_either(
+    bucket: Bucket, tmp_path: Path
+) -> None:
+    """moto's HEAD of a composite upload that declared no type: no type, no "-N"."""
+    rng = random.Random(7)
+    parts = [rng.randbytes(5 * MIB), rng.randbytes(5 * MIB), rng.randbytes(2 * MIB)]
+    upload_untyped(bucket, "mp-crc32", parts, "CRC32")
+    head = bucket.client.head_object(Bucket=bucket.name, Key="mp-crc32", ChecksumMode="ENABLED")
+    assert "ChecksumType" not in head and "-" not in head["ChecksumCRC32"]
+    store = s3_store(bucket, tmp_path)
+    check = plan(store, head_info(bucket, "mp-crc32"))
+    assert (check.kind, check.parts) == ("crc32-either", (5 * MIB, 5 * MIB, 2 * MIB))
+    digest = digest_of(check, b"".join(parts), 1 * MIB)  # both digests, one read
+    assert digest.matches()
+    assert resolved(check, digest.result()) == Check(
+        "crc32-composite", check.value, (5 * MIB, 5 * MIB, 2 * MIB)
+    )
+    flipped = bytearray(b"".join(parts))
+    flipped[6 * MIB] ^= 1
+    assert not digest_of(check, bytes(flipped), 1 * MIB).matches()
+    # Either way: a full-object checksum in an "-either" check passes as full-object.
+    whole = b64int(zlib.crc32(b"".join(parts)), 4)
+    either = Check("crc32-either", whole, check.parts)
+    full = digest_of(either, b"".join(parts))
+    assert full.matches() and resolved(either, full.result()) == Check("crc32-full", whole)
+
+
+def upload_untyped(bucket: Bucket, key: str, parts: list[bytes], algorithm: str) -> None:
+    """A multipart upload with ``algorithm`` and no ChecksumType (S3's default: composite)."""
+    client = bucket.client
+    made = client.create_multipart_upload(Bucket=bucket.name, Key=key, ChecksumAlgorithm=algorithm)
+    done = []
+    for number, body in enumerate(parts, start=1):
+        sent = client.upload_part(
+            Bucket=bucket.name,
+            Key=key,
+            UploadId=made["UploadId"],
+            PartNumber=number,
+            Body=body,
+            ChecksumAlgorithm=algorithm,
+        )
+        entry = {"ETag": sent["ETag"], "PartNumber": number}
+        entry.update({k: v for k, v in sent.items() if k.startswith("Checksum")})
+        done.append(entry)
+    client.complete_multipart_upload(
+        Bucket=bucket.name, Key=key, UploadId=made["UploadId"], MultipartUpload={"Parts": done}
     )

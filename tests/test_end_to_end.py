@@ -17,13 +17,15 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
+import boto3
+import botocore.config
 import pytest
 
 from s3cachefs.cli.locals3 import LocalS3
 from s3cachefs.daemon.checksums import crc64nvme
 from tests.conftest import Bucket, Mount, Mounter, drop_page_cache, run_cli
 from tests.faultproxy import FaultProxy
-from tests.test_checksums import b64int, upload
+from tests.test_checksums import b64int, upload, upload_untyped
 
 MIB = 1024 * 1024
 BIG = "ds/big.bin"
@@ -32,13 +34,22 @@ BIG = "ds/big.bin"
 class LyingProxy(FaultProxy):
     """The fault proxy (whose ``flip_byte`` flips one byte of a GET body), plus what this
     file needs besides: ``ignore_part_number``, a server that ignores ``?partNumber=`` and
-    answers a part HEAD for the whole object, as some S3-compatible ones do; and ``seen``.
+    answers a part HEAD for the whole object, as some S3-compatible ones do; ``flip_middle``,
+    ``flip_byte`` at the middle of the body rather than at random (a corrupter that does the
+    same every time); and ``seen``.
     """
 
     def __init__(self, upstream: str) -> None:
         super().__init__(upstream)
         self.ignore_part_number = False
+        self.flip_middle = False
         self.seen: list[tuple[str, str]] = []  # (method, path with query) of every request
+
+    def _lie(self, outcome: str, data: bytes) -> bytes:
+        if outcome == "flip_byte" and data and self.flip_middle:
+            at = len(data) // 2
+            return data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1 :]
+        return super()._lie(outcome, data)
 
     def handle(self, req: BaseHTTPRequestHandler) -> None:
         self.seen.append((req.command, req.path))
@@ -154,6 +165,54 @@ def test_a_flipped_byte_in_a_single_part_object_is_caught_too(
     assert sha256_of(mount.path / "ds" / "large.bin") == hashlib.sha256(large).hexdigest()
 
 
+def test_a_single_part_object_without_checksum_failing_its_md5_twice_is_not_pinned(
+    bucket: Bucket, mounter: Mounter, proxy: LyingProxy
+) -> None:
+    """Ranged GETs (no store MD5 check), the same byte flipped every time, no checksum:
+    the bytes fail the MD5 ETag twice over; S3 does not say the ETag is no MD5."""
+    large = os.urandom(9 * MIB + 5)
+    no_checksums = boto3.client(
+        "s3",
+        endpoint_url=bucket.server.endpoint_url,
+        config=botocore.config.Config(request_checksum_calculation="when_required"),
+    )
+    no_checksums.put_object(Bucket=bucket.name, Key="ds/large.bin", Body=large)
+    mount = mounter(bucket.name, server=proxy)
+    proxy.methods, proxy.rates["flip_byte"], proxy.flip_middle = {"GET"}, 1.0, True
+    result = prefetch(mount, "ds")
+    assert result.returncode == 4, result.stdout + result.stderr
+    assert (
+        "FAILED ds/large.bin: content does not match its ETag (MD5) in S3, twice over with the "
+        "same bytes (S3 gives no other checksum for it): if this server's ETags are not MD5s, "
+        "mount with --etag-md5 off"
+    ) in result.stderr
+    assert "size-checked only" not in result.stdout + result.stderr
+    assert [d["complete"] for d in status(mount)["datasets"]] in ([], [False])
+    proxy.rates["flip_byte"] = 0.0  # nothing wrong was kept
+    assert sha256_of(mount.path / "ds" / "large.bin") == hashlib.sha256(large).hexdigest()
+    assert prefetch(mount, "ds").returncode == 0
+    assert manifest_checks(mount) == {"ds/large.bin": "md5"}
+
+
+def test_a_composite_checksum_of_undeclared_type_verifies_in_one_download(
+    bucket: Bucket, mounter: Mounter
+) -> None:
+    """moto's HEAD says neither the type nor "-N": full-object and composite are both tried."""
+    rng = random.Random(11)
+    parts = [rng.randbytes(5 * MIB), rng.randbytes(5 * MIB), rng.randbytes(3 * MIB)]
+    upload_untyped(bucket, BIG, parts, "CRC32")
+    mount = mounter(bucket.name)
+    result = prefetch(mount, "ds", "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert json.loads(result.stdout.splitlines()[-1])["bytes_fetched"] == 13 * MIB  # once
+    assert manifest_checks(mount) == {BIG: "crc32-composite"}
+    verify = run_cli("verify", "ds", "--mount", str(mount.path))
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert "1 files checked, 0 repaired, 0 failed" in verify.stdout
+    drop_page_cache()
+    assert sha256_of(mount.path / BIG) == hashlib.sha256(b"".join(parts)).hexdigest()
+
+
 def test_size_checked_only_objects_are_named_and_refused_with_require_checksums(
     bucket: Bucket, mounter: Mounter, proxy: LyingProxy
 ) -> None:
@@ -174,7 +233,7 @@ def test_size_checked_only_objects_are_named_and_refused_with_require_checksums(
     assert "verified and pinned" not in result.stdout
     assert (
         "ds: complete and pinned, 1 object size-checked only, not verified end to end "
-        f"(S3 has no checksum or MD5 ETag for them): {BIG}"
+        f"(S3 gives no checksum for them and their ETags are not MD5s): {BIG}"
     ) in result.stdout
     assert manifest_checks(mount) == {BIG: "size", "ds/small.bin": "md5"}
     (dataset,) = status(mount)["datasets"]
@@ -187,7 +246,7 @@ def test_size_checked_only_objects_are_named_and_refused_with_require_checksums(
     assert "1 object size-checked only, not verified end to end" in text.stdout
     verify = run_cli("verify", "ds", "--mount", str(mount.path))
     assert verify.returncode == 0, verify.stdout + verify.stderr
-    assert "size-checked only, not verified end to end (S3 has no" in verify.stdout
+    assert "size-checked only, not verified end to end (S3 gives no" in verify.stdout
     # Already pinned, still refused: --require-checksums is about the check, not the download.
     again = prefetch(mount, "ds", "--require-checksums")
     assert again.returncode == 4 and f"FAILED {BIG}: size-checked only" in again.stderr
