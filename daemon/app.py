@@ -259,7 +259,7 @@ def _stats_line(ops: Operations, cache: BlockCache, store: S3Store) -> str:
     """One key=value line of what this daemon did: FUSE requests, cache, S3 requests."""
     fields = {f"fuse_{k}": v for k, v in sorted(ops.counts.items())}
     fields |= {f"cache_{k}": v for k, v in sorted(cache.stats.counts.items())}
-    fields |= {f"s3_{k}": v for k, v in sorted(store.requests.items())}
+    fields |= {f"s3_{k}": v for k, v in sorted(store.request_counts().items())}
     return " ".join(f"{k}={v}" for k, v in fields.items())
 
 

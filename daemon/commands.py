@@ -132,7 +132,7 @@ class Daemon:
                 "in_flight_blocks": cache.in_flight,
             },
             "s3": self.s3_state.describe() if self.s3_state else {"reachable": True},
-            "s3_requests": dict(self.store.requests),
+            "s3_requests": self.store.request_counts(),
             "fuse_requests": dict(self.ops.counts),
             "daemon": {
                 "rss_bytes": proc.memory_info().rss,

@@ -76,7 +76,7 @@ def take_snapshot(d: Daemon) -> Snapshot:
         limit_bytes=cache.cache_size,
         pinned_bytes=cache.pinned_bytes,
         in_flight=cache.in_flight,
-        s3_requests=dict(d.store.requests),
+        s3_requests=d.store.request_counts(),
         fuse_counts=dict(d.ops.counts),
         jobs=jobs,
         datasets=[(d.dataset_name(m.prefix), m.complete) for m in d.pins.manifests.values()],

@@ -122,6 +122,13 @@ class RangeGetter:
         request = botocore.awsrequest.AWSRequest(method="GET", url=url, headers=headers)
         frozen = self._credentials.get_frozen_credentials()  # refreshes role credentials
         botocore.auth.S3SigV4Auth(frozen, "s3", self.region).add_auth(request)
+        # decode_content=False: the bytes as stored. An object stored with a Content-Encoding
+        # (gzip, ...) gets it back in every GET, and every header describes the stored bytes;
+        # urllib3 would otherwise decompress the body (botocore's GETs never decode either).
         return self._pool.request(
-            "GET", url, headers=dict(request.headers.items()), preload_content=False
+            "GET",
+            url,
+            headers=dict(request.headers.items()),
+            preload_content=False,
+            decode_content=False,
         )

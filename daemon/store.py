@@ -103,7 +103,15 @@ class ObjectStore(Protocol):
 
     @property
     def requests(self) -> Counter[str]:
-        """Requests sent so far, by operation (``get``, ``list``, ``head``)."""
+        """Requests sent so far, by operation (``get``, ``list``, ``head``).
+
+        Live: worker threads count into it. Read one count from it; take a copy
+        (to iterate, sum or subtract) with `request_counts`.
+        """
+        ...
+
+    def request_counts(self) -> Counter[str]:
+        """A copy of `requests`, taken under the lock the worker threads count under."""
         ...
 
     def check_bucket(self) -> None: ...
@@ -360,6 +368,12 @@ class S3Store:
     @property
     def requests(self) -> Counter[str]:
         return self._requests
+
+    def request_counts(self) -> Counter[str]:
+        # The first request of a new kind adds a key: a copy racing it, unlocked, could
+        # fail with "dictionary changed size during iteration".
+        with self._lock:
+            return self._requests.copy()
 
     def _count(self, op: str) -> None:
         with self._lock:
@@ -894,6 +908,12 @@ class MemoryStore:
     @property
     def requests(self) -> Counter[str]:
         return self._requests
+
+    def request_counts(self) -> Counter[str]:
+        # The first request of a new kind adds a key: a copy racing it, unlocked, could
+        # fail with "dictionary changed size during iteration".
+        with self._lock:
+            return self._requests.copy()
 
     def put(
         self, key: str, data: bytes, mtime_ns: int = 1_700_000_000 * 10**9, *, kms: bool = False

@@ -18,7 +18,8 @@ A version is (key, ETag, size). The rules (README, "Consistency"):
   node's and the ETag differs, one WARNING names both ETags, the node and the
   handle are re-bound to HEAD's version in place (no kernel page of the inode
   can exist, so the inode may stay) and the read is retried once. Anything
-  else (another size, a deleted key, an inode that served bytes) is ESTALE.
+  else (another size, a deleted key, a HEAD that failed, an inode that served
+  bytes) is ESTALE, and the node is retired.
 
 Concurrency: everything here changes on the trio thread; `served` and the
 checks after each ``await`` in `rebind` must not await.
@@ -32,7 +33,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from s3cachefs.daemon.blockcache import ObjectVersion
-from s3cachefs.daemon.errors import NotFoundError, StaleError
+from s3cachefs.daemon.errors import NotFoundError, StaleError, StoreError
 from s3cachefs.daemon.store import ObjectStore
 
 if TYPE_CHECKING:
@@ -91,6 +92,12 @@ class VersionGuard:
             )
         except NotFoundError:
             return  # deleted: ESTALE, and the re-listing drops the name
+        except StoreError as exc:
+            # Unconfirmed (S3 unavailable, access denied): S3 refused the version all the
+            # same, so ESTALE and a retired node, as for a replaced object; never EIO with
+            # the stale inode left in place for the next open.
+            log.info("key=%s: re-checking its version failed (%s): ESTALE", node.key, exc)
+            return
         finally:
             del self._checking[node.ino]
             done.set()

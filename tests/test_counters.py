@@ -14,9 +14,11 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
 import trio
 
-from s3cachefs.daemon.store import MemoryStore
+from s3cachefs.daemon.config import MountConfig
+from s3cachefs.daemon.store import MemoryStore, S3Store
 from tests.conftest import Bucket, Mount, Mounter, drop_page_cache, run_cli, s3cachefs_cmd
 from tests.test_blockcache import BS, make_cache, run_with, version_of
 
@@ -195,3 +197,121 @@ def test_scrapes_never_iterate_what_the_trio_thread_changes(tmp_path: Path) -> N
     cache.close()
     assert errors == []
     assert scrapes > 0
+
+
+class _OwnedLock:
+    """A store's lock that knows which thread holds it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.owner: int | None = None
+
+    def __enter__(self) -> _OwnedLock:
+        self._lock.acquire()
+        self.owner = threading.get_ident()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.owner = None
+        self._lock.release()
+
+
+class _LockedCounts(Counter[str]):
+    """A store's request counter that refuses to be read whole without the store's lock:
+    the first request of a new kind adds a key, which a copy racing it cannot survive.
+    Its copies (``lock`` None) are anyone's to read."""
+
+    lock: _OwnedLock | None = None
+
+    def _check(self) -> None:
+        if self.lock is not None and self.lock.owner != threading.get_ident():
+            raise RuntimeError("request counts copied without the store's lock")
+
+    def __iter__(self) -> Any:
+        self._check()
+        return super().__iter__()
+
+    def keys(self) -> Any:
+        self._check()
+        return super().keys()
+
+    def items(self) -> Any:
+        self._check()
+        return super().items()
+
+
+@pytest.mark.parametrize("kind", ["s3", "memory"])
+def test_request_counts_are_copied_under_the_store_lock_while_workers_count(
+    tmp_path: Path, kind: str
+) -> None:
+    """Worker threads count requests of new kinds while the trio thread copies the counts
+    for a scrape, `status` and the exit's stats line: every copy is taken under the lock."""
+    from s3cachefs.daemon.app import _stats_line
+    from s3cachefs.daemon.commands import Daemon
+    from s3cachefs.daemon.metrics import take_snapshot
+
+    store: S3Store | MemoryStore
+    if kind == "s3":  # built offline: nothing is sent
+        config = MountConfig(
+            bucket="b", prefix="", mountpoint=tmp_path / "mnt", cache_dir=tmp_path / "cache"
+        )
+        store = S3Store(config)
+    else:
+        store = MemoryStore()
+    lock = _OwnedLock()
+    counts = _LockedCounts()
+    counts.lock = lock
+    store._lock = lock  # type: ignore[assignment]
+    store._requests = counts
+    cache = make_cache(tmp_path / "blocks", MemoryStore())
+    empty: Counter[str] = Counter()
+    ops = SimpleNamespace(counts=empty)
+    daemon: Any = SimpleNamespace(
+        config=SimpleNamespace(
+            mountpoint=tmp_path / "mnt",
+            source="b",
+            metrics_address=None,
+            writable=False,
+            allow_overwrite=False,
+            allow_delete=False,
+        ),
+        store=store,
+        cache=cache,
+        ops=ops,
+        jobs={},
+        pins=SimpleNamespace(manifests={}),
+        writeback=SimpleNamespace(stats=empty, staged={}, left=list),
+        errors=SimpleNamespace(lines=[]),
+        kernel=None,
+        s3_state=None,
+        started=0.0,
+        dataset_name=str,
+    )
+    workers, kinds = 4, 300
+    copies = 0
+
+    def work(n: int) -> None:  # an S3 worker thread: each request of a kind never seen yet
+        for i in range(kinds):
+            store._count(f"op{n}-{i}")
+
+    async def main() -> None:
+        nonlocal copies
+        threads = [threading.Thread(target=work, args=(n,)) for n in range(workers)]
+        for t in threads:
+            t.start()
+        try:
+            while not copies or any(t.is_alive() for t in threads):
+                take_snapshot(daemon)
+                await Daemon.status(daemon, {}, None)  # type: ignore[arg-type]
+                _stats_line(ops, cache, store)  # type: ignore[arg-type]
+                copies += 1
+        finally:
+            for t in threads:
+                await trio.to_thread.run_sync(t.join)
+
+    trio.run(main)
+    cache.close()
+    assert copies > 0
+    final = store.request_counts()
+    assert len(final) == workers * kinds and set(final.values()) == {1}
+    assert take_snapshot(daemon).s3_requests == final

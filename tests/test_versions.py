@@ -23,7 +23,13 @@ import pytest
 import trio
 import trio.testing
 
-from s3cachefs.daemon.errors import NotFoundError, StaleError
+from s3cachefs.daemon.errors import (
+    AccessDeniedError,
+    NotFoundError,
+    StaleError,
+    StoreError,
+    TransientError,
+)
 from s3cachefs.daemon.store import Listing, MemoryStore, ObjectInfo
 from s3cachefs.fs.core import ROOT_INODE, FsCore, Node
 from tests.conftest import Bucket, Mounter, drop_page_cache
@@ -250,6 +256,61 @@ def test_a_listing_etag_with_another_size_at_head_is_estale(tmp_path: Path) -> N
         new = await lookup(core, "f.bin")
         assert new.ino != node.ino and new.size == BS
         core.release(fh)
+
+    run_with(cache, body)
+
+
+class FailingHeads(MemoryStore):
+    """HEADs fail with the given errors, in turn (S3 unavailable, access denied)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head_errors: list[StoreError] = []
+
+    def head(self, key: str) -> ObjectInfo:
+        info = super().head(key)  # counted as sent
+        if self.head_errors:
+            raise self.head_errors.pop(0)
+        return info
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        TransientError("f.bin: S3 unavailable (SlowDown) after retries"),
+        AccessDeniedError("f.bin: access denied (AccessDenied)"),
+        StoreError("f.bin: S3 error 400"),
+    ],
+    ids=["transient", "denied", "other"],
+)
+def test_a_revalidation_head_that_fails_is_estale_and_retires_the_node(
+    tmp_path: Path, error: StoreError
+) -> None:
+    """The GET was refused (stale); the HEAD that could have explained it failed: the read
+    stays ESTALE (not EIO), the node is retired and the next open sees the current version."""
+    store = FailingHeads()
+    a, b = pattern(b"A", 2 * BS), pattern(b"B", 2 * BS)
+    store.put("f.bin", a)
+    cache, core, _clock, invalidated = make_core(tmp_path, store)
+
+    async def body() -> None:
+        node = await lookup(core, "f.bin")
+        store.put("f.bin", b)  # same size: a HEAD that answered would re-bind in place
+        fh, _ = await core.open(node.ino)
+        store.head_errors = [error]
+        with pytest.raises(StaleError):
+            await core.read(fh, 0, BS)
+        assert store.requests["head"] == 1
+        assert node.retired and invalidated == [(ROOT_INODE, "f.bin")]
+        new = await lookup(core, "f.bin")  # re-listed at once, TTL or not
+        assert new.ino != node.ino and new.etag != node.etag
+        fh_new, _ = await core.open(new.ino)
+        assert await core.read(fh_new, 0, 2 * BS) == b
+        with pytest.raises(StaleError):  # the old handle: still its version, never B's
+            await core.read(fh, BS, BS)
+        assert store.requests["head"] == 1  # a retired node is not re-checked
+        core.release(fh)
+        core.release(fh_new)
 
     run_with(cache, body)
 
