@@ -10,10 +10,14 @@ the Dockerfile ships every package folder and the entrypoint/healthcheck.
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
+import subprocess
 import tomllib
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from s3cachefs.cli.main import build_parser
@@ -63,3 +67,101 @@ def test_dockerfile_ships_every_package_folder_and_a_healthcheck() -> None:
     assert 'ENTRYPOINT ["s3cachefs"]' in text
     assert 'CMD ["s3cachefs", "status"]' in text
     assert "fuse3" in text
+
+
+# --- `./quickstart install` / `uninstall`, staged under DESTDIR ------------------
+
+UNITS = ("s3cachefs@.service", "s3cachefs-prefetch@.service")
+INSTANCES = ("s3cachefs@datasets.service", "s3cachefs-prefetch@datasets.service")
+
+
+def _quickstart(command: str, destdir: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "DESTDIR": str(destdir)}
+    env.pop("VIRTUAL_ENV", None)
+    return subprocess.run(
+        [str(REPO / "quickstart"), command],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+
+
+def _verify_units(root: Path) -> subprocess.CompletedProcess[str]:
+    """`systemd-analyze verify` of the installed instances as the node would see them.
+
+    --root resolves ExecStart= (the /usr/local/bin link into /opt) inside the
+    staged tree, which needs the machine's own units (sysinit.target, ...) there.
+    """
+    system = root / "usr" / "lib" / "systemd" / "system"
+    if not system.exists():
+        shutil.copytree("/lib/systemd/system", system, symlinks=True)
+    return subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", f"--root={root}", *INSTANCES],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+@pytest.mark.timeout(1800)
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
+def test_quickstart_install_is_idempotent_passes_systemd_verify_and_uninstalls(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "root"
+    etc = root / "etc" / "s3cachefs"
+    etc.mkdir(parents=True)
+    # The operator's mount config; the units' ConditionPathExists names it.
+    shutil.copy(REPO / "systemd" / "example.toml", etc / "datasets.toml")
+    # The units copied by hand, without the program (the README's old install):
+    # systemd-analyze refuses them.
+    system = root / "etc" / "systemd" / "system"
+    system.mkdir(parents=True)
+    for unit in UNITS:
+        shutil.copy(REPO / "systemd" / unit, system / unit)
+    before = _verify_units(root)
+    assert before.returncode != 0
+    assert "/usr/local/bin/s3cachefs is not executable" in before.stderr
+
+    first = _quickstart("install", root)
+    assert first.returncode == 0, first.stderr
+    link = root / "usr" / "local" / "bin" / "s3cachefs"
+    assert os.readlink(link) == "../../../opt/s3cachefs/bin/s3cachefs"
+    version = subprocess.run([str(link), "--version"], capture_output=True, text=True, check=True)
+    assert version.stdout.strip() == "s3cachefs 0.1.0"
+    for unit in UNITS:
+        installed = root / "etc" / "systemd" / "system" / unit
+        assert installed.read_bytes() == (REPO / "systemd" / unit).read_bytes()
+    example = etc / "example.toml"
+    assert example.read_bytes() == (REPO / "systemd" / "example.toml").read_bytes()
+    verified = _verify_units(root)
+    assert verified.returncode == 0, verified.stderr
+    assert verified.stderr.strip() == "", verified.stderr
+
+    # Re-run = upgrade: the package is reinstalled (a planted change is gone),
+    # the operator's edits to the example are kept.
+    site = next((root / "opt" / "s3cachefs" / "lib").glob("python3*/site-packages/s3cachefs"))
+    (site / "__init__.py").write_text("raise SystemExit('stale install')\n")
+    example.write_text(example.read_text() + "# edited by the operator\n")
+    second = _quickstart("install", root)
+    assert second.returncode == 0, second.stderr
+    assert "keeping the existing /etc/s3cachefs/example.toml" in second.stdout
+    assert example.read_text().endswith("# edited by the operator\n")
+    again = subprocess.run([str(link), "--version"], capture_output=True, text=True, check=True)
+    assert again.stdout.strip() == "s3cachefs 0.1.0"
+    assert _verify_units(root).returncode == 0
+
+    removed = _quickstart("uninstall", root)
+    assert removed.returncode == 0, removed.stderr
+    assert not (root / "opt" / "s3cachefs").exists()
+    assert not link.is_symlink()
+    for unit in UNITS:
+        assert not (root / "etc" / "systemd" / "system" / unit).exists()
+    # The operator's data stays.
+    assert (etc / "datasets.toml").exists() and example.exists()
+    # Uninstalling twice is fine; a foreign /usr/local/bin/s3cachefs is left alone.
+    link.write_text("#!/bin/sh\n")
+    assert _quickstart("uninstall", root).returncode == 0
+    assert link.read_text() == "#!/bin/sh\n"
