@@ -1,10 +1,11 @@
-"""What can be checked of the container deployment without a container engine here.
+"""The deployment files and the node install, without a container engine.
 
-No Docker or Podman engine runs on this machine (and base images cannot be
-pulled), so the image is not built in CI. These tests check the files an
-operator runs: the compose file's structure and FUSE plumbing, that every
-setting it and the example configs use is one the daemon accepts, and that
-the Dockerfile ships every package folder and the entrypoint/healthcheck.
+These check the files an operator runs: the compose file's structure and FUSE
+plumbing, that every setting it and the example configs use is one the daemon
+accepts, that the Dockerfile ships every package folder and the
+entrypoint/healthcheck, and `./quickstart install`/`uninstall` staged under
+DESTDIR (`systemd-analyze verify` of the installed units). tests/test_container.py
+builds and runs the image for real.
 """
 
 from __future__ import annotations
@@ -33,16 +34,39 @@ def _mount_args() -> argparse.Namespace:
 def test_compose_wires_fuse_propagation_and_the_order_of_services() -> None:
     compose: dict[str, Any] = yaml.safe_load((REPO / "deploy" / "compose.yaml").read_text())
     services = compose["services"]
-    assert set(services) == {"minio", "s3cachefs", "prefetch", "worker"}
+    assert set(services) == {"minio", "bucket", "s3cachefs", "prefetch", "worker"}
     daemon = services["s3cachefs"]
     assert "/dev/fuse:/dev/fuse" in daemon["devices"] and "SYS_ADMIN" in daemon["cap_add"]
+    # The daemon binds the parent rshared and mounts below it; the others bind
+    # the same parent rslave (a bind of the FUSE path dies with the daemon).
     [shared] = [v for v in daemon["volumes"] if isinstance(v, dict)]
-    assert shared["bind"]["propagation"] == "rshared"
-    worker = services["worker"]
-    [data] = worker["volumes"]
-    assert data["source"] == shared["source"] and data["read_only"] is True
-    assert worker["depends_on"]["prefetch"]["condition"] == "service_completed_successfully"
-    assert services["prefetch"]["depends_on"]["s3cachefs"]["condition"] == "service_healthy"
+    assert shared["bind"]["propagation"] == "rshared" and shared["target"] == "/mnt/host"
+    assert daemon["environment"]["S3CACHEFS_MOUNTPOINT"] == "/mnt/host/datasets"
+    for name in ("prefetch", "worker"):
+        [parent] = [v for v in services[name]["volumes"] if isinstance(v, dict)]
+        assert parent["source"] == shared["source"] and parent["target"] == "/mnt/host"
+        assert parent["bind"]["propagation"] == "rslave"
+    assert services["worker"]["volumes"][0]["read_only"] is True
+    # The control socket on a named volume (podman-compose has no volumes_from).
+    assert "s3cachefs-run:/run/s3cachefs" in daemon["volumes"]
+    assert "s3cachefs-run:/run/s3cachefs" in services["prefetch"]["volumes"]
+    assert not any("volumes_from" in s for s in services.values())
+    # Start order by health, and restart policies.
+    conditions = {
+        (name, dep): spec["condition"]
+        for name, service in services.items()
+        for dep, spec in service.get("depends_on", {}).items()
+    }
+    assert conditions == {
+        ("bucket", "minio"): "service_healthy",
+        ("s3cachefs", "minio"): "service_healthy",
+        ("s3cachefs", "bucket"): "service_completed_successfully",
+        ("prefetch", "s3cachefs"): "service_healthy",
+        ("worker", "prefetch"): "service_completed_successfully",
+    }
+    for name in ("minio", "s3cachefs"):
+        assert services[name]["restart"] == "unless-stopped"
+        assert services[name]["healthcheck"]["test"][0] == "CMD"
     # Every S3CACHEFS_* variable is a setting the daemon knows, with a valid value.
     env = {k: str(v) for k, v in daemon["environment"].items()}
     config = mount_config(resolve(_mount_args(), env))
