@@ -135,15 +135,17 @@ class Podman:
                     check=True,
                     capture_output=True,
                 )
-                tar = subprocess.Popen(["tar", "-C", str(root), "-c", "."], stdout=subprocess.PIPE)
-                imported = subprocess.run(
-                    ["podman", "import", "-", BASE_IMAGE],
-                    stdin=tar.stdout,
-                    env=self.env,
-                    capture_output=True,
-                    check=False,
-                )
-                assert tar.wait() == 0 and imported.returncode == 0, imported.stderr
+                with subprocess.Popen(
+                    ["tar", "-C", str(root), "-c", "."], stdout=subprocess.PIPE
+                ) as tar:
+                    imported = subprocess.run(
+                        ["podman", "import", "-", BASE_IMAGE],
+                        stdin=tar.stdout,
+                        env=self.env,
+                        capture_output=True,
+                        check=False,
+                    )
+                assert tar.returncode == 0 and imported.returncode == 0, imported.stderr
         if not self.image_exists(PYTHON_IMAGE):
             with tempfile.TemporaryDirectory(prefix="s3cachefs-pybase-") as tmp:
                 context = Path(tmp)
