@@ -21,6 +21,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import time
@@ -255,3 +256,139 @@ def test_readme_container_deployment_survives_daemon_restarts(
     assert _worker_reads(podman, PINNED_WORKER, "/data") == {"<root>": f"errno {errno.ENOTCONN}"}
     restarts = podman.run("inspect", "--format", "{{.RestartCount}}", DAEMON).stdout.strip()
     assert int(restarts) >= 2
+
+
+# --- the systemd units under a real systemd (PID 1 of a podman container) ------
+
+SYSTEMD_IMAGE = "localhost/s3cachefs-test/systemd:latest"
+SYSTEMD_CONTAINER = "s3cachefs-test-systemd"
+SYSTEMD_CONTAINERFILE = """\
+FROM s3cachefs
+RUN apt-get update \\
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \\
+       systemd systemd-sysv dbus \\
+    && rm -rf /var/lib/apt/lists/*
+COPY s3cachefs@.service s3cachefs-prefetch@.service /etc/systemd/system/
+ENTRYPOINT ["/lib/systemd/systemd"]
+CMD []
+"""
+# A GPU workload as the README writes it: ordered after the node's data.
+WORKLOAD_UNIT = """\
+[Unit]
+Requires=s3cachefs-prefetch@datasets.service
+After=s3cachefs-prefetch@datasets.service
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/bin/sh -c 'cd /mnt/datasets && sha256sum dataset-v3/* > /run/workload.out'
+"""
+
+
+@pytest.fixture
+def systemd_node(podman: Podman, tmp_path: Path) -> Iterator[tuple[Podman, Path]]:
+    """A container whose PID 1 is systemd, with the image's s3cachefs and the repo's units."""
+    context = tmp_path / "context"
+    context.mkdir()
+    for unit in ("s3cachefs@.service", "s3cachefs-prefetch@.service"):
+        shutil.copy(REPO / "systemd" / unit, context / unit)
+    (context / "Containerfile").write_text(SYSTEMD_CONTAINERFILE)
+    podman.run(
+        "build", "--pull=never", "--network", "host", "-t", SYSTEMD_IMAGE, str(context),
+        timeout=1200,
+    )  # fmt: skip
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    podman.run("rm", "-f", "-t", "0", SYSTEMD_CONTAINER, check=False)
+    podman.run(
+        "run", "-d", "--name", SYSTEMD_CONTAINER, "--systemd=always", "--network", "host",
+        "--device", "/dev/fuse", "--cap-add", "SYS_ADMIN",
+        "--security-opt", "apparmor=unconfined", "-v", f"{etc}:/etc/s3cachefs",
+        SYSTEMD_IMAGE,
+    )  # fmt: skip
+    try:
+        yield podman, etc
+    finally:
+        podman.run("rm", "-f", "-t", "30", SYSTEMD_CONTAINER, check=False)
+
+
+def _in_node(podman: Podman, *command: str, check: bool = True) -> str:
+    return podman.run("exec", SYSTEMD_CONTAINER, *command, check=check).stdout
+
+
+def _show(podman: Podman, unit: str, prop: str) -> str:
+    return _in_node(podman, "systemctl", "show", "-p", prop, "--value", unit).strip()
+
+
+def test_units_under_systemd_order_workloads_restart_after_kill9_and_stop_cleanly(
+    systemd_node: tuple[Podman, Path], bucket: Bucket
+) -> None:
+    podman, etc = systemd_node
+    expected = {}
+    for i in range(6):
+        data = hashlib.sha256(b"%d" % i).digest() * (20_000 * (i + 1))
+        bucket.put(f"dataset-v3/page-{i}.bin", data)
+        expected[f"dataset-v3/page-{i}.bin"] = hashlib.sha256(data).hexdigest()
+    live = b"read through FUSE\n" * 5000
+    bucket.put("live/x.bin", live)
+    (etc / "datasets.toml").write_text(
+        f'source = "{bucket.name}"\n'
+        'mountpoint = "/mnt/datasets"\n'
+        f'endpoint-url = "{bucket.server.endpoint_url}"\n'
+        'cache-dir = "/var/cache/s3cachefs/datasets"\n'
+        'prefetch = ["dataset-v3"]\n'
+    )
+    # Credentials in a drop-in, as the README says (`systemctl edit`).
+    creds = " ".join(f"{k}={v}" for k, v in CREDENTIALS.items())
+    dropin = "/etc/systemd/system/s3cachefs@datasets.service.d"
+    _in_node(
+        podman, "sh", "-c",
+        f"until systemctl is-system-running --wait >/dev/null 2>&1 || "
+        f"[ $(systemctl is-system-running) = degraded ]; do sleep 0.2; done; "
+        f"mkdir -p /mnt/datasets {dropin} && "
+        f"printf '[Service]\\nEnvironment={creds}\\n' > {dropin}/creds.conf && "
+        f"printf %s {shlex.quote(WORKLOAD_UNIT)} > /etc/systemd/system/gpu-job.service && "
+        "systemctl daemon-reload",
+    )  # fmt: skip
+
+    # Starting the workload pulls in the prefetch and the mount; the
+    # prefetch returns only once the dataset is pinned, then the job runs.
+    _in_node(podman, "systemctl", "start", "gpu-job.service")
+    out = _in_node(podman, "cat", "/run/workload.out")
+    got = {line.split()[1]: line.split()[0] for line in out.splitlines()}
+    assert got == expected
+    prefetched = int(_show(podman, "s3cachefs-prefetch@datasets", "ActiveEnterTimestampMonotonic"))
+    job_started = int(_show(podman, "gpu-job.service", "ExecMainStartTimestampMonotonic"))
+    assert 0 < prefetched <= job_started
+    journal = _in_node(podman, "journalctl", "-u", "s3cachefs@datasets", "--no-pager", "-o", "cat")
+    assert "complete=True" in journal
+    status = json.loads(_in_node(podman, "s3cachefs", "status", "/mnt/datasets", "--json"))
+    assert status["cache"]["pinned_bytes"] == sum(20_000 * 32 * (i + 1) for i in range(6)), status[
+        "cache"
+    ]
+    assert _show(podman, "s3cachefs@datasets", "StatusText").startswith("cache ")
+    assert 'Status: "cache ' in _in_node(
+        podman, "systemctl", "status", "--no-pager", "s3cachefs@datasets", check=False
+    )
+
+    # kill -9 of the daemon: systemd restarts it and the mount serves again.
+    first_pid = _show(podman, "s3cachefs@datasets", "MainPID")
+    _in_node(podman, "systemctl", "kill", "--signal=KILL", "--kill-whom=main", "s3cachefs@datasets")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        pid = _show(podman, "s3cachefs@datasets", "MainPID")
+        active = _show(podman, "s3cachefs@datasets", "ActiveState")
+        if active == "active" and pid not in ("0", first_pid):
+            break
+        time.sleep(0.2)
+    assert _show(podman, "s3cachefs@datasets", "NRestarts") == "1"
+    read = _in_node(podman, "sha256sum", "/mnt/datasets/live/x.bin")
+    assert read.split()[0] == hashlib.sha256(live).hexdigest()
+
+    # stop unmounts cleanly (and stops what requires it).
+    _in_node(podman, "systemctl", "stop", "s3cachefs@datasets")
+    assert _show(podman, "s3cachefs@datasets", "ActiveState") == "inactive"
+    assert _show(podman, "s3cachefs@datasets", "Result") == "success"
+    assert _show(podman, "gpu-job.service", "ActiveState") == "inactive"
+    mounts = _in_node(podman, "cat", "/proc/self/mountinfo")
+    assert " /mnt/datasets " not in mounts and "/mnt/datasets/" not in mounts
