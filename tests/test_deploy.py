@@ -11,6 +11,7 @@ builds and runs the image for real.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -189,3 +190,62 @@ def test_quickstart_install_is_idempotent_passes_systemd_verify_and_uninstalls(
     link.write_text("#!/bin/sh\n")
     assert _quickstart("uninstall", root).returncode == 0
     assert link.read_text() == "#!/bin/sh\n"
+
+
+# --- Kubernetes ------------------------------------------------------------------
+
+K8S_VERSION = "1.30.0"
+
+
+def _k8s_documents() -> list[dict[str, Any]]:
+    docs: list[dict[str, Any]] = []
+    for path in sorted((REPO / "deploy" / "kubernetes").glob("*.yaml")):
+        docs.extend(d for d in yaml.safe_load_all(path.read_text()) if d)
+    return docs
+
+
+def test_kubernetes_manifests_pass_the_api_schema_and_wire_propagation(tmp_path: Path) -> None:
+    import kubernetes_validate
+
+    docs = _k8s_documents()
+    for doc in docs:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    # The schema check is strict: a misspelt field fails it.
+    [daemonset] = [d for d in docs if d["kind"] == "DaemonSet"]
+    broken = json.loads(json.dumps(daemonset))
+    mount = broken["spec"]["template"]["spec"]["containers"][0]["volumeMounts"][0]
+    mount["mountPropogation"] = mount.pop("mountPropagation")
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, K8S_VERSION, strict=True)
+
+    pod = daemonset["spec"]["template"]["spec"]
+    [daemon] = pod["containers"]
+    assert daemon["securityContext"]["privileged"] is True
+    assert daemon["resources"]["requests"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    [host_mnt] = [m for m in daemon["volumeMounts"] if m["name"] == "host-mnt"]
+    assert host_mnt["mountPropagation"] == "Bidirectional" and host_mnt["mountPath"] == "/mnt/host"
+    host_dir = volumes["host-mnt"]["hostPath"]["path"]
+    env = {e["name"]: e["value"] for e in daemon["env"]}
+    assert env["S3CACHEFS_MOUNTPOINT"] == "/mnt/host/datasets"
+    # The ConfigMap's settings and the variables are ones the daemon accepts.
+    [configmap] = [d for d in docs if d["kind"] == "ConfigMap"]
+    config = tmp_path / "s3cachefs.toml"
+    config.write_text(configmap["data"]["s3cachefs.toml"])
+    mounted = mount_config(resolve(_mount_args(), {**env, "S3CACHEFS_CONFIG": str(config)}))
+    assert mounted.mountpoint == Path("/mnt/host/datasets") and mounted.allow_other
+
+    # Workloads: a prefetch init container on the daemon's socket, and every
+    # container binds the same parent with HostToContainer, never the FUSE path.
+    [job] = [d for d in docs if d["kind"] == "Job"]
+    spec = job["spec"]["template"]["spec"]
+    [prefetch] = spec["initContainers"]
+    assert prefetch["args"][:2] == ["prefetch", "dataset-v3"]
+    assert prefetch["args"][-1] == env["S3CACHEFS_MOUNTPOINT"]
+    job_volumes = {v["name"]: v for v in spec["volumes"]}
+    assert job_volumes["run"]["hostPath"]["path"] == volumes["run"]["hostPath"]["path"]
+    for container in [prefetch, *spec["containers"]]:
+        assert container["resources"]["requests"]
+        [bind] = [m for m in container["volumeMounts"] if m["name"] == "host-mnt"]
+        assert bind["mountPropagation"] == "HostToContainer" and bind["mountPath"] == "/mnt/host"
+    assert job_volumes["host-mnt"]["hostPath"]["path"] == host_dir
