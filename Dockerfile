@@ -20,12 +20,17 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc libc6-dev libfuse3-dev pkg-config \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY pyproject.toml README.md ./
+# Dependencies first, in their own layer: it is rebuilt (pyfuse3 compiles, about
+# a minute) only when pyproject.toml changes, not on every source or README edit.
+COPY pyproject.toml ./
+RUN python3 -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \
+    && pip wheel --no-cache-dir --wheel-dir /wheels -r /tmp/requirements.txt
+COPY README.md ./
 COPY package package
 COPY daemon daemon
 COPY fs fs
 COPY cli cli
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
 # Runtime stage: fuse3 (fusermount3, libfuse3) and the wheels, nothing else.
 FROM python:3.11-slim-bookworm
