@@ -178,12 +178,19 @@ def test_quickstart_install_is_idempotent_passes_systemd_verify_and_uninstalls(
     assert again.stdout.strip() == "s3cachefs 0.1.0"
     assert _verify_units(root).returncode == 0
 
+    # An enabled instance (what `systemctl enable s3cachefs@datasets` links).
+    wants = root / "etc" / "systemd" / "system" / "multi-user.target.wants"
+    wants.mkdir()
+    (wants / "s3cachefs@datasets.service").symlink_to("/etc/systemd/system/s3cachefs@.service")
+    (wants / "other.service").symlink_to("/etc/systemd/system/other.service")
     removed = _quickstart("uninstall", root)
     assert removed.returncode == 0, removed.stderr
     assert not (root / "opt" / "s3cachefs").exists()
     assert not link.is_symlink()
     for unit in UNITS:
         assert not (root / "etc" / "systemd" / "system" / unit).exists()
+    assert not (wants / "s3cachefs@datasets.service").is_symlink()
+    assert (wants / "other.service").is_symlink()
     # The operator's data stays.
     assert (etc / "datasets.toml").exists() and example.exists()
     # Uninstalling twice is fine; a foreign /usr/local/bin/s3cachefs is left alone.
