@@ -215,6 +215,10 @@ def test_readme_container_deployment_survives_daemon_restarts(
     logs = podman.run("logs", DAEMON, check=False)
     assert deployed.returncode == 0, f"{deployed.stderr}\n--- daemon:\n{logs.stdout}{logs.stderr}"
     print(f"\nREADME block (daemon up + prefetch): {time.monotonic() - started:.1f}s")
+    # The image keeps its HEALTHCHECK (built --format docker) and it passes.
+    image = json.loads(podman.run("image", "inspect", "s3cachefs").stdout)[0]
+    assert image["Healthcheck"]["Test"] == ["CMD", "s3cachefs", "status"]
+    podman.run("healthcheck", "run", DAEMON)
     host_mount = node / "mnt" / "s3cachefs" / "datasets"
     assert _fuse_mounted(host_mount), "the FUSE mount did not reach the host"
     assert "pinned" in deployed.stdout + deployed.stderr or deployed.returncode == 0
