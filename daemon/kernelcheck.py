@@ -120,21 +120,23 @@ class KernelChecks:
                     return None
                 changes, root, recheck = again
                 damaged = await check_files(recheck, kernel.cache.block_size, idle=idle, root=root)
-            async with kernel.lock:
-                if kernel.pins.manifests.get(manifest.id) is not manifest:
-                    return None
-                if damaged and kernel.changes != changes:
-                    continue  # a bind or a file changed since that read: read again
-                total = sum(f.size for f in files)
-                result = self.record(manifest, trigger, len(files), total, damaged)
-                if not damaged:
-                    kernel.checked.add(manifest.id)
-                    return result
-                kernel.checked.discard(manifest.id)
-                bind = kernel.binds.get(manifest.id)  # whatever is live now, not the snapshot's
-                if bind is not None:
-                    await kernel.unbind(bind, f"{len(damaged)} files failed the check")
-                kernel.notes[manifest.id] = self.damage_note(manifest) or ""
+            # Shielded: a stop that cancels the check must not cut an unbind in half.
+            with trio.CancelScope(shield=True):
+                async with kernel.lock:
+                    if kernel.pins.manifests.get(manifest.id) is not manifest:
+                        return None
+                    if damaged and kernel.changes != changes:
+                        continue  # a bind or a file changed since that read: read again
+                    total = sum(f.size for f in files)
+                    result = self.record(manifest, trigger, len(files), total, damaged)
+                    if not damaged:
+                        kernel.checked.add(manifest.id)
+                        return result
+                    kernel.checked.discard(manifest.id)
+                    bind = kernel.binds.get(manifest.id)  # whatever is live now, not the snapshot's
+                    if bind is not None:
+                        await kernel.unbind(bind, f"{len(damaged)} files failed the check")
+                    kernel.notes[manifest.id] = self.damage_note(manifest) or ""
             break
         # Drop the bad blocks so the FUSE path fetches them again. Unlocked: the
         # damage recorded keeps the dataset from being bound until `verify`.

@@ -18,14 +18,18 @@ Rules that keep every guarantee of the FUSE path:
   (re-prefetch that changed objects, a tree that no longer matches) builds a
   new tree and swaps (`daemon.binds`: beneath, then detach the old one).
   ``<id>.synced`` marks a tree that was synced; a tree without it (crash,
-  power loss) is rebuilt at start from objects verified again.
+  power loss) is rebuilt at start from the cache files, which the check at
+  start has just read back against their block CRC32s (not S3's digest:
+  that is `verify`'s).
 - Unbind before unpin: evict, a prefetch that leaves the dataset incomplete,
   and stop detach the bind (lazily if busy) before anything is freed.
 - `verify` repairs a kernel-served object into a *new* file and renames it
   over the tree entry: a reader sees the old inode or the repaired one.
 - Between checks the kernel serves the bytes on disk unchecked: a tree's files
-  are checked before it is bound at start and on a schedule while it is bound
-  (`daemon.kernelcheck`); one that fails unbinds the dataset until `verify`.
+  are checked before it is first bound in a daemon's life (``checked``; a first
+  prefetch, which reads every object back, counts) and on a schedule while it
+  is bound (`daemon.kernelcheck`); one that fails unbinds the dataset until `verify`.
+- Between `s3cachefs unmount`'s ``unbind`` and its ``rebind`` nothing binds.
 - The tree shows the same directories as the FUSE view: those of its files,
   and those the manifest keeps for ``dir/`` markers and skipped keys.
 - Only what this daemon mounted is unmounted, by path and mount id.
