@@ -318,8 +318,7 @@ async def _announce_ready(
 async def _kernel_serve(kernel: KernelServe) -> None:
     """Check and bind the pinned datasets (the start check can take a while), then keep
     checking them on schedule."""
-    await kernel.restore()
-    await kernel.checks.run_schedule()
+    await kernel.run()
 
 
 async def _terminate_on_signal(daemon: Daemon) -> None:

@@ -207,6 +207,8 @@ class Daemon:
             if not job.dry_run:
                 self.ops.invalidate(self.ops.core.pins_changed())
                 if self.kernel is not None:  # bind, swap or unbind to match the manifest
+                    if job.previous is None:  # every object was read back from disk, verified
+                        self.kernel.checked.add(job.manifest.id)
                     with trio.CancelScope(shield=True):
                         await self.kernel.refresh(job.manifest.id)
             with trio.CancelScope(shield=True):  # the buffers it used go back to the OS
@@ -262,7 +264,8 @@ class Daemon:
                 await self.kernel.relink(manifest, fixed, ok=not failed)
             if not failed:
                 manifest.verified_at = time.time()
-                self.pins.save(manifest)
+                await trio.to_thread.run_sync(self.pins.write, manifest)
+                self.pins.install(manifest)
         size_only = sorted(k for m in manifests for k in m.size_only())
         log.info(
             "verify dataset=%s checked=%d repaired=%d failed=%d size_only=%d",
@@ -293,8 +296,7 @@ class Daemon:
     async def rebind(self, request: dict[str, Any], send: Send) -> dict[str, Any]:
         """`s3cachefs unmount` failed after `unbind` (busy): bind the datasets again."""
         if self.kernel is not None:
-            for manifest_id in list(self.pins.manifests):
-                await self.kernel.refresh(manifest_id)
+            await self.kernel.resume()
         return {"event": "done", "ok": True}
 
     async def evict(self, request: dict[str, Any], send: Send) -> dict[str, Any]:

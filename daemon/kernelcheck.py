@@ -18,18 +18,20 @@ from __future__ import annotations
 import collections
 import datetime
 import logging
+import math
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
 
 from s3cachefs.daemon.blockcache import ObjectVersion
 from s3cachefs.daemon.pins import Manifest
-from s3cachefs.daemon.treecheck import CheckResult, FileCheck, check_files, scan
+from s3cachefs.daemon.treecheck import CheckResult, FileCheck, Stopped, check_files
 
 if TYPE_CHECKING:
-    from s3cachefs.daemon.kernelserve import Bind, KernelServe, Layout
+    from s3cachefs.daemon.kernelserve import KernelServe, Layout
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,30 @@ class KernelChecks:
         self.counts: collections.Counter[str] = collections.Counter()  # by result
         self.next_at: float | None = None
         self.on_change: Callable[[], None] | None = None  # a check ended: systemd's STATUS=
+        # Datasets waiting for the check before their first bind (`KernelServe.run`).
+        self._want_send, self._want_receive = trio.open_memory_channel[str](math.inf)
+        self._wanted: set[str] = set()
+        self._running: dict[str, set[trio.CancelScope]] = {}  # manifest id -> running checks
+
+    def want(self, manifest_id: str) -> None:
+        """Ask for the check before a dataset's first bind (once, however often asked)."""
+        if manifest_id not in self._wanted:
+            self._wanted.add(manifest_id)
+            self._want_send.send_nowait(manifest_id)
+
+    async def next_wanted(self) -> str:
+        manifest_id = await self._want_receive.receive()
+        self._wanted.discard(manifest_id)
+        return manifest_id
+
+    def cancel(self, manifest_id: str) -> None:
+        """End the checks of a dataset quietly (evicted): its files are going away."""
+        for scope in self._running.get(manifest_id, ()):
+            scope.cancel()
+
+    def cancel_all(self) -> None:
+        for manifest_id in list(self._running):
+            self.cancel(manifest_id)
 
     async def run_schedule(self) -> None:
         """Check the files of every bound dataset every ``interval`` seconds."""
@@ -51,56 +77,103 @@ class KernelChecks:
         while True:
             self.next_at = time.time() + self.interval
             await trio.sleep(self.interval)
-            for manifest_id, bind in list(kernel.binds.items()):
+            for manifest_id in list(kernel.binds):
                 manifest = kernel.pins.manifests.get(manifest_id)
-                if manifest is not None and kernel.binds.get(manifest_id) is bind:
-                    await self.check(manifest, "scheduled", bind)
+                if manifest is not None and manifest_id in kernel.binds:
+                    await self.check(manifest, "scheduled")
 
-    async def check(
-        self, manifest: Manifest, trigger: str, bind: Bind | None
-    ) -> CheckResult | None:
+    async def check(self, manifest: Manifest, trigger: str) -> CheckResult | None:
         """Read back every file of a dataset (its tree when bound, else its cache files).
 
-        The long read runs unlocked, on a snapshot; damage it finds is read
-        again under the lock with what is current (a `verify` or a swap may
-        have replaced the file meanwhile) before the dataset is unbound.
-        None if the dataset changed under the check.
+        The long reads run unlocked, on snapshots: all files, then again those
+        that failed, as they are now (a `verify` or a swap may have replaced
+        them). The lock is held only to decide, after making sure nothing
+        changed since that second read, and to unbind whatever bind is live then.
+        None if the dataset changed or went away under the check, or the check
+        was cancelled (evict, stop).
         """
-        kernel = self.kernel
-        layout = kernel.layout(manifest)
-        if layout is None:
-            return None
-        files = self._files(manifest, layout, bind)
-        damaged = await check_files(files, kernel.cache.block_size, idle=trigger != "start")
-        async with kernel.lock:
-            if kernel.pins.manifests.get(manifest.id) is not manifest or (
-                bind is not None and kernel.binds.get(manifest.id) is not bind
-            ):
+        with trio.CancelScope() as scope:
+            self._running.setdefault(manifest.id, set()).add(scope)
+            try:
+                return await self._check(manifest, trigger)
+            except Stopped:  # the tree went away under the scan (unbound, evicted)
                 return None
-            if damaged:
-                layout = kernel.layout(manifest)
-                if layout is None:  # blocks dropped meanwhile (`verify`): not this check's to say
-                    return None
-                again = [f for f in self._files(manifest, layout, bind) if f.key in damaged]
-                block_size = kernel.cache.block_size
-                damaged = await trio.to_thread.run_sync(lambda: scan(again, block_size))
-            total = sum(f.size for f in files)
-            result = self.record(manifest, trigger, len(files), total, damaged)
-            if damaged:
-                await self._damage_found(manifest, damaged, bind)
-        return result
+            finally:
+                running = self._running.get(manifest.id, set())
+                running.discard(scope)
+                if not running:
+                    self._running.pop(manifest.id, None)
+        return None  # cancelled
 
-    def _files(self, manifest: Manifest, layout: Layout, bind: Bind | None) -> list[FileCheck]:
-        """What to read for a check: each non-empty file the tree has. Must not await."""
-        out = []
-        for entry in layout.entries:
-            if entry.source is None:
-                continue
-            key = manifest.prefix + entry.rel
+    async def _check(self, manifest: Manifest, trigger: str) -> CheckResult | None:
+        kernel = self.kernel
+        idle = trigger != "start"
+        snapshot = await self._snapshot(manifest, None)
+        if snapshot is None:
+            return None
+        changes, root, files = snapshot
+        damaged = await check_files(files, kernel.cache.block_size, idle=idle, root=root)
+        while True:
+            if damaged:  # read again, as they are now, what failed
+                again = await self._snapshot(manifest, set(damaged))
+                if again is None:  # blocks dropped meanwhile (`verify`): not this check's to say
+                    return None
+                changes, root, recheck = again
+                damaged = await check_files(recheck, kernel.cache.block_size, idle=idle, root=root)
+            # Shielded: a stop that cancels the check must not cut an unbind in half.
+            with trio.CancelScope(shield=True):
+                async with kernel.lock:
+                    if kernel.pins.manifests.get(manifest.id) is not manifest:
+                        return None
+                    if damaged and kernel.changes != changes:
+                        continue  # a bind or a file changed since that read: read again
+                    total = sum(f.size for f in files)
+                    result = self.record(manifest, trigger, len(files), total, damaged)
+                    if not damaged:
+                        kernel.checked.add(manifest.id)
+                        return result
+                    kernel.checked.discard(manifest.id)
+                    bind = kernel.binds.get(manifest.id)  # whatever is live now, not the snapshot's
+                    if bind is not None:
+                        await kernel.unbind(bind, f"{len(damaged)} files failed the check")
+                    kernel.notes[manifest.id] = self.damage_note(manifest) or ""
+            break
+        # Drop the bad blocks so the FUSE path fetches them again. Unlocked: the
+        # damage recorded keeps the dataset from being bound until `verify`.
+        for key in damaged:
             info = manifest.objects[key]
             version = ObjectVersion(manifest.bucket, key, info.etag, info.size)
-            path = bind.tree / entry.rel if bind is not None else entry.source
-            out.append(FileCheck(key, path, info.size, self.kernel.cache.block_crcs(version)))
+            await kernel.cache.verify_object(version, manifest.check(key))
+        return result
+
+    async def _snapshot(
+        self, manifest: Manifest, keys: set[str] | None
+    ) -> tuple[int, Path | None, list[FileCheck]] | None:
+        """What to read (``keys`` only, if given), computed in a worker thread, and the
+        `KernelServe.changes` it matches; None if an object is not complete in the cache."""
+        kernel = self.kernel
+        while True:
+            changes = kernel.changes
+            bind = kernel.binds.get(manifest.id)
+            layout = await kernel.layout(manifest)
+            if layout is None:
+                return None
+            tree = bind.tree if bind is not None else None
+            files = await trio.to_thread.run_sync(self._files, layout, tree, keys)
+            if kernel.changes == changes:
+                return changes, tree, files
+
+    def _files(self, layout: Layout, tree: Path | None, keys: set[str] | None) -> list[FileCheck]:
+        """Each non-empty file the tree has. Blocking (a worker thread): lookups only."""
+        out = []
+        cache = self.kernel.cache
+        for entry, version in zip(layout.entries, layout.versions, strict=True):
+            if version is None or entry.source is None:
+                continue  # an empty object: nothing to read
+            if keys is not None and version.key not in keys:
+                continue
+            path = tree / entry.rel if tree is not None else entry.source
+            out.append(FileCheck(version.key, path, entry.size, cache.block_crcs(version)))
         return out
 
     def record(
@@ -123,20 +196,6 @@ class KernelChecks:
         if self.on_change is not None:
             self.on_change()
         return result
-
-    async def _damage_found(
-        self, manifest: Manifest, damaged: list[str], bind: Bind | None
-    ) -> None:
-        """Stop the kernel serving the dataset; drop the bad blocks so the FUSE path fetches
-        them again. Under the lock."""
-        kernel = self.kernel
-        if bind is not None:
-            await kernel.unbind(bind, f"{len(damaged)} files failed the check")
-        for key in damaged:
-            info = manifest.objects[key]
-            version = ObjectVersion(manifest.bucket, key, info.etag, info.size)
-            await kernel.cache.verify_object(version, manifest.check(key))
-        kernel.notes[manifest.id] = self.damage_note(manifest) or ""
 
     def forget(self, manifest_id: str) -> None:
         self.results.pop(manifest_id, None)

@@ -18,14 +18,18 @@ Rules that keep every guarantee of the FUSE path:
   (re-prefetch that changed objects, a tree that no longer matches) builds a
   new tree and swaps (`daemon.binds`: beneath, then detach the old one).
   ``<id>.synced`` marks a tree that was synced; a tree without it (crash,
-  power loss) is rebuilt at start from objects verified again.
+  power loss) is rebuilt at start from the cache files, which the check at
+  start has just read back against their block CRC32s (not S3's digest:
+  that is `verify`'s).
 - Unbind before unpin: evict, a prefetch that leaves the dataset incomplete,
   and stop detach the bind (lazily if busy) before anything is freed.
 - `verify` repairs a kernel-served object into a *new* file and renames it
   over the tree entry: a reader sees the old inode or the repaired one.
 - Between checks the kernel serves the bytes on disk unchecked: a tree's files
-  are checked before it is bound at start and on a schedule while it is bound
-  (`daemon.kernelcheck`); one that fails unbinds the dataset until `verify`.
+  are checked before it is first bound in a daemon's life (``checked``; a first
+  prefetch, which reads every object back, counts) and on a schedule while it
+  is bound (`daemon.kernelcheck`); one that fails unbinds the dataset until `verify`.
+- Between `s3cachefs unmount`'s ``unbind`` and its ``rebind`` nothing binds.
 - The tree shows the same directories as the FUSE view: those of its files,
   and those the manifest keeps for ``dir/`` markers and skipped keys.
 - Only what this daemon mounted is unmounted, by path and mount id.
@@ -45,7 +49,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import trio
 
@@ -53,6 +57,9 @@ from s3cachefs.daemon import binds
 from s3cachefs.daemon.blockcache import BlockCache, ObjectVersion
 from s3cachefs.daemon.kernelcheck import KernelChecks
 from s3cachefs.daemon.pins import Manifest, PinStore
+
+if TYPE_CHECKING:
+    from s3cachefs.daemon.store import ObjectInfo
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +70,8 @@ STOP_TIMEOUT = 10.0
 class Layout(NamedTuple):
     entries: list[binds.TreeEntry]
     dirs: frozenset[str]  # relative, without a trailing "/"
+    versions: list[ObjectVersion | None]  # of each entry; None for an empty object
+    oids: frozenset[str]  # of every object of the manifest (the tree's pin-store hold)
 
 
 @dataclass
@@ -100,13 +109,21 @@ class KernelServe:
         self.notes: dict[str, str] = {}  # manifest id -> why it is not kernel-served
         self.checks = KernelChecks(self, verify_interval)
         self.lock = trio.Lock()  # held while binds change
+        # Datasets whose files this daemon has read back and found intact (a check,
+        # `verify`, or a first prefetch, which reads every object back): only these
+        # may be bound. Files damaged while no daemon ran are never kernel-served.
+        self.checked: set[str] = set()
+        self.changes = 0  # bumped whenever a bind or a tree's files change (under the lock)
         self._generation = 0
         self._stopping = False
+        self._paused = False  # `s3cachefs unmount` is unmounting: no bind until `resume`
 
     # ---- lifecycle ---------------------------------------------------------
 
-    async def restore(self) -> None:
-        """At start, once the FUSE mount answers: check each eligible dataset, then bind it.
+    async def run(self) -> None:
+        """For the daemon's life, once the FUSE mount answers: the checks before binding
+        (each eligible dataset at start, and any a refresh may not bind yet), then the binds;
+        and the scheduled checks of bound datasets.
 
         Checked *before* binding, not after: until its check passes, the FUSE
         path serves the dataset (slower, but it checks every block on the way),
@@ -117,13 +134,24 @@ class KernelServe:
             return
         await trio.to_thread.run_sync(self._sweep)
         for manifest_id in list(self.pins.manifests):
+            self.checks.want(manifest_id)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.checks.run_schedule)
+            while True:
+                manifest_id = await self.checks.next_wanted()
+                await self._check_at_start(manifest_id)
+                await self.refresh(manifest_id)
+
+    async def _check_at_start(self, manifest_id: str) -> None:
+        """The check before the first bind. A manifest replaced meanwhile (a prefetch
+        saved a new one) is checked again: until a check passes, nothing binds it."""
+        while not self._stopping and manifest_id not in self.checked:
             manifest = self.pins.manifests.get(manifest_id)
-            eligible = manifest is not None and self._ineligible(manifest) is None
-            if manifest is not None and eligible and self.layout(manifest) is not None:
-                result = await self.checks.check(manifest, "start", None)
-                if result is None or not result.ok:
-                    continue
-            await self.refresh(manifest_id)
+            if manifest is None or self._ineligible(manifest) is not None:
+                return
+            result = await self.checks.check(manifest, "start")
+            if result is not None or self.pins.manifests.get(manifest_id) is manifest:
+                return  # checked, or not checkable now (objects missing: served through FUSE)
 
     def _sweep(self) -> None:
         """Trees whose build or swap a crash interrupted, and trees of forgotten manifests."""
@@ -145,11 +173,29 @@ class KernelServe:
         ``final`` (the daemon is stopping): nothing is bound again after this.
         """
         self._stopping = self._stopping or final
-        with trio.move_on_after(STOP_TIMEOUT):
+        self._paused = True  # set first: a refresh waiting for the lock binds nothing
+        self.checks.cancel_all()
+        with trio.move_on_after(STOP_TIMEOUT) as scope:
             async with self.lock:
                 for bind in list(self.binds.values()):
-                    await self._detach(bind, "daemon stopping")
+                    await self._detach(bind, "daemon stopping" if final else "unmounting")
                     self.binds.pop(bind.manifest_id, None)
+                    self.changes += 1
+                    await self._release_hold(bind)
+        if scope.cancelled_caught:
+            log.warning(
+                "kernel-serve: gave up unbinding after %.0fs; still bound: %s",
+                STOP_TIMEOUT,
+                ", ".join(str(b.target) for b in self.binds.values()) or "nothing",
+            )
+
+    async def resume(self) -> None:
+        """`s3cachefs unmount` failed (busy): bind the datasets again."""
+        if self._stopping:
+            return
+        self._paused = False
+        for manifest_id in list(self.pins.manifests):
+            await self.refresh(manifest_id)
 
     # ---- what changes the binds ---------------------------------------------
 
@@ -163,12 +209,14 @@ class KernelServe:
     async def release(self, manifest: Manifest) -> None:
         """Unbind and remove the tree before the dataset is unpinned (evict)."""
         async with self.lock:
+            self.checks.cancel(manifest.id)  # a check reading the files ends quietly
             bind = self.binds.get(manifest.id)
             if bind is not None:
                 await self.unbind(bind, "dataset evicted")
             else:  # a tree that was never bound (bind failed, or served off)
                 await trio.to_thread.run_sync(self._remove, self.trees / manifest.id)
             self.notes.pop(manifest.id, None)
+            self.checked.discard(manifest.id)
             self.checks.forget(manifest.id)
 
     async def repair(self, manifest: Manifest, versions: list[ObjectVersion]) -> None:
@@ -192,10 +240,12 @@ class KernelServe:
         """
         async with self.lock:
             bind = self.binds.get(manifest.id)
+            self.changes += 1
             if ok:
                 self.checks.record(
                     manifest, "verify", len(manifest.objects), manifest.total_bytes, []
                 )
+                self.checked.add(manifest.id)
             if bind is None:
                 if ok and self.enabled:
                     await self._refresh(manifest.id)
@@ -268,32 +318,44 @@ class KernelServe:
         )
         return next((reason for failed, reason in checks if failed), None)
 
-    def layout(self, manifest: Manifest) -> Layout | None:
+    async def layout(self, manifest: Manifest) -> Layout | None:
         """The tree's files and directories; None if any object is not complete in the cache.
 
         The same tree as the FUSE view: a file hidden by a directory of the same
         name is left out, and the manifest's directories with no file of their
-        own (``dir/`` markers, or above a skipped key) are made. Must not await.
+        own (``dir/`` markers, or above a skipped key) are made. Computed in a
+        worker thread from a snapshot (a dataset of 100k objects takes seconds):
+        the trio thread keeps answering the mount.
         """
-        objects = manifest.objects.values()
-        dirs = frozenset(d[len(manifest.prefix) :].rstrip("/") for d in manifest.dirs)
+        objects, dirs = list(manifest.objects.values()), list(manifest.dirs)
+        return await trio.to_thread.run_sync(
+            self._layout, manifest.bucket, manifest.prefix, objects, dirs
+        )
+
+    def _layout(
+        self, bucket: str, prefix: str, objects: list[ObjectInfo], manifest_dirs: list[str]
+    ) -> Layout | None:
+        """Blocking; reads the cache's records (lookups only, no iteration: thread-safe)."""
+        dirs = frozenset(d[len(prefix) :].rstrip("/") for d in manifest_dirs)
         parents = {
             "/".join(parts[:depth])
-            for rel in [*(i.key[len(manifest.prefix) :] for i in objects), *(d + "/" for d in dirs)]
+            for rel in [*(i.key[len(prefix) :] for i in objects), *(d + "/" for d in dirs)]
             for parts in [rel.split("/")]
             for depth in range(1, len(parts))
         }
-        entries = []
+        entries, versions, oids = [], [], set()
         for info in objects:
-            rel = info.key[len(manifest.prefix) :]
+            version = ObjectVersion(bucket, info.key, info.etag, info.size)
+            oids.add(version.oid)
+            rel = info.key[len(prefix) :]
             if rel in parents:
                 continue  # hidden by the directory of the same name, as in the FUSE view
-            version = ObjectVersion(manifest.bucket, info.key, info.etag, info.size)
             if info.size and self.cache.missing_blocks(version):
                 return None
             source = self.cache.object_path(version.oid) if info.size else None
             entries.append(binds.TreeEntry(rel, source, info.size, info.mtime_ns))
-        return Layout(entries, dirs)
+            versions.append(version if info.size else None)
+        return Layout(entries, dirs, versions, frozenset(oids))
 
     async def _refresh(self, manifest_id: str) -> None:
         manifest = self.pins.manifests.get(manifest_id)
@@ -301,16 +363,23 @@ class KernelServe:
         if bind is not None and bind.mount_id not in await trio.to_thread.run_sync(self._live_ids):
             log.info("kernel-serve target=%s: bind gone (unmounted by someone else)", bind.target)
             self.binds.pop(manifest_id)
+            self.changes += 1
             await self._release_hold(bind)
             bind = None
         reason = "not pinned" if manifest is None else self._ineligible(manifest)
-        if self._stopping:
-            reason = "the daemon is stopping"
         layout = None
-        if manifest is not None and reason is None:
-            layout = self.layout(manifest)
+        if manifest is not None and reason is None and not self._paused:
+            layout = await self.layout(manifest)
+            if self.pins.manifests.get(manifest_id) is not manifest:
+                await self._refresh(manifest_id)  # replaced meanwhile: the new one
+                return
             if layout is None:
                 reason = "not every object is in the cache; served through FUSE"
+            elif bind is None and manifest_id not in self.checked:
+                reason = "its files are checked before it is bound; served through FUSE meanwhile"
+                self.checks.want(manifest_id)
+        if self._paused:  # also set while the layout was computed
+            reason = "the daemon is stopping" if self._stopping else "unmounting"
         if reason is not None or manifest is None or layout is None:
             if bind is not None:
                 await self.unbind(bind, reason or "not pinned")
@@ -344,10 +413,7 @@ class KernelServe:
         target = self.mountpoint / rel
         self._generation += 1
         owner = f"kernel:{manifest.id}:{self._generation}"
-        oids = frozenset(
-            ObjectVersion(manifest.bucket, k, i.etag, i.size).oid
-            for k, i in manifest.objects.items()
-        )
+        oids = layout.oids
         for oid in oids:
             self.pins.hold(owner, oid)
         self.cache.set_pinned(self.pins.pinned_oids())
@@ -374,6 +440,7 @@ class KernelServe:
             await trio.to_thread.run_sync(_rmtree, staged)
             return
         self.binds[manifest.id] = Bind(manifest.id, target, tree, mount_id, owner, oids)
+        self.changes += 1
         log.info(
             "kernel-serve bound dataset=%s target=%s files=%d%s",
             manifest.prefix,
@@ -431,6 +498,7 @@ class KernelServe:
     async def unbind(self, bind: Bind, why: str) -> None:
         await self._detach(bind, why)
         self.binds.pop(bind.manifest_id, None)
+        self.changes += 1
         await trio.to_thread.run_sync(self._remove, bind.tree)
         await self._release_hold(bind)
 

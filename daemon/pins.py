@@ -127,7 +127,12 @@ class PinStore:
         self._rebuild()
 
     def save(self, manifest: Manifest) -> None:
-        """Write atomically: temp file, fsync, rename, fsync the directory."""
+        self.write(manifest)
+        self.install(manifest)
+
+    def write(self, manifest: Manifest) -> None:
+        """Write atomically: temp file, fsync, rename, fsync the directory. Touches no
+        state, so a worker thread may run it (a large manifest takes a while); `install` next."""
         path = self.dir / f"{manifest.id}.json"
         tmp = path.with_suffix(".json.tmp")
         with tmp.open("w") as f:
@@ -140,6 +145,9 @@ class PinStore:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+    def install(self, manifest: Manifest) -> None:
+        """The written manifest answers from now on."""
         self.manifests[manifest.id] = manifest
         self._rebuild()
 

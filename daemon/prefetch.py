@@ -436,7 +436,8 @@ class PrefetchJob:
         self.manifest.objects, self.manifest.md5, self.manifest.checks = saved, md5, checks
         self.manifest.verified_at = time.time()
         if saved or self.previous is not None:
-            self.pins.save(self.manifest)
+            await trio.to_thread.run_sync(self.pins.write, self.manifest)
+            self.pins.install(self.manifest)
         self.pins.release(self.owner)
         pinned = self.pins.pinned_oids()
         self.cache.set_pinned(pinned)

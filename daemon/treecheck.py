@@ -84,38 +84,51 @@ class Stopped(Exception):
     """The check was cancelled (the daemon is stopping)."""
 
 
-def scan(files: list[FileCheck], block_size: int, stop: threading.Event | None = None) -> list[str]:
-    """Keys of the files that fail. Blocking; raises Stopped when ``stop`` is set."""
+def scan(
+    files: list[FileCheck],
+    block_size: int,
+    stop: threading.Event | None = None,
+    root: Path | None = None,
+) -> list[str]:
+    """Keys of the files that fail. Blocking; raises Stopped when ``stop`` is set, or when
+    ``root`` (the tree the files are in) went away under the scan: one line, not one a file."""
     buffer = mmap.mmap(-1, block_size)  # page-aligned, as O_DIRECT wants
     try:
         damaged = []
         for check in files:
             if stop is not None and stop.is_set():
                 raise Stopped
-            if not _file_intact(check, buffer, block_size):
-                damaged.append(check.key)
+            failure = _file_failure(check, buffer, block_size)
+            if failure is None:
+                continue
+            if failure:  # not a block that failed its CRC32: the file may have gone
+                if (stop is not None and stop.is_set()) or (root is not None and not root.exists()):
+                    log.info("check ended: %s went away (unbound or evicted)", root or check.path)
+                    raise Stopped
+                log.warning("check key=%s: %s", check.key, failure)
+            damaged.append(check.key)
         return damaged
     finally:
         buffer.close()
 
 
-def _file_intact(
+def _file_failure(
     check: FileCheck, buffer: mmap.mmap, block_size: int, *, direct: bool = True
-) -> bool:
+) -> str | None:
+    """Why the file fails: None if intact, "" if a block fails its CRC32 (the check's
+    summary line says so), else what went wrong. A read error of the device is damage too."""
     try:
         fd = os.open(check.path, os.O_RDONLY | os.O_CLOEXEC | (os.O_DIRECT if direct else 0))
     except OSError as exc:
         if direct and exc.errno == errno.EINVAL:  # no O_DIRECT on this file system (tmpfs)
-            return _file_intact(check, buffer, block_size, direct=False)
-        log.warning("check key=%s: cannot open %s: %s", check.key, check.path, exc.strerror)
-        return False
+            return _file_failure(check, buffer, block_size, direct=False)
+        return f"cannot open {check.path}: {exc.strerror}"
     try:
-        return _blocks_intact(fd, check, buffer, block_size)
+        return None if _blocks_intact(fd, check, buffer, block_size) else ""
     except OSError as exc:
         if direct and exc.errno == errno.EINVAL:  # an alignment the device does not take
-            return _file_intact(check, buffer, block_size, direct=False)
-        log.warning("check key=%s: read failed: %s", check.key, exc.strerror)
-        return False  # a read error of the device is damage too
+            return _file_failure(check, buffer, block_size, direct=False)
+        return f"read failed: {exc.strerror}"
     finally:
         os.close(fd)
 
@@ -175,13 +188,15 @@ async def run_in_own_thread(fn: Callable[[threading.Event], T], *, name: str) ->
     return results[0]
 
 
-async def check_files(files: list[FileCheck], block_size: int, *, idle: bool) -> list[str]:
+async def check_files(
+    files: list[FileCheck], block_size: int, *, idle: bool, root: Path | None = None
+) -> list[str]:
     """`scan` in a thread of its own at low priority; keys of the files that failed."""
 
     def body(stop: threading.Event) -> list[str]:
         lower_priority(idle=idle)
         started = time.monotonic()
-        damaged = scan(files, block_size, stop)
+        damaged = scan(files, block_size, stop, root)
         log.debug("check files=%d took %.1fs", len(files), time.monotonic() - started)
         return damaged
 

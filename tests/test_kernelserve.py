@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import socket
@@ -16,7 +17,7 @@ import subprocess
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -524,3 +525,171 @@ def test_fuse_view_and_kernel_served_tree_are_the_same_tree(
     bucket.server.reset()
     assert find(fuse.path / "keys") == expected  # FUSE, from the manifest
     assert bucket.server.counts()["list"] == 1  # the root only: the dataset is the manifest's
+
+
+# ---- binds and holds around `s3cachefs unmount`; the check before the first bind ------
+
+
+def ask(mount: Mount, op: str) -> None:
+    """One control request to the daemon, as `s3cachefs unmount` sends it."""
+    from s3cachefs.cli.client import request
+    from s3cachefs.daemon.runtime import read_record
+
+    record = read_record(mount.path)
+    assert record is not None
+    assert [r["event"] for r in request(record, {"op": op})][-1] == "done"
+
+
+def test_evict_after_a_busy_unmount_frees_the_bytes_and_nothing_binds_while_unmounting(
+    bucket: Bucket, mounter: Mounter
+) -> None:
+    files = fill(bucket, count=6)
+    bucket.put("top.txt", b"through FUSE")
+    mount = mounter(bucket.name, "--min-free", "0")
+    assert prefetch(mount, "dataset-v3").returncode == 0
+    total = sum(len(b) for k, b in files.items() if k.startswith("dataset-v3/"))
+    assert status(mount)["cache"]["pinned_bytes"] == total
+    with (mount.path / "top.txt").open("rb"):  # busy: the unmount fails, the daemon rebinds
+        assert run_cli("unmount", str(mount.path)).returncode == 2
+    assert wait_bound(mount)["kernel_served"]
+    assert status(mount)["cache"]["pinned_bytes"] == total  # one hold, not two
+    # Between `unbind` and the unmount, a prefetch that finishes binds nothing.
+    ask(mount, "unbind")
+    assert prefetch(mount, "dataset-v3").returncode == 0
+    assert bind_on(mount.path / "dataset-v3") is None
+    assert dataset(mount)["kernel_note"] == "unmounting"
+    ask(mount, "rebind")
+    assert wait_bound(mount)["kernel_served"]
+    used = status(mount)["cache"]["used_bytes"]
+    result = run_cli("evict", "dataset-v3", "--mount", str(mount.path))
+    assert result.returncode == 0, result.stderr
+    after = status(mount)["cache"]
+    assert after["pinned_bytes"] == 0
+    assert used - after["used_bytes"] >= total  # freed, not kept by a hold left behind
+
+
+def test_a_prefetch_at_start_does_not_bind_before_the_start_check(
+    bucket: Bucket, mounter: Mounter
+) -> None:
+    """The boot flow: daemon starts, a prefetch oneshot runs at once and accepts the
+    (complete) dataset in seconds. Its refresh must not bind what the start check,
+    still running, has not read back; the damage the check finds keeps it on FUSE."""
+    files = fill(bucket)
+    mount = mounter(bucket.name, "--min-free", "0")
+    assert prefetch(mount, "dataset-v3").returncode == 0
+    tree = Path(dataset(mount)["tree"])
+    assert mount.stop() == 0
+    flip_byte(tree / "archive" / "big.tar", 5)  # the daemon is down: nothing sees it
+    again = mounter(bucket.name, "--min-free", "0", name="mnt2", cache_dir=mount.cache_dir)
+    assert prefetch(again, "dataset-v3").returncode == 0  # a new manifest, saved at once
+    wait_for(lambda: dataset(again)["kernel_check"] is not None, "the check at start")
+    found = dataset(again)
+    assert not found["kernel_served"] and found["kernel_check"]["trigger"] == "start"
+    assert found["kernel_check"]["damaged"] == ["dataset-v3/archive/big.tar"]
+    assert "kernel-serve bound dataset=dataset-v3/" not in again.log_text()
+    drop_page_cache()
+    check_tree(again, files)  # through FUSE: the bad block fetched again
+
+
+# ---- in process: what a refresh may bind, and what a check unbinds ------------------------
+
+
+def in_process(tmp_path: Path, body: Callable[[Any, Any, Any], Awaitable[None]]) -> None:
+    """A `KernelServe` over a real block cache and pin store (S3 in memory, no mount):
+    one complete, pinned object ``ds/a.bin`` of three and a bit blocks."""
+    import trio
+
+    from s3cachefs.daemon.blockcache import ObjectVersion
+    from s3cachefs.daemon.kernelserve import KernelServe
+    from s3cachefs.daemon.pins import Manifest, PinStore
+    from s3cachefs.daemon.store import MemoryStore, ObjectInfo
+    from tests.test_blockcache import BS, make_cache
+
+    store = MemoryStore("mem")
+    data = os.urandom(3 * BS + 5)
+    etag = store.put("ds/a.bin", data)
+    cache = make_cache(tmp_path / "cache", store)
+    pins = PinStore(cache.root, "mem")
+    pins.load()
+    manifest = Manifest("mem", "ds/", None, complete=True)
+    manifest.objects["ds/a.bin"] = ObjectInfo("ds/a.bin", len(data), etag, 1)
+    pins.save(manifest)
+    kernel = KernelServe(
+        mountpoint=tmp_path / "mnt",
+        mount_prefix="",
+        bucket="mem",
+        cache=cache,
+        pins=pins,
+        enabled=True,
+    )
+    version = ObjectVersion("mem", "ds/a.bin", etag, len(data))
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(cache.run)
+            assert await cache.read(version, 0, len(data)) == data
+            await cache.drain()
+            assert not cache.missing_blocks(version)
+            await body(kernel, manifest, version)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_a_refresh_does_not_bind_a_dataset_no_check_has_read_back(tmp_path: Path) -> None:
+    async def body(kernel: Any, manifest: Any, version: Any) -> None:
+        await kernel.refresh(manifest.id)  # e.g. a prefetch ending while the start check runs
+        assert kernel.binds == {}
+        note = kernel.notes[manifest.id]
+        assert note.startswith("its files are checked before it is bound"), note
+        assert not (kernel.trees / f"{manifest.id}.next").exists()  # nothing was staged
+        result = await kernel.checks.check(manifest, "start")
+        assert result is not None and result.ok
+        assert manifest.id in kernel.checked
+
+    in_process(tmp_path, body)
+
+
+def test_a_check_that_finds_damage_unbinds_the_bind_live_at_its_end(tmp_path: Path) -> None:
+    """The check at start began with no bind; a bind made meanwhile (any way) is the one
+    it unbinds, and its pin-store hold goes with it."""
+    from s3cachefs.daemon import binds
+    from s3cachefs.daemon.kernelserve import Bind
+
+    async def body(kernel: Any, manifest: Any, version: Any) -> None:
+        flip_byte(kernel.cache.object_path(version.oid), 5)
+        layout = await kernel.layout(manifest)
+        tree = kernel.trees / manifest.id
+        kernel.trees.mkdir(mode=0o700)
+        binds.build_tree(tree, layout.entries, layout.dirs)
+        bind = Bind(manifest.id, kernel.mountpoint / "ds", tree, -1, "kernel:x:1", layout.oids)
+        for oid in layout.oids:
+            kernel.pins.hold(bind.owner, oid)
+        kernel.binds[manifest.id] = bind
+        result = await kernel.checks.check(manifest, "start")
+        assert result is not None and result.damaged == ("ds/a.bin",)
+        assert kernel.binds == {} and not tree.exists()
+        assert bind.owner not in kernel.pins._held
+        assert manifest.id not in kernel.checked
+        assert "s3cachefs verify ds" in kernel.notes[manifest.id]
+        assert kernel.cache.missing_blocks(version) == [0]  # the bad block dropped
+        await kernel.refresh(manifest.id)
+        assert kernel.binds == {}  # damaged: not bound again until `verify`
+
+    in_process(tmp_path, body)
+
+
+def test_a_scan_whose_tree_went_away_ends_in_one_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from s3cachefs.daemon.treecheck import FileCheck, Stopped, scan
+
+    caplog.set_level(logging.INFO, logger="s3cachefs")
+    tree = tmp_path / "trees" / "gone"
+    files = [FileCheck(f"ds/{i}", tree / str(i), 10, {0: 0}) for i in range(50)]
+    with pytest.raises(Stopped):
+        scan(files, 4096, None, tree)
+    assert [r.levelname for r in caplog.records if r.name.endswith("treecheck")] == ["INFO"]
+    tree.mkdir(parents=True)  # the tree is there, a file is not: that is damage
+    assert scan(files[:2], 4096, None, tree) == ["ds/0", "ds/1"]
+    assert "cannot open" in caplog.text
