@@ -45,6 +45,7 @@ from s3cachefs.daemon.reporting import setup_sentry
 from s3cachefs.daemon.runtime import (
     MountRecord,
     control_socket_path,
+    pid_namespace,
     remove_record,
     write_record,
 )
@@ -203,6 +204,7 @@ def _mount(
             str(socket_path),
             device=own.device if own else "",
             mount_id=own.id if own else 0,
+            pid_ns=pid_namespace(),
         )
     )
     stack.callback(remove_record, config.mountpoint, os.getpid())

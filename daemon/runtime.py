@@ -9,6 +9,11 @@ another mount namespace, and a new one mounted on the path since. A record
 names its daemon's pid and mount (device ``major:minor``, mount id); each
 daemon's socket carries its pid in its name; a daemon removes a record only if
 it is its own.
+
+A pid means something only in its own PID namespace: in containers the daemon
+is often PID 1, which exists in every container. A record also names its
+daemon's PID namespace; from another namespace a daemon is alive when its
+control socket accepts a connection.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -36,6 +42,15 @@ class MountRecord:
     socket: str
     device: str = ""  # "major:minor" of the daemon's FUSE mount ("": an earlier release)
     mount_id: int = 0
+    pid_ns: int = 0  # inode of the daemon's PID namespace (0: an earlier release)
+
+
+def pid_namespace() -> int:
+    """This process's PID namespace (the inode of /proc/self/ns/pid), 0 if unknown."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
 
 
 def _path(mountpoint: Path) -> Path:
@@ -57,9 +72,29 @@ def all_records() -> list[MountRecord]:
             record = MountRecord(**json.loads(path.read_text()))
         except (OSError, ValueError, TypeError):
             continue
-        if _alive(record.pid):
+        if _record_alive(record.pid, record.pid_ns, record.socket):
             records.append(record)
     return records
+
+
+def _record_alive(pid: int, pid_ns: int, sock: str) -> bool:
+    """Whether the daemon of a record lives: by pid in our PID namespace, else by its socket."""
+    if not pid_ns or pid_ns == pid_namespace():
+        return _alive(pid)
+    return _answers(sock)
+
+
+def _answers(path: str) -> bool:
+    """A listening socket accepts a connection; a dead daemon's refuses (or is gone)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(2.0)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError, NotADirectoryError):
+            return False
+        except OSError:
+            return True  # busy or not ours to reach: never take it for dead
+    return True
 
 
 def _alive(pid: int) -> bool:
@@ -77,17 +112,21 @@ def sweep_dead_records() -> int:
     removed = 0
     for path in runtime_dir().glob("mount-*.json"):
         try:
-            pid = int(json.loads(path.read_text())["pid"])
-        except (OSError, ValueError, KeyError, TypeError):
-            pid = 0
-        if pid and _alive(pid):
+            data = json.loads(path.read_text())
+            pid, pid_ns, own = int(data["pid"]), int(data.get("pid_ns", 0)), str(data["socket"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            pid, pid_ns, own = 0, 0, ""
+        if pid and _record_alive(pid, pid_ns, own):
             continue
         path.unlink(missing_ok=True)
         path.with_suffix(".sock").unlink(missing_ok=True)  # named so by earlier releases
+        if own.startswith(str(runtime_dir()) + "/"):  # the dead daemon's own socket
+            Path(own).unlink(missing_ok=True)
         removed += 1
     for sock in runtime_dir().glob("mount-*-*.sock"):
         pid_text = sock.stem.rpartition("-")[2]
-        if pid_text.isdigit() and not _alive(int(pid_text)):
+        # The pid may be of another PID namespace: a socket that still answers is kept.
+        if pid_text.isdigit() and not _alive(int(pid_text)) and not _answers(str(sock)):
             sock.unlink(missing_ok=True)
     return removed
 
