@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import os
 import signal
 import socket
@@ -25,6 +26,7 @@ import pytest
 
 from s3cachefs.cli.locals3 import LocalS3
 from s3cachefs.daemon.binds import mounts_below
+from tests.faultproxy import FaultProxy
 
 CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "test-access-key",
@@ -254,3 +256,27 @@ def mounter(s3_server: LocalS3, tmp_path: Path) -> Iterator[Mounter]:
 def drop_page_cache() -> None:
     os.sync()
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+@pytest.fixture
+def proxy(s3_server: LocalS3) -> Iterator[FaultProxy]:
+    """The fault-injecting proxy in front of the test server (every fault off to start)."""
+    p = FaultProxy(s3_server.endpoint_url).start()
+    yield p
+    p.stop()
+
+
+def status(mount: Mount) -> dict[str, Any]:
+    """``s3cachefs status --json`` of a mount."""
+    result = run_cli("status", str(mount.path), "--json")
+    assert result.returncode == 0, result.stderr
+    answer: dict[str, Any] = json.loads(result.stdout)
+    return answer
+
+
+def manifest_checks(cache_dir: Path) -> dict[str, str]:
+    """Key -> the kind of end-to-end check its prefetch manifest records."""
+    checks: dict[str, str] = {}
+    for path in (cache_dir / "v1" / "pins").glob("*.json"):
+        checks.update({k: v[0] for k, v in json.loads(path.read_text())["checks"].items()})
+    return checks

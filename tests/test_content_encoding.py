@@ -13,7 +13,6 @@ import errno
 import gzip
 import hashlib
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -67,13 +66,6 @@ def test_the_store_reads_the_stored_bytes_of_an_encoded_object(
         for start, end in ((0, size), (0, 16 * KIB), (mid, min(size, mid + 64 * KIB)), (7, size)):
             got = b"".join(store.iter_range(key, etag, start, end, 16 * KIB, size=size))
             assert sha(got) == sha(data[start:end]), (key, start, end)
-
-
-@pytest.fixture
-def proxy(s3_server: LocalS3) -> Iterator[FaultProxy]:
-    p = FaultProxy(s3_server.endpoint_url).start()
-    yield p
-    p.stop()
 
 
 def read_at(path: Path, offset: int, length: int) -> bytes | int:

@@ -23,7 +23,7 @@ import pytest
 
 from s3cachefs.cli.locals3 import LocalS3
 from s3cachefs.daemon.checksums import crc64nvme
-from tests.conftest import Bucket, Mount, Mounter, drop_page_cache, run_cli
+from tests.conftest import Bucket, Mount, Mounter, drop_page_cache, manifest_checks, run_cli, status
 from tests.faultproxy import FaultProxy
 from tests.test_checksums import b64int, upload, upload_untyped
 
@@ -80,21 +80,6 @@ def prefetch(mount: Mount, *args: str) -> Any:
     return run_cli("prefetch", *args, "--mount", str(mount.path))
 
 
-def manifest_checks(mount: Mount) -> dict[str, str]:
-    """Key -> the kind of check its manifest records."""
-    checks: dict[str, str] = {}
-    for path in (mount.cache_dir / "v1" / "pins").glob("*.json"):
-        checks.update({k: v[0] for k, v in json.loads(path.read_text())["checks"].items()})
-    return checks
-
-
-def status(mount: Mount) -> dict[str, Any]:
-    result = run_cli("status", str(mount.path), "--json")
-    assert result.returncode == 0, result.stderr
-    answer: dict[str, Any] = json.loads(result.stdout)
-    return answer
-
-
 @pytest.mark.parametrize(
     ("algorithm", "kind", "check", "described"),
     [
@@ -134,7 +119,7 @@ def test_a_flipped_byte_in_a_multipart_object_fails_prefetch_then_a_rerun_is_rig
     result = prefetch(mount, "ds")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "ds: complete, verified and pinned" in result.stdout
-    assert manifest_checks(mount) == {BIG: check}
+    assert manifest_checks(mount.cache_dir) == {BIG: check}
     drop_page_cache()
     assert sha256_of(mount.path / BIG) == hashlib.sha256(data).hexdigest()
     verify = run_cli("verify", "ds", "--mount", str(mount.path))  # the same check, from disk
@@ -159,7 +144,7 @@ def test_a_flipped_byte_in_a_single_part_object_is_caught_too(
     assert "FAILED ds/large.bin: content does not match its CRC32 checksum in S3" in (result.stderr)
     proxy.rates["flip_byte"] = 0.0
     assert prefetch(mount, "ds").returncode == 0
-    assert manifest_checks(mount) == {"ds/small.bin": "md5", "ds/large.bin": "md5"}
+    assert manifest_checks(mount.cache_dir) == {"ds/small.bin": "md5", "ds/large.bin": "md5"}
     drop_page_cache()
     assert (mount.path / "ds" / "small.bin").read_bytes() == small
     assert sha256_of(mount.path / "ds" / "large.bin") == hashlib.sha256(large).hexdigest()
@@ -191,7 +176,7 @@ def test_a_single_part_object_without_checksum_failing_its_md5_twice_is_not_pinn
     proxy.rates["flip_byte"] = 0.0  # nothing wrong was kept
     assert sha256_of(mount.path / "ds" / "large.bin") == hashlib.sha256(large).hexdigest()
     assert prefetch(mount, "ds").returncode == 0
-    assert manifest_checks(mount) == {"ds/large.bin": "md5"}
+    assert manifest_checks(mount.cache_dir) == {"ds/large.bin": "md5"}
 
 
 def test_a_composite_checksum_of_undeclared_type_verifies_in_one_download(
@@ -205,7 +190,7 @@ def test_a_composite_checksum_of_undeclared_type_verifies_in_one_download(
     result = prefetch(mount, "ds", "--json")
     assert result.returncode == 0, result.stdout + result.stderr
     assert json.loads(result.stdout.splitlines()[-1])["bytes_fetched"] == 13 * MIB  # once
-    assert manifest_checks(mount) == {BIG: "crc32-composite"}
+    assert manifest_checks(mount.cache_dir) == {BIG: "crc32-composite"}
     verify = run_cli("verify", "ds", "--mount", str(mount.path))
     assert verify.returncode == 0, verify.stdout + verify.stderr
     assert "1 files checked, 0 repaired, 0 failed" in verify.stdout
@@ -235,7 +220,7 @@ def test_size_checked_only_objects_are_named_and_refused_with_require_checksums(
         "ds: complete and pinned, 1 object size-checked only, not verified end to end "
         f"(S3 gives no checksum for them and their ETags are not MD5s): {BIG}"
     ) in result.stdout
-    assert manifest_checks(mount) == {BIG: "size", "ds/small.bin": "md5"}
+    assert manifest_checks(mount.cache_dir) == {BIG: "size", "ds/small.bin": "md5"}
     (dataset,) = status(mount)["datasets"]
     assert (dataset["complete"], dataset["size_only"], dataset["size_only_keys"]) == (
         True,
@@ -270,7 +255,7 @@ def test_written_objects_carry_a_checksum_s3_keeps_and_prefetch_verifies_by_it(
     result = prefetch(mount, "out")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "out: complete, verified and pinned" in result.stdout
-    checks = manifest_checks(mount)
+    checks = manifest_checks(mount.cache_dir)
     assert checks == {"out/big.bin": "crc64nvme-full", "out/small.txt": "md5"}
     assert (mount.path / "out" / "big.bin").read_bytes() == big
 
@@ -285,7 +270,7 @@ def test_an_irregular_part_layout_is_asked_part_by_part(
     result = prefetch(mount, "ds", "--json")
     assert result.returncode == 0, result.stdout + result.stderr
     assert json.loads(result.stdout.splitlines()[-1])["bytes_fetched"] == 12 * MIB
-    assert manifest_checks(mount) == {BIG: "mpu-etag"}
+    assert manifest_checks(mount.cache_dir) == {BIG: "mpu-etag"}
     numbers = [
         urllib.parse.parse_qs(urllib.parse.urlsplit(path).query)["partNumber"][0]
         for method, path in proxy.seen

@@ -8,12 +8,10 @@ import json
 import os
 import subprocess
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from s3cachefs.cli.locals3 import LocalS3
 from s3cachefs.daemon.runtime import read_record
 from tests.conftest import CREDENTIALS, Bucket, Mounter, drop_page_cache, run_cli
 from tests.faultproxy import FaultProxy
@@ -33,13 +31,6 @@ def read_all(root: Path, files: dict[str, bytes]) -> None:
     for key, body in files.items():
         data = (root / key).read_bytes()
         assert hashlib.sha256(data).digest() == hashlib.sha256(body).digest(), key
-
-
-@pytest.fixture
-def proxy(s3_server: LocalS3) -> Iterator[FaultProxy]:
-    p = FaultProxy(s3_server.endpoint_url).start()
-    yield p
-    p.stop()
 
 
 def test_prefetch_completes_byte_exact_through_a_flaky_s3(

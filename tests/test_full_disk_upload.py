@@ -12,18 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from s3cachefs.cli.locals3 import LocalS3
 from tests.conftest import Bucket, Mounter, run_cli
 from tests.faultproxy import FaultProxy
 
 MIB = 1024 * 1024
-
-
-@pytest.fixture
-def proxy(s3_server: LocalS3) -> Iterator[FaultProxy]:
-    p = FaultProxy(s3_server.endpoint_url).start()
-    yield p
-    p.stop()
 
 
 @pytest.fixture

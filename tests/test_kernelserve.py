@@ -8,7 +8,6 @@ reads the whole dataset, and /proc/self/mountinfo shows the bind.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -25,14 +24,8 @@ import pytest
 
 from s3cachefs.cli.locals3 import LocalS3
 from s3cachefs.daemon.binds import MountEntry, mountinfo, mounts_below, stack_at
-from tests.conftest import Bucket, Mount, Mounter, drop_page_cache, mount_cli, run_cli
+from tests.conftest import Bucket, Mount, Mounter, drop_page_cache, mount_cli, run_cli, status
 from tests.test_prefetch import MIB, check_tree, fill, prefetch
-
-
-def status(mount: Mount) -> dict[str, Any]:
-    result = run_cli("status", str(mount.path), "--json")
-    assert result.returncode == 0, result.stderr
-    return dict(json.loads(result.stdout))
 
 
 def dataset(mount: Mount, name: str = "dataset-v3") -> dict[str, Any]:

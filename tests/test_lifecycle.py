@@ -17,20 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from s3cachefs.cli.locals3 import LocalS3
 from s3cachefs.daemon.mountpoint import mount_at
 from s3cachefs.daemon.runtime import read_record
-from tests.conftest import Bucket, Mounter, drop_page_cache, mount_cli, run_cli
+from tests.conftest import Bucket, Mounter, drop_page_cache, mount_cli, run_cli, status
 from tests.faultproxy import FaultProxy
-from tests.test_kernelserve import status, wait_bound, wait_for
+from tests.test_kernelserve import wait_bound, wait_for
 from tests.test_prefetch import check_tree, fill, prefetch
-
-
-@pytest.fixture
-def proxy(s3_server: LocalS3) -> Iterator[FaultProxy]:
-    p = FaultProxy(s3_server.endpoint_url).start()
-    yield p
-    p.stop()
 
 
 class Holder:

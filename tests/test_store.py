@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Generator, Iterator
+from collections.abc import Generator
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import cast
@@ -155,13 +155,6 @@ def test_only_single_part_unencrypted_etags_are_md5s() -> None:
 
 
 # ---- the store behind a lying server: both GET paths ---------------------------------
-
-
-@pytest.fixture
-def proxy(s3_server: LocalS3) -> Iterator[FaultProxy]:
-    p = FaultProxy(s3_server.endpoint_url).start()
-    yield p
-    p.stop()
 
 
 @pytest.fixture(params=["lean", "botocore"])

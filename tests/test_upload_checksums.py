@@ -13,13 +13,11 @@ import hashlib
 import logging
 import os
 import threading
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from s3cachefs.cli.locals3 import LocalS3
 from s3cachefs.daemon.checksums import Digest, crc64nvme, plan
 from s3cachefs.daemon.config import MountConfig
 from s3cachefs.daemon.errors import (
@@ -36,13 +34,6 @@ from tests.test_blockcache import make_cache, run_with
 from tests.test_writeback import PART, make_writeback
 
 MIB = 1024 * 1024
-
-
-@pytest.fixture
-def proxy(s3_server: LocalS3) -> Iterator[FaultProxy]:
-    p = FaultProxy(s3_server.endpoint_url).start()
-    yield p
-    p.stop()
 
 
 def make_store(bucket: Bucket, tmp_path: Path, endpoint: str) -> S3Store:

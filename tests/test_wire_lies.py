@@ -14,27 +14,16 @@ import errno
 import hashlib
 import os
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
 import botocore.config
-import pytest
 
-from s3cachefs.cli.locals3 import LocalS3
-from tests.conftest import Bucket, Mount, Mounter, drop_page_cache, run_cli
+from tests.conftest import Bucket, Mount, Mounter, drop_page_cache, manifest_checks, run_cli
 from tests.faultproxy import FaultProxy
-from tests.test_end_to_end import manifest_checks
 
 MIB = 1024 * 1024
 STORE_LOG = "s3cachefs.daemon.store: "
-
-
-@pytest.fixture
-def proxy(s3_server: LocalS3) -> Iterator[FaultProxy]:
-    p = FaultProxy(s3_server.endpoint_url).start()
-    yield p
-    p.stop()
 
 
 def sha(data: bytes) -> str:
@@ -267,7 +256,7 @@ def test_a_server_whose_etags_are_not_md5s_says_what_to_do_and_serves_with_etag_
     result = run_cli("prefetch", "ds", "--mount", str(off.path))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "1 object size-checked only" in result.stdout
-    assert manifest_checks(off) == {"ds/crc.bin": "crc32-full", "ds/plain.bin": "size"}
+    assert manifest_checks(off.cache_dir) == {"ds/crc.bin": "crc32-full", "ds/plain.bin": "size"}
     proxy.down = True  # what the cache holds is right, and is all it serves
     drop_page_cache()
     assert sha(off.path.joinpath("ds", "crc.bin").read_bytes()) == sha(with_crc)

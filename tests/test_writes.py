@@ -5,31 +5,21 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
-import json
 import os
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from s3cachefs.cli.locals3 import LocalS3
-from tests.conftest import Bucket, Mount, Mounter, drop_page_cache, run_cli
+from tests.conftest import Bucket, Mounter, drop_page_cache, manifest_checks, run_cli, status
 from tests.faultproxy import FaultProxy
 
 MIB = 1024 * 1024
 PART = "5M"  # the smallest part S3 accepts: a 13 MiB file is three parts
-
-
-@pytest.fixture
-def proxy(s3_server: LocalS3) -> Iterator[FaultProxy]:
-    p = FaultProxy(s3_server.endpoint_url).start()
-    yield p
-    p.stop()
 
 
 def s3_bytes(bucket: Bucket, key: str) -> bytes:
@@ -45,21 +35,6 @@ def write_file(path: Path, data: bytes, chunk: int = 256 * 1024) -> None:
     with path.open("wb") as f:
         for pos in range(0, len(data), chunk):
             f.write(data[pos : pos + chunk])
-
-
-def manifest_checks(cache_dir: Path) -> dict[str, str]:
-    """Key -> the kind of end-to-end check its prefetch manifest records."""
-    checks: dict[str, str] = {}
-    for path in (cache_dir / "v1" / "pins").glob("*.json"):
-        checks.update({k: v[0] for k, v in json.loads(path.read_text())["checks"].items()})
-    return checks
-
-
-def status(mount: Mount) -> dict[str, Any]:
-    result = run_cli("status", str(mount.path), "--json")
-    assert result.returncode == 0, result.stderr
-    answer: dict[str, Any] = json.loads(result.stdout)
-    return answer
 
 
 def test_a_multipart_file_round_trips_and_reads_back_with_zero_gets(
