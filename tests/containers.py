@@ -38,7 +38,7 @@ LABEL org.s3cachefs.test-base=debootstrap
 """
 
 
-def apt_install_missing(packages: tuple[str, ...]) -> None:
+def apt_install_missing(packages: tuple[str, ...], recommends: bool = True) -> None:
     missing = [
         p
         for p in packages
@@ -50,7 +50,8 @@ def apt_install_missing(packages: tuple[str, ...]) -> None:
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     subprocess.run(["apt-get", *lock, "update", "-qq"], check=True, env=env)
     subprocess.run(
-        ["apt-get", *lock, "install", "-y", "-qq", *missing],
+        ["apt-get", *lock, "install", "-y", "-qq", *missing]
+        + ([] if recommends else ["--no-install-recommends"]),
         check=True,
         env=env,
         stdout=subprocess.DEVNULL,

@@ -24,11 +24,14 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -417,3 +420,231 @@ def test_installed_units_under_systemd_order_restart_stop_and_uninstall(
         "/etc/s3cachefs/datasets.toml 2>/dev/null; true",
     )  # fmt: skip
     assert left.split() == ["/etc/s3cachefs/datasets.toml"]
+
+
+# --- deploy/compose.yaml with docker-compose and a dockerd of the test's own ---
+
+DOCKER_PACKAGES = ("docker.io", "docker-compose")
+# Kept between runs (images imported from podman, the moto image): only the
+# first run pays for them. Nothing else of the test outlives it.
+DOCKER_DATA_ROOT = Path("/var/lib/s3cachefs-test-docker")
+COMPOSE_PROJECT = "s3cachefs-test"
+MOTO_IMAGE = "s3cachefs-test/moto"
+MOTO_DOCKERFILE = """\
+FROM python:3.11-slim-bookworm
+RUN pip install --no-cache-dir "moto[server]"
+"""
+# No registry here: MinIO is replaced by moto's S3 server on the same port; the
+# compose file users run is used as it is.
+COMPOSE_OVERRIDE = f"""\
+services:
+  minio:
+    image: {MOTO_IMAGE}
+    entrypoint: ["moto_server"]
+    command: ["-H", "0.0.0.0", "-p", "9000"]
+    healthcheck:
+      test: ["CMD-SHELL", "python3 -c \\"import urllib.request; urllib.request.urlopen('http://127.0.0.1:9000/')\\""]
+"""
+
+
+class Docker:
+    """The test's own dockerd: own socket, pidfile, exec-root; no iptables rules, no docker0."""
+
+    def __init__(self, workdir: Path, env: dict[str, str]) -> None:
+        self.workdir = workdir
+        self.env = env
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        DOCKER_DATA_ROOT.mkdir(parents=True, exist_ok=True)
+        with open(self.workdir / "dockerd.log", "wb") as log:
+            self.process = subprocess.Popen(
+                [
+                    "dockerd", "--host", self.env["DOCKER_HOST"],
+                    "--pidfile", str(self.workdir / "dockerd.pid"),
+                    "--exec-root", str(self.workdir / "exec"),
+                    "--data-root", str(DOCKER_DATA_ROOT),
+                    "--iptables=false", "--ip-masq=false", "--bridge=none",
+                ],
+                stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        deadline = time.monotonic() + 60
+        while self.run("version", check=False).returncode != 0:
+            assert self.process.poll() is None, (self.workdir / "dockerd.log").read_text()
+            assert time.monotonic() < deadline, "dockerd did not answer in 60 s"
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def run(
+        self, *args: str, check: bool = True, timeout: float = 600
+    ) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            args if args[0] == "docker-compose" else ("docker", *args),
+            env=self.env, capture_output=True, text=True, timeout=timeout, check=False,
+        )  # fmt: skip
+        if check and result.returncode != 0:
+            raise AssertionError(f"{' '.join(args)}: {result.returncode}\n{result.stderr}")
+        return result
+
+    def inspect(self, container: str) -> dict[str, Any]:
+        return dict(json.loads(self.run("inspect", container).stdout)[0])
+
+
+def _import_from_podman(podman: Podman, docker: Docker, source: str, tag: str) -> None:
+    """`podman save | docker load` once per podman image (tracked by a tag with its id)."""
+    podman_id = podman.run("image", "inspect", "--format", "{{.Id}}", source).stdout.strip()
+    marker = f"s3cachefs-test/from-podman-{tag.partition(':')[0]}:{podman_id[:16]}"
+    family = marker.partition(":")[0]
+    for stale in docker.run(
+        "images", "--format", "{{.Repository}}:{{.Tag}}", family
+    ).stdout.split():
+        if stale != marker:  # an earlier build of the same podman image
+            docker.run("rmi", stale)
+    if docker.run("image", "inspect", marker, check=False).returncode != 0:
+        with subprocess.Popen(
+            ["podman", "save", "--format", "docker-archive", source],
+            stdout=subprocess.PIPE, env=podman.env,
+        ) as save:  # fmt: skip
+            loaded = subprocess.run(
+                ["docker", "load"], stdin=save.stdout, env=docker.env,
+                capture_output=True, text=True, check=False,
+            )  # fmt: skip
+        assert save.returncode == 0 and loaded.returncode == 0, loaded.stderr
+        image = loaded.stdout.strip().split()[-1]  # "Loaded image: NAME" / "...ID: sha256:…"
+        docker.run("tag", image, marker)
+    docker.run("tag", marker, tag)
+
+
+def _started(state: dict[str, Any], key: str = "StartedAt") -> float:
+    stamp = str(state[key])
+    whole, _, frac = stamp.rstrip("Z").partition(".")
+    return time.mktime(time.strptime(whole, "%Y-%m-%dT%H:%M:%S")) + float(f"0.{frac or 0}")
+
+
+def _healthy_after_restart(container: dict[str, Any]) -> bool:
+    state = container["State"]
+    if container["RestartCount"] != 1 or state["Status"] != "running":
+        return False
+    since = _started(state)
+    return any(p["ExitCode"] == 0 and _started(p, "Start") >= since for p in state["Health"]["Log"])
+
+
+def _compose_sample_digest() -> tuple[int, str]:
+    """What compose.yaml's bucket one-shot uploads, in the worker's (sorted path) order."""
+    pages = [hashlib.sha256(b"%d" % i).digest() * (4096 * (i + 1)) for i in range(12)]
+    return 13, hashlib.sha256(b"sample\n" + b"".join(pages)).hexdigest()
+
+
+@pytest.fixture
+def docker(podman: Podman) -> Iterator[Docker]:
+    apt_install_missing(DOCKER_PACKAGES, recommends=False)
+    # Short: the socket paths under it must fit in sockaddr_un.
+    workdir = Path(tempfile.mkdtemp(prefix="s3cfs-dockerd-"))
+    engine = Docker(workdir, {**os.environ, "DOCKER_HOST": f"unix://{workdir}/docker.sock"})
+    try:
+        engine.start()
+        started = time.monotonic()
+        _import_from_podman(podman, engine, "localhost/s3cachefs:latest", "s3cachefs:latest")
+        _import_from_podman(podman, engine, PYTHON_IMAGE, "python:3.11-slim-bookworm")
+        if engine.run("image", "inspect", MOTO_IMAGE, check=False).returncode != 0:
+            (workdir / "moto").mkdir()
+            (workdir / "moto" / "Dockerfile").write_text(MOTO_DOCKERFILE)
+            engine.run("build", "--network", "host", "-t", MOTO_IMAGE, str(workdir / "moto"))
+        engine.run("image", "prune", "-f")
+        print(f"\ndocker images ready: {time.monotonic() - started:.0f}s")
+        yield engine
+    finally:
+        engine.stop()
+        _unmount_below(workdir)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_compose_comes_up_in_order_survives_kill_9_and_goes_down_clean(
+    docker: Docker, tmp_path: Path
+) -> None:
+    host_mnt, host_cache = tmp_path / "mnt", tmp_path / "cache"
+    (host_mnt / "datasets").mkdir(parents=True)
+    host_cache.mkdir()
+    override = tmp_path / "compose-test-override.yaml"
+    override.write_text(COMPOSE_OVERRIDE)
+    docker.env.update(HOST_MNT=str(host_mnt), HOST_CACHE=str(host_cache))
+    compose = (
+        "docker-compose", "-p", COMPOSE_PROJECT,
+        "-f", str(REPO / "deploy" / "compose.yaml"), "-f", str(override),
+    )  # fmt: skip
+    docker.run(*compose, "down", "-v", "--remove-orphans")  # a previous run's leftovers
+    # The node setup of compose.yaml's header.
+    subprocess.run(["mount", "--bind", host_mnt, host_mnt], check=True)
+    try:
+        subprocess.run(["mount", "--make-shared", host_mnt], check=True)
+        started = time.monotonic()
+        up = docker.run(*compose, "up", "-d", "--no-build", check=False)
+        print(f"compose up -d: {time.monotonic() - started:.1f}s")
+        assert up.returncode == 0, up.stderr
+
+        # `up -d` returns once the worker is started; its exit code and bytes say
+        # whether it read the dataset (`up --exit-code-from` passes without a worker run).
+        ids = {
+            service: docker.run(*compose, "ps", "-q", service).stdout.strip()
+            for service in ("minio", "bucket", "s3cachefs", "prefetch", "worker")
+        }
+        assert docker.run("wait", ids["worker"], timeout=120).stdout.strip() == "0"
+        count, digest = _compose_sample_digest()
+        expected = f"worker read {count} files sha256 {digest}"
+        assert docker.run("logs", ids["worker"]).stdout.strip() == expected
+
+        # Each service started only after the one it depends on met its condition.
+        state = {service: docker.inspect(cid)["State"] for service, cid in ids.items()}
+        assert state["bucket"]["ExitCode"] == 0 and state["prefetch"]["ExitCode"] == 0
+
+        def first_healthy(service: str) -> float:
+            probes = state[service]["Health"]["Log"]
+            return min(_started(p, "End") for p in probes if p["ExitCode"] == 0)
+
+        assert first_healthy("minio") <= _started(state["bucket"])
+        assert _started(state["bucket"], "FinishedAt") <= _started(state["s3cachefs"])
+        assert first_healthy("s3cachefs") <= _started(state["prefetch"])
+        assert _started(state["prefetch"], "FinishedAt") <= _started(state["worker"])
+
+        # The mount reached the host, and the host reads the same bytes.
+        assert _fuse_mounted(host_mnt / "datasets")
+        root = host_mnt / "datasets" / "dataset-v3"
+        names = sorted(str(p) for p in root.rglob("*") if p.is_file())
+        host = hashlib.sha256(b"".join(Path(n).read_bytes() for n in names)).hexdigest()
+        assert (len(names), host) == (count, digest)
+
+        # kill -9 of the daemon: restart: unless-stopped brings it back. Healthy
+        # means a probe that passed after the restart: Health.Status still says
+        # "healthy" from before for a while, and a `docker stop` in the new
+        # daemon's first second (before its SIGTERM handler) is ignored by PID 1.
+        os.kill(state["s3cachefs"]["Pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while not _healthy_after_restart(docker.inspect(ids["s3cachefs"])):
+            assert time.monotonic() < deadline, docker.inspect(ids["s3cachefs"])["State"]
+            time.sleep(0.2)
+        # The worker's next run reads byte-exact through the new mount.
+        again = docker.run("start", "-a", ids["worker"], timeout=120, check=False)
+        assert (again.returncode, again.stdout.strip()) == (0, expected), again.stderr
+
+        stopped = time.monotonic()
+        down = docker.run(*compose, "down", "-v", check=False)
+        print(f"compose down -v: {time.monotonic() - stopped:.1f}s")
+        assert down.returncode == 0, down.stderr
+        label = f"label=com.docker.compose.project={COMPOSE_PROJECT}"
+        assert docker.run("ps", "-aq", "--filter", label).stdout == ""
+        assert docker.run("volume", "ls", "-q", "--filter", label).stdout == ""
+        with open("/proc/self/mountinfo") as f:
+            below = [line.split()[4] for line in f if line.split()[4].startswith(f"{host_mnt}/")]
+        assert below == [], below
+    finally:
+        docker.run(*compose, "down", "-v", check=False)
+        _unmount_below(host_mnt)
