@@ -280,3 +280,17 @@ def manifest_checks(cache_dir: Path) -> dict[str, str]:
     for path in (cache_dir / "v1" / "pins").glob("*.json"):
         checks.update({k: v[0] for k, v in json.loads(path.read_text())["checks"].items()})
     return checks
+
+
+def read_at(path: Path, offset: int, length: int) -> bytes | int:
+    """``length`` bytes at ``offset`` from a fresh open, or the errno the read failed with."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        return exc.errno or -1
+    try:
+        return os.pread(fd, length, offset)
+    except OSError as exc:
+        return exc.errno or -1
+    finally:
+        os.close(fd)

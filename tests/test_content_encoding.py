@@ -20,7 +20,7 @@ import pytest
 from s3cachefs.cli.locals3 import LocalS3
 from s3cachefs.daemon import store as store_module
 from s3cachefs.daemon.store import S3Store
-from tests.conftest import Bucket, Mounter, drop_page_cache
+from tests.conftest import Bucket, Mounter, drop_page_cache, read_at
 from tests.faultproxy import FaultProxy
 from tests.test_store import make_store
 
@@ -66,17 +66,6 @@ def test_the_store_reads_the_stored_bytes_of_an_encoded_object(
         for start, end in ((0, size), (0, 16 * KIB), (mid, min(size, mid + 64 * KIB)), (7, size)):
             got = b"".join(store.iter_range(key, etag, start, end, 16 * KIB, size=size))
             assert sha(got) == sha(data[start:end]), (key, start, end)
-
-
-def read_at(path: Path, offset: int, length: int) -> bytes | int:
-    """``length`` bytes at ``offset`` from a fresh open, or the errno the read failed with."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return os.pread(fd, length, offset)
-    except OSError as exc:
-        return exc.errno or -1
-    finally:
-        os.close(fd)
 
 
 @pytest.mark.parametrize("lean", [True, False], ids=["lean", "botocore"])

@@ -19,7 +19,15 @@ from pathlib import Path
 import boto3
 import botocore.config
 
-from tests.conftest import Bucket, Mount, Mounter, drop_page_cache, manifest_checks, run_cli
+from tests.conftest import (
+    Bucket,
+    Mount,
+    Mounter,
+    drop_page_cache,
+    manifest_checks,
+    read_at,
+    run_cli,
+)
 from tests.faultproxy import FaultProxy
 
 MIB = 1024 * 1024
@@ -28,20 +36,6 @@ STORE_LOG = "s3cachefs.daemon.store: "
 
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def read_at(path: Path, offset: int, length: int) -> bytes | int:
-    """``length`` bytes at ``offset`` from a fresh open, or the errno the read failed with."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as exc:
-        return exc.errno or -1
-    try:
-        return os.pread(fd, length, offset)
-    except OSError as exc:
-        return exc.errno or -1
-    finally:
-        os.close(fd)
 
 
 def right_or(err: int, got: bytes | int, want: bytes) -> bool:
