@@ -27,9 +27,14 @@ RUN python3 -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.tom
     && pip wheel --no-cache-dir --wheel-dir /wheels -r /tmp/requirements.txt
 COPY README.md ./
 COPY package package
+COPY cli cli
 COPY daemon daemon
 COPY fs fs
-COPY cli cli
+COPY datasets datasets
+COPY staging staging
+COPY cache cache
+COPY store store
+COPY base base
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
 # Runtime stage: fuse3 (fusermount3, libfuse3) and the wheels, nothing else.

@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 from bench.dirs3 import DirS3
-from s3cachefs.daemon.config import MountConfig
-from s3cachefs.daemon.store import S3Store
+from s3cachefs.base.config import MountConfig
+from s3cachefs.store.s3 import S3Store
 
 
 def main() -> None:

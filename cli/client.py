@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from s3cachefs.daemon.errors import ConfigError
+from s3cachefs.base.errors import ConfigError
 from s3cachefs.daemon.runtime import MountRecord, all_records, read_record
 
 

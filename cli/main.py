@@ -25,16 +25,16 @@ from pathlib import Path
 import psutil
 
 from s3cachefs import __version__
+from s3cachefs.base.config import MountConfig
+from s3cachefs.base.errors import ConfigError, S3CacheFSError, StoreError
+from s3cachefs.base.logs import setup_logging
+from s3cachefs.cache.cachedir import DAEMON_UMASK, check_min_free, claim_cache_dir
 from s3cachefs.cli.client import request
 from s3cachefs.cli.settings import add_mount_options, jobs_arg, mount_config, resolve, shard_arg
-from s3cachefs.daemon.binds import MountEntry
-from s3cachefs.daemon.cachedir import DAEMON_UMASK, check_min_free, claim_cache_dir
-from s3cachefs.daemon.config import MountConfig
-from s3cachefs.daemon.errors import ConfigError, S3CacheFSError, StoreError
 from s3cachefs.daemon.holders import Holder, holders
-from s3cachefs.daemon.logs import setup_logging
 from s3cachefs.daemon.mountpoint import is_stale, mount_at, unmount
 from s3cachefs.daemon.runtime import MountRecord, read_record, remove_record
+from s3cachefs.datasets.binds import MountEntry
 
 log = logging.getLogger("s3cachefs")
 

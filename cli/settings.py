@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from s3cachefs.daemon.config import (
+from s3cachefs.base.config import (
     ETAG_MD5_MODES,
     MountConfig,
     default_cache_dir,
@@ -31,8 +31,8 @@ from s3cachefs.daemon.config import (
     parse_target,
     parse_ttl,
 )
-from s3cachefs.daemon.errors import ConfigError
-from s3cachefs.daemon.logs import LEVELS
+from s3cachefs.base.errors import ConfigError
+from s3cachefs.base.logs import LEVELS
 
 ENV_PREFIX = "S3CACHEFS_"
 # Variables that are not mount settings.
@@ -177,7 +177,7 @@ def jobs_arg(text: str) -> int:
 
 def shard_arg(text: str) -> str:
     """``prefetch --shard I/N`` with 0 <= I < N, checked while parsing."""
-    from s3cachefs.daemon.prefetch import parse_shard
+    from s3cachefs.datasets.prefetch import parse_shard
 
     try:
         parse_shard(text)

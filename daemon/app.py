@@ -25,12 +25,10 @@ from typing import TYPE_CHECKING
 import pyfuse3
 import trio
 
+from s3cachefs.base.errors import ConfigError, TransientError
+from s3cachefs.cache.blockcache import BlockCache
 from s3cachefs.daemon import control, memory, offline
-from s3cachefs.daemon.binds import MountEntry
-from s3cachefs.daemon.blockcache import BlockCache
 from s3cachefs.daemon.commands import Daemon, RecentErrors
-from s3cachefs.daemon.errors import ConfigError, TransientError
-from s3cachefs.daemon.kernelserve import KernelServe
 from s3cachefs.daemon.metrics import Metrics
 from s3cachefs.daemon.mountpoint import (
     check_mountpoint,
@@ -39,7 +37,6 @@ from s3cachefs.daemon.mountpoint import (
     set_kernel_readahead,
 )
 from s3cachefs.daemon.notify import notify
-from s3cachefs.daemon.pins import PinStore
 from s3cachefs.daemon.reporting import flush as flush_sentry
 from s3cachefs.daemon.reporting import setup_sentry
 from s3cachefs.daemon.runtime import (
@@ -49,14 +46,17 @@ from s3cachefs.daemon.runtime import (
     remove_record,
     write_record,
 )
-from s3cachefs.daemon.store import S3Store
-from s3cachefs.daemon.writeback import Writeback
+from s3cachefs.datasets.binds import MountEntry
+from s3cachefs.datasets.kernelserve import KernelServe
+from s3cachefs.datasets.pins import PinStore
 from s3cachefs.fs.core import FsCore
 from s3cachefs.fs.operations import Operations
 from s3cachefs.fs.writes import Writer
+from s3cachefs.staging.writeback import Writeback
+from s3cachefs.store.s3 import S3Store
 
 if TYPE_CHECKING:
-    from s3cachefs.daemon.config import MountConfig
+    from s3cachefs.base.config import MountConfig
 
 log = logging.getLogger(__name__)
 

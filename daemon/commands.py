@@ -12,20 +12,20 @@ from typing import TYPE_CHECKING, Any
 import psutil
 import trio
 
+from s3cachefs.base.errors import ConfigError, S3CacheFSError, StoreError
+from s3cachefs.cache.blockcache import BlockCache
 from s3cachefs.daemon import memory
-from s3cachefs.daemon.blockcache import BlockCache
 from s3cachefs.daemon.control import Handler, Send
-from s3cachefs.daemon.errors import ConfigError, S3CacheFSError, StoreError
-from s3cachefs.daemon.pins import Manifest, PinStore
-from s3cachefs.daemon.prefetch import SIZE_ONLY_SHOWN, PrefetchJob, parse_shard
-from s3cachefs.daemon.store import ObjectStore
-from s3cachefs.daemon.writeback import Writeback
-from s3cachefs.fs.names import valid_name
+from s3cachefs.datasets.pins import Manifest, PinStore
+from s3cachefs.datasets.prefetch import SIZE_ONLY_SHOWN, PrefetchJob, parse_shard
+from s3cachefs.staging.writeback import Writeback
+from s3cachefs.store.keys import valid_name
+from s3cachefs.store.s3 import ObjectStore
 
 if TYPE_CHECKING:
-    from s3cachefs.daemon.config import MountConfig
-    from s3cachefs.daemon.kernelserve import KernelServe
+    from s3cachefs.base.config import MountConfig
     from s3cachefs.daemon.offline import S3State
+    from s3cachefs.datasets.kernelserve import KernelServe
     from s3cachefs.fs.operations import Operations
 
 log = logging.getLogger(__name__)

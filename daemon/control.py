@@ -20,7 +20,7 @@ from typing import Any
 
 import trio
 
-from s3cachefs.daemon.errors import S3CacheFSError, StoreError
+from s3cachefs.base.errors import S3CacheFSError, StoreError
 
 log = logging.getLogger(__name__)
 

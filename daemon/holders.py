@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from s3cachefs.daemon.binds import MountEntry, mountinfo
+from s3cachefs.datasets.binds import MountEntry, mountinfo
 
 # Processes named per namespace in a message.
 NAMED_PIDS = 4

@@ -18,9 +18,9 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from s3cachefs.daemon import binds
-from s3cachefs.daemon.binds import MountEntry
-from s3cachefs.daemon.errors import ConfigError
+from s3cachefs.base.errors import ConfigError
+from s3cachefs.datasets import binds
+from s3cachefs.datasets.binds import MountEntry
 
 log = logging.getLogger(__name__)
 

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 
 import trio
 
-from s3cachefs.daemon.errors import StoreError, TransientError
-from s3cachefs.daemon.pins import Manifest, PinStore
-from s3cachefs.daemon.store import ObjectStore
+from s3cachefs.base.errors import StoreError, TransientError
+from s3cachefs.datasets.pins import Manifest, PinStore
+from s3cachefs.store.s3 import ObjectStore
 
 log = logging.getLogger(__name__)
 

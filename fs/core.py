@@ -1,7 +1,7 @@
 """The filesystem core: inodes, lookups, directory handles and reads.
 
 It knows nothing of pyfuse3 or the kernel; `fs.operations` adapts it, and the
-tests drive it directly. It raises only `s3cachefs.daemon.errors` exceptions.
+tests drive it directly. It raises only `s3cachefs.base.errors` exceptions.
 
 Semantics (README, "Semantics"):
 - A directory is a prefix; its entries come from one paginated
@@ -35,9 +35,8 @@ from dataclasses import dataclass, field
 
 import trio
 
-from s3cachefs.daemon.blockcache import BlockCache, ObjectVersion
-from s3cachefs.daemon.config import INDEFINITE_TTL
-from s3cachefs.daemon.errors import (
+from s3cachefs.base.config import INDEFINITE_TTL
+from s3cachefs.base.errors import (
     BadHandleError,
     IsADirError,
     NotADirError,
@@ -45,11 +44,12 @@ from s3cachefs.daemon.errors import (
     StaleError,
     TransientError,
 )
-from s3cachefs.daemon.pins import PinStore
-from s3cachefs.daemon.store import Listing, ObjectInfo, ObjectStore
-from s3cachefs.daemon.writeback import Staged
-from s3cachefs.fs.names import valid_name
+from s3cachefs.cache.blockcache import BlockCache, ObjectVersion
+from s3cachefs.datasets.pins import PinStore
 from s3cachefs.fs.versions import VersionGuard
+from s3cachefs.staging.writeback import Staged
+from s3cachefs.store.keys import valid_name
+from s3cachefs.store.s3 import Listing, ObjectInfo, ObjectStore
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import pyfuse3
 
-from s3cachefs.daemon.errors import (
+from s3cachefs.base.errors import (
     AccessDeniedError,
     AlreadyExistsError,
     BadHandleError,

@@ -32,9 +32,9 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from s3cachefs.daemon.blockcache import ObjectVersion
-from s3cachefs.daemon.errors import NotFoundError, StaleError, StoreError
-from s3cachefs.daemon.store import ObjectStore
+from s3cachefs.base.errors import NotFoundError, StaleError, StoreError
+from s3cachefs.cache.blockcache import ObjectVersion
+from s3cachefs.store.s3 import ObjectStore
 
 if TYPE_CHECKING:
     from s3cachefs.fs.core import FileHandle, Node

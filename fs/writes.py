@@ -22,8 +22,7 @@ import time
 
 import trio
 
-from s3cachefs.daemon.blockcache import ObjectVersion
-from s3cachefs.daemon.errors import (
+from s3cachefs.base.errors import (
     AlreadyExistsError,
     BadHandleError,
     BusyError,
@@ -36,9 +35,10 @@ from s3cachefs.daemon.errors import (
     ReadOnlyError,
     UnsupportedError,
 )
-from s3cachefs.daemon.writeback import Staged, Writeback
+from s3cachefs.cache.blockcache import ObjectVersion
 from s3cachefs.fs.core import FileHandle, FsCore, Node
-from s3cachefs.fs.names import valid_name
+from s3cachefs.staging.writeback import Staged, Writeback
+from s3cachefs.store.keys import valid_name
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ import boto3
 import pytest
 
 from s3cachefs.cli.locals3 import LocalS3
-from s3cachefs.daemon.binds import mounts_below
+from s3cachefs.datasets.binds import mounts_below
 from tests.faultproxy import FaultProxy
 
 CREDENTIALS = {

@@ -18,12 +18,12 @@ from typing import Protocol, TypeVar
 
 import trio
 
-from s3cachefs.daemon.blockcache import BlockCache
-from s3cachefs.daemon.config import MountConfig
-from s3cachefs.daemon.errors import S3CacheFSError
-from s3cachefs.daemon.store import S3Store
+from s3cachefs.base.config import MountConfig
+from s3cachefs.base.errors import S3CacheFSError
+from s3cachefs.cache.blockcache import BlockCache
 from s3cachefs.fs.core import ROOT_INODE, FsCore
 from s3cachefs.fs.operations import errno_for
+from s3cachefs.store.s3 import S3Store
 
 T = TypeVar("T")
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from s3cachefs.daemon.cachedir import check_min_free, claim_cache_dir
-from s3cachefs.daemon.errors import CacheDirError
+from s3cachefs.base.errors import CacheDirError
+from s3cachefs.cache.cachedir import check_min_free, claim_cache_dir
 from tests.conftest import Bucket, mount_cli, run_cli
 
 

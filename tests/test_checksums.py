@@ -14,8 +14,11 @@ from typing import Any
 
 import pytest
 
-from s3cachefs.daemon.blockcache import ObjectVersion
-from s3cachefs.daemon.checksums import (
+from s3cachefs.base.config import MountConfig
+from s3cachefs.cache.blockcache import ObjectVersion
+from s3cachefs.datasets.pins import Manifest, PinStore
+from s3cachefs.datasets.prefetch import PrefetchJob
+from s3cachefs.store.checksums import (
     Check,
     Digest,
     combine_crc64nvme,
@@ -23,10 +26,7 @@ from s3cachefs.daemon.checksums import (
     plan,
     resolved,
 )
-from s3cachefs.daemon.config import MountConfig
-from s3cachefs.daemon.pins import Manifest, PinStore
-from s3cachefs.daemon.prefetch import PrefetchJob
-from s3cachefs.daemon.store import MemoryStore, ObjectInfo, S3Store, checksum_head
+from s3cachefs.store.s3 import MemoryStore, ObjectInfo, S3Store, checksum_head
 from tests.conftest import Bucket
 from tests.test_blockcache import make_cache, read_back, run_with
 

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 import trio
 
-from s3cachefs.daemon.config import MountConfig
-from s3cachefs.daemon.store import MemoryStore, S3Store
+from s3cachefs.base.config import MountConfig
+from s3cachefs.store.s3 import MemoryStore, S3Store
 from tests.conftest import Bucket, Mount, Mounter, drop_page_cache, run_cli, s3cachefs_cmd
 from tests.test_blockcache import BS, make_cache, run_with, version_of
 

@@ -22,7 +22,7 @@ import botocore.config
 import pytest
 
 from s3cachefs.cli.locals3 import LocalS3
-from s3cachefs.daemon.checksums import crc64nvme
+from s3cachefs.store.checksums import crc64nvme
 from tests.conftest import Bucket, Mount, Mounter, drop_page_cache, manifest_checks, run_cli, status
 from tests.faultproxy import FaultProxy
 from tests.test_checksums import b64int, upload, upload_untyped

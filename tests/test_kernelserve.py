@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from s3cachefs.cli.locals3 import LocalS3
-from s3cachefs.daemon.binds import MountEntry, mountinfo, mounts_below, stack_at
+from s3cachefs.datasets.binds import MountEntry, mountinfo, mounts_below, stack_at
 from tests.conftest import Bucket, Mount, Mounter, drop_page_cache, mount_cli, run_cli, status
 from tests.test_prefetch import MIB, check_tree, fill, prefetch
 
@@ -383,7 +383,9 @@ def test_a_byte_flipped_on_disk_is_found_by_the_scheduled_check_and_fuse_serves_
         assert "s3cachefs verify dataset-v3" in found["kernel_note"]
         assert bind_on(mount.path / "dataset-v3") is None
         log = mount.log_text()
-        assert "WARNING s3cachefs.daemon.kernelcheck: kernel-serve check dataset=dataset-v3/" in log
+        assert (
+            "WARNING s3cachefs.datasets.kernelcheck: kernel-serve check dataset=dataset-v3/" in log
+        )
         assert "dataset=dataset-v3/ trigger=scheduled files=13" in log
         assert "damaged=1 e.g. key=dataset-v3/archive/big.tar" in log
         human = run_cli("status", str(mount.path)).stdout
@@ -592,10 +594,10 @@ def in_process(tmp_path: Path, body: Callable[[Any, Any, Any], Awaitable[None]])
     one complete, pinned object ``ds/a.bin`` of three and a bit blocks."""
     import trio
 
-    from s3cachefs.daemon.blockcache import ObjectVersion
-    from s3cachefs.daemon.kernelserve import KernelServe
-    from s3cachefs.daemon.pins import Manifest, PinStore
-    from s3cachefs.daemon.store import MemoryStore, ObjectInfo
+    from s3cachefs.cache.blockcache import ObjectVersion
+    from s3cachefs.datasets.kernelserve import KernelServe
+    from s3cachefs.datasets.pins import Manifest, PinStore
+    from s3cachefs.store.s3 import MemoryStore, ObjectInfo
     from tests.test_blockcache import BS, make_cache
 
     store = MemoryStore("mem")
@@ -646,8 +648,8 @@ def test_a_refresh_does_not_bind_a_dataset_no_check_has_read_back(tmp_path: Path
 def test_a_check_that_finds_damage_unbinds_the_bind_live_at_its_end(tmp_path: Path) -> None:
     """The check at start began with no bind; a bind made meanwhile (any way) is the one
     it unbinds, and its pin-store hold goes with it."""
-    from s3cachefs.daemon import binds
-    from s3cachefs.daemon.kernelserve import Bind
+    from s3cachefs.datasets import binds
+    from s3cachefs.datasets.kernelserve import Bind
 
     async def body(kernel: Any, manifest: Any, version: Any) -> None:
         flip_byte(kernel.cache.object_path(version.oid), 5)
@@ -675,7 +677,7 @@ def test_a_check_that_finds_damage_unbinds_the_bind_live_at_its_end(tmp_path: Pa
 def test_a_scan_whose_tree_went_away_ends_in_one_line(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from s3cachefs.daemon.treecheck import FileCheck, Stopped, scan
+    from s3cachefs.datasets.treecheck import FileCheck, Stopped, scan
 
     caplog.set_level(logging.INFO, logger="s3cachefs")
     tree = tmp_path / "trees" / "gone"

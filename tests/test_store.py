@@ -17,19 +17,19 @@ from typing import cast
 
 import pytest
 
-from s3cachefs.cli.locals3 import LocalS3
-from s3cachefs.daemon import store as store_module
-from s3cachefs.daemon.config import MountConfig
-from s3cachefs.daemon.errors import (
+from s3cachefs.base.config import MountConfig
+from s3cachefs.base.errors import (
     BadResponseError,
     NotFoundError,
     StaleError,
     StoreError,
     TransientError,
 )
-from s3cachefs.daemon.rangeget import proxy_applies
-from s3cachefs.daemon.responses import body_md5, check_get_response, etag_md5
-from s3cachefs.daemon.store import S3Store
+from s3cachefs.cli.locals3 import LocalS3
+from s3cachefs.store import s3 as store_module
+from s3cachefs.store.rangeget import proxy_applies
+from s3cachefs.store.responses import body_md5, check_get_response, etag_md5
+from s3cachefs.store.s3 import S3Store
 from tests.conftest import Bucket
 from tests.faultproxy import FaultProxy
 
@@ -178,7 +178,7 @@ def test_an_ignored_range_is_retried_never_used_and_warned_about_once(
     data = os.urandom(3 * MIB)
     etag = bucket.put("k", data)
     proxy.rates["ignore_range"] = 1.0
-    with caplog.at_level(logging.DEBUG, logger="s3cachefs.daemon.store"):
+    with caplog.at_level(logging.DEBUG, logger="s3cachefs.store.s3"):
         for _ in range(2):
             stream = lying_store.iter_range("k", etag, MIB, 2 * MIB, MIB, size=len(data))
             with pytest.raises(BadResponseError, match="ignored Range"):
@@ -226,7 +226,7 @@ def test_a_whole_single_part_object_yields_nothing_before_its_md5_matched(
     data = os.urandom(300_000)
     etag = bucket.put("small", data)
     proxy.rates["flip_byte"] = 1.0
-    with caplog.at_level(logging.WARNING, logger="s3cachefs.daemon.store"):
+    with caplog.at_level(logging.WARNING, logger="s3cachefs.store.s3"):
         stream = lying_store.iter_range("small", etag, 0, len(data), 65536, size=len(data))
         with pytest.raises(BadResponseError, match="body does not match its MD5 ETag"):
             next(stream)
@@ -258,7 +258,7 @@ def test_etags_that_are_not_md5s_fail_saying_so_until_etag_md5_is_off(
         "if this server's ETags are not MD5s, mount with --etag-md5 off; until then such "
         "objects fail with EIO"
     )
-    with caplog.at_level(logging.WARNING, logger="s3cachefs.daemon.store"):
+    with caplog.at_level(logging.WARNING, logger="s3cachefs.store.s3"):
         for _ in range(2):
             stream = lying_store.iter_range("k", etag, 0, len(data), 65536, size=len(data))
             with pytest.raises(StoreError) as info:
@@ -345,7 +345,7 @@ def test_a_listing_that_never_ends_is_an_error_naming_why(
         bucket.put(f"p/f{i}", b"x")
     proxy.rates["endless_listing"] = 1.0
     why = f"S3 listing of s3://{bucket.name}/p/ repeated its continuation token"
-    with caplog.at_level(logging.ERROR, logger="s3cachefs.daemon.store"):
+    with caplog.at_level(logging.ERROR, logger="s3cachefs.store.s3"):
         for _ in range(2):
             with pytest.raises(StoreError, match=why) as info:
                 lying_store.list_dir("p/")

@@ -18,16 +18,16 @@ from pathlib import Path
 
 import pytest
 
-from s3cachefs.daemon.checksums import Digest, crc64nvme, plan
-from s3cachefs.daemon.config import MountConfig
-from s3cachefs.daemon.errors import (
+from s3cachefs.base.config import MountConfig
+from s3cachefs.base.errors import (
     AlreadyExistsError,
     ChecksumsRefusedError,
     NotFoundError,
     TransientError,
 )
-from s3cachefs.daemon.store import MemoryStore, ObjectInfo, S3Store
-from s3cachefs.daemon.uploadchecksums import NOT_KEPT
+from s3cachefs.store.checksums import Digest, crc64nvme, plan
+from s3cachefs.store.s3 import MemoryStore, ObjectInfo, S3Store
+from s3cachefs.store.uploadchecksums import NOT_KEPT
 from tests.conftest import Bucket
 from tests.faultproxy import FaultProxy
 from tests.test_blockcache import make_cache, run_with

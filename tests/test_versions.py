@@ -23,15 +23,15 @@ import pytest
 import trio
 import trio.testing
 
-from s3cachefs.daemon.errors import (
+from s3cachefs.base.errors import (
     AccessDeniedError,
     NotFoundError,
     StaleError,
     StoreError,
     TransientError,
 )
-from s3cachefs.daemon.store import Listing, MemoryStore, ObjectInfo
 from s3cachefs.fs.core import ROOT_INODE, FsCore, Node
+from s3cachefs.store.s3 import Listing, MemoryStore, ObjectInfo
 from tests.conftest import Bucket, Mounter, drop_page_cache
 from tests.faultproxy import FaultProxy
 from tests.test_blockcache import BS, make_cache, run_with

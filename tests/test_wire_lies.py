@@ -31,7 +31,7 @@ from tests.conftest import (
 from tests.faultproxy import FaultProxy
 
 MIB = 1024 * 1024
-STORE_LOG = "s3cachefs.daemon.store: "
+STORE_LOG = "s3cachefs.store.s3: "
 
 
 def sha(data: bytes) -> str:

@@ -8,12 +8,12 @@ import pytest
 import trio
 import trio.testing
 
-from s3cachefs.daemon.blockcache import BlockCache, ObjectVersion
-from s3cachefs.daemon.errors import ConfigError
-from s3cachefs.daemon.store import MemoryStore
-from s3cachefs.daemon.writeback import Writeback
+from s3cachefs.base.errors import ConfigError
+from s3cachefs.cache.blockcache import BlockCache, ObjectVersion
 from s3cachefs.fs.core import ROOT_INODE, FsCore
 from s3cachefs.fs.writes import Writer
+from s3cachefs.staging.writeback import Writeback
+from s3cachefs.store.s3 import MemoryStore
 from tests.test_blockcache import BS, make_cache, run_with
 from tests.test_writeback import make_writeback
 

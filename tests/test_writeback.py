@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from s3cachefs.daemon.blockcache import BlockCache, ObjectVersion
-from s3cachefs.daemon.errors import TransientError, UploadFailedError
-from s3cachefs.daemon.store import MemoryStore
-from s3cachefs.daemon.writeback import FAILED, LEFT_OVER, Writeback
+from s3cachefs.base.errors import TransientError, UploadFailedError
+from s3cachefs.cache.blockcache import BlockCache, ObjectVersion
+from s3cachefs.staging.writeback import FAILED, LEFT_OVER, Writeback
+from s3cachefs.store.s3 import MemoryStore
 from tests.test_blockcache import make_cache, run_with
 
 PART = 5 * 1024 * 1024

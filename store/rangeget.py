@@ -34,7 +34,7 @@ import botocore.awsrequest
 import botocore.credentials
 import urllib3
 
-from s3cachefs.daemon.errors import CredentialsError, StaleError, StoreError, TransientError
+from s3cachefs.base.errors import CredentialsError, StaleError, StoreError, TransientError
 
 # Statuses worth another attempt: throttling and server-side trouble.
 _RETRY_STATUS = {429, 500, 502, 503, 504}

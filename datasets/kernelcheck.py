@@ -26,12 +26,12 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from s3cachefs.daemon.blockcache import ObjectVersion
-from s3cachefs.daemon.pins import Manifest
-from s3cachefs.daemon.treecheck import CheckResult, FileCheck, Stopped, check_files
+from s3cachefs.cache.blockcache import ObjectVersion
+from s3cachefs.datasets.pins import Manifest
+from s3cachefs.datasets.treecheck import CheckResult, FileCheck, Stopped, check_files
 
 if TYPE_CHECKING:
-    from s3cachefs.daemon.kernelserve import KernelServe, Layout
+    from s3cachefs.datasets.kernelserve import KernelServe, Layout
 
 log = logging.getLogger(__name__)
 

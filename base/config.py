@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from s3cachefs.daemon.errors import ConfigError
+from s3cachefs.base.errors import ConfigError
 
 KIB = 1024
 MIB = 1024 * KIB

@@ -53,10 +53,10 @@ import diskcache
 import psutil
 import trio
 
-from s3cachefs.daemon.cachedir import FORMAT_VERSION, ensure_private_dir
-from s3cachefs.daemon.checksums import Check, Digest
-from s3cachefs.daemon.errors import CacheDirError, StoreError, TransientError
-from s3cachefs.daemon.store import ObjectStore
+from s3cachefs.base.errors import CacheDirError, StoreError, TransientError
+from s3cachefs.cache.cachedir import FORMAT_VERSION, ensure_private_dir
+from s3cachefs.store.checksums import Check, Digest
+from s3cachefs.store.s3 import ObjectStore
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psutil
 
-from s3cachefs.daemon.errors import CacheDirError
+from s3cachefs.base.errors import CacheDirError
 
 FORMAT_VERSION = 1
 LAYOUT = f"v{FORMAT_VERSION}"

@@ -47,9 +47,7 @@ from typing import Any
 
 import trio
 
-from s3cachefs.daemon import checksums
-from s3cachefs.daemon.blockcache import BlockCache, ObjectVersion
-from s3cachefs.daemon.errors import (
+from s3cachefs.base.errors import (
     AlreadyExistsError,
     BusyError,
     ChecksumsRefusedError,
@@ -58,7 +56,9 @@ from s3cachefs.daemon.errors import (
     StoreError,
     UploadFailedError,
 )
-from s3cachefs.daemon.store import ObjectStore
+from s3cachefs.cache.blockcache import BlockCache, ObjectVersion
+from s3cachefs.store import checksums
+from s3cachefs.store.s3 import ObjectStore
 
 log = logging.getLogger(__name__)
 

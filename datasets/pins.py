@@ -19,11 +19,11 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from s3cachefs.daemon.blockcache import ObjectVersion
-from s3cachefs.daemon.checksums import Check
-from s3cachefs.daemon.responses import etag_md5
-from s3cachefs.daemon.store import Listing, ObjectInfo
-from s3cachefs.fs.names import valid_name
+from s3cachefs.cache.blockcache import ObjectVersion
+from s3cachefs.store.checksums import Check
+from s3cachefs.store.keys import valid_name
+from s3cachefs.store.responses import etag_md5
+from s3cachefs.store.s3 import Listing, ObjectInfo
 
 log = logging.getLogger(__name__)
 

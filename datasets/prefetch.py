@@ -38,13 +38,13 @@ from typing import Any
 
 import trio
 
-from s3cachefs.daemon import checksums
-from s3cachefs.daemon.blockcache import BlockCache, ObjectVersion
-from s3cachefs.daemon.checksums import Check
-from s3cachefs.daemon.errors import ConfigError, S3CacheFSError, StoreError
-from s3cachefs.daemon.pins import Manifest, PinStore, Shard
-from s3cachefs.daemon.store import ObjectInfo, ObjectStore
-from s3cachefs.fs.names import valid_name
+from s3cachefs.base.errors import ConfigError, S3CacheFSError, StoreError
+from s3cachefs.cache.blockcache import BlockCache, ObjectVersion
+from s3cachefs.datasets.pins import Manifest, PinStore, Shard
+from s3cachefs.store import checksums
+from s3cachefs.store.checksums import Check
+from s3cachefs.store.keys import valid_name
+from s3cachefs.store.s3 import ObjectInfo, ObjectStore
 
 log = logging.getLogger(__name__)
 

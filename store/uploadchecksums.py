@@ -36,7 +36,7 @@ import threading
 from collections.abc import Callable
 from typing import Final
 
-from s3cachefs.daemon.errors import ChecksumsRefusedError
+from s3cachefs.base.errors import ChecksumsRefusedError
 
 log = logging.getLogger(__name__)
 

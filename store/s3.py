@@ -2,7 +2,7 @@
 
 All methods are blocking; the daemon calls them from worker threads under the
 S3 capacity limiter. botocore errors never leave this module: they become the
-errors of `s3cachefs.daemon.errors` in `_translated`.
+errors of `s3cachefs.base.errors` in `_translated`.
 """
 
 from __future__ import annotations
@@ -28,8 +28,7 @@ import botocore.session
 import urllib3
 from botocore.httpsession import DEFAULT_CA_BUNDLE
 
-from s3cachefs.daemon import checksums
-from s3cachefs.daemon.errors import (
+from s3cachefs.base.errors import (
     AccessDeniedError,
     AlreadyExistsError,
     BadResponseError,
@@ -41,14 +40,15 @@ from s3cachefs.daemon.errors import (
     StoreError,
     TransientError,
 )
-from s3cachefs.daemon.rangeget import RangeGetter, proxy_applies
-from s3cachefs.daemon.responses import NOT_MD5_ENCRYPTION, body_md5, check_get_response
-from s3cachefs.daemon.uploadchecksums import REFUSAL_CODES, ChecksumSupport
+from s3cachefs.store import checksums
+from s3cachefs.store.rangeget import RangeGetter, proxy_applies
+from s3cachefs.store.responses import NOT_MD5_ENCRYPTION, body_md5, check_get_response
+from s3cachefs.store.uploadchecksums import REFUSAL_CODES, ChecksumSupport
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
-    from s3cachefs.daemon.config import MountConfig
+    from s3cachefs.base.config import MountConfig
 
 log = logging.getLogger(__name__)
 

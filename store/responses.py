@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-from s3cachefs.daemon.errors import BadResponseError, StaleError
+from s3cachefs.base.errors import BadResponseError, StaleError
 
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+)$")
 _MD5_ETAG = re.compile(r'^"?([0-9a-f]{32})"?$')

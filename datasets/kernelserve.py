@@ -53,13 +53,13 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import trio
 
-from s3cachefs.daemon import binds
-from s3cachefs.daemon.blockcache import BlockCache, ObjectVersion
-from s3cachefs.daemon.kernelcheck import KernelChecks
-from s3cachefs.daemon.pins import Manifest, PinStore
+from s3cachefs.cache.blockcache import BlockCache, ObjectVersion
+from s3cachefs.datasets import binds
+from s3cachefs.datasets.kernelcheck import KernelChecks
+from s3cachefs.datasets.pins import Manifest, PinStore
 
 if TYPE_CHECKING:
-    from s3cachefs.daemon.store import ObjectInfo
+    from s3cachefs.store.s3 import ObjectInfo
 
 log = logging.getLogger(__name__)
 

@@ -62,7 +62,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from awscrt import checksums as crt
 
-from s3cachefs.daemon.errors import (
+from s3cachefs.base.errors import (
     AccessDeniedError,
     CredentialsError,
     NotFoundError,
@@ -70,12 +70,12 @@ from s3cachefs.daemon.errors import (
     StoreError,
     TransientError,
 )
-from s3cachefs.daemon.responses import etag_md5
+from s3cachefs.store.responses import etag_md5
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from s3cachefs.daemon.store import ChecksumHead, ObjectInfo, ObjectStore
+    from s3cachefs.store.s3 import ChecksumHead, ObjectInfo, ObjectStore
 
 _MULTIPART_ETAG = re.compile(r'^"?([0-9a-f]{32})-([0-9]+)"?$')
 ALGORITHMS = ("crc32", "crc32c", "crc64nvme", "sha1", "sha256")
