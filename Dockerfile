@@ -35,6 +35,7 @@ COPY staging staging
 COPY cache cache
 COPY store store
 COPY base base
+COPY testing testing
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
 # Runtime stage: fuse3 (fusermount3, libfuse3) and the wheels, nothing else.
