@@ -80,7 +80,7 @@ def test_no_module_imports_a_layer_above_its_own_or_a_peer() -> None:
             if mine == theirs:
                 continue
             if mine == "testing":
-                if theirs == "cli" or theirs == "daemon":
+                if theirs in {"cli", "daemon"}:
                     wrong.append(f"{module} -> {target}")
                 continue
             if theirs == "testing" or _rank(theirs) <= _rank(mine):
