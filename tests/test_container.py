@@ -24,6 +24,7 @@ with the images cached; `-m "not container"` skips them.
 
 from __future__ import annotations
 
+import calendar
 import errno
 import hashlib
 import json
@@ -533,7 +534,7 @@ def _import_from_podman(podman: Podman, docker: Docker, source: str, tag: str) -
 def _started(state: dict[str, Any], key: str = "StartedAt") -> float:
     stamp = str(state[key])
     whole, _, frac = stamp.rstrip("Z").partition(".")
-    return time.mktime(time.strptime(whole, "%Y-%m-%dT%H:%M:%S")) + float(f"0.{frac or 0}")
+    return calendar.timegm(time.strptime(whole, "%Y-%m-%dT%H:%M:%S")) + float(f"0.{frac or 0}")
 
 
 def _healthy_after_restart(container: dict[str, Any]) -> bool:
@@ -592,7 +593,7 @@ def test_compose_comes_up_in_order_survives_kill_9_and_goes_down_clean(
     subprocess.run(["mount", "--bind", host_mnt, host_mnt], check=True)
     try:
         subprocess.run(["mount", "--make-shared", host_mnt], check=True)
-        started = time.monotonic()
+        started, up_at = time.monotonic(), time.time()
         up = docker.run(*compose, "up", "-d", "--no-build", check=False)
         print(f"compose up -d: {time.monotonic() - started:.1f}s")
         assert up.returncode == 0, up.stderr
@@ -612,9 +613,20 @@ def test_compose_comes_up_in_order_survives_kill_9_and_goes_down_clean(
         state = {service: docker.inspect(cid)["State"] for service, cid in ids.items()}
         assert state["bucket"]["ExitCode"] == 0 and state["prefetch"]["ExitCode"] == 0
 
+        # From the engine's events, not State.Health.Log: that keeps only the
+        # last five probes, so under load the first healthy one is gone.
+        events = docker.run(
+            "events", "--since", f"{up_at:.3f}", "--until", f"{time.time():.3f}",
+            "--filter", "event=health_status", "--format", "{{json .}}",
+        ).stdout.splitlines()  # fmt: skip
+        healthy: dict[str, float] = {}
+        for line in events:
+            event = json.loads(line)
+            if event.get("status", event.get("Action")) == "health_status: healthy":
+                healthy.setdefault(event["id"], event["timeNano"] / 1e9)
+
         def first_healthy(service: str) -> float:
-            probes = state[service]["Health"]["Log"]
-            return min(_started(p, "End") for p in probes if p["ExitCode"] == 0)
+            return healthy[ids[service]]
 
         assert first_healthy("minio") <= _started(state["bucket"])
         assert _started(state["bucket"], "FinishedAt") <= _started(state["s3cachefs"])
