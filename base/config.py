@@ -1,18 +1,13 @@
-"""Mount configuration and the parsers for its user-facing value syntaxes."""
+"""`MountConfig`: everything a daemon needs to serve one mount, checked as a whole."""
 
 from __future__ import annotations
 
-import math
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from s3cachefs.base.errors import ConfigError
-
-KIB = 1024
-MIB = 1024 * KIB
-GIB = 1024 * MIB
+from s3cachefs.base.values import ETAG_MD5_MODES, GIB, KIB, MIB
 
 # 1 MiB: small enough that a 30 KB document image costs one small GET, large
 # enough that sequential reads of big objects are a few dozen parallel GETs.
@@ -21,78 +16,6 @@ DEFAULT_BLOCK_SIZE = 1 * MIB
 
 # S3 refuses a multipart part larger than this.
 MAX_PART_SIZE = 5 * GIB
-
-# --etag-md5: whether single-part ETags are MD5s of the content (auto) or not (off).
-ETAG_MD5_MODES = ("auto", "off")
-
-# What "indefinite" means to the kernel: ten years is forever for a mount.
-INDEFINITE_TTL = 10 * 365 * 24 * 3600.0
-
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(I?B)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "K": KIB, "M": MIB, "G": GIB, "T": 1024 * GIB, "P": 1024 * 1024 * GIB}
-
-
-def parse_size(text: str) -> int:
-    """Parse a byte count like ``200G``, ``512MiB``, ``1.5T`` or ``4096``.
-
-    Suffixes K, M, G, T, P are powers of 1024, with an optional ``B`` or
-    ``iB`` (``G`` = ``GiB`` = ``GB`` = 2**30); no suffix means bytes.
-    """
-    match = _SIZE_RE.match(text)
-    if not match:
-        raise ConfigError(
-            f"bad size {text!r}: use a number with an optional K, M, G, T or P suffix "
-            "(powers of 1024)"
-        )
-    number, unit, _ = match.groups()
-    return int(float(number) * _UNITS[unit.upper()])
-
-
-def parse_ttl(text: str) -> float:
-    """Parse ``--metadata-ttl``: seconds (``0`` disables caching) or ``indefinite``."""
-    if text.strip().lower() == "indefinite":
-        return INDEFINITE_TTL
-    try:
-        value = float(text)
-    except ValueError:
-        raise ConfigError(f"bad TTL {text!r}: use seconds or 'indefinite'") from None
-    if value < 0 or not math.isfinite(value):
-        raise ConfigError(f"bad TTL {text!r}: must be a finite number >= 0")
-    return value
-
-
-_INTERVAL_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$", re.IGNORECASE)
-_INTERVAL_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_interval(text: str) -> float | None:
-    """Parse ``--verify-interval``: ``24h``, ``30m``, ``90s``, ``2d`` or seconds; ``0``/``off``
-    give None (no scheduled checks)."""
-    if text.strip().lower() in ("off", "never", "false", "no"):
-        return None
-    match = _INTERVAL_RE.match(text)
-    if not match:
-        raise ConfigError(f"bad interval {text!r}: use e.g. 24h, 30m, 90s, 2d, or off")
-    value = float(match.group(1)) * _INTERVAL_UNITS[match.group(2).lower()]
-    return value or None
-
-
-_BUCKET_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._-]{1,254}$")
-
-
-def parse_target(text: str) -> tuple[str, str]:
-    """Split ``BUCKET[/PREFIX]`` (an ``s3://`` scheme is accepted) into bucket and prefix.
-
-    The prefix is returned normalised to end with ``/`` (or empty for the whole bucket).
-    """
-    body = text.removeprefix("s3://")
-    bucket, _, prefix = body.partition("/")
-    if not _BUCKET_RE.match(bucket):
-        raise ConfigError(f"bad bucket name {bucket!r} in {text!r}")
-    prefix = prefix.strip("/")
-    if prefix and any(part in ("", ".", "..") for part in prefix.split("/")):
-        raise ConfigError(f"bad prefix {prefix!r}: empty, '.' or '..' path segments")
-    return bucket, (prefix + "/" if prefix else "")
 
 
 def default_cache_dir() -> Path:

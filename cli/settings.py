@@ -20,19 +20,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
-from s3cachefs.base.config import (
-    ETAG_MD5_MODES,
-    MountConfig,
-    default_cache_dir,
-    parse_interval,
-    parse_size,
-    parse_target,
-    parse_ttl,
-)
+from s3cachefs.base import values as v
+from s3cachefs.base.config import MountConfig, default_cache_dir
 from s3cachefs.base.errors import ConfigError
-from s3cachefs.base.logs import LEVELS
+from s3cachefs.base.values import parse_target
 
 ENV_PREFIX = "S3CACHEFS_"
 # Variables that are not mount settings.
@@ -40,117 +32,6 @@ OTHER_VARIABLES = {"S3CACHEFS_PROGRESS_INTERVAL"}
 # How alike an unknown variable's name must be to a setting's to count as its typo
 # (difflib ratio of the parts after the prefix: CACHE_SIZ 0.95, SOAK_SECONDS 0.45).
 TYPO_CUTOFF = 0.8
-
-
-def _size(value: Any) -> int:
-    if isinstance(value, bool):
-        raise ConfigError(f"bad size {value!r}")
-    return value if isinstance(value, int) else parse_size(str(value))
-
-
-def _kib(value: Any) -> int:
-    size = _size(value)
-    if size % 1024:
-        raise ConfigError(f"bad size {value!r}: the kernel takes whole KiB (e.g. 128K, 1M)")
-    return size
-
-
-def _ttl(value: Any) -> float:
-    if isinstance(value, bool):
-        raise ConfigError(f"bad TTL {value!r}: use seconds or 'indefinite'")
-    return parse_ttl(str(value))  # also TOML numbers: inf and nan are refused there
-
-
-def _timeout(value: Any) -> float:
-    if str(value).strip().lower() == "indefinite":  # a read must never wait forever
-        raise ConfigError(f"bad timeout {value!r}: use a number of seconds")
-    seconds = _ttl(value)
-    if seconds <= 0:
-        raise ConfigError(f"bad timeout {value!r}: must be more than 0 seconds")
-    return seconds
-
-
-def _endpoint(value: Any) -> str:
-    """``http(s)://host[:port][/path]``: botocore's own error for anything else is a traceback."""
-    text = str(value).strip()
-    try:
-        parts = urlsplit(text)
-        port = parts.port  # ValueError when it is not a number in range
-    except ValueError:
-        parts, port = None, None
-    if (
-        parts is None
-        or parts.scheme not in ("http", "https")
-        or not parts.hostname
-        or (port is not None and not 0 < port < 65536)
-        or parts.query
-        or parts.fragment
-    ):
-        raise ConfigError(
-            f"bad endpoint URL {text!r}: use http://HOST[:PORT] or https://HOST[:PORT]"
-        )
-    if parts.username is not None or parts.password is not None:
-        raise ConfigError(
-            f"bad endpoint URL for {parts.hostname}: no credentials in the URL "
-            "(they would be logged); use the AWS credential chain"
-        )
-    return text
-
-
-def _bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off", ""):
-        return False
-    raise ConfigError(f"bad boolean {value!r}: use true or false")
-
-
-def _interval(value: Any) -> float | None:
-    if value is False:
-        return None
-    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
-        return float(value) or None
-    return parse_interval(str(value))
-
-
-def _etag_md5(value: Any) -> str:
-    text = str(value).strip().lower()
-    if text not in ETAG_MD5_MODES:
-        raise ConfigError(f"bad value {value!r}: use auto or off")
-    return text
-
-
-def _int(value: Any) -> int:
-    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-        raise ConfigError(f"bad number {value!r}")
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"bad number {value!r}") from None
-
-
-def _count(value: Any) -> int:
-    number = _int(value)
-    if number < 1:
-        raise ConfigError(f"bad number {value!r}: must be at least 1")
-    return number
-
-
-def _datasets(value: Any) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return list(value)
-    raise ConfigError(f'bad dataset list {value!r}: use ["dataset-v3", ...]')
-
-
-def _level(value: Any) -> str:
-    if str(value).lower() not in LEVELS:
-        raise ConfigError(f"bad log level {value!r}: one of {', '.join(LEVELS)}")
-    return str(value).lower()
 
 
 def seconds_variable(variable: str, default: float) -> float:
@@ -170,7 +51,7 @@ def seconds_variable(variable: str, default: float) -> float:
 def jobs_arg(text: str) -> int:
     """``prefetch --jobs``: checked while parsing, so a bad value is a usage error (exit 2)."""
     try:
-        return _count(text)
+        return v.count(text)
     except ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -206,48 +87,50 @@ class Setting:
 SETTINGS: tuple[Setting, ...] = (
     Setting("source", str, None, "BUCKET[/PREFIX] to mount", flag=False),
     Setting("mountpoint", Path, None, "where to mount it", flag=False),
-    Setting("endpoint-url", _endpoint, None, "S3-compatible endpoint (MinIO, Ceph RGW, R2)"),
+    Setting("endpoint-url", v.endpoint, None, "S3-compatible endpoint (MinIO, Ceph RGW, R2)"),
     Setting("region", str, None, "AWS region (default: from the AWS config)"),
     Setting("profile", str, None, "AWS profile for credentials"),
     Setting("cache-dir", Path, None, f"persistent cache (default {default_cache_dir()})"),
-    Setting("cache-size", _size, "10G", "cache limit, e.g. 200G (default 10G)"),
-    Setting("min-free", _size, "5G", "disk space to keep free (default 5G)"),
-    Setting("metadata-ttl", _ttl, "60", "seconds listings are trusted, or 'indefinite' (60)"),
-    Setting("allow-other", _bool, False, "let other users (container uids) use the mount"),
-    Setting("log-level", _level, "info", "debug, info, warning or error"),
+    Setting("cache-size", v.size, "10G", "cache limit, e.g. 200G (default 10G)"),
+    Setting("min-free", v.size, "5G", "disk space to keep free (default 5G)"),
+    Setting("metadata-ttl", v.ttl, "60", "seconds listings are trusted, or 'indefinite' (60)"),
+    Setting("allow-other", v.boolean, False, "let other users (container uids) use the mount"),
+    Setting("log-level", v.level, "info", "debug, info, warning or error"),
     Setting("log-file", Path, None, "background log (default: CACHE_DIR/daemon.log)"),
-    Setting("s3-concurrency", _count, 64, "parallel S3 requests (default 64)"),
-    Setting("readahead", _size, "32M", "most bytes fetched ahead of a reader (default 32M)"),
-    Setting("block-size", _size, "1M", "block size of a new cache dir (default 1M)"),
-    Setting("fetch-size", _size, "8M", "most bytes one ranged GET covers (default 8M)"),
-    Setting("kernel-readahead", _kib, "1M", "the mount's kernel readahead (0: kernel's)"),
-    Setting("no-keep-cache", _bool, False, "drop the page cache at every open (measurements)"),
+    Setting("s3-concurrency", v.count, 64, "parallel S3 requests (default 64)"),
+    Setting("readahead", v.size, "32M", "most bytes fetched ahead of a reader (default 32M)"),
+    Setting("block-size", v.size, "1M", "block size of a new cache dir (default 1M)"),
+    Setting("fetch-size", v.size, "8M", "most bytes one ranged GET covers (default 8M)"),
+    Setting("kernel-readahead", v.kib, "1M", "the mount's kernel readahead (0: kernel's)"),
+    Setting("no-keep-cache", v.boolean, False, "drop the page cache at every open (measurements)"),
     Setting("metrics-address", str, None, "serve Prometheus /metrics at HOST:PORT (off)"),
-    Setting("s3-timeout", _timeout, "30", "seconds an S3 connection may stall before a retry (30)"),
-    Setting("writable", _bool, False, "write-through: new files go to S3 on close (off)"),
-    Setting("allow-overwrite", _bool, False, "with --writable: let writes replace objects"),
-    Setting("allow-delete", _bool, False, "with --writable: let unlink/rmdir delete objects"),
-    Setting("upload-part-size", _size, "8M", "multipart part size for writes (default 8M)"),
+    Setting(
+        "s3-timeout", v.timeout, "30", "seconds an S3 connection may stall before a retry (30)"
+    ),
+    Setting("writable", v.boolean, False, "write-through: new files go to S3 on close (off)"),
+    Setting("allow-overwrite", v.boolean, False, "with --writable: let writes replace objects"),
+    Setting("allow-delete", v.boolean, False, "with --writable: let unlink/rmdir delete objects"),
+    Setting("upload-part-size", v.size, "8M", "multipart part size for writes (default 8M)"),
     Setting(
         "kernel-serve-pinned",
-        _bool,
+        v.boolean,
         True,
         "bind complete pinned datasets read-only over their dirs: the kernel serves them (on)",
     ),
     Setting(
         "verify-interval",
-        _interval,
+        v.interval,
         "24h",
         "re-check kernel-served datasets this often, e.g. 12h (24h; off: at start only)",
     ),
     Setting(
         "etag-md5",
-        _etag_md5,
+        v.etag_md5,
         "auto",
         "auto: single-part ETags are MD5s and reads check them; off: this server's are not",
     ),
     # Read by `s3cachefs prefetch --config`, not by the mount.
-    Setting("prefetch", _datasets, None, "datasets to prefetch", flag=False),
+    Setting("prefetch", v.datasets, None, "datasets to prefetch", flag=False),
 )
 BY_NAME = {s.name: s for s in SETTINGS}
 _BOOLEAN = {"allow-other", "no-keep-cache", "writable", "allow-overwrite", "allow-delete"}
@@ -315,7 +198,7 @@ def unknown_variable(variable: str) -> str:
     value would silently not apply, so it stays an error.
     """
     known = [s.variable for s in SETTINGS] + sorted(OTHER_VARIABLES | {"S3CACHEFS_CONFIG"})
-    suffixes = {v.removeprefix(ENV_PREFIX): v for v in known}
+    suffixes = {name.removeprefix(ENV_PREFIX): name for name in known}
     close = difflib.get_close_matches(
         variable.removeprefix(ENV_PREFIX), suffixes, n=1, cutoff=TYPO_CUTOFF
     )
