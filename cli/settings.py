@@ -1,8 +1,8 @@
 """Mount settings from a TOML file, the environment and flags, in rising precedence.
 
-One table (`SETTINGS`) names every setting once: its long option
-(``--cache-size``), its key in the file (``cache-size`` or ``cache_size``)
-and its variable (``S3CACHEFS_CACHE_SIZE``). Unknown keys and variables, and
+Built from the one settings table (base/settings.py): each setting's long option
+(``--cache-size``), its key in the file (``cache-size`` or ``cache_size``) and its
+variable (``S3CACHEFS_CACHE_SIZE``). Unknown keys and variables, and
 bad values, are errors that name where they came from. An unknown
 ``S3CACHEFS_*`` variable is only a warning (wrapper scripts and the test suite
 set their own), unless it looks like a misspelt setting: that stays an error.
@@ -11,22 +11,19 @@ set their own), unless it looks like a misspelt setting: that stays an error.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import difflib
 import math
 import os
 import tomllib
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from s3cachefs.base import values as v
-from s3cachefs.base.config import MountConfig, default_cache_dir
+from s3cachefs.base.config import MountConfig
 from s3cachefs.base.errors import ConfigError
-from s3cachefs.base.values import parse_target
+from s3cachefs.base.settings import ENV_PREFIX, SETTINGS, Setting, default_cache_dir, lookup
+from s3cachefs.base.values import count, parse_target
 
-ENV_PREFIX = "S3CACHEFS_"
 # Variables that are not mount settings.
 OTHER_VARIABLES = {"S3CACHEFS_PROGRESS_INTERVAL"}
 # How alike an unknown variable's name must be to a setting's to count as its typo
@@ -51,7 +48,7 @@ def seconds_variable(variable: str, default: float) -> float:
 def jobs_arg(text: str) -> int:
     """``prefetch --jobs``: checked while parsing, so a bad value is a usage error (exit 2)."""
     try:
-        return v.count(text)
+        return count(text)
     except ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -67,90 +64,22 @@ def shard_arg(text: str) -> str:
     return text.strip()
 
 
-@dataclass(frozen=True)
-class Setting:
-    name: str  # long option without the dashes; also the file key
-    convert: Callable[[Any], Any]
-    default: Any
-    help: str
-    flag: bool = True  # False: only positional on the command line (source, mountpoint)
-
-    @property
-    def attr(self) -> str:
-        return self.name.replace("-", "_")
-
-    @property
-    def variable(self) -> str:
-        return ENV_PREFIX + self.attr.upper()
-
-
-SETTINGS: tuple[Setting, ...] = (
-    Setting("source", str, None, "BUCKET[/PREFIX] to mount", flag=False),
-    Setting("mountpoint", Path, None, "where to mount it", flag=False),
-    Setting("endpoint-url", v.endpoint, None, "S3-compatible endpoint (MinIO, Ceph RGW, R2)"),
-    Setting("region", str, None, "AWS region (default: from the AWS config)"),
-    Setting("profile", str, None, "AWS profile for credentials"),
-    Setting("cache-dir", Path, None, f"persistent cache (default {default_cache_dir()})"),
-    Setting("cache-size", v.size, "10G", "cache limit, e.g. 200G (default 10G)"),
-    Setting("min-free", v.size, "5G", "disk space to keep free (default 5G)"),
-    Setting("metadata-ttl", v.ttl, "60", "seconds listings are trusted, or 'indefinite' (60)"),
-    Setting("allow-other", v.boolean, False, "let other users (container uids) use the mount"),
-    Setting("log-level", v.level, "info", "debug, info, warning or error"),
-    Setting("log-file", Path, None, "background log (default: CACHE_DIR/daemon.log)"),
-    Setting("s3-concurrency", v.count, 64, "parallel S3 requests (default 64)"),
-    Setting("readahead", v.size, "32M", "most bytes fetched ahead of a reader (default 32M)"),
-    Setting("block-size", v.size, "1M", "block size of a new cache dir (default 1M)"),
-    Setting("fetch-size", v.size, "8M", "most bytes one ranged GET covers (default 8M)"),
-    Setting("kernel-readahead", v.kib, "1M", "the mount's kernel readahead (0: kernel's)"),
-    Setting("no-keep-cache", v.boolean, False, "drop the page cache at every open (measurements)"),
-    Setting("metrics-address", str, None, "serve Prometheus /metrics at HOST:PORT (off)"),
-    Setting(
-        "s3-timeout", v.timeout, "30", "seconds an S3 connection may stall before a retry (30)"
-    ),
-    Setting("writable", v.boolean, False, "write-through: new files go to S3 on close (off)"),
-    Setting("allow-overwrite", v.boolean, False, "with --writable: let writes replace objects"),
-    Setting("allow-delete", v.boolean, False, "with --writable: let unlink/rmdir delete objects"),
-    Setting("upload-part-size", v.size, "8M", "multipart part size for writes (default 8M)"),
-    Setting(
-        "kernel-serve-pinned",
-        v.boolean,
-        True,
-        "bind complete pinned datasets read-only over their dirs: the kernel serves them (on)",
-    ),
-    Setting(
-        "verify-interval",
-        v.interval,
-        "24h",
-        "re-check kernel-served datasets this often, e.g. 12h (24h; off: at start only)",
-    ),
-    Setting(
-        "etag-md5",
-        v.etag_md5,
-        "auto",
-        "auto: single-part ETags are MD5s and reads check them; off: this server's are not",
-    ),
-    # Read by `s3cachefs prefetch --config`, not by the mount.
-    Setting("prefetch", v.datasets, None, "datasets to prefetch", flag=False),
-)
-BY_NAME = {s.name: s for s in SETTINGS}
-_BOOLEAN = {"allow-other", "no-keep-cache", "writable", "allow-overwrite", "allow-delete"}
-_TOGGLES = {"kernel-serve-pinned"}  # --NAME and --no-NAME
-
-
 def add_mount_options(parser: argparse.ArgumentParser) -> None:
     """Flags default to None so that only what the user typed overrides file and env."""
     parser.add_argument("source", metavar="BUCKET[/PREFIX]", nargs="?")
     parser.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?")
     parser.add_argument("--config", type=Path, help="TOML file with these settings")
     for s in SETTINGS:
-        if not s.flag:
+        flag, shown = s.flag, s.shown_default
+        if flag is None:
             continue
-        if s.name in _BOOLEAN:
-            parser.add_argument(f"--{s.name}", action="store_const", const=True, help=s.help)
-        elif s.name in _TOGGLES:
-            parser.add_argument(f"--{s.name}", action=argparse.BooleanOptionalAction, help=s.help)
+        text = s.help if shown is None else f"{s.help} (default {shown})"
+        if s.kind == "switch":
+            parser.add_argument(flag, action="store_const", const=True, help=text)
+        elif s.kind == "toggle":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
         else:
-            parser.add_argument(f"--{s.name}", help=s.help)
+            parser.add_argument(flag, help=text)
 
 
 def resolve(
@@ -160,32 +89,32 @@ def resolve(
 
     Warnings (unknown variables) are appended to ``notes`` for the caller to show.
     """
-    values = {s.name: s.convert(s.default) if s.default is not None else None for s in SETTINGS}
+    values = {s.name: s.value for s in SETTINGS}
     config_path = args.config or (
         Path(environ["S3CACHEFS_CONFIG"]) if environ.get("S3CACHEFS_CONFIG") else None
     )
     if config_path is not None:
         for key, raw in read_file(config_path).items():
-            name = key.replace("_", "-")
-            if name not in BY_NAME:
+            setting = lookup(key)
+            if setting is None:
                 raise ConfigError(f"{config_path}: unknown key {key!r}")
-            values[name] = _convert(BY_NAME[name], raw, f"{config_path}: {key}")
+            values[setting.name] = _convert(setting, raw, f"{config_path}: {key}")
     for variable, raw in environ.items():
         if not variable.startswith(ENV_PREFIX) or variable in OTHER_VARIABLES:
             continue
         if variable == "S3CACHEFS_CONFIG":
             continue
-        name = variable.removeprefix(ENV_PREFIX).lower().replace("_", "-")
-        if name not in BY_NAME:
+        setting = lookup(variable.removeprefix(ENV_PREFIX).lower())
+        if setting is None:
             warning = unknown_variable(variable)
             if notes is not None:
                 notes.append(warning)
             continue
-        values[name] = _convert(BY_NAME[name], raw, variable)
+        values[setting.name] = _convert(setting, raw, variable)
     for s in SETTINGS:
         raw = getattr(args, s.attr, None)
         if raw is not None:
-            values[s.name] = _convert(s, raw, f"--{s.name}" if s.flag else s.name)
+            values[s.name] = _convert(s, raw, s.flag or s.name)
     return values
 
 
@@ -239,16 +168,12 @@ def mount_config(values: Mapping[str, Any]) -> MountConfig:
         )
     bucket, prefix = parse_target(values["source"])
     cache_dir = values["cache-dir"] or default_cache_dir()
-    # A setting named like a MountConfig field passes through; the rest are converted here.
-    fields = {f.name for f in dataclasses.fields(MountConfig)} - {"cache_dir"}
-    same = {s.attr: values[s.name] for s in SETTINGS if s.flag and s.attr in fields}
+    # Every other field is a setting's value, as the table maps it.
+    fields = {s.field_name: s.to_field(values[s.name]) for s in SETTINGS if s.field_name}
     return MountConfig(
-        **same,
+        **fields,
         bucket=bucket,
         prefix=prefix,
         mountpoint=Path(os.path.abspath(values["mountpoint"])),
         cache_dir=Path(os.path.abspath(cache_dir)),
-        keep_cache=not values["no-keep-cache"],
-        kernel_readahead_kib=values["kernel-readahead"] // 1024,
-        readahead_size=values["readahead"],
     )
