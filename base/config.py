@@ -40,9 +40,8 @@ class MountConfig:
     readahead_size: int = default("readahead_size")
     # Most bytes one ranged GET covers.
     fetch_size: int = default("fetch_size")
-    # Verified blocks kept in memory so that 128 KiB kernel reads of a 1 MiB
-    # block do not re-read and re-check it from disk.
-    memory_cache_bytes: int = 64 * MIB
+    # Verified blocks kept in memory (a 1 MiB block serves eight 128 KiB kernel reads).
+    memory_cache_bytes: int = default("memory_cache_bytes")
     # Keep the kernel's page cache across opens of an unchanged object version.
     keep_cache: bool = default("keep_cache")
     kernel_readahead_kib: int = default("kernel_readahead_kib")
@@ -50,7 +49,8 @@ class MountConfig:
     metrics_address: str | None = default("metrics_address")
     # A read that S3 cannot serve within this budget fails with EIO, never hangs.
     s3_timeout: float = default("s3_timeout")
-    s3_max_attempts: int = 3
+    # Tries of one S3 request (throttling, 5xx, connection errors) before it fails.
+    s3_max_attempts: int = default("s3_max_attempts")
     writable: bool = default("writable")
     allow_overwrite: bool = default("allow_overwrite")
     allow_delete: bool = default("allow_delete")
@@ -71,6 +71,10 @@ class MountConfig:
             raise ConfigError(f"cache size {self.cache_size} is smaller than one block")
         if self.s3_concurrency < 1:
             raise ConfigError("S3 concurrency must be at least 1")
+        if self.s3_max_attempts < 1:
+            raise ConfigError("S3 max attempts must be at least 1")
+        if self.memory_cache_bytes < 0:
+            raise ConfigError("memory cache size must be at least 0")
         if self.upload_part_size < 5 * MIB or self.upload_part_size % self.block_size:
             raise ConfigError(
                 "upload part size must be at least 5M and a multiple of the block size"

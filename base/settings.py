@@ -124,6 +124,15 @@ SETTINGS: tuple[Setting, ...] = (
     # A run of missing blocks is one GET whose blocks are served as they arrive
     # (small blocks, few requests).
     Setting("fetch-size", v.size, "8M", "most bytes one ranged GET covers"),
+    # Verified blocks kept in memory so that 128 KiB kernel reads of a 1 MiB block
+    # do not re-read and re-check it from disk; 0 keeps none.
+    Setting(
+        "memory-cache-size",
+        v.size,
+        "64M",
+        "verified blocks kept in memory for the reads that follow (0: none)",
+        field="memory_cache_bytes",
+    ),
     # 1 MiB lets sequential FUSE reads be 1 MiB instead of 128 KiB.
     Setting(
         "kernel-readahead",
@@ -146,6 +155,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("metrics-address", str, None, "serve Prometheus /metrics at HOST:PORT (default off)"),
     # A read that S3 cannot serve within this budget fails with EIO, never hangs.
     Setting("s3-timeout", v.timeout, "30", "seconds an S3 connection may stall before a retry"),
+    # Throttling, 5xx and connection errors are retried with backoff, this many tries
+    # in all; a listing may take s3-timeout times this at most.
+    Setting("s3-max-attempts", v.count, 3, "tries of one S3 request before it fails"),
     # Write-through (README "Writable mounts"): off unless asked; overwrite and
     # delete need their own flag on top.
     Setting("writable", v.boolean, False, "write-through: new files go to S3 on close", "switch"),

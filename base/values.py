@@ -96,8 +96,8 @@ def parse_target(text: str) -> tuple[str, str]:
 
 
 def size(value: Any) -> int:
-    if isinstance(value, bool):
-        raise ConfigError(f"bad size {value!r}")
+    if isinstance(value, bool) or (isinstance(value, int) and value < 0):
+        raise ConfigError(f"bad size {value!r}")  # a TOML number; text has no sign
     return value if isinstance(value, int) else parse_size(str(value))
 
 
