@@ -92,6 +92,14 @@ def parse_target(text: str) -> tuple[str, str]:
     return bucket, (prefix + "/" if prefix else "")
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """Parse ``--shard I/N`` (shard I of N, 0 <= I < N) into ``(I, N)``."""
+    match = re.fullmatch(r"(\d+)/(\d+)", text.strip())
+    if not match or not 0 <= int(match.group(1)) < int(match.group(2)):
+        raise ConfigError(f"bad shard {text!r}: use I/N with 0 <= I < N")
+    return int(match.group(1)), int(match.group(2))
+
+
 # --- converters: the user's text or a TOML value -> a checked value --------------
 
 

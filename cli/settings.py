@@ -22,7 +22,7 @@ from typing import Any
 from s3cachefs.base.config import MountConfig
 from s3cachefs.base.errors import ConfigError
 from s3cachefs.base.settings import ENV_PREFIX, SETTINGS, Setting, default_cache_dir, lookup
-from s3cachefs.base.values import count, parse_target
+from s3cachefs.base.values import count, parse_shard, parse_target
 
 # Variables that are not mount settings.
 OTHER_VARIABLES = {"S3CACHEFS_PROGRESS_INTERVAL"}
@@ -55,11 +55,9 @@ def jobs_arg(text: str) -> int:
 
 def shard_arg(text: str) -> str:
     """``prefetch --shard I/N`` with 0 <= I < N, checked while parsing."""
-    from s3cachefs.datasets.prefetch import parse_shard
-
     try:
         parse_shard(text)
-    except (ConfigError, ValueError) as exc:
+    except ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return text.strip()
 
