@@ -25,7 +25,7 @@ import pytest
 from s3cachefs.base.config import MountConfig
 from s3cachefs.base.errors import ConfigError
 from s3cachefs.base.settings import SETTINGS
-from s3cachefs.cli.main import build_parser
+from s3cachefs.cli.parser import build_parser
 from s3cachefs.cli.settings import mount_config, resolve
 from s3cachefs.fs.operations import ThrottledWarnings, _errno_mapped
 from tests.conftest import Bucket, Mounter, mount_cli, run_cli, s3cachefs_cmd
