@@ -60,6 +60,7 @@ class Setting:
     # (cache-size -> cache_size), None none (the CLI reads it, or builds the field).
     field: str | None = ""
     to_field: Callable[[Any], Any] = _same  # checked value -> the field's value
+    metavar: str | None = None  # in --help; None: argparse's (the name in capitals)
 
     @property
     def attr(self) -> str:
@@ -92,8 +93,24 @@ class Setting:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("source", str, None, "BUCKET[/PREFIX] to mount", "positional", field=None),
-    Setting("mountpoint", Path, None, "where to mount it", "positional", field=None),
+    Setting(
+        "source",
+        str,
+        None,
+        "the bucket (and a prefix in it) to mount",
+        "positional",
+        field=None,
+        metavar="BUCKET[/PREFIX]",
+    ),
+    Setting(
+        "mountpoint",
+        Path,
+        None,
+        "an empty directory to mount it on",
+        "positional",
+        field=None,
+        metavar="MOUNTPOINT",
+    ),
     Setting("endpoint-url", v.endpoint, None, "S3-compatible endpoint (MinIO, Ceph RGW, R2)"),
     Setting("region", str, None, "AWS region (default: from the AWS config)"),
     Setting("profile", str, None, "AWS profile for credentials"),

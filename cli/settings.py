@@ -64,8 +64,9 @@ def shard_arg(text: str) -> str:
 
 def add_mount_options(parser: argparse.ArgumentParser) -> None:
     """Flags default to None so that only what the user typed overrides file and env."""
-    parser.add_argument("source", metavar="BUCKET[/PREFIX]", nargs="?")
-    parser.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?")
+    for s in SETTINGS:
+        if s.kind == "positional":  # optional here: the file or a variable may name it
+            parser.add_argument(s.attr, metavar=s.metavar, nargs="?", help=s.help)
     parser.add_argument("--config", type=Path, help="TOML file with these settings")
     for s in SETTINGS:
         flag, shown = s.flag, s.shown_default
@@ -77,7 +78,7 @@ def add_mount_options(parser: argparse.ArgumentParser) -> None:
         elif s.kind == "toggle":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
         else:
-            parser.add_argument(flag, help=text)
+            parser.add_argument(flag, metavar=s.metavar, help=text)
 
 
 def resolve(
