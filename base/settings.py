@@ -80,7 +80,7 @@ class Setting:
         return self.attr if self.field == "" else self.field
 
     @property
-    def value(self) -> Any:
+    def checked_default(self) -> Any:
         """The default, checked and converted (None when unset)."""
         return None if self.default is None else self.convert(self.default)
 
@@ -88,7 +88,7 @@ class Setting:
     def shown_default(self) -> str | None:
         """The default as ``--help`` and the README show it."""
         if self.kind in ("switch", "toggle"):
-            return "on" if self.value else "off"
+            return "on" if self.checked_default else "off"
         return None if self.default is None else str(self.default)
 
 
@@ -229,4 +229,4 @@ def lookup(key: str) -> Setting | None:
 def mount_default(field: str) -> Any:
     """The default of MountConfig's ``field``: its setting's default, checked and converted."""
     [setting] = [s for s in SETTINGS if s.field_name == field]
-    return None if setting.default is None else setting.to_field(setting.value)
+    return None if setting.default is None else setting.to_field(setting.checked_default)

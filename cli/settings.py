@@ -88,7 +88,7 @@ def resolve(
 
     Warnings (unknown variables) are appended to ``notes`` for the caller to show.
     """
-    values = {s.name: s.value for s in SETTINGS}
+    values = {s.name: s.checked_default for s in SETTINGS}
     config_path = args.config or (
         Path(environ["S3CACHEFS_CONFIG"]) if environ.get("S3CACHEFS_CONFIG") else None
     )
