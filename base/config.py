@@ -1,163 +1,68 @@
-"""Mount configuration and the parsers for its user-facing value syntaxes."""
+"""`MountConfig`: everything a daemon needs to serve one mount, checked as a whole."""
 
 from __future__ import annotations
 
-import math
-import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from s3cachefs.base.errors import ConfigError
-
-KIB = 1024
-MIB = 1024 * KIB
-GIB = 1024 * MIB
-
-# 1 MiB: small enough that a 30 KB document image costs one small GET, large
-# enough that sequential reads of big objects are a few dozen parallel GETs.
-# bench/blocksize.py measures the alternatives (README, "Block size").
-DEFAULT_BLOCK_SIZE = 1 * MIB
+from s3cachefs.base.settings import mount_default as default
+from s3cachefs.base.values import ETAG_MD5_MODES, GIB, KIB, MIB
 
 # S3 refuses a multipart part larger than this.
 MAX_PART_SIZE = 5 * GIB
 
-# --etag-md5: whether single-part ETags are MD5s of the content (auto) or not (off).
-ETAG_MD5_MODES = ("auto", "off")
-
-# What "indefinite" means to the kernel: ten years is forever for a mount.
-INDEFINITE_TTL = 10 * 365 * 24 * 3600.0
-
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(I?B)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "K": KIB, "M": MIB, "G": GIB, "T": 1024 * GIB, "P": 1024 * 1024 * GIB}
-
-
-def parse_size(text: str) -> int:
-    """Parse a byte count like ``200G``, ``512MiB``, ``1.5T`` or ``4096``.
-
-    Suffixes K, M, G, T, P are powers of 1024, with an optional ``B`` or
-    ``iB`` (``G`` = ``GiB`` = ``GB`` = 2**30); no suffix means bytes.
-    """
-    match = _SIZE_RE.match(text)
-    if not match:
-        raise ConfigError(
-            f"bad size {text!r}: use a number with an optional K, M, G, T or P suffix "
-            "(powers of 1024)"
-        )
-    number, unit, _ = match.groups()
-    return int(float(number) * _UNITS[unit.upper()])
-
-
-def parse_ttl(text: str) -> float:
-    """Parse ``--metadata-ttl``: seconds (``0`` disables caching) or ``indefinite``."""
-    if text.strip().lower() == "indefinite":
-        return INDEFINITE_TTL
-    try:
-        value = float(text)
-    except ValueError:
-        raise ConfigError(f"bad TTL {text!r}: use seconds or 'indefinite'") from None
-    if value < 0 or not math.isfinite(value):
-        raise ConfigError(f"bad TTL {text!r}: must be a finite number >= 0")
-    return value
-
-
-_INTERVAL_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$", re.IGNORECASE)
-_INTERVAL_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_interval(text: str) -> float | None:
-    """Parse ``--verify-interval``: ``24h``, ``30m``, ``90s``, ``2d`` or seconds; ``0``/``off``
-    give None (no scheduled checks)."""
-    if text.strip().lower() in ("off", "never", "false", "no"):
-        return None
-    match = _INTERVAL_RE.match(text)
-    if not match:
-        raise ConfigError(f"bad interval {text!r}: use e.g. 24h, 30m, 90s, 2d, or off")
-    value = float(match.group(1)) * _INTERVAL_UNITS[match.group(2).lower()]
-    return value or None
-
-
-_BUCKET_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._-]{1,254}$")
-
-
-def parse_target(text: str) -> tuple[str, str]:
-    """Split ``BUCKET[/PREFIX]`` (an ``s3://`` scheme is accepted) into bucket and prefix.
-
-    The prefix is returned normalised to end with ``/`` (or empty for the whole bucket).
-    """
-    body = text.removeprefix("s3://")
-    bucket, _, prefix = body.partition("/")
-    if not _BUCKET_RE.match(bucket):
-        raise ConfigError(f"bad bucket name {bucket!r} in {text!r}")
-    prefix = prefix.strip("/")
-    if prefix and any(part in ("", ".", "..") for part in prefix.split("/")):
-        raise ConfigError(f"bad prefix {prefix!r}: empty, '.' or '..' path segments")
-    return bucket, (prefix + "/" if prefix else "")
-
-
-def default_cache_dir() -> Path:
-    """``/var/cache/s3cachefs`` for root (the systemd service), XDG cache otherwise."""
-    if os.geteuid() == 0:
-        return Path("/var/cache/s3cachefs")
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "s3cachefs"
-
 
 @dataclass(frozen=True)
 class MountConfig:
-    """Everything a daemon needs to serve one mount."""
+    """Everything a daemon needs to serve one mount.
+
+    The first four fields are built by ``cli/settings.py`` (from BUCKET[/PREFIX],
+    MOUNTPOINT and --cache-dir); every default comes from the settings table
+    (base/settings.py), where each is explained.
+    """
 
     bucket: str
     prefix: str
     mountpoint: Path
     cache_dir: Path
-    endpoint_url: str | None = None
-    region: str | None = None
-    profile: str | None = None
-    cache_size: int = 10 * GIB
-    min_free: int = 5 * GIB
-    metadata_ttl: float = 60.0
-    allow_other: bool = False
-    block_size: int = DEFAULT_BLOCK_SIZE
+    endpoint_url: str | None = default("endpoint_url")
+    region: str | None = default("region")
+    profile: str | None = default("profile")
+    cache_size: int = default("cache_size")
+    min_free: int = default("min_free")
+    metadata_ttl: float = default("metadata_ttl")
+    allow_other: bool = default("allow_other")
+    block_size: int = default("block_size")
     # Parallel S3 requests: also sizes the connection pools and the S3 thread limiter.
-    # 64: a prefetch of small files over a 40 ms link needs ~32 GETs in flight to
-    # fill it (`python -m bench.prefetchrss --large 0 --pages 1000 --latency 0.04
-    # --jobs 8|32`: 41 against 69 MB/s; at 1 ms both are CPU-bound at 75 MB/s).
-    s3_concurrency: int = 64
-    # Bytes fetched ahead of a sequential reader, at most: 32 MiB keeps a
-    # 20 ms-latency link busy at several hundred MB/s.
-    readahead_size: int = 32 * MIB
-    # Most bytes one ranged GET covers: a run of missing blocks is one GET whose
-    # blocks are served as they arrive (small blocks, few requests).
-    fetch_size: int = 8 * MIB
-    # Verified blocks kept in memory so that 128 KiB kernel reads of a 1 MiB
-    # block do not re-read and re-check it from disk.
-    memory_cache_bytes: int = 64 * MIB
+    s3_concurrency: int = default("s3_concurrency")
+    # Bytes fetched ahead of a sequential reader, at most.
+    readahead_size: int = default("readahead_size")
+    # Most bytes one ranged GET covers.
+    fetch_size: int = default("fetch_size")
+    # Verified blocks kept in memory (a 1 MiB block serves eight 128 KiB kernel reads).
+    memory_cache_bytes: int = default("memory_cache_bytes")
     # Keep the kernel's page cache across opens of an unchanged object version.
-    keep_cache: bool = True
-    # The mount's kernel readahead: 1024 KiB lets sequential FUSE reads be 1 MiB.
-    kernel_readahead_kib: int = 1024
+    keep_cache: bool = default("keep_cache")
+    kernel_readahead_kib: int = default("kernel_readahead_kib")
     # HOST:PORT for Prometheus /metrics; None: off.
-    metrics_address: str | None = None
+    metrics_address: str | None = default("metrics_address")
     # A read that S3 cannot serve within this budget fails with EIO, never hangs.
-    s3_timeout: float = 30.0
-    s3_max_attempts: int = 3
-    # Write-through (README "Writable mounts"): off unless asked; overwrite and
-    # delete need their own flag on top.
-    writable: bool = False
-    allow_overwrite: bool = False
-    allow_delete: bool = False
+    s3_timeout: float = default("s3_timeout")
+    # Tries of one S3 request (throttling, 5xx, connection errors) before it fails.
+    s3_max_attempts: int = default("s3_max_attempts")
+    writable: bool = default("writable")
+    allow_overwrite: bool = default("allow_overwrite")
+    allow_delete: bool = default("allow_delete")
     # Files larger than one part go up as a multipart upload of parts this size.
-    upload_part_size: int = 8 * MIB
-    # Complete pinned datasets served by the kernel: a read-only bind of a tree of
-    # hard links to their cache files over the dataset's directory (daemon.kernelserve).
-    kernel_serve_pinned: bool = True
+    upload_part_size: int = default("upload_part_size")
+    # Complete pinned datasets served by the kernel (datasets/kernelserve.py).
+    kernel_serve_pinned: bool = default("kernel_serve_pinned")
     # How often the files of kernel-served datasets are read back and checked (None: only
-    # at start and by `verify`): between checks the kernel serves disk bytes unchecked.
-    verify_interval: float | None = 24 * 3600.0
-    # "auto": a single-part object's 32-hex ETag is taken as the MD5 of its bytes (S3's
-    # rule, SSE-KMS/SSE-C excepted); "off": a server whose ETags are other digests.
-    etag_md5: str = "auto"
+    # at start and by `verify`).
+    verify_interval: float | None = default("verify_interval")
+    # "auto": a single-part object's 32-hex ETag is taken as the MD5 of its bytes.
+    etag_md5: str = default("etag_md5")
 
     def __post_init__(self) -> None:
         if self.block_size < 64 * KIB or self.block_size & (self.block_size - 1):
@@ -166,6 +71,10 @@ class MountConfig:
             raise ConfigError(f"cache size {self.cache_size} is smaller than one block")
         if self.s3_concurrency < 1:
             raise ConfigError("S3 concurrency must be at least 1")
+        if self.s3_max_attempts < 1:
+            raise ConfigError("S3 max attempts must be at least 1")
+        if self.memory_cache_bytes < 0:
+            raise ConfigError("memory cache size must be at least 0")
         if self.upload_part_size < 5 * MIB or self.upload_part_size % self.block_size:
             raise ConfigError(
                 "upload part size must be at least 5M and a multiple of the block size"

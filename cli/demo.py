@@ -9,6 +9,7 @@ needs S3.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
 import random
@@ -60,6 +61,10 @@ def _read_all(root: Path, expected: dict[str, bytes]) -> tuple[int, int, float]:
     if files != len(expected):
         raise SystemExit(f"s3cachefs demo: saw {files} files, expected {len(expected)}")
     return files, nbytes, time.perf_counter() - start
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    return run_demo(args.workdir)
 
 
 def run_demo(workdir: Path | None) -> int:

@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from s3cachefs.base.errors import ConfigError, StoreError
+from s3cachefs.base.settings import BY_NAME
 from s3cachefs.cli.client import dataset_in, find_daemon, request
-from s3cachefs.cli.main import EXIT_INCOMPLETE, EXIT_OK, EXIT_USAGE
+from s3cachefs.cli.exits import EXIT_INCOMPLETE, EXIT_OK, EXIT_USAGE
 from s3cachefs.cli.progress import ProgressView, describe, human_bytes
-from s3cachefs.cli.settings import BY_NAME, read_file
+from s3cachefs.cli.settings import read_file
 
 
 def _last(events: Any, view: ProgressView | None = None) -> dict[str, Any]:

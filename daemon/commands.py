@@ -13,11 +13,12 @@ import psutil
 import trio
 
 from s3cachefs.base.errors import ConfigError, S3CacheFSError, StoreError
+from s3cachefs.base.values import parse_shard
 from s3cachefs.cache.blockcache import BlockCache
 from s3cachefs.daemon import memory
 from s3cachefs.daemon.control import Handler, Send
-from s3cachefs.datasets.pins import Manifest, PinStore
-from s3cachefs.datasets.prefetch import SIZE_ONLY_SHOWN, PrefetchJob, parse_shard
+from s3cachefs.datasets.pins import Manifest, PinStore, Shard
+from s3cachefs.datasets.prefetch import SIZE_ONLY_SHOWN, PrefetchJob
 from s3cachefs.staging.writeback import Writeback
 from s3cachefs.store.keys import valid_name
 from s3cachefs.store.s3 import ObjectStore
@@ -183,7 +184,7 @@ class Daemon:
 
     async def prefetch(self, request: dict[str, Any], send: Send) -> dict[str, Any]:
         prefix = self.dataset_prefix(str(request["dataset"]))
-        shard = parse_shard(request["shard"]) if request.get("shard") else None
+        shard = Shard(*parse_shard(request["shard"])) if request.get("shard") else None
         job = PrefetchJob(
             self.store,
             self.cache,

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
@@ -38,7 +37,7 @@ from typing import Any
 
 import trio
 
-from s3cachefs.base.errors import ConfigError, S3CacheFSError, StoreError
+from s3cachefs.base.errors import S3CacheFSError, StoreError
 from s3cachefs.cache.blockcache import BlockCache, ObjectVersion
 from s3cachefs.datasets.pins import Manifest, PinStore, Shard
 from s3cachefs.store import checksums
@@ -490,10 +489,3 @@ def _gib(n: int) -> str:
     if n < 1024**3:
         return f"{n / 1024**2:.1f} MiB"
     return f"{n / 1024**3:.2f} GiB"
-
-
-def parse_shard(text: str) -> Shard:
-    match = re.fullmatch(r"(\d+)/(\d+)", text.strip())
-    if not match or not 0 <= int(match.group(1)) < int(match.group(2)):
-        raise ConfigError(f"bad shard {text!r}: use I/N with 0 <= I < N")
-    return Shard(int(match.group(1)), int(match.group(2)))

@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 
 import trio
 
-from s3cachefs.base.config import INDEFINITE_TTL
 from s3cachefs.base.errors import (
     BadHandleError,
     IsADirError,
@@ -44,6 +43,7 @@ from s3cachefs.base.errors import (
     StaleError,
     TransientError,
 )
+from s3cachefs.base.values import INDEFINITE_TTL
 from s3cachefs.cache.blockcache import BlockCache, ObjectVersion
 from s3cachefs.datasets.pins import PinStore
 from s3cachefs.fs.versions import VersionGuard

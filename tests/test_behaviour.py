@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from s3cachefs.base.config import MountConfig, parse_target
+from s3cachefs.base.config import MountConfig
+from s3cachefs.base.values import parse_target
 from tests.conftest import Bucket, Mounter
 from tests.sessions import CoreSession, MountSession, Session
 

@@ -147,6 +147,8 @@ def test_staged_actions_need_a_target_and_a_known_one(bucket: Bucket, mounter: M
         (("--s3-concurrency", "0"), "--s3-concurrency: bad number '0': must be at least 1"),
         (("--s3-concurrency", "-3"), "must be at least 1"),
         (("--s3-timeout", "0"), "--s3-timeout: bad timeout '0'"),
+        (("--s3-max-attempts", "0"), "--s3-max-attempts: bad number '0': must be at least 1"),
+        (("--memory-cache-size", "lots"), "--memory-cache-size: bad size 'lots'"),
         (("--s3-timeout", "indefinite"), "bad timeout 'indefinite'"),
         (("--metadata-ttl", "inf"), "bad TTL 'inf'"),
         (("--kernel-readahead", "1000"), "whole KiB"),

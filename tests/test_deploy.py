@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
-from s3cachefs.cli.main import build_parser
+from s3cachefs.cli.parser import build_parser
 from s3cachefs.cli.settings import mount_config, resolve
 
 REPO = Path(__file__).resolve().parent.parent

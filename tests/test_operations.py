@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gzip
 import http.server
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -20,8 +22,10 @@ from typing import ClassVar
 import pyfuse3
 import pytest
 
+from s3cachefs.base.config import MountConfig
 from s3cachefs.base.errors import ConfigError
-from s3cachefs.cli.main import build_parser
+from s3cachefs.base.settings import SETTINGS
+from s3cachefs.cli.parser import build_parser
 from s3cachefs.cli.settings import mount_config, resolve
 from s3cachefs.fs.operations import ThrottledWarnings, _errno_mapped
 from tests.conftest import Bucket, Mounter, mount_cli, run_cli, s3cachefs_cmd
@@ -66,6 +70,52 @@ def test_file_then_environment_then_flags(tmp_path: Path) -> None:
     assert (plain.cache_size, plain.min_free, plain.allow_other) == (10 * GIB, 5 * GIB, False)
 
 
+def test_each_setting_is_defined_once_in_the_table() -> None:
+    """MountConfig's defaults are the table's: one setting fills each field, and a mount
+    with nothing set is MountConfig with nothing set."""
+    built = {"bucket", "prefix", "mountpoint", "cache_dir"}  # made by mount_config
+    filled = [s.field_name for s in SETTINGS if s.field_name is not None]
+    assert len(filled) == len(set(filled))
+    assert set(filled) == {f.name for f in dataclasses.fields(MountConfig)} - built
+    # A default written anywhere but the table (or mapped wrongly) makes these differ.
+    plain = mount_config(resolve(_args("bkt", "/mnt/y", "--cache-dir", "/c"), {}))
+    assert plain == MountConfig("bkt", "", Path("/mnt/y"), Path("/c"))
+
+
+def test_s3_max_attempts_and_memory_cache_size_are_settings(tmp_path: Path) -> None:
+    plain = mount_config(resolve(_args("bkt", "/mnt/y"), {}))
+    assert (plain.s3_max_attempts, plain.memory_cache_bytes) == (3, 64 << 20)
+    config = tmp_path / "m.toml"
+    config.write_text('s3-max-attempts = 5\nmemory_cache_size = "16M"\n')
+    from_file = mount_config(resolve(_args("bkt", "/mnt/y", "--config", str(config)), {}))
+    assert (from_file.s3_max_attempts, from_file.memory_cache_bytes) == (5, 16 << 20)
+    env = {"S3CACHEFS_S3_MAX_ATTEMPTS": "7", "S3CACHEFS_MEMORY_CACHE_SIZE": "0"}
+    from_env = mount_config(resolve(_args("bkt", "/mnt/y", "--config", str(config)), env))
+    assert (from_env.s3_max_attempts, from_env.memory_cache_bytes) == (7, 0)
+    flags = _args("bkt", "/mnt/y", "--s3-max-attempts", "1", "--memory-cache-size", "1G")
+    from_flags = mount_config(resolve(flags, env))
+    assert (from_flags.s3_max_attempts, from_flags.memory_cache_bytes) == (1, 1 << 30)
+
+
+def test_the_readme_lists_every_mount_option_with_the_table_default() -> None:
+    text = (REPO / "README.md").read_text()
+    table = text.split("| option | default | meaning |", 1)[1].split("\n\n", 1)[0]
+    rows = [row.split(" | ") for row in table.strip().splitlines()[1:]]
+    settings = {s.name: s for s in SETTINGS}
+    documented: set[str] = set()
+    for row in rows:
+        names = re.findall(r"--(?:\[no-\])?([a-z0-9-]+)", row[0])
+        documented.update(names)
+        assert set(names) <= {*settings, "config"}, row[0]  # no option that is gone
+        cell = row[1].strip()
+        for setting in (settings[n] for n in names if n in settings):
+            if cell in ("on", "off") and setting.kind in ("switch", "toggle"):
+                assert cell == setting.shown_default, setting.name
+            elif re.fullmatch(r"`[^`]*`", cell) and setting.default is not None:
+                assert cell == f"`{setting.shown_default}`", setting.name
+    assert {s.name for s in SETTINGS if s.flag} <= documented
+
+
 @pytest.mark.parametrize(
     ("text", "env", "needle"),
     [
@@ -77,6 +127,11 @@ def test_file_then_environment_then_flags(tmp_path: Path) -> None:
         ("", {"S3CACHEFS_METADATA_TTL": "-5"}, "S3CACHEFS_METADATA_TTL: bad TTL"),
         ('etag-md5 = "no"\n', {}, "etag-md5: bad value 'no': use auto or off"),
         ("", {"S3CACHEFS_ETAG_MD5": "md5"}, "S3CACHEFS_ETAG_MD5: bad value 'md5': use auto or"),
+        ("s3-max-attempts = 0\n", {}, "s3-max-attempts: bad number 0: must be at least 1"),
+        ("s3_max_attempts = 2.5\n", {}, "s3_max_attempts: bad number 2.5"),
+        ("", {"S3CACHEFS_S3_MAX_ATTEMPTS": "x"}, "S3CACHEFS_S3_MAX_ATTEMPTS: bad number 'x'"),
+        ("memory-cache-size = -1\n", {}, "memory-cache-size: bad size -1"),
+        ("", {"S3CACHEFS_MEMORY_CACHE_SIZE": "lots"}, "S3CACHEFS_MEMORY_CACHE_SIZE: bad size"),
     ],
 )
 def test_config_errors_name_their_source(
