@@ -1,6 +1,6 @@
 """Mount plumbing for kernel-served datasets: read-only binds, mountinfo, trees of links.
 
-Blocking functions only (the caller runs them in threads); `daemon.kernelserve`
+Blocking functions only (the caller runs them in threads); `datasets.kernelserve`
 decides what to bind when.
 
 A bind is made with the new mount API where the kernel has it: ``open_tree``
@@ -132,6 +132,15 @@ def mounts_below(path: Path) -> list[MountEntry]:
 
 
 # ---- binds -------------------------------------------------------------------
+
+
+def target_ready(target: Path, replacing: bool) -> bool:
+    """The dataset's directory exists in the FUSE view (a lookup the daemon answers
+    from the manifest) and nothing but our own bind (``replacing``) is mounted on it."""
+    if not replacing and stack_at(target):
+        return False
+    os.listdir(target)  # also puts the manifest's listing in: long kernel timeouts
+    return os.path.isdir(target)
 
 
 def attach_ro(tree: Path, target: Path, *, beneath: bool = False) -> int:

@@ -2,7 +2,7 @@
 
 Between checks the kernel serves a bound tree's bytes unchecked (the FUSE path
 checks every block it serves). So every block of every file is read back
-against its CRC32 (`daemon.treecheck`, low priority) before a tree is bound at
+against its CRC32 (`datasets.treecheck`, low priority) before a tree is bound at
 start, and every ``--verify-interval`` while it is bound. A file that fails
 unbinds the dataset and drops its bad blocks: the FUSE path serves it (and
 fetches those blocks again) until `verify` has repaired it, which binds it
@@ -10,7 +10,9 @@ again. The results go to `status`, the metrics (`Metrics` reads ``results``
 and ``counts`` from its own thread: a result is immutable and replaced whole)
 and, through ``on_change``, systemd's STATUS= line.
 
-`KernelChecks` belongs to a `KernelServe` and acts on its binds under its lock.
+`KernelChecks` belongs to a `KernelServe` and acts on its binds under its lock;
+it sees its owner as `Served` (what it needs of it), so this module does not
+import `datasets.kernelserve`, which imports it.
 """
 
 from __future__ import annotations
@@ -22,22 +24,38 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import trio
 
-from s3cachefs.cache.blockcache import ObjectVersion
-from s3cachefs.datasets.pins import Manifest
+from s3cachefs.cache.blockcache import BlockCache, ObjectVersion
+from s3cachefs.datasets.kerneltrees import Bind, Layout
+from s3cachefs.datasets.pins import Manifest, PinStore
 from s3cachefs.datasets.treecheck import CheckResult, FileCheck, Stopped, check_files
-
-if TYPE_CHECKING:
-    from s3cachefs.datasets.kernelserve import KernelServe, Layout
 
 log = logging.getLogger(__name__)
 
 
+class Served(Protocol):
+    """What the checks use of the `KernelServe` they belong to."""
+
+    enabled: bool
+    mount_prefix: str
+    cache: BlockCache
+    pins: PinStore
+    lock: trio.Lock  # held while binds change
+    binds: dict[str, Bind]
+    notes: dict[str, str]
+    checked: set[str]
+    changes: int
+
+    async def layout(self, manifest: Manifest) -> Layout | None: ...
+
+    async def unbind(self, bind: Bind, why: str) -> None: ...
+
+
 class KernelChecks:
-    def __init__(self, kernel: KernelServe, interval: float | None) -> None:
+    def __init__(self, kernel: Served, interval: float | None) -> None:
         self.kernel = kernel
         self.interval = interval
         self.results: dict[str, CheckResult] = {}  # manifest id -> its last check

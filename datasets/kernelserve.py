@@ -1,14 +1,12 @@
-"""Kernel-served pinned datasets: a tree of hard links, bound read-only over the dataset.
+"""Kernel-served pinned datasets: binding a tree of hard links over a dataset, swaps, unbinds.
 
 A Python FUSE daemon tops out near 0.2x local disk for small files: every
 open, read and release is a round trip through it. A complete, verified,
-unsharded pinned dataset does not need the daemon: its cache files are
-byte-exact copies of the objects (`daemon.blockcache`). So after a prefetch
-completes, the daemon links them into ``CACHE/v1/trees/<manifest id>/``
-(dirs 0755, files 0444; the cache dir itself stays 0700, so the tree is
-reachable only through the bind) and binds that tree read-only over
-``MOUNTPOINT/<dataset>``. From then on the kernel serves the dataset like any
-local directory; the daemon's counters no longer see those reads.
+unsharded pinned dataset does not need the daemon: after a prefetch completes,
+the daemon links its cache files into a tree (`datasets.kerneltrees`) and binds
+that tree read-only over ``MOUNTPOINT/<dataset>``. From then on the kernel
+serves the dataset like any local directory; the daemon's counters no longer
+see those reads.
 
 Rules that keep every guarantee of the FUSE path:
 - Objects a tree links stay pinned while the tree exists (a hold on the pin
@@ -16,11 +14,8 @@ Rules that keep every guarantee of the FUSE path:
   is an unlink, so readers holding a file open keep its bytes.
 - A tree is built completely, ``syncfs``'d, and only then bound. A rebuild
   (re-prefetch that changed objects, a tree that no longer matches) builds a
-  new tree and swaps (`daemon.binds`: beneath, then detach the old one).
-  ``<id>.synced`` marks a tree that was synced; a tree without it (crash,
-  power loss) is rebuilt at start from the cache files, which the check at
-  start has just read back against their block CRC32s (not S3's digest:
-  that is `verify`'s).
+  new tree and swaps (`datasets.binds`: beneath, then detach the old one).
+  A tree a crash left unsynced is rebuilt at start (`datasets.kerneltrees`).
 - Unbind before unpin: evict, a prefetch that leaves the dataset incomplete,
   and stop detach the bind (lazily if busy) before anything is freed.
 - `verify` repairs a kernel-served object into a *new* file and renames it
@@ -28,60 +23,32 @@ Rules that keep every guarantee of the FUSE path:
 - Between checks the kernel serves the bytes on disk unchecked: a tree's files
   are checked before it is first bound in a daemon's life (``checked``; a first
   prefetch, which reads every object back, counts) and on a schedule while it
-  is bound (`daemon.kernelcheck`); one that fails unbinds the dataset until `verify`.
+  is bound (`datasets.kernelcheck`); one that fails unbinds the dataset until `verify`.
 - Between `s3cachefs unmount`'s ``unbind`` and its ``rebind`` nothing binds.
-- The tree shows the same directories as the FUSE view: those of its files,
-  and those the manifest keeps for ``dir/`` markers and skipped keys.
 - Only what this daemon mounted is unmounted, by path and mount id.
 - Every mount and unmount runs in a worker thread: the path lookup crosses the
   FUSE mount, which this daemon's trio thread answers.
-
-Refused, with one INFO line, and served through FUSE as before: a sharded
-pin (a shard is part of a dataset), a dataset whose directory is the mount
-root (binding over the mountpoint itself), datasets nested in one another,
-and anything when the daemon may not mount (not root).
+Which datasets qualify: `datasets.kernelpolicy`.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any
 
 import trio
 
 from s3cachefs.cache.blockcache import BlockCache, ObjectVersion
-from s3cachefs.datasets import binds
+from s3cachefs.datasets import binds, kernelpolicy, kerneltrees
 from s3cachefs.datasets.kernelcheck import KernelChecks
+from s3cachefs.datasets.kerneltrees import Bind, Layout
 from s3cachefs.datasets.pins import Manifest, PinStore
-
-if TYPE_CHECKING:
-    from s3cachefs.store.s3 import ObjectInfo
 
 log = logging.getLogger(__name__)
 
 # How long stop may spend unmounting binds before the FUSE unmount goes ahead.
 STOP_TIMEOUT = 10.0
-
-
-class Layout(NamedTuple):
-    entries: list[binds.TreeEntry]
-    dirs: frozenset[str]  # relative, without a trailing "/"
-    versions: list[ObjectVersion | None]  # of each entry; None for an empty object
-    oids: frozenset[str]  # of every object of the manifest (the tree's pin-store hold)
-
-
-@dataclass
-class Bind:
-    manifest_id: str
-    target: Path
-    tree: Path
-    mount_id: int
-    owner: str  # the pin-store hold that keeps the tree's objects pinned
-    oids: frozenset[str]
 
 
 class KernelServe:
@@ -132,7 +99,7 @@ class KernelServe:
         """
         if not self.enabled:
             return
-        await trio.to_thread.run_sync(self._sweep)
+        await trio.to_thread.run_sync(kerneltrees.sweep, self.trees, self.pins.manifests)
         for manifest_id in list(self.pins.manifests):
             self.checks.want(manifest_id)
         async with trio.open_nursery() as nursery:
@@ -152,20 +119,6 @@ class KernelServe:
             result = await self.checks.check(manifest, "start")
             if result is not None or self.pins.manifests.get(manifest_id) is manifest:
                 return  # checked, or not checkable now (objects missing: served through FUSE)
-
-    def _sweep(self) -> None:
-        """Trees whose build or swap a crash interrupted, and trees of forgotten manifests."""
-        self.trees.mkdir(mode=0o700, parents=True, exist_ok=True)
-        for path in self.trees.iterdir():
-            name = path.name.split(".")[0]
-            leftover = path.is_dir() and path.name != name
-            if leftover:
-                _rmtree(path)
-            elif name not in self.pins.manifests:
-                if path.is_dir():
-                    binds.remove_tree(path)
-                else:
-                    path.unlink(missing_ok=True)
 
     async def stop(self, *, final: bool = False) -> None:
         """Before the FUSE unmount: unmount every bind (trees stay for the next start).
@@ -214,7 +167,7 @@ class KernelServe:
             if bind is not None:
                 await self.unbind(bind, "dataset evicted")
             else:  # a tree that was never bound (bind failed, or served off)
-                await trio.to_thread.run_sync(self._remove, self.trees / manifest.id)
+                await trio.to_thread.run_sync(kerneltrees.remove, self.trees / manifest.id)
             self.notes.pop(manifest.id, None)
             self.checked.discard(manifest.id)
             self.checks.forget(manifest.id)
@@ -289,34 +242,14 @@ class KernelServe:
 
     def _ineligible(self, manifest: Manifest) -> str | None:
         """Why the kernel must not serve this dataset, or None. Must not await."""
-        nested = [
-            other.prefix
-            for other in self.pins.manifests.values()
-            if other is not manifest
-            and other.complete
-            and other.shard is None
-            and (
-                other.prefix.startswith(manifest.prefix) or manifest.prefix.startswith(other.prefix)
-            )
-        ]
-        damage = self.checks.damage_note(manifest)
-        checks = (
-            (not self.enabled, "off (--no-kernel-serve-pinned)"),
-            (
-                manifest.bucket != self.bucket or not manifest.prefix.startswith(self.mount_prefix),
-                "not under this mount",
-            ),
-            (manifest.shard is not None, "a shard is part of a dataset; served through FUSE"),
-            (not manifest.complete, "incomplete; served through FUSE"),
-            (
-                manifest.prefix == self.mount_prefix,
-                "the dataset is the mount root; binding over the mountpoint itself is refused",
-            ),
-            (bool(nested), f"nested with dataset {nested[:1]}; both served through FUSE"),
-            (os.geteuid() != 0, "the daemon is not root and cannot bind"),
-            (damage is not None, damage or ""),
+        return kernelpolicy.refusal(
+            manifest,
+            self.pins.manifests.values(),
+            enabled=self.enabled,
+            bucket=self.bucket,
+            mount_prefix=self.mount_prefix,
+            damage=self.checks.damage_note(manifest),
         )
-        return next((reason for failed, reason in checks if failed), None)
 
     async def layout(self, manifest: Manifest) -> Layout | None:
         """The tree's files and directories; None if any object is not complete in the cache.
@@ -329,33 +262,8 @@ class KernelServe:
         """
         objects, dirs = list(manifest.objects.values()), list(manifest.dirs)
         return await trio.to_thread.run_sync(
-            self._layout, manifest.bucket, manifest.prefix, objects, dirs
+            kerneltrees.layout_of, self.cache, manifest.bucket, manifest.prefix, objects, dirs
         )
-
-    def _layout(
-        self, bucket: str, prefix: str, objects: list[ObjectInfo], manifest_dirs: list[str]
-    ) -> Layout | None:
-        """Blocking; reads the cache's records (lookups only, no iteration: thread-safe)."""
-        dirs = frozenset(d[len(prefix) :].rstrip("/") for d in manifest_dirs)
-        parents = {
-            "/".join(parts[:depth])
-            for rel in [*(i.key[len(prefix) :] for i in objects), *(d + "/" for d in dirs)]
-            for parts in [rel.split("/")]
-            for depth in range(1, len(parts))
-        }
-        entries, versions, oids = [], [], set()
-        for info in objects:
-            version = ObjectVersion(bucket, info.key, info.etag, info.size)
-            oids.add(version.oid)
-            rel = info.key[len(prefix) :]
-            if rel in parents:
-                continue  # hidden by the directory of the same name, as in the FUSE view
-            if info.size and self.cache.missing_blocks(version):
-                return None
-            source = self.cache.object_path(version.oid) if info.size else None
-            entries.append(binds.TreeEntry(rel, source, info.size, info.mtime_ns))
-            versions.append(version if info.size else None)
-        return Layout(entries, dirs, versions, frozenset(oids))
 
     async def _refresh(self, manifest_id: str) -> None:
         manifest = self.pins.manifests.get(manifest_id)
@@ -390,12 +298,7 @@ class KernelServe:
             return
         self.notes.pop(manifest_id, None)
         tree = self.trees / manifest_id
-        synced = self.trees / f"{manifest_id}.synced"
-
-        def current() -> bool:
-            return synced.exists() and binds.tree_matches(tree, layout.entries, layout.dirs)
-
-        if await trio.to_thread.run_sync(current):
+        if await trio.to_thread.run_sync(kerneltrees.current, tree, layout):
             if bind is None:
                 await self._bind(manifest, tree, layout, previous=None)
             return
@@ -417,19 +320,19 @@ class KernelServe:
         for oid in oids:
             self.pins.hold(owner, oid)
         self.cache.set_pinned(self.pins.pinned_oids())
-        staged = tree.with_name(f"{tree.name}.next")
-        synced = tree.with_name(f"{tree.name}.synced")
+        staged = kerneltrees.next_path(tree)
         try:
-            fresh = await trio.to_thread.run_sync(self._stage, tree, staged, synced, layout)
+            fresh = await trio.to_thread.run_sync(kerneltrees.stage, tree, layout)
             source = staged if fresh else tree
-            if not await trio.to_thread.run_sync(self._target_ready, target, previous):
+            ready = await trio.to_thread.run_sync(binds.target_ready, target, previous is not None)
+            if not ready:
                 raise OSError(f"{target} is not a directory of the mount")
             if previous is None:
                 mount_id = await trio.to_thread.run_sync(binds.attach_ro, source, target)
             else:
                 mount_id = await self._swap(source, target, previous)
             if fresh:
-                await trio.to_thread.run_sync(self._promote, staged, tree, synced)
+                await trio.to_thread.run_sync(kerneltrees.promote, tree)
         except OSError as exc:
             self.pins.release(owner)
             self.cache.set_pinned(self.pins.pinned_oids())
@@ -437,7 +340,7 @@ class KernelServe:
             log.warning(
                 "kernel-serve dataset=%s bind on %s failed: %s", manifest.prefix, target, exc
             )
-            await trio.to_thread.run_sync(_rmtree, staged)
+            await trio.to_thread.run_sync(kerneltrees.discard, staged)
             return
         self.binds[manifest.id] = Bind(manifest.id, target, tree, mount_id, owner, oids)
         self.changes += 1
@@ -450,23 +353,6 @@ class KernelServe:
         )
         if previous is not None:
             await self._release_hold(previous)
-
-    def _stage(self, tree: Path, staged: Path, synced: Path, layout: Layout) -> bool:
-        """Build the tree at ``staged`` unless ``tree`` is current; sync. True if built."""
-        self.trees.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fresh = not (synced.exists() and binds.tree_matches(tree, layout.entries, layout.dirs))
-        if fresh:
-            binds.build_tree(staged, layout.entries, layout.dirs)
-        binds.syncfs(self.trees)
-        return fresh
-
-    def _target_ready(self, target: Path, previous: Bind | None) -> bool:
-        """The dataset's directory exists in the FUSE view (a lookup the daemon answers
-        from the manifest) and nothing but our own bind is mounted on it."""
-        if previous is None and binds.stack_at(target):
-            return False
-        os.listdir(target)  # also puts the manifest's listing in: long kernel timeouts
-        return os.path.isdir(target)
 
     async def _swap(self, source: Path, target: Path, previous: Bind) -> int:
         """Mount the new tree beneath the old bind, then detach the old one."""
@@ -481,13 +367,6 @@ class KernelServe:
         await self._detach(previous, "swapped for a new tree")
         return mount_id
 
-    def _promote(self, staged: Path, tree: Path, synced: Path) -> None:
-        """The staged tree becomes ``trees/<id>`` (a bound mount's root may be renamed)."""
-        synced.unlink(missing_ok=True)
-        binds.remove_tree(tree)
-        os.replace(staged, tree)
-        synced.touch(mode=0o600)
-
     async def _detach(self, bind: Bind, why: str) -> None:
         outcome = await trio.to_thread.run_sync(binds.detach, bind.target, bind.mount_id)
         if outcome == "covered":
@@ -499,12 +378,8 @@ class KernelServe:
         await self._detach(bind, why)
         self.binds.pop(bind.manifest_id, None)
         self.changes += 1
-        await trio.to_thread.run_sync(self._remove, bind.tree)
+        await trio.to_thread.run_sync(kerneltrees.remove, bind.tree)
         await self._release_hold(bind)
-
-    def _remove(self, tree: Path) -> None:
-        tree.with_name(f"{tree.name}.synced").unlink(missing_ok=True)
-        binds.remove_tree(tree)
 
     async def _release_hold(self, bind: Bind) -> None:
         """Objects only the old tree kept pinned are freed whole (unlinked): a reader that
@@ -513,7 +388,3 @@ class KernelServe:
         pinned = self.pins.pinned_oids()
         self.cache.set_pinned(pinned)
         await self.cache.free(set(bind.oids) - pinned)
-
-
-def _rmtree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)

@@ -8,15 +8,12 @@ so a foreground read never waits behind the whole prefetch. Blocks go through
 the same cache, single-flight and CRCs as reads: a read and a prefetch never
 download the same block twice.
 
-Each object, once all its blocks are in, is re-read from disk: every block's
-CRC, and the whole object against a digest S3 computed (`daemon.checksums`:
-the MD5 ETag, an additional checksum, or the multipart ETag over the part
-layout). An object S3 gives nothing to check against is pinned "size-checked
-only", and says so; with ``require_checksums`` it fails instead. A 32-hex ETag
-the bytes do not match is taken for no MD5 (size-checked only) only when S3
-says so (SSE-KMS, SSE-C) or the mount has ``--etag-md5 off``; otherwise the
-object fails. A verified object is pinned at once, so the rest of the job
-cannot evict it.
+Each object, once all its blocks are in, is checked end to end against a
+digest S3 computed (`datasets.objectcheck`). An object S3 gives nothing to
+check against is pinned "size-checked only", and says so; with
+``require_checksums`` it fails instead. A verified object is pinned at once, so
+the rest of the job cannot evict it. Progress goes out as events
+(`datasets.prefetchprogress`).
 At the end the manifest is saved: complete when every object verified.
 
 Capacity: before a page's objects are queued, the bytes still missing are
@@ -28,27 +25,24 @@ first.
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import trio
 
 from s3cachefs.base.errors import S3CacheFSError, StoreError
 from s3cachefs.cache.blockcache import BlockCache, ObjectVersion
+from s3cachefs.datasets.objectcheck import ObjectCheck, ObjectFailed
 from s3cachefs.datasets.pins import Manifest, PinStore, Shard
-from s3cachefs.store import checksums
+from s3cachefs.datasets.prefetchprogress import PROGRESS_INTERVAL, Progress, Report
 from s3cachefs.store.checksums import Check
 from s3cachefs.store.keys import valid_name
 from s3cachefs.store.s3 import ObjectInfo, ObjectStore
 
 log = logging.getLogger(__name__)
 
-Report = Callable[[dict[str, Any]], Awaitable[None]]
-PROGRESS_INTERVAL = 0.5
 SIZE_ONLY_SHOWN = 5  # keys named in reports of size-checked-only objects
 
 
@@ -58,39 +52,6 @@ class PrefetchRefused(S3CacheFSError):
 
 def valid_key(key: str, prefix: str) -> bool:
     return all(valid_name(part) for part in key[len(prefix) :].split("/"))
-
-
-@dataclass
-class Progress:
-    files_total: int = 0
-    bytes_total: int = 0
-    files_done: int = 0
-    bytes_done: int = 0
-    bytes_fetched: int = 0
-    files_skipped: int = 0
-    listing_done: bool = False
-    failed: dict[str, str] = field(default_factory=dict)
-    size_only: set[str] = field(default_factory=set)  # accepted, not verified end to end
-    started: float = field(default_factory=time.monotonic)
-
-    def event(self, kind: str) -> dict[str, Any]:
-        elapsed = max(1e-6, time.monotonic() - self.started)
-        rate = self.bytes_fetched / elapsed
-        left = self.bytes_total - self.bytes_done
-        return {
-            "event": kind,
-            "files_done": self.files_done,
-            "files_total": self.files_total,
-            "bytes_done": self.bytes_done,
-            "bytes_total": self.bytes_total,
-            "bytes_fetched": self.bytes_fetched,
-            "listing_done": self.listing_done,
-            "failed": len(self.failed),
-            "size_only": len(self.size_only),
-            "elapsed": round(elapsed, 3),
-            "rate": round(rate),
-            "eta": round(left / rate) if rate > 0 and self.listing_done else None,
-        }
 
 
 @dataclass
@@ -118,6 +79,7 @@ class PrefetchJob:
         # False (--etag-md5 off): a 32-hex ETag is no MD5; S3 is asked for a checksum instead.
         self.etag_md5s = etag_md5s
         self.cache = cache
+        self.objects = ObjectCheck(store, cache, etag_md5s=etag_md5s)
         self.pins = pins
         self.prefix = prefix
         self.shard = shard
@@ -266,89 +228,11 @@ class PrefetchJob:
 
     async def _verify(self, obj: _Object) -> None:
         try:
-            check = await self._check_object(obj)
-        except StoreError as exc:
+            check = await self.objects.check(obj.info, obj.version)
+        except (StoreError, ObjectFailed) as exc:
             self._fail(obj.info.key, str(exc))
             return
-        if check is not None:
-            self._pin(obj.info, check)
-
-    async def _check_object(self, obj: _Object) -> Check | None:
-        """The check a complete object passed; None if it failed (reported).
-
-        On a mismatch: another check of the same bytes if S3 offers one, else
-        fetch the object again once, then decide.
-        """
-        key = obj.info.key
-        check = await self._plan(obj.info, ask_s3=not self.etag_md5s)
-        asked = check.kind != "md5"  # whether S3 was asked for its checksum
-        refetched, first = False, ""
-        while True:
-            await self.cache.drain_object(obj.version)
-            intact, digest = await self.cache.verify_object(obj.version, check)
-            if intact:
-                return checksums.resolved(check, digest)
-            if not self.cache.missing_blocks(obj.version):  # CRC-clean, yet not S3's digest
-                other = await self._other_check(obj.info, check, asked)
-                asked, changed = (
-                    True,
-                    (other.kind, other.value, other.parts)
-                    != (
-                        check.kind,
-                        check.value,
-                        check.parts,
-                    ),
-                )
-                check = other
-                if changed:
-                    continue
-                if refetched:
-                    await self._mismatch(obj, check, same_bytes=digest == first)
-                    return None
-                first = digest
-            elif refetched:
-                self._fail(key, "could not be kept in the cache (disk full or failing?)")
-                return None
-            if not await self.cache.refetch(obj.version):
-                self._fail(key, f"content does not match {check.describe()} in S3")
-                return None
-            refetched = True
-
-    async def _other_check(self, info: ObjectInfo, check: Check, asked: bool) -> Check:
-        """The same bytes, checked another way S3 offers, or ``check`` again."""
-        if check.guessed:  # equal parts were assumed: ask S3 for every part
-            check = await self._s3(checksums.confirmed, self.store, info, check)
-        elif not asked:  # an ETag that looks like an MD5 may not be one (SSE-KMS)
-            # S3's checksum; "size" only if S3 says the ETag is no MD5; else the MD5 again.
-            return await self._plan(info, ask_s3=True)
-        return check
-
-    async def _mismatch(self, obj: _Object, check: Check, *, same_bytes: bool) -> None:
-        """Fetched twice, CRC-clean, and still not S3's digest: failed.
-
-        The same bytes twice against an MD5 ETag are not taken for a non-MD5 ETag: S3
-        did not say so (`checksums.plan`), and a proxy or server that corrupts the same
-        way every time looks just the same.
-        """
-        # Its blocks' CRCs are of wrong bytes: dropped before the failure is reported (the
-        # job may end at once), and whole even if the job is being cancelled.
-        with trio.CancelScope(shield=True):
-            await self.cache.forget_object(obj.version)
-        reason = f"content does not match {check.describe()} in S3"
-        if check.kind == "md5" and same_bytes:
-            reason += (
-                ", twice over with the same bytes (S3 gives no other checksum for it): "
-                "if this server's ETags are not MD5s, mount with --etag-md5 off"
-            )
-        self._fail(obj.info.key, reason)
-
-    async def _plan(self, info: ObjectInfo, *, ask_s3: bool) -> Check:
-        plan = functools.partial(checksums.plan, ask_s3=ask_s3, etag_md5s=self.etag_md5s)
-        return await self._s3(plan, self.store, info)
-
-    async def _s3(self, fn: Callable[..., Check], *args: Any) -> Check:
-        """A blocking call that asks S3 (HEADs), in a thread under the S3 limiter."""
-        return await trio.to_thread.run_sync(fn, *args, limiter=self.cache.s3_limiter)
+        self._pin(obj.info, check)
 
     def _pin(self, info: ObjectInfo, check: Check) -> None:
         if not check.end_to_end and self.require_checksums:

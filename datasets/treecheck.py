@@ -4,7 +4,7 @@ The kernel serves a bound tree without the daemon, so nothing checks those
 bytes on the way to a reader (the FUSE path checks every block it serves).
 What guards them is this check: each file the tree links is read back and
 every block compared with the CRC32 the cache recorded when the block's bytes
-were fetched and verified end to end. `daemon.kernelserve` runs it before it
+were fetched and verified end to end. `datasets.kernelserve` runs it before it
 binds a tree at start, on a schedule (``--verify-interval``), and acts on what
 it finds (unbind, so the FUSE path serves the dataset).
 

@@ -47,7 +47,7 @@ from s3cachefs.base.values import INDEFINITE_TTL
 from s3cachefs.cache.blockcache import BlockCache, ObjectVersion
 from s3cachefs.datasets.pins import PinStore
 from s3cachefs.fs.versions import VersionGuard
-from s3cachefs.staging.writeback import Staged
+from s3cachefs.staging.records import Staged
 from s3cachefs.store.keys import valid_name
 from s3cachefs.store.s3 import Listing, ObjectInfo, ObjectStore
 

@@ -37,7 +37,8 @@ from s3cachefs.base.errors import (
 )
 from s3cachefs.cache.blockcache import ObjectVersion
 from s3cachefs.fs.core import FileHandle, FsCore, Node
-from s3cachefs.staging.writeback import Staged, Writeback
+from s3cachefs.staging.records import Staged
+from s3cachefs.staging.writeback import Writeback
 from s3cachefs.store.keys import valid_name
 
 log = logging.getLogger(__name__)

@@ -649,7 +649,7 @@ def test_a_check_that_finds_damage_unbinds_the_bind_live_at_its_end(tmp_path: Pa
     """The check at start began with no bind; a bind made meanwhile (any way) is the one
     it unbinds, and its pin-store hold goes with it."""
     from s3cachefs.datasets import binds
-    from s3cachefs.datasets.kernelserve import Bind
+    from s3cachefs.datasets.kerneltrees import Bind
 
     async def body(kernel: Any, manifest: Any, version: Any) -> None:
         flip_byte(kernel.cache.object_path(version.oid), 5)

@@ -1,0 +1,138 @@
+"""The trees of hard links kernel-served datasets are made of, under ``CACHE/v1/trees/``.
+
+A complete pinned dataset's cache files are byte-exact copies of its objects
+(`cache.blockcache`), so a tree of hard links to them (dirs 0755, files 0444;
+the cache dir itself stays 0700, so a tree is reachable only through its bind)
+is the dataset as a plain directory. Per manifest id::
+
+    trees/<id>          the tree (bound over the dataset by `datasets.kernelserve`)
+    trees/<id>.next     a tree being built; promoted to <id> once bound
+    trees/<id>.synced   marks that <id> was ``syncfs``'d after it was built
+
+A tree is built completely and synced before it is bound. A tree without its
+``.synced`` mark (crash, power loss), or one that no longer matches its
+manifest, is built again from the cache files, which the check at start has
+just read back against their block CRC32s (not S3's digest: that is `verify`'s).
+The tree shows the same directories as the FUSE view: those of its files, and
+those the manifest keeps for ``dir/`` markers and skipped keys.
+
+Blocking functions only (the caller runs them in worker threads).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Container
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+from s3cachefs.cache.blockcache import BlockCache, ObjectVersion
+from s3cachefs.datasets import binds
+from s3cachefs.store.s3 import ObjectInfo
+
+
+class Layout(NamedTuple):
+    entries: list[binds.TreeEntry]
+    dirs: frozenset[str]  # relative, without a trailing "/"
+    versions: list[ObjectVersion | None]  # of each entry; None for an empty object
+    oids: frozenset[str]  # of every object of the manifest (the tree's pin-store hold)
+
+
+@dataclass
+class Bind:
+    """A tree bound read-only over its dataset's directory in the mount."""
+
+    manifest_id: str
+    target: Path
+    tree: Path
+    mount_id: int
+    owner: str  # the pin-store hold that keeps the tree's objects pinned
+    oids: frozenset[str]
+
+
+def layout_of(
+    cache: BlockCache, bucket: str, prefix: str, objects: list[ObjectInfo], manifest_dirs: list[str]
+) -> Layout | None:
+    """The tree of these objects; None if one is not complete in the cache.
+
+    Reads the cache's records (lookups only, no iteration: thread-safe).
+    """
+    dirs = frozenset(d[len(prefix) :].rstrip("/") for d in manifest_dirs)
+    parents = {
+        "/".join(parts[:depth])
+        for rel in [*(i.key[len(prefix) :] for i in objects), *(d + "/" for d in dirs)]
+        for parts in [rel.split("/")]
+        for depth in range(1, len(parts))
+    }
+    entries, versions, oids = [], [], set()
+    for info in objects:
+        version = ObjectVersion(bucket, info.key, info.etag, info.size)
+        oids.add(version.oid)
+        rel = info.key[len(prefix) :]
+        if rel in parents:
+            continue  # hidden by the directory of the same name, as in the FUSE view
+        if info.size and cache.missing_blocks(version):
+            return None
+        source = cache.object_path(version.oid) if info.size else None
+        entries.append(binds.TreeEntry(rel, source, info.size, info.mtime_ns))
+        versions.append(version if info.size else None)
+    return Layout(entries, dirs, versions, frozenset(oids))
+
+
+def next_path(tree: Path) -> Path:
+    return tree.with_name(f"{tree.name}.next")
+
+
+def synced_path(tree: Path) -> Path:
+    return tree.with_name(f"{tree.name}.synced")
+
+
+def current(tree: Path, layout: Layout) -> bool:
+    """``tree`` was synced and still matches ``layout``."""
+    return synced_path(tree).exists() and binds.tree_matches(tree, layout.entries, layout.dirs)
+
+
+def sweep(trees: Path, manifest_ids: Container[str]) -> None:
+    """Trees whose build or swap a crash interrupted, and trees of forgotten manifests."""
+    trees.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for path in trees.iterdir():
+        name = path.name.split(".")[0]
+        leftover = path.is_dir() and path.name != name
+        if leftover:
+            discard(path)
+        elif name not in manifest_ids:
+            if path.is_dir():
+                binds.remove_tree(path)
+            else:
+                path.unlink(missing_ok=True)
+
+
+def stage(tree: Path, layout: Layout) -> bool:
+    """Build the tree at its ``.next`` path unless ``tree`` is current; sync. True if built."""
+    tree.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fresh = not current(tree, layout)
+    if fresh:
+        binds.build_tree(next_path(tree), layout.entries, layout.dirs)
+    binds.syncfs(tree.parent)
+    return fresh
+
+
+def promote(tree: Path) -> None:
+    """The staged tree becomes ``trees/<id>`` (a bound mount's root may be renamed)."""
+    synced = synced_path(tree)
+    synced.unlink(missing_ok=True)
+    binds.remove_tree(tree)
+    os.replace(next_path(tree), tree)
+    synced.touch(mode=0o600)
+
+
+def remove(tree: Path) -> None:
+    synced_path(tree).unlink(missing_ok=True)
+    binds.remove_tree(tree)
+
+
+def discard(path: Path) -> None:
+    """A tree left half-built or half-swapped."""
+    shutil.rmtree(path, ignore_errors=True)
