@@ -40,7 +40,8 @@ from s3cachefs.base.errors import (
     TransientError,
     UnsupportedError,
 )
-from s3cachefs.fs.core import FsCore, Node
+from s3cachefs.fs.core import FsCore
+from s3cachefs.fs.nodes import Node
 from s3cachefs.fs.writes import Writer
 
 if TYPE_CHECKING:

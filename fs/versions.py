@@ -28,16 +28,13 @@ checks after each ``await`` in `rebind` must not await.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 import trio
 
 from s3cachefs.base.errors import NotFoundError, StaleError, StoreError
 from s3cachefs.cache.blockcache import ObjectVersion
+from s3cachefs.fs.nodes import FileHandle, Node
 from s3cachefs.store.s3 import ObjectStore
-
-if TYPE_CHECKING:
-    from s3cachefs.fs.core import FileHandle, Node
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,8 @@ from s3cachefs.base.errors import (
     UnsupportedError,
 )
 from s3cachefs.cache.blockcache import ObjectVersion
-from s3cachefs.fs.core import FileHandle, FsCore, Node
+from s3cachefs.fs.core import FsCore
+from s3cachefs.fs.nodes import FileHandle, Node
 from s3cachefs.staging.writeback import Staged, Writeback
 from s3cachefs.store.keys import valid_name
 

@@ -21,7 +21,8 @@ import trio
 from s3cachefs.base.config import MountConfig
 from s3cachefs.base.errors import S3CacheFSError
 from s3cachefs.cache.blockcache import BlockCache
-from s3cachefs.fs.core import ROOT_INODE, FsCore
+from s3cachefs.fs.core import FsCore
+from s3cachefs.fs.nodes import ROOT_INODE
 from s3cachefs.fs.operations import errno_for
 from s3cachefs.store.s3 import S3Store
 

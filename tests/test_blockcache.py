@@ -15,7 +15,8 @@ import trio
 from s3cachefs.base.errors import CacheDirError, StaleError, TransientError
 from s3cachefs.cache import blockcache
 from s3cachefs.cache.blockcache import BlockCache, ObjectVersion
-from s3cachefs.fs.core import ROOT_INODE, FsCore
+from s3cachefs.fs.core import FsCore
+from s3cachefs.fs.nodes import ROOT_INODE
 from s3cachefs.store.s3 import MemoryStore
 
 BS = 64 * 1024  # small blocks keep these tests fast; the arithmetic is the same

@@ -30,7 +30,8 @@ from s3cachefs.base.errors import (
     StoreError,
     TransientError,
 )
-from s3cachefs.fs.core import ROOT_INODE, FsCore, Node
+from s3cachefs.fs.core import FsCore
+from s3cachefs.fs.nodes import ROOT_INODE, Node
 from s3cachefs.store.s3 import Listing, MemoryStore, ObjectInfo
 from tests.conftest import Bucket, Mounter, drop_page_cache
 from tests.faultproxy import FaultProxy

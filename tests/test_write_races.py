@@ -10,7 +10,8 @@ import trio.testing
 
 from s3cachefs.base.errors import ConfigError
 from s3cachefs.cache.blockcache import BlockCache, ObjectVersion
-from s3cachefs.fs.core import ROOT_INODE, FsCore
+from s3cachefs.fs.core import FsCore
+from s3cachefs.fs.nodes import ROOT_INODE
 from s3cachefs.fs.writes import Writer
 from s3cachefs.staging.writeback import Writeback
 from s3cachefs.store.s3 import MemoryStore
