@@ -168,7 +168,7 @@ class Operations(pyfuse3.Operations):
         self.uid = uid
         self.gid = gid
         self.block_size = block_size
-        core.on_stale_entries = self.invalidate
+        core.on_invalidate(self.invalidate)
 
     def invalidate(self, entries: list[tuple[int, str]]) -> None:
         """Make the kernel forget these directory entries (queued: safe inside a handler)."""

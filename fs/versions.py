@@ -6,7 +6,7 @@ A version is (key, ETag, size). The rules (README, "Consistency"):
   that returned bytes of one version must never return bytes of another:
   `VersionGuard.served` checks every read before its bytes leave. A
   re-listing that shows another version for a name gives the name a new inode
-  (`FsCore._child`); the old inode stays valid for its open handles until the
+  (`Tree._child`); the old inode stays valid for its open handles until the
   kernel forgets it.
 - A file handle reads the version it was bound to at open, clipped at that
   version's size. GETs are conditional on its ETag; a refusal (`StaleError`)

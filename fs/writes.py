@@ -88,7 +88,7 @@ class Writer:
         staged = await self.writeback.create(
             parent.key + name, create_only=not self.allow_overwrite
         )
-        node = self.core.add_node(parent, name, is_dir=False)
+        node = self.core.tree.add_node(parent, name, is_dir=False)
         return self._writing(node, staged), node
 
     async def open(self, ino: int, *, truncate: bool) -> int:
@@ -125,7 +125,7 @@ class Writer:
         node.served_etag = None  # and the inode serves the written version from now on
         node.listed_etag = ""  # the listing's old ETag no longer names this inode's version
         version = ObjectVersion(self.core.store.bucket, node.key, "", 0)
-        return self.core.add_handle(FileHandle(node, version, staged=staged, writable=True))
+        return self.core.handles.add_handle(FileHandle(node, version, staged=staged, writable=True))
 
     def _write_handle(self, fh: int) -> FileHandle:
         handle = self.core.file_handle(fh)
@@ -193,7 +193,7 @@ class Writer:
         except AlreadyExistsError:  # made elsewhere meanwhile: its contents are not listed yet
             self.core.relist(parent)
             raise ExistsError(f"{key}: exists") from None
-        node = self.core.add_node(parent, name, is_dir=True)
+        node = self.core.tree.add_node(parent, name, is_dir=True)
         self.core.relist(node)  # the prefix may hold objects already (a stale parent listing)
         return node
 
@@ -216,7 +216,7 @@ class Writer:
         await trio.to_thread.run_sync(
             self.core.store.delete_object, node.key, limiter=self._s3_limiter
         )
-        self.core.remove_name(parent, name)
+        self.core.tree.remove_name(parent, name)
         version = ObjectVersion(self.core.store.bucket, node.key, node.etag, node.size)
         await self.core.cache.free({version.oid})
 
@@ -230,4 +230,4 @@ class Writer:
         await trio.to_thread.run_sync(
             self.core.store.delete_object, node.key, limiter=self._s3_limiter
         )
-        self.core.remove_name(parent, name)
+        self.core.tree.remove_name(parent, name)

@@ -279,7 +279,7 @@ def test_sequential_reads_trigger_readahead_random_reads_do_not(tmp_path: Path) 
             await core.read(fh, i * BS, BS)
         await cache.drain()
         assert cache.stats["readahead"] > 0
-        assert cache.is_cached(core._files[fh].version, 6)  # fetched before it was asked for
+        assert cache.is_cached(core.file_handle(fh).version, 6)  # fetched before it was asked for
         before = cache.stats["readahead"]
         rand = await core.lookup(ROOT_INODE, "rand.bin")
         assert rand is not None

@@ -62,7 +62,7 @@ def make_core(tmp_path: Path, store: MemoryStore) -> tuple[Any, FsCore, Clock, l
         clock=clock,
     )
     invalidated: list[Any] = []
-    core.on_stale_entries = invalidated.extend
+    core.on_invalidate(invalidated.extend)
     return cache, core, clock, invalidated
 
 
