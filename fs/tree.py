@@ -190,10 +190,10 @@ class Tree:
         """Make the next lookup in ``directory`` list it again."""
         directory.listed_at = None
 
-    def key_changed(self, key: str) -> list[tuple[int, str]]:
+    def key_changed(self, key: str) -> None:
         """An object changed behind the tree's back (a staged upload): re-list its directory.
 
-        Returns the entry the kernel must forget (it may hold a negative one).
+        The kernel forgets the name's entry (it may hold a negative one). Must not await.
         """
         parent, _, name = key.rpartition("/")
         parent_key = parent + "/" if parent else ""
@@ -202,7 +202,8 @@ class Tree:
             if node.is_dir and node.key == parent_key:
                 self.relist(node)
                 stale.append((node.ino, name))
-        return stale
+        if stale:
+            self.invalidate(stale)
 
     def in_pinned(self, node: Node) -> bool:
         """Inside a pinned dataset: never writable."""
@@ -323,8 +324,8 @@ class Tree:
             and info.etag in (node.etag, node.listed_etag)  # listed_etag: row 7 gateways
         )
 
-    def pins_changed(self) -> list[tuple[int, str]]:
-        """Forget every listing a manifest gave; return the entries the kernel must drop.
+    def pins_changed(self) -> None:
+        """Forget every listing a manifest gave, and make the kernel forget their entries.
 
         Called when a manifest is saved or deleted (prefetch, evict): entries
         the kernel holds for years must not outlive the manifest that made them.
@@ -335,7 +336,8 @@ class Tree:
             if node.is_dir and (node.pin_generation >= 0 or node.pinned):
                 stale.extend((node.ino, name) for name in node.children or {})
                 node.children, node.listed_at, node.pin_generation = None, None, -1
-        return stale
+        if stale:
+            self.invalidate(stale)
 
     def timeout(self, node: Node) -> float:
         """How long the kernel may trust this entry: pinned data does not change under us."""
