@@ -114,9 +114,6 @@ class FsCore:
         """Attributes as last listed; never an S3 request (lookups refresh them)."""
         return await self.tree.getattr(ino)
 
-    async def children(self, directory: Node) -> dict[str, int]:
-        return await self.tree.children(directory)
-
     def remember(self, node: Node) -> None:
         """The kernel got an entry for ``node`` (lookup, readdirplus, create, mkdir)."""
         self.tree.remember(node)
@@ -124,14 +121,6 @@ class FsCore:
     def forget(self, ino: int, nlookup: int) -> None:
         """The kernel dropped ``nlookup`` references. Must not raise."""
         self.tree.forget(ino, nlookup)
-
-    def in_pinned(self, node: Node) -> bool:
-        """Inside a pinned dataset: never writable."""
-        return self.tree.in_pinned(node)
-
-    def timeout(self, node: Node) -> float:
-        """How long the kernel may trust this entry: pinned data does not change under us."""
-        return self.tree.timeout(node)
 
     def attributes(self, node: Node) -> Attributes:
         """What the kernel is told about ``node`` (`fs.attributes`)."""
@@ -150,10 +139,6 @@ class FsCore:
 
     def statfs(self) -> FsStats:
         return fs_stats(self.cache)
-
-    def relist(self, directory: Node) -> None:
-        """Make the next lookup in ``directory`` list it again."""
-        self.tree.relist(directory)
 
     def key_changed(self, key: str) -> None:
         """An object changed behind the tree's back (a staged upload): re-list its directory.
@@ -191,6 +176,7 @@ class FsCore:
         return await self.handles.read(fh, offset, length)
 
     def release(self, fh: int) -> FileHandle | None:
+        """Drop a reading handle at once (no upload); the kernel's RELEASE is `close`."""
         return self.handles.release(fh)
 
     def file_handle(self, fh: int) -> FileHandle:
