@@ -18,6 +18,7 @@ as its one line.
     │   ├── NotEmptyError      rmdir of a directory with entries -> ENOTEMPTY
     │   ├── BusyError          delete of a file still being written -> EBUSY
     │   ├── UnsupportedError   an operation s3cachefs cannot make safe -> EOPNOTSUPP
+    │   ├── CrossDeviceError   a rename: S3 cannot rename atomically -> EXDEV
     │   ├── NoSpaceError       the staging disk is full   -> ENOSPC
     │   └── UploadFailedError  close/fsync could not make the data durable in S3 -> EIO
     └── StoreError             anything S3 answered (or failed to)
@@ -84,6 +85,10 @@ class BusyError(FilesystemError):
 
 class UnsupportedError(FilesystemError):
     """An operation s3cachefs does not do because it cannot make it safe on S3."""
+
+
+class CrossDeviceError(FilesystemError):
+    """A rename: S3 cannot rename atomically, so `mv` is told to copy, then delete."""
 
 
 class NoSpaceError(FilesystemError):

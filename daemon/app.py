@@ -51,7 +51,6 @@ from s3cachefs.datasets.kernelserve import KernelServe
 from s3cachefs.datasets.pins import PinStore
 from s3cachefs.fs.core import FsCore
 from s3cachefs.fs.operations import Operations
-from s3cachefs.fs.writes import Writer
 from s3cachefs.staging.writeback import Writeback
 from s3cachefs.store.s3 import S3Store
 
@@ -125,16 +124,6 @@ def run_daemon(config: MountConfig, on_ready: Callable[[str], None]) -> None:
         cache.set_pinned(pins.pinned_oids())
         if s3_state.unreachable_since is not None:
             _start_offline(config, pins, s3_state.reason)
-        core = FsCore(
-            store,
-            cache,
-            prefix=config.prefix,
-            metadata_ttl=config.metadata_ttl,
-            s3_limiter=s3_limiter,
-            readahead_blocks=config.readahead_size // cache.block_size,
-            keep_cache=config.keep_cache,
-            pins=pins,
-        )
         # Always looked at, writable or not: what a crash left staged is reported.
         writeback = Writeback(
             cache,
@@ -145,18 +134,20 @@ def run_daemon(config: MountConfig, on_ready: Callable[[str], None]) -> None:
             parallel_parts=max(1, min(4, config.s3_concurrency // 4)),  # 4 x 8 MiB in memory
         )
         writeback.open()
-        writer = None
-        if config.writable:
-            writer = Writer(
-                core,
-                writeback,
-                allow_overwrite=config.allow_overwrite,
-                allow_delete=config.allow_delete,
-                s3_limiter=s3_limiter,
-            )
-        ops = Operations(
-            core, uid=os.getuid(), gid=os.getgid(), block_size=cache.block_size, writer=writer
+        core = FsCore(
+            store,
+            cache,
+            prefix=config.prefix,
+            metadata_ttl=config.metadata_ttl,
+            s3_limiter=s3_limiter,
+            readahead_blocks=config.readahead_size // cache.block_size,
+            keep_cache=config.keep_cache,
+            pins=pins,
+            writeback=writeback if config.writable else None,
+            allow_overwrite=config.allow_overwrite,
+            allow_delete=config.allow_delete,
         )
+        ops = Operations(core)
         kernel = KernelServe(
             mountpoint=config.mountpoint,
             mount_prefix=config.prefix,
@@ -167,7 +158,16 @@ def run_daemon(config: MountConfig, on_ready: Callable[[str], None]) -> None:
             verify_interval=config.verify_interval,
         )
         daemon = Daemon(
-            config, store, cache, pins, ops, errors, writeback, kernel=kernel, s3_state=s3_state
+            config,
+            store,
+            cache,
+            pins,
+            ops,
+            errors,
+            writeback,
+            core=core,
+            kernel=kernel,
+            s3_state=s3_state,
         )
         kernel.checks.on_change = lambda: _notify_status(daemon)
         metrics = None

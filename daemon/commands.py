@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from s3cachefs.base.config import MountConfig
     from s3cachefs.daemon.offline import S3State
     from s3cachefs.datasets.kernelserve import KernelServe
+    from s3cachefs.fs.core import FsCore
     from s3cachefs.fs.operations import Operations
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ class Daemon:
     ops: Operations
     errors: RecentErrors
     writeback: Writeback
+    core: FsCore  # the filesystem: told when pins or keys change behind its back
     jobs: dict[str, PrefetchJob] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
     kernel: KernelServe | None = None  # binds of kernel-served pinned datasets
@@ -206,7 +208,7 @@ class Daemon:
         finally:
             del self.jobs[job_id]
             if not job.dry_run:
-                self.ops.invalidate(self.ops.core.pins_changed())
+                self.core.pins_changed()
                 if self.kernel is not None:  # bind, swap or unbind to match the manifest
                     if job.previous is None:  # every object was read back from disk, verified
                         self.kernel.checked.add(job.manifest.id)
@@ -311,7 +313,7 @@ class Daemon:
                 await self.kernel.release(manifest)
             self.pins.delete(manifest)
         self.cache.set_pinned(self.pins.pinned_oids())
-        self.ops.invalidate(self.ops.core.pins_changed())
+        self.core.pins_changed()
         freed = await self.cache.free(oids)
         log.info("evict dataset=%s freed_bytes=%d", prefix, freed)
         await trio.lowlevel.checkpoint()
@@ -347,6 +349,6 @@ class Daemon:
                 failed[staged.key] = str(exc)
                 continue
             done.append(staged.key)
-            self.ops.invalidate(self.ops.core.key_changed(staged.key))
+            self.core.key_changed(staged.key)
             await send({"event": "uploaded", "key": staged.key})
         return {"event": "done", "ok": not failed, "action": action, "done": done, "failed": failed}

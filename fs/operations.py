@@ -1,5 +1,9 @@
 """The pyfuse3 adapter: converts types, maps errors to errno, nothing else.
 
+Every decision (modes, timeouts, negative entries, statfs, what a write or a
+rename may do) is the core's (`fs.core`); here pyfuse3 types become core
+calls and core answers become pyfuse3 types.
+
 Every handler runs its core call inside `_errno_mapped`, the one place where
 s3cachefs errors become errno. Unexpected exceptions become EIO plus one
 ERROR log line (which Sentry, when configured, picks up). An expected EIO (S3
@@ -14,7 +18,6 @@ import contextlib
 import errno
 import logging
 import os
-import stat
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -27,6 +30,7 @@ from s3cachefs.base.errors import (
     AlreadyExistsError,
     BadHandleError,
     BusyError,
+    CrossDeviceError,
     ExistsError,
     IsADirError,
     NoSpaceError,
@@ -40,8 +44,9 @@ from s3cachefs.base.errors import (
     TransientError,
     UnsupportedError,
 )
-from s3cachefs.fs.core import FsCore, Node
-from s3cachefs.fs.writes import Writer
+from s3cachefs.fs.attributes import Attributes
+from s3cachefs.fs.core import FsCore
+from s3cachefs.fs.nodes import Node
 
 if TYPE_CHECKING:
     from pyfuse3 import (
@@ -73,6 +78,7 @@ ERRNO_TABLE: tuple[tuple[type[S3CacheFSError], int], ...] = (
     (NotEmptyError, errno.ENOTEMPTY),
     (BusyError, errno.EBUSY),
     (UnsupportedError, errno.EOPNOTSUPP),
+    (CrossDeviceError, errno.EXDEV),
     (NoSpaceError, errno.ENOSPC),
 )
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
@@ -145,29 +151,17 @@ def _errno_mapped(op: str) -> Iterator[None]:
 
 
 class Operations(pyfuse3.Operations):
-    """pyfuse3 operations over an `FsCore`; writes go to its `Writer` when the mount has one."""
+    """pyfuse3 operations over an `FsCore`: every decision is the core's."""
 
     supports_dot_lookup = True
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(
-        self,
-        core: FsCore,
-        *,
-        uid: int,
-        gid: int,
-        block_size: int,
-        writer: Writer | None = None,
-    ) -> None:
+    def __init__(self, core: FsCore) -> None:
         super().__init__()
         self.core = core
-        self.writer = writer
         self.counts: Counter[str] = Counter()  # FUSE requests by operation (stats, tests)
-        self.uid = uid
-        self.gid = gid
-        self.block_size = block_size
-        core.on_stale_entries = self.invalidate
+        core.on_invalidate(self.invalidate)
 
     def invalidate(self, entries: list[tuple[int, str]]) -> None:
         """Make the kernel forget these directory entries (queued: safe inside a handler)."""
@@ -182,25 +176,10 @@ class Operations(pyfuse3.Operations):
         with _errno_mapped(name):
             yield
 
-    def _attrs(self, node: Node) -> pyfuse3.EntryAttributes:
-        attrs = pyfuse3.EntryAttributes()
-        attrs.st_ino = pyfuse3.InodeT(node.ino)
-        attrs.generation = 0
-        attrs.entry_timeout = attrs.attr_timeout = self.core.timeout(node)
-        writable = self.writer is not None and not self.core.in_pinned(node)
-        if node.is_dir:
-            attrs.st_mode = pyfuse3.ModeT(stat.S_IFDIR | (0o755 if writable else 0o555))
-            attrs.st_nlink = 2
-        else:
-            attrs.st_mode = pyfuse3.ModeT(stat.S_IFREG | (0o644 if writable else 0o444))
-            attrs.st_nlink = 1
-        attrs.st_size = node.size
-        attrs.st_blksize = self.block_size
-        attrs.st_blocks = -(-node.size // 512)
-        attrs.st_uid = self.uid
-        attrs.st_gid = self.gid
-        attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = node.mtime_ns
-        return attrs
+    def _entry(self, node: Node) -> pyfuse3.EntryAttributes:
+        """``node``'s attributes, for an entry the kernel now holds (a lookup)."""
+        self.core.remember(node)
+        return _fuse_attributes(self.core.attributes(node))
 
     async def lookup(
         self, parent_inode: InodeT, name: FileNameT, ctx: RequestContext
@@ -208,12 +187,8 @@ class Operations(pyfuse3.Operations):
         with self._op("lookup"):
             node = await self.core.lookup(parent_inode, os.fsdecode(name))
         if node is None:
-            negative = pyfuse3.EntryAttributes()
-            negative.st_ino = pyfuse3.InodeT(0)  # tells the kernel to cache the miss
-            negative.entry_timeout = self.core.metadata_ttl
-            return negative
-        self.core.remember(node)
-        return self._attrs(node)
+            return _fuse_attributes(self.core.entry(None))
+        return self._entry(node)
 
     async def forget(self, inode_list: Sequence[tuple[InodeT, int]]) -> None:
         self.counts["forget"] += 1
@@ -222,7 +197,7 @@ class Operations(pyfuse3.Operations):
 
     async def getattr(self, inode: InodeT, ctx: RequestContext) -> pyfuse3.EntryAttributes:
         with self._op("getattr"):
-            return self._attrs(await self.core.getattr(inode))
+            return _fuse_attributes(self.core.attributes(await self.core.getattr(inode)))
 
     async def opendir(self, inode: InodeT, ctx: RequestContext) -> FileHandleT:
         with self._op("opendir"):
@@ -231,7 +206,8 @@ class Operations(pyfuse3.Operations):
     async def readdir(self, fh: FileHandleT, start_id: int, token: ReaddirToken) -> None:
         with self._op("readdir"):
             for name, node, next_id in self.core.readdir(fh, start_id):
-                if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attrs(node), next_id):
+                attrs = _fuse_attributes(self.core.attributes(node))
+                if not pyfuse3.readdir_reply(token, os.fsencode(name), attrs, next_id):
                     break
                 self.core.remember(node)  # readdirplus: each entry given is a lookup
 
@@ -242,7 +218,7 @@ class Operations(pyfuse3.Operations):
     async def open(self, inode: InodeT, flags: FlagT, ctx: RequestContext) -> pyfuse3.FileInfo:
         if flags & _WRITE_FLAGS:
             with self._op("open_write"):
-                fh = await self._writer().open(inode, truncate=bool(flags & os.O_TRUNC))
+                fh = await self.core.open_write(inode, truncate=bool(flags & os.O_TRUNC))
             return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh))
         with self._op("open"):
             fh, keep_cache = await self.core.open(inode)
@@ -254,32 +230,21 @@ class Operations(pyfuse3.Operations):
             return await self.core.read(fh, off, size)
 
     async def release(self, fh: FileHandleT) -> None:
-        self.counts["release"] += 1
-        if self.writer is None:
-            self.core.release(fh)
-            return
         with self._op("release"):
-            forget = await self.writer.release(fh)
-        if forget is not None:
-            self.invalidate([forget])
+            await self.core.close(fh)
 
     async def statfs(self, ctx: RequestContext) -> pyfuse3.StatvfsData:
-        cache = self.core.cache
+        stats = self.core.statfs()
         data = pyfuse3.StatvfsData()
-        data.f_bsize = data.f_frsize = cache.block_size
-        data.f_blocks = cache.cache_size // cache.block_size
-        free = max(0, cache.cache_size - cache.used_bytes)
-        data.f_bfree = data.f_bavail = free // cache.block_size
-        data.f_files = data.f_ffree = data.f_favail = 0
-        data.f_namemax = 255
+        data.f_bsize = data.f_frsize = stats.block_size
+        data.f_blocks = stats.blocks
+        data.f_bfree = data.f_bavail = stats.free_blocks
+        data.f_files = stats.files
+        data.f_ffree = data.f_favail = stats.free_files
+        data.f_namemax = stats.name_max
         return data
 
-    # ---- writes: EROFS unless the mount is --writable ----------------------
-
-    def _writer(self) -> Writer:
-        if self.writer is None:  # the kernel refuses writes on an "ro" mount already
-            raise ReadOnlyError("the mount is read-only (mount with --writable)")
-        return self.writer
+    # ---- writes --------------------------------------------------------------
 
     async def create(
         self,
@@ -290,26 +255,21 @@ class Operations(pyfuse3.Operations):
         ctx: RequestContext,
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         with self._op("create"):
-            fh, node = await self._writer().create(parent_inode, os.fsdecode(name))
-        self.core.remember(node)
-        return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh)), self._attrs(node)
+            fh, node = await self.core.create(parent_inode, os.fsdecode(name))
+        return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh)), self._entry(node)
 
     async def write(self, fh: FileHandleT, off: int, buf: bytes) -> int:
         self.counts["write_bytes"] += len(buf)
         with self._op("write"):
-            return await self._writer().write(fh, off, buf)
+            return await self.core.write(fh, off, buf)
 
     async def flush(self, fh: FileHandleT) -> None:
-        if self.writer is None:
-            return
         with self._op("flush"):
-            await self.writer.flush(fh)
+            await self.core.flush(fh)
 
     async def fsync(self, fh: FileHandleT, datasync: bool) -> None:
-        if self.writer is None:
-            return
         with self._op("fsync"):
-            await self.writer.flush(fh)
+            await self.core.flush(fh)
 
     async def setattr(
         self,
@@ -320,28 +280,23 @@ class Operations(pyfuse3.Operations):
         ctx: RequestContext,
     ) -> pyfuse3.EntryAttributes:
         with self._op("setattr"):
-            writer = self._writer()
-            if fields.update_size:
-                return self._attrs(await writer.truncate(inode, attr.st_size))
-            # Modes, owners and times are not stored in S3; tools such as `cp -p`
-            # and `touch` set them, so they are accepted and not kept.
-            return self._attrs(await self.core.getattr(inode))
+            size = attr.st_size if fields.update_size else None
+            return _fuse_attributes(self.core.attributes(await self.core.setattr(inode, size=size)))
 
     async def mkdir(
         self, parent_inode: InodeT, name: FileNameT, mode: ModeT, ctx: RequestContext
     ) -> pyfuse3.EntryAttributes:
         with self._op("mkdir"):
-            node = await self._writer().mkdir(parent_inode, os.fsdecode(name))
-        self.core.remember(node)
-        return self._attrs(node)
+            node = await self.core.mkdir(parent_inode, os.fsdecode(name))
+        return self._entry(node)
 
     async def unlink(self, parent_inode: InodeT, name: FileNameT, ctx: RequestContext) -> None:
         with self._op("unlink"):
-            await self._writer().unlink(parent_inode, os.fsdecode(name))
+            await self.core.unlink(parent_inode, os.fsdecode(name))
 
     async def rmdir(self, parent_inode: InodeT, name: FileNameT, ctx: RequestContext) -> None:
         with self._op("rmdir"):
-            await self._writer().rmdir(parent_inode, os.fsdecode(name))
+            await self.core.rmdir(parent_inode, os.fsdecode(name))
 
     async def rename(
         self,
@@ -352,9 +307,23 @@ class Operations(pyfuse3.Operations):
         flags: FlagT,
         ctx: RequestContext,
     ) -> None:
-        # S3 has no rename: copy-then-delete is not atomic. EXDEV makes `mv` copy
-        # (durable on close) and then delete the source (with --allow-delete).
         with self._op("rename"):
-            self._writer()
-        log.info("rename of %s refused (EXDEV): S3 cannot rename atomically", os.fsdecode(name_old))
-        raise pyfuse3.FUSEError(errno.EXDEV)
+            self.core.rename(
+                parent_inode_old, os.fsdecode(name_old), parent_inode_new, os.fsdecode(name_new)
+            )
+
+
+def _fuse_attributes(attributes: Attributes) -> pyfuse3.EntryAttributes:
+    attrs = pyfuse3.EntryAttributes()
+    attrs.st_ino = pyfuse3.InodeT(attributes.ino)
+    attrs.generation = 0
+    attrs.entry_timeout = attrs.attr_timeout = attributes.timeout
+    attrs.st_mode = pyfuse3.ModeT(attributes.mode)
+    attrs.st_nlink = attributes.nlink
+    attrs.st_size = attributes.size
+    attrs.st_blksize = attributes.block_size
+    attrs.st_blocks = attributes.blocks
+    attrs.st_uid = attributes.uid
+    attrs.st_gid = attributes.gid
+    attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = attributes.mtime_ns
+    return attrs

@@ -6,7 +6,7 @@ A version is (key, ETag, size). The rules (README, "Consistency"):
   that returned bytes of one version must never return bytes of another:
   `VersionGuard.served` checks every read before its bytes leave. A
   re-listing that shows another version for a name gives the name a new inode
-  (`FsCore._child`); the old inode stays valid for its open handles until the
+  (`Tree._child`); the old inode stays valid for its open handles until the
   kernel forgets it.
 - A file handle reads the version it was bound to at open, clipped at that
   version's size. GETs are conditional on its ETag; a refusal (`StaleError`)
@@ -28,16 +28,13 @@ checks after each ``await`` in `rebind` must not await.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 import trio
 
 from s3cachefs.base.errors import NotFoundError, StaleError, StoreError
 from s3cachefs.cache.blockcache import ObjectVersion
+from s3cachefs.fs.nodes import FileHandle, Node
 from s3cachefs.store.s3 import ObjectStore
-
-if TYPE_CHECKING:
-    from s3cachefs.fs.core import FileHandle, Node
 
 log = logging.getLogger(__name__)
 

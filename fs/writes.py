@@ -36,7 +36,9 @@ from s3cachefs.base.errors import (
     UnsupportedError,
 )
 from s3cachefs.cache.blockcache import ObjectVersion
-from s3cachefs.fs.core import FileHandle, FsCore, Node
+from s3cachefs.fs.handles import Handles
+from s3cachefs.fs.nodes import FileHandle, Node
+from s3cachefs.fs.tree import Tree
 from s3cachefs.staging.records import Staged
 from s3cachefs.staging.writeback import Writeback
 from s3cachefs.store.keys import valid_name
@@ -45,39 +47,41 @@ log = logging.getLogger(__name__)
 
 
 class Writer:
-    """Create, write, upload and delete through an `FsCore`, under the mount's flags."""
+    """Create, write, upload and delete in a `Tree`, under the mount's flags."""
 
     def __init__(
         self,
-        core: FsCore,
+        tree: Tree,
+        handles: Handles,
         writeback: Writeback,
         *,
         allow_overwrite: bool,
         allow_delete: bool,
         s3_limiter: trio.CapacityLimiter,
     ) -> None:
-        self.core = core
+        self.tree = tree
+        self.handles = handles
         self.writeback = writeback
         self.allow_overwrite = allow_overwrite
         self.allow_delete = allow_delete
         self._s3_limiter = s3_limiter
 
     def _url(self, key: str) -> str:
-        return f"s3://{self.core.store.bucket}/{key}"
+        return f"s3://{self.tree.store.bucket}/{key}"
 
     def _check_target(self, node: Node, what: str) -> None:
-        if self.core.in_pinned(node):
+        if self.tree.in_pinned(node):
             log.warning("refused %s %s: it is inside a pinned dataset", what, self._url(node.key))
             raise ReadOnlyError(f"{node.key}: pinned datasets are read-only")
 
     async def _parent(self, parent_ino: int, name: str, what: str) -> tuple[Node, dict[str, int]]:
-        parent = self.core.node(parent_ino)
+        parent = self.tree.node(parent_ino)
         if not parent.is_dir:
             raise NotADirError(f"{parent.key}: not a directory")
         self._check_target(parent, what)
         if not valid_name(name):
             raise UnsupportedError(f"{name!r} is not a name s3cachefs can store")
-        return parent, await self.core.children(parent)
+        return parent, await self.tree.children(parent)
 
     # ---- files -----------------------------------------------------------
 
@@ -88,12 +92,12 @@ class Writer:
         staged = await self.writeback.create(
             parent.key + name, create_only=not self.allow_overwrite
         )
-        node = self.core.add_node(parent, name, is_dir=False)
+        node = self.tree.add_node(parent, name, is_dir=False)
         return self._writing(node, staged), node
 
     async def open(self, ino: int, *, truncate: bool) -> int:
         """Open an existing file for writing."""
-        node = self.core.node(ino)
+        node = self.tree.node(ino)
         if node.is_dir:
             raise IsADirError(f"{node.key}: is a directory")
         self._check_target(node, "writing")
@@ -124,11 +128,11 @@ class Writer:
         node.opened_etag = ""  # the kernel's pages of this file must not outlive the write
         node.served_etag = None  # and the inode serves the written version from now on
         node.listed_etag = ""  # the listing's old ETag no longer names this inode's version
-        version = ObjectVersion(self.core.store.bucket, node.key, "", 0)
-        return self.core.add_handle(FileHandle(node, version, staged=staged, writable=True))
+        version = ObjectVersion(self.tree.store.bucket, node.key, "", 0)
+        return self.handles.add_handle(FileHandle(node, version, staged=staged, writable=True))
 
     def _write_handle(self, fh: int) -> FileHandle:
-        handle = self.core.file_handle(fh)
+        handle = self.handles.file_handle(fh)
         if not handle.writable or handle.staged is None:
             raise BadHandleError(f"file handle {fh}: not open for writing")
         return handle
@@ -142,35 +146,33 @@ class Writer:
 
     async def flush(self, fh: int) -> None:
         """close() and fsync(): return once S3 holds what was written (UploadFailedError)."""
-        handle = self.core.file_handle(fh)
+        handle = self.handles.file_handle(fh)
         if not handle.writable or handle.staged is None:
             return  # a reader's close
         await self.writeback.upload(handle.staged)
         handle.node.etag = handle.staged.etag or ""
         handle.node.mtime_ns = time.time_ns()
 
-    async def release(self, fh: int) -> tuple[int, str] | None:
-        """The last close of a written file: keep the new version cached, or drop the name.
-
-        Returns the entry the kernel must forget, when the upload failed.
-        """
-        handle = self.core.release(fh)
+    async def release(self, fh: int) -> None:
+        """The last close of a handle; of a written file: keep the new version cached, or
+        drop the name (the upload failed: the kernel forgets its entry)."""
+        handle = self.handles.release(fh)
         if handle is None or not handle.writable or handle.staged is None:
-            return None
+            return
         staged, node = handle.staged, handle.node
         version = await self.writeback.release(staged)
         if staged.handles > 0 or node.staged is not staged:  # reopened (and rewritten) since
-            return None
+            return
         node.staged = None
-        parent = self.core.node(node.parent)
+        parent = self.tree.node(node.parent)
         if version is None:  # not in S3 (or the old object is): let a listing say what is
-            self.core.relist(parent)
-            return parent.ino, node.name
+            self.tree.relist(parent)
+            self.tree.invalidate([(parent.ino, node.name)])
+            return
         node.etag, node.size = version.etag, version.size
-        return None
 
     async def truncate(self, ino: int, size: int) -> Node:
-        node = self.core.node(ino)
+        node = self.tree.node(ino)
         if node.staged is None or node.staged.handles == 0:
             log.warning("refused to truncate %s: not open for writing here", self._url(node.key))
             raise UnsupportedError(f"{node.key}: truncate of a file not being written")
@@ -187,21 +189,21 @@ class Writer:
         key = parent.key + name + "/"
         try:
             await trio.to_thread.run_sync(
-                lambda: self.core.store.put_object(key, b"", create_only=True),
+                lambda: self.tree.store.put_object(key, b"", create_only=True),
                 limiter=self._s3_limiter,
             )
         except AlreadyExistsError:  # made elsewhere meanwhile: its contents are not listed yet
-            self.core.relist(parent)
+            self.tree.relist(parent)
             raise ExistsError(f"{key}: exists") from None
-        node = self.core.add_node(parent, name, is_dir=True)
-        self.core.relist(node)  # the prefix may hold objects already (a stale parent listing)
+        node = self.tree.add_node(parent, name, is_dir=True)
+        self.tree.relist(node)  # the prefix may hold objects already (a stale parent listing)
         return node
 
     async def _existing(self, parent_ino: int, name: str, what: str) -> tuple[Node, Node]:
         parent, children = await self._parent(parent_ino, name, what)
         if name not in children:
             raise NotFoundError(f"{parent.key}{name}: not found")
-        node = self.core.node(children[name])
+        node = self.tree.node(children[name])
         if not self.allow_delete:
             log.warning("refused to delete %s: mount with --allow-delete", self._url(node.key))
             raise NotPermittedError(f"{node.key}: delete needs --allow-delete")
@@ -214,20 +216,20 @@ class Writer:
         if node.staged is not None:
             raise BusyError(f"{node.key}: still being written")
         await trio.to_thread.run_sync(
-            self.core.store.delete_object, node.key, limiter=self._s3_limiter
+            self.tree.store.delete_object, node.key, limiter=self._s3_limiter
         )
-        self.core.remove_name(parent, name)
-        version = ObjectVersion(self.core.store.bucket, node.key, node.etag, node.size)
-        await self.core.cache.free({version.oid})
+        self.tree.remove_name(parent, name)
+        version = ObjectVersion(self.tree.store.bucket, node.key, node.etag, node.size)
+        await self.handles.cache.free({version.oid})
 
     async def rmdir(self, parent_ino: int, name: str) -> None:
         parent, node = await self._existing(parent_ino, name, "deleting in")
         if not node.is_dir:
             raise NotADirError(f"{node.key}: not a directory")
-        self.core.relist(node)  # emptiness is decided by S3, not by an old listing
-        if await self.core.children(node):
+        self.tree.relist(node)  # emptiness is decided by S3, not by an old listing
+        if await self.tree.children(node):
             raise NotEmptyError(f"{node.key}: directory not empty")
         await trio.to_thread.run_sync(
-            self.core.store.delete_object, node.key, limiter=self._s3_limiter
+            self.tree.store.delete_object, node.key, limiter=self._s3_limiter
         )
-        self.core.remove_name(parent, name)
+        self.tree.remove_name(parent, name)

@@ -15,7 +15,8 @@ import trio
 from s3cachefs.base.errors import CacheDirError, StaleError, TransientError
 from s3cachefs.cache import blockcache
 from s3cachefs.cache.blockcache import BlockCache, ObjectVersion
-from s3cachefs.fs.core import ROOT_INODE, FsCore
+from s3cachefs.fs.core import FsCore
+from s3cachefs.fs.nodes import ROOT_INODE
 from s3cachefs.store.s3 import MemoryStore
 
 BS = 64 * 1024  # small blocks keep these tests fast; the arithmetic is the same
@@ -278,7 +279,7 @@ def test_sequential_reads_trigger_readahead_random_reads_do_not(tmp_path: Path) 
             await core.read(fh, i * BS, BS)
         await cache.drain()
         assert cache.stats["readahead"] > 0
-        assert cache.is_cached(core._files[fh].version, 6)  # fetched before it was asked for
+        assert cache.is_cached(core.file_handle(fh).version, 6)  # fetched before it was asked for
         before = cache.stats["readahead"]
         rand = await core.lookup(ROOT_INODE, "rand.bin")
         assert rand is not None

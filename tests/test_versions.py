@@ -30,7 +30,10 @@ from s3cachefs.base.errors import (
     StoreError,
     TransientError,
 )
-from s3cachefs.fs.core import ROOT_INODE, FsCore, Node
+from s3cachefs.base.values import INDEFINITE_TTL
+from s3cachefs.datasets.pins import Manifest, PinStore
+from s3cachefs.fs.core import FsCore
+from s3cachefs.fs.nodes import ROOT_INODE, Node
 from s3cachefs.store.s3 import Listing, MemoryStore, ObjectInfo
 from tests.conftest import Bucket, Mounter, drop_page_cache
 from tests.faultproxy import FaultProxy
@@ -61,7 +64,7 @@ def make_core(tmp_path: Path, store: MemoryStore) -> tuple[Any, FsCore, Clock, l
         clock=clock,
     )
     invalidated: list[Any] = []
-    core.on_stale_entries = invalidated.extend
+    core.on_invalidate(invalidated.extend)
     return cache, core, clock, invalidated
 
 
@@ -391,6 +394,57 @@ def test_directories_keep_their_inodes_and_listings_survive_dropped_files(
         assert entries == {"d": d.ino, "f.bin": f2.ino}  # the snapshot's dropped inode: now's
         core.releasedir(dh)
         assert (await core.lookup(d.ino, "x.bin")) is not None
+
+    run_with(cache, body)
+
+
+def test_the_core_tells_the_adapter_what_to_forget_when_pins_or_keys_change(
+    tmp_path: Path,
+) -> None:
+    """pins_changed() and key_changed() call the registered callback themselves."""
+    store = MemoryStore()
+    data = b"pinned bytes"
+    etag = store.put("ds/a.bin", data)
+    store.put("top.txt", b"top")
+    cache = make_cache(tmp_path, store)
+    pins = PinStore(cache.root, store.bucket)
+    pins.load()
+    manifest = Manifest(store.bucket, "ds/", None, complete=True)
+    manifest.objects["ds/a.bin"] = ObjectInfo("ds/a.bin", len(data), etag, 1)
+    pins.save(manifest)
+    clock = Clock()
+    core = FsCore(
+        store,
+        cache,
+        prefix="",
+        metadata_ttl=TTL,
+        s3_limiter=trio.CapacityLimiter(8),
+        pins=pins,
+        clock=clock,
+    )
+    invalidated: list[Any] = []
+    core.on_invalidate(invalidated.extend)
+
+    async def body() -> None:
+        ds = await lookup(core, "ds")
+        lists = store.requests["list"]
+        pinned = await core.lookup(ds.ino, "a.bin")  # from the manifest: no LIST
+        assert pinned is not None and store.requests["list"] == lists
+        assert core.attributes(pinned).timeout == INDEFINITE_TTL
+        assert invalidated == []
+        pins.delete(manifest)  # evict
+        core.pins_changed()
+        assert invalidated == [(ds.ino, "a.bin")]  # the kernel held it "for ever"
+        again = await core.lookup(ds.ino, "a.bin")  # from S3 now, with the TTL
+        assert again is not None and store.requests["list"] == lists + 1
+        assert core.attributes(again).timeout == TTL
+        invalidated.clear()
+        await lookup(core, "top.txt")
+        lists = store.requests["list"]
+        core.key_changed("top.txt")  # e.g. `staged --upload` wrote it behind the tree's back
+        assert invalidated == [(ROOT_INODE, "top.txt")]
+        assert await core.lookup(ROOT_INODE, "top.txt") is not None
+        assert store.requests["list"] == lists + 1  # its directory was re-listed
 
     run_with(cache, body)
 

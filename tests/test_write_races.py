@@ -10,7 +10,8 @@ import trio.testing
 
 from s3cachefs.base.errors import ConfigError
 from s3cachefs.cache.blockcache import BlockCache, ObjectVersion
-from s3cachefs.fs.core import ROOT_INODE, FsCore
+from s3cachefs.fs.core import FsCore
+from s3cachefs.fs.nodes import ROOT_INODE
 from s3cachefs.fs.writes import Writer
 from s3cachefs.staging.writeback import Writeback
 from s3cachefs.store.s3 import MemoryStore
@@ -31,9 +32,18 @@ def setup(
     cache = make_cache(tmp_path, store, **cache_opts)
     wb = make_writeback(cache, store)
     lim = trio.CapacityLimiter(8)
-    core = FsCore(store, cache, prefix="", metadata_ttl=60, s3_limiter=lim)
-    writer = Writer(core, wb, allow_overwrite=overwrite, allow_delete=delete, s3_limiter=lim)
-    return cache, wb, core, writer
+    core = FsCore(
+        store,
+        cache,
+        prefix="",
+        metadata_ttl=60,
+        s3_limiter=lim,
+        writeback=wb,
+        allow_overwrite=overwrite,
+        allow_delete=delete,
+    )
+    assert core.writer is not None
+    return cache, wb, core, core.writer
 
 
 def test_a_reader_of_a_written_file_reads_verified_bytes_after_eviction(

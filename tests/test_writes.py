@@ -1,4 +1,9 @@
-"""Write-through mounts: real FUSE, real S3 server, the fault proxy in front of it."""
+"""Write-through mounts: real FUSE, real S3 server, the fault proxy in front of it.
+
+What a writable mount allows and refuses, on the core and through a mount alike,
+is in test_behaviour.py; here is what only a mount shows: crashes, faults,
+concurrency, kernel-served datasets, the log lines.
+"""
 
 from __future__ import annotations
 
@@ -64,19 +69,6 @@ def test_a_multipart_file_round_trips_and_reads_back_with_zero_gets(
     s3_server.reset()
     assert (mount.path / "results" / "big.bin").read_bytes() == big
     assert s3_server.gets() == []
-
-
-def test_fsync_makes_the_data_durable_before_close(bucket: Bucket, mounter: Mounter) -> None:
-    mount = mounter(bucket.name, "--writable")
-    with (mount.path / "out.txt").open("wb") as f:
-        f.write(b"first part\n")
-        f.flush()
-        os.fsync(f.fileno())
-        assert s3_bytes(bucket, "out.txt") == b"first part\n"
-        f.seek(0)  # a seek back within the file being written is fine
-        f.write(b"FIRST")
-    assert s3_bytes(bucket, "out.txt") == b"FIRST part\n"
-    assert (mount.path / "out.txt").read_bytes() == b"FIRST part\n"
 
 
 def test_a_failed_upload_fails_close_with_eio_and_keeps_the_data(
