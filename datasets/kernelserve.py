@@ -59,7 +59,7 @@ from s3cachefs.datasets.kernelcheck import KernelChecks
 from s3cachefs.datasets.pins import Manifest, PinStore
 
 if TYPE_CHECKING:
-    from s3cachefs.store.s3 import ObjectInfo
+    from s3cachefs.store.types import ObjectInfo
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from s3cachefs.cache.blockcache import ObjectVersion
 from s3cachefs.store.checksums import Check
 from s3cachefs.store.keys import valid_name
 from s3cachefs.store.responses import etag_md5
-from s3cachefs.store.s3 import Listing, ObjectInfo
+from s3cachefs.store.types import Listing, ObjectInfo
 
 log = logging.getLogger(__name__)
 

@@ -49,7 +49,7 @@ from s3cachefs.datasets.pins import PinStore
 from s3cachefs.fs.versions import VersionGuard
 from s3cachefs.staging.writeback import Staged
 from s3cachefs.store.keys import valid_name
-from s3cachefs.store.s3 import Listing, ObjectInfo, ObjectStore
+from s3cachefs.store.types import Listing, ObjectInfo, ObjectStore
 
 log = logging.getLogger(__name__)
 

@@ -58,7 +58,7 @@ from s3cachefs.base.errors import (
 )
 from s3cachefs.cache.blockcache import BlockCache, ObjectVersion
 from s3cachefs.store import checksums
-from s3cachefs.store.s3 import ObjectStore
+from s3cachefs.store.types import ObjectStore
 
 log = logging.getLogger(__name__)
 

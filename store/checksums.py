@@ -75,7 +75,7 @@ from s3cachefs.store.responses import etag_md5
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from s3cachefs.store.s3 import ChecksumHead, ObjectInfo, ObjectStore
+    from s3cachefs.store.types import ChecksumHead, ObjectInfo, ObjectStore
 
 _MULTIPART_ETAG = re.compile(r'^"?([0-9a-f]{32})-([0-9]+)"?$')
 ALGORITHMS = ("crc32", "crc32c", "crc64nvme", "sha1", "sha256")

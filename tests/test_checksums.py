@@ -26,7 +26,8 @@ from s3cachefs.store.checksums import (
     plan,
     resolved,
 )
-from s3cachefs.store.s3 import MemoryStore, ObjectInfo, S3Store, checksum_head
+from s3cachefs.store.s3 import MemoryStore, S3Store, checksum_head
+from s3cachefs.store.types import ObjectInfo
 from tests.conftest import Bucket
 from tests.test_blockcache import make_cache, read_back, run_with
 

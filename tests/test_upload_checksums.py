@@ -26,7 +26,8 @@ from s3cachefs.base.errors import (
     TransientError,
 )
 from s3cachefs.store.checksums import Digest, crc64nvme, plan
-from s3cachefs.store.s3 import MemoryStore, ObjectInfo, S3Store
+from s3cachefs.store.s3 import MemoryStore, S3Store
+from s3cachefs.store.types import ObjectInfo
 from s3cachefs.store.uploadchecksums import NOT_KEPT
 from tests.conftest import Bucket
 from tests.faultproxy import FaultProxy
