@@ -16,7 +16,7 @@ from s3cachefs.base.errors import CacheDirError, StaleError, TransientError
 from s3cachefs.cache import blockcache
 from s3cachefs.cache.blockcache import BlockCache, ObjectVersion
 from s3cachefs.fs.core import ROOT_INODE, FsCore
-from s3cachefs.store.s3 import MemoryStore
+from s3cachefs.testing.memorystore import MemoryStore
 
 BS = 64 * 1024  # small blocks keep these tests fast; the arithmetic is the same
 

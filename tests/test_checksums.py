@@ -26,8 +26,9 @@ from s3cachefs.store.checksums import (
     plan,
     resolved,
 )
-from s3cachefs.store.s3 import MemoryStore, S3Store, checksum_head
+from s3cachefs.store.s3 import S3Store, checksum_head
 from s3cachefs.store.types import ObjectInfo
+from s3cachefs.testing.memorystore import MemoryStore
 from tests.conftest import Bucket
 from tests.test_blockcache import make_cache, read_back, run_with
 

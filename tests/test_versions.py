@@ -31,8 +31,8 @@ from s3cachefs.base.errors import (
     TransientError,
 )
 from s3cachefs.fs.core import ROOT_INODE, FsCore, Node
-from s3cachefs.store.s3 import MemoryStore
 from s3cachefs.store.types import Listing, ObjectInfo
+from s3cachefs.testing.memorystore import MemoryStore
 from tests.conftest import Bucket, Mounter, drop_page_cache
 from tests.faultproxy import FaultProxy
 from tests.test_blockcache import BS, make_cache, run_with

@@ -13,7 +13,7 @@ from s3cachefs.cache.blockcache import BlockCache, ObjectVersion
 from s3cachefs.fs.core import ROOT_INODE, FsCore
 from s3cachefs.fs.writes import Writer
 from s3cachefs.staging.writeback import Writeback
-from s3cachefs.store.s3 import MemoryStore
+from s3cachefs.testing.memorystore import MemoryStore
 from tests.test_blockcache import BS, make_cache, run_with
 from tests.test_writeback import make_writeback
 
