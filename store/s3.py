@@ -1,8 +1,8 @@
 """`S3Store`: the `ObjectStore` over boto3 and the lean GET path.
 
 All methods are blocking; the daemon calls them from worker threads under the
-S3 capacity limiter. botocore errors never leave this module: they become the
-errors of `s3cachefs.base.errors` in `_translated`.
+S3 capacity limiter. botocore errors never leave the store: every request runs
+inside `errortable.translated`, which makes them the errors of `s3cachefs.base.errors`.
 """
 
 from __future__ import annotations
@@ -24,22 +24,18 @@ import boto3
 import botocore.config
 import botocore.exceptions
 import botocore.session
-import urllib3
 from botocore.httpsession import DEFAULT_CA_BUNDLE
 
 from s3cachefs.base.errors import (
-    AccessDeniedError,
-    AlreadyExistsError,
     BadResponseError,
-    ChecksumsRefusedError,
     CredentialsError,
     NoSuchBucketError,
     NotFoundError,
-    StaleError,
     StoreError,
     TransientError,
 )
 from s3cachefs.store import checksums
+from s3cachefs.store.errortable import created, error_for_code, refusals, translated
 from s3cachefs.store.rangeget import RangeGetter, proxy_applies
 from s3cachefs.store.responses import NOT_MD5_ENCRYPTION, body_md5, check_get_response
 from s3cachefs.store.types import (
@@ -49,7 +45,7 @@ from s3cachefs.store.types import (
     ObjectInfo,
     PartHead,
 )
-from s3cachefs.store.uploadchecksums import REFUSAL_CODES, ChecksumSupport
+from s3cachefs.store.uploadchecksums import ChecksumSupport
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -62,86 +58,6 @@ log = logging.getLogger(__name__)
 # A listing longer than this is a server that never ends it (100,000 pages of 1,000 keys:
 # 100 million objects under one prefix), not a real one: it fails with a StoreError.
 MAX_LIST_PAGES = 100_000
-
-# S3 error codes, by the error they become. Anything else is a StoreError.
-_NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
-_NO_BUCKET = {"NoSuchBucket"}
-_DENIED = {
-    "AccessDenied",
-    "403",
-    "Forbidden",
-    "InvalidAccessKeyId",
-    "SignatureDoesNotMatch",
-    "InvalidToken",
-    "ExpiredToken",
-    "AllAccessDisabled",
-}
-_STALE = {"PreconditionFailed", "412"}
-_TRANSIENT = {
-    "SlowDown",
-    "503",
-    "500",
-    "InternalError",
-    "ServiceUnavailable",
-    "Throttling",
-    "ThrottlingException",
-    "RequestTimeout",
-    "RequestTimeTooSkewed",
-    "502",
-    "504",
-}
-
-_NETWORK_ERRORS = (
-    botocore.exceptions.EndpointConnectionError,
-    botocore.exceptions.ConnectionClosedError,
-    botocore.exceptions.ReadTimeoutError,
-    botocore.exceptions.ConnectTimeoutError,
-    botocore.exceptions.ResponseStreamingError,
-    botocore.exceptions.IncompleteReadError,
-    botocore.exceptions.HTTPClientError,
-    botocore.exceptions.ConnectionError,
-    urllib3.exceptions.HTTPError,  # the lean GET path (`daemon.rangeget`)
-)
-
-
-def error_for_code(code: str, what: str) -> StoreError:
-    """The error an S3 error code (or bare HTTP status) becomes."""
-    if code in _NO_BUCKET:
-        return NoSuchBucketError(f"{what}: no such bucket")
-    if code in _NOT_FOUND:
-        return NotFoundError(f"{what}: not found")
-    if code in _DENIED:
-        return AccessDeniedError(f"{what}: access denied ({code})")
-    if code in _STALE:
-        return StaleError(f"{what}: changed in S3 since it was opened")
-    if code in _TRANSIENT:
-        return TransientError(f"{what}: S3 unavailable ({code}) after retries")
-    return StoreError(f"{what}: S3 error {code}")
-
-
-@contextlib.contextmanager
-def _translated(what: str) -> Iterator[None]:
-    """Turn botocore's errors into ours; ``what`` names the object for the message."""
-    try:
-        yield
-    except botocore.exceptions.ClientError as exc:
-        code = str(exc.response.get("Error", {}).get("Code", ""))
-        error = error_for_code(code, what)
-        if isinstance(error, StaleError):  # the current ETag, if the server said it
-            headers = exc.response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
-            error.current_etag = headers.get("etag")
-        raise error from None
-    except botocore.exceptions.NoCredentialsError:
-        raise CredentialsError(
-            "no AWS credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
-            "--profile, or an instance role)"
-        ) from None
-    except botocore.exceptions.ProfileNotFound as exc:
-        raise CredentialsError(str(exc)) from None
-    except _NETWORK_ERRORS as exc:
-        raise TransientError(f"{what}: network error: {type(exc).__name__}") from None
-    except botocore.exceptions.BotoCoreError as exc:  # e.g. a checksum that did not match
-        raise StoreError(f"{what}: {type(exc).__name__}: {exc}") from None
 
 
 class S3Store:
@@ -222,7 +138,7 @@ class S3Store:
         start = time.monotonic()
         outcome = "ok"
         try:
-            with _translated(what):
+            with translated(what):
                 yield
         except StoreError as exc:
             outcome = type(exc).__name__.removesuffix("Error").lower()
@@ -395,7 +311,7 @@ class S3Store:
                 # --etag-md5 off: a whole object is checked as a range is (status, length, ETag)
                 whole_object = self._etag_md5s and pos == 0 and end == size
                 md5 = body_md5(headers, etag) if whole_object else None
-                with _translated(what):
+                with translated(what):
                     if md5 is None:
                         while pos < end:
                             piece = _read_exactly(
@@ -484,7 +400,7 @@ class S3Store:
                     "ChecksumAlgorithm": UPLOAD_CHECKSUM,
                     "ChecksumCRC64NVME": checksums.b64(crc),
                 }
-            with _created(what), self._request("put", what), _refusals(what, with_checksums):
+            with created(what), self._request("put", what), refusals(what, with_checksums):
                 resp = self._client.put_object(
                     Bucket=self._bucket,
                     Key=key,
@@ -506,7 +422,7 @@ class S3Store:
             if with_checksums
             else {}
         )
-        with self._request("multipart", what), _refusals(what, with_checksums):
+        with self._request("multipart", what), refusals(what, with_checksums):
             resp = self._client.create_multipart_upload(Bucket=self._bucket, Key=key, **sums)
         return resp["UploadId"]
 
@@ -525,7 +441,7 @@ class S3Store:
         if with_checksums:
             crc = checksums.crc64nvme(data) if crc64nvme is None else crc64nvme
             sums = {"ChecksumAlgorithm": UPLOAD_CHECKSUM, "ChecksumCRC64NVME": checksums.b64(crc)}
-        with self._request("put_part", what), _refusals(what, with_checksums):
+        with self._request("put_part", what), refusals(what, with_checksums):
             resp = self._client.upload_part(
                 Bucket=self._bucket,
                 Key=key,
@@ -557,7 +473,7 @@ class S3Store:
         if crc64nvme is not None:  # S3 checks the assembled object against it
             extra.update(ChecksumCRC64NVME=checksums.b64(crc64nvme), ChecksumType="FULL_OBJECT")
         sent = bool(part_crcs) or crc64nvme is not None
-        with _created(what), self._request("multipart", what), _refusals(what, sent):
+        with created(what), self._request("multipart", what), refusals(what, sent):
             resp = self._client.complete_multipart_upload(
                 Bucket=self._bucket,
                 Key=key,
@@ -603,33 +519,6 @@ def checksum_head(resp: Any) -> ChecksumHead:
 def _content_md5(data: bytes) -> str:
     """Content-MD5: S3 rejects a body that arrived altered (BadDigest)."""
     return base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
-
-
-@contextlib.contextmanager
-def _refusals(what: str, with_checksums: bool) -> Iterator[None]:
-    """A request with checksums refused as invalid: perhaps for them (`daemon.uploadchecksums`).
-
-    Innermost, so that it sees botocore's error before `_translated` does.
-    """
-    try:
-        yield
-    except botocore.exceptions.ClientError as exc:
-        error = exc.response.get("Error", {})
-        code = str(error.get("Code", ""))
-        if not with_checksums or code not in REFUSAL_CODES:
-            raise
-        message = str(error.get("Message") or "")[:200]  # the server's words: which header
-        said = f": {message}" if message else ""
-        raise ChecksumsRefusedError(f"{what}: {code}{said}") from None
-
-
-@contextlib.contextmanager
-def _created(what: str) -> Iterator[None]:
-    """A 412 on a create-only write means the key exists, not that a read went stale."""
-    try:
-        yield
-    except StaleError:
-        raise AlreadyExistsError(f"{what}: already exists in S3") from None
 
 
 def _objects(page: Any) -> list[ObjectInfo]:
