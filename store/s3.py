@@ -35,6 +35,7 @@ from s3cachefs.base.errors import (
     TransientError,
 )
 from s3cachefs.store import checksums
+from s3cachefs.store.bodies import Md5Mismatch, read_pieces, release
 from s3cachefs.store.errortable import created, error_for_code, refusals, translated
 from s3cachefs.store.rangeget import RangeGetter, proxy_applies
 from s3cachefs.store.responses import NOT_MD5_ENCRYPTION, body_md5, check_get_response
@@ -312,19 +313,9 @@ class S3Store:
                 whole_object = self._etag_md5s and pos == 0 and end == size
                 md5 = body_md5(headers, etag) if whole_object else None
                 with translated(what):
-                    if md5 is None:
-                        while pos < end:
-                            piece = _read_exactly(
-                                body, min(piece_size(pos - start, chunk, first), end - pos)
-                            )
-                            if piece is None:
-                                raise TransientError(f"{what}: body ended early at byte {pos}")
-                            pos += len(piece)
-                            yield piece
-                    else:  # a whole single-part object: not one byte before its MD5 matched
-                        for piece in _read_verified(body, end, chunk, first, md5, what):
-                            pos += len(piece)
-                            yield piece
+                    for piece in read_pieces(body, start, pos, end, chunk, first, md5, what):
+                        pos += len(piece)
+                        yield piece
                 whole = True
             except TransientError as exc:
                 if body is None:  # the request itself failed, after its own retries
@@ -338,7 +329,7 @@ class S3Store:
                 time.sleep(min(2.0, 0.05 * 2**attempt) * random.random())  # noqa: S311
             finally:
                 if body is not None:
-                    _release(body, whole)
+                    release(body, whole)
 
     def _open(self, key: str, etag: str, start: int, end: int, what: str) -> tuple[int, Any, Any]:
         """(status, headers, streaming body) of ``GET key`` for bytes [start, end)."""
@@ -367,7 +358,7 @@ class S3Store:
         The same bytes twice: the server is consistent, its ETag is just another digest
         (or not the MD5 of the bytes at all). EIO at once, and one WARNING naming the fix.
         """
-        if not isinstance(exc, _Md5Mismatch):
+        if not isinstance(exc, Md5Mismatch):
             return before
         if exc.digest != before:
             return exc.digest
@@ -531,58 +522,3 @@ def _objects(page: Any) -> list[ObjectInfo]:
         )
         for obj in page.get("Contents", [])
     ]
-
-
-def piece_size(done: int, chunk: int, first: int) -> int:
-    """The next piece after ``done`` bytes: chunk-aligned, the first chunk split at ``first``."""
-    if 0 < first < chunk and done < first:
-        return first - done
-    return chunk - done % chunk
-
-
-def _release(body: Any, whole: bool) -> None:
-    """Give a read-to-the-end connection back to the pool; close one left mid-body."""
-    if whole and hasattr(body, "release_conn"):
-        body.release_conn()
-    else:
-        body.close()
-
-
-def _read_verified(
-    body: Any, size: int, chunk: int, first: int, md5: str, what: str
-) -> list[bytes]:
-    """A whole object's body in pieces, read to its end and checked against its MD5."""
-    digest = hashlib.md5(usedforsecurity=False)
-    pieces: list[bytes] = []
-    pos = 0
-    while pos < size:
-        piece = _read_exactly(body, min(piece_size(pos, chunk, first), size - pos))
-        if piece is None:
-            raise TransientError(f"{what}: body ended early at byte {pos}")
-        digest.update(piece)
-        pieces.append(piece)
-        pos += len(piece)
-    if digest.hexdigest() != md5:
-        raise _Md5Mismatch(what, digest.hexdigest())
-    return pieces
-
-
-class _Md5Mismatch(BadResponseError):
-    """A whole body that is not its MD5 ETag; ``digest``: what it was (a retry may match)."""
-
-    def __init__(self, what: str, digest: str) -> None:
-        super().__init__(what, "md5", "body does not match its MD5 ETag")
-        self.digest = digest
-
-
-def _read_exactly(body: Any, size: int) -> bytes | None:
-    """``size`` bytes from a streaming body, or None if it ends first."""
-    parts: list[bytes] = []
-    missing = size
-    while missing:
-        data = body.read(missing)
-        if not data:
-            return None
-        parts.append(data)
-        missing -= len(data)
-    return parts[0] if len(parts) == 1 else b"".join(parts)

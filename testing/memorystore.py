@@ -23,7 +23,7 @@ from s3cachefs.base.errors import (
     StoreError,
 )
 from s3cachefs.store import checksums
-from s3cachefs.store.s3 import piece_size
+from s3cachefs.store.bodies import piece_size
 from s3cachefs.store.types import ChecksumHead, Listing, ObjectInfo, PartHead
 from s3cachefs.store.uploadchecksums import ChecksumSupport
 
