@@ -12,7 +12,6 @@ import contextlib
 import hashlib
 import itertools
 import logging
-import random
 import threading
 import time
 import urllib.parse
@@ -36,9 +35,10 @@ from s3cachefs.base.errors import (
 )
 from s3cachefs.store import checksums
 from s3cachefs.store.bodies import Md5Mismatch, read_pieces, release
-from s3cachefs.store.errortable import created, error_for_code, refusals, translated
+from s3cachefs.store.errortable import created, refusals, translated
 from s3cachefs.store.rangeget import RangeGetter, proxy_applies
 from s3cachefs.store.responses import NOT_MD5_ENCRYPTION, body_md5, check_get_response
+from s3cachefs.store.retry import RetryPolicy
 from s3cachefs.store.types import (
     UPLOAD_CHECKSUM,
     ChecksumHead,
@@ -55,6 +55,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# The start-up check of the bucket, whatever the policy (botocore: 3 requests in all, see
+# `RetryPolicy.botocore_config`): a typo'd endpoint fails fast, not after seconds.
+PROBE_ATTEMPTS = 2
+
 
 # A listing longer than this is a server that never ends it (100,000 pages of 1,000 keys:
 # 100 million objects under one prefix), not a real one: it fails with a StoreError.
@@ -70,13 +74,13 @@ class S3Store:
         self._requests: Counter[str] = Counter()
         # Called after every request with (operation, outcome, seconds): metrics.
         self.observer: Callable[[str, str, float], None] | None = None
-        self._body_attempts = config.s3_max_attempts
+        self._retry = RetryPolicy.from_config(config)  # the body loop, the lean GET, botocore
         self._config = config
         self._getter: RangeGetter | None = None  # set by check_bucket, once the region is known
         self._warned: set[str] = set()  # server behaviours already logged loudly (once each)
         self._etag_md5s = config.etag_md5s  # --etag-md5 auto: whole-object GETs check the MD5
         # A whole listing (every page of one directory) may take this long at most.
-        self.listing_budget = config.s3_timeout * config.s3_max_attempts
+        self.listing_budget = config.s3_timeout * self._retry.max_attempts
         try:
             self._core_session = botocore.session.Session(profile=config.profile)
             session = boto3.session.Session(botocore_session=self._core_session)
@@ -84,9 +88,6 @@ class S3Store:
             raise CredentialsError(str(exc)) from None
         client_config = botocore.config.Config(
             region_name=config.region or session.region_name or "us-east-1",
-            # Throttling, 5xx and connection errors: exponential backoff with
-            # jitter, bounded attempts (botocore "standard" mode).
-            retries={"mode": "standard", "max_attempts": config.s3_max_attempts},
             max_pool_connections=config.s3_concurrency,
             connect_timeout=min(10.0, config.s3_timeout),
             read_timeout=config.s3_timeout,
@@ -99,19 +100,18 @@ class S3Store:
             # Nor does get_object ask for them (x-amz-checksum-mode: ENABLED by default),
             # which some servers refuse (Backblaze B2); HEADs that want them say so.
             response_checksum_validation="when_required",
-        )
+            # Throttling, 5xx and connection errors: botocore's "standard" retries, within
+            # the attempts of the store's one policy.
+        ).merge(self._retry.botocore_config())
         self._client: S3Client = session.client(
             "s3", endpoint_url=config.endpoint_url, config=client_config
         )
         self._session = session
         self._checksums = ChecksumSupport(config.bucket)  # what the server does with them
-        # The start-up check fails fast on a typo'd endpoint instead of retrying for seconds.
         self._probe: S3Client = session.client(
             "s3",
             endpoint_url=config.endpoint_url,
-            config=client_config.merge(
-                botocore.config.Config(retries={"mode": "standard", "max_attempts": 2})
-            ),
+            config=client_config.merge(RetryPolicy(PROBE_ATTEMPTS).botocore_config()),
         )
 
     @property
@@ -184,8 +184,7 @@ class S3Store:
             max_connections=config.s3_concurrency,
             connect_timeout=min(10.0, config.s3_timeout),
             read_timeout=config.s3_timeout,
-            max_attempts=config.s3_max_attempts,
-            error_for_code=error_for_code,
+            retry=self._retry,
         )
 
     def list_dir(self, prefix: str) -> Listing:
@@ -317,16 +316,17 @@ class S3Store:
                         pos += len(piece)
                         yield piece
                 whole = True
-            except TransientError as exc:
-                if body is None:  # the request itself failed, after its own retries
+            except StoreError as exc:
+                # Not the request itself, which failed after its own retries.
+                if body is None or not self._retry.retryable(exc):
                     raise
                 attempt += 1
                 mismatched = self._same_bytes_again(exc, mismatched, what)
                 if isinstance(exc, BadResponseError):
-                    self._bad_response(exc, retrying=attempt < self._body_attempts)
-                if attempt >= self._body_attempts:
+                    self._bad_response(exc, retrying=self._retry.again(attempt))
+                if not self._retry.again(attempt):
                     raise
-                time.sleep(min(2.0, 0.05 * 2**attempt) * random.random())  # noqa: S311
+                self._retry.wait(attempt)
             finally:
                 if body is not None:
                     release(body, whole)
@@ -352,7 +352,7 @@ class S3Store:
             "retrying" if retrying else "giving up",
         )
 
-    def _same_bytes_again(self, exc: TransientError, before: str | None, what: str) -> str | None:
+    def _same_bytes_again(self, exc: StoreError, before: str | None, what: str) -> str | None:
         """The digest of the last whole body that failed its MD5; raises if two had the same.
 
         The same bytes twice: the server is consistent, its ETag is just another digest
