@@ -1,4 +1,9 @@
-"""`S3Store`: the `ObjectStore` over boto3 and the lean GET path.
+"""`S3Store`: the `ObjectStore` over one boto3 client and the lean GET path.
+
+Here: the client and its configuration, request counting, the choice of GET
+path (`store.rangeget` unless a proxy applies), listings, HEADs and ranged GETs
+with their response checks and resumption. Writes are `store.s3writes`; bodies
+are read by `store.bodies`; every retry follows `store.retry`.
 
 All methods are blocking; the daemon calls them from worker threads under the
 S3 capacity limiter. botocore errors never leave the store: every request runs
@@ -7,9 +12,7 @@ inside `errortable.translated`, which makes them the errors of `s3cachefs.base.e
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import hashlib
 import itertools
 import logging
 import threading
@@ -35,17 +38,12 @@ from s3cachefs.base.errors import (
 )
 from s3cachefs.store import checksums
 from s3cachefs.store.bodies import Md5Mismatch, read_pieces, release
-from s3cachefs.store.errortable import created, refusals, translated
+from s3cachefs.store.errortable import translated
 from s3cachefs.store.rangeget import RangeGetter, proxy_applies
 from s3cachefs.store.responses import NOT_MD5_ENCRYPTION, body_md5, check_get_response
 from s3cachefs.store.retry import RetryPolicy
-from s3cachefs.store.types import (
-    UPLOAD_CHECKSUM,
-    ChecksumHead,
-    Listing,
-    ObjectInfo,
-    PartHead,
-)
+from s3cachefs.store.s3writes import S3Writes
+from s3cachefs.store.types import ChecksumHead, Listing, ObjectInfo, PartHead
 from s3cachefs.store.uploadchecksums import ChecksumSupport
 
 if TYPE_CHECKING:
@@ -59,13 +57,12 @@ log = logging.getLogger(__name__)
 # `RetryPolicy.botocore_config`): a typo'd endpoint fails fast, not after seconds.
 PROBE_ATTEMPTS = 2
 
-
 # A listing longer than this is a server that never ends it (100,000 pages of 1,000 keys:
 # 100 million objects under one prefix), not a real one: it fails with a StoreError.
 MAX_LIST_PAGES = 100_000
 
 
-class S3Store:
+class S3Store(S3Writes):
     """`ObjectStore` over one shared boto3 client (thread-safe by botocore's design)."""
 
     def __init__(self, config: MountConfig) -> None:
@@ -95,14 +92,12 @@ class S3Store:
             s3={"addressing_style": "path"} if config.endpoint_url else None,
             # Uploads carry the checksums chosen here and no others: by default botocore
             # adds a CRC32 to a PUT sent without one (an aws-chunked trailer over HTTPS),
-            # which a server that refuses checksums refuses again (`daemon.uploadchecksums`).
+            # which a server that refuses checksums refuses again (`store.uploadchecksums`).
             request_checksum_calculation="when_required",
             # Nor does get_object ask for them (x-amz-checksum-mode: ENABLED by default),
             # which some servers refuse (Backblaze B2); HEADs that want them say so.
             response_checksum_validation="when_required",
-            # Throttling, 5xx and connection errors: botocore's "standard" retries, within
-            # the attempts of the store's one policy.
-        ).merge(self._retry.botocore_config())
+        ).merge(self._retry.botocore_config())  # throttling, 5xx, network: `store.retry`
         self._client: S3Client = session.client(
             "s3", endpoint_url=config.endpoint_url, config=client_config
         )
@@ -298,9 +293,9 @@ class S3Store:
         pos = start
         attempt = 0
         mismatched: str | None = None  # the digest of a whole body that failed its MD5
-        # A failed request is retried inside the request (botocore's budget, or the lean
+        # A failed request is retried inside the request (botocore's retries, or the lean
         # path's); a response that is not what was asked for, or a body cut half-way, is
-        # ours: retried from the first piece not yet delivered, within the same budget.
+        # ours: retried from the first piece not yet delivered. One policy: `store.retry`.
         while pos < end:
             body: Any = None
             whole = False
@@ -370,130 +365,6 @@ class S3Store:
         log.log(logging.WARNING if self._first("etag_not_md5") else logging.DEBUG, "%s", message)
         raise StoreError(message) from None
 
-    @property
-    def sends_checksums(self) -> bool:
-        return self._checksums.sends
-
-    def checksums_refused(self, reason: str) -> None:
-        self._checksums.refused(reason)
-
-    def put_object(
-        self, key: str, data: bytes, *, create_only: bool, crc64nvme: int | None = None
-    ) -> str:
-        what = f"s3://{self._bucket}/{key}"
-        extra: dict[str, Any] = {"IfNoneMatch": "*"} if create_only else {}
-
-        def send(with_checksums: bool) -> str:
-            sums: dict[str, Any] = {}
-            if with_checksums:  # with the value: both S3 and moto keep it
-                crc = checksums.crc64nvme(data) if crc64nvme is None else crc64nvme
-                sums = {
-                    "ChecksumAlgorithm": UPLOAD_CHECKSUM,
-                    "ChecksumCRC64NVME": checksums.b64(crc),
-                }
-            with created(what), self._request("put", what), refusals(what, with_checksums):
-                resp = self._client.put_object(
-                    Bucket=self._bucket,
-                    Key=key,
-                    Body=data,
-                    ContentMD5=_content_md5(data),
-                    **extra,
-                    **sums,
-                )
-            if with_checksums:
-                self._kept(key, resp)
-            return str(resp["ETag"])
-
-        return self._checksums.put(send)
-
-    def create_multipart(self, key: str, *, with_checksums: bool = True) -> str:
-        what = f"s3://{self._bucket}/{key}"
-        sums: dict[str, Any] = (
-            {"ChecksumAlgorithm": UPLOAD_CHECKSUM, "ChecksumType": "FULL_OBJECT"}
-            if with_checksums
-            else {}
-        )
-        with self._request("multipart", what), refusals(what, with_checksums):
-            resp = self._client.create_multipart_upload(Bucket=self._bucket, Key=key, **sums)
-        return resp["UploadId"]
-
-    def upload_part(
-        self,
-        key: str,
-        upload_id: str,
-        number: int,
-        data: bytes,
-        *,
-        crc64nvme: int | None = None,
-        with_checksums: bool = True,
-    ) -> str:
-        what = f"s3://{self._bucket}/{key} part {number}"
-        sums: dict[str, Any] = {}
-        if with_checksums:
-            crc = checksums.crc64nvme(data) if crc64nvme is None else crc64nvme
-            sums = {"ChecksumAlgorithm": UPLOAD_CHECKSUM, "ChecksumCRC64NVME": checksums.b64(crc)}
-        with self._request("put_part", what), refusals(what, with_checksums):
-            resp = self._client.upload_part(
-                Bucket=self._bucket,
-                Key=key,
-                UploadId=upload_id,
-                PartNumber=number,
-                Body=data,
-                ContentMD5=_content_md5(data),
-                **sums,
-            )
-        return resp["ETag"]
-
-    def complete_multipart(
-        self,
-        key: str,
-        upload_id: str,
-        etags: list[str],
-        *,
-        create_only: bool,
-        part_crcs: list[int] | None = None,
-        crc64nvme: int | None = None,
-    ) -> str:
-        what = f"s3://{self._bucket}/{key}"
-        extra: dict[str, Any] = {"IfNoneMatch": "*"} if create_only else {}
-        parts: list[dict[str, Any]] = [
-            {"ETag": etag, "PartNumber": n} for n, etag in enumerate(etags, start=1)
-        ]
-        for part, crc in zip(parts, part_crcs or [], strict=False):
-            part["ChecksumCRC64NVME"] = checksums.b64(crc)
-        if crc64nvme is not None:  # S3 checks the assembled object against it
-            extra.update(ChecksumCRC64NVME=checksums.b64(crc64nvme), ChecksumType="FULL_OBJECT")
-        sent = bool(part_crcs) or crc64nvme is not None
-        with created(what), self._request("multipart", what), refusals(what, sent):
-            resp = self._client.complete_multipart_upload(
-                Bucket=self._bucket,
-                Key=key,
-                UploadId=upload_id,
-                MultipartUpload={"Parts": parts},  # type: ignore[typeddict-item]
-                **extra,
-            )
-        if sent:
-            self._kept(key, resp)
-        return resp["ETag"]
-
-    def _kept(self, key: str, resp: Any) -> None:
-        """After an upload with checksums: whether S3 kept one (its echo, else a HEAD)."""
-        if not self._checksums.wants_probe(echoed=bool(resp.get(f"Checksum{UPLOAD_CHECKSUM}"))):
-            return
-        try:
-            head = self.head_checksum(key, str(resp["ETag"]))
-        except StoreError:  # replaced meanwhile, or S3 unavailable: ask after the next upload
-            return
-        self._checksums.kept(head.algorithm is not None)
-
-    def abort_multipart(self, key: str, upload_id: str) -> None:
-        with self._request("multipart", f"s3://{self._bucket}/{key}"):
-            self._client.abort_multipart_upload(Bucket=self._bucket, Key=key, UploadId=upload_id)
-
-    def delete_object(self, key: str) -> None:
-        with self._request("delete", f"s3://{self._bucket}/{key}"):
-            self._client.delete_object(Bucket=self._bucket, Key=key)
-
 
 def checksum_head(resp: Any) -> ChecksumHead:
     """The additional checksum in a HEAD/GET response (the first algorithm S3 names)."""
@@ -505,11 +376,6 @@ def checksum_head(resp: Any) -> ChecksumHead:
         if value:
             return ChecksumHead(algorithm, str(value), resp.get("ChecksumType"), not_md5)
     return ChecksumHead(None, None, resp.get("ChecksumType"), not_md5)
-
-
-def _content_md5(data: bytes) -> str:
-    """Content-MD5: S3 rejects a body that arrived altered (BadDigest)."""
-    return base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
 
 
 def _objects(page: Any) -> list[ObjectInfo]:
