@@ -18,12 +18,12 @@ from s3cachefs.base.config import MountConfig
 from s3cachefs.cache.blockcache import ObjectVersion
 from s3cachefs.datasets.pins import Manifest, PinStore
 from s3cachefs.datasets.prefetch import PrefetchJob
+from s3cachefs.store.checkplan import plan
 from s3cachefs.store.checksums import (
     Check,
     Digest,
     combine_crc64nvme,
     crc64nvme,
-    plan,
     resolved,
 )
 from s3cachefs.store.s3 import S3Store, checksum_head

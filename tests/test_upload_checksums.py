@@ -25,7 +25,8 @@ from s3cachefs.base.errors import (
     NotFoundError,
     TransientError,
 )
-from s3cachefs.store.checksums import Digest, crc64nvme, plan
+from s3cachefs.store.checkplan import plan
+from s3cachefs.store.checksums import Digest, crc64nvme
 from s3cachefs.store.s3 import S3Store
 from s3cachefs.store.types import ObjectInfo
 from s3cachefs.store.uploadchecksums import NOT_KEPT
