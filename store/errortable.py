@@ -63,7 +63,7 @@ _NETWORK_ERRORS = (
     botocore.exceptions.IncompleteReadError,
     botocore.exceptions.HTTPClientError,
     botocore.exceptions.ConnectionError,
-    urllib3.exceptions.HTTPError,  # the lean GET path (`daemon.rangeget`)
+    urllib3.exceptions.HTTPError,  # the lean GET path (`store.rangeget`)
 )
 
 
@@ -109,7 +109,7 @@ def translated(what: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def refusals(what: str, with_checksums: bool) -> Iterator[None]:
-    """A request with checksums refused as invalid: perhaps for them (`daemon.uploadchecksums`).
+    """A request with checksums refused as invalid: perhaps for them (`store.uploadchecksums`).
 
     Innermost, so that it sees botocore's error before `translated` does.
     """

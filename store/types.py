@@ -109,7 +109,7 @@ class ObjectStore(Protocol):
 
         One ranged GET, conditional on the ETag (`StaleError` if the object
         changed); ``size`` is the version's size, which the response must
-        confirm (`daemon.responses`). Each piece is yielded as soon as it has
+        confirm (`store.responses`). Each piece is yielded as soon as it has
         arrived, so the first block of a long GET is served before the last one
         is in; a GET of a whole single-part object yields nothing before the
         body matched its MD5 ETag. With ``first``, the first chunk comes as two
@@ -123,8 +123,8 @@ class ObjectStore(Protocol):
 
     # Every write carries Content-MD5 and a CRC64NVME that S3 checks and keeps
     # (``crc64nvme`` of ``data``, computed here if not given), so what this tool
-    # writes is end-to-end verifiable by `daemon.checksums` later. A server that
-    # refuses the CRC (`daemon.uploadchecksums`) gets Content-MD5 only: `put_object`
+    # writes is end-to-end verifiable by `store.checksums` later. A server that
+    # refuses the CRC (`store.uploadchecksums`) gets Content-MD5 only: `put_object`
     # falls back by itself; a multipart upload raises `ChecksumsRefusedError` and its
     # caller starts it again with ``with_checksums=False``.
 
