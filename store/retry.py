@@ -11,8 +11,9 @@ Every S3 request is retried under it, in one of three places:
   half-way (`S3Store.iter_range`): asked again from the first piece not yet
   delivered (`retryable`: a `TransientError`, once a response has begun).
 
-Each loop counts its own attempts, the first included, against ``max_attempts``
-(``s3_max_attempts`` of the mount) and waits `backoff` between two of them.
+Our two loops each count their own attempts, the first included, against
+``max_attempts`` (``s3_max_attempts`` of the mount; botocore gets one more, see
+`botocore_config`) and wait `backoff` between two of them.
 """
 
 from __future__ import annotations
