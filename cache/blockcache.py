@@ -56,7 +56,7 @@ import trio
 from s3cachefs.base.errors import CacheDirError, StoreError, TransientError
 from s3cachefs.cache.cachedir import FORMAT_VERSION, ensure_private_dir
 from s3cachefs.store.checksums import Check, Digest
-from s3cachefs.store.s3 import ObjectStore
+from s3cachefs.store.types import ObjectStore
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from s3cachefs.datasets.pins import Manifest, PinStore, Shard
 from s3cachefs.datasets.prefetch import SIZE_ONLY_SHOWN, PrefetchJob
 from s3cachefs.staging.writeback import Writeback
 from s3cachefs.store.keys import valid_name
-from s3cachefs.store.s3 import ObjectStore
+from s3cachefs.store.types import ObjectStore
 
 if TYPE_CHECKING:
     from s3cachefs.base.config import MountConfig

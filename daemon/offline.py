@@ -25,7 +25,7 @@ import trio
 
 from s3cachefs.base.errors import StoreError, TransientError
 from s3cachefs.datasets.pins import Manifest, PinStore
-from s3cachefs.store.s3 import ObjectStore
+from s3cachefs.store.types import ObjectStore
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 from s3cachefs.cache.blockcache import BlockCache, ObjectVersion
 from s3cachefs.datasets import binds
-from s3cachefs.store.s3 import ObjectInfo
+from s3cachefs.store.types import ObjectInfo
 
 
 class Layout(NamedTuple):

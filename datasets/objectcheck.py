@@ -19,9 +19,9 @@ from typing import Any
 import trio
 
 from s3cachefs.cache.blockcache import BlockCache, ObjectVersion
-from s3cachefs.store import checksums
+from s3cachefs.store import checkplan, checksums
 from s3cachefs.store.checksums import Check
-from s3cachefs.store.s3 import ObjectInfo, ObjectStore
+from s3cachefs.store.types import ObjectInfo, ObjectStore
 
 
 class ObjectFailed(Exception):
@@ -73,7 +73,7 @@ class ObjectCheck:
     async def _other_check(self, info: ObjectInfo, check: Check, asked: bool) -> Check:
         """The same bytes, checked another way S3 offers, or ``check`` again."""
         if check.guessed:  # equal parts were assumed: ask S3 for every part
-            check = await self._s3(checksums.confirmed, self.store, info, check)
+            check = await self._s3(checkplan.confirmed, self.store, info, check)
         elif not asked:  # an ETag that looks like an MD5 may not be one (SSE-KMS)
             # S3's checksum; "size" only if S3 says the ETag is no MD5; else the MD5 again.
             return await self._plan(info, ask_s3=True)
@@ -85,7 +85,7 @@ class ObjectCheck:
         """Fetched twice, CRC-clean, and still not S3's digest: failed.
 
         The same bytes twice against an MD5 ETag are not taken for a non-MD5 ETag: S3
-        did not say so (`checksums.plan`), and a proxy or server that corrupts the same
+        did not say so (`checkplan.plan`), and a proxy or server that corrupts the same
         way every time looks just the same.
         """
         # Its blocks' CRCs are of wrong bytes: dropped before the failure is reported (the
@@ -101,7 +101,7 @@ class ObjectCheck:
         return ObjectFailed(reason)
 
     async def _plan(self, info: ObjectInfo, *, ask_s3: bool) -> Check:
-        plan = functools.partial(checksums.plan, ask_s3=ask_s3, etag_md5s=self.etag_md5s)
+        plan = functools.partial(checkplan.plan, ask_s3=ask_s3, etag_md5s=self.etag_md5s)
         return await self._s3(plan, self.store, info)
 
     async def _s3(self, fn: Callable[..., Check], *args: Any) -> Check:

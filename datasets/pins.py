@@ -2,7 +2,7 @@
 
 A completed prefetch writes a manifest (every object's key, size, ETag,
 mtime, MD5 where S3 gives one, and the end-to-end check it passed, with the
-expected digest and part layout: `daemon.checksums.Check`) to
+expected digest and part layout: `store.checksums.Check`) to
 ``CACHE_DIR/v1/pins/<id>.json``
 (temp file, fsync, rename: a crash leaves the old manifest or the new one).
 The block cache never evicts a pinned object version. A complete, unsharded
@@ -23,7 +23,7 @@ from s3cachefs.cache.blockcache import ObjectVersion
 from s3cachefs.store.checksums import Check
 from s3cachefs.store.keys import valid_name
 from s3cachefs.store.responses import etag_md5
-from s3cachefs.store.s3 import Listing, ObjectInfo
+from s3cachefs.store.types import Listing, ObjectInfo
 
 log = logging.getLogger(__name__)
 

@@ -39,7 +39,7 @@ from s3cachefs.datasets.pins import Manifest, PinStore, Shard
 from s3cachefs.datasets.prefetchprogress import PROGRESS_INTERVAL, Progress, Report
 from s3cachefs.store.checksums import Check
 from s3cachefs.store.keys import valid_name
-from s3cachefs.store.s3 import ObjectInfo, ObjectStore
+from s3cachefs.store.types import ObjectInfo, ObjectStore
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ from s3cachefs.fs.tree import Entries, Tree
 from s3cachefs.fs.versions import VersionGuard
 from s3cachefs.fs.writes import Writer
 from s3cachefs.staging.writeback import Writeback
-from s3cachefs.store.s3 import ObjectStore
+from s3cachefs.store.types import ObjectStore
 
 
 class FsCore:

@@ -36,7 +36,7 @@ from s3cachefs.base.values import INDEFINITE_TTL
 from s3cachefs.datasets.pins import PinStore
 from s3cachefs.fs.nodes import ROOT_INODE, Node
 from s3cachefs.store.keys import valid_name
-from s3cachefs.store.s3 import Listing, ObjectInfo, ObjectStore
+from s3cachefs.store.types import Listing, ObjectInfo, ObjectStore
 
 log = logging.getLogger(__name__)
 

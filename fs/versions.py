@@ -34,7 +34,7 @@ import trio
 from s3cachefs.base.errors import NotFoundError, StaleError, StoreError
 from s3cachefs.cache.blockcache import ObjectVersion
 from s3cachefs.fs.nodes import FileHandle, Node
-from s3cachefs.store.s3 import ObjectStore
+from s3cachefs.store.types import ObjectStore
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ import trio
 from s3cachefs.base.errors import AlreadyExistsError, ChecksumsRefusedError, StoreError
 from s3cachefs.staging.records import Staged, StagingReadError, save_record
 from s3cachefs.store import checksums
-from s3cachefs.store.s3 import ObjectStore
+from s3cachefs.store.types import ObjectStore
 
 log = logging.getLogger(__name__)
 

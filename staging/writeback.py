@@ -45,7 +45,7 @@ from s3cachefs.staging.records import (
     save_record,
 )
 from s3cachefs.staging.uploads import Uploads
-from s3cachefs.store.s3 import ObjectStore
+from s3cachefs.store.types import ObjectStore
 
 log = logging.getLogger(__name__)
 

@@ -1,9 +1,10 @@
-"""End-to-end object checks: what S3 says an object is, and whether the cached bytes are it.
+"""End-to-end object checks: what a check is (`Check`), and whether the bytes are it (`Digest`).
 
-Block CRCs (`daemon.blockcache`) protect the cache's own copy; they are computed
+Block CRCs (`cache.blockcache`) protect the cache's own copy; they are computed
 from the bytes as they arrived, so they cannot catch bytes that were already
 wrong on the wire. The whole object is therefore checked once more against a
-digest S3 computed from what it stored. In order of preference:
+digest S3 computed from what it stored. The kinds of check, in order of
+preference (which one S3 offers for an object is `store.checkplan`):
 
 - ``md5``: a single-part ETag is the MD5 of the content (no request needed).
 - ``<algo>-full`` / ``<algo>-composite``: an S3 additional checksum (HEAD with
@@ -25,28 +26,6 @@ digest S3 computed from what it stored. In order of preference:
 - ``local-md5``: only in manifests written before these checks existed: the MD5
   of what was pinned, recorded by this cache, not by S3 (not end to end).
 
-A single-part object with an MD5 ETag is checked by MD5 even when it also has
-an additional checksum: both are S3's digest of the stored bytes, and MD5 costs
-no HEAD per object (datasets of many small files). Should the MD5 check fail,
-the object is asked for an additional checksum (SSE-KMS ETags look like MD5s
-but are not). Without one, it is size-checked only when S3 says the ETag is no
-MD5 (SSE-KMS, SSE-C) or the mount has ``--etag-md5 off``; otherwise it fails
-(a server or proxy that corrupts the same way every time looks just the same).
-
-What moto 5.2 (the test server) supports, found by experiment (with awscrt):
-PutObject/UploadPart with ChecksumAlgorithm CRC32, CRC32C, SHA1, SHA256,
-CRC64NVME: stored as the client sent them (not re-checked). CreateMultipartUpload
-ChecksumType FULL_OBJECT and COMPOSITE: both, computed by moto at completion;
-but moto computes CRC32C with the optional ``crc32c`` package and otherwise
-stores a plain CRC32 labelled CRC32C (wrong), and CRC64NVME only with awscrt.
-HEAD/GET with ChecksumMode=ENABLED: x-amz-checksum-<algo> on both;
-x-amz-checksum-type on GET, and on HEAD only for uploads that declared a type;
-a composite value has its ``-N`` suffix on GET but not on HEAD. HEAD with
-PartNumber: the part's Content-Length and x-amz-mp-parts-count (its ETag is the
-part's, unlike AWS, so If-Match cannot be combined with it).
-GetObjectAttributes: Checksum yes, ObjectParts no. A multipart upload that
-declared no algorithm has no checksum at all.
-
 Digests run in worker threads over the cached file; hashlib, zlib and awscrt
 release the GIL on large buffers.
 """
@@ -55,38 +34,19 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import re
 import zlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from awscrt import checksums as crt
 
-from s3cachefs.base.errors import (
-    AccessDeniedError,
-    CredentialsError,
-    NotFoundError,
-    StaleError,
-    StoreError,
-    TransientError,
-)
-from s3cachefs.store.responses import etag_md5
-
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from s3cachefs.store.s3 import ChecksumHead, ObjectInfo, ObjectStore
 
-_MULTIPART_ETAG = re.compile(r'^"?([0-9a-f]{32})-([0-9]+)"?$')
 ALGORITHMS = ("crc32", "crc32c", "crc64nvme", "sha1", "sha256")
 # Kinds that compare against a digest S3 computed: the rest are not end to end.
 NOT_END_TO_END = ("size", "local-md5")
-
-
-def multipart_parts(etag: str) -> int | None:
-    """The part count of a multipart ETag (``"<md5 of part md5s>-N"``), else None."""
-    match = _MULTIPART_ETAG.match(etag)
-    return int(match.group(2)) if match else None
 
 
 @dataclass(frozen=True)
@@ -289,122 +249,3 @@ def resolved(check: Check, result: str) -> Check:
     if whole == check.value:
         return Check(f"{check.algorithm}-full", check.value)
     return Check(f"{check.algorithm}-composite", check.value, check.parts)
-
-
-# ---- what S3 says: the check for one object ---------------------------------
-
-
-def plan(
-    store: ObjectStore, info: ObjectInfo, *, ask_s3: bool = False, etag_md5s: bool = True
-) -> Check:
-    """The best check S3 offers for this object version (blocking: HEADs; StoreError).
-
-    Without ``ask_s3`` an MD5 ETag is taken as it is (no request). With it (an MD5
-    check that failed, or ``--etag-md5 off``), S3's additional checksum comes first;
-    then a 32-hex ETag is still an MD5 unless S3 says it is not (SSE-KMS, SSE-C) or
-    ``etag_md5s`` is False (``--etag-md5 off``); else the object is size-checked only.
-    """
-    md5 = etag_md5(info.etag)
-    if md5 is not None and not ask_s3:
-        return Check("md5", md5)
-    head = _checksum_head(store, info)
-    count = multipart_parts(info.etag)
-    if head is not None and head.algorithm and head.value:
-        check = _by_checksum(store, info, head.algorithm, head.value, head.checksum_type)
-        if check is not None:
-            return check
-    if count is not None:
-        layout = part_layout(store, info, count)
-        if layout is not None:
-            return Check("mpu-etag", info.etag.strip('"'), *layout)
-    if md5 is not None and etag_md5s and not (head is not None and head.etag_not_md5):
-        return Check("md5", md5)  # S3 does not say otherwise: the MD5 it is
-    return Check("size")
-
-
-def _by_checksum(
-    store: ObjectStore, info: ObjectInfo, algorithm: str, value: str, checksum_type: str | None
-) -> Check | None:
-    """The check by S3's additional checksum; None if a composite one has no part layout."""
-    value, _, suffix = value.partition("-")
-    count = multipart_parts(info.etag)
-    composite = checksum_type == "COMPOSITE" or (checksum_type is None and bool(suffix))
-    # A multipart object's checksum of unknown type (S3 has no composite CRC64NVME).
-    either = checksum_type is None and not suffix and count is not None
-    either = either and algorithm != "crc64nvme"
-    if not composite and not either:
-        return Check(f"{algorithm}-full", value)
-    layout = part_layout(store, info, int(suffix) if suffix.isdigit() else count)
-    if layout is not None:
-        return Check(f"{algorithm}-{'either' if either else 'composite'}", value, *layout)
-    return Check(f"{algorithm}-full", value) if either else None  # no layout: full it can be
-
-
-def _checksum_head(store: ObjectStore, info: ObjectInfo) -> ChecksumHead | None:
-    """S3's additional checksum (`StaleError` if the object changed); None if refused.
-
-    A server without checksums may refuse the ChecksumMode header itself
-    (Backblaze B2: 400 InvalidArgument): the object has none, the ETag may still do.
-    """
-    try:
-        return store.head_checksum(info.key, info.etag)
-    except (TransientError, NotFoundError, AccessDeniedError, StaleError):
-        raise
-    except StoreError:
-        return None
-
-
-def part_layout(
-    store: ObjectStore, info: ObjectInfo, count: int | None
-) -> tuple[tuple[int, ...], bool] | None:
-    """(part sizes, guessed) from ``HEAD ?partNumber=1``; None if the server does not say.
-
-    Guessed: every part the size of the first but the last, which holds the rest.
-    When that cannot add up, every part is asked (`exact_layout`).
-    """
-    first = _part(store, info.key, 1)
-    if first is None:
-        return None
-    size, total = first
-    if count is not None and total != count:
-        return None  # the server's part count is not the ETag's: not this layout
-    last = info.size - size * (total - 1)
-    if total == 1:
-        return ((info.size,), False) if size == info.size else None
-    if 0 < last <= size:
-        return (size,) * (total - 1) + (last,), True
-    exact = exact_layout(store, info, total)
-    return None if exact is None else (exact, False)
-
-
-def exact_layout(store: ObjectStore, info: ObjectInfo, count: int) -> tuple[int, ...] | None:
-    """Every part's size, one ``HEAD ?partNumber=N`` each; None if they do not add up."""
-    sizes = []
-    for number in range(1, count + 1):
-        part = _part(store, info.key, number)
-        if part is None:
-            return None
-        sizes.append(part[0])
-    return tuple(sizes) if sum(sizes) == info.size else None
-
-
-def confirmed(store: ObjectStore, info: ObjectInfo, check: Check) -> Check:
-    """A guessed layout asked part by part: the check with the layout S3 gives.
-
-    The guess stands (no longer marked guessed) when S3 does not say otherwise.
-    """
-    exact = exact_layout(store, info, len(check.parts)) if check.guessed else None
-    return replace(check, parts=exact or check.parts, guessed=False)
-
-
-def _part(store: ObjectStore, key: str, number: int) -> tuple[int, int] | None:
-    """(size, part count) of one part; None when the server does not do part HEADs."""
-    try:
-        part = store.head_part(key, number)
-    except (TransientError, NotFoundError, CredentialsError):
-        raise
-    except StoreError:  # e.g. 400/501 from a server without partNumber, 416 past the last
-        return None
-    if part.parts_count is None:  # the server ignored partNumber: the whole object's HEAD
-        return None
-    return part.size, part.parts_count

@@ -5,15 +5,15 @@ botocore ``get_object`` costs 1.6-1.8 ms of CPU per request (endpoint rules,
 event hooks, response parsing), a third of prefetch's CPU per small file;
 signing with botocore's own SigV4 signer and sending with urllib3 costs
 0.5-0.6 ms. Everything else (listings, HEAD, writes) stays on the boto3 client.
-The store checks every response before reading it (`daemon.responses`, ~0.05
+The store checks every response before reading it (`store.responses`, ~0.05
 ms) and a whole single-part object's body against its MD5 (~0.13 ms per
 100 KB, 1.4 ms per MB on that machine): the price of never serving a wrong byte.
 
 What is kept from botocore: the credential chain (refreshable credentials are
 re-read before each request), SigV4 signing, the CA bundle. What is ours:
-retries of throttling, 5xx and network errors (bounded attempts, exponential
-backoff with full jitter, as botocore's "standard" mode) and the mapping of
-S3 error codes, shared with the client path (`error_for_code`).
+retries of throttling, 5xx and network errors (the store's one policy,
+`store.retry`) and the mapping of S3 error codes, shared with the client path
+(`store.errortable.error_for_code`).
 
 Not used (the client path serves GETs instead) when an HTTP proxy applies:
 urllib3 does not read the proxy environment.
@@ -21,12 +21,9 @@ urllib3 does not read the proxy environment.
 
 from __future__ import annotations
 
-import random
 import re
-import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
 from typing import Any
 
 import botocore.auth
@@ -35,9 +32,9 @@ import botocore.credentials
 import urllib3
 
 from s3cachefs.base.errors import CredentialsError, StaleError, StoreError, TransientError
+from s3cachefs.store.errortable import error_for_code
+from s3cachefs.store.retry import RetryPolicy
 
-# Statuses worth another attempt: throttling and server-side trouble.
-_RETRY_STATUS = {429, 500, 502, 503, 504}
 _CODE = re.compile(rb"<Code>([^<]+)</Code>")
 
 
@@ -62,14 +59,12 @@ class RangeGetter:
         max_connections: int,
         connect_timeout: float,
         read_timeout: float,
-        max_attempts: int,
-        error_for_code: Callable[[str, str], StoreError],
+        retry: RetryPolicy,
     ) -> None:
         self.base_url = base_url.rstrip("/") + "/"
         self.region = region
         self._credentials = credentials
-        self._max_attempts = max_attempts
-        self._error_for_code = error_for_code
+        self._retry = retry
         self._pool = urllib3.PoolManager(
             maxsize=max_connections,
             block=False,
@@ -85,7 +80,7 @@ class RangeGetter:
         """The response to ``GET key`` for bytes [start, end) of version ``etag``.
 
         A 200 or 206, not yet checked: the caller checks it
-        (`daemon.responses.check_get_response`) before reading the body (urllib3
+        (`store.responses.check_get_response`) before reading the body (urllib3
         errors while reading are network errors), and releases it. Raises StoreError.
         """
         url = self.url(key)
@@ -103,14 +98,14 @@ class RangeGetter:
                 response.release_conn()
                 match = _CODE.search(body)
                 code = match.group(1).decode() if match else str(response.status)
-                error = self._error_for_code(code, what)
+                error = error_for_code(code, what)
                 if isinstance(error, StaleError):  # the current ETag, if the server said it
                     error.current_etag = response.headers.get("ETag")
-                if response.status not in _RETRY_STATUS:
+                if not self._retry.retryable_status(response.status):
                     raise error
-            if attempt >= self._max_attempts:
+            if not self._retry.again(attempt):
                 raise error
-            time.sleep(random.random() * min(20.0, 0.1 * 2**attempt))  # noqa: S311
+            self._retry.wait(attempt)
 
     def _send(self, url: str, etag: str, start: int, end: int) -> Any:
         if self._credentials is None:

@@ -4,7 +4,7 @@ S3-compatible servers and the proxies in front of them lie: some answer a
 ranged GET with 200 and the whole object, some send fewer bytes than asked
 (with headers that agree), some ignore If-Match (``rclone serve s3`` 1.75), so
 the object may have changed under the request. Both GET paths of the store
-(the lean `daemon.rangeget` and botocore's ``get_object``) pass every
+(the lean `store.rangeget` and botocore's ``get_object``) pass every
 response through `check_get_response` before reading its body; a body that
 covers a whole single-part object is also checked against its MD5 ETag
 (`body_md5`) before any of it is handed on.

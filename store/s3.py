@@ -1,49 +1,50 @@
-"""The object store interface, its S3 implementation and an in-memory fake.
+"""`S3Store`: the `ObjectStore` over one boto3 client and the lean GET path.
+
+Here: the client and its configuration, request counting, the choice of GET
+path (`store.rangeget` unless a proxy applies), listings, HEADs and ranged GETs
+with their response checks and resumption. Writes are `store.s3writes`; bodies
+are read by `store.bodies`; every retry follows `store.retry`.
 
 All methods are blocking; the daemon calls them from worker threads under the
-S3 capacity limiter. botocore errors never leave this module: they become the
-errors of `s3cachefs.base.errors` in `_translated`.
+S3 capacity limiter. botocore errors never leave the store: every request runs
+inside `errortable.translated`, which makes them the errors of `s3cachefs.base.errors`.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import hashlib
 import itertools
 import logging
-import random
 import threading
 import time
 import urllib.parse
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Any
 
 import boto3
 import botocore.config
 import botocore.exceptions
 import botocore.session
-import urllib3
 from botocore.httpsession import DEFAULT_CA_BUNDLE
 
 from s3cachefs.base.errors import (
-    AccessDeniedError,
-    AlreadyExistsError,
     BadResponseError,
-    ChecksumsRefusedError,
     CredentialsError,
     NoSuchBucketError,
     NotFoundError,
-    StaleError,
     StoreError,
     TransientError,
 )
 from s3cachefs.store import checksums
+from s3cachefs.store.bodies import Md5Mismatch, read_pieces, release
+from s3cachefs.store.errortable import translated
 from s3cachefs.store.rangeget import RangeGetter, proxy_applies
 from s3cachefs.store.responses import NOT_MD5_ENCRYPTION, body_md5, check_get_response
-from s3cachefs.store.uploadchecksums import REFUSAL_CODES, ChecksumSupport
+from s3cachefs.store.retry import RetryPolicy
+from s3cachefs.store.s3writes import S3Writes
+from s3cachefs.store.types import ChecksumHead, Listing, ObjectInfo, PartHead
+from s3cachefs.store.uploadchecksums import ChecksumSupport
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -52,263 +53,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class ObjectInfo:
-    """One object version as a listing or HEAD saw it."""
-
-    key: str
-    size: int
-    etag: str
-    mtime_ns: int
-
-
-@dataclass(frozen=True)
-class ChecksumHead:
-    """What ``HEAD`` with ``ChecksumMode=ENABLED`` says of one object version."""
-
-    algorithm: str | None  # "crc32", "crc32c", "crc64nvme", "sha1", "sha256"; None: no checksum
-    value: str | None  # base64, as S3 gives it (some servers append "-N" to a composite one)
-    checksum_type: str | None  # "FULL_OBJECT", "COMPOSITE", or None when not said
-    # S3 says the ETag is not the MD5 of the bytes: SSE-KMS (or DSSE) or SSE-C encryption.
-    etag_not_md5: bool = False
-
-
-@dataclass(frozen=True)
-class PartHead:
-    """What ``HEAD ?partNumber=N`` says: the part's size and the object's part count."""
-
-    size: int
-    parts_count: int | None  # None: the server ignored partNumber (whole-object answer)
-
-
-# The checksum this tool's uploads carry (`put_object`, multipart FULL_OBJECT): S3's own
-# default since 2024, one value for the whole object whatever its parts, and moto keeps it.
-UPLOAD_CHECKSUM: Final = "CRC64NVME"
-
-
-@dataclass
-class Listing:
-    """One directory level: objects directly under a prefix, and sub-prefixes."""
-
-    objects: list[ObjectInfo] = field(default_factory=list)
-    prefixes: list[str] = field(default_factory=list)
-
-
-class ObjectStore(Protocol):
-    """What the cache and the filesystem need from S3."""
-
-    @property
-    def bucket(self) -> str: ...
-
-    @property
-    def requests(self) -> Counter[str]:
-        """Requests sent so far, by operation (``get``, ``list``, ``head``).
-
-        Live: worker threads count into it. Read one count from it; take a copy
-        (to iterate, sum or subtract) with `request_counts`.
-        """
-        ...
-
-    def request_counts(self) -> Counter[str]:
-        """A copy of `requests`, taken under the lock the worker threads count under."""
-        ...
-
-    def check_bucket(self) -> None: ...
-
-    def list_dir(self, prefix: str) -> Listing:
-        """All objects and sub-prefixes directly under ``prefix`` (every page)."""
-        ...
-
-    def list_tree(self, prefix: str) -> Iterator[list[ObjectInfo]]:
-        """Every object under ``prefix`` at any depth, one page (up to 1,000) at a time."""
-        ...
-
-    def head(self, key: str) -> ObjectInfo: ...
-
-    def head_checksum(self, key: str, etag: str) -> ChecksumHead:
-        """The additional checksum of version ``etag`` (`StaleError` if it changed)."""
-        ...
-
-    def head_part(self, key: str, number: int) -> PartHead:
-        """Part ``number`` (from 1) of ``key``: its size and the part count."""
-        ...
-
-    def iter_range(
-        self,
-        key: str,
-        etag: str,
-        start: int,
-        end: int,
-        chunk: int,
-        first: int = 0,
-        *,
-        size: int,
-    ) -> Iterator[bytes]:
-        """Bytes ``[start, end)`` of version ``etag`` of ``key``, in ``chunk``-sized pieces.
-
-        One ranged GET, conditional on the ETag (`StaleError` if the object
-        changed); ``size`` is the version's size, which the response must
-        confirm (`daemon.responses`). Each piece is yielded as soon as it has
-        arrived, so the first block of a long GET is served before the last one
-        is in; a GET of a whole single-part object yields nothing before the
-        body matched its MD5 ETag. With ``first``, the first chunk comes as two
-        pieces, ``first`` bytes and the rest (`piece_size`): a cold reader of
-        the start is served sooner.
-        """
-        ...
-
-    # Writes (writable mounts). ``create_only`` sends If-None-Match: * so that a
-    # key someone else created meanwhile is never replaced (`AlreadyExistsError`).
-
-    # Every write carries Content-MD5 and a CRC64NVME that S3 checks and keeps
-    # (``crc64nvme`` of ``data``, computed here if not given), so what this tool
-    # writes is end-to-end verifiable by `daemon.checksums` later. A server that
-    # refuses the CRC (`daemon.uploadchecksums`) gets Content-MD5 only: `put_object`
-    # falls back by itself; a multipart upload raises `ChecksumsRefusedError` and its
-    # caller starts it again with ``with_checksums=False``.
-
-    @property
-    def sends_checksums(self) -> bool:
-        """False once the server refused additional checksums (a multipart upload's choice)."""
-        ...
-
-    def checksums_refused(self, reason: str) -> None:
-        """An upload refused for its checksums succeeded without: none from now on (WARNING)."""
-        ...
-
-    def put_object(
-        self, key: str, data: bytes, *, create_only: bool, crc64nvme: int | None = None
-    ) -> str:
-        """Store ``data`` as ``key`` in one PUT; returns the new ETag."""
-        ...
-
-    def create_multipart(self, key: str, *, with_checksums: bool = True) -> str:
-        """Start a multipart upload (full-object CRC64NVME, or none); returns its upload id."""
-        ...
-
-    def upload_part(
-        self,
-        key: str,
-        upload_id: str,
-        number: int,
-        data: bytes,
-        *,
-        crc64nvme: int | None = None,
-        with_checksums: bool = True,
-    ) -> str:
-        """Upload part ``number`` (from 1); returns the part's ETag."""
-        ...
-
-    def complete_multipart(
-        self,
-        key: str,
-        upload_id: str,
-        etags: list[str],
-        *,
-        create_only: bool,
-        part_crcs: list[int] | None = None,
-        crc64nvme: int | None = None,
-    ) -> str:
-        """Make the parts one object; returns its ETag.
-
-        ``part_crcs`` (each part's CRC64NVME) and ``crc64nvme`` (the whole
-        object's) let S3 check the assembled object against what was sent
-        (none given: an upload started without checksums).
-        """
-        ...
-
-    def abort_multipart(self, key: str, upload_id: str) -> None: ...
-
-    def delete_object(self, key: str) -> None: ...
-
+# The start-up check of the bucket, whatever the policy (botocore: 3 requests in all, see
+# `RetryPolicy.botocore_config`): a typo'd endpoint fails fast, not after seconds.
+PROBE_ATTEMPTS = 2
 
 # A listing longer than this is a server that never ends it (100,000 pages of 1,000 keys:
 # 100 million objects under one prefix), not a real one: it fails with a StoreError.
 MAX_LIST_PAGES = 100_000
 
-# S3 error codes, by the error they become. Anything else is a StoreError.
-_NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
-_NO_BUCKET = {"NoSuchBucket"}
-_DENIED = {
-    "AccessDenied",
-    "403",
-    "Forbidden",
-    "InvalidAccessKeyId",
-    "SignatureDoesNotMatch",
-    "InvalidToken",
-    "ExpiredToken",
-    "AllAccessDisabled",
-}
-_STALE = {"PreconditionFailed", "412"}
-_TRANSIENT = {
-    "SlowDown",
-    "503",
-    "500",
-    "InternalError",
-    "ServiceUnavailable",
-    "Throttling",
-    "ThrottlingException",
-    "RequestTimeout",
-    "RequestTimeTooSkewed",
-    "502",
-    "504",
-}
 
-_NETWORK_ERRORS = (
-    botocore.exceptions.EndpointConnectionError,
-    botocore.exceptions.ConnectionClosedError,
-    botocore.exceptions.ReadTimeoutError,
-    botocore.exceptions.ConnectTimeoutError,
-    botocore.exceptions.ResponseStreamingError,
-    botocore.exceptions.IncompleteReadError,
-    botocore.exceptions.HTTPClientError,
-    botocore.exceptions.ConnectionError,
-    urllib3.exceptions.HTTPError,  # the lean GET path (`daemon.rangeget`)
-)
-
-
-def error_for_code(code: str, what: str) -> StoreError:
-    """The error an S3 error code (or bare HTTP status) becomes."""
-    if code in _NO_BUCKET:
-        return NoSuchBucketError(f"{what}: no such bucket")
-    if code in _NOT_FOUND:
-        return NotFoundError(f"{what}: not found")
-    if code in _DENIED:
-        return AccessDeniedError(f"{what}: access denied ({code})")
-    if code in _STALE:
-        return StaleError(f"{what}: changed in S3 since it was opened")
-    if code in _TRANSIENT:
-        return TransientError(f"{what}: S3 unavailable ({code}) after retries")
-    return StoreError(f"{what}: S3 error {code}")
-
-
-@contextlib.contextmanager
-def _translated(what: str) -> Iterator[None]:
-    """Turn botocore's errors into ours; ``what`` names the object for the message."""
-    try:
-        yield
-    except botocore.exceptions.ClientError as exc:
-        code = str(exc.response.get("Error", {}).get("Code", ""))
-        error = error_for_code(code, what)
-        if isinstance(error, StaleError):  # the current ETag, if the server said it
-            headers = exc.response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
-            error.current_etag = headers.get("etag")
-        raise error from None
-    except botocore.exceptions.NoCredentialsError:
-        raise CredentialsError(
-            "no AWS credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
-            "--profile, or an instance role)"
-        ) from None
-    except botocore.exceptions.ProfileNotFound as exc:
-        raise CredentialsError(str(exc)) from None
-    except _NETWORK_ERRORS as exc:
-        raise TransientError(f"{what}: network error: {type(exc).__name__}") from None
-    except botocore.exceptions.BotoCoreError as exc:  # e.g. a checksum that did not match
-        raise StoreError(f"{what}: {type(exc).__name__}: {exc}") from None
-
-
-class S3Store:
+class S3Store(S3Writes):
     """`ObjectStore` over one shared boto3 client (thread-safe by botocore's design)."""
 
     def __init__(self, config: MountConfig) -> None:
@@ -317,13 +71,13 @@ class S3Store:
         self._requests: Counter[str] = Counter()
         # Called after every request with (operation, outcome, seconds): metrics.
         self.observer: Callable[[str, str, float], None] | None = None
-        self._body_attempts = config.s3_max_attempts
+        self._retry = RetryPolicy.from_config(config)  # the body loop, the lean GET, botocore
         self._config = config
         self._getter: RangeGetter | None = None  # set by check_bucket, once the region is known
         self._warned: set[str] = set()  # server behaviours already logged loudly (once each)
         self._etag_md5s = config.etag_md5s  # --etag-md5 auto: whole-object GETs check the MD5
         # A whole listing (every page of one directory) may take this long at most.
-        self.listing_budget = config.s3_timeout * config.s3_max_attempts
+        self.listing_budget = config.s3_timeout * self._retry.max_attempts
         try:
             self._core_session = botocore.session.Session(profile=config.profile)
             session = boto3.session.Session(botocore_session=self._core_session)
@@ -331,9 +85,6 @@ class S3Store:
             raise CredentialsError(str(exc)) from None
         client_config = botocore.config.Config(
             region_name=config.region or session.region_name or "us-east-1",
-            # Throttling, 5xx and connection errors: exponential backoff with
-            # jitter, bounded attempts (botocore "standard" mode).
-            retries={"mode": "standard", "max_attempts": config.s3_max_attempts},
             max_pool_connections=config.s3_concurrency,
             connect_timeout=min(10.0, config.s3_timeout),
             read_timeout=config.s3_timeout,
@@ -341,24 +92,21 @@ class S3Store:
             s3={"addressing_style": "path"} if config.endpoint_url else None,
             # Uploads carry the checksums chosen here and no others: by default botocore
             # adds a CRC32 to a PUT sent without one (an aws-chunked trailer over HTTPS),
-            # which a server that refuses checksums refuses again (`daemon.uploadchecksums`).
+            # which a server that refuses checksums refuses again (`store.uploadchecksums`).
             request_checksum_calculation="when_required",
             # Nor does get_object ask for them (x-amz-checksum-mode: ENABLED by default),
             # which some servers refuse (Backblaze B2); HEADs that want them say so.
             response_checksum_validation="when_required",
-        )
+        ).merge(self._retry.botocore_config())  # throttling, 5xx, network: `store.retry`
         self._client: S3Client = session.client(
             "s3", endpoint_url=config.endpoint_url, config=client_config
         )
         self._session = session
         self._checksums = ChecksumSupport(config.bucket)  # what the server does with them
-        # The start-up check fails fast on a typo'd endpoint instead of retrying for seconds.
         self._probe: S3Client = session.client(
             "s3",
             endpoint_url=config.endpoint_url,
-            config=client_config.merge(
-                botocore.config.Config(retries={"mode": "standard", "max_attempts": 2})
-            ),
+            config=client_config.merge(RetryPolicy(PROBE_ATTEMPTS).botocore_config()),
         )
 
     @property
@@ -386,7 +134,7 @@ class S3Store:
         start = time.monotonic()
         outcome = "ok"
         try:
-            with _translated(what):
+            with translated(what):
                 yield
         except StoreError as exc:
             outcome = type(exc).__name__.removesuffix("Error").lower()
@@ -431,8 +179,7 @@ class S3Store:
             max_connections=config.s3_concurrency,
             connect_timeout=min(10.0, config.s3_timeout),
             read_timeout=config.s3_timeout,
-            max_attempts=config.s3_max_attempts,
-            error_for_code=error_for_code,
+            retry=self._retry,
         )
 
     def list_dir(self, prefix: str) -> Listing:
@@ -546,9 +293,9 @@ class S3Store:
         pos = start
         attempt = 0
         mismatched: str | None = None  # the digest of a whole body that failed its MD5
-        # A failed request is retried inside the request (botocore's budget, or the lean
+        # A failed request is retried inside the request (botocore's retries, or the lean
         # path's); a response that is not what was asked for, or a body cut half-way, is
-        # ours: retried from the first piece not yet delivered, within the same budget.
+        # ours: retried from the first piece not yet delivered. One policy: `store.retry`.
         while pos < end:
             body: Any = None
             whole = False
@@ -559,34 +306,25 @@ class S3Store:
                 # --etag-md5 off: a whole object is checked as a range is (status, length, ETag)
                 whole_object = self._etag_md5s and pos == 0 and end == size
                 md5 = body_md5(headers, etag) if whole_object else None
-                with _translated(what):
-                    if md5 is None:
-                        while pos < end:
-                            piece = _read_exactly(
-                                body, min(piece_size(pos - start, chunk, first), end - pos)
-                            )
-                            if piece is None:
-                                raise TransientError(f"{what}: body ended early at byte {pos}")
-                            pos += len(piece)
-                            yield piece
-                    else:  # a whole single-part object: not one byte before its MD5 matched
-                        for piece in _read_verified(body, end, chunk, first, md5, what):
-                            pos += len(piece)
-                            yield piece
+                with translated(what):
+                    for piece in read_pieces(body, start, pos, end, chunk, first, md5, what):
+                        pos += len(piece)
+                        yield piece
                 whole = True
-            except TransientError as exc:
-                if body is None:  # the request itself failed, after its own retries
+            except StoreError as exc:
+                # Not the request itself, which failed after its own retries.
+                if body is None or not self._retry.retryable(exc):
                     raise
                 attempt += 1
                 mismatched = self._same_bytes_again(exc, mismatched, what)
                 if isinstance(exc, BadResponseError):
-                    self._bad_response(exc, retrying=attempt < self._body_attempts)
-                if attempt >= self._body_attempts:
+                    self._bad_response(exc, retrying=self._retry.again(attempt))
+                if not self._retry.again(attempt):
                     raise
-                time.sleep(min(2.0, 0.05 * 2**attempt) * random.random())  # noqa: S311
+                self._retry.wait(attempt)
             finally:
                 if body is not None:
-                    _release(body, whole)
+                    release(body, whole)
 
     def _open(self, key: str, etag: str, start: int, end: int, what: str) -> tuple[int, Any, Any]:
         """(status, headers, streaming body) of ``GET key`` for bytes [start, end)."""
@@ -609,13 +347,13 @@ class S3Store:
             "retrying" if retrying else "giving up",
         )
 
-    def _same_bytes_again(self, exc: TransientError, before: str | None, what: str) -> str | None:
+    def _same_bytes_again(self, exc: StoreError, before: str | None, what: str) -> str | None:
         """The digest of the last whole body that failed its MD5; raises if two had the same.
 
         The same bytes twice: the server is consistent, its ETag is just another digest
         (or not the MD5 of the bytes at all). EIO at once, and one WARNING naming the fix.
         """
-        if not isinstance(exc, _Md5Mismatch):
+        if not isinstance(exc, Md5Mismatch):
             return before
         if exc.digest != before:
             return exc.digest
@@ -626,130 +364,6 @@ class S3Store:
         )
         log.log(logging.WARNING if self._first("etag_not_md5") else logging.DEBUG, "%s", message)
         raise StoreError(message) from None
-
-    @property
-    def sends_checksums(self) -> bool:
-        return self._checksums.sends
-
-    def checksums_refused(self, reason: str) -> None:
-        self._checksums.refused(reason)
-
-    def put_object(
-        self, key: str, data: bytes, *, create_only: bool, crc64nvme: int | None = None
-    ) -> str:
-        what = f"s3://{self._bucket}/{key}"
-        extra: dict[str, Any] = {"IfNoneMatch": "*"} if create_only else {}
-
-        def send(with_checksums: bool) -> str:
-            sums: dict[str, Any] = {}
-            if with_checksums:  # with the value: both S3 and moto keep it
-                crc = checksums.crc64nvme(data) if crc64nvme is None else crc64nvme
-                sums = {
-                    "ChecksumAlgorithm": UPLOAD_CHECKSUM,
-                    "ChecksumCRC64NVME": checksums.b64(crc),
-                }
-            with _created(what), self._request("put", what), _refusals(what, with_checksums):
-                resp = self._client.put_object(
-                    Bucket=self._bucket,
-                    Key=key,
-                    Body=data,
-                    ContentMD5=_content_md5(data),
-                    **extra,
-                    **sums,
-                )
-            if with_checksums:
-                self._kept(key, resp)
-            return str(resp["ETag"])
-
-        return self._checksums.put(send)
-
-    def create_multipart(self, key: str, *, with_checksums: bool = True) -> str:
-        what = f"s3://{self._bucket}/{key}"
-        sums: dict[str, Any] = (
-            {"ChecksumAlgorithm": UPLOAD_CHECKSUM, "ChecksumType": "FULL_OBJECT"}
-            if with_checksums
-            else {}
-        )
-        with self._request("multipart", what), _refusals(what, with_checksums):
-            resp = self._client.create_multipart_upload(Bucket=self._bucket, Key=key, **sums)
-        return resp["UploadId"]
-
-    def upload_part(
-        self,
-        key: str,
-        upload_id: str,
-        number: int,
-        data: bytes,
-        *,
-        crc64nvme: int | None = None,
-        with_checksums: bool = True,
-    ) -> str:
-        what = f"s3://{self._bucket}/{key} part {number}"
-        sums: dict[str, Any] = {}
-        if with_checksums:
-            crc = checksums.crc64nvme(data) if crc64nvme is None else crc64nvme
-            sums = {"ChecksumAlgorithm": UPLOAD_CHECKSUM, "ChecksumCRC64NVME": checksums.b64(crc)}
-        with self._request("put_part", what), _refusals(what, with_checksums):
-            resp = self._client.upload_part(
-                Bucket=self._bucket,
-                Key=key,
-                UploadId=upload_id,
-                PartNumber=number,
-                Body=data,
-                ContentMD5=_content_md5(data),
-                **sums,
-            )
-        return resp["ETag"]
-
-    def complete_multipart(
-        self,
-        key: str,
-        upload_id: str,
-        etags: list[str],
-        *,
-        create_only: bool,
-        part_crcs: list[int] | None = None,
-        crc64nvme: int | None = None,
-    ) -> str:
-        what = f"s3://{self._bucket}/{key}"
-        extra: dict[str, Any] = {"IfNoneMatch": "*"} if create_only else {}
-        parts: list[dict[str, Any]] = [
-            {"ETag": etag, "PartNumber": n} for n, etag in enumerate(etags, start=1)
-        ]
-        for part, crc in zip(parts, part_crcs or [], strict=False):
-            part["ChecksumCRC64NVME"] = checksums.b64(crc)
-        if crc64nvme is not None:  # S3 checks the assembled object against it
-            extra.update(ChecksumCRC64NVME=checksums.b64(crc64nvme), ChecksumType="FULL_OBJECT")
-        sent = bool(part_crcs) or crc64nvme is not None
-        with _created(what), self._request("multipart", what), _refusals(what, sent):
-            resp = self._client.complete_multipart_upload(
-                Bucket=self._bucket,
-                Key=key,
-                UploadId=upload_id,
-                MultipartUpload={"Parts": parts},  # type: ignore[typeddict-item]
-                **extra,
-            )
-        if sent:
-            self._kept(key, resp)
-        return resp["ETag"]
-
-    def _kept(self, key: str, resp: Any) -> None:
-        """After an upload with checksums: whether S3 kept one (its echo, else a HEAD)."""
-        if not self._checksums.wants_probe(echoed=bool(resp.get(f"Checksum{UPLOAD_CHECKSUM}"))):
-            return
-        try:
-            head = self.head_checksum(key, str(resp["ETag"]))
-        except StoreError:  # replaced meanwhile, or S3 unavailable: ask after the next upload
-            return
-        self._checksums.kept(head.algorithm is not None)
-
-    def abort_multipart(self, key: str, upload_id: str) -> None:
-        with self._request("multipart", f"s3://{self._bucket}/{key}"):
-            self._client.abort_multipart_upload(Bucket=self._bucket, Key=key, UploadId=upload_id)
-
-    def delete_object(self, key: str) -> None:
-        with self._request("delete", f"s3://{self._bucket}/{key}"):
-            self._client.delete_object(Bucket=self._bucket, Key=key)
 
 
 def checksum_head(resp: Any) -> ChecksumHead:
@@ -764,38 +378,6 @@ def checksum_head(resp: Any) -> ChecksumHead:
     return ChecksumHead(None, None, resp.get("ChecksumType"), not_md5)
 
 
-def _content_md5(data: bytes) -> str:
-    """Content-MD5: S3 rejects a body that arrived altered (BadDigest)."""
-    return base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
-
-
-@contextlib.contextmanager
-def _refusals(what: str, with_checksums: bool) -> Iterator[None]:
-    """A request with checksums refused as invalid: perhaps for them (`daemon.uploadchecksums`).
-
-    Innermost, so that it sees botocore's error before `_translated` does.
-    """
-    try:
-        yield
-    except botocore.exceptions.ClientError as exc:
-        error = exc.response.get("Error", {})
-        code = str(error.get("Code", ""))
-        if not with_checksums or code not in REFUSAL_CODES:
-            raise
-        message = str(error.get("Message") or "")[:200]  # the server's words: which header
-        said = f": {message}" if message else ""
-        raise ChecksumsRefusedError(f"{what}: {code}{said}") from None
-
-
-@contextlib.contextmanager
-def _created(what: str) -> Iterator[None]:
-    """A 412 on a create-only write means the key exists, not that a read went stale."""
-    try:
-        yield
-    except StaleError:
-        raise AlreadyExistsError(f"{what}: already exists in S3") from None
-
-
 def _objects(page: Any) -> list[ObjectInfo]:
     return [
         ObjectInfo(
@@ -806,366 +388,3 @@ def _objects(page: Any) -> list[ObjectInfo]:
         )
         for obj in page.get("Contents", [])
     ]
-
-
-def piece_size(done: int, chunk: int, first: int) -> int:
-    """The next piece after ``done`` bytes: chunk-aligned, the first chunk split at ``first``."""
-    if 0 < first < chunk and done < first:
-        return first - done
-    return chunk - done % chunk
-
-
-def _release(body: Any, whole: bool) -> None:
-    """Give a read-to-the-end connection back to the pool; close one left mid-body."""
-    if whole and hasattr(body, "release_conn"):
-        body.release_conn()
-    else:
-        body.close()
-
-
-def _read_verified(
-    body: Any, size: int, chunk: int, first: int, md5: str, what: str
-) -> list[bytes]:
-    """A whole object's body in pieces, read to its end and checked against its MD5."""
-    digest = hashlib.md5(usedforsecurity=False)
-    pieces: list[bytes] = []
-    pos = 0
-    while pos < size:
-        piece = _read_exactly(body, min(piece_size(pos, chunk, first), size - pos))
-        if piece is None:
-            raise TransientError(f"{what}: body ended early at byte {pos}")
-        digest.update(piece)
-        pieces.append(piece)
-        pos += len(piece)
-    if digest.hexdigest() != md5:
-        raise _Md5Mismatch(what, digest.hexdigest())
-    return pieces
-
-
-class _Md5Mismatch(BadResponseError):
-    """A whole body that is not its MD5 ETag; ``digest``: what it was (a retry may match)."""
-
-    def __init__(self, what: str, digest: str) -> None:
-        super().__init__(what, "md5", "body does not match its MD5 ETag")
-        self.digest = digest
-
-
-def _read_exactly(body: Any, size: int) -> bytes | None:
-    """``size`` bytes from a streaming body, or None if it ends first."""
-    parts: list[bytes] = []
-    missing = size
-    while missing:
-        data = body.read(missing)
-        if not data:
-            return None
-        parts.append(data)
-        missing -= len(data)
-    return parts[0] if len(parts) == 1 else b"".join(parts)
-
-
-class MemoryStore:
-    """An in-process `ObjectStore` for unit tests of the core: no network, exact counters.
-
-    ``fail_next`` makes the next N GETs raise the given error (fault injection by
-    wrapping the interface, not by patching boto3).
-    """
-
-    def __init__(self, bucket: str = "mem") -> None:
-        self._bucket = bucket
-        self._objects: dict[str, tuple[bytes, str, int]] = {}
-        self._lock = threading.Lock()
-        self._requests: Counter[str] = Counter()
-        self.get_delay = 0.0
-        self.fail_next: list[StoreError] = []
-        self.fail_puts: list[StoreError] = []  # the next N writes raise these
-        self._uploads: dict[str, dict[int, bytes]] = {}
-        self._part_md5s: dict[str, list[str]] = {}
-        # Per key: the part sizes of a multipart object, and its additional checksum.
-        self._layouts: dict[str, list[int]] = {}
-        self._checksums: dict[str, ChecksumHead] = {}
-        self.part_heads = True  # False: a server that ignores partNumber
-        # Requests whose checksum headers the server refuses: "put", "create", "part",
-        # "complete", and "head" (ChecksumMode, as Backblaze B2 does).
-        self.refuse_checksums: set[str] = set()
-        self._support = ChecksumSupport(bucket)
-        self._plain_uploads: set[str] = set()  # multipart uploads started without checksums
-
-    @property
-    def bucket(self) -> str:
-        return self._bucket
-
-    @property
-    def sends_checksums(self) -> bool:
-        return self._support.sends
-
-    def checksums_refused(self, reason: str) -> None:
-        self._support.refused(reason)
-
-    def _refuse(self, step: str, key: str) -> None:
-        if step in self.refuse_checksums:
-            raise ChecksumsRefusedError(f"{key}: InvalidArgument: Unsupported checksum header")
-
-    @property
-    def requests(self) -> Counter[str]:
-        return self._requests
-
-    def request_counts(self) -> Counter[str]:
-        # The first request of a new kind adds a key: a copy racing it, unlocked, could
-        # fail with "dictionary changed size during iteration".
-        with self._lock:
-            return self._requests.copy()
-
-    def put(
-        self, key: str, data: bytes, mtime_ns: int = 1_700_000_000 * 10**9, *, kms: bool = False
-    ) -> str:
-        """A single-part object with no additional checksum (a test's upload).
-
-        ``kms``: encrypted with SSE-KMS, so its 32-hex ETag is not the MD5 of the bytes.
-        """
-        md5 = hashlib.md5((b"kms:" if kms else b"") + data, usedforsecurity=False)
-        etag = f'"{md5.hexdigest()}"'
-        with self._lock:
-            self._objects[key] = (data, etag, mtime_ns)
-            self._layouts.pop(key, None)
-            self._checksums.pop(key, None)
-            if kms:
-                self._checksums[key] = ChecksumHead(None, None, None, etag_not_md5=True)
-        return etag
-
-    def put_parts(
-        self, key: str, parts: list[bytes], checksum: str | None = None, full: bool = False
-    ) -> str:
-        """A multipart object, with S3's ``checksum`` algorithm, composite (or ``full``)."""
-        data = b"".join(parts)
-        digests = b"".join(hashlib.md5(p, usedforsecurity=False).digest() for p in parts)
-        etag = f'"{hashlib.md5(digests, usedforsecurity=False).hexdigest()}-{len(parts)}"'
-        with self._lock:
-            self._objects[key] = (data, etag, time.time_ns())
-            self._layouts[key] = [len(p) for p in parts]
-            self._checksums.pop(key, None)
-        if checksum is not None:
-            layout = () if full else tuple(len(p) for p in parts)
-            kind = f"{checksum}-{'full' if full else 'composite'}"
-            digest = checksums.Digest(checksums.Check(kind, parts=layout))
-            digest.update(data)
-            value = digest.result() + ("" if full else f"-{len(parts)}")
-            head = ChecksumHead(checksum, value, "FULL_OBJECT" if full else "COMPOSITE")
-            with self._lock:
-                self._checksums[key] = head
-        return etag
-
-    def delete(self, key: str) -> None:
-        with self._lock:
-            del self._objects[key]
-            self._layouts.pop(key, None)
-            self._checksums.pop(key, None)
-
-    def _count(self, op: str) -> None:
-        with self._lock:
-            self._requests[op] += 1
-
-    def check_bucket(self) -> None:
-        self._count("head_bucket")
-
-    def list_dir(self, prefix: str) -> Listing:
-        self._count("list")
-        listing = Listing()
-        seen: set[str] = set()
-        with self._lock:
-            items = sorted(self._objects.items())
-        for key, (data, etag, mtime) in items:
-            if not key.startswith(prefix):
-                continue
-            rest = key[len(prefix) :]
-            head, sep, _ = rest.partition("/")
-            if sep:
-                sub = prefix + head + "/"
-                if sub not in seen:
-                    seen.add(sub)
-                    listing.prefixes.append(sub)
-            else:
-                listing.objects.append(ObjectInfo(key, len(data), etag, mtime))
-        return listing
-
-    def list_tree(self, prefix: str) -> Iterator[list[ObjectInfo]]:
-        with self._lock:
-            items = sorted(self._objects.items())
-        found = [
-            ObjectInfo(key, len(data), etag, mtime)
-            for key, (data, etag, mtime) in items
-            if key.startswith(prefix)
-        ]
-        for start in range(0, max(1, len(found)), 1000):
-            self._count("list")
-            yield found[start : start + 1000]
-
-    def head(self, key: str) -> ObjectInfo:
-        self._count("head")
-        with self._lock:
-            if key not in self._objects:
-                raise NotFoundError(f"{key}: not found")
-            data, etag, mtime = self._objects[key]
-        return ObjectInfo(key, len(data), etag, mtime)
-
-    def head_checksum(self, key: str, etag: str) -> ChecksumHead:
-        if "head" in self.refuse_checksums:  # HEAD with ChecksumMode: no body, a bare 400
-            self._count("head")
-            raise StoreError(f"{key}: S3 error 400")
-        if self.head(key).etag != etag:
-            raise StaleError(f"{key}: changed in S3 since it was opened")
-        with self._lock:
-            return self._checksums.get(key, ChecksumHead(None, None, None))
-
-    def head_part(self, key: str, number: int) -> PartHead:
-        info = self.head(key)
-        with self._lock:
-            layout = self._layouts.get(key, [info.size])
-        if not self.part_heads:
-            return PartHead(info.size, None)
-        if not 1 <= number <= len(layout):
-            raise StoreError(f"{key}: S3 error InvalidPartNumber")
-        return PartHead(layout[number - 1], len(layout) if key in self._layouts else None)
-
-    def iter_range(
-        self,
-        key: str,
-        etag: str,
-        start: int,
-        end: int,
-        chunk: int,
-        first: int = 0,
-        *,
-        size: int,
-    ) -> Iterator[bytes]:
-        self._count("get")
-        if self.get_delay:
-            time.sleep(self.get_delay)
-        with self._lock:
-            if self.fail_next:
-                raise self.fail_next.pop(0)
-            if key not in self._objects:
-                raise NotFoundError(f"{key}: not found")
-            data, current, _ = self._objects[key]
-        if current != etag:
-            raise StaleError(f"{key}: changed in S3 since it was opened", current_etag=current)
-        if size != len(data):  # as S3Store's response check would find
-            raise BadResponseError(key, "size_mismatch", f"the object has {len(data)} bytes")
-        pos = start
-        while pos < end:
-            size = min(piece_size(pos - start, chunk, first), end - pos)
-            yield data[pos : pos + size]
-            pos += size
-
-    def _write(
-        self,
-        key: str,
-        data: bytes,
-        create_only: bool,
-        crc: int | None,
-        parts: list[int] | None = None,
-    ) -> str:
-        with self._lock:
-            if self.fail_puts:
-                raise self.fail_puts.pop(0)
-            if create_only and key in self._objects:
-                raise AlreadyExistsError(f"{key}: already exists")
-        if crc is not None and crc != checksums.crc64nvme(data):  # S3 refuses an altered body
-            raise StoreError(f"{key}: S3 error BadDigest")
-        etag = self.put(key, data, time.time_ns())
-        if parts is not None:
-            with self._lock:
-                digests = b"".join(bytes.fromhex(e) for e in self._part_md5s.pop(key))
-                etag = f'"{hashlib.md5(digests, usedforsecurity=False).hexdigest()}-{len(parts)}"'
-                self._objects[key] = (data, etag, time.time_ns())
-                self._layouts[key] = parts
-        if crc is not None:
-            with self._lock:
-                self._checksums[key] = ChecksumHead("crc64nvme", checksums.b64(crc), "FULL_OBJECT")
-        return etag
-
-    def put_object(
-        self, key: str, data: bytes, *, create_only: bool, crc64nvme: int | None = None
-    ) -> str:
-        def send(with_checksums: bool) -> str:
-            self._count("put")
-            if not with_checksums:
-                return self._write(key, data, create_only, None)
-            self._refuse("put", key)
-            crc = checksums.crc64nvme(data) if crc64nvme is None else crc64nvme
-            return self._write(key, data, create_only, crc)
-
-        return self._support.put(send)
-
-    def create_multipart(self, key: str, *, with_checksums: bool = True) -> str:
-        self._count("multipart")
-        if with_checksums:
-            self._refuse("create", key)
-        upload_id = f"up{len(self._uploads) + 1}"
-        self._uploads[upload_id] = {}
-        if not with_checksums:
-            self._plain_uploads.add(upload_id)
-        return upload_id
-
-    def upload_part(
-        self,
-        key: str,
-        upload_id: str,
-        number: int,
-        data: bytes,
-        *,
-        crc64nvme: int | None = None,
-        with_checksums: bool = True,
-    ) -> str:
-        self._count("put_part")
-        if with_checksums:
-            self._refuse("part", key)
-        with self._lock:
-            if self.fail_puts:
-                raise self.fail_puts.pop(0)
-            if upload_id not in self._uploads:
-                raise StoreError(f"{key}: S3 error NoSuchUpload")
-            if with_checksums == (upload_id in self._plain_uploads):  # all parts alike
-                raise StoreError(f"{key}: S3 error InvalidRequest (checksums of part {number})")
-            if with_checksums and crc64nvme is not None and crc64nvme != checksums.crc64nvme(data):
-                raise StoreError(f"{key}: S3 error BadDigest")
-            self._uploads[upload_id][number] = data
-        return '"' + hashlib.md5(data, usedforsecurity=False).hexdigest() + '"'
-
-    def complete_multipart(
-        self,
-        key: str,
-        upload_id: str,
-        etags: list[str],
-        *,
-        create_only: bool,
-        part_crcs: list[int] | None = None,
-        crc64nvme: int | None = None,
-    ) -> str:
-        self._count("multipart")
-        plain = upload_id in self._plain_uploads
-        if part_crcs or crc64nvme is not None:
-            if plain:
-                raise StoreError(f"{key}: S3 error InvalidRequest (checksums of a plain upload)")
-            self._refuse("complete", key)
-        with self._lock:
-            if create_only and key in self._objects:  # S3 keeps the upload: it can be aborted
-                raise AlreadyExistsError(f"{key}: already exists")
-            parts = self._uploads.pop(upload_id)
-            self._plain_uploads.discard(upload_id)
-            self._part_md5s[key] = [e.strip('"') for e in etags]
-        data = b"".join(parts[n] for n in range(1, len(etags) + 1))
-        crc: int | None = None  # S3 computes a full-object one for an upload that declared it
-        if not plain:
-            crc = checksums.crc64nvme(data) if crc64nvme is None else crc64nvme
-        sizes = [len(parts[n]) for n in range(1, len(etags) + 1)]
-        return self._write(key, data, create_only, crc, sizes)
-
-    def abort_multipart(self, key: str, upload_id: str) -> None:
-        self._count("multipart")
-        self._uploads.pop(upload_id, None)
-        self._plain_uploads.discard(upload_id)
-
-    def delete_object(self, key: str) -> None:
-        self._count("delete")
-        with self._lock:
-            self._objects.pop(key, None)

@@ -1,8 +1,8 @@
 """What the S3 server does with the additional checksums that uploads carry, per store.
 
-Every upload sends Content-MD5 and a CRC64NVME (`daemon.store`); S3 checks both
+Every upload sends Content-MD5 and a CRC64NVME (`store.s3writes`); S3 checks both
 and keeps the CRC, so what this tool writes is verifiable end to end later
-(`daemon.checksums`). S3-compatible servers differ, as their code and bug
+(`store.checksums`). S3-compatible servers differ, as their code and bug
 trackers show:
 
 - refuse: 400 InvalidArgument for a checksum header they do not know. MinIO

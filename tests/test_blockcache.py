@@ -17,7 +17,7 @@ from s3cachefs.cache import blockcache
 from s3cachefs.cache.blockcache import BlockCache, ObjectVersion
 from s3cachefs.fs.core import FsCore
 from s3cachefs.fs.nodes import ROOT_INODE
-from s3cachefs.store.s3 import MemoryStore
+from s3cachefs.testing.memorystore import MemoryStore
 
 BS = 64 * 1024  # small blocks keep these tests fast; the arithmetic is the same
 

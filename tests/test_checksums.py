@@ -18,15 +18,17 @@ from s3cachefs.base.config import MountConfig
 from s3cachefs.cache.blockcache import ObjectVersion
 from s3cachefs.datasets.pins import Manifest, PinStore
 from s3cachefs.datasets.prefetch import PrefetchJob
+from s3cachefs.store.checkplan import plan
 from s3cachefs.store.checksums import (
     Check,
     Digest,
     combine_crc64nvme,
     crc64nvme,
-    plan,
     resolved,
 )
-from s3cachefs.store.s3 import MemoryStore, ObjectInfo, S3Store, checksum_head
+from s3cachefs.store.s3 import S3Store, checksum_head
+from s3cachefs.store.types import ObjectInfo
+from s3cachefs.testing.memorystore import MemoryStore
 from tests.conftest import Bucket
 from tests.test_blockcache import make_cache, read_back, run_with
 

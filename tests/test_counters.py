@@ -18,7 +18,8 @@ import pytest
 import trio
 
 from s3cachefs.base.config import MountConfig
-from s3cachefs.store.s3 import MemoryStore, S3Store
+from s3cachefs.store.s3 import S3Store
+from s3cachefs.testing.memorystore import MemoryStore
 from tests.conftest import Bucket, Mount, Mounter, drop_page_cache, run_cli, s3cachefs_cmd
 from tests.test_blockcache import BS, make_cache, run_with, version_of
 

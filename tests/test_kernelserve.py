@@ -597,7 +597,8 @@ def in_process(tmp_path: Path, body: Callable[[Any, Any, Any], Awaitable[None]])
     from s3cachefs.cache.blockcache import ObjectVersion
     from s3cachefs.datasets.kernelserve import KernelServe
     from s3cachefs.datasets.pins import Manifest, PinStore
-    from s3cachefs.store.s3 import MemoryStore, ObjectInfo
+    from s3cachefs.store.types import ObjectInfo
+    from s3cachefs.testing.memorystore import MemoryStore
     from tests.test_blockcache import BS, make_cache
 
     store = MemoryStore("mem")

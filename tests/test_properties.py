@@ -15,7 +15,7 @@ from s3cachefs.cache.blockcache import BlockCache, block_span, blocks_for_range
 from s3cachefs.fs.core import FsCore
 from s3cachefs.fs.nodes import ROOT_INODE
 from s3cachefs.store.keys import MAX_NAME_BYTES, valid_name
-from s3cachefs.store.s3 import MemoryStore
+from s3cachefs.testing.memorystore import MemoryStore
 
 block_sizes = st.sampled_from([1 << 16, 1 << 20, 1 << 22])
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 from collections.abc import Generator
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
@@ -29,6 +30,7 @@ from s3cachefs.cli.locals3 import LocalS3
 from s3cachefs.store import s3 as store_module
 from s3cachefs.store.rangeget import proxy_applies
 from s3cachefs.store.responses import body_md5, check_get_response, etag_md5
+from s3cachefs.store.retry import RetryPolicy
 from s3cachefs.store.s3 import S3Store
 from tests.conftest import Bucket
 from tests.faultproxy import FaultProxy
@@ -199,6 +201,58 @@ def test_an_ignored_range_is_retried_never_used_and_warned_about_once(
         except BadResponseError:
             continue
         assert got == data[MIB:]
+
+
+@pytest.mark.parametrize("lean", [True, False], ids=["lean", "botocore"])
+def test_one_retry_policy_bounds_every_retry_loop(
+    bucket: Bucket, tmp_path: Path, proxy: FaultProxy, monkeypatch: pytest.MonkeyPatch, lean: bool
+) -> None:
+    # --s3-max-attempts (4 here, not the default 3) bounds the lean GET's retries and the
+    # body loop's; botocore's requests get one more (its max_attempts counts retries, as
+    # it always did here); the start-up check of the bucket has its own (2, botocore 3).
+    if not lean:  # what a proxy in the environment selects
+        monkeypatch.setattr(store_module, "proxy_applies", lambda url: True)
+    etag = bucket.put("k", b"x" * 100)
+    config = MountConfig(
+        bucket=bucket.name,
+        prefix="",
+        mountpoint=tmp_path / "mnt",
+        cache_dir=tmp_path / "cache",
+        endpoint_url=proxy.endpoint_url,
+        s3_max_attempts=4,
+    )
+    store = S3Store(config)
+    store.check_bucket()
+    assert (store._getter is not None) == lean
+    proxy.rates["internal"] = 1.0  # every request answered 500 InternalError
+    with pytest.raises(TransientError):
+        store.list_dir("")
+    assert proxy.faults["internal"] == 5
+    with pytest.raises(TransientError):
+        next(store.iter_range("k", etag, 0, 10, 10, size=100))
+    # The request's own retries, not the body loop's on top.
+    assert proxy.faults["internal"] == 5 + (4 if lean else 5)
+    proxy.faults.clear()
+    with pytest.raises(TransientError):
+        S3Store(config).check_bucket()
+    assert proxy.faults["internal"] == 3
+    proxy.rates["internal"] = 0.0
+    proxy.rates["ignore_range"] = 1.0  # answered, but not what was asked: the body loop's
+    with pytest.raises(BadResponseError):
+        next(store.iter_range("k", etag, 0, 10, 10, size=100))
+    assert proxy.faults["ignore_range"] == 4
+
+
+def test_the_backoff_is_full_jitter_doubling_to_a_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    policy = RetryPolicy(max_attempts=3)
+    assert [policy.again(n) for n in (1, 2, 3)] == [True, True, False]
+    monkeypatch.setattr(random, "random", lambda: 1.0)  # the top of the jitter
+    assert [policy.backoff(n) for n in (1, 2, 3)] == [0.2, 0.4, 0.8]
+    assert policy.backoff(30) == 20.0
+    monkeypatch.setattr(random, "random", lambda: 0.0)
+    assert policy.backoff(30) == 0.0
+    assert policy.retryable_status(503) and policy.retryable_status(429)
+    assert not policy.retryable_status(404) and not policy.retryable_status(412)
 
 
 def test_a_short_range_is_retried_from_where_it_stands(

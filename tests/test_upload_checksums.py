@@ -25,9 +25,12 @@ from s3cachefs.base.errors import (
     NotFoundError,
     TransientError,
 )
-from s3cachefs.store.checksums import Digest, crc64nvme, plan
-from s3cachefs.store.s3 import MemoryStore, ObjectInfo, S3Store
+from s3cachefs.store.checkplan import plan
+from s3cachefs.store.checksums import Digest, crc64nvme
+from s3cachefs.store.s3 import S3Store
+from s3cachefs.store.types import ObjectInfo
 from s3cachefs.store.uploadchecksums import NOT_KEPT
+from s3cachefs.testing.memorystore import MemoryStore
 from tests.conftest import Bucket
 from tests.faultproxy import FaultProxy
 from tests.test_blockcache import make_cache, run_with

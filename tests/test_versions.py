@@ -34,7 +34,8 @@ from s3cachefs.base.values import INDEFINITE_TTL
 from s3cachefs.datasets.pins import Manifest, PinStore
 from s3cachefs.fs.core import FsCore
 from s3cachefs.fs.nodes import ROOT_INODE, Node
-from s3cachefs.store.s3 import Listing, MemoryStore, ObjectInfo
+from s3cachefs.store.types import Listing, ObjectInfo
+from s3cachefs.testing.memorystore import MemoryStore
 from tests.conftest import Bucket, Mounter, drop_page_cache
 from tests.faultproxy import FaultProxy
 from tests.test_blockcache import BS, make_cache, run_with

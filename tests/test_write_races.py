@@ -14,7 +14,7 @@ from s3cachefs.fs.core import FsCore
 from s3cachefs.fs.nodes import ROOT_INODE
 from s3cachefs.fs.writes import Writer
 from s3cachefs.staging.writeback import Writeback
-from s3cachefs.store.s3 import MemoryStore
+from s3cachefs.testing.memorystore import MemoryStore
 from tests.test_blockcache import BS, make_cache, run_with
 from tests.test_writeback import make_writeback
 

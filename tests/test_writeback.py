@@ -12,7 +12,7 @@ from s3cachefs.base.errors import TransientError, UploadFailedError
 from s3cachefs.cache.blockcache import BlockCache, ObjectVersion
 from s3cachefs.staging.records import FAILED, LEFT_OVER
 from s3cachefs.staging.writeback import Writeback
-from s3cachefs.store.s3 import MemoryStore
+from s3cachefs.testing.memorystore import MemoryStore
 from tests.test_blockcache import make_cache, run_with
 
 PART = 5 * 1024 * 1024
