@@ -12,7 +12,7 @@ Every S3 request is retried under it, in one of three places:
   delivered (`retryable`: a `TransientError`, once a response has begun).
 
 Our two loops each count their own attempts, the first included, against
-``max_attempts`` (``s3_max_attempts`` of the mount; botocore gets one more, see
+``max_attempts`` (``s3_max_attempts`` of the mount, and so does botocore, see
 `botocore_config`) and wait `backoff` between two of them.
 """
 
@@ -54,15 +54,15 @@ class RetryPolicy:
         return cls(max_attempts=config.s3_max_attempts)
 
     def botocore_config(self) -> botocore.config.Config:
-        """botocore's own retries: "standard" mode, one attempt more than ours.
+        """botocore's own retries: "standard" mode, the same attempts in all as ours.
 
-        botocore's client ``max_attempts`` counts retries after the first request,
-        so the store has always given botocore's requests ``max_attempts + 1`` in
-        all; kept as it was (stated here as ``total_max_attempts``) so that
-        listings, HEADs and writes ride out a flaky S3 as before.
+        Stated as ``total_max_attempts``: botocore's ``max_attempts`` counts the
+        retries after the first request, which gave botocore's requests one attempt
+        more than `--s3-max-attempts` ("tries of one S3 request") says.
         """
-        total = self.max_attempts + 1
-        return botocore.config.Config(retries={"mode": "standard", "total_max_attempts": total})
+        return botocore.config.Config(
+            retries={"mode": "standard", "total_max_attempts": self.max_attempts}
+        )
 
     def again(self, attempts: int) -> bool:
         """Whether another attempt may follow the ``attempts`` made so far."""

@@ -53,9 +53,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# The start-up check of the bucket, whatever the policy (botocore: 3 requests in all, see
-# `RetryPolicy.botocore_config`): a typo'd endpoint fails fast, not after seconds.
-PROBE_ATTEMPTS = 2
+# The start-up check of the bucket, whatever the policy (3 requests in all): a typo'd
+# endpoint fails fast, not after seconds.
+PROBE_ATTEMPTS = 3
 
 # A listing longer than this is a server that never ends it (100,000 pages of 1,000 keys:
 # 100 million objects under one prefix), not a real one: it fails with a StoreError.

@@ -208,8 +208,8 @@ def test_one_retry_policy_bounds_every_retry_loop(
     bucket: Bucket, tmp_path: Path, proxy: FaultProxy, monkeypatch: pytest.MonkeyPatch, lean: bool
 ) -> None:
     # --s3-max-attempts (4 here, not the default 3) bounds the lean GET's retries and the
-    # body loop's; botocore's requests get one more (its max_attempts counts retries, as
-    # it always did here); the start-up check of the bucket has its own (2, botocore 3).
+    # body loop's and botocore's alike (4 requests in all); the start-up check of the
+    # bucket has its own (3 in all).
     if not lean:  # what a proxy in the environment selects
         monkeypatch.setattr(store_module, "proxy_applies", lambda url: True)
     etag = bucket.put("k", b"x" * 100)
@@ -227,11 +227,11 @@ def test_one_retry_policy_bounds_every_retry_loop(
     proxy.rates["internal"] = 1.0  # every request answered 500 InternalError
     with pytest.raises(TransientError):
         store.list_dir("")
-    assert proxy.faults["internal"] == 5
+    assert proxy.faults["internal"] == 4
     with pytest.raises(TransientError):
         next(store.iter_range("k", etag, 0, 10, 10, size=100))
     # The request's own retries, not the body loop's on top.
-    assert proxy.faults["internal"] == 5 + (4 if lean else 5)
+    assert proxy.faults["internal"] == 4 + 4
     proxy.faults.clear()
     with pytest.raises(TransientError):
         S3Store(config).check_bucket()
