@@ -35,8 +35,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import fcntl
-import functools
-import hashlib
 import json
 import logging
 import os
@@ -44,7 +42,7 @@ import pickle
 import sqlite3
 import time
 import zlib
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,7 +52,9 @@ import psutil
 import trio
 
 from s3cachefs.base.errors import CacheDirError, StoreError, TransientError
+from s3cachefs.cache.blocks import BlockKey, ObjectVersion, block_span, blocks_for_range
 from s3cachefs.cache.cachedir import FORMAT_VERSION, ensure_private_dir
+from s3cachefs.cache.stats import CacheStats
 from s3cachefs.store.checksums import Check, Digest
 from s3cachefs.store.s3 import ObjectStore
 
@@ -63,21 +63,6 @@ log = logging.getLogger(__name__)
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-
-
-@dataclass(frozen=True)
-class ObjectVersion:
-    """What a block belongs to: one immutable version of one object."""
-
-    bucket: str
-    key: str
-    etag: str
-    size: int
-
-    @functools.cached_property
-    def oid(self) -> str:  # cached: it names the version in every cache lookup
-        digest = hashlib.sha256(f"{self.bucket}\0{self.key}\0{self.etag}".encode())
-        return digest.hexdigest()[:40]
 
 
 @dataclass
@@ -104,7 +89,6 @@ class _Flight:
         self.grew = trio.Event()
 
 
-BlockKey = tuple[str, int]
 # A FUSE read of a cold file's start is answered once this much of its first
 # block has arrived, not the whole block: the kernel's first read of a file
 # is small (its readahead window starts small).
@@ -112,20 +96,6 @@ EAGER_FIRST_PIECE = 128 * 1024
 # Downloaded bytes waiting for their disk write, at most: a network faster than
 # the disk makes the download wait, instead of the daemon's memory grow.
 UNWRITTEN_LIMIT = 32 * 1024 * 1024
-
-
-def block_span(index: int, block_size: int, size: int) -> tuple[int, int]:
-    """Byte range ``[start, end)`` of block ``index`` in an object of ``size`` bytes."""
-    start = index * block_size
-    return start, min(start + block_size, size)
-
-
-def blocks_for_range(offset: int, length: int, block_size: int, size: int) -> range:
-    """Indices of the blocks that hold bytes ``[offset, offset+length)``, clipped to EOF."""
-    end = min(offset + length, size)
-    if offset >= end:
-        return range(0)
-    return range(offset // block_size, (end - 1) // block_size + 1)
 
 
 def _punch_hole(fd: int, offset: int, length: int) -> None:
@@ -138,16 +108,6 @@ def _punch_hole(fd: int, offset: int, length: int) -> None:
     if ret != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
-
-
-class CacheStats:
-    """Counters the status command, metrics and tests read."""
-
-    def __init__(self) -> None:
-        self.counts: Counter[str] = Counter()
-
-    def __getitem__(self, name: str) -> int:
-        return self.counts[name]
 
 
 class BlockCache:

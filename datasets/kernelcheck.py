@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from s3cachefs.cache.blockcache import ObjectVersion
+from s3cachefs.cache.blocks import ObjectVersion
 from s3cachefs.datasets.pins import Manifest
 from s3cachefs.datasets.treecheck import CheckResult, FileCheck, Stopped, check_files
 

@@ -53,7 +53,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import trio
 
-from s3cachefs.cache.blockcache import BlockCache, ObjectVersion
+from s3cachefs.cache.blockcache import BlockCache
+from s3cachefs.cache.blocks import ObjectVersion
 from s3cachefs.datasets import binds
 from s3cachefs.datasets.kernelcheck import KernelChecks
 from s3cachefs.datasets.pins import Manifest, PinStore

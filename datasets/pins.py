@@ -19,7 +19,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from s3cachefs.cache.blockcache import ObjectVersion
+from s3cachefs.cache.blocks import ObjectVersion
 from s3cachefs.store.checksums import Check
 from s3cachefs.store.keys import valid_name
 from s3cachefs.store.responses import etag_md5

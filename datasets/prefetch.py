@@ -39,7 +39,8 @@ from typing import Any
 import trio
 
 from s3cachefs.base.errors import ConfigError, S3CacheFSError, StoreError
-from s3cachefs.cache.blockcache import BlockCache, ObjectVersion
+from s3cachefs.cache.blockcache import BlockCache
+from s3cachefs.cache.blocks import ObjectVersion
 from s3cachefs.datasets.pins import Manifest, PinStore, Shard
 from s3cachefs.store import checksums
 from s3cachefs.store.checksums import Check

@@ -44,7 +44,8 @@ from s3cachefs.base.errors import (
     StaleError,
     TransientError,
 )
-from s3cachefs.cache.blockcache import BlockCache, ObjectVersion
+from s3cachefs.cache.blockcache import BlockCache
+from s3cachefs.cache.blocks import ObjectVersion
 from s3cachefs.datasets.pins import PinStore
 from s3cachefs.fs.versions import VersionGuard
 from s3cachefs.staging.writeback import Staged

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from s3cachefs.base.errors import NotFoundError, StaleError, StoreError
-from s3cachefs.cache.blockcache import ObjectVersion
+from s3cachefs.cache.blocks import ObjectVersion
 from s3cachefs.store.s3 import ObjectStore
 
 if TYPE_CHECKING:

@@ -35,7 +35,7 @@ from s3cachefs.base.errors import (
     ReadOnlyError,
     UnsupportedError,
 )
-from s3cachefs.cache.blockcache import ObjectVersion
+from s3cachefs.cache.blocks import ObjectVersion
 from s3cachefs.fs.core import FileHandle, FsCore, Node
 from s3cachefs.staging.writeback import Staged, Writeback
 from s3cachefs.store.keys import valid_name

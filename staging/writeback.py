@@ -56,7 +56,8 @@ from s3cachefs.base.errors import (
     StoreError,
     UploadFailedError,
 )
-from s3cachefs.cache.blockcache import BlockCache, ObjectVersion
+from s3cachefs.cache.blockcache import BlockCache
+from s3cachefs.cache.blocks import ObjectVersion
 from s3cachefs.store import checksums
 from s3cachefs.store.s3 import ObjectStore
 

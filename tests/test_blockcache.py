@@ -14,7 +14,8 @@ import trio
 
 from s3cachefs.base.errors import CacheDirError, StaleError, TransientError
 from s3cachefs.cache import blockcache
-from s3cachefs.cache.blockcache import BlockCache, ObjectVersion
+from s3cachefs.cache.blockcache import BlockCache
+from s3cachefs.cache.blocks import ObjectVersion
 from s3cachefs.fs.core import ROOT_INODE, FsCore
 from s3cachefs.store.s3 import MemoryStore
 

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from s3cachefs.base.config import MountConfig
-from s3cachefs.cache.blockcache import ObjectVersion
+from s3cachefs.cache.blocks import ObjectVersion
 from s3cachefs.datasets.pins import Manifest, PinStore
 from s3cachefs.datasets.prefetch import PrefetchJob
 from s3cachefs.store.checksums import (

@@ -594,7 +594,7 @@ def in_process(tmp_path: Path, body: Callable[[Any, Any, Any], Awaitable[None]])
     one complete, pinned object ``ds/a.bin`` of three and a bit blocks."""
     import trio
 
-    from s3cachefs.cache.blockcache import ObjectVersion
+    from s3cachefs.cache.blocks import ObjectVersion
     from s3cachefs.datasets.kernelserve import KernelServe
     from s3cachefs.datasets.pins import Manifest, PinStore
     from s3cachefs.store.s3 import MemoryStore, ObjectInfo

@@ -9,7 +9,8 @@ import pytest
 import trio
 
 from s3cachefs.base.errors import TransientError, UploadFailedError
-from s3cachefs.cache.blockcache import BlockCache, ObjectVersion
+from s3cachefs.cache.blockcache import BlockCache
+from s3cachefs.cache.blocks import ObjectVersion
 from s3cachefs.staging.writeback import FAILED, LEFT_OVER, Writeback
 from s3cachefs.store.s3 import MemoryStore
 from tests.test_blockcache import make_cache, run_with
