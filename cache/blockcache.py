@@ -42,18 +42,18 @@ import pickle
 import sqlite3
 import time
 import zlib
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import diskcache
-import psutil
 import trio
 
 from s3cachefs.base.errors import CacheDirError, StoreError, TransientError
 from s3cachefs.cache.blocks import BlockKey, ObjectVersion, block_span, blocks_for_range
 from s3cachefs.cache.cachedir import FORMAT_VERSION, ensure_private_dir
+from s3cachefs.cache.ledger import Bounds, Ledger, Victim
+from s3cachefs.cache.memory import MemoryBlocks
 from s3cachefs.cache.stats import CacheStats
 from s3cachefs.store.checksums import Check, Digest
 from s3cachefs.store.s3 import ObjectStore
@@ -63,12 +63,6 @@ log = logging.getLogger(__name__)
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-
-
-@dataclass
-class _Record:
-    version: ObjectVersion
-    blocks: dict[int, int] = field(default_factory=dict)  # block index -> crc32
 
 
 @dataclass
@@ -129,22 +123,17 @@ class BlockCache:
     ) -> None:
         self.cache_dir = cache_dir
         self.store = store
-        self.block_size = block_size
         self.cache_size = cache_size
         self.min_free = min_free
-        self.memory_bytes = memory_bytes
         self.stats = CacheStats()
+        self.bounds = Bounds(cache_dir, cache_size, min_free)
+        self.ledger = Ledger(block_size, self.stats)  # records, LRU, the pinned set
+        self._memory = MemoryBlocks(memory_bytes)
         self._s3_limiter = s3_limiter
         self._disk_limiter = disk_limiter
         self.readahead_bytes = readahead_bytes
         self._readahead_inflight = 0  # readahead blocks requested and not yet arrived
         self.fetch_bytes = fetch_bytes  # most bytes one GET may cover
-        self._objects: dict[str, _Record] = {}
-        self._lru: OrderedDict[BlockKey, None] = OrderedDict()  # unpinned blocks only
-        self._pinned: set[str] = set()  # oids of pinned object versions: never evicted
-        self._used = 0
-        self._memory: OrderedDict[BlockKey, bytes] = OrderedDict()
-        self._memory_used = 0
         self._flights: dict[BlockKey, _Flight] = {}
         self._idle = trio.Event()  # set whenever the last flight ends
         self._unwritten = 0  # bytes handed to _store_and_land and not yet on disk
@@ -182,9 +171,7 @@ class BlockCache:
                 exc,
                 aside.name,
             )
-            self._objects.clear()
-            self._lru.clear()
-            self._used = 0
+            self.ledger.clear()
             self._index = self._open_index()
             self._load_index()
 
@@ -253,7 +240,7 @@ class BlockCache:
         stored = int(meta.get("block_size", 0))
         if stored != self.block_size:
             log.info("cache_dir=%s keeps its block_size=%d", self.cache_dir, stored)
-            self.block_size = stored
+            self.ledger.block_size = stored
 
     def _load_index(self) -> None:
         index = self._index
@@ -261,30 +248,24 @@ class BlockCache:
         for key in index.iterkeys():
             value = index.get(key)
             if key[0] == "o" and value is not None:
-                self._objects[key[1]] = _Record(ObjectVersion(*value))
+                self.ledger.load_object(key[1], ObjectVersion(*value))
             elif key[0] == "b" and value is not None:
                 blocks.append((key[1], key[2], value))
         dropped = 0
         for oid, idx, crc in blocks:
-            record = self._objects.get(oid)
-            if record is None:  # a block row whose object row was lost: unusable
+            if not self.ledger.load_block(oid, idx, crc):
+                # a block row whose object row was lost: unusable
                 index.delete(("b", oid, idx))
                 dropped += 1
-                continue
-            record.blocks[idx] = crc
-            self._lru[(oid, idx)] = None
-            start, end = block_span(idx, self.block_size, record.version.size)
-            self._used += end - start
-        for oid, record in list(self._objects.items()):
+        for oid in self.ledger.oids():
             if not self._path(oid).exists():
-                self._forget_object_sync(oid)
-                dropped += len(record.blocks)
+                dropped += self._forget_object_sync(oid)
         if dropped:
             log.warning("cache_dir=%s dropped %d index rows with no data", self.cache_dir, dropped)
         strays = [
             p
             for p in (self.root / "objects").glob("*/*/*")
-            if p.name not in self._objects and p.is_file()
+            if p.name not in self.ledger and p.is_file()
         ]
         for path in strays:  # data whose index row never landed (crash, racing eviction)
             path.unlink(missing_ok=True)
@@ -295,19 +276,19 @@ class BlockCache:
         log.info(
             "cache_dir=%s objects=%d blocks=%d bytes=%d",
             self.cache_dir,
-            len(self._objects),
-            len(self._lru),
-            self._used,
+            self.ledger.objects,
+            self.ledger.blocks,
+            self.ledger.used,
         )
 
-    def _forget_object_sync(self, oid: str) -> None:
-        record = self._objects.pop(oid)
+    def _forget_object_sync(self, oid: str) -> int:
+        removed = self.ledger.remove(oid)
+        assert removed is not None
+        record, _ = removed
         for idx in record.blocks:
             self._index.delete(("b", oid, idx))
-            self._lru.pop((oid, idx), None)
-            start, end = block_span(idx, self.block_size, record.version.size)
-            self._used -= end - start
         self._index.delete(("o", oid))
+        return len(record.blocks)
 
     # ---- public API ------------------------------------------------------
 
@@ -322,12 +303,20 @@ class BlockCache:
         return max(1, self.fetch_bytes // self.block_size)
 
     @property
+    def block_size(self) -> int:
+        """The cache dir's block size (its format file's, once open)."""
+        return self.ledger.block_size
+
+    @property
+    def memory_bytes(self) -> int:
+        return self._memory.limit
+
+    @property
     def used_bytes(self) -> int:
-        return self._used
+        return self.ledger.used
 
     def is_cached(self, version: ObjectVersion, index: int) -> bool:
-        record = self._objects.get(version.oid)
-        return record is not None and index in record.blocks
+        return self.ledger.has_block(version.oid, index)
 
     async def read(self, version: ObjectVersion, offset: int, length: int) -> bytes:
         """Bytes ``[offset, offset+length)`` of ``version``, clipped to its size."""
@@ -400,19 +389,17 @@ class BlockCache:
         """
         key = (version.oid, index)
         counts = self.stats.counts
-        data = self._memory.get(key)
+        data = self._memory.take(key)
         if data is not None:
-            self._memory.move_to_end(key)
             counts["hits_memory"] += count
             return data
-        record = self._objects.get(version.oid)
+        record = self.ledger.record(version.oid)
         if record is not None and index in record.blocks:
             data = await self._read_verified(version, index, record.blocks[index])
             if data is not None:
                 counts["hits_disk"] += count
-                if key in self._lru:
-                    self._lru.move_to_end(key)
-                self._remember(key, data)
+                self.ledger.touch(key)
+                self._memory.remember(key, data)
                 return data
         flight = self._flights.get(key)
         if flight is None:
@@ -436,7 +423,7 @@ class BlockCache:
         if persist:
             for idx in indices:
                 key = (version.oid, idx)
-                data = self._memory.get(key)
+                data = self._memory.peek(key)
                 if (
                     data is not None
                     and key not in self._flights
@@ -493,7 +480,7 @@ class BlockCache:
 
     @property
     def pinned(self) -> set[str]:
-        return set(self._pinned)
+        return self.ledger.pinned
 
     @property
     def s3_limiter(self) -> trio.CapacityLimiter:
@@ -527,8 +514,7 @@ class BlockCache:
 
     async def forget_object(self, version: ObjectVersion) -> None:
         """Drop every cached block of this version (its content failed a whole-object check)."""
-        record = self._objects.get(version.oid)
-        for idx, crc in list(record.blocks.items()) if record else ():
+        for idx, crc in self.ledger.block_crcs(version).items():
             await self._drop_block(version, idx, crc)
 
     async def adopt(self, version: ObjectVersion, path: Path, crcs: dict[int, int]) -> bool:
@@ -540,32 +526,30 @@ class BlockCache:
         whether the object is now cached.
         """
         oid = version.oid
-        if oid in self._objects or version.size == 0:  # nothing to add (same bytes, or empty)
+        if oid in self.ledger or version.size == 0:  # nothing to add (same bytes, or empty)
             await trio.to_thread.run_sync(path.unlink, limiter=self._disk_limiter)
             return version.size == 0 or not self.missing_blocks(version)
         if version.size > self.cache_size - self.pinned_bytes:  # would only flush the cache
             await trio.to_thread.run_sync(path.unlink, limiter=self._disk_limiter)
             return False
-        victims, fits = self._sync_reserve(version.size, on_disk=True)
+        victims, fits = self.ledger.reserve(version.size, self.bounds, on_disk=True)
         if fits:
-            self._objects[oid] = _Record(version)
+            self.ledger.new_record(version)
         try:
             await trio.to_thread.run_sync(
                 self._adopt_blocking, version, path, crcs, victims, fits, limiter=self._disk_limiter
             )
         except (OSError, sqlite3.Error) as exc:  # a full disk fails the index write
             if fits:
-                self._objects.pop(oid, None)
-                self._used -= version.size
+                self.ledger.discard(oid)
+                self.ledger.unreserve(version.size)
             reason = exc.strerror if isinstance(exc, OSError) else str(exc)
             log.warning("cache could not keep %s: %s", version.key, reason)
             return False
-        record = self._objects.get(oid)
+        record = self.ledger.record(oid)
         if not fits or record is None:  # no room, or evicted whole while we wrote
             return False
-        record.blocks.update(crcs)
-        if oid not in self._pinned:
-            self._lru.update((k, None) for k in ((oid, idx) for idx in sorted(crcs)))
+        self.ledger.add_blocks(record, crcs)
         self.stats.counts["adopted_bytes"] += version.size
         return True
 
@@ -574,7 +558,7 @@ class BlockCache:
         version: ObjectVersion,
         path: Path,
         crcs: dict[int, int],
-        victims: list[tuple[str, int, int, int]],
+        victims: list[Victim],
         fits: bool,
     ) -> None:
         for oid, idx, start, length in victims:
@@ -599,54 +583,29 @@ class BlockCache:
 
     @property
     def pinned_bytes(self) -> int:
-        return sum(
-            self._block_len(record.version, idx)
-            for oid in self._pinned
-            if (record := self._objects.get(oid)) is not None
-            for idx in record.blocks
-        )
+        return self.ledger.pinned_bytes
 
     def room_for(self, nbytes: int) -> tuple[bool, int]:
         """Whether ``nbytes`` more can be cached without evicting pinned data, and the room."""
-        evictable = self._used - self.pinned_bytes
-        free = psutil.disk_usage(str(self.cache_dir)).free
-        room = min(self.cache_size - self._used, free - self.min_free) + evictable
-        return nbytes <= room, max(0, room)
+        return self.ledger.room_for(nbytes, self.bounds)
 
     def pin(self, oid: str) -> None:
         """Add one version to the pinned set (prefetch, per verified object). Must not await."""
-        if oid in self._pinned:
-            return
-        self._pinned.add(oid)
-        record = self._objects.get(oid)
-        for idx in record.blocks if record else ():
-            self._lru.pop((oid, idx), None)
+        self.ledger.pin(oid)
 
     def set_pinned(self, oids: set[str]) -> None:
         """Make exactly ``oids`` pinned: their blocks leave the LRU; unpinned ones rejoin it.
 
         Must not await.
         """
-        for oid in self._pinned - oids:
-            record = self._objects.get(oid)
-            for idx in record.blocks if record else ():
-                self._lru[(oid, idx)] = None
-        for oid in oids - self._pinned:
-            record = self._objects.get(oid)
-            for idx in record.blocks if record else ():
-                self._lru.pop((oid, idx), None)
-        self._pinned = set(oids)
+        self.ledger.set_pinned(oids)
 
     def missing_blocks(self, version: ObjectVersion) -> list[int]:
-        record = self._objects.get(version.oid)
-        nblocks = -(-version.size // self.block_size)
-        have = record.blocks if record else {}
-        return [idx for idx in range(nblocks) if idx not in have]
+        return self.ledger.missing_blocks(version)
 
     def block_crcs(self, version: ObjectVersion) -> dict[int, int]:
         """A copy of the CRC32 of every cached block of ``version`` (kernel-serve checks)."""
-        record = self._objects.get(version.oid)
-        return dict(record.blocks) if record else {}
+        return self.ledger.block_crcs(version)
 
     async def verify_object(self, version: ObjectVersion, check: Check) -> tuple[bool, str]:
         """Re-read a complete object from disk: every block's CRC, then ``check`` end to end.
@@ -658,10 +617,9 @@ class BlockCache:
         digest = Digest(check)
         if version.size == 0:  # nothing to store, nothing to read
             return digest.matches(), digest.result()
-        record = self._objects.get(version.oid)
-        if record is None or self.missing_blocks(version):
+        if version.oid not in self.ledger or self.missing_blocks(version):
             return False, ""
-        crcs = dict(record.blocks)
+        crcs = self.ledger.block_crcs(version)
         bad = await trio.to_thread.run_sync(
             self._verify_blocking, version, crcs, digest, limiter=self._disk_limiter
         )
@@ -693,17 +651,12 @@ class BlockCache:
     async def free(self, oids: set[str]) -> int:
         """Delete the cached data of these (unpinned) object versions; returns bytes freed."""
         freed = 0
-        for oid in oids - self._pinned:
-            record = self._objects.pop(oid, None)
-            if record is None:
+        for oid in oids - self.ledger.pinned:
+            removed = self.ledger.remove(oid)
+            if removed is None:
                 continue
-            nbytes = 0
-            for idx in record.blocks:
-                self._lru.pop((oid, idx), None)
-                nbytes += self._block_len(record.version, idx)
-            for key in [k for k in self._memory if k[0] == oid]:
-                self._memory_used -= len(self._memory.pop(key))
-            self._used -= nbytes
+            record, nbytes = removed
+            self._memory.drop_object(oid)
             freed += nbytes
             await trio.to_thread.run_sync(
                 self._free_blocking, oid, list(record.blocks), limiter=self._disk_limiter
@@ -715,10 +668,6 @@ class BlockCache:
             self._index.delete(("b", oid, idx))
         self._index.delete(("o", oid))
         self._path(oid).unlink(missing_ok=True)
-
-    def _block_len(self, version: ObjectVersion, idx: int) -> int:
-        start, end = block_span(idx, self.block_size, version.size)
-        return end - start
 
     # ---- fetch path ------------------------------------------------------
 
@@ -765,7 +714,7 @@ class BlockCache:
                 return
             idx = run.start + delivered
             flight = flights[delivered]
-            if len(flight.head) + len(data) < self._block_len(version, idx):
+            if len(flight.head) + len(data) < self.ledger.block_len(version, idx):
                 flight.head += data  # a first piece: early readers take it now
                 flight.wake()
                 return
@@ -776,7 +725,7 @@ class BlockCache:
             self.stats.counts["bytes_from_s3"] += len(data)
             flight.data = data
             if flight.remember:
-                self._remember((version.oid, idx), data)
+                self._memory.remember((version.oid, idx), data)
             if readahead:
                 self._readahead_inflight -= 1
             flight.done.set()
@@ -845,7 +794,7 @@ class BlockCache:
 
     async def _store_block(self, version: ObjectVersion, index: int, data: bytes) -> None:
         crc = zlib.crc32(data)
-        victims, fits = self._sync_reserve(len(data))
+        victims, fits = self.ledger.reserve(len(data), self.bounds)
         if not fits:
             self.stats.counts["store_skipped_full"] += 1
             log.warning(
@@ -854,9 +803,9 @@ class BlockCache:
                 self.min_free,
             )
         oid = version.oid
-        new_object = fits and oid not in self._objects
+        new_object = fits and oid not in self.ledger
         if new_object:
-            self._objects[oid] = _Record(version)
+            self.ledger.new_record(version)
         try:
             await trio.to_thread.run_sync(
                 self._write_block_blocking,
@@ -870,54 +819,16 @@ class BlockCache:
             )
         except OSError as exc:
             if fits:
-                self._used -= len(data)
+                self.ledger.unreserve(len(data))
             self.stats.counts["disk_errors"] += 1
             log.warning("cache write failed for %s: %s; reads go to S3", version.key, exc.strerror)
             return
-        record = self._objects.get(oid)
+        record = self.ledger.record(oid)
         if not fits or record is None:  # evicted whole while we wrote: do not index it
             if fits:
-                self._used -= len(data)
+                self.ledger.unreserve(len(data))
             return
-        record.blocks[index] = crc
-        if oid not in self._pinned:
-            self._lru[(oid, index)] = None
-
-    def _sync_reserve(
-        self, nbytes: int, *, on_disk: bool = False
-    ) -> tuple[list[tuple[str, int, int, int]], bool]:
-        """Take LRU victims off the books until ``nbytes`` fit. Must not await.
-
-        Returns the victims (to be removed from disk) and whether the block fits;
-        ``--min-free`` can make the cache shrink below what it holds now.
-        ``on_disk``: the bytes are on the disk already (an adopted file): they
-        count against ``--cache-size`` but take no more disk space.
-        """
-        free = psutil.disk_usage(str(self.cache_dir)).free
-        victims: list[tuple[str, int, int, int]] = []
-        freed = 0
-        new_disk = 0 if on_disk else nbytes
-
-        def over() -> bool:
-            return (
-                self._used - freed + nbytes > self.cache_size
-                or free + freed - new_disk < self.min_free
-            )
-
-        while over() and self._lru:
-            (oid, idx), _ = self._lru.popitem(last=False)
-            record = self._objects[oid]
-            del record.blocks[idx]
-            start, end = block_span(idx, self.block_size, record.version.size)
-            last = not record.blocks
-            if last:
-                del self._objects[oid]
-            victims.append((oid, idx, start, -1 if last else end - start))
-            freed += end - start
-        self.stats.counts["evictions"] += len(victims)
-        fits = not over()
-        self._used += (nbytes if fits else 0) - freed
-        return victims, fits
+        self.ledger.add_block(record, index, crc)
 
     def _write_block_blocking(
         self,
@@ -925,7 +836,7 @@ class BlockCache:
         index: int,
         data: bytes | None,
         crc: int,
-        victims: list[tuple[str, int, int, int]],
+        victims: list[Victim],
         new_object: bool,
     ) -> None:
         for oid, idx, start, length in victims:
@@ -987,13 +898,8 @@ class BlockCache:
 
     async def _drop_block(self, version: ObjectVersion, index: int, crc: int) -> None:
         """Forget a block that failed its check (unless it was replaced meanwhile)."""
-        record = self._objects.get(version.oid)
-        if record is not None and record.blocks.get(index) == crc:
-            record.blocks.pop(index)
-            self._lru.pop((version.oid, index), None)
-            stale = self._memory.pop((version.oid, index), None)
-            self._memory_used -= len(stale or b"")
-            self._used -= self._block_len(version, index)
+        if self.ledger.drop_block(version, index, crc):
+            self._memory.drop((version.oid, index))
             await trio.to_thread.run_sync(
                 self._index.delete, ("b", version.oid, index), limiter=self._disk_limiter
             )
@@ -1013,12 +919,3 @@ class BlockCache:
     def object_path(self, oid: str) -> Path:
         """The data file of an object version (kernel-served trees link it)."""
         return self._path(oid)
-
-    def _remember(self, key: BlockKey, data: bytes) -> None:
-        if key in self._memory:
-            return
-        self._memory[key] = data
-        self._memory_used += len(data)
-        while self._memory_used > self.memory_bytes and self._memory:
-            _, old = self._memory.popitem(last=False)
-            self._memory_used -= len(old)
