@@ -32,37 +32,26 @@ disk limiter and receives plain values, never this object's dicts.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import fcntl
-import json
 import logging
-import os
-import pickle
 import sqlite3
-import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import diskcache
 import trio
 
-from s3cachefs.base.errors import CacheDirError, StoreError, TransientError
+from s3cachefs.base.errors import StoreError, TransientError
 from s3cachefs.cache.blocks import BlockKey, ObjectVersion, block_span, blocks_for_range
-from s3cachefs.cache.cachedir import FORMAT_VERSION, ensure_private_dir
-from s3cachefs.cache.ledger import Bounds, Ledger, Victim
+from s3cachefs.cache.disk import Disk
+from s3cachefs.cache.index import Index
+from s3cachefs.cache.layout import Layout
+from s3cachefs.cache.ledger import Bounds, Ledger
 from s3cachefs.cache.memory import MemoryBlocks
 from s3cachefs.cache.stats import CacheStats
 from s3cachefs.store.checksums import Check, Digest
 from s3cachefs.store.s3 import ObjectStore
 
 log = logging.getLogger(__name__)
-
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_PUNCH_HOLE = 0x02
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
 
 @dataclass
@@ -90,18 +79,6 @@ EAGER_FIRST_PIECE = 128 * 1024
 # Downloaded bytes waiting for their disk write, at most: a network faster than
 # the disk makes the download wait, instead of the daemon's memory grow.
 UNWRITTEN_LIMIT = 32 * 1024 * 1024
-
-
-def _punch_hole(fd: int, offset: int, length: int) -> None:
-    ret = _libc.fallocate(
-        fd,
-        _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE,
-        ctypes.c_long(offset),
-        ctypes.c_long(length),
-    )
-    if ret != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
 
 
 class BlockCache:
@@ -139,59 +116,21 @@ class BlockCache:
         self._unwritten = 0  # bytes handed to _store_and_land and not yet on disk
         self._written = trio.Event()  # set whenever some of them land
         self._nursery: trio.Nursery | None = None
-        self._lock_fd: int | None = None
-        self._index: Any = None
-        self.root = cache_dir / f"v{FORMAT_VERSION}"
+        self._layout = Layout(cache_dir)
+        self.root = self._layout.root
+        self._index = Index(self._layout)
+        self._disk = Disk(self._layout, self._index)  # blocking steps, in crash-safe order
 
     # ---- lifecycle -------------------------------------------------------
 
     def open(self) -> None:
         """Lock the cache dir, load the index into memory. Blocking; call before serving."""
-        for note in ensure_private_dir(self.cache_dir):
-            log.warning("%s", note)
-        try:
-            (self.root / "objects").mkdir(mode=0o700, parents=True, exist_ok=True)
-        except OSError as exc:
-            raise CacheDirError(f"cannot use cache dir {self.cache_dir}: {exc.strerror}") from None
-        self._lock()
-        self._check_format()
-        try:
-            self._index = self._open_index()
-            self._load_index()
-        except (sqlite3.DatabaseError, pickle.UnpicklingError, EOFError, TypeError) as exc:
-            # A damaged index (power loss, bad disk): set it aside and start empty. The
-            # data files then have no index row and are swept; prefetch refetches them.
-            if self._index is not None:
-                self._index.close()
-            aside = self.root / f"index.damaged-{int(time.time())}"
-            os.replace(self.root / "index", aside)
-            log.error(
-                "cache index damaged (%s: %s); moved to %s, starting with an empty cache",
-                type(exc).__name__,
-                exc,
-                aside.name,
-            )
-            self.ledger.clear()
-            self._index = self._open_index()
-            self._load_index()
-
-    def _open_index(self) -> Any:
-        return diskcache.Cache(
-            str(self.root / "index"),
-            eviction_policy="none",  # we evict; diskcache's LRU would write on every get
-            size_limit=2**62,
-            cull_limit=0,
-            statistics=False,
-            timeout=30,
-        )
+        self.ledger.block_size = self._layout.claim(self.ledger.block_size)
+        self._index.open(self.ledger)
 
     def close(self) -> None:
-        if self._index is not None:
-            self._index.close()
-            self._index = None
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        self._index.close()
+        self._layout.release()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Own the nursery that downloads run in, so a cancelled reader cancels no fetch."""
@@ -206,89 +145,6 @@ class BlockCache:
             if self._idle.is_set():
                 self._idle = trio.Event()
             await self._idle.wait()
-
-    def _lock(self) -> None:
-        path = self.cache_dir / "lock"
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError as exc:
-            raise CacheDirError(f"cannot open {path}: {exc.strerror}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            owner = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise CacheDirError(
-                f"cache dir {self.cache_dir} is in use by another s3cachefs daemon (pid {owner});"
-                " give this mount its own --cache-dir"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._lock_fd = fd
-
-    def _check_format(self) -> None:
-        path = self.root / "format.json"
-        try:
-            meta = json.loads(path.read_text())
-        except FileNotFoundError:
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"format": FORMAT_VERSION, "block_size": self.block_size}))
-            os.replace(tmp, path)
-            return
-        except (OSError, ValueError) as exc:
-            raise CacheDirError(f"unreadable cache format file {path}: {exc}") from None
-        stored = int(meta.get("block_size", 0))
-        if stored != self.block_size:
-            log.info("cache_dir=%s keeps its block_size=%d", self.cache_dir, stored)
-            self.ledger.block_size = stored
-
-    def _load_index(self) -> None:
-        index = self._index
-        blocks: list[tuple[str, int, int]] = []
-        for key in index.iterkeys():
-            value = index.get(key)
-            if key[0] == "o" and value is not None:
-                self.ledger.load_object(key[1], ObjectVersion(*value))
-            elif key[0] == "b" and value is not None:
-                blocks.append((key[1], key[2], value))
-        dropped = 0
-        for oid, idx, crc in blocks:
-            if not self.ledger.load_block(oid, idx, crc):
-                # a block row whose object row was lost: unusable
-                index.delete(("b", oid, idx))
-                dropped += 1
-        for oid in self.ledger.oids():
-            if not self._path(oid).exists():
-                dropped += self._forget_object_sync(oid)
-        if dropped:
-            log.warning("cache_dir=%s dropped %d index rows with no data", self.cache_dir, dropped)
-        strays = [
-            p
-            for p in (self.root / "objects").glob("*/*/*")
-            if p.name not in self.ledger and p.is_file()
-        ]
-        for path in strays:  # data whose index row never landed (crash, racing eviction)
-            path.unlink(missing_ok=True)
-        if strays:
-            log.warning(
-                "cache_dir=%s removed %d files with no index row", self.cache_dir, len(strays)
-            )
-        log.info(
-            "cache_dir=%s objects=%d blocks=%d bytes=%d",
-            self.cache_dir,
-            self.ledger.objects,
-            self.ledger.blocks,
-            self.ledger.used,
-        )
-
-    def _forget_object_sync(self, oid: str) -> int:
-        removed = self.ledger.remove(oid)
-        assert removed is not None
-        record, _ = removed
-        for idx in record.blocks:
-            self._index.delete(("b", oid, idx))
-        self._index.delete(("o", oid))
-        return len(record.blocks)
 
     # ---- public API ------------------------------------------------------
 
@@ -537,7 +393,7 @@ class BlockCache:
             self.ledger.new_record(version)
         try:
             await trio.to_thread.run_sync(
-                self._adopt_blocking, version, path, crcs, victims, fits, limiter=self._disk_limiter
+                self._disk.adopt, version, path, crcs, victims, fits, limiter=self._disk_limiter
             )
         except (OSError, sqlite3.Error) as exc:  # a full disk fails the index write
             if fits:
@@ -552,34 +408,6 @@ class BlockCache:
         self.ledger.add_blocks(record, crcs)
         self.stats.counts["adopted_bytes"] += version.size
         return True
-
-    def _adopt_blocking(
-        self,
-        version: ObjectVersion,
-        path: Path,
-        crcs: dict[int, int],
-        victims: list[Victim],
-        fits: bool,
-    ) -> None:
-        for oid, idx, start, length in victims:
-            self._evict_blocking(oid, idx, start, length)
-        if not fits:
-            path.unlink(missing_ok=True)
-            return
-        target = self._path(version.oid)
-        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.replace(path, target)
-        index = self._index
-        try:
-            with index.transact():  # one SQLite commit, not one per block
-                index.set(
-                    ("o", version.oid), (version.bucket, version.key, version.etag, version.size)
-                )
-                for idx, crc in crcs.items():
-                    index.set(("b", version.oid, idx), crc)
-        except BaseException:
-            target.unlink(missing_ok=True)  # no row, no file: S3 has the bytes
-            raise
 
     @property
     def pinned_bytes(self) -> int:
@@ -621,32 +449,18 @@ class BlockCache:
             return False, ""
         crcs = self.ledger.block_crcs(version)
         bad = await trio.to_thread.run_sync(
-            self._verify_blocking, version, crcs, digest, limiter=self._disk_limiter
+            self._disk.verify,
+            version,
+            self.block_size,
+            crcs,
+            digest,
+            limiter=self._disk_limiter,
         )
         for idx in bad:
             self.stats.counts["corrupt_blocks"] += 1
             log.warning("cache block failed verification key=%s block=%d", version.key, idx)
             await self._drop_block(version, idx, crcs[idx])
         return not bad and digest.matches(), digest.result()
-
-    def _verify_blocking(
-        self, version: ObjectVersion, crcs: dict[int, int], digest: Digest
-    ) -> list[int]:
-        bad = []
-        try:
-            fd = os.open(self._path(version.oid), os.O_RDONLY)
-        except FileNotFoundError:
-            return sorted(crcs)
-        try:
-            for idx in sorted(crcs):
-                start, end = block_span(idx, self.block_size, version.size)
-                data = os.pread(fd, end - start, start)
-                if len(data) != end - start or zlib.crc32(data) != crcs[idx]:
-                    bad.append(idx)
-                digest.update(data)
-        finally:
-            os.close(fd)
-        return bad
 
     async def free(self, oids: set[str]) -> int:
         """Delete the cached data of these (unpinned) object versions; returns bytes freed."""
@@ -659,15 +473,9 @@ class BlockCache:
             self._memory.drop_object(oid)
             freed += nbytes
             await trio.to_thread.run_sync(
-                self._free_blocking, oid, list(record.blocks), limiter=self._disk_limiter
+                self._disk.free, oid, list(record.blocks), limiter=self._disk_limiter
             )
         return freed
-
-    def _free_blocking(self, oid: str, blocks: list[int]) -> None:
-        for idx in blocks:
-            self._index.delete(("b", oid, idx))
-        self._index.delete(("o", oid))
-        self._path(oid).unlink(missing_ok=True)
 
     # ---- fetch path ------------------------------------------------------
 
@@ -808,9 +616,10 @@ class BlockCache:
             self.ledger.new_record(version)
         try:
             await trio.to_thread.run_sync(
-                self._write_block_blocking,
+                self._disk.write_block,
                 version,
                 index,
+                index * self.block_size,
                 data if fits else None,
                 crc,
                 victims,
@@ -830,57 +639,11 @@ class BlockCache:
             return
         self.ledger.add_block(record, index, crc)
 
-    def _write_block_blocking(
-        self,
-        version: ObjectVersion,
-        index: int,
-        data: bytes | None,
-        crc: int,
-        victims: list[Victim],
-        new_object: bool,
-    ) -> None:
-        for oid, idx, start, length in victims:
-            self._evict_blocking(oid, idx, start, length)
-        if data is None:
-            return
-        oid = version.oid
-        path = self._path(oid)
-        if new_object:
-            self._index.set(("o", oid), (version.bucket, version.key, version.etag, version.size))
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
-        except FileNotFoundError:  # first block of a new fan-out directory
-            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
-        try:
-            if os.fstat(fd).st_size != version.size:
-                os.ftruncate(fd, version.size)  # sparse, full length: a complete file is the object
-            os.pwrite(fd, data, index * self.block_size)
-        finally:
-            os.close(fd)
-        self._index.set(("b", oid, index), crc)
-
-    def _evict_blocking(self, oid: str, idx: int, start: int, length: int) -> None:
-        self._index.delete(("b", oid, idx))
-        path = self._path(oid)
-        if length < 0:  # the object's last block: drop the whole file
-            self._index.delete(("o", oid))
-            path.unlink(missing_ok=True)
-            return
-        try:
-            fd = os.open(path, os.O_WRONLY)
-        except FileNotFoundError:
-            return
-        try:
-            _punch_hole(fd, start, length)
-        finally:
-            os.close(fd)
-
     async def _read_verified(self, version: ObjectVersion, index: int, crc: int) -> bytes | None:
         start, end = block_span(index, self.block_size, version.size)
         try:
             data = await trio.to_thread.run_sync(
-                self._pread_blocking, version.oid, start, end - start, limiter=self._disk_limiter
+                self._disk.read, version.oid, start, end - start, limiter=self._disk_limiter
             )
         except OSError as exc:
             log.warning("cache read failed for %s: %s; refetching", version.key, exc.strerror)
@@ -901,21 +664,11 @@ class BlockCache:
         if self.ledger.drop_block(version, index, crc):
             self._memory.drop((version.oid, index))
             await trio.to_thread.run_sync(
-                self._index.delete, ("b", version.oid, index), limiter=self._disk_limiter
+                self._disk.forget_block, version.oid, index, limiter=self._disk_limiter
             )
-
-    def _pread_blocking(self, oid: str, offset: int, length: int) -> bytes:
-        fd = os.open(self._path(oid), os.O_RDONLY)
-        try:
-            return os.pread(fd, length, offset)
-        finally:
-            os.close(fd)
 
     # ---- helpers ---------------------------------------------------------
 
-    def _path(self, oid: str) -> Path:
-        return self.root / "objects" / oid[:2] / oid[2:4] / oid
-
     def object_path(self, oid: str) -> Path:
         """The data file of an object version (kernel-served trees link it)."""
-        return self._path(oid)
+        return self._layout.path(oid)

@@ -206,7 +206,7 @@ class Ledger:
     def oids(self) -> Iterable[str]:
         return list(self._objects)
 
-    def __contains__(self, oid: str) -> bool:
+    def __contains__(self, oid: object) -> bool:
         return oid in self._objects
 
     # ---- room ------------------------------------------------------------

@@ -374,13 +374,13 @@ def test_a_disk_slower_than_the_network_makes_the_download_wait(
     data = os.urandom(64 * BS)
     v = version_of(store, "big", data)
     cache = make_cache(tmp_path, store)
-    slow_write = cache._write_block_blocking
+    slow_write = cache._disk.write_block
 
     def write(*args: Any) -> None:
         time.sleep(0.005)  # a slow disk
         slow_write(*args)
 
-    monkeypatch.setattr(cache, "_write_block_blocking", write)
+    monkeypatch.setattr(cache._disk, "write_block", write)
     peak = 0
     spawn = cache._spawn_store
 
