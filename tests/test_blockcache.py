@@ -13,7 +13,7 @@ import pytest
 import trio
 
 from s3cachefs.base.errors import CacheDirError, StaleError, TransientError
-from s3cachefs.cache import blockcache
+from s3cachefs.cache import fetcher
 from s3cachefs.cache.blockcache import BlockCache
 from s3cachefs.cache.blocks import ObjectVersion
 from s3cachefs.fs.core import ROOT_INODE, FsCore
@@ -369,7 +369,7 @@ def test_a_cold_read_of_a_block_start_is_served_before_the_whole_block(tmp_path:
 def test_a_disk_slower_than_the_network_makes_the_download_wait(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(blockcache, "UNWRITTEN_LIMIT", 4 * BS)
+    monkeypatch.setattr(fetcher, "UNWRITTEN_LIMIT", 4 * BS)
     store = MemoryStore()
     data = os.urandom(64 * BS)
     v = version_of(store, "big", data)
@@ -382,14 +382,14 @@ def test_a_disk_slower_than_the_network_makes_the_download_wait(
 
     monkeypatch.setattr(cache._disk, "write_block", write)
     peak = 0
-    spawn = cache._spawn_store
+    spawn = cache._fetcher._spawn_store
 
     def spawn_and_measure(version: ObjectVersion, index: int, block: bytes) -> None:
         nonlocal peak
         spawn(version, index, block)
-        peak = max(peak, cache._unwritten)
+        peak = max(peak, cache._fetcher._unwritten)
 
-    monkeypatch.setattr(cache, "_spawn_store", spawn_and_measure)
+    monkeypatch.setattr(cache._fetcher, "_spawn_store", spawn_and_measure)
 
     async def body() -> None:
         cache.start_fetch(v, range(64), persist=True)
