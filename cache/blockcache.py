@@ -40,6 +40,7 @@ from s3cachefs.cache.integrity import Integrity
 from s3cachefs.cache.layout import Layout
 from s3cachefs.cache.ledger import Bounds, Ledger
 from s3cachefs.cache.memory import MemoryBlocks
+from s3cachefs.cache.state import BlockState, block_state
 from s3cachefs.cache.stats import CacheStats
 from s3cachefs.store.checksums import Check
 from s3cachefs.store.s3 import ObjectStore
@@ -174,7 +175,7 @@ class BlockCache:
             return b""
         # Each block of a read counts once: a miss if it must come from S3 (even when a
         # reader finds it in memory after waiting for it), else a hit where it is found.
-        absent = {idx for idx in indices if not self._present(version, idx)}
+        absent = {idx for idx in indices if not self._block_state(version, idx).servable}
         self.stats.counts["misses"] += len(absent)
         if len(indices) == 1:
             early = await self._read_early(version, indices[0], offset, length)
@@ -194,9 +195,7 @@ class BlockCache:
         (time to first byte). An open is almost always followed by a read of
         the start.
         """
-        key = (version.oid, 0)
-        cold = key not in self._memory and key not in self._flights
-        if version.size and cold and not self.is_cached(version, 0):
+        if version.size and self._block_state(version, 0) is BlockState.MISSING:
             self.stats.counts["open_fetches"] += 1
             self._fetcher.start_run(version, range(1), readahead=False, eager=True)
 
@@ -204,14 +203,13 @@ class BlockCache:
         self, version: ObjectVersion, index: int, offset: int, length: int
     ) -> bytes | None:
         """The asked bytes from a block still arriving, once they are in; else None."""
-        key = (version.oid, index)
-        if key in self._memory or self.is_cached(version, index):
+        state = self._block_state(version, index)
+        if state.local:
             return None
-        flight = self._flights.get(key)
-        if flight is None:
+        if state is BlockState.MISSING:
             self._fetcher.start_run(version, range(index, index + 1), readahead=False, eager=True)
-            flight = self._flights.get(key)
-            assert flight is not None
+        flight = self._flights.get((version.oid, index))
+        assert flight is not None
         start = index * self.block_size
         head = await flight.head_of(min(offset + length, version.size) - start)
         if head is None:  # the whole block, or an error: the usual path
@@ -219,15 +217,9 @@ class BlockCache:
         self.stats.counts["early_reads"] += 1
         return head[offset - start : offset - start + length]
 
-    def _present(self, version: ObjectVersion, index: int) -> bool:
-        """Whether a block can be served without waiting for S3. Must not await."""
-        key = (version.oid, index)
-        flight = self._flights.get(key)
-        return (
-            key in self._memory
-            or self.is_cached(version, index)
-            or (flight is not None and flight.data is not None)
-        )
+    def _block_state(self, version: ObjectVersion, index: int) -> BlockState:
+        """Where a block is now (`cache.state`). Must not await."""
+        return block_state((version.oid, index), self._memory, self.ledger, self._flights)
 
     async def get_block(self, version: ObjectVersion, index: int, *, count: bool = False) -> bytes:
         """One whole block: from memory, from verified disk, or from one shared GET.
@@ -237,13 +229,16 @@ class BlockCache:
         """
         key = (version.oid, index)
         counts = self.stats.counts
-        data = self._memory.take(key)
-        if data is not None:
+        state = self._block_state(version, index)
+        if state.in_memory:
+            data = self._memory.take(key)
+            assert data is not None
             counts["hits_memory"] += count
             return data
-        record = self.ledger.record(version.oid)
-        if record is not None and index in record.blocks:
-            data = await self._integrity.read_verified(version, index, record.blocks[index])
+        if state is BlockState.DISK:
+            crc = self.ledger.block_crc(version.oid, index)
+            assert crc is not None
+            data = await self._integrity.read_verified(version, index, crc)
             if data is not None:
                 counts["hits_disk"] += count
                 self.ledger.touch(key)

@@ -21,11 +21,12 @@ import zlib
 import trio
 
 from s3cachefs.base.errors import StoreError, TransientError
-from s3cachefs.cache.blocks import ObjectVersion
+from s3cachefs.cache.blocks import BlockKey, ObjectVersion
 from s3cachefs.cache.disk import Disk
 from s3cachefs.cache.flights import Flight, Flights
 from s3cachefs.cache.ledger import Bounds, Ledger
 from s3cachefs.cache.memory import MemoryBlocks
+from s3cachefs.cache.state import BlockState, block_state
 from s3cachefs.cache.stats import CacheStats
 from s3cachefs.store.s3 import ObjectStore
 
@@ -102,12 +103,9 @@ class Fetcher:
         if persist:
             for idx in indices:
                 key = (version.oid, idx)
-                data = self.memory.peek(key)
-                if (
-                    data is not None
-                    and key not in self.flights
-                    and not self.ledger.has_block(version.oid, idx)
-                ):
+                if self._state(key) is BlockState.MEMORY_ONLY:
+                    data = self.memory.peek(key)
+                    assert data is not None
                     flight = self.flights.start(key, Flight(data=data))
                     flight.done.set()
                     self._spawn_store(version, idx, data)
@@ -137,10 +135,7 @@ class Fetcher:
         runs: list[range] = []
         first: int | None = None
         for idx in indices:
-            key = (version.oid, idx)
-            missing = not (
-                key in self.flights or key in self.memory or self.ledger.has_block(version.oid, idx)
-            )
+            missing = self._state((version.oid, idx)) is BlockState.MISSING
             if missing and first is not None and idx - first < self.run_blocks:
                 continue
             if first is not None:
@@ -149,6 +144,9 @@ class Fetcher:
         if first is not None:
             runs.append(range(first, indices.stop))
         return runs
+
+    def _state(self, key: BlockKey) -> BlockState:
+        return block_state(key, self.memory, self.ledger, self.flights)
 
     # ---- one run -------------------------------------------------------------
 

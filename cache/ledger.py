@@ -81,6 +81,10 @@ class Ledger:
         record = self._objects.get(oid)
         return record is not None and index in record.blocks
 
+    def block_crc(self, oid: str, index: int) -> int | None:
+        record = self._objects.get(oid)
+        return None if record is None else record.blocks.get(index)
+
     def missing_blocks(self, version: ObjectVersion) -> list[int]:
         record = self._objects.get(version.oid)
         nblocks = -(-version.size // self.block_size)

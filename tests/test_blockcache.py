@@ -16,6 +16,7 @@ from s3cachefs.base.errors import CacheDirError, StaleError, TransientError
 from s3cachefs.cache import fetcher
 from s3cachefs.cache.blockcache import BlockCache
 from s3cachefs.cache.blocks import ObjectVersion
+from s3cachefs.cache.state import BlockState
 from s3cachefs.fs.core import ROOT_INODE, FsCore
 from s3cachefs.store.s3 import MemoryStore
 
@@ -399,3 +400,46 @@ def test_a_disk_slower_than_the_network_makes_the_download_wait(
     run_with(cache, body)
     assert cache.missing_blocks(v) == []
     assert BS <= peak <= 5 * BS  # the limit, plus the block in hand when it was checked
+
+
+def test_where_a_block_is_has_one_answer_through_its_life(tmp_path: Path) -> None:
+    """The one predicate every read path asks (`cache.state`): missing, its GET under way,
+    its bytes arrived but not yet written, on disk, in memory; in memory only when the
+    disk cannot take it."""
+    store = GatedStore()  # holds back every piece of a GET after the first
+    v = version_of(store, "k", os.urandom(2 * BS))
+    cache = make_cache(tmp_path / "a", store, memory_bytes=2 * BS)
+    held = [object() for _ in range(4)]  # every token of the disk limiter: no write lands
+
+    def where(index: int) -> BlockState:
+        return cache._block_state(v, index)
+
+    async def body() -> None:
+        assert where(0) is BlockState.MISSING
+        for h in held:
+            cache._disk_limiter.acquire_on_behalf_of_nowait(h)
+        cache.start_fetch(v, range(2), persist=True)  # one GET; a prefetch keeps no memory copy
+        assert (where(0), where(1)) == (BlockState.IN_FLIGHT, BlockState.IN_FLIGHT)
+        await cache.get_block(v, 0)  # block 0 is in; block 1 is held back by the store
+        assert (where(0), where(1)) == (BlockState.ARRIVED, BlockState.IN_FLIGHT)
+        store.gate.set()
+        for h in held:
+            cache._disk_limiter.release_on_behalf_of(h)
+        await cache.drain()
+        assert (where(0), where(1)) == (BlockState.DISK, BlockState.DISK)
+        await cache.read(v, 0, BS)  # read back from disk, and kept in memory
+        assert (where(0), where(1)) == (BlockState.MEMORY, BlockState.DISK)
+
+    run_with(cache, body)
+    assert store.requests["get"] == 1
+
+    full = make_cache(tmp_path / "b", store, min_free=1 << 62, memory_bytes=2 * BS)
+
+    async def read_uncached() -> None:
+        await full.read(v, 0, BS)
+        await full.drain()
+        assert full._block_state(v, 0) is BlockState.MEMORY_ONLY
+        assert full._block_state(v, 1) is BlockState.MISSING
+
+    run_with(full, read_uncached)
+    assert full.stats["store_skipped_full"] == 1
