@@ -417,7 +417,6 @@ class KernelServe:
         oids = layout.oids
         for oid in oids:
             self.pins.hold(owner, oid)
-        self.cache.set_pinned(self.pins.pinned_oids())
         staged = tree.with_name(f"{tree.name}.next")
         synced = tree.with_name(f"{tree.name}.synced")
         try:
@@ -433,7 +432,6 @@ class KernelServe:
                 await trio.to_thread.run_sync(self._promote, staged, tree, synced)
         except OSError as exc:
             self.pins.release(owner)
-            self.cache.set_pinned(self.pins.pinned_oids())
             self.notes[manifest.id] = f"bind failed: {exc}"
             log.warning(
                 "kernel-serve dataset=%s bind on %s failed: %s", manifest.prefix, target, exc
@@ -511,8 +509,7 @@ class KernelServe:
         """Objects only the old tree kept pinned are freed whole (unlinked): a reader that
         still holds one open keeps its bytes; the cache never punches holes in it."""
         self.pins.release(bind.owner)
-        pinned = self.pins.pinned_oids()
-        self.cache.set_pinned(pinned)
+        pinned = self.cache.pinned
         await self.cache.free(set(bind.oids) - pinned)
 
 

@@ -17,8 +17,9 @@ from s3cachefs.cache import fetcher
 from s3cachefs.cache.blockcache import BlockCache
 from s3cachefs.cache.blocks import ObjectVersion
 from s3cachefs.cache.state import BlockState
+from s3cachefs.datasets.pins import Manifest, PinStore
 from s3cachefs.fs.core import ROOT_INODE, FsCore
-from s3cachefs.store.s3 import MemoryStore
+from s3cachefs.store.s3 import MemoryStore, ObjectInfo
 
 BS = 64 * 1024  # small blocks keep these tests fast; the arithmetic is the same
 
@@ -443,3 +444,35 @@ def test_where_a_block_is_has_one_answer_through_its_life(tmp_path: Path) -> Non
 
     run_with(full, read_uncached)
     assert full.stats["store_skipped_full"] == 1
+
+
+def test_the_pin_store_tells_the_cache_ledger_every_change(tmp_path: Path) -> None:
+    """The ledger owns the pinned set; the pin store passes on each change at once."""
+    store = MemoryStore()
+    a, b = (version_of(store, f"ds/{n}", bytes([n]) * BS) for n in range(2))
+    cache = make_cache(tmp_path, store)
+
+    async def fill() -> None:
+        for v in (a, b):
+            await cache.get_block(v, 0)
+
+    run_with(cache, fill)
+    manifest = Manifest(store.bucket, "ds/", None, complete=True)
+    manifest.objects["ds/0"] = ObjectInfo("ds/0", BS, a.etag, 1)
+    pins = PinStore(cache.root, store.bucket, cache.ledger)
+    pins.load()
+    assert cache.pinned == set() and cache.pinned_bytes == 0
+    pins.hold("job", b.oid)  # a running prefetch verified b
+    assert cache.pinned == {b.oid} and cache.pinned_bytes == BS
+    pins.save(manifest)
+    assert cache.pinned == {a.oid, b.oid} == pins.pinned_oids()
+    pins.release("job")
+    assert cache.pinned == {a.oid}
+    cache.close()
+
+    cache = make_cache(tmp_path, store)  # a restart: the saved manifest pins a again
+    pins = PinStore(cache.root, store.bucket, cache.ledger)
+    pins.load()
+    assert cache.pinned == {a.oid} and cache.pinned_bytes == BS
+    pins.delete(manifest)
+    assert cache.pinned == set() and cache.pinned_bytes == 0
