@@ -11,6 +11,7 @@ each in a module of its own:
 - `cache.ledger`: the books (records, the LRU, the pinned set, reservations);
 - `cache.memory`: recently used blocks in memory;
 - `cache.flights`: keyed single flight, with streamed heads;
+- `cache.state`: where a block is, the one answer every path asks;
 - `cache.fetcher`: runs, readahead, write backpressure, the fetch nursery;
 - `cache.integrity`: CRC-checked reads, whole-object checks, adopt and free.
 

@@ -124,8 +124,8 @@ class Index:
         log.info(
             "cache_dir=%s objects=%d blocks=%d bytes=%d",
             cache_dir,
-            ledger.objects,
-            ledger.blocks,
+            ledger.object_count,
+            ledger.evictable_blocks,
             ledger.used,
         )
 

@@ -15,7 +15,6 @@ thread: it must not await, so no other task sees the books half changed.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,12 +65,12 @@ class Ledger:
         return self._used
 
     @property
-    def objects(self) -> int:
+    def object_count(self) -> int:
         return len(self._objects)
 
     @property
-    def blocks(self) -> int:
-        """Unpinned blocks (all of them, while nothing is pinned: at start)."""
+    def evictable_blocks(self) -> int:
+        """Blocks in the LRU: every block while nothing is pinned (at start)."""
         return len(self._lru)
 
     def record(self, oid: str) -> Record | None:
@@ -207,7 +206,7 @@ class Ledger:
         self._used += self.block_len(record.version, index)
         return True
 
-    def oids(self) -> Iterable[str]:
+    def oids(self) -> list[str]:
         return list(self._objects)
 
     def __contains__(self, oid: object) -> bool:
