@@ -1,153 +1,50 @@
-"""The persistent, verified, single-flight block cache.
+"""The persistent, verified, single-flight block cache: the one entry point of `cache`.
 
-Layout (versioned, so a future format ignores this one instead of misreading it)::
+`BlockCache` serves a block from memory, then from verified disk, then from
+one shared GET, and answers for the whole cache to the layers above. Its parts,
+each in a module of its own:
 
-    CACHE_DIR/lock                       flock'd by the one daemon using the dir
-    CACHE_DIR/v1/format.json             {"format": 1, "block_size": ...}
-    CACHE_DIR/v1/index/                  diskcache (SQLite): object and block records
-    CACHE_DIR/v1/objects/ab/cd/<oid>     one sparse file per object version
+- `cache.blocks`: what a block is (`ObjectVersion`, block arithmetic);
+- `cache.layout`: where it lives (the dir lock, the format file, object files);
+- `cache.index`: the rows that survive a restart; their load and repair;
+- `cache.disk`: every blocking disk step, in the order a crash cannot hurt;
+- `cache.ledger`: the books (records, the LRU, the pinned set, reservations);
+- `cache.memory`: recently used blocks in memory;
+- `cache.flights`: keyed single flight, with streamed heads;
+- `cache.state`: where a block is, the one answer every path asks;
+- `cache.fetcher`: runs, readahead, write backpressure, the fetch nursery;
+- `cache.integrity`: CRC-checked reads, whole-object checks, adopt and free.
 
-One file per object *version* (oid = hash of bucket, key, ETag), filled block
-by block with ``pwrite`` at the block's offset, so that a complete file is a
-byte-exact copy of the object: a pinned dataset can later be exposed to the
-kernel as plain files (hard links) with no daemon on the read path.
+Wrong bytes are never served: every block is checked against its CRC when it
+is first read from disk in this process, and a block that fails is a miss,
+dropped and fetched again.
 
-The index records, per object, ``("o", oid) -> (bucket, key, etag, size)`` and,
-per block present, ``("b", oid, idx) -> crc32``. The data file is written
-before the index row; neither is fsync'd, so after a power loss a row may point
-at zeros or a torn block. Every block is therefore checked against its CRC
-when it is first read from disk in this process, and a block that fails is a
-miss: it is dropped and fetched again. Wrong bytes are never served.
-
-The whole index is loaded into memory at start; reads never touch SQLite, and
-least-recently-used order is kept in memory only (after a restart, blocks
-start in the order they were cached).
-
-Concurrency invariants: all in-memory state (``_objects``, ``_lru``,
-``_flights``, ``_used``) is changed only on the trio thread, by synchronous
-helpers (names start with ``_sync_`` or are plain methods without ``await``),
-so no other task can interleave. Disk I/O runs in worker threads under the
-disk limiter and receives plain values, never this object's dicts.
+Concurrency invariants: all in-memory state (the ledger, the memory LRU, the
+flights, the fetcher's counters) is changed only on the trio thread, by
+synchronous methods that do not await, so no other task can interleave. Disk
+I/O runs in worker threads under the disk limiter and receives plain values,
+never these structures.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import fcntl
-import functools
-import hashlib
-import json
-import logging
-import os
-import pickle
-import sqlite3
-import time
-import zlib
-from collections import Counter, OrderedDict
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import diskcache
-import psutil
 import trio
 
-from s3cachefs.base.errors import CacheDirError, StoreError, TransientError
-from s3cachefs.cache.cachedir import FORMAT_VERSION, ensure_private_dir
-from s3cachefs.store.checksums import Check, Digest
+from s3cachefs.cache.blocks import ObjectVersion, blocks_for_range
+from s3cachefs.cache.disk import Disk
+from s3cachefs.cache.fetcher import Fetcher
+from s3cachefs.cache.flights import Flights
+from s3cachefs.cache.index import Index
+from s3cachefs.cache.integrity import Integrity
+from s3cachefs.cache.layout import Layout
+from s3cachefs.cache.ledger import Bounds, Ledger
+from s3cachefs.cache.memory import MemoryBlocks
+from s3cachefs.cache.state import BlockState, block_state
+from s3cachefs.cache.stats import CacheStats
+from s3cachefs.store.checksums import Check
 from s3cachefs.store.types import ObjectStore
-
-log = logging.getLogger(__name__)
-
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_PUNCH_HOLE = 0x02
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-
-
-@dataclass(frozen=True)
-class ObjectVersion:
-    """What a block belongs to: one immutable version of one object."""
-
-    bucket: str
-    key: str
-    etag: str
-    size: int
-
-    @functools.cached_property
-    def oid(self) -> str:  # cached: it names the version in every cache lookup
-        digest = hashlib.sha256(f"{self.bucket}\0{self.key}\0{self.etag}".encode())
-        return digest.hexdigest()[:40]
-
-
-@dataclass
-class _Record:
-    version: ObjectVersion
-    blocks: dict[int, int] = field(default_factory=dict)  # block index -> crc32
-
-
-@dataclass
-class _Flight:
-    """One in-progress download of one block, shared by every reader that wants it."""
-
-    done: trio.Event = field(default_factory=trio.Event)  # data (or error) is available
-    landed: trio.Event = field(default_factory=trio.Event)  # and it is on disk (or given up)
-    data: bytes | None = None
-    error: BaseException | None = None
-    # The start of the block while the rest is still on its way (an eager run's first piece).
-    head: bytes = b""
-    grew: trio.Event = field(default_factory=trio.Event)  # set when ``head`` grows or done
-    remember: bool = True  # keep the block in memory too (not for prefetch: disk only)
-
-    def wake(self) -> None:
-        self.grew.set()
-        self.grew = trio.Event()
-
-
-BlockKey = tuple[str, int]
-# A FUSE read of a cold file's start is answered once this much of its first
-# block has arrived, not the whole block: the kernel's first read of a file
-# is small (its readahead window starts small).
-EAGER_FIRST_PIECE = 128 * 1024
-# Downloaded bytes waiting for their disk write, at most: a network faster than
-# the disk makes the download wait, instead of the daemon's memory grow.
-UNWRITTEN_LIMIT = 32 * 1024 * 1024
-
-
-def block_span(index: int, block_size: int, size: int) -> tuple[int, int]:
-    """Byte range ``[start, end)`` of block ``index`` in an object of ``size`` bytes."""
-    start = index * block_size
-    return start, min(start + block_size, size)
-
-
-def blocks_for_range(offset: int, length: int, block_size: int, size: int) -> range:
-    """Indices of the blocks that hold bytes ``[offset, offset+length)``, clipped to EOF."""
-    end = min(offset + length, size)
-    if offset >= end:
-        return range(0)
-    return range(offset // block_size, (end - 1) // block_size + 1)
-
-
-def _punch_hole(fd: int, offset: int, length: int) -> None:
-    ret = _libc.fallocate(
-        fd,
-        _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE,
-        ctypes.c_long(offset),
-        ctypes.c_long(length),
-    )
-    if ret != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
-class CacheStats:
-    """Counters the status command, metrics and tests read."""
-
-    def __init__(self) -> None:
-        self.counts: Counter[str] = Counter()
-
-    def __getitem__(self, name: str) -> int:
-        return self.counts[name]
 
 
 class BlockCache:
@@ -169,205 +66,108 @@ class BlockCache:
     ) -> None:
         self.cache_dir = cache_dir
         self.store = store
-        self.block_size = block_size
         self.cache_size = cache_size
         self.min_free = min_free
-        self.memory_bytes = memory_bytes
         self.stats = CacheStats()
+        self.bounds = Bounds(cache_dir, cache_size, min_free)
+        # The books, and the one owner of the pinned set (`datasets.pins` tells it).
+        self.ledger = Ledger(block_size, self.stats)
         self._s3_limiter = s3_limiter
         self._disk_limiter = disk_limiter
-        self.readahead_bytes = readahead_bytes
-        self._readahead_inflight = 0  # readahead blocks requested and not yet arrived
-        self.fetch_bytes = fetch_bytes  # most bytes one GET may cover
-        self._objects: dict[str, _Record] = {}
-        self._lru: OrderedDict[BlockKey, None] = OrderedDict()  # unpinned blocks only
-        self._pinned: set[str] = set()  # oids of pinned object versions: never evicted
-        self._used = 0
-        self._memory: OrderedDict[BlockKey, bytes] = OrderedDict()
-        self._memory_used = 0
-        self._flights: dict[BlockKey, _Flight] = {}
-        self._idle = trio.Event()  # set whenever the last flight ends
-        self._unwritten = 0  # bytes handed to _store_and_land and not yet on disk
-        self._written = trio.Event()  # set whenever some of them land
-        self._nursery: trio.Nursery | None = None
-        self._lock_fd: int | None = None
-        self._index: Any = None
-        self.root = cache_dir / f"v{FORMAT_VERSION}"
+        self._layout = Layout(cache_dir)
+        self.root = self._layout.root
+        self._index = Index(self._layout)
+        self._disk = Disk(self._layout, self._index)  # blocking steps, in crash-safe order
+        self._memory = MemoryBlocks(memory_bytes)
+        self._flights = Flights()
+        self._fetcher = Fetcher(
+            store,
+            ledger=self.ledger,
+            memory=self._memory,
+            flights=self._flights,
+            disk=self._disk,
+            bounds=self.bounds,
+            stats=self.stats,
+            s3_limiter=s3_limiter,
+            disk_limiter=disk_limiter,
+            readahead_bytes=readahead_bytes,
+            fetch_bytes=fetch_bytes,
+        )
+        self._integrity = Integrity(
+            ledger=self.ledger,
+            memory=self._memory,
+            disk=self._disk,
+            bounds=self.bounds,
+            stats=self.stats,
+            disk_limiter=disk_limiter,
+        )
 
     # ---- lifecycle -------------------------------------------------------
 
     def open(self) -> None:
         """Lock the cache dir, load the index into memory. Blocking; call before serving."""
-        for note in ensure_private_dir(self.cache_dir):
-            log.warning("%s", note)
-        try:
-            (self.root / "objects").mkdir(mode=0o700, parents=True, exist_ok=True)
-        except OSError as exc:
-            raise CacheDirError(f"cannot use cache dir {self.cache_dir}: {exc.strerror}") from None
-        self._lock()
-        self._check_format()
-        try:
-            self._index = self._open_index()
-            self._load_index()
-        except (sqlite3.DatabaseError, pickle.UnpicklingError, EOFError, TypeError) as exc:
-            # A damaged index (power loss, bad disk): set it aside and start empty. The
-            # data files then have no index row and are swept; prefetch refetches them.
-            if self._index is not None:
-                self._index.close()
-            aside = self.root / f"index.damaged-{int(time.time())}"
-            os.replace(self.root / "index", aside)
-            log.error(
-                "cache index damaged (%s: %s); moved to %s, starting with an empty cache",
-                type(exc).__name__,
-                exc,
-                aside.name,
-            )
-            self._objects.clear()
-            self._lru.clear()
-            self._used = 0
-            self._index = self._open_index()
-            self._load_index()
-
-    def _open_index(self) -> Any:
-        return diskcache.Cache(
-            str(self.root / "index"),
-            eviction_policy="none",  # we evict; diskcache's LRU would write on every get
-            size_limit=2**62,
-            cull_limit=0,
-            statistics=False,
-            timeout=30,
-        )
+        self.ledger.block_size = self._layout.claim(self.ledger.block_size)
+        self._index.open(self.ledger)
 
     def close(self) -> None:
-        if self._index is not None:
-            self._index.close()
-            self._index = None
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        self._index.close()
+        self._layout.release()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Own the nursery that downloads run in, so a cancelled reader cancels no fetch."""
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            task_status.started()
-            await trio.sleep_forever()
+        await self._fetcher.run(task_status=task_status)
 
     async def drain(self) -> None:
         """Wait until every started fetch has been served and written (clean stop, tests)."""
-        while self._flights:
-            if self._idle.is_set():
-                self._idle = trio.Event()
-            await self._idle.wait()
+        await self._flights.drain()
 
-    def _lock(self) -> None:
-        path = self.cache_dir / "lock"
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError as exc:
-            raise CacheDirError(f"cannot open {path}: {exc.strerror}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            owner = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise CacheDirError(
-                f"cache dir {self.cache_dir} is in use by another s3cachefs daemon (pid {owner});"
-                " give this mount its own --cache-dir"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._lock_fd = fd
+    # ---- sizes and settings ------------------------------------------------
 
-    def _check_format(self) -> None:
-        path = self.root / "format.json"
-        try:
-            meta = json.loads(path.read_text())
-        except FileNotFoundError:
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"format": FORMAT_VERSION, "block_size": self.block_size}))
-            os.replace(tmp, path)
-            return
-        except (OSError, ValueError) as exc:
-            raise CacheDirError(f"unreadable cache format file {path}: {exc}") from None
-        stored = int(meta.get("block_size", 0))
-        if stored != self.block_size:
-            log.info("cache_dir=%s keeps its block_size=%d", self.cache_dir, stored)
-            self.block_size = stored
+    @property
+    def block_size(self) -> int:
+        """The cache dir's block size (its format file's, once open)."""
+        return self.ledger.block_size
 
-    def _load_index(self) -> None:
-        index = self._index
-        blocks: list[tuple[str, int, int]] = []
-        for key in index.iterkeys():
-            value = index.get(key)
-            if key[0] == "o" and value is not None:
-                self._objects[key[1]] = _Record(ObjectVersion(*value))
-            elif key[0] == "b" and value is not None:
-                blocks.append((key[1], key[2], value))
-        dropped = 0
-        for oid, idx, crc in blocks:
-            record = self._objects.get(oid)
-            if record is None:  # a block row whose object row was lost: unusable
-                index.delete(("b", oid, idx))
-                dropped += 1
-                continue
-            record.blocks[idx] = crc
-            self._lru[(oid, idx)] = None
-            start, end = block_span(idx, self.block_size, record.version.size)
-            self._used += end - start
-        for oid, record in list(self._objects.items()):
-            if not self._path(oid).exists():
-                self._forget_object_sync(oid)
-                dropped += len(record.blocks)
-        if dropped:
-            log.warning("cache_dir=%s dropped %d index rows with no data", self.cache_dir, dropped)
-        strays = [
-            p
-            for p in (self.root / "objects").glob("*/*/*")
-            if p.name not in self._objects and p.is_file()
-        ]
-        for path in strays:  # data whose index row never landed (crash, racing eviction)
-            path.unlink(missing_ok=True)
-        if strays:
-            log.warning(
-                "cache_dir=%s removed %d files with no index row", self.cache_dir, len(strays)
-            )
-        log.info(
-            "cache_dir=%s objects=%d blocks=%d bytes=%d",
-            self.cache_dir,
-            len(self._objects),
-            len(self._lru),
-            self._used,
-        )
+    @property
+    def memory_bytes(self) -> int:
+        return self._memory.limit
 
-    def _forget_object_sync(self, oid: str) -> None:
-        record = self._objects.pop(oid)
-        for idx in record.blocks:
-            self._index.delete(("b", oid, idx))
-            self._lru.pop((oid, idx), None)
-            start, end = block_span(idx, self.block_size, record.version.size)
-            self._used -= end - start
-        self._index.delete(("o", oid))
+    @property
+    def readahead_bytes(self) -> int:
+        return self._fetcher.readahead_bytes
 
-    # ---- public API ------------------------------------------------------
+    @property
+    def fetch_bytes(self) -> int:
+        return self._fetcher.fetch_bytes
 
     @property
     def readahead_limit(self) -> int:
         """Readahead blocks in flight at most: two windows (block size known once open)."""
-        return 2 * max(1, self.readahead_bytes // self.block_size)
+        return self._fetcher.readahead_limit
 
     @property
     def run_blocks(self) -> int:
         """Most blocks one GET covers (the block size is known only once the cache is open)."""
-        return max(1, self.fetch_bytes // self.block_size)
+        return self._fetcher.run_blocks
 
     @property
     def used_bytes(self) -> int:
-        return self._used
+        return self.ledger.used
+
+    @property
+    def in_flight(self) -> int:
+        """Blocks being fetched or written right now."""
+        return len(self._flights)
+
+    @property
+    def s3_limiter(self) -> trio.CapacityLimiter:
+        """The S3 limiter, for callers' own requests (prefetch's checksum HEADs)."""
+        return self._s3_limiter
+
+    # ---- reads -------------------------------------------------------------
 
     def is_cached(self, version: ObjectVersion, index: int) -> bool:
-        record = self._objects.get(version.oid)
-        return record is not None and index in record.blocks
+        return self.ledger.has_block(version.oid, index)
 
     async def read(self, version: ObjectVersion, offset: int, length: int) -> bytes:
         """Bytes ``[offset, offset+length)`` of ``version``, clipped to its size."""
@@ -376,7 +176,7 @@ class BlockCache:
             return b""
         # Each block of a read counts once: a miss if it must come from S3 (even when a
         # reader finds it in memory after waiting for it), else a hit where it is found.
-        absent = {idx for idx in indices if not self._present(version, idx)}
+        absent = {idx for idx in indices if not self._block_state(version, idx).servable}
         self.stats.counts["misses"] += len(absent)
         if len(indices) == 1:
             early = await self._read_early(version, indices[0], offset, length)
@@ -396,41 +196,31 @@ class BlockCache:
         (time to first byte). An open is almost always followed by a read of
         the start.
         """
-        key = (version.oid, 0)
-        cold = key not in self._memory and key not in self._flights
-        if version.size and cold and not self.is_cached(version, 0):
+        if version.size and self._block_state(version, 0) is BlockState.MISSING:
             self.stats.counts["open_fetches"] += 1
-            self._start_run(version, range(1), readahead=False, eager=True)
+            self._fetcher.start_run(version, range(1), readahead=False, eager=True)
 
     async def _read_early(
         self, version: ObjectVersion, index: int, offset: int, length: int
     ) -> bytes | None:
         """The asked bytes from a block still arriving, once they are in; else None."""
-        key = (version.oid, index)
-        if key in self._memory or self.is_cached(version, index):
+        state = self._block_state(version, index)
+        if state.local:
             return None
-        flight = self._flights.get(key)
-        if flight is None:
-            self._start_run(version, range(index, index + 1), readahead=False, eager=True)
-            flight = self._flights[key]
+        if state is BlockState.MISSING:
+            self._fetcher.start_run(version, range(index, index + 1), readahead=False, eager=True)
+        flight = self._flights.get((version.oid, index))
+        assert flight is not None
         start = index * self.block_size
-        need = min(offset + length, version.size) - start
-        while not flight.done.is_set() and len(flight.head) < need:
-            await flight.grew.wait()
-        if flight.done.is_set():  # the whole block, or an error: the usual path
+        head = await flight.head_of(min(offset + length, version.size) - start)
+        if head is None:  # the whole block, or an error: the usual path
             return None
         self.stats.counts["early_reads"] += 1
-        return flight.head[offset - start : offset - start + length]
+        return head[offset - start : offset - start + length]
 
-    def _present(self, version: ObjectVersion, index: int) -> bool:
-        """Whether a block can be served without waiting for S3. Must not await."""
-        key = (version.oid, index)
-        flight = self._flights.get(key)
-        return (
-            key in self._memory
-            or self.is_cached(version, index)
-            or (flight is not None and flight.data is not None)
-        )
+    def _block_state(self, version: ObjectVersion, index: int) -> BlockState:
+        """Where a block is now (`cache.state`). Must not await."""
+        return block_state((version.oid, index), self._memory, self.ledger, self._flights)
 
     async def get_block(self, version: ObjectVersion, index: int, *, count: bool = False) -> bytes:
         """One whole block: from memory, from verified disk, or from one shared GET.
@@ -440,19 +230,20 @@ class BlockCache:
         """
         key = (version.oid, index)
         counts = self.stats.counts
-        data = self._memory.get(key)
-        if data is not None:
-            self._memory.move_to_end(key)
+        state = self._block_state(version, index)
+        if state.in_memory:
+            data = self._memory.take(key)
+            assert data is not None
             counts["hits_memory"] += count
             return data
-        record = self._objects.get(version.oid)
-        if record is not None and index in record.blocks:
-            data = await self._read_verified(version, index, record.blocks[index])
+        if state is BlockState.DISK:
+            crc = self.ledger.block_crc(version.oid, index)
+            assert crc is not None
+            data = await self._integrity.read_verified(version, index, crc)
             if data is not None:
                 counts["hits_disk"] += count
-                if key in self._lru:
-                    self._lru.move_to_end(key)
-                self._remember(key, data)
+                self.ledger.touch(key)
+                self._memory.remember(key, data)
                 return data
         flight = self._flights.get(key)
         if flight is None:
@@ -473,78 +264,63 @@ class BlockCache:
         With ``persist``, blocks held only in memory are written to disk too
         (prefetch needs them there; a read is happy with memory).
         """
-        if persist:
-            for idx in indices:
-                key = (version.oid, idx)
-                data = self._memory.get(key)
-                if (
-                    data is not None
-                    and key not in self._flights
-                    and not self.is_cached(version, idx)
-                ):
-                    flight = self._flights[key] = _Flight(data=data)
-                    flight.done.set()
-                    self._spawn_store(version, idx, data)
-        for run in self._missing_runs(version, indices):  # a prefetch passes gigabytes
-            self._start_run(version, run, readahead=False, remember=not persist)
+        self._fetcher.start_fetch(version, indices, persist=persist)
 
     def readahead(self, version: ObjectVersion, indices: range) -> int:
         """Best-effort prefetch: dropped, not queued, when too much is in flight.
 
         Returns the block index up to which ``indices`` is now cached or on its way.
         """
-        for run in self._missing_runs(version, indices):
-            room = self.readahead_limit - self._readahead_inflight
-            if room <= 0:
-                self.stats.counts["readahead_dropped"] += len(run)
-                return run.start
-            taken = run[:room]
-            self.stats.counts["readahead"] += len(taken)
-            self._start_run(version, taken, readahead=True)
-            if len(taken) < len(run):
-                self.stats.counts["readahead_dropped"] += len(run) - len(taken)
-                return taken.stop
-        return indices.stop
+        return self._fetcher.readahead(version, indices)
 
-    def _missing_runs(self, version: ObjectVersion, indices: range) -> list[range]:
-        """Contiguous runs of blocks that are neither cached nor in flight, each one GET long."""
-        runs: list[range] = []
-        first: int | None = None
-        for idx in indices:
-            key = (version.oid, idx)
-            missing = not (
-                key in self._flights or key in self._memory or self.is_cached(version, idx)
-            )
-            if missing and first is not None and idx - first < self.run_blocks:
-                continue
-            if first is not None:
-                runs.append(range(first, idx))
-            first = idx if missing else None
-        if first is not None:
-            runs.append(range(first, indices.stop))
-        return runs
+    def object_path(self, oid: str) -> Path:
+        """The data file of an object version (kernel-served trees link it)."""
+        return self._layout.path(oid)
 
-    # ---- pinning and whole-object checks -----------------------------------
-
-    @property
-    def in_flight(self) -> int:
-        """Blocks being fetched or written right now."""
-        return len(self._flights)
+    # ---- pinning and room --------------------------------------------------
 
     @property
     def pinned(self) -> set[str]:
-        return set(self._pinned)
+        return self.ledger.pinned
 
     @property
-    def s3_limiter(self) -> trio.CapacityLimiter:
-        """The S3 limiter, for callers' own requests (prefetch's checksum HEADs)."""
-        return self._s3_limiter
+    def pinned_bytes(self) -> int:
+        return self.ledger.pinned_bytes
+
+    def pin(self, oid: str) -> None:
+        """Add one version to the pinned set. Must not await."""
+        self.ledger.pin(oid)
+
+    def set_pinned(self, oids: set[str]) -> None:
+        """Make exactly ``oids`` pinned: their blocks leave the LRU; unpinned ones rejoin it.
+
+        Must not await.
+        """
+        self.ledger.set_pinned(oids)
+
+    def room_for(self, nbytes: int) -> tuple[bool, int]:
+        """Whether ``nbytes`` more can be cached without evicting pinned data, and the room."""
+        return self.ledger.room_for(nbytes, self.bounds)
+
+    def missing_blocks(self, version: ObjectVersion) -> list[int]:
+        return self.ledger.missing_blocks(version)
+
+    def block_crcs(self, version: ObjectVersion) -> dict[int, int]:
+        """A copy of the CRC32 of every cached block of ``version`` (kernel-serve checks)."""
+        return self.ledger.block_crcs(version)
+
+    # ---- whole objects -------------------------------------------------------
 
     async def drain_object(self, version: ObjectVersion) -> None:
         """Wait until every fetch of this object's blocks has landed on disk."""
-        for key, flight in list(self._flights.items()):
-            if key[0] == version.oid:
-                await flight.landed.wait()
+        await self._flights.drain_object(version.oid)
+
+    async def verify_object(self, version: ObjectVersion, check: Check) -> tuple[bool, str]:
+        """Re-read a complete object from disk: every block's CRC, then ``check`` end to end.
+
+        Blocks that fail are dropped; see `cache.integrity`.
+        """
+        return await self._integrity.verify_object(version, check)
 
     async def refetch(self, version: ObjectVersion) -> bool:
         """Fetch again, onto disk, what a whole-object check found missing or wrong.
@@ -567,498 +343,16 @@ class BlockCache:
 
     async def forget_object(self, version: ObjectVersion) -> None:
         """Drop every cached block of this version (its content failed a whole-object check)."""
-        record = self._objects.get(version.oid)
-        for idx, crc in list(record.blocks.items()) if record else ():
-            await self._drop_block(version, idx, crc)
+        await self._integrity.forget_object(version)
 
     async def adopt(self, version: ObjectVersion, path: Path, crcs: dict[int, int]) -> bool:
         """Take a complete local copy of ``version`` (a finished upload) as its cached data.
 
-        ``path`` must be on the cache's filesystem; it is moved into place, or
-        deleted when the cache cannot hold it. ``crcs`` are the CRC32s of the
-        bytes that were uploaded, so every block stays verifiable. Returns
-        whether the object is now cached.
+        ``path`` must be on the cache's filesystem; see `cache.integrity`.
+        Returns whether the object is now cached.
         """
-        oid = version.oid
-        if oid in self._objects or version.size == 0:  # nothing to add (same bytes, or empty)
-            await trio.to_thread.run_sync(path.unlink, limiter=self._disk_limiter)
-            return version.size == 0 or not self.missing_blocks(version)
-        if version.size > self.cache_size - self.pinned_bytes:  # would only flush the cache
-            await trio.to_thread.run_sync(path.unlink, limiter=self._disk_limiter)
-            return False
-        victims, fits = self._sync_reserve(version.size, on_disk=True)
-        if fits:
-            self._objects[oid] = _Record(version)
-        try:
-            await trio.to_thread.run_sync(
-                self._adopt_blocking, version, path, crcs, victims, fits, limiter=self._disk_limiter
-            )
-        except (OSError, sqlite3.Error) as exc:  # a full disk fails the index write
-            if fits:
-                self._objects.pop(oid, None)
-                self._used -= version.size
-            reason = exc.strerror if isinstance(exc, OSError) else str(exc)
-            log.warning("cache could not keep %s: %s", version.key, reason)
-            return False
-        record = self._objects.get(oid)
-        if not fits or record is None:  # no room, or evicted whole while we wrote
-            return False
-        record.blocks.update(crcs)
-        if oid not in self._pinned:
-            self._lru.update((k, None) for k in ((oid, idx) for idx in sorted(crcs)))
-        self.stats.counts["adopted_bytes"] += version.size
-        return True
-
-    def _adopt_blocking(
-        self,
-        version: ObjectVersion,
-        path: Path,
-        crcs: dict[int, int],
-        victims: list[tuple[str, int, int, int]],
-        fits: bool,
-    ) -> None:
-        for oid, idx, start, length in victims:
-            self._evict_blocking(oid, idx, start, length)
-        if not fits:
-            path.unlink(missing_ok=True)
-            return
-        target = self._path(version.oid)
-        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.replace(path, target)
-        index = self._index
-        try:
-            with index.transact():  # one SQLite commit, not one per block
-                index.set(
-                    ("o", version.oid), (version.bucket, version.key, version.etag, version.size)
-                )
-                for idx, crc in crcs.items():
-                    index.set(("b", version.oid, idx), crc)
-        except BaseException:
-            target.unlink(missing_ok=True)  # no row, no file: S3 has the bytes
-            raise
-
-    @property
-    def pinned_bytes(self) -> int:
-        return sum(
-            self._block_len(record.version, idx)
-            for oid in self._pinned
-            if (record := self._objects.get(oid)) is not None
-            for idx in record.blocks
-        )
-
-    def room_for(self, nbytes: int) -> tuple[bool, int]:
-        """Whether ``nbytes`` more can be cached without evicting pinned data, and the room."""
-        evictable = self._used - self.pinned_bytes
-        free = psutil.disk_usage(str(self.cache_dir)).free
-        room = min(self.cache_size - self._used, free - self.min_free) + evictable
-        return nbytes <= room, max(0, room)
-
-    def pin(self, oid: str) -> None:
-        """Add one version to the pinned set (prefetch, per verified object). Must not await."""
-        if oid in self._pinned:
-            return
-        self._pinned.add(oid)
-        record = self._objects.get(oid)
-        for idx in record.blocks if record else ():
-            self._lru.pop((oid, idx), None)
-
-    def set_pinned(self, oids: set[str]) -> None:
-        """Make exactly ``oids`` pinned: their blocks leave the LRU; unpinned ones rejoin it.
-
-        Must not await.
-        """
-        for oid in self._pinned - oids:
-            record = self._objects.get(oid)
-            for idx in record.blocks if record else ():
-                self._lru[(oid, idx)] = None
-        for oid in oids - self._pinned:
-            record = self._objects.get(oid)
-            for idx in record.blocks if record else ():
-                self._lru.pop((oid, idx), None)
-        self._pinned = set(oids)
-
-    def missing_blocks(self, version: ObjectVersion) -> list[int]:
-        record = self._objects.get(version.oid)
-        nblocks = -(-version.size // self.block_size)
-        have = record.blocks if record else {}
-        return [idx for idx in range(nblocks) if idx not in have]
-
-    def block_crcs(self, version: ObjectVersion) -> dict[int, int]:
-        """A copy of the CRC32 of every cached block of ``version`` (kernel-serve checks)."""
-        record = self._objects.get(version.oid)
-        return dict(record.blocks) if record else {}
-
-    async def verify_object(self, version: ObjectVersion, check: Check) -> tuple[bool, str]:
-        """Re-read a complete object from disk: every block's CRC, then ``check`` end to end.
-
-        Blocks that fail are dropped (the next read or prefetch fetches them
-        again). Returns (intact, what the bytes on disk digest to in the
-        check's terms: `daemon.checksums.Digest.result`).
-        """
-        digest = Digest(check)
-        if version.size == 0:  # nothing to store, nothing to read
-            return digest.matches(), digest.result()
-        record = self._objects.get(version.oid)
-        if record is None or self.missing_blocks(version):
-            return False, ""
-        crcs = dict(record.blocks)
-        bad = await trio.to_thread.run_sync(
-            self._verify_blocking, version, crcs, digest, limiter=self._disk_limiter
-        )
-        for idx in bad:
-            self.stats.counts["corrupt_blocks"] += 1
-            log.warning("cache block failed verification key=%s block=%d", version.key, idx)
-            await self._drop_block(version, idx, crcs[idx])
-        return not bad and digest.matches(), digest.result()
-
-    def _verify_blocking(
-        self, version: ObjectVersion, crcs: dict[int, int], digest: Digest
-    ) -> list[int]:
-        bad = []
-        try:
-            fd = os.open(self._path(version.oid), os.O_RDONLY)
-        except FileNotFoundError:
-            return sorted(crcs)
-        try:
-            for idx in sorted(crcs):
-                start, end = block_span(idx, self.block_size, version.size)
-                data = os.pread(fd, end - start, start)
-                if len(data) != end - start or zlib.crc32(data) != crcs[idx]:
-                    bad.append(idx)
-                digest.update(data)
-        finally:
-            os.close(fd)
-        return bad
+        return await self._integrity.adopt(version, path, crcs)
 
     async def free(self, oids: set[str]) -> int:
         """Delete the cached data of these (unpinned) object versions; returns bytes freed."""
-        freed = 0
-        for oid in oids - self._pinned:
-            record = self._objects.pop(oid, None)
-            if record is None:
-                continue
-            nbytes = 0
-            for idx in record.blocks:
-                self._lru.pop((oid, idx), None)
-                nbytes += self._block_len(record.version, idx)
-            for key in [k for k in self._memory if k[0] == oid]:
-                self._memory_used -= len(self._memory.pop(key))
-            self._used -= nbytes
-            freed += nbytes
-            await trio.to_thread.run_sync(
-                self._free_blocking, oid, list(record.blocks), limiter=self._disk_limiter
-            )
-        return freed
-
-    def _free_blocking(self, oid: str, blocks: list[int]) -> None:
-        for idx in blocks:
-            self._index.delete(("b", oid, idx))
-        self._index.delete(("o", oid))
-        self._path(oid).unlink(missing_ok=True)
-
-    def _block_len(self, version: ObjectVersion, idx: int) -> int:
-        start, end = block_span(idx, self.block_size, version.size)
-        return end - start
-
-    # ---- fetch path ------------------------------------------------------
-
-    def _start_run(
-        self,
-        version: ObjectVersion,
-        run: range,
-        *,
-        readahead: bool,
-        eager: bool = False,
-        remember: bool = True,
-    ) -> None:
-        """Register one flight per block of ``run`` and start the one GET that fills them.
-
-        ``eager``: a reader waits for the run's first bytes (`_read_early`); its first
-        block arrives in two pieces. ``remember``: keep the blocks in memory too.
-        """
-        assert self._nursery is not None, "BlockCache.run() is not running"
-        flights = []
-        for idx in run:
-            flight = _Flight(remember=remember)
-            self._flights[(version.oid, idx)] = flight
-            flights.append(flight)
-        if readahead:
-            self._readahead_inflight += len(run)
-        self._nursery.start_soon(self._fetch_run, version, run, flights, readahead, eager)
-
-    async def _fetch_run(
-        self,
-        version: ObjectVersion,
-        run: range,
-        flights: list[_Flight],
-        readahead: bool,
-        eager: bool,
-    ) -> None:
-        start = run.start * self.block_size
-        end = min(run.stop * self.block_size, version.size)
-        delivered = 0
-        finished = False  # set once this task gave up: a late piece must not be delivered
-
-        def arrived(data: bytes) -> None:  # on the trio thread, between two pieces
-            nonlocal delivered
-            if finished:
-                return
-            idx = run.start + delivered
-            flight = flights[delivered]
-            if len(flight.head) + len(data) < self._block_len(version, idx):
-                flight.head += data  # a first piece: early readers take it now
-                flight.wake()
-                return
-            if flight.head:
-                data, flight.head = flight.head + data, b""
-            delivered += 1
-            self.stats.counts["blocks_from_s3"] += 1
-            self.stats.counts["bytes_from_s3"] += len(data)
-            flight.data = data
-            if flight.remember:
-                self._remember((version.oid, idx), data)
-            if readahead:
-                self._readahead_inflight -= 1
-            flight.done.set()
-            flight.grew.set()  # final: early readers see ``done``
-            # The flight stays registered, with its data, until the block is on disk: a
-            # reader arriving in between gets these bytes instead of starting a GET.
-            self._spawn_store(version, idx, data)
-
-        def stream() -> None:  # in a worker thread
-            first = EAGER_FIRST_PIECE if eager else 0
-            for piece in self.store.iter_range(
-                version.key, version.etag, start, end, self.block_size, first, size=version.size
-            ):
-                if finished:
-                    return
-                if self._unwritten >= UNWRITTEN_LIMIT:  # a racy read is fine: a hint
-                    trio.from_thread.run(self._room_to_write)
-                trio.from_thread.run_sync(arrived, piece)
-
-        error: BaseException | None = None
-        try:
-            await trio.to_thread.run_sync(stream, limiter=self._s3_limiter, abandon_on_cancel=True)
-        except StoreError as exc:
-            error = exc
-        except Exception as exc:  # an unexpected bug must still wake every waiter
-            log.exception("fetch of %s blocks %d-%d failed", version.key, run.start, run.stop - 1)
-            error = exc
-        finally:
-            finished = True
-            for offset in range(delivered, len(flights)):
-                # Failures are not cached: the next reader of these blocks tries again.
-                flights[offset].error = error or TransientError(f"{version.key}: fetch cancelled")
-                flights[offset].done.set()
-                flights[offset].grew.set()
-                self._end_flight((version.oid, run.start + offset))
-                if readahead:
-                    self._readahead_inflight -= 1
-
-    def _spawn_store(self, version: ObjectVersion, index: int, data: bytes) -> None:
-        """Write a block in the background; its bytes count as unwritten until then."""
-        assert self._nursery is not None
-        self._unwritten += len(data)
-        self._nursery.start_soon(self._store_and_land, version, index, data)
-
-    async def _store_and_land(self, version: ObjectVersion, index: int, data: bytes) -> None:
-        try:
-            await self._store_block(version, index, data)
-        except Exception:  # a full index DB, a sqlite timeout: the read was served; log it
-            self.stats.counts["disk_errors"] += 1
-            log.exception("cache write failed for %s block %d", version.key, index)
-        finally:
-            self._unwritten -= len(data)
-            self._written.set()
-            self._written = trio.Event()
-            self._end_flight((version.oid, index))
-
-    async def _room_to_write(self) -> None:
-        """Wait while too much downloaded data waits for the disk (backpressure)."""
-        while self._unwritten >= UNWRITTEN_LIMIT:
-            await self._written.wait()
-
-    def _end_flight(self, key: BlockKey) -> None:
-        self._flights.pop(key).landed.set()
-        if not self._flights:
-            self._idle.set()
-
-    async def _store_block(self, version: ObjectVersion, index: int, data: bytes) -> None:
-        crc = zlib.crc32(data)
-        victims, fits = self._sync_reserve(len(data))
-        if not fits:
-            self.stats.counts["store_skipped_full"] += 1
-            log.warning(
-                "cache cannot hold more (cache_size=%d min_free=%d); block served uncached",
-                self.cache_size,
-                self.min_free,
-            )
-        oid = version.oid
-        new_object = fits and oid not in self._objects
-        if new_object:
-            self._objects[oid] = _Record(version)
-        try:
-            await trio.to_thread.run_sync(
-                self._write_block_blocking,
-                version,
-                index,
-                data if fits else None,
-                crc,
-                victims,
-                new_object,
-                limiter=self._disk_limiter,
-            )
-        except OSError as exc:
-            if fits:
-                self._used -= len(data)
-            self.stats.counts["disk_errors"] += 1
-            log.warning("cache write failed for %s: %s; reads go to S3", version.key, exc.strerror)
-            return
-        record = self._objects.get(oid)
-        if not fits or record is None:  # evicted whole while we wrote: do not index it
-            if fits:
-                self._used -= len(data)
-            return
-        record.blocks[index] = crc
-        if oid not in self._pinned:
-            self._lru[(oid, index)] = None
-
-    def _sync_reserve(
-        self, nbytes: int, *, on_disk: bool = False
-    ) -> tuple[list[tuple[str, int, int, int]], bool]:
-        """Take LRU victims off the books until ``nbytes`` fit. Must not await.
-
-        Returns the victims (to be removed from disk) and whether the block fits;
-        ``--min-free`` can make the cache shrink below what it holds now.
-        ``on_disk``: the bytes are on the disk already (an adopted file): they
-        count against ``--cache-size`` but take no more disk space.
-        """
-        free = psutil.disk_usage(str(self.cache_dir)).free
-        victims: list[tuple[str, int, int, int]] = []
-        freed = 0
-        new_disk = 0 if on_disk else nbytes
-
-        def over() -> bool:
-            return (
-                self._used - freed + nbytes > self.cache_size
-                or free + freed - new_disk < self.min_free
-            )
-
-        while over() and self._lru:
-            (oid, idx), _ = self._lru.popitem(last=False)
-            record = self._objects[oid]
-            del record.blocks[idx]
-            start, end = block_span(idx, self.block_size, record.version.size)
-            last = not record.blocks
-            if last:
-                del self._objects[oid]
-            victims.append((oid, idx, start, -1 if last else end - start))
-            freed += end - start
-        self.stats.counts["evictions"] += len(victims)
-        fits = not over()
-        self._used += (nbytes if fits else 0) - freed
-        return victims, fits
-
-    def _write_block_blocking(
-        self,
-        version: ObjectVersion,
-        index: int,
-        data: bytes | None,
-        crc: int,
-        victims: list[tuple[str, int, int, int]],
-        new_object: bool,
-    ) -> None:
-        for oid, idx, start, length in victims:
-            self._evict_blocking(oid, idx, start, length)
-        if data is None:
-            return
-        oid = version.oid
-        path = self._path(oid)
-        if new_object:
-            self._index.set(("o", oid), (version.bucket, version.key, version.etag, version.size))
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
-        except FileNotFoundError:  # first block of a new fan-out directory
-            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
-        try:
-            if os.fstat(fd).st_size != version.size:
-                os.ftruncate(fd, version.size)  # sparse, full length: a complete file is the object
-            os.pwrite(fd, data, index * self.block_size)
-        finally:
-            os.close(fd)
-        self._index.set(("b", oid, index), crc)
-
-    def _evict_blocking(self, oid: str, idx: int, start: int, length: int) -> None:
-        self._index.delete(("b", oid, idx))
-        path = self._path(oid)
-        if length < 0:  # the object's last block: drop the whole file
-            self._index.delete(("o", oid))
-            path.unlink(missing_ok=True)
-            return
-        try:
-            fd = os.open(path, os.O_WRONLY)
-        except FileNotFoundError:
-            return
-        try:
-            _punch_hole(fd, start, length)
-        finally:
-            os.close(fd)
-
-    async def _read_verified(self, version: ObjectVersion, index: int, crc: int) -> bytes | None:
-        start, end = block_span(index, self.block_size, version.size)
-        try:
-            data = await trio.to_thread.run_sync(
-                self._pread_blocking, version.oid, start, end - start, limiter=self._disk_limiter
-            )
-        except OSError as exc:
-            log.warning("cache read failed for %s: %s; refetching", version.key, exc.strerror)
-            data = b""
-        if len(data) == end - start and zlib.crc32(data) == crc:
-            return data
-        self.stats.counts["corrupt_blocks"] += 1
-        log.warning(
-            "cache block failed verification key=%s block=%d; discarded and refetched",
-            version.key,
-            index,
-        )
-        await self._drop_block(version, index, crc)
-        return None
-
-    async def _drop_block(self, version: ObjectVersion, index: int, crc: int) -> None:
-        """Forget a block that failed its check (unless it was replaced meanwhile)."""
-        record = self._objects.get(version.oid)
-        if record is not None and record.blocks.get(index) == crc:
-            record.blocks.pop(index)
-            self._lru.pop((version.oid, index), None)
-            stale = self._memory.pop((version.oid, index), None)
-            self._memory_used -= len(stale or b"")
-            self._used -= self._block_len(version, index)
-            await trio.to_thread.run_sync(
-                self._index.delete, ("b", version.oid, index), limiter=self._disk_limiter
-            )
-
-    def _pread_blocking(self, oid: str, offset: int, length: int) -> bytes:
-        fd = os.open(self._path(oid), os.O_RDONLY)
-        try:
-            return os.pread(fd, length, offset)
-        finally:
-            os.close(fd)
-
-    # ---- helpers ---------------------------------------------------------
-
-    def _path(self, oid: str) -> Path:
-        return self.root / "objects" / oid[:2] / oid[2:4] / oid
-
-    def object_path(self, oid: str) -> Path:
-        """The data file of an object version (kernel-served trees link it)."""
-        return self._path(oid)
-
-    def _remember(self, key: BlockKey, data: bytes) -> None:
-        if key in self._memory:
-            return
-        self._memory[key] = data
-        self._memory_used += len(data)
-        while self._memory_used > self.memory_bytes and self._memory:
-            _, old = self._memory.popitem(last=False)
-            self._memory_used -= len(old)
+        return await self._integrity.free(oids)

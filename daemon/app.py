@@ -119,9 +119,8 @@ def run_daemon(config: MountConfig, on_ready: Callable[[str], None]) -> None:
             stack.callback(flush_sentry)  # last out: events of the shutdown itself
         cache.open()
         stack.callback(cache.close)
-        pins = PinStore(cache.root, config.bucket)
+        pins = PinStore(cache.root, config.bucket, cache.ledger)
         pins.load()
-        cache.set_pinned(pins.pinned_oids())
         if s3_state.unreachable_since is not None:
             _start_offline(config, pins, s3_state.reason)
         # Always looked at, writable or not: what a crash left staged is reported.

@@ -312,7 +312,6 @@ class Daemon:
             if self.kernel is not None:  # unbind before anything is unpinned or freed
                 await self.kernel.release(manifest)
             self.pins.delete(manifest)
-        self.cache.set_pinned(self.pins.pinned_oids())
         self.core.pins_changed()
         freed = await self.cache.free(oids)
         log.info("evict dataset=%s freed_bytes=%d", prefix, freed)

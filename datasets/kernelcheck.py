@@ -28,7 +28,8 @@ from typing import Any, Protocol
 
 import trio
 
-from s3cachefs.cache.blockcache import BlockCache, ObjectVersion
+from s3cachefs.cache.blockcache import BlockCache
+from s3cachefs.cache.blocks import ObjectVersion
 from s3cachefs.datasets.kerneltrees import Bind, Layout
 from s3cachefs.datasets.pins import Manifest, PinStore
 from s3cachefs.datasets.treecheck import CheckResult, FileCheck, Stopped, check_files

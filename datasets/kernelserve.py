@@ -39,7 +39,8 @@ from typing import Any
 
 import trio
 
-from s3cachefs.cache.blockcache import BlockCache, ObjectVersion
+from s3cachefs.cache.blockcache import BlockCache
+from s3cachefs.cache.blocks import ObjectVersion
 from s3cachefs.datasets import binds, kernelpolicy, kerneltrees
 from s3cachefs.datasets.kernelcheck import KernelChecks
 from s3cachefs.datasets.kerneltrees import Bind, Layout
@@ -319,7 +320,6 @@ class KernelServe:
         oids = layout.oids
         for oid in oids:
             self.pins.hold(owner, oid)
-        self.cache.set_pinned(self.pins.pinned_oids())
         staged = kerneltrees.next_path(tree)
         try:
             fresh = await trio.to_thread.run_sync(kerneltrees.stage, tree, layout)
@@ -335,7 +335,6 @@ class KernelServe:
                 await trio.to_thread.run_sync(kerneltrees.promote, tree)
         except OSError as exc:
             self.pins.release(owner)
-            self.cache.set_pinned(self.pins.pinned_oids())
             self.notes[manifest.id] = f"bind failed: {exc}"
             log.warning(
                 "kernel-serve dataset=%s bind on %s failed: %s", manifest.prefix, target, exc
@@ -385,6 +384,5 @@ class KernelServe:
         """Objects only the old tree kept pinned are freed whole (unlinked): a reader that
         still holds one open keeps its bytes; the cache never punches holes in it."""
         self.pins.release(bind.owner)
-        pinned = self.pins.pinned_oids()
-        self.cache.set_pinned(pinned)
+        pinned = self.cache.pinned
         await self.cache.free(set(bind.oids) - pinned)

@@ -18,7 +18,8 @@ from typing import Any
 
 import trio
 
-from s3cachefs.cache.blockcache import BlockCache, ObjectVersion
+from s3cachefs.cache.blockcache import BlockCache
+from s3cachefs.cache.blocks import ObjectVersion
 from s3cachefs.store import checkplan, checksums
 from s3cachefs.store.checksums import Check
 from s3cachefs.store.types import ObjectInfo, ObjectStore

@@ -5,9 +5,11 @@ mtime, MD5 where S3 gives one, and the end-to-end check it passed, with the
 expected digest and part layout: `store.checksums.Check`) to
 ``CACHE_DIR/v1/pins/<id>.json``
 (temp file, fsync, rename: a crash leaves the old manifest or the new one).
-The block cache never evicts a pinned object version. A complete, unsharded
-manifest also serves lookups, ``stat`` and ``readdir`` inside the dataset
-with no S3 request, so the dataset stays readable while S3 is unreachable.
+The block cache never evicts a pinned object version: the set of them is the
+cache ledger's (`cache.ledger`), and this store tells it every change. A
+complete, unsharded manifest also serves lookups, ``stat`` and ``readdir``
+inside the dataset with no S3 request, so the dataset stays readable while S3
+is unreachable.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from s3cachefs.cache.blockcache import ObjectVersion
+from s3cachefs.cache.blocks import ObjectVersion
+from s3cachefs.cache.ledger import Ledger
 from s3cachefs.store.checksums import Check
 from s3cachefs.store.keys import valid_name
 from s3cachefs.store.responses import etag_md5
@@ -101,11 +104,17 @@ def manifest_id(bucket: str, prefix: str, shard: str | None) -> str:
 
 
 class PinStore:
-    """The manifests of one cache dir, and the directory listings they answer."""
+    """The manifests of one cache dir, and the directory listings they answer.
 
-    def __init__(self, cache_root: Path, bucket: str) -> None:
+    What is pinned (saved manifests, and what running jobs hold) is kept by the
+    cache's ``ledger``, its one owner: every change here is passed on to it at
+    once (load, install, delete, hold, release), never by hand.
+    """
+
+    def __init__(self, cache_root: Path, bucket: str, ledger: Ledger) -> None:
         self.dir = cache_root / "pins"
         self.bucket = bucket
+        self.ledger = ledger
         self.manifests: dict[str, Manifest] = {}
         self.generation = 0  # bumped whenever the pinned tree changes
         self._listings: dict[str, Listing] = {}
@@ -125,6 +134,7 @@ class PinStore:
                 continue
             self.manifests[manifest.id] = manifest
         self._rebuild()
+        self._repin()
 
     def save(self, manifest: Manifest) -> None:
         self.write(manifest)
@@ -147,14 +157,16 @@ class PinStore:
             os.close(dir_fd)
 
     def install(self, manifest: Manifest) -> None:
-        """The written manifest answers from now on."""
+        """The written manifest answers from now on, and its objects are pinned."""
         self.manifests[manifest.id] = manifest
         self._rebuild()
+        self._repin()
 
     def delete(self, manifest: Manifest) -> None:
         (self.dir / f"{manifest.id}.json").unlink(missing_ok=True)
         self.manifests.pop(manifest.id, None)
         self._rebuild()
+        self._repin()
 
     def find(self, prefix: str, shard: str | None) -> Manifest | None:
         return self.manifests.get(manifest_id(self.bucket, prefix, shard))
@@ -165,11 +177,20 @@ class PinStore:
         return saved.union(*self._held.values())
 
     def hold(self, owner: str, oid: str) -> None:
-        """Pin ``oid`` for a running job until it saves its manifest (or stops)."""
+        """Pin ``oid`` for a running job until it saves its manifest (or stops).
+
+        One oid at a time: recomputing the whole set per object is O(n^2).
+        """
         self._held.setdefault(owner, set()).add(oid)
+        self.ledger.pin(oid)
 
     def release(self, owner: str) -> None:
-        self._held.pop(owner, None)
+        if self._held.pop(owner, None) is not None:
+            self._repin()
+
+    def _repin(self) -> None:
+        """Tell the cache ledger the pinned set after a change. Must not await."""
+        self.ledger.set_pinned(self.pinned_oids())
 
     def listing(self, dir_prefix: str) -> Listing | None:
         """A directory's entries from complete manifests, if it lies inside one."""

@@ -33,7 +33,8 @@ from typing import Any
 import trio
 
 from s3cachefs.base.errors import S3CacheFSError, StoreError
-from s3cachefs.cache.blockcache import BlockCache, ObjectVersion
+from s3cachefs.cache.blockcache import BlockCache
+from s3cachefs.cache.blocks import ObjectVersion
 from s3cachefs.datasets.objectcheck import ObjectCheck, ObjectFailed
 from s3cachefs.datasets.pins import Manifest, PinStore, Shard
 from s3cachefs.datasets.prefetchprogress import PROGRESS_INTERVAL, Progress, Report
@@ -130,7 +131,6 @@ class PrefetchJob:
                 if not self.dry_run and not refused:
                     await self._finish()
                 self.pins.release(self.owner)
-                self.cache.set_pinned(self.pins.pinned_oids())
 
     async def _list(self, send: trio.MemorySendChannel[Any]) -> None:
         pages = self.store.list_tree(self.prefix)
@@ -240,7 +240,6 @@ class PrefetchJob:
             return
         version = ObjectVersion(self.store.bucket, info.key, info.etag, info.size)
         self.pins.hold(self.owner, version.oid)
-        self.cache.pin(version.oid)  # one at a time: the whole set per object is O(n^2)
         self._accept(info, check)
 
     def _refuse(self, key: str, check: Check) -> None:
@@ -322,8 +321,7 @@ class PrefetchJob:
             await trio.to_thread.run_sync(self.pins.write, self.manifest)
             self.pins.install(self.manifest)
         self.pins.release(self.owner)
-        pinned = self.pins.pinned_oids()
-        self.cache.set_pinned(pinned)
+        pinned = self.cache.pinned
         if self.previous is not None and self.manifest.complete:
             # old versions of changed objects and deleted objects: no longer pinned by anyone
             await self.cache.free({v.oid for v in self.previous.versions()} - pinned)

@@ -20,7 +20,8 @@ import os
 import trio
 
 from s3cachefs.base.errors import BadHandleError, IsADirError, NotADirError, StaleError
-from s3cachefs.cache.blockcache import BlockCache, ObjectVersion
+from s3cachefs.cache.blockcache import BlockCache
+from s3cachefs.cache.blocks import ObjectVersion
 from s3cachefs.fs.nodes import DirHandle, FileHandle, Node
 from s3cachefs.fs.tree import Tree
 from s3cachefs.fs.versions import VersionGuard

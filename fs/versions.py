@@ -32,7 +32,7 @@ import logging
 import trio
 
 from s3cachefs.base.errors import NotFoundError, StaleError, StoreError
-from s3cachefs.cache.blockcache import ObjectVersion
+from s3cachefs.cache.blocks import ObjectVersion
 from s3cachefs.fs.nodes import FileHandle, Node
 from s3cachefs.store.types import ObjectStore
 

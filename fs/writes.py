@@ -35,7 +35,7 @@ from s3cachefs.base.errors import (
     ReadOnlyError,
     UnsupportedError,
 )
-from s3cachefs.cache.blockcache import ObjectVersion
+from s3cachefs.cache.blocks import ObjectVersion
 from s3cachefs.fs.handles import Handles
 from s3cachefs.fs.nodes import FileHandle, Node
 from s3cachefs.fs.tree import Tree

@@ -24,7 +24,7 @@ from typing import Any
 import trio
 
 from s3cachefs.base.errors import NoSpaceError, UploadFailedError
-from s3cachefs.cache.blockcache import ObjectVersion
+from s3cachefs.cache.blocks import ObjectVersion
 
 WRITING = "writing"  # open by an application in this daemon
 UPLOADED = "uploaded"  # on disk = what S3 acknowledged last (a crash now loses nothing)

@@ -32,7 +32,8 @@ from collections import Counter
 import trio
 
 from s3cachefs.base.errors import ConfigError, UploadFailedError
-from s3cachefs.cache.blockcache import BlockCache, ObjectVersion
+from s3cachefs.cache.blockcache import BlockCache
+from s3cachefs.cache.blocks import ObjectVersion
 from s3cachefs.staging import crashscan, leftfiles
 from s3cachefs.staging.records import (
     FAILED,

@@ -181,9 +181,8 @@ class CoreSession:
             disk_limiter=disk_limiter,
         )
         self.cache.open()
-        self.pins = PinStore(self.cache.root, config.bucket)
+        self.pins = PinStore(self.cache.root, config.bucket, self.cache.ledger)
         self.pins.load()
-        self.cache.set_pinned(self.pins.pinned_oids())
         writeback = None
         if config.writable:
             writeback = Writeback(

@@ -13,10 +13,14 @@ import pytest
 import trio
 
 from s3cachefs.base.errors import CacheDirError, StaleError, TransientError
-from s3cachefs.cache import blockcache
-from s3cachefs.cache.blockcache import BlockCache, ObjectVersion
+from s3cachefs.cache import fetcher
+from s3cachefs.cache.blockcache import BlockCache
+from s3cachefs.cache.blocks import ObjectVersion
+from s3cachefs.cache.state import BlockState
+from s3cachefs.datasets.pins import Manifest, PinStore
 from s3cachefs.fs.core import FsCore
 from s3cachefs.fs.nodes import ROOT_INODE
+from s3cachefs.store.types import ObjectInfo
 from s3cachefs.testing.memorystore import MemoryStore
 
 BS = 64 * 1024  # small blocks keep these tests fast; the arithmetic is the same
@@ -369,27 +373,27 @@ def test_a_cold_read_of_a_block_start_is_served_before_the_whole_block(tmp_path:
 def test_a_disk_slower_than_the_network_makes_the_download_wait(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(blockcache, "UNWRITTEN_LIMIT", 4 * BS)
+    monkeypatch.setattr(fetcher, "UNWRITTEN_LIMIT", 4 * BS)
     store = MemoryStore()
     data = os.urandom(64 * BS)
     v = version_of(store, "big", data)
     cache = make_cache(tmp_path, store)
-    slow_write = cache._write_block_blocking
+    slow_write = cache._disk.write_block
 
     def write(*args: Any) -> None:
         time.sleep(0.005)  # a slow disk
         slow_write(*args)
 
-    monkeypatch.setattr(cache, "_write_block_blocking", write)
+    monkeypatch.setattr(cache._disk, "write_block", write)
     peak = 0
-    spawn = cache._spawn_store
+    spawn = cache._fetcher._spawn_store
 
     def spawn_and_measure(version: ObjectVersion, index: int, block: bytes) -> None:
         nonlocal peak
         spawn(version, index, block)
-        peak = max(peak, cache._unwritten)
+        peak = max(peak, cache._fetcher._unwritten)
 
-    monkeypatch.setattr(cache, "_spawn_store", spawn_and_measure)
+    monkeypatch.setattr(cache._fetcher, "_spawn_store", spawn_and_measure)
 
     async def body() -> None:
         cache.start_fetch(v, range(64), persist=True)
@@ -399,3 +403,78 @@ def test_a_disk_slower_than_the_network_makes_the_download_wait(
     run_with(cache, body)
     assert cache.missing_blocks(v) == []
     assert BS <= peak <= 5 * BS  # the limit, plus the block in hand when it was checked
+
+
+def test_where_a_block_is_has_one_answer_through_its_life(tmp_path: Path) -> None:
+    """The one predicate every read path asks (`cache.state`): missing, its GET under way,
+    its bytes arrived but not yet written, on disk, in memory; in memory only when the
+    disk cannot take it."""
+    store = GatedStore()  # holds back every piece of a GET after the first
+    v = version_of(store, "k", os.urandom(2 * BS))
+    cache = make_cache(tmp_path / "a", store, memory_bytes=2 * BS)
+    held = [object() for _ in range(4)]  # every token of the disk limiter: no write lands
+
+    def where(index: int) -> BlockState:
+        return cache._block_state(v, index)
+
+    async def body() -> None:
+        assert where(0) is BlockState.MISSING
+        for h in held:
+            cache._disk_limiter.acquire_on_behalf_of_nowait(h)
+        cache.start_fetch(v, range(2), persist=True)  # one GET; a prefetch keeps no memory copy
+        assert (where(0), where(1)) == (BlockState.IN_FLIGHT, BlockState.IN_FLIGHT)
+        await cache.get_block(v, 0)  # block 0 is in; block 1 is held back by the store
+        assert (where(0), where(1)) == (BlockState.ARRIVED, BlockState.IN_FLIGHT)
+        store.gate.set()
+        for h in held:
+            cache._disk_limiter.release_on_behalf_of(h)
+        await cache.drain()
+        assert (where(0), where(1)) == (BlockState.DISK, BlockState.DISK)
+        await cache.read(v, 0, BS)  # read back from disk, and kept in memory
+        assert (where(0), where(1)) == (BlockState.MEMORY, BlockState.DISK)
+
+    run_with(cache, body)
+    assert store.requests["get"] == 1
+
+    full = make_cache(tmp_path / "b", store, min_free=1 << 62, memory_bytes=2 * BS)
+
+    async def read_uncached() -> None:
+        await full.read(v, 0, BS)
+        await full.drain()
+        assert full._block_state(v, 0) is BlockState.MEMORY_ONLY
+        assert full._block_state(v, 1) is BlockState.MISSING
+
+    run_with(full, read_uncached)
+    assert full.stats["store_skipped_full"] == 1
+
+
+def test_the_pin_store_tells_the_cache_ledger_every_change(tmp_path: Path) -> None:
+    """The ledger owns the pinned set; the pin store passes on each change at once."""
+    store = MemoryStore()
+    a, b = (version_of(store, f"ds/{n}", bytes([n]) * BS) for n in range(2))
+    cache = make_cache(tmp_path, store)
+
+    async def fill() -> None:
+        for v in (a, b):
+            await cache.get_block(v, 0)
+
+    run_with(cache, fill)
+    manifest = Manifest(store.bucket, "ds/", None, complete=True)
+    manifest.objects["ds/0"] = ObjectInfo("ds/0", BS, a.etag, 1)
+    pins = PinStore(cache.root, store.bucket, cache.ledger)
+    pins.load()
+    assert cache.pinned == set() and cache.pinned_bytes == 0
+    pins.hold("job", b.oid)  # a running prefetch verified b
+    assert cache.pinned == {b.oid} and cache.pinned_bytes == BS
+    pins.save(manifest)
+    assert cache.pinned == {a.oid, b.oid} == pins.pinned_oids()
+    pins.release("job")
+    assert cache.pinned == {a.oid}
+    cache.close()
+
+    cache = make_cache(tmp_path, store)  # a restart: the saved manifest pins a again
+    pins = PinStore(cache.root, store.bucket, cache.ledger)
+    pins.load()
+    assert cache.pinned == {a.oid} and cache.pinned_bytes == BS
+    pins.delete(manifest)
+    assert cache.pinned == set() and cache.pinned_bytes == 0

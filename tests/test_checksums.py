@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 
 from s3cachefs.base.config import MountConfig
-from s3cachefs.cache.blockcache import ObjectVersion
+from s3cachefs.cache.blocks import ObjectVersion
+from s3cachefs.cache.ledger import Ledger
 from s3cachefs.datasets.pins import Manifest, PinStore
 from s3cachefs.datasets.prefetch import PrefetchJob
 from s3cachefs.store.checkplan import plan
@@ -240,7 +241,7 @@ def test_what_this_tool_writes_carries_a_checksum_s3_keeps(bucket: Bucket, tmp_p
 
 
 def test_manifests_record_the_check_and_older_manifests_still_load(tmp_path: Path) -> None:
-    pins = PinStore(tmp_path, "b")
+    pins = PinStore(tmp_path, "b", Ledger(1 << 20))
     pins.load()
     manifest = Manifest("b", "ds/", None, complete=True)
     infos = {
@@ -256,7 +257,7 @@ def test_manifests_record_the_check_and_older_manifests_still_load(tmp_path: Pat
     saved = json.loads((pins.dir / f"{manifest.id}.json").read_text())
     assert saved["checks"]["ds/b"] == ["mpu-etag", "2" * 32 + "-3", [[12, 2], [6, 1]]]
 
-    again = PinStore(tmp_path, "b")
+    again = PinStore(tmp_path, "b", Ledger(1 << 20))
     again.load()
     loaded = again.manifests[manifest.id]
     assert loaded.checks == manifest.checks
@@ -266,7 +267,7 @@ def test_manifests_record_the_check_and_older_manifests_still_load(tmp_path: Pat
     del saved["checks"]
     saved["objects"][1][4] = "f" * 32  # the multipart object's content MD5, recorded locally
     (pins.dir / f"{manifest.id}.json").write_text(json.dumps(saved))
-    old = PinStore(tmp_path, "b")
+    old = PinStore(tmp_path, "b", Ledger(1 << 20))
     old.load()
     legacy = old.manifests[manifest.id]
     assert legacy.check("ds/a") == Check("md5", "1" * 32)
@@ -302,7 +303,7 @@ def test_prefetch_keeps_nothing_of_an_object_that_fails_then_pins_it_when_right(
     parts = [b"a" * 200_000, b"b" * 200_000, b"c" * 50_000]
     store.put_parts("ds/big", parts)
     cache = make_cache(tmp_path, store)
-    pins = PinStore(cache.root, store.bucket)
+    pins = PinStore(cache.root, store.bucket, cache.ledger)
     pins.load()
     finals: list[dict[str, Any]] = []
 
@@ -343,7 +344,7 @@ def prefetch_ds(
 ) -> tuple[dict[str, Any], PinStore, Any]:
     """One prefetch job of ``ds/`` over a fresh cache: (its final report, the pins, the cache)."""
     cache = make_cache(tmp_path, store)
-    pins = PinStore(cache.root, store.bucket)
+    pins = PinStore(cache.root, store.bucket, cache.ledger)
     pins.load()
     finals: list[dict[str, Any]] = []
 
@@ -440,7 +441,7 @@ def test_an_older_manifests_md5_that_is_not_the_etags_is_not_taken_for_an_s3_che
     pins_dir.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(store.bucket, "ds/", None)
     (pins_dir / f"{manifest.id}.json").write_text(json.dumps(old))
-    pins = PinStore(cache.root, store.bucket)
+    pins = PinStore(cache.root, store.bucket, cache.ledger)
     pins.load()
     legacy = pins.manifests[manifest.id]
     assert legacy.check("ds/kms") == Check("local-md5", local)  # not Check("md5", etag)

@@ -594,7 +594,7 @@ def in_process(tmp_path: Path, body: Callable[[Any, Any, Any], Awaitable[None]])
     one complete, pinned object ``ds/a.bin`` of three and a bit blocks."""
     import trio
 
-    from s3cachefs.cache.blockcache import ObjectVersion
+    from s3cachefs.cache.blocks import ObjectVersion
     from s3cachefs.datasets.kernelserve import KernelServe
     from s3cachefs.datasets.pins import Manifest, PinStore
     from s3cachefs.store.types import ObjectInfo
@@ -605,7 +605,7 @@ def in_process(tmp_path: Path, body: Callable[[Any, Any, Any], Awaitable[None]])
     data = os.urandom(3 * BS + 5)
     etag = store.put("ds/a.bin", data)
     cache = make_cache(tmp_path / "cache", store)
-    pins = PinStore(cache.root, "mem")
+    pins = PinStore(cache.root, "mem", cache.ledger)
     pins.load()
     manifest = Manifest("mem", "ds/", None, complete=True)
     manifest.objects["ds/a.bin"] = ObjectInfo("ds/a.bin", len(data), etag, 1)

@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from s3cachefs.base.values import parse_size
-from s3cachefs.cache.blockcache import BlockCache, block_span, blocks_for_range
+from s3cachefs.cache.blockcache import BlockCache
+from s3cachefs.cache.blocks import block_span, blocks_for_range
 from s3cachefs.fs.core import FsCore
 from s3cachefs.fs.nodes import ROOT_INODE
 from s3cachefs.store.keys import MAX_NAME_BYTES, valid_name

@@ -408,7 +408,7 @@ def test_the_core_tells_the_adapter_what_to_forget_when_pins_or_keys_change(
     etag = store.put("ds/a.bin", data)
     store.put("top.txt", b"top")
     cache = make_cache(tmp_path, store)
-    pins = PinStore(cache.root, store.bucket)
+    pins = PinStore(cache.root, store.bucket, cache.ledger)
     pins.load()
     manifest = Manifest(store.bucket, "ds/", None, complete=True)
     manifest.objects["ds/a.bin"] = ObjectInfo("ds/a.bin", len(data), etag, 1)

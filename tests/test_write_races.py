@@ -9,7 +9,8 @@ import trio
 import trio.testing
 
 from s3cachefs.base.errors import ConfigError
-from s3cachefs.cache.blockcache import BlockCache, ObjectVersion
+from s3cachefs.cache.blockcache import BlockCache
+from s3cachefs.cache.blocks import ObjectVersion
 from s3cachefs.fs.core import FsCore
 from s3cachefs.fs.nodes import ROOT_INODE
 from s3cachefs.fs.writes import Writer

@@ -9,7 +9,8 @@ import pytest
 import trio
 
 from s3cachefs.base.errors import TransientError, UploadFailedError
-from s3cachefs.cache.blockcache import BlockCache, ObjectVersion
+from s3cachefs.cache.blockcache import BlockCache
+from s3cachefs.cache.blocks import ObjectVersion
 from s3cachefs.staging.records import FAILED, LEFT_OVER
 from s3cachefs.staging.writeback import Writeback
 from s3cachefs.testing.memorystore import MemoryStore

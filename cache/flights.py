@@ -1,0 +1,105 @@
+"""Keyed single flight: one download per block, however many readers wait for it.
+
+A tiny, separate thing that knows nothing of cache policy (JuiceFS's
+``singleflight.go``): a `Flight` is registered under its block's key when the
+fetch starts, every reader of that block waits on it, and it ends (leaves the
+registry) once its block is on disk or was given up. Its bytes stay readable
+until then, so a reader arriving between the download and the disk write gets
+them instead of starting a GET.
+
+A block may arrive in pieces: its head (the first piece) wakes readers that
+need only the start of the block (a cold file's first small read) before the
+rest is in.
+
+All of it runs on the trio thread; nothing here awaits except the waits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import trio
+
+from s3cachefs.cache.blocks import BlockKey
+
+
+@dataclass
+class Flight:
+    """One in-progress download of one block, shared by every reader that wants it."""
+
+    done: trio.Event = field(default_factory=trio.Event)  # data (or error) is available
+    landed: trio.Event = field(default_factory=trio.Event)  # and it is on disk (or given up)
+    data: bytes | None = None
+    error: BaseException | None = None
+    # The start of the block while the rest is still on its way (an eager run's first piece).
+    head: bytes = b""
+    grew: trio.Event = field(default_factory=trio.Event)  # set when ``head`` grows or done
+    remember: bool = True  # keep the block in memory too (not for prefetch: disk only)
+
+    def wake(self) -> None:
+        self.grew.set()
+        self.grew = trio.Event()
+
+    def feed(self, piece: bytes, length: int) -> bytes | None:
+        """Take the next piece of a block of ``length`` bytes: the whole block once it is
+        complete, else None (the piece is the head, and readers of the head are woken)."""
+        if len(self.head) + len(piece) < length:
+            self.head += piece
+            self.wake()
+            return None
+        if self.head:
+            piece, self.head = self.head + piece, b""
+        return piece
+
+    def finish(self, data: bytes | None, error: BaseException | None = None) -> None:
+        """The block (or the error) is here: wake every reader, early ones too."""
+        self.data, self.error = data, error
+        self.done.set()
+        self.grew.set()
+
+    async def head_of(self, need: int) -> bytes | None:
+        """Wait for the first ``need`` bytes: the head holding them, or None once the whole
+        block (or an error) is there."""
+        while not self.done.is_set() and len(self.head) < need:
+            await self.grew.wait()
+        return None if self.done.is_set() else self.head
+
+
+class Flights:
+    """The flights under way, by block key."""
+
+    def __init__(self) -> None:
+        self._flights: dict[BlockKey, Flight] = {}
+        self._idle = trio.Event()  # set whenever the last flight ends
+
+    def __len__(self) -> int:
+        return len(self._flights)
+
+    def __contains__(self, key: BlockKey) -> bool:
+        return key in self._flights
+
+    def get(self, key: BlockKey) -> Flight | None:
+        return self._flights.get(key)
+
+    def start(self, key: BlockKey, flight: Flight) -> Flight:
+        self._flights[key] = flight
+        return flight
+
+    def end(self, key: BlockKey) -> None:
+        """The block is on disk, or was given up: later readers look elsewhere."""
+        self._flights.pop(key).landed.set()
+        if not self._flights:
+            self._idle.set()
+
+    async def drain(self) -> None:
+        """Wait until no flight is left."""
+        while self._flights:
+            if self._idle.is_set():
+                self._idle = trio.Event()
+            await self._idle.wait()
+
+    async def drain_object(self, oid: str) -> None:
+        """Wait until every flight of this object's blocks has landed."""
+        for key, flight in list(self._flights.items()):
+            if key[0] == oid:
+                await flight.landed.wait()

@@ -1,0 +1,162 @@
+"""What is on disk, checked, and changed whole: the cache's side of "never wrong bytes".
+
+- Every block read from disk is checked against its CRC32 the first time this
+  process reads it (`read_verified`); a block that fails is dropped, a miss.
+- A whole object is checked end to end against what S3 says it is
+  (`verify_object`: every block's CRC, then MD5 or an S3 checksum); blocks
+  that fail are dropped, and `BlockCache.refetch` fetches them again.
+- A finished upload is taken in whole as the new version's file (`adopt`),
+  and unpinned versions are deleted whole (`free`).
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import zlib
+from pathlib import Path
+
+import trio
+
+from s3cachefs.cache.blocks import ObjectVersion, block_span
+from s3cachefs.cache.disk import Disk
+from s3cachefs.cache.ledger import Bounds, Ledger
+from s3cachefs.cache.memory import MemoryBlocks
+from s3cachefs.cache.stats import CacheStats
+from s3cachefs.store.checksums import Check, Digest
+
+log = logging.getLogger(__name__)
+
+
+class Integrity:
+    """Checks and whole-object changes over the ledger, memory and disk."""
+
+    def __init__(
+        self,
+        *,
+        ledger: Ledger,
+        memory: MemoryBlocks,
+        disk: Disk,
+        bounds: Bounds,
+        stats: CacheStats,
+        disk_limiter: trio.CapacityLimiter,
+    ) -> None:
+        self.ledger = ledger
+        self.memory = memory
+        self.disk = disk
+        self.bounds = bounds
+        self.stats = stats
+        self.disk_limiter = disk_limiter
+
+    async def read_verified(self, version: ObjectVersion, index: int, crc: int) -> bytes | None:
+        """A block from disk if it passes its CRC; else None (it is dropped: a miss)."""
+        start, end = block_span(index, self.ledger.block_size, version.size)
+        try:
+            data = await trio.to_thread.run_sync(
+                self.disk.read, version.oid, start, end - start, limiter=self.disk_limiter
+            )
+        except OSError as exc:
+            log.warning("cache read failed for %s: %s; refetching", version.key, exc.strerror)
+            data = b""
+        if len(data) == end - start and zlib.crc32(data) == crc:
+            return data
+        self.stats.counts["corrupt_blocks"] += 1
+        log.warning(
+            "cache block failed verification key=%s block=%d; discarded and refetched",
+            version.key,
+            index,
+        )
+        await self.drop_block(version, index, crc)
+        return None
+
+    async def drop_block(self, version: ObjectVersion, index: int, crc: int) -> None:
+        """Forget a block that failed its check (unless it was replaced meanwhile)."""
+        if self.ledger.drop_block(version, index, crc):
+            self.memory.drop((version.oid, index))
+            await trio.to_thread.run_sync(
+                self.disk.forget_block, version.oid, index, limiter=self.disk_limiter
+            )
+
+    async def forget_object(self, version: ObjectVersion) -> None:
+        """Drop every cached block of this version (its content failed a whole-object check)."""
+        for idx, crc in self.ledger.block_crcs(version).items():
+            await self.drop_block(version, idx, crc)
+
+    async def verify_object(self, version: ObjectVersion, check: Check) -> tuple[bool, str]:
+        """Re-read a complete object from disk: every block's CRC, then ``check`` end to end.
+
+        Blocks that fail are dropped (the next read or prefetch fetches them
+        again). Returns (intact, what the bytes on disk digest to in the
+        check's terms: `store.checksums.Digest.result`).
+        """
+        digest = Digest(check)
+        if version.size == 0:  # nothing to store, nothing to read
+            return digest.matches(), digest.result()
+        if version.oid not in self.ledger or self.ledger.missing_blocks(version):
+            return False, ""
+        crcs = self.ledger.block_crcs(version)
+        bad = await trio.to_thread.run_sync(
+            self.disk.verify,
+            version,
+            self.ledger.block_size,
+            crcs,
+            digest,
+            limiter=self.disk_limiter,
+        )
+        for idx in bad:
+            self.stats.counts["corrupt_blocks"] += 1
+            log.warning("cache block failed verification key=%s block=%d", version.key, idx)
+            await self.drop_block(version, idx, crcs[idx])
+        return not bad and digest.matches(), digest.result()
+
+    async def adopt(self, version: ObjectVersion, path: Path, crcs: dict[int, int]) -> bool:
+        """Take a complete local copy of ``version`` (a finished upload) as its cached data.
+
+        ``path`` must be on the cache's filesystem; it is moved into place, or
+        deleted when the cache cannot hold it. ``crcs`` are the CRC32s of the
+        bytes that were uploaded, so every block stays verifiable. Returns
+        whether the object is now cached.
+        """
+        oid = version.oid
+        if oid in self.ledger or version.size == 0:  # nothing to add (same bytes, or empty)
+            await trio.to_thread.run_sync(path.unlink, limiter=self.disk_limiter)
+            return version.size == 0 or not self.ledger.missing_blocks(version)
+        if version.size > self.bounds.cache_size - self.ledger.pinned_bytes:
+            # it would only flush the cache
+            await trio.to_thread.run_sync(path.unlink, limiter=self.disk_limiter)
+            return False
+        victims, fits = self.ledger.reserve(version.size, self.bounds, on_disk=True)
+        if fits:
+            self.ledger.new_record(version)
+        try:
+            await trio.to_thread.run_sync(
+                self.disk.adopt, version, path, crcs, victims, fits, limiter=self.disk_limiter
+            )
+        except (OSError, sqlite3.Error) as exc:  # a full disk fails the index write
+            if fits:
+                self.ledger.discard(oid)
+                self.ledger.unreserve(version.size)
+            reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+            log.warning("cache could not keep %s: %s", version.key, reason)
+            return False
+        record = self.ledger.record(oid)
+        if not fits or record is None:  # no room, or evicted whole while we wrote
+            return False
+        self.ledger.add_blocks(record, crcs)
+        self.stats.counts["adopted_bytes"] += version.size
+        return True
+
+    async def free(self, oids: set[str]) -> int:
+        """Delete the cached data of these (unpinned) object versions; returns bytes freed."""
+        freed = 0
+        for oid in oids - self.ledger.pinned:
+            removed = self.ledger.remove(oid)
+            if removed is None:
+                continue
+            record, nbytes = removed
+            self.memory.drop_object(oid)
+            freed += nbytes
+            await trio.to_thread.run_sync(
+                self.disk.free, oid, list(record.blocks), limiter=self.disk_limiter
+            )
+        return freed

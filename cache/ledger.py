@@ -1,0 +1,262 @@
+"""The cache's books: what it holds, what goes first, what never goes, how much room is left.
+
+Per object version a `Record` (the version and the CRC32 of every block on disk);
+the least-recently-used order of unpinned blocks (eviction takes from its
+front); the pinned set, oids never evicted, of which this ledger is the one
+owner (the pin store tells it every change, `datasets.pins`); the bytes used,
+and reservations against ``--cache-size`` and ``--min-free`` (`Bounds`).
+
+The ledger lives in memory only: the index on disk follows it (`cache.disk`)
+and refills it at start (`cache.index`), so after a restart blocks start in
+the order they were cached. Every method is synchronous and runs on the trio
+thread: it must not await, so no other task sees the books half changed.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+from s3cachefs.cache.blocks import BlockKey, ObjectVersion, block_len, block_span
+from s3cachefs.cache.stats import CacheStats
+
+
+@dataclass
+class Record:
+    version: ObjectVersion
+    blocks: dict[int, int] = field(default_factory=dict)  # block index -> crc32
+
+
+# A block taken off the books to make room: (oid, block index, start, length), the
+# length -1 when it was the object's last block (its whole file goes).
+Victim = tuple[str, int, int, int]
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """How much the cache may hold: ``--cache-size``, and ``--min-free`` on its disk."""
+
+    cache_dir: Path
+    cache_size: int
+    min_free: int
+
+    def disk_free(self) -> int:
+        return psutil.disk_usage(str(self.cache_dir)).free
+
+
+class Ledger:
+    """Records, the eviction order, the pinned set and the bytes used. Must not await."""
+
+    def __init__(self, block_size: int, stats: CacheStats | None = None) -> None:
+        self.block_size = block_size  # the cache dir's own (its format file) once open
+        self.stats = stats or CacheStats()
+        self._objects: dict[str, Record] = {}
+        self._lru: OrderedDict[BlockKey, None] = OrderedDict()  # unpinned blocks only
+        self._pinned: set[str] = set()  # oids of pinned object versions: never evicted
+        self._used = 0
+
+    # ---- what is held ----------------------------------------------------
+
+    @property
+    def used(self) -> int:
+        return self._used
+
+    @property
+    def object_count(self) -> int:
+        return len(self._objects)
+
+    @property
+    def evictable_blocks(self) -> int:
+        """Blocks in the LRU: every block while nothing is pinned (at start)."""
+        return len(self._lru)
+
+    def record(self, oid: str) -> Record | None:
+        return self._objects.get(oid)
+
+    def has_block(self, oid: str, index: int) -> bool:
+        record = self._objects.get(oid)
+        return record is not None and index in record.blocks
+
+    def block_crc(self, oid: str, index: int) -> int | None:
+        record = self._objects.get(oid)
+        return None if record is None else record.blocks.get(index)
+
+    def missing_blocks(self, version: ObjectVersion) -> list[int]:
+        record = self._objects.get(version.oid)
+        nblocks = -(-version.size // self.block_size)
+        have = record.blocks if record else {}
+        return [idx for idx in range(nblocks) if idx not in have]
+
+    def block_crcs(self, version: ObjectVersion) -> dict[int, int]:
+        """A copy of the CRC32 of every block of ``version`` on disk."""
+        record = self._objects.get(version.oid)
+        return dict(record.blocks) if record else {}
+
+    def block_len(self, version: ObjectVersion, index: int) -> int:
+        return block_len(index, self.block_size, version.size)
+
+    # ---- the pinned set --------------------------------------------------
+
+    @property
+    def pinned(self) -> set[str]:
+        return set(self._pinned)
+
+    @property
+    def pinned_bytes(self) -> int:
+        return sum(
+            self.block_len(record.version, idx)
+            for oid in self._pinned
+            if (record := self._objects.get(oid)) is not None
+            for idx in record.blocks
+        )
+
+    def pin(self, oid: str) -> None:
+        """Add one version to the pinned set (prefetch, per verified object)."""
+        if oid in self._pinned:
+            return
+        self._pinned.add(oid)
+        record = self._objects.get(oid)
+        for idx in record.blocks if record else ():
+            self._lru.pop((oid, idx), None)
+
+    def set_pinned(self, oids: set[str]) -> None:
+        """Make exactly ``oids`` pinned: their blocks leave the LRU; unpinned ones rejoin it."""
+        for oid in self._pinned - oids:
+            record = self._objects.get(oid)
+            for idx in record.blocks if record else ():
+                self._lru[(oid, idx)] = None
+        for oid in oids - self._pinned:
+            record = self._objects.get(oid)
+            for idx in record.blocks if record else ():
+                self._lru.pop((oid, idx), None)
+        self._pinned = set(oids)
+
+    # ---- changes ---------------------------------------------------------
+
+    def new_record(self, version: ObjectVersion) -> Record:
+        record = self._objects[version.oid] = Record(version)
+        return record
+
+    def add_block(self, record: Record, index: int, crc: int) -> None:
+        """A block is on disk and indexed; its bytes were reserved."""
+        oid = record.version.oid
+        record.blocks[index] = crc
+        if oid not in self._pinned:
+            self._lru[(oid, index)] = None
+
+    def add_blocks(self, record: Record, crcs: dict[int, int]) -> None:
+        """Every block of an adopted file, in block order."""
+        oid = record.version.oid
+        record.blocks.update(crcs)
+        if oid not in self._pinned:
+            self._lru.update((k, None) for k in ((oid, idx) for idx in sorted(crcs)))
+
+    def touch(self, key: BlockKey) -> None:
+        """A block was read from disk: it goes last in the eviction order."""
+        if key in self._lru:
+            self._lru.move_to_end(key)
+
+    def drop_block(self, version: ObjectVersion, index: int, crc: int) -> bool:
+        """Forget a block that failed its check, unless it was replaced meanwhile."""
+        record = self._objects.get(version.oid)
+        if record is None or record.blocks.get(index) != crc:
+            return False
+        record.blocks.pop(index)
+        self._lru.pop((version.oid, index), None)
+        self._used -= self.block_len(version, index)
+        return True
+
+    def remove(self, oid: str) -> tuple[Record, int] | None:
+        """Take a whole object version off the books: its record and the bytes it held."""
+        record = self._objects.pop(oid, None)
+        if record is None:
+            return None
+        nbytes = 0
+        for idx in record.blocks:
+            self._lru.pop((oid, idx), None)
+            nbytes += self.block_len(record.version, idx)
+        self._used -= nbytes
+        return record, nbytes
+
+    def discard(self, oid: str) -> None:
+        """Drop a record that never got its blocks (a failed adoption)."""
+        self._objects.pop(oid, None)
+
+    def clear(self) -> None:
+        self._objects.clear()
+        self._lru.clear()
+        self._used = 0
+
+    # ---- loading (cache.index) -------------------------------------------
+
+    def load_object(self, oid: str, version: ObjectVersion) -> None:
+        """An object row from the index (its blocks follow)."""
+        self._objects[oid] = Record(version)
+
+    def load_block(self, oid: str, index: int, crc: int) -> bool:
+        """A block row from the index, in the order rows were written; False if orphaned."""
+        record = self._objects.get(oid)
+        if record is None:
+            return False
+        record.blocks[index] = crc
+        self._lru[(oid, index)] = None
+        self._used += self.block_len(record.version, index)
+        return True
+
+    def oids(self) -> list[str]:
+        return list(self._objects)
+
+    def __contains__(self, oid: object) -> bool:
+        return oid in self._objects
+
+    # ---- room ------------------------------------------------------------
+
+    def room_for(self, nbytes: int, bounds: Bounds) -> tuple[bool, int]:
+        """Whether ``nbytes`` more can be cached without evicting pinned data, and the room."""
+        evictable = self._used - self.pinned_bytes
+        free = bounds.disk_free()
+        room = min(bounds.cache_size - self._used, free - bounds.min_free) + evictable
+        return nbytes <= room, max(0, room)
+
+    def reserve(
+        self, nbytes: int, bounds: Bounds, *, on_disk: bool = False
+    ) -> tuple[list[Victim], bool]:
+        """Take LRU victims off the books until ``nbytes`` fit.
+
+        Returns the victims (to be removed from disk) and whether the block fits;
+        ``--min-free`` can make the cache shrink below what it holds now.
+        ``on_disk``: the bytes are on the disk already (an adopted file): they
+        count against ``--cache-size`` but take no more disk space.
+        """
+        free = bounds.disk_free()
+        victims: list[Victim] = []
+        freed = 0
+        new_disk = 0 if on_disk else nbytes
+
+        def over() -> bool:
+            return (
+                self._used - freed + nbytes > bounds.cache_size
+                or free + freed - new_disk < bounds.min_free
+            )
+
+        while over() and self._lru:
+            (oid, idx), _ = self._lru.popitem(last=False)
+            record = self._objects[oid]
+            del record.blocks[idx]
+            start, end = block_span(idx, self.block_size, record.version.size)
+            last = not record.blocks
+            if last:
+                del self._objects[oid]
+            victims.append((oid, idx, start, -1 if last else end - start))
+            freed += end - start
+        self.stats.counts["evictions"] += len(victims)
+        fits = not over()
+        self._used += (nbytes if fits else 0) - freed
+        return victims, fits
+
+    def unreserve(self, nbytes: int) -> None:
+        """Bytes reserved for a write that did not land."""
+        self._used -= nbytes
