@@ -1,7 +1,7 @@
 """The one exception hierarchy of s3cachefs.
 
 Third-party errors (botocore, OS) are translated into these where they enter
-(`daemon.store`, `daemon.blockcache`); the filesystem maps these to errno in
+(`store.s3`, `cache.blockcache`); the filesystem maps these to errno in
 exactly one place (`fs.operations.errno_for`), and the CLI prints `str(exc)`
 as its one line.
 
@@ -147,7 +147,7 @@ class BadResponseError(TransientError):
     """A response that is not what was asked for; ``behaviour`` names what the server did.
 
     Retried like any transient failure, never cached, and named once per store
-    in a WARNING (`daemon.responses`).
+    in a WARNING (`store.responses`).
     """
 
     def __init__(self, what: str, behaviour: str, detail: str) -> None:

@@ -1,4 +1,4 @@
-"""CPU per ranged GET: a botocore ``get_object`` against the lean path (`daemon.rangeget`).
+"""CPU per ranged GET: a botocore ``get_object`` against the lean path (`store.rangeget`).
 
     python -m bench.getcost [--gets 600] [--size 100000]
 

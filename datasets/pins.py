@@ -95,7 +95,7 @@ class Manifest:
         parts = key[len(self.prefix) :].split("/")
         for depth, part in enumerate(parts[:-1]):
             if not valid_name(part):
-                break  # a skipped segment hides everything below it (`fs.names`)
+                break  # a skipped segment hides everything below it (`store.keys`)
             self.dirs.add(self.prefix + "".join(p + "/" for p in parts[: depth + 1]))
 
 

@@ -1,4 +1,4 @@
-"""End-to-end object checks (`daemon.checksums`): known vectors, S3's own values, planning."""
+"""End-to-end object checks (`store.checksums`): known vectors, S3's own values, planning."""
 
 from __future__ import annotations
 

@@ -124,7 +124,7 @@ def test_a_multipart_upload_refused_for_its_checksums_is_its_callers_to_restart(
     store = make_store(bucket, tmp_path, proxy.endpoint_url)
     with pytest.raises(ChecksumsRefusedError, match="InvalidArgument"):
         store.create_multipart("big.bin")
-    assert store.sends_checksums  # nothing went up yet: the caller decides (daemon.writeback)
+    assert store.sends_checksums  # nothing went up yet: the caller decides (staging.uploads)
     parts = [os.urandom(5 * MIB), os.urandom(MIB)]
     upload_id = store.create_multipart("big.bin", with_checksums=False)
     etags = [
