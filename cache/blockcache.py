@@ -287,17 +287,6 @@ class BlockCache:
     def pinned_bytes(self) -> int:
         return self.ledger.pinned_bytes
 
-    def pin(self, oid: str) -> None:
-        """Add one version to the pinned set. Must not await."""
-        self.ledger.pin(oid)
-
-    def set_pinned(self, oids: set[str]) -> None:
-        """Make exactly ``oids`` pinned: their blocks leave the LRU; unpinned ones rejoin it.
-
-        Must not await.
-        """
-        self.ledger.set_pinned(oids)
-
     def room_for(self, nbytes: int) -> tuple[bool, int]:
         """Whether ``nbytes`` more can be cached without evicting pinned data, and the room."""
         return self.ledger.room_for(nbytes, self.bounds)

@@ -186,10 +186,10 @@ def test_scrapes_never_iterate_what_the_trio_thread_changes(tmp_path: Path) -> N
             # (5 ms): the other thread is preempted in the middle of it.
             for round_ in range(8):
                 for i in range(100_000):
-                    cache.pin(f"{round_:02d}{i:038d}")
+                    cache.ledger.pin(f"{round_:02d}{i:038d}")
                     if i % 1000 == 0:
                         await trio.lowlevel.checkpoint()  # a scrape may snapshot now
-                cache.set_pinned(set())
+                cache.ledger.set_pinned(set())
         finally:
             done.set()
             await trio.to_thread.run_sync(thread.join)
