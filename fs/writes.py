@@ -45,6 +45,11 @@ from s3cachefs.store.keys import valid_name
 
 log = logging.getLogger(__name__)
 
+# close() returns before the kernel's RELEASE of that handle arrives, and a release
+# hands the file to the cache before the name is free: a delete right after a write
+# waits this long for it before it is refused as busy.
+RELEASE_WAIT = 2.0
+
 
 class Writer:
     """Create, write, upload and delete in a `Tree`, under the mount's flags."""
@@ -65,6 +70,7 @@ class Writer:
         self.allow_overwrite = allow_overwrite
         self.allow_delete = allow_delete
         self._s3_limiter = s3_limiter
+        self._released = trio.Event()  # set (and replaced) after each release of a written file
 
     def _url(self, key: str) -> str:
         return f"s3://{self.tree.store.bucket}/{key}"
@@ -159,6 +165,14 @@ class Writer:
         handle = self.handles.release(fh)
         if handle is None or not handle.writable or handle.staged is None:
             return
+        try:
+            await self._release_written(handle)
+        finally:
+            self._released.set()
+            self._released = trio.Event()
+
+    async def _release_written(self, handle: FileHandle) -> None:
+        assert handle.staged is not None
         staged, node = handle.staged, handle.node
         version = await self.writeback.release(staged)
         if staged.handles > 0 or node.staged is not staged:  # reopened (and rewritten) since
@@ -213,6 +227,9 @@ class Writer:
         parent, node = await self._existing(parent_ino, name, "deleting in")
         if node.is_dir:
             raise IsADirError(f"{node.key}: is a directory")
+        with trio.move_on_after(RELEASE_WAIT):
+            while node.staged is not None:
+                await self._released.wait()
         if node.staged is not None:
             raise BusyError(f"{node.key}: still being written")
         await trio.to_thread.run_sync(

@@ -136,6 +136,35 @@ def test_a_reopen_during_release_keeps_the_new_writer(tmp_path: Path) -> None:
     assert out["unlink"] == "BusyError"
 
 
+def test_a_delete_right_after_close_waits_for_the_release(tmp_path: Path) -> None:
+    # `echo x > f; rm f`: close() returns after FLUSH, the kernel's RELEASE (and the
+    # hand-over to the cache) comes after; the delete must not see "still being written".
+    store = MemoryStore()
+    cache, _wb, _core, writer = setup(tmp_path, store, overwrite=True, delete=True)
+    out: dict[str, object] = {}
+
+    async def body() -> None:
+        fh, node = await writer.create(ROOT_INODE, "f.txt")
+        await writer.write(fh, 0, b"written")
+        await writer.flush(fh)
+        holders = [object() for _ in range(4)]  # park the release's adopt mid-way
+        for h in holders:
+            cache._disk_limiter.acquire_on_behalf_of_nowait(h)
+        async with trio.open_nursery() as n:
+            n.start_soon(writer.release, fh)
+            await trio.testing.wait_all_tasks_blocked()
+            out["staged_during"] = node.staged is not None
+            n.start_soon(writer.unlink, ROOT_INODE, "f.txt")
+            await trio.testing.wait_all_tasks_blocked()
+            for h in holders:
+                cache._disk_limiter.release_on_behalf_of(h)
+        out["in_s3"] = "f.txt" in store._objects
+
+    run_with(cache, body)
+    assert out["staged_during"] is True  # the race was there
+    assert out["in_s3"] is False  # and the delete went through once the release ended
+
+
 def test_a_file_larger_than_the_cache_is_not_adopted_and_evicts_nothing(
     tmp_path: Path,
 ) -> None:
