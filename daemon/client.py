@@ -1,15 +1,16 @@
-"""Talking to a running daemon over its control socket (blocking; the CLI has no trio)."""
+"""Talking to a running daemon over its control socket (blocking: the CLI and the Python
+API call it from plain threads, never from the daemon's trio loop)."""
 
 from __future__ import annotations
 
 import json
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from s3cachefs.base.errors import ConfigError
+from s3cachefs.base.errors import ConfigError, StoreError
 from s3cachefs.daemon.runtime import MountRecord, all_records, read_record
 
 
@@ -60,3 +61,26 @@ def request(record: MountRecord, message: dict[str, Any]) -> Iterator[dict[str, 
             if event.get("event") in ("done", "error"):
                 return
     raise ConfigError(f"the daemon of {record.mountpoint} closed the connection")
+
+
+def final_event(
+    events: Iterable[dict[str, Any]],
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
+    on_end: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    """The ``done`` event of a request, progress events passed to ``on_progress`` on
+    the way; an ``error`` event becomes StoreError (``kind: s3``) or ConfigError."""
+    for event in events:
+        if event.get("event") == "error":
+            if on_end:
+                on_end()
+            if event.get("kind") == "s3":
+                raise StoreError(event["message"])
+            raise ConfigError(event["message"])
+        if event.get("event") == "done":
+            if on_end:
+                on_end()
+            return dict(event)
+        if on_progress and "bytes_total" in event:
+            on_progress(event)
+    raise ConfigError("the daemon sent no answer")
