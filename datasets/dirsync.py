@@ -1,0 +1,410 @@
+"""`DirSync`: Sync-before-Run of ``s3://BUCKET/DATASET/`` into a plain directory (no FUSE).
+
+One run: lock DEST (one sync at a time), sweep downloads a killed run left in
+``.s3cachefs/tmp``, list the dataset (`datasets.dirplan`), refuse with the
+numbers if what is to fetch does not fit on DEST's disk, delete (with
+``delete``) the files of objects S3 no longer has, then fetch the new and
+changed objects (`datasets.dirfetch`) and, for each, decide whether its bytes
+are S3's: the check `store.checkplan` plans (MD5 ETag, additional checksum,
+multipart ETag over the part layout), another check of the same bytes if S3
+offers one, else one fetch more; size-checked only when S3 gives nothing to
+check against (refused with ``require_checksums``), like `prefetch`
+(`datasets.objectcheck`).
+
+A verified object lands atomically: its temp file (written and fsynced in
+``.s3cachefs/tmp``, same filesystem) gets S3's LastModified and is renamed
+over the final name, so a reader sees the old file or the new one, never a
+partial one; then one journal line records it (`datasets.dirmanifest`), so a
+kill -9 at any point loses no verified object. The manifest is complete only
+when every listed object is in DEST verified.
+
+Blocking, in the calling thread (plus the fetcher's pool); ``stop`` ends a run
+early (the provider's timeout): what was verified stays recorded.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+from s3cachefs.base.config import MountConfig
+from s3cachefs.base.errors import (
+    AccessDeniedError,
+    ConfigError,
+    NoSuchBucketError,
+    NotEnoughSpaceError,
+)
+from s3cachefs.datasets import dirmanifest as dm
+from s3cachefs.datasets.dirfetch import (
+    FetchItem,
+    FetchResult,
+    ObjectFetcher,
+    ThreadFetcher,
+    digest_file,
+)
+from s3cachefs.datasets.dirmanifest import DirManifest, Entry, Journal
+from s3cachefs.datasets.dirplan import Listed, Plan, list_dataset, plan
+from s3cachefs.datasets.dirresult import SyncOptions, SyncResult, free_space, gib
+from s3cachefs.store import checkplan, checksums
+from s3cachefs.store.checksums import Check
+from s3cachefs.store.s3 import S3Store
+from s3cachefs.store.types import ObjectInfo, ObjectStore
+
+log = logging.getLogger(__name__)
+
+PROGRESS_EVERY = 0.5  # seconds between progress events
+DEFAULT_JOBS = 16  # whole-object GETs at once
+# Errors no other object would escape: the run stops with one line.
+_FATAL = (AccessDeniedError, NoSuchBucketError)
+_FATAL_ERRNO = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+Fetchers = Callable[[ObjectStore, Callable[[ObjectInfo], Check]], ObjectFetcher]
+
+
+class DirSync:
+    """One sync run of one dataset into one directory (`run`)."""
+
+    def __init__(
+        self,
+        options: SyncOptions,
+        store: ObjectStore,
+        fetcher: Fetchers,
+        *,
+        on_event: Callable[[dict[str, Any]], None] | None = None,
+        stop: threading.Event | None = None,
+    ) -> None:
+        self.options = options
+        self.store = store
+        self.dest = options.dest.absolute()
+        self.state = dm.state_dir(self.dest)
+        self.fetcher = fetcher(store, self._plan_check)
+        self.on_event = on_event
+        self.stop = stop or threading.Event()
+        self.result = SyncResult(options.source, str(self.dest), options.dry_run)
+        self._started = time.monotonic()
+        self._last_event = 0.0
+        self._touched: set[Path] = set()  # directories to fsync before the manifest
+        self._serial = 0
+
+    def _plan_check(self, info: ObjectInfo) -> Check:
+        return checkplan.plan(self.store, info, etag_md5s=self.options.etag_md5s)
+
+    def run(self) -> SyncResult:
+        """Blocking. Raises ConfigError (DEST, space), StoreError (S3) for the whole run;
+        objects that fail are in the result (``failed``), and ``complete`` is False."""
+        if self.dest.exists() and not self.dest.is_dir():
+            raise ConfigError(f"{self.dest} exists and is not a directory")
+        if self.options.dry_run:
+            manifest = dm.load(self.dest) if self.state.is_dir() else None
+            return self._dry_run(manifest or self._new_manifest())
+        with self._locked():
+            manifest = dm.load(self.dest) or self._new_manifest()
+            self._same_source(manifest)
+            self.store.check_bucket()
+            listed = list_dataset(self.store, self.options.prefix, self.options.shard)
+            todo = self._count(listed, plan(self.dest, manifest, listed))
+            self._check_room(todo.bytes_needed)
+            manifest.shard = str(self.options.shard) if self.options.shard else None
+            manifest.complete, manifest.failed = False, {}
+            manifest.objects = {**todo.present, **_still(manifest.objects, todo.fetch)}
+            manifest.kept = {}
+            dm.save(self.dest, manifest)  # compacts the last run's journal; not complete
+            journal = Journal(self.dest, manifest)
+            try:
+                self._gone(todo, listed, manifest, journal)
+                self._fetch_all(todo, manifest, journal)
+            finally:
+                journal.close()
+                self._finish(manifest)
+        return self.result
+
+    # ---- setup ---------------------------------------------------------------
+
+    def _new_manifest(self) -> DirManifest:
+        o = self.options
+        return DirManifest(o.bucket, o.prefix, o.endpoint_url)
+
+    def _same_source(self, manifest: DirManifest) -> None:
+        if (manifest.bucket, manifest.prefix) != (self.options.bucket, self.options.prefix):
+            raise ConfigError(
+                f"{self.dest} holds a sync of {manifest.source}, not of {self.options.source}"
+            )
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        try:
+            (self.state / "tmp").mkdir(parents=True, exist_ok=True)
+            lock = (self.state / "lock").open("a")
+        except OSError as exc:
+            raise ConfigError(f"{self.dest}: not writable ({exc.strerror or exc})") from None
+        with lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ConfigError(f"another sync is writing into {self.dest}") from None
+            for leftover in (self.state / "tmp").iterdir():  # a killed run's downloads
+                leftover.unlink()
+            yield
+
+    def _count(self, listed: Listed, todo: Plan) -> Plan:
+        r = self.result
+        r.files_total = len(listed.objects)
+        r.bytes_total = sum(i.size for i in listed.objects.values())
+        r.files_present = len(todo.present)
+        r.bytes_needed = todo.bytes_needed
+        r.skipped = listed.skipped
+        r.keys = sorted(info.key for info in listed.objects.values())
+        r.size_only = [
+            self.options.prefix + k for k, e in todo.present.items() if not e.check.end_to_end
+        ]
+        r.room = free_space(self.dest)
+        return todo
+
+    def _dry_run(self, manifest: DirManifest) -> SyncResult:
+        self._same_source(manifest)
+        self.store.check_bucket()
+        listed = list_dataset(self.store, self.options.prefix, self.options.shard)
+        todo = self._count(listed, plan(self.dest, manifest, listed))
+        gone = [k for k in todo.gone if k not in listed.all_keys or not self.options.delete]
+        if self.options.delete:
+            self.result.deleted = sorted(k for k in gone if k not in listed.all_keys)
+        self.result.kept = sorted(set(gone) - set(self.result.deleted))
+        self.result.elapsed = time.monotonic() - self._started
+        return self.result
+
+    def _check_room(self, needed: int) -> None:
+        room = self.result.room
+        if needed > room:
+            raise NotEnoughSpaceError(
+                f"{self.options.source} does not fit in {self.dest}: {gib(needed)} to "
+                f"download, {gib(room)} free",
+                needed=needed,
+                available=room,
+            )
+
+    # ---- deletes -------------------------------------------------------------
+
+    def _gone(self, todo: Plan, listed: Listed, manifest: DirManifest, journal: Journal) -> None:
+        """Objects S3 no longer lists: deleted with ``delete`` (never another shard's)."""
+        for rel, entry in sorted(todo.gone.items()):
+            if not self.options.delete or rel in listed.all_keys:
+                manifest.kept[rel] = entry
+                self.result.kept.append(rel)
+                continue
+            path = self.dest / rel
+            with suppress(FileNotFoundError):
+                path.unlink()
+            journal.deleted(rel)
+            self.result.deleted.append(rel)
+            _prune(path.parent, self.dest)
+
+    # ---- fetches -------------------------------------------------------------
+
+    def _fetch_all(self, todo: Plan, manifest: DirManifest, journal: Journal) -> None:
+        items = [self._item(info, None) for info in todo.fetch.values()]
+        for attempt in (1, 2):
+            again: list[FetchItem] = []
+            for res in self.fetcher.fetch(items, stop=self.stop, tick=PROGRESS_EVERY):
+                if res is not None:
+                    retry = self._settle(res, attempt, manifest, journal)
+                    if retry is not None:
+                        again.append(retry)
+                self._progress()
+            if not again or self.stop.is_set():
+                break
+            items = again
+        self.result.stopped = self.stop.is_set()
+
+    def _item(self, info: ObjectInfo, check: Check | None) -> FetchItem:
+        self._serial += 1
+        return FetchItem(info, self.state / "tmp" / f"{self._serial}.part", check)
+
+    def _settle(
+        self, res: FetchResult, attempt: int, manifest: DirManifest, journal: Journal
+    ) -> FetchItem | None:
+        """Commit the object if its bytes are S3's; else the item to fetch it again with
+        (None: committed, or recorded as failed)."""
+        info, path = res.item.info, res.item.path
+        if res.error is not None or res.check is None:
+            _fatal(res.error, self.dest, info)
+            return self._failed(info, str(res.error), attempt, res.check)
+        check = res.check
+        if res.written != info.size:
+            _unlink(path)
+            return self._failed(info, f"got {res.written} bytes, not {info.size}", attempt, check)
+        if check.kind != "size" and not res.matches:
+            other = self._other_check(info, check)
+            matches = False
+            if other is not None:  # the same bytes, checked the other way S3 offers
+                digest, matches, _ = digest_file(path, other)
+                check = checksums.resolved(other, digest) if matches else other
+            if not matches and check.kind != "size":
+                _unlink(path)
+                reason = f"content does not match {check.describe()} in S3"
+                return self._failed(info, reason, attempt, check)
+        else:
+            check = checksums.resolved(check, res.digest)
+        if check.kind == "size" and self.options.require_checksums:
+            _unlink(path)
+            reason = "S3 gives nothing to verify it end to end against (--require-checksums)"
+            return self._failed(info, reason, 2, check)
+        self._commit(res.item, check, manifest, journal)
+        return None
+
+    def _other_check(self, info: ObjectInfo, check: Check) -> Check | None:
+        """Another check S3 offers for the same bytes (`datasets.objectcheck`'s order)."""
+        if check.guessed:  # equal parts assumed: ask S3 for every part's size
+            return checkplan.confirmed(self.store, info, check)
+        if check.kind == "md5":  # a 32-hex ETag need not be an MD5 (SSE-KMS)
+            other = checkplan.plan(self.store, info, ask_s3=True, etag_md5s=self.options.etag_md5s)
+            return None if other == check else other
+        return None
+
+    def _failed(
+        self, info: ObjectInfo, reason: str, attempt: int, check: Check | None
+    ) -> FetchItem | None:
+        """Once more (first attempt) with ``check``, else recorded as failed."""
+        if attempt == 1 and not self.stop.is_set():
+            return self._item(info, check)
+        self.result.failed[info.key] = reason
+        log.warning("sync: %s failed: %s", info.key, reason)
+        return None
+
+    def _commit(
+        self, item: FetchItem, check: Check, manifest: DirManifest, journal: Journal
+    ) -> None:
+        info = item.info
+        rel = info.key[len(self.options.prefix) :]
+        final = self.dest / rel
+        try:
+            os.utime(item.path, ns=(info.mtime_ns, info.mtime_ns))
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(item.path, final)
+        except OSError as exc:
+            _unlink(item.path)
+            _fatal(exc, self.dest, info)
+            self.result.failed[info.key] = f"cannot be put in place: {exc.strerror or exc}"
+            return
+        self._touched.add(final.parent)
+        entry = Entry(info.size, info.etag, info.mtime_ns, check)
+        journal.verified(rel, entry)
+        manifest.objects[rel] = entry
+        self.result.fetched += 1
+        self.result.bytes_fetched += info.size
+        if not check.end_to_end:
+            self.result.size_only.append(info.key)
+
+    # ---- the end -------------------------------------------------------------
+
+    def _progress(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if self.on_event is None or (not force and now - self._last_event < PROGRESS_EVERY):
+            return
+        self._last_event = now
+        r = self.result
+        received = self.fetcher.bytes_received
+        elapsed = max(now - self._started, 1e-6)
+        rate = received / elapsed
+        left = max(r.bytes_needed - received, 0)
+        self.on_event(
+            {
+                "event": "progress",
+                "dataset": r.source,
+                "files_total": r.files_total,
+                "files_done": r.files_present + r.fetched,
+                "bytes_total": r.bytes_total,
+                "bytes_done": r.bytes_total - r.bytes_needed + min(received, r.bytes_needed),
+                "rate": rate,
+                "eta": left / rate if rate else None,
+                "listing_done": True,
+                "failed": len(r.failed),
+            }
+        )
+
+    def _finish(self, manifest: DirManifest) -> None:
+        """Record what this run verified (also after an error): complete or not."""
+        for folder in self._touched:
+            if folder.is_dir():
+                dm.fsync_dir(folder)
+        r = self.result
+        r.elapsed = time.monotonic() - self._started
+        missing = r.files_total - r.files_present - r.fetched
+        manifest.failed = dict(r.failed)
+        manifest.complete = missing == 0 and not r.failed and not self.stop.is_set()
+        manifest.synced_at = time.time()
+        r.complete = manifest.complete
+        dm.save(self.dest, manifest)
+        self._progress(force=True)
+
+
+def _still(objects: dict[str, Entry], fetch: dict[str, ObjectInfo]) -> dict[str, Entry]:
+    """Files of changed objects: still in DEST (the old version) until replaced."""
+    return {k: e for k, e in objects.items() if k in fetch}
+
+
+def _fatal(exc: BaseException | None, dest: Path, info: ObjectInfo) -> None:
+    """Raise what no other object would escape either: access refused, a full disk."""
+    if isinstance(exc, _FATAL):
+        raise exc
+    if isinstance(exc, OSError) and exc.errno in _FATAL_ERRNO:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            free = free_space(dest)
+            raise NotEnoughSpaceError(
+                f"{dest}: disk full while writing {info.key} ({gib(free)} free)",
+                needed=info.size,
+                available=free,
+            ) from None
+        raise ConfigError(f"{dest}: cannot write ({exc.strerror})") from None
+
+
+def _unlink(path: Path) -> None:
+    with suppress(FileNotFoundError):
+        path.unlink()
+
+
+def _prune(folder: Path, top: Path) -> None:
+    """Remove directories emptied by deletes, up to (not including) DEST."""
+    while folder != top and top in folder.parents:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+        folder = folder.parent
+
+
+def s3_sync(
+    options: SyncOptions,
+    *,
+    region: str | None = None,
+    profile: str | None = None,
+    jobs: int = DEFAULT_JOBS,
+    on_event: Callable[[dict[str, Any]], None] | None = None,
+    stop: threading.Event | None = None,
+) -> SyncResult:
+    """A `DirSync` run over an `S3Store` and the `ThreadFetcher` (blocking)."""
+    config = MountConfig(
+        bucket=options.bucket,
+        prefix=options.prefix,
+        mountpoint=options.dest,
+        cache_dir=dm.state_dir(options.dest),
+        endpoint_url=options.endpoint_url,
+        region=region,
+        profile=profile,
+        s3_concurrency=jobs,
+        etag_md5="auto" if options.etag_md5s else "off",
+    )
+    store = S3Store(config)
+
+    def fetcher(store: ObjectStore, planner: Callable[[ObjectInfo], Check]) -> ObjectFetcher:
+        return ThreadFetcher(store, jobs, planner)
+
+    return DirSync(options, store, fetcher, on_event=on_event, stop=stop).run()
