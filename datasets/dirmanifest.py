@@ -148,10 +148,12 @@ def _journal_lines(journal: Path) -> list[dict[str, Any]]:
         return []
     lines = []
     for raw in text.splitlines():
+        if not raw:
+            continue  # records start on a fresh line (see `Journal._write`)
         try:
             lines.append(json.loads(raw))
         except ValueError:
-            break  # torn by a kill mid-write: the records after it cannot exist
+            continue  # torn by a kill mid-write; the next run starts a fresh line
     return lines
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from s3cachefs.base.errors import IncompleteError
+from s3cachefs.base.errors import ConfigError, IncompleteError
 from s3cachefs.datasets.pins import Shard
 
 SIZE_ONLY_SHOWN = 5  # keys named in reports of size-checked-only objects
@@ -107,11 +107,20 @@ def require_complete(result: SyncResult) -> SyncResult:
 
 
 def free_space(dest: Path) -> int:
+    """Bytes free for this user on DEST's filesystem (DEST may not exist yet)."""
     path = dest
-    while not path.exists():
-        path = path.parent
-    return shutil.disk_usage(path).free
+    try:
+        while not path.exists():
+            path = path.parent
+        return shutil.disk_usage(path).free
+    except OSError as exc:
+        raise ConfigError(f"{dest}: not writable ({exc.strerror or exc})") from None
 
 
-def gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB"
+def human_bytes(n: float) -> str:
+    """Bytes for people: "2.0 MiB", "1.5 GiB"."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError

@@ -41,6 +41,7 @@ from s3cachefs.base.errors import (
     ConfigError,
     NoSuchBucketError,
     NotEnoughSpaceError,
+    TransientError,
 )
 from s3cachefs.datasets import dirmanifest as dm
 from s3cachefs.datasets.dirfetch import (
@@ -52,7 +53,7 @@ from s3cachefs.datasets.dirfetch import (
 )
 from s3cachefs.datasets.dirmanifest import DirManifest, Entry, Journal
 from s3cachefs.datasets.dirplan import Listed, Plan, list_dataset, plan
-from s3cachefs.datasets.dirresult import SyncOptions, SyncResult, free_space, gib
+from s3cachefs.datasets.dirresult import SyncOptions, SyncResult, free_space, human_bytes
 from s3cachefs.store import checkplan, checksums
 from s3cachefs.store.checksums import Check
 from s3cachefs.store.s3 import S3Store
@@ -101,15 +102,18 @@ class DirSync:
     def run(self) -> SyncResult:
         """Blocking. Raises ConfigError (DEST, space), StoreError (S3) for the whole run;
         objects that fail are in the result (``failed``), and ``complete`` is False."""
-        if self.dest.exists() and not self.dest.is_dir():
-            raise ConfigError(f"{self.dest} exists and is not a directory")
+        try:
+            if self.dest.exists() and not self.dest.is_dir():
+                raise ConfigError(f"{self.dest} exists and is not a directory")
+        except OSError as exc:  # a parent this user may not enter
+            raise ConfigError(f"{self.dest}: not writable ({exc.strerror or exc})") from None
         if self.options.dry_run:
             manifest = dm.load(self.dest) if self.state.is_dir() else None
             return self._dry_run(manifest or self._new_manifest())
+        self._check_bucket()  # before anything is written into DEST
         with self._locked():
             manifest = dm.load(self.dest) or self._new_manifest()
             self._same_source(manifest)
-            self.store.check_bucket()
             listed = list_dataset(self.store, self.options.prefix, self.options.shard)
             todo = self._count(listed, plan(self.dest, manifest, listed))
             self._check_room(todo.bytes_needed)
@@ -171,7 +175,7 @@ class DirSync:
 
     def _dry_run(self, manifest: DirManifest) -> SyncResult:
         self._same_source(manifest)
-        self.store.check_bucket()
+        self._check_bucket()
         listed = list_dataset(self.store, self.options.prefix, self.options.shard)
         todo = self._count(listed, plan(self.dest, manifest, listed))
         gone = [k for k in todo.gone if k not in listed.all_keys or not self.options.delete]
@@ -181,12 +185,21 @@ class DirSync:
         self.result.elapsed = time.monotonic() - self._started
         return self.result
 
+    def _check_bucket(self) -> None:
+        """The bucket answers (StoreError: no bucket, refused); an endpoint that does not
+        answer at all is bad configuration, as for `mount` (exit 2)."""
+        try:
+            self.store.check_bucket()
+        except TransientError as exc:
+            where = self.options.endpoint_url or "AWS S3"
+            raise ConfigError(f"cannot reach {where}: {exc}") from None
+
     def _check_room(self, needed: int) -> None:
         room = self.result.room
         if needed > room:
             raise NotEnoughSpaceError(
-                f"{self.options.source} does not fit in {self.dest}: {gib(needed)} to "
-                f"download, {gib(room)} free",
+                f"{self.options.source} does not fit in {self.dest}: {human_bytes(needed)} to "
+                f"download, {human_bytes(room)} free",
                 needed=needed,
                 available=room,
             )
@@ -359,7 +372,7 @@ def _fatal(exc: BaseException | None, dest: Path, info: ObjectInfo) -> None:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             free = free_space(dest)
             raise NotEnoughSpaceError(
-                f"{dest}: disk full while writing {info.key} ({gib(free)} free)",
+                f"{dest}: disk full while writing {info.key} ({human_bytes(free)} free)",
                 needed=info.size,
                 available=free,
             ) from None
