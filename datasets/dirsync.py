@@ -44,17 +44,12 @@ from s3cachefs.base.errors import (
     TransientError,
 )
 from s3cachefs.datasets import dirmanifest as dm
-from s3cachefs.datasets.dirfetch import (
-    FetchItem,
-    FetchResult,
-    ObjectFetcher,
-    ThreadFetcher,
-    digest_file,
-)
+from s3cachefs.datasets.dircheck import verdict
+from s3cachefs.datasets.dirfetch import FetchItem, FetchResult, ObjectFetcher, ThreadFetcher
 from s3cachefs.datasets.dirmanifest import DirManifest, Entry, Journal
 from s3cachefs.datasets.dirplan import Listed, Plan, list_dataset, plan
 from s3cachefs.datasets.dirresult import SyncOptions, SyncResult, free_space, human_bytes
-from s3cachefs.store import checkplan, checksums
+from s3cachefs.store import checkplan
 from s3cachefs.store.checksums import Check
 from s3cachefs.store.s3 import S3Store
 from s3cachefs.store.types import ObjectInfo, ObjectStore
@@ -244,42 +239,20 @@ class DirSync:
     def _settle(
         self, res: FetchResult, attempt: int, manifest: DirManifest, journal: Journal
     ) -> FetchItem | None:
-        """Commit the object if its bytes are S3's; else the item to fetch it again with
-        (None: committed, or recorded as failed)."""
-        info, path = res.item.info, res.item.path
+        """Commit the object if its bytes are S3's (`datasets.dircheck`); else the item to
+        fetch it again with (None: committed, or recorded as failed)."""
+        info = res.item.info
         if res.error is not None or res.check is None:
             _fatal(res.error, self.dest, info)
             return self._failed(info, str(res.error), attempt, res.check)
-        check = res.check
-        if res.written != info.size:
-            _unlink(path)
-            return self._failed(info, f"got {res.written} bytes, not {info.size}", attempt, check)
-        if check.kind != "size" and not res.matches:
-            other = self._other_check(info, check)
-            matches = False
-            if other is not None:  # the same bytes, checked the other way S3 offers
-                digest, matches, _ = digest_file(path, other)
-                check = checksums.resolved(other, digest) if matches else other
-            if not matches and check.kind != "size":
-                _unlink(path)
-                reason = f"content does not match {check.describe()} in S3"
-                return self._failed(info, reason, attempt, check)
-        else:
-            check = checksums.resolved(check, res.digest)
-        if check.kind == "size" and self.options.require_checksums:
-            _unlink(path)
-            reason = "S3 gives nothing to verify it end to end against (--require-checksums)"
-            return self._failed(info, reason, 2, check)
-        self._commit(res.item, check, manifest, journal)
-        return None
-
-    def _other_check(self, info: ObjectInfo, check: Check) -> Check | None:
-        """Another check S3 offers for the same bytes (`datasets.objectcheck`'s order)."""
-        if check.guessed:  # equal parts assumed: ask S3 for every part's size
-            return checkplan.confirmed(self.store, info, check)
-        if check.kind == "md5":  # a 32-hex ETag need not be an MD5 (SSE-KMS)
-            other = checkplan.plan(self.store, info, ask_s3=True, etag_md5s=self.options.etag_md5s)
-            return None if other == check else other
+        o = self.options
+        judged = verdict(
+            self.store, res, etag_md5s=o.etag_md5s, require_checksums=o.require_checksums
+        )
+        if judged.reason is not None:
+            _unlink(res.item.path)
+            return self._failed(info, judged.reason, 2 if judged.final else attempt, judged.check)
+        self._commit(res.item, judged.check, manifest, journal)
         return None
 
     def _failed(
