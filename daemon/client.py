@@ -6,11 +6,17 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from s3cachefs.base.errors import ConfigError, StoreError
+from s3cachefs.base.errors import (
+    ConfigError,
+    IncompleteError,
+    NotEnoughSpaceError,
+    StoreError,
+)
 from s3cachefs.daemon.runtime import MountRecord, all_records, read_record
 
 
@@ -43,8 +49,15 @@ def dataset_in(record: MountRecord, dataset: str) -> str:
     return dataset
 
 
-def request(record: MountRecord, message: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    """Send one request; yield every event the daemon sends back, the last one included."""
+def request(
+    record: MountRecord, message: dict[str, Any], *, timeout: float | None = None
+) -> Iterator[dict[str, Any]]:
+    """Send one request; yield every event the daemon sends back, the last one included.
+
+    ``timeout``: seconds for the whole answer; past it, IncompleteError, and the
+    connection closes, which cancels the request in the daemon (`daemon.control`).
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.connect(record.socket)
@@ -55,7 +68,18 @@ def request(record: MountRecord, message: dict[str, Any]) -> Iterator[dict[str, 
         ) from None
     with sock, sock.makefile("rb") as lines:
         sock.sendall(json.dumps(message).encode() + b"\n")
-        for line in lines:
+        while True:
+            if deadline is not None:
+                sock.settimeout(max(deadline - time.monotonic(), 0.001))
+            try:
+                line = lines.readline()
+            except TimeoutError:
+                raise IncompleteError(
+                    f"{message.get('op')} {message.get('dataset', '')}: not done within "
+                    f"{timeout:g}s; cancelled"
+                ) from None
+            if not line:
+                break
             event = json.loads(line)
             yield event
             if event.get("event") in ("done", "error"):
@@ -76,6 +100,9 @@ def final_event(
                 on_end()
             if event.get("kind") == "s3":
                 raise StoreError(event["message"])
+            if event.get("kind") == "space":
+                needed, available = int(event["needed"]), int(event["available"])
+                raise NotEnoughSpaceError(event["message"], needed=needed, available=available)
             raise ConfigError(event["message"])
         if event.get("event") == "done":
             if on_end:
