@@ -8,16 +8,31 @@ the other way S3 offers, if any (a guessed part layout asked part by part; a
 re-reading the file, with no GET. Otherwise the caller fetches the object
 once more with the check the verdict names, then fails it. Size-checked only
 when S3 gives nothing to check against; refused with ``require_checksums``.
+Some errors fail every object alike (access refused, a full disk): `fatal`
+ends the run with them.
 """
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass
+from pathlib import Path
 
+from s3cachefs.base.errors import (
+    AccessDeniedError,
+    ConfigError,
+    NoSuchBucketError,
+    NotEnoughSpaceError,
+)
 from s3cachefs.datasets.dirfetch import FetchResult, digest_file
+from s3cachefs.datasets.dirresult import free_space, human_bytes
 from s3cachefs.store import checkplan, checksums
 from s3cachefs.store.checksums import Check
 from s3cachefs.store.types import ObjectInfo, ObjectStore
+
+# Errors no other object would escape: the run stops with one line (`fatal`).
+_FATAL = (AccessDeniedError, NoSuchBucketError)
+_FATAL_ERRNO = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 @dataclass(frozen=True)
@@ -61,3 +76,18 @@ def _other_check(
         other = checkplan.plan(store, info, ask_s3=True, etag_md5s=etag_md5s)
         return None if other == check else other
     return None
+
+
+def fatal(exc: BaseException | None, dest: Path, info: ObjectInfo) -> None:
+    """Raise what no other object would escape either: access refused, a full disk."""
+    if isinstance(exc, _FATAL):
+        raise exc
+    if isinstance(exc, OSError) and exc.errno in _FATAL_ERRNO:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            free = free_space(dest)
+            raise NotEnoughSpaceError(
+                f"{dest}: disk full while writing {info.key} ({human_bytes(free)} free)",
+                needed=info.size,
+                available=free,
+            ) from None
+        raise ConfigError(f"{dest}: cannot write ({exc.strerror})") from None

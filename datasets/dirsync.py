@@ -24,7 +24,6 @@ early (the provider's timeout): what was verified stays recorded.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import logging
 import os
@@ -37,14 +36,12 @@ from typing import Any
 
 from s3cachefs.base.config import MountConfig
 from s3cachefs.base.errors import (
-    AccessDeniedError,
     ConfigError,
-    NoSuchBucketError,
     NotEnoughSpaceError,
     TransientError,
 )
 from s3cachefs.datasets import dirmanifest as dm
-from s3cachefs.datasets.dircheck import verdict
+from s3cachefs.datasets.dircheck import fatal, verdict
 from s3cachefs.datasets.dirfetch import FetchItem, FetchResult, ObjectFetcher, ThreadFetcher
 from s3cachefs.datasets.dirmanifest import DirManifest, Entry, Journal
 from s3cachefs.datasets.dirplan import Listed, Plan, list_dataset, plan
@@ -58,9 +55,6 @@ log = logging.getLogger(__name__)
 
 PROGRESS_EVERY = 0.5  # seconds between progress events
 DEFAULT_JOBS = 16  # whole-object GETs at once
-# Errors no other object would escape: the run stops with one line.
-_FATAL = (AccessDeniedError, NoSuchBucketError)
-_FATAL_ERRNO = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 Fetchers = Callable[[ObjectStore, Callable[[ObjectInfo], Check]], ObjectFetcher]
@@ -173,10 +167,9 @@ class DirSync:
         self._check_bucket()
         listed = list_dataset(self.store, self.options.prefix, self.options.shard)
         todo = self._count(listed, plan(self.dest, manifest, listed))
-        gone = [k for k in todo.gone if k not in listed.all_keys or not self.options.delete]
-        if self.options.delete:
-            self.result.deleted = sorted(k for k in gone if k not in listed.all_keys)
-        self.result.kept = sorted(set(gone) - set(self.result.deleted))
+        deleted = [k for k in todo.gone if self.options.delete and k not in listed.all_keys]
+        self.result.deleted = sorted(deleted)
+        self.result.kept = sorted(set(todo.gone) - set(deleted))
         self.result.elapsed = time.monotonic() - self._started
         return self.result
 
@@ -221,12 +214,18 @@ class DirSync:
         items = [self._item(info, None) for info in todo.fetch.values()]
         for attempt in (1, 2):
             again: list[FetchItem] = []
-            for res in self.fetcher.fetch(items, stop=self.stop, tick=PROGRESS_EVERY):
-                if res is not None:
-                    retry = self._settle(res, attempt, manifest, journal)
-                    if retry is not None:
-                        again.append(retry)
-                self._progress()
+            results = self.fetcher.fetch(items, stop=self.stop, tick=PROGRESS_EVERY)
+            try:
+                for res in results:
+                    if res is not None:
+                        retry = self._settle(res, attempt, manifest, journal)
+                        if retry is not None:
+                            again.append(retry)
+                    self._progress()
+            finally:  # an error or Ctrl-C here: the fetcher stops its workers now
+                close = getattr(results, "close", None)
+                if close is not None:
+                    close()
             if not again or self.stop.is_set():
                 break
             items = again
@@ -243,7 +242,7 @@ class DirSync:
         fetch it again with (None: committed, or recorded as failed)."""
         info = res.item.info
         if res.error is not None or res.check is None:
-            _fatal(res.error, self.dest, info)
+            fatal(res.error, self.dest, info)
             return self._failed(info, str(res.error), attempt, res.check)
         o = self.options
         judged = verdict(
@@ -277,7 +276,7 @@ class DirSync:
             os.replace(item.path, final)
         except OSError as exc:
             _unlink(item.path)
-            _fatal(exc, self.dest, info)
+            fatal(exc, self.dest, info)
             self.result.failed[info.key] = f"cannot be put in place: {exc.strerror or exc}"
             return
         self._touched.add(final.parent)
@@ -335,21 +334,6 @@ class DirSync:
 def _still(objects: dict[str, Entry], fetch: dict[str, ObjectInfo]) -> dict[str, Entry]:
     """Files of changed objects: still in DEST (the old version) until replaced."""
     return {k: e for k, e in objects.items() if k in fetch}
-
-
-def _fatal(exc: BaseException | None, dest: Path, info: ObjectInfo) -> None:
-    """Raise what no other object would escape either: access refused, a full disk."""
-    if isinstance(exc, _FATAL):
-        raise exc
-    if isinstance(exc, OSError) and exc.errno in _FATAL_ERRNO:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            free = free_space(dest)
-            raise NotEnoughSpaceError(
-                f"{dest}: disk full while writing {info.key} ({human_bytes(free)} free)",
-                needed=info.size,
-                available=free,
-            ) from None
-        raise ConfigError(f"{dest}: cannot write ({exc.strerror})") from None
 
 
 def _unlink(path: Path) -> None:
