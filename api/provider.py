@@ -30,7 +30,6 @@ import shutil
 import threading
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,35 +49,43 @@ ProgressCallback = Callable[[Progress], None]
 CONFIG_KEYS = ("source", "bucket", "endpoint-url", "mountpoint", "directory", "region", "profile")
 
 
-@dataclass(frozen=True)
 class DatasetProvider:
     """Datasets of one bucket (or prefix) on this node: through a daemon's mount, or synced
-    into a directory (exactly one of ``mountpoint`` and ``directory``)."""
+    into a directory (exactly one of ``mountpoint`` and ``directory``). Its settings are
+    read-only attributes of the same names (paths made absolute)."""
 
-    bucket: str
-    mountpoint: Path | None = None
-    directory: Path | None = None
-    endpoint_url: str | None = None
-    prefix: str = ""  # datasets are named below it ("" = the bucket's root)
-    region: str | None = None
-    profile: str | None = None
-    jobs: int = DEFAULT_JOBS  # directory mode: GETs at once
-    require_checksums: bool = False  # objects S3 gives nothing to check end to end fail
-
-    def __post_init__(self) -> None:
-        bucket, prefix = parse_target(f"{self.bucket}/{self.prefix}")
-        object.__setattr__(self, "bucket", bucket)
-        object.__setattr__(self, "prefix", prefix)
-        if (self.mountpoint is None) == (self.directory is None):
+    def __init__(
+        self,
+        bucket: str,
+        *,
+        mountpoint: str | os.PathLike[str] | None = None,
+        directory: str | os.PathLike[str] | None = None,
+        endpoint_url: str | None = None,
+        prefix: str = "",
+        region: str | None = None,
+        profile: str | None = None,
+        jobs: int = DEFAULT_JOBS,
+        require_checksums: bool = False,
+    ) -> None:
+        """``prefix``: datasets are named below it ("" = the bucket's root); ``jobs``: GETs
+        at once in directory mode; ``require_checksums``: objects S3 gives nothing to check
+        end to end against fail. ConfigError for a bad value."""
+        self.bucket, self.prefix = parse_target(f"{bucket}/{prefix}")
+        if (mountpoint is None) == (directory is None):
             raise ConfigError("DatasetProvider needs exactly one of mountpoint and directory")
-        for name in ("mountpoint", "directory"):
-            value = getattr(self, name)
-            if value is not None:
-                object.__setattr__(self, name, Path(value).absolute())
-        if self.endpoint_url is not None:
-            object.__setattr__(self, "endpoint_url", endpoint(self.endpoint_url))
-        if self.jobs < 1:
+        self.mountpoint = None if mountpoint is None else Path(mountpoint).absolute()
+        self.directory = None if directory is None else Path(directory).absolute()
+        self.endpoint_url = None if endpoint_url is None else endpoint(endpoint_url)
+        self.region, self.profile = region, profile
+        if jobs < 1:
             raise ConfigError("jobs must be at least 1")
+        self.jobs, self.require_checksums = jobs, require_checksums
+
+    def __repr__(self) -> str:
+        where = (
+            f"mountpoint={self.mountpoint}" if self.mountpoint else f"directory={self.directory}"
+        )
+        return f"DatasetProvider(s3://{self.bucket}/{self.prefix}, {where})"
 
     @classmethod
     def from_config(
@@ -86,7 +93,8 @@ class DatasetProvider:
     ) -> DatasetProvider:
         """From a TOML file (default: ``S3CACHEFS_CONFIG``) or a mapping: ``source``
         (BUCKET[/PREFIX]) or ``bucket``, ``endpoint-url``, ``mountpoint`` or ``directory``,
-        ``region``, ``profile``; keyword arguments override it (``endpoint_url=...``)."""
+        ``region``, ``profile``, ``jobs``, ``require-checksums``; other keys (a mount's file
+        has many) are ignored; keyword arguments override it (``endpoint_url=...``)."""
         if config is None:
             config = os.environ.get("S3CACHEFS_CONFIG") or {}
         if isinstance(config, Mapping):
@@ -181,6 +189,7 @@ class DatasetProvider:
             endpoint_url=self.endpoint_url,
             shard=shard,
             require_checksums=self.require_checksums,
+            wait=True,  # threads or processes ensuring the same dataset: one after the other
         )
         stop = threading.Event()
         timer = threading.Timer(timeout, stop.set) if timeout and timeout > 0 else None

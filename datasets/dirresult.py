@@ -28,6 +28,7 @@ class SyncOptions:
     dry_run: bool = False
     require_checksums: bool = False
     etag_md5s: bool = True  # False (--etag-md5 off): 32-hex ETags are not taken for MD5s
+    wait: bool = False  # another sync writing into DEST: wait for it (else ConfigError)
 
     @property
     def source(self) -> str:

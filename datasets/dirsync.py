@@ -37,6 +37,7 @@ from typing import Any
 from s3cachefs.base.config import MountConfig
 from s3cachefs.base.errors import (
     ConfigError,
+    IncompleteError,
     NotEnoughSpaceError,
     TransientError,
 )
@@ -55,6 +56,7 @@ log = logging.getLogger(__name__)
 
 PROGRESS_EVERY = 0.5  # seconds between progress events
 DEFAULT_JOBS = 16  # whole-object GETs at once
+LOCK_POLL = 0.2  # seconds between tries of a lock another sync holds (``wait``)
 
 
 Fetchers = Callable[[ObjectStore, Callable[[ObjectInfo], Check]], ObjectFetcher]
@@ -140,10 +142,16 @@ class DirSync:
         except OSError as exc:
             raise ConfigError(f"{self.dest}: not writable ({exc.strerror or exc})") from None
         with lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise ConfigError(f"another sync is writing into {self.dest}") from None
+            while True:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    busy = f"another sync is writing into {self.dest}"
+                    if not self.options.wait:
+                        raise ConfigError(busy) from None
+                    if self.stop.wait(LOCK_POLL):  # waiting for it, until stopped
+                        raise IncompleteError(f"{busy}; stopped while waiting") from None
             for leftover in (self.state / "tmp").iterdir():  # a killed run's downloads
                 leftover.unlink()
             yield

@@ -6,10 +6,14 @@ Real S3 (moto on 127.0.0.1), real mounts (`mounter`), no mocks.
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
+import threading
 from pathlib import Path
 
 import pytest
+import trio
+import trio.lowlevel
 
 from s3cachefs import Dataset, DatasetProvider, Progress
 from s3cachefs.base.errors import (
@@ -159,3 +163,39 @@ def test_from_config_and_asyncio_without_blocking_the_loop(bucket: Bucket, tmp_p
     dataset, ticks = asyncio.run(main())
     assert contents(dataset) == data
     assert ticks > 1  # the loop ran while ensure worked in its thread
+
+
+def test_threads_and_trio_share_one_provider(bucket: Bucket, tmp_path: Path) -> None:
+    data = fill(bucket, 12)
+    provider = directory_provider(bucket, tmp_path)
+    results: dict[int, Dataset] = {}
+
+    def one(index: int) -> None:
+        results[index] = provider.ensure("ds", shard=(index, 2))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    # Two shards into one directory at once: one sync after the other, each complete.
+    assert sorted(results[0].keys + results[1].keys) == sorted(data)
+    assert not set(results[0].keys) & set(results[1].keys)
+
+    async def main() -> Dataset:
+        ticks = 0
+        async with trio.open_nursery() as nursery:
+
+            async def ticker() -> None:
+                nonlocal ticks
+                while True:
+                    ticks += 1
+                    await trio.lowlevel.checkpoint()
+
+            nursery.start_soon(ticker)
+            dataset = await trio.to_thread.run_sync(functools.partial(provider.ensure, "ds"))
+            nursery.cancel_scope.cancel()
+        assert ticks > 1  # the trio loop ran while ensure worked in its thread
+        return dataset
+
+    assert contents(trio.run(main)) == data
