@@ -79,8 +79,10 @@ def _report(r: SyncResult) -> None:
         )
     if r.complete:
         print(f"{r.dest}: complete and verified")
-    elif r.stopped:
-        print(f"{r.dest}: NOT complete (stopped)", file=sys.stderr)
+    else:
+        missing = r.files_total - r.files_present - r.fetched
+        why = " (stopped)" if r.stopped else ""
+        print(f"{r.dest}: NOT complete{why}: {missing} objects missing", file=sys.stderr)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

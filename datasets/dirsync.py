@@ -269,7 +269,7 @@ class DirSync:
         if attempt == 1 and not self.stop.is_set():
             return self._item(info, check)
         self.result.failed[info.key] = reason
-        log.warning("sync: %s failed: %s", info.key, reason)
+        log.info("sync: %s failed: %s", info.key, reason)  # the CLI and the API report it
         return None
 
     def _commit(

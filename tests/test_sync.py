@@ -212,6 +212,7 @@ def test_a_lying_server_never_leaves_a_wrong_file(
     assert tree(dest) == {}
     assert "FAILED ds/big/multi.bin: content does not match its multipart ETag" in result.stderr
     assert result.stderr.count("FAILED ") == len(data)
+    assert f"{dest}: NOT complete: {len(data)} objects missing" in result.stderr
     assert run_cli("verify", "--dir", str(dest)).returncode == 4  # not complete
 
     proxy.rates["flip_byte"] = 0.0
