@@ -378,7 +378,9 @@ def s3_sync(
         region=region,
         profile=profile,
         s3_concurrency=jobs,
-        etag_md5="auto" if options.etag_md5s else "off",
+        # The store does not check whole bodies against MD5 ETags itself: `dircheck` does,
+        # from the bytes as they pass, and can then try S3's other checks (as prefetch).
+        etag_md5="off",
     )
     store = S3Store(config)
 

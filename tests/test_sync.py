@@ -22,6 +22,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import boto3
+import botocore.config
+
 from s3cachefs.datasets import dirmanifest
 from tests.conftest import Bucket, run_cli, s3cachefs_cmd
 from tests.faultproxy import FaultProxy
@@ -417,3 +420,52 @@ def test_a_full_disk_is_refused_with_the_numbers(bucket: Bucket, tmp_path: Path)
         assert tree(small / "dest") == {}
     finally:
         subprocess.run(["umount", str(small)], check=True)
+
+
+def test_etags_that_are_not_md5s_size_only_and_require_checksums(
+    bucket: Bucket, tmp_path: Path, proxy: FaultProxy
+) -> None:
+    """A server whose single-part ETags are not MD5s (proxy ``etag_not_md5``), as for
+    prefetch: objects with an additional checksum verify by it (auto and off); without
+    one, auto fails them (S3 does not say the ETag is no MD5), ``--etag-md5 off``
+    size-checks them, named, and ``--require-checksums`` fails them."""
+    bucket.put("ds/crc/a.bin", b"a" * 3000)  # the test client sends a CRC32, which S3 keeps
+    bucket.put("ds/crc/b.bin", b"b" * 4000)
+    no_checksums = boto3.client(
+        "s3",
+        endpoint_url=bucket.server.endpoint_url,
+        config=botocore.config.Config(request_checksum_calculation="when_required"),
+    )
+    for name in ("c.bin", "d.bin"):
+        no_checksums.put_object(Bucket=bucket.name, Key=f"ds/plain/{name}", Body=b"p" * 5000)
+    proxy.etag_not_md5 = True
+    url = proxy.endpoint_url
+
+    def checks(dest: Path) -> dict[str, str]:
+        manifest = json.loads((dest / ".s3cachefs" / "manifest.json").read_text())
+        return {k: v[3][0] for k, v in manifest["objects"].items()}
+
+    auto = sync(bucket, tmp_path / "auto", endpoint=url)
+    assert auto.returncode == 4
+    for name in ("c.bin", "d.bin"):
+        assert f"FAILED ds/plain/{name}: content does not match its ETag (MD5)" in auto.stderr
+    assert checks(tmp_path / "auto") == {"crc/a.bin": "crc32-full", "crc/b.bin": "crc32-full"}
+    assert set(tree(tmp_path / "auto")) == {"crc/a.bin", "crc/b.bin"}
+
+    off = sync(bucket, tmp_path / "off", "--etag-md5", "off", endpoint=url)
+    assert off.returncode == 0, off.stderr
+    assert "2 objects size-checked only" in off.stdout
+    assert checks(tmp_path / "off") == {
+        "crc/a.bin": "crc32-full",
+        "crc/b.bin": "crc32-full",
+        "plain/c.bin": "size",
+        "plain/d.bin": "size",
+    }
+    assert run_cli("verify", "--dir", str(tmp_path / "off")).returncode == 0
+
+    strict = sync(
+        bucket, tmp_path / "strict", "--etag-md5", "off", "--require-checksums", endpoint=url
+    )
+    assert strict.returncode == 4
+    assert strict.stderr.count("S3 gives nothing to verify it end to end against") == 2
+    assert set(tree(tmp_path / "strict")) == {"crc/a.bin", "crc/b.bin"}
