@@ -311,19 +311,27 @@ def nobody_dir() -> Iterator[Path]:
 
 
 def as_nobody(*args: str) -> subprocess.CompletedProcess[str]:
-    """The CLI as user nobody. The test's interpreter may live where nobody cannot go
-    (pyenv under /root): the system's python3 then runs it, with our site-packages."""
+    """The CLI as user nobody. The interpreter and its packages may live where nobody
+    cannot go (pyenv under /root): then the system's python3 with our site-packages;
+    failing that too, nobody keeps one capability, to read and search files (writes
+    stay nobody's: DEST must be nobody's, root's directories refuse it)."""
     site = sysconfig.get_paths()["purelib"]
-    python = sys.executable
-    probe = ["runuser", "-u", "nobody", "--", python, "-c", ""]
-    if subprocess.run(probe, capture_output=True, check=False).returncode != 0:
-        python = "/usr/bin/python3"
     code = (
         f"import site, sys; site.addsitedir({site!r}); "
         "from s3cachefs.cli.main import main; sys.exit(main(sys.argv[1:]))"
     )
+    command = None
+    for python in (sys.executable, "/usr/bin/python3"):
+        probe = ["runuser", "-u", "nobody", "--", python, "-c", code, "--version"]
+        if subprocess.run(probe, capture_output=True, cwd="/", check=False).returncode == 0:
+            command = ["runuser", "-u", "nobody", "--", python]
+            break
+    if command is None:
+        caps = ["--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search"]
+        ids = ["--reuid=65534", "--regid=65534", "--clear-groups"]
+        command = ["setpriv", *ids, *caps, sys.executable]
     return subprocess.run(
-        ["runuser", "-u", "nobody", "--", python, "-c", code, *args],
+        [*command, "-c", code, *args],
         capture_output=True,
         text=True,
         timeout=120,
