@@ -63,6 +63,23 @@ class SyncResult:
             return self.bytes_needed <= self.room
         return self.complete
 
+    def progress(self, received: int, elapsed: float) -> dict[str, Any]:
+        """A ``progress`` event (prefetch's terms): ``received`` bytes in ``elapsed`` s."""
+        rate = received / elapsed
+        left = max(self.bytes_needed - received, 0)
+        return {
+            "event": "progress",
+            "dataset": self.source,
+            "files_total": self.files_total,
+            "files_done": self.files_present + self.fetched,
+            "bytes_total": self.bytes_total,
+            "bytes_done": self.bytes_total - self.bytes_needed + min(received, self.bytes_needed),
+            "rate": rate,
+            "eta": left / rate if rate else None,
+            "listing_done": True,
+            "failed": len(self.failed),
+        }
+
     def event(self) -> dict[str, Any]:
         """The ``done`` event (``--json``), in the terms of prefetch's."""
         return {

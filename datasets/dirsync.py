@@ -39,6 +39,8 @@ from s3cachefs.base.errors import (
     ConfigError,
     IncompleteError,
     NotEnoughSpaceError,
+    NotFoundError,
+    StaleError,
     TransientError,
 )
 from s3cachefs.datasets import dirmanifest as dm
@@ -249,8 +251,10 @@ class DirSync:
         """Commit the object if its bytes are S3's (`datasets.dircheck`); else the item to
         fetch it again with (None: committed, or recorded as failed)."""
         info = res.item.info
+        fatal(res.error, self.dest, info)
+        if isinstance(res.error, (StaleError, NotFoundError)) and attempt == 1:
+            return self._changed(info)  # replaced or deleted since the listing
         if res.error is not None or res.check is None:
-            fatal(res.error, self.dest, info)
             return self._failed(info, str(res.error), attempt, res.check)
         o = self.options
         judged = verdict(
@@ -261,6 +265,17 @@ class DirSync:
             return self._failed(info, judged.reason, 2 if judged.final else attempt, judged.check)
         self._commit(res.item, judged.check, manifest, journal)
         return None
+
+    def _changed(self, info: ObjectInfo) -> FetchItem | None:
+        """Replaced in S3 since the listing: the version there now, fetched instead."""
+        try:
+            now = self.store.head(info.key)
+        except NotFoundError:
+            self.result.failed[info.key] = "deleted in S3 during the sync (run it again)"
+            return None
+        self.result.bytes_total += now.size - info.size
+        self.result.bytes_needed += now.size - info.size
+        return self._item(now, None)
 
     def _failed(
         self, info: ObjectInfo, reason: str, attempt: int, check: Check | None
@@ -303,25 +318,8 @@ class DirSync:
         if self.on_event is None or (not force and now - self._last_event < PROGRESS_EVERY):
             return
         self._last_event = now
-        r = self.result
-        received = self.fetcher.bytes_received
         elapsed = max(now - self._started, 1e-6)
-        rate = received / elapsed
-        left = max(r.bytes_needed - received, 0)
-        self.on_event(
-            {
-                "event": "progress",
-                "dataset": r.source,
-                "files_total": r.files_total,
-                "files_done": r.files_present + r.fetched,
-                "bytes_total": r.bytes_total,
-                "bytes_done": r.bytes_total - r.bytes_needed + min(received, r.bytes_needed),
-                "rate": rate,
-                "eta": left / rate if rate else None,
-                "listing_done": True,
-                "failed": len(r.failed),
-            }
-        )
+        self.on_event(self.result.progress(self.fetcher.bytes_received, elapsed))
 
     def _finish(self, manifest: DirManifest) -> None:
         """Record what this run verified (also after an error): complete or not."""
