@@ -28,6 +28,7 @@ RUN python3 -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.tom
 COPY README.md ./
 COPY package package
 COPY cli cli
+COPY api api
 COPY daemon daemon
 COPY fs fs
 COPY datasets datasets

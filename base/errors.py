@@ -7,6 +7,8 @@ as its one line.
 
     S3CacheFSError
     ├── ConfigError            bad flag, size, TTL, mountpoint, cache dir
+    │   └── NotEnoughSpaceError   a dataset that does not fit (``needed``, ``available``)
+    ├── IncompleteError        a dataset not complete and verified (``failed`` objects)
     ├── CacheDirError          cache dir unusable or locked by another daemon
     ├── FilesystemError        what a path operation got wrong
     │   ├── NotADirError                                  -> ENOTDIR
@@ -41,6 +43,23 @@ class S3CacheFSError(Exception):
 
 class ConfigError(S3CacheFSError):
     """A bad option value or an unusable path given by the user."""
+
+
+class NotEnoughSpaceError(ConfigError):
+    """What is still to download does not fit: the message and the fields give the numbers."""
+
+    def __init__(self, message: str, *, needed: int, available: int) -> None:
+        super().__init__(message)
+        self.needed = needed
+        self.available = available
+
+
+class IncompleteError(S3CacheFSError):
+    """A dataset that is not complete and verified; ``failed``: key -> reason."""
+
+    def __init__(self, message: str, failed: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.failed = dict(failed or {})
 
 
 class CacheDirError(S3CacheFSError):

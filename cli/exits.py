@@ -10,10 +10,12 @@
 
 from __future__ import annotations
 
-from s3cachefs.base.errors import S3CacheFSError, StoreError
+from s3cachefs.base.errors import IncompleteError, S3CacheFSError, StoreError
 
 EXIT_OK, EXIT_BUG, EXIT_USAGE, EXIT_S3, EXIT_INCOMPLETE, EXIT_BUSY = 0, 1, 2, 3, 4, 5
 
 
 def exit_code_for(exc: S3CacheFSError) -> int:
+    if isinstance(exc, IncompleteError):
+        return EXIT_INCOMPLETE
     return EXIT_S3 if isinstance(exc, StoreError) else EXIT_USAGE

@@ -9,29 +9,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from s3cachefs.base.errors import ConfigError, StoreError
+from s3cachefs.base.errors import ConfigError
 from s3cachefs.base.settings import BY_NAME
-from s3cachefs.cli.client import dataset_in, find_daemon, request
 from s3cachefs.cli.exits import EXIT_INCOMPLETE, EXIT_OK, EXIT_USAGE
 from s3cachefs.cli.progress import ProgressView, describe, human_bytes
 from s3cachefs.cli.settings import read_file
+from s3cachefs.daemon.client import dataset_in, final_event, find_daemon, request
 
 
 def _last(events: Any, view: ProgressView | None = None) -> dict[str, Any]:
-    for event in events:
-        if event.get("event") == "error":
-            if view:
-                view.finish()
-            if event.get("kind") == "s3":
-                raise StoreError(event["message"])
-            raise ConfigError(event["message"])
-        if event.get("event") == "done":
-            if view:
-                view.finish()
-            return dict(event)
-        if view and "bytes_total" in event:
-            view.update(event)
-    raise ConfigError("the daemon sent no answer")
+    if view is None:
+        return final_event(events)
+    return final_event(events, view.update, view.finish)
 
 
 def cmd_prefetch(args: argparse.Namespace) -> int:

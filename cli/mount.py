@@ -19,9 +19,9 @@ from s3cachefs.base.config import MountConfig
 from s3cachefs.base.errors import ConfigError, S3CacheFSError
 from s3cachefs.base.logs import setup_logging
 from s3cachefs.cache.cachedir import DAEMON_UMASK, check_min_free, claim_cache_dir
-from s3cachefs.cli.client import request
 from s3cachefs.cli.exits import EXIT_BUG, EXIT_BUSY, EXIT_OK, exit_code_for
 from s3cachefs.cli.settings import mount_config, resolve
+from s3cachefs.daemon.client import request
 from s3cachefs.daemon.holders import Holder, holders
 from s3cachefs.daemon.mountpoint import is_stale, mount_at, unmount
 from s3cachefs.daemon.runtime import MountRecord, read_record, remove_record

@@ -13,6 +13,8 @@ from s3cachefs.cli.demo import cmd_demo
 from s3cachefs.cli.exits import EXIT_USAGE
 from s3cachefs.cli.mount import cmd_mount, cmd_unmount
 from s3cachefs.cli.settings import add_mount_options, jobs_arg, shard_arg
+from s3cachefs.cli.sync import cmd_sync, cmd_verify
+from s3cachefs.datasets.dirsync import DEFAULT_JOBS
 
 # A subcommand: its parsed arguments in, an exit code out.
 Command = Callable[[argparse.Namespace], int]
@@ -84,10 +86,19 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path, nargs="?")
     st.add_argument("--json", action="store_true")
 
-    v = command("verify", jobs.cmd_verify, "re-check a pinned dataset, re-fetch what fails")
-    v.add_argument("dataset", metavar="DATASET")
+    v = command(
+        "verify",
+        cmd_verify,
+        "re-check a pinned dataset (re-fetch what fails), or a synced directory (--dir)",
+    )
+    v.add_argument("dataset", metavar="DATASET", nargs="?")
     v.add_argument("--mount", type=Path)
+    v.add_argument(
+        "--dir", type=Path, metavar="DEST", help="check a `sync`ed directory offline instead"
+    )
     v.add_argument("--json", action="store_true")
+
+    _add_sync(command("sync", cmd_sync, "Sync-before-Run: a dataset into a plain directory"))
 
     e = command("evict", jobs.cmd_evict, "unpin a dataset and free its cache space")
     e.add_argument("dataset", metavar="DATASET")
@@ -112,3 +123,34 @@ def build_parser() -> argparse.ArgumentParser:
     d = command("demo", cmd_demo, "run the quick start against an embedded local S3 server")
     d.add_argument("--workdir", type=Path, help="where to mount and cache (default: a temp dir)")
     return parser
+
+
+def _add_sync(s: argparse.ArgumentParser) -> None:
+    s.add_argument("source", metavar="s3://BUCKET/DATASET", help="the dataset (a key prefix)")
+    s.add_argument("dest", metavar="DEST", type=Path, help="the directory to fill")
+    s.add_argument("--endpoint-url", help="S3-compatible endpoint, http(s)://HOST[:PORT]")
+    s.add_argument("--region")
+    s.add_argument("--profile")
+    s.add_argument(
+        "--jobs", type=jobs_arg, default=DEFAULT_JOBS, help=f"GETs at once ({DEFAULT_JOBS})"
+    )
+    s.add_argument(
+        "--delete", action="store_true", help="remove files of objects deleted in S3 (kept else)"
+    )
+    s.add_argument("--dry-run", action="store_true", help="what would be fetched, whether it fits")
+    s.add_argument(
+        "--require-checksums",
+        action="store_true",
+        help="fail objects that S3 gives nothing to verify end to end against (size-checked only)",
+    )
+    s.add_argument(
+        "--etag-md5",
+        choices=("auto", "off"),
+        default="auto",
+        help="off: this server's 32-hex ETags are not MD5s (as mount's --etag-md5)",
+    )
+    s.add_argument(
+        "--shard", metavar="I/N", type=shard_arg, help="only shard I of N (stable hash of the key)"
+    )
+    s.add_argument("--list-out", type=Path, help="write the (shard's) keys to this file")
+    s.add_argument("--json", action="store_true", help="machine-readable progress events")

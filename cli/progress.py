@@ -43,17 +43,18 @@ def describe(event: dict[str, Any]) -> str:
 
 
 class ProgressView:
-    def __init__(self, mode: str, out: TextIO = sys.stderr) -> None:
+    def __init__(self, mode: str, out: TextIO = sys.stderr, label: str = "prefetch") -> None:
         self.mode = mode  # "json", "bar" or "plain"
         self.out = out
+        self.label = label  # the command, at the start of plain lines
         self._last_plain = time.monotonic()
         self.interval = seconds_variable("S3CACHEFS_PROGRESS_INTERVAL", PLAIN_INTERVAL)
 
     @classmethod
-    def choose(cls, json_output: bool) -> ProgressView:
+    def choose(cls, json_output: bool, label: str = "prefetch") -> ProgressView:
         if json_output:
-            return cls("json", sys.stdout)
-        return cls("bar" if sys.stderr.isatty() else "plain")
+            return cls("json", sys.stdout, label)
+        return cls("bar" if sys.stderr.isatty() else "plain", label=label)
 
     def update(self, event: dict[str, Any]) -> None:
         if self.mode == "json":
@@ -66,7 +67,7 @@ class ProgressView:
             self.out.flush()
         elif time.monotonic() - self._last_plain >= self.interval:
             self._last_plain = time.monotonic()
-            print(f"prefetch: {describe(event)}", file=self.out, flush=True)
+            print(f"{self.label}: {describe(event)}", file=self.out, flush=True)
 
     def finish(self) -> None:
         if self.mode == "bar":

@@ -20,7 +20,7 @@ from typing import Any
 
 import trio
 
-from s3cachefs.base.errors import S3CacheFSError, StoreError
+from s3cachefs.base.errors import NotEnoughSpaceError, S3CacheFSError, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,8 @@ async def _answer(stream: trio.SocketStream, handlers: dict[str, Handler]) -> No
             except S3CacheFSError as exc:
                 kind = "s3" if isinstance(exc, StoreError) else "usage"
                 final = {"event": "error", "message": str(exc), "kind": kind}
+                if isinstance(exc, NotEnoughSpaceError):  # the numbers, for the Python API
+                    final.update(kind="space", needed=exc.needed, available=exc.available)
             except Exception as exc:
                 log.exception("control op=%s failed", request.get("op"))
                 final = {"event": "error", "message": f"internal error: {exc}"}

@@ -32,7 +32,7 @@ from typing import Any
 
 import trio
 
-from s3cachefs.base.errors import S3CacheFSError, StoreError
+from s3cachefs.base.errors import NotEnoughSpaceError, S3CacheFSError, StoreError
 from s3cachefs.cache.blockcache import BlockCache
 from s3cachefs.cache.blocks import ObjectVersion
 from s3cachefs.datasets.objectcheck import ObjectCheck, ObjectFailed
@@ -48,7 +48,11 @@ SIZE_ONLY_SHOWN = 5  # keys named in reports of size-checked-only objects
 
 
 class PrefetchRefused(S3CacheFSError):
-    """The dataset cannot fit in the cache (the message has the numbers)."""
+    """The dataset cannot be prefetched: it holds nothing, or it does not fit."""
+
+
+class DoesNotFit(PrefetchRefused, NotEnoughSpaceError):
+    """The dataset cannot fit in the cache (the message and the fields have the numbers)."""
 
 
 def valid_key(key: str, prefix: str) -> bool:
@@ -171,12 +175,14 @@ class PrefetchJob:
             self._pending[info.key] = min(info.size, missing * self.cache.block_size)
         fits, room = self.cache.room_for(self.bytes_needed)
         if not fits and not self.dry_run:  # a dry run counts everything, then says
-            raise PrefetchRefused(
+            raise DoesNotFit(
                 f"dataset does not fit: {_gib(self.bytes_needed)} still to download "
                 f"({self.progress.files_total} objects, {_gib(self.progress.bytes_total)} listed"
                 f"{'' if self.progress.listing_done else ' so far'}), room for {_gib(room)} "
                 f"(--cache-size {_gib(self.cache.cache_size)}, --min-free "
-                f"{_gib(self.cache.min_free)}, pinned {_gib(self.cache.pinned_bytes)})"
+                f"{_gib(self.cache.min_free)}, pinned {_gib(self.cache.pinned_bytes)})",
+                needed=self.bytes_needed,
+                available=room,
             )
 
     async def _queue(self, info: ObjectInfo, send: trio.MemorySendChannel[Any]) -> None:

@@ -527,7 +527,7 @@ def test_fuse_view_and_kernel_served_tree_are_the_same_tree(
 
 def ask(mount: Mount, op: str) -> None:
     """One control request to the daemon, as `s3cachefs unmount` sends it."""
-    from s3cachefs.cli.client import request
+    from s3cachefs.daemon.client import request
     from s3cachefs.daemon.runtime import read_record
 
     record = read_record(mount.path)

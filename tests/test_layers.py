@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 # Top to bottom. Layers on one row are peers: neither may import the other.
 LAYERS: list[tuple[str, ...]] = [
-    ("cli",),
+    ("cli", "api"),
     ("daemon",),
     ("fs",),
     ("datasets", "staging"),
