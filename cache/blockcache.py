@@ -28,6 +28,7 @@ never these structures.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 
 import trio
@@ -45,6 +46,9 @@ from s3cachefs.cache.state import BlockState, block_state
 from s3cachefs.cache.stats import CacheStats
 from s3cachefs.store.checksums import Check
 from s3cachefs.store.types import ObjectStore
+
+# Opens whose first block is counted as the next read's miss (`open_hint`).
+HINTED_MAX = 4096
 
 
 class BlockCache:
@@ -79,6 +83,9 @@ class BlockCache:
         self._index = Index(self._layout)
         self._disk = Disk(self._layout, self._index)  # blocking steps, in crash-safe order
         self._memory = MemoryBlocks(memory_bytes)
+        # First blocks fetched by an open for the read that follows it: that read is
+        # their miss, however soon the GET ended. Bounded: opens never read are dropped.
+        self._hinted: OrderedDict[tuple[str, int], None] = OrderedDict()
         self._flights = Flights()
         self._fetcher = Fetcher(
             store,
@@ -176,7 +183,10 @@ class BlockCache:
             return b""
         # Each block of a read counts once: a miss if it must come from S3 (even when a
         # reader finds it in memory after waiting for it), else a hit where it is found.
-        absent = {idx for idx in indices if not self._block_state(version, idx).servable}
+        hinted = {idx for idx in indices if (version.oid, idx) in self._hinted}
+        for idx in hinted:
+            del self._hinted[(version.oid, idx)]
+        absent = hinted | {idx for idx in indices if not self._block_state(version, idx).servable}
         self.stats.counts["misses"] += len(absent)
         if len(indices) == 1:
             early = await self._read_early(version, indices[0], offset, length)
@@ -198,6 +208,9 @@ class BlockCache:
         """
         if version.size and self._block_state(version, 0) is BlockState.MISSING:
             self.stats.counts["open_fetches"] += 1
+            self._hinted[(version.oid, 0)] = None
+            if len(self._hinted) > HINTED_MAX:
+                self._hinted.popitem(last=False)
             self._fetcher.start_run(version, range(1), readahead=False, eager=True)
 
     async def _read_early(

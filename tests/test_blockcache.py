@@ -478,3 +478,24 @@ def test_the_pin_store_tells_the_cache_ledger_every_change(tmp_path: Path) -> No
     assert cache.pinned == {a.oid} and cache.pinned_bytes == BS
     pins.delete(manifest)
     assert cache.pinned == set() and cache.pinned_bytes == 0
+
+
+def test_a_block_fetched_by_an_open_is_the_next_reads_miss(tmp_path: Path) -> None:
+    # The GET an open starts often ends before the kernel's first READ arrives; that
+    # read is still a miss (its bytes came from S3), and only the one after is a hit.
+    store = MemoryStore()
+    etag = store.put("a.bin", b"a" * 100)
+    version = ObjectVersion(store.bucket, "a.bin", etag, 100)
+    cache = make_cache(tmp_path, store)
+
+    async def body() -> None:
+        cache.open_hint(version)
+        await cache.drain()  # the open's GET has ended
+        assert await cache.read(version, 0, 100) == b"a" * 100
+        assert await cache.read(version, 0, 100) == b"a" * 100
+
+    run_with(cache, body)
+    counts = cache.stats.counts
+    assert (counts["open_fetches"], counts["misses"]) == (1, 1)
+    assert counts["hits_memory"] + counts["hits_disk"] == 1
+    assert store.requests["get"] == 1
