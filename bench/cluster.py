@@ -149,6 +149,8 @@ class Cluster:
                 f"shard {SHARD}",
             )
             requests = self.net.requests()
+            if requests:
+                self.report.note(f"{W}: S3 requests while the shard was read: {self.net.stats()}")
             opens = fuse_requests(fs).get("open", 0) - before.get("open", 0)
             measure = "S3 requests while the shard is read"
             self.report.add(Row(W, "s3cachefs", "-", measure, requests, "requests", target="== 0"))
