@@ -226,7 +226,7 @@ class KernelChecks:
         check = self.results.get(manifest.id)
         if check is None or check.ok:
             return None
-        name = manifest.prefix[len(self.kernel.mount_prefix) :].rstrip("/")
+        name = manifest.prefix[len(self.kernel.mount_prefix) :].rstrip("/") or "."
         return (
             f"the {check.trigger} check at {_when(check.finished)} found {len(check.damaged)} "
             f"damaged files (e.g. {check.damaged[0]}); served through FUSE until "

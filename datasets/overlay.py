@@ -74,6 +74,23 @@ def _check(ret: int, what: str) -> int:
     return ret
 
 
+def unavailable() -> str | None:
+    """Why overlays cannot serve datasets on this kernel, or None.
+
+    Needs overlayfs, the new mount API with ``lowerdir+`` (Linux 6.8) and
+    ``MOVE_MOUNT_BENEATH`` (6.5) for swaps.
+    """
+    release = os.uname().release
+    found = re.match(r"(\d+)\.(\d+)", release)
+    if found is None or (int(found[1]), int(found[2])) < (6, 8):
+        return f"Linux {release} is older than 6.8 (overlay lowerdir+, MOVE_MOUNT_BENEATH)"
+    fs = _libc.syscall(_SYS_FSOPEN, b"overlay", _FSOPEN_CLOEXEC)
+    if fs < 0:
+        return f"no overlayfs ({os.strerror(ctypes.get_errno())})"
+    os.close(fs)
+    return None
+
+
 def open_below(path: Path) -> int:
     """An ``O_PATH`` handle on the FUSE directory an overlay will cover (close it when done).
 

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from s3cachefs.cache.blockcache import ObjectVersion
+from s3cachefs.cache.blocks import ObjectVersion
+from s3cachefs.cache.ledger import Ledger
 from s3cachefs.datasets import binds, overlay
 from s3cachefs.datasets.pins import Manifest, PinStore
 from tests.conftest import Bucket, Mount, Mounter, drop_page_cache, read_at, status
@@ -29,7 +30,7 @@ def fuse_reads(mount: Mount) -> tuple[int, int]:
 
 
 def manifest_of(mount: Mount, bucket: Bucket, shard: str | None) -> Manifest:
-    pins = PinStore(mount.cache_dir / "v1", bucket.name)
+    pins = PinStore(mount.cache_dir / "v1", bucket.name, Ledger(1 << 40))
     pins.load()
     [found] = [m for m in pins.manifests.values() if m.shard == shard and m.complete]
     return found
@@ -171,7 +172,7 @@ def test_an_overlay_over_the_mount_root_and_what_kill_9_leaves(
     # `prefetch .` is refused today; the top-level directories are datasets of their own.
     for name in ("train", "val", "archive"):
         assert prefetch(mount, name).returncode == 0
-    pins = PinStore(mount.cache_dir / "v1", bucket.name)
+    pins = PinStore(mount.cache_dir / "v1", bucket.name, Ledger(1 << 40))
     pins.load()
     tree = tmp_path / "cache" / "root-tree"
     build_tree(mount, list(pins.manifests.values()), tree, "dataset-v3/")
