@@ -52,6 +52,16 @@ def mount_at(path: Path | str) -> MountEntry | None:
     return stack[-1] if stack else None
 
 
+def fuse_mount_at(path: Path | str) -> MountEntry | None:
+    """`mount_at`, looking under our overlay of a dataset at the mount root (kernel-served):
+    the mount `unmount` acts on once the daemon has removed that overlay."""
+    stack = binds.stack_at(Path(os.path.abspath(path)))
+    ours = {o.id for o in overlay.overlays() if o.source == overlay.SOURCE}
+    while len(stack) > 1 and stack[-1].id in ours:
+        stack.pop()
+    return stack[-1] if stack else None
+
+
 def unmount(path: Path, *, lazy: bool = False, mount: MountEntry | None = None) -> None:
     """Unmount ``path``; ConfigError with the reason if that fails.
 

@@ -99,8 +99,8 @@ class KernelServe(DatasetMounts):
             await trio.sleep(WATCH_INTERVAL)
             if not self.binds:
                 continue
-            live = await trio.to_thread.run_sync(self._live_ids)
-            async with self.lock:
+            async with self.lock:  # read under the lock: a swap changes the ids
+                live = await trio.to_thread.run_sync(self._live_ids)
                 for bind in self._mounted():
                     if bind.mount_id not in live:
                         await self._forget_gone(bind)
@@ -154,6 +154,17 @@ class KernelServe(DatasetMounts):
             return
         async with self.lock:
             await self._refresh(manifest_id_)
+            manifest = self.pins.manifests.get(manifest_id_)
+            if manifest is None:
+                return
+            nested = {  # a new dataset inside (or around) a mounted one: that one goes too
+                m.prefix
+                for m in self.pins.manifests.values()
+                if m.prefix != manifest.prefix
+                and (m.prefix.startswith(manifest.prefix) or manifest.prefix.startswith(m.prefix))
+            }
+            for prefix in sorted(nested):
+                await self._refresh_dir(prefix)
 
     async def release(self, manifest: Manifest) -> None:
         """Unmount and remove the tree before the dataset is unpinned (evict)."""

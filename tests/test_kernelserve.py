@@ -278,9 +278,11 @@ def test_kernel_served_data_survives_s3_going_away(
         own.stop()
 
 
-def test_off_switch_shards_and_the_mount_root_are_served_through_fuse(
+def test_off_switch_and_nested_datasets_are_served_through_fuse(
     bucket: Bucket, mounter: Mounter
 ) -> None:
+    """Shards and a dataset at the mount root are kernel-served (test_kernelshards.py);
+    the off switch and datasets nested in one another keep the FUSE path."""
     files = fill(bucket, count=6)
     mount = mounter(bucket.name, "--min-free", "0", "--no-kernel-serve-pinned")
     assert prefetch(mount, "dataset-v3").returncode == 0
@@ -289,22 +291,15 @@ def test_off_switch_shards_and_the_mount_root_are_served_through_fuse(
     assert bind_on(mount.path / "dataset-v3") is None
     assert mount.stop() == 0
 
-    sharded = mounter(bucket.name, "--min-free", "0", name="mnt2", cache_dir=mount.cache_dir)
-    assert prefetch(sharded, "dataset-v3", "--shard", "0/2").returncode == 0
-    shard = next(d for d in status(sharded)["datasets"] if d["shard"])
-    assert not shard["kernel_served"] and "shard" in shard["kernel_note"]
-    assert sharded.stop() == 0
-
-    # The same cache under a mount of the dataset's own prefix: the dataset is the root.
-    rooted = mounter(
-        f"{bucket.name}/dataset-v3", "--min-free", "0", name="mnt3", cache_dir=mount.cache_dir
-    )
-    deadline = time.monotonic() + 30
-    while "binding over the mountpoint itself is refused" not in rooted.log_text():
-        assert time.monotonic() < deadline, rooted.log_text()
-        time.sleep(0.1)
-    assert [e.mount_point for e in mounts_below(rooted.path)] == [str(rooted.path)]
-    assert (rooted.path / "archive" / "big.tar").read_bytes() == files["dataset-v3/archive/big.tar"]
+    # A mount on one would cover the other: once both are pinned, both go through FUSE.
+    nested = mounter(bucket.name, "--min-free", "0", name="mnt2", cache_dir=mount.cache_dir)
+    assert wait_bound(nested)["kernel_served"]
+    assert prefetch(nested, "dataset-v3/train").returncode == 0
+    for name in ("dataset-v3", "dataset-v3/train"):
+        found = dataset(nested, name)
+        assert not found["kernel_served"] and "nested with dataset" in found["kernel_note"]
+    assert [e.mount_point for e in mounts_below(nested.path)] == [str(nested.path)]
+    check_tree(nested, files)
 
 
 def test_setting_comes_from_flag_file_and_environment(tmp_path: Path) -> None:

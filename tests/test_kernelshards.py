@@ -1,0 +1,170 @@
+"""Kernel serving by overlays (issue 13): a shard, shards merged, a dataset at the mount root.
+
+Real mounts, real S3 server. "Served by the kernel" is what the daemon and S3
+did not see: FUSE open/read counters and the server's request log stay still
+while the tree's files are read; every other file of the dataset is listed
+from the shard's manifest and read lazily through FUSE.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+from typing import Any
+
+from s3cachefs.datasets import binds, overlay
+from tests.conftest import Bucket, Mounter, drop_page_cache, read_at, run_cli, status
+from tests.test_kernelserve import fuse_reads, ino, wait_for
+from tests.test_prefetch import fill, prefetch
+
+
+def shard_status(mount: Any, shard: str | None) -> dict[str, Any]:
+    [found] = [d for d in status(mount)["datasets"] if d["shard"] == shard]
+    return dict(found)
+
+
+def listing(root: Path) -> dict[str, int]:
+    """``ls -lR``: every file below ``root`` and its size (a stat each)."""
+    found = {}
+    for dirpath, _, names in os.walk(root, onerror=_raise):
+        for name in names:
+            path = Path(dirpath) / name
+            found[path.relative_to(root).as_posix()] = path.stat().st_size
+    return found
+
+
+def _raise(exc: OSError) -> None:
+    raise exc
+
+
+def open_errno(path: Path, flags: int) -> int:
+    try:
+        os.close(os.open(path, flags, 0o644))
+    except OSError as exc:
+        return exc.errno or -1
+    return 0
+
+
+def test_a_shard_is_kernel_served_and_the_rest_of_the_dataset_listed_and_read_lazily(
+    bucket: Bucket, mounter: Mounter, tmp_path: Path
+) -> None:
+    files = fill(bucket, count=40)
+    mount = mounter(bucket.name, "--min-free", "0")
+    keys = tmp_path / "keys"
+    result = prefetch(mount, "dataset-v3", "--shard", "0/2", "--list-out", str(keys))
+    assert result.returncode == 0, result.stderr
+    shard = set(keys.read_text().split())
+    assert 0 < len(shard) < len(files)
+    wait_for(lambda: shard_status(mount, "0/2")["kernel_served"], "the shard's overlay")
+    info = shard_status(mount, "0/2")
+    target = mount.path / "dataset-v3"
+    assert info["kernel_mount"] == "overlay" and info["bind"] == str(target)
+    assert binds.stack_at(target)[-1].fstype == "overlay"
+
+    # ls -lR shows every key of the dataset; no S3 request, none while the shard is read.
+    drop_page_cache()
+    bucket.server.reset()
+    before = fuse_reads(mount)
+    expected = {k.removeprefix("dataset-v3/"): len(v) for k, v in files.items()}
+    assert listing(target) == expected
+    for key in sorted(shard):
+        assert (mount.path / key).read_bytes() == files[key]
+    assert fuse_reads(mount) == before  # not one open or read reached the daemon
+    assert sum(bucket.server.counts().values()) == 0, bucket.server.counts()
+    tree = Path(info["tree"])
+    key = sorted(shard)[0]
+    assert ino(mount.path / key) == (tree / key.removeprefix("dataset-v3/")).stat().st_ino
+
+    # A file of another shard: stat from the manifest, bytes lazily through FUSE.
+    outside = sorted(set(files) - shard)[0]
+    assert (mount.path / outside).stat().st_size == len(files[outside])
+    assert sum(bucket.server.counts().values()) == 0
+    assert (mount.path / outside).read_bytes() == files[outside]
+    assert fuse_reads(mount)[0] > before[0]
+    assert bucket.server.gets(outside)  # fetched on demand
+
+    # Read-only through the overlay: no write reaches either layer.
+    for name in (key, outside, "dataset-v3/new-file"):
+        assert open_errno(mount.path / name, os.O_RDWR | os.O_CREAT) == errno.EROFS
+
+    # The other shard: one tree of both, swapped in; every file kernel-served.
+    assert prefetch(mount, "dataset-v3", "--shard", "1/2").returncode == 0
+    wait_for(lambda: shard_status(mount, "1/2")["kernel_served"], "the merged tree")
+    both = {d["tree"] for d in status(mount)["datasets"]}
+    assert both == {str(tree)}  # the shards share one tree
+    drop_page_cache()
+    bucket.server.reset()
+    before = fuse_reads(mount)
+    for key, body in files.items():
+        assert (mount.path / key).read_bytes() == body
+    assert fuse_reads(mount) == before
+    assert sum(bucket.server.counts().values()) == 0
+    assert len(binds.stack_at(target)) == 1  # the old overlay is gone
+
+
+def test_a_changed_object_in_s3_is_never_mixed_in(bucket: Bucket, mounter: Mounter) -> None:
+    files = fill(bucket, count=30)
+    mount = mounter(bucket.name, "--min-free", "0", "--metadata-ttl", "1")
+    assert prefetch(mount, "dataset-v3", "--shard", "0/2").returncode == 0
+    wait_for(lambda: shard_status(mount, "0/2")["kernel_served"], "the shard's overlay")
+    manifest_keys = {k for k in files if (mount.path / k).exists()}
+    assert manifest_keys == set(files)
+    tree = Path(shard_status(mount, "0/2")["tree"])
+    inside = {
+        f"dataset-v3/{p.relative_to(tree).as_posix()}" for p in tree.rglob("*") if p.is_file()
+    }
+    outside = sorted(set(files) - inside)[0]
+    for key in (sorted(inside)[0], outside):
+        bucket.put(key, b"a new version " * 100)
+    drop_page_cache()
+    # The shard's file: the pinned version. The other: its listed version, or ESTALE (S3
+    # refused that version); never bytes of the new one mixed in.
+    key = sorted(inside)[0]
+    assert (mount.path / key).read_bytes() == files[key]
+    got = read_at(mount.path / outside, 0, len(files[outside]))
+    assert got in (files[outside], errno.ESTALE), got
+
+
+def test_a_dataset_at_the_mount_root_is_kernel_served_and_survives_kill_9(
+    bucket: Bucket, mounter: Mounter
+) -> None:
+    files = fill(bucket, count=20)
+    whole = mounter(bucket.name, "--min-free", "0", name="whole")
+    refused = prefetch(whole, str(whole.path))
+    assert refused.returncode != 0
+    assert "the whole bucket is no dataset" in refused.stderr
+    assert whole.stop() == 0
+
+    mount = mounter(f"{bucket.name}/dataset-v3", "--min-free", "0", cache_dir=whole.cache_dir)
+    result = prefetch(mount, str(mount.path))  # `prefetch .` from inside the mount, too
+    assert result.returncode == 0, result.stderr
+    wait_for(lambda: shard_status(mount, None)["kernel_served"], "the root overlay")
+    assert shard_status(mount, None)["dataset"] == "."
+    assert binds.stack_at(mount.path)[-1].fstype == "overlay"
+    drop_page_cache()
+    bucket.server.reset()
+    before = fuse_reads(mount)
+    expected = {k.removeprefix("dataset-v3/"): v for k, v in files.items()}
+    for rel, body in expected.items():
+        assert (mount.path / rel).read_bytes() == body
+    assert fuse_reads(mount) == before
+    assert sum(bucket.server.counts().values()) == 0
+
+    mount.kill9()  # the overlay on the mountpoint stays, over a dead FUSE mount
+    mounter.mounts.remove(mount)
+    assert [o.mount_point for o in overlay.overlays() if o.source == overlay.SOURCE] == [
+        str(mount.path)
+    ]
+    again = mounter(
+        f"{bucket.name}/dataset-v3", "--min-free", "0", name="mnt", cache_dir=whole.cache_dir
+    )
+    log = again.log_text()
+    assert "1 overlays of a dead daemon left on it; unmounting them" in log
+    assert "stale mount" in log and "Traceback" not in log
+    wait_for(lambda: shard_status(again, None)["kernel_served"], "the root overlay again")
+    assert [e.fstype for e in binds.mounts_below(again.path)] == ["fuse.s3cachefs", "overlay"]
+    for rel, body in expected.items():
+        assert (again.path / rel).read_bytes() == body
+    assert run_cli("unmount", str(again.path)).returncode == 0
+    assert binds.mounts_below(again.path) == []
