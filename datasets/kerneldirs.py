@@ -183,7 +183,7 @@ class DatasetMounts:
             return "not every object is in the cache; served through FUSE", None
         if manifest.id not in self.checked and (bind is None or manifest.id not in bind.ids):
             self.checks.want(manifest.id)
-            return "its files are checked before it is mounted; served through FUSE meanwhile", None
+            return "its files are checked before it is bound; served through FUSE meanwhile", None
         return None, layout
 
     async def _bind(

@@ -1,5 +1,7 @@
 """Read-only overlays of a verified tree over a FUSE directory (`datasets.overlay`), driven
 directly on real mounts: a shard served by the kernel, the rest of the dataset through FUSE.
+The daemons here do not kernel-serve (``--no-kernel-serve-pinned``): the tests mount their
+own overlays (the daemon's are tested in test_kernelshards.py).
 
 "Served by the kernel" is shown by what the daemon did not see: its FUSE open
 and read counters and the S3 server's GETs stay still while the tree's files
@@ -77,7 +79,7 @@ def test_a_shard_is_read_from_the_tree_and_the_rest_of_the_dataset_through_fuse(
     bucket: Bucket, mounter: Mounter, tmp_path: Path, overlays_cleaned: None
 ) -> None:
     files = fill(bucket, count=40)
-    mount = mounter(bucket.name, "--min-free", "0")
+    mount = mounter(bucket.name, "--min-free", "0", "--no-kernel-serve-pinned")
     keys = tmp_path / "keys"
     result = prefetch(mount, "dataset-v3", "--shard", "0/2", "--list-out", str(keys))
     assert result.returncode == 0, result.stderr
@@ -130,7 +132,7 @@ def test_a_new_tree_is_swapped_in_beneath_and_open_readers_keep_reading(
     bucket: Bucket, mounter: Mounter, tmp_path: Path, overlays_cleaned: None
 ) -> None:
     files = fill(bucket, count=30)
-    mount = mounter(bucket.name, "--min-free", "0")
+    mount = mounter(bucket.name, "--min-free", "0", "--no-kernel-serve-pinned")
     for shard in ("0/2", "1/2"):
         assert prefetch(mount, "dataset-v3", "--shard", shard).returncode == 0
     first = tmp_path / "cache" / "tree-1"
@@ -168,8 +170,8 @@ def test_an_overlay_over_the_mount_root_and_what_kill_9_leaves(
     bucket: Bucket, mounter: Mounter, tmp_path: Path, overlays_cleaned: None
 ) -> None:
     files = fill(bucket, count=20)
-    mount = mounter(f"{bucket.name}/dataset-v3", "--min-free", "0")
-    # `prefetch .` is refused today; the top-level directories are datasets of their own.
+    mount = mounter(f"{bucket.name}/dataset-v3", "--min-free", "0", "--no-kernel-serve-pinned")
+    # The top-level directories as datasets of their own (`prefetch .`: test_kernelshards.py).
     for name in ("train", "val", "archive"):
         assert prefetch(mount, name).returncode == 0
     pins = PinStore(mount.cache_dir / "v1", bucket.name, Ledger(1 << 40))
