@@ -168,3 +168,28 @@ def test_a_dataset_at_the_mount_root_is_kernel_served_and_survives_kill_9(
         assert (again.path / rel).read_bytes() == body
     assert run_cli("unmount", str(again.path)).returncode == 0
     assert binds.mounts_below(again.path) == []
+
+
+def test_without_overlays_only_whole_datasets_below_the_root_are_bound() -> None:
+    """The fallback on kernels without overlays: a bind replaces the directory, so a shard
+    (it would hide the rest of the dataset) and the mount root stay on FUSE."""
+    from s3cachefs.datasets.kernelpolicy import refusal
+    from s3cachefs.datasets.pins import Manifest
+
+    def why(manifest: Manifest, *others: Manifest, overlays: bool) -> str | None:
+        return refusal(
+            manifest, [manifest, *others], enabled=True, bucket="b", mount_prefix="pre/",
+            damage=None, overlays=overlays,
+        )  # fmt: skip
+
+    whole = Manifest("b", "pre/ds/", None, complete=True)
+    shard = Manifest("b", "pre/ds/", "0/2", complete=True)
+    root = Manifest("b", "pre/", None, complete=True)
+    for manifest in (whole, shard, root):
+        assert why(manifest, overlays=True) is None
+    assert why(whole, overlays=False) is None
+    assert "a shard is part of a dataset" in (why(shard, overlays=False) or "")
+    assert "the dataset is the mount root" in (why(root, overlays=False) or "")
+    inner = Manifest("b", "pre/ds/x/", "0/2", complete=True)
+    assert "nested with dataset" in (why(whole, inner, overlays=True) or "")
+    assert why(whole, inner, overlays=False) is None  # a shard is never bound: no nesting
