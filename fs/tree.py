@@ -342,12 +342,19 @@ class Tree:
                     old = dict(node.children)
                     self._apply_listing(node, listing, pinned=True)
                     node.pin_generation = self.pins.generation
-                    stale.extend((node.ino, n) for n, i in old.items() if node.children.get(n) != i)
+                    gone = [n for n, i in old.items() if node.children.get(n) != i]
+                    stale.extend(
+                        (node.ino, n) for n in gone if self._is_dir(old[n])
+                    )  # files: above
                     continue
                 stale.extend((node.ino, name) for name in node.children or {})
                 node.children, node.listed_at, node.pin_generation = None, None, -1
         if stale:
             self.invalidate(stale)
+
+    def _is_dir(self, ino: int) -> bool:
+        node = self._nodes.get(ino)
+        return node is not None and node.is_dir
 
     def timeout(self, node: Node) -> float:
         """How long the kernel may trust this entry: pinned data does not change under us."""

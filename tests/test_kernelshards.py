@@ -193,3 +193,56 @@ def test_without_overlays_only_whole_datasets_below_the_root_are_bound() -> None
     inner = Manifest("b", "pre/ds/x/", "0/2", complete=True)
     assert "nested with dataset" in (why(whole, inner, overlays=True) or "")
     assert why(whole, inner, overlays=False) is None  # a shard is never bound: no nesting
+
+
+def test_a_new_manifest_makes_the_kernel_forget_only_the_names_that_changed(
+    tmp_path: Path,
+) -> None:
+    """A kernel-serve overlay holds the FUSE entries below it as its lower layer: an entry
+    forgotten needlessly is ESTALE through the overlay. So a re-prefetch forgets only names
+    whose inode changes; an evict still forgets them all (test_versions.py)."""
+    import trio
+
+    from s3cachefs.datasets.pins import Manifest, PinStore
+    from s3cachefs.fs.core import FsCore
+    from s3cachefs.store.types import ObjectInfo
+    from s3cachefs.testing.memorystore import MemoryStore
+    from tests.test_blockcache import make_cache, run_with
+    from tests.test_versions import TTL, Clock, lookup
+
+    store = MemoryStore()
+    etags = {k: store.put(f"ds/{k}", k.encode() * 10) for k in ("a.bin", "b.bin")}
+    cache = make_cache(tmp_path, store)
+    pins = PinStore(cache.root, store.bucket, cache.ledger)
+    pins.load()
+
+    def pin(changed: str | None) -> None:
+        manifest = Manifest(store.bucket, "ds/", None, complete=True)
+        for key, etag in etags.items():
+            size = 20 if key == changed else 10 * len(key)
+            manifest.objects[f"ds/{key}"] = ObjectInfo(
+                f"ds/{key}", size, etag + (key == changed) * "x", 1
+            )
+        manifest.dirs.add("ds/sub/")
+        pins.save(manifest)
+
+    pin(None)
+    core = FsCore(
+        store, cache, prefix="", metadata_ttl=TTL, s3_limiter=trio.CapacityLimiter(8),
+        pins=pins, clock=Clock(),
+    )  # fmt: skip
+    invalidated: list[Any] = []
+    core.on_invalidate(invalidated.extend)
+
+    async def body() -> None:
+        ds = await lookup(core, "ds")
+        first = {n: await core.lookup(ds.ino, n) for n in ("a.bin", "b.bin", "sub")}
+        pin("b.bin")  # a re-prefetch: b.bin changed, a.bin and sub/ did not
+        core.pins_changed()
+        assert invalidated == [(ds.ino, "b.bin")]
+        again = {n: await core.lookup(ds.ino, n) for n in ("a.bin", "b.bin", "sub")}
+        for name in ("a.bin", "sub"):
+            assert again[name] is first[name]  # the same inode: the kernel's entry stays good
+        assert again["b.bin"] is not first["b.bin"]
+
+    run_with(cache, body)
