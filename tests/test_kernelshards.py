@@ -246,3 +246,26 @@ def test_a_new_manifest_makes_the_kernel_forget_only_the_names_that_changed(
         assert again["b.bin"] is not first["b.bin"]
 
     run_with(cache, body)
+
+
+def test_a_damaged_shard_leaves_the_tree_and_the_other_shard_is_mounted_again(
+    bucket: Bucket, mounter: Mounter, tmp_path: Path
+) -> None:
+    from tests.test_kernelserve import flip_byte
+
+    files = fill(bucket, count=30)
+    mount = mounter(bucket.name, "--min-free", "0", "--verify-interval", "1")
+    keys = tmp_path / "keys"
+    assert prefetch(mount, "dataset-v3", "--shard", "0/2", "--list-out", str(keys)).returncode == 0
+    assert prefetch(mount, "dataset-v3", "--shard", "1/2").returncode == 0
+    wait_for(lambda: all(shard_status(mount, s)["kernel_served"] for s in ("0/2", "1/2")), "both")
+    tree = Path(shard_status(mount, "0/2")["tree"])
+    victim = sorted(k for k in keys.read_text().split() if len(files[k]) > 10)[0]
+    flip_byte(tree / victim.removeprefix("dataset-v3/"), 5)
+    wait_for(lambda: not shard_status(mount, "0/2")["kernel_served"], "the check to unmount")
+    assert shard_status(mount, "0/2")["kernel_check"]["damaged"] == [victim]
+    wait_for(lambda: shard_status(mount, "1/2")["kernel_served"], "the other shard again")
+    drop_page_cache()
+    for key, body in files.items():  # the damaged file through FUSE (fetched again)
+        assert (mount.path / key).read_bytes() == body
+    assert status(mount)["cache"]["corrupt_blocks"] >= 1
