@@ -143,17 +143,21 @@ class Mount:
 class S3CacheFS(Mount):
     name = "s3cachefs"
 
-    def __init__(self, endpoint: str, work: Path) -> None:
+    def __init__(self, endpoint: str, work: Path, target: str = BUCKET) -> None:
+        """``target``: BUCKET, or BUCKET/PREFIX for a mount whose root is the dataset."""
         super().__init__(endpoint, work)
         self.cli = str(Path(sys.executable).parent / "s3cachefs")
         self.pid = 0
+        self.target = target
+        if target != BUCKET:
+            self.data = self.mnt
 
     def start(self) -> None:
         out = subprocess.run(
             [
                 self.cli,
                 "mount",
-                BUCKET,
+                self.target,
                 str(self.mnt),
                 "--endpoint-url",
                 self.endpoint,

@@ -20,7 +20,7 @@ import boto3
 import psutil
 from botocore.config import Config
 
-from bench import peers, workloads
+from bench import cluster, peers, workloads
 from bench.common import drop_caches
 from bench.dataset import Dataset, generate
 from bench.network import PROFILES, Network, Profile
@@ -69,6 +69,9 @@ class Suite:
         self.s3root = work / "s3"
         self.local = work / "local"
         self.data = Dataset()
+        self.rclone = self.s3fs = self.aws = None
+        if args.only == "w6":  # s3cachefs and local disk only
+            return
         self.rclone, why_rclone = peers.which_rclone()
         self.s3fs, why_s3fs = peers.which_s3fs()
         self.aws, why_aws = peers.which_aws()
@@ -122,9 +125,14 @@ class Suite:
             net = Network(PROFILES[name], self.s3root)
             try:
                 net.open()
-                self.profile_run(net, primary=i == 0)
+                if self.args.only != "w6":
+                    self.profile_run(net, primary=i == 0)
+                if i == 0 and self.args.only in ("", "w6"):
+                    cluster.Cluster(self.report, net, self.local, self.data, self.scratch).run()
             finally:
                 net.close()
+            if self.args.only == "w6":
+                break  # prefetched data: the network does not matter
 
     def profile_run(self, net: Network, primary: bool) -> None:
         p = net.profile
@@ -432,6 +440,9 @@ def main() -> None:
     )
     parser.add_argument("--json", type=Path, help="default bench/results/DATE-MODE.json")
     parser.add_argument("--workdir", type=Path, default=None, help="scratch (default: a tmp dir)")
+    parser.add_argument(
+        "--only", choices=("w6",), default="", help="run one workload (w6: bench/cluster.py)"
+    )
     args = parser.parse_args()
     args.profile = [p.strip() for p in args.profile.split(",") if p.strip()]
     for name in args.profile:
@@ -452,11 +463,8 @@ def main() -> None:
     )
     print(header)
     print(suite.report.table())
-    out = args.json or (
-        Path(__file__).parent
-        / "results"
-        / f"{date.today()}-{'small' if args.small else 'full'}.json"
-    )
+    mode = ("small" if args.small else "full") + (f"-{args.only}" if args.only else "")
+    out = args.json or (Path(__file__).parent / "results" / f"{date.today()}-{mode}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"header": header, **suite.report.json()}, indent=1))
     print(f"wrote {out}")

@@ -143,7 +143,7 @@ def _print_status(s: dict[str, Any]) -> None:
         state = "complete" if d["complete"] else "INCOMPLETE"
         shard = f" shard {d['shard']}" if d["shard"] else ""
         if d.get("kernel_served"):
-            served = f"kernel-served (bind on {d['bind']})"
+            served = f"kernel-served ({d.get('kernel_mount') or 'bind'} on {d['bind']})"
         else:
             served = f"through FUSE ({d.get('kernel_note') or 'not bound'})"
         print(

@@ -23,7 +23,7 @@ from s3cachefs.cli.exits import EXIT_BUG, EXIT_BUSY, EXIT_OK, exit_code_for
 from s3cachefs.cli.settings import mount_config, resolve
 from s3cachefs.daemon.client import request
 from s3cachefs.daemon.holders import Holder, holders
-from s3cachefs.daemon.mountpoint import is_stale, mount_at, unmount
+from s3cachefs.daemon.mountpoint import fuse_mount_at, is_stale, unmount
 from s3cachefs.daemon.runtime import MountRecord, read_record, remove_record
 from s3cachefs.datasets.binds import MountEntry
 
@@ -143,7 +143,7 @@ def cmd_unmount(args: argparse.Namespace) -> int:
     do not count, and whatever still holds it after the unmount is reported.
     """
     path: Path = args.mountpoint.absolute()
-    mount = mount_at(os.path.realpath(path))
+    mount = fuse_mount_at(os.path.realpath(path))  # under a mount-root dataset's overlay
     if is_stale(path):  # its daemon is gone: so is every copy's
         fuse = mount is not None and mount.fstype.startswith("fuse")
         target = Path(mount.mount_point) if mount and fuse else path

@@ -89,7 +89,7 @@ def run_daemon(config: MountConfig, on_ready: Callable[[str], None]) -> None:
     user who started it ("" if none).
     """
     memory.limit_arenas()
-    check_mountpoint(config.mountpoint)  # cheapest check first: no network needed
+    check_mountpoint(config.mountpoint, config.cache_dir)  # cheapest check first: no network
     # Canonical (symlinks resolved) now: after the mount, resolving it would ask ourselves.
     canonical = os.path.realpath(config.mountpoint)
     store = S3Store(config)

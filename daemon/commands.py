@@ -97,13 +97,20 @@ class Daemon:
         )
 
     def dataset_prefix(self, dataset: str) -> str:
-        parts = [p for p in dataset.strip("/").split("/") if p]
-        if not parts or not all(valid_name(p) for p in parts):
+        """The key prefix of a dataset named relative to the mount root; "." (or "") is the
+        whole mount, which is a dataset when the mount is of a prefix."""
+        parts = [p for p in dataset.strip("/").split("/") if p not in ("", ".")]
+        if not all(valid_name(p) for p in parts):
             raise ConfigError(f"bad dataset {dataset!r}: give a prefix like dataset-v3")
-        return self.config.prefix + "/".join(parts) + "/"
+        if not parts and not self.config.prefix:
+            raise ConfigError(
+                "the whole bucket is no dataset: give a prefix like dataset-v3"
+                " (or mount BUCKET/PREFIX and prefetch the mount)"
+            )
+        return self.config.prefix + "".join(p + "/" for p in parts)
 
     def dataset_name(self, prefix: str) -> str:
-        return prefix[len(self.config.prefix) :].rstrip("/")
+        return prefix[len(self.config.prefix) :].rstrip("/") or "."
 
     async def status(self, request: dict[str, Any], send: Send) -> dict[str, Any]:
         cache, counts = self.cache, self.cache.stats.counts

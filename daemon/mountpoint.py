@@ -12,6 +12,7 @@ mount made meanwhile).
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import shutil
@@ -19,7 +20,7 @@ import subprocess
 from pathlib import Path
 
 from s3cachefs.base.errors import ConfigError
-from s3cachefs.datasets import binds
+from s3cachefs.datasets import binds, overlay
 from s3cachefs.datasets.binds import MountEntry
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,16 @@ def mount_at(path: Path | str) -> MountEntry | None:
     mountinfo, not stat(): the daemon must not send itself FUSE requests.
     """
     stack = binds.stack_at(Path(os.path.abspath(path)))
+    return stack[-1] if stack else None
+
+
+def fuse_mount_at(path: Path | str) -> MountEntry | None:
+    """`mount_at`, looking under our overlay of a dataset at the mount root (kernel-served):
+    the mount `unmount` acts on once the daemon has removed that overlay."""
+    stack = binds.stack_at(Path(os.path.abspath(path)))
+    ours = {o.id for o in overlay.overlays() if o.source == overlay.SOURCE}
+    while len(stack) > 1 and stack[-1].id in ours:
+        stack.pop()
     return stack[-1] if stack else None
 
 
@@ -98,14 +109,63 @@ def release_own_mount(own: MountEntry) -> str:
     return binds.unmount_exact(path, own.id, device=own.device, lazy=True)
 
 
-def check_mountpoint(path: Path) -> None:
+def remove_leftover_overlays(path: Path, cache_dir: Path) -> None:
+    """Unmount the overlays of kernel-served datasets a dead daemon of this cache dir left
+    on the mountpoint itself (a dataset at the mount root), topmost first.
+
+    Needed before the stale-mount check: an overlay on the mountpoint itself
+    answers ``statvfs``, so the dead FUSE mount under it would not be seen.
+    (Overlays on directories below go with the stale mount's lazy unmount.)
+    Dead for sure: the cache dir's lock is free (a live daemon holds it), and
+    only overlays whose tree is in this cache dir are touched. One WARNING line
+    for what cannot be unmounted; the checks below then refuse the mountpoint.
+    """
+    trees = cache_dir / "v1" / "trees"
+    canonical = os.path.realpath(path)
+    left = [o for o in overlay.leftovers(trees, Path(canonical)) if o.mount_point == canonical]
+    if not left or not _cache_dir_free(cache_dir):
+        return
+    log.warning(
+        "mountpoint=%s: %d overlays of a dead daemon left on it; unmounting them", path, len(left)
+    )
+    for found in reversed(left):
+        try:
+            binds.unmount_exact(Path(found.mount_point), found.id, lazy=True)
+        except OSError as exc:
+            log.warning(
+                "mountpoint=%s: cannot unmount the overlay left on %s: %s",
+                path,
+                found.mount_point,
+                exc.strerror or exc,
+            )
+
+
+def _cache_dir_free(cache_dir: Path) -> bool:
+    """No daemon holds the cache dir's lock (`cache.layout`)."""
+    try:
+        fd = os.open(cache_dir / "lock", os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # also releases the lock
+    return True
+
+
+def check_mountpoint(path: Path, cache_dir: Path | None = None) -> None:
     """A usable mountpoint is an existing, empty directory with no FUSE mount on it.
 
     An empty directory that is a mount point of another kind is fine:
     ``docker run -v /mnt/datasets:/mnt/datasets:rshared`` makes one (a bind).
     A stale mount left by a crashed daemon is cleaned first (so a restart
-    under systemd just works); only that mount, never one made meanwhile.
+    under systemd just works); only that mount, never one made meanwhile. With
+    ``cache_dir``, the overlays that daemon left go first.
     """
+    if cache_dir is not None and os.geteuid() == 0:
+        remove_leftover_overlays(path, cache_dir)
     if is_stale(path):
         log.warning("mountpoint=%s is a stale mount of a dead daemon; unmounting it", path)
         # Lazy: also detaches the binds of kernel-served datasets stacked on it.
@@ -127,6 +187,8 @@ def check_mountpoint(path: Path) -> None:
                 raise ConfigError(f"mountpoint {path} is not empty")
     except PermissionError:
         raise ConfigError(f"mountpoint {path} is not readable") from None
+    except OSError as exc:  # e.g. ENOTCONN under a mount this daemon could not remove
+        raise ConfigError(f"mountpoint {path} is not usable: {exc.strerror or exc}") from None
 
 
 def set_kernel_readahead(mount: MountEntry | None, kib: int) -> bool:

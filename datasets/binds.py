@@ -339,15 +339,6 @@ def _raise(exc: OSError) -> None:
     raise exc
 
 
-def relink(source: Path, dest: Path) -> None:
-    """Point the tree entry ``dest`` at ``source``'s inode in one rename."""
-    tmp = dest.with_name(f".{dest.name}.relink")
-    tmp.unlink(missing_ok=True)
-    os.chmod(source, 0o444)
-    os.link(source, tmp)
-    os.replace(tmp, dest)
-
-
 def remove_tree(path: Path) -> None:
     """Unlink a tree's links (open readers keep their inodes); rename first, so it is atomic."""
     if not path.exists():

@@ -155,6 +155,8 @@ class KernelChecks:
                     bind = kernel.binds.get(manifest.id)  # whatever is live now, not the snapshot's
                     if bind is not None:
                         await kernel.unbind(bind, f"{len(damaged)} files failed the check")
+                        for other in bind.ids - {manifest.id}:  # other shards: mounted again
+                            self.want(other)
                     kernel.notes[manifest.id] = self.damage_note(manifest) or ""
             break
         # Drop the bad blocks so the FUSE path fetches them again. Unlocked: the
@@ -226,7 +228,7 @@ class KernelChecks:
         check = self.results.get(manifest.id)
         if check is None or check.ok:
             return None
-        name = manifest.prefix[len(self.kernel.mount_prefix) :].rstrip("/")
+        name = manifest.prefix[len(self.kernel.mount_prefix) :].rstrip("/") or "."
         return (
             f"the {check.trigger} check at {_when(check.finished)} found {len(check.damaged)} "
             f"damaged files (e.g. {check.damaged[0]}); served through FUSE until "

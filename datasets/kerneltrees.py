@@ -8,6 +8,7 @@ is the dataset as a plain directory. Per manifest id::
     trees/<id>          the tree (bound over the dataset by `datasets.kernelserve`)
     trees/<id>.next     a tree being built; promoted to <id> once bound
     trees/<id>.synced   marks that <id> was ``syncfs``'d after it was built
+    trees/<id>.old      the tree the last swap replaced (`promote`)
 
 A tree is built completely and synced before it is bound. A tree without its
 ``.synced`` mark (crash, power loss), or one that no longer matches its
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Container
+from collections.abc import Container, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -43,27 +44,46 @@ class Layout(NamedTuple):
 
 @dataclass
 class Bind:
-    """A tree bound read-only over its dataset's directory in the mount."""
+    """A tree mounted read-only over its dataset's directory (an overlay or a bind).
 
-    manifest_id: str
+    One per dataset directory: the shards (and the whole) of one dataset pinned
+    here share it, their files merged in one tree (``members``: their manifest ids).
+    """
+
+    manifest_id: str  # the tree's id: `group_id` of the dataset's prefix
     target: Path
     tree: Path
     mount_id: int
     owner: str  # the pin-store hold that keeps the tree's objects pinned
     oids: frozenset[str]
+    members: frozenset[str] = frozenset()  # empty: the manifest ``manifest_id`` alone
+    kind: str = "bind"  # or "overlay" (`datasets.kernelmounts`)
+    prefix: str = ""
+
+    @property
+    def ids(self) -> frozenset[str]:
+        return self.members or frozenset({self.manifest_id})
 
 
 def layout_of(
-    cache: BlockCache, bucket: str, prefix: str, objects: list[ObjectInfo], manifest_dirs: list[str]
+    cache: BlockCache,
+    bucket: str,
+    prefix: str,
+    objects: list[ObjectInfo],
+    manifest_dirs: list[str],
+    others: Sequence[str] = (),
 ) -> Layout | None:
     """The tree of these objects; None if one is not complete in the cache.
 
-    Reads the cache's records (lookups only, no iteration: thread-safe).
+    ``others``: the dataset's other keys (a shard's manifest lists them), which
+    may hide a file behind a directory of the same name. Reads the cache's
+    records (lookups only, no iteration: thread-safe).
     """
     dirs = frozenset(d[len(prefix) :].rstrip("/") for d in manifest_dirs)
+    keys = [*(i.key for i in objects), *others]
     parents = {
         "/".join(parts[:depth])
-        for rel in [*(i.key[len(prefix) :] for i in objects), *(d + "/" for d in dirs)]
+        for rel in [*(k[len(prefix) :] for k in keys), *(d + "/" for d in dirs)]
         for parts in [rel.split("/")]
         for depth in range(1, len(parts))
     }
@@ -80,6 +100,25 @@ def layout_of(
         entries.append(binds.TreeEntry(rel, source, info.size, info.mtime_ns))
         versions.append(version if info.size else None)
     return Layout(entries, dirs, versions, frozenset(oids))
+
+
+def merge(layouts: list[Layout]) -> Layout:
+    """One tree of several manifests of one dataset (shards, or a shard and the whole).
+
+    A path two of them have comes from the first (the caller orders them, newest
+    first); a file that is a directory in another one is left out, as in the FUSE view.
+    """
+    if len(layouts) == 1:
+        return layouts[0]
+    dirs = frozenset().union(*(layout.dirs for layout in layouts))
+    entries: dict[str, tuple[binds.TreeEntry, ObjectVersion | None]] = {}
+    for layout in layouts:
+        for entry, version in zip(layout.entries, layout.versions, strict=True):
+            entries.setdefault(entry.rel, (entry, version))
+    parents = binds.tree_dirs([e for e, _ in entries.values()], dirs)
+    kept = [(e, v) for rel, (e, v) in sorted(entries.items()) if rel not in parents]
+    oids = frozenset().union(*(layout.oids for layout in layouts))
+    return Layout([e for e, _ in kept], dirs, [v for _, v in kept], oids)
 
 
 def next_path(tree: Path) -> Path:
@@ -121,17 +160,31 @@ def stage(tree: Path, layout: Layout) -> bool:
 
 
 def promote(tree: Path) -> None:
-    """The staged tree becomes ``trees/<id>`` (a bound mount's root may be renamed)."""
+    """The staged tree becomes ``trees/<id>``; the tree it replaces is set aside whole.
+
+    Set aside (``<id>.old``), not removed: a swap detaches the old mount lazily,
+    and a reader still walking it would see its directories empty if the tree
+    were emptied under it (a lower layer must not change). The tree set aside
+    one swap earlier goes now; what is left goes at unmount and at start.
+    """
     synced = synced_path(tree)
     synced.unlink(missing_ok=True)
-    binds.remove_tree(tree)
+    aside = old_path(tree)
+    discard(aside)
+    if tree.exists():
+        os.replace(tree, aside)
     os.replace(next_path(tree), tree)
     synced.touch(mode=0o600)
+
+
+def old_path(tree: Path) -> Path:
+    return tree.with_name(f"{tree.name}.old")
 
 
 def remove(tree: Path) -> None:
     synced_path(tree).unlink(missing_ok=True)
     binds.remove_tree(tree)
+    discard(old_path(tree))
 
 
 def discard(path: Path) -> None:

@@ -61,6 +61,10 @@ class Manifest:
     dirs: set[str] = field(default_factory=set)
     complete: bool = False
     verified_at: float | None = None
+    # A shard's: the dataset's other files, as listed when it was prefetched (None: not
+    # recorded, an unsharded manifest or an earlier release). With it, the shard's
+    # manifest answers the whole dataset's directories without S3.
+    listing: dict[str, ObjectInfo] | None = None
 
     @property
     def id(self) -> str:
@@ -201,28 +205,48 @@ class PinStore:
         return self._ancestors.get(dir_prefix)
 
     def _rebuild(self) -> None:
-        """Index every directory inside complete, unsharded manifests. Must not await."""
+        """Index every directory inside complete manifests (a shard's with the dataset's
+        listing it recorded). Must not await."""
         listings: dict[str, Listing] = {}
         ancestors: dict[str, Listing] = {}
-        for manifest in self.manifests.values():
-            if not manifest.complete or manifest.shard is not None:
-                continue  # a shard holds part of each directory: S3 still lists them
-            listings.setdefault(manifest.prefix, Listing())
-            parts = manifest.prefix.rstrip("/").split("/")
+        for prefix, (files, dirs) in self._datasets().items():
+            listings.setdefault(prefix, Listing())
+            parts = prefix.rstrip("/").split("/")
             for depth in range(len(parts)):
                 above = "".join(p + "/" for p in parts[:depth])
                 child = above + parts[depth] + "/"
                 entry = ancestors.setdefault(above, Listing())
                 if child not in entry.prefixes:
                     entry.prefixes.append(child)
-            for info in manifest.objects.values():
-                parent = _add_parents(listings, manifest.prefix, info.key)
+            for info in files.values():
+                parent = _add_parents(listings, prefix, info.key)
                 listings.setdefault(parent, Listing()).objects.append(info)
-            for directory in sorted(manifest.dirs):
-                _add_parents(listings, manifest.prefix, directory + "x")
+            for directory in sorted(dirs):
+                _add_parents(listings, prefix, directory + "x")
         self._listings = listings
         self._ancestors = ancestors
         self.generation += 1
+
+    def _datasets(self) -> dict[str, tuple[dict[str, ObjectInfo], set[str]]]:
+        """Per pinned dataset directory: its files and extra directories. The shards of one
+        dataset merge: each one's pinned objects over the listings, the newest listing last.
+        A shard of an earlier release (no listing) holds part of each directory: S3 lists it."""
+        found: dict[str, tuple[dict[str, ObjectInfo], set[str]]] = {}
+        usable = [
+            m
+            for m in self.manifests.values()
+            if m.complete and (m.shard is None or m.listing is not None)
+        ]
+        whole = {m.prefix for m in usable if m.shard is None}
+        usable.sort(key=lambda m: m.verified_at or 0)
+        for manifest in usable:
+            files, dirs = found.setdefault(manifest.prefix, ({}, set()))
+            if manifest.listing is not None and manifest.prefix not in whole:
+                files.update(manifest.listing)
+            dirs.update(manifest.dirs)
+        for manifest in usable:
+            found[manifest.prefix][0].update(manifest.objects)
+        return found
 
 
 def _add_parents(listings: dict[str, Listing], prefix: str, key: str) -> str:
@@ -249,6 +273,11 @@ def _encode(m: Manifest) -> dict[str, object]:
         # Beside "objects", not in its rows: older daemons read this manifest as before.
         "checks": {k: c.encode() for k, c in m.checks.items() if k in m.objects},
         "dirs": sorted(m.dirs),  # absent in manifests of earlier releases
+        **(
+            {}
+            if m.listing is None
+            else {"listing": [list(asdict(o).values()) for o in m.listing.values()]}
+        ),
     }
 
 
@@ -267,6 +296,9 @@ def _decode(data: dict[str, object]) -> Manifest:
         manifest.objects[key] = ObjectInfo(key, size, etag, mtime_ns)
         if md5:
             manifest.md5[key] = md5
+    if data.get("listing") is not None:
+        rows = data["listing"]
+        manifest.listing = {row[0]: ObjectInfo(*row) for row in rows}  # type: ignore[attr-defined]
     for key, check in dict(data.get("checks") or {}).items():  # type: ignore[call-overload]
         if key in manifest.objects:
             manifest.checks[key] = Check.decode(check)

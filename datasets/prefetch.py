@@ -138,6 +138,7 @@ class PrefetchJob:
 
     async def _list(self, send: trio.MemorySendChannel[Any]) -> None:
         pages = self.store.list_tree(self.prefix)
+        others: dict[str, ObjectInfo] = {}  # a shard's: the dataset's other files
         while True:
             page = await trio.to_thread.run_sync(next, pages, None)
             if page is None:
@@ -155,9 +156,13 @@ class PrefetchJob:
                     self.prefix,
                 )
             accepted = [i for i in valid if self.shard is None or self.shard.holds(i.key)]
+            if self.shard is not None:
+                others.update((i.key, i) for i in valid if not self.shard.holds(i.key))
             self._admit(accepted)
             for info in accepted:
                 await self._queue(info, send)
+        if self.shard is not None:  # the whole listing: the manifest answers every directory
+            self.manifest.listing = others
         self.progress.listing_done = True
         self._check_done()
         if self.progress.files_total == 0 and not self.progress.files_skipped:

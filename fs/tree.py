@@ -334,10 +334,27 @@ class Tree:
         stale: list[tuple[int, str]] = []
         for node in list(self._nodes.values()):
             if node.is_dir and (node.pin_generation >= 0 or node.pinned):
+                listing = self.pins.listing(node.key) if self.pins else None
+                if listing is not None and node.children is not None and self.pins is not None:
+                    # Still pinned: only the names whose inode changes are forgotten. A
+                    # kernel-serve overlay holds these entries as its lower layer: one
+                    # forgotten needlessly is ESTALE through the overlay.
+                    old = dict(node.children)
+                    self._apply_listing(node, listing, pinned=True)
+                    node.pin_generation = self.pins.generation
+                    gone = [n for n, i in old.items() if node.children.get(n) != i]
+                    stale.extend(
+                        (node.ino, n) for n in gone if self._is_dir(old[n])
+                    )  # files: above
+                    continue
                 stale.extend((node.ino, name) for name in node.children or {})
                 node.children, node.listed_at, node.pin_generation = None, None, -1
         if stale:
             self.invalidate(stale)
+
+    def _is_dir(self, ino: int) -> bool:
+        node = self._nodes.get(ino)
+        return node is not None and node.is_dir
 
     def timeout(self, node: Node) -> float:
         """How long the kernel may trust this entry: pinned data does not change under us."""
