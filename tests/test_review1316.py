@@ -11,6 +11,7 @@ import subprocess
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+from s3cachefs import DatasetProvider
 from s3cachefs.datasets.dirfetch import FetchItem, FetchResult, ObjectFetcher, ThreadFetcher
 from s3cachefs.datasets.dirresult import SyncOptions
 from s3cachefs.datasets.dirsync import DirSync
@@ -124,3 +125,23 @@ def test_unmount_after_kill_9_with_a_mount_root_overlay(bucket: Bucket, mounter:
     finally:
         for _ in range(4):  # the overlay, then the dead FUSE mount under it
             subprocess.run(["umount", "-l", str(mount.path)], check=False, capture_output=True)
+
+
+def test_both_modes_agree_on_a_key_that_is_also_a_directory(
+    bucket: Bucket, tmp_path: Path, mounter: Mounter
+) -> None:
+    """api/daemonmode.py:80 vs datasets/dirplan.py:329: with ``ds/a`` and ``ds/a/b`` in S3,
+    directory mode skips ``a`` (the directory wins, as in the FUSE view) but daemon mode
+    returns ``a`` among the keys (prefetch pins it): a launcher hands a worker a key that is
+    a directory at ``path/key``, and ``objects``/``bytes`` differ between the modes."""
+    bucket.put("ds/a", b"file hidden by the directory a/")
+    bucket.put("ds/a/b", b"inside a")
+    bucket.put("ds/c", b"plain")
+    mount = mounter(bucket.name, "--min-free", "0")
+    served = DatasetProvider(bucket.name, mountpoint=mount.path).ensure("ds")
+    synced = DatasetProvider(
+        bucket.name, directory=tmp_path / "data", endpoint_url=bucket.server.endpoint_url
+    ).ensure("ds")
+    assert synced.keys == ("a/b", "c")
+    assert served.keys == synced.keys
+    assert all((served.path / key).is_file() for key in served.keys)
