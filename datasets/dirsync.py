@@ -112,8 +112,10 @@ class DirSync:
             self._check_room(todo.bytes_needed)
             manifest.shard = str(self.options.shard) if self.options.shard else None
             manifest.complete, manifest.failed = False, {}
-            manifest.objects = {**todo.present, **_still(manifest.objects, todo.fetch)}
-            manifest.kept = {}
+            manifest.objects = {**todo.present, **_still(manifest, todo.fetch)}
+            # Files S3 (or the shard) no longer lists stay recorded until deleted from DEST:
+            # a kill -9 before the end must not make a later `--delete` forget them.
+            manifest.kept = dict(todo.gone)
             dm.save(self.dest, manifest)  # compacts the last run's journal; not complete
             journal = Journal(self.dest, manifest)
             try:
@@ -206,15 +208,15 @@ class DirSync:
 
     def _gone(self, todo: Plan, listed: Listed, manifest: DirManifest, journal: Journal) -> None:
         """Objects S3 no longer lists: deleted with ``delete`` (never another shard's)."""
-        for rel, entry in sorted(todo.gone.items()):
+        for rel in sorted(todo.gone):
             if not self.options.delete or rel in listed.all_keys:
-                manifest.kept[rel] = entry
                 self.result.kept.append(rel)
                 continue
             path = self.dest / rel
             with suppress(FileNotFoundError):
                 path.unlink()
             journal.deleted(rel)
+            manifest.kept.pop(rel, None)
             self.result.deleted.append(rel)
             _prune(path.parent, self.dest)
 
@@ -337,9 +339,9 @@ class DirSync:
         self._progress(force=True)
 
 
-def _still(objects: dict[str, Entry], fetch: dict[str, ObjectInfo]) -> dict[str, Entry]:
+def _still(manifest: DirManifest, fetch: dict[str, ObjectInfo]) -> dict[str, Entry]:
     """Files of changed objects: still in DEST (the old version) until replaced."""
-    return {k: e for k, e in objects.items() if k in fetch}
+    return {k: e for k, e in {**manifest.kept, **manifest.objects}.items() if k in fetch}
 
 
 def _unlink(path: Path) -> None:

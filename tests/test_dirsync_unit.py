@@ -3,10 +3,12 @@ made to do on cue (an object replaced or deleted between the listing and its GET
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import os
+import signal
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from s3cachefs.datasets.dirfetch import ObjectFetcher, ThreadFetcher
+from s3cachefs.datasets.dirfetch import FetchItem, FetchResult, ObjectFetcher, ThreadFetcher
 from s3cachefs.datasets.dirresult import SyncOptions
 from s3cachefs.datasets.dirsync import DirSync
 from s3cachefs.store.checksums import Check
@@ -50,3 +52,45 @@ def test_an_object_replaced_after_the_listing_is_fetched_at_its_new_version(
     second = DirSync(options, store, fetcher).run()
     assert second.complete and second.fetched == 0
     assert store.requests["get"] == 0
+
+
+class KillSelf:
+    """A fetcher whose process is killed (SIGKILL) as soon as the fetches start."""
+
+    bytes_received = 0
+
+    def fetch(self, items: Sequence[FetchItem], **_: object) -> Iterator[FetchResult | None]:
+        os.kill(os.getpid(), signal.SIGKILL)
+        yield None
+
+
+def killed_run(options: SyncOptions, store: MemoryStore) -> None:
+    """A DirSync run in a forked child, killed with SIGKILL once it starts fetching."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            DirSync(options, store, lambda s, p: KillSelf()).run()
+        finally:
+            os._exit(1)  # never back into pytest
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+
+
+def test_delete_after_a_killed_run_still_deletes_what_s3_deleted(tmp_path: Path) -> None:
+    """A run killed (-9) after its first manifest save still has, recorded as kept, the
+    files S3 no longer lists: a later ``--delete`` run deletes them (review 13/16)."""
+    store = MemoryStore()
+    for name in ("a", "b", "c"):
+        store.put(f"ds/{name}.bin", name.encode() * 100)
+    dest = tmp_path / "dest"
+    options = SyncOptions(store.bucket, "ds/", dest)
+    assert DirSync(options, store, fetcher).run().complete
+
+    store.delete("ds/b.bin")  # deleted in S3
+    store.put("ds/d.bin", b"new object")  # something to fetch: the kill lands mid-run
+    killed_run(options, store)
+
+    final = DirSync(SyncOptions(store.bucket, "ds/", dest, delete=True), store, fetcher).run()
+    assert final.complete
+    assert "b.bin" in final.deleted
+    assert not (dest / "b.bin").exists(), "a --delete sync left a file S3 deleted"
