@@ -9,7 +9,9 @@ the top. Each skip is one WARNING with the count and the first keys.
 An object is already in DEST when the manifest records it verified at the
 same ETag and size and the file is still there with the size and mtime that
 run gave it; anything else is fetched again (`verify --dir` re-reads the
-bytes themselves).
+bytes themselves). A path whose directory resolves out of DEST (a symlinked
+directory) is refused, one WARNING each: the sync never writes nor deletes
+outside DEST (`leaves_dest`).
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ class Plan:
     fetch: dict[str, ObjectInfo] = field(default_factory=dict)  # new or changed
     present: dict[str, Entry] = field(default_factory=dict)  # verified earlier, unchanged
     gone: dict[str, Entry] = field(default_factory=dict)  # in DEST, no longer listed
+    refused: dict[str, ObjectInfo] = field(default_factory=dict)  # would land outside DEST
 
     @property
     def bytes_needed(self) -> int:
@@ -91,7 +94,9 @@ def plan(dest: Path, manifest: DirManifest, listed: Listed) -> Plan:
     result = Plan()
     for rel, info in listed.objects.items():
         entry = manifest.objects.get(rel) or manifest.kept.get(rel)
-        if entry is not None and _unchanged(dest / rel, entry, info):
+        if "/" in rel and leaves_dest(dest, rel):
+            result.refused[rel] = info
+        elif entry is not None and _unchanged(dest / rel, entry, info):
             result.present[rel] = entry
         else:
             result.fetch[rel] = info
@@ -99,6 +104,18 @@ def plan(dest: Path, manifest: DirManifest, listed: Listed) -> Plan:
         if rel not in listed.objects:
             result.gone[rel] = entry
     return result
+
+
+def leaves_dest(dest: Path, rel: str) -> bool:
+    """True (and one WARNING) if DEST/``rel``'s directory resolves outside DEST (a symlinked
+    directory in DEST): the sync never writes nor deletes there. A path is checked just
+    before use; a symlink swapped in between is the DEST owner's own doing."""
+    top = os.path.realpath(dest)
+    parent = os.path.realpath((dest / rel).parent)
+    if parent == top or parent.startswith(top + "/"):
+        return False
+    log.warning("sync refused %s: its directory leads out of %s (to %s)", rel, dest, parent)
+    return True
 
 
 def _unchanged(path: Path, entry: Entry, info: ObjectInfo) -> bool:

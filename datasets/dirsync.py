@@ -47,7 +47,7 @@ from s3cachefs.datasets import dirmanifest as dm
 from s3cachefs.datasets.dircheck import fatal, verdict
 from s3cachefs.datasets.dirfetch import FetchItem, FetchResult, ObjectFetcher, ThreadFetcher
 from s3cachefs.datasets.dirmanifest import DirManifest, Entry, Journal
-from s3cachefs.datasets.dirplan import Listed, Plan, list_dataset, plan
+from s3cachefs.datasets.dirplan import Listed, Plan, leaves_dest, list_dataset, plan
 from s3cachefs.datasets.dirresult import SyncOptions, SyncResult, free_space, human_bytes
 from s3cachefs.store import checkplan
 from s3cachefs.store.checksums import Check
@@ -112,7 +112,7 @@ class DirSync:
             self._check_room(todo.bytes_needed)
             manifest.shard = str(self.options.shard) if self.options.shard else None
             manifest.complete, manifest.failed = False, {}
-            manifest.objects = {**todo.present, **_still(manifest, todo.fetch)}
+            manifest.objects = {**todo.present, **_still(manifest, {**todo.fetch, **todo.refused})}
             # Files S3 (or the shard) no longer lists stay recorded until deleted from DEST:
             # a kill -9 before the end must not make a later `--delete` forget them.
             manifest.kept = dict(todo.gone)
@@ -209,7 +209,7 @@ class DirSync:
     def _gone(self, todo: Plan, listed: Listed, manifest: DirManifest, journal: Journal) -> None:
         """Objects S3 no longer lists: deleted with ``delete`` (never another shard's)."""
         for rel in sorted(todo.gone):
-            if not self.options.delete or rel in listed.all_keys:
+            if not self.options.delete or rel in listed.all_keys or leaves_dest(self.dest, rel):
                 self.result.kept.append(rel)
                 continue
             path = self.dest / rel
@@ -223,6 +223,8 @@ class DirSync:
     # ---- fetches -------------------------------------------------------------
 
     def _fetch_all(self, todo: Plan, manifest: DirManifest, journal: Journal) -> None:
+        for rel, info in todo.refused.items():
+            self.result.failed[info.key] = f"refused: {rel}'s directory leads out of {self.dest}"
         items = [self._item(info, None) for info in todo.fetch.values()]
         for attempt in (1, 2):
             again: list[FetchItem] = []
@@ -295,6 +297,10 @@ class DirSync:
         info = item.info
         rel = info.key[len(self.options.prefix) :]
         final = self.dest / rel
+        if leaves_dest(self.dest, rel):  # a symlink made since the plan
+            _unlink(item.path)
+            self.result.failed[info.key] = f"refused: its directory leads out of {self.dest}"
+            return
         try:
             os.utime(item.path, ns=(info.mtime_ns, info.mtime_ns))
             final.parent.mkdir(parents=True, exist_ok=True)

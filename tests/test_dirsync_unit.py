@@ -7,7 +7,9 @@ import os
 import signal
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
+from s3cachefs.datasets import dirmanifest
 from s3cachefs.datasets.dirfetch import FetchItem, FetchResult, ObjectFetcher, ThreadFetcher
 from s3cachefs.datasets.dirresult import SyncOptions
 from s3cachefs.datasets.dirsync import DirSync
@@ -94,3 +96,49 @@ def test_delete_after_a_killed_run_still_deletes_what_s3_deleted(tmp_path: Path)
     assert final.complete
     assert "b.bin" in final.deleted
     assert not (dest / "b.bin").exists(), "a --delete sync left a file S3 deleted"
+
+
+def test_delete_never_removes_a_file_outside_dest_through_a_symlink(tmp_path: Path) -> None:
+    """A directory of DEST that is a symlink leads outside DEST: ``--delete`` keeps the file
+    there (one warning), never removes it (review 13/16)."""
+    store = MemoryStore()
+    store.put("ds/sub/f.bin", b"synced")
+    store.put("ds/keep.bin", b"stays")
+    dest = tmp_path / "dest"
+    assert DirSync(SyncOptions(store.bucket, "ds/", dest), store, fetcher).run().complete
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "f.bin").write_bytes(b"not the sync's: someone else's file")
+    (dest / "sub" / "f.bin").unlink()
+    (dest / "sub").rmdir()
+    (dest / "sub").symlink_to(outside)  # e.g. a directory moved to a bigger disk
+
+    store.delete("ds/sub/f.bin")
+    DirSync(SyncOptions(store.bucket, "ds/", dest, delete=True), store, fetcher).run()
+    assert (outside / "f.bin").exists(), "--delete removed a file outside DEST"
+
+
+def test_sync_never_writes_outside_dest_through_a_symlink(tmp_path: Path, caplog: Any) -> None:
+    """An object whose directory in DEST is a symlink leading out of DEST is refused (failed,
+    one warning naming it): nothing is written there, nor recorded as present."""
+    store = MemoryStore()
+    store.put("ds/sub/f.bin", b"synced")
+    dest = tmp_path / "dest"
+    assert DirSync(SyncOptions(store.bucket, "ds/", dest), store, fetcher).run().complete
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (dest / "sub" / "f.bin").rename(outside / "f.bin")  # same size and mtime as synced
+    (dest / "sub").rmdir()
+    (dest / "sub").symlink_to(outside)
+    store.put("ds/sub/new/g.bin", b"new object")
+
+    result = DirSync(SyncOptions(store.bucket, "ds/", dest), store, fetcher).run()
+    assert not result.complete
+    assert set(result.failed) == {"ds/sub/f.bin", "ds/sub/new/g.bin"}
+    assert sorted(p.name for p in outside.iterdir()) == ["f.bin"]
+    refused = [r.getMessage() for r in caplog.records if "sync refused" in r.getMessage()]
+    assert len(refused) == 2, refused
+    # The file the sync wrote stays recorded (it is only out of reach), never forgotten.
+    manifest = dirmanifest.load(dest)
+    assert manifest is not None and "sub/f.bin" in manifest.objects
