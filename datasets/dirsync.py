@@ -161,6 +161,9 @@ class DirSync:
             yield
 
     def _count(self, listed: Listed, todo: Plan) -> Plan:
+        if not listed.objects and not listed.skipped:  # as `prefetch`: a typo is no dataset
+            shard = f" in shard {self.options.shard}" if self.options.shard else ""
+            raise ConfigError(f"{self.options.source} holds no objects{shard}")
         r = self.result
         r.files_total = len(listed.objects)
         r.bytes_total = sum(i.size for i in listed.objects.values())

@@ -9,10 +9,14 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from s3cachefs.base.errors import ConfigError
 from s3cachefs.datasets import dirmanifest
 from s3cachefs.datasets.dirfetch import FetchItem, FetchResult, ObjectFetcher, ThreadFetcher
 from s3cachefs.datasets.dirresult import SyncOptions
 from s3cachefs.datasets.dirsync import DirSync
+from s3cachefs.datasets.pins import Shard
 from s3cachefs.store.checksums import Check
 from s3cachefs.store.types import ObjectInfo, ObjectStore
 from s3cachefs.testing.memorystore import MemoryStore
@@ -142,3 +146,19 @@ def test_sync_never_writes_outside_dest_through_a_symlink(tmp_path: Path, caplog
     # The file the sync wrote stays recorded (it is only out of reach), never forgotten.
     manifest = dirmanifest.load(dest)
     assert manifest is not None and "sub/f.bin" in manifest.objects
+
+
+def test_a_dataset_with_no_objects_is_refused_as_prefetch_refuses_it(tmp_path: Path) -> None:
+    """A prefix with no objects (a typo) is refused "holds no objects", dry run or not, as
+    `prefetch` refuses it; never "complete and verified" (review 13/16). A shard that holds
+    none of a dataset's objects is refused too (as prefetch), naming the shard."""
+    store = MemoryStore()
+    store.put("dataset-v3/a.bin", b"x")
+    for dry_run in (False, True):
+        typo = SyncOptions(store.bucket, "dataset-v3-typo/", tmp_path / "dest", dry_run=dry_run)
+        with pytest.raises(ConfigError, match=r"^s3://.*/dataset-v3-typo/ holds no objects$"):
+            DirSync(typo, store, fetcher).run()
+    empty = next(Shard(i, 2) for i in range(2) if not Shard(i, 2).holds("dataset-v3/a.bin"))
+    options = SyncOptions(store.bucket, "dataset-v3/", tmp_path / "shard", shard=empty)
+    with pytest.raises(ConfigError, match=f"holds no objects in shard {empty}$"):
+        DirSync(options, store, fetcher).run()

