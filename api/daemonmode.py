@@ -28,11 +28,12 @@ def _daemon(mountpoint: Path, bucket: str) -> tuple[MountRecord, str]:
 
 
 def _relative(record: MountRecord, mount_prefix: str, full: str) -> str:
-    """The dataset's name under the mount (the daemon's DATASET)."""
+    """The dataset's name under the mount (the daemon's DATASET): "." for the mount root,
+    as the daemon names it (`daemon.commands`)."""
     root = mount_prefix + "/" if mount_prefix else ""
     if not full.startswith(root):
         raise ConfigError(f"{full.rstrip('/')} is not under the mount's {record.source}")
-    return full[len(root) :].rstrip("/")
+    return full[len(root) :].rstrip("/") or "."
 
 
 def ensure(
@@ -93,13 +94,14 @@ def status(mountpoint: Path, bucket: str, prefix: str) -> list[DatasetState]:
     record, mount_prefix = _daemon(mountpoint, bucket)
     states = []
     for d in _status(record)["datasets"]:
-        full = f"{mount_prefix}/{d['dataset']}" if mount_prefix else str(d["dataset"])
+        rel = "" if d["dataset"] == "." else str(d["dataset"])  # "." is the mount root
+        full = "/".join(p for p in (mount_prefix, rel) if p)
         if not (full + "/").startswith(prefix):
             continue
         states.append(
             DatasetState(
                 name=full[len(prefix) :],
-                path=Path(record.mountpoint) / str(d["dataset"]),
+                path=Path(record.mountpoint) / rel,
                 objects=int(d["objects"]),
                 bytes=int(d["bytes"]),
                 complete=bool(d["complete"]),

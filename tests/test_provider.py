@@ -199,3 +199,22 @@ def test_threads_and_trio_share_one_provider(bucket: Bucket, tmp_path: Path) -> 
         return dataset
 
     assert contents(trio.run(main)) == data
+
+
+def test_a_dataset_at_the_mount_root_is_named_as_the_daemon_names_it(
+    bucket: Bucket, mounter: Mounter
+) -> None:
+    """A mount of BUCKET/ds: dataset ``ds`` is the mount root, "." to the daemon. It is
+    kernel-served once complete, and `status` names it ``ds`` at the mountpoint."""
+    data = fill(bucket)
+    mount = mounter(f"{bucket.name}/ds")
+    daemon = DatasetProvider(bucket.name, mountpoint=mount.path)
+    served = daemon.ensure("ds")
+    assert served.path == mount.path and served.keys == tuple(sorted(data))
+    assert served.kernel_served
+    states = {s.name: s for s in daemon.status()}
+    assert set(states) == {"ds"}
+    assert states["ds"].path == mount.path and states["ds"].kernel_served
+    assert daemon.verify("ds").ok
+    assert daemon.evict("ds") > 0
+    assert daemon.status() == []
