@@ -26,7 +26,6 @@ from trio: ``await trio.to_thread.run_sync(functools.partial(provider.ensure,
 from __future__ import annotations
 
 import os
-import shutil
 import threading
 import tomllib
 from collections.abc import Callable, Mapping
@@ -38,6 +37,7 @@ from s3cachefs.api.types import Dataset, DatasetState, Progress, VerifyReport
 from s3cachefs.base.errors import ConfigError
 from s3cachefs.base.values import endpoint, parse_target
 from s3cachefs.datasets import dirmanifest
+from s3cachefs.datasets.direvict import evict_dir
 from s3cachefs.datasets.dirresult import SyncOptions, require_complete
 from s3cachefs.datasets.dirsync import DEFAULT_JOBS, s3_sync
 from s3cachefs.datasets.pins import Shard
@@ -272,15 +272,10 @@ class DatasetProvider:
         )
 
     def evict(self, dataset: str) -> int:
-        """Unpin and free the dataset (daemon), or delete its synced directory; bytes freed."""
+        """Unpin and free the dataset (daemon), or delete the files its syncs wrote into its
+        directory, under the sync lock (`datasets.direvict`); bytes freed."""
         full = self._full(dataset)
         name = dataset.strip("/")
         if self.mountpoint is not None:
             return daemonmode.evict(self.mountpoint, self.bucket, full)
-        dest = self._dest(name)
-        manifest = dirmanifest.load(dest) if dest.is_dir() else None
-        if manifest is None:
-            raise ConfigError(f"{dest} is not a synced dataset: nothing evicted")
-        freed = sum(e.size for e in [*manifest.objects.values(), *manifest.kept.values()])
-        shutil.rmtree(dest)
-        return freed
+        return evict_dir(self._dest(name))

@@ -118,6 +118,16 @@ def leaves_dest(dest: Path, rel: str) -> bool:
     return True
 
 
+def prune(folder: Path, top: Path) -> None:
+    """Remove directories emptied by deletes, up to (not including) DEST."""
+    while folder != top and top in folder.parents:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+        folder = folder.parent
+
+
 def _unchanged(path: Path, entry: Entry, info: ObjectInfo) -> bool:
     if (entry.etag, entry.size) != (info.etag, info.size):
         return False

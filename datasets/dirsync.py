@@ -47,7 +47,7 @@ from s3cachefs.datasets import dirmanifest as dm
 from s3cachefs.datasets.dircheck import fatal, verdict
 from s3cachefs.datasets.dirfetch import FetchItem, FetchResult, ObjectFetcher, ThreadFetcher
 from s3cachefs.datasets.dirmanifest import DirManifest, Entry, Journal
-from s3cachefs.datasets.dirplan import Listed, Plan, leaves_dest, list_dataset, plan
+from s3cachefs.datasets.dirplan import Listed, Plan, leaves_dest, list_dataset, plan, prune
 from s3cachefs.datasets.dirresult import SyncOptions, SyncResult, free_space, human_bytes
 from s3cachefs.store import checkplan
 from s3cachefs.store.checksums import Check
@@ -221,7 +221,7 @@ class DirSync:
             journal.deleted(rel)
             manifest.kept.pop(rel, None)
             self.result.deleted.append(rel)
-            _prune(path.parent, self.dest)
+            prune(path.parent, self.dest)
 
     # ---- fetches -------------------------------------------------------------
 
@@ -356,16 +356,6 @@ def _still(manifest: DirManifest, fetch: dict[str, ObjectInfo]) -> dict[str, Ent
 def _unlink(path: Path) -> None:
     with suppress(FileNotFoundError):
         path.unlink()
-
-
-def _prune(folder: Path, top: Path) -> None:
-    """Remove directories emptied by deletes, up to (not including) DEST."""
-    while folder != top and top in folder.parents:
-        try:
-            folder.rmdir()
-        except OSError:
-            return
-        folder = folder.parent
 
 
 def s3_sync(

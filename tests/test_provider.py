@@ -6,6 +6,7 @@ Real S3 (moto on 127.0.0.1), real mounts (`mounter`), no mocks.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import functools
 import random
 import threading
@@ -22,6 +23,7 @@ from s3cachefs.base.errors import (
     NoSuchBucketError,
     NotEnoughSpaceError,
 )
+from s3cachefs.datasets import dirmanifest
 from tests.conftest import Bucket, Mounter
 
 MIB = 1 << 20
@@ -218,3 +220,27 @@ def test_a_dataset_at_the_mount_root_is_named_as_the_daemon_names_it(
     assert daemon.verify("ds").ok
     assert daemon.evict("ds") > 0
     assert daemon.status() == []
+
+
+def test_directory_mode_evict_takes_the_sync_lock_and_removes_only_the_syncs_files(
+    bucket: Bucket, tmp_path: Path
+) -> None:
+    data = fill(bucket)
+    provider = directory_provider(bucket, tmp_path)
+    dataset = provider.ensure("ds")
+    (dataset.path / "notes.txt").write_text("mine, not the sync's")
+    (dataset.path / "part0" / "mine.bin").write_bytes(b"also mine")
+    state = dataset.path / dirmanifest.STATE_DIR
+
+    with (state / "lock").open("a") as lock:  # a sync writing into DEST
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with pytest.raises(ConfigError, match="another sync is writing into"):
+            provider.evict("ds")
+    assert contents(dataset) == data
+
+    assert provider.evict("ds") == sum(map(len, data.values()))
+    left = sorted(str(p.relative_to(dataset.path)) for p in dataset.path.rglob("*"))
+    assert left == ["notes.txt", "part0", "part0/mine.bin"]
+    assert provider.status() == []
+    with pytest.raises(ConfigError, match="is not a synced dataset"):
+        provider.evict("ds")
