@@ -35,6 +35,7 @@ import trio
 from s3cachefs.base.errors import NotEnoughSpaceError, S3CacheFSError, StoreError
 from s3cachefs.cache.blockcache import BlockCache
 from s3cachefs.cache.blocks import ObjectVersion
+from s3cachefs.datasets.keyshadow import Shadowed
 from s3cachefs.datasets.objectcheck import ObjectCheck, ObjectFailed
 from s3cachefs.datasets.pins import Manifest, PinStore, Shard
 from s3cachefs.datasets.prefetchprogress import PROGRESS_INTERVAL, Progress, Report
@@ -139,9 +140,11 @@ class PrefetchJob:
     async def _list(self, send: trio.MemorySendChannel[Any]) -> None:
         pages = self.store.list_tree(self.prefix)
         others: dict[str, ObjectInfo] = {}  # a shard's: the dataset's other files
+        shadow = Shadowed()  # a key that is also a directory: the directory wins, as in FUSE
         while True:
             page = await trio.to_thread.run_sync(next, pages, None)
             if page is None:
+                await self._take(shadow.flush(), others, send)
                 break
             files = [info for info in page if not info.key.endswith("/")]  # not dir markers
             valid = [info for info in files if valid_key(info.key, self.prefix)]
@@ -155,18 +158,24 @@ class PrefetchJob:
                     len(files) - len(valid),
                     self.prefix,
                 )
-            accepted = [i for i in valid if self.shard is None or self.shard.holds(i.key)]
-            if self.shard is not None:
-                others.update((i.key, i) for i in valid if not self.shard.holds(i.key))
-            self._admit(accepted)
-            for info in accepted:
-                await self._queue(info, send)
+            await self._take(shadow.feed(valid), others, send)
+        self.progress.files_skipped += shadow.warn("prefetch", self.prefix)
         if self.shard is not None:  # the whole listing: the manifest answers every directory
             self.manifest.listing = others
         self.progress.listing_done = True
         self._check_done()
         if self.progress.files_total == 0 and not self.progress.files_skipped:
             raise PrefetchRefused(f"s3://{self.store.bucket}/{self.prefix} holds no objects")
+
+    async def _take(
+        self, valid: list[ObjectInfo], others: dict[str, ObjectInfo], send: Any
+    ) -> None:
+        accepted = [i for i in valid if self.shard is None or self.shard.holds(i.key)]
+        if self.shard is not None:
+            others.update((i.key, i) for i in valid if not self.shard.holds(i.key))
+        self._admit(accepted)
+        for info in accepted:
+            await self._queue(info, send)
 
     def _admit(self, page: list[ObjectInfo]) -> None:
         """Count a page into the totals, refusing if what is missing cannot fit. Must not await."""

@@ -244,3 +244,24 @@ def test_directory_mode_evict_takes_the_sync_lock_and_removes_only_the_syncs_fil
     assert provider.status() == []
     with pytest.raises(ConfigError, match="is not a synced dataset"):
         provider.evict("ds")
+
+
+def test_both_modes_skip_a_key_that_is_also_a_directory(
+    bucket: Bucket, tmp_path: Path, mounter: Mounter
+) -> None:
+    """With ``ds/a`` and ``ds/a/b`` in S3 the FUSE view shows ``a`` as a directory: neither
+    mode returns the key ``a`` (prefetch does not pin it), so every key is a file a worker
+    can open, and the counts agree (review 13/16). ``a-x`` sorts between ``a`` and ``a/``."""
+    bucket.put("ds/a", b"file hidden by the directory a/")
+    bucket.put("ds/a/b", b"inside a")
+    bucket.put("ds/a-x", b"between a and a/ in the listing")
+    bucket.put("ds/c", b"plain")
+    mount = mounter(bucket.name, "--min-free", "0")
+    served = DatasetProvider(bucket.name, mountpoint=mount.path).ensure("ds")
+    synced = DatasetProvider(
+        bucket.name, directory=tmp_path / "data", endpoint_url=bucket.server.endpoint_url
+    ).ensure("ds")
+    assert synced.keys == ("a-x", "a/b", "c")
+    assert served.keys == synced.keys
+    assert (served.objects, served.bytes) == (synced.objects, synced.bytes)
+    assert all((served.path / key).is_file() for key in served.keys)
