@@ -92,9 +92,14 @@ class Plan:
 def plan(dest: Path, manifest: DirManifest, listed: Listed) -> Plan:
     """What is to fetch, what is there already, what S3 (or the shard) no longer has."""
     result = Plan()
+    outside: dict[str, str | None] = {}  # folder -> where it leads out of DEST (one check)
     for rel, info in listed.objects.items():
         entry = manifest.objects.get(rel) or manifest.kept.get(rel)
-        if "/" in rel and leaves_dest(dest, rel):
+        folder = rel.rpartition("/")[0]
+        if folder and folder not in outside:
+            outside[folder] = _leads_out(dest, folder)
+        if folder and outside[folder] is not None:
+            _refused(rel, dest, outside[folder])
             result.refused[rel] = info
         elif entry is not None and _unchanged(dest / rel, entry, info):
             result.present[rel] = entry
@@ -110,12 +115,21 @@ def leaves_dest(dest: Path, rel: str) -> bool:
     """True (and one WARNING) if DEST/``rel``'s directory resolves outside DEST (a symlinked
     directory in DEST): the sync never writes nor deletes there. A path is checked just
     before use; a symlink swapped in between is the DEST owner's own doing."""
+    where = _leads_out(dest, rel.rpartition("/")[0])
+    if where is not None:
+        _refused(rel, dest, where)
+    return where is not None
+
+
+def _leads_out(dest: Path, folder: str) -> str | None:
+    """Where DEST/``folder`` resolves, if that is outside DEST (else None)."""
     top = os.path.realpath(dest)
-    parent = os.path.realpath((dest / rel).parent)
-    if parent == top or parent.startswith(top + "/"):
-        return False
-    log.warning("sync refused %s: its directory leads out of %s (to %s)", rel, dest, parent)
-    return True
+    real = os.path.realpath(dest / folder)
+    return None if real == top or real.startswith(top + "/") else real
+
+
+def _refused(rel: str, dest: Path, where: str | None) -> None:
+    log.warning("sync refused %s: its directory leads out of %s (to %s)", rel, dest, where)
 
 
 def prune(folder: Path, top: Path) -> None:
