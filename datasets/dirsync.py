@@ -27,6 +27,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -88,6 +89,7 @@ class DirSync:
         self._last_event = 0.0
         self._touched: set[Path] = set()  # directories to fsync before the manifest
         self._serial = 0
+        self._fresh = False  # DEST made by this run
 
     def _plan_check(self, info: ObjectInfo) -> Check:
         return checkplan.plan(self.store, info, etag_md5s=self.options.etag_md5s)
@@ -104,6 +106,7 @@ class DirSync:
             manifest = dm.load(self.dest) if self.state.is_dir() else None
             return self._dry_run(manifest or self._new_manifest())
         self._check_bucket()  # before anything is written into DEST
+        self._fresh = not self.dest.exists()  # a refused run leaves nothing there
         with self._locked():
             manifest = dm.load(self.dest) or self._new_manifest()
             self._same_source(manifest)
@@ -163,6 +166,8 @@ class DirSync:
     def _count(self, listed: Listed, todo: Plan) -> Plan:
         if not listed.objects and not listed.skipped:  # as `prefetch`: a typo is no dataset
             shard = f" in shard {self.options.shard}" if self.options.shard else ""
+            if self._fresh and not self.options.dry_run:
+                shutil.rmtree(self.dest, ignore_errors=True)
             raise ConfigError(f"{self.options.source} holds no objects{shard}")
         r = self.result
         r.files_total = len(listed.objects)

@@ -162,3 +162,4 @@ def test_a_dataset_with_no_objects_is_refused_as_prefetch_refuses_it(tmp_path: P
     options = SyncOptions(store.bucket, "dataset-v3/", tmp_path / "shard", shard=empty)
     with pytest.raises(ConfigError, match=f"holds no objects in shard {empty}$"):
         DirSync(options, store, fetcher).run()
+    assert not (tmp_path / "dest").exists() and not (tmp_path / "shard").exists()

@@ -415,6 +415,7 @@ def test_bad_input_is_one_line_and_a_non_zero_exit(bucket: Bucket, tmp_path: Pat
     assert not dest.exists()  # nothing was written by the failed runs
     # As `prefetch`: a dataset with no objects (a typo) is no dataset, exit 2.
     one_line_error(sync(bucket, dest, dataset="ds-typo"), 2, "ds-typo/ holds no objects")
+    assert not dest.exists()
 
 
 def test_a_full_disk_is_refused_with_the_numbers(bucket: Bucket, tmp_path: Path) -> None:
