@@ -163,3 +163,18 @@ def test_a_dataset_with_no_objects_is_refused_as_prefetch_refuses_it(tmp_path: P
     with pytest.raises(ConfigError, match=f"holds no objects in shard {empty}$"):
         DirSync(options, store, fetcher).run()
     assert not (tmp_path / "dest").exists() and not (tmp_path / "shard").exists()
+
+
+def test_a_killed_shard_run_still_records_the_other_shards_files(tmp_path: Path) -> None:
+    """Switching DEST to a shard, killed (-9) mid-run: the files of the other shards the
+    last run wrote stay recorded (kept), so `--delete` and `evict` still know them."""
+    store = MemoryStore()
+    for i in range(8):
+        store.put(f"ds/{i}.bin", bytes([i]) * 100)
+    dest = tmp_path / "dest"
+    assert DirSync(SyncOptions(store.bucket, "ds/", dest), store, fetcher).run().complete
+    store.put("ds/new.bin", b"new object")  # something to fetch: the kill lands mid-run
+    killed_run(SyncOptions(store.bucket, "ds/", dest, shard=Shard(0, 2)), store)
+    manifest = dirmanifest.load(dest)
+    assert manifest is not None
+    assert {*manifest.objects, *manifest.kept} == {f"{i}.bin" for i in range(8)}
