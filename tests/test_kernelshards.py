@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -168,6 +169,29 @@ def test_a_dataset_at_the_mount_root_is_kernel_served_and_survives_kill_9(
         assert (again.path / rel).read_bytes() == body
     assert run_cli("unmount", str(again.path)).returncode == 0
     assert binds.mounts_below(again.path) == []
+
+
+def test_unmount_after_kill_9_with_a_mount_root_overlay(bucket: Bucket, mounter: Mounter) -> None:
+    """After kill -9 of a daemon whose dataset at the mount root was kernel-served, our
+    overlay stays on the mountpoint and answers statvfs from its tree layer: `unmount`
+    must still see the stale mount under it and remove both (review 13/16)."""
+    fill(bucket, count=6)
+    mount = mounter(f"{bucket.name}/dataset-v3", "--min-free", "0")
+    assert prefetch(mount, str(mount.path)).returncode == 0
+    wait_for(lambda: shard_status(mount, None)["kernel_served"], "the root overlay")
+    mount.kill9()
+    mounter.mounts.remove(mount)
+    try:
+        result = run_cli("unmount", str(mount.path))
+        assert result.returncode == 0, (result.stdout, result.stderr)
+        assert result.stdout == (
+            f"cleaned stale mount {mount.path} and the 1 kernel-serve overlays its daemon"
+            " left on it\n"
+        )
+        assert binds.mounts_below(mount.path) == []  # the overlay and the FUSE mount
+    finally:
+        for _ in range(4):  # the overlay, then the dead FUSE mount under it
+            subprocess.run(["umount", "-l", str(mount.path)], check=False, capture_output=True)
 
 
 def test_without_overlays_only_whole_datasets_below_the_root_are_bound() -> None:
