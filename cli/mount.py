@@ -23,7 +23,7 @@ from s3cachefs.cli.exits import EXIT_BUG, EXIT_BUSY, EXIT_OK, exit_code_for
 from s3cachefs.cli.settings import mount_config, resolve
 from s3cachefs.daemon.client import request
 from s3cachefs.daemon.holders import Holder, holders
-from s3cachefs.daemon.mountpoint import fuse_mount_at, is_stale, unmount
+from s3cachefs.daemon.mountpoint import fuse_mount_at, is_stale, remove_stale, unmount
 from s3cachefs.daemon.runtime import MountRecord, read_record, remove_record
 from s3cachefs.datasets.binds import MountEntry
 
@@ -145,13 +145,12 @@ def cmd_unmount(args: argparse.Namespace) -> int:
     path: Path = args.mountpoint.absolute()
     mount = fuse_mount_at(os.path.realpath(path))  # under a mount-root dataset's overlay
     if is_stale(path):  # its daemon is gone: so is every copy's
-        fuse = mount is not None and mount.fstype.startswith("fuse")
-        target = Path(mount.mount_point) if mount and fuse else path
-        unmount(target, lazy=True, mount=mount if fuse else None)
+        overlays = remove_stale(path)  # with the overlays that daemon left on it
         record = read_record(path)
         if record is not None and not psutil.pid_exists(record.pid):
             remove_record(path, record.pid)
-        print(f"cleaned stale mount {path}")
+        also = f" and the {overlays} kernel-serve overlays its daemon left on it"
+        print(f"cleaned stale mount {path}{also if overlays else ''}")
         return EXIT_OK
     if mount is None and not os.path.ismount(path):
         raise ConfigError(f"{path} is not mounted")

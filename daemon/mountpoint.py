@@ -34,12 +34,70 @@ def fusermount() -> str:
 
 
 def is_stale(path: Path) -> bool:
-    """True for a FUSE mount whose daemon is gone ("Transport endpoint is not connected")."""
+    """True for a FUSE mount whose daemon is gone ("Transport endpoint is not connected"),
+    also under the overlays that daemon left on it (`dead_overlays`)."""
     try:
         os.statvfs(path)  # not stat(): the kernel may answer that from cached attributes
     except OSError as exc:
         return exc.errno == errno.ENOTCONN
-    return False
+    return bool(dead_overlays(path))
+
+
+def dead_overlays(path: Path) -> list[overlay.Overlay]:
+    """The overlays a dead daemon left on the mountpoint itself (it kernel-served a dataset
+    at the mount root) over its own FUSE mount, bottom first; [] unless every mount on that
+    FUSE mount is one.
+
+    Such an overlay answers ``statvfs`` from its tree layer, so the dead FUSE
+    mount under it looks alive. Ours for sure: source ``s3cachefs``, stacked
+    right on an s3cachefs FUSE mount, its top layer a tree of a cache dir
+    (``CACHE/v1/trees/ID``) whose lock no daemon holds (so the daemon that
+    mounted it, and its FUSE mount, are dead).
+    """
+    stack = binds.stack_at(Path(os.path.realpath(path)))
+    fuse = [i for i, e in enumerate(stack) if e.fstype == "fuse.s3cachefs"]
+    if not fuse or fuse[-1] == len(stack) - 1:
+        return []
+    ours = {o.id: o for o in overlay.overlays() if o.source == overlay.SOURCE and o.layers}
+    found = [ours.get(e.id) for e in stack[fuse[-1] + 1 :]]
+    left = [o for o in found if o is not None]
+    if len(left) != len(found):
+        return []  # someone else's mount is on it: not ours to remove
+    caches = {_cache_dir_of(Path(o.layers[0])) for o in left}
+    if None in caches or not all(c is not None and _cache_dir_free(c) for c in caches):
+        return []
+    return left
+
+
+def _cache_dir_of(tree: Path) -> Path | None:
+    """The cache dir of a kernel-serve tree (``CACHE/v1/trees/ID``), None if it is none."""
+    trees = tree.parent
+    if trees.name != "trees" or trees.parent.name != "v1":
+        return None
+    return trees.parent.parent
+
+
+def remove_stale(path: Path) -> int:
+    """Unmount the stale mount on ``path`` (`is_stale`), and first the overlays its dead
+    daemon left on it; returns how many overlays went. ConfigError if one cannot go.
+
+    Only those mounts, by id: never one made on the path meanwhile. Lazily: that
+    also detaches the binds and overlays of kernel-served datasets below.
+    """
+    left = dead_overlays(path)
+    for found in reversed(left):
+        try:
+            outcome = binds.unmount_exact(Path(found.mount_point), found.id, lazy=True)
+        except OSError as exc:
+            outcome = exc.strerror or str(exc)
+        if outcome != "detached":
+            raise ConfigError(f"cannot unmount the overlay left on {path}: {outcome}")
+    stale = mount_at(os.path.realpath(path))
+    if stale is not None and stale.fstype.startswith("fuse"):
+        unmount(Path(stale.mount_point), lazy=True, mount=stale)
+    else:
+        unmount(path, lazy=True)
+    return len(left)
 
 
 def mount_at(path: Path | str) -> MountEntry | None:
@@ -168,12 +226,7 @@ def check_mountpoint(path: Path, cache_dir: Path | None = None) -> None:
         remove_leftover_overlays(path, cache_dir)
     if is_stale(path):
         log.warning("mountpoint=%s is a stale mount of a dead daemon; unmounting it", path)
-        # Lazy: also detaches the binds of kernel-served datasets stacked on it.
-        stale = mount_at(os.path.realpath(path))
-        if stale is not None and stale.fstype.startswith("fuse"):
-            unmount(Path(stale.mount_point), lazy=True, mount=stale)
-        else:
-            unmount(path, lazy=True)
+        remove_stale(path)
     if not path.exists():
         raise ConfigError(f"mountpoint {path} does not exist")
     if not path.is_dir():

@@ -79,6 +79,12 @@ class DatasetMounts:
                 del self.binds[member]
         self.changes += 1
 
+    async def _close_handles(self) -> None:
+        """Close the FUSE handles no mount of ours needs (one left open keeps the FUSE
+        mount busy: a non-lazy unmount fails)."""
+        targets = {b.target for b in self._mounted()}
+        await trio.to_thread.run_sync(self.mounts.keep_only, targets)
+
     async def _forget_gone(self, bind: Bind) -> None:
         log.info("kernel-serve target=%s: mount gone (unmounted by someone else)", bind.target)
         self._drop(bind)
@@ -224,6 +230,7 @@ class DatasetMounts:
                 self.notes[member] = f"mount failed: {exc}"
             log.warning("kernel-serve dataset=%s mount on %s failed: %s", prefix, target, exc)
             await trio.to_thread.run_sync(kerneltrees.discard, staged)
+            await self._close_handles()
             return
         bind = Bind(tree.name, target, tree, mount_id, owner, oids, ids, self.mounts.kind, prefix)
         if previous is not None:
@@ -266,6 +273,7 @@ class DatasetMounts:
     async def unbind(self, bind: Bind, why: str) -> None:
         await self._detach(bind, why)
         self._drop(bind)
+        await self._close_handles()  # also when another mount covers the overlay
         await trio.to_thread.run_sync(kerneltrees.remove, bind.tree)
         await self._release_hold(bind)
 

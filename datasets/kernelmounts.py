@@ -12,7 +12,8 @@ or, where overlays cannot be made, a bind of the tree over it.
 Both swap a new tree in *beneath* the old mount, then detach the old one. The
 FUSE directory under an overlay is held by an ``O_PATH`` handle taken before
 the first overlay on it (`overlay.open_below`), closed when the last overlay
-there is gone (an open handle would keep the FUSE mount busy at unmount).
+there is gone, or its mount failed (an open handle would keep the FUSE mount
+busy at unmount): `keep_only`.
 
 Blocking functions only; `datasets.kernelserve` calls them in worker threads,
 one at a time (under its lock).
@@ -87,6 +88,12 @@ class KernelMounts:
         fd = self._below.pop(target, None)
         if fd is not None:
             os.close(fd)
+
+    def keep_only(self, targets: set[Path]) -> None:
+        """Close the FUSE handles of every target but ``targets`` (where our mounts are):
+        those a failed mount or a covered overlay left, or all of them at stop."""
+        for target in set(self._below) - targets:
+            self.forget(target)
 
     def _fuse_dir(self, target: Path) -> int:
         if target not in self._below:

@@ -130,6 +130,7 @@ class KernelServe(DatasetMounts):
                     await self._detach(bind, "daemon stopping" if final else "unmounting")
                     self._drop(bind)
                     await self._release_hold(bind)
+                await self._close_handles()  # of covered overlays and failed mounts too
         if scope.cancelled_caught:
             log.warning(
                 "kernel-serve: gave up unmounting after %.0fs; still mounted: %s",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -168,6 +169,106 @@ def test_a_dataset_at_the_mount_root_is_kernel_served_and_survives_kill_9(
         assert (again.path / rel).read_bytes() == body
     assert run_cli("unmount", str(again.path)).returncode == 0
     assert binds.mounts_below(again.path) == []
+
+
+def test_unmount_after_kill_9_with_a_mount_root_overlay(bucket: Bucket, mounter: Mounter) -> None:
+    """After kill -9 of a daemon whose dataset at the mount root was kernel-served, our
+    overlay stays on the mountpoint and answers statvfs from its tree layer: `unmount`
+    must still see the stale mount under it and remove both (review 13/16)."""
+    fill(bucket, count=6)
+    mount = mounter(f"{bucket.name}/dataset-v3", "--min-free", "0")
+    assert prefetch(mount, str(mount.path)).returncode == 0
+    wait_for(lambda: shard_status(mount, None)["kernel_served"], "the root overlay")
+    mount.kill9()
+    mounter.mounts.remove(mount)
+    try:
+        result = run_cli("unmount", str(mount.path))
+        assert result.returncode == 0, (result.stdout, result.stderr)
+        assert result.stdout == (
+            f"cleaned stale mount {mount.path} and the 1 kernel-serve overlays its daemon"
+            " left on it\n"
+        )
+        assert binds.mounts_below(mount.path) == []  # the overlay and the FUSE mount
+    finally:
+        for _ in range(4):  # the overlay, then the dead FUSE mount under it
+            subprocess.run(["umount", "-l", str(mount.path)], check=False, capture_output=True)
+
+
+def handles_on(pid: int, mount_id: int) -> int:
+    """How many files process ``pid`` holds open on mount ``mount_id`` (O_PATH too)."""
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fdinfo"):
+        try:
+            info = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
+        except FileNotFoundError:  # closed meanwhile
+            continue
+        count += f"mnt_id:\t{mount_id}" in info.splitlines()
+    return count
+
+
+def test_a_failed_overlay_mount_leaves_no_handle_on_the_fuse_mount(
+    bucket: Bucket, mounter: Mounter, tmp_path: Path
+) -> None:
+    """The O_PATH handle on the FUSE directory taken for an overlay is closed when the
+    overlay mount fails (review 13/16): left open, it keeps the FUSE mount busy and
+    `s3cachefs unmount` (not lazy) fails. It fails here because the cache dir lies on an
+    overlay of an overlay (a container's disk in a container): one more overlay is past
+    the kernel's stacking depth."""
+    layers = tmp_path / "layers"
+    for name in ("l1", "u1", "w1", "a", "u2", "w2", "b"):
+        (layers / name).mkdir(parents=True)
+    stacked = [
+        (f"lowerdir={layers}/l1,upperdir={layers}/u1,workdir={layers}/w1", layers / "a"),
+        (f"lowerdir={layers}/a,upperdir={layers}/u2,workdir={layers}/w2", layers / "b"),
+    ]
+    for options, where in stacked:
+        subprocess.run(["mount", "-t", "overlay", "-o", options, "none", str(where)], check=True)
+    try:
+        fill(bucket, count=6)
+        mount = mounter(bucket.name, "--min-free", "0", cache_dir=layers / "b" / "cache")
+        assert prefetch(mount, "dataset-v3").returncode == 0
+        wait_for(
+            lambda: "mount failed" in (shard_status(mount, None)["kernel_note"] or ""),
+            "the overlay mount to fail",
+        )
+        assert "fsconfig None: Invalid argument" in mount.log_text()  # the overlay refused
+        [fuse] = binds.stack_at(mount.path)
+        assert handles_on(mount.proc.pid, fuse.id) == 0
+        result = run_cli("unmount", str(mount.path))
+        assert result.returncode == 0, (result.stdout, result.stderr)
+        assert binds.mounts_below(mount.path) == []
+        assert mount.proc.wait(timeout=30) == 0
+    finally:
+        for started in mounter.mounts:
+            started.stop()  # before the cache dir's file system goes
+        for _, where in reversed(stacked):
+            subprocess.run(["umount", "-l", str(where)], check=False, capture_output=True)
+
+
+def test_an_overlay_covered_at_evict_leaves_no_handle_on_the_fuse_mount(
+    bucket: Bucket, mounter: Mounter
+) -> None:
+    """Evict finds another mount on top of the dataset's overlay and leaves the overlay
+    alone; the daemon's handle on the FUSE directory still goes (review 13/16). Once
+    the admin removed both mounts, `s3cachefs unmount` (not lazy) succeeds."""
+    fill(bucket, count=6)
+    mount = mounter(bucket.name, "--min-free", "0")
+    assert prefetch(mount, "dataset-v3").returncode == 0
+    wait_for(lambda: shard_status(mount, None)["kernel_served"], "the overlay")
+    target = mount.path / "dataset-v3"
+    [fuse] = binds.stack_at(mount.path)
+    assert handles_on(mount.proc.pid, fuse.id) == 1  # the overlay's handle: what is counted
+    subprocess.run(["mount", "-t", "tmpfs", "cover", str(target)], check=True)
+    try:
+        assert run_cli("evict", "dataset-v3", "--mount", str(mount.path)).returncode == 0
+        assert "has another mount on top; left alone" in mount.log_text()
+        assert handles_on(mount.proc.pid, fuse.id) == 0
+    finally:
+        for _ in ("tmpfs", "overlay"):
+            subprocess.run(["umount", str(target)], check=False, capture_output=True)
+    result = run_cli("unmount", str(mount.path))
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    assert binds.mounts_below(mount.path) == []
 
 
 def test_without_overlays_only_whole_datasets_below_the_root_are_bound() -> None:
