@@ -212,3 +212,12 @@ def level(value: Any) -> str:
     if str(value).lower() not in LEVELS:
         raise ConfigError(f"bad log level {value!r}: one of {', '.join(LEVELS)}")
     return str(value).lower()
+
+
+def human_bytes(n: float) -> str:
+    """Bytes for people: "2.0 MiB", "1.5 GiB"."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError

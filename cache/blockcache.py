@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -47,12 +48,38 @@ from s3cachefs.cache.stats import CacheStats
 from s3cachefs.store.checksums import Check
 from s3cachefs.store.types import ObjectStore
 
+if TYPE_CHECKING:
+    from s3cachefs.base.config import MountConfig
+
 # Opens whose first block is counted as the next read's miss (`open_hint`).
 HINTED_MAX = 4096
 
 
 class BlockCache:
     """Blocks of object versions: memory, then verified disk, then one GET per block."""
+
+    @classmethod
+    def from_config(
+        cls,
+        config: MountConfig,
+        store: ObjectStore,
+        *,
+        s3_limiter: trio.CapacityLimiter,
+        disk_limiter: trio.CapacityLimiter,
+    ) -> BlockCache:
+        """The cache a mount's settings describe: the daemon's, and the test sessions'."""
+        return cls(
+            config.cache_dir,
+            store,
+            block_size=config.block_size,
+            cache_size=config.cache_size,
+            min_free=config.min_free,
+            memory_bytes=config.memory_cache_bytes,
+            s3_limiter=s3_limiter,
+            disk_limiter=disk_limiter,
+            readahead_bytes=config.readahead_size,
+            fetch_bytes=config.fetch_size,
+        )
 
     def __init__(
         self,

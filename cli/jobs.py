@@ -11,8 +11,9 @@ from typing import Any
 
 from s3cachefs.base.errors import ConfigError
 from s3cachefs.base.settings import BY_NAME
+from s3cachefs.base.values import human_bytes
 from s3cachefs.cli.exits import EXIT_INCOMPLETE, EXIT_OK, EXIT_USAGE
-from s3cachefs.cli.progress import ProgressView, describe, human_bytes
+from s3cachefs.cli.progress import ProgressView, describe
 from s3cachefs.cli.settings import read_file
 from s3cachefs.daemon.client import dataset_in, final_event, find_daemon, request
 

@@ -8,18 +8,11 @@ import sys
 import time
 from typing import Any, TextIO
 
+from s3cachefs.base.values import human_bytes
 from s3cachefs.cli.settings import seconds_variable
 
 # Seconds between plain progress lines (no terminal: systemd, CI logs).
 PLAIN_INTERVAL = 5.0
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError
 
 
 def _eta(seconds: float | None) -> str:

@@ -7,10 +7,10 @@ import json
 import sys
 
 from s3cachefs.base.errors import ConfigError
-from s3cachefs.base.values import endpoint, parse_shard, parse_target
+from s3cachefs.base.values import endpoint, human_bytes, parse_shard, parse_target
 from s3cachefs.cli import jobs
 from s3cachefs.cli.exits import EXIT_INCOMPLETE, EXIT_OK, EXIT_USAGE
-from s3cachefs.cli.progress import ProgressView, describe, human_bytes
+from s3cachefs.cli.progress import ProgressView, describe
 from s3cachefs.datasets.dirmanifest import verify_dir
 from s3cachefs.datasets.dirresult import SyncOptions, SyncResult
 from s3cachefs.datasets.dirsync import s3_sync

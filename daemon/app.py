@@ -100,18 +100,7 @@ def run_daemon(config: MountConfig, on_ready: Callable[[str], None]) -> None:
         s3_state.unreachable_since, s3_state.reason = time.time(), str(exc)
     s3_limiter = trio.CapacityLimiter(config.s3_concurrency)
     disk_limiter = trio.CapacityLimiter(8)
-    cache = BlockCache(
-        config.cache_dir,
-        store,
-        block_size=config.block_size,
-        cache_size=config.cache_size,
-        min_free=config.min_free,
-        memory_bytes=config.memory_cache_bytes,
-        s3_limiter=s3_limiter,
-        disk_limiter=disk_limiter,
-        readahead_bytes=config.readahead_size,
-        fetch_bytes=config.fetch_size,
-    )
+    cache = BlockCache.from_config(config, store, s3_limiter=s3_limiter, disk_limiter=disk_limiter)
     errors = RecentErrors()
     logging.getLogger().addHandler(errors)
     with contextlib.ExitStack() as stack:

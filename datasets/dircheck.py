@@ -24,8 +24,9 @@ from s3cachefs.base.errors import (
     NoSuchBucketError,
     NotEnoughSpaceError,
 )
+from s3cachefs.base.values import human_bytes
 from s3cachefs.datasets.dirfetch import FetchResult, digest_file
-from s3cachefs.datasets.dirresult import free_space, human_bytes
+from s3cachefs.datasets.dirresult import free_space
 from s3cachefs.store import checkplan, checksums
 from s3cachefs.store.checksums import Check
 from s3cachefs.store.types import ObjectInfo, ObjectStore

@@ -133,12 +133,3 @@ def free_space(dest: Path) -> int:
         return shutil.disk_usage(path).free
     except OSError as exc:
         raise ConfigError(f"{dest}: not writable ({exc.strerror or exc})") from None
-
-
-def human_bytes(n: float) -> str:
-    """Bytes for people: "2.0 MiB", "1.5 GiB"."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError

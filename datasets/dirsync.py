@@ -44,12 +44,13 @@ from s3cachefs.base.errors import (
     StaleError,
     TransientError,
 )
+from s3cachefs.base.values import human_bytes
 from s3cachefs.datasets import dirmanifest as dm
 from s3cachefs.datasets.dircheck import fatal, verdict
 from s3cachefs.datasets.dirfetch import FetchItem, FetchResult, ObjectFetcher, ThreadFetcher
 from s3cachefs.datasets.dirmanifest import DirManifest, Entry, Journal
 from s3cachefs.datasets.dirplan import Listed, Plan, leaves_dest, list_dataset, plan, prune
-from s3cachefs.datasets.dirresult import SyncOptions, SyncResult, free_space, human_bytes
+from s3cachefs.datasets.dirresult import SyncOptions, SyncResult, free_space
 from s3cachefs.store import checkplan
 from s3cachefs.store.checksums import Check
 from s3cachefs.store.s3 import S3Store

@@ -170,15 +170,8 @@ class CoreSession:
         self.store = S3Store(config)
         s3_limiter = trio.CapacityLimiter(config.s3_concurrency)
         disk_limiter = trio.CapacityLimiter(4)
-        self.cache = BlockCache(
-            config.cache_dir,
-            self.store,
-            block_size=config.block_size,
-            cache_size=config.cache_size,
-            min_free=config.min_free,
-            memory_bytes=config.memory_cache_bytes,
-            s3_limiter=s3_limiter,
-            disk_limiter=disk_limiter,
+        self.cache = BlockCache.from_config(
+            config, self.store, s3_limiter=s3_limiter, disk_limiter=disk_limiter
         )
         self.cache.open()
         self.pins = PinStore(self.cache.root, config.bucket, self.cache.ledger)
