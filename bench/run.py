@@ -8,6 +8,7 @@ import os
 import platform
 import random
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -25,6 +26,7 @@ from bench.common import drop_caches
 from bench.dataset import Dataset, generate
 from bench.network import PROFILES, Network, Profile
 from bench.report import Report, Row
+from bench.usage import Usage
 
 MB = 1e6
 MIB = 1024 * 1024
@@ -75,7 +77,13 @@ class Suite:
         self.rclone, why_rclone = peers.which_rclone()
         self.s3fs, why_s3fs = peers.which_s3fs()
         self.aws, why_aws = peers.which_aws()
-        for name, why in (("rclone", why_rclone), ("s3fs", why_s3fs), ("aws", why_aws)):
+        self.s5cmd, why_s5cmd = peers.which_s5cmd()
+        for name, why in (
+            ("rclone", why_rclone),
+            ("s3fs", why_s3fs),
+            ("aws", why_aws),
+            ("s5cmd", why_s5cmd),
+        ):
             if why:
                 self.report.note(f"{name}: {why}; its rows are skipped")
 
@@ -145,7 +153,7 @@ class Suite:
         try:
             if sampler:
                 sampler.mark("prefetch")
-            secs = self._timed(fs.prefetch)
+            secs = self.w1_prefetch(fs, net)
             w1_rows.append(self.w1("s3cachefs prefetch", p, secs))
             if primary:
                 self.w2_all(fs, sampler)
@@ -194,28 +202,156 @@ class Suite:
                 shutil.rmtree(m.cache.parent, ignore_errors=True)
 
     def w1_peers(self, net: Network) -> list[Row]:
+        url = net.endpoint_url
         tools: list[tuple[str, Any]] = []
         if self.aws:
-            tools.append(("aws s3 sync", lambda t: peers.aws_sync(self.aws, net.endpoint_url, t)))
+            aws = self.aws
+            tools.append(("aws s3 sync", lambda t: peers.aws_sync_command(aws, url, t)))
         if self.rclone:
+            rclone = self.rclone
             tools.append(
-                (
-                    "rclone copy --transfers 32",
-                    lambda t: peers.rclone_copy(self.rclone, net.endpoint_url, t),
-                )
+                ("rclone copy --transfers 32", lambda t: peers.rclone_copy_command(rclone, url, t))
             )
+        if self.s5cmd:
+            s5cmd = self.s5cmd
+            tools.append(("s5cmd cp", lambda t: peers.s5cmd_cp_command(s5cmd, url, t)))
         rows = []
-        for name, run in tools:
+        for name, command in tools:
             target = self.scratch("copy")
             try:
-                secs = self._timed(run, target)
+                cmd, environ = command(target)
+                drop_caches()
+                usage = Usage()
+                start = time.perf_counter()
+                proc = usage.popen(cmd, env=environ)
+                code = usage.wait(proc)
+                secs = time.perf_counter() - start
+                cpu, peak = usage.stop()
+                if code:
+                    raise RuntimeError(f"exit {code}")
                 self._check_copy(target, name)
                 rows.append(self.w1(name, net.profile, secs))
+                self.footprint(name, net.profile, cpu, peak)
             except Exception as exc:
                 self.report.note(f"{name} on {net.profile.name}: failed: {exc!r}")
             finally:
                 shutil.rmtree(target)
         return rows
+
+    def w1_prefetch(self, fs: peers.S3CacheFS, net: Network) -> float:
+        """``s3cachefs prefetch``, timed; its CPU and memory (daemon and client) and the
+        split of its wall time.
+
+        The split: "listing" until the job says the listing is done (its events come
+        every 0.5 s), "download" until the server has sent the dataset's bytes (polled
+        at the server), "after the last byte" the rest (verify, pin, index, manifest
+        that did not overlap the download). A job that reports its own phases (busy
+        seconds, summed over its workers) in the final event gets a row for each too.
+        """
+        cmd, environ = fs.prefetch_command()
+        drop_caches()
+        net.reset()
+        usage = Usage([fs.pid] if fs.pid else [])
+        stop = threading.Event()
+        sent_all: list[float] = []
+        start = time.perf_counter()
+
+        def poll_server() -> None:
+            while not stop.wait(0.1):
+                if net.bytes_sent() >= self.data.total_bytes:
+                    sent_all.append(time.perf_counter() - start)
+                    return
+
+        poller = threading.Thread(target=poll_server, daemon=True)
+        poller.start()
+        proc = usage.popen(cmd, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        listed: float | None = None
+        final: dict[str, Any] = {}
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            event = json.loads(line)
+            if listed is None and event.get("listing_done"):
+                listed = time.perf_counter() - start
+            final = event
+        errors = proc.stderr.read().decode() if proc.stderr else ""
+        code = usage.wait(proc)
+        secs = time.perf_counter() - start
+        stop.set()
+        poller.join()
+        cpu, peak = usage.stop()
+        if code or not final.get("ok"):
+            raise RuntimeError(f"prefetch exit {code}: {errors.strip()[-500:]} {final}")
+        p = net.profile
+        self.footprint("s3cachefs prefetch", p, cpu, peak)
+        split = {"listing": listed, "download": sent_all[0] if sent_all else None}
+        for phase, value in split.items():
+            if value is not None:
+                self.report.add(
+                    Row(
+                        "W1 prefetch/sync",
+                        "s3cachefs prefetch",
+                        p.name,
+                        f"wall: {phase}",
+                        value,
+                        "s",
+                        value / secs,
+                        "of the wall time",
+                    )
+                )
+        if sent_all:
+            tail = secs - sent_all[0]
+            self.report.add(
+                Row(
+                    "W1 prefetch/sync",
+                    "s3cachefs prefetch",
+                    p.name,
+                    "wall: after the last byte",
+                    tail,
+                    "s",
+                    tail / secs,
+                    "of the wall time",
+                )
+            )
+        for phase, value in (final.get("phases") or {}).items():
+            self.report.add(
+                Row(
+                    "W1 prefetch/sync",
+                    "s3cachefs prefetch",
+                    p.name,
+                    f"busy: {phase}",
+                    float(value),
+                    "s",
+                    float(value) / secs,
+                    "of the wall time",
+                )
+            )
+        return secs
+
+    def footprint(self, system: str, profile: Profile, cpu: float, peak: int) -> None:
+        """CPU seconds per GB and peak RSS of every process of a W1 system, together."""
+        gb = self.data.total_bytes / 1e9
+        self.report.add(
+            Row(
+                "W1 prefetch/sync",
+                system,
+                profile.name,
+                "CPU s/GB, all processes",
+                cpu / gb,
+                "s/GB",
+            )
+        )
+        self.report.add(
+            Row(
+                "W1 prefetch/sync",
+                system,
+                profile.name,
+                "peak RSS, all processes",
+                peak / MB,
+                "MB",
+                peak / 300e6,
+                "of 300 MB",
+            )
+        )
 
     def _check_copy(self, target: Path, name: str) -> None:
         got = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
