@@ -1,0 +1,178 @@
+"""One prototype bulk engine downloading a whole dataset, as its own process (issue 12).
+
+    python -m bench.bulkrun ENDPOINT BUCKET PREFIX DEST --engine threads|procs|crt
+        [--threads N] [--procs N] [--part BYTES] [--block BYTES]
+
+Lists ``s3://BUCKET/PREFIX/`` (boto3), makes `Job`s as the daemon would (an
+object of at most ``--part`` bytes is one whole-object job whose MD5 ETag is
+checked as it passes; a larger one is ``--part``-sized ranged jobs, then one
+re-read of the file from the page cache checks every block's CRC and the
+MD5), runs them on the engine into ``DEST/objects/ab/cd/<oid>`` (the cache's
+layout), and prints one JSON line: bytes, phase wall times, failures. Run as
+a child of `bench.bulk` so that its CPU and memory (and its workers') are
+counted alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+import zlib
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import boto3
+from botocore.config import Config
+
+from s3cachefs.cache.bulkfetch import Done, Endpoint, Job, ProcessPool, fetch_jobs
+from s3cachefs.store.checksums import Check
+from s3cachefs.store.responses import etag_md5
+
+MIB = 1024 * 1024
+
+
+def _oid(bucket: str, key: str, etag: str) -> str:
+    return hashlib.sha256(f"{bucket}\0{key}\0{etag}".encode()).hexdigest()[:40]
+
+
+def _verify(path: str, size: int, block: int, crcs: list[int], md5: str | None) -> bool:
+    """Re-read a file fetched in several jobs: its blocks' CRCs, then its MD5."""
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb", buffering=0) as f:
+        for i, crc in enumerate(crcs):
+            data = os.pread(f.fileno(), block, i * block)
+            if zlib.crc32(data) != crc:
+                return False
+            digest.update(data)
+    return md5 is None or (digest.hexdigest() == md5 and len(crcs) == -(-size // block))
+
+
+def _procs(
+    endpoint: Endpoint, jobs: list[Job], block: int, procs: int, threads: int
+) -> Iterator[Done]:
+    pool = ProcessPool(endpoint, block_size=block, procs=procs, threads=threads)
+    try:
+        for i in range(0, len(jobs), 16):
+            pool.submit(jobs[i : i + 16])
+        left = len(jobs)
+        while left:
+            for done in pool.results(timeout=60):
+                left -= 1
+                yield done
+    finally:
+        pool.close()
+
+
+@dataclass
+class Plan:
+    jobs: list[Job] = field(default_factory=list)
+    split: dict[str, tuple[str, int, str | None]] = field(default_factory=dict)  # path, size, md5
+    checked: set[str] = field(default_factory=set)  # whole-object jobs with a digest to match
+
+
+def _list(endpoint: str, bucket: str, prefix: str) -> list[tuple[str, str, int]]:
+    s3 = boto3.client("s3", endpoint_url=endpoint, config=Config(s3={"addressing_style": "path"}))
+    pages = s3.get_paginator("list_objects_v2").paginate(
+        Bucket=bucket, Prefix=prefix.rstrip("/") + "/"
+    )
+    return [(o["Key"], o["ETag"], o["Size"]) for page in pages for o in page.get("Contents", [])]
+
+
+def _plan(objects: list[tuple[str, str, int]], args: argparse.Namespace) -> Plan:
+    plan = Plan()
+    for key, etag, size in sorted(objects, key=lambda o: -o[2]):  # largest first
+        oid = _oid(args.bucket, key, etag)
+        path = str(args.dest / "objects" / oid[:2] / oid[2:4] / oid)
+        md5 = None if args.no_digest else etag_md5(etag)
+        if size <= args.part:
+            if md5 is not None:
+                plan.checked.add(oid)
+            check = Check("md5", md5) if md5 else None
+            plan.jobs.append(Job(oid, key, etag, size, 0, size, path, check))
+            continue
+        plan.split[oid] = (path, size, md5)
+        for start in range(0, size, args.part):
+            plan.jobs.append(Job(oid, key, etag, size, start, min(size, start + args.part), path))
+    return plan
+
+
+def _engine(args: argparse.Namespace, jobs: list[Job]) -> Iterator[Done]:
+    endpoint = Endpoint(base_url=f"{args.endpoint.rstrip('/')}/{args.bucket}/", region="us-east-1")
+    if args.engine == "threads":
+        return fetch_jobs(endpoint, jobs, block_size=args.block, threads=args.threads)
+    if args.engine == "procs":
+        return _procs(endpoint, jobs, args.block, args.procs, args.threads)
+    from bench.crtfetch import fetch_jobs_crt  # only this engine needs awscrt.s3
+
+    return fetch_jobs_crt(endpoint, jobs, block_size=args.block, gbps=args.gbps, part_size=8 * MIB)
+
+
+def _collect(plan: Plan, results: Iterator[Done], block: int, part: int) -> tuple[int, list[str]]:
+    """Bytes fetched and failures; a split object is re-read as soon as it is whole."""
+    failed: list[str] = []
+    crcs: dict[str, dict[int, list[int]]] = {}
+    nbytes = 0
+
+    def verify(oid: str) -> bool:
+        path, size, md5 = plan.split[oid]
+        ordered = [c for _, part in sorted(crcs.get(oid, {}).items()) for c in part]
+        return _verify(path, size, block, ordered, md5)
+
+    verifying = {}
+    parts = {oid: -(-size // part) for oid, (_, size, _) in plan.split.items()}
+    with ThreadPoolExecutor(2) as pool:
+        for done in results:
+            nbytes += done.end - done.start
+            if done.error or (done.oid in plan.checked and not done.matches):
+                failed.append(f"{done.oid}: {done.error or 'digest mismatch'}")
+            if done.oid in plan.split:
+                crcs.setdefault(done.oid, {})[done.start] = done.crcs
+                if len(crcs[done.oid]) == parts[done.oid]:
+                    verifying[done.oid] = pool.submit(verify, done.oid)
+        for oid, future in verifying.items():
+            if not future.result():
+                failed.append(f"{oid}: verify failed")
+    return nbytes, failed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("endpoint")
+    parser.add_argument("bucket")
+    parser.add_argument("prefix")
+    parser.add_argument("dest", type=Path)
+    parser.add_argument("--engine", choices=("threads", "procs", "crt"), required=True)
+    parser.add_argument("--threads", type=int, default=16)
+    parser.add_argument("--procs", type=int, default=2)
+    parser.add_argument("--part", type=int, default=16 * MIB)
+    parser.add_argument("--block", type=int, default=MIB)
+    parser.add_argument("--gbps", type=float, default=10.0, help="crt: throughput target")
+    parser.add_argument("--no-digest", action="store_true", help="CRCs only (what MD5 costs)")
+    args = parser.parse_args()
+    t0 = time.perf_counter()
+    objects = _list(args.endpoint, args.bucket, args.prefix)
+    t_list = time.perf_counter() - t0
+    plan = _plan(objects, args)
+    nbytes, failed = _collect(plan, _engine(args, plan.jobs), args.block, args.part)
+    t_get = time.perf_counter() - t0 - t_list  # download, and the re-reads that overlap it
+    summary = {
+        "objects": len(objects),
+        "bytes": nbytes,
+        "jobs": len(plan.jobs),
+        "listing": round(t_list, 3),
+        "download": round(t_get, 3),
+        "failed": failed[:5],
+        "failures": len(failed),
+    }
+    print(json.dumps(summary), flush=True)
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
