@@ -11,7 +11,7 @@ seconds per GB and peak RSS of every process it runs (`bench.usage`), the
 1-minute load average when it started (the machine is shared), and for the
 engines their own phase times. Systems:
 
-  s5cmd, rclone, aws   the peers (`bench.peers`)
+  s5cmd, rclone, aws   the peers (`bench.peers`); rclone-nocheck: rclone without its MD5 check
   prefetch             ``s3cachefs prefetch`` on a fresh mount (daemon + client);
                        ``--py-spy FILE``: py-spy records the daemon meanwhile (collapsed
                        stacks of the thread holding the GIL)
@@ -57,6 +57,19 @@ def _engine_command(spec: str, endpoint: str, dest: Path) -> list[str]:
     return [*cmd, "--no-digest"] if nodigest else cmd
 
 
+def _command(spec: str, url: str, target: Path) -> peers.Command:
+    if spec == "s5cmd":
+        return peers.s5cmd_cp_command(peers.which_s5cmd()[0] or "", url, target)
+    if spec in ("rclone", "rclone-nocheck"):
+        cmd, environ = peers.rclone_copy_command(peers.which_rclone()[0] or "", url, target)
+        if spec == "rclone-nocheck":  # what rclone's own MD5 check after each download costs
+            cmd.append("--ignore-checksum")
+        return cmd, environ
+    if spec == "aws":
+        return peers.aws_sync_command(peers.which_aws()[0] or "", url, target)
+    return _engine_command(spec, url, target), peers.env()
+
+
 def run_one(spec: str, net: Network, work: Path, args: argparse.Namespace) -> dict[str, Any]:
     target = work / "target"
     shutil.rmtree(target, ignore_errors=True)
@@ -66,19 +79,13 @@ def run_one(spec: str, net: Network, work: Path, args: argparse.Namespace) -> di
     pids: list[int] = []
     mount: peers.S3CacheFS | None = None
     spy: subprocess.Popen[bytes] | None = None
-    if spec == "s5cmd":
-        cmd, environ = peers.s5cmd_cp_command(peers.which_s5cmd()[0] or "", url, target)
-    elif spec == "rclone":
-        cmd, environ = peers.rclone_copy_command(peers.which_rclone()[0] or "", url, target)
-    elif spec == "aws":
-        cmd, environ = peers.aws_sync_command(peers.which_aws()[0] or "", url, target)
-    elif spec == "prefetch":
+    if spec == "prefetch":
         mount = peers.S3CacheFS(url, target)
         mount.start()
         pids = [mount.pid]
         cmd, environ = mount.prefetch_command()
     else:
-        cmd, environ = _engine_command(spec, url, target), peers.env()
+        cmd, environ = _command(spec, url, target)
     try:
         drop_caches()
         load = os.getloadavg()[0]
@@ -89,9 +96,7 @@ def run_one(spec: str, net: Network, work: Path, args: argparse.Namespace) -> di
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )  # fmt: skip
         usage = Usage(pids)
-        server = Usage(
-            [p.pid for p in net.procs]
-        )  # the S3 server (and proxy): the rest of the machine
+        server = Usage([p.pid for p in net.procs])  # the S3 server (and proxy)
         start = time.perf_counter()
         proc = usage.popen(cmd, env=environ, stdout=subprocess.PIPE)
         assert proc.stdout is not None
