@@ -17,7 +17,9 @@ engines their own phase times. Systems:
                        stacks of the thread holding the GIL)
   threads, procs, crt  the prototype engines (`bench.bulkrun`), e.g. ``procs:2x8``
                        (2 processes x 8 threads), ``threads:16``, ``crt:10`` (10 Gbit/s
-                       target); suffix ``-nomd5``: block CRCs only (what the MD5 costs)
+                       target); suffix ``-nomd5``: block CRCs only (what the MD5 costs);
+                       ``-probe``: 50 first-byte GETs from the engine's own process when
+                       idle, then more during the download (p50/p99: do reads go first?)
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ MIB = 1024 * 1024
 
 
 def _engine_command(spec: str, endpoint: str, dest: Path) -> list[str]:
+    spec, probe, _ = spec.partition("-probe")
     spec, nodigest, _ = spec.partition("-nomd5")
     name, _, shape = spec.partition(":")
     cmd = [sys.executable, "-m", "bench.bulkrun", endpoint, peers.BUCKET, PREFIX, str(dest)]
@@ -54,6 +57,7 @@ def _engine_command(spec: str, endpoint: str, dest: Path) -> list[str]:
         cmd += ["--threads", shape or "16"]
     elif name == "crt":
         cmd += ["--gbps", shape or "10"]
+    cmd += ["--probe", "50"] if probe else []
     return [*cmd, "--no-digest"] if nodigest else cmd
 
 
@@ -154,6 +158,9 @@ def main() -> None:
                               if k in row["extra"]}  # fmt: skip
                     if "download" in phases:  # the rate without the process's start-up
                         phases["MB/s after listing"] = round(total / phases["download"] / 1e6)
+                    for k in ("probe_idle", "probe_busy"):
+                        if k in row["extra"]:
+                            phases[k] = row["extra"][k]
                     print(
                         f"{spec:<14} {row['secs']:6.2f} s {total / row['secs'] / 1e6:7.1f} MB/s"
                         f"  CPU {row['cpu'] / (total / 1e9):5.2f} s/GB"

@@ -20,7 +20,9 @@ import hashlib
 import json
 import os
 import sys
+import threading
 import time
+import urllib.parse
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +32,15 @@ from pathlib import Path
 import boto3
 from botocore.config import Config
 
-from s3cachefs.cache.bulkfetch import Done, Endpoint, Job, ProcessPool, fetch_jobs
+from s3cachefs.cache.bulkfetch import (
+    Done,
+    Endpoint,
+    Job,
+    ProcessPool,
+    _Conn,
+    _credentials,
+    fetch_jobs,
+)
 from s3cachefs.store.checksums import Check
 from s3cachefs.store.responses import etag_md5
 
@@ -141,6 +151,69 @@ def _collect(plan: Plan, results: Iterator[Done], block: int, part: int) -> tupl
     return nbytes, failed
 
 
+class Probe:
+    """Foreground reads while the engine runs: first-byte time of GETs from this process.
+
+    The daemon's own reads (FUSE) share its interpreter with whatever bulk work
+    runs there; this thread stands in for them: every ``interval`` it GETs a
+    page over its own connection and times the first byte, then drains the body.
+    """
+
+    def __init__(self, endpoint: str, bucket: str, keys: list[str], interval: float = 0.02) -> None:
+        self.url = urllib.parse.urlsplit(endpoint)
+        self.path = f"/{bucket}/"
+        self.keys = keys
+        self.interval = interval
+        self.times: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._signer = _Conn(
+            Endpoint(f"{endpoint.rstrip('/')}/{bucket}/", "us-east-1"), _credentials()
+        )
+
+    def sample(self, count: int) -> list[float]:
+        """``count`` first-byte times now (the idle baseline)."""
+        for i in range(count):
+            self.times.append(self._one(self.keys[i % len(self.keys)]))
+            time.sleep(self.interval)
+        times, self.times = self.times, []
+        return times
+
+    def _one(self, key: str) -> float:
+        start = time.perf_counter()
+        response = self._signer.get(key, self._etags[key], 0, self._sizes[key])
+        response.read(1)
+        took = time.perf_counter() - start
+        response.read()
+        return took
+
+    def start(self, etags: dict[str, str], sizes: dict[str, int]) -> Probe:
+        self._etags, self._sizes = etags, sizes
+        return self
+
+    def run_during(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        i = 0
+        while not self._stop.wait(self.interval):
+            self.times.append(self._one(self.keys[i % len(self.keys)]))
+            i += 1
+
+    def stop(self) -> list[float]:
+        self._stop.set()
+        self._thread.join()
+        return self.times
+
+
+def _percentiles(times: list[float]) -> dict[str, float]:
+    ordered = sorted(times)
+    if not ordered:
+        return {}
+    pick = lambda q: round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 2)  # noqa: E731
+    return {"n": len(ordered), "p50_ms": pick(0.5), "p99_ms": pick(0.99)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("endpoint")
@@ -154,7 +227,17 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=MIB)
     parser.add_argument("--gbps", type=float, default=10.0, help="crt: throughput target")
     parser.add_argument("--no-digest", action="store_true", help="CRCs only (what MD5 costs)")
+    parser.add_argument("--probe", type=int, default=0, help="N idle first-byte probes, then")
     args = parser.parse_args()
+    probe: Probe | None = None
+    if args.probe:  # reads from this process: idle first, then during the bulk download
+        objects = _list(args.endpoint, args.bucket, args.prefix)
+        small = [(k, e, n) for k, e, n in objects if n <= MIB][:200]
+        probe = Probe(args.endpoint, args.bucket, [k for k, _, _ in small]).start(
+            {k: e for k, e, _ in small}, {k: n for k, _, n in small}
+        )
+        idle = probe.sample(args.probe)
+        probe.run_during()
     t0 = time.perf_counter()
     objects = _list(args.endpoint, args.bucket, args.prefix)
     t_list = time.perf_counter() - t0
@@ -170,6 +253,9 @@ def main() -> None:
         "failed": failed[:5],
         "failures": len(failed),
     }
+    if probe is not None:
+        summary["probe_idle"] = _percentiles(idle)
+        summary["probe_busy"] = _percentiles(probe.stop())
     print(json.dumps(summary), flush=True)
     sys.exit(1 if failed else 0)
 
