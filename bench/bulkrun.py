@@ -210,8 +210,11 @@ def _percentiles(times: list[float]) -> dict[str, float]:
     ordered = sorted(times)
     if not ordered:
         return {}
-    pick = lambda q: round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 2)  # noqa: E731
-    return {"n": len(ordered), "p50_ms": pick(0.5), "p99_ms": pick(0.99)}
+
+    def ms(q: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 2)
+
+    return {"n": len(ordered), "p50_ms": ms(0.5), "p99_ms": ms(0.99)}
 
 
 def main() -> None:
