@@ -63,6 +63,8 @@ class MountConfig:
     verify_interval: float | None = default("verify_interval")
     # "auto": a single-part object's 32-hex ETag is taken as the MD5 of its bytes.
     etag_md5: str = default("etag_md5")
+    # Worker processes of the bulk path (prefetch); 0: prefetch runs in the daemon.
+    prefetch_workers: int = default("prefetch_workers")
 
     def __post_init__(self) -> None:
         if self.block_size < 64 * KIB or self.block_size & (self.block_size - 1):

@@ -214,6 +214,15 @@ SETTINGS: tuple[Setting, ...] = (
         "auto",
         "auto: single-part ETags are MD5s and reads check them; off: this server's are not",
     ),
+    # Prefetch GETs, block writes, CRCs and digests in worker processes (issue 12): the
+    # daemon's one interpreter saturates at ~0.4x the sync tools; 0 keeps them in the
+    # daemon (the path reads always take; also used where workers cannot start).
+    Setting(
+        "prefetch-workers",
+        v.workers,
+        "auto",
+        "worker processes that download prefetches (auto: one per CPU; 0: in the daemon)",
+    ),
     # Read by `s3cachefs prefetch --config`, not by the mount.
     Setting("prefetch", v.datasets, None, "datasets to prefetch", "file", field=None),
 )

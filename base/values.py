@@ -8,6 +8,7 @@ a TOML file holds (numbers, booleans, lists) and are what the settings table use
 from __future__ import annotations
 
 import math
+import os
 import re
 from typing import Any
 from urllib.parse import urlsplit
@@ -197,6 +198,16 @@ def count(value: Any) -> int:
     number = integer(value)
     if number < 1:
         raise ConfigError(f"bad number {value!r}: must be at least 1")
+    return number
+
+
+def workers(value: Any) -> int:
+    """A count of processes: "auto" (one per CPU) or a number, 0 for none."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return os.cpu_count() or 1
+    number = integer(value)
+    if number < 0:
+        raise ConfigError(f"bad number {value!r}: auto, 0 or more")
     return number
 
 

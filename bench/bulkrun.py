@@ -19,6 +19,8 @@ import argparse
 import hashlib
 import json
 import os
+import socket
+import subprocess
 import sys
 import threading
 import time
@@ -27,18 +29,18 @@ import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
 from pathlib import Path
 
 import boto3
 from botocore.config import Config
 
-from s3cachefs.cache.bulkfetch import (
+from s3cachefs.cache.bulkworker import (
     Done,
     Endpoint,
     Job,
-    ProcessPool,
     _Conn,
-    _credentials,
+    chain_credentials,
     fetch_jobs,
 )
 from s3cachefs.store.checksums import Check
@@ -66,17 +68,34 @@ def _verify(path: str, size: int, block: int, crcs: list[int], md5: str | None) 
 def _procs(
     endpoint: Endpoint, jobs: list[Job], block: int, procs: int, threads: int
 ) -> Iterator[Done]:
-    pool = ProcessPool(endpoint, block_size=block, procs=procs, threads=threads)
+    """The daemon's worker processes (`cache.bulkworker`), driven without trio."""
+    workers: list[tuple[subprocess.Popen[bytes], Connection]] = []
+    for _ in range(procs):
+        ours, theirs = socket.socketpair()
+        with theirs:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "s3cachefs.cache.bulkworker", str(theirs.fileno()),
+                 str(os.getpid())],
+                pass_fds=(theirs.fileno(),),
+            )  # fmt: skip
+        conn = Connection(ours.detach())
+        conn.send((endpoint, block, threads))
+        workers.append((proc, conn))
     try:
         for i in range(0, len(jobs), 16):
-            pool.submit(jobs[i : i + 16])
+            workers[(i // 16) % procs][1].send((None, jobs[i : i + 16]))
         left = len(jobs)
         while left:
-            for done in pool.results(timeout=60):
-                left -= 1
-                yield done
+            for ready in wait([c for _, c in workers], timeout=60):
+                assert isinstance(ready, Connection)
+                for done in ready.recv():
+                    left -= 1
+                    yield done
     finally:
-        pool.close()
+        for proc, conn in workers:
+            conn.close()
+            proc.kill()
+            proc.wait()
 
 
 @dataclass
@@ -168,7 +187,7 @@ class Probe:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._signer = _Conn(
-            Endpoint(f"{endpoint.rstrip('/')}/{bucket}/", "us-east-1"), _credentials()
+            Endpoint(f"{endpoint.rstrip('/')}/{bucket}/", "us-east-1"), [chain_credentials()]
         )
 
     def sample(self, count: int) -> list[float]:

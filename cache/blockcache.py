@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from s3cachefs.cache.blocks import ObjectVersion, blocks_for_range
+from s3cachefs.cache.bulk import BulkEngine
 from s3cachefs.cache.disk import Disk
 from s3cachefs.cache.fetcher import Fetcher
 from s3cachefs.cache.flights import Flights
@@ -79,6 +80,9 @@ class BlockCache:
             disk_limiter=disk_limiter,
             readahead_bytes=config.readahead_size,
             fetch_bytes=config.fetch_size,
+            bulk_workers=config.prefetch_workers,
+            # a prefetch's GETs at once, spread over the workers
+            bulk_threads=-(-config.prefetch_jobs // max(1, config.prefetch_workers)),
         )
 
     def __init__(
@@ -94,6 +98,8 @@ class BlockCache:
         disk_limiter: trio.CapacityLimiter,
         readahead_bytes: int = 32 * 1024 * 1024,
         fetch_bytes: int = 8 * 1024 * 1024,
+        bulk_workers: int = 0,
+        bulk_threads: int = 16,
     ) -> None:
         self.cache_dir = cache_dir
         self.store = store
@@ -127,6 +133,19 @@ class BlockCache:
             readahead_bytes=readahead_bytes,
             fetch_bytes=fetch_bytes,
         )
+        # Prefetch runs in worker processes (`cache.bulk`); 0 workers: in the daemon.
+        self.bulk = BulkEngine(
+            store,
+            ledger=self.ledger,
+            flights=self._flights,
+            disk=self._disk,
+            bounds=self.bounds,
+            stats=self.stats,
+            disk_limiter=disk_limiter,
+            missing_runs=self._fetcher.missing_runs,
+            workers=bulk_workers,
+            threads=bulk_threads,
+        )
         self._integrity = Integrity(
             ledger=self.ledger,
             memory=self._memory,
@@ -148,8 +167,12 @@ class BlockCache:
         self._layout.release()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Own the nursery that downloads run in, so a cancelled reader cancels no fetch."""
-        await self._fetcher.run(task_status=task_status)
+        """Own the nursery that downloads run in, so a cancelled reader cancels no fetch;
+        and the bulk workers, stopped on the way out."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self._fetcher.run)
+            await nursery.start(self.bulk.run)
+            task_status.started()
 
     async def drain(self) -> None:
         """Wait until every started fetch has been served and written (clean stop, tests)."""
@@ -295,7 +318,9 @@ class BlockCache:
         await flight.done.wait()
         if flight.error is not None:
             raise flight.error
-        assert flight.data is not None
+        if flight.data is None:  # a bulk job's block: on disk now, or given up (`cache.bulk`)
+            await flight.landed.wait()
+            return await self.get_block(version, index)
         return flight.data
 
     def start_fetch(self, version: ObjectVersion, indices: range, *, persist: bool = False) -> None:

@@ -13,6 +13,8 @@ not written, and nothing is left on disk that the start cannot find:
   and a file with no object row is swept at start (`cache.index`).
 - eviction: the block row first, then its hole; for an object's last block,
   its object row, then its file.
+- a bulk worker's run (`cache.bulk`): its bytes, then (the daemon) its rows in one
+  transaction; bytes no row points at are never served.
 - adoption (a finished upload): the file moved into place, then every row in
   one transaction; no rows, no file.
 - free: the rows, then the file.
@@ -89,6 +91,28 @@ class Disk:
         except BaseException:
             target.unlink(missing_ok=True)  # no row, no file: S3 has the bytes
             raise
+
+    def index_written(
+        self, rows: list[tuple[ObjectVersion, bool, int, list[int], int]]
+    ) -> list[bool]:
+        """Rows for runs a bulk worker wrote (version, new object, first block, CRCs,
+        inode), in one transaction; False for a run whose file is no longer that inode
+        (evicted and made anew while it was written): nothing indexed for it."""
+        kept = []
+        with self.index.transaction():
+            for version, new, first, crcs, inode in rows:
+                try:
+                    same = os.stat(self.layout.path(version.oid)).st_ino == inode
+                except FileNotFoundError:
+                    same = False
+                kept.append(same)
+                if not same:
+                    continue
+                if new:
+                    self.index.put_object(version)
+                for offset, crc in enumerate(crcs):
+                    self.index.put_block(version.oid, first + offset, crc)
+        return kept
 
     def free(self, oid: str, blocks: list[int]) -> None:
         for idx in blocks:

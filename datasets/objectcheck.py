@@ -38,6 +38,11 @@ class ObjectCheck:
         # False (--etag-md5 off): a 32-hex ETag is no MD5; S3 is asked for a checksum instead.
         self.etag_md5s = etag_md5s
 
+    async def first_check(self, info: ObjectInfo) -> Check:
+        """The check `check` starts with (HEADs only if the ETag is not taken as an MD5),
+        for a digest computed while the bytes are written (`cache.bulk`)."""
+        return await self._plan(info, ask_s3=not self.etag_md5s)
+
     async def check(self, info: ObjectInfo, version: ObjectVersion) -> Check:
         """The check the complete object passed; ObjectFailed (or StoreError) if none did."""
         check = await self._plan(info, ask_s3=not self.etag_md5s)

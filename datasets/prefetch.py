@@ -39,6 +39,7 @@ from s3cachefs.datasets.keyshadow import Shadowed
 from s3cachefs.datasets.objectcheck import ObjectCheck, ObjectFailed
 from s3cachefs.datasets.pins import Manifest, PinStore, Shard
 from s3cachefs.datasets.prefetchprogress import PROGRESS_INTERVAL, Progress, Report
+from s3cachefs.datasets.prefetchruns import download_run
 from s3cachefs.store.checksums import Check
 from s3cachefs.store.keys import valid_name
 from s3cachefs.store.types import ObjectInfo, ObjectStore
@@ -235,18 +236,24 @@ class PrefetchJob:
                 if obj.info.key in self.progress.failed:
                     continue
                 try:
-                    self.cache.start_fetch(obj.version, run, persist=True)
-                    for idx in run:
-                        data = await self.cache.get_block(obj.version, idx)
-                        self.progress.bytes_fetched += len(data)
-                except StoreError as exc:
+                    proven = await self._download(obj, run)
+                except (StoreError, ObjectFailed) as exc:
                     self._fail(obj.info.key, str(exc))
                     continue
                 obj.runs_left -= 1
                 if obj.runs_left == 0:
-                    await self._verify(obj)
+                    await self._verify(obj, proven)
 
-    async def _verify(self, obj: _Object) -> None:
+    async def _download(self, obj: _Object, run: range) -> Check | None:
+        """One run onto disk (`datasets.prefetchruns`); the check passed, if it proved one."""
+        nbytes, proven = await download_run(self.cache, self.objects, obj.info, run, obj.runs_left)
+        self.progress.bytes_fetched += nbytes
+        return proven
+
+    async def _verify(self, obj: _Object, proven: Check | None = None) -> None:
+        if proven is not None:  # its digest matched as it was written: no re-read
+            self._pin(obj.info, proven)
+            return
         try:
             check = await self.objects.check(obj.info, obj.version)
         except (StoreError, ObjectFailed) as exc:

@@ -65,6 +65,8 @@ class RangeGetter:
         self.region = region
         self._credentials = credentials
         self._retry = retry
+        # What a bulk worker process needs to GET the same way (`cache.bulk`).
+        self.ca_bundle, self.read_timeout = ca_bundle, read_timeout
         self._pool = urllib3.PoolManager(
             maxsize=max_connections,
             block=False,
@@ -72,6 +74,17 @@ class RangeGetter:
             timeout=urllib3.Timeout(connect=connect_timeout, read=read_timeout),
             ca_certs=ca_bundle,
         )
+
+    @property
+    def attempts(self) -> int:
+        return self._retry.max_attempts
+
+    def secrets(self) -> tuple[str, str, str | None] | None:
+        """The current credentials, frozen (refreshed first if they expire), for a worker."""
+        if self._credentials is None:
+            return None
+        frozen = self._credentials.get_frozen_credentials()
+        return str(frozen.access_key), str(frozen.secret_key), frozen.token
 
     def url(self, key: str) -> str:
         return self.base_url + urllib.parse.quote(key, safe="/~")

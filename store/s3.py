@@ -152,6 +152,11 @@ class S3Store(S3Writes):
         headers = resp.get("ResponseMetadata", {}).get("HTTPHeaders", {})
         self._getter = self._range_getter(headers.get("x-amz-bucket-region"))
 
+    @property
+    def range_getter(self) -> RangeGetter | None:
+        """The lean GET path, once the bucket was checked (None: botocore GETs)."""
+        return self._getter
+
     def _range_getter(self, bucket_region: str | None) -> RangeGetter | None:
         """The lean GET path, addressed and signed exactly as botocore would."""
         client = self._client

@@ -1,59 +1,63 @@
-"""The bulk path: whole objects (or runs of blocks) into cache files, off the daemon's interpreter.
+"""The bulk path's worker side: GET jobs into cache files, off the daemon's interpreter.
 
-A prefetch or a sync moves thousands of objects; done block by block inside
-the daemon (one thread hand-off per GET, one per block write, one per block
-back to trio, a re-read to verify) it saturates one core at 0.4x the sync
-tools. Here one `Job` is one GET of bytes ``[start, end)`` of one object
-version, written with ``pwrite`` at the same offsets into the file the cache
-will own. While the bytes pass, each block's CRC32 is computed from the very
-buffer that is written, and, for a job that covers a whole object, the
-end-to-end digest its `Check` asks for (hashlib and zlib release the GIL on
-large buffers). A `Done` carries the CRCs and the digest back; the caller (the
-daemon) decides, records and pins: this module touches no index and no pin.
-
-Engines, same jobs, same results:
-
-- `fetch_jobs` in the calling process, ``threads`` at once (the in-daemon
-  option with one hand-off per job instead of per block; and the reference);
-- `ProcessPool`: ``procs`` worker processes (spawned, never forked from a
-  threaded daemon), each with its own connection pool and ``threads``
-  threads; jobs go out and results come back in batches over a pipe.
+A prefetch moves thousands of objects; done block by block inside the daemon
+(one thread hand-off per GET, one per block write, one per block back to trio,
+a re-read to verify) it saturates one core. Here one `Job` is one GET of bytes
+``[start, end)`` of one object version, written with ``pwrite`` at the same
+offsets into the file the cache will own. While the bytes pass, each block's
+CRC32 is computed from the very buffer that is written, and, for a job that
+covers a whole object, the end-to-end digest its `Check` asks for (hashlib and
+zlib release the GIL on large buffers). A `Done` carries the CRCs, the digest
+and the inode written back; the daemon (`cache.bulk`) decides, indexes and
+pins: this module touches no index and no pin, and imports no trio.
 
 The response is checked before a byte is used (`store.responses`), GETs carry
 ``If-Match``, and a failed attempt starts the job again from its first byte
-(the digest must see every byte once, in order).
+(the digest must see every byte once, in order), under the store's one retry
+policy (`store.retry`).
+
+Engines, same jobs, same results: `fetch_jobs` in the calling process (bench,
+the reference), and `main`: a worker process (``python -m
+s3cachefs.cache.bulkworker FD``) with ``threads`` GETs at once, jobs in and
+results out in batches over a socket. It exits when the socket closes or its
+parent dies (``PR_SET_PDEATHSIG``): a ``kill -9`` of the daemon leaves no worker.
 """
 
 from __future__ import annotations
 
-import contextlib
+import ctypes
 import http.client
-import multiprocessing
 import multiprocessing.connection
 import os
 import queue
 import re
+import signal
+import ssl
+import sys
 import threading
 import time
 import urllib.parse
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 import botocore.auth
 import botocore.awsrequest
 import botocore.credentials
 import botocore.session
 
-from s3cachefs.base.errors import StoreError, TransientError
+from s3cachefs.base.errors import StaleError, StoreError, TransientError
 from s3cachefs.store.checksums import Check, Digest
+from s3cachefs.store.errortable import error_for_code
 from s3cachefs.store.responses import check_get_response
-from s3cachefs.store.s3 import error_for_code
+from s3cachefs.store.retry import RetryPolicy
 
-BATCH_SECONDS = 0.02  # results wait this long at most to share a pipe message
-_RETRY_STATUS = {429, 500, 502, 503, 504}  # throttling and server trouble: worth another try
+BATCH_SECONDS = 0.005  # results wait this long at most to share a message
 _CODE = re.compile(rb"<Code>([^<]+)</Code>")
+_PR_SET_PDEATHSIG = 1
+
+# Frozen credentials as sent to a worker: (access key, secret key, token).
+Secrets = tuple[str, str, str | None]
 
 
 @dataclass(frozen=True)
@@ -63,7 +67,8 @@ class Endpoint:
     base_url: str  # ".../BUCKET/" (path style) or "https://BUCKET.host/"
     region: str
     timeout: float = 30.0
-    attempts: int = 5
+    attempts: int = 3
+    ca_bundle: str | None = None
 
 
 @dataclass(frozen=True)
@@ -86,33 +91,44 @@ class Done:
     crcs: list[int] = field(default_factory=list)  # one per block, from the bytes written
     digest: str = ""  # `Digest.result()` in the check's terms ("" if none asked)
     matches: bool = False  # the digest is the check's value
-    error: str = ""  # "" on success; else "<ErrorClass>: message"
+    error: str = ""  # "" on success; else the message
+    error_kind: str = ""  # the StoreError class of ``error`` ("" on success)
+    inode: int = 0  # the file the bytes went into (the daemon checks it is still the object's)
     seconds: float = 0.0  # wall time of the job in its thread
     attempts: int = 1
+    lost: bool = False  # set by the daemon: the worker died before answering
 
 
 class _Conn:
     """One keep-alive HTTP(S) connection and a SigV4 signer (one per thread)."""
 
-    def __init__(self, endpoint: Endpoint, credentials: botocore.credentials.Credentials) -> None:
+    def __init__(
+        self, endpoint: Endpoint, credentials: list[botocore.credentials.Credentials]
+    ) -> None:
         self.endpoint = endpoint
         url = urllib.parse.urlsplit(endpoint.base_url)
         self.host, self.prefix, self.https = url.netloc, url.path, url.scheme == "https"
-        self.credentials = credentials
+        self.credentials = credentials  # [the latest], shared by the threads of a worker
+        self.retry = RetryPolicy(endpoint.attempts)
         self.http: http.client.HTTPConnection | None = None
 
     def get(self, key: str, etag: str, start: int, end: int) -> http.client.HTTPResponse:
         path = self.prefix + urllib.parse.quote(key, safe="/~")
         headers = {"Range": f"bytes={start}-{end - 1}", "If-Match": etag}
+        scheme = "https" if self.https else "http"
         request = botocore.awsrequest.AWSRequest(
-            method="GET", url=f"{'https' if self.https else 'http'}://{self.host}{path}",
-            headers=headers,
-        )  # fmt: skip
-        frozen = self.credentials.get_frozen_credentials()
+            method="GET", url=f"{scheme}://{self.host}{path}", headers=headers
+        )
+        frozen = self.credentials[0].get_frozen_credentials()
         botocore.auth.S3SigV4Auth(frozen, "s3", self.endpoint.region).add_auth(request)
         if self.http is None:
-            cls = http.client.HTTPSConnection if self.https else http.client.HTTPConnection
-            self.http = cls(self.host, timeout=self.endpoint.timeout)
+            if self.https:
+                context = ssl.create_default_context(cafile=self.endpoint.ca_bundle)
+                self.http = http.client.HTTPSConnection(
+                    self.host, timeout=self.endpoint.timeout, context=context
+                )
+            else:
+                self.http = http.client.HTTPConnection(self.host, timeout=self.endpoint.timeout)
         try:
             self.http.request("GET", path, headers=dict(request.headers.items()))
             return self.http.getresponse()
@@ -126,7 +142,7 @@ class _Conn:
             self.http = None
 
 
-def _credentials() -> botocore.credentials.Credentials:
+def chain_credentials() -> botocore.credentials.Credentials:
     credentials = botocore.session.Session().get_credentials()
     if credentials is None:
         raise StoreError("no AWS credentials found")
@@ -145,13 +161,13 @@ def _open_target(path: str, size: int) -> int:
 
 
 def _attempt(conn: _Conn, job: Job, block_size: int, buf: memoryview, done: Done) -> None:
-    what = f"{job.key} bytes {job.start}-{job.end}"
+    what = f"s3://{job.key} bytes {job.start}-{job.end}"
     response = conn.get(job.key, job.etag, job.start, job.end)
     try:
         if response.status not in (200, 206):
             match = _CODE.search(response.read())
             error = error_for_code(match.group(1).decode() if match else str(response.status), what)
-            if response.status in _RETRY_STATUS and not isinstance(error, TransientError):
+            if conn.retry.retryable_status(response.status):
                 error = TransientError(f"{what}: status {response.status}")
             raise error
         headers = dict(response.getheaders())
@@ -161,6 +177,7 @@ def _attempt(conn: _Conn, job: Job, block_size: int, buf: memoryview, done: Done
         digest = Digest(job.check) if job.check is not None else None
         fd = _open_target(job.path, job.size)
         try:
+            done.inode = os.fstat(fd).st_ino
             pos = job.start
             while pos < job.end:
                 want = min(block_size, job.end - pos)
@@ -174,7 +191,7 @@ def _attempt(conn: _Conn, job: Job, block_size: int, buf: memoryview, done: Done
                 os.pwrite(fd, view, pos)
                 done.crcs.append(zlib.crc32(view))
                 if digest is not None:
-                    digest.update(view)  # type: ignore[arg-type]  # memoryview is fine
+                    digest.update(view)  # type: ignore[arg-type]  # a memoryview is fine
                 pos += want
         finally:
             os.close(fd)
@@ -189,21 +206,33 @@ def fetch(conn: _Conn, job: Job, block_size: int, buf: memoryview) -> Done:
     """One job, retried from its first byte on transient errors. Blocking; never raises."""
     start = time.perf_counter()
     done = Done(job.oid, job.start, job.end)
-    for attempt in range(1, conn.endpoint.attempts + 1):
+    for attempt in range(1, conn.retry.max_attempts + 1):
         done.crcs.clear()
         done.attempts = attempt
         try:
             _attempt(conn, job, block_size, buf, done)
-            done.error = ""
+            done.error = done.error_kind = ""
             break
-        except (OSError, http.client.HTTPException, TransientError) as exc:
-            done.error = f"{type(exc).__name__}: {exc}"
-            time.sleep(min(2.0, 0.05 * 2**attempt))
-        except StoreError as exc:  # stale, bad response that is not worth retrying
-            done.error = f"{type(exc).__name__}: {exc}"
-            break
+        except (OSError, http.client.HTTPException) as exc:
+            done.error, done.error_kind = f"{job.key}: network error: {exc}", "TransientError"
+        except StoreError as exc:
+            done.error, done.error_kind = str(exc), type(exc).__name__
+            if not conn.retry.retryable(exc):  # stale, denied, missing: another try is the same
+                break
+        if conn.retry.again(attempt):
+            conn.retry.wait(attempt)
     done.seconds = time.perf_counter() - start
     return done
+
+
+def error_of(done: Done) -> StoreError:
+    """The StoreError a failed `Done` stands for (the class, by name, where it matters)."""
+    if done.error_kind == "StaleError":
+        return StaleError(done.error)
+    cls = TransientError if done.lost or "Transient" in done.error_kind else StoreError
+    if done.error_kind in ("BadResponseError", "TransientError"):
+        cls = TransientError
+    return cls(done.error)
 
 
 def fetch_jobs(
@@ -212,7 +241,7 @@ def fetch_jobs(
     """Run ``jobs`` in this process, ``threads`` at once; results as they finish."""
     todo: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
     out: queue.SimpleQueue[Done | None] = queue.SimpleQueue()
-    credentials = _credentials()
+    credentials = [chain_credentials()]
     count = 0
     for job in jobs:
         todo.put(job)
@@ -234,7 +263,7 @@ def fetch_jobs(
 
 def _serve(
     endpoint: Endpoint,
-    credentials: botocore.credentials.Credentials,
+    credentials: list[botocore.credentials.Credentials],
     block_size: int,
     todo: queue.SimpleQueue[Job | None],
     out: queue.SimpleQueue[Done | None],
@@ -248,108 +277,86 @@ def _serve(
         conn.close()
 
 
-# ---- worker processes -------------------------------------------------------
+# ---- the worker process -------------------------------------------------------
 
 
-def _worker_main(
-    conn: multiprocessing.connection.Connection, endpoint: Endpoint, block_size: int, threads: int
+def _die_with_parent() -> None:
+    """SIGKILL when the daemon dies (even by kill -9); the socket's EOF is the other way."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _send_results(
+    conn: multiprocessing.connection.Connection, out: queue.SimpleQueue[Done | None]
 ) -> None:
-    """A worker process: jobs in (lists), results out (lists, batched); None stops it."""
+    while (first := out.get()) is not None:
+        batch = [first]
+        deadline = time.monotonic() + BATCH_SECONDS
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                item = out.get(timeout=left)
+            except queue.Empty:
+                break
+            if item is None:
+                conn.send(batch)
+                return
+            batch.append(item)
+        conn.send(batch)
+
+
+def serve(conn: multiprocessing.connection.Connection) -> None:
+    """A worker's life: (endpoint, block size, threads) first, then (secrets, jobs)
+    messages; results go back in batches. EOF or None stops it."""
+    endpoint, block_size, threads = conn.recv()
     todo: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
     out: queue.SimpleQueue[Done | None] = queue.SimpleQueue()
-    credentials = _credentials()
+    credentials: list[botocore.credentials.Credentials] = []
     pool = [
         threading.Thread(
             target=_serve, args=(endpoint, credentials, block_size, todo, out), daemon=True
         )
         for _ in range(threads)
     ]
-    for thread in pool:
-        thread.start()
-
-    def send_results() -> None:
-        while True:
-            first = out.get()
-            if first is None:
-                return
-            batch = [first]
-            deadline = time.monotonic() + BATCH_SECONDS
-            while (left := deadline - time.monotonic()) > 0:
-                try:
-                    item = out.get(timeout=left)
-                except queue.Empty:
-                    break
-                if item is None:
-                    conn.send(batch)
-                    return
-                batch.append(item)
-            conn.send(batch)
-
-    sender = threading.Thread(target=send_results)
+    sender = threading.Thread(target=_send_results, args=(conn, out), daemon=True)
     sender.start()
+    started = False
     try:
-        while (jobs := conn.recv()) is not None:
+        while (message := conn.recv()) is not None:
+            secrets, jobs = message
+            if secrets is None:
+                credentials[:] = [chain_credentials()]
+            else:
+                credentials[:] = [botocore.credentials.Credentials(*secrets)]
+            if not started:
+                for thread in pool:
+                    thread.start()
+                started = True
             for job in jobs:
                 todo.put(job)
-    except EOFError:
-        pass  # the daemon went away: finish nothing more
+    except (EOFError, OSError):
+        os._exit(0)  # the daemon went away: nothing to answer to
     for _ in pool:
         todo.put(None)
-    for thread in pool:
+    for thread in pool if started else []:
         thread.join()
     out.put(None)
     sender.join()
 
 
-class ProcessPool:
-    """``procs`` worker processes, ``threads`` GETs each; jobs out and results back in batches."""
+def main(argv: list[str]) -> int:
+    _die_with_parent()
+    conn = multiprocessing.connection.Connection(int(argv[1]))
+    if os.getppid() != int(argv[2]):  # the daemon died before the prctl
+        return 0
+    serve(conn)
+    return 0
 
-    def __init__(self, endpoint: Endpoint, *, block_size: int, procs: int, threads: int) -> None:
-        ctx = multiprocessing.get_context("spawn")  # the daemon has threads: never fork it
-        self.conns: list[multiprocessing.connection.Connection] = []
-        self.procs: list[Any] = []
-        self.load: list[int] = []
-        for _ in range(procs):
-            ours, theirs = ctx.Pipe()
-            proc = ctx.Process(
-                target=_worker_main, args=(theirs, endpoint, block_size, threads), daemon=True
-            )
-            proc.start()
-            theirs.close()
-            self.conns.append(ours)
-            self.procs.append(proc)
-            self.load.append(0)
 
-    @property
-    def pids(self) -> list[int]:
-        return [p.pid for p in self.procs]
+if __name__ == "__main__":
+    # By its own name, so that the Done it sends unpickles as the daemon's Done.
+    from s3cachefs.cache import bulkworker
 
-    def submit(self, jobs: list[Job]) -> None:
-        """Hand jobs to the least loaded worker (by bytes outstanding)."""
-        i = min(range(len(self.conns)), key=self.load.__getitem__)
-        self.load[i] += sum(j.end - j.start for j in jobs)
-        self.conns[i].send(jobs)
-
-    def results(self, timeout: float | None = None) -> list[Done]:
-        """Whatever batches are ready (waits up to ``timeout`` for the first)."""
-        ready = multiprocessing.connection.wait(self.conns, timeout)
-        done: list[Done] = []
-        for conn in ready:
-            assert isinstance(conn, multiprocessing.connection.Connection)
-            batch: list[Done] = conn.recv()
-            i = self.conns.index(conn)
-            self.load[i] -= sum(d.end - d.start for d in batch)
-            done += batch
-        return done
-
-    def close(self) -> None:
-        for conn in self.conns:
-            with contextlib.suppress(OSError):
-                conn.send(None)
-        for proc in self.procs:
-            proc.join(30)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
-        for conn in self.conns:
-            conn.close()
+    sys.exit(bulkworker.main(sys.argv))
