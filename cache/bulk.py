@@ -283,10 +283,13 @@ class BulkEngine:
         for done in batch:
             key = (done.oid, done.start)
             worker.jobs.discard(key)
+            self.stats.counts["bulk_gets"] += done.attempts  # the workers' S3 requests
             waiting = self._waiting.get(key)
             if waiting is None:
                 continue
             if done.error:
+                # The cache's disk failed it: the in-daemon path tries, and says so.
+                done.lost = done.error_kind == "DiskError"
                 self._release(waiting, done)
                 continue
             new = done.oid not in self.ledger

@@ -99,6 +99,10 @@ class Done:
     lost: bool = False  # set by the daemon: the worker died before answering
 
 
+class _DiskError(Exception):
+    """The cache file could not be written (not S3's fault: not retried here)."""
+
+
 class _Conn:
     """One keep-alive HTTP(S) connection and a SigV4 signer (one per thread)."""
 
@@ -175,7 +179,10 @@ def _attempt(conn: _Conn, job: Job, block_size: int, buf: memoryview, done: Done
             response.status, headers, job.start, job.end, job.size, job.etag, what=what
         )
         digest = Digest(job.check) if job.check is not None else None
-        fd = _open_target(job.path, job.size)
+        try:
+            fd = _open_target(job.path, job.size)
+        except OSError as exc:
+            raise _DiskError(exc) from None
         try:
             done.inode = os.fstat(fd).st_ino
             pos = job.start
@@ -188,7 +195,10 @@ def _attempt(conn: _Conn, job: Job, block_size: int, buf: memoryview, done: Done
                     if not n:
                         raise TransientError(f"{what}: body ended early at byte {pos + got}")
                     got += n
-                os.pwrite(fd, view, pos)
+                try:
+                    os.pwrite(fd, view, pos)
+                except OSError as exc:
+                    raise _DiskError(exc) from None
                 done.crcs.append(zlib.crc32(view))
                 if digest is not None:
                     digest.update(view)  # type: ignore[arg-type]  # a memoryview is fine
@@ -212,6 +222,9 @@ def fetch(conn: _Conn, job: Job, block_size: int, buf: memoryview) -> Done:
         try:
             _attempt(conn, job, block_size, buf, done)
             done.error = done.error_kind = ""
+            break
+        except _DiskError as exc:  # the cache's disk, not S3: the daemon decides
+            done.error, done.error_kind = f"cache write failed: {exc.args[0]}", "DiskError"
             break
         except (OSError, http.client.HTTPException) as exc:
             done.error, done.error_kind = f"{job.key}: network error: {exc}", "TransientError"
