@@ -14,6 +14,10 @@ from pathlib import Path
 
 MIB = 1024 * 1024
 PREFIX = "dataset-v3"
+# Files outside the dataset: cold reads while it is prefetched ("reads go first").
+PROBE_PREFIX = "probe"
+PROBES = 100
+PROBE_SIZE = 100_000
 
 
 @dataclass
@@ -43,7 +47,8 @@ def generate(roots: list[Path], pages: int, large: int, large_size: int, seed: i
         data.pages.append((f"{PREFIX}/shard-{i // per_shard:02d}/page-{i:05d}.png", size))
     for i in range(large):
         data.large.append((f"{PREFIX}/archive/blob-{i}.bin", large_size))
-    for key, size in data.pages + data.large:
+    probes = [(f"{PROBE_PREFIX}/p-{i:03d}.bin", PROBE_SIZE) for i in range(PROBES)]
+    for key, size in probes + data.pages + data.large:
         body = rng.randbytes(size) if size <= 8 * MIB else None
         for root in roots:
             path = root / key

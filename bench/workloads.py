@@ -56,6 +56,14 @@ def walk(root: Path) -> tuple[float, int]:
     return time.perf_counter() - start, count
 
 
+def one_first_byte(path: Path) -> float:
+    """Seconds from open() to the first byte of ``path``."""
+    start = time.perf_counter()
+    with path.open("rb", buffering=0) as f:
+        f.read(1)
+    return time.perf_counter() - start
+
+
 def first_byte(paths: list[Path]) -> float:
     """Median seconds from open() to the first byte, over ``paths``, one at a time."""
     times = []
