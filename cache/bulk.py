@@ -58,7 +58,6 @@ class _Waiting:
     version: ObjectVersion
     run: range
     flights: list[Flight]
-    worker: int
     event: trio.Event = field(default_factory=trio.Event)
     done: Done | None = None
 
@@ -100,7 +99,7 @@ class BulkEngine:
         self.threads = max(1, threads)  # GETs at once in each worker
         self._pool: list[_Worker] = []
         self._waiting: dict[tuple[str, int], _Waiting] = {}
-        self._outbox: list[list[Job]] = []  # per worker, sent once the trio tick ends
+        self._outbox: list[tuple[_Worker, Job]] = []  # sent once the trio tick ends
         self._flush_pending = False
         self._nursery: trio.Nursery | None = None
         self._cannot_start = False  # logged once; the in-daemon path serves
@@ -214,11 +213,9 @@ class BulkEngine:
             done = Done(job.oid, job.start, job.end, error="bulk worker died", lost=True)
             self._release(waiting, done)
 
-    def _send(self, index: int, job: Job) -> None:
+    def _send(self, worker: _Worker, job: Job) -> None:
         """Queue a job for a worker; everything queued in this trio tick goes in one message."""
-        while len(self._outbox) < len(self._pool):
-            self._outbox.append([])
-        self._outbox[index].append(job)
+        self._outbox.append((worker, job))
         if not self._flush_pending:
             self._flush_pending = True
             assert self._nursery is not None
@@ -228,13 +225,14 @@ class BulkEngine:
         self._flush_pending = False
         getter = self._getter()
         secrets: Secrets | None = None if getter is None else getter.secrets()
-        for index, jobs in enumerate(self._outbox):
-            worker = self._pool[index] if index < len(self._pool) else None
-            if not jobs or worker is None:
-                continue
-            self._outbox[index] = []
-            with contextlib.suppress(OSError):  # its reader sees the EOF, gives the jobs back
-                worker.conn.send((secrets, jobs))
+        by_worker: dict[int, tuple[_Worker, list[Job]]] = {}
+        for worker, job in self._outbox:
+            by_worker.setdefault(id(worker), (worker, []))[1].append(job)
+        self._outbox.clear()
+        for worker, jobs in by_worker.values():
+            if worker.alive:
+                with contextlib.suppress(OSError):  # its reader sees the EOF, gives them back
+                    worker.conn.send((secrets, jobs))
 
     # ---- one run -----------------------------------------------------------
 
@@ -256,18 +254,16 @@ class BulkEngine:
             return None
         oid = version.oid
         flights = [self.flights.start((oid, idx), Flight(remember=False)) for idx in run]
-        index = min(
-            (i for i, w in enumerate(self._pool) if w.alive), key=lambda i: len(self._pool[i].jobs)
-        )
+        worker = min((w for w in self._pool if w.alive), key=lambda w: len(w.jobs))
         whole = start == 0 and end == version.size
         job = Job(oid, version.key, version.etag, version.size, start, end,
                   str(self.disk.layout.path(oid)), check if whole else None)  # fmt: skip
-        waiting = _Waiting(job, version, run, flights, index)
+        waiting = _Waiting(job, version, run, flights)
         self._waiting[(oid, start)] = waiting
-        self._pool[index].jobs.add((oid, start))
+        worker.jobs.add((oid, start))
         if victims:
             await trio.to_thread.run_sync(self.disk.evict, victims, limiter=self.disk_limiter)
-        self._send(index, job)
+        self._send(worker, job)
         await waiting.event.wait()
         done = waiting.done
         assert done is not None
