@@ -55,6 +55,8 @@ from s3cachefs.store.retry import RetryPolicy
 BATCH_SECONDS = 0.005  # results wait this long at most to share a message
 _CODE = re.compile(rb"<Code>([^<]+)</Code>")
 _PR_SET_PDEATHSIG = 1
+# Bulk work yields the CPU to the daemon (reads go first) where the cores are contended.
+NICE = 5
 
 # Frozen credentials as sent to a worker: (access key, secret key, token).
 Secrets = tuple[str, str, str | None]
@@ -361,6 +363,7 @@ def serve(conn: multiprocessing.connection.Connection) -> None:
 
 def main(argv: list[str]) -> int:
     _die_with_parent()
+    os.nice(NICE)
     conn = multiprocessing.connection.Connection(int(argv[1]))
     if os.getppid() != int(argv[2]):  # the daemon died before the prctl
         return 0

@@ -22,6 +22,7 @@ from s3cachefs.cache.blockcache import BlockCache
 from s3cachefs.cache.blocks import ObjectVersion
 from s3cachefs.store import checkplan, checksums
 from s3cachefs.store.checksums import Check
+from s3cachefs.store.responses import etag_md5
 from s3cachefs.store.types import ObjectInfo, ObjectStore
 
 
@@ -107,6 +108,9 @@ class ObjectCheck:
         return ObjectFailed(reason)
 
     async def _plan(self, info: ObjectInfo, *, ask_s3: bool) -> Check:
+        md5 = etag_md5(info.etag)
+        if md5 is not None and not ask_s3:  # `checkplan.plan` asks S3 nothing: no thread
+            return Check("md5", md5)
         plan = functools.partial(checkplan.plan, ask_s3=ask_s3, etag_md5s=self.etag_md5s)
         return await self._s3(plan, self.store, info)
 
