@@ -195,6 +195,17 @@ def test_killing_the_daemon_leaves_no_worker(
     mount.stop()
 
 
+def test_prefetch_workers_0_is_the_in_daemon_path(bucket: Bucket, mounter: Mounter) -> None:
+    files = fill(bucket, count=4)
+    mount = mounter(bucket.name, "--prefetch-workers", "0")
+    result = prefetch(mount, "dataset-v3")
+    assert result.returncode == 0, result.stderr
+    assert not workers_of(mount.proc.pid)
+    assert "bulk worker" not in mount.log_text()
+    drop_page_cache()
+    check_tree(mount, files)
+
+
 # A whole-object GET that is answered 200 (Range ignored) or without If-Match is
 # the right answer here; the others must never reach the cache as the object.
 TRUTHFUL_HERE = {"ignore_range", "strip_if_match"}
