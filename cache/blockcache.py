@@ -80,8 +80,7 @@ class BlockCache:
             disk_limiter=disk_limiter,
             readahead_bytes=config.readahead_size,
             fetch_bytes=config.fetch_size,
-            bulk_workers=config.prefetch_workers,
-            # a prefetch's GETs at once, spread over the workers
+            bulk_workers=config.prefetch_workers,  # a prefetch's GETs spread over them:
             bulk_threads=-(-config.prefetch_jobs // max(1, config.prefetch_workers)),
         )
 
@@ -98,7 +97,7 @@ class BlockCache:
         disk_limiter: trio.CapacityLimiter,
         readahead_bytes: int = 32 * 1024 * 1024,
         fetch_bytes: int = 8 * 1024 * 1024,
-        bulk_workers: int = 0,
+        bulk_workers: int = 0,  # prefetch in worker processes (`cache.bulk`); 0: here
         bulk_threads: int = 16,
     ) -> None:
         self.cache_dir = cache_dir
@@ -133,19 +132,7 @@ class BlockCache:
             readahead_bytes=readahead_bytes,
             fetch_bytes=fetch_bytes,
         )
-        # Prefetch runs in worker processes (`cache.bulk`); 0 workers: in the daemon.
-        self.bulk = BulkEngine(
-            store,
-            ledger=self.ledger,
-            flights=self._flights,
-            disk=self._disk,
-            bounds=self.bounds,
-            stats=self.stats,
-            disk_limiter=disk_limiter,
-            missing_runs=self._fetcher.missing_runs,
-            workers=bulk_workers,
-            threads=bulk_threads,
-        )
+        self.bulk = BulkEngine(self._fetcher, workers=bulk_workers, threads=bulk_threads)
         self._integrity = Integrity(
             ledger=self.ledger,
             memory=self._memory,

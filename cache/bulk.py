@@ -33,7 +33,6 @@ import socket
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
@@ -42,10 +41,8 @@ import trio
 
 from s3cachefs.cache.blocks import ObjectVersion
 from s3cachefs.cache.bulkworker import Done, Endpoint, Job, Secrets, error_of
-from s3cachefs.cache.disk import Disk
-from s3cachefs.cache.flights import Flight, Flights
-from s3cachefs.cache.ledger import Bounds, Ledger
-from s3cachefs.cache.stats import CacheStats
+from s3cachefs.cache.fetcher import Fetcher
+from s3cachefs.cache.flights import Flight
 from s3cachefs.store.checksums import Check
 from s3cachefs.store.rangeget import RangeGetter
 
@@ -73,28 +70,15 @@ class _Worker:
 class BulkEngine:
     """Worker processes for prefetch runs; the rows, reservations and flights stay here."""
 
-    def __init__(
-        self,
-        store: Any,
-        *,
-        ledger: Ledger,
-        flights: Flights,
-        disk: Disk,
-        bounds: Bounds,
-        stats: CacheStats,
-        disk_limiter: trio.CapacityLimiter,
-        missing_runs: Callable[[ObjectVersion, range], list[range]],
-        workers: int,
-        threads: int,
-    ) -> None:
-        self.store = store
-        self.ledger = ledger
-        self.flights = flights
-        self.disk = disk
-        self.bounds = bounds
-        self.stats = stats
-        self.disk_limiter = disk_limiter
-        self.missing_runs = missing_runs
+    def __init__(self, fetcher: Fetcher, *, workers: int, threads: int) -> None:
+        self.store: Any = fetcher.store
+        self.ledger = fetcher.ledger
+        self.flights = fetcher.flights
+        self.disk = fetcher.disk
+        self.bounds = fetcher.bounds
+        self.stats = fetcher.stats
+        self.disk_limiter = fetcher.disk_limiter
+        self.missing_runs = fetcher.missing_runs
         self.workers = workers  # 0: off (the in-daemon path)
         self.threads = max(1, threads)  # GETs at once in each worker
         self._pool: list[_Worker] = []
