@@ -21,7 +21,7 @@ import boto3
 import psutil
 from botocore.config import Config
 
-from bench import cluster, peers, workloads
+from bench import cluster, peers, syncrow, workloads
 from bench.common import drop_caches
 from bench.dataset import PROBE_PREFIX, PROBES, Dataset, generate
 from bench.network import PROFILES, RATE_BYTES, Network, Profile
@@ -166,6 +166,8 @@ class Suite:
             fs.stop()
             shutil.rmtree(fs.cache.parent, ignore_errors=True)
         peer_rows = self.w1_peers(net)
+        if (row := syncrow.measure(self, net)) is not None:  # issue 16: sync into a directory
+            w1_rows.append(row)
         self.w1_mounts(net, primary)
         if peer_rows:
             best = max(peer_rows, key=lambda r: r.value)

@@ -4,14 +4,8 @@ Measured like the peers' copies (``aws s3 sync``, ``rclone copy``): page cache d
 wall time of the command, the copy's bytes checked; plus ``verify --dir`` (not timed)
 and the command's CPU seconds per GB, as a note.
 
-Wiring, in ``bench/run.py`` ``Suite.profile_run``, right after
-``peer_rows = self.w1_peers(net)``::
-
-    if (row := syncrow.measure(self, net)) is not None:
-        w1_rows.append(row)
-
-so the sync row gets the prefetch row's ratio against the fastest peer (and its
-``>= 1.2`` target on the shaped profiles).
+`bench/run.py` adds it to the W1 rows after the peers', so it gets the prefetch
+row's ratio against the fastest peer and the same targets.
 """
 
 from __future__ import annotations
