@@ -16,8 +16,10 @@ readers wait for (DESIGN "single flight owned by the cache").
 from __future__ import annotations
 
 import logging
+import sqlite3
 import zlib
 
+import diskcache
 import trio
 
 from s3cachefs.base.errors import StoreError, TransientError
@@ -286,11 +288,14 @@ class Fetcher:
                 new_object,
                 limiter=self.disk_limiter,
             )
-        except OSError as exc:
+        except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
+            # A full disk shows as ENOSPC on the file, or as SQLite's "database or disk
+            # is full" on the index: the same condition, one line, the room given back.
             if fits:
                 self.ledger.unreserve(len(data))
             self.stats.counts["disk_errors"] += 1
-            log.warning("cache write failed for %s: %s; reads go to S3", version.key, exc.strerror)
+            reason = exc.strerror if isinstance(exc, OSError) else f"index: {exc}"
+            log.warning("cache write failed for %s: %s; reads go to S3", version.key, reason)
             return
         record = self.ledger.record(oid)
         if not fits or record is None:  # evicted whole while we wrote: do not index it

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import sqlite3
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -499,3 +501,33 @@ def test_a_block_fetched_by_an_open_is_the_next_reads_miss(tmp_path: Path) -> No
     assert (counts["open_fetches"], counts["misses"]) == (1, 1)
     assert counts["hits_memory"] + counts["hits_disk"] == 1
     assert store.requests["get"] == 1
+
+
+def test_a_full_index_db_is_one_warning_and_gives_the_room_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A full disk can show as SQLite's "database or disk is full" on the index row rather
+    # than ENOSPC on the file: the same condition, so the same one line, and the read served.
+    store = MemoryStore()
+    data = os.urandom(BS)
+    version = ObjectVersion(store.bucket, "k", store.put("k", data), BS)
+    cache = make_cache(tmp_path, store)
+
+    def full(*args: object) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(cache._disk, "write_block", full)
+    got: list[bytes] = []
+
+    async def body() -> None:
+        got.append(await cache.read(version, 0, BS))
+
+    with caplog.at_level(logging.WARNING, logger="s3cachefs.cache.fetcher"):
+        run_with(cache, body)
+    assert got == [data]
+    warnings = [r for r in caplog.records if r.name == "s3cachefs.cache.fetcher"]
+    assert [r.getMessage() for r in warnings] == [
+        "cache write failed for k: index: database or disk is full; reads go to S3"
+    ]
+    assert warnings[0].exc_info is None  # no traceback
+    assert cache.used_bytes == 0 and cache.stats["disk_errors"] == 1
