@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -504,3 +505,31 @@ def test_workers_do_not_import_from_the_daemons_cwd(
 
     run_engine(cache, body)
     assert not marker.exists()
+
+
+def test_engine_survives_an_index_that_stays_locked(
+    bucket: Bucket, tmp_path: Path, gate_proxy: GateProxy
+) -> None:
+    """The index DB locked past its timeout (diskcache.Timeout) when a batch is indexed:
+    that job is given back (not indexed), the engine and its worker go on."""
+    store = make_store(bucket, tmp_path, gate_proxy.endpoint_url)
+    version, data = put_object(bucket, store, "one", BS + 7)
+    cache = engine_cache(store, tmp_path / "c")
+    lock = sqlite3.connect(cache._layout.index_dir / "cache.db", isolation_level=None)
+
+    async def body() -> None:
+        lock.execute("BEGIN EXCLUSIVE")
+        try:
+            assert await cache.bulk.fetch(version, range(2), md5_check(data)) is None
+        finally:
+            lock.execute("ROLLBACK")
+        assert cache.stats.counts["disk_errors"] >= 1
+        assert cache.missing_blocks(version) == [0, 1]
+        done = await cache.bulk.fetch(version, range(2), md5_check(data))
+        assert done is not None and done.matches
+        assert await cache.read(version, 0, len(data)) == data
+
+    try:
+        run_engine(cache, body)
+    finally:
+        lock.close()
