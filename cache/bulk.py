@@ -30,7 +30,6 @@ import contextlib
 import logging
 import os
 import socket
-import sqlite3
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ from typing import Any
 
 import trio
 
+from s3cachefs.base.errors import CredentialsError
 from s3cachefs.cache.blocks import ObjectVersion
 from s3cachefs.cache.bulkworker import Done, Endpoint, Job, Secrets, error_of
 from s3cachefs.cache.fetcher import Fetcher
@@ -105,11 +105,13 @@ class BulkEngine:
             self.stop()
 
     def stop(self) -> None:
+        """Stop every worker; their outstanding jobs are given back (no reader waits on them)."""
         for worker in self._pool:
-            worker.conn.close()  # EOF: the worker exits
-            if worker.proc.poll() is None:
-                worker.proc.kill()  # nothing of it is indexed: its bytes are lost, not wrong
-            worker.proc.wait()
+            if not worker.conn.closed:
+                # Its reader task may be parked on the fd: wake it before the fd goes.
+                trio.lowlevel.notify_closing(worker.conn.fileno())
+                worker.conn.close()  # EOF: the worker exits
+            self._died(worker)  # nothing of it is indexed: its bytes are lost, not wrong
         self._pool.clear()
 
     # ---- workers -------------------------------------------------------------
@@ -148,16 +150,27 @@ class BulkEngine:
 
     def _spawn(self, endpoint: Endpoint) -> _Worker:
         ours, theirs = socket.socketpair()
-        with theirs:
-            proc = subprocess.Popen(  # on the trio thread: PR_SET_PDEATHSIG follows this thread
-                [sys.executable, "-m", "s3cachefs.cache.bulkworker", str(theirs.fileno()),
-                 str(os.getpid())],
-                pass_fds=(theirs.fileno(),),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-            )  # fmt: skip
+        try:
+            with theirs:
+                # -P: the daemon's cwd is not on the worker's sys.path (it gets the secrets).
+                proc = subprocess.Popen(  # on the trio thread: PR_SET_PDEATHSIG follows it
+                    [sys.executable, "-P", "-m", "s3cachefs.cache.bulkworker",
+                     str(theirs.fileno()), str(os.getpid())],
+                    pass_fds=(theirs.fileno(),),
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                )  # fmt: skip
+        except BaseException:
+            ours.close()
+            raise
         conn = Connection(ours.detach())
-        conn.send((endpoint, self.ledger.block_size, self.threads))
+        try:
+            conn.send((endpoint, self.ledger.block_size, self.threads))
+        except BaseException:
+            conn.close()
+            proc.kill()
+            proc.wait()
+            raise
         worker = _Worker(proc, conn)
         assert self._nursery is not None
         self._nursery.start_soon(self._read, worker)
@@ -169,6 +182,8 @@ class BulkEngine:
             try:
                 await trio.lowlevel.wait_readable(worker.conn.fileno())
                 batch: list[Done] = worker.conn.recv()
+            except trio.ClosedResourceError:  # `stop` closed it and gave its jobs back
+                return
             except (EOFError, OSError):
                 self._died(worker)
                 return
@@ -179,6 +194,8 @@ class BulkEngine:
             await self._commit(batch, worker)
 
     def _died(self, worker: _Worker) -> None:
+        if not worker.alive:
+            return
         worker.alive = False
         self._deaths += 1
         if worker.proc.poll() is None:
@@ -207,16 +224,33 @@ class BulkEngine:
 
     async def _flush(self) -> None:
         self._flush_pending = False
+        outbox, self._outbox = self._outbox, []  # jobs queued while we wait: the next flush
         getter = self._getter()
-        secrets: Secrets | None = None if getter is None else getter.secrets()
+        try:
+            # A refresh may be an STS/IMDS round trip: not on the trio thread.
+            secrets: Secrets | None = (
+                None if getter is None else await trio.to_thread.run_sync(getter.secrets)
+            )
+        except Exception as exc:  # noqa: BLE001  no credentials: these jobs fail, not the daemon
+            log.warning("bulk jobs not sent: no credentials (%s)", exc)
+            for worker, job in outbox:
+                self._fail(worker, job, f"no credentials for the bulk workers: {exc}")
+            return
         by_worker: dict[int, tuple[_Worker, list[Job]]] = {}
-        for worker, job in self._outbox:
+        for worker, job in outbox:
             by_worker.setdefault(id(worker), (worker, []))[1].append(job)
-        self._outbox.clear()
         for worker, jobs in by_worker.values():
             if worker.alive:
                 with contextlib.suppress(OSError):  # its reader sees the EOF, gives them back
                     worker.conn.send((secrets, jobs))
+
+    def _fail(self, worker: _Worker, job: Job, error: str) -> None:
+        """A job that never went out: its caller gets a CredentialsError."""
+        key = (job.oid, job.start)
+        worker.jobs.discard(key)
+        waiting = self._waiting.get(key)
+        if waiting is not None:
+            self._release(waiting, Done(*key, job.end, error=error, error_kind="CredentialsError"))
 
     # ---- one run -----------------------------------------------------------
 
@@ -236,46 +270,47 @@ class BulkEngine:
             if victims:
                 await trio.to_thread.run_sync(self.disk.evict, victims, limiter=self.disk_limiter)
             return None
+        # Evict before anything is registered: this await may be cancelled or fail.
+        if victims:
+            try:
+                await trio.to_thread.run_sync(self.disk.evict, victims, limiter=self.disk_limiter)
+            except Exception as exc:  # noqa: BLE001  a full or locked index: the daemon's path
+                self.ledger.unreserve(end - start)
+                log.warning("cache could not evict for a bulk job: %s", exc)
+                return None
+            except BaseException:
+                self.ledger.unreserve(end - start)
+                raise
+        pool = [w for w in self._pool if w.alive]
+        if not pool or self.missing_runs(version, run) != [run]:  # changed while we evicted
+            self.ledger.unreserve(end - start)
+            return None
+        # From here to `_send` nothing awaits: the job is registered and sent, or neither.
         oid = version.oid
         flights = [self.flights.start((oid, idx), Flight(remember=False)) for idx in run]
-        worker = min((w for w in self._pool if w.alive), key=lambda w: len(w.jobs))
+        worker = min(pool, key=lambda w: len(w.jobs))
         whole = start == 0 and end == version.size
         job = Job(oid, version.key, version.etag, version.size, start, end,
                   str(self.disk.layout.path(oid)), check if whole else None)  # fmt: skip
         waiting = _Waiting(job, version, run, flights)
         self._waiting[(oid, start)] = waiting
         worker.jobs.add((oid, start))
-        if victims:
-            await trio.to_thread.run_sync(self.disk.evict, victims, limiter=self.disk_limiter)
         self._send(worker, job)
+        # Cancelled here, the job still ends (answered, or its worker dies): settled then.
         await waiting.event.wait()
         done = waiting.done
         assert done is not None
         if done.lost:
             return None
+        if done.error_kind == "CredentialsError":
+            raise CredentialsError(done.error)
         if done.error:
             raise error_of(done)
         return done
 
     async def _commit(self, batch: list[Done], worker: _Worker) -> None:
         """Index a batch of finished jobs in one transaction; wake their callers."""
-        good: list[tuple[_Waiting, Done, bool]] = []
-        for done in batch:
-            key = (done.oid, done.start)
-            worker.jobs.discard(key)
-            self.stats.counts["bulk_gets"] += done.attempts  # the workers' S3 requests
-            waiting = self._waiting.get(key)
-            if waiting is None:
-                continue
-            if done.error:
-                # The cache's disk failed it: the in-daemon path tries, and says so.
-                done.lost = done.error_kind == "DiskError"
-                self._release(waiting, done)
-                continue
-            new = done.oid not in self.ledger
-            if new:
-                self.ledger.new_record(waiting.version)
-            good.append((waiting, done, new))
+        good = [g for done in batch if (g := self._accept(done, worker)) is not None]
         if not good:
             return
         rows = [(w.version, new, w.run.start, d.crcs, d.inode) for w, d, new in good]
@@ -283,9 +318,53 @@ class BulkEngine:
             kept = await trio.to_thread.run_sync(
                 self.disk.index_written, rows, limiter=self.disk_limiter
             )
-        except (OSError, sqlite3.Error) as exc:  # a full index DB: nothing of it is indexed
+        except Exception as exc:  # noqa: BLE001  a full index DB, a sqlite timeout: none indexed
+            self.stats.counts["disk_errors"] += 1
             log.warning("cache could not index %d fetched runs: %s", len(rows), exc)
             kept = [False] * len(rows)
+        except BaseException:  # cancelled before the thread ran: nothing indexed
+            self._settle(good, [False] * len(rows))
+            raise
+        limiter = self.disk_limiter
+        for oid, blocks in self._settle(good, kept):
+            if oid in self.ledger:  # back meanwhile (another fetch): the rows are its own now
+                continue
+            try:
+                await trio.to_thread.run_sync(self.disk.free, oid, blocks, limiter=limiter)
+            except Exception as exc:  # noqa: BLE001  the rows stay, unserved: no ledger record
+                log.warning("cache could not drop the rows of %s: %s", oid, exc)
+
+    def _accept(self, done: Done, worker: _Worker) -> tuple[_Waiting, Done, bool] | None:
+        """A finished job to index (its waiting, done, new object), or None: released."""
+        key = (done.oid, done.start)
+        worker.jobs.discard(key)
+        self.stats.counts["bulk_gets"] += done.attempts  # the workers' S3 requests
+        waiting = self._waiting.get(key)
+        if waiting is None:
+            return None
+        if done.error:
+            # The cache's disk failed it: the in-daemon path tries, and says so.
+            done.lost = done.error_kind == "DiskError"
+            self._release(waiting, done)
+            return None
+        check = waiting.job.check
+        if check is not None and not done.matches:
+            # Maybe wrong bytes (CRCs of them), maybe a check that does not apply (SSE-KMS,
+            # guessed parts): never indexed; the in-daemon path fetches it, checked its way.
+            log.warning("bulk job of %s: not %s; fetched again", done.oid, check.describe())
+            done.error, done.lost = "the digest does not match", True
+            self._release(waiting, done)
+            return None
+        new = done.oid not in self.ledger
+        if new:
+            self.ledger.new_record(waiting.version)
+        return waiting, done, new
+
+    def _settle(
+        self, good: list[tuple[_Waiting, Done, bool]], kept: list[bool]
+    ) -> list[tuple[str, list[int]]]:
+        """Index in the ledger what the disk kept, release the rest; the rows to drop."""
+        orphans: list[tuple[str, list[int]]] = []
         for (waiting, done, new), ok in zip(good, kept, strict=True):
             record = self.ledger.record(done.oid)
             if ok and record is not None:
@@ -294,10 +373,16 @@ class BulkEngine:
                 self.stats.counts["bytes_from_s3"] += done.end - done.start
                 self._finish(waiting, done)
                 continue
-            if new and record is not None and not record.blocks:
-                self.ledger.discard(done.oid)
-            done.error, done.lost = "the cache file changed while it was written", True
+            if ok:  # indexed, but the object left the cache meanwhile: its rows go too
+                orphans.append((done.oid, list(waiting.run)))
+                done.error = "the object left the cache while it was written"
+            else:
+                done.error = "the cache file changed while it was written, or was not indexed"
+                if new and record is not None and not record.blocks:
+                    self.ledger.discard(done.oid)
+            done.lost = True
             self._release(waiting, done)
+        return orphans
 
     def _release(self, waiting: _Waiting, done: Done) -> None:
         """A job that indexed nothing: its bytes back, its flights given up."""

@@ -6,24 +6,35 @@ the GETs of chosen keys until the test lets them go, and lies (`tests.faultproxy
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
+import sqlite3
 import subprocess
+import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+import botocore.credentials
 import pytest
+import trio
 
+from s3cachefs.base.errors import CredentialsError
+from s3cachefs.cache.blockcache import BlockCache
+from s3cachefs.cache.blocks import ObjectVersion
 from s3cachefs.cli.locals3 import LocalS3
+from s3cachefs.store.checksums import Check
+from s3cachefs.store.s3 import S3Store
 from tests.conftest import Bucket, Mount, Mounter, drop_page_cache, run_cli, s3cachefs_cmd
 from tests.faultproxy import FaultProxy
 from tests.test_prefetch import check_tree, fill, prefetch
+from tests.test_store import make_store
 
 WORKER = "s3cachefs.cache.bulkworker"
 
@@ -31,21 +42,26 @@ WORKER = "s3cachefs.cache.bulkworker"
 class GateProxy(FaultProxy):
     """Counts object GETs per key; holds those of ``held`` keys until ``gate`` opens.
 
-    Lies are told only to object GETs (not listings, not HEADs).
+    Lies are told only to object GETs (not listings, not HEADs); the first GET of a
+    key in ``flip_first`` gets one byte flipped, the later ones the truth.
     """
 
     def __init__(self, upstream: str) -> None:
         super().__init__(upstream)
         self.gets: Counter[str] = Counter()
         self.held: set[str] = set()
+        self.flip_first: set[str] = set()
         self.gate = threading.Event()
         self.methods = {"GET"}
+        self._request = threading.local()  # this thread's request: (key, its GET number)
 
     def handle(self, req: BaseHTTPRequestHandler) -> None:
+        self._request.get = None
         if req.command == "GET" and "list-type" not in req.path:
             key = unquote(urlsplit(req.path).path).split("/", 2)[2]
             with self._lock:
                 self.gets[key] += 1
+                self._request.get = (key, self.gets[key])
             if key in self.held:
                 self.gate.wait(60)
         super().handle(req)
@@ -53,6 +69,11 @@ class GateProxy(FaultProxy):
     def _draw(self, method: str, applicable: frozenset[str] = frozenset()) -> str:
         if "listing_etag" in applicable:  # a listing: always the truth here
             return "ok"
+        get = getattr(self._request, "get", None)
+        if get is not None and get[0] in self.flip_first and get[1] == 1:
+            with self._lock:
+                self.faults["flip_byte"] += 1
+            return "flip_byte"
         return super()._draw(method, applicable)
 
 
@@ -248,3 +269,267 @@ def test_a_lying_server_through_the_worker_path(
     assert status(mount)["pinned_bytes"] == sum(map(len, files.values()))
     drop_page_cache()
     check_tree(mount, files)
+
+
+def test_a_read_never_gets_the_bytes_of_a_worker_job_that_failed_its_md5(
+    bucket: Bucket, mounter: Mounter, gate_proxy: GateProxy
+) -> None:
+    """The worker's GET of a single-part object has a byte flipped while a foreground
+    read waits on its flights: the job is not indexed (its CRCs are of the wrong
+    bytes); the read gets the object's bytes, by its own GET."""
+    files = fill(bucket, count=4)
+    big = "dataset-v3/archive/big.tar"
+    mount = mounter(bucket.name, "--no-kernel-serve-pinned", server=gate_proxy)
+    gate_proxy.held, gate_proxy.flip_first = {big}, {big}
+    job = start_prefetch(mount)
+    wait_for("the worker's GET of the big object", lambda: gate_proxy.gets[big] == 1)
+    assert workers_of(mount.proc.pid), "the prefetch did not go through worker processes"
+    misses = int(str(status(mount)["misses"]))
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append((mount.path / big).read_bytes()))
+    reader.start()
+    wait_for("the read to wait in the daemon", lambda: int(str(status(mount)["misses"])) > misses)
+    gate_proxy.held = set()
+    gate_proxy.gate.set()
+    reader.join(60)
+    assert gate_proxy.faults["flip_byte"] == 1
+    assert got == [files[big]], "the read got the flipped byte"
+    code, err = finish(job)
+    assert code == 0, err
+    assert status(mount)["pinned_bytes"] == sum(map(len, files.values()))
+    drop_page_cache()
+    check_tree(mount, files)
+
+
+def test_a_prefetch_cancelled_while_its_jobs_are_out_leaves_no_flight_behind(
+    bucket: Bucket, mounter: Mounter, gate_proxy: GateProxy
+) -> None:
+    """Ctrl-C of ``s3cachefs prefetch`` while a worker job is held at the server: a
+    read of that object's blocks completes, and so does a second prefetch."""
+    files = fill(bucket, count=6)
+    big = "dataset-v3/archive/big.tar"
+    mount = mounter(bucket.name, "--no-kernel-serve-pinned", server=gate_proxy)
+    gate_proxy.held = {big}
+    job = start_prefetch(mount)
+    wait_for("the worker's GET of the big object", lambda: gate_proxy.gets[big] == 1)
+    job.send_signal(signal.SIGINT)
+    code, err = finish(job)
+    assert code != 0, err
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append((mount.path / big).read_bytes()))
+    reader.start()
+    gate_proxy.gate.set()
+    reader.join(60)
+    assert got == [files[big]], "the read never completed"
+    assert prefetch(mount, "dataset-v3").returncode == 0
+    assert status(mount)["pinned_bytes"] == sum(map(len, files.values()))
+    drop_page_cache()
+    check_tree(mount, files)
+
+
+# ---- the engine driven directly (no mount): one BlockCache, real workers, real S3 ----
+
+BS = 1024 * 1024
+
+
+def engine_cache(store: S3Store, path: Path, workers: int = 1) -> BlockCache:
+    cache = BlockCache(
+        path,
+        store,
+        block_size=BS,
+        cache_size=1 << 30,
+        min_free=0,
+        memory_bytes=0,
+        s3_limiter=trio.CapacityLimiter(8),
+        disk_limiter=trio.CapacityLimiter(4),
+        bulk_workers=workers,
+        bulk_threads=2,
+    )
+    cache.open()
+    return cache
+
+
+def put_object(bucket: Bucket, store: S3Store, key: str, size: int) -> tuple[ObjectVersion, bytes]:
+    data = os.urandom(size)
+    bucket.put(key, data)
+    info = store.head(key)
+    return ObjectVersion(store.bucket, key, info.etag, size), data
+
+
+def md5_check(data: bytes) -> Check:
+    return Check("md5", hashlib.md5(data, usedforsecurity=False).hexdigest())
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Poll (run_engine bounds the whole test's time)."""
+    while True:
+        if condition():
+            return
+        await trio.sleep(0.02)
+
+
+def run_engine(cache: BlockCache, body: object) -> None:
+    assert callable(body)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(cache.run)
+            with trio.fail_after(120):  # a hang is a failure, not a stuck test run
+                await body()
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_engine_never_indexes_a_job_whose_md5_does_not_match(
+    bucket: Bucket, tmp_path: Path, gate_proxy: GateProxy
+) -> None:
+    store = make_store(bucket, tmp_path, gate_proxy.endpoint_url)
+    version, data = put_object(bucket, store, "one", 2 * BS + 7)
+    cache = engine_cache(store, tmp_path / "c")
+    gate_proxy.flip_first = {"one"}
+
+    async def body() -> None:
+        done = await cache.bulk.fetch(version, range(3), md5_check(data))
+        assert done is None  # the in-daemon path's to do
+        assert gate_proxy.faults["flip_byte"] == 1
+        assert cache.missing_blocks(version) == [0, 1, 2], "indexed the flipped bytes"
+        assert await cache.read(version, 0, len(data)) == data
+        assert cache.bulk.pids, "the worker died of it"
+
+    run_engine(cache, body)
+
+
+def test_engine_survives_credentials_that_fail_to_refresh(
+    bucket: Bucket, tmp_path: Path, gate_proxy: GateProxy
+) -> None:
+    """A failed refresh fails the jobs with a CredentialsError; the daemon goes on."""
+    store = make_store(bucket, tmp_path, gate_proxy.endpoint_url)
+    version, data = put_object(bucket, store, "one", BS + 7)
+    cache = engine_cache(store, tmp_path / "c")
+    getter = store.range_getter
+    assert getter is not None
+    good = getter._credentials
+    calls: list[int] = []
+
+    def refresh() -> dict[str, str]:
+        calls.append(1)
+        raise OSError("the metadata service is not there")
+
+    failing = botocore.credentials.RefreshableCredentials.create_from_metadata(
+        {"access_key": "a", "secret_key": "s", "token": "t", "expiry_time": "2000-01-01T00:00:00Z"},
+        refresh_using=refresh,
+        method="test",
+    )
+
+    async def body() -> None:
+        await cache.bulk.fetch(version, range(2), md5_check(data))  # the workers start
+        other, other_data = put_object(bucket, store, "two", BS + 9)
+        getter._credentials = failing
+        with pytest.raises(CredentialsError):
+            await cache.bulk.fetch(other, range(2), md5_check(other_data))
+        assert calls
+        assert cache.missing_blocks(other) == [0, 1]
+        getter._credentials = good
+        done = await cache.bulk.fetch(other, range(2), md5_check(other_data))
+        assert done is not None and done.matches
+        assert await cache.read(other, 0, len(other_data)) == other_data
+
+    run_engine(cache, body)
+
+
+def test_engine_releases_a_survivors_jobs_when_no_worker_can_be_started(
+    bucket: Bucket,
+    tmp_path: Path,
+    gate_proxy: GateProxy,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One worker killed, its replacement cannot start: the other worker's held job
+    is given back (its reader does its own GET), nothing hangs."""
+    store = make_store(bucket, tmp_path, gate_proxy.endpoint_url)
+    version, data = put_object(bucket, store, "one", BS + 7)
+    cache = engine_cache(store, tmp_path / "c", workers=2)
+    gate_proxy.held = {"one"}
+
+    async def body() -> None:
+        async with trio.open_nursery() as nursery:
+            results: list[object] = []
+
+            async def fetch() -> None:
+                results.append(await cache.bulk.fetch(version, range(2), md5_check(data)))
+
+            nursery.start_soon(fetch)
+            await until(lambda: gate_proxy.gets["one"] >= 1)
+            pids = cache.bulk.pids
+            assert len(pids) == 2
+            busy = [w for w in cache.bulk._pool if w.jobs]
+            idle = [w for w in cache.bulk._pool if not w.jobs]
+            assert len(busy) == 1 and len(idle) == 1
+            os.kill(idle[0].proc.pid, signal.SIGKILL)
+            await until(lambda: not idle[0].alive)
+            monkeypatch.setattr(sys, "executable", str(tmp_path / "no-python"))
+            reader = trio.Event()
+
+            async def read() -> None:
+                assert await cache.read(version, 0, len(data)) == data
+                reader.set()
+
+            nursery.start_soon(read)
+            await trio.sleep(0.1)  # the read waits on the held job's flights
+            other, _ = put_object(bucket, store, "two", 10)
+            assert await cache.bulk.fetch(other, range(1), None) is None  # cannot start
+            assert not busy[0].alive
+            gate_proxy.gate.set()
+            await reader.wait()
+        assert results == [None]
+
+    run_engine(cache, body)
+
+
+def test_workers_do_not_import_from_the_daemons_cwd(
+    bucket: Bucket, tmp_path: Path, gate_proxy: GateProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A module planted in the daemon's working directory is not what a worker imports."""
+    planted = tmp_path / "cwd" / "s3cachefs"
+    planted.mkdir(parents=True)
+    marker = tmp_path / "imported"
+    (planted / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    monkeypatch.chdir(tmp_path / "cwd")
+    store = make_store(bucket, tmp_path, gate_proxy.endpoint_url)
+    version, data = put_object(bucket, store, "one", BS + 7)
+    cache = engine_cache(store, tmp_path / "c")
+
+    async def body() -> None:
+        done = await cache.bulk.fetch(version, range(2), md5_check(data))
+        assert done is not None and done.matches
+
+    run_engine(cache, body)
+    assert not marker.exists()
+
+
+def test_engine_survives_an_index_that_stays_locked(
+    bucket: Bucket, tmp_path: Path, gate_proxy: GateProxy
+) -> None:
+    """The index DB locked past its timeout (diskcache.Timeout) when a batch is indexed:
+    that job is given back (not indexed), the engine and its worker go on."""
+    store = make_store(bucket, tmp_path, gate_proxy.endpoint_url)
+    version, data = put_object(bucket, store, "one", BS + 7)
+    cache = engine_cache(store, tmp_path / "c")
+    lock = sqlite3.connect(cache._layout.index_dir / "cache.db", isolation_level=None)
+
+    async def body() -> None:
+        lock.execute("BEGIN EXCLUSIVE")
+        try:
+            assert await cache.bulk.fetch(version, range(2), md5_check(data)) is None
+        finally:
+            lock.execute("ROLLBACK")
+        assert cache.stats.counts["disk_errors"] >= 1
+        assert cache.missing_blocks(version) == [0, 1]
+        done = await cache.bulk.fetch(version, range(2), md5_check(data))
+        assert done is not None and done.matches
+        assert await cache.read(version, 0, len(data)) == data
+
+    try:
+        run_engine(cache, body)
+    finally:
+        lock.close()
