@@ -10,6 +10,7 @@ disk as before, once the object is complete.
 
 from __future__ import annotations
 
+from s3cachefs.base.errors import TransientError
 from s3cachefs.cache.blockcache import BlockCache
 from s3cachefs.cache.blocks import ObjectVersion
 from s3cachefs.datasets.objectcheck import ObjectCheck
@@ -29,7 +30,13 @@ async def download_run(
     version = ObjectVersion(cache.store.bucket, info.key, info.etag, info.size)
     whole = runs_left == 1 and run.start == 0 and run.stop * cache.block_size >= info.size
     check = await objects.first_check(info) if whole else None
-    done = await cache.bulk.fetch(version, run, check)
+    try:
+        done = await cache.bulk.fetch(version, run, check)
+    except TransientError:
+        # The worker's attempts ran out on throttling, 5xx or a cut body: the run gets the
+        # in-daemon path's own attempts, as a dead worker's run does (before the bulk
+        # engine, a prefetch through such a flaky S3 completed).
+        done = None
     if done is not None:
         proven = checksums.resolved(check, done.digest) if check and done.matches else None
         return done.end - done.start, proven
