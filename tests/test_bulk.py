@@ -6,6 +6,7 @@ the GETs of chosen keys until the test lets them go, and lies (`tests.faultproxy
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -243,6 +244,52 @@ def test_a_lying_server_through_the_worker_path(
         assert len(failed) == len(files), result.stderr
         assert status(mount)["pinned_bytes"] == 0
     gate_proxy.rates[mode] = 0.0
+    again = prefetch(mount, "dataset-v3")
+    assert again.returncode == 0, again.stderr
+    assert status(mount)["pinned_bytes"] == sum(map(len, files.values()))
+    drop_page_cache()
+    check_tree(mount, files)
+
+
+def test_a_read_waiting_on_a_worker_job_never_gets_bytes_that_fail_their_md5(
+    bucket: Bucket, mounter: Mounter, gate_proxy: GateProxy
+) -> None:
+    """Every object GET flips a byte; a foreground read of a small (single-part, MD5
+    ETag) object waits on the worker job fetching it. The job's MD5 mismatch is a
+    failed attempt, never indexed: the read gets S3's bytes or EIO, never others;
+    nothing is pinned; once the server tells the truth, a resume completes."""
+    files = fill(bucket, count=6)
+    small = "dataset-v3/val/page-0000.png"
+    mount = mounter(bucket.name, "--no-kernel-serve-pinned", server=gate_proxy)
+    gate_proxy.held = {small}
+    gate_proxy.rates["flip_byte"] = 1.0
+    job = start_prefetch(mount)
+    wait_for("the worker's GET of the small object", lambda: gate_proxy.gets[small] == 1)
+    assert workers_of(mount.proc.pid), "the prefetch did not go through worker processes"
+    misses = int(str(status(mount)["misses"]))
+    got: list[bytes | OSError] = []
+
+    def read() -> None:
+        try:
+            got.append((mount.path / small).read_bytes())
+        except OSError as exc:
+            got.append(exc)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    wait_for("the read to wait in the daemon", lambda: int(str(status(mount)["misses"])) > misses)
+    gate_proxy.gate.set()
+    reader.join(60)
+    assert len(got) == 1
+    if isinstance(got[0], OSError):
+        assert got[0].errno == errno.EIO, got[0]
+    else:
+        assert got[0] == files[small], "the read got bytes that are not S3's"
+    code, err = finish(job)
+    assert code == 4, err
+    assert gate_proxy.faults["flip_byte"] > 0
+    assert status(mount)["pinned_bytes"] == 0
+    gate_proxy.rates["flip_byte"] = 0.0
     again = prefetch(mount, "dataset-v3")
     assert again.returncode == 0, again.stderr
     assert status(mount)["pinned_bytes"] == sum(map(len, files.values()))
