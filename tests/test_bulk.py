@@ -427,3 +427,36 @@ def test_a_worker_that_cannot_serve_says_so_in_one_line() -> None:
     assert result.returncode != 0
     assert len(result.stderr.splitlines()) == 1, result.stderr
     assert "bulk worker" in result.stderr
+
+
+SHORT_WRITE = """
+import resource, signal, sys
+from s3cachefs.cache.bulkworker import Endpoint, Job, fetch_jobs
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+base, key, etag, size, path = sys.argv[1:]
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))  # the 2nd block: short
+job = Job(key, key, etag, int(size), 0, int(size), path)
+(done,) = fetch_jobs(Endpoint(base, "us-east-1"), [job], block_size=65536, threads=1)
+print(done.error_kind, len(done.crcs), done.error)
+"""
+
+
+def test_a_short_write_is_a_disk_error_not_crcs(
+    bucket: Bucket, tmp_path: Path, s3_server: LocalS3
+) -> None:
+    """pwrite writes part of a block (here: the file size limit, as a full disk does):
+    the job is a disk error, no CRC of bytes that are not on disk."""
+    data = os.urandom(120_000)  # its last block is the one cut short: nothing fails after
+    etag = bucket.put("obj", data)
+    target = tmp_path / "obj"
+    target.write_bytes(b"")
+    os.truncate(target, len(data))  # sparse, full length: as the worker leaves it
+    base = f"{s3_server.endpoint_url}/{bucket.name}/"
+    result = subprocess.run(
+        [sys.executable, "-c", SHORT_WRITE, base, "obj", etag, str(len(data)), str(target)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    kind, crcs, error = result.stdout.split(" ", 2)
+    assert (kind, crcs) == ("DiskError", "0"), result.stdout
+    assert "short write" in error
