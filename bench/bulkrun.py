@@ -35,11 +35,11 @@ from pathlib import Path
 import boto3
 from botocore.config import Config
 
+from s3cachefs.cache.bulkconn import GetConnection
 from s3cachefs.cache.bulkworker import (
     Done,
     Endpoint,
     Job,
-    _Conn,
     chain_credentials,
     fetch_jobs,
 )
@@ -186,7 +186,7 @@ class Probe:
         self.times: list[float] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
-        self._signer = _Conn(
+        self._signer = GetConnection(
             Endpoint(f"{endpoint.rstrip('/')}/{bucket}/", "us-east-1"), [chain_credentials()]
         )
 

@@ -14,7 +14,8 @@ pins: this module touches no index and no pin, and imports no trio.
 The response is checked before a byte is used (`store.responses`), GETs carry
 ``If-Match``, and a failed attempt starts the job again from its first byte
 (the digest must see every byte once, in order), under the store's one retry
-policy (`store.retry`).
+policy (`store.retry`). A whole single-part object whose body is not its MD5
+ETag is such a failed attempt; a job that fails answers an error, never CRCs.
 
 Engines, same jobs, same results: `fetch_jobs` in the calling process (bench,
 the reference), and `main`: a worker process (``python -m
@@ -32,11 +33,9 @@ import os
 import queue
 import re
 import signal
-import ssl
 import sys
 import threading
 import time
-import urllib.parse
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -46,11 +45,20 @@ import botocore.awsrequest
 import botocore.credentials
 import botocore.session
 
-from s3cachefs.base.errors import StaleError, StoreError, TransientError
+from s3cachefs.base.errors import (
+    BadResponseError,
+    StaleError,
+    StoreError,
+    TransientError,
+)
+from s3cachefs.cache.bulkconn import Endpoint, GetConnection, chain_credentials
+from s3cachefs.store.bodies import Md5Mismatch
 from s3cachefs.store.checksums import Check, Digest
 from s3cachefs.store.errortable import error_for_code
-from s3cachefs.store.responses import check_get_response
-from s3cachefs.store.retry import RetryPolicy
+from s3cachefs.store.responses import body_md5, check_get_response
+
+# Endpoint and chain_credentials: re-exported (the daemon side and the bench name them here).
+__all__ = ["Done", "Endpoint", "Job", "Secrets", "chain_credentials", "error_of", "fetch_jobs"]
 
 BATCH_SECONDS = 0.005  # results wait this long at most to share a message
 _CODE = re.compile(rb"<Code>([^<]+)</Code>")
@@ -60,17 +68,6 @@ NICE = 5
 
 # Frozen credentials as sent to a worker: (access key, secret key, token).
 Secrets = tuple[str, str, str | None]
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    """Where and how to GET: picklable, so a worker process builds its own connections."""
-
-    base_url: str  # ".../BUCKET/" (path style) or "https://BUCKET.host/"
-    region: str
-    timeout: float = 30.0
-    attempts: int = 3
-    ca_bundle: str | None = None
 
 
 @dataclass(frozen=True)
@@ -105,56 +102,6 @@ class _DiskError(Exception):
     """The cache file could not be written (not S3's fault: not retried here)."""
 
 
-class _Conn:
-    """One keep-alive HTTP(S) connection and a SigV4 signer (one per thread)."""
-
-    def __init__(
-        self, endpoint: Endpoint, credentials: list[botocore.credentials.Credentials]
-    ) -> None:
-        self.endpoint = endpoint
-        url = urllib.parse.urlsplit(endpoint.base_url)
-        self.host, self.prefix, self.https = url.netloc, url.path, url.scheme == "https"
-        self.credentials = credentials  # [the latest], shared by the threads of a worker
-        self.retry = RetryPolicy(endpoint.attempts)
-        self.http: http.client.HTTPConnection | None = None
-
-    def get(self, key: str, etag: str, start: int, end: int) -> http.client.HTTPResponse:
-        path = self.prefix + urllib.parse.quote(key, safe="/~")
-        headers = {"Range": f"bytes={start}-{end - 1}", "If-Match": etag}
-        scheme = "https" if self.https else "http"
-        request = botocore.awsrequest.AWSRequest(
-            method="GET", url=f"{scheme}://{self.host}{path}", headers=headers
-        )
-        frozen = self.credentials[0].get_frozen_credentials()
-        botocore.auth.S3SigV4Auth(frozen, "s3", self.endpoint.region).add_auth(request)
-        if self.http is None:
-            if self.https:
-                context = ssl.create_default_context(cafile=self.endpoint.ca_bundle)
-                self.http = http.client.HTTPSConnection(
-                    self.host, timeout=self.endpoint.timeout, context=context
-                )
-            else:
-                self.http = http.client.HTTPConnection(self.host, timeout=self.endpoint.timeout)
-        try:
-            self.http.request("GET", path, headers=dict(request.headers.items()))
-            return self.http.getresponse()
-        except (OSError, http.client.HTTPException):
-            self.close()
-            raise
-
-    def close(self) -> None:
-        if self.http is not None:
-            self.http.close()
-            self.http = None
-
-
-def chain_credentials() -> botocore.credentials.Credentials:
-    credentials = botocore.session.Session().get_credentials()
-    if credentials is None:
-        raise StoreError("no AWS credentials found")
-    return credentials
-
-
 def _open_target(path: str, size: int) -> int:
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
@@ -166,7 +113,7 @@ def _open_target(path: str, size: int) -> int:
     return fd
 
 
-def _attempt(conn: _Conn, job: Job, block_size: int, buf: memoryview, done: Done) -> None:
+def _attempt(conn: GetConnection, job: Job, block_size: int, buf: memoryview, done: Done) -> None:
     what = f"s3://{job.key} bytes {job.start}-{job.end}"
     response = conn.get(job.key, job.etag, job.start, job.end)
     try:
@@ -187,39 +134,68 @@ def _attempt(conn: _Conn, job: Job, block_size: int, buf: memoryview, done: Done
             raise _DiskError(exc) from None
         try:
             done.inode = os.fstat(fd).st_ino
-            pos = job.start
-            while pos < job.end:
-                want = min(block_size, job.end - pos)
-                view = buf[:want]
-                got = 0
-                while got < want:
-                    n = response.readinto(view[got:])
-                    if not n:
-                        raise TransientError(f"{what}: body ended early at byte {pos + got}")
-                    got += n
-                try:
-                    os.pwrite(fd, view, pos)
-                except OSError as exc:
-                    raise _DiskError(exc) from None
-                done.crcs.append(zlib.crc32(view))
-                if digest is not None:
-                    digest.update(view)  # type: ignore[arg-type]  # a memoryview is fine
-                pos += want
+            _write_body(response, fd, job, block_size, buf, done, digest, what)
         finally:
             os.close(fd)
         if digest is not None:
             done.digest, done.matches = digest.result(), digest.matches()
+            # A whole single-part object whose ETag is its MD5 (not SSE-KMS/SSE-C): a body
+            # that is not it is a failed attempt, as on the in-daemon path (`read_verified`).
+            md5 = job.check is not None and job.check.kind == "md5"
+            if md5 and not done.matches and body_md5(headers, job.etag) is not None:
+                raise Md5Mismatch(what, done.digest)
     except BaseException:
         conn.close()  # mid-body: the connection cannot be reused
         raise
 
 
-def fetch(conn: _Conn, job: Job, block_size: int, buf: memoryview) -> Done:
-    """One job, retried from its first byte on transient errors. Blocking; never raises."""
+def _write_body(
+    response: http.client.HTTPResponse,
+    fd: int,
+    job: Job,
+    block_size: int,
+    buf: memoryview,
+    done: Done,
+    digest: Digest | None,
+    what: str,
+) -> None:
+    """The body into ``fd`` block by block; each block's CRC (and the digest) from the buffer
+    written."""
+    pos = job.start
+    while pos < job.end:
+        want = min(block_size, job.end - pos)
+        view = buf[:want]
+        got = 0
+        while got < want:
+            n = response.readinto(view[got:])
+            if not n:
+                raise TransientError(f"{what}: body ended early at byte {pos + got}")
+            got += n
+        try:
+            written = os.pwrite(fd, view, pos)
+        except OSError as exc:
+            raise _DiskError(exc) from None
+        if written != want:  # e.g. ENOSPC part-way: not all of the block is on disk
+            raise _DiskError(f"short write: {written} of {want} bytes at {pos}")
+        done.crcs.append(zlib.crc32(view))
+        if digest is not None:
+            digest.update(view)  # type: ignore[arg-type]  # a memoryview is fine
+        pos += want
+
+
+def fetch(conn: GetConnection, job: Job, block_size: int, buf: memoryview) -> Done:
+    """One job, retried from its first byte on transient errors. Blocking; never raises.
+
+    A job whose MD5 did not match is a failed attempt; the same wrong digest twice
+    (the server's ETag is not the MD5 of its bytes) or no attempt left: an error,
+    never a result whose bytes the daemon would index.
+    """
     start = time.perf_counter()
     done = Done(job.oid, job.start, job.end)
+    mismatched: str | None = None  # the digest of the last body that failed its MD5
     for attempt in range(1, conn.retry.max_attempts + 1):
         done.crcs.clear()
+        done.digest, done.matches = "", False
         done.attempts = attempt
         try:
             _attempt(conn, job, block_size, buf, done)
@@ -230,14 +206,35 @@ def fetch(conn: _Conn, job: Job, block_size: int, buf: memoryview) -> Done:
             break
         except (OSError, http.client.HTTPException) as exc:
             done.error, done.error_kind = f"{job.key}: network error: {exc}", "TransientError"
+        except Md5Mismatch as exc:
+            if exc.digest == mismatched:
+                done.error, done.error_kind = _not_md5(job), "StoreError"
+                break
+            mismatched = exc.digest
+            done.error, done.error_kind = str(exc), BadResponseError.__name__
         except StoreError as exc:
             done.error, done.error_kind = str(exc), type(exc).__name__
             if not conn.retry.retryable(exc):  # stale, denied, missing: another try is the same
                 break
+        except Exception as exc:  # noqa: BLE001  # a bug must fail the job, not the thread
+            conn.close()
+            done.error, done.error_kind = f"{job.key}: bulk worker error: {exc!r}", "StoreError"
+            break
         if conn.retry.again(attempt):
             conn.retry.wait(attempt)
+    if done.error:
+        done.crcs.clear()
+        done.digest, done.matches = "", False
     done.seconds = time.perf_counter() - start
     return done
+
+
+def _not_md5(job: Job) -> str:
+    return (
+        f"S3 server's ETag for s3://{job.key} is not the MD5 of its bytes (the same bytes "
+        "twice): if this server's ETags are not MD5s, mount with --etag-md5 off; until "
+        "then such objects fail with EIO"
+    )
 
 
 def error_of(done: Done) -> StoreError:
@@ -283,7 +280,7 @@ def _serve(
     todo: queue.SimpleQueue[Job | None],
     out: queue.SimpleQueue[Done | None],
 ) -> None:
-    conn = _Conn(endpoint, credentials)
+    conn = GetConnection(endpoint, credentials)
     buf = memoryview(bytearray(block_size))
     try:
         while (job := todo.get()) is not None:
@@ -307,19 +304,22 @@ def _die_with_parent() -> None:
 def _send_results(
     conn: multiprocessing.connection.Connection, out: queue.SimpleQueue[Done | None]
 ) -> None:
-    while (first := out.get()) is not None:
-        batch = [first]
-        deadline = time.monotonic() + BATCH_SECONDS
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                item = out.get(timeout=left)
-            except queue.Empty:
-                break
-            if item is None:
-                conn.send(batch)
-                return
-            batch.append(item)
-        conn.send(batch)
+    try:
+        while (first := out.get()) is not None:
+            batch = [first]
+            deadline = time.monotonic() + BATCH_SECONDS
+            while (left := deadline - time.monotonic()) > 0:
+                try:
+                    item = out.get(timeout=left)
+                except queue.Empty:
+                    break
+                if item is None:
+                    conn.send(batch)
+                    return
+                batch.append(item)
+            conn.send(batch)
+    except OSError:
+        os._exit(0)  # the daemon went away: nothing to answer to
 
 
 def serve(conn: multiprocessing.connection.Connection) -> None:
@@ -341,10 +341,18 @@ def serve(conn: multiprocessing.connection.Connection) -> None:
     try:
         while (message := conn.recv()) is not None:
             secrets, jobs = message
-            if secrets is None:
-                credentials[:] = [chain_credentials()]
-            else:
-                credentials[:] = [botocore.credentials.Credentials(*secrets)]
+            try:
+                credentials[:] = [
+                    chain_credentials()
+                    if secrets is None
+                    else botocore.credentials.Credentials(*secrets)
+                ]
+            except StoreError as exc:  # e.g. no credentials: these jobs fail, saying why
+                for job in jobs:
+                    error = Done(job.oid, job.start, job.end, error=str(exc))
+                    error.error_kind = type(exc).__name__
+                    out.put(error)
+                continue
             if not started:
                 for thread in pool:
                     thread.start()
@@ -362,12 +370,18 @@ def serve(conn: multiprocessing.connection.Connection) -> None:
 
 
 def main(argv: list[str]) -> int:
-    _die_with_parent()
-    os.nice(NICE)
-    conn = multiprocessing.connection.Connection(int(argv[1]))
-    if os.getppid() != int(argv[2]):  # the daemon died before the prctl
-        return 0
-    serve(conn)
+    # The daemon stops its workers: a terminal's Ctrl-C reaches the whole process group.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        _die_with_parent()
+        os.nice(NICE)
+        conn = multiprocessing.connection.Connection(int(argv[1]))
+        if os.getppid() != int(argv[2]):  # the daemon died before the prctl
+            return 0
+        serve(conn)
+    except Exception as exc:  # noqa: BLE001  # one line for the daemon's log, not a traceback
+        print(f"s3cachefs bulk worker pid={os.getpid()}: {exc!r}", file=sys.stderr)
+        return 1
     return 0
 
 

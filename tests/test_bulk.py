@@ -6,10 +6,12 @@ the GETs of chosen keys until the test lets them go, and lies (`tests.faultproxy
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -18,6 +20,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler
+from multiprocessing.connection import Connection
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -28,8 +31,10 @@ import trio
 from s3cachefs.base.errors import CredentialsError
 from s3cachefs.cache.blockcache import BlockCache
 from s3cachefs.cache.blocks import ObjectVersion
+from s3cachefs.cache.bulkworker import Done, Endpoint, Job, fetch_jobs
 from s3cachefs.cli.locals3 import LocalS3
 from s3cachefs.store.checksums import Check
+from s3cachefs.store.responses import etag_md5
 from s3cachefs.store.s3 import S3Store
 from tests.conftest import Bucket, Mount, Mounter, drop_page_cache, run_cli, s3cachefs_cmd
 from tests.faultproxy import FaultProxy
@@ -381,7 +386,7 @@ def run_engine(cache: BlockCache, body: object) -> None:
     trio.run(main)
 
 
-def test_engine_never_indexes_a_job_whose_md5_does_not_match(
+def test_engine_never_keeps_the_bytes_of_a_get_whose_md5_failed(
     bucket: Bucket, tmp_path: Path, gate_proxy: GateProxy
 ) -> None:
     store = make_store(bucket, tmp_path, gate_proxy.endpoint_url)
@@ -390,10 +395,11 @@ def test_engine_never_indexes_a_job_whose_md5_does_not_match(
     gate_proxy.flip_first = {"one"}
 
     async def body() -> None:
+        # A byte flipped on the wire: the worker's MD5 fails, it fetches again (were a
+        # mismatch answered, the daemon would index none of it: `BulkEngine._accept`).
         done = await cache.bulk.fetch(version, range(3), md5_check(data))
-        assert done is None  # the in-daemon path's to do
         assert gate_proxy.faults["flip_byte"] == 1
-        assert cache.missing_blocks(version) == [0, 1, 2], "indexed the flipped bytes"
+        assert done is not None and done.matches and done.attempts == 2
         assert await cache.read(version, 0, len(data)) == data
         assert cache.bulk.pids, "the worker died of it"
 
@@ -533,3 +539,208 @@ def test_engine_survives_an_index_that_stays_locked(
         run_engine(cache, body)
     finally:
         lock.close()
+
+
+def test_a_read_waiting_on_a_worker_job_never_gets_bytes_that_fail_their_md5(
+    bucket: Bucket, mounter: Mounter, gate_proxy: GateProxy
+) -> None:
+    """Every object GET flips a byte; a foreground read of a small (single-part, MD5
+    ETag) object waits on the worker job fetching it. The job's MD5 mismatch is a
+    failed attempt, never indexed: the read gets S3's bytes or EIO, never others;
+    nothing is pinned; once the server tells the truth, a resume completes."""
+    files = fill(bucket, count=6)
+    small = "dataset-v3/val/page-0000.png"
+    mount = mounter(bucket.name, "--no-kernel-serve-pinned", server=gate_proxy)
+    gate_proxy.held = {small}
+    gate_proxy.rates["flip_byte"] = 1.0
+    job = start_prefetch(mount)
+    try:
+        wait_for("the worker's GET of the small object", lambda: gate_proxy.gets[small] == 1)
+        assert workers_of(mount.proc.pid), "the prefetch did not go through worker processes"
+        misses = int(str(status(mount)["misses"]))
+        got: list[bytes | OSError] = []
+
+        def read() -> None:
+            try:
+                got.append((mount.path / small).read_bytes())
+            except OSError as exc:
+                got.append(exc)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        wait_for(
+            "the read to wait in the daemon", lambda: int(str(status(mount)["misses"])) > misses
+        )
+        gate_proxy.gate.set()
+        reader.join(60)
+        assert len(got) == 1
+        if isinstance(got[0], OSError):
+            assert got[0].errno == errno.EIO, got[0]
+        else:
+            assert got[0] == files[small], "the read got bytes that are not S3's"
+        code, err = finish(job)
+        assert code == 4, err
+        assert gate_proxy.faults["flip_byte"] > 0
+        assert status(mount)["pinned_bytes"] == 0
+    finally:
+        if job.poll() is None:  # a failed assertion above: not left running
+            job.kill()
+            job.communicate()
+    gate_proxy.rates["flip_byte"] = 0.0
+    again = prefetch(mount, "dataset-v3")
+    assert again.returncode == 0, again.stderr
+    assert status(mount)["pinned_bytes"] == sum(map(len, files.values()))
+    drop_page_cache()
+    check_tree(mount, files)
+
+
+class HangUpProxy(FaultProxy):
+    """Closes each connection after its response without saying so (no ``Connection:
+    close``): the next request on a kept-alive socket finds it closed, as after S3's idle
+    timeout."""
+
+    def handle(self, req: BaseHTTPRequestHandler) -> None:
+        super().handle(req)
+        req.close_connection = True
+
+
+def whole_job(bucket: Bucket, key: str, data: bytes, path: Path, check: Check | None) -> Job:
+    etag = bucket.put(key, data)
+    return Job(key, key, etag, len(data), 0, len(data), str(path), check)
+
+
+def test_a_kept_alive_connection_the_server_closed_is_not_an_attempt(
+    bucket: Bucket, tmp_path: Path
+) -> None:
+    """One thread, two jobs, one attempt each: the second GET goes out on the socket the
+    server closed after the first; it is sent again on a new one, not failed."""
+    proxy = HangUpProxy(bucket.server.endpoint_url).start()
+    try:
+        datas = [os.urandom(100_000 + i) for i in range(2)]
+        jobs = []
+        for i, data in enumerate(datas):
+            etag = bucket.put(f"k{i}", data)
+            check = Check("md5", etag_md5(etag) or "")
+            jobs.append(
+                Job(f"k{i}", f"k{i}", etag, len(data), 0, len(data), str(tmp_path / f"f{i}"), check)
+            )
+        endpoint = Endpoint(f"{proxy.endpoint_url}/{bucket.name}/", "us-east-1", attempts=1)
+        done = list(fetch_jobs(endpoint, jobs, block_size=64 * 1024, threads=1))
+    finally:
+        proxy.stop()
+    assert [(d.oid, d.error, d.matches, d.attempts) for d in done] == [
+        ("k0", "", True, 1),
+        ("k1", "", True, 1),
+    ]
+    for i, data in enumerate(datas):
+        assert (tmp_path / f"f{i}").read_bytes() == data
+
+
+def start_worker(env: dict[str, str]) -> tuple[subprocess.Popen[bytes], Connection]:
+    """A bulk worker process as the daemon starts one, its socket ours."""
+    ours, theirs = socket.socketpair()
+    with theirs:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", WORKER, str(theirs.fileno()), str(os.getpid())],
+            pass_fds=(theirs.fileno(),),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
+    return proc, Connection(ours.detach())
+
+
+def answers(conn: Connection, count: int) -> dict[str, Done]:
+    got: dict[str, Done] = {}
+    while len(got) < count:
+        assert conn.poll(60), "the worker never answered"
+        got.update((d.oid, d) for d in conn.recv())
+    return got
+
+
+def test_a_worker_answers_every_job_even_when_it_cannot(
+    bucket: Bucket, tmp_path: Path, s3_server: LocalS3
+) -> None:
+    """No credentials, Ctrl-C at the terminal, a job that breaks the code: each job gets an
+    answer (an error saying why), the serving thread lives on, no traceback."""
+    data = os.urandom(70_000)
+    good = whole_job(bucket, "good", data, tmp_path / "good", None)
+    bad = Job("bad", "good", good.etag, len(data), 0, len(data), str(tmp_path / "bad"),
+              Check("nonesuch-full", "x"))  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env |= {"AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": os.devnull,
+            "AWS_SHARED_CREDENTIALS_FILE": os.devnull}  # fmt: skip
+    proc, conn = start_worker(env)
+    try:
+        endpoint = Endpoint(f"{s3_server.endpoint_url}/{bucket.name}/", "us-east-1")
+        conn.send((endpoint, 64 * 1024, 1))
+        conn.send((None, [good]))  # None: the worker's own credential chain, empty here
+        refused = answers(conn, 1)["good"]
+        assert (refused.error, refused.error_kind) == (
+            "no AWS credentials found",
+            "CredentialsError",
+        )
+        os.kill(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C reaches the process group
+        secrets = ("test-access-key", "test-secret-key-do-not-log", None)
+        conn.send((secrets, [bad]))
+        broken = answers(conn, 1)["bad"]
+        assert "bulk worker error" in broken.error, broken
+        assert not broken.crcs
+        conn.send((secrets, [good]))  # one thread: the one that met the bad job
+        done = answers(conn, 1)["good"]
+        assert done.error == "", done.error
+        assert (tmp_path / "good").read_bytes() == data
+        conn.send(None)
+        proc.wait(60)
+    finally:
+        conn.close()
+        if proc.poll() is None:
+            proc.kill()
+        _, err = proc.communicate()
+    assert proc.returncode == 0
+    assert err == b""
+
+
+def test_a_worker_that_cannot_serve_says_so_in_one_line() -> None:
+    """A worker started wrong (here: its socket not a socket) exits non-zero, one line."""
+    result = subprocess.run(
+        [sys.executable, "-m", WORKER, "not-a-number", str(os.getpid())],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert "bulk worker" in result.stderr
+
+
+SHORT_WRITE = """
+import resource, signal, sys
+from s3cachefs.cache.bulkworker import Endpoint, Job, fetch_jobs
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+base, key, etag, size, path = sys.argv[1:]
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))  # the 2nd block: short
+job = Job(key, key, etag, int(size), 0, int(size), path)
+(done,) = fetch_jobs(Endpoint(base, "us-east-1"), [job], block_size=65536, threads=1)
+print(done.error_kind, len(done.crcs), done.error)
+"""
+
+
+def test_a_short_write_is_a_disk_error_not_crcs(
+    bucket: Bucket, tmp_path: Path, s3_server: LocalS3
+) -> None:
+    """pwrite writes part of a block (here: the file size limit, as a full disk does):
+    the job is a disk error, no CRC of bytes that are not on disk."""
+    data = os.urandom(120_000)  # its last block is the one cut short: nothing fails after
+    etag = bucket.put("obj", data)
+    target = tmp_path / "obj"
+    target.write_bytes(b"")
+    os.truncate(target, len(data))  # sparse, full length: as the worker leaves it
+    base = f"{s3_server.endpoint_url}/{bucket.name}/"
+    result = subprocess.run(
+        [sys.executable, "-c", SHORT_WRITE, base, "obj", etag, str(len(data)), str(target)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    kind, crcs, error = result.stdout.split(" ", 2)
+    assert (kind, crcs) == ("DiskError", "0"), result.stdout
+    assert "short write" in error

@@ -1,0 +1,99 @@
+"""The bulk worker's HTTP side: where to GET (`Endpoint`), one signed keep-alive
+connection per thread (`GetConnection`), and the credential chain of a worker.
+
+No trio and no cache: used by `cache.bulkworker` (and the bench), in worker threads.
+"""
+
+from __future__ import annotations
+
+import http.client
+import ssl
+import urllib.parse
+from dataclasses import dataclass
+
+import botocore.auth
+import botocore.awsrequest
+import botocore.credentials
+import botocore.session
+
+from s3cachefs.base.errors import CredentialsError
+from s3cachefs.store.retry import RetryPolicy
+
+# What a keep-alive connection the server closed while idle says on its next request.
+_STALE_CONNECTION = (ConnectionResetError, BrokenPipeError, http.client.BadStatusLine)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where and how to GET: picklable, so a worker process builds its own connections."""
+
+    base_url: str  # ".../BUCKET/" (path style) or "https://BUCKET.host/"
+    region: str
+    timeout: float = 30.0
+    attempts: int = 3
+    ca_bundle: str | None = None
+
+
+class GetConnection:
+    """One keep-alive HTTP(S) connection and a SigV4 signer (one per thread)."""
+
+    def __init__(
+        self, endpoint: Endpoint, credentials: list[botocore.credentials.Credentials]
+    ) -> None:
+        self.endpoint = endpoint
+        url = urllib.parse.urlsplit(endpoint.base_url)
+        self.host, self.prefix, self.https = url.netloc, url.path, url.scheme == "https"
+        self.credentials = credentials  # [the latest], shared by the threads of a worker
+        self.retry = RetryPolicy(endpoint.attempts)
+        self.http: http.client.HTTPConnection | None = None
+
+    def get(self, key: str, etag: str, start: int, end: int) -> http.client.HTTPResponse:
+        path = self.prefix + urllib.parse.quote(key, safe="/~")
+        headers = {"Range": f"bytes={start}-{end - 1}", "If-Match": etag}
+        scheme = "https" if self.https else "http"
+        request = botocore.awsrequest.AWSRequest(
+            method="GET", url=f"{scheme}://{self.host}{path}", headers=headers
+        )
+        try:
+            frozen = self.credentials[0].get_frozen_credentials()
+        except Exception as exc:  # noqa: BLE001  # a refresh that failed (STS, IMDS, a profile)
+            raise CredentialsError(f"AWS credentials could not be refreshed: {exc}") from None
+        botocore.auth.S3SigV4Auth(frozen, "s3", self.endpoint.region).add_auth(request)
+        signed = dict(request.headers.items())
+        # A socket kept alive from an earlier GET may have been closed by the server
+        # while idle (S3: ~20 s): that is not an attempt; once more on a new one.
+        reused = self.http is not None and self.http.sock is not None
+        try:
+            return self._send(path, signed)
+        except _STALE_CONNECTION:
+            if not reused:
+                raise
+        return self._send(path, signed)
+
+    def _send(self, path: str, headers: dict[str, str]) -> http.client.HTTPResponse:
+        if self.http is None:
+            if self.https:
+                context = ssl.create_default_context(cafile=self.endpoint.ca_bundle)
+                self.http = http.client.HTTPSConnection(
+                    self.host, timeout=self.endpoint.timeout, context=context
+                )
+            else:
+                self.http = http.client.HTTPConnection(self.host, timeout=self.endpoint.timeout)
+        try:
+            self.http.request("GET", path, headers=headers)
+            return self.http.getresponse()
+        except (OSError, http.client.HTTPException):
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self.http is not None:
+            self.http.close()
+            self.http = None
+
+
+def chain_credentials() -> botocore.credentials.Credentials:
+    credentials = botocore.session.Session().get_credentials()
+    if credentials is None:
+        raise CredentialsError("no AWS credentials found")
+    return credentials
