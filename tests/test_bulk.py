@@ -146,6 +146,44 @@ def status(mount: Mount) -> dict[str, object]:
     return cache
 
 
+def read_behind_a_held_job(
+    mount: Mount, gate_proxy: GateProxy, key: str
+) -> tuple[subprocess.Popen[str], Callable[[], bytes | OSError]]:
+    """Start a prefetch; once the worker's GET of ``key`` is held at the proxy, start a
+    foreground read of ``key`` and wait until it waits in the daemon. Returns the
+    prefetch and ``release``: open the gate, then the read's bytes (or its error)."""
+    job = start_prefetch(mount)
+    got: list[bytes | OSError] = []
+
+    def read() -> None:
+        try:
+            got.append((mount.path / key).read_bytes())
+        except OSError as exc:
+            got.append(exc)
+
+    try:
+        wait_for(f"the worker's GET of {key}", lambda: gate_proxy.gets[key] == 1)
+        assert workers_of(mount.proc.pid), "the prefetch did not go through worker processes"
+        misses = int(str(status(mount)["misses"]))
+        reader = threading.Thread(target=read)
+        reader.start()
+        wait_for(
+            "the read to wait in the daemon", lambda: int(str(status(mount)["misses"])) > misses
+        )
+    except BaseException:
+        job.kill()  # not left running behind a failed test
+        job.communicate()
+        raise
+
+    def release() -> bytes | OSError:
+        gate_proxy.gate.set()
+        reader.join(60)
+        assert len(got) == 1, "the read never completed"
+        return got[0]
+
+    return job, release
+
+
 def test_a_read_waits_for_the_worker_job_that_fetches_its_block(
     bucket: Bucket, mounter: Mounter, gate_proxy: GateProxy
 ) -> None:
@@ -155,17 +193,8 @@ def test_a_read_waits_for_the_worker_job_that_fetches_its_block(
     big = "dataset-v3/archive/big.tar"
     mount = mounter(bucket.name, "--no-kernel-serve-pinned", server=gate_proxy)
     gate_proxy.held = {big}
-    job = start_prefetch(mount)
-    wait_for("the worker's GET of the big object", lambda: gate_proxy.gets[big] == 1)
-    assert workers_of(mount.proc.pid), "the prefetch did not go through worker processes"
-    misses = int(str(status(mount)["misses"]))
-    got: list[bytes] = []
-    reader = threading.Thread(target=lambda: got.append((mount.path / big).read_bytes()))
-    reader.start()
-    wait_for("the read to wait in the daemon", lambda: int(str(status(mount)["misses"])) > misses)
-    gate_proxy.gate.set()
-    reader.join(60)
-    assert got == [files[big]]
+    job, release = read_behind_a_held_job(mount, gate_proxy, big)
+    assert release() == files[big]
     code, err = finish(job)
     assert code == 0, err
     assert gate_proxy.gets[big] == 1, "the read and the job downloaded it twice"
@@ -286,19 +315,11 @@ def test_a_read_never_gets_the_bytes_of_a_worker_job_that_failed_its_md5(
     big = "dataset-v3/archive/big.tar"
     mount = mounter(bucket.name, "--no-kernel-serve-pinned", server=gate_proxy)
     gate_proxy.held, gate_proxy.flip_first = {big}, {big}
-    job = start_prefetch(mount)
-    wait_for("the worker's GET of the big object", lambda: gate_proxy.gets[big] == 1)
-    assert workers_of(mount.proc.pid), "the prefetch did not go through worker processes"
-    misses = int(str(status(mount)["misses"]))
-    got: list[bytes] = []
-    reader = threading.Thread(target=lambda: got.append((mount.path / big).read_bytes()))
-    reader.start()
-    wait_for("the read to wait in the daemon", lambda: int(str(status(mount)["misses"])) > misses)
+    job, release = read_behind_a_held_job(mount, gate_proxy, big)
     gate_proxy.held = set()
-    gate_proxy.gate.set()
-    reader.join(60)
+    got = release()
     assert gate_proxy.faults["flip_byte"] == 1
-    assert got == [files[big]], "the read got the flipped byte"
+    assert got == files[big], "the read got the flipped byte"
     code, err = finish(job)
     assert code == 0, err
     assert status(mount)["pinned_bytes"] == sum(map(len, files.values()))
@@ -553,31 +574,13 @@ def test_a_read_waiting_on_a_worker_job_never_gets_bytes_that_fail_their_md5(
     mount = mounter(bucket.name, "--no-kernel-serve-pinned", server=gate_proxy)
     gate_proxy.held = {small}
     gate_proxy.rates["flip_byte"] = 1.0
-    job = start_prefetch(mount)
+    job, release = read_behind_a_held_job(mount, gate_proxy, small)
     try:
-        wait_for("the worker's GET of the small object", lambda: gate_proxy.gets[small] == 1)
-        assert workers_of(mount.proc.pid), "the prefetch did not go through worker processes"
-        misses = int(str(status(mount)["misses"]))
-        got: list[bytes | OSError] = []
-
-        def read() -> None:
-            try:
-                got.append((mount.path / small).read_bytes())
-            except OSError as exc:
-                got.append(exc)
-
-        reader = threading.Thread(target=read)
-        reader.start()
-        wait_for(
-            "the read to wait in the daemon", lambda: int(str(status(mount)["misses"])) > misses
-        )
-        gate_proxy.gate.set()
-        reader.join(60)
-        assert len(got) == 1
-        if isinstance(got[0], OSError):
-            assert got[0].errno == errno.EIO, got[0]
+        got = release()
+        if isinstance(got, OSError):
+            assert got.errno == errno.EIO, got
         else:
-            assert got[0] == files[small], "the read got bytes that are not S3's"
+            assert got == files[small], "the read got bytes that are not S3's"
         code, err = finish(job)
         assert code == 4, err
         assert gate_proxy.faults["flip_byte"] > 0
