@@ -54,10 +54,10 @@ async def copy_verified(cache: BlockCache, source: ObjectVersion, target: Object
     True once ``target`` is cached whole from it; False if it is not (nothing of
     it cached, room, a source block that failed its CRC): the caller downloads it.
     """
-    if source.size != target.size or source.oid == target.oid or not target.size:
-        return False
-    # Something of it cached already (a reader was first), or the source is not whole.
-    if target.oid in cache.ledger or cache.missing_blocks(source):
+    same = source.size == target.size > 0 and source.oid != target.oid
+    # Not if something of it is cached already (a reader was first), the source is not
+    # whole, or there is no room.
+    if not same or target.oid in cache.ledger or cache.missing_blocks(source):
         return False
     if not cache.room_for(target.size)[0]:
         return False

@@ -138,6 +138,8 @@ class Daemon:
                 "misses": counts["misses"],
                 "bytes_from_s3": counts["bytes_from_s3"],
                 "corrupt_blocks": counts["corrupt_blocks"],
+                "reused_objects": counts["reused_objects"],  # copied from the same content
+                "reused_bytes": counts["reused_bytes"],
                 "evictions": counts["evictions"],
                 "in_flight_blocks": cache.in_flight,
             },

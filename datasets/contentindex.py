@@ -97,4 +97,3 @@ class ContentIndex:
 
     def _get(self, key: ContentKey) -> list[Source]:
         return list(self._sources.get(key, ()))
-

@@ -39,6 +39,7 @@ from s3cachefs.datasets.keyshadow import Shadowed
 from s3cachefs.datasets.objectcheck import ObjectCheck, ObjectFailed
 from s3cachefs.datasets.pins import Manifest, PinStore, Shard
 from s3cachefs.datasets.prefetchprogress import PROGRESS_INTERVAL, Progress, Report
+from s3cachefs.datasets.prefetchreuse import PrefetchReuse
 from s3cachefs.datasets.prefetchruns import download_run
 from s3cachefs.store.checksums import Check
 from s3cachefs.store.keys import valid_name
@@ -66,6 +67,7 @@ class _Object:
     info: ObjectInfo
     version: ObjectVersion
     runs_left: int
+    reuse: bool = False  # offered to reuse: copied by a worker, else downloaded (`_reuse`)
 
 
 class PrefetchJob:
@@ -93,7 +95,8 @@ class PrefetchJob:
         self.jobs = max(1, jobs)
         self.dry_run = dry_run
         self.require_checksums = require_checksums
-        self.progress = Progress()
+        self.progress = Progress(dry_run=dry_run)
+        self.reuse = PrefetchReuse(cache, pins, self.objects, self.progress, dry_run=dry_run)
         self.manifest = Manifest(store.bucket, prefix, None if shard is None else str(shard))
         self.previous = pins.find(prefix, self.manifest.shard)
         # Bytes each listed object still had to download when listed; an object
@@ -217,7 +220,11 @@ class PrefetchJob:
         if not missing and known and previous is not None:  # verified when it was pinned
             self._accept(info, previous.check(info.key))
             return
+        offered = bool(missing) and self.reuse.offer(info, version)  # a dry run counts it
         if self.dry_run:
+            return
+        if offered:  # its content is cached under another key (`datasets.prefetchreuse`)
+            await send.send(_Object(info, version, 0, reuse=True))
             return
         runs = _runs(missing, self.cache.run_blocks)
         item = _Object(info, version, len(runs))
@@ -230,7 +237,7 @@ class PrefetchJob:
         async with receive:
             async for item in receive:
                 if isinstance(item, _Object):
-                    await self._verify(item)
+                    await (self._reuse(item) if item.reuse else self._verify(item))
                     continue
                 obj, run = item
                 if obj.info.key in self.progress.failed:
@@ -243,6 +250,22 @@ class PrefetchJob:
                 obj.runs_left -= 1
                 if obj.runs_left == 0:
                     await self._verify(obj, proven)
+
+    async def _reuse(self, obj: _Object) -> None:
+        """A copy of the same content cached under another key (no GET), else downloaded."""
+        check = await self.reuse.take(obj.info, obj.version)
+        if check is not None:
+            self._pin(obj.info, check)
+            return
+        proven = None
+        runs = _runs(self.cache.missing_blocks(obj.version), self.cache.run_blocks)
+        for obj.runs_left, run in zip(range(len(runs), 0, -1), runs, strict=True):
+            try:
+                proven = await self._download(obj, run)
+            except (StoreError, ObjectFailed) as exc:
+                self._fail(obj.info.key, str(exc))
+                return
+        await self._verify(obj, proven)
 
     async def _download(self, obj: _Object, run: range) -> Check | None:
         """One run onto disk (`datasets.prefetchruns`); the check passed, if it proved one."""
@@ -364,6 +387,7 @@ class PrefetchJob:
         if self.dry_run:
             fits, room = self.cache.room_for(self.bytes_needed)
             event.update(dry_run=True, fits=fits, bytes_needed=self.bytes_needed, room=room)
+            event["bytes_to_download"] = self.bytes_needed - self.progress.bytes_reused
         return event
 
 
