@@ -224,6 +224,45 @@ def test_the_same_content_found_by_s3_checksum_under_another_part_layout(
     read_back(cache, version(store, "v4/full.bin"), data)
 
 
+def pinned_sum(cache: BlockCache) -> int:
+    """The pinned bytes counted the slow way, block by block (`Ledger.pinned_bytes` keeps
+    them as they change)."""
+    ledger = cache.ledger
+    return sum(
+        ledger.block_len(record.version, idx)
+        for oid in ledger.pinned
+        if (record := ledger.record(oid)) is not None
+        for idx in record.blocks
+    )
+
+
+def test_pinned_bytes_stay_exact_through_pins_copies_drops_frees_and_a_restart(
+    tmp_path: Path,
+) -> None:
+    store = MemoryStore()
+    put_v3_v4(store, count=8, changed=2)
+    cache, pins = setup(tmp_path, store)
+    prefetch(cache, pins, "v3/")
+    assert cache.pinned_bytes == pinned_sum(cache) > 0
+    with cache_file(cache, store, "v3/train/page-003").open("r+b") as f:
+        f.write(b"\0\1\2")  # a source that fails its CRC: dropped from a pinned version
+    prefetch(cache, pins, "v4/")
+    assert cache.pinned_bytes == pinned_sum(cache)
+    v3 = pins.find("v3/", None)
+    assert v3 is not None
+    pins.delete(v3)  # unpinned: its blocks rejoin the LRU
+    assert cache.pinned_bytes == pinned_sum(cache)
+
+    async def free() -> None:
+        await cache.free({v.oid for v in v3.versions()})
+
+    run_with(cache, free)
+    assert cache.pinned_bytes == pinned_sum(cache) > 0
+    cache.close()
+    again, pins = setup(tmp_path, store)  # the index loaded, then the pins
+    assert again.pinned_bytes == pinned_sum(again) == cache.pinned_bytes
+
+
 def test_the_content_index_matches_digest_and_size_only() -> None:
     m = Manifest("b", "v3/", None)
     m.objects = {
