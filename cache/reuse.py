@@ -86,8 +86,9 @@ async def copy_verified(cache: BlockCache, source: ObjectVersion, target: Object
         await cache.verify_object(source, Check("size"))
         return False
     path, how = made
-    if not await cache.adopt(target, path, crcs):
-        return False
+    with trio.CancelScope(shield=True):  # reserved, placed and indexed whole, or not at all
+        if not await cache.adopt(target, path, crcs):
+            return False
     counts = cache.stats.counts
     counts["reused_objects"] += 1
     counts["reused_bytes"] += target.size

@@ -102,6 +102,7 @@ class PrefetchJob:
 
     async def _run(self, report: Report) -> None:
         send, receive = trio.open_memory_channel[_Object | tuple[_Object, range]](10_000)
+        self._again = send.clone()  # the runs of an object that was not reused (`_reuse`)
         refused = False
         try:
             async with trio.open_nursery() as nursery:
@@ -121,6 +122,7 @@ class PrefetchJob:
             refused = any(isinstance(e, PrefetchRefused) for e in group.exceptions)
             raise
         finally:
+            self._again.close()
             with trio.CancelScope(shield=True):
                 if not self.dry_run and not refused:
                     await self._finish()
@@ -171,18 +173,20 @@ class PrefetchJob:
             async for item in receive:
                 if isinstance(item, _Object):
                     await (self._reuse(item) if item.reuse else self._verify(item))
-                    continue
-                obj, run = item
-                if obj.info.key in self.progress.failed:
-                    continue
-                try:
-                    proven = await self._download(obj, run)
-                except (StoreError, ObjectFailed) as exc:
-                    self._fail(obj.info.key, str(exc))
-                    continue
-                obj.runs_left -= 1
-                if obj.runs_left == 0:
-                    await self._verify(obj, proven)
+                else:
+                    await self._fetch(*item)
+
+    async def _fetch(self, obj: _Object, run: range) -> None:
+        if obj.info.key in self.progress.failed:
+            return
+        try:
+            proven = await self._download(obj, run)
+        except (StoreError, ObjectFailed) as exc:
+            self._fail(obj.info.key, str(exc))
+            return
+        obj.runs_left -= 1
+        if obj.runs_left == 0:
+            await self._verify(obj, proven)
 
     async def _reuse(self, obj: _Object) -> None:
         """A copy of the same content cached under another key (no GET), else downloaded."""
@@ -190,15 +194,15 @@ class PrefetchJob:
         if check is not None:
             self._pin(obj.info, check)
             return
-        proven = None
         runs = _runs(self.cache.missing_blocks(obj.version), self.cache.run_blocks)
-        for obj.runs_left, run in zip(range(len(runs), 0, -1), runs, strict=True):
+        obj.runs_left = len(runs)
+        if not runs:  # cached meanwhile (a reader)
+            await self._verify(obj)
+        for run in runs:  # to every worker, as any object's; here if the queue is full
             try:
-                proven = await self._download(obj, run)
-            except (StoreError, ObjectFailed) as exc:
-                self._fail(obj.info.key, str(exc))
-                return
-        await self._verify(obj, proven)
+                self._again.send_nowait((obj, run))
+            except trio.WouldBlock:
+                await self._fetch(obj, run)
 
     async def _download(self, obj: _Object, run: range) -> Check | None:
         """One run onto disk (`datasets.prefetchruns`); the check passed, if it proved one."""

@@ -75,8 +75,8 @@ def prefetch(
     return finals[0]
 
 
-def setup(tmp_path: Path, store: MemoryStore) -> tuple[BlockCache, PinStore]:
-    cache = make_cache(tmp_path, store)
+def setup(tmp_path: Path, store: MemoryStore, **options: int) -> tuple[BlockCache, PinStore]:
+    cache = make_cache(tmp_path, store, **options)
     pins = PinStore(cache.root, store.bucket, cache.ledger)
     pins.load()
     return cache, pins
@@ -153,22 +153,24 @@ def test_a_copy_is_its_own_file_evicting_v3_leaves_v4_whole(tmp_path: Path) -> N
 def test_a_corrupt_cached_source_is_not_reused_the_object_is_downloaded(tmp_path: Path) -> None:
     store = MemoryStore()
     v4 = put_v3_v4(store, count=6, changed=0)
-    cache, pins = setup(tmp_path, store)
+    cache, pins = setup(tmp_path, store, fetch_bytes=2 * BS)  # big-etag.bin: 4 runs
     prefetch(cache, pins, "v3/")
-    source = cache_file(cache, store, "v3/train/page-002")
-    with source.open("r+b") as f:  # one flipped byte on disk: its block fails its CRC
-        f.seek(10)
-        byte = f.read(1)
-        f.seek(10)
-        f.write(bytes([byte[0] ^ 0xFF]))
+    for key, offset in (("v3/train/page-002", 10), ("v3/big-etag.bin", 5 * BS + 7)):
+        with cache_file(cache, store, key).open("r+b") as f:  # a byte flipped on disk
+            f.seek(offset)
+            byte = f.read(1)
+            f.seek(offset)
+            f.write(bytes([byte[0] ^ 0xFF]))
     store.requests.clear()
     final = prefetch(cache, pins, "v4/")
-    assert (final["ok"], final["files_reused"]) == (True, len(v4) - 1)
-    assert store.requests["get"] == 1  # the page whose source failed: downloaded
-    assert cache.stats["corrupt_blocks"] == 1
+    assert (final["ok"], final["files_reused"]) == (True, len(v4) - 2)
+    assert store.requests["get"] == 1 + 4  # the two whose source failed: downloaded
+    assert cache.stats["corrupt_blocks"] == 2
     assert cache.missing_blocks(version(store, "v3/train/page-002")) == [0]  # dropped
-    read_back(cache, version(store, "v4/train/page-002"), v4["v4/train/page-002"])
-    assert store.requests["get"] == 1
+    assert cache.missing_blocks(version(store, "v3/big-etag.bin")) == [5]
+    for key in ("v4/train/page-002", "v4/big-etag.bin"):
+        read_back(cache, version(store, key), v4[key])
+    assert store.requests["get"] == 5
 
 
 def test_reuse_under_a_shard(tmp_path: Path) -> None:
@@ -213,12 +215,15 @@ def test_the_same_content_found_by_s3_checksum_under_another_part_layout(
     store.put_parts(
         "v4/full.bin", [data[:300_000], data[300_000:]], checksum="crc64nvme", full=True
     )
+    other = bytes(reversed(data))  # the same size, other bytes: asked, then downloaded
+    store.put_parts("v4/other.bin", [other[:300_000], other[300_000:]], checksum="crc64nvme")
     cache, pins = setup(tmp_path, store)
     prefetch(cache, pins, "v3/")
     store.requests.clear()
     final = prefetch(cache, pins, "v4/")
     assert (final["ok"], final["files_reused"]) == (True, 1)
-    assert store.requests["get"] == 0
+    assert store.requests["get"] == 1  # other.bin, in one run
+    read_back(cache, version(store, "v4/other.bin"), other)
     manifest = pins.find("v4/", None)
     assert manifest is not None and manifest.checks["v4/full.bin"].kind == "crc64nvme-full"
     read_back(cache, version(store, "v4/full.bin"), data)
@@ -314,6 +319,12 @@ def test_prefetch_of_v4_through_the_mount_reuses_v3(bucket: Bucket, mounter: Mou
         f.seek(100)
         f.write(bytes([v3["v3/page-003.png"][100] ^ 0xFF]))
     bucket.server.reset()
+    dry = run_cli("prefetch", "v4", "--mount", str(mount.path), "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    changed = human_bytes(len(v4["v4/page-007.png"]))
+    assert f"{changed} to download ({len(v4) - 1} objects (" in dry.stdout
+    assert "can be reused from the cache, 0 GETs;" in dry.stdout
+    assert bucket.server.counts()["get"] == 0
     result = run_cli("prefetch", "v4", "--mount", str(mount.path))
     assert result.returncode == 0, result.stderr
     assert f"{len(v4) - 2} objects" in result.stdout
