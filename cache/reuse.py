@@ -51,15 +51,13 @@ _NOT_HERE = {errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL, errno.EN
 async def copy_verified(cache: BlockCache, source: ObjectVersion, target: ObjectVersion) -> bool:
     """Make ``target``'s file a verified copy of cached ``source`` (the same content).
 
-    True once ``target`` is cached whole from it; False if it is not (nothing of
-    it cached, room, a source block that failed its CRC): the caller downloads it.
+    True once ``target`` is cached whole from it; False if it is not (something of it
+    cached, no room, a source block that failed its CRC): the caller downloads it.
     """
     same = source.size == target.size > 0 and source.oid != target.oid
-    # Not if something of it is cached already (a reader was first), the source is not
-    # whole, or there is no room.
+    # Not if something of it is cached already (a reader was first), or the source is
+    # not whole. Room: the prefetch checked its listing; `adopt` reserves it.
     if not same or target.oid in cache.ledger or cache.missing_blocks(source):
-        return False
-    if not cache.room_for(target.size)[0]:
         return False
     crcs = cache.block_crcs(source)
     try:

@@ -155,7 +155,7 @@ class PrefetchJob:
         if not missing and known and previous is not None:  # verified when it was pinned
             self._accept(info, previous.check(info.key))
             return
-        offered = bool(missing) and self.reuse.offer(info, version)  # a dry run counts it
+        offered = bool(missing) and await self.reuse.offer(info, version)  # a dry run counts it
         if self.dry_run:
             return
         if offered:  # its content is cached under another key (`datasets.prefetchreuse`)

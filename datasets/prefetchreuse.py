@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 
+import trio
+
 from s3cachefs.base.errors import StoreError
 from s3cachefs.cache.blockcache import BlockCache
 from s3cachefs.cache.blocks import ObjectVersion
@@ -48,19 +50,22 @@ class PrefetchReuse:
 
     @property
     def index(self) -> ContentIndex:
-        """The pinned manifests by content: built when an object first misses blocks."""
-        if self._index is None:
-            manifests = self.pins.manifests.values()
-            self._index = ContentIndex(manifests, etag_md5s=self.objects.etag_md5s)
+        assert self._index is not None, "an object is offered (`offer`) before it is taken"
         return self._index
 
-    def offer(self, info: ObjectInfo, version: ObjectVersion) -> bool:
-        """Whether a worker should try to copy ``info`` (missing blocks). Must not await.
+    async def offer(self, info: ObjectInfo, version: ObjectVersion) -> bool:
+        """Whether a worker should try to copy ``info`` (missing blocks).
 
         In a dry run: counted as reused if the listing shows a source, and False.
         """
         if not self.pins.manifests or version.oid in self.cache.ledger:
             return False  # nothing pinned, or partly cached: its missing blocks are fetched
+        if self._index is None:  # once, in a thread: every pinned object (millions, maybe)
+            manifests = list(self.pins.manifests.values())  # installed ones: never changed
+            etag_md5s = self.objects.etag_md5s
+            self._index = await trio.to_thread.run_sync(
+                lambda: ContentIndex(manifests, etag_md5s=etag_md5s)
+            )
         cached = [s for s in self.index.find(info) if self._whole(s, version)]
         if self.dry_run:
             if cached:
