@@ -6,13 +6,13 @@ a few files changed). When the same content is cached whole under another key
 new version's file from it, with no GET:
 
 - **A copy, never a hard link.** Two keys on one inode would share their blocks:
-  evicting one key's block (a hole punched) would take it from the other, and
-  one dataset's kernel-served tree would change under the other's pins. So each
-  version keeps its own file, the cheapest way the filesystem offers
-  (`WAYS`, in order): a reflink (``FICLONE``: shared extents, copy on write, no
-  more disk, where btrfs, XFS or bcachefs offer it), ``copy_file_range`` (the
-  bytes stay in the kernel; some filesystems share extents or copy server-side),
-  else read and write.
+  evicting one key's block (a hole punched) would take it from the other, and a
+  kernel-served tree, which sets each linked file's mtime to its own key's
+  (`datasets.binds`), would change the other's. So each version keeps its own
+  file, the cheapest way the filesystem offers (`WAYS`, in order): a reflink
+  (``FICLONE``: shared extents, copy on write, no more disk, where btrfs, XFS or
+  bcachefs offer it), ``copy_file_range`` (the bytes stay in the kernel; some
+  filesystems share extents or copy server-side), else read and write.
 - **Verified as it is taken.** The copy is read back block by block before it is
   kept: every block must match the CRC32 recorded for the source's block, and
   the CRCs of the bytes written become the new version's. A block that does not

@@ -58,11 +58,16 @@ class Progress:
 
     def reused(self) -> str:
         """The objects copied inside the cache, for people ("" if none)."""
-        n = self.files_reused
-        if not n:
-            return ""
-        verb = "can be reused" if self.dry_run else "reused"
-        return (
-            f"{n} object{'s' if n != 1 else ''} ({human_bytes(self.bytes_reused)}) {verb} "
-            "from the cache, 0 GETs"
-        )
+        return reused_line(self.files_reused, self.bytes_reused, dry_run=self.dry_run)
+
+
+def reused_line(files: int, nbytes: int, *, dry_run: bool = False) -> str:
+    """The objects copied inside the cache, for people: prefetch's summary, and
+    ``status``'s over the daemon's life ("" for none)."""
+    if not files:
+        return ""
+    verb = "can be reused" if dry_run else "reused"
+    return (
+        f"{files} object{'s' if files != 1 else ''} ({human_bytes(nbytes)}) {verb} "
+        "from the cache, 0 GETs"
+    )
