@@ -11,7 +11,9 @@ checks: loopback only.
 As a process (``python -m bench.dirs3 ROOT [--host H] [--port P]``) it prints
 its endpoint URL on the first line of stdout, and ``GET /_bench/stats`` (JSON
 request counts and bytes sent) / ``GET /_bench/reset`` let a harness count the
-S3 traffic of a run from outside (``_bench`` is no valid bucket name).
+S3 traffic of a run from outside (``_bench`` is no valid bucket name);
+``GET /_bench/rescan`` takes in files a harness added, changed or removed
+(bench/refresh.py: objects changed in S3).
 """
 
 from __future__ import annotations
@@ -40,13 +42,12 @@ class DirS3:
         self.root = root
         self.latency = latency
         self.etags: dict[Path, str] = {}
-        for path in root.rglob("*"):
-            if path.is_file():
-                self.etags[path] = '"' + hashlib.md5(path.read_bytes()).hexdigest() + '"'
+        self.stamps: dict[Path, tuple[int, int, int, int]] = {}  # (dev, inode, size, mtime)
+        self._lock = threading.Lock()
+        self.rescan()
         self.requests: dict[str, int] = {}
         self.bytes_sent = 0
         self.ranges: list[str] = []  # Range headers of GETs, in arrival order
-        self._lock = threading.Lock()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -72,6 +73,22 @@ class DirS3:
     def stop(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+    def rescan(self) -> None:
+        """ETags of the files now under the root; a file seen before (a hard link too) is
+        not read again."""
+        known = {self.stamps[path]: etag for path, etag in self.etags.items()}
+        etags: dict[Path, str] = {}
+        stamps: dict[Path, tuple[int, int, int, int]] = {}
+        for path in self.root.rglob("*"):
+            if path.is_file():
+                st = path.stat()
+                stamps[path] = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+                etags[path] = known.get(stamps[path]) or (
+                    '"' + hashlib.md5(path.read_bytes()).hexdigest() + '"'
+                )
+        with self._lock:
+            self.etags, self.stamps = etags, stamps
 
     def count(self, op: str) -> None:
         with self._lock:
@@ -126,6 +143,8 @@ class DirS3:
         return None
 
     def _admin(self, req: BaseHTTPRequestHandler, path: str) -> None:
+        if path == "/_bench/rescan":
+            self.rescan()
         with self._lock:
             if path == "/_bench/reset":
                 self.requests.clear()

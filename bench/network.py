@@ -125,6 +125,10 @@ class Network:
     def reset(self) -> None:
         urllib.request.urlopen(self.stats_url + "/_bench/reset", timeout=10).close()
 
+    def rescan(self) -> None:
+        """The server takes in objects a harness changed in its folder (`bench.dirs3`)."""
+        urllib.request.urlopen(self.stats_url + "/_bench/rescan", timeout=120).close()
+
     def requests(self) -> int:
         counts = self.stats()["requests"]
         assert isinstance(counts, dict)

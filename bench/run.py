@@ -21,7 +21,7 @@ import boto3
 import psutil
 from botocore.config import Config
 
-from bench import cluster, peers, syncrow, workloads
+from bench import cluster, peers, refresh, syncrow, workloads
 from bench.common import drop_caches
 from bench.dataset import PROBE_PREFIX, PROBES, Dataset, generate
 from bench.network import PROFILES, RATE_BYTES, Network, Profile
@@ -72,7 +72,7 @@ class Suite:
         self.local = work / "local"
         self.data = Dataset()
         self.rclone = self.s3fs = self.aws = None
-        if args.only == "w6":  # s3cachefs and local disk only
+        if args.only in ("w6", "refresh"):  # s3cachefs and local disk only
             return
         self.rclone, why_rclone = peers.which_rclone()
         self.s3fs, why_s3fs = peers.which_s3fs()
@@ -133,14 +133,17 @@ class Suite:
             net = Network(PROFILES[name], self.s3root)
             try:
                 net.open()
-                if self.args.only != "w6":
+                if self.args.only not in ("w6", "refresh"):
                     self.profile_run(net, primary=i == 0)
                 if i == 0 and self.args.only in ("", "w6"):
                     cluster.Cluster(self.report, net, self.local, self.data, self.scratch).run()
+                if i == 0 and self.args.only in ("", "refresh"):  # issue 12: what changed only
+                    bucket = self.s3root / peers.BUCKET
+                    refresh.Refresh(self.report, net, bucket, self.data, self.scratch).run()
             finally:
                 net.close()
-            if self.args.only == "w6":
-                break  # prefetched data: the network does not matter
+            if self.args.only:
+                break  # one workload: on the first profile only
 
     def profile_run(self, net: Network, primary: bool) -> None:
         p = net.profile
@@ -635,7 +638,10 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="default bench/results/DATE-MODE.json")
     parser.add_argument("--workdir", type=Path, default=None, help="scratch (default: a tmp dir)")
     parser.add_argument(
-        "--only", choices=("w6",), default="", help="run one workload (w6: bench/cluster.py)"
+        "--only",
+        choices=("w6", "refresh"),
+        default="",
+        help="run one workload (w6: bench/cluster.py; refresh: bench/refresh.py)",
     )
     args = parser.parse_args()
     args.profile = [p.strip() for p in args.profile.split(",") if p.strip()]

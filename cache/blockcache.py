@@ -109,7 +109,7 @@ class BlockCache:
         # The books, and the one owner of the pinned set (`datasets.pins` tells it).
         self.ledger = Ledger(block_size, self.stats)
         self._s3_limiter = s3_limiter
-        self._disk_limiter = disk_limiter
+        self._disk_limiter = self.disk_limiter = disk_limiter  # also `cache.reuse`'s
         self._layout = Layout(cache_dir)
         self.root = self._layout.root
         self._index = Index(self._layout)

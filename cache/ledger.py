@@ -15,6 +15,7 @@ thread: it must not await, so no other task sees the books half changed.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,6 +58,9 @@ class Ledger:
         self._lru: OrderedDict[BlockKey, None] = OrderedDict()  # unpinned blocks only
         self._pinned: set[str] = set()  # oids of pinned object versions: never evicted
         self._used = 0
+        # Bytes of the pinned versions' blocks, kept as they change: every room check
+        # asks, and summing them each time is O(cached blocks) (`cache.reuse` per object).
+        self._pinned_bytes = 0
 
     # ---- what is held ----------------------------------------------------
 
@@ -106,25 +110,32 @@ class Ledger:
 
     @property
     def pinned_bytes(self) -> int:
-        return sum(
-            self.block_len(record.version, idx)
-            for oid in self._pinned
-            if (record := self._objects.get(oid)) is not None
-            for idx in record.blocks
-        )
+        return self._pinned_bytes
+
+    def _pinned_part(self, oid: str, indices: Iterable[int] | None = None) -> int:
+        """Bytes of ``oid``'s blocks (of ``indices`` only, if given) if it is pinned, else
+        0: what a change to them changes in ``pinned_bytes``."""
+        record = self._objects.get(oid)
+        if record is None or oid not in self._pinned:
+            return 0
+        blocks = record.blocks if indices is None else indices
+        return sum(self.block_len(record.version, idx) for idx in blocks)
 
     def pin(self, oid: str) -> None:
         """Add one version to the pinned set (prefetch, per verified object)."""
         if oid in self._pinned:
             return
         self._pinned.add(oid)
+        self._pinned_bytes += self._pinned_part(oid)
         record = self._objects.get(oid)
         for idx in record.blocks if record else ():
             self._lru.pop((oid, idx), None)
 
     def set_pinned(self, oids: set[str]) -> None:
         """Make exactly ``oids`` pinned: their blocks leave the LRU; unpinned ones rejoin it."""
+        before = self._pinned
         for oid in self._pinned - oids:
+            self._pinned_bytes -= self._pinned_part(oid)
             record = self._objects.get(oid)
             for idx in record.blocks if record else ():
                 self._lru[(oid, idx)] = None
@@ -133,16 +144,20 @@ class Ledger:
             for idx in record.blocks if record else ():
                 self._lru.pop((oid, idx), None)
         self._pinned = set(oids)
+        self._pinned_bytes += sum(self._pinned_part(oid) for oid in oids - before)
 
     # ---- changes ---------------------------------------------------------
 
     def new_record(self, version: ObjectVersion) -> Record:
+        self._pinned_bytes -= self._pinned_part(version.oid)  # a record it replaces
         record = self._objects[version.oid] = Record(version)
         return record
 
     def add_block(self, record: Record, index: int, crc: int) -> None:
         """A block is on disk and indexed; its bytes were reserved."""
         oid = record.version.oid
+        if index not in record.blocks:
+            self._pinned_bytes += self._pinned_part(oid, (index,))
         record.blocks[index] = crc
         if oid not in self._pinned:
             self._lru[(oid, index)] = None
@@ -150,6 +165,7 @@ class Ledger:
     def add_blocks(self, record: Record, crcs: dict[int, int]) -> None:
         """Every block of an adopted file, in block order."""
         oid = record.version.oid
+        self._pinned_bytes += self._pinned_part(oid, [i for i in crcs if i not in record.blocks])
         record.blocks.update(crcs)
         if oid not in self._pinned:
             self._lru.update((k, None) for k in ((oid, idx) for idx in sorted(crcs)))
@@ -164,6 +180,7 @@ class Ledger:
         record = self._objects.get(version.oid)
         if record is None or record.blocks.get(index) != crc:
             return False
+        self._pinned_bytes -= self._pinned_part(version.oid, (index,))
         record.blocks.pop(index)
         self._lru.pop((version.oid, index), None)
         self._used -= self.block_len(version, index)
@@ -171,6 +188,7 @@ class Ledger:
 
     def remove(self, oid: str) -> tuple[Record, int] | None:
         """Take a whole object version off the books: its record and the bytes it held."""
+        self._pinned_bytes -= self._pinned_part(oid)
         record = self._objects.pop(oid, None)
         if record is None:
             return None
@@ -183,17 +201,20 @@ class Ledger:
 
     def discard(self, oid: str) -> None:
         """Drop a record that never got its blocks (a failed adoption)."""
+        self._pinned_bytes -= self._pinned_part(oid)
         self._objects.pop(oid, None)
 
     def clear(self) -> None:
         self._objects.clear()
         self._lru.clear()
         self._used = 0
+        self._pinned_bytes = 0
 
     # ---- loading (cache.index) -------------------------------------------
 
     def load_object(self, oid: str, version: ObjectVersion) -> None:
         """An object row from the index (its blocks follow)."""
+        self._pinned_bytes -= self._pinned_part(oid)
         self._objects[oid] = Record(version)
 
     def load_block(self, oid: str, index: int, crc: int) -> bool:
@@ -201,6 +222,8 @@ class Ledger:
         record = self._objects.get(oid)
         if record is None:
             return False
+        if index not in record.blocks:
+            self._pinned_bytes += self._pinned_part(oid, (index,))
         record.blocks[index] = crc
         self._lru[(oid, index)] = None
         self._used += self.block_len(record.version, index)
@@ -245,6 +268,7 @@ class Ledger:
         while over() and self._lru:
             (oid, idx), _ = self._lru.popitem(last=False)
             record = self._objects[oid]
+            self._pinned_bytes -= self._pinned_part(oid, (idx,))  # 0: the LRU holds no pins
             del record.blocks[idx]
             start, end = block_span(idx, self.block_size, record.version.size)
             last = not record.blocks

@@ -63,16 +63,21 @@ def _prefetch_one(args: argparse.Namespace) -> int:
         print(json.dumps(final), flush=True)
     elif args.dry_run:
         verdict = "fits" if final["fits"] else "does NOT fit"
+        needed = human_bytes(final["bytes_needed"])
+        reused = f" ({final['reused']}; {needed} to store)" if final.get("reused") else ""
         print(
             f"{final['dataset']}: {final['files_total']} objects, "
-            f"{human_bytes(final['bytes_total'])}; {human_bytes(final['bytes_needed'])} to "
-            f"download, room for {human_bytes(final['room'])}: {verdict}"
+            f"{human_bytes(final['bytes_total'])}; "
+            f"{human_bytes(final.get('bytes_to_download', final['bytes_needed']))} to "
+            f"download{reused}, room for {human_bytes(final['room'])}: {verdict}"
         )
     else:
         print(
             f"{final['dataset']}: {describe(final)}, "
             f"{human_bytes(final['bytes_fetched'])} fetched in {final['elapsed']:.1f}s"
         )
+        if final.get("reused"):  # copied inside the cache from the same content (no GET)
+            print(f"{final['dataset']}: {final['reused']}")
         for key, reason in final["failed_objects"].items():
             print(f"FAILED {key}: {reason}", file=sys.stderr)
         if final["complete"] and not final["size_only"]:

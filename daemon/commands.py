@@ -19,6 +19,7 @@ from s3cachefs.daemon import memory
 from s3cachefs.daemon.control import Handler, Send
 from s3cachefs.datasets.pins import Manifest, PinStore, Shard
 from s3cachefs.datasets.prefetch import SIZE_ONLY_SHOWN, PrefetchJob
+from s3cachefs.datasets.prefetchprogress import reused_line
 from s3cachefs.staging.writeback import Writeback
 from s3cachefs.store.keys import valid_name
 from s3cachefs.store.types import ObjectStore
@@ -138,6 +139,9 @@ class Daemon:
                 "misses": counts["misses"],
                 "bytes_from_s3": counts["bytes_from_s3"],
                 "corrupt_blocks": counts["corrupt_blocks"],
+                "reused_objects": counts["reused_objects"],  # copied from the same content
+                "reused_bytes": counts["reused_bytes"],
+                "reused": reused_line(counts["reused_objects"], counts["reused_bytes"]),
                 "evictions": counts["evictions"],
                 "in_flight_blocks": cache.in_flight,
             },

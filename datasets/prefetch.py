@@ -16,11 +16,9 @@ the rest of the job cannot evict it. Progress goes out as events
 (`datasets.prefetchprogress`).
 At the end the manifest is saved: complete when every object verified.
 
-Capacity: before a page's objects are queued, the bytes still missing are
-checked against what the cache can hold without evicting pinned data; a
-dataset that does not fit is refused with the numbers. A dataset whose first
-page does not fit downloads nothing; ``--dry-run`` checks the whole listing
-first.
+The listing, and the capacity check of each page before its objects are
+queued, are `datasets.prefetchlist`'s. A dataset whose first page does not fit
+downloads nothing; ``--dry-run`` checks the whole listing first.
 """
 
 from __future__ import annotations
@@ -32,16 +30,16 @@ from typing import Any
 
 import trio
 
-from s3cachefs.base.errors import NotEnoughSpaceError, S3CacheFSError, StoreError
+from s3cachefs.base.errors import S3CacheFSError, StoreError
 from s3cachefs.cache.blockcache import BlockCache
 from s3cachefs.cache.blocks import ObjectVersion
-from s3cachefs.datasets.keyshadow import Shadowed
 from s3cachefs.datasets.objectcheck import ObjectCheck, ObjectFailed
 from s3cachefs.datasets.pins import Manifest, PinStore, Shard
+from s3cachefs.datasets.prefetchlist import PrefetchListing, PrefetchRefused
 from s3cachefs.datasets.prefetchprogress import PROGRESS_INTERVAL, Progress, Report
+from s3cachefs.datasets.prefetchreuse import PrefetchReuse
 from s3cachefs.datasets.prefetchruns import download_run
 from s3cachefs.store.checksums import Check
-from s3cachefs.store.keys import valid_name
 from s3cachefs.store.types import ObjectInfo, ObjectStore
 
 log = logging.getLogger(__name__)
@@ -49,23 +47,12 @@ log = logging.getLogger(__name__)
 SIZE_ONLY_SHOWN = 5  # keys named in reports of size-checked-only objects
 
 
-class PrefetchRefused(S3CacheFSError):
-    """The dataset cannot be prefetched: it holds nothing, or it does not fit."""
-
-
-class DoesNotFit(PrefetchRefused, NotEnoughSpaceError):
-    """The dataset cannot fit in the cache (the message and the fields have the numbers)."""
-
-
-def valid_key(key: str, prefix: str) -> bool:
-    return all(valid_name(part) for part in key[len(prefix) :].split("/"))
-
-
 @dataclass
 class _Object:
     info: ObjectInfo
     version: ObjectVersion
     runs_left: int
+    reuse: bool = False  # offered to reuse: copied by a worker, else downloaded (`_reuse`)
 
 
 class PrefetchJob:
@@ -93,16 +80,17 @@ class PrefetchJob:
         self.jobs = max(1, jobs)
         self.dry_run = dry_run
         self.require_checksums = require_checksums
-        self.progress = Progress()
+        self.progress = Progress(dry_run=dry_run)
+        self.reuse = PrefetchReuse(cache, pins, self.objects, self.progress, dry_run=dry_run)
         self.manifest = Manifest(store.bucket, prefix, None if shard is None else str(shard))
         self.previous = pins.find(prefix, self.manifest.shard)
-        # Bytes each listed object still had to download when listed; an object
-        # leaves when it is done (its bytes are then in the cache's own count).
-        self._pending: dict[str, int] = {}
+        self.listing = PrefetchListing(
+            store, cache, self.manifest, self.progress, prefix=prefix, shard=shard, dry_run=dry_run
+        )
+        self.listed_keys = self.listing.listed_keys
         self.accepted: set[str] = set()  # keys verified (or known good) in this run
         self.owner = f"prefetch:{self.manifest.id}"
         self._all_done = trio.Event()
-        self.listed_keys: set[str] = set()
 
     async def run(self, report: Report) -> dict[str, Any]:
         """Run to the end; raises PrefetchRefused or StoreError (listing) with the reason."""
@@ -114,6 +102,7 @@ class PrefetchJob:
 
     async def _run(self, report: Report) -> None:
         send, receive = trio.open_memory_channel[_Object | tuple[_Object, range]](10_000)
+        self._again = send.clone()  # the runs of an object that was not reused (`_reuse`)
         refused = False
         try:
             async with trio.open_nursery() as nursery:
@@ -133,72 +122,21 @@ class PrefetchJob:
             refused = any(isinstance(e, PrefetchRefused) for e in group.exceptions)
             raise
         finally:
+            self._again.close()
             with trio.CancelScope(shield=True):
                 if not self.dry_run and not refused:
                     await self._finish()
                 self.pins.release(self.owner)
 
     async def _list(self, send: trio.MemorySendChannel[Any]) -> None:
-        pages = self.store.list_tree(self.prefix)
-        others: dict[str, ObjectInfo] = {}  # a shard's: the dataset's other files
-        shadow = Shadowed()  # a key that is also a directory: the directory wins, as in FUSE
-        while True:
-            page = await trio.to_thread.run_sync(next, pages, None)
-            if page is None:
-                await self._take(shadow.flush(), others, send)
-                break
-            files = [info for info in page if not info.key.endswith("/")]  # not dir markers
-            valid = [info for info in files if valid_key(info.key, self.prefix)]
-            for info in page:  # the directories the FUSE view shows for the others
-                if info.key.endswith("/") or not valid_key(info.key, self.prefix):
-                    self.manifest.keep_dirs_of(info.key)
-            if len(valid) < len(files):
-                self.progress.files_skipped += len(files) - len(valid)
-                log.warning(
-                    "prefetch skipped %d keys that are not valid file names under %s",
-                    len(files) - len(valid),
-                    self.prefix,
-                )
-            await self._take(shadow.feed(valid), others, send)
-        self.progress.files_skipped += shadow.warn("prefetch", self.prefix)
-        if self.shard is not None:  # the whole listing: the manifest answers every directory
-            self.manifest.listing = others
-        self.progress.listing_done = True
+        async def take(accepted: list[ObjectInfo]) -> None:
+            for info in accepted:
+                await self._queue(info, send)
+
+        await self.listing.run(take)
         self._check_done()
         if self.progress.files_total == 0 and not self.progress.files_skipped:
             raise PrefetchRefused(f"s3://{self.store.bucket}/{self.prefix} holds no objects")
-
-    async def _take(
-        self, valid: list[ObjectInfo], others: dict[str, ObjectInfo], send: Any
-    ) -> None:
-        accepted = [i for i in valid if self.shard is None or self.shard.holds(i.key)]
-        if self.shard is not None:
-            others.update((i.key, i) for i in valid if not self.shard.holds(i.key))
-        self._admit(accepted)
-        for info in accepted:
-            await self._queue(info, send)
-
-    def _admit(self, page: list[ObjectInfo]) -> None:
-        """Count a page into the totals, refusing if what is missing cannot fit. Must not await."""
-        for info in page:
-            self.manifest.objects[info.key] = info
-            self.listed_keys.add(info.key)
-            self.progress.files_total += 1
-            self.progress.bytes_total += info.size
-            version = ObjectVersion(self.store.bucket, info.key, info.etag, info.size)
-            missing = len(self.cache.missing_blocks(version))
-            self._pending[info.key] = min(info.size, missing * self.cache.block_size)
-        fits, room = self.cache.room_for(self.bytes_needed)
-        if not fits and not self.dry_run:  # a dry run counts everything, then says
-            raise DoesNotFit(
-                f"dataset does not fit: {_gib(self.bytes_needed)} still to download "
-                f"({self.progress.files_total} objects, {_gib(self.progress.bytes_total)} listed"
-                f"{'' if self.progress.listing_done else ' so far'}), room for {_gib(room)} "
-                f"(--cache-size {_gib(self.cache.cache_size)}, --min-free "
-                f"{_gib(self.cache.min_free)}, pinned {_gib(self.cache.pinned_bytes)})",
-                needed=self.bytes_needed,
-                available=room,
-            )
 
     async def _queue(self, info: ObjectInfo, send: trio.MemorySendChannel[Any]) -> None:
         version = ObjectVersion(self.store.bucket, info.key, info.etag, info.size)
@@ -217,7 +155,11 @@ class PrefetchJob:
         if not missing and known and previous is not None:  # verified when it was pinned
             self._accept(info, previous.check(info.key))
             return
+        offered = bool(missing) and await self.reuse.offer(info, version)  # a dry run counts it
         if self.dry_run:
+            return
+        if offered:  # its content is cached under another key (`datasets.prefetchreuse`)
+            await send.send(_Object(info, version, 0, reuse=True))
             return
         runs = _runs(missing, self.cache.run_blocks)
         item = _Object(info, version, len(runs))
@@ -230,19 +172,37 @@ class PrefetchJob:
         async with receive:
             async for item in receive:
                 if isinstance(item, _Object):
-                    await self._verify(item)
-                    continue
-                obj, run = item
-                if obj.info.key in self.progress.failed:
-                    continue
-                try:
-                    proven = await self._download(obj, run)
-                except (StoreError, ObjectFailed) as exc:
-                    self._fail(obj.info.key, str(exc))
-                    continue
-                obj.runs_left -= 1
-                if obj.runs_left == 0:
-                    await self._verify(obj, proven)
+                    await (self._reuse(item) if item.reuse else self._verify(item))
+                else:
+                    await self._fetch(*item)
+
+    async def _fetch(self, obj: _Object, run: range) -> None:
+        if obj.info.key in self.progress.failed:
+            return
+        try:
+            proven = await self._download(obj, run)
+        except (StoreError, ObjectFailed) as exc:
+            self._fail(obj.info.key, str(exc))
+            return
+        obj.runs_left -= 1
+        if obj.runs_left == 0:
+            await self._verify(obj, proven)
+
+    async def _reuse(self, obj: _Object) -> None:
+        """A copy of the same content cached under another key (no GET), else downloaded."""
+        check = await self.reuse.take(obj.info, obj.version)
+        if check is not None:
+            self._pin(obj.info, check)
+            return
+        runs = _runs(self.cache.missing_blocks(obj.version), self.cache.run_blocks)
+        obj.runs_left = len(runs)
+        if not runs:  # cached meanwhile (a reader)
+            await self._verify(obj)
+        for run in runs:  # to every worker, as any object's; here if the queue is full
+            try:
+                self._again.send_nowait((obj, run))
+            except trio.WouldBlock:
+                await self._fetch(obj, run)
 
     async def _download(self, obj: _Object, run: range) -> Check | None:
         """One run onto disk (`datasets.prefetchruns`); the check passed, if it proved one."""
@@ -278,7 +238,7 @@ class PrefetchJob:
 
     @property
     def bytes_needed(self) -> int:
-        return sum(self._pending.values())
+        return self.listing.bytes_needed
 
     def _accept(self, info: ObjectInfo, check: Check) -> None:
         if not check.end_to_end and self.require_checksums:
@@ -291,7 +251,7 @@ class PrefetchJob:
         if not check.end_to_end:
             self.progress.size_only.add(info.key)
         self.accepted.add(info.key)
-        self._pending.pop(info.key, None)
+        self.listing.done(info.key)
         self.progress.files_done += 1
         self.progress.bytes_done += info.size
         self._check_done()
@@ -364,6 +324,7 @@ class PrefetchJob:
         if self.dry_run:
             fits, room = self.cache.room_for(self.bytes_needed)
             event.update(dry_run=True, fits=fits, bytes_needed=self.bytes_needed, room=room)
+            event["bytes_to_download"] = self.bytes_needed - self.progress.bytes_reused
         return event
 
 
@@ -392,9 +353,3 @@ def _runs(indices: list[int], longest: int) -> list[range]:
         else:
             runs.append(range(idx, idx + 1))
     return runs
-
-
-def _gib(n: int) -> str:
-    if n < 1024**3:
-        return f"{n / 1024**2:.1f} MiB"
-    return f"{n / 1024**3:.2f} GiB"
