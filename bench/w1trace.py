@@ -147,7 +147,8 @@ def _summary(name: str, runs: list[dict[str, Any]], total: int, best: float, lin
     rate = med(lambda t: total / t["end"] / MB)
     listed = med(lambda t: t["lists"][0][1] if t["listed"] is None else t["listed"])
     print(
-        f"  {name:<10} {rate:6.1f} MB/s  {rate / best:4.2f}x s5cmd  "
+        f"  {name:<10} {rate:6.1f} MB/s  "
+        + (f"{rate / best:4.2f}x s5cmd  " if best else "")
         + (f"{rate / link:4.0%} of the link  " if link else "")
         + f"first LIST {med(lambda t: t['lists'][0][0]):.2f}  first GET "
         f"{med(lambda t: t['first_get']):.2f}  listing {listed:.2f} / last byte "
@@ -203,7 +204,8 @@ def main() -> None:
         finally:
             net.close()
         link = RATE_BYTES[profile.rate] / MB if profile.shaped else 0.0
-        best = statistics.median(total / t["end"] / MB for t in results["s5cmd"] or [{"end": 1e9}])
+        peer = [total / t["end"] / MB for t in results["s5cmd"]]
+        best = statistics.median(peer) if peer else 0.0
         print(f"{profile.name}, {total / MB:.0f} MB, load {os.getloadavg()}:")
         for name, runs in results.items():
             if runs:
