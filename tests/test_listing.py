@@ -8,6 +8,7 @@ botocore's, which an HTTP proxy in the environment selects).
 from __future__ import annotations
 
 import logging
+import os
 import urllib.parse
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,7 +19,7 @@ from s3cachefs.base.errors import BadResponseError, StoreError, TransientError
 from s3cachefs.store import s3 as store_module
 from s3cachefs.store.listing import parse_page
 from s3cachefs.store.s3 import S3Store
-from tests.conftest import Bucket
+from tests.conftest import Bucket, Mounter, run_cli
 from tests.faultproxy import FaultProxy
 from tests.test_store import make_store
 
@@ -166,3 +167,25 @@ def test_a_lean_listing_answered_with_no_listing_fails_as_a_bad_response(
     )  # the service root: a ListBuckets answer, not a listing
     with pytest.raises(BadResponseError, match="not a listing: <ListAllMyBucketsResult>"):
         store.list_dir("p/")
+
+
+def test_a_prefetch_through_a_listing_that_restarts_fails_promptly_and_pins_nothing(
+    bucket: Bucket, mounter: Mounter, proxy: FaultProxy
+) -> None:
+    """Page 1 again behind fresh tokens, forever: the job ends on page 2 with the reason."""
+    files = {f"ds/f{i}.bin": os.urandom(1000 + i) for i in range(4)}
+    for key, body in files.items():
+        bucket.put(key, body)
+    mount = mounter(bucket.name, server=proxy)
+    proxy.rates["restarting_listing"] = 1.0
+    bucket.server.reset()
+    result = run_cli("prefetch", "ds", "--mount", str(mount.path))
+    why = f"S3 listing of s3://{bucket.name}/ds/ listed keys out of order"
+    assert result.returncode != 0 and why in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert bucket.server.counts()["list"] <= 2 * 6, bucket.server.counts()  # 2 per attempt
+    errors = [ln for ln in mount.log_text().splitlines() if ln.startswith("ERROR ")]
+    assert [ln.split(": ", 1)[1] for ln in errors] == [f"{why}: the server is misbehaving"]
+    proxy.rates["restarting_listing"] = 0.0  # nothing of it was kept: the server behaves again
+    assert run_cli("prefetch", "ds", "--mount", str(mount.path)).returncode == 0
+    assert (mount.path / "ds" / "f3.bin").read_bytes() == files["ds/f3.bin"]
