@@ -13,10 +13,11 @@ characters XML 1.0 cannot carry.
 
 A server that lies cannot make a listing hang or go on for ever: a truncated
 page with no continuation token, a token already seen, keys that do not come in
-S3's order (UTF-8 binary order, which each page and each next page must follow)
-or more than `MAX_LIST_PAGES` pages end it with a StoreError (EIO), logged as
-ERROR once per behaviour per store; a page checks before it is used. A mixin:
-`S3Store` provides the client, the lean GET path and the request context.
+S3's order (UTF-8 binary order, which each page and each next page must follow;
+not asked of S3 Express directory buckets, which list in no order) or more than
+`MAX_LIST_PAGES` pages end it with a StoreError (EIO), logged as ERROR once per
+behaviour per store; a page is checked before it is used. A mixin: `S3Store`
+provides the client, the lean GET path and the request context.
 """
 
 from __future__ import annotations
