@@ -189,3 +189,16 @@ def test_a_prefetch_through_a_listing_that_restarts_fails_promptly_and_pins_noth
     proxy.rates["restarting_listing"] = 0.0  # nothing of it was kept: the server behaves again
     assert run_cli("prefetch", "ds", "--mount", str(mount.path)).returncode == 0
     assert (mount.path / "ds" / "f3.bin").read_bytes() == files["ds/f3.bin"]
+
+
+@pytest.mark.parametrize("fault", ["slowdown", "internal", "reset", "cut"])
+def test_a_listing_through_a_flaky_server_is_retried_to_the_right_keys(
+    bucket: Bucket, proxy: FaultProxy, lying_store: S3Store, fault: str
+) -> None:
+    for key in KEYS:
+        bucket.put(key, b"x")
+    proxy.rates[fault] = 0.5  # seeded: some attempts fail, none for ever
+    for _ in range(3):
+        assert [o.key for page in lying_store.list_tree("p/") for o in page] == sorted(KEYS)
+        assert lying_store.list_dir("p/").prefixes == ["p/x/", "p/\u00fc/"]
+    assert proxy.faults[fault] > 0
