@@ -13,7 +13,9 @@ its endpoint URL on the first line of stdout, and ``GET /_bench/stats`` (JSON
 request counts and bytes sent) / ``GET /_bench/reset`` let a harness count the
 S3 traffic of a run from outside (``_bench`` is no valid bucket name);
 ``GET /_bench/rescan`` takes in files a harness added, changed or removed
-(bench/refresh.py: objects changed in S3).
+(bench/refresh.py: objects changed in S3);
+``GET /_bench/events`` gives each request's arrival and end (CLOCK_MONOTONIC,
+the same in every namespace) with its operation, for a timeline (`bench.w1trace`).
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ class DirS3:
         self.requests: dict[str, int] = {}
         self.bytes_sent = 0
         self.ranges: list[str] = []  # Range headers of GETs, in arrival order
+        self.events: list[tuple[float, float, str]] = []  # (arrived, ended, operation)
+        self._op = threading.local()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -57,10 +61,10 @@ class DirS3:
                 pass
 
             def do_HEAD(self) -> None:
-                server.handle(self, head=True)
+                server.timed(self, head=True)
 
             def do_GET(self) -> None:
-                server.handle(self, head=False)
+                server.timed(self, head=False)
 
         self.httpd = _Server((host, port), Handler)
         self.endpoint_url = f"http://{host}:{self.httpd.server_address[1]}"
@@ -91,8 +95,17 @@ class DirS3:
             self.etags, self.stamps = etags, stamps
 
     def count(self, op: str) -> None:
+        self._op.name = op
         with self._lock:
             self.requests[op] = self.requests.get(op, 0) + 1
+
+    def timed(self, req: BaseHTTPRequestHandler, head: bool) -> None:
+        arrived = time.monotonic()
+        self._op.name = ""
+        self.handle(req, head)
+        if self._op.name:
+            with self._lock:
+                self.events.append((arrived, time.monotonic(), self._op.name))
 
     def handle(self, req: BaseHTTPRequestHandler, head: bool) -> None:  # noqa: PLR0911
         if self.latency:
@@ -150,7 +163,11 @@ class DirS3:
                 self.requests.clear()
                 self.bytes_sent = 0
                 self.ranges.clear()
-            body = json.dumps({"requests": self.requests, "bytes_sent": self.bytes_sent})
+                self.events.clear()
+            if path == "/_bench/events":
+                body = json.dumps(self.events)
+            else:
+                body = json.dumps({"requests": self.requests, "bytes_sent": self.bytes_sent})
         _reply(req, 200, body.encode(), headers={"Content-Type": "application/json"})
 
     def _list(self, req: BaseHTTPRequestHandler, bucket: str, query: dict[str, list[str]]) -> None:

@@ -96,16 +96,31 @@ class RangeGetter:
         (`store.responses.check_get_response`) before reading the body (urllib3
         errors while reading are network errors), and releases it. Raises StoreError.
         """
-        url = self.url(key)
+        headers = {"Range": f"bytes={start}-{end - 1}", "If-Match": etag}
+        response: Any = self._retrying(self.url(key), headers, what, whole=False)
+        return response
+
+    def read(self, url: str, what: str) -> bytes:
+        """The whole body of a 200 to ``GET url`` (a listing), read under the same retries."""
+        body: bytes = self._retrying(url, {}, what, whole=True)
+        return body
+
+    def _retrying(self, url: str, headers: dict[str, str], what: str, *, whole: bool) -> Any:
+        """The response (``whole``: its body, read and released), under the store's retries."""
         attempt = 0
         while True:
             attempt += 1
             try:
-                response = self._send(url, etag, start, end)
+                response = self._send(url, headers)
+                if whole and response.status == 200:
+                    try:
+                        return response.read()
+                    finally:
+                        response.release_conn()
             except urllib3.exceptions.HTTPError as exc:
                 error: StoreError = TransientError(f"{what}: network error: {type(exc).__name__}")
             else:
-                if response.status in (200, 206):
+                if response.status in (200, 206) and not whole:
                     return response
                 body = response.read()
                 response.release_conn()
@@ -120,13 +135,12 @@ class RangeGetter:
                 raise error
             self._retry.wait(attempt)
 
-    def _send(self, url: str, etag: str, start: int, end: int) -> Any:
+    def _send(self, url: str, headers: dict[str, str]) -> Any:
         if self._credentials is None:
             raise CredentialsError(
                 "no AWS credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
                 "--profile, or an instance role)"
             )
-        headers = {"Range": f"bytes={start}-{end - 1}", "If-Match": etag}
         request = botocore.awsrequest.AWSRequest(method="GET", url=url, headers=headers)
         frozen = self._credentials.get_frozen_credentials()  # refreshes role credentials
         botocore.auth.S3SigV4Auth(frozen, "s3", self.region).add_auth(request)

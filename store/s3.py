@@ -13,7 +13,6 @@ inside `errortable.translated`, which makes them the errors of `s3cachefs.base.e
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import threading
 import time
@@ -34,16 +33,16 @@ from s3cachefs.base.errors import (
     NoSuchBucketError,
     NotFoundError,
     StoreError,
-    TransientError,
 )
 from s3cachefs.store import checksums
 from s3cachefs.store.bodies import Md5Mismatch, read_pieces, release
 from s3cachefs.store.errortable import translated
+from s3cachefs.store.listing import S3Listings
 from s3cachefs.store.rangeget import RangeGetter, proxy_applies
 from s3cachefs.store.responses import NOT_MD5_ENCRYPTION, body_md5, check_get_response
 from s3cachefs.store.retry import RetryPolicy
 from s3cachefs.store.s3writes import S3Writes
-from s3cachefs.store.types import ChecksumHead, Listing, ObjectInfo, PartHead
+from s3cachefs.store.types import ChecksumHead, ObjectInfo, PartHead
 from s3cachefs.store.uploadchecksums import ChecksumSupport
 
 if TYPE_CHECKING:
@@ -57,12 +56,8 @@ log = logging.getLogger(__name__)
 # endpoint fails fast, not after seconds.
 PROBE_ATTEMPTS = 3
 
-# A listing longer than this is a server that never ends it (100,000 pages of 1,000 keys:
-# 100 million objects under one prefix), not a real one: it fails with a StoreError.
-MAX_LIST_PAGES = 100_000
 
-
-class S3Store(S3Writes):
+class S3Store(S3Writes, S3Listings):
     """`ObjectStore` over one shared boto3 client (thread-safe by botocore's design)."""
 
     def __init__(self, config: MountConfig) -> None:
@@ -186,71 +181,6 @@ class S3Store(S3Writes):
             read_timeout=config.s3_timeout,
             retry=self._retry,
         )
-
-    def list_dir(self, prefix: str) -> Listing:
-        listing = Listing()
-        deadline = time.monotonic() + self.listing_budget  # a lookup waits this long at most
-        for page in self._pages(prefix, "/", deadline):
-            listing.objects.extend(_objects(page))
-            listing.prefixes.extend(p["Prefix"] for p in page.get("CommonPrefixes", []))
-        return listing
-
-    def list_tree(self, prefix: str) -> Iterator[list[ObjectInfo]]:
-        for page in self._pages(prefix, ""):
-            yield _objects(page)
-
-    def _pages(self, prefix: str, delimiter: str, deadline: float | None = None) -> Iterator[Any]:
-        """Every page of one listing, bounded: a server that never ends it is an error."""
-        token = ""
-        seen: set[str] = set()
-        what = f"s3://{self._bucket}/{prefix}"
-        for pages in itertools.count(1):
-            if pages > MAX_LIST_PAGES:
-                raise self._listing_error(
-                    what, f"went on for more than {MAX_LIST_PAGES:,} pages", "page_limit"
-                )
-            if deadline is not None and time.monotonic() > deadline:
-                message = (
-                    f"S3 listing of {what} took longer than {self.listing_budget:g} s "
-                    "(--s3-timeout x attempts)"
-                )
-                log.log(
-                    logging.WARNING if self._first("list:deadline") else logging.DEBUG,
-                    "%s",
-                    message,
-                )
-                raise TransientError(message)
-            with self._request("list", what):
-                if token:
-                    page = self._client.list_objects_v2(
-                        Bucket=self._bucket,
-                        Prefix=prefix,
-                        Delimiter=delimiter,
-                        ContinuationToken=token,
-                    )
-                else:
-                    page = self._client.list_objects_v2(
-                        Bucket=self._bucket, Prefix=prefix, Delimiter=delimiter
-                    )
-            if not page.get("IsTruncated"):
-                yield page
-                return
-            # Checked before the page is used: a repeated token repeats a page already seen.
-            token = page.get("NextContinuationToken", "")
-            if not token or token in seen:
-                raise self._listing_error(
-                    what,
-                    "repeated its continuation token" if token else "is truncated with no token",
-                    "token",
-                )
-            seen.add(token)
-            yield page
-
-    def _listing_error(self, what: str, why: str, behaviour: str) -> StoreError:
-        """A listing that cannot end: one ERROR line per behaviour per store, and EIO."""
-        message = f"S3 listing of {what} {why}: the server is misbehaving"
-        log.log(logging.ERROR if self._first(f"list:{behaviour}") else logging.DEBUG, "%s", message)
-        return StoreError(message)
 
     def _first(self, behaviour: str) -> bool:
         """Whether this is the first time this store sees ``behaviour`` (then it logs loudly)."""
@@ -381,15 +311,3 @@ def checksum_head(resp: Any) -> ChecksumHead:
         if value:
             return ChecksumHead(algorithm, str(value), resp.get("ChecksumType"), not_md5)
     return ChecksumHead(None, None, resp.get("ChecksumType"), not_md5)
-
-
-def _objects(page: Any) -> list[ObjectInfo]:
-    return [
-        ObjectInfo(
-            key=obj["Key"],
-            size=obj["Size"],
-            etag=obj["ETag"],
-            mtime_ns=int(obj["LastModified"].timestamp() * 1e9),
-        )
-        for obj in page.get("Contents", [])
-    ]

@@ -18,6 +18,10 @@ the requests they can apply to, so a rate is "of those requests":
                    value (the same one for the same object every time: `listing_etag`)
   endless_listing  ListObjectsV2 answered IsTruncated=true with the same continuation
                    token forever (`ENDLESS_TOKEN`; a request carrying it lists page 1 again)
+  restarting_listing  the same with a fresh token each time (`RESTART_TOKEN` + a number):
+                   page 1 again and again, behind tokens never seen before
+  truncated_listing  IsTruncated=true with no continuation token
+  unordered_listing  a page's Contents in reverse order (not S3's key order)
 
 Not a lie but a kind of server: ``etag_not_md5`` (a switch, not a rate) gives every
 ETag it sends, in headers (GET, HEAD, PUT) and in XML bodies (listings, completed
@@ -49,6 +53,17 @@ INTERNAL = (
     b"<Error><Code>InternalError</Code><Message>We encountered an internal error.</Message></Error>"
 )
 ENDLESS_TOKEN = "s3cachefs-endless-listing"
+RESTART_TOKEN = "s3cachefs-restart-"
+_LISTING_LIES = frozenset(
+    {
+        "listing_etag",
+        "endless_listing",
+        "restarting_listing",
+        "truncated_listing",
+        "unordered_listing",
+    }
+)
+_CONTENTS = re.compile(rb"<Contents>.*?</Contents>", re.DOTALL)
 # Drawn for every request (subject to ``methods``); the lies only where they apply.
 _EVERY_REQUEST = frozenset({"slowdown", "internal", "reset", "cut", "stall"})
 _RANGE = re.compile(r"^bytes=(\d+)-(\d+)$")
@@ -89,6 +104,9 @@ class FaultProxy:
         strip_if_match: float = 0.0,
         listing_etag: float = 0.0,
         endless_listing: float = 0.0,
+        restarting_listing: float = 0.0,
+        truncated_listing: float = 0.0,
+        unordered_listing: float = 0.0,
         seed: int = 5,
     ) -> None:
         self.upstream = urlsplit(upstream)
@@ -104,7 +122,12 @@ class FaultProxy:
             "strip_if_match": strip_if_match,
             "listing_etag": listing_etag,
             "endless_listing": endless_listing,
+            "restarting_listing": restarting_listing,
+            "truncated_listing": truncated_listing,
+            "unordered_listing": unordered_listing,
         }
+        self._restarts = 0
+        self.listing_agents: list[str] = []  # the User-Agent of each listing request
         self.stall_seconds = 60.0
         self.down = False
         # Methods the rates apply to (None: all), e.g. {"PUT", "POST"} to fail only uploads.
@@ -206,7 +229,7 @@ class FaultProxy:
     ) -> frozenset[str]:
         """The lies that can be told in answer to this request."""
         if listing:
-            return frozenset({"listing_etag", "endless_listing"})
+            return _LISTING_LIES
         modes = {"strip_if_match"} if "If-Match" in req.headers else set()
         if req.command == "GET":
             modes.add("flip_byte")
@@ -216,18 +239,25 @@ class FaultProxy:
                     modes.add("short_range")
         return frozenset(modes)
 
+    def _listing(self, req: BaseHTTPRequestHandler) -> tuple[bool, str]:
+        """Whether ``req`` is a listing, and the path to send upstream (tokens of ours out)."""
+        url = urlsplit(req.path)
+        query = parse_qsl(url.query, keep_blank_values=True)
+        if req.command != "GET" or not any(k == "list-type" for k, _ in query):
+            return False, req.path
+        with self._lock:
+            self.listing_agents.append(req.headers.get("User-Agent", ""))
+        if any(k == "continuation-token" and v.startswith("s3cachefs-") for k, v in query):
+            kept = [(k, v) for k, v in query if k != "continuation-token"]  # page 1 again
+            return True, url._replace(query=urlencode(kept)).geturl()
+        return True, req.path
+
     def handle(self, req: BaseHTTPRequestHandler) -> None:
         if self._checksum_headers(req):  # a server without additional checksums
             return
         length = int(req.headers.get("Content-Length") or 0)
         body = req.rfile.read(length) if length else None
-        url = urlsplit(req.path)
-        query = parse_qsl(url.query, keep_blank_values=True)
-        listing = req.command == "GET" and any(k == "list-type" for k, _ in query)
-        path = req.path
-        if listing and ("continuation-token", ENDLESS_TOKEN) in query:  # only we know it
-            kept = [(k, v) for k, v in query if k != "continuation-token"]
-            path = url._replace(query=urlencode(kept)).geturl()
+        listing, path = self._listing(req)
         asked = _RANGE.match(req.headers.get("Range", "")) if req.command == "GET" else None
         outcome = self._draw(req.command, self._applicable(req, listing, asked))
         if self.write_delay and req.command == "PUT":
@@ -345,18 +375,37 @@ class FaultProxy:
             with self._lock:
                 at = self._rng.randrange(len(data))
             return data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1 :]
-        if outcome == "listing_etag":
-            return _ETAG_ELEMENT.sub(
-                lambda m: b"<ETag>" + listing_etag(m.group(1)) + b"</ETag>", data
-            )
-        if outcome == "endless_listing":
-            return _endless(data)
+        if outcome in _LISTING_LIES:
+            return self._listing_lie(outcome, data)
         return data
 
+    def _listing_lie(self, outcome: str, page: bytes) -> bytes:
+        """A ListObjectsV2 page as ``outcome`` tells it."""
+        if outcome == "listing_etag":
+            return _ETAG_ELEMENT.sub(
+                lambda m: b"<ETag>" + listing_etag(m.group(1)) + b"</ETag>", page
+            )
+        if outcome == "unordered_listing":
+            entries = _CONTENTS.findall(page)
+            pieces = _CONTENTS.split(page)
+            for entry, piece in zip(reversed(entries), pieces[1:], strict=True):
+                pieces[0] += entry + piece
+            return pieces[0]
+        token = ""  # truncated_listing
+        if outcome == "endless_listing":
+            token = ENDLESS_TOKEN
+        elif outcome == "restarting_listing":
+            with self._lock:
+                self._restarts += 1
+                token = f"{RESTART_TOKEN}{self._restarts}"
+        return _endless(page, token)
 
-def _endless(page: bytes) -> bytes:
-    """A ListObjectsV2 page that says more follows, always behind the same token."""
+
+def _endless(page: bytes, token: str) -> bytes:
+    """A ListObjectsV2 page that says more follows, behind ``token`` (none if empty)."""
     page = re.sub(rb"<NextContinuationToken>.*?</NextContinuationToken>", b"", page)
     page = re.sub(rb"<IsTruncated>\w+</IsTruncated>", b"<IsTruncated>true</IsTruncated>", page)
-    token = f"<NextContinuationToken>{ENDLESS_TOKEN}</NextContinuationToken>".encode()
-    return page.replace(b"</IsTruncated>", b"</IsTruncated>" + token, 1)
+    if not token:
+        return page
+    element = f"<NextContinuationToken>{token}</NextContinuationToken>".encode()
+    return page.replace(b"</IsTruncated>", b"</IsTruncated>" + element, 1)

@@ -27,6 +27,7 @@ from s3cachefs.base.errors import (
     TransientError,
 )
 from s3cachefs.cli.locals3 import LocalS3
+from s3cachefs.store import listing as listing_module
 from s3cachefs.store import s3 as store_module
 from s3cachefs.store.rangeget import proxy_applies
 from s3cachefs.store.responses import body_md5, check_get_response, etag_md5
@@ -399,7 +400,7 @@ def test_a_listing_that_never_ends_is_an_error_naming_why(
         bucket.put(f"p/f{i}", b"x")
     proxy.rates["endless_listing"] = 1.0
     why = f"S3 listing of s3://{bucket.name}/p/ repeated its continuation token"
-    with caplog.at_level(logging.ERROR, logger="s3cachefs.store.s3"):
+    with caplog.at_level(logging.ERROR, logger="s3cachefs.store.listing"):
         for _ in range(2):
             with pytest.raises(StoreError, match=why) as info:
                 lying_store.list_dir("p/")
@@ -410,7 +411,7 @@ def test_a_listing_that_never_ends_is_an_error_naming_why(
             next(pages)
     assert lying_store.requests["list"] == 6  # two pages each, not 12,000
     assert [r.getMessage() for r in caplog.records] == [f"{why}: the server is misbehaving"]
-    monkeypatch.setattr(store_module, "MAX_LIST_PAGES", 1)  # a listing of too many pages
+    monkeypatch.setattr(listing_module, "MAX_LIST_PAGES", 1)  # a listing of too many pages
     pages = lying_store.list_tree("p/")
     assert len(next(pages)) == 3
     with pytest.raises(StoreError, match="went on for more than 1 pages: the server is misb"):

@@ -32,6 +32,7 @@ from tests.faultproxy import FaultProxy
 
 MIB = 1024 * 1024
 STORE_LOG = "s3cachefs.store.s3: "
+LISTING_LOG = "s3cachefs.store.listing: "
 
 
 def sha(data: bytes) -> str:
@@ -50,9 +51,9 @@ def read_whole(path: Path) -> bytes | int:
         return exc.errno or -1
 
 
-def store_lines(mount: Mount, level: str, text: str) -> list[str]:
-    """The daemon's log lines from the store at ``level`` that contain ``text``."""
-    prefix = f"{level} {STORE_LOG}"
+def store_lines(mount: Mount, level: str, text: str, log: str = STORE_LOG) -> list[str]:
+    """The daemon's log lines from the store (``log``) at ``level`` that contain ``text``."""
+    prefix = f"{level} {log}"
     return [ln for ln in mount.log_text().splitlines() if ln.startswith(prefix) and text in ln]
 
 
@@ -200,7 +201,7 @@ def test_a_listing_that_never_ends_fails_ls_cat_and_prefetch_promptly(
     assert "Traceback" not in result.stderr
     # Two LISTs per attempt (the page and its repeat), not thousands.
     assert bucket.server.counts()["list"] <= 12, bucket.server.counts()
-    [error] = store_lines(mount, "ERROR", "repeated its continuation token")
+    [error] = store_lines(mount, "ERROR", "repeated its continuation token", LISTING_LOG)
     assert error.endswith(f"{why}: the server is misbehaving")
     proxy.rates["endless_listing"] = 0.0  # nothing of it was kept: the server behaves again
     assert sorted(os.listdir(mount.path / "ds")) == sorted(k.split("/")[1] for k in files)
