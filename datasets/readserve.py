@@ -24,10 +24,9 @@ every other name falls through to FUSE, listings are merged.
   (the daemon offers a file at its last close, `offer`). Re-checked every
   ``--verify-interval``; a file that fails leaves the stack (FUSE path again).
 - ``--metadata-ttl``: the kernel answers lookups of linked names itself, so
-  every TTL the directories served are listed again (`Lister`, the FUSE
-  view's own listing); a file changed or gone leaves at the next swap. So a
-  change in S3 is seen at most about one TTL (plus a listing and a swap) later,
-  as a whole old version until then: never mixed.
+  every TTL the directories served are listed again (`Lister`, the FUSE view's
+  own listing); what changed leaves at the next swap: a change in S3 is seen
+  about one TTL (plus a listing, a swap) later, the whole old version until then.
 - Off for ``--writable`` mounts, a daemon that is not root, ``--no-read-serve``,
   and while a pinned dataset is under this mount (its own overlay or bind there
   would sit inside this one, which a swap would hide: `suspend`).
@@ -182,8 +181,8 @@ class ReadServe:
             await self._publish()
 
     async def suspend(self) -> None:
-        """Before a pinned dataset under this mount is mounted: the root overlay goes."""
-        self._suspended = True
+        """Before a pinned dataset under this mount is mounted: the root overlay goes (and
+        stays off while one is pinned there: `blocked`)."""
         async with self.lock:
             await self._unmount("a pinned dataset is mounted")
 
@@ -213,9 +212,11 @@ class ReadServe:
         for rel, linked in sorted(self.served.items(), key=lambda item: item[1].at):
             if held <= cap:
                 break
-            if rel not in leaving:
+            if rel not in leaving:  # the oldest linked first
                 leaving.add(rel)
                 held -= linked.version.size
+        while held > cap and fresh:  # more than the cap read at once: the rest stays on FUSE
+            held -= fresh.popitem()[1].version.size
         if not fresh and not leaving:
             self.pins.release(owner)
             return
@@ -303,7 +304,6 @@ class ReadServe:
         stack = binds.stack_at(self.mountpoint)
         if stack and not stack[-1].fstype.startswith("fuse"):
             raise OSError(f"{self.mountpoint}: another mount is on it")
-        os.listdir(self.mountpoint)
         if self._below is None:
             self._below = overlay.open_below(self.mountpoint)
         return overlay.mount(layers, self._below, self.mountpoint)
@@ -389,7 +389,7 @@ class ReadServe:
                 self.leaving.update(r for r in damaged if r in self.served)
                 self._wake.set()
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self) -> dict[str, Any]:  # `status --json`
         return {
             "mounted": self.mount_id is not None,
             "files": len(self.served),

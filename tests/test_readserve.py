@@ -214,3 +214,13 @@ def test_a_pinned_dataset_takes_over_from_the_root_overlay(
     before = fuse_reads(mount)
     read_all(mount, files)
     assert fuse_reads(mount) == before
+
+    # Evicted: files read again are linked again, into a root overlay.
+    assert run_cli("evict", "dataset-v3", "--mount", str(mount.path)).returncode == 0
+    read_all(mount, files)
+    wait_for(lambda: served(mount)["files"] == len(files), "linked again after evict")
+    assert served(mount)["mounted"]
+    drop_page_cache()
+    before = fuse_reads(mount)
+    read_all(mount, files)
+    assert fuse_reads(mount) == before
