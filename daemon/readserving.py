@@ -10,7 +10,6 @@ is current.
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Awaitable, Callable
 
@@ -76,8 +75,7 @@ def lister(core: FsCore) -> Callable[[str], Awaitable[dict[str, str] | None]]:
                 if child is None or not child.is_dir:
                     return {}
                 node = child
-            if core.metadata_ttl != math.inf:
-                tree.relist(node)
+            tree.relist(node)  # now, not when the FUSE view's listing runs out
             children = await tree.children(node)
         except S3CacheFSError as exc:  # S3 unreachable: as the FUSE view, keep the last
             log.info("read-serve: cannot list %r again: %s", rel_dir, exc)

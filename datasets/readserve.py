@@ -35,7 +35,6 @@ every other name falls through to FUSE, listings are merged.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -45,6 +44,7 @@ from typing import Any
 
 import trio
 
+from s3cachefs.base.values import INDEFINITE_TTL
 from s3cachefs.cache.blockcache import BlockCache
 from s3cachefs.cache.blocks import ObjectVersion
 from s3cachefs.datasets import binds, overlay, readtrees
@@ -147,7 +147,7 @@ class ReadServe:
             return
         await trio.to_thread.run_sync(readtrees.sweep, self.trees)
         async with trio.open_nursery() as nursery:
-            if self.metadata_ttl != math.inf:
+            if self.metadata_ttl < INDEFINITE_TTL:  # indefinite: never listed again, as FUSE
                 nursery.start_soon(self._relist)
             if self.verify_interval is not None:
                 nursery.start_soon(self._checks)
