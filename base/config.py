@@ -58,6 +58,7 @@ class MountConfig:
     upload_part_size: int = default("upload_part_size")
     # Complete pinned datasets served by the kernel (datasets/kernelserve.py).
     kernel_serve_pinned: bool = default("kernel_serve_pinned")
+    read_serve: bool = default("read_serve")
     # How often the files of kernel-served datasets are read back and checked (None: only
     # at start and by `verify`).
     verify_interval: float | None = default("verify_interval")

@@ -199,6 +199,15 @@ SETTINGS: tuple[Setting, ...] = (
         "bind complete pinned datasets read-only over their dirs: the kernel serves them",
         "toggle",
     ),
+    # Files complete in the cache after a read, linked into the root overlay
+    # (datasets/readserve.py); never on --writable mounts or without root.
+    Setting(
+        "read-serve",
+        v.boolean,
+        True,
+        "kernel-serve files complete in the cache after a read (overlay on the mount root)",
+        "toggle",
+    ),
     # Between checks the kernel serves disk bytes unchecked.
     Setting(
         "verify-interval",

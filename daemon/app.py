@@ -37,6 +37,7 @@ from s3cachefs.daemon.mountpoint import (
     set_kernel_readahead,
 )
 from s3cachefs.daemon.notify import notify
+from s3cachefs.daemon.readserving import read_serve
 from s3cachefs.daemon.reporting import flush as flush_sentry
 from s3cachefs.daemon.reporting import setup_sentry
 from s3cachefs.daemon.runtime import (
@@ -145,6 +146,7 @@ def run_daemon(config: MountConfig, on_ready: Callable[[str], None]) -> None:
             enabled=config.kernel_serve_pinned,
             verify_interval=config.verify_interval,
         )
+        kernel.readserve = read_serve(config, core, cache, pins)
         daemon = Daemon(
             config,
             store,

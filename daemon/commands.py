@@ -118,6 +118,7 @@ class Daemon:
         hits = counts["hits_memory"] + counts["hits_disk"]
         lookups = hits + counts["misses"]
         served = await self.kernel.describe() if self.kernel is not None else {}
+        readserve = self.kernel.readserve if self.kernel is not None else None
         disk = psutil.disk_usage(str(cache.cache_dir))
         proc = psutil.Process()
         return {
@@ -158,6 +159,7 @@ class Daemon:
                 {**self._dataset_status(m), **served.get(m.id, {})}
                 for m in self.pins.manifests.values()
             ],
+            "read_serve": readserve.describe() if readserve is not None else None,
             "jobs": [
                 {"dataset": self.dataset_name(j.prefix), **j.progress.event("progress")}
                 for j in self.jobs.values()

@@ -20,6 +20,7 @@ from s3cachefs.datasets.kernelcheck import KernelChecks
 from s3cachefs.datasets.kernelmounts import OVERLAY, KernelMounts, choose
 from s3cachefs.datasets.kerneltrees import Bind, Layout
 from s3cachefs.datasets.pins import Manifest, PinStore, manifest_id
+from s3cachefs.datasets.readserve import ReadServe
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,9 @@ class DatasetMounts:
         self._generation = 0
         self._stopping = False
         self._paused = False  # `s3cachefs unmount` is unmounting: no mount until `resume`
+        # The root overlay of files cached by reading: it goes before a dataset under this
+        # mount is mounted (a mount inside it would be hidden by its next swap).
+        self.readserve: ReadServe | None = None
 
     def _live_ids(self) -> set[int]:
         return {e.id for e in binds.mountinfo()}
@@ -219,6 +223,8 @@ class DatasetMounts:
             if not ready:
                 raise OSError(f"{target} is not a directory of the mount")
             if previous is None:
+                if self.readserve is not None:
+                    await self.readserve.suspend()
                 mount_id = await trio.to_thread.run_sync(self.mounts.attach, source, target)
             else:
                 mount_id = await self._swap(source, previous)

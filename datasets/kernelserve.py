@@ -72,6 +72,12 @@ class KernelServe(DatasetMounts):
         so a file damaged while no daemon ran (a crash, a power loss, a failing
         disk) is never served by the kernel.
         """
+        async with trio.open_nursery() as nursery:
+            if self.readserve is not None:  # files cached by reading (`datasets.readserve`)
+                nursery.start_soon(self.readserve.run)
+            await self._run_pinned()
+
+    async def _run_pinned(self) -> None:
         if not self.enabled:
             return
         if self.no_overlays:
@@ -123,6 +129,9 @@ class KernelServe(DatasetMounts):
         """
         self._stopping = self._stopping or final
         self._paused = True  # set first: a refresh waiting for the lock mounts nothing
+        if self.readserve is not None:
+            with trio.move_on_after(STOP_TIMEOUT):
+                await self.readserve.stop()
         self.checks.cancel_all()
         with trio.move_on_after(STOP_TIMEOUT) as scope:
             async with self.lock:
@@ -143,6 +152,8 @@ class KernelServe(DatasetMounts):
         if self._stopping:
             return
         self._paused = False
+        if self.readserve is not None:
+            await self.readserve.resume()
         for manifest_id_ in list(self.pins.manifests):
             await self.refresh(manifest_id_)
 

@@ -138,6 +138,8 @@ def sweep(trees: Path, manifest_ids: Container[str]) -> None:
     """Trees whose build or swap a crash interrupted, and trees of forgotten manifests."""
     trees.mkdir(mode=0o700, parents=True, exist_ok=True)
     for path in trees.iterdir():
+        if path.name.startswith("read-"):  # `datasets.readtrees`: the root overlay's own
+            continue
         name = path.name.split(".")[0]
         leftover = path.is_dir() and path.name != name
         if leftover:

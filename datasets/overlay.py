@@ -35,6 +35,7 @@ import ctypes.util
 import errno
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,8 +110,10 @@ def _fstype(fd: int) -> str:
     return next((e.fstype for e in binds.mountinfo() if e.id == mount_id), "")
 
 
-def make(tree: Path, below: int) -> int:
-    """A detached read-only overlay of ``tree`` over the directory ``below`` is; its mount fd."""
+def make(tree: Path | Sequence[Path], below: int) -> int:
+    """A detached read-only overlay of ``tree`` (or of several trees, the top one first)
+    over the directory ``below`` is; its mount fd."""
+    layers = [tree] if isinstance(tree, Path) else list(tree)
     try:
         fs = _check(_libc.syscall(_SYS_FSOPEN, b"overlay", _FSOPEN_CLOEXEC), "fsopen overlay")
     except OSError as exc:
@@ -119,11 +122,12 @@ def make(tree: Path, below: int) -> int:
         raise
     try:
         _config(fs, _FSCONFIG_SET_STRING, b"source", SOURCE.encode())
-        tree_fd = os.open(tree, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            _lower(fs, tree_fd, tree)
-        finally:
-            os.close(tree_fd)
+        for layer in layers:
+            tree_fd = os.open(layer, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                _lower(fs, tree_fd, layer)
+            finally:
+                os.close(tree_fd)
         _lower(fs, below, Path(f"/proc/self/fd/{below}"))
         _config(fs, _FSCONFIG_SET_FLAG, b"ro")
         try:  # one st_dev for the whole overlay; a kernel without it still serves
@@ -176,12 +180,12 @@ def attach(mount_fd: int, target: Path, *, beneath: bool = False) -> int:
     return mount_id
 
 
-def mount(tree: Path, below: int, target: Path) -> int:
+def mount(tree: Path | Sequence[Path], below: int, target: Path) -> int:
     """Mount the overlay of ``tree`` over ``below`` on ``target`` (nothing of ours there yet)."""
     return attach(make(tree, below), target)
 
 
-def swap(tree: Path, below: int, target: Path, previous: int) -> tuple[int, str]:
+def swap(tree: Path | Sequence[Path], below: int, target: Path, previous: int) -> tuple[int, str]:
     """Replace overlay ``previous`` on ``target`` by one of ``tree``: attached beneath it, then
     ``previous`` detached (lazily if busy; its open files keep reading). Readers see the old
     overlay, then the new one, never the bare FUSE directory. Returns the new id and what

@@ -91,6 +91,8 @@ class FsCore:
                 allow_delete=allow_delete,
                 s3_limiter=s3_limiter,
             )
+        # A reading handle's last close (`datasets.readserve` links what is complete).
+        self.on_closed: Callable[[FileHandle], None] | None = None
         self.uid = os.getuid() if uid is None else uid  # the owner of every file
         self.gid = os.getgid() if gid is None else gid
 
@@ -185,7 +187,9 @@ class FsCore:
     async def close(self, fh: int) -> None:
         """The last close of a handle (the kernel's RELEASE); a written file's ends here."""
         if self.writer is None:
-            self.handles.release(fh)
+            handle = self.handles.release(fh)
+            if handle is not None and self.on_closed is not None:
+                self.on_closed(handle)
         else:
             await self.writer.release(fh)
 

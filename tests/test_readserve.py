@@ -1,0 +1,228 @@
+"""Files cached by reading, served by the kernel through the root overlay (issue 13).
+
+Real mounts, real S3 server. "Served by the kernel" is what the daemon and S3
+did not see: the FUSE open/read counters and the server's request log stay
+still during a second pass, page cache dropped.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from s3cachefs.datasets import binds, overlay
+from tests.conftest import Bucket, Mount, Mounter, drop_page_cache, run_cli, status
+from tests.test_kernelserve import fuse_reads, wait_for
+from tests.test_prefetch import fill, prefetch
+
+ON = ("--read-serve", "--min-free", "0")
+
+
+@pytest.fixture
+def mounter(mounter: Mounter) -> Iterator[Mounter]:
+    """`s3cachefs unmount` at the end: the overlay on the mountpoint first, as a user would
+    (``fusermount3 -u`` refuses an overlay, ``umount -R`` would leave the FUSE mount)."""
+    yield mounter
+    for mount in mounter.mounts:
+        alive = mount.proc.poll() is None
+        if alive and run_cli("unmount", str(mount.path)).returncode != 0:
+            # Refused: another mount namespace (another job's container) holds a copy.
+            run_cli("unmount", "--lazy", str(mount.path))
+
+
+def served(mount: Mount) -> dict[str, Any]:
+    found: dict[str, Any] = status(mount)["read_serve"]
+    return found
+
+
+def read_all(mount: Mount, files: dict[str, bytes], prefix: str = "") -> None:
+    for key, body in files.items():
+        assert (mount.path / key.removeprefix(prefix)).read_bytes() == body, key
+
+
+def layers(mount: Mount) -> tuple[str, ...]:
+    found = [o for o in overlay.overlays() if o.mount_point == str(mount.path)]
+    return found[-1].layers if found else ()
+
+
+def test_a_file_read_once_is_kernel_served_on_the_second_pass(
+    bucket: Bucket, mounter: Mounter
+) -> None:
+    files = fill(bucket, count=30)
+    more = fill(bucket, prefix="more", count=5)
+    bucket.put("other/unread.bin", b"never read " * 1000)
+    mount = mounter(bucket.name, *ON)
+    read_all(mount, files)
+    wait_for(lambda: served(mount)["files"] == len(files), "the read files linked")
+    assert binds.stack_at(mount.path)[-1].fstype == "overlay"
+    assert len(layers(mount)) == 2  # the tree, then FUSE
+
+    drop_page_cache()
+    bucket.server.reset()
+    before = fuse_reads(mount)
+    read_all(mount, files)
+    assert fuse_reads(mount) == before  # not one open or read reached the daemon
+    assert sum(bucket.server.counts().values()) == 0
+    # The rest falls through to FUSE: merged listing, a lazy read of an unread file.
+    assert sorted(os.listdir(mount.path)) == ["dataset-v3", "more", "other"]
+    assert (mount.path / "other/unread.bin").read_bytes() == b"never read " * 1000
+    assert fuse_reads(mount)[0] == before[0] + 1
+    assert bucket.server.gets("other/unread.bin")
+
+    # Files read later go into a delta on top; what was served stays served.
+    read_all(mount, more)
+    wait_for(lambda: served(mount)["files"] == len(files) + len(more) + 1, "the delta")
+    assert served(mount)["layers"] >= 2
+    drop_page_cache()
+    before = fuse_reads(mount)
+    read_all(mount, {**files, **more})
+    assert fuse_reads(mount) == before
+
+    # `s3cachefs unmount` takes the overlay first.
+    assert run_cli("unmount", str(mount.path)).returncode == 0
+    assert binds.mounts_below(mount.path) == []
+
+
+def test_off_for_writable_mounts_and_the_setting(bucket: Bucket, mounter: Mounter) -> None:
+    files = fill(bucket, count=4)
+    for i, extra in enumerate(((*ON, "--writable"), ("--min-free", "0", "--no-read-serve"))):
+        mount = mounter(bucket.name, *extra, name=f"m{i}", cache_dir=mounter.tmp_path / f"c{i}")
+        read_all(mount, files)
+        before = fuse_reads(mount)
+        read_all(mount, files)
+        assert fuse_reads(mount)[0] == before[0] + len(files)  # every open through FUSE
+        assert status(mount)["read_serve"] is None
+        assert not [o for o in overlay.overlays() if o.mount_point.startswith(str(mount.path))]
+
+
+def test_a_changed_object_is_never_mixed_in_and_seen_within_the_ttl(
+    bucket: Bucket, mounter: Mounter
+) -> None:
+    files = fill(bucket, count=6)
+    mount = mounter(bucket.name, *ON, "--metadata-ttl", "2")
+    read_all(mount, files)
+    wait_for(lambda: served(mount)["files"] == len(files), "the read files linked")
+    key = sorted(files)[0]
+    new = b"a new version " * 5000
+    bucket.put(key, new)
+    seen: list[bytes] = []
+    while not seen or seen[-1] != new:  # the old version whole, then the new one whole
+        drop_page_cache()
+        body = (mount.path / key).read_bytes()
+        assert body in (files[key], new)
+        seen.append(body)
+        time.sleep(0.1)
+        assert len(seen) < 2000, "the new version never came"
+    wait_for(lambda: served(mount)["files"] == len(files) - 1, "the old version out")
+    read_all(mount, {k: v for k, v in files.items() if k != key})
+    # Read again, the new version is linked in turn.
+    wait_for(lambda: served(mount)["files"] == len(files), "the new version linked")
+    drop_page_cache()
+    before = fuse_reads(mount)
+    assert (mount.path / key).read_bytes() == new
+    assert fuse_reads(mount) == before
+
+
+def test_a_damaged_linked_file_goes_back_to_the_checked_path(
+    bucket: Bucket, mounter: Mounter
+) -> None:
+    files = fill(bucket, count=4)
+    mount = mounter(bucket.name, *ON, "--verify-interval", "2")
+    read_all(mount, files)
+    wait_for(lambda: served(mount)["files"] == len(files), "the read files linked")
+    key = sorted(files)[0]
+    tree_file = Path(layers(mount)[0]) / key
+    fd = os.open(tree_file, os.O_WRONLY)
+    os.pwrite(fd, b"\xff" * 100, 10)  # the cache file itself: a bad sector, say
+    os.fsync(fd)
+    os.close(fd)
+    wait_for(lambda: served(mount)["files"] == len(files) - 1, "the damaged file out")
+    drop_page_cache()
+    before = fuse_reads(mount)
+    assert (mount.path / key).read_bytes() == files[key]  # checked, fetched again
+    assert fuse_reads(mount)[0] == before[0] + 1
+
+
+def test_eviction_never_punches_a_linked_file(bucket: Bucket, mounter: Mounter) -> None:
+    rng = random.Random(7)
+    first = {f"a/{i:02d}.bin": rng.randbytes(200_000) for i in range(12)}
+    later = {f"b/{i:02d}.bin": rng.randbytes(200_000) for i in range(12)}
+    for key, body in {**first, **later}.items():
+        bucket.put(key, body)
+    mount = mounter(bucket.name, *ON, "--block-size", "64K", "--cache-size", "3M")
+    read_all(mount, first)
+    wait_for(lambda: served(mount)["files"] > 0 and not served(mount)["waiting"], "linked")
+    read_all(mount, later)  # through FUSE: the cache evicts to make room
+    wait_for(lambda: not served(mount)["waiting"], "the later files handled")
+    info = served(mount)
+    assert info["files"] > 0 and info["files"] * 200_000 <= 1.5 * 1024 * 1024
+    assert status(mount)["cache"]["evictions"] > 0
+    linked = 0
+    for layer in layers(mount):
+        for path in Path(layer).rglob("*.bin") if layer.startswith(str(mount.cache_dir)) else ():
+            fd = os.open(path, os.O_RDONLY)
+            try:  # no hole before the end: every block is on disk
+                assert os.lseek(fd, 0, os.SEEK_HOLE) == 200_000
+            finally:
+                os.close(fd)
+            linked += 1
+    assert linked >= info["files"]
+    drop_page_cache()
+    read_all(mount, {**first, **later})
+
+
+def test_kill_9_leaves_no_overlay_and_a_restart_serves_again(
+    bucket: Bucket, mounter: Mounter
+) -> None:
+    files = fill(bucket, count=6)
+    mount = mounter(f"{bucket.name}/dataset-v3", *ON)
+    read_all(mount, files, "dataset-v3/")
+    wait_for(lambda: served(mount)["files"] == len(files), "the read files linked")
+    mount.kill9()
+    mounter.mounts.remove(mount)
+    again = mounter(f"{bucket.name}/dataset-v3", *ON, cache_dir=mount.cache_dir)
+    log = again.log_text()
+    assert "overlays of a dead daemon left on it; unmounting them" in log
+    assert "Traceback" not in log
+    assert [e.fstype for e in binds.mounts_below(again.path)] == ["fuse.s3cachefs"]
+    bucket.server.reset()
+    read_all(again, files, "dataset-v3/")  # once through FUSE, from the cache
+    assert bucket.server.counts()["get"] == 0
+    wait_for(lambda: served(again)["files"] == len(files), "linked again")
+    drop_page_cache()
+    before = fuse_reads(again)
+    read_all(again, files, "dataset-v3/")
+    assert fuse_reads(again) == before
+
+
+def test_a_pinned_dataset_takes_over_from_the_root_overlay(
+    bucket: Bucket, mounter: Mounter
+) -> None:
+    files = fill(bucket, count=6)
+    mount = mounter(bucket.name, *ON)
+    read_all(mount, files)
+    wait_for(lambda: served(mount)["files"] == len(files), "the read files linked")
+    assert prefetch(mount, "dataset-v3").returncode == 0
+    wait_for(lambda: status(mount)["datasets"][0]["kernel_served"], "the dataset's overlay")
+    assert not served(mount)["mounted"]
+    assert [e.fstype for e in binds.mounts_below(mount.path)] == ["fuse.s3cachefs", "overlay"]
+    drop_page_cache()
+    before = fuse_reads(mount)
+    read_all(mount, files)
+    assert fuse_reads(mount) == before
+
+    # Evicted: files read again are linked again, into a root overlay.
+    assert run_cli("evict", "dataset-v3", "--mount", str(mount.path)).returncode == 0
+    read_all(mount, files)
+    wait_for(lambda: served(mount)["files"] == len(files), "linked again after evict")
+    assert served(mount)["mounted"]
+    drop_page_cache()
+    before = fuse_reads(mount)
+    read_all(mount, files)
+    assert fuse_reads(mount) == before
