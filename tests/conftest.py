@@ -35,6 +35,12 @@ CREDENTIALS = {
 }
 _bucket_ids = itertools.count()
 
+# A shell's `cmd &` (and some CI runners) starts pytest with SIGINT ignored, and every
+# child would inherit that: the Ctrl-C tests would then wait on a client that never
+# hears it. Children of a handled signal get the default on exec.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 @pytest.fixture(scope="session", autouse=True)
 def aws_env() -> Iterator[None]:
