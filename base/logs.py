@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 LEVELS = ("debug", "info", "warning", "error")
 
 
 def setup_logging(level: str, log_file: Path | None = None) -> None:
     """Log to stderr (foreground, journald adds the time) or to ``log_file`` (background)."""
-    handler: logging.Handler
+    handler: logging.StreamHandler[Any]
     if log_file is None:
         handler = logging.StreamHandler(sys.stderr)
         fmt = "%(levelname)s %(name)s: %(message)s"
@@ -40,10 +43,12 @@ class JournalFormatter(logging.Formatter):
         return "\n".join(prefix + line for line in text.splitlines())
 
 
-def _install(handler: logging.Handler, level: str) -> None:
+def _install(handler: logging.StreamHandler[Any], level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # botocore logs credentials-adjacent detail at DEBUG; keep it out unless asked for.
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    # `kill -USR1 PID` writes every thread's stack to the log: what a stuck daemon is doing.
+    faulthandler.register(signal.SIGUSR1, file=handler.stream, all_threads=True)

@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 class Index:
     """The rows of one cache dir. Row changes are blocking (worker threads)."""
 
+    # Seconds a writer waits on a locked DB before diskcache.Timeout (a disk error to us).
+    LOCK_TIMEOUT = 30.0
+
     def __init__(self, layout: Layout) -> None:
         self.layout = layout
         self._db: Any = None
@@ -66,7 +69,7 @@ class Index:
             size_limit=2**62,
             cull_limit=0,
             statistics=False,
-            timeout=30,
+            timeout=self.LOCK_TIMEOUT,
         )
 
     def close(self) -> None:

@@ -34,6 +34,14 @@ CREDENTIALS = {
     "AWS_DEFAULT_REGION": "us-east-1",
 }
 _bucket_ids = itertools.count()
+# Where a daemon that did not exit after its unmount leaves its log and stacks.
+SLOW_EXITS = Path(os.environ.get("TMPDIR", "/tmp")) / "s3cachefs-tests-slow-exits.log"
+
+# A shell's `cmd &` (and some CI runners) starts pytest with SIGINT ignored, and every
+# child would inherit that: the Ctrl-C tests would then wait on a client that never
+# hears it. Children of a handled signal get the default on exec.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -192,7 +200,12 @@ class Mount:
                 )
         try:
             return self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
+        except subprocess.TimeoutExpired:  # a daemon that outlives its mount: keep its stacks
+            self.proc.send_signal(signal.SIGUSR1)
+            time.sleep(1)
+            with SLOW_EXITS.open("a") as out:
+                tail = self.log_text()[-20000:]
+                out.write(f"== {self.path}: no exit 30 s after unmount\n{tail}\n")
             self.proc.kill()
             self.proc.wait()
             return None

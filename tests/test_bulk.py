@@ -32,6 +32,7 @@ from s3cachefs.base.errors import CredentialsError
 from s3cachefs.cache.blockcache import BlockCache
 from s3cachefs.cache.blocks import ObjectVersion
 from s3cachefs.cache.bulkworker import Done, Endpoint, Job, fetch_jobs
+from s3cachefs.cache.index import Index
 from s3cachefs.cli.locals3 import LocalS3
 from s3cachefs.store.checksums import Check
 from s3cachefs.store.responses import etag_md5
@@ -535,10 +536,11 @@ def test_workers_do_not_import_from_the_daemons_cwd(
 
 
 def test_engine_survives_an_index_that_stays_locked(
-    bucket: Bucket, tmp_path: Path, gate_proxy: GateProxy
+    bucket: Bucket, tmp_path: Path, gate_proxy: GateProxy, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The index DB locked past its timeout (diskcache.Timeout) when a batch is indexed:
     that job is given back (not indexed), the engine and its worker go on."""
+    monkeypatch.setattr(Index, "LOCK_TIMEOUT", 2.0)  # the timeout, not its length, is tested
     store = make_store(bucket, tmp_path, gate_proxy.endpoint_url)
     version, data = put_object(bucket, store, "one", BS + 7)
     cache = engine_cache(store, tmp_path / "c")

@@ -138,6 +138,22 @@ def test_writes_are_refused_with_erofs(bucket: Bucket, mounter: Mounter) -> None
     assert (mount.path / "f.txt").read_bytes() == b"data"
 
 
+def test_sigusr1_writes_every_threads_stack_to_the_log_and_the_daemon_serves_on(
+    bucket: Bucket, mounter: Mounter
+) -> None:
+    """What a stuck daemon is doing, without stopping it (README "Troubleshooting")."""
+    bucket.put("f.txt", b"data")
+    mount = mounter(bucket.name)
+    mount.proc.send_signal(signal.SIGUSR1)
+    deadline = time.monotonic() + 30
+    while "Current thread" not in mount.log_text():
+        assert time.monotonic() < deadline, mount.log_text()
+        time.sleep(0.05)
+    assert "trio" in mount.log_text()  # the dump names the daemon's own frames
+    assert (mount.path / "f.txt").read_bytes() == b"data"
+    assert mount.proc.poll() is None
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_unmounts_cleanly(bucket: Bucket, mounter: Mounter, sig: signal.Signals) -> None:
     bucket.put("f.txt", b"data")
