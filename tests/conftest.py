@@ -8,6 +8,7 @@ unmounts, lazily as the fallback.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import itertools
 import json
@@ -74,6 +75,12 @@ class Bucket:
 
     def put(self, key: str, data: bytes) -> str:
         return str(self.client.put_object(Bucket=self.name, Key=key, Body=data)["ETag"])
+
+    def put_many(self, objects: dict[str, bytes]) -> dict[str, str]:
+        """Every object, 16 PUTs at a time (one by one, a 1,000-key fixture takes seconds)."""
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            etags = pool.map(lambda item: self.put(*item), objects.items())
+            return dict(zip(objects, etags, strict=True))
 
     def delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.name, Key=key)

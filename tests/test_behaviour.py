@@ -125,8 +125,7 @@ def test_reads_are_byte_exact_across_blocks(bucket: Bucket, open_fs: OpenFs) -> 
 
 def test_directory_with_more_than_1000_entries(bucket: Bucket, open_fs: OpenFs) -> None:
     names = [f"img-{i:05d}.png" for i in range(1100)]
-    for name in names:
-        bucket.put(f"many/{name}", name.encode())
+    bucket.put_many({f"many/{name}": name.encode() for name in names})
     fs = open_fs()
     assert fs.listdir("many") == names
     assert fs.read("many/img-01099.png") == b"img-01099.png"

@@ -76,8 +76,7 @@ def test_metrics_scraped_all_through_a_prefetch_always_answer(
     from prometheus_client.parser import text_string_to_metric_families
 
     files = {f"ds/d{i % 7}/f{i:04d}.bin": os.urandom(700 + i) for i in range(600)}
-    for key, data in files.items():
-        bucket.put(key, data)
+    bucket.put_many(files)
     port = _free_port()
     mount = mounter(bucket.name, "--metrics-address", f"127.0.0.1:{port}")
     job = subprocess.Popen(

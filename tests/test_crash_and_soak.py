@@ -34,8 +34,7 @@ def content(key: str, size: int) -> bytes:
 
 def fill(bucket: Bucket, prefix: str, count: int, size: int) -> dict[str, int]:
     sizes = {f"{prefix}/d{i % 5}/f{i:03d}.bin": size + 997 * i for i in range(count)}
-    for key, n in sizes.items():
-        bucket.put(key, content(key, n))
+    bucket.put_many({key: content(key, n) for key, n in sizes.items()})
     return sizes
 
 

@@ -22,8 +22,7 @@ MIB = 1024 * 1024
 def fill(bucket: Bucket, prefix: str, count: int, size: int = 150_000) -> dict[str, bytes]:
     files = {f"{prefix}/d{i % 4}/f{i:03d}.bin": os.urandom(size + i) for i in range(count)}
     files[f"{prefix}/big.bin"] = os.urandom(3 * MIB + 7)
-    for key, body in files.items():
-        bucket.put(key, body)
+    bucket.put_many(files)
     return files
 
 

@@ -28,8 +28,7 @@ def fill(bucket: Bucket, prefix: str = "dataset-v3", count: int = 12) -> dict[st
         for i in range(count)
     }
     files[f"{prefix}/archive/big.tar"] = rng.randbytes(3 * MIB + 5)
-    for key, body in files.items():
-        bucket.put(key, body)
+    bucket.put_many(files)
     return files
 
 
