@@ -11,13 +11,20 @@ of downloaded. The digests an object can be found by:
 - its multipart ETag (the MD5 of the part MD5s, ``-N``), when the source's
   check recorded the part layout: no request either. The new key is pinned by
   that ETag over that layout, which its bytes digest to;
-- an S3 additional checksum (full-object, or composite over a part layout):
-  the new key's needs a HEAD (`datasets.objectcheck`), so it is asked only when
-  a source of that size is known by one.
+- its SHA-1 or SHA-256 S3 checksum (full-object, or composite over the same
+  part layout): the new key's needs a HEAD (`datasets.objectcheck`), so it is
+  asked only when a source of that size is known by one.
 
-Size-checked objects (and old manifests' own MD5s) are no sources: nothing S3
-computed says what they hold. Whether a source is still cached whole is the
-cache's to say, at the copy.
+Only digests no one can forge count as "same content": the new key gets the
+source's bytes pinned for as long as it is pinned, with nothing to catch a
+mistake. A CRC (crc32, crc32c, crc64nvme; full-object or composite) is no
+content key: it catches accidents, not intent, and anyone who can write to the
+bucket can make an object of any size with any CRC by flipping a few chosen
+bits (a linear solve, milliseconds); among millions of objects of a common
+size a 32-bit one also matches by chance. An object checked by a CRC is
+downloaded and checked against it as usual. Size-checked objects (and old
+manifests' own MD5s) are no sources either: nothing S3 computed says what they
+hold. Whether a source is still cached whole is the cache's to say, at the copy.
 """
 
 from __future__ import annotations
@@ -36,6 +43,17 @@ from s3cachefs.store.types import ObjectInfo
 ContentKey = tuple[str, str, tuple[int, ...], int]
 # Checks a new key can be found by from its listing alone.
 _LISTED = ("md5", "mpu-etag")
+# S3 checksums that say "same content": cryptographic digests only, never a CRC.
+_DIGESTS = ("sha1", "sha256")
+
+
+def content_key(check: Check) -> bool:
+    """Whether two objects that passed ``check`` with the same value and size hold the
+    same bytes: an MD5 (or multipart ETag over the same part layout), a SHA-1 or a
+    SHA-256; never a CRC, which can be forged (or match by chance)."""
+    return check.kind in _LISTED or (
+        check.algorithm in _DIGESTS and check.kind.endswith(("-full", "-composite"))
+    )
 
 
 @dataclass(frozen=True)
@@ -62,10 +80,11 @@ class ContentIndex:
 
     def _add(self, version: ObjectVersion, check: Check) -> None:
         size = version.size
-        key = (check.kind, check.value, check.parts, size)
-        self._sources.setdefault(key, []).append(Source(version, check))
-        if check.kind not in _LISTED:
-            self._checksum_sizes.add(size)
+        if content_key(check):
+            key = (check.kind, check.value, check.parts, size)
+            self._sources.setdefault(key, []).append(Source(version, check))
+            if check.kind not in _LISTED:
+                self._checksum_sizes.add(size)
         if multipart_parts(version.etag) is not None and check.parts:
             # Found by its ETag too, and the new key pinned by that ETag over these parts
             # (a "mpu-etag" check is just that already).
@@ -83,7 +102,7 @@ class ContentIndex:
         return self._get(("etag", info.etag.strip('"'), (), info.size))
 
     def asks_s3(self, info: ObjectInfo) -> bool:
-        """Whether a source of its size is known by an S3 checksum only (worth a HEAD)."""
+        """Whether a source of its size is known by a SHA checksum only (worth a HEAD)."""
         trusted_md5 = self.etag_md5s and etag_md5(info.etag) is not None
         return info.size in self._checksum_sizes and not trusted_md5
 
@@ -93,6 +112,8 @@ class ContentIndex:
             full = Check(f"{check.algorithm}-full", check.value)
             composite = Check(f"{check.algorithm}-composite", check.value, check.parts)
             return self.by_check(full, size) + self.by_check(composite, size)
+        if not content_key(check):  # a CRC: no proof of content
+            return []
         return self._get((check.kind, check.value, check.parts, size))
 
     def _get(self, key: ContentKey) -> list[Source]:

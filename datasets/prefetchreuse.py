@@ -2,7 +2,7 @@
 
 `PrefetchJob` offers each object that misses blocks as it queues it (`offer`:
 the listing says enough, no request); a worker then takes it (`take`): copied
-from a pinned version with the same digest and size (`datasets.contentindex`)
+from a pinned version with the same digest (never a CRC) and size (`datasets.contentindex`)
 by a verified copy inside the cache (`cache.reuse`), with zero GETs, and pinned
 with that digest's check; else (no source cached whole, a source block that
 fails its CRC) the job downloads it as any other. A dry run counts what the

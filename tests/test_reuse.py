@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import os
 import random
+import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from s3cachefs.base.values import human_bytes
 from s3cachefs.cache import reuse
@@ -19,6 +23,7 @@ from s3cachefs.cache.blocks import ObjectVersion
 from s3cachefs.datasets.contentindex import ContentIndex
 from s3cachefs.datasets.pins import Manifest, PinStore, Shard
 from s3cachefs.datasets.prefetch import PrefetchJob
+from s3cachefs.store import checksums
 from s3cachefs.store.checksums import Check
 from s3cachefs.store.types import ObjectInfo
 from s3cachefs.testing.memorystore import MemoryStore
@@ -208,15 +213,13 @@ def test_a_dry_run_counts_reusable_objects_as_not_to_download(tmp_path: Path) ->
 def test_the_same_content_found_by_s3_checksum_under_another_part_layout(
     tmp_path: Path,
 ) -> None:
-    """A full-object checksum does not depend on the part layout: one HEAD, no GET."""
+    """A full-object SHA-256 does not depend on the part layout: one HEAD, no GET."""
     store = MemoryStore()
     data = b"".join(PARTS)
-    store.put_parts("v3/full.bin", PARTS, checksum="crc64nvme", full=True)
-    store.put_parts(
-        "v4/full.bin", [data[:300_000], data[300_000:]], checksum="crc64nvme", full=True
-    )
+    store.put_parts("v3/full.bin", PARTS, checksum="sha256", full=True)
+    store.put_parts("v4/full.bin", [data[:300_000], data[300_000:]], checksum="sha256", full=True)
     other = bytes(reversed(data))  # the same size, other bytes: asked, then downloaded
-    store.put_parts("v4/other.bin", [other[:300_000], other[300_000:]], checksum="crc64nvme")
+    store.put_parts("v4/other.bin", [other[:300_000], other[300_000:]], checksum="sha256")
     cache, pins = setup(tmp_path, store)
     prefetch(cache, pins, "v3/")
     store.requests.clear()
@@ -225,8 +228,60 @@ def test_the_same_content_found_by_s3_checksum_under_another_part_layout(
     assert store.requests["get"] == 1  # other.bin, in one run
     read_back(cache, version(store, "v4/other.bin"), other)
     manifest = pins.find("v4/", None)
-    assert manifest is not None and manifest.checks["v4/full.bin"].kind == "crc64nvme-full"
+    assert manifest is not None and manifest.checks["v4/full.bin"].kind == "sha256-full"
     read_back(cache, version(store, "v4/full.bin"), data)
+
+
+def forge(data: bytes, want: int, crc: Callable[[bytes], int], width: int, at: int) -> bytes:
+    """``data`` with some of the ``2 * width`` bits from byte ``at`` flipped so that its
+    CRC is ``want``: a CRC is linear over GF(2), so a solve finds them (anyone can)."""
+    base = crc(data)
+    basis: dict[int, tuple[int, int]] = {}  # pivot bit -> (CRC change, bits flipped)
+    for bit in range(2 * width):
+        flipped = bytearray(data)
+        flipped[at + bit // 8] ^= 1 << (bit % 8)
+        change, mask = crc(bytes(flipped)) ^ base, 1 << bit
+        for pivot in sorted(basis, reverse=True):
+            if change >> pivot & 1:
+                change, mask = change ^ basis[pivot][0], mask ^ basis[pivot][1]
+        if change:
+            basis[change.bit_length() - 1] = (change, mask)
+    target, mask = want ^ base, 0
+    for pivot in sorted(basis, reverse=True):
+        if target >> pivot & 1:
+            target, mask = target ^ basis[pivot][0], mask ^ basis[pivot][1]
+    out = bytearray(data)
+    for bit in range(2 * width):
+        if mask >> bit & 1:
+            out[at + bit // 8] ^= 1 << (bit % 8)
+    assert target == 0 and crc(bytes(out)) == want
+    return bytes(out)
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "crc", "width"),
+    [("crc32", zlib.crc32, 32), ("crc64nvme", checksums.crc64nvme, 64)],
+)
+def test_the_same_size_and_crc_is_no_proof_of_content_the_object_is_downloaded(
+    tmp_path: Path, algorithm: str, crc: Callable[[bytes], int], width: int
+) -> None:
+    """A forged (or unlucky) object with another's size and CRC gets its own bytes."""
+    store = MemoryStore()
+    data = b"".join(PARTS)
+    forged = forge(b"OTHER CONTENT " + data[14:], crc(data), crc, width, at=1000)
+    assert forged != data and len(forged) == len(data)
+    store.put_parts("v3/x.bin", PARTS, checksum=algorithm, full=True)
+    store.put_parts("v4/x.bin", [forged[:300_000], forged[300_000:]], checksum=algorithm, full=True)
+    cache, pins = setup(tmp_path, store)
+    assert prefetch(cache, pins, "v3/")["ok"]
+    store.requests.clear()
+    final = prefetch(cache, pins, "v4/")
+    assert (final["ok"], final["files_reused"]) == (True, 0)
+    assert store.requests["get"] == 1  # downloaded, and checked against its own CRC
+    manifest = pins.find("v4/", None)
+    assert manifest is not None and manifest.checks["v4/x.bin"].kind == f"{algorithm}-full"
+    read_back(cache, version(store, "v4/x.bin"), forged)
+    assert store.requests["get"] == 1
 
 
 def pinned_sum(cache: BlockCache) -> int:
