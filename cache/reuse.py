@@ -38,6 +38,7 @@ import trio
 
 from s3cachefs.cache.blockcache import BlockCache
 from s3cachefs.cache.blocks import ObjectVersion, block_span
+from s3cachefs.cache.flights import Flight
 from s3cachefs.store.checksums import Check
 
 log = logging.getLogger(__name__)
@@ -55,10 +56,29 @@ async def copy_verified(cache: BlockCache, source: ObjectVersion, target: Object
     cached, no room, a source block that failed its CRC): the caller downloads it.
     """
     same = source.size == target.size > 0 and source.oid != target.oid
-    # Not if something of it is cached already (a reader was first), or the source is
-    # not whole. Room: the prefetch checked its listing; `adopt` reserves it.
-    if not same or target.oid in cache.ledger or cache.missing_blocks(source):
+    # Not if something of it is cached or on its way already (a reader was first), or
+    # the source is not whole. Room: the prefetch checked its listing; `adopt` reserves it.
+    keys = [(target.oid, idx) for idx in range(-(-target.size // cache.block_size))]
+    if (
+        not same
+        or target.oid in cache.ledger
+        or any(key in cache.flights for key in keys)
+        or cache.missing_blocks(source)
+    ):
         return False
+    # Single flight: every block of the target is claimed before the first await, so a
+    # reader waits for the copy and no fetch (or bulk job) starts one of them; ended
+    # once the copy is adopted, or given up (a reader then fetches it).
+    flights = [cache.flights.start(key, Flight(remember=False)) for key in keys]
+    try:
+        return await _copy_claimed(cache, source, target)
+    finally:
+        for key, flight in zip(keys, flights, strict=True):
+            flight.finish(None)  # no data: a waiting reader looks again (disk, or a GET)
+            cache.flights.end(key)
+
+
+async def _copy_claimed(cache: BlockCache, source: ObjectVersion, target: ObjectVersion) -> bool:
     crcs = cache.block_crcs(source)
     try:
         made = await trio.to_thread.run_sync(

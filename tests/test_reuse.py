@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
+from trio.testing import wait_all_tasks_blocked
 
 from s3cachefs.base.values import human_bytes
 from s3cachefs.cache import reuse
 from s3cachefs.cache.blockcache import BlockCache
 from s3cachefs.cache.blocks import ObjectVersion
+from s3cachefs.cache.ledger import Bounds, Ledger
 from s3cachefs.datasets.contentindex import ContentIndex
 from s3cachefs.datasets.pins import Manifest, PinStore, Shard
 from s3cachefs.datasets.prefetch import PrefetchJob
@@ -350,6 +354,118 @@ def test_every_way_of_copying_gives_the_same_verified_bytes(tmp_path: Path) -> N
         assert made in (how, None)  # None: this filesystem has no such way (FICLONE on ext4)
         if made is not None:
             assert target.read_bytes() == data
+
+
+def true_used(cache: BlockCache) -> int:
+    """The bytes on the books counted the slow way, block by block."""
+    ledger = cache.ledger
+    return sum(
+        ledger.block_len(record.version, idx)
+        for oid in ledger.oids()
+        if (record := ledger.record(oid)) is not None
+        for idx in record.blocks
+    )
+
+
+class GatedStore(MemoryStore):
+    """GETs of ``gated`` keys wait (in their thread) until ``gate`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+        self.gated: set[str] = set()
+
+    def iter_range(self, key: str, *args: Any, **kwargs: Any) -> Iterator[bytes]:
+        if key in self.gated:
+            self.gate.wait(30)
+        return super().iter_range(key, *args, **kwargs)
+
+
+def v3_v4_same(tmp_path: Path, store: MemoryStore) -> tuple[BlockCache, bytes]:
+    """v3/a cached and pinned; v4/a the same bytes (three blocks), not cached."""
+    body = bytes(range(256)) * (2 * BS // 256) + b"tail"
+    store.put("v3/a", body)
+    store.put("v4/a", body)
+    cache, pins = setup(tmp_path, store)
+    assert prefetch(cache, pins, "v3/")["ok"]
+    assert cache.ledger.used == true_used(cache)
+    return cache, body
+
+
+def test_a_reader_in_flight_first_the_copy_stands_aside(tmp_path: Path) -> None:
+    """The target's GET is under way: no copy (it would count the block twice)."""
+    store = GatedStore()
+    cache, body = v3_v4_same(tmp_path, store)
+    src, dst = version(store, "v3/a"), version(store, "v4/a")
+    store.gated.add("v4/a")
+    store.requests.clear()
+    got: list[bytes] = []
+
+    async def body_() -> None:
+        async with trio.open_nursery() as nursery:
+
+            async def reader() -> None:
+                got.append(await cache.read(dst, 0, 10))
+
+            nursery.start_soon(reader)
+            await wait_all_tasks_blocked()  # the reader's GET waits at the gate
+            assert cache.in_flight == 1
+            assert not await reuse.copy_verified(cache, src, dst)
+            store.gate.set()
+
+    run_with(cache, body_)
+    assert got == [body[:10]]
+    assert store.requests["get"] == 1
+    assert cache.ledger.used == true_used(cache)
+
+
+def test_a_reader_during_the_copy_waits_for_it_no_get(tmp_path: Path) -> None:
+    """Every target block is claimed by the copy: a reader waits for it, then reads disk."""
+    store = MemoryStore()
+    cache, body = v3_v4_same(tmp_path, store)
+    src, dst = version(store, "v3/a"), version(store, "v4/a")
+    store.requests.clear()
+    got: list[bytes] = []
+
+    async def body_() -> None:
+        limiter, holders = cache.disk_limiter, [object() for _ in range(4)]
+        for holder in holders:  # the disk busy: the copy waits with its claims
+            await limiter.acquire_on_behalf_of(holder)
+        copied: list[bool] = []
+        async with trio.open_nursery() as nursery:
+
+            async def copy() -> None:
+                copied.append(await reuse.copy_verified(cache, src, dst))
+
+            async def reader() -> None:
+                got.append(await cache.read(dst, 0, len(body)))
+
+            nursery.start_soon(copy)
+            await wait_all_tasks_blocked()
+            nursery.start_soon(reader)
+            await wait_all_tasks_blocked()
+            for holder in holders:
+                limiter.release_on_behalf_of(holder)
+        assert copied == [True]
+
+    run_with(cache, body_)
+    assert got == [body]
+    assert store.requests["get"] == 0
+    assert cache.ledger.used == true_used(cache)
+
+
+def test_a_block_on_the_books_twice_is_counted_once(tmp_path: Path) -> None:
+    """Two writers of one block (each reserved it): the second gives its bytes back."""
+    ledger = Ledger(BS)
+    bounds = Bounds(tmp_path, 1 << 30, 0)
+    record = ledger.new_record(ObjectVersion("b", "k", '"e"', 2 * BS))
+    for _ in range(2):
+        assert ledger.reserve(BS, bounds)[1]
+        ledger.add_block(record, 0, 1)
+    assert ledger.used == BS
+    assert ledger.reserve(2 * BS, bounds)[1]
+    ledger.add_blocks(record, {0: 1, 1: 2})
+    assert ledger.used == 2 * BS
 
 
 # ---- through a real mount, GETs counted at the S3 server ----------------------------
