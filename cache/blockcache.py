@@ -133,7 +133,7 @@ class BlockCache:
             fetch_bytes=fetch_bytes,
         )
         self.bulk = BulkEngine(self._fetcher, workers=bulk_workers, threads=bulk_threads)
-        self._integrity = Integrity(
+        self._integrity = self.integrity = Integrity(  # also `cache.reuse`'s
             ledger=self.ledger,
             memory=self._memory,
             disk=self._disk,

@@ -18,10 +18,11 @@ new version's file from it, with no GET:
   the CRCs of the bytes written become the new version's. A block that does not
   match is a miss: nothing is kept, the source is checked again (a bad block of
   it is dropped, as any read of it would), and the caller downloads the object.
-- **Kept whole or not at all.** The copy is a temporary file beside the object's
-  place (a crash leaves a stray that the next start sweeps, `cache.index`), taken
-  in by `BlockCache.adopt` as a finished upload is: room reserved, moved into
-  place, every row in one transaction.
+- **Kept whole or not at all.** Its room is reserved before a byte is written
+  (given back if it is not kept). The copy is a temporary file beside the
+  object's place (a crash leaves a stray that the next start sweeps,
+  `cache.index`), taken in by `Integrity.adopt` as a finished upload is: moved
+  into place, every row in one transaction.
 """
 
 from __future__ import annotations
@@ -53,11 +54,12 @@ async def copy_verified(cache: BlockCache, source: ObjectVersion, target: Object
     """Make ``target``'s file a verified copy of cached ``source`` (the same content).
 
     True once ``target`` is cached whole from it; False if it is not (something of it
-    cached, no room, a source block that failed its CRC): the caller downloads it.
+    cached or in flight, no room, a source block that failed its CRC): the caller
+    downloads it.
     """
     same = source.size == target.size > 0 and source.oid != target.oid
     # Not if something of it is cached or on its way already (a reader was first), or
-    # the source is not whole. Room: the prefetch checked its listing; `adopt` reserves it.
+    # the source is not whole.
     keys = [(target.oid, idx) for idx in range(-(-target.size // cache.block_size))]
     if (
         not same
@@ -80,6 +82,10 @@ async def copy_verified(cache: BlockCache, source: ObjectVersion, target: Object
 
 async def _copy_claimed(cache: BlockCache, source: ObjectVersion, target: ObjectVersion) -> bool:
     crcs = cache.block_crcs(source)
+    # Room before a byte is written (a reflink takes none, but the books count it):
+    # given back if the copy is not kept.
+    if not await cache.integrity.reserve_whole(target):
+        return False
     try:
         made = await trio.to_thread.run_sync(
             _copy,
@@ -90,10 +96,15 @@ async def _copy_claimed(cache: BlockCache, source: ObjectVersion, target: Object
             target.size,
             limiter=cache.disk_limiter,
         )
-    except OSError as exc:  # the source gone (freed meanwhile), a full disk
+    except BaseException as exc:
+        cache.ledger.unreserve(target.size)
+        if not isinstance(exc, OSError):
+            raise
+        # the source gone (freed meanwhile), a full disk
         log.warning("cache copy of key=%s for key=%s failed: %s", source.key, target.key, exc)
         return False
     if isinstance(made, int):
+        cache.ledger.unreserve(target.size)
         log.warning(
             "cache copy of key=%s block=%d failed its CRC; key=%s is downloaded instead",
             source.key,
@@ -104,8 +115,8 @@ async def _copy_claimed(cache: BlockCache, source: ObjectVersion, target: Object
         await cache.verify_object(source, Check("size"))
         return False
     path, how = made
-    with trio.CancelScope(shield=True):  # reserved, placed and indexed whole, or not at all
-        if not await cache.adopt(target, path, crcs):
+    with trio.CancelScope(shield=True):  # placed and indexed whole, or not at all
+        if not await cache.integrity.adopt(target, path, crcs, reserved=True):
             return False
     counts = cache.stats.counts
     counts["reused_objects"] += 1

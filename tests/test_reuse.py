@@ -468,6 +468,33 @@ def test_a_block_on_the_books_twice_is_counted_once(tmp_path: Path) -> None:
     assert ledger.used == 2 * BS
 
 
+def test_a_copy_reserves_its_room_before_it_writes(tmp_path: Path) -> None:
+    store = MemoryStore()
+    cache, body = v3_v4_same(tmp_path, store)
+    src, dst = version(store, "v3/a"), version(store, "v4/a")
+    before = cache.ledger.used
+
+    async def body_() -> None:
+        limiter, holders = cache.disk_limiter, [object() for _ in range(4)]
+        for holder in holders:  # the disk busy: the copy waits, its room on the books
+            await limiter.acquire_on_behalf_of(holder)
+        copied: list[bool] = []
+        async with trio.open_nursery() as nursery:
+
+            async def copy() -> None:
+                copied.append(await reuse.copy_verified(cache, src, dst))
+
+            nursery.start_soon(copy)
+            await wait_all_tasks_blocked()
+            assert cache.ledger.used == before + len(body)
+            for holder in holders:
+                limiter.release_on_behalf_of(holder)
+        assert copied == [True]
+
+    run_with(cache, body_)
+    assert cache.ledger.used == true_used(cache) == before + len(body)
+
+
 # ---- through a real mount, GETs counted at the S3 server ----------------------------
 
 
