@@ -18,6 +18,7 @@ from pathlib import Path
 import trio
 
 from s3cachefs.cache.blocks import ObjectVersion, block_span
+from s3cachefs.cache.copies import Copies
 from s3cachefs.cache.disk import Disk
 from s3cachefs.cache.ledger import Bounds, Ledger, Victim
 from s3cachefs.cache.memory import MemoryBlocks
@@ -46,6 +47,7 @@ class Integrity:
         self.bounds = bounds
         self.stats = stats
         self.disk_limiter = disk_limiter
+        self.copies = Copies()  # `cache.reuse`'s copies, under a limiter of their own
 
     async def read_verified(self, version: ObjectVersion, index: int, crc: int) -> bytes | None:
         """A block from disk if it passes its CRC; else None (it is dropped: a miss)."""

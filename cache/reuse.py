@@ -9,10 +9,12 @@ new version's file from it, with no GET:
   evicting one key's block (a hole punched) would take it from the other, and a
   kernel-served tree, which sets each linked file's mtime to its own key's
   (`datasets.binds`), would change the other's. So each version keeps its own
-  file, the cheapest way the filesystem offers (`WAYS`, in order): a reflink
+  file, the cheapest way the filesystem offers (`cache.copies.WAYS`, in order): a reflink
   (``FICLONE``: shared extents, copy on write, no more disk, where btrfs, XFS or
   bcachefs offer it), ``copy_file_range`` (the bytes stay in the kernel; some
   filesystems share extents or copy server-side), else read and write.
+  Copies run under a limiter of their own (`cache.copies`), so large ones
+  never hold the disk slots foreground reads wait for.
 - **Verified as it is taken.** The copy is read back block by block before it is
   kept: every block must match the CRC32 recorded for the source's block, and
   the CRCs of the bytes written become the new version's. A block that does not
@@ -27,27 +29,17 @@ new version's file from it, with no GET:
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import logging
-import os
-import tempfile
-import zlib
-from pathlib import Path
 
 import trio
 
 from s3cachefs.cache.blockcache import BlockCache
-from s3cachefs.cache.blocks import ObjectVersion, block_span
+from s3cachefs.cache.blocks import ObjectVersion
+from s3cachefs.cache.copies import copy_and_check
 from s3cachefs.cache.flights import Flight
 from s3cachefs.store.checksums import Check
 
 log = logging.getLogger(__name__)
-
-FICLONE = 0x40049409  # _IOW(0x94, 9, int), linux/fs.h
-WAYS = ("clone", "copy_file_range", "read-write")
-# A way this filesystem (or kernel) does not offer: the next one is tried.
-_NOT_HERE = {errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL, errno.ENOSYS}
 
 
 async def copy_verified(cache: BlockCache, source: ObjectVersion, target: ObjectVersion) -> bool:
@@ -88,13 +80,13 @@ async def _copy_claimed(cache: BlockCache, source: ObjectVersion, target: Object
         return False
     try:
         made = await trio.to_thread.run_sync(
-            _copy,
+            copy_and_check,
             cache.object_path(source.oid),
             cache.object_path(target.oid),
             crcs,
             cache.block_size,
             target.size,
-            limiter=cache.disk_limiter,
+            limiter=cache.integrity.copies.limiter,  # not the reads' disk limiter
         )
     except BaseException as exc:
         cache.ledger.unreserve(target.size)
@@ -123,67 +115,3 @@ async def _copy_claimed(cache: BlockCache, source: ObjectVersion, target: Object
     counts["reused_bytes"] += target.size
     counts[f"reused_by_{how.replace('-', '_')}"] += 1
     return True
-
-
-def _copy(
-    source: Path, target: Path, crcs: dict[int, int], block_size: int, size: int
-) -> tuple[Path, str] | int:
-    """Copy ``source`` beside ``target`` and read it back against ``crcs``. Blocking.
-
-    Returns (the copy, the way it was made), or the first block that did not
-    match (the copy removed).
-    """
-    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f"{target.name}.reuse-")
-    copy = Path(name)
-    try:
-        with open(source, "rb") as src:
-            how = next(
-                way
-                for way in WAYS
-                if copy_with(way, src.fileno(), fd, size, block_size) is not None
-            )
-        bad = _first_bad(fd, crcs, block_size, size)
-    except BaseException:
-        os.close(fd)
-        copy.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    if bad is not None:
-        copy.unlink()
-        return bad
-    return copy, how
-
-
-def copy_with(way: str, src: int, dst: int, size: int, block_size: int) -> str | None:
-    """Copy ``size`` bytes from ``src`` to the empty ``dst`` one way; None if the
-    filesystem does not offer it (``dst`` is then empty again). Blocking."""
-    try:
-        if way == "clone":
-            fcntl.ioctl(dst, FICLONE, src)
-        elif way == "copy_file_range":
-            done = 0
-            while done < size and (n := os.copy_file_range(src, dst, size - done, done, done)):
-                done += n  # 0: the source is shorter; the read back finds it
-        else:
-            for start in range(0, size, block_size):
-                data = os.pread(src, min(block_size, size - start), start)
-                if os.pwrite(dst, data, start) != len(data):
-                    raise OSError(errno.EIO, "short write")
-    except OSError as exc:
-        if exc.errno not in _NOT_HERE or way == WAYS[-1]:
-            raise
-        os.ftruncate(dst, 0)
-        return None
-    return way
-
-
-def _first_bad(fd: int, crcs: dict[int, int], block_size: int, size: int) -> int | None:
-    """The first block of the file that is not ``crcs``' bytes; None if every one is."""
-    os.ftruncate(fd, size)  # exactly the object, as `cache.layout` keeps every file
-    for idx in range(-(-size // block_size)):
-        start, end = block_span(idx, block_size, size)
-        data = os.pread(fd, end - start, start)
-        if len(data) != end - start or zlib.crc32(data) != crcs.get(idx):
-            return idx
-    return None

@@ -20,7 +20,7 @@ import trio
 from trio.testing import wait_all_tasks_blocked
 
 from s3cachefs.base.values import human_bytes
-from s3cachefs.cache import reuse
+from s3cachefs.cache import copies, reuse
 from s3cachefs.cache.blockcache import BlockCache
 from s3cachefs.cache.blocks import ObjectVersion
 from s3cachefs.cache.ledger import Bounds, Ledger
@@ -347,10 +347,10 @@ def test_every_way_of_copying_gives_the_same_verified_bytes(tmp_path: Path) -> N
     data = os.urandom(3 * BS + 17)
     source = tmp_path / "source"
     source.write_bytes(data)
-    for how in reuse.WAYS:
+    for how in copies.WAYS:
         target = tmp_path / how
         with source.open("rb") as src, target.open("wb") as dst:
-            made = reuse.copy_with(how, src.fileno(), dst.fileno(), len(data), BS)
+            made = copies.copy_with(how, src.fileno(), dst.fileno(), len(data), BS)
         assert made in (how, None)  # None: this filesystem has no such way (FICLONE on ext4)
         if made is not None:
             assert target.read_bytes() == data
@@ -493,6 +493,46 @@ def test_a_copy_reserves_its_room_before_it_writes(tmp_path: Path) -> None:
 
     run_with(cache, body_)
     assert cache.ledger.used == true_used(cache) == before + len(body)
+
+
+def test_a_copy_takes_no_slot_of_the_disk_limiter_reads_wait_for(tmp_path: Path) -> None:
+    """Every disk slot taken (by reads): the copy and its read-back still run; only the
+    quick adopt at its end waits for a slot."""
+    store = MemoryStore()
+    cache, body = v3_v4_same(tmp_path, store)
+    src, dst = version(store, "v3/a"), version(store, "v4/a")
+    place = cache.object_path(dst.oid)
+    store.requests.clear()
+
+    def copied_and_checked() -> bool:
+        made = list(place.parent.glob(f"{place.name}.reuse-*"))
+        done = cache.integrity.copies.limiter.borrowed_tokens == 0
+        return done and len(made) == 1 and made[0].stat().st_size == len(body)
+
+    async def body_() -> None:
+        limiter, holders = cache.disk_limiter, [object() for _ in range(4)]
+        for holder in holders:
+            await limiter.acquire_on_behalf_of(holder)
+        copied: list[bool] = []
+        async with trio.open_nursery() as nursery:
+
+            async def copy() -> None:
+                copied.append(await reuse.copy_verified(cache, src, dst))
+
+            nursery.start_soon(copy)
+            for _ in range(3000):  # a bound: on the disk limiter it would never get there
+                if copied_and_checked():
+                    break
+                await trio.sleep(0.01)
+            assert copied_and_checked()
+            assert not place.exists()  # not adopted yet: that waits for a disk slot
+            for holder in holders:
+                limiter.release_on_behalf_of(holder)
+        assert copied == [True]
+
+    run_with(cache, body_)
+    read_back(cache, dst, body)
+    assert store.requests["get"] == 0
 
 
 # ---- through a real mount, GETs counted at the S3 server ----------------------------
