@@ -66,6 +66,15 @@ async def copy_verified(cache: BlockCache, source: ObjectVersion, target: Object
     flights = [cache.flights.start(key, Flight(remember=False)) for key in keys]
     try:
         return await _copy_claimed(cache, source, target)
+    except Exception as exc:  # noqa: BLE001  any disk or index error: S3 has the bytes
+        cache.stats.counts["disk_errors"] += 1
+        log.warning(
+            "cache copy of key=%s for key=%s failed (%s); downloaded instead",
+            source.key,
+            target.key,
+            exc.strerror if isinstance(exc, OSError) else str(exc) or repr(exc),
+        )
+        return False
     finally:
         for key, flight in zip(keys, flights, strict=True):
             flight.finish(None)  # no data: a waiting reader looks again (disk, or a GET)
@@ -88,13 +97,9 @@ async def _copy_claimed(cache: BlockCache, source: ObjectVersion, target: Object
             target.size,
             limiter=cache.integrity.copies.limiter,  # not the reads' disk limiter
         )
-    except BaseException as exc:
+    except BaseException:  # the source gone (freed meanwhile), a full disk: logged above
         cache.ledger.unreserve(target.size)
-        if not isinstance(exc, OSError):
-            raise
-        # the source gone (freed meanwhile), a full disk
-        log.warning("cache copy of key=%s for key=%s failed: %s", source.key, target.key, exc)
-        return False
+        raise
     if isinstance(made, int):
         cache.ledger.unreserve(target.size)
         log.warning(

@@ -535,6 +535,33 @@ def test_a_copy_takes_no_slot_of_the_disk_limiter_reads_wait_for(tmp_path: Path)
     assert store.requests["get"] == 0
 
 
+def test_a_disk_error_in_a_copy_is_one_warning_the_object_is_downloaded(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The copy's room needs an evicted file gone, and it cannot go (a directory in its
+    place): the prefetch goes on, and downloads the object."""
+    store = MemoryStore()
+    body = bytes(range(256)) * (2 * BS // 256) + b"tail"
+    store.put("v3/a", body)
+    store.put("v4/a", body)
+    store.put("other", b"o" * BS)
+    cache, pins = setup(tmp_path, store, cache_size=2 * len(body) + BS // 2)
+    assert prefetch(cache, pins, "v3/")["ok"]
+    read_back(cache, version(store, "other"), b"o" * BS)  # unpinned: the copy's victim
+    victim = cache.object_path(version(store, "other").oid)
+    victim.unlink()
+    victim.mkdir()
+    store.requests.clear()
+    final = prefetch(cache, pins, "v4/")
+    assert (final["ok"], final["files_reused"]) == (True, 0)
+    assert store.requests["get"] == 1
+    (warning,) = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert "downloaded instead" in warning.getMessage()
+    assert cache.ledger.used == true_used(cache)
+    read_back(cache, version(store, "v4/a"), body)
+    assert store.requests["get"] == 1
+
+
 # ---- through a real mount, GETs counted at the S3 server ----------------------------
 
 
