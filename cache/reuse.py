@@ -35,7 +35,6 @@ import trio
 
 from s3cachefs.cache.blockcache import BlockCache
 from s3cachefs.cache.blocks import ObjectVersion
-from s3cachefs.cache.copies import copy_and_check
 from s3cachefs.cache.flights import Flight
 from s3cachefs.store.checksums import Check
 
@@ -89,7 +88,7 @@ async def _copy_claimed(cache: BlockCache, source: ObjectVersion, target: Object
         return False
     try:
         made = await trio.to_thread.run_sync(
-            copy_and_check,
+            cache.integrity.copies.copy_and_check,
             cache.object_path(source.oid),
             cache.object_path(target.oid),
             crcs,

@@ -350,10 +350,31 @@ def test_every_way_of_copying_gives_the_same_verified_bytes(tmp_path: Path) -> N
     for how in copies.WAYS:
         target = tmp_path / how
         with source.open("rb") as src, target.open("wb") as dst:
-            made = copies.copy_with(how, src.fileno(), dst.fileno(), len(data), BS)
-        assert made in (how, None)  # None: this filesystem has no such way (FICLONE on ext4)
-        if made is not None:
-            assert target.read_bytes() == data
+            failed = copies.copy_with(how, src.fileno(), dst.fileno(), len(data), BS)
+        # An error: this filesystem has no such way (FICLONE on ext4), nothing written.
+        assert target.read_bytes() == (data if failed is None else b"")
+
+
+def test_a_way_that_fails_before_writing_falls_back_and_is_not_tried_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Any error before a byte is written (here EBADF: a reflink or copy_file_range
+    into an append-only file) falls back to the next way, once per cache."""
+    data = os.urandom(3 * BS + 17)
+    source = tmp_path / "source"
+    source.write_bytes(data)
+    cache_copies = copies.Copies()
+    for n in range(2):
+        target = tmp_path / f"target-{n}"
+        with source.open("rb") as src, target.open("ab") as dst:  # pwrite appends: fine
+            how = cache_copies.copy(src.fileno(), dst.fileno(), len(data), BS)
+        assert (how, target.read_bytes()) == ("read-write", data)
+        assert cache_copies.ways == ["read-write"]
+        if n == 0:
+            dropped = len(caplog.records)
+            assert 1 <= dropped <= 2  # once per way, at most
+            caplog.clear()
+    assert caplog.records == []  # the second copy tries no dropped way: no more lines
 
 
 def true_used(cache: BlockCache) -> int:
