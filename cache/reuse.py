@@ -111,8 +111,11 @@ async def _copy_claimed(cache: BlockCache, source: ObjectVersion, target: Object
         await cache.verify_object(source, Check("size"))
         return False
     path, how = made
+    # Cached meanwhile another way (an upload's adopt; the flights keep fetches out):
+    # `adopt` drops the copy and says whether the object is whole, but it is no reuse.
+    mine = target.oid not in cache.ledger
     with trio.CancelScope(shield=True):  # placed and indexed whole, or not at all
-        if not await cache.integrity.adopt(target, path, crcs, reserved=True):
+        if not await cache.integrity.adopt(target, path, crcs, reserved=True) or not mine:
             return False
     counts = cache.stats.counts
     counts["reused_objects"] += 1

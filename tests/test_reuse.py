@@ -583,6 +583,42 @@ def test_a_disk_error_in_a_copy_is_one_warning_the_object_is_downloaded(
     assert store.requests["get"] == 1
 
 
+def test_a_target_cached_another_way_during_the_copy_is_no_reuse(tmp_path: Path) -> None:
+    """An upload of the same version adopted while the copy waited: the copy is dropped,
+    its room given back, and nothing is counted as reused."""
+    store = MemoryStore()
+    cache, body = v3_v4_same(tmp_path, store)
+    src, dst = version(store, "v3/a"), version(store, "v4/a")
+    upload = tmp_path / "upload"
+    upload.write_bytes(body)
+    crcs = {i: zlib.crc32(body[i * BS : (i + 1) * BS]) for i in range(3)}
+
+    async def body_() -> None:
+        limiter = cache.integrity.copies.limiter
+        holders = [object() for _ in range(int(limiter.total_tokens))]
+        for holder in holders:  # every copy slot taken: the copy waits, claimed
+            await limiter.acquire_on_behalf_of(holder)
+        copied: list[bool] = []
+        async with trio.open_nursery() as nursery:
+
+            async def copy() -> None:
+                copied.append(await reuse.copy_verified(cache, src, dst))
+
+            nursery.start_soon(copy)
+            await wait_all_tasks_blocked()
+            assert await cache.adopt(dst, upload, crcs)
+            for holder in holders:
+                limiter.release_on_behalf_of(holder)
+        assert copied == [False]
+
+    run_with(cache, body_)
+    assert cache.stats["reused_objects"] == 0
+    assert cache.ledger.used == true_used(cache)
+    place = cache.object_path(dst.oid)
+    assert list(place.parent.glob(f"{place.name}.reuse-*")) == []
+    read_back(cache, dst, body)
+
+
 # ---- through a real mount, GETs counted at the S3 server ----------------------------
 
 
