@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import logging
 
-import trio
-
 from s3cachefs.base.errors import StoreError
 from s3cachefs.cache.blockcache import BlockCache
 from s3cachefs.cache.blocks import ObjectVersion
 from s3cachefs.cache.reuse import copy_verified
-from s3cachefs.datasets.contentindex import ContentIndex, Source
+from s3cachefs.datasets.contentindex import ContentIndex, Source, index_of
 from s3cachefs.datasets.objectcheck import ObjectCheck
 from s3cachefs.datasets.pins import PinStore
 from s3cachefs.datasets.prefetchprogress import Progress
@@ -60,12 +58,8 @@ class PrefetchReuse:
         """
         if not self.pins.manifests or version.oid in self.cache.ledger:
             return False  # nothing pinned, or partly cached: its missing blocks are fetched
-        if self._index is None:  # once, in a thread: every pinned object (millions, maybe)
-            manifests = list(self.pins.manifests.values())  # installed ones: never changed
-            etag_md5s = self.objects.etag_md5s
-            self._index = await trio.to_thread.run_sync(
-                lambda: ContentIndex(manifests, etag_md5s=etag_md5s)
-            )
+        if self._index is None:  # kept between runs, brought up to date once per run
+            self._index = await index_of(self.pins, etag_md5s=self.objects.etag_md5s)
         cached = [s for s in self.index.find(info) if self._whole(s, version)]
         if self.dry_run:
             if cached:

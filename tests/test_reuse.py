@@ -24,7 +24,7 @@ from s3cachefs.cache import copies, reuse
 from s3cachefs.cache.blockcache import BlockCache
 from s3cachefs.cache.blocks import ObjectVersion
 from s3cachefs.cache.ledger import Bounds, Ledger
-from s3cachefs.datasets.contentindex import ContentIndex
+from s3cachefs.datasets.contentindex import ContentIndex, index_of
 from s3cachefs.datasets.pins import Manifest, PinStore, Shard
 from s3cachefs.datasets.prefetch import PrefetchJob
 from s3cachefs.store import checksums
@@ -341,6 +341,40 @@ def test_the_content_index_matches_digest_and_size_only() -> None:
     assert index.find(ObjectInfo("v4/a", 4, same.etag, 0)) == []  # another size
     assert index.find(ObjectInfo("v4/s", 3, '"9001509"', 0)) == []
     assert ContentIndex([m], etag_md5s=False).find(same) == []  # the ETag is no MD5 then
+
+
+def test_the_content_index_is_kept_between_runs_and_follows_the_pins(tmp_path: Path) -> None:
+    """Not rebuilt over every pinned object per run: brought up to date with the
+    manifests installed, replaced and deleted since."""
+    store = MemoryStore()
+    put_v3_v4(store, count=4, changed=1)
+    cache, pins = setup(tmp_path, store)
+    prefetch(cache, pins, "v3/")
+    indexes: list[ContentIndex] = []
+
+    def index() -> ContentIndex:
+        async def body() -> None:
+            indexes.append(await index_of(pins, etag_md5s=True))
+
+        run_with(cache, body)
+        return indexes[-1]
+
+    def found(key: str) -> list[str]:
+        return [s.version.key for s in index().find(store.head(key))]
+
+    assert found("v4/train/page-002") == ["v3/train/page-002"]
+    assert found("v4/train/page-000") == []  # changed
+    prefetch(cache, pins, "v4/")
+    assert found("v4/train/page-000") == ["v4/train/page-000"]
+    assert sorted(found("v4/train/page-002")) == ["v3/train/page-002", "v4/train/page-002"]
+    prefetch(cache, pins, "v4/")  # a refresh: v4's manifest replaced, indexed once
+    assert sorted(found("v4/train/page-002")) == ["v3/train/page-002", "v4/train/page-002"]
+    v3 = pins.find("v3/", None)
+    assert v3 is not None
+    pins.delete(v3)
+    assert found("v4/train/page-002") == ["v4/train/page-002"]
+    assert found("v4/big-crc.bin") == ["v4/big-crc.bin"]  # by its multipart ETag
+    assert all(i is indexes[0] for i in indexes)  # one index, kept
 
 
 def test_every_way_of_copying_gives_the_same_verified_bytes(tmp_path: Path) -> None:
