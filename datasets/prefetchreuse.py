@@ -67,24 +67,27 @@ class PrefetchReuse:
             return False
         return bool(cached) or self.index.asks_s3(info)
 
-    async def take(self, info: ObjectInfo, version: ObjectVersion) -> Check | None:
-        """Copy an offered object from a version with its content: the check to pin it
-        with; None if it was not copied (the caller downloads it)."""
-        sources = self.index.find(info)
+    async def take(
+        self, info: ObjectInfo, version: ObjectVersion
+    ) -> tuple[Check | None, Check | None]:
+        """Copy an offered object from a version with its content: (the check to pin it
+        with, None if it was not copied: the caller downloads it; S3's own check, if a
+        HEAD asked for it: the download needs no second HEAD)."""
+        sources, asked = self.index.find(info), None
         if not sources and self.index.asks_s3(info):
             try:
-                check = await self.objects.first_check(info)  # S3's checksum: a HEAD
+                asked = await self.objects.first_check(info)  # S3's checksum: a HEAD
             except StoreError as exc:
                 log.info("prefetch key=%s not reused: %s", info.key, exc)
-                return None
-            sources = self.index.by_check(check, info.size)
+                return None, None
+            sources = self.index.by_check(asked, info.size)
         for source in sources:
             if self._whole(source, version) and await copy_verified(
                 self.cache, source.version, version
             ):
                 self._count(info)
-                return source.check
-        return None
+                return source.check, asked
+        return None, asked
 
     def _whole(self, source: Source, version: ObjectVersion) -> bool:
         return source.version.oid != version.oid and not self.cache.missing_blocks(source.version)

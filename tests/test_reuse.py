@@ -230,6 +230,9 @@ def test_the_same_content_found_by_s3_checksum_under_another_part_layout(
     final = prefetch(cache, pins, "v4/")
     assert (final["ok"], final["files_reused"]) == (True, 1)
     assert store.requests["get"] == 1  # other.bin, in one run
+    # other.bin's checksum HEADs, asked for the reuse, are passed on to its download,
+    # not asked again (7 HEADs before)
+    assert store.requests["head"] == 5
     read_back(cache, version(store, "v4/other.bin"), other)
     manifest = pins.find("v4/", None)
     assert manifest is not None and manifest.checks["v4/full.bin"].kind == "sha256-full"
