@@ -9,12 +9,16 @@ new version's file from it, with no GET:
   evicting one key's block (a hole punched) would take it from the other, and a
   kernel-served tree, which sets each linked file's mtime to its own key's
   (`datasets.binds`), would change the other's. So each version keeps its own
-  file, the cheapest way the filesystem offers (`cache.copies.WAYS`, in order): a reflink
-  (``FICLONE``: shared extents, copy on write, no more disk, where btrfs, XFS or
-  bcachefs offer it), ``copy_file_range`` (the bytes stay in the kernel; some
-  filesystems share extents or copy server-side), else read and write.
-  Copies run under a limiter of their own (`cache.copies`), so large ones
-  never hold the disk slots foreground reads wait for.
+  file, the cheapest way the filesystem offers (`cache.copies.WAYS`, in order):
+  a reflink (``FICLONE``: shared extents, copy on write, no more disk, where
+  btrfs, XFS or bcachefs offer it), ``copy_file_range`` (the bytes stay in the
+  kernel; some filesystems share extents or copy server-side), else read and
+  write. Copies run under a limiter of their own (`cache.copies`), so large
+  ones never hold the disk slots foreground reads wait for.
+- **Single flight.** Every block of the new version is claimed (a flight, as a
+  bulk job's) before anything awaits: a reader waits for the copy, no fetch
+  starts one of them; the claims end once the copy is kept or given up (a
+  reader then fetches). A block already cached or in flight: no copy.
 - **Verified as it is taken.** The copy is read back block by block before it is
   kept: every block must match the CRC32 recorded for the source's block, and
   the CRCs of the bytes written become the new version's. A block that does not
@@ -24,7 +28,8 @@ new version's file from it, with no GET:
   (given back if it is not kept). The copy is a temporary file beside the
   object's place (a crash leaves a stray that the next start sweeps,
   `cache.index`), taken in by `Integrity.adopt` as a finished upload is: moved
-  into place, every row in one transaction.
+  into place, every row in one transaction. Any error on the way is one
+  warning, everything given back, and the caller downloads the object.
 """
 
 from __future__ import annotations
