@@ -118,7 +118,7 @@ class BlockCache:
         # First blocks fetched by an open for the read that follows it: that read is
         # their miss, however soon the GET ended. Bounded: opens never read are dropped.
         self._hinted: OrderedDict[tuple[str, int], None] = OrderedDict()
-        self._flights = Flights()
+        self._flights = self.flights = Flights()  # also `cache.reuse`'s claims
         self._fetcher = Fetcher(
             store,
             ledger=self.ledger,
@@ -133,7 +133,7 @@ class BlockCache:
             fetch_bytes=fetch_bytes,
         )
         self.bulk = BulkEngine(self._fetcher, workers=bulk_workers, threads=bulk_threads)
-        self._integrity = Integrity(
+        self._integrity = self.integrity = Integrity(  # also `cache.reuse`'s
             ledger=self.ledger,
             memory=self._memory,
             disk=self._disk,

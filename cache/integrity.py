@@ -12,15 +12,15 @@
 from __future__ import annotations
 
 import logging
-import sqlite3
 import zlib
 from pathlib import Path
 
 import trio
 
 from s3cachefs.cache.blocks import ObjectVersion, block_span
+from s3cachefs.cache.copies import Copies
 from s3cachefs.cache.disk import Disk
-from s3cachefs.cache.ledger import Bounds, Ledger
+from s3cachefs.cache.ledger import Bounds, Ledger, Victim
 from s3cachefs.cache.memory import MemoryBlocks
 from s3cachefs.cache.stats import CacheStats
 from s3cachefs.store.checksums import Check, Digest
@@ -47,6 +47,7 @@ class Integrity:
         self.bounds = bounds
         self.stats = stats
         self.disk_limiter = disk_limiter
+        self.copies = Copies()  # `cache.reuse`'s copies, under a limiter of their own
 
     async def read_verified(self, version: ObjectVersion, index: int, crc: int) -> bytes | None:
         """A block from disk if it passes its CRC; else None (it is dropped: a miss)."""
@@ -109,38 +110,67 @@ class Integrity:
             await self.drop_block(version, idx, crcs[idx])
         return not bad and digest.matches(), digest.result()
 
-    async def adopt(self, version: ObjectVersion, path: Path, crcs: dict[int, int]) -> bool:
+    async def reserve_whole(self, version: ObjectVersion) -> bool:
+        """Room for all of ``version``, about to be written beside its place and adopted
+        (``adopt(reserved=True)``): reserved, LRU victims evicted first. False: no room
+        (nothing reserved)."""
+        if version.size > self.bounds.cache_size - self.ledger.pinned_bytes:
+            return False  # it would only flush the cache
+        victims, fits = self.ledger.reserve(version.size, self.bounds)
+        try:
+            if victims:
+                await trio.to_thread.run_sync(self.disk.evict, victims, limiter=self.disk_limiter)
+        except BaseException:
+            if fits:
+                self.ledger.unreserve(version.size)
+            raise
+        return fits
+
+    async def adopt(
+        self, version: ObjectVersion, path: Path, crcs: dict[int, int], *, reserved: bool = False
+    ) -> bool:
         """Take a complete local copy of ``version`` (a finished upload) as its cached data.
 
         ``path`` must be on the cache's filesystem; it is moved into place, or
         deleted when the cache cannot hold it. ``crcs`` are the CRC32s of the
-        bytes that were uploaded, so every block stays verifiable. Returns
-        whether the object is now cached.
+        bytes that were uploaded, so every block stays verifiable. ``reserved``:
+        its room is reserved already (`reserve_whole`), and given back unless it
+        is kept. Returns whether the object is now cached (by this copy or not).
         """
         oid = version.oid
         if oid in self.ledger or version.size == 0:  # nothing to add (same bytes, or empty)
+            if reserved:
+                self.ledger.unreserve(version.size)
             await trio.to_thread.run_sync(path.unlink, limiter=self.disk_limiter)
             return version.size == 0 or not self.ledger.missing_blocks(version)
-        if version.size > self.bounds.cache_size - self.ledger.pinned_bytes:
+        victims: list[Victim] = []
+        if reserved:
+            fits = True
+        elif version.size > self.bounds.cache_size - self.ledger.pinned_bytes:
             # it would only flush the cache
             await trio.to_thread.run_sync(path.unlink, limiter=self.disk_limiter)
             return False
-        victims, fits = self.ledger.reserve(version.size, self.bounds, on_disk=True)
+        else:
+            victims, fits = self.ledger.reserve(version.size, self.bounds, on_disk=True)
         if fits:
             self.ledger.new_record(version)
         try:
             await trio.to_thread.run_sync(
                 self.disk.adopt, version, path, crcs, victims, fits, limiter=self.disk_limiter
             )
-        except (OSError, sqlite3.Error) as exc:  # a full disk fails the index write
+        except BaseException as exc:  # a full disk, a locked index (diskcache.Timeout)
             if fits:
                 self.ledger.discard(oid)
                 self.ledger.unreserve(version.size)
-            reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+            if not isinstance(exc, Exception):
+                raise
+            reason = exc.strerror if isinstance(exc, OSError) else str(exc) or repr(exc)
             log.warning("cache could not keep %s: %s", version.key, reason)
             return False
         record = self.ledger.record(oid)
-        if not fits or record is None:  # no room, or evicted whole while we wrote
+        if not fits or record is None:  # no room, or freed whole while we wrote
+            if fits:
+                self.ledger.unreserve(version.size)
             return False
         self.ledger.add_blocks(record, crcs)
         self.stats.counts["adopted_bytes"] += version.size

@@ -154,18 +154,24 @@ class Ledger:
         return record
 
     def add_block(self, record: Record, index: int, crc: int) -> None:
-        """A block is on disk and indexed; its bytes were reserved."""
+        """A block is on disk and indexed; its bytes were reserved (given back if it was
+        on the books already: two writers of one block must not count it twice)."""
         oid = record.version.oid
-        if index not in record.blocks:
+        if index in record.blocks:
+            self._used -= self.block_len(record.version, index)
+        else:
             self._pinned_bytes += self._pinned_part(oid, (index,))
         record.blocks[index] = crc
         if oid not in self._pinned:
             self._lru[(oid, index)] = None
 
     def add_blocks(self, record: Record, crcs: dict[int, int]) -> None:
-        """Every block of an adopted file, in block order."""
+        """Blocks on disk and indexed (an adopted file's: in block order); their bytes were
+        reserved, and are given back for a block that was on the books already."""
         oid = record.version.oid
-        self._pinned_bytes += self._pinned_part(oid, [i for i in crcs if i not in record.blocks])
+        new = [i for i in crcs if i not in record.blocks]
+        self._used -= sum(self.block_len(record.version, i) for i in crcs if i in record.blocks)
+        self._pinned_bytes += self._pinned_part(oid, new)
         record.blocks.update(crcs)
         if oid not in self._pinned:
             self._lru.update((k, None) for k in ((oid, idx) for idx in sorted(crcs)))

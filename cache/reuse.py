@@ -9,71 +9,103 @@ new version's file from it, with no GET:
   evicting one key's block (a hole punched) would take it from the other, and a
   kernel-served tree, which sets each linked file's mtime to its own key's
   (`datasets.binds`), would change the other's. So each version keeps its own
-  file, the cheapest way the filesystem offers (`WAYS`, in order): a reflink
-  (``FICLONE``: shared extents, copy on write, no more disk, where btrfs, XFS or
-  bcachefs offer it), ``copy_file_range`` (the bytes stay in the kernel; some
-  filesystems share extents or copy server-side), else read and write.
+  file, the cheapest way the filesystem offers (`cache.copies.WAYS`, in order):
+  a reflink (``FICLONE``: shared extents, copy on write, no more disk, where
+  btrfs, XFS or bcachefs offer it), ``copy_file_range`` (the bytes stay in the
+  kernel; some filesystems share extents or copy server-side), else read and
+  write. Copies run under a limiter of their own (`cache.copies`), so large
+  ones never hold the disk slots foreground reads wait for.
+- **Single flight.** Every block of the new version is claimed (a flight, as a
+  bulk job's) before anything awaits: a reader waits for the copy, no fetch
+  starts one of them; the claims end once the copy is kept or given up (a
+  reader then fetches). A block already cached or in flight: no copy.
 - **Verified as it is taken.** The copy is read back block by block before it is
   kept: every block must match the CRC32 recorded for the source's block, and
   the CRCs of the bytes written become the new version's. A block that does not
   match is a miss: nothing is kept, the source is checked again (a bad block of
   it is dropped, as any read of it would), and the caller downloads the object.
-- **Kept whole or not at all.** The copy is a temporary file beside the object's
-  place (a crash leaves a stray that the next start sweeps, `cache.index`), taken
-  in by `BlockCache.adopt` as a finished upload is: room reserved, moved into
-  place, every row in one transaction.
+- **Kept whole or not at all.** Its room is reserved before a byte is written
+  (given back if it is not kept). The copy is a temporary file beside the
+  object's place (a crash leaves a stray that the next start sweeps,
+  `cache.index`), taken in by `Integrity.adopt` as a finished upload is: moved
+  into place, every row in one transaction. Any error on the way is one
+  warning, everything given back, and the caller downloads the object.
 """
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import logging
-import os
-import tempfile
-import zlib
-from pathlib import Path
 
 import trio
 
 from s3cachefs.cache.blockcache import BlockCache
-from s3cachefs.cache.blocks import ObjectVersion, block_span
+from s3cachefs.cache.blocks import ObjectVersion
+from s3cachefs.cache.flights import Flight
 from s3cachefs.store.checksums import Check
 
 log = logging.getLogger(__name__)
-
-FICLONE = 0x40049409  # _IOW(0x94, 9, int), linux/fs.h
-WAYS = ("clone", "copy_file_range", "read-write")
-# A way this filesystem (or kernel) does not offer: the next one is tried.
-_NOT_HERE = {errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL, errno.ENOSYS}
 
 
 async def copy_verified(cache: BlockCache, source: ObjectVersion, target: ObjectVersion) -> bool:
     """Make ``target``'s file a verified copy of cached ``source`` (the same content).
 
     True once ``target`` is cached whole from it; False if it is not (something of it
-    cached, no room, a source block that failed its CRC): the caller downloads it.
+    cached or in flight, no room, a source block that failed its CRC): the caller
+    downloads it.
     """
     same = source.size == target.size > 0 and source.oid != target.oid
-    # Not if something of it is cached already (a reader was first), or the source is
-    # not whole. Room: the prefetch checked its listing; `adopt` reserves it.
-    if not same or target.oid in cache.ledger or cache.missing_blocks(source):
+    # Not if something of it is cached or on its way already (a reader was first), or
+    # the source is not whole.
+    keys = [(target.oid, idx) for idx in range(-(-target.size // cache.block_size))]
+    if (
+        not same
+        or target.oid in cache.ledger
+        or any(key in cache.flights for key in keys)
+        or cache.missing_blocks(source)
+    ):
         return False
+    # Single flight: every block of the target is claimed before the first await, so a
+    # reader waits for the copy and no fetch (or bulk job) starts one of them; ended
+    # once the copy is adopted, or given up (a reader then fetches it).
+    flights = [cache.flights.start(key, Flight(remember=False)) for key in keys]
+    try:
+        return await _copy_claimed(cache, source, target)
+    except Exception as exc:  # noqa: BLE001  any disk or index error: S3 has the bytes
+        cache.stats.counts["disk_errors"] += 1
+        log.warning(
+            "cache copy of key=%s for key=%s failed (%s); downloaded instead",
+            source.key,
+            target.key,
+            exc.strerror if isinstance(exc, OSError) else str(exc) or repr(exc),
+        )
+        return False
+    finally:
+        for key, flight in zip(keys, flights, strict=True):
+            flight.finish(None)  # no data: a waiting reader looks again (disk, or a GET)
+            cache.flights.end(key)
+
+
+async def _copy_claimed(cache: BlockCache, source: ObjectVersion, target: ObjectVersion) -> bool:
     crcs = cache.block_crcs(source)
+    # Room before a byte is written (a reflink takes none, but the books count it):
+    # given back if the copy is not kept.
+    if not await cache.integrity.reserve_whole(target):
+        return False
     try:
         made = await trio.to_thread.run_sync(
-            _copy,
+            cache.integrity.copies.copy_and_check,
             cache.object_path(source.oid),
             cache.object_path(target.oid),
             crcs,
             cache.block_size,
             target.size,
-            limiter=cache.disk_limiter,
+            limiter=cache.integrity.copies.limiter,  # not the reads' disk limiter
         )
-    except OSError as exc:  # the source gone (freed meanwhile), a full disk
-        log.warning("cache copy of key=%s for key=%s failed: %s", source.key, target.key, exc)
-        return False
+    except BaseException:  # the source gone (freed meanwhile), a full disk: logged above
+        cache.ledger.unreserve(target.size)
+        raise
     if isinstance(made, int):
+        cache.ledger.unreserve(target.size)
         log.warning(
             "cache copy of key=%s block=%d failed its CRC; key=%s is downloaded instead",
             source.key,
@@ -84,75 +116,14 @@ async def copy_verified(cache: BlockCache, source: ObjectVersion, target: Object
         await cache.verify_object(source, Check("size"))
         return False
     path, how = made
-    with trio.CancelScope(shield=True):  # reserved, placed and indexed whole, or not at all
-        if not await cache.adopt(target, path, crcs):
+    # Cached meanwhile another way (an upload's adopt; the flights keep fetches out):
+    # `adopt` drops the copy and says whether the object is whole, but it is no reuse.
+    mine = target.oid not in cache.ledger
+    with trio.CancelScope(shield=True):  # placed and indexed whole, or not at all
+        if not await cache.integrity.adopt(target, path, crcs, reserved=True) or not mine:
             return False
     counts = cache.stats.counts
     counts["reused_objects"] += 1
     counts["reused_bytes"] += target.size
     counts[f"reused_by_{how.replace('-', '_')}"] += 1
     return True
-
-
-def _copy(
-    source: Path, target: Path, crcs: dict[int, int], block_size: int, size: int
-) -> tuple[Path, str] | int:
-    """Copy ``source`` beside ``target`` and read it back against ``crcs``. Blocking.
-
-    Returns (the copy, the way it was made), or the first block that did not
-    match (the copy removed).
-    """
-    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f"{target.name}.reuse-")
-    copy = Path(name)
-    try:
-        with open(source, "rb") as src:
-            how = next(
-                way
-                for way in WAYS
-                if copy_with(way, src.fileno(), fd, size, block_size) is not None
-            )
-        bad = _first_bad(fd, crcs, block_size, size)
-    except BaseException:
-        os.close(fd)
-        copy.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    if bad is not None:
-        copy.unlink()
-        return bad
-    return copy, how
-
-
-def copy_with(way: str, src: int, dst: int, size: int, block_size: int) -> str | None:
-    """Copy ``size`` bytes from ``src`` to the empty ``dst`` one way; None if the
-    filesystem does not offer it (``dst`` is then empty again). Blocking."""
-    try:
-        if way == "clone":
-            fcntl.ioctl(dst, FICLONE, src)
-        elif way == "copy_file_range":
-            done = 0
-            while done < size and (n := os.copy_file_range(src, dst, size - done, done, done)):
-                done += n  # 0: the source is shorter; the read back finds it
-        else:
-            for start in range(0, size, block_size):
-                data = os.pread(src, min(block_size, size - start), start)
-                if os.pwrite(dst, data, start) != len(data):
-                    raise OSError(errno.EIO, "short write")
-    except OSError as exc:
-        if exc.errno not in _NOT_HERE or way == WAYS[-1]:
-            raise
-        os.ftruncate(dst, 0)
-        return None
-    return way
-
-
-def _first_bad(fd: int, crcs: dict[int, int], block_size: int, size: int) -> int | None:
-    """The first block of the file that is not ``crcs``' bytes; None if every one is."""
-    os.ftruncate(fd, size)  # exactly the object, as `cache.layout` keeps every file
-    for idx in range(-(-size // block_size)):
-        start, end = block_span(idx, block_size, size)
-        data = os.pread(fd, end - start, start)
-        if len(data) != end - start or zlib.crc32(data) != crcs.get(idx):
-            return idx
-    return None

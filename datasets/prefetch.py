@@ -53,6 +53,7 @@ class _Object:
     version: ObjectVersion
     runs_left: int
     reuse: bool = False  # offered to reuse: copied by a worker, else downloaded (`_reuse`)
+    asked: Check | None = None  # S3's check, if a HEAD for the reuse asked it already
 
 
 class PrefetchJob:
@@ -190,7 +191,7 @@ class PrefetchJob:
 
     async def _reuse(self, obj: _Object) -> None:
         """A copy of the same content cached under another key (no GET), else downloaded."""
-        check = await self.reuse.take(obj.info, obj.version)
+        check, obj.asked = await self.reuse.take(obj.info, obj.version)
         if check is not None:
             self._pin(obj.info, check)
             return
@@ -206,7 +207,9 @@ class PrefetchJob:
 
     async def _download(self, obj: _Object, run: range) -> Check | None:
         """One run onto disk (`datasets.prefetchruns`); the check passed, if it proved one."""
-        nbytes, proven = await download_run(self.cache, self.objects, obj.info, run, obj.runs_left)
+        nbytes, proven = await download_run(
+            self.cache, self.objects, obj.info, run, obj.runs_left, asked=obj.asked
+        )
         self.progress.bytes_fetched += nbytes
         return proven
 

@@ -2,7 +2,7 @@
 
 `PrefetchJob` offers each object that misses blocks as it queues it (`offer`:
 the listing says enough, no request); a worker then takes it (`take`): copied
-from a pinned version with the same digest and size (`datasets.contentindex`)
+from a pinned version with the same digest (never a CRC) and size (`datasets.contentindex`)
 by a verified copy inside the cache (`cache.reuse`), with zero GETs, and pinned
 with that digest's check; else (no source cached whole, a source block that
 fails its CRC) the job downloads it as any other. A dry run counts what the
@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import logging
 
-import trio
-
 from s3cachefs.base.errors import StoreError
 from s3cachefs.cache.blockcache import BlockCache
 from s3cachefs.cache.blocks import ObjectVersion
 from s3cachefs.cache.reuse import copy_verified
-from s3cachefs.datasets.contentindex import ContentIndex, Source
+from s3cachefs.datasets.contentindex import ContentIndex, Source, index_of
 from s3cachefs.datasets.objectcheck import ObjectCheck
 from s3cachefs.datasets.pins import PinStore
 from s3cachefs.datasets.prefetchprogress import Progress
@@ -60,12 +58,8 @@ class PrefetchReuse:
         """
         if not self.pins.manifests or version.oid in self.cache.ledger:
             return False  # nothing pinned, or partly cached: its missing blocks are fetched
-        if self._index is None:  # once, in a thread: every pinned object (millions, maybe)
-            manifests = list(self.pins.manifests.values())  # installed ones: never changed
-            etag_md5s = self.objects.etag_md5s
-            self._index = await trio.to_thread.run_sync(
-                lambda: ContentIndex(manifests, etag_md5s=etag_md5s)
-            )
+        if self._index is None:  # kept between runs, brought up to date once per run
+            self._index = await index_of(self.pins, etag_md5s=self.objects.etag_md5s)
         cached = [s for s in self.index.find(info) if self._whole(s, version)]
         if self.dry_run:
             if cached:
@@ -73,24 +67,27 @@ class PrefetchReuse:
             return False
         return bool(cached) or self.index.asks_s3(info)
 
-    async def take(self, info: ObjectInfo, version: ObjectVersion) -> Check | None:
-        """Copy an offered object from a version with its content: the check to pin it
-        with; None if it was not copied (the caller downloads it)."""
-        sources = self.index.find(info)
+    async def take(
+        self, info: ObjectInfo, version: ObjectVersion
+    ) -> tuple[Check | None, Check | None]:
+        """Copy an offered object from a version with its content: (the check to pin it
+        with, None if it was not copied: the caller downloads it; S3's own check, if a
+        HEAD asked for it: the download needs no second HEAD)."""
+        sources, asked = self.index.find(info), None
         if not sources and self.index.asks_s3(info):
             try:
-                check = await self.objects.first_check(info)  # S3's checksum: a HEAD
+                asked = await self.objects.first_check(info)  # S3's checksum: a HEAD
             except StoreError as exc:
                 log.info("prefetch key=%s not reused: %s", info.key, exc)
-                return None
-            sources = self.index.by_check(check, info.size)
+                return None, None
+            sources = self.index.by_check(asked, info.size)
         for source in sources:
             if self._whole(source, version) and await copy_verified(
                 self.cache, source.version, version
             ):
                 self._count(info)
-                return source.check
-        return None
+                return source.check, asked
+        return None, asked
 
     def _whole(self, source: Source, version: ObjectVersion) -> bool:
         return source.version.oid != version.oid and not self.cache.missing_blocks(source.version)

@@ -20,16 +20,23 @@ from s3cachefs.store.types import ObjectInfo
 
 
 async def download_run(
-    cache: BlockCache, objects: ObjectCheck, info: ObjectInfo, run: range, runs_left: int
+    cache: BlockCache,
+    objects: ObjectCheck,
+    info: ObjectInfo,
+    run: range,
+    runs_left: int,
+    *,
+    asked: Check | None = None,
 ) -> tuple[int, Check | None]:
     """Fetch ``run`` of ``info`` onto disk: (bytes fetched, the check its digest passed).
 
-    ``runs_left``: the object's runs still to fetch, this one included. Raises
-    StoreError (S3 refused it).
+    ``runs_left``: the object's runs still to fetch, this one included. ``asked``:
+    ``objects.first_check(info)`` if it was asked already. Raises StoreError (S3
+    refused it).
     """
     version = ObjectVersion(cache.store.bucket, info.key, info.etag, info.size)
     whole = runs_left == 1 and run.start == 0 and run.stop * cache.block_size >= info.size
-    check = await objects.first_check(info) if whole else None
+    check = (asked or await objects.first_check(info)) if whole else None
     try:
         done = await cache.bulk.fetch(version, run, check)
     except TransientError:

@@ -9,16 +9,25 @@ from __future__ import annotations
 
 import os
 import random
+import threading
+import zlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
+import trio
+from trio.testing import wait_all_tasks_blocked
+
 from s3cachefs.base.values import human_bytes
-from s3cachefs.cache import reuse
+from s3cachefs.cache import copies, reuse
 from s3cachefs.cache.blockcache import BlockCache
 from s3cachefs.cache.blocks import ObjectVersion
-from s3cachefs.datasets.contentindex import ContentIndex
+from s3cachefs.cache.ledger import Bounds, Ledger
+from s3cachefs.datasets.contentindex import ContentIndex, index_of
 from s3cachefs.datasets.pins import Manifest, PinStore, Shard
 from s3cachefs.datasets.prefetch import PrefetchJob
+from s3cachefs.store import checksums
 from s3cachefs.store.checksums import Check
 from s3cachefs.store.types import ObjectInfo
 from s3cachefs.testing.memorystore import MemoryStore
@@ -208,25 +217,78 @@ def test_a_dry_run_counts_reusable_objects_as_not_to_download(tmp_path: Path) ->
 def test_the_same_content_found_by_s3_checksum_under_another_part_layout(
     tmp_path: Path,
 ) -> None:
-    """A full-object checksum does not depend on the part layout: one HEAD, no GET."""
+    """A full-object SHA-256 does not depend on the part layout: one HEAD, no GET."""
     store = MemoryStore()
     data = b"".join(PARTS)
-    store.put_parts("v3/full.bin", PARTS, checksum="crc64nvme", full=True)
-    store.put_parts(
-        "v4/full.bin", [data[:300_000], data[300_000:]], checksum="crc64nvme", full=True
-    )
+    store.put_parts("v3/full.bin", PARTS, checksum="sha256", full=True)
+    store.put_parts("v4/full.bin", [data[:300_000], data[300_000:]], checksum="sha256", full=True)
     other = bytes(reversed(data))  # the same size, other bytes: asked, then downloaded
-    store.put_parts("v4/other.bin", [other[:300_000], other[300_000:]], checksum="crc64nvme")
+    store.put_parts("v4/other.bin", [other[:300_000], other[300_000:]], checksum="sha256")
     cache, pins = setup(tmp_path, store)
     prefetch(cache, pins, "v3/")
     store.requests.clear()
     final = prefetch(cache, pins, "v4/")
     assert (final["ok"], final["files_reused"]) == (True, 1)
     assert store.requests["get"] == 1  # other.bin, in one run
+    # other.bin's checksum HEADs, asked for the reuse, are passed on to its download,
+    # not asked again (7 HEADs before)
+    assert store.requests["head"] == 5
     read_back(cache, version(store, "v4/other.bin"), other)
     manifest = pins.find("v4/", None)
-    assert manifest is not None and manifest.checks["v4/full.bin"].kind == "crc64nvme-full"
+    assert manifest is not None and manifest.checks["v4/full.bin"].kind == "sha256-full"
     read_back(cache, version(store, "v4/full.bin"), data)
+
+
+def forge(data: bytes, want: int, crc: Callable[[bytes], int], width: int, at: int) -> bytes:
+    """``data`` with some of the ``2 * width`` bits from byte ``at`` flipped so that its
+    CRC is ``want``: a CRC is linear over GF(2), so a solve finds them (anyone can)."""
+    base = crc(data)
+    basis: dict[int, tuple[int, int]] = {}  # pivot bit -> (CRC change, bits flipped)
+    for bit in range(2 * width):
+        flipped = bytearray(data)
+        flipped[at + bit // 8] ^= 1 << (bit % 8)
+        change, mask = crc(bytes(flipped)) ^ base, 1 << bit
+        for pivot in sorted(basis, reverse=True):
+            if change >> pivot & 1:
+                change, mask = change ^ basis[pivot][0], mask ^ basis[pivot][1]
+        if change:
+            basis[change.bit_length() - 1] = (change, mask)
+    target, mask = want ^ base, 0
+    for pivot in sorted(basis, reverse=True):
+        if target >> pivot & 1:
+            target, mask = target ^ basis[pivot][0], mask ^ basis[pivot][1]
+    out = bytearray(data)
+    for bit in range(2 * width):
+        if mask >> bit & 1:
+            out[at + bit // 8] ^= 1 << (bit % 8)
+    assert target == 0 and crc(bytes(out)) == want
+    return bytes(out)
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "crc", "width"),
+    [("crc32", zlib.crc32, 32), ("crc64nvme", checksums.crc64nvme, 64)],
+)
+def test_the_same_size_and_crc_is_no_proof_of_content_the_object_is_downloaded(
+    tmp_path: Path, algorithm: str, crc: Callable[[bytes], int], width: int
+) -> None:
+    """A forged (or unlucky) object with another's size and CRC gets its own bytes."""
+    store = MemoryStore()
+    data = b"".join(PARTS)
+    forged = forge(b"OTHER CONTENT " + data[14:], crc(data), crc, width, at=1000)
+    assert forged != data and len(forged) == len(data)
+    store.put_parts("v3/x.bin", PARTS, checksum=algorithm, full=True)
+    store.put_parts("v4/x.bin", [forged[:300_000], forged[300_000:]], checksum=algorithm, full=True)
+    cache, pins = setup(tmp_path, store)
+    assert prefetch(cache, pins, "v3/")["ok"]
+    store.requests.clear()
+    final = prefetch(cache, pins, "v4/")
+    assert (final["ok"], final["files_reused"]) == (True, 0)
+    assert store.requests["get"] == 1  # downloaded, and checked against its own CRC
+    manifest = pins.find("v4/", None)
+    assert manifest is not None and manifest.checks["v4/x.bin"].kind == f"{algorithm}-full"
+    read_back(cache, version(store, "v4/x.bin"), forged)
+    assert store.requests["get"] == 1
 
 
 def pinned_sum(cache: BlockCache) -> int:
@@ -284,17 +346,314 @@ def test_the_content_index_matches_digest_and_size_only() -> None:
     assert ContentIndex([m], etag_md5s=False).find(same) == []  # the ETag is no MD5 then
 
 
+def test_the_content_index_is_kept_between_runs_and_follows_the_pins(tmp_path: Path) -> None:
+    """Not rebuilt over every pinned object per run: brought up to date with the
+    manifests installed, replaced and deleted since."""
+    store = MemoryStore()
+    put_v3_v4(store, count=4, changed=1)
+    cache, pins = setup(tmp_path, store)
+    prefetch(cache, pins, "v3/")
+    indexes: list[ContentIndex] = []
+
+    def index() -> ContentIndex:
+        async def body() -> None:
+            indexes.append(await index_of(pins, etag_md5s=True))
+
+        run_with(cache, body)
+        return indexes[-1]
+
+    def found(key: str) -> list[str]:
+        return [s.version.key for s in index().find(store.head(key))]
+
+    assert found("v4/train/page-002") == ["v3/train/page-002"]
+    assert found("v4/train/page-000") == []  # changed
+    prefetch(cache, pins, "v4/")
+    assert found("v4/train/page-000") == ["v4/train/page-000"]
+    assert sorted(found("v4/train/page-002")) == ["v3/train/page-002", "v4/train/page-002"]
+    prefetch(cache, pins, "v4/")  # a refresh: v4's manifest replaced, indexed once
+    assert sorted(found("v4/train/page-002")) == ["v3/train/page-002", "v4/train/page-002"]
+    v3 = pins.find("v3/", None)
+    assert v3 is not None
+    pins.delete(v3)
+    assert found("v4/train/page-002") == ["v4/train/page-002"]
+    assert found("v4/big-crc.bin") == ["v4/big-crc.bin"]  # by its multipart ETag
+    assert all(i is indexes[0] for i in indexes)  # one index, kept
+
+
 def test_every_way_of_copying_gives_the_same_verified_bytes(tmp_path: Path) -> None:
     data = os.urandom(3 * BS + 17)
     source = tmp_path / "source"
     source.write_bytes(data)
-    for how in reuse.WAYS:
+    for how in copies.WAYS:
         target = tmp_path / how
         with source.open("rb") as src, target.open("wb") as dst:
-            made = reuse.copy_with(how, src.fileno(), dst.fileno(), len(data), BS)
-        assert made in (how, None)  # None: this filesystem has no such way (FICLONE on ext4)
-        if made is not None:
-            assert target.read_bytes() == data
+            failed = copies.copy_with(how, src.fileno(), dst.fileno(), len(data), BS)
+        # An error: this filesystem has no such way (FICLONE on ext4), nothing written.
+        assert target.read_bytes() == (data if failed is None else b"")
+
+
+def test_a_way_that_fails_before_writing_falls_back_and_is_not_tried_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Any error before a byte is written (here EBADF: a reflink or copy_file_range
+    into an append-only file) falls back to the next way, once per cache."""
+    data = os.urandom(3 * BS + 17)
+    source = tmp_path / "source"
+    source.write_bytes(data)
+    cache_copies = copies.Copies()
+    for n in range(2):
+        target = tmp_path / f"target-{n}"
+        with source.open("rb") as src, target.open("ab") as dst:  # pwrite appends: fine
+            how = cache_copies.copy(src.fileno(), dst.fileno(), len(data), BS)
+        assert (how, target.read_bytes()) == ("read-write", data)
+        assert cache_copies.ways == ["read-write"]
+        if n == 0:
+            dropped = len(caplog.records)
+            assert 1 <= dropped <= 2  # once per way, at most
+            caplog.clear()
+    assert caplog.records == []  # the second copy tries no dropped way: no more lines
+
+
+def true_used(cache: BlockCache) -> int:
+    """The bytes on the books counted the slow way, block by block."""
+    ledger = cache.ledger
+    return sum(
+        ledger.block_len(record.version, idx)
+        for oid in ledger.oids()
+        if (record := ledger.record(oid)) is not None
+        for idx in record.blocks
+    )
+
+
+class GatedStore(MemoryStore):
+    """GETs of ``gated`` keys wait (in their thread) until ``gate`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+        self.gated: set[str] = set()
+
+    def iter_range(self, key: str, *args: Any, **kwargs: Any) -> Iterator[bytes]:
+        if key in self.gated:
+            self.gate.wait(30)
+        return super().iter_range(key, *args, **kwargs)
+
+
+def v3_v4_same(tmp_path: Path, store: MemoryStore) -> tuple[BlockCache, bytes]:
+    """v3/a cached and pinned; v4/a the same bytes (three blocks), not cached."""
+    body = bytes(range(256)) * (2 * BS // 256) + b"tail"
+    store.put("v3/a", body)
+    store.put("v4/a", body)
+    cache, pins = setup(tmp_path, store)
+    assert prefetch(cache, pins, "v3/")["ok"]
+    assert cache.ledger.used == true_used(cache)
+    return cache, body
+
+
+def test_a_reader_in_flight_first_the_copy_stands_aside(tmp_path: Path) -> None:
+    """The target's GET is under way: no copy (it would count the block twice)."""
+    store = GatedStore()
+    cache, body = v3_v4_same(tmp_path, store)
+    src, dst = version(store, "v3/a"), version(store, "v4/a")
+    store.gated.add("v4/a")
+    store.requests.clear()
+    got: list[bytes] = []
+
+    async def body_() -> None:
+        async with trio.open_nursery() as nursery:
+
+            async def reader() -> None:
+                got.append(await cache.read(dst, 0, 10))
+
+            nursery.start_soon(reader)
+            await wait_all_tasks_blocked()  # the reader's GET waits at the gate
+            assert cache.in_flight == 1
+            assert not await reuse.copy_verified(cache, src, dst)
+            store.gate.set()
+
+    run_with(cache, body_)
+    assert got == [body[:10]]
+    assert store.requests["get"] == 1
+    assert cache.ledger.used == true_used(cache)
+
+
+def test_a_reader_during_the_copy_waits_for_it_no_get(tmp_path: Path) -> None:
+    """Every target block is claimed by the copy: a reader waits for it, then reads disk."""
+    store = MemoryStore()
+    cache, body = v3_v4_same(tmp_path, store)
+    src, dst = version(store, "v3/a"), version(store, "v4/a")
+    store.requests.clear()
+    got: list[bytes] = []
+
+    async def body_() -> None:
+        limiter, holders = cache.disk_limiter, [object() for _ in range(4)]
+        for holder in holders:  # the disk busy: the copy waits with its claims
+            await limiter.acquire_on_behalf_of(holder)
+        copied: list[bool] = []
+        async with trio.open_nursery() as nursery:
+
+            async def copy() -> None:
+                copied.append(await reuse.copy_verified(cache, src, dst))
+
+            async def reader() -> None:
+                got.append(await cache.read(dst, 0, len(body)))
+
+            nursery.start_soon(copy)
+            await wait_all_tasks_blocked()
+            nursery.start_soon(reader)
+            await wait_all_tasks_blocked()
+            for holder in holders:
+                limiter.release_on_behalf_of(holder)
+        assert copied == [True]
+
+    run_with(cache, body_)
+    assert got == [body]
+    assert store.requests["get"] == 0
+    assert cache.ledger.used == true_used(cache)
+
+
+def test_a_block_on_the_books_twice_is_counted_once(tmp_path: Path) -> None:
+    """Two writers of one block (each reserved it): the second gives its bytes back."""
+    ledger = Ledger(BS)
+    bounds = Bounds(tmp_path, 1 << 30, 0)
+    record = ledger.new_record(ObjectVersion("b", "k", '"e"', 2 * BS))
+    for _ in range(2):
+        assert ledger.reserve(BS, bounds)[1]
+        ledger.add_block(record, 0, 1)
+    assert ledger.used == BS
+    assert ledger.reserve(2 * BS, bounds)[1]
+    ledger.add_blocks(record, {0: 1, 1: 2})
+    assert ledger.used == 2 * BS
+
+
+def test_a_copy_reserves_its_room_before_it_writes(tmp_path: Path) -> None:
+    store = MemoryStore()
+    cache, body = v3_v4_same(tmp_path, store)
+    src, dst = version(store, "v3/a"), version(store, "v4/a")
+    before = cache.ledger.used
+
+    async def body_() -> None:
+        limiter, holders = cache.disk_limiter, [object() for _ in range(4)]
+        for holder in holders:  # the disk busy: the copy waits, its room on the books
+            await limiter.acquire_on_behalf_of(holder)
+        copied: list[bool] = []
+        async with trio.open_nursery() as nursery:
+
+            async def copy() -> None:
+                copied.append(await reuse.copy_verified(cache, src, dst))
+
+            nursery.start_soon(copy)
+            await wait_all_tasks_blocked()
+            assert cache.ledger.used == before + len(body)
+            for holder in holders:
+                limiter.release_on_behalf_of(holder)
+        assert copied == [True]
+
+    run_with(cache, body_)
+    assert cache.ledger.used == true_used(cache) == before + len(body)
+
+
+def test_a_copy_takes_no_slot_of_the_disk_limiter_reads_wait_for(tmp_path: Path) -> None:
+    """Every disk slot taken (by reads): the copy and its read-back still run; only the
+    quick adopt at its end waits for a slot."""
+    store = MemoryStore()
+    cache, body = v3_v4_same(tmp_path, store)
+    src, dst = version(store, "v3/a"), version(store, "v4/a")
+    place = cache.object_path(dst.oid)
+    store.requests.clear()
+
+    def copied_and_checked() -> bool:
+        made = list(place.parent.glob(f"{place.name}.reuse-*"))
+        done = cache.integrity.copies.limiter.borrowed_tokens == 0
+        return done and len(made) == 1 and made[0].stat().st_size == len(body)
+
+    async def body_() -> None:
+        limiter, holders = cache.disk_limiter, [object() for _ in range(4)]
+        for holder in holders:
+            await limiter.acquire_on_behalf_of(holder)
+        copied: list[bool] = []
+        async with trio.open_nursery() as nursery:
+
+            async def copy() -> None:
+                copied.append(await reuse.copy_verified(cache, src, dst))
+
+            nursery.start_soon(copy)
+            for _ in range(3000):  # a bound: on the disk limiter it would never get there
+                if copied_and_checked():
+                    break
+                await trio.sleep(0.01)
+            assert copied_and_checked()
+            assert not place.exists()  # not adopted yet: that waits for a disk slot
+            for holder in holders:
+                limiter.release_on_behalf_of(holder)
+        assert copied == [True]
+
+    run_with(cache, body_)
+    read_back(cache, dst, body)
+    assert store.requests["get"] == 0
+
+
+def test_a_disk_error_in_a_copy_is_one_warning_the_object_is_downloaded(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The copy's room needs an evicted file gone, and it cannot go (a directory in its
+    place): the prefetch goes on, and downloads the object."""
+    store = MemoryStore()
+    body = bytes(range(256)) * (2 * BS // 256) + b"tail"
+    store.put("v3/a", body)
+    store.put("v4/a", body)
+    store.put("other", b"o" * BS)
+    cache, pins = setup(tmp_path, store, cache_size=2 * len(body) + BS // 2)
+    assert prefetch(cache, pins, "v3/")["ok"]
+    read_back(cache, version(store, "other"), b"o" * BS)  # unpinned: the copy's victim
+    victim = cache.object_path(version(store, "other").oid)
+    victim.unlink()
+    victim.mkdir()
+    store.requests.clear()
+    final = prefetch(cache, pins, "v4/")
+    assert (final["ok"], final["files_reused"]) == (True, 0)
+    assert store.requests["get"] == 1
+    (warning,) = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert "downloaded instead" in warning.getMessage()
+    assert cache.ledger.used == true_used(cache)
+    read_back(cache, version(store, "v4/a"), body)
+    assert store.requests["get"] == 1
+
+
+def test_a_target_cached_another_way_during_the_copy_is_no_reuse(tmp_path: Path) -> None:
+    """An upload of the same version adopted while the copy waited: the copy is dropped,
+    its room given back, and nothing is counted as reused."""
+    store = MemoryStore()
+    cache, body = v3_v4_same(tmp_path, store)
+    src, dst = version(store, "v3/a"), version(store, "v4/a")
+    upload = tmp_path / "upload"
+    upload.write_bytes(body)
+    crcs = {i: zlib.crc32(body[i * BS : (i + 1) * BS]) for i in range(3)}
+
+    async def body_() -> None:
+        limiter = cache.integrity.copies.limiter
+        holders = [object() for _ in range(int(limiter.total_tokens))]
+        for holder in holders:  # every copy slot taken: the copy waits, claimed
+            await limiter.acquire_on_behalf_of(holder)
+        copied: list[bool] = []
+        async with trio.open_nursery() as nursery:
+
+            async def copy() -> None:
+                copied.append(await reuse.copy_verified(cache, src, dst))
+
+            nursery.start_soon(copy)
+            await wait_all_tasks_blocked()
+            assert await cache.adopt(dst, upload, crcs)
+            for holder in holders:
+                limiter.release_on_behalf_of(holder)
+        assert copied == [False]
+
+    run_with(cache, body_)
+    assert cache.stats["reused_objects"] == 0
+    assert cache.ledger.used == true_used(cache)
+    place = cache.object_path(dst.oid)
+    assert list(place.parent.glob(f"{place.name}.reuse-*")) == []
+    read_back(cache, dst, body)
 
 
 # ---- through a real mount, GETs counted at the S3 server ----------------------------
