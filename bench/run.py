@@ -72,7 +72,7 @@ class Suite:
         self.local = work / "local"
         self.data = Dataset()
         self.rclone = self.s3fs = self.aws = None
-        if args.only == "w6":  # s3cachefs and local disk only
+        if args.only:  # s3cachefs (and local disk) only: no peer is installed
             return
         self.rclone, why_rclone = peers.which_rclone()
         self.s3fs, why_s3fs = peers.which_s3fs()
@@ -145,6 +145,9 @@ class Suite:
     def profile_run(self, net: Network, primary: bool) -> None:
         p = net.profile
         print(f"== profile {p.name}: {net.endpoint_url}", flush=True)
+        if self.args.only in ("readsfirst", "w3"):
+            self.only_s3cachefs(net)
+            return
         w1_rows: list[Row] = []
         # W1: the s3cachefs mount stays up on the primary profile for W2, W4, W5.
         fs = peers.S3CacheFS(net.endpoint_url, self.scratch("s3cachefs"))
@@ -193,6 +196,19 @@ class Suite:
                     )
                 )
         self.w3(net)
+
+    def only_s3cachefs(self, net: Network) -> None:
+        """``--only readsfirst``: the W1 prefetch with its reads-first rows; ``--only w3``."""
+        if self.args.only == "w3":
+            self.w3(net)
+            return
+        fs = peers.S3CacheFS(net.endpoint_url, self.scratch("s3cachefs"))
+        fs.start()
+        try:
+            self.w1("s3cachefs prefetch", net.profile, self.w1_prefetch(fs, net))
+        finally:
+            fs.stop()
+            shutil.rmtree(fs.cache.parent, ignore_errors=True)
 
     def w1_mounts(self, net: Network, primary: bool) -> None:
         p = net.profile
@@ -635,7 +651,11 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="default bench/results/DATE-MODE.json")
     parser.add_argument("--workdir", type=Path, default=None, help="scratch (default: a tmp dir)")
     parser.add_argument(
-        "--only", choices=("w6",), default="", help="run one workload (w6: bench/cluster.py)"
+        "--only",
+        choices=("w6", "readsfirst", "w3"),
+        default="",
+        help="run one workload (w6: bench/cluster.py; readsfirst: the W1 prefetch with its"
+        " reads-first rows, no peers; w3: cold first byte)",
     )
     args = parser.parse_args()
     args.profile = [p.strip() for p in args.profile.split(",") if p.strip()]

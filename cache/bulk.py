@@ -66,6 +66,7 @@ class BulkEngine:
         self.stats = fetcher.stats
         self.disk_limiter = fetcher.disk_limiter
         self.missing_runs = fetcher.missing_runs
+        self.reads_waiting = fetcher.reads_waiting
         self._waiting: dict[JobKey, _Waiting] = {}
         self.pool = WorkerPool(
             size=workers,
@@ -113,6 +114,11 @@ class BulkEngine:
         done here (workers off or lost, blocks cached or in flight meanwhile, no room):
         the caller uses the in-daemon path. Raises StoreError if S3 refused the run.
         """
+        # Reads go first: while one waits on S3 (or did a moment ago), the jobs out
+        # drain down to one per worker before another goes: the link, the server
+        # and the cores are the reads'; one job per worker keeps the prefetch going.
+        floor = max(1, self.pool.size)
+        await self.reads_waiting.give_way(lambda: self.pool.held >= floor)
         if not self.pool.ready(self.ledger.block_size) or self.missing_runs(version, run) != [run]:
             return None
         block_size = self.ledger.block_size
@@ -247,3 +253,4 @@ class BulkEngine:
             self.flights.end((done.oid, idx))
         waiting.done = done
         waiting.event.set()
+        self.reads_waiting.nudge()  # one job fewer out: a job held back may go
