@@ -35,7 +35,7 @@ def test_a_waiting_read_holds_back_new_jobs_until_it_has_its_bytes(
     bucket: Bucket, tmp_path: Path, gate_proxy: GateProxy
 ) -> None:
     """One worker with two GET threads: while a read's GET is held at the server, the
-    six prefetch runs go one at a time (not two); once it is answered, all go, each
+    six prefetch runs go one at a time (not two at once); once it is answered, all go, each
     object fetched once, and the read got its bytes."""
     store = make_store(bucket, tmp_path, gate_proxy.endpoint_url)
     read_version, read_data = put_object(bucket, store, "read", BS + 3)
