@@ -257,4 +257,4 @@ class BulkEngine:
             self.flights.end((done.oid, idx))
         waiting.done = done
         waiting.event.set()
-        self.reads_waiting.nudge()  # one job fewer out: a job held back may go
+        self.reads_waiting.nudge()  # one job fewer out: one held back may go

@@ -119,7 +119,7 @@ class ReadsWaiting:
         self.count = 0
         self.linger = linger
         self._last = -float("inf")  # trio time the last read's run ended
-        self._changed = trio.Event()
+        self._lot = trio.lowlevel.ParkingLot()  # background tasks giving way
 
     def begin(self) -> None:
         self.count += 1
@@ -128,12 +128,12 @@ class ReadsWaiting:
         self.count -= 1
         if not self.count:
             self._last = trio.current_time()
-            self.nudge()
+            self._lot.unpark_all()
 
     def nudge(self) -> None:
-        """Wake whoever waits in `give_way` to look again."""
-        self._changed.set()
-        self._changed = trio.Event()
+        """A background job ended: one task waiting in `give_way` looks again (not all:
+        each wake-up is a step on the trio thread the reads need)."""
+        self._lot.unpark()
 
     def active(self) -> bool:
         return bool(self.count) or trio.current_time() < self._last + self.linger
@@ -143,4 +143,4 @@ class ReadsWaiting:
         at each change) is false."""
         while self.active() and busy():
             with trio.move_on_at(self._last + self.linger if not self.count else float("inf")):
-                await self._changed.wait()
+                await self._lot.park()
