@@ -123,6 +123,30 @@ class BulkEngine:
         # drain down to one before another goes: the link, the server and the cores
         # are the reads'; that one job keeps the prefetch going under any stream of reads.
         await self.reads_waiting.give_way(lambda: self.pool.held >= READS_FIRST_JOBS)
+        try:
+            waiting = await self._dispatch(version, run, check)
+        except BaseException:
+            self.reads_waiting.nudge()  # not sent: the slot it was woken for is another's
+            raise
+        if waiting is None:
+            self.reads_waiting.nudge()
+            return None
+        # Cancelled here, the job still ends (answered, or its worker dies): settled then.
+        await waiting.event.wait()
+        done = waiting.done
+        assert done is not None
+        if done.lost:
+            return None
+        if done.error_kind == "CredentialsError":
+            raise CredentialsError(done.error)
+        if done.error:
+            raise error_of(done)
+        return done
+
+    async def _dispatch(
+        self, version: ObjectVersion, run: range, check: Check | None
+    ) -> _Waiting | None:
+        """Register and send the job of ``run``; None if it is not for a worker."""
         if not self.pool.ready(self.ledger.block_size) or self.missing_runs(version, run) != [run]:
             return None
         block_size = self.ledger.block_size
@@ -156,17 +180,7 @@ class BulkEngine:
         waiting = _Waiting(job, version, run, flights)
         self._waiting[(oid, start)] = waiting
         self.pool.send(worker, job)
-        # Cancelled here, the job still ends (answered, or its worker dies): settled then.
-        await waiting.event.wait()
-        done = waiting.done
-        assert done is not None
-        if done.lost:
-            return None
-        if done.error_kind == "CredentialsError":
-            raise CredentialsError(done.error)
-        if done.error:
-            raise error_of(done)
-        return done
+        return waiting
 
     async def _commit(self, batch: list[Done]) -> None:
         """Index a batch of finished jobs in one transaction; wake their callers."""

@@ -1,5 +1,5 @@
 """Reads go first (issue 12): while a read waits on S3, the bulk engine sends no new
-job past one per worker; it never stops the prefetch, and resumes when no read waits.
+job while one is out; it never stops the prefetch, and resumes when no read waits.
 
 A real worker process and a real S3 server behind the proxy of `tests.test_bulk`,
 which counts GETs per key and holds those of chosen keys until the test lets them go.
@@ -75,7 +75,7 @@ def test_a_read_that_never_ends_does_not_stop_the_prefetch(
     bucket: Bucket, tmp_path: Path, gate_proxy: GateProxy
 ) -> None:
     """A read held at the server all along: the prefetch's runs still all complete
-    (one per worker at a time), so no stream of reads can starve it."""
+    (one at a time), so no stream of reads can starve it."""
     store = make_store(bucket, tmp_path, gate_proxy.endpoint_url)
     read_version, read_data = put_object(bucket, store, "read", 10)
     runs = [put_object(bucket, store, key, 1000) for key in BACKGROUND]
