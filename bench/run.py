@@ -8,6 +8,7 @@ import os
 import platform
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -72,7 +73,7 @@ class Suite:
         self.local = work / "local"
         self.data = Dataset()
         self.rclone = self.s3fs = self.aws = None
-        if args.only in ("w6", "refresh"):  # s3cachefs and local disk only
+        if args.only:  # s3cachefs (and local disk) only: no peer is installed
             return
         self.rclone, why_rclone = peers.which_rclone()
         self.s3fs, why_s3fs = peers.which_s3fs()
@@ -148,6 +149,9 @@ class Suite:
     def profile_run(self, net: Network, primary: bool) -> None:
         p = net.profile
         print(f"== profile {p.name}: {net.endpoint_url}", flush=True)
+        if self.args.only in ("readsfirst", "w3"):
+            self.only_s3cachefs(net)
+            return
         w1_rows: list[Row] = []
         # W1: the s3cachefs mount stays up on the primary profile for W2, W4, W5.
         fs = peers.S3CacheFS(net.endpoint_url, self.scratch("s3cachefs"))
@@ -196,6 +200,19 @@ class Suite:
                     )
                 )
         self.w3(net)
+
+    def only_s3cachefs(self, net: Network) -> None:
+        """``--only readsfirst``: the W1 prefetch with its reads-first rows; ``--only w3``."""
+        if self.args.only == "w3":
+            self.w3(net)
+            return
+        fs = peers.S3CacheFS(net.endpoint_url, self.scratch("s3cachefs"))
+        fs.start()
+        try:
+            self.w1("s3cachefs prefetch", net.profile, self.w1_prefetch(fs, net))
+        finally:
+            fs.stop()
+            shutil.rmtree(fs.cache.parent, ignore_errors=True)
 
     def w1_mounts(self, net: Network, primary: bool) -> None:
         p = net.profile
@@ -269,8 +286,10 @@ class Suite:
         seconds, summed over its workers) in the final event gets a row for each too.
         """
         cmd, environ = fs.prefetch_command()
+        probes = sorted((fs.mnt / PROBE_PREFIX).iterdir())  # listed: only the data is cold
+        idle = [workloads.one_first_byte(path) for path in probes[: PROBES // 2]]
         drop_caches()
-        net.reset()
+        net.reset()  # after the idle reads: the server's bytes are the prefetch's (and probes')
         usage = Usage([fs.pid] if fs.pid else [])
         stop = threading.Event()
         sent_all: list[float] = []
@@ -282,11 +301,11 @@ class Suite:
                     sent_all.append(time.perf_counter() - start)
                     return
 
-        probes = sorted((fs.mnt / PROBE_PREFIX).iterdir())  # listed: only the data is cold
-        idle = [workloads.one_first_byte(path) for path in probes[: PROBES // 2]]
         busy: list[float] = []
 
         def probe_reads() -> None:  # cold reads outside the dataset, one per 20 ms
+            if not _until_download(net, stop):
+                return
             for path in probes[PROBES // 2 :]:
                 if stop.wait(0.02):
                     return
@@ -477,7 +496,6 @@ class Suite:
                 pass
             rng = random.Random(11)
             keys = rng.sample([k for k, _ in self.data.pages], 20 if self.args.small else 50)
-            ours = workloads.first_byte([fs.mnt / k for k in keys])
             s3 = boto3.client(
                 "s3",
                 endpoint_url=net.endpoint_url,
@@ -494,13 +512,15 @@ class Suite:
                 raw_rest.append(body)
 
             raw_rest: list[Any] = []
-            times = []
-            for key in keys:
+            times, mine = [], []
+            for key in keys:  # side by side, key by key: the shared machine's load drifts
+                mine.append(workloads.one_first_byte(fs.mnt / key))
                 start = time.perf_counter()
                 raw_first_byte(key)
                 times.append(time.perf_counter() - start)
                 raw_rest.pop().read()  # drain untimed so the connection is reused
             raw = sorted(times)[len(times) // 2]
+            ours = statistics.median(mine)
             self.report.add(
                 Row(
                     "W3 cold first byte",
@@ -622,6 +642,16 @@ class Suite:
         )
 
 
+def _until_download(net: Network, stop: threading.Event) -> bool:
+    """Wait for the prefetch's first byte from the server: the reads-first probes are
+    "while a prefetch saturates the link", not during its listing (no GET of it out).
+    False if it ended first."""
+    while net.bytes_sent() == 0:
+        if stop.wait(0.01):
+            return False
+    return True
+
+
 def _quantile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -639,9 +669,10 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None, help="scratch (default: a tmp dir)")
     parser.add_argument(
         "--only",
-        choices=("w6", "refresh"),
+        choices=("w6", "refresh", "readsfirst", "w3"),
         default="",
-        help="run one workload (w6: bench/cluster.py; refresh: bench/refresh.py)",
+        help="run one workload (w6: bench/cluster.py; refresh: bench/refresh.py; readsfirst:"
+        " the W1 prefetch with its reads-first rows, no peers; w3: cold first byte)",
     )
     args = parser.parse_args()
     args.profile = [p.strip() for p in args.profile.split(",") if p.strip()]

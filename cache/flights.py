@@ -16,6 +16,7 @@ All of it runs on the trio thread; nothing here awaits except the waits.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -103,3 +104,43 @@ class Flights:
         for key, flight in list(self._flights.items()):
             if key[0] == oid:
                 await flight.landed.wait()
+
+
+class ReadsWaiting:
+    """How many reads wait on S3 right now: background work gives way while any do.
+
+    The fetcher counts a reader's runs (not readahead, not prefetch) from start to
+    end; the bulk engine sends no new job past a floor while the count is not zero,
+    or was within ``linger`` seconds (reads come in bursts: a quiet server for the
+    next one too), and nudges this when one of its jobs ends (DESIGN "reads go first").
+    """
+
+    def __init__(self, linger: float = 0.0) -> None:
+        self.count = 0
+        self.linger = linger
+        self._last = -float("inf")  # trio time the last read's run ended
+        self._lot = trio.lowlevel.ParkingLot()  # background tasks giving way
+
+    def begin(self) -> None:
+        self.count += 1
+
+    def end(self) -> None:
+        self.count -= 1
+        if not self.count:
+            self._last = trio.current_time()
+            self._lot.unpark_all()
+
+    def nudge(self) -> None:
+        """A background job ended: one task waiting in `give_way` looks again (not all:
+        each wake-up is a step on the trio thread the reads need)."""
+        self._lot.unpark()
+
+    def active(self) -> bool:
+        return bool(self.count) or trio.current_time() < self._last + self.linger
+
+    async def give_way(self, busy: Callable[[], bool]) -> None:
+        """Return once no read waits (nor did within ``linger``), or ``busy()`` (checked
+        at each change) is false."""
+        while self.active() and busy():
+            with trio.move_on_at(self._last + self.linger if not self.count else float("inf")):
+                await self._lot.park()

@@ -490,8 +490,8 @@ def test_engine_releases_a_survivors_jobs_when_no_worker_can_be_started(
             await until(lambda: gate_proxy.gets["one"] >= 1)
             pids = cache.bulk.pids
             assert len(pids) == 2
-            busy = [w for w in cache.bulk._pool if w.jobs]
-            idle = [w for w in cache.bulk._pool if not w.jobs]
+            busy = [w for w in cache.bulk.pool.workers if w.jobs]
+            idle = [w for w in cache.bulk.pool.workers if not w.jobs]
             assert len(busy) == 1 and len(idle) == 1
             os.kill(idle[0].proc.pid, signal.SIGKILL)
             await until(lambda: not idle[0].alive)
