@@ -23,11 +23,13 @@ every other name falls through to FUSE, listings are merged.
   (`datasets.treecheck`), and the version is the one the FUSE view names
   (the daemon offers a file at its last close, `offer`). Re-checked every
   ``--verify-interval``; a file that fails leaves the stack (FUSE path again).
-- ``--metadata-ttl``: the kernel answers lookups of linked names itself, so
-  every TTL the directories served are listed again (`Lister`, the FUSE view's
-  own listing); what changed leaves at the next swap: a change in S3 is seen
-  about one TTL (plus a listing, a swap) later, the whole old version until then.
-- Off for ``--writable`` mounts, a daemon that is not root, ``--no-read-serve``,
+- Opt-in (``--read-serve``), and only with ``--metadata-ttl indefinite``
+  (`base.config`): immutable data. overlayfs turns FUSE's new inode for a name
+  it looked up into ESTALE, so a changed object cannot be followed; with an
+  indefinite TTL the FUSE view never lists again either, so what is linked
+  stays what FUSE would serve (a deletion or change in S3 is not seen by
+  either until the next mount).
+- Off for ``--writable`` mounts, a daemon that is not root,
   and while a pinned dataset is under this mount (its own overlay or bind there
   would sit inside this one, which a swap would hide: `suspend`).
 """
@@ -37,14 +39,12 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from s3cachefs.base.values import INDEFINITE_TTL
 from s3cachefs.cache.blockcache import BlockCache
 from s3cachefs.cache.blocks import ObjectVersion
 from s3cachefs.datasets import binds, overlay, readtrees
@@ -58,12 +58,7 @@ DELAY = 2.0  # seconds after the first waiting object, a swap of what waits
 MAX_LAYERS = 16  # deltas above the base before a compaction
 HOLD_FRACTION = 0.5  # of --cache-size that linked objects may hold
 TRIES = 3  # swaps a file waits for its last blocks to be on disk
-MIN_TTL = 1.0  # a shorter --metadata-ttl (a listing at every lookup): off
 WATCH_INTERVAL = 1.0  # how often mountinfo is read for an overlay someone else removed
-
-# A directory of the mount (relative, "" the root) -> its files now: name -> ETag;
-# None if that is not known now (S3 unreachable: the FUSE view keeps its last listing too).
-Lister = Callable[[str], Awaitable[dict[str, str] | None]]
 
 
 @dataclass
@@ -86,8 +81,6 @@ class ReadServe:
         cache: BlockCache,
         pins: PinStore,
         enabled: bool,
-        metadata_ttl: float,
-        lister: Lister,
         verify_interval: float | None = None,
     ) -> None:
         self.mountpoint = mountpoint
@@ -95,8 +88,6 @@ class ReadServe:
         self.cache = cache
         self.pins = pins
         self.enabled = enabled
-        self.metadata_ttl = metadata_ttl
-        self.lister = lister
         self.verify_interval = verify_interval
         self.trees = cache.root / "trees"
         self.note = "" if enabled else "off"
@@ -147,8 +138,6 @@ class ReadServe:
             return
         await trio.to_thread.run_sync(readtrees.sweep, self.trees)
         async with trio.open_nursery() as nursery:
-            if self.metadata_ttl < INDEFINITE_TTL:  # indefinite: never listed again, as FUSE
-                nursery.start_soon(self._relist)
             if self.verify_interval is not None:
                 nursery.start_soon(self._checks)
             nursery.start_soon(self._watch)
@@ -349,29 +338,6 @@ class ReadServe:
                     await self._unmount("unmounted by someone else")
 
     # ---- keeping what is served current ------------------------------------------
-
-    async def _relist(self) -> None:
-        """Every TTL, list the served directories again; what changed leaves."""
-        while True:
-            await trio.sleep(self.metadata_ttl)
-            dirs: dict[str, list[str]] = {}
-            for rel in list(self.served):
-                parent, _, name = rel.rpartition("/")
-                dirs.setdefault(parent, []).append(name)
-            changed = []
-            for parent, names in dirs.items():
-                listed = await self.lister(parent)
-                if listed is None:
-                    continue
-                for name in names:
-                    rel = f"{parent}/{name}" if parent else name
-                    linked = self.served.get(rel)
-                    if linked is not None and listed.get(name) != linked.version.etag:
-                        changed.append(rel)
-            if changed:
-                log.info("read-serve: %d files changed in S3 (e.g. %s)", len(changed), changed[0])
-                self.leaving.update(changed)
-                self._wake.set()
 
     async def _checks(self) -> None:
         """Every ``--verify-interval``, read every linked file back against its CRC32s."""

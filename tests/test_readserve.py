@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import random
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,11 +16,27 @@ from typing import Any
 import pytest
 
 from s3cachefs.datasets import binds, overlay
-from tests.conftest import Bucket, Mount, Mounter, drop_page_cache, run_cli, status
+from tests.conftest import Bucket, Mount, Mounter, drop_page_cache, mount_cli, run_cli, status
+from tests.test_cli_errors import _assert_one_line_error
 from tests.test_kernelserve import fuse_reads, wait_for
 from tests.test_prefetch import fill, prefetch
 
-ON = ("--read-serve", "--min-free", "0")
+# Opt-in, and for immutable data only: an overlay over FUSE turns a changed object into ESTALE.
+ON = ("--read-serve", "--metadata-ttl", "indefinite", "--min-free", "0")
+
+
+def test_read_serve_is_off_by_default_and_needs_an_indefinite_ttl(
+    bucket: Bucket, mounter: Mounter
+) -> None:
+    mnt = mounter.tmp_path / "refused"
+    mnt.mkdir()
+    for ttl in ((), ("--metadata-ttl", "60")):
+        result = mount_cli(bucket, mnt, mounter.tmp_path / "c", "--read-serve", *ttl)
+        _assert_one_line_error(result, 2, "--read-serve", "--metadata-ttl indefinite", "ESTALE")
+    files = fill(bucket, count=3)
+    mount = mounter(bucket.name, "--metadata-ttl", "indefinite")  # the default: off
+    read_all(mount, files)
+    assert status(mount)["read_serve"] is None
 
 
 @pytest.fixture
@@ -91,7 +106,7 @@ def test_a_file_read_once_is_kernel_served_on_the_second_pass(
 
 def test_off_for_writable_mounts_and_the_setting(bucket: Bucket, mounter: Mounter) -> None:
     files = fill(bucket, count=4)
-    for i, extra in enumerate(((*ON, "--writable"), ("--min-free", "0", "--no-read-serve"))):
+    for i, extra in enumerate(((*ON, "--writable"), ("--min-free", "0"))):
         mount = mounter(bucket.name, *extra, name=f"m{i}", cache_dir=mounter.tmp_path / f"c{i}")
         read_all(mount, files)
         before = fuse_reads(mount)
@@ -101,32 +116,28 @@ def test_off_for_writable_mounts_and_the_setting(bucket: Bucket, mounter: Mounte
         assert not [o for o in overlay.overlays() if o.mount_point.startswith(str(mount.path))]
 
 
-def test_a_changed_object_is_never_mixed_in_and_seen_within_the_ttl(
+def test_a_change_or_deletion_in_s3_is_seen_as_the_fuse_path_sees_it(
     bucket: Bucket, mounter: Mounter
 ) -> None:
+    """Immutable data: both paths keep what they listed and read, the old version whole."""
     files = fill(bucket, count=6)
-    mount = mounter(bucket.name, *ON, "--metadata-ttl", "2")
+    mount = mounter(bucket.name, *ON)
+    fuse = mounter(
+        bucket.name, "--metadata-ttl", "indefinite", name="fuse", cache_dir=mounter.tmp_path / "c2"
+    )
     read_all(mount, files)
+    read_all(fuse, files)
     wait_for(lambda: served(mount)["files"] == len(files), "the read files linked")
-    key = sorted(files)[0]
-    new = b"a new version " * 5000
-    bucket.put(key, new)
-    seen: list[bytes] = []
-    while not seen or seen[-1] != new:  # the old version whole, then the new one whole
+    changed, deleted = sorted(files)[:2]
+    bucket.put(changed, b"a new version " * 5000)
+    bucket.delete(deleted)
+    for m in (mount, fuse):
         drop_page_cache()
-        body = (mount.path / key).read_bytes()
-        assert body in (files[key], new)
-        seen.append(body)
-        time.sleep(0.1)
-        assert len(seen) < 2000, "the new version never came"
-    wait_for(lambda: served(mount)["files"] == len(files) - 1, "the old version out")
-    read_all(mount, {k: v for k, v in files.items() if k != key})
-    # Read again, the new version is linked in turn.
-    wait_for(lambda: served(mount)["files"] == len(files), "the new version linked")
-    drop_page_cache()
-    before = fuse_reads(mount)
-    assert (mount.path / key).read_bytes() == new
-    assert fuse_reads(mount) == before
+        assert (m.path / changed).read_bytes() == files[changed]
+        assert (m.path / deleted).read_bytes() == files[deleted]
+        for d in {k.rpartition("/")[0] for k in (changed, deleted)}:
+            names = sorted(k.rpartition("/")[2] for k in files if k.rpartition("/")[0] == d)
+            assert sorted(os.listdir(m.path / d)) == names
 
 
 def test_a_damaged_linked_file_goes_back_to_the_checked_path(
