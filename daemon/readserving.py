@@ -40,6 +40,7 @@ def read_serve(
         cache=cache,
         pins=pins,
         enabled=True,
+        allow_other=config.allow_other,
         verify_interval=config.verify_interval,
     )
     core.on_closed = closed(core, serve)

@@ -36,6 +36,7 @@ every other name falls through to FUSE, listings are merged.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -81,6 +82,7 @@ class ReadServe:
         cache: BlockCache,
         pins: PinStore,
         enabled: bool,
+        allow_other: bool = False,
         verify_interval: float | None = None,
     ) -> None:
         self.mountpoint = mountpoint
@@ -88,6 +90,7 @@ class ReadServe:
         self.cache = cache
         self.pins = pins
         self.enabled = enabled
+        self.allow_other = allow_other
         self.verify_interval = verify_interval
         self.trees = cache.root / "trees"
         self.note = "" if enabled else "off"
@@ -218,7 +221,10 @@ class ReadServe:
             self.pins.hold(owner, linked.version.oid)
         gone = {self.served[r].version.oid for r in leaving if r in self.served}
         try:
-            await trio.to_thread.run_sync(readtrees.build, tree, self._entries(files))
+            entries = self._entries(files)
+            await trio.to_thread.run_sync(
+                functools.partial(readtrees.build, tree, entries, allow_other=self.allow_other)
+            )
             layers = [tree] if compact else [tree, *self.layers]
             if not files and compact:
                 layers = []

@@ -30,10 +30,15 @@ def sweep(trees: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def build(tree: Path, entries: list[binds.TreeEntry]) -> None:
-    """Build ``tree`` (a layer; may be empty of files) and sync it to disk."""
+def build(tree: Path, entries: list[binds.TreeEntry], *, allow_other: bool) -> None:
+    """Build ``tree`` (a layer; may be empty of files) and sync it to disk.
+
+    overlayfs reaches every layer, FUSE's too, with the mounter's (root's)
+    creds, so FUSE's "only the mounting user" rule never applies under it; the
+    overlay's dirs take their modes from the top layer: 0700 (root only, as
+    FUSE without allow_other) unless ``allow_other``."""
     tree.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    binds.build_tree(tree, entries)
+    binds.build_tree(tree, entries, dir_mode=0o755 if allow_other else 0o700)
     binds.syncfs(tree.parent)
 
 

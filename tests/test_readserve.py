@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -237,3 +238,29 @@ def test_a_pinned_dataset_takes_over_from_the_root_overlay(
     before = fuse_reads(mount)
     read_all(mount, files)
     assert fuse_reads(mount) == before
+
+
+def other_user_reads(path: Path) -> bool:
+    """Whether uid/gid 65534 (no groups) can read a byte of ``path``."""
+    run = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "head", "-c1", str(path)]
+    return subprocess.run(run, capture_output=True, check=False).returncode == 0
+
+
+@pytest.mark.parametrize("allow_other", [False, True])
+def test_other_users_are_denied_as_fuse_denies_them(
+    bucket: Bucket, mounter: Mounter, allow_other: bool
+) -> None:
+    """overlayfs reaches every layer (FUSE too) with the mounter's creds, so FUSE's "only the
+    mounting user" check never applies under it: the trees' dirs are 0700 without allow_other."""
+    p = mounter.tmp_path
+    while p != Path("/tmp") and p != p.parent:  # the way to the mountpoint, open to all
+        os.chmod(p, 0o755)
+        p = p.parent
+    files = fill(bucket, count=3)
+    bucket.put("other/unread.bin", b"secret" * 100)
+    mount = mounter(bucket.name, *ON, *(("--allow-other",) if allow_other else ()))
+    read_all(mount, files)
+    wait_for(lambda: served(mount)["files"] == len(files), "the read files linked")
+    assert binds.stack_at(mount.path)[-1].fstype == "overlay"
+    for rel in (sorted(files)[0], "other/unread.bin"):  # linked, and through FUSE below
+        assert other_user_reads(mount.path / rel) == allow_other, rel
