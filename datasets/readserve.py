@@ -139,7 +139,8 @@ class ReadServe:
     async def run(self) -> None:
         if not self.enabled:
             return
-        await trio.to_thread.run_sync(readtrees.sweep, self.trees)
+        left = await trio.to_thread.run_sync(readtrees.sweep, self.trees)
+        await self._free(left)  # a previous daemon's links: never held, so freed whole
         async with trio.open_nursery() as nursery:
             if self.verify_interval is not None:
                 nursery.start_soon(self._checks)
@@ -186,7 +187,7 @@ class ReadServe:
         """Before the FUSE unmount (and at `s3cachefs unmount`): the overlay goes."""
         self._suspended = True
         async with self.lock:
-            await self._unmount("daemon stopping", free=False)
+            await self._unmount("daemon stopping")
 
     # ---- the swaps (under the lock) --------------------------------------------
 
@@ -223,7 +224,13 @@ class ReadServe:
         try:
             entries = self._entries(files)
             await trio.to_thread.run_sync(
-                functools.partial(readtrees.build, tree, entries, allow_other=self.allow_other)
+                functools.partial(
+                    readtrees.build,
+                    tree,
+                    entries,
+                    {v.version.oid for v in files.values()},
+                    allow_other=self.allow_other,
+                )
             )
             layers = [tree] if compact else [tree, *self.layers]
             if not files and compact:
