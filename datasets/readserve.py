@@ -353,19 +353,27 @@ class ReadServe:
     # ---- keeping what is served current ------------------------------------------
 
     async def _checks(self) -> None:
-        """Every ``--verify-interval``, read every linked file back against its CRC32s."""
+        """Every ``--verify-interval``, read every linked file back against its CRC32s: its
+        cache file (the same inode, held; a swap meanwhile may remove the layer it is in)."""
         assert self.verify_interval is not None
         while True:
             await trio.sleep(self.verify_interval)
+            checked = {r: v for r, v in self.served.items() if v.layer is not None}
             checks = [
-                FileCheck(rel, v.layer / rel, v.version.size, self.cache.block_crcs(v.version))
-                for rel, v in self.served.items()
-                if v.layer is not None
+                FileCheck(
+                    rel,
+                    self.cache.object_path(v.version.oid),
+                    v.version.size,
+                    self.cache.block_crcs(v.version),
+                )
+                for rel, v in checked.items()
             ]
             damaged = await check_files(checks, self.cache.block_size, idle=True)
+            # Only what is still served as it was checked (a swap may have replaced it).
+            damaged = [r for r in damaged if self.served.get(r) is checked[r]]
             if damaged:
                 log.warning("read-serve check: %d damaged (e.g. %s)", len(damaged), damaged[0])
-                self.leaving.update(r for r in damaged if r in self.served)
+                self.leaving.update(damaged)
                 self._wake.set()
 
     def describe(self) -> dict[str, Any]:  # `status --json`
