@@ -12,8 +12,10 @@ every other name falls through to FUSE, listings are merged.
   new small *delta* tree, swapped in on top (mounted beneath the old overlay,
   then the old one detached) once ``BATCH`` objects wait or ``DELAY`` seconds
   after the first. Past ``MAX_LAYERS`` deltas, or when a file must go, a new
-  *base* holds all that stays (compaction). Trees a swap retired are removed
-  at the next swap (a lazily detached overlay may still be walked).
+  *base* holds all that stays (compaction). A tree a swap retired loses its
+  file links at once but keeps its directories (``SKELETON_AGE``, or until the
+  next start): a process with a cwd or dir fd in the lazily detached overlay
+  still lists every name (merged with FUSE) and its lookups fall through to FUSE.
 - Linked objects are held against eviction (a pin-store hold, as kernel-served
   datasets' trees): the cache never punches holes in a linked inode. What
   leaves the stack (changed in S3, failed a check, over ``HOLD_FRACTION`` of
@@ -59,6 +61,7 @@ DELAY = 2.0  # seconds after the first waiting object, a swap of what waits
 MAX_LAYERS = 16  # deltas above the base before a compaction
 HOLD_FRACTION = 0.5  # of --cache-size that linked objects may hold
 TRIES = 3  # swaps a file waits for its last blocks to be on disk
+SKELETON_AGE = 3600.0  # seconds a retired tree's directories stay
 WATCH_INTERVAL = 1.0  # how often mountinfo is read for an overlay someone else removed
 
 
@@ -102,7 +105,7 @@ class ReadServe:
         self.swaps = 0
         self._below: int | None = None
         self._owner: str | None = None
-        self._retired: list[Path] = []
+        self._skeletons: list[tuple[Path, float]] = []  # retired trees' dirs, since when
         self._generation = 0
         self._suspended = False
         self._wake = trio.Event()
@@ -299,7 +302,11 @@ class ReadServe:
                 log.warning("read-serve: %s has another mount on top", self.mountpoint)
         self.layers = layers
         self.swaps += 1
-        old, self._retired = self._retired, retired
+        now = time.monotonic()
+        old = [p for p, at in self._skeletons if now - at > SKELETON_AGE]
+        self._skeletons = [(p, at) for p, at in self._skeletons if p not in old]
+        self._skeletons += [(p, now) for p in retired]
+        await trio.to_thread.run_sync(readtrees.strip, retired)
         await trio.to_thread.run_sync(readtrees.remove, old)
 
     def _attach(self, layers: list[Path]) -> int:
@@ -326,9 +333,10 @@ class ReadServe:
         if self._below is not None:
             os.close(self._below)
             self._below = None
-        await trio.to_thread.run_sync(readtrees.remove, [*self.layers, *self._retired])
+        skeletons = [p for p, _ in self._skeletons]
+        await trio.to_thread.run_sync(readtrees.remove, [*self.layers, *skeletons])
         oids = {v.version.oid for v in self.served.values()}
-        self.mount_id, self.layers, self._retired = None, [], []
+        self.mount_id, self.layers, self._skeletons = None, [], []
         self.served, self.leaving = {}, set()
         if self._owner is not None:
             self.pins.release(self._owner)

@@ -12,6 +12,7 @@ Blocking functions only (the caller runs them in worker threads).
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -58,6 +59,17 @@ def build(tree: Path, entries: list[binds.TreeEntry], oids: set[str], *, allow_o
     oids_file(tree).write_text("".join(f"{oid}\n" for oid in sorted(oids)))
     binds.build_tree(tree, entries, dir_mode=0o755 if allow_other else 0o700)
     binds.syncfs(tree.parent)
+
+
+def strip(trees: list[Path]) -> None:
+    """Unlink the files of retired ``trees``, keep their directories: a lazily detached
+    overlay still walked finds no file there (lookups fall through to FUSE) and lists
+    each directory merged with FUSE's, never an empty one."""
+    for tree in trees:
+        for dirpath, _, filenames in os.walk(tree):
+            for name in filenames:
+                Path(dirpath, name).unlink(missing_ok=True)
+        oids_file(tree).unlink(missing_ok=True)
 
 
 def remove(trees: list[Path]) -> None:

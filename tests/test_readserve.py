@@ -290,3 +290,37 @@ def test_a_file_open_in_a_dead_daemons_overlay_never_reads_zeros(
     finally:
         for fd in fds.values():
             os.close(fd)
+
+
+def test_a_dir_fd_in_an_old_overlay_lists_and_reads_after_two_compactions(
+    bucket: Bucket, mounter: Mounter
+) -> None:
+    rng = random.Random(9)
+    sets = [{f"{d}/{i:02d}.bin": rng.randbytes(200_000) for i in range(6)} for d in "abc"]
+    bucket.put_many({k: v for files in sets for k, v in files.items()})
+    mount = mounter(bucket.name, *ON, "--block-size", "64K", "--cache-size", "3M")
+    read_all(mount, sets[0])
+    wait_for(lambda: served(mount)["files"] == len(sets[0]), "the first files linked")
+    assert binds.stack_at(mount.path)[-1].fstype == "overlay"
+    fd = os.open(mount.path / "a", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for files in sets[1:]:  # over the hold cap: the oldest leave, a compaction each
+            swaps: int = served(mount)["swaps"]
+            read_all(mount, files)
+
+            def swapped(before: int = swaps) -> bool:
+                info = served(mount)
+                return bool(info["swaps"] > before and not info["waiting"])
+
+            wait_for(swapped, "a swap")
+        assert mount.log_text().count("(compacted)") >= 3
+        assert sorted(os.listdir(fd)) == sorted(k.split("/")[1] for k in sets[0])
+        drop_page_cache()
+        for key, body in sets[0].items():
+            f = os.open(key.split("/")[1], os.O_RDONLY, dir_fd=fd)
+            try:
+                assert os.pread(f, 300_000, 0) == body, key
+            finally:
+                os.close(f)
+    finally:
+        os.close(fd)
