@@ -61,6 +61,7 @@ DELAY = 2.0  # seconds after the first waiting object, a swap of what waits
 MAX_LAYERS = 16  # deltas above the base before a compaction
 HOLD_FRACTION = 0.5  # of --cache-size that linked objects may hold
 TRIES = 3  # swaps a file waits for its last blocks to be on disk
+STOP_WAIT = 5.0  # seconds stop() waits for a swap it cancelled (`kernelserve`: 10 s)
 SKELETON_AGE = 3600.0  # seconds a retired tree's directories stay
 WATCH_INTERVAL = 1.0  # how often mountinfo is read for an overlay someone else removed
 
@@ -108,6 +109,7 @@ class ReadServe:
         self._skeletons: list[tuple[Path, float]] = []  # retired trees' dirs, since when
         self._generation = 0
         self._suspended = False
+        self._publishing = trio.CancelScope()
         self._wake = trio.Event()
         self.lock = trio.Lock()
 
@@ -156,7 +158,8 @@ class ReadServe:
                         while len(self.waiting) < BATCH:
                             await self._wake.wait()
                             self._wake = trio.Event()
-                await self.publish()
+                with trio.CancelScope() as self._publishing:
+                    await self.publish()
                 if self.waiting:  # files whose last blocks were not on disk yet
                     self._wake.set()
 
@@ -187,10 +190,17 @@ class ReadServe:
         self._suspended = False
 
     async def stop(self) -> None:
-        """Before the FUSE unmount (and at `s3cachefs unmount`): the overlay goes."""
+        """Before the FUSE unmount (and at `s3cachefs unmount`): the overlay goes. A
+        publish in flight is cancelled; if the lock still does not come, every overlay of
+        ours on the mountpoint is detached anyway (never one left over a dead FUSE)."""
         self._suspended = True
-        async with self.lock:
-            await self._unmount("daemon stopping")
+        self._publishing.cancel()
+        with trio.move_on_after(STOP_WAIT):
+            async with self.lock:
+                await self._unmount("daemon stopping")
+                return
+        log.warning("read-serve: stop waited %.0fs for a swap; detaching anyway", STOP_WAIT)
+        await trio.to_thread.run_sync(readtrees.detach_ours, self.mountpoint, self.trees)
 
     # ---- the swaps (under the lock) --------------------------------------------
 
@@ -224,26 +234,21 @@ class ReadServe:
         for linked in stay.values():
             self.pins.hold(owner, linked.version.oid)
         gone = {self.served[r].version.oid for r in leaving if r in self.served}
-        try:
-            entries = self._entries(files)
-            await trio.to_thread.run_sync(
-                functools.partial(
-                    readtrees.build,
-                    tree,
-                    entries,
-                    {v.version.oid for v in files.values()},
-                    allow_other=self.allow_other,
-                )
-            )
-            layers = [tree] if compact else [tree, *self.layers]
-            if not files and compact:
-                layers = []
-            await self._mount(layers)
-        except OSError as exc:
-            log.warning("read-serve: mount on %s failed: %s", self.mountpoint, exc)
-            await trio.to_thread.run_sync(readtrees.remove, [tree])
+        layers = [] if not files and compact else [tree] if compact else [tree, *self.layers]
+        oids = {v.version.oid for v in files.values()}
+        try:  # stop() may cancel while the tree is built; once mounting, the state must follow
+            build = functools.partial(readtrees.build, allow_other=self.allow_other)
+            await trio.to_thread.run_sync(build, tree, self._entries(files), oids)
+            with trio.CancelScope(shield=True):
+                await self._mount(layers)
+        except (OSError, trio.Cancelled) as exc:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(readtrees.remove, [tree])
             self.pins.release(owner)
             self.leaving |= leaving
+            if isinstance(exc, trio.Cancelled):
+                raise
+            log.warning("read-serve: mount on %s failed: %s", self.mountpoint, exc)
             return
         for linked in files.values():
             linked.layer = tree
@@ -253,13 +258,8 @@ class ReadServe:
         if previous is not None:
             self.pins.release(previous)
         await self._free(gone - {v.version.oid for v in self.served.values()})
-        log.info(
-            "read-serve: %d files linked, %d left, layers=%d%s",
-            len(fresh),
-            len(leaving),
-            len(self.layers),
-            " (compacted)" if compact else "",
-        )
+        done = (len(fresh), len(leaving), len(self.layers), " (compacted)" if compact else "")
+        log.info("read-serve: %d files linked, %d left, layers=%d%s", *done)
 
     async def _verified(self, waiting: dict[str, Linked], owner: str) -> dict[str, Linked]:
         """Those of ``waiting`` complete in the cache whose every block reads back against its
@@ -276,7 +276,11 @@ class ReadServe:
             path = self.cache.object_path(version.oid)
             checks.append(FileCheck(rel, path, version.size, self.cache.block_crcs(version)))
             keep[rel] = linked
-        damaged = await check_files(checks, self.cache.block_size, idle=False) if checks else []
+        try:
+            damaged = await check_files(checks, self.cache.block_size, idle=False) if checks else []
+        except trio.Cancelled:  # by stop()
+            self.pins.release(owner)
+            raise
         for rel in damaged:  # the FUSE path checks every block it serves: it fetches again
             log.warning("read-serve: key=%s failed its check; served through FUSE", rel)
             keep.pop(rel, None)

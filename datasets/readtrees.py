@@ -16,7 +16,7 @@ import os
 import shutil
 from pathlib import Path
 
-from s3cachefs.datasets import binds
+from s3cachefs.datasets import binds, overlay
 
 PREFIX = "read-"
 OIDS = ".oids"
@@ -76,3 +76,12 @@ def remove(trees: list[Path]) -> None:
     for tree in trees:
         shutil.rmtree(tree, ignore_errors=True)
         oids_file(tree).unlink(missing_ok=True)
+
+
+def detach_ours(mountpoint: Path, trees: Path) -> None:
+    """Detach (lazily if busy) every overlay on ``mountpoint`` whose layers are ``trees``'
+    read trees, top first, whatever this daemon's records say (a swap was in flight)."""
+    for found in reversed(overlay.overlays()):
+        ours = any(Path(layer).parent == trees for layer in found.layers)
+        if found.mount_point == str(mountpoint) and ours:
+            binds.detach(mountpoint, found.id)
