@@ -16,11 +16,11 @@ every other name falls through to FUSE, listings are merged.
   file links at once but keeps its directories (``SKELETON_AGE``, or until the
   next start): a process with a cwd or dir fd in the lazily detached overlay
   still lists every name (merged with FUSE) and its lookups fall through to FUSE.
-- Linked objects are held against eviction (a pin-store hold, as kernel-served
-  datasets' trees): the cache never punches holes in a linked inode. What
-  leaves the stack (changed in S3, failed a check, over ``HOLD_FRACTION`` of
-  ``--cache-size``: the oldest linked first) is freed whole after the swap, an
-  unlink: a reader holding it open keeps its bytes.
+- Linked objects are held against eviction (a pin-store hold), and a hold is
+  never let go without freeing the object whole (an unlink: a reader holding it
+  open keeps its bytes): what leaves (failed a check, over ``HOLD_FRACTION`` of
+  ``--cache-size``: the oldest first) after the swap, all at stop, and a dead
+  daemon's at start (`readtrees.sweep`). Never punched while linked.
 - Linked only when every block is on disk and reads back against its CRC32
   (`datasets.treecheck`), and the version is the one the FUSE view names
   (the daemon offers a file at its last close, `offer`). Re-checked every
