@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -324,3 +325,14 @@ def test_a_dir_fd_in_an_old_overlay_lists_and_reads_after_two_compactions(
                 os.close(f)
     finally:
         os.close(fd)
+
+
+def test_sigterm_takes_the_overlay_and_the_fuse_mount(bucket: Bucket, mounter: Mounter) -> None:
+    files = fill(bucket, count=4)
+    mount = mounter(bucket.name, *ON)
+    read_all(mount, files)
+    wait_for(lambda: served(mount)["files"] == len(files), "the read files linked")
+    mount.proc.send_signal(signal.SIGTERM)
+    assert mount.proc.wait(timeout=60) == 0
+    assert binds.mounts_below(mount.path) == []
+    assert "Traceback" not in mount.log_text()
