@@ -7,7 +7,7 @@ from pathlib import Path
 
 from s3cachefs.base.errors import ConfigError
 from s3cachefs.base.settings import mount_default as default
-from s3cachefs.base.values import ETAG_MD5_MODES, GIB, KIB, MIB
+from s3cachefs.base.values import ETAG_MD5_MODES, GIB, INDEFINITE_TTL, KIB, MIB
 
 # S3 refuses a multipart part larger than this.
 MAX_PART_SIZE = 5 * GIB
@@ -92,6 +92,11 @@ class MountConfig:
             raise ConfigError(f"bad --etag-md5 {self.etag_md5!r}: auto or off")
         if (self.allow_overwrite or self.allow_delete) and not self.writable:
             raise ConfigError("--allow-overwrite and --allow-delete need --writable")
+        if self.read_serve and self.metadata_ttl < INDEFINITE_TTL:
+            raise ConfigError(
+                "--read-serve needs --metadata-ttl indefinite (immutable data): an overlay"
+                " over FUSE turns an object changed in S3 into ESTALE"
+            )
 
     @property
     def prefetch_jobs(self) -> int:

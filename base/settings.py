@@ -200,12 +200,13 @@ SETTINGS: tuple[Setting, ...] = (
         "toggle",
     ),
     # Files complete in the cache after a read, linked into the root overlay
-    # (datasets/readserve.py); never on --writable mounts or without root.
+    # (datasets/readserve.py); opt-in, needs --metadata-ttl indefinite (immutable data:
+    # an overlay over FUSE turns a changed object into ESTALE); never --writable or non-root.
     Setting(
         "read-serve",
         v.boolean,
-        True,
-        "kernel-serve files complete in the cache after a read (overlay on the mount root)",
+        False,
+        "kernel-serve files complete in the cache after a read; needs --metadata-ttl indefinite",
         "toggle",
     ),
     # Between checks the kernel serves disk bytes unchecked.

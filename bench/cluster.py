@@ -18,7 +18,8 @@ Then the same pages through two other paths:
 - **mount root**: ``s3cachefs mount bench/dataset-v3 MNT`` then ``prefetch .``
   (the W2 figures of a dataset whose directory is the mount itself);
 - **cached by reading**: a fresh mount, no prefetch, every page read once
-  (from S3), then the timed passes over files that are complete in the cache.
+  (from S3), then the timed passes over files that are complete in the cache, on
+  the FUSE path and with ``--read-serve --metadata-ttl indefinite`` (opt-in).
 """
 
 from __future__ import annotations
@@ -243,20 +244,22 @@ class Cluster:
 
     def cached_by_reading(self) -> None:
         """No prefetch: every page read once (from S3), then the timed passes; with the
-        root overlay of read files (`datasets.readserve`, the default) and without it."""
-        for system, off in (("s3cachefs --no-read-serve", True), ("s3cachefs", False)):
+        root overlay of read files (`datasets.readserve`: opt-in, `--read-serve
+        --metadata-ttl indefinite`, immutable data) and without it (the FUSE path)."""
+        on = {"S3CACHEFS_READ_SERVE": "true", "S3CACHEFS_METADATA_TTL": "indefinite"}
+        for system, extra in (("s3cachefs", {}), ("s3cachefs --read-serve", on)):
             fs = peers.S3CacheFS(self.net.endpoint_url, self.scratch("w6-read"))
-            saved = os.environ.pop("S3CACHEFS_READ_SERVE", None)
-            if off:
-                os.environ["S3CACHEFS_READ_SERVE"] = "false"
+            saved = {k: os.environ.pop(k, None) for k in on}
+            os.environ.update(extra)
             try:
                 fs.start()
             finally:
-                os.environ.pop("S3CACHEFS_READ_SERVE", None)
-                if saved is not None:
-                    os.environ["S3CACHEFS_READ_SERVE"] = saved
+                for key, value in saved.items():
+                    os.environ.pop(key, None)
+                    if value is not None:
+                        os.environ[key] = value
             try:
-                self._cached_by_reading(fs, system, off)
+                self._cached_by_reading(fs, system, not extra)
             finally:
                 fs.stop()
                 shutil.rmtree(fs.cache.parent, ignore_errors=True)

@@ -178,12 +178,14 @@ class Integrity:
 
     async def free(self, oids: set[str]) -> int:
         """Delete the cached data of these (unpinned) object versions; returns bytes freed."""
-        freed = 0
+        freed, gone = 0, []
+        # Out of the ledger all at once, before any await: eviction (which punches holes)
+        # never picks one of them meanwhile (a kernel-served link may still be open).
         for oid in oids - self.ledger.pinned:
             removed = self.ledger.remove(oid)
-            if removed is None:
-                continue
-            record, nbytes = removed
+            if removed is not None:
+                gone.append((oid, *removed))
+        for oid, record, nbytes in gone:
             self.memory.drop_object(oid)
             freed += nbytes
             await trio.to_thread.run_sync(

@@ -1,26 +1,24 @@
-"""Wiring of `datasets.readserve` to the FUSE view: what it is offered, how it re-lists.
+"""Wiring of `datasets.readserve` to the FUSE view: what it is offered.
 
-The datasets layer sees nothing of `fs`; this adapter gives it the two things
-it needs: each reading handle's last close, offered only when the version it
-read is the one its name means now (`closed`), and a directory's files as the
-FUSE view lists them, listed again now (`lister`), so both paths agree on what
-is current.
+The datasets layer sees nothing of `fs`; this adapter gives it each reading
+handle's last close, offered only when the version it read is the one its name
+means now (`closed`). No re-listing: read-serve needs ``--metadata-ttl
+indefinite`` (`base.config`), under which the FUSE view never lists again.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 from s3cachefs.base.config import MountConfig
-from s3cachefs.base.errors import S3CacheFSError
 from s3cachefs.cache.blockcache import BlockCache
 from s3cachefs.datasets import overlay
 from s3cachefs.datasets.pins import PinStore
-from s3cachefs.datasets.readserve import MIN_TTL, ReadServe
+from s3cachefs.datasets.readserve import ReadServe
 from s3cachefs.fs.core import FsCore
-from s3cachefs.fs.nodes import ROOT_INODE, FileHandle
+from s3cachefs.fs.nodes import FileHandle
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +31,6 @@ def read_serve(
     if not config.read_serve or config.writable or os.geteuid() != 0:
         return None
     why = overlay.unavailable()
-    if config.metadata_ttl < MIN_TTL:
-        why = f"--metadata-ttl {config.metadata_ttl:g} asks for a listing at every lookup"
     if why is not None:
         log.info("read-serve off: %s; files cached by reading are served through FUSE", why)
         return None
@@ -44,8 +40,7 @@ def read_serve(
         cache=cache,
         pins=pins,
         enabled=True,
-        metadata_ttl=config.metadata_ttl,
-        lister=lister(core),
+        allow_other=config.allow_other,
         verify_interval=config.verify_interval,
     )
     core.on_closed = closed(core, serve)
@@ -63,28 +58,3 @@ def closed(core: FsCore, serve: ReadServe) -> Callable[[FileHandle], None]:
             serve.offer(handle.version, node.mtime_ns)
 
     return offer
-
-
-def lister(core: FsCore) -> Callable[[str], Awaitable[dict[str, str] | None]]:
-    async def listed(rel_dir: str) -> dict[str, str] | None:
-        tree = core.tree
-        try:
-            node = tree.node(ROOT_INODE)
-            for name in filter(None, rel_dir.split("/")):
-                child = await tree.lookup(node.ino, name)
-                if child is None or not child.is_dir:
-                    return {}
-                node = child
-            tree.relist(node)  # now, not when the FUSE view's listing runs out
-            children = await tree.children(node)
-        except S3CacheFSError as exc:  # S3 unreachable: as the FUSE view, keep the last
-            log.info("read-serve: cannot list %r again: %s", rel_dir, exc)
-            return None
-        files = {}
-        for name, ino in children.items():
-            child = tree.get(ino)
-            if child is not None and not child.is_dir:
-                files[name] = child.etag
-        return files
-
-    return listed

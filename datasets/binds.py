@@ -272,8 +272,14 @@ class TreeEntry:
     mtime_ns: int
 
 
-def build_tree(dest: Path, entries: list[TreeEntry], dirs: frozenset[str] = frozenset()) -> None:
-    """Make ``dest`` a tree of hard links to the cache files: dirs 0755, files 0444.
+def build_tree(
+    dest: Path,
+    entries: list[TreeEntry],
+    dirs: frozenset[str] = frozenset(),
+    *,
+    dir_mode: int = 0o755,
+) -> None:
+    """Make ``dest`` a tree of hard links to the cache files: dirs ``dir_mode``, files 0444.
 
     ``dirs`` are directories the tree has even with no file in them (what the
     FUSE view shows for a ``dir/`` marker key, or above a key it skips).
@@ -281,12 +287,12 @@ def build_tree(dest: Path, entries: list[TreeEntry], dirs: frozenset[str] = froz
     if dest.exists():
         shutil.rmtree(dest)
     # 0755 inside the 0700 cache dir: reachable only through the bind.
-    dest.mkdir(mode=0o755)
-    os.chmod(dest, 0o755)  # noqa: S103
+    dest.mkdir(mode=dir_mode)
+    os.chmod(dest, dir_mode)
     for rel in sorted(tree_dirs(entries, dirs)):
         directory = dest / rel
-        directory.mkdir(mode=0o755)
-        os.chmod(directory, 0o755)  # noqa: S103
+        directory.mkdir(mode=dir_mode)
+        os.chmod(directory, dir_mode)
     for entry in entries:
         path = dest / entry.rel
         if entry.source is None:

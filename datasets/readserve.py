@@ -12,39 +12,42 @@ every other name falls through to FUSE, listings are merged.
   new small *delta* tree, swapped in on top (mounted beneath the old overlay,
   then the old one detached) once ``BATCH`` objects wait or ``DELAY`` seconds
   after the first. Past ``MAX_LAYERS`` deltas, or when a file must go, a new
-  *base* holds all that stays (compaction). Trees a swap retired are removed
-  at the next swap (a lazily detached overlay may still be walked).
-- Linked objects are held against eviction (a pin-store hold, as kernel-served
-  datasets' trees): the cache never punches holes in a linked inode. What
-  leaves the stack (changed in S3, failed a check, over ``HOLD_FRACTION`` of
-  ``--cache-size``: the oldest linked first) is freed whole after the swap, an
-  unlink: a reader holding it open keeps its bytes.
+  *base* holds all that stays (compaction). A tree a swap retired loses its
+  file links at once but keeps its directories (``SKELETON_AGE``, or until the
+  next start): a process with a cwd or dir fd in the lazily detached overlay
+  still lists every name (merged with FUSE) and its lookups fall through to FUSE.
+- Linked objects are held against eviction (a pin-store hold), and a hold is
+  never let go without freeing the object whole (an unlink: a reader holding it
+  open keeps its bytes): what leaves (failed a check, over ``HOLD_FRACTION`` of
+  ``--cache-size``: the oldest first) after the swap, all at stop, and a dead
+  daemon's at start (`readtrees.sweep`). Never punched while linked.
 - Linked only when every block is on disk and reads back against its CRC32
   (`datasets.treecheck`), and the version is the one the FUSE view names
   (the daemon offers a file at its last close, `offer`). Re-checked every
   ``--verify-interval``; a file that fails leaves the stack (FUSE path again).
-- ``--metadata-ttl``: the kernel answers lookups of linked names itself, so
-  every TTL the directories served are listed again (`Lister`, the FUSE view's
-  own listing); what changed leaves at the next swap: a change in S3 is seen
-  about one TTL (plus a listing, a swap) later, the whole old version until then.
-- Off for ``--writable`` mounts, a daemon that is not root, ``--no-read-serve``,
+- Opt-in (``--read-serve``), and only with ``--metadata-ttl indefinite``
+  (`base.config`): immutable data. overlayfs turns FUSE's new inode for a name
+  it looked up into ESTALE, so a changed object cannot be followed; with an
+  indefinite TTL the FUSE view never lists again either, so what is linked
+  stays what FUSE would serve (a deletion or change in S3 is not seen by
+  either until the next mount).
+- Off for ``--writable`` mounts, a daemon that is not root,
   and while a pinned dataset is under this mount (its own overlay or bind there
   would sit inside this one, which a swap would hide: `suspend`).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from s3cachefs.base.values import INDEFINITE_TTL
 from s3cachefs.cache.blockcache import BlockCache
 from s3cachefs.cache.blocks import ObjectVersion
 from s3cachefs.datasets import binds, overlay, readtrees
@@ -58,12 +61,9 @@ DELAY = 2.0  # seconds after the first waiting object, a swap of what waits
 MAX_LAYERS = 16  # deltas above the base before a compaction
 HOLD_FRACTION = 0.5  # of --cache-size that linked objects may hold
 TRIES = 3  # swaps a file waits for its last blocks to be on disk
-MIN_TTL = 1.0  # a shorter --metadata-ttl (a listing at every lookup): off
+STOP_WAIT = 5.0  # seconds stop() waits for a swap it cancelled (`kernelserve`: 10 s)
+SKELETON_AGE = 3600.0  # seconds a retired tree's directories stay
 WATCH_INTERVAL = 1.0  # how often mountinfo is read for an overlay someone else removed
-
-# A directory of the mount (relative, "" the root) -> its files now: name -> ETag;
-# None if that is not known now (S3 unreachable: the FUSE view keeps its last listing too).
-Lister = Callable[[str], Awaitable[dict[str, str] | None]]
 
 
 @dataclass
@@ -86,8 +86,7 @@ class ReadServe:
         cache: BlockCache,
         pins: PinStore,
         enabled: bool,
-        metadata_ttl: float,
-        lister: Lister,
+        allow_other: bool = False,
         verify_interval: float | None = None,
     ) -> None:
         self.mountpoint = mountpoint
@@ -95,8 +94,7 @@ class ReadServe:
         self.cache = cache
         self.pins = pins
         self.enabled = enabled
-        self.metadata_ttl = metadata_ttl
-        self.lister = lister
+        self.allow_other = allow_other
         self.verify_interval = verify_interval
         self.trees = cache.root / "trees"
         self.note = "" if enabled else "off"
@@ -108,9 +106,10 @@ class ReadServe:
         self.swaps = 0
         self._below: int | None = None
         self._owner: str | None = None
-        self._retired: list[Path] = []
+        self._skeletons: list[tuple[Path, float]] = []  # retired trees' dirs, since when
         self._generation = 0
         self._suspended = False
+        self._publishing = trio.CancelScope()
         self._wake = trio.Event()
         self.lock = trio.Lock()
 
@@ -145,10 +144,9 @@ class ReadServe:
     async def run(self) -> None:
         if not self.enabled:
             return
-        await trio.to_thread.run_sync(readtrees.sweep, self.trees)
+        left = await trio.to_thread.run_sync(readtrees.sweep, self.trees)
+        await self._free(left)  # a previous daemon's links: never held, so freed whole
         async with trio.open_nursery() as nursery:
-            if self.metadata_ttl < INDEFINITE_TTL:  # indefinite: never listed again, as FUSE
-                nursery.start_soon(self._relist)
             if self.verify_interval is not None:
                 nursery.start_soon(self._checks)
             nursery.start_soon(self._watch)
@@ -160,7 +158,8 @@ class ReadServe:
                         while len(self.waiting) < BATCH:
                             await self._wake.wait()
                             self._wake = trio.Event()
-                await self.publish()
+                with trio.CancelScope() as self._publishing:
+                    await self.publish()
                 if self.waiting:  # files whose last blocks were not on disk yet
                     self._wake.set()
 
@@ -191,10 +190,17 @@ class ReadServe:
         self._suspended = False
 
     async def stop(self) -> None:
-        """Before the FUSE unmount (and at `s3cachefs unmount`): the overlay goes."""
+        """Before the FUSE unmount (and at `s3cachefs unmount`): the overlay goes. A
+        publish in flight is cancelled; if the lock still does not come, every overlay of
+        ours on the mountpoint is detached anyway (never one left over a dead FUSE)."""
         self._suspended = True
-        async with self.lock:
-            await self._unmount("daemon stopping", free=False)
+        self._publishing.cancel()
+        with trio.move_on_after(STOP_WAIT):
+            async with self.lock:
+                await self._unmount("daemon stopping")
+                return
+        log.warning("read-serve: stop waited %.0fs for a swap; detaching anyway", STOP_WAIT)
+        await trio.to_thread.run_sync(readtrees.detach_ours, self.mountpoint, self.trees)
 
     # ---- the swaps (under the lock) --------------------------------------------
 
@@ -228,17 +234,21 @@ class ReadServe:
         for linked in stay.values():
             self.pins.hold(owner, linked.version.oid)
         gone = {self.served[r].version.oid for r in leaving if r in self.served}
-        try:
-            await trio.to_thread.run_sync(readtrees.build, tree, self._entries(files))
-            layers = [tree] if compact else [tree, *self.layers]
-            if not files and compact:
-                layers = []
-            await self._mount(layers)
-        except OSError as exc:
-            log.warning("read-serve: mount on %s failed: %s", self.mountpoint, exc)
-            await trio.to_thread.run_sync(readtrees.remove, [tree])
+        layers = [] if not files and compact else [tree] if compact else [tree, *self.layers]
+        oids = {v.version.oid for v in files.values()}
+        try:  # stop() may cancel while the tree is built; once mounting, the state must follow
+            build = functools.partial(readtrees.build, allow_other=self.allow_other)
+            await trio.to_thread.run_sync(build, tree, self._entries(files), oids)
+            with trio.CancelScope(shield=True):
+                await self._mount(layers)
+        except (OSError, trio.Cancelled) as exc:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(readtrees.remove, [tree])
             self.pins.release(owner)
             self.leaving |= leaving
+            if isinstance(exc, trio.Cancelled):
+                raise
+            log.warning("read-serve: mount on %s failed: %s", self.mountpoint, exc)
             return
         for linked in files.values():
             linked.layer = tree
@@ -248,13 +258,8 @@ class ReadServe:
         if previous is not None:
             self.pins.release(previous)
         await self._free(gone - {v.version.oid for v in self.served.values()})
-        log.info(
-            "read-serve: %d files linked, %d left, layers=%d%s",
-            len(fresh),
-            len(leaving),
-            len(self.layers),
-            " (compacted)" if compact else "",
-        )
+        done = (len(fresh), len(leaving), len(self.layers), " (compacted)" if compact else "")
+        log.info("read-serve: %d files linked, %d left, layers=%d%s", *done)
 
     async def _verified(self, waiting: dict[str, Linked], owner: str) -> dict[str, Linked]:
         """Those of ``waiting`` complete in the cache whose every block reads back against its
@@ -271,7 +276,11 @@ class ReadServe:
             path = self.cache.object_path(version.oid)
             checks.append(FileCheck(rel, path, version.size, self.cache.block_crcs(version)))
             keep[rel] = linked
-        damaged = await check_files(checks, self.cache.block_size, idle=False) if checks else []
+        try:
+            damaged = await check_files(checks, self.cache.block_size, idle=False) if checks else []
+        except trio.Cancelled:  # by stop()
+            self.pins.release(owner)
+            raise
         for rel in damaged:  # the FUSE path checks every block it serves: it fetches again
             log.warning("read-serve: key=%s failed its check; served through FUSE", rel)
             keep.pop(rel, None)
@@ -297,7 +306,11 @@ class ReadServe:
                 log.warning("read-serve: %s has another mount on top", self.mountpoint)
         self.layers = layers
         self.swaps += 1
-        old, self._retired = self._retired, retired
+        now = time.monotonic()
+        old = [p for p, at in self._skeletons if now - at > SKELETON_AGE]
+        self._skeletons = [(p, at) for p, at in self._skeletons if p not in old]
+        self._skeletons += [(p, now) for p in retired]
+        await trio.to_thread.run_sync(readtrees.strip, retired)
         await trio.to_thread.run_sync(readtrees.remove, old)
 
     def _attach(self, layers: list[Path]) -> int:
@@ -324,9 +337,10 @@ class ReadServe:
         if self._below is not None:
             os.close(self._below)
             self._below = None
-        await trio.to_thread.run_sync(readtrees.remove, [*self.layers, *self._retired])
+        skeletons = [p for p, _ in self._skeletons]
+        await trio.to_thread.run_sync(readtrees.remove, [*self.layers, *skeletons])
         oids = {v.version.oid for v in self.served.values()}
-        self.mount_id, self.layers, self._retired = None, [], []
+        self.mount_id, self.layers, self._skeletons = None, [], []
         self.served, self.leaving = {}, set()
         if self._owner is not None:
             self.pins.release(self._owner)
@@ -350,43 +364,28 @@ class ReadServe:
 
     # ---- keeping what is served current ------------------------------------------
 
-    async def _relist(self) -> None:
-        """Every TTL, list the served directories again; what changed leaves."""
-        while True:
-            await trio.sleep(self.metadata_ttl)
-            dirs: dict[str, list[str]] = {}
-            for rel in list(self.served):
-                parent, _, name = rel.rpartition("/")
-                dirs.setdefault(parent, []).append(name)
-            changed = []
-            for parent, names in dirs.items():
-                listed = await self.lister(parent)
-                if listed is None:
-                    continue
-                for name in names:
-                    rel = f"{parent}/{name}" if parent else name
-                    linked = self.served.get(rel)
-                    if linked is not None and listed.get(name) != linked.version.etag:
-                        changed.append(rel)
-            if changed:
-                log.info("read-serve: %d files changed in S3 (e.g. %s)", len(changed), changed[0])
-                self.leaving.update(changed)
-                self._wake.set()
-
     async def _checks(self) -> None:
-        """Every ``--verify-interval``, read every linked file back against its CRC32s."""
+        """Every ``--verify-interval``, read every linked file back against its CRC32s: its
+        cache file (the same inode, held; a swap meanwhile may remove the layer it is in)."""
         assert self.verify_interval is not None
         while True:
             await trio.sleep(self.verify_interval)
+            checked = {r: v for r, v in self.served.items() if v.layer is not None}
             checks = [
-                FileCheck(rel, v.layer / rel, v.version.size, self.cache.block_crcs(v.version))
-                for rel, v in self.served.items()
-                if v.layer is not None
+                FileCheck(
+                    rel,
+                    self.cache.object_path(v.version.oid),
+                    v.version.size,
+                    self.cache.block_crcs(v.version),
+                )
+                for rel, v in checked.items()
             ]
             damaged = await check_files(checks, self.cache.block_size, idle=True)
+            # Only what is still served as it was checked (a swap may have replaced it).
+            damaged = [r for r in damaged if self.served.get(r) is checked[r]]
             if damaged:
                 log.warning("read-serve check: %d damaged (e.g. %s)", len(damaged), damaged[0])
-                self.leaving.update(r for r in damaged if r in self.served)
+                self.leaving.update(damaged)
                 self._wake.set()
 
     def describe(self) -> dict[str, Any]:  # `status --json`

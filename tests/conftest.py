@@ -166,8 +166,6 @@ class Mount:
                     str(cache_dir),
                     "--log-level",
                     "debug",
-                    # The FUSE path unless a test asks for the root overlay (test_readserve.py).
-                    *(() if any("read-serve" in e for e in extra) else ("--no-read-serve",)),
                     *extra,
                 ),
                 stdin=subprocess.DEVNULL,
