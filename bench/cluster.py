@@ -30,19 +30,17 @@ import os
 import shutil
 import statistics
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import peers, workloads
+from bench import peers, standalone, workloads
 from bench.common import drop_caches
-from bench.dataset import PREFIX, Dataset, generate
-from bench.network import PROFILES, Network
+from bench.dataset import PREFIX, Dataset
+from bench.network import Network
 from bench.report import Report, Row
 
 MB = 1e6
-MIB = 1024 * 1024
 W = "W6 cluster"
 SHARD = "0/4"
 READERS = 8
@@ -306,36 +304,14 @@ def wait_linked(fs: peers.S3CacheFS, files: int, timeout: float = 120) -> int:
 def main() -> None:
     """Standalone: the dataset, the local S3 server, W6, one table."""
     parser = argparse.ArgumentParser(prog="python -m bench.cluster", description=__doc__)
-    parser.add_argument("--small", action="store_true", help="1,000 pages + one 96 MiB object")
-    parser.add_argument("--pages", type=int, default=0, help="override the number of pages")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--json", type=Path)
-    parser.add_argument("--workdir", type=Path, default=None)
-    args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="s3cachefs-w6-", dir=args.workdir))
-    report = Report()
-    try:
-        pages, large, size = (1000, 1, 96 * MIB) if args.small else (4000, 3, 512 * MIB)
-        s3root, local = work / "s3", work / "local"
-        data = generate([s3root / peers.BUCKET, local], args.pages or pages, large, size)
-        net = Network(PROFILES["local"], s3root)
-        try:
-            net.open()
-            Cluster(report, net, local, data, lambda n: _scratch(work, n), args.rounds).run()
-        finally:
-            net.close()
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    print(report.table())
-    if args.json:
-        args.json.write_text(json.dumps(report.json(), indent=1))
-
-
-def _scratch(work: Path, name: str) -> Path:
-    path = work / name
-    shutil.rmtree(path, ignore_errors=True)
-    path.mkdir(parents=True)
-    return path
+    standalone.main(
+        parser,
+        "s3cachefs-w6-",
+        lambda args, report, net, _bucket, local, data, scratch: Cluster(
+            report, net, local, data, scratch, args.rounds
+        ).run(),
+    )
 
 
 if __name__ == "__main__":

@@ -27,20 +27,18 @@ import os
 import random
 import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import peers
+from bench import peers, standalone
 from bench.cluster import fuse_requests
 from bench.common import drop_caches
-from bench.dataset import PREFIX, Dataset, generate
-from bench.network import PROFILES, Network
+from bench.dataset import PREFIX, Dataset
+from bench.network import Network
 from bench.report import Report, Row
 
-MIB = 1024 * 1024
 V4 = "dataset-v4"
 CHANGED = 0.01  # of the pages, changed in S3 for the refresh
 NEW_IN_V4 = 0.05  # of the pages, new in v4; the rest and every large object shared
@@ -233,35 +231,13 @@ class Refresh:
 def main() -> None:
     """Standalone: the dataset, the local S3 server, the refresh and reuse rows, one table."""
     parser = argparse.ArgumentParser(prog="python -m bench.refresh", description=__doc__)
-    parser.add_argument("--small", action="store_true", help="1,000 pages + one 96 MiB object")
-    parser.add_argument("--pages", type=int, default=0, help="override the number of pages")
-    parser.add_argument("--json", type=Path)
-    parser.add_argument("--workdir", type=Path, default=None)
-    args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="s3cachefs-refresh-", dir=args.workdir))
-    report = Report()
-    try:
-        pages, large, size = (1000, 1, 96 * MIB) if args.small else (4000, 3, 512 * MIB)
-        s3root, local = work / "s3", work / "local"
-        data = generate([s3root / peers.BUCKET, local], args.pages or pages, large, size)
-        net = Network(PROFILES["local"], s3root)
-        try:
-            net.open()
-            Refresh(report, net, s3root / peers.BUCKET, data, lambda n: _scratch(work, n)).run()
-        finally:
-            net.close()
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    print(report.table())
-    if args.json:
-        args.json.write_text(json.dumps(report.json(), indent=1))
-
-
-def _scratch(work: Path, name: str) -> Path:
-    path = work / name
-    shutil.rmtree(path, ignore_errors=True)
-    path.mkdir(parents=True)
-    return path
+    standalone.main(
+        parser,
+        "s3cachefs-refresh-",
+        lambda _args, report, net, bucket, _local, data, scratch: Refresh(
+            report, net, bucket, data, scratch
+        ).run(),
+    )
 
 
 if __name__ == "__main__":
