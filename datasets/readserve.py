@@ -22,7 +22,7 @@ every other name falls through to FUSE, listings are merged.
   ``--cache-size``: the oldest first) after the swap, all at stop, and a dead
   daemon's at start (`readtrees.sweep`). Never punched while linked.
 - Linked only when every block is on disk and reads back against its CRC32
-  (`datasets.treecheck`), and the version is the one the FUSE view names
+  (`datasets.readcheck`), and the version is the one the FUSE view names
   (the daemon offers a file at its last close, `offer`). Re-checked every
   ``--verify-interval``; a file that fails leaves the stack (FUSE path again).
 - Opt-in (``--read-serve``), and only with ``--metadata-ttl indefinite``
@@ -42,7 +42,6 @@ import functools
 import logging
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,9 +49,9 @@ import trio
 
 from s3cachefs.cache.blockcache import BlockCache
 from s3cachefs.cache.blocks import ObjectVersion
-from s3cachefs.datasets import binds, overlay, readtrees
+from s3cachefs.datasets import binds, overlay, readcheck, readtrees
 from s3cachefs.datasets.pins import PinStore
-from s3cachefs.datasets.treecheck import FileCheck, check_files
+from s3cachefs.datasets.readcheck import Linked
 
 log = logging.getLogger(__name__)
 
@@ -60,19 +59,9 @@ BATCH = 256  # objects waiting that make a swap at once
 DELAY = 2.0  # seconds after the first waiting object, a swap of what waits
 MAX_LAYERS = 16  # deltas above the base before a compaction
 HOLD_FRACTION = 0.5  # of --cache-size that linked objects may hold
-TRIES = 3  # swaps a file waits for its last blocks to be on disk
 STOP_WAIT = 5.0  # seconds stop() waits for a swap it cancelled (`kernelserve`: 10 s)
 SKELETON_AGE = 3600.0  # seconds a retired tree's directories stay
 WATCH_INTERVAL = 1.0  # how often mountinfo is read for an overlay someone else removed
-
-
-@dataclass
-class Linked:
-    version: ObjectVersion
-    mtime_ns: int
-    layer: Path | None = None  # the tree it is linked in; None while waiting
-    at: float = field(default_factory=time.monotonic)
-    tries: int = 0  # swaps it waited for its last blocks to be written
 
 
 class ReadServe:
@@ -210,7 +199,7 @@ class ReadServe:
             await self._unmount("unmounted by someone else")
         waiting, self.waiting = self.waiting, {}
         owner = f"read:{self._generation + 1}"
-        fresh = await self._verified(waiting, owner)
+        fresh = await readcheck.verified(self.cache, self.pins, waiting, self.waiting, owner)
         leaving = set(self.leaving)
         cap = self.cache.bounds.cache_size * HOLD_FRACTION
         held = sum(v.version.size for r, v in self.served.items() if r not in leaving)
@@ -260,31 +249,6 @@ class ReadServe:
         await self._free(gone - {v.version.oid for v in self.served.values()})
         done = (len(fresh), len(leaving), len(self.layers), " (compacted)" if compact else "")
         log.info("read-serve: %d files linked, %d left, layers=%d%s", *done)
-
-    async def _verified(self, waiting: dict[str, Linked], owner: str) -> dict[str, Linked]:
-        """Those of ``waiting`` complete in the cache whose every block reads back against its
-        CRC32; held (under ``owner``) first, so no eviction takes a block meanwhile."""
-        checks, keep = [], {}
-        for rel, linked in waiting.items():
-            version = linked.version
-            self.pins.hold(owner, version.oid)
-            if self.cache.missing_blocks(version):  # blocks still being written, or evicted
-                linked.tries += 1
-                if linked.tries < TRIES and rel not in self.waiting:
-                    self.waiting[rel] = linked
-                continue
-            path = self.cache.object_path(version.oid)
-            checks.append(FileCheck(rel, path, version.size, self.cache.block_crcs(version)))
-            keep[rel] = linked
-        try:
-            damaged = await check_files(checks, self.cache.block_size, idle=False) if checks else []
-        except trio.Cancelled:  # by stop()
-            self.pins.release(owner)
-            raise
-        for rel in damaged:  # the FUSE path checks every block it serves: it fetches again
-            log.warning("read-serve: key=%s failed its check; served through FUSE", rel)
-            keep.pop(rel, None)
-        return keep
 
     def _entries(self, files: dict[str, Linked]) -> list[binds.TreeEntry]:
         return [
@@ -370,19 +334,7 @@ class ReadServe:
         assert self.verify_interval is not None
         while True:
             await trio.sleep(self.verify_interval)
-            checked = {r: v for r, v in self.served.items() if v.layer is not None}
-            checks = [
-                FileCheck(
-                    rel,
-                    self.cache.object_path(v.version.oid),
-                    v.version.size,
-                    self.cache.block_crcs(v.version),
-                )
-                for rel, v in checked.items()
-            ]
-            damaged = await check_files(checks, self.cache.block_size, idle=True)
-            # Only what is still served as it was checked (a swap may have replaced it).
-            damaged = [r for r in damaged if self.served.get(r) is checked[r]]
+            damaged = await readcheck.damaged(self.cache, self.served)
             if damaged:
                 log.warning("read-serve check: %d damaged (e.g. %s)", len(damaged), damaged[0])
                 self.leaving.update(damaged)
