@@ -1,5 +1,8 @@
 """Which files `datasets.readserve` may link, and which linked ones still may stay.
 
+Linked files are held against eviction, at most ``HOLD_FRACTION`` of what
+the cache can hold (`within`: the oldest leave first).
+
 A file is linked only when every block is on disk and reads back against its
 CRC32 (`datasets.treecheck`); every ``--verify-interval`` each linked file is
 read back again, from its cache file (the same inode, held: a swap meanwhile
@@ -24,6 +27,7 @@ from s3cachefs.datasets.treecheck import FileCheck, check_files
 log = logging.getLogger(__name__)
 
 TRIES = 3  # swaps a file waits for its last blocks to be on disk
+HOLD_FRACTION = 0.5  # of what the cache can hold (`hold_cap`) that linked objects may hold
 
 
 @dataclass
@@ -70,6 +74,30 @@ async def verified(
         log.warning("read-serve: key=%s failed its check; served through FUSE", rel)
         keep.pop(rel, None)
     return keep
+
+
+def hold_cap(cache: BlockCache) -> float:
+    """``HOLD_FRACTION`` of what the cache can hold: ``--cache-size``, or less where
+    ``--min-free`` leaves the disk less room. Blocking (a statvfs)."""
+    disk = cache.used_bytes + cache.bounds.disk_free() - cache.bounds.min_free
+    return HOLD_FRACTION * max(0, min(cache.bounds.cache_size, disk))
+
+
+def within(
+    cap: float, served: dict[str, Linked], leaving: set[str], fresh: dict[str, Linked]
+) -> None:
+    """Add to ``leaving`` the oldest served, then drop from ``fresh``, until what stays
+    holds at most ``cap`` bytes (more than the cap read at once: the rest stays on FUSE)."""
+    held = sum(v.version.size for r, v in served.items() if r not in leaving)
+    held += sum(v.version.size for v in fresh.values())
+    for rel, linked in sorted(served.items(), key=lambda item: item[1].at):
+        if held <= cap:
+            break
+        if rel not in leaving:
+            leaving.add(rel)
+            held -= linked.version.size
+    while held > cap and fresh:
+        held -= fresh.popitem()[1].version.size
 
 
 async def damaged(cache: BlockCache, served: dict[str, Linked]) -> list[str]:
