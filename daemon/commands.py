@@ -216,9 +216,14 @@ class Daemon:
             raise ConfigError(f"a prefetch of {self.dataset_name(prefix)} is already running")
         self.jobs[job_id] = job
         log.info("prefetch dataset=%s shard=%s jobs=%d started", prefix, shard, job.jobs)
+        readserve = self.kernel.readserve if self.kernel is not None and not job.dry_run else None
         try:
+            if readserve is not None:  # the room its linked files hold is the prefetch's
+                await readserve.step_aside()
             final = await job.run(send)
         finally:
+            if readserve is not None:
+                readserve.prefetch_done()
             del self.jobs[job_id]
             if not job.dry_run:
                 self.core.pins_changed()

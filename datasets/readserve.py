@@ -18,22 +18,21 @@ every other name falls through to FUSE, listings are merged.
   still lists every name (merged with FUSE) and its lookups fall through to FUSE.
 - Linked objects are held against eviction (a pin-store hold), and a hold is
   never let go without freeing the object whole (an unlink: a reader holding it
-  open keeps its bytes): what leaves (failed a check, over ``HOLD_FRACTION`` of
-  ``--cache-size``: the oldest first) after the swap, all at stop, and a dead
-  daemon's at start (`readtrees.sweep`). Never punched while linked.
-- Linked only when every block is on disk and reads back against its CRC32
-  (`datasets.treecheck`), and the version is the one the FUSE view names
-  (the daemon offers a file at its last close, `offer`). Re-checked every
-  ``--verify-interval``; a file that fails leaves the stack (FUSE path again).
+  open keeps its bytes): what leaves (`datasets.readcheck`: failed a check, over
+  the hold cap) after the swap, all at stop and when a prefetch starts
+  (`step_aside`), a dead daemon's at start (`readtrees.sweep`). Never punched.
+- Linked only when it reads back against its CRC32s (`datasets.readcheck`) at the
+  version the FUSE view names (the daemon offers a file at its last close).
 - Opt-in (``--read-serve``), and only with ``--metadata-ttl indefinite``
   (`base.config`): immutable data. overlayfs turns FUSE's new inode for a name
   it looked up into ESTALE, so a changed object cannot be followed; with an
   indefinite TTL the FUSE view never lists again either, so what is linked
   stays what FUSE would serve (a deletion or change in S3 is not seen by
   either until the next mount).
-- Off for ``--writable`` mounts, a daemon that is not root,
-  and while a pinned dataset is under this mount (its own overlay or bind there
-  would sit inside this one, which a swap would hide: `suspend`).
+- Off for ``--writable`` mounts, a daemon that is not root, while a prefetch
+  runs or a pinned dataset is under this mount (its own overlay or bind there
+  would sit inside this one, which a swap would hide: `suspend`); for the
+  daemon's life after a failed mount or an error (`run`).
 """
 
 from __future__ import annotations
@@ -42,7 +41,6 @@ import functools
 import logging
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,29 +48,20 @@ import trio
 
 from s3cachefs.cache.blockcache import BlockCache
 from s3cachefs.cache.blocks import ObjectVersion
-from s3cachefs.datasets import binds, overlay, readtrees
+from s3cachefs.datasets import binds, overlay, readcheck, readtrees
 from s3cachefs.datasets.pins import PinStore
-from s3cachefs.datasets.treecheck import FileCheck, check_files
+from s3cachefs.datasets.readcheck import Linked
 
 log = logging.getLogger(__name__)
 
 BATCH = 256  # objects waiting that make a swap at once
 DELAY = 2.0  # seconds after the first waiting object, a swap of what waits
 MAX_LAYERS = 16  # deltas above the base before a compaction
-HOLD_FRACTION = 0.5  # of --cache-size that linked objects may hold
-TRIES = 3  # swaps a file waits for its last blocks to be on disk
 STOP_WAIT = 5.0  # seconds stop() waits for a swap it cancelled (`kernelserve`: 10 s)
 SKELETON_AGE = 3600.0  # seconds a retired tree's directories stay
 WATCH_INTERVAL = 1.0  # how often mountinfo is read for an overlay someone else removed
-
-
-@dataclass
-class Linked:
-    version: ObjectVersion
-    mtime_ns: int
-    layer: Path | None = None  # the tree it is linked in; None while waiting
-    at: float = field(default_factory=time.monotonic)
-    tries: int = 0  # swaps it waited for its last blocks to be written
+FAULT_ENV = "S3CACHEFS_TEST_READSERVE_FAULT"  # tests: an error escapes once files are linked
+FAULT = bool(os.environ.get(FAULT_ENV))
 
 
 class ReadServe:
@@ -109,6 +98,9 @@ class ReadServe:
         self._skeletons: list[tuple[Path, float]] = []  # retired trees' dirs, since when
         self._generation = 0
         self._suspended = False
+        self._prefetches = 0  # prefetches running in this daemon (`step_aside`)
+        self._stuck: list[int] = []  # our overlays a swap could not detach (covered)
+        self._covered = False  # its one WARNING given
         self._publishing = trio.CancelScope()
         self._wake = trio.Event()
         self.lock = trio.Lock()
@@ -135,6 +127,8 @@ class ReadServe:
 
     def blocked(self) -> str | None:
         """Why the root overlay must not be mounted now, or None. Must not await."""
+        if self._prefetches:
+            return "a prefetch is running (it may need the room linked files hold)"
         if any(m.prefix.startswith(self.mount_prefix) for m in self.pins.manifests.values()):
             return "a pinned dataset is under this mount (its own kernel serving applies)"
         return None
@@ -142,8 +136,18 @@ class ReadServe:
     # ---- lifecycle ---------------------------------------------------------------
 
     async def run(self) -> None:
+        """For the daemon's life. Whatever escapes (a bug, a race) turns read-serve off, not the
+        daemon: our overlays go, what was linked is freed whole, FUSE serves everything."""
         if not self.enabled:
             return
+        try:
+            await self._run()
+        except Exception as exc:  # reported (Sentry: an ERROR line), then off
+            log.error("read-serve failed; off, files are served through FUSE", exc_info=True)
+            with trio.CancelScope(shield=True):
+                await self._switch_off(f"failed: {exc!r}")
+
+    async def _run(self) -> None:
         left = await trio.to_thread.run_sync(readtrees.sweep, self.trees)
         await self._free(left)  # a previous daemon's links: never held, so freed whole
         async with trio.open_nursery() as nursery:
@@ -174,7 +178,7 @@ class ReadServe:
                     log.info("read-serve off: %s", why)
                 self.note = why
                 self.waiting.clear()
-                await self._unmount("a pinned dataset is served")
+                await self._unmount(why)
                 return
             self.note = ""
             await self._publish()
@@ -184,6 +188,17 @@ class ReadServe:
         stays off while one is pinned there: `blocked`)."""
         async with self.lock:
             await self._unmount("a pinned dataset is mounted")
+
+    async def step_aside(self) -> None:
+        """A prefetch starts: the overlay goes and what it linked is freed whole, so the
+        prefetch's room check counts those bytes (off until `prefetch_done`, then kept off
+        by `blocked` while its dataset is pinned under this mount)."""
+        self._prefetches += 1
+        async with self.lock:
+            await self._unmount("a prefetch started")
+
+    def prefetch_done(self) -> None:
+        self._prefetches -= 1
 
     async def resume(self) -> None:
         """The daemon mounts again (`s3cachefs unmount` failed); files come back as read."""
@@ -195,34 +210,26 @@ class ReadServe:
         ours on the mountpoint is detached anyway (never one left over a dead FUSE)."""
         self._suspended = True
         self._publishing.cancel()
-        with trio.move_on_after(STOP_WAIT):
+        with trio.move_on_after(STOP_WAIT) as waited:
             async with self.lock:
                 await self._unmount("daemon stopping")
-                return
-        log.warning("read-serve: stop waited %.0fs for a swap; detaching anyway", STOP_WAIT)
-        await trio.to_thread.run_sync(readtrees.detach_ours, self.mountpoint, self.trees)
+        if waited.cancelled_caught:
+            log.warning("read-serve: stop waited %.0fs for a swap; detaching anyway", STOP_WAIT)
+        if waited.cancelled_caught or self.mount_id is not None:  # or covered
+            await trio.to_thread.run_sync(readtrees.detach_ours, self.mountpoint, self.trees)
 
     # ---- the swaps (under the lock) --------------------------------------------
 
     async def _publish(self) -> None:
-        if self.mount_id is not None and not await trio.to_thread.run_sync(self._live):
+        if self.mount_id is not None and not await readtrees.live(self.mount_id):
             log.info("read-serve: overlay on %s gone (unmounted by someone else)", self.mountpoint)
             await self._unmount("unmounted by someone else")
         waiting, self.waiting = self.waiting, {}
         owner = f"read:{self._generation + 1}"
-        fresh = await self._verified(waiting, owner)
+        fresh = await readcheck.verified(self.cache, self.pins, waiting, self.waiting, owner)
         leaving = set(self.leaving)
-        cap = self.cache.bounds.cache_size * HOLD_FRACTION
-        held = sum(v.version.size for r, v in self.served.items() if r not in leaving)
-        held += sum(v.version.size for v in fresh.values())
-        for rel, linked in sorted(self.served.items(), key=lambda item: item[1].at):
-            if held <= cap:
-                break
-            if rel not in leaving:  # the oldest linked first
-                leaving.add(rel)
-                held -= linked.version.size
-        while held > cap and fresh:  # more than the cap read at once: the rest stays on FUSE
-            held -= fresh.popitem()[1].version.size
+        cap = await trio.to_thread.run_sync(readcheck.hold_cap, self.cache)
+        readcheck.within(cap, self.served, leaving, fresh)
         if not fresh and not leaving:
             self.pins.release(owner)
             return
@@ -248,7 +255,10 @@ class ReadServe:
             self.leaving |= leaving
             if isinstance(exc, trio.Cancelled):
                 raise
-            log.warning("read-serve: mount on %s failed: %s", self.mountpoint, exc)
+            # Not retried: each try costs a CRC read of every file (no right to mount
+            # overlays here, say, fails the same way every time).
+            log.warning("read-serve: mount on %s failed: %s; off", self.mountpoint, exc)
+            await self._switch_off(f"mount failed: {exc}", locked=True)
             return
         for linked in files.values():
             linked.layer = tree
@@ -260,31 +270,6 @@ class ReadServe:
         await self._free(gone - {v.version.oid for v in self.served.values()})
         done = (len(fresh), len(leaving), len(self.layers), " (compacted)" if compact else "")
         log.info("read-serve: %d files linked, %d left, layers=%d%s", *done)
-
-    async def _verified(self, waiting: dict[str, Linked], owner: str) -> dict[str, Linked]:
-        """Those of ``waiting`` complete in the cache whose every block reads back against its
-        CRC32; held (under ``owner``) first, so no eviction takes a block meanwhile."""
-        checks, keep = [], {}
-        for rel, linked in waiting.items():
-            version = linked.version
-            self.pins.hold(owner, version.oid)
-            if self.cache.missing_blocks(version):  # blocks still being written, or evicted
-                linked.tries += 1
-                if linked.tries < TRIES and rel not in self.waiting:
-                    self.waiting[rel] = linked
-                continue
-            path = self.cache.object_path(version.oid)
-            checks.append(FileCheck(rel, path, version.size, self.cache.block_crcs(version)))
-            keep[rel] = linked
-        try:
-            damaged = await check_files(checks, self.cache.block_size, idle=False) if checks else []
-        except trio.Cancelled:  # by stop()
-            self.pins.release(owner)
-            raise
-        for rel in damaged:  # the FUSE path checks every block it serves: it fetches again
-            log.warning("read-serve: key=%s failed its check; served through FUSE", rel)
-            keep.pop(rel, None)
-        return keep
 
     def _entries(self, files: dict[str, Linked]) -> list[binds.TreeEntry]:
         return [
@@ -301,9 +286,11 @@ class ReadServe:
         if self.mount_id is None:
             self.mount_id = await trio.to_thread.run_sync(self._attach, layers)
         else:
+            previous = self.mount_id
             self.mount_id, outcome = await trio.to_thread.run_sync(self._swap, layers)
-            if outcome == "covered":
-                log.warning("read-serve: %s has another mount on top", self.mountpoint)
+            if outcome == "covered":  # still mounted: detached when uncovered, or at stop
+                self._stuck.append(previous)
+                self._warn_covered()
         self.layers = layers
         self.swaps += 1
         now = time.monotonic()
@@ -314,26 +301,26 @@ class ReadServe:
         await trio.to_thread.run_sync(readtrees.remove, old)
 
     def _attach(self, layers: list[Path]) -> int:
-        stack = binds.stack_at(self.mountpoint)
-        if stack and not stack[-1].fstype.startswith("fuse"):
-            raise OSError(f"{self.mountpoint}: another mount is on it")
         if self._below is None:
             self._below = overlay.open_below(self.mountpoint)
-        return overlay.mount(layers, self._below, self.mountpoint)
+        return readtrees.attach(self.mountpoint, self._below, layers)
 
     def _swap(self, layers: list[Path]) -> tuple[int, str]:
         assert self._below is not None and self.mount_id is not None
         return overlay.swap(layers, self._below, self.mountpoint, self.mount_id)
 
-    def _live(self) -> bool:
-        return any(e.id == self.mount_id for e in binds.mountinfo())
-
     async def _unmount(self, why: str, *, free: bool = True) -> None:
         """Detach the overlay, remove its trees, let go of its objects (freed whole:
         a reader of the detached overlay may still have one open)."""
-        if self.mount_id is not None:
-            outcome = await trio.to_thread.run_sync(binds.detach, self.mountpoint, self.mount_id)
+        ours = [*([self.mount_id] if self.mount_id is not None else []), *self._stuck[::-1]]
+        for mount_id in ours:  # top first: each swap mounts beneath what is on top
+            outcome = await trio.to_thread.run_sync(binds.detach, self.mountpoint, mount_id)
+            if outcome == "covered":  # still mounted: its trees, holds and state stay
+                self._warn_covered()
+                return
             log.info("read-serve: overlay on %s %s: %s", self.mountpoint, outcome, why)
+            if mount_id in self._stuck:
+                self._stuck.remove(mount_id)
         if self._below is not None:
             os.close(self._below)
             self._below = None
@@ -348,6 +335,29 @@ class ReadServe:
         if free:
             await self._free(oids)
 
+    def _warn_covered(self) -> None:
+        self.note = "another mount is on top of the overlay: left until it goes"
+        if not self._covered:
+            log.warning("read-serve: %s has another mount on top; left mounted", self.mountpoint)
+        self._covered = True
+
+    async def _switch_off(self, why: str, *, locked: bool = False) -> None:
+        """Off for this daemon's life (``status --json`` says ``why``): our overlays go,
+        what they linked is freed whole."""
+        self.enabled = False
+        self.waiting.clear()
+        try:
+            if locked:
+                await self._unmount(why)
+            else:
+                with trio.move_on_after(STOP_WAIT):
+                    async with self.lock:
+                        await self._unmount(why)
+        except Exception:  # whatever the state: no overlay left over a dead FUSE
+            log.exception("read-serve: unmounting after %s", why)
+        await trio.to_thread.run_sync(readtrees.detach_ours, self.mountpoint, self.trees)
+        self.note = f"off: {why}"
+
     async def _free(self, oids: set[str]) -> None:
         await self.cache.free(oids - self.cache.pinned)
 
@@ -356,10 +366,12 @@ class ReadServe:
         handle on the FUSE directory under it would keep the FUSE mount busy."""
         while True:
             await trio.sleep(WATCH_INTERVAL)
+            if FAULT and self.mount_id is not None:
+                raise RuntimeError(f"{FAULT_ENV} (a test's fault)")
             if self.mount_id is None:
                 continue
             async with self.lock:
-                if self.mount_id is not None and not await trio.to_thread.run_sync(self._live):
+                if self.mount_id is not None and not await readtrees.live(self.mount_id):
                     await self._unmount("unmounted by someone else")
 
     # ---- keeping what is served current ------------------------------------------
@@ -370,19 +382,7 @@ class ReadServe:
         assert self.verify_interval is not None
         while True:
             await trio.sleep(self.verify_interval)
-            checked = {r: v for r, v in self.served.items() if v.layer is not None}
-            checks = [
-                FileCheck(
-                    rel,
-                    self.cache.object_path(v.version.oid),
-                    v.version.size,
-                    self.cache.block_crcs(v.version),
-                )
-                for rel, v in checked.items()
-            ]
-            damaged = await check_files(checks, self.cache.block_size, idle=True)
-            # Only what is still served as it was checked (a swap may have replaced it).
-            damaged = [r for r in damaged if self.served.get(r) is checked[r]]
+            damaged = await readcheck.damaged(self.cache, self.served)
             if damaged:
                 log.warning("read-serve check: %d damaged (e.g. %s)", len(damaged), damaged[0])
                 self.leaving.update(damaged)

@@ -7,7 +7,7 @@ left (`daemon.mountpoint` removes them before the FUSE mount), so they all go,
 and the objects linked in them (``read-N.oids``) are freed whole: the holds
 died with that daemon, and eviction must never punch a file still open.
 
-Blocking functions only (the caller runs them in worker threads).
+Blocking functions (the caller runs them in worker threads), but `live`.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+
+import trio
 
 from s3cachefs.datasets import binds, overlay
 
@@ -76,6 +78,21 @@ def remove(trees: list[Path]) -> None:
     for tree in trees:
         shutil.rmtree(tree, ignore_errors=True)
         oids_file(tree).unlink(missing_ok=True)
+
+
+def attach(mountpoint: Path, below: int, layers: list[Path]) -> int:
+    """Mount the overlay of ``layers`` over FUSE (``below``) on ``mountpoint``: refused
+    where anything but FUSE is on top."""
+    stack = binds.stack_at(mountpoint)
+    if stack and not stack[-1].fstype.startswith("fuse"):
+        raise OSError(f"{mountpoint}: another mount is on it")
+    return overlay.mount(layers, below, mountpoint)
+
+
+async def live(mount_id: int) -> bool:
+    """Whether mount ``mount_id`` is still mounted (someone may have unmounted it)."""
+    entries = await trio.to_thread.run_sync(binds.mountinfo)
+    return any(e.id == mount_id for e in entries)
 
 
 def detach_ours(mountpoint: Path, trees: Path) -> None:

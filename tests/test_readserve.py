@@ -336,3 +336,112 @@ def test_sigterm_takes_the_overlay_and_the_fuse_mount(bucket: Bucket, mounter: M
     assert mount.proc.wait(timeout=60) == 0
     assert binds.mounts_below(mount.path) == []
     assert "Traceback" not in mount.log_text()
+
+
+def test_a_prefetch_gets_the_room_linked_files_hold(bucket: Bucket, mounter: Mounter) -> None:
+    """Linked files are held against eviction (up to half the cache); a prefetch that fits only
+    with that room gets it: read-serve steps aside and frees them whole, never punched."""
+    rng = random.Random(11)
+    first = {f"a/{i:02d}.bin": rng.randbytes(200_000) for i in range(12)}
+    dataset = {f"b/{i:02d}.bin": rng.randbytes(200_000) for i in range(12)}  # 2.4 MB of 3 MiB
+    bucket.put_many({**first, **dataset})
+    mount = mounter(bucket.name, *ON, "--block-size", "64K", "--cache-size", "3M")
+    read_all(mount, first)
+    wait_for(lambda: served(mount)["files"] > 0 and not served(mount)["waiting"], "linked")
+    held = served(mount)["files"] * 200_000
+    assert held > 3 * 1024 * 1024 - len(dataset) * 200_000  # it fits only without the holds
+    trees = [Path(p) for p in layers(mount) if p.startswith(str(mount.cache_dir))]
+    fds = {
+        key: os.open(tree / key, os.O_RDONLY)
+        for key in first
+        for tree in trees
+        if (tree / key).exists()
+    }
+    assert len(fds) * 200_000 == held
+    try:
+        result = prefetch(mount, "b")
+        assert result.returncode == 0, result.stderr
+        assert not served(mount)["mounted"]
+        drop_page_cache()
+        read_all(mount, dataset)
+        for key, fd in fds.items():  # freed whole (unlinked): a reader keeps every byte
+            assert os.lseek(fd, 0, os.SEEK_HOLE) == 200_000, key
+            assert os.pread(fd, 300_000, 0) == first[key], key
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+
+def test_a_swap_under_another_mount_leaves_no_overlay_behind(
+    bucket: Bucket, mounter: Mounter
+) -> None:
+    """A swap while something is mounted on top cannot detach the old overlay: it is kept
+    (one WARNING, status says so) and detached once uncovered, at stop at the latest."""
+    files = fill(bucket, count=4)
+    mount = mounter(bucket.name, *ON, "--verify-interval", "2")
+    read_all(mount, files)
+    wait_for(lambda: served(mount)["files"] == len(files), "the read files linked")
+    tree_file = Path(layers(mount)[0]) / sorted(files)[0]
+    subprocess.run(["mount", "-t", "tmpfs", "cover", str(mount.path)], check=True)
+    try:
+        fd = os.open(tree_file, os.O_WRONLY)
+        os.pwrite(fd, b"\xff" * 100, 10)  # fails its check: leaves, a swap (compaction)
+        os.fsync(fd)
+        os.close(fd)
+        wait_for(lambda: served(mount)["files"] == len(files) - 1, "the damaged file out")
+        assert "another mount is on top" in served(mount)["note"]
+    finally:
+        subprocess.run(["umount", str(mount.path)], check=True)  # the tmpfs: on top
+    mount.proc.send_signal(signal.SIGTERM)
+    assert mount.proc.wait(timeout=60) == 0
+    assert binds.mounts_below(mount.path) == []
+    assert mount.log_text().count("has another mount on top") == 1
+
+
+def test_a_failed_mount_turns_read_serve_off_for_the_daemons_life(
+    bucket: Bucket, mounter: Mounter
+) -> None:
+    """Not retried each batch (a warning and a CRC read of every file each time): here the
+    mountpoint is covered (refused), the files read through a bind of the FUSE mount."""
+    files = fill(bucket, count=4)
+    mount = mounter(bucket.name, *ON)
+    other = mounter.tmp_path / "other"
+    other.mkdir()
+    subprocess.run(["mount", "--bind", str(mount.path), str(other)], check=True)
+    try:
+        subprocess.run(["mount", "-t", "tmpfs", "cover", str(mount.path)], check=True)
+        try:
+            for key, body in files.items():
+                assert (other / key).read_bytes() == body
+            wait_for(lambda: (served(mount)["note"] or "").startswith("off: mount failed"), "off")
+            for key, body in files.items():  # offered again: nothing more is tried
+                assert (other / key).read_bytes() == body
+            info = served(mount)
+            assert not info["mounted"] and info["files"] == 0 and info["waiting"] == 0
+            assert mount.log_text().count("read-serve: mount on") == 1
+        finally:
+            subprocess.run(["umount", str(mount.path)], check=True)
+    finally:
+        subprocess.run(["umount", str(other)], check=True)
+    assert binds.stack_at(mount.path)[-1].fstype == "fuse.s3cachefs"
+    drop_page_cache()
+    read_all(mount, files)
+
+
+def test_an_error_in_read_serve_leaves_the_daemon_serving_through_fuse(
+    bucket: Bucket, mounter: Mounter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Supervised: logged once (ERROR: Sentry's too), our overlay detached, read-serve off."""
+    monkeypatch.setenv("S3CACHEFS_TEST_READSERVE_FAULT", "1")  # raised once files are linked
+    files = fill(bucket, count=4)
+    mount = mounter(bucket.name, *ON)
+    read_all(mount, files)
+    wait_for(lambda: (served(mount)["note"] or "").startswith("off: failed"), "read-serve off")
+    assert mount.proc.poll() is None
+    assert not served(mount)["mounted"]
+    assert [e.fstype for e in binds.mounts_below(mount.path)] == ["fuse.s3cachefs"]
+    assert mount.log_text().count("read-serve failed; off") == 1
+    drop_page_cache()
+    before = fuse_reads(mount)
+    read_all(mount, files)
+    assert fuse_reads(mount)[0] == before[0] + len(files)  # every open through FUSE
