@@ -239,10 +239,17 @@ def test_a_pinned_dataset_takes_over_from_the_root_overlay(
     assert fuse_reads(mount) == before
 
 
-def other_user_reads(path: Path) -> bool:
-    """Whether uid/gid 65534 (no groups) can read a byte of ``path``."""
+def other_user_reads(path: Path) -> tuple[bool, str]:
+    """Whether uid/gid 65534 (no groups) can read a byte of ``path``, and what it was told."""
     run = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "head", "-c1", str(path)]
-    return subprocess.run(run, capture_output=True, check=False).returncode == 0
+    done = subprocess.run(run, capture_output=True, text=True, errors="replace", check=False)
+    return done.returncode == 0, done.stderr.strip()
+
+
+def stat_trail(path: Path) -> list[str]:
+    """Mode and owner of every directory from /tmp down to ``path``: what a failed read met."""
+    trail = [path, *path.parents]
+    return [f"{oct(p.stat().st_mode)} {p.stat().st_uid} {p}" for p in trail if p != Path("/")]
 
 
 @pytest.mark.parametrize("allow_other", [False, True])
@@ -262,7 +269,8 @@ def test_other_users_are_denied_as_fuse_denies_them(
     wait_for(lambda: served(mount)["files"] == len(files), "the read files linked")
     assert binds.stack_at(mount.path)[-1].fstype == "overlay"
     for rel in (sorted(files)[0], "other/unread.bin"):  # linked, and through FUSE below
-        assert other_user_reads(mount.path / rel) == allow_other, rel
+        read, told = other_user_reads(mount.path / rel)
+        assert read == allow_other, (rel, told, stat_trail(mount.path / rel))
 
 
 def test_a_file_open_in_a_dead_daemons_overlay_never_reads_zeros(
