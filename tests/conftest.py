@@ -25,8 +25,11 @@ from typing import Any, Protocol
 import boto3
 import pytest
 
+from s3cachefs.base.config import MountConfig
 from s3cachefs.cli.locals3 import LocalS3
 from s3cachefs.datasets.binds import mounts_below
+from s3cachefs.store import s3 as store_s3
+from s3cachefs.store.s3 import S3Store
 from tests.faultproxy import FaultProxy
 
 CREDENTIALS = {
@@ -284,6 +287,37 @@ def proxy(s3_server: LocalS3) -> Iterator[FaultProxy]:
     p = FaultProxy(s3_server.endpoint_url).start()
     yield p
     p.stop()
+
+
+def make_store(
+    bucket: Bucket, tmp_path: Path, endpoint: str | None = None, etag_md5: str = "auto"
+) -> S3Store:
+    config = MountConfig(
+        bucket=bucket.name,
+        prefix="",
+        mountpoint=tmp_path / "mnt",
+        cache_dir=tmp_path / "cache",
+        endpoint_url=endpoint or bucket.server.endpoint_url,
+        etag_md5=etag_md5,
+    )
+    store = S3Store(config)
+    store.check_bucket()
+    return store
+
+
+@pytest.fixture(params=["lean", "botocore"])
+def lying_store(
+    request: pytest.FixtureRequest,
+    bucket: Bucket,
+    tmp_path: Path,
+    proxy: FaultProxy,
+    monkeypatch: pytest.MonkeyPatch,
+) -> S3Store:
+    if request.param == "botocore":  # what a proxy in the environment selects
+        monkeypatch.setattr(store_s3, "proxy_applies", lambda url: True)
+    store = make_store(bucket, tmp_path, proxy.endpoint_url)
+    assert (store._getter is not None) == (request.param == "lean")
+    return store
 
 
 def status(mount: Mount) -> dict[str, Any]:

@@ -37,10 +37,17 @@ from s3cachefs.cli.locals3 import LocalS3
 from s3cachefs.store.checksums import Check
 from s3cachefs.store.responses import etag_md5
 from s3cachefs.store.s3 import S3Store
-from tests.conftest import Bucket, Mount, Mounter, drop_page_cache, run_cli, s3cachefs_cmd
+from tests.conftest import (
+    Bucket,
+    Mount,
+    Mounter,
+    drop_page_cache,
+    make_store,
+    run_cli,
+    s3cachefs_cmd,
+)
 from tests.faultproxy import FaultProxy
 from tests.test_prefetch import check_tree, fill, prefetch
-from tests.test_store import make_store
 
 WORKER = "s3cachefs.cache.bulkworker"
 

@@ -20,9 +20,8 @@ import pytest
 from s3cachefs.cli.locals3 import LocalS3
 from s3cachefs.store import s3 as store_module
 from s3cachefs.store.s3 import S3Store
-from tests.conftest import Bucket, Mounter, drop_page_cache, read_at
+from tests.conftest import Bucket, Mounter, drop_page_cache, make_store, read_at
 from tests.faultproxy import FaultProxy
-from tests.test_store import make_store
 
 KIB = 1024
 

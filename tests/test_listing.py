@@ -19,27 +19,11 @@ from s3cachefs.base.errors import BadResponseError, StoreError, TransientError
 from s3cachefs.store import s3 as store_module
 from s3cachefs.store.listing import parse_page
 from s3cachefs.store.s3 import S3Store
-from tests.conftest import Bucket, Mounter, run_cli
+from tests.conftest import Bucket, Mounter, make_store, run_cli
 from tests.faultproxy import FaultProxy
-from tests.test_store import make_store
 
 # URL-encoding matters for every one of these (space, +, %, XML specials, non-ASCII, a tab).
 KEYS = ["p/a b+c%41.txt", "p/amp&lt<>.bin", "p/\u00fc/\u00f1.png", "p/tab\there", "p/x/y/z", "p/z"]
-
-
-@pytest.fixture(params=["lean", "botocore"])
-def lying_store(
-    request: pytest.FixtureRequest,
-    bucket: Bucket,
-    tmp_path: Path,
-    proxy: FaultProxy,
-    monkeypatch: pytest.MonkeyPatch,
-) -> S3Store:
-    if request.param == "botocore":  # what a proxy in the environment selects
-        monkeypatch.setattr(store_module, "proxy_applies", lambda url: True)
-    store = make_store(bucket, tmp_path, proxy.endpoint_url)
-    assert (store._getter is not None) == (request.param == "lean")
-    return store
 
 
 def test_the_lean_listing_gives_botocores_keys_and_fields(

@@ -15,9 +15,8 @@ import trio
 
 from s3cachefs.cache.bulkworker import Done
 from s3cachefs.cli.locals3 import LocalS3
-from tests.conftest import Bucket
+from tests.conftest import Bucket, make_store
 from tests.test_bulk import BS, GateProxy, engine_cache, md5_check, put_object, run_engine, until
-from tests.test_store import make_store
 
 BACKGROUND = [f"bg-{i}" for i in range(6)]
 

@@ -33,26 +33,10 @@ from s3cachefs.store.rangeget import proxy_applies
 from s3cachefs.store.responses import body_md5, check_get_response, etag_md5
 from s3cachefs.store.retry import RetryPolicy
 from s3cachefs.store.s3 import S3Store
-from tests.conftest import Bucket
+from tests.conftest import Bucket, make_store
 from tests.faultproxy import FaultProxy
 
 MIB = 1024 * 1024
-
-
-def make_store(
-    bucket: Bucket, tmp_path: Path, endpoint: str | None = None, etag_md5: str = "auto"
-) -> S3Store:
-    config = MountConfig(
-        bucket=bucket.name,
-        prefix="",
-        mountpoint=tmp_path / "mnt",
-        cache_dir=tmp_path / "cache",
-        endpoint_url=endpoint or bucket.server.endpoint_url,
-        etag_md5=etag_md5,
-    )
-    store = S3Store(config)
-    store.check_bucket()
-    return store
 
 
 @pytest.mark.parametrize("lean", [True, False], ids=["lean", "botocore"])
@@ -158,21 +142,6 @@ def test_only_single_part_unencrypted_etags_are_md5s() -> None:
 
 
 # ---- the store behind a lying server: both GET paths ---------------------------------
-
-
-@pytest.fixture(params=["lean", "botocore"])
-def lying_store(
-    request: pytest.FixtureRequest,
-    bucket: Bucket,
-    tmp_path: Path,
-    proxy: FaultProxy,
-    monkeypatch: pytest.MonkeyPatch,
-) -> S3Store:
-    if request.param == "botocore":  # what a proxy in the environment selects
-        monkeypatch.setattr(store_module, "proxy_applies", lambda url: True)
-    store = make_store(bucket, tmp_path, proxy.endpoint_url)
-    assert (store._getter is not None) == (request.param == "lean")
-    return store
 
 
 def test_an_ignored_range_is_retried_never_used_and_warned_about_once(
