@@ -147,6 +147,13 @@ def finish(job: subprocess.Popen[str]) -> tuple[int, str]:
     return job.returncode, err
 
 
+def all_pinned_and_exact(mount: Mount, files: dict[str, bytes]) -> None:
+    """Every file pinned, and read back byte-exact from disk (page cache dropped)."""
+    assert status(mount)["pinned_bytes"] == sum(map(len, files.values()))
+    drop_page_cache()
+    check_tree(mount, files)
+
+
 def status(mount: Mount) -> dict[str, object]:
     result = run_cli("status", str(mount.path), "--json")
     assert result.returncode == 0, result.stderr
@@ -308,9 +315,7 @@ def test_a_lying_server_through_the_worker_path(
     gate_proxy.rates[mode] = 0.0
     again = prefetch(mount, "dataset-v3")
     assert again.returncode == 0, again.stderr
-    assert status(mount)["pinned_bytes"] == sum(map(len, files.values()))
-    drop_page_cache()
-    check_tree(mount, files)
+    all_pinned_and_exact(mount, files)
 
 
 def test_a_read_never_gets_the_bytes_of_a_worker_job_that_failed_its_md5(
@@ -330,9 +335,7 @@ def test_a_read_never_gets_the_bytes_of_a_worker_job_that_failed_its_md5(
     assert got == files[big], "the read got the flipped byte"
     code, err = finish(job)
     assert code == 0, err
-    assert status(mount)["pinned_bytes"] == sum(map(len, files.values()))
-    drop_page_cache()
-    check_tree(mount, files)
+    all_pinned_and_exact(mount, files)
 
 
 def test_a_prefetch_cancelled_while_its_jobs_are_out_leaves_no_flight_behind(
@@ -356,9 +359,7 @@ def test_a_prefetch_cancelled_while_its_jobs_are_out_leaves_no_flight_behind(
     reader.join(60)
     assert got == [files[big]], "the read never completed"
     assert prefetch(mount, "dataset-v3").returncode == 0
-    assert status(mount)["pinned_bytes"] == sum(map(len, files.values()))
-    drop_page_cache()
-    check_tree(mount, files)
+    all_pinned_and_exact(mount, files)
 
 
 # ---- the engine driven directly (no mount): one BlockCache, real workers, real S3 ----
@@ -601,9 +602,7 @@ def test_a_read_waiting_on_a_worker_job_never_gets_bytes_that_fail_their_md5(
     gate_proxy.rates["flip_byte"] = 0.0
     again = prefetch(mount, "dataset-v3")
     assert again.returncode == 0, again.stderr
-    assert status(mount)["pinned_bytes"] == sum(map(len, files.values()))
-    drop_page_cache()
-    check_tree(mount, files)
+    all_pinned_and_exact(mount, files)
 
 
 class HangUpProxy(FaultProxy):
