@@ -31,7 +31,7 @@ from typing import NamedTuple
 
 from s3cachefs.cache.blockcache import BlockCache
 from s3cachefs.cache.blocks import ObjectVersion
-from s3cachefs.datasets import binds
+from s3cachefs.datasets import binds, kernelopaque
 from s3cachefs.store.types import ObjectInfo
 
 
@@ -40,6 +40,8 @@ class Layout(NamedTuple):
     dirs: frozenset[str]  # relative, without a trailing "/"
     versions: list[ObjectVersion | None]  # of each entry; None for an empty object
     oids: frozenset[str]  # of every object of the manifest (the tree's pin-store hold)
+    # Directories marked opaque for the overlay (`datasets.kernelopaque`): set once merged.
+    opaque: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -130,8 +132,12 @@ def synced_path(tree: Path) -> Path:
 
 
 def current(tree: Path, layout: Layout) -> bool:
-    """``tree`` was synced and still matches ``layout``."""
-    return synced_path(tree).exists() and binds.tree_matches(tree, layout.entries, layout.dirs)
+    """``tree`` was synced and still matches ``layout`` (its opaque marks too)."""
+    return (
+        synced_path(tree).exists()
+        and binds.tree_matches(tree, layout.entries, layout.dirs)
+        and kernelopaque.matches(tree, layout.opaque)
+    )
 
 
 def sweep(trees: Path, manifest_ids: Container[str]) -> None:
@@ -157,6 +163,7 @@ def stage(tree: Path, layout: Layout) -> bool:
     fresh = not current(tree, layout)
     if fresh:
         binds.build_tree(next_path(tree), layout.entries, layout.dirs)
+        kernelopaque.mark(next_path(tree), layout.opaque)
     binds.syncfs(tree.parent)
     return fresh
 
