@@ -31,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 from bench.common import cli, drop_caches, mount
@@ -82,6 +83,44 @@ def own_overlay(tree: Path, fuse_dir: Path, work: Path, label: str) -> Path:
     return target
 
 
+def make_dataset(data: Path, pages: int) -> None:
+    rng = random.Random(1)
+    for i in range(pages):
+        path = data / f"shard-{i // 250:02d}" / f"page-{i:05d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(rng.randbytes(rng.randint(1_000, 8_000)))
+
+
+def measure(roots: dict[str, Path], served_by: dict[str, Path], rounds: int) -> None:
+    """Each round, each path: drop the page cache, walk; the FUSE requests of the walk
+    (``served_by``: the mount whose daemon a path's walk may reach)."""
+    rates: dict[str, list[float]] = {k: [] for k in roots}
+    asked: dict[str, dict[str, int]] = {k: {} for k in roots}
+    entries: dict[str, int] = {}
+    for _ in range(rounds):
+        for label, root in roots.items():
+            mnt = served_by.get(label)
+            before = fuse_requests(mnt) if mnt else {}
+            drop_caches()
+            secs, n = walk(root)
+            rates[label].append(n / secs)
+            entries[label] = n
+            for op, count in (fuse_requests(mnt) if mnt else {}).items():
+                if count - before.get(op, 0):
+                    asked[label][op] = asked[label].get(op, 0) + count - before.get(op, 0)
+    local = statistics.median(rates["local"])
+    print(f"load: {os.getloadavg()}; {rounds} rounds, page cache dropped before each walk")
+    print(f"{'path':12} {'entries':>7} {'entries/s':>9} {'vs local':>8}  passes (k entries/s)")
+    for label, values in rates.items():
+        med = statistics.median(values)
+        passes = " ".join(f"{v / 1000:.0f}" for v in values)
+        print(f"{label:12} {entries[label]:7} {med:9.0f} {med / local:7.2f}x  {passes}")
+    for label, ops in asked.items():
+        if label in served_by:
+            per_walk = ", ".join(f"{op} {n / rounds:.0f}" for op, n in sorted(ops.items()))
+            print(f"FUSE requests per walk, {label}: {per_walk or 'none'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--pages", type=int, default=1000)
@@ -91,12 +130,8 @@ def main() -> None:
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         os.environ.setdefault(name, "bench")
     work = Path(tempfile.mkdtemp(prefix="walkstat-"))
-    rng = random.Random(1)
     data = work / "s3" / "bench" / PREFIX
-    for i in range(args.pages):
-        path = data / f"shard-{i // 250:02d}" / f"page-{i:05d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(rng.randbytes(rng.randint(1_000, 8_000)))
+    make_dataset(data, args.pages)
     server = DirS3(work / "s3").start()
     mounts = {"kernel": work / "mnt-kernel", "fuse": work / "mnt-fuse"}
     try:
@@ -113,51 +148,31 @@ def main() -> None:
             "kernel": mounts["kernel"] / PREFIX,
             "fuse": mounts["fuse"] / PREFIX,
         }
+        served_by = {"kernel": mounts["kernel"], "fuse": mounts["fuse"]}
         if tree is not None:
             roots["tree"] = tree
             for label in ("unmarked", "marked"):
                 roots[f"ovl-{label}"] = own_overlay(tree, mounts["fuse"] / PREFIX, work, label)
-        rates: dict[str, list[float]] = {k: [] for k in roots}
-        entries: dict[str, int] = {}
-        before = {k: fuse_requests(m) for k, m in mounts.items()}
-        for _ in range(args.rounds):
-            for label, root in roots.items():
-                drop_caches()
-                secs, n = walk(root)
-                rates[label].append(n / secs)
-                entries[label] = n
-        after = {k: fuse_requests(m) for k, m in mounts.items()}
-        local = statistics.median(rates["local"])
-        print(f"load: {os.getloadavg()}; {args.rounds} rounds, page cache dropped before each walk")
-        print(f"{'path':8} {'entries':>8} {'entries/s':>10} {'vs local':>8}  passes (k entries/s)")
-        for label, values in rates.items():
-            med = statistics.median(values)
-            passes = " ".join(f"{v / 1000:.0f}" for v in values)
-            print(f"{label:8} {entries[label]:8} {med:10.0f} {med / local:7.2f}x  {passes}")
-        for label in mounts:
-            diff = {
-                op: n - before[label].get(op, 0)
-                for op, n in after[label].items()
-                if n - before[label].get(op, 0)
-            }
-            print(
-                f"FUSE requests, {label} mount, per walk: "
-                + ", ".join(f"{op} {n / args.rounds:.0f}" for op, n in sorted(diff.items()))
-            )
+                served_by[f"ovl-{label}"] = mounts["fuse"]
+        measure(roots, served_by, args.rounds)
     finally:
-        for label in ("unmarked", "marked"):
-            if (work / f"ovl-{label}").exists():
-                subprocess.run(["umount", str(work / f"ovl-{label}")], check=False)
-        for mnt in mounts.values():
-            if mnt.exists():
-                subprocess.run(
-                    [sys.executable, "-m", "s3cachefs", "unmount", str(mnt)],
-                    check=False,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
+        cleanup(work, mounts.values())
         server.stop()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def cleanup(work: Path, mounts: Iterable[Path]) -> None:
+    for label in ("unmarked", "marked"):
+        if (work / f"ovl-{label}").exists():
+            subprocess.run(["umount", str(work / f"ovl-{label}")], check=False)
+    for mnt in mounts:
+        if mnt.exists():
+            subprocess.run(
+                [sys.executable, "-m", "s3cachefs", "unmount", str(mnt)],
+                check=False,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
 
 
 if __name__ == "__main__":
