@@ -14,7 +14,8 @@ then, each round, drops the page cache and walks (`bench.workloads.walk`):
 - ``fuse``: the ``--no-kernel-serve-pinned`` mount (every request through the daemon);
 - ``ovl-unmarked`` / ``ovl-marked``: overlays of copies of the tree (hard links) over the
   ``fuse`` mount's dataset directory, with every directory merged (as before opaque marks,
-  `datasets.kernelopaque`) or marked as the daemon marks them.
+  `datasets.kernelopaque`) or marked as the daemon marks them; ``ovl-empty``: the
+  marked copy over an empty directory (no FUSE below: what overlayfs itself costs).
 
 Prints entries/s and the ratio to local disk (median of the rounds), and the
 FUSE requests each mount's daemon served during the walks (``status --json``).
@@ -40,6 +41,7 @@ from bench.workloads import walk
 
 PREFIX = "dataset-v3"
 OPAQUE = "trusted.overlay.opaque"
+OWN = ("unmarked", "marked", "empty")  # the overlays walkstat mounts itself
 
 
 def fuse_requests(mnt: Path) -> dict[str, int]:
@@ -73,6 +75,9 @@ def own_overlay(tree: Path, fuse_dir: Path, work: Path, label: str) -> Path:
     directory of its own: ``unmarked``, every directory merged (before opaque marks)."""
     copy, target = work / f"tree-{label}", work / f"ovl-{label}"
     subprocess.run(["cp", "-al", str(tree), str(copy)], check=True)
+    if label == "empty":  # no FUSE below: what the overlay itself costs
+        fuse_dir = work / "empty"
+        fuse_dir.mkdir()
     if label == "unmarked":
         for dirpath, _, _ in os.walk(copy):
             if OPAQUE in os.listxattr(dirpath):
@@ -151,7 +156,7 @@ def main() -> None:
         served_by = {"kernel": mounts["kernel"], "fuse": mounts["fuse"]}
         if tree is not None:
             roots["tree"] = tree
-            for label in ("unmarked", "marked"):
+            for label in OWN:
                 roots[f"ovl-{label}"] = own_overlay(tree, mounts["fuse"] / PREFIX, work, label)
                 served_by[f"ovl-{label}"] = mounts["fuse"]
         measure(roots, served_by, args.rounds)
@@ -162,17 +167,19 @@ def main() -> None:
 
 
 def cleanup(work: Path, mounts: Iterable[Path]) -> None:
-    for label in ("unmarked", "marked"):
+    for label in OWN:
         if (work / f"ovl-{label}").exists():
             subprocess.run(["umount", str(work / f"ovl-{label}")], check=False)
     for mnt in mounts:
         if mnt.exists():
-            subprocess.run(
-                [sys.executable, "-m", "s3cachefs", "unmount", str(mnt)],
-                check=False,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
+            for lazy in ((), ("--lazy",)):  # lazy if busy: never leave a mount behind
+                done = subprocess.run(
+                    [sys.executable, "-m", "s3cachefs", "unmount", str(mnt), *lazy],
+                    check=False,
+                    stdout=subprocess.DEVNULL,
+                )
+                if done.returncode == 0:
+                    break
 
 
 if __name__ == "__main__":
