@@ -15,7 +15,9 @@ A tree is built completely and synced before it is bound. A tree without its
 manifest, is built again from the cache files, which the check at start has
 just read back against their block CRC32s (not S3's digest: that is `verify`'s).
 The tree shows the same directories as the FUSE view: those of its files, and
-those the manifest keeps for ``dir/`` markers and skipped keys.
+those the manifest keeps for ``dir/`` markers and skipped keys. Those holding
+every name the FUSE view lists are marked opaque for the overlay
+(`datasets.kernelopaque`); the marks are part of what a current tree matches.
 
 Blocking functions only (the caller runs them in worker threads).
 """
