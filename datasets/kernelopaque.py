@@ -4,8 +4,9 @@ An overlay ``lowerdir=TREE:FUSEDIR`` merges every directory the tree shares
 with the FUSE directory: a readdir reads both layers (one FUSE opendir,
 readdir and releasedir per directory), and a lookup of a directory name goes
 on to FUSE. With the page cache dropped, a walk of a complete dataset asked
-FUSE once for every directory (W4: 0.30x local disk against 0.68x for the
-plain FUSE path, `bench.walkstat`). A directory of the tree that already holds
+FUSE about every directory and merged each (W4: 0.26-0.52x local disk, about
+half the speed of the same overlay with marks; bench/README.md, "W4 through
+overlays"). A directory of the tree that already holds
 every name the FUSE view shows below it gains nothing from FUSE: it is marked
 ``trusted.overlay.opaque=y``, which overlayfs honours in any lower layer but
 the lowest (Linux 6.18: lookups stop there and readdir reads the tree alone).
@@ -71,7 +72,7 @@ def _name(key: str) -> str:
 
 def mark(tree: Path, opaque: Iterable[str]) -> bool:
     """Mark these directories of ``tree`` opaque (before it is mounted: a mounted tree is
-    never changed). False if this file system cannot hold the mark (nothing marked)."""
+    never changed). False if this file system cannot hold the mark."""
     for rel in sorted(opaque):
         try:
             os.setxattr(tree / rel, OPAQUE, b"y")
