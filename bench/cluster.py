@@ -86,7 +86,9 @@ class Cluster:
         data: Dataset,
         scratch: Callable[[str], Path],
         rounds: int = 3,
+        parts: str = "",
     ) -> None:
+        self.parts = parts.split(",") if parts else []  # of shard, mount_root, cached_by_reading
         self.report = report
         self.net = net
         self.local = local  # holds dataset-v3/... exactly as the bucket does
@@ -96,6 +98,8 @@ class Cluster:
 
     def run(self) -> None:
         for part in (self.shard, self.mount_root, self.cached_by_reading):
+            if self.parts and part.__name__ not in self.parts:
+                continue
             try:
                 part()
             except Exception as exc:
@@ -305,11 +309,14 @@ def main() -> None:
     """Standalone: the dataset, the local S3 server, W6, one table."""
     parser = argparse.ArgumentParser(prog="python -m bench.cluster", description=__doc__)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--parts", default="", help="comma list of shard, mount_root, cached_by_reading (all)"
+    )
     standalone.main(
         parser,
         "s3cachefs-w6-",
         lambda args, report, net, _bucket, local, data, scratch: Cluster(
-            report, net, local, data, scratch, args.rounds
+            report, net, local, data, scratch, args.rounds, args.parts
         ).run(),
     )
 

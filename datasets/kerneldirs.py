@@ -15,7 +15,7 @@ from pathlib import Path
 import trio
 
 from s3cachefs.cache.blockcache import BlockCache
-from s3cachefs.datasets import binds, kernelpolicy, kerneltrees, overlay
+from s3cachefs.datasets import binds, kernelopaque, kernelpolicy, kerneltrees, overlay
 from s3cachefs.datasets.kernelcheck import KernelChecks
 from s3cachefs.datasets.kernelmounts import OVERLAY, KernelMounts, choose
 from s3cachefs.datasets.kerneltrees import Bind, Layout
@@ -169,6 +169,8 @@ class DatasetMounts:
                 await self.unbind(bind, reason or "not pinned")
             return
         layout = kerneltrees.merge([layout for _, layout in chosen])
+        if self.mounts.kind == OVERLAY:
+            layout = await self._with_opaque(prefix, layout)
         ids = frozenset(m.id for m, _ in chosen)
         tree = self.trees / gid
         if await trio.to_thread.run_sync(kerneltrees.current, tree, layout):
@@ -180,6 +182,16 @@ class DatasetMounts:
             await self._bind(prefix, ids, tree, layout, previous=None)
             return
         await self._bind(prefix, ids, tree, layout, previous=bind)
+
+    async def _with_opaque(self, prefix: str, layout: Layout) -> Layout:
+        """The layout with the directories to mark opaque: those holding every name the FUSE
+        view lists in and below them (`datasets.kernelopaque`); the overlay never asks FUSE
+        about them. Listings read now: a manifest saved meanwhile refreshes again."""
+        dirs = await trio.to_thread.run_sync(binds.tree_dirs, layout.entries, layout.dirs)
+        listings = {rel: self.pins.listing(f"{prefix}{rel}/") for rel in dirs}
+        files = [e.rel for e in layout.entries]
+        opaque = await trio.to_thread.run_sync(kernelopaque.opaque_dirs, files, listings)
+        return layout._replace(opaque=opaque)
 
     async def _eligible(
         self, manifest: Manifest, bind: Bind | None

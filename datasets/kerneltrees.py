@@ -15,7 +15,9 @@ A tree is built completely and synced before it is bound. A tree without its
 manifest, is built again from the cache files, which the check at start has
 just read back against their block CRC32s (not S3's digest: that is `verify`'s).
 The tree shows the same directories as the FUSE view: those of its files, and
-those the manifest keeps for ``dir/`` markers and skipped keys.
+those the manifest keeps for ``dir/`` markers and skipped keys. Those holding
+every name the FUSE view lists are marked opaque for the overlay
+(`datasets.kernelopaque`); the marks are part of what a current tree matches.
 
 Blocking functions only (the caller runs them in worker threads).
 """
@@ -31,7 +33,7 @@ from typing import NamedTuple
 
 from s3cachefs.cache.blockcache import BlockCache
 from s3cachefs.cache.blocks import ObjectVersion
-from s3cachefs.datasets import binds
+from s3cachefs.datasets import binds, kernelopaque
 from s3cachefs.store.types import ObjectInfo
 
 
@@ -40,6 +42,8 @@ class Layout(NamedTuple):
     dirs: frozenset[str]  # relative, without a trailing "/"
     versions: list[ObjectVersion | None]  # of each entry; None for an empty object
     oids: frozenset[str]  # of every object of the manifest (the tree's pin-store hold)
+    # Directories marked opaque for the overlay (`datasets.kernelopaque`): set once merged.
+    opaque: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -130,8 +134,12 @@ def synced_path(tree: Path) -> Path:
 
 
 def current(tree: Path, layout: Layout) -> bool:
-    """``tree`` was synced and still matches ``layout``."""
-    return synced_path(tree).exists() and binds.tree_matches(tree, layout.entries, layout.dirs)
+    """``tree`` was synced and still matches ``layout`` (its opaque marks too)."""
+    return (
+        synced_path(tree).exists()
+        and binds.tree_matches(tree, layout.entries, layout.dirs)
+        and kernelopaque.matches(tree, layout.opaque)
+    )
 
 
 def sweep(trees: Path, manifest_ids: Container[str]) -> None:
@@ -157,6 +165,7 @@ def stage(tree: Path, layout: Layout) -> bool:
     fresh = not current(tree, layout)
     if fresh:
         binds.build_tree(next_path(tree), layout.entries, layout.dirs)
+        kernelopaque.mark(next_path(tree), layout.opaque)
     binds.syncfs(tree.parent)
     return fresh
 

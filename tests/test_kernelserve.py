@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from s3cachefs.cli.locals3 import LocalS3
-from s3cachefs.datasets import overlay
+from s3cachefs.datasets import kernelopaque, overlay
 from s3cachefs.datasets.binds import MountEntry, mountinfo, mounts_below, stack_at
 from tests.conftest import Bucket, Mount, Mounter, drop_page_cache, mount_cli, run_cli, status
 from tests.test_prefetch import MIB, check_tree, fill, prefetch
@@ -112,6 +112,50 @@ def test_prefetched_dataset_is_read_by_the_kernel_not_the_daemon(
         (target / "new.txt").write_bytes(b"x")
     human = run_cli("status", str(mount.path)).stdout
     assert f"kernel-served (overlay on {target})" in human
+
+
+def fuse_counts(mount: Mount) -> dict[str, int]:
+    return dict(status(mount)["fuse_requests"])
+
+
+def walk_stat(root: Path) -> dict[str, int]:
+    """W4: ``os.walk`` and a ``stat`` of every entry; each file's size."""
+    found = {}
+    for dirpath, dirs, names in os.walk(root):
+        for name in dirs + names:
+            st = os.stat(os.path.join(dirpath, name))
+            if name in names:
+                found[os.path.relpath(os.path.join(dirpath, name), root)] = st.st_size
+    return found
+
+
+def test_a_walk_of_a_kernel_served_dataset_asks_fuse_only_about_its_own_directory(
+    bucket: Bucket, mounter: Mounter
+) -> None:
+    """Issue 13's overlay merged every directory of the tree with the FUSE directory, so a
+    walk with the page cache dropped asked the daemon about each one (W4 fell to 0.44x).
+    The tree's directories hold every name the FUSE view lists: marked opaque, the
+    overlay never asks FUSE about them."""
+    files = fill(bucket, count=30)
+    deep = {"dataset-v3/train/deep/er/page.png": b"deep" * 1000}
+    bucket.put_many(deep)
+    files.update(deep)
+    mount = mounter(bucket.name, "--min-free", "0")
+    assert prefetch(mount, "dataset-v3").returncode == 0
+    wait_for(lambda: dataset(mount)["kernel_served"], "the dataset's overlay")
+    target = mount.path / "dataset-v3"
+    drop_page_cache()
+    bucket.server.reset()
+    before = fuse_counts(mount)
+    assert walk_stat(target) == {k.removeprefix("dataset-v3/"): len(v) for k, v in files.items()}
+    after = fuse_counts(mount)
+    asked = {op: n - before.get(op, 0) for op, n in after.items() if n != before.get(op, 0)}
+    # Only the dataset's own directory is merged (overlayfs ignores a mark on a layer's root).
+    assert asked.get("opendir", 0) <= 1 and asked.get("lookup", 0) == 0, asked
+    assert sum(bucket.server.counts().values()) == 0
+    tree = Path(dataset(mount)["tree"])
+    dirs = {"train", "val", "archive", "train/deep", "train/deep/er"}
+    assert kernelopaque.marks(tree) == frozenset(dirs)
 
 
 def test_rebuild_swaps_atomically_and_open_readers_keep_old_bytes(

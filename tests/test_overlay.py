@@ -20,8 +20,9 @@ import pytest
 
 from s3cachefs.cache.blocks import ObjectVersion
 from s3cachefs.cache.ledger import Ledger
-from s3cachefs.datasets import binds, overlay
+from s3cachefs.datasets import binds, kernelopaque, overlay
 from s3cachefs.datasets.pins import Manifest, PinStore
+from s3cachefs.store.types import Listing, ObjectInfo
 from tests.conftest import Bucket, Mount, Mounter, drop_page_cache, read_at, status
 from tests.test_prefetch import fill, prefetch
 
@@ -236,3 +237,36 @@ def test_leftovers_are_only_our_overlays_with_our_trees(tmp_path: Path) -> None:
     finally:
         os.close(below)
     assert binds.mounts_below(tmp_path) == []
+
+
+def test_opaque_directories_are_those_holding_every_name_the_fuse_view_lists(
+    tmp_path: Path,
+) -> None:
+    def listed(*names: str) -> Listing:
+        objects = [ObjectInfo(f"ds/{n}", 1, "e", 0) for n in names if not n.endswith("/")]
+        return Listing(objects, [f"ds/{n}" for n in names if n.endswith("/")])
+
+    files = ["a/1", "a/b/2", "c/3", "d/e/4", "f/g/5", "top"]
+    listings: dict[str, Listing | None] = {
+        "a": listed("1", "b/"),
+        "a/b": listed("2"),
+        "c": listed("3", "9"),  # a key the tree lacks (another shard's): merged
+        "d": listed("e/"),
+        "d/e": None,  # not answered from the pin store (S3 lists it): merged, and so is d
+        "f": listed("g", "g/"),  # a key hidden by the directory of the same name
+        "f/g": listed("5"),
+        "h": listed(),  # a directory marker with nothing in it
+    }
+    opaque = kernelopaque.opaque_dirs(files, listings)
+    assert opaque == {"a", "a/b", "f", "f/g", "h"}
+
+    if os.geteuid() != 0:
+        pytest.fail("this test needs root (see README, Tests)")
+    tree = tmp_path / "tree"
+    for rel in listings:
+        (tree / rel).mkdir(parents=True, exist_ok=True)
+    assert kernelopaque.marks(tree) == frozenset()
+    assert kernelopaque.mark(tree, opaque)
+    assert kernelopaque.marks(tree) == opaque
+    assert kernelopaque.matches(tree, opaque) and not kernelopaque.matches(tree, frozenset())
+    assert [p.name for p in tmp_path.iterdir()] == ["tree"]  # the probe is gone
