@@ -20,7 +20,7 @@ owner of the index, the ledger and the pins:
   caller runs on the in-daemon path (`fetch` returns None), as it does for
   every job while the workers cannot start or the store has no lean GET path.
 
-The processes themselves (spawned on the first job, fed in batches, replaced,
+The processes themselves (spawned when the cache starts, fed in batches, replaced,
 stopped with the cache's nursery) are `cache.bulkpool`'s.
 """
 
@@ -87,8 +87,14 @@ class BulkEngine:
         return self.pool.pids
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Own the workers: started on the first job, stopped on the way out."""
+        """Own the workers: stopped on the way out."""
         await self.pool.run(task_status=task_status)
+
+    def start_workers(self) -> None:
+        """Start the workers now, not on a prefetch's first job: a worker takes 0.4-0.9 s
+        to import (python -m bench.w1trace --small --profile wan), which a prefetch
+        would wait for after its listing. Idle, they wait on their socket."""
+        self.pool.ready(self.ledger.block_size)
 
     def _getter(self) -> RangeGetter | None:
         getter = getattr(self.store, "range_getter", None)
