@@ -6,17 +6,17 @@ No trio and no cache: used by `cache.bulkworker` (and the bench), in worker thre
 
 from __future__ import annotations
 
+import datetime
 import http.client
 import ssl
 import urllib.parse
 from dataclasses import dataclass
 
-import botocore.auth
-import botocore.awsrequest
 import botocore.credentials
 import botocore.session
 
 from s3cachefs.base.errors import CredentialsError
+from s3cachefs.cache.bulksign import GetSigner, signed_host
 from s3cachefs.store.retry import RetryPolicy
 
 # What a keep-alive connection the server closed while idle says on its next request.
@@ -46,20 +46,17 @@ class GetConnection:
         self.credentials = credentials  # [the latest], shared by the threads of a worker
         self.retry = RetryPolicy(endpoint.attempts)
         self.http: http.client.HTTPConnection | None = None
+        self.signer = GetSigner(signed_host(endpoint.base_url), endpoint.region)
 
     def get(self, key: str, etag: str, start: int, end: int) -> http.client.HTTPResponse:
         path = self.prefix + urllib.parse.quote(key, safe="/~")
         headers = {"Range": f"bytes={start}-{end - 1}", "If-Match": etag}
-        scheme = "https" if self.https else "http"
-        request = botocore.awsrequest.AWSRequest(
-            method="GET", url=f"{scheme}://{self.host}{path}", headers=headers
-        )
         try:
             frozen = self.credentials[0].get_frozen_credentials()
         except Exception as exc:  # noqa: BLE001  # a refresh that failed (STS, IMDS, a profile)
             raise CredentialsError(f"AWS credentials could not be refreshed: {exc}") from None
-        botocore.auth.S3SigV4Auth(frozen, "s3", self.endpoint.region).add_auth(request)
-        signed = dict(request.headers.items())
+        now = datetime.datetime.now(datetime.UTC)
+        signed = self.signer.sign(path, headers, frozen, now)
         # A socket kept alive from an earlier GET may have been closed by the server
         # while idle (S3: ~20 s): that is not an attempt; once more on a new one.
         reused = self.http is not None and self.http.sock is not None
