@@ -5,9 +5,10 @@ and knows which jobs each one holds; what a job means (its reservation, its
 flights, its rows) is the engine's (`cache.bulk`), told through three callbacks:
 a batch of results came in, a worker died with these jobs, a job could not be sent.
 
-- Workers start with the cache (`ready`, once its block size is known), else on
-  the first job, and are replaced when they die, at most ``size`` times; after that, or when one cannot start, the pool says it is
-  not ready and the caller uses the in-daemon path.
+- Workers start with the daemon (`ready`, once the cache's block size is known),
+  else on the first job, and are replaced when they die, at most ``size`` times;
+  after that, or when one cannot start, the pool says it is not ready and the
+  caller uses the in-daemon path.
 - Jobs queued in one trio tick go to a worker in one message, with the
   credentials frozen in a thread (a refresh may be an STS/IMDS round trip).
 - Results are read on the trio thread (no thread hand-off per block).
