@@ -65,8 +65,8 @@ class GetSigner:
         scope = f"{day}/{self.region}/s3/aws4_request"
         digest = hashlib.sha256(request.encode()).hexdigest()
         to_sign = f"AWS4-HMAC-SHA256\n{stamp}\n{scope}\n{digest}"
-        signature = hmac.new(self._signing_key(credentials.secret_key, day), to_sign.encode(),
-                             hashlib.sha256).hexdigest()  # fmt: skip
+        key = self._signing_key(credentials.secret_key or "", day)
+        signature = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
         out["Authorization"] = (
             f"AWS4-HMAC-SHA256 Credential={credentials.access_key}/{scope}, "
             f"SignedHeaders={signed}, Signature={signature}"
