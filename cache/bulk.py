@@ -91,7 +91,7 @@ class BulkEngine:
         await self.pool.run(task_status=task_status)
 
     def start_workers(self) -> None:
-        """Start the workers now, not on a prefetch's first job: a worker takes 0.4-0.9 s
+        """Start the workers now, not on a prefetch's first job: a worker takes 0.4-1.0 s
         to import (python -m bench.w1trace --small --profile wan), which a prefetch
         would wait for after its listing. Idle, they wait on their socket."""
         self.pool.ready(self.ledger.block_size)

@@ -1,7 +1,7 @@
 """The bulk workers (issue 12): they start with the daemon, so a prefetch does not wait
 for them; and their lean SigV4 signs as botocore does.
 
-A worker takes 0.4-0.9 s to start (its imports) on a loaded 2-core machine,
+A worker takes 0.4-1.0 s to start (its imports) on a loaded 2-core machine,
 which a prefetch started on the first job used to wait for after its listing.
 """
 
