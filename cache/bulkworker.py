@@ -40,8 +40,6 @@ import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-import botocore.auth
-import botocore.awsrequest
 import botocore.credentials
 import botocore.session
 
