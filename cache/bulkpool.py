@@ -30,7 +30,7 @@ from multiprocessing.connection import Connection
 
 import trio
 
-from s3cachefs.cache.bulkworker import Done, Endpoint, Job, Secrets
+from s3cachefs.cache.bulkworker import Done, Endpoint, Job, WireSecrets
 from s3cachefs.store.rangeget import RangeGetter
 
 log = logging.getLogger(__name__)
@@ -214,7 +214,7 @@ class WorkerPool:
         getter = self._getter()
         try:
             # A refresh may be an STS/IMDS round trip: not on the trio thread.
-            secrets: Secrets | None = (
+            secrets: WireSecrets = (
                 None if getter is None else await trio.to_thread.run_sync(getter.secrets)
             )
         except Exception as exc:  # noqa: BLE001  no credentials: these jobs fail, not the daemon

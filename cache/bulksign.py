@@ -6,6 +6,9 @@ The headers botocore's ``S3SigV4Auth`` adds to such a request (``X-Amz-Date``,
 took ~0.6 of the ~2 ms of worker CPU per page-sized GET (cProfile of
 `cache.bulkworker.fetch`, 1,000 pages, local profile), this takes a few
 microseconds. tests/test_bulkstart.py checks it against botocore, header by header.
+
+No botocore import (the worker process starts without it): credentials are
+`Secrets`, frozen by the daemon (`store.rangeget.RangeGetter.secrets`).
 """
 
 from __future__ import annotations
@@ -14,11 +17,20 @@ import datetime
 import hashlib
 import hmac
 import urllib.parse
-
-from botocore.credentials import ReadOnlyCredentials
+from dataclasses import dataclass, field
 
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+@dataclass(frozen=True, slots=True)
+class Secrets:
+    """Frozen AWS credentials, as the daemon sends them (botocore's ``ReadOnlyCredentials``)."""
+
+    access_key: str
+    # Never in a log or a traceback's repr.
+    secret_key: str = field(repr=False)
+    token: str | None = field(default=None, repr=False)
 
 
 def signed_host(base_url: str) -> str:
@@ -44,7 +56,7 @@ class GetSigner:
         self,
         path: str,
         headers: dict[str, str],
-        credentials: ReadOnlyCredentials,
+        credentials: Secrets,
         now: datetime.datetime,
     ) -> dict[str, str]:
         """``headers`` and the SigV4 ones; ``path``: already quoted, as sent."""
@@ -65,7 +77,7 @@ class GetSigner:
         scope = f"{day}/{self.region}/s3/aws4_request"
         digest = hashlib.sha256(request.encode()).hexdigest()
         to_sign = f"AWS4-HMAC-SHA256\n{stamp}\n{scope}\n{digest}"
-        key = self._signing_key(credentials.secret_key or "", day)
+        key = self._signing_key(credentials.secret_key, day)
         signature = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
         out["Authorization"] = (
             f"AWS4-HMAC-SHA256 Credential={credentials.access_key}/{scope}, "
