@@ -36,17 +36,19 @@ import boto3
 from botocore.config import Config
 
 from s3cachefs.cache.bulkconn import GetConnection
-from s3cachefs.cache.bulkworker import (
-    Done,
-    Endpoint,
-    Job,
-    chain_credentials,
-    fetch_jobs,
-)
+from s3cachefs.cache.bulkworker import Done, Endpoint, Job, Secrets, fetch_jobs
 from s3cachefs.store.checksums import Check
 from s3cachefs.store.responses import etag_md5
 
 MIB = 1024 * 1024
+
+
+def chain_secrets() -> Secrets:
+    """This process's AWS credentials, frozen, as the daemon sends them to its workers."""
+    credentials = boto3.Session().get_credentials()
+    assert credentials is not None, "no AWS credentials"
+    frozen = credentials.get_frozen_credentials()
+    return Secrets(str(frozen.access_key), str(frozen.secret_key), frozen.token)
 
 
 def _oid(bucket: str, key: str, etag: str) -> str:
@@ -81,9 +83,11 @@ def _procs(
         conn = Connection(ours.detach())
         conn.send((endpoint, block, threads))
         workers.append((proc, conn))
+    secrets = chain_secrets()
+    wire = (secrets.access_key, secrets.secret_key, secrets.token)
     try:
         for i in range(0, len(jobs), 16):
-            workers[(i // 16) % procs][1].send((None, jobs[i : i + 16]))
+            workers[(i // 16) % procs][1].send((wire, jobs[i : i + 16]))
         left = len(jobs)
         while left:
             for ready in wait([c for _, c in workers], timeout=60):
@@ -134,7 +138,9 @@ def _plan(objects: list[tuple[str, str, int]], args: argparse.Namespace) -> Plan
 def _engine(args: argparse.Namespace, jobs: list[Job]) -> Iterator[Done]:
     endpoint = Endpoint(base_url=f"{args.endpoint.rstrip('/')}/{args.bucket}/", region="us-east-1")
     if args.engine == "threads":
-        return fetch_jobs(endpoint, jobs, block_size=args.block, threads=args.threads)
+        return fetch_jobs(
+            endpoint, jobs, secrets=chain_secrets(), block_size=args.block, threads=args.threads
+        )
     if args.engine == "procs":
         return _procs(endpoint, jobs, args.block, args.procs, args.threads)
     from bench.crtfetch import fetch_jobs_crt  # only this engine needs awscrt.s3
@@ -187,7 +193,7 @@ class Probe:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._signer = GetConnection(
-            Endpoint(f"{endpoint.rstrip('/')}/{bucket}/", "us-east-1"), [chain_credentials()]
+            Endpoint(f"{endpoint.rstrip('/')}/{bucket}/", "us-east-1"), [chain_secrets()]
         )
 
     def sample(self, count: int) -> list[float]:

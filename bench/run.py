@@ -74,7 +74,7 @@ class Suite:
         self.local = work / "local"
         self.data = Dataset()
         self.rclone = self.s3fs = self.aws = None
-        if args.only:  # s3cachefs (and local disk) only: no peer is installed
+        if args.only not in ("", "w1"):  # s3cachefs (and local disk) only: no peer installed
             return
         self.rclone, why_rclone = peers.which_rclone()
         self.s3fs, why_s3fs = peers.which_s3fs()
@@ -144,7 +144,7 @@ class Suite:
                     refresh.Refresh(self.report, net, bucket, self.data, self.scratch).run()
             finally:
                 net.close()
-            if self.args.only:
+            if self.args.only not in ("", "w1"):
                 break  # one workload: on the first profile only
 
     def profile_run(self, net: Network, primary: bool) -> None:
@@ -163,7 +163,7 @@ class Suite:
                 sampler.mark("prefetch")
             secs = self.w1_prefetch(fs, net)
             w1_rows.append(self.w1("s3cachefs prefetch", p, secs))
-            if primary:
+            if primary and not self.args.only:
                 self.w2_all(fs, sampler)
                 self.w4(fs, net)
             if sampler:
@@ -173,10 +173,18 @@ class Suite:
                 sampler.stop()
             fs.stop()
             shutil.rmtree(fs.cache.parent, ignore_errors=True)
+        self.w1_reads_first(net)
         peer_rows = self.w1_peers(net)
         if (row := syncrow.measure(self, net)) is not None:  # issue 16: sync into a directory
             w1_rows.append(row)
-        self.w1_mounts(net, primary)
+        if not self.args.only:  # --only w1: the copy tools, not the mounts' read-all
+            self.w1_mounts(net, primary)
+        self.w1_targets(p, w1_rows, peer_rows)
+        if not self.args.only:
+            self.w3(net)
+
+    def w1_targets(self, p: Profile, w1_rows: list[Row], peer_rows: list[Row]) -> None:
+        """Ratios of prefetch and sync to the fastest copy tool, and to the link."""
         if peer_rows:
             best = max(peer_rows, key=lambda r: r.value)
             for row in w1_rows:  # the issue's target, on every profile
@@ -200,17 +208,34 @@ class Suite:
                         ">= 0.9",
                     )
                 )
-        self.w3(net)
 
     def only_s3cachefs(self, net: Network) -> None:
-        """``--only readsfirst``: the W1 prefetch with its reads-first rows; ``--only w3``."""
+        """``--only readsfirst``: the prefetch with the reads-first probes; ``--only w3``."""
         if self.args.only == "w3":
             self.w3(net)
             return
-        fs = peers.S3CacheFS(net.endpoint_url, self.scratch("s3cachefs"))
+        self.w1_reads_first(net)
+
+    def w1_reads_first(self, net: Network) -> None:
+        """A second prefetch, fresh cache, with the reads-first probes beside it.
+
+        Apart from W1's timed prefetch: reads go first, so the prefetch gives way
+        while they read, and its rate here is a prefetch with a reader beside it.
+        """
+        fs = peers.S3CacheFS(net.endpoint_url, self.scratch("s3cachefs-readsfirst"))
         fs.start()
         try:
-            self.w1("s3cachefs prefetch", net.profile, self.w1_prefetch(fs, net))
+            secs = self.w1_prefetch(fs, net, probes=True)
+            self.report.add(
+                Row(
+                    "W1 reads first",
+                    "s3cachefs prefetch",
+                    net.profile.name,
+                    "whole dataset, cold reads beside it",
+                    self.data.total_bytes / secs / MB,
+                    "MB/s",
+                )
+            )
         finally:
             fs.stop()
             shutil.rmtree(fs.cache.parent, ignore_errors=True)
@@ -276,9 +301,10 @@ class Suite:
                 shutil.rmtree(target)
         return rows
 
-    def w1_prefetch(self, fs: peers.S3CacheFS, net: Network) -> float:
+    def w1_prefetch(self, fs: peers.S3CacheFS, net: Network, probes: bool = False) -> float:
         """``s3cachefs prefetch``, timed; its CPU and memory (daemon and client) and the
-        split of its wall time.
+        split of its wall time. With ``probes``: instead, the reads-first rows (cold
+        reads outside the dataset while it runs, against the same idle daemon's).
 
         The split: "listing" until the job says the listing is done (its events come
         every 0.5 s), "download" until the server has sent the dataset's bytes (polled
@@ -287,8 +313,8 @@ class Suite:
         seconds, summed over its workers) in the final event gets a row for each too.
         """
         cmd, environ = fs.prefetch_command()
-        probes = sorted((fs.mnt / PROBE_PREFIX).iterdir())  # listed: only the data is cold
-        idle = [workloads.one_first_byte(path) for path in probes[: PROBES // 2]]
+        paths = sorted((fs.mnt / PROBE_PREFIX).iterdir()) if probes else []  # listed: data cold
+        idle = [workloads.one_first_byte(path) for path in paths[: PROBES // 2]]
         drop_caches()
         net.reset()  # after the idle reads: the server's bytes are the prefetch's (and probes')
         usage = Usage([fs.pid] if fs.pid else [])
@@ -307,7 +333,7 @@ class Suite:
         def probe_reads() -> None:  # cold reads outside the dataset, one per 20 ms
             if not _until_download(net, stop):
                 return
-            for path in probes[PROBES // 2 :]:
+            for path in paths[PROBES // 2 :]:
                 if stop.wait(0.02):
                     return
                 busy.append(workloads.one_first_byte(path))
@@ -316,7 +342,8 @@ class Suite:
         poller.start()
         prober = threading.Thread(target=probe_reads, daemon=True)
         proc = usage.popen(cmd, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        prober.start()
+        if probes:
+            prober.start()
         listed: float | None = None
         final: dict[str, Any] = {}
         assert proc.stdout is not None
@@ -330,13 +357,26 @@ class Suite:
         secs = time.perf_counter() - start
         stop.set()
         poller.join()
-        prober.join()
+        if probes:
+            prober.join()
         cpu, peak = usage.stop()
-        self.reads_first(net.profile, idle, busy)
+        if probes:
+            self.reads_first(net.profile, idle, busy)
         if code or not final.get("ok"):
             raise RuntimeError(f"prefetch exit {code}: {errors.strip()[-500:]} {final}")
-        p = net.profile
-        self.footprint("s3cachefs prefetch", p, cpu, peak)
+        if not probes:  # its CPU, memory and wall split: the W1 prefetch's rows (no reads)
+            self.footprint("s3cachefs prefetch", net.profile, cpu, peak)
+            self.wall_split(net.profile, secs, listed, sent_all, final)
+        return secs
+
+    def wall_split(
+        self,
+        p: Profile,
+        secs: float,
+        listed: float | None,
+        sent_all: list[float],
+        final: dict[str, Any],
+    ) -> None:
         split = {"listing": listed, "download": sent_all[0] if sent_all else None}
         for phase, value in split.items():
             if value is not None:
@@ -379,7 +419,6 @@ class Suite:
                     "of the wall time",
                 )
             )
-        return secs
 
     def reads_first(self, profile: Profile, idle: list[float], busy: list[float]) -> None:
         """First-byte times of cold reads outside the dataset during its prefetch, against
@@ -676,10 +715,11 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None, help="scratch (default: a tmp dir)")
     parser.add_argument(
         "--only",
-        choices=("w6", "refresh", "readsfirst", "w3"),
+        choices=("w1", "w6", "refresh", "readsfirst", "w3"),
         default="",
-        help="run one workload (w6: bench/cluster.py; refresh: bench/refresh.py; readsfirst:"
-        " the W1 prefetch with its reads-first rows, no peers; w3: cold first byte)",
+        help="run one workload (w1: prefetch, its reads-first run, sync and the copy tools on"
+        " every profile, no mounts; w6: bench/cluster.py; refresh: bench/refresh.py; readsfirst:"
+        " a prefetch with the reads-first probes, no peers; w3: cold first byte)",
     )
     args = parser.parse_args()
     args.profile = [p.strip() for p in args.profile.split(",") if p.strip()]

@@ -1,6 +1,6 @@
 """Where W1's prefetch spends its first seconds: a timeline seen from the S3 server.
 
-    python -m bench.w1trace [--small] [--profile wan] [--runs 2] [--peer] [--log]
+    python -m bench.w1trace [--small] [--profile wan] [--runs 2] [--peer] [--log] [--inflight]
                             [--before OTHER/.venv/bin/s3cachefs]
 
 Same dataset, server, network profile and mount as ``python -m bench`` W1, and
@@ -81,6 +81,7 @@ def _timeline(net: Network, total: int, cmd: list[str], environ: dict[str, str])
     last = next((t for t, b in sent if b >= total), end)
     return {
         "lists": lists,
+        "get_spans": [(a, e) for a, e, op in events if op == "get"],
         "first_get": gets[0] if gets else None,
         "gets": len(gets),
         "listed": listed,
@@ -103,6 +104,22 @@ def _print(name: str, t: dict[str, Any], total: int) -> None:
         f"{t['last_byte']:.2f} s, end {t['end']:.2f} s; {total / t['end'] / MB:.1f} MB/s overall, "
         f"{total / max(1e-9, t['last_byte'] - first) / MB:.1f} MB/s first GET to last byte"
     )
+
+
+def _print_inflight(t: dict[str, Any], step: float = 0.25) -> None:
+    """GETs in flight at the server (mean over each step) and MB/s sent, step by step."""
+    spans, sent = t["get_spans"], t["sent"]
+    if not spans:
+        return
+    cells = []
+    at = min(a for a, _ in spans)
+    while at < t["end"]:
+        busy = sum(max(0.0, min(e, at + step) - max(a, at)) for a, e in spans) / step
+        b0 = max((b for s, b in sent if s <= at), default=0)
+        b1 = max((b for s, b in sent if s <= at + step), default=0)
+        cells.append(f"{at:.2f}:{busy:.0f}/{(b1 - b0) / step / MB:.0f}")
+        at += step
+    print("  in flight/MB/s: " + " ".join(cells))
 
 
 def _print_log(path: Path, wall: float) -> None:
@@ -171,6 +188,9 @@ def main() -> None:
     parser.add_argument("--peer", action="store_true", help="s5cmd cp too (once per run)")
     parser.add_argument("--log", action="store_true", help="the daemon's log lines, timed")
     parser.add_argument(
+        "--inflight", action="store_true", help="GETs in flight and MB/s sent every 0.25 s"
+    )
+    parser.add_argument(
         "--before", help="another install's s3cachefs CLI, run alternately with this one"
     )
     args = parser.parse_args()
@@ -194,12 +214,16 @@ def main() -> None:
                     results[name].append(t)
                     load = os.getloadavg()[0]
                     _print(f"prefetch {name} run {run + 1} ({load:.1f} load)", t, total)
+                    if args.inflight:
+                        _print_inflight(t)
                 if s5cmd:
                     target = work / "copy"
                     cmd, environ = peers.s5cmd_cp_command(s5cmd, net.endpoint_url, target)
                     t = _timeline(net, total, cmd, environ)
                     results["s5cmd"].append(t)
                     _print(f"s5cmd cp ({os.getloadavg()[0]:.1f} load)", t, total)
+                    if args.inflight:
+                        _print_inflight(t)
                     shutil.rmtree(target, ignore_errors=True)
         finally:
             net.close()

@@ -1,24 +1,23 @@
-"""The bulk worker's HTTP side: where to GET (`Endpoint`), one signed keep-alive
-connection per thread (`GetConnection`), and the credential chain of a worker.
+"""The bulk worker's HTTP side: where to GET (`Endpoint`) and one signed keep-alive
+connection per thread (`GetConnection`), signing with the credentials it is given.
 
-No trio and no cache: used by `cache.bulkworker` (and the bench), in worker threads.
+No trio, no cache and no botocore (the daemon owns the credential chain and sends
+`Secrets`): used by `cache.bulkworker` (and the bench), in worker threads.
 """
 
 from __future__ import annotations
 
+import datetime
 import http.client
 import ssl
 import urllib.parse
 from dataclasses import dataclass
 
-import botocore.auth
-import botocore.awsrequest
-import botocore.credentials
-import botocore.session
-
 from s3cachefs.base.errors import CredentialsError
+from s3cachefs.cache.bulksign import GetSigner, Secrets, signed_host
 from s3cachefs.store.retry import RetryPolicy
 
+NO_CREDENTIALS = "no AWS credentials found"
 # What a keep-alive connection the server closed while idle says on its next request.
 _STALE_CONNECTION = (ConnectionResetError, BrokenPipeError, http.client.BadStatusLine)
 
@@ -37,29 +36,22 @@ class Endpoint:
 class GetConnection:
     """One keep-alive HTTP(S) connection and a SigV4 signer (one per thread)."""
 
-    def __init__(
-        self, endpoint: Endpoint, credentials: list[botocore.credentials.Credentials]
-    ) -> None:
+    def __init__(self, endpoint: Endpoint, credentials: list[Secrets]) -> None:
         self.endpoint = endpoint
         url = urllib.parse.urlsplit(endpoint.base_url)
         self.host, self.prefix, self.https = url.netloc, url.path, url.scheme == "https"
         self.credentials = credentials  # [the latest], shared by the threads of a worker
         self.retry = RetryPolicy(endpoint.attempts)
         self.http: http.client.HTTPConnection | None = None
+        self.signer = GetSigner(signed_host(endpoint.base_url), endpoint.region)
 
     def get(self, key: str, etag: str, start: int, end: int) -> http.client.HTTPResponse:
         path = self.prefix + urllib.parse.quote(key, safe="/~")
         headers = {"Range": f"bytes={start}-{end - 1}", "If-Match": etag}
-        scheme = "https" if self.https else "http"
-        request = botocore.awsrequest.AWSRequest(
-            method="GET", url=f"{scheme}://{self.host}{path}", headers=headers
-        )
-        try:
-            frozen = self.credentials[0].get_frozen_credentials()
-        except Exception as exc:  # noqa: BLE001  # a refresh that failed (STS, IMDS, a profile)
-            raise CredentialsError(f"AWS credentials could not be refreshed: {exc}") from None
-        botocore.auth.S3SigV4Auth(frozen, "s3", self.endpoint.region).add_auth(request)
-        signed = dict(request.headers.items())
+        if not self.credentials:  # the daemon sends them with the first jobs: not reached
+            raise CredentialsError(NO_CREDENTIALS)
+        now = datetime.datetime.now(datetime.UTC)
+        signed = self.signer.sign(path, headers, self.credentials[0], now)
         # A socket kept alive from an earlier GET may have been closed by the server
         # while idle (S3: ~20 s): that is not an attempt; once more on a new one.
         reused = self.http is not None and self.http.sock is not None
@@ -90,10 +82,3 @@ class GetConnection:
         if self.http is not None:
             self.http.close()
             self.http = None
-
-
-def chain_credentials() -> botocore.credentials.Credentials:
-    credentials = botocore.session.Session().get_credentials()
-    if credentials is None:
-        raise CredentialsError("no AWS credentials found")
-    return credentials

@@ -5,9 +5,10 @@ and knows which jobs each one holds; what a job means (its reservation, its
 flights, its rows) is the engine's (`cache.bulk`), told through three callbacks:
 a batch of results came in, a worker died with these jobs, a job could not be sent.
 
-- Workers start on the first job (`ready`) and are replaced when they die, at
-  most ``size`` times; after that, or when one cannot start, the pool says it is
-  not ready and the caller uses the in-daemon path.
+- Workers start with the daemon (`ready`, once the cache's block size is known),
+  else on the first job, and are replaced when they die, at most ``size`` times;
+  after that, or when one cannot start, the pool says it is not ready and the
+  caller uses the in-daemon path.
 - Jobs queued in one trio tick go to a worker in one message, with the
   credentials frozen in a thread (a refresh may be an STS/IMDS round trip).
 - Results are read on the trio thread (no thread hand-off per block).
@@ -29,7 +30,7 @@ from multiprocessing.connection import Connection
 
 import trio
 
-from s3cachefs.cache.bulkworker import Done, Endpoint, Job, Secrets
+from s3cachefs.cache.bulkworker import Done, Endpoint, Job, WireSecrets
 from s3cachefs.store.rangeget import RangeGetter
 
 log = logging.getLogger(__name__)
@@ -213,7 +214,7 @@ class WorkerPool:
         getter = self._getter()
         try:
             # A refresh may be an STS/IMDS round trip: not on the trio thread.
-            secrets: Secrets | None = (
+            secrets: WireSecrets = (
                 None if getter is None else await trio.to_thread.run_sync(getter.secrets)
             )
         except Exception as exc:  # noqa: BLE001  no credentials: these jobs fail, not the daemon

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import ctypes
 import http.client
-import multiprocessing.connection
 import os
 import queue
 import re
@@ -40,25 +39,23 @@ import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-import botocore.auth
-import botocore.awsrequest
-import botocore.credentials
-import botocore.session
-
 from s3cachefs.base.errors import (
     BadResponseError,
+    CredentialsError,
     StaleError,
     StoreError,
     TransientError,
 )
-from s3cachefs.cache.bulkconn import Endpoint, GetConnection, chain_credentials
+from s3cachefs.cache.bulkconn import NO_CREDENTIALS, Endpoint, GetConnection
+from s3cachefs.cache.bulksign import Secrets
+from s3cachefs.cache.bulkwire import Channel
 from s3cachefs.store.bodies import Md5Mismatch
 from s3cachefs.store.checksums import Check, Digest
-from s3cachefs.store.errortable import error_for_code
+from s3cachefs.store.errorcodes import error_for_code
 from s3cachefs.store.responses import body_md5, check_get_response
 
-# Endpoint and chain_credentials: re-exported (the daemon side and the bench name them here).
-__all__ = ["Done", "Endpoint", "Job", "Secrets", "chain_credentials", "error_of", "fetch_jobs"]
+# Endpoint and Secrets: re-exported (the daemon side and the bench name them here).
+__all__ = ["Done", "Endpoint", "Job", "Secrets", "WireSecrets", "error_of", "fetch_jobs"]
 
 BATCH_SECONDS = 0.005  # results wait this long at most to share a message
 _CODE = re.compile(rb"<Code>([^<]+)</Code>")
@@ -66,8 +63,9 @@ _PR_SET_PDEATHSIG = 1
 # Bulk work yields the CPU to the daemon (reads go first) where the cores are contended.
 NICE = 5
 
-# Frozen credentials as sent to a worker: (access key, secret key, token).
-Secrets = tuple[str, str, str | None]
+# Frozen credentials as sent to a worker: (access key, secret key, token); None: the
+# daemon has none (`store.rangeget.RangeGetter.secrets`).
+WireSecrets = tuple[str, str, str | None] | None
 
 
 @dataclass(frozen=True)
@@ -248,12 +246,13 @@ def error_of(done: Done) -> StoreError:
 
 
 def fetch_jobs(
-    endpoint: Endpoint, jobs: Iterable[Job], *, block_size: int, threads: int
+    endpoint: Endpoint, jobs: Iterable[Job], *, secrets: Secrets, block_size: int, threads: int
 ) -> Iterator[Done]:
-    """Run ``jobs`` in this process, ``threads`` at once; results as they finish."""
+    """Run ``jobs`` in this process, ``threads`` at once, signed with ``secrets``;
+    results as they finish."""
     todo: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
     out: queue.SimpleQueue[Done | None] = queue.SimpleQueue()
-    credentials = [chain_credentials()]
+    credentials = [secrets]
     count = 0
     for job in jobs:
         todo.put(job)
@@ -275,7 +274,7 @@ def fetch_jobs(
 
 def _serve(
     endpoint: Endpoint,
-    credentials: list[botocore.credentials.Credentials],
+    credentials: list[Secrets],
     block_size: int,
     todo: queue.SimpleQueue[Job | None],
     out: queue.SimpleQueue[Done | None],
@@ -301,9 +300,7 @@ def _die_with_parent() -> None:
         pass
 
 
-def _send_results(
-    conn: multiprocessing.connection.Connection, out: queue.SimpleQueue[Done | None]
-) -> None:
+def _send_results(conn: Channel, out: queue.SimpleQueue[Done | None]) -> None:
     try:
         while (first := out.get()) is not None:
             batch = [first]
@@ -322,13 +319,17 @@ def _send_results(
         os._exit(0)  # the daemon went away: nothing to answer to
 
 
-def serve(conn: multiprocessing.connection.Connection) -> None:
+def serve(conn: Channel) -> None:
     """A worker's life: (endpoint, block size, threads) first, then (secrets, jobs)
-    messages; results go back in batches. EOF or None stops it."""
+    messages; results go back in batches. EOF or None stops it.
+
+    The daemon owns the credential chain (refreshes included): each message carries
+    its frozen credentials, and every GET from then on is signed with them.
+    """
     endpoint, block_size, threads = conn.recv()
     todo: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
     out: queue.SimpleQueue[Done | None] = queue.SimpleQueue()
-    credentials: list[botocore.credentials.Credentials] = []
+    credentials: list[Secrets] = []  # [the latest], read by every thread
     pool = [
         threading.Thread(
             target=_serve, args=(endpoint, credentials, block_size, todo, out), daemon=True
@@ -340,19 +341,16 @@ def serve(conn: multiprocessing.connection.Connection) -> None:
     started = False
     try:
         while (message := conn.recv()) is not None:
+            secrets: WireSecrets
             secrets, jobs = message
-            try:
-                credentials[:] = [
-                    chain_credentials()
-                    if secrets is None
-                    else botocore.credentials.Credentials(*secrets)
-                ]
-            except StoreError as exc:  # e.g. no credentials: these jobs fail, saying why
+            if secrets is None:  # the daemon has no credentials: these jobs fail, saying why
+                kind = CredentialsError.__name__
                 for job in jobs:
-                    error = Done(job.oid, job.start, job.end, error=str(exc))
-                    error.error_kind = type(exc).__name__
+                    error = Done(job.oid, job.start, job.end, error=NO_CREDENTIALS)
+                    error.error_kind = kind
                     out.put(error)
                 continue
+            credentials[:] = [Secrets(*secrets)]
             if not started:
                 for thread in pool:
                     thread.start()
@@ -375,7 +373,7 @@ def main(argv: list[str]) -> int:
     try:
         _die_with_parent()
         os.nice(NICE)
-        conn = multiprocessing.connection.Connection(int(argv[1]))
+        conn = Channel(int(argv[1]))
         if os.getppid() != int(argv[2]):  # the daemon died before the prctl
             return 0
         serve(conn)

@@ -268,6 +268,7 @@ async def _serve(
         metrics.attach()  # scrapes take their snapshot on this thread from now on
     async with trio.open_nursery() as nursery:
         await nursery.start(daemon.cache.run)
+        daemon.cache.bulk.start_workers()  # warm before a prefetch comes (`cache.bulk`)
         await nursery.start(functools.partial(control.serve, socket_path, daemon.handlers()))
         nursery.start_soon(_terminate_on_signal, daemon)
         nursery.start_soon(_announce_ready, daemon, on_ready, own)

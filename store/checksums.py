@@ -27,7 +27,8 @@ preference (which one S3 offers for an object is `store.checkplan`):
   of what was pinned, recorded by this cache, not by S3 (not end to end).
 
 Digests run in worker threads over the cached file; hashlib, zlib and awscrt
-release the GIL on large buffers.
+release the GIL on large buffers. awscrt (CRC32C, CRC64NVME) is imported on
+first use: the bulk worker process imports this module and starts without it.
 """
 
 from __future__ import annotations
@@ -37,8 +38,6 @@ import hashlib
 import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
-
-from awscrt import checksums as crt
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -120,6 +119,13 @@ class _Crc:
         return self._value.to_bytes(self._width, "big")
 
 
+def _crt() -> Any:
+    """awscrt's checksums, imported here: ~80 ms to import, only where a CRC needs it."""
+    from awscrt import checksums
+
+    return checksums
+
+
 def new_hasher(algorithm: str) -> _Hasher:
     """A running digest for ``algorithm`` (md5 or one of `ALGORITHMS`)."""
     if algorithm == "md5":
@@ -131,20 +137,20 @@ def new_hasher(algorithm: str) -> _Hasher:
     if algorithm == "crc32":
         return _Crc(zlib.crc32, 4)
     if algorithm == "crc32c":
-        return _Crc(crt.crc32c, 4)
+        return _Crc(_crt().crc32c, 4)
     if algorithm == "crc64nvme":
-        return _Crc(crt.crc64nvme, 8)
+        return _Crc(_crt().crc64nvme, 8)
     raise ValueError(f"unknown checksum algorithm {algorithm!r}")
 
 
 def crc64nvme(data: bytes, previous: int = 0) -> int:
     """CRC64NVME (S3's default additional checksum), at C speed."""
-    return int(crt.crc64nvme(data, previous))
+    return int(_crt().crc64nvme(data, previous))
 
 
 def combine_crc64nvme(first: int, second: int, second_length: int) -> int:
     """The CRC64NVME of two pieces back to back, from theirs (multipart uploads)."""
-    return int(crt.combine_crc64nvme(first, second, second_length))
+    return int(_crt().combine_crc64nvme(first, second, second_length))
 
 
 def b64(digest: bytes | int, width: int = 8) -> str:

@@ -1,8 +1,8 @@
 """The one place botocore's and urllib3's errors become ours (`s3cachefs.base.errors`).
 
-The S3 error codes by the error they become (`error_for_code`, shared by both
-GET paths), and the context managers that translate what a request raised:
-`translated` for every request, `refusals` and `created` for writes.
+The context managers that translate what a request raised: `translated` for
+every request, `refusals` and `created` for writes. The S3 error codes by the
+error they become are `store.errorcodes` (`error_for_code`, re-exported here).
 """
 
 from __future__ import annotations
@@ -14,45 +14,17 @@ import botocore.exceptions
 import urllib3
 
 from s3cachefs.base.errors import (
-    AccessDeniedError,
     AlreadyExistsError,
     ChecksumsRefusedError,
     CredentialsError,
-    NoSuchBucketError,
-    NotFoundError,
     StaleError,
     StoreError,
     TransientError,
 )
+from s3cachefs.store.errorcodes import error_for_code
 from s3cachefs.store.uploadchecksums import REFUSAL_CODES
 
-# S3 error codes, by the error they become. Anything else is a StoreError.
-_NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
-_NO_BUCKET = {"NoSuchBucket"}
-_DENIED = {
-    "AccessDenied",
-    "403",
-    "Forbidden",
-    "InvalidAccessKeyId",
-    "SignatureDoesNotMatch",
-    "InvalidToken",
-    "ExpiredToken",
-    "AllAccessDisabled",
-}
-_STALE = {"PreconditionFailed", "412"}
-_TRANSIENT = {
-    "SlowDown",
-    "503",
-    "500",
-    "InternalError",
-    "ServiceUnavailable",
-    "Throttling",
-    "ThrottlingException",
-    "RequestTimeout",
-    "RequestTimeTooSkewed",
-    "502",
-    "504",
-}
+__all__ = ["created", "error_for_code", "refusals", "translated"]
 
 _NETWORK_ERRORS = (
     botocore.exceptions.EndpointConnectionError,
@@ -65,21 +37,6 @@ _NETWORK_ERRORS = (
     botocore.exceptions.ConnectionError,
     urllib3.exceptions.HTTPError,  # the lean GET path (`store.rangeget`)
 )
-
-
-def error_for_code(code: str, what: str) -> StoreError:
-    """The error an S3 error code (or bare HTTP status) becomes."""
-    if code in _NO_BUCKET:
-        return NoSuchBucketError(f"{what}: no such bucket")
-    if code in _NOT_FOUND:
-        return NotFoundError(f"{what}: not found")
-    if code in _DENIED:
-        return AccessDeniedError(f"{what}: access denied ({code})")
-    if code in _STALE:
-        return StaleError(f"{what}: changed in S3 since it was opened")
-    if code in _TRANSIENT:
-        return TransientError(f"{what}: S3 unavailable ({code}) after retries")
-    return StoreError(f"{what}: S3 error {code}")
 
 
 @contextlib.contextmanager

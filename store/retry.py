@@ -23,11 +23,11 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
-import botocore.config
-
 from s3cachefs.base.errors import StoreError, TransientError
 
 if TYPE_CHECKING:
+    import botocore.config
+
     from s3cachefs.base.config import MountConfig
 
 # Statuses worth another attempt: throttling and server-side trouble.
@@ -60,6 +60,8 @@ class RetryPolicy:
         retries after the first request, which gave botocore's requests one attempt
         more than `--s3-max-attempts` ("tries of one S3 request") says.
         """
+        import botocore.config  # here: the bulk worker uses this policy without botocore
+
         return botocore.config.Config(
             retries={"mode": "standard", "total_max_attempts": self.max_attempts}
         )

@@ -31,7 +31,7 @@ import trio
 from s3cachefs.base.errors import CredentialsError
 from s3cachefs.cache.blockcache import BlockCache
 from s3cachefs.cache.blocks import ObjectVersion
-from s3cachefs.cache.bulkworker import Done, Endpoint, Job, fetch_jobs
+from s3cachefs.cache.bulkworker import Done, Endpoint, Job, Secrets, fetch_jobs
 from s3cachefs.cache.index import Index
 from s3cachefs.cli.locals3 import LocalS3
 from s3cachefs.store.checksums import Check
@@ -636,7 +636,8 @@ def test_a_kept_alive_connection_the_server_closed_is_not_an_attempt(
                 Job(f"k{i}", f"k{i}", etag, len(data), 0, len(data), str(tmp_path / f"f{i}"), check)
             )
         endpoint = Endpoint(f"{proxy.endpoint_url}/{bucket.name}/", "us-east-1", attempts=1)
-        done = list(fetch_jobs(endpoint, jobs, block_size=64 * 1024, threads=1))
+        secrets = Secrets(os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"])
+        done = list(fetch_jobs(endpoint, jobs, secrets=secrets, block_size=64 * 1024, threads=1))
     finally:
         proxy.stop()
     assert [(d.oid, d.error, d.matches, d.attempts) for d in done] == [
@@ -686,7 +687,7 @@ def test_a_worker_answers_every_job_even_when_it_cannot(
     try:
         endpoint = Endpoint(f"{s3_server.endpoint_url}/{bucket.name}/", "us-east-1")
         conn.send((endpoint, 64 * 1024, 1))
-        conn.send((None, [good]))  # None: the worker's own credential chain, empty here
+        conn.send((None, [good]))  # None: the daemon has no credentials
         refused = answers(conn, 1)["good"]
         assert (refused.error, refused.error_kind) == (
             "no AWS credentials found",
@@ -725,13 +726,15 @@ def test_a_worker_that_cannot_serve_says_so_in_one_line() -> None:
 
 
 SHORT_WRITE = """
-import resource, signal, sys
-from s3cachefs.cache.bulkworker import Endpoint, Job, fetch_jobs
+import os, resource, signal, sys
+from s3cachefs.cache.bulkworker import Endpoint, Job, Secrets, fetch_jobs
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 base, key, etag, size, path = sys.argv[1:]
 resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))  # the 2nd block: short
 job = Job(key, key, etag, int(size), 0, int(size), path)
-(done,) = fetch_jobs(Endpoint(base, "us-east-1"), [job], block_size=65536, threads=1)
+secrets = Secrets(os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"])
+endpoint = Endpoint(base, "us-east-1")
+(done,) = fetch_jobs(endpoint, [job], secrets=secrets, block_size=65536, threads=1)
 print(done.error_kind, len(done.crcs), done.error)
 """
 
