@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import logging
 import os
 import select
@@ -71,6 +72,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
         from s3cachefs.daemon.app import run_daemon  # imports pyfuse3: only for the daemon
 
         run_daemon(config, on_ready)
+        # All closed and flushed: no collection of the heap (boto3's models, ...) at exit,
+        # which made every stop 0.2-0.4 s longer. atexit and std stream flushes still run.
+        gc.freeze()
     except S3CacheFSError as exc:
         if ready_fd is not None:
             _report(ready_fd, exit_code_for(exc), str(exc))

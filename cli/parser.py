@@ -8,16 +8,78 @@ from collections.abc import Callable
 from pathlib import Path
 
 from s3cachefs import __version__
-from s3cachefs.cli import jobs
-from s3cachefs.cli.demo import cmd_demo
 from s3cachefs.cli.exits import EXIT_USAGE
-from s3cachefs.cli.mount import cmd_mount, cmd_unmount
 from s3cachefs.cli.settings import add_mount_options, jobs_arg, shard_arg
-from s3cachefs.cli.sync import cmd_sync, cmd_verify
-from s3cachefs.datasets.dirsync import DEFAULT_JOBS
 
 # A subcommand: its parsed arguments in, an exit code out.
 Command = Callable[[argparse.Namespace], int]
+
+# `sync`'s default --jobs: datasets.dirsync's DEFAULT_JOBS (a test keeps them equal);
+# not imported from there, which would load boto3 into every command.
+SYNC_JOBS = 16
+
+
+# Each command imports its module when it runs: `status`, `prefetch`, `unmount` only
+# talk to a daemon and must not pay for boto3 and awscrt (`sync`'s) at every start.
+def cmd_mount(args: argparse.Namespace) -> int:
+    from s3cachefs.cli.mount import cmd_mount
+
+    return cmd_mount(args)
+
+
+def cmd_unmount(args: argparse.Namespace) -> int:
+    from s3cachefs.cli.mount import cmd_unmount
+
+    return cmd_unmount(args)
+
+
+def cmd_prefetch(args: argparse.Namespace) -> int:
+    from s3cachefs.cli.jobs import cmd_prefetch
+
+    return cmd_prefetch(args)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from s3cachefs.cli.jobs import cmd_status
+
+    return cmd_status(args)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from s3cachefs.cli.sync import cmd_verify
+
+    return cmd_verify(args)
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    from s3cachefs.cli.sync import cmd_sync
+
+    return cmd_sync(args)
+
+
+def cmd_evict(args: argparse.Namespace) -> int:
+    from s3cachefs.cli.jobs import cmd_evict
+
+    return cmd_evict(args)
+
+
+def cmd_staged(args: argparse.Namespace) -> int:
+    from s3cachefs.cli.jobs import cmd_staged
+
+    return cmd_staged(args)
+
+
+def cmd_sentry_test(args: argparse.Namespace) -> int:
+    from s3cachefs.cli.jobs import cmd_sentry_test
+
+    return cmd_sentry_test(args)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from s3cachefs.cli.demo import cmd_demo
+
+    return cmd_demo(args)
+
 
 DESCRIPTION = "s3cachefs command line: parse, run, print one clear line on failure."
 
@@ -54,9 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="detach it here now, even if files are open or other mount namespaces hold it",
     )
 
-    p = command(
-        "prefetch", jobs.cmd_prefetch, "download a dataset into the cache, verify and pin it"
-    )
+    p = command("prefetch", cmd_prefetch, "download a dataset into the cache, verify and pin it")
     p.add_argument(
         "dataset",
         metavar="DATASET",
@@ -82,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list-out", type=Path, help="write the (shard's) keys to this file")
     p.add_argument("--json", action="store_true", help="machine-readable progress events")
 
-    st = command("status", jobs.cmd_status, "mounts, cache, pinned datasets, jobs, recent errors")
+    st = command("status", cmd_status, "mounts, cache, pinned datasets, jobs, recent errors")
     st.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path, nargs="?")
     st.add_argument("--json", action="store_true")
 
@@ -100,13 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_sync(command("sync", cmd_sync, "Sync-before-Run: a dataset into a plain directory"))
 
-    e = command("evict", jobs.cmd_evict, "unpin a dataset and free its cache space")
+    e = command("evict", cmd_evict, "unpin a dataset and free its cache space")
     e.add_argument("dataset", metavar="DATASET")
     e.add_argument("--mount", type=Path)
 
-    w = command(
-        "staged", jobs.cmd_staged, "files written but not uploaded: list, --upload, --discard"
-    )
+    w = command("staged", cmd_staged, "files written but not uploaded: list, --upload, --discard")
     w.add_argument("targets", metavar="ID|KEY", nargs="*", help="staged files (see the list)")
     action = w.add_mutually_exclusive_group()
     action.add_argument("--upload", action="store_true", help="upload them now")
@@ -115,9 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--mount", type=Path)
     w.add_argument("--json", action="store_true")
 
-    t = command(
-        "sentry-test", jobs.cmd_sentry_test, "make the daemon report a test error to Sentry"
-    )
+    t = command("sentry-test", cmd_sentry_test, "make the daemon report a test error to Sentry")
     t.add_argument("--mount", type=Path)
 
     d = command("demo", cmd_demo, "run the quick start against an embedded local S3 server")
@@ -131,9 +187,7 @@ def _add_sync(s: argparse.ArgumentParser) -> None:
     s.add_argument("--endpoint-url", help="S3-compatible endpoint, http(s)://HOST[:PORT]")
     s.add_argument("--region")
     s.add_argument("--profile")
-    s.add_argument(
-        "--jobs", type=jobs_arg, default=DEFAULT_JOBS, help=f"GETs at once ({DEFAULT_JOBS})"
-    )
+    s.add_argument("--jobs", type=jobs_arg, default=SYNC_JOBS, help=f"GETs at once ({SYNC_JOBS})")
     s.add_argument(
         "--delete", action="store_true", help="remove files of objects deleted in S3 (kept else)"
     )

@@ -15,9 +15,6 @@ import os
 import re
 from typing import Any
 
-import sentry_sdk
-from sentry_sdk.integrations.logging import LoggingIntegration
-
 from s3cachefs import __version__
 
 log = logging.getLogger(__name__)
@@ -57,6 +54,10 @@ def setup_sentry() -> bool:
     dsn = os.environ.get("SENTRY_DSN")
     if not dsn:
         return False
+    # Imported only when on: sentry_sdk costs every daemon start ~0.1 s.
+    import sentry_sdk
+    from sentry_sdk.integrations.logging import LoggingIntegration
+
     sentry_sdk.init(
         dsn=dsn,
         release=f"s3cachefs@{__version__}",
@@ -73,4 +74,6 @@ def setup_sentry() -> bool:
 
 
 def flush() -> None:
+    import sentry_sdk
+
     sentry_sdk.flush(timeout=5)

@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -27,6 +28,7 @@ from s3cachefs.base.errors import ConfigError
 from s3cachefs.base.settings import SETTINGS
 from s3cachefs.cli.parser import build_parser
 from s3cachefs.cli.settings import mount_config, resolve
+from s3cachefs.datasets.dirsync import DEFAULT_JOBS
 from s3cachefs.fs.operations import ThrottledWarnings, _errno_mapped
 from tests.conftest import Bucket, Mounter, mount_cli, run_cli, s3cachefs_cmd
 
@@ -68,6 +70,25 @@ def test_file_then_environment_then_flags(tmp_path: Path) -> None:
     assert cfg.allow_other and cfg.metadata_ttl > 10**8
     plain = mount_config(resolve(_args("bkt", "/mnt/y"), {}))
     assert (plain.cache_size, plain.min_free, plain.allow_other) == (10 * GIB, 5 * GIB, False)
+
+
+def test_the_command_line_loads_s3_and_fuse_libraries_only_for_the_commands_using_them() -> None:
+    """`status`, `prefetch`, `unmount` talk to a daemon: boto3 and awscrt (`sync`'s)
+    and pyfuse3/trio (the daemon's) would only slow every start (issue 12)."""
+    probe = (
+        "import sys\n"
+        "from s3cachefs.cli.parser import build_parser\n"
+        "build_parser().parse_args(['status'])\n"
+        "heavy = ('boto3', 'botocore', 's3transfer', 'awscrt', 'pyfuse3', 'trio', 'psutil')\n"
+        "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in heavy)))\n"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert loaded == []
+    # sync's default --jobs is written down in the parser (to leave dirsync unloaded).
+    sync = build_parser().parse_args(["sync", "s3://b/d", "dest"])
+    assert sync.jobs == DEFAULT_JOBS
 
 
 def test_each_setting_is_defined_once_in_the_table() -> None:
