@@ -61,6 +61,7 @@ class DatasetMounts:
         self._generation = 0
         self._stopping = False
         self._paused = False  # `s3cachefs unmount` is unmounting: no mount until `resume`
+        self._told_unmarked = False  # the warning that marks cannot be held: once a life
         # The root overlay of files cached by reading: it goes before a dataset under this
         # mount is mounted (a mount inside it would be hidden by its next swap).
         self.readserve: ReadServe | None = None
@@ -173,7 +174,7 @@ class DatasetMounts:
             layout = await self._with_opaque(prefix, layout)
         ids = frozenset(m.id for m, _ in chosen)
         tree = self.trees / gid
-        if await trio.to_thread.run_sync(kerneltrees.current, tree, layout):
+        if await trio.to_thread.run_sync(kerneltrees.current, tree, layout) is not None:
             if bind is not None:
                 self._drop(bind)
                 bind.members = ids
@@ -226,9 +227,9 @@ class DatasetMounts:
             self.pins.hold(owner, oid)
         staged = kerneltrees.next_path(tree)
         try:
-            fresh = await trio.to_thread.run_sync(kerneltrees.stage, tree, layout)
+            fresh, record = await trio.to_thread.run_sync(kerneltrees.stage, tree, layout)
             if fresh and previous is None:  # nothing mounts the tree: its final name first
-                await trio.to_thread.run_sync(kerneltrees.promote, tree)
+                await trio.to_thread.run_sync(kerneltrees.promote, tree, record)
                 fresh = False
             source = staged if fresh else tree
             ready = await trio.to_thread.run_sync(self.mounts.ready, target, previous is not None)
@@ -241,16 +242,22 @@ class DatasetMounts:
             else:
                 mount_id = await self._swap(source, previous)
             if fresh:
-                await trio.to_thread.run_sync(kerneltrees.promote, tree)
+                await trio.to_thread.run_sync(kerneltrees.promote, tree, record)
         except OSError as exc:
             self.pins.release(owner)
             for member in ids:
                 self.notes[member] = f"mount failed: {exc}"
             log.warning("kernel-serve dataset=%s mount on %s failed: %s", prefix, target, exc)
             await trio.to_thread.run_sync(kerneltrees.discard, staged)
+            if previous is not None and previous.opaque:
+                # Its opaque directories may lack a name the dataset has now (a new key),
+                # which the overlay would hide: the FUSE view answers until a rebuild works.
+                await self.unbind(previous, "its tree is out of date and the new one failed")
             await self._close_handles()
             return
-        bind = Bind(tree.name, target, tree, mount_id, owner, oids, ids, self.mounts.kind, prefix)
+        self._tell_unmarked(record, layout)
+        kind, marks = self.mounts.kind, record.opaque
+        bind = Bind(tree.name, target, tree, mount_id, owner, oids, ids, kind, prefix, marks)
         if previous is not None:
             self._drop(previous)
         self.binds.update(dict.fromkeys(ids, bind))
@@ -265,6 +272,16 @@ class DatasetMounts:
         )
         if previous is not None:
             await self._release_hold(previous)
+
+    def _tell_unmarked(self, record: kerneltrees.Synced, layout: Layout) -> None:
+        if record.opaque is None and layout.opaque and not self._told_unmarked:
+            self._told_unmarked = True
+            log.warning(
+                "kernel-serve: the cache's file system cannot hold opaque marks (%s): every"
+                " directory of a kernel-served dataset is merged with the FUSE view (a walk"
+                " asks the daemon about each one: about half the speed)",
+                record.why,
+            )
 
     async def _swap(self, source: Path, previous: Bind) -> int:
         """Mount the new tree beneath the old mount, then detach the old one."""

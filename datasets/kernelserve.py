@@ -47,6 +47,7 @@ import trio
 from s3cachefs.cache.blocks import ObjectVersion
 from s3cachefs.datasets import kerneltrees
 from s3cachefs.datasets.kerneldirs import DatasetMounts
+from s3cachefs.datasets.kerneltrees import Bind
 from s3cachefs.datasets.pins import Manifest
 
 log = logging.getLogger(__name__)
@@ -243,7 +244,13 @@ class KernelServe(DatasetMounts):
                 "bind": str(bind.target) if bind and bound else None,
                 "kernel_mount": bind.kind if bind and bound else None,
                 "tree": str(bind.tree) if bind and bound else None,
+                # directories the overlay never asks FUSE about (`datasets.kernelopaque`)
+                "opaque_dirs": opaque_dirs(bind) if bind and bound else None,
                 "kernel_note": None if bound else note,
                 **self.checks.describe(manifest_id_, bound),
             }
         return out
+
+
+def opaque_dirs(bind: Bind) -> int | str:
+    return "unsupported" if bind.opaque is None else len(bind.opaque)

@@ -7,7 +7,8 @@ is the dataset as a plain directory. Per manifest id::
 
     trees/<id>          the tree (bound over the dataset by `datasets.kernelserve`)
     trees/<id>.next     a tree being built; promoted to <id> once bound
-    trees/<id>.synced   marks that <id> was ``syncfs``'d after it was built
+    trees/<id>.synced   records that <id> was ``syncfs``'d after it was built, and
+                        the opaque marks it was built with (JSON, `Synced`)
     trees/<id>.old      the tree the last swap replaced (`promote`)
 
 A tree is built completely and synced before it is bound. A tree without its
@@ -17,13 +18,17 @@ just read back against their block CRC32s (not S3's digest: that is `verify`'s).
 The tree shows the same directories as the FUSE view: those of its files, and
 those the manifest keeps for ``dir/`` markers and skipped keys. Those holding
 every name the FUSE view lists are marked opaque for the overlay
-(`datasets.kernelopaque`); the marks are part of what a current tree matches.
+(`datasets.kernelopaque`); the marks are part of what a current tree matches,
+compared by its record (a tree synced before marks were recorded is rebuilt once).
+A tree that cannot be read is not current: its rebuild fails like any mount.
 
 Blocking functions only (the caller runs them in worker threads).
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import shutil
 from collections.abc import Container, Sequence
@@ -36,6 +41,8 @@ from s3cachefs.cache.blocks import ObjectVersion
 from s3cachefs.datasets import binds, kernelopaque
 from s3cachefs.store.types import ObjectInfo
 
+log = logging.getLogger(__name__)
+
 
 class Layout(NamedTuple):
     entries: list[binds.TreeEntry]
@@ -44,6 +51,23 @@ class Layout(NamedTuple):
     oids: frozenset[str]  # of every object of the manifest (the tree's pin-store hold)
     # Directories marked opaque for the overlay (`datasets.kernelopaque`): set once merged.
     opaque: frozenset[str] = frozenset()
+
+
+class Synced(NamedTuple):
+    """A synced tree's record: the directories it marks opaque; None if its file system
+    could not hold the marks (``why``: every directory is merged with the FUSE view)."""
+
+    opaque: frozenset[str] | None
+    why: str = ""
+
+    def dumps(self) -> str:
+        marks = None if self.opaque is None else sorted(self.opaque)
+        return json.dumps({"opaque": marks, "why": self.why})
+
+
+class Staged(NamedTuple):
+    fresh: bool  # built at the ``.next`` path (else ``tree`` was current)
+    record: Synced  # what its ``.synced`` record says (or will, once promoted)
 
 
 @dataclass
@@ -63,6 +87,7 @@ class Bind:
     members: frozenset[str] = frozenset()  # empty: the manifest ``manifest_id`` alone
     kind: str = "bind"  # or "overlay" (`datasets.kernelmounts`)
     prefix: str = ""
+    opaque: frozenset[str] | None = frozenset()  # its marks (None: not held, `Synced`)
 
     @property
     def ids(self) -> frozenset[str]:
@@ -133,13 +158,38 @@ def synced_path(tree: Path) -> Path:
     return tree.with_name(f"{tree.name}.synced")
 
 
-def current(tree: Path, layout: Layout) -> bool:
-    """``tree`` was synced and still matches ``layout`` (its opaque marks too)."""
-    return (
-        synced_path(tree).exists()
-        and binds.tree_matches(tree, layout.entries, layout.dirs)
-        and kernelopaque.matches(tree, layout.opaque)
-    )
+def synced(tree: Path) -> Synced | None:
+    """The record ``tree`` was synced with; None if there is none, or none this daemon
+    reads (an empty one, written before marks were recorded; one a crash cut short)."""
+    try:
+        data = json.loads(synced_path(tree).read_bytes())
+    except (FileNotFoundError, ValueError):
+        return None
+    if not isinstance(data, dict) or "opaque" not in data:
+        return None
+    opaque, why = data["opaque"], data.get("why")
+    if opaque is not None and not (
+        isinstance(opaque, list) and all(isinstance(d, str) for d in opaque)
+    ):
+        return None
+    return Synced(None if opaque is None else frozenset(opaque), str(why or ""))
+
+
+def current(tree: Path, layout: Layout) -> Synced | None:
+    """The record of ``tree`` if it was synced with the marks ``layout`` wants (or none, where
+    its file system cannot hold them) and still matches ``layout``'s files; else None.
+
+    Never raises an OSError: a tree that cannot be read is not current, and its rebuild
+    goes through the caller's handling of a failed mount (the daemon stays up).
+    """
+    try:
+        record = synced(tree)
+        if record is None or record.opaque not in (None, layout.opaque):
+            return None
+        return record if binds.tree_matches(tree, layout.entries, layout.dirs) else None
+    except OSError as exc:
+        log.warning("kernel-serve tree %s unreadable (%s): built again", tree, exc)
+        return None
 
 
 def sweep(trees: Path, manifest_ids: Container[str]) -> None:
@@ -159,18 +209,21 @@ def sweep(trees: Path, manifest_ids: Container[str]) -> None:
                 path.unlink(missing_ok=True)
 
 
-def stage(tree: Path, layout: Layout) -> bool:
-    """Build the tree at its ``.next`` path unless ``tree`` is current; sync. True if built."""
+def stage(tree: Path, layout: Layout) -> Staged:
+    """Build the tree at its ``.next`` path unless ``tree`` is current; sync."""
     tree.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fresh = not current(tree, layout)
-    if fresh:
+    record = current(tree, layout)
+    if record is not None:
+        staged = Staged(fresh=False, record=record)
+    else:
         binds.build_tree(next_path(tree), layout.entries, layout.dirs)
-        kernelopaque.mark(next_path(tree), layout.opaque)
+        why = kernelopaque.mark(next_path(tree), layout.opaque)
+        staged = Staged(True, Synced(layout.opaque) if why is None else Synced(None, why))
     binds.syncfs(tree.parent)
-    return fresh
+    return staged
 
 
-def promote(tree: Path) -> None:
+def promote(tree: Path, record: Synced) -> None:
     """The staged tree becomes ``trees/<id>``; the tree it replaces is set aside whole.
 
     Set aside (``<id>.old``), not removed: a swap detaches the old mount lazily,
@@ -185,7 +238,9 @@ def promote(tree: Path) -> None:
     if tree.exists():
         os.replace(tree, aside)
     os.replace(next_path(tree), tree)
-    synced.touch(mode=0o600)
+    fd = os.open(synced, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:  # lost or cut short by a crash: the tree is built again
+        out.write(record.dumps())
 
 
 def old_path(tree: Path) -> Path:

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from s3cachefs.cli.locals3 import LocalS3
-from s3cachefs.datasets import kernelopaque, overlay
+from s3cachefs.datasets import kernelopaque, kerneltrees, overlay
 from s3cachefs.datasets.binds import MountEntry, mountinfo, mounts_below, stack_at
 from tests.conftest import Bucket, Mount, Mounter, drop_page_cache, mount_cli, run_cli, status
 from tests.test_prefetch import MIB, check_tree, fill, prefetch
@@ -156,6 +156,61 @@ def test_a_walk_of_a_kernel_served_dataset_asks_fuse_only_about_its_own_director
     tree = Path(dataset(mount)["tree"])
     dirs = {"train", "val", "archive", "train/deep", "train/deep/er"}
     assert kernelopaque.marks(tree) == frozenset(dirs)
+    assert dataset(mount)["opaque_dirs"] == len(dirs)  # status --json shows the marks
+
+
+def rebuild_failed(mount: Mount) -> bool:
+    """The daemon logged a failed mount (or build) of a dataset's tree."""
+    return any(
+        "kernel-serve dataset=" in line and " failed: " in line
+        for line in mount.log_text().splitlines()
+    )
+
+
+def test_a_tree_that_cannot_be_rebuilt_at_start_leaves_the_dataset_to_fuse(
+    bucket: Bucket, mounter: Mounter
+) -> None:
+    """Review 13 H1: a tree synced before its marks were recorded (the first start after
+    an upgrade) on a cache whose trees/ cannot be written (EROFS, ENOSPC; here immutable:
+    EPERM) raised out of the check that the tree is current and took the whole mount down,
+    at every start. It is not current: its rebuild fails like any failed mount, the FUSE
+    view serves the dataset, and status says why."""
+    files, mount, tree = kernel_served(bucket, mounter)
+    assert mount.stop() == 0
+    for rel in kernelopaque.marks(tree) or ():  # as built before the marks
+        os.removexattr(tree / rel, kernelopaque.OPAQUE)
+    kerneltrees.synced_path(tree).write_bytes(b"")  # as recorded before the marks
+    subprocess.run(["chattr", "+i", str(tree.parent)], check=True)
+    try:
+        again = mounter(bucket.name, "--min-free", "0", name="mnt")
+        wait_for(lambda: rebuild_failed(again), "the rebuild to fail")
+        found = dataset(again)
+        assert not found["kernel_served"] and "mount failed" in found["kernel_note"]
+        check_tree(again, files)  # through FUSE
+        assert again.proc.poll() is None
+    finally:
+        subprocess.run(["chattr", "-i", str(tree.parent)], check=True)
+
+
+def test_a_failed_rebuild_leaves_no_marked_tree_hiding_a_new_key(
+    bucket: Bucket, mounter: Mounter
+) -> None:
+    """Review 13 M1: a re-prefetch found a new key in a directory the mounted tree marks
+    opaque, and the rebuild failed: the old overlay stayed, hiding the key the FUSE view
+    lists, and status said all was well. Now the dataset is unmounted (the FUSE view
+    answers) and status shows the failure."""
+    _, mount, tree = kernel_served(bucket, mounter)
+    assert "train" in (kernelopaque.marks(tree) or ())
+    new = "dataset-v3/train/new-key"
+    bucket.put(new, b"new" * 100)
+    kerneltrees.next_path(tree).write_bytes(b"")  # staging fails: not a directory
+    assert prefetch(mount, "dataset-v3").returncode == 0
+    wait_for(lambda: rebuild_failed(mount), "the rebuild to fail")
+    assert "new-key" in os.listdir(mount.path / "dataset-v3" / "train")
+    assert (mount.path / new).read_bytes() == b"new" * 100
+    found = dataset(mount)
+    assert not found["kernel_served"] and "mount failed" in found["kernel_note"]
+    assert bind_on(mount.path / "dataset-v3") is None
 
 
 def test_rebuild_swaps_atomically_and_open_readers_keep_old_bytes(
@@ -245,7 +300,7 @@ def test_sigterm_unbinds_then_restart_rebinds_and_kill9_leaks_nothing(
     bucket: Bucket, mounter: Mounter
 ) -> None:
     files, mount, tree = kernel_served(bucket, mounter)
-    inode = (tree / "archive" / "big.tar").stat().st_ino
+    inode = tree.stat().st_ino  # a rebuilt tree is a new directory (its files are the same)
     mount.proc.send_signal(signal.SIGTERM)
     assert mount.proc.wait(timeout=30) == 0
     assert mounts_below(mount.path) == []
@@ -253,7 +308,8 @@ def test_sigterm_unbinds_then_restart_rebinds_and_kill9_leaks_nothing(
 
     again = mounter(bucket.name, "--min-free", "0", name="mnt")  # same mountpoint
     assert wait_bound(again)["kernel_served"]
-    assert (tree / "archive" / "big.tar").stat().st_ino == inode  # the tree matched: reused
+    assert tree.stat().st_ino == inode  # the tree matched: reused, not rebuilt
+    assert not kerneltrees.old_path(tree).exists()  # a rebuild sets the old tree aside
     check_tree(again, files)
 
     again.kill9()  # the stale FUSE mount keeps the bind stacked on it

@@ -11,16 +11,19 @@ are read; the other files are read through FUSE, byte-exact.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from s3cachefs.cache.blocks import ObjectVersion
 from s3cachefs.cache.ledger import Ledger
-from s3cachefs.datasets import binds, kernelopaque, overlay
+from s3cachefs.datasets import binds, kernelopaque, kerneltrees, overlay
 from s3cachefs.datasets.pins import Manifest, PinStore
 from s3cachefs.store.types import Listing, ObjectInfo
 from tests.conftest import Bucket, Mount, Mounter, drop_page_cache, read_at, status
@@ -266,7 +269,61 @@ def test_opaque_directories_are_those_holding_every_name_the_fuse_view_lists(
     for rel in listings:
         (tree / rel).mkdir(parents=True, exist_ok=True)
     assert kernelopaque.marks(tree) == frozenset()
-    assert kernelopaque.mark(tree, opaque)
+    assert kernelopaque.mark(tree, opaque) is None
     assert kernelopaque.marks(tree) == opaque
-    assert kernelopaque.matches(tree, opaque) and not kernelopaque.matches(tree, frozenset())
-    assert [p.name for p in tmp_path.iterdir()] == ["tree"]  # the probe is gone
+
+
+# A tree of three empty files whose two directories are marked (built from no cache file).
+STAGE = """
+import json, sys
+from pathlib import Path
+from s3cachefs.datasets import binds, kerneltrees
+entries = [binds.TreeEntry(rel, None, 0, 0) for rel in ("a/1", "a/b/2", "top")]
+layout = kerneltrees.Layout(entries, frozenset(), [None] * 3, frozenset(), frozenset({"a", "a/b"}))
+tree = Path(sys.argv[1])
+staged = kerneltrees.stage(tree, layout)
+if staged.fresh:
+    kerneltrees.promote(tree, staged.record)
+again = kerneltrees.stage(tree, layout)
+print(json.dumps([staged.fresh, staged.record.why, again.fresh]))
+"""
+
+
+def stage(tree: Path, *wrapper: str) -> list[Any]:
+    """Stage (and promote) the tree of `STAGE` in a child process run through ``wrapper``."""
+    run = [*wrapper, sys.executable, "-c", STAGE, str(tree)]
+    result = subprocess.run(run, capture_output=True, text=True, check=True)
+    return list(json.loads(result.stdout))
+
+
+def test_a_tree_records_its_marks_and_is_not_rebuilt_where_they_cannot_be_held(
+    tmp_path: Path,
+) -> None:
+    """Review 13 L6/H1: the marks a tree was built with are recorded in its ``.synced``
+    record, which a later start compares (no probe, no walk of the tree). A daemon that
+    may not set trusted xattrs (no CAP_SYS_ADMIN: EPERM) records that the tree holds no
+    marks: it counts as current, never rebuilt in a loop. A record the daemon cannot read
+    (a directory in its place) makes the tree not current, without raising."""
+    if os.geteuid() != 0:
+        pytest.fail("this test needs root (see README, Tests)")
+    marked = tmp_path / "marked" / "id"
+    assert stage(marked) == [True, "", False]
+    assert kerneltrees.synced(marked) == kerneltrees.Synced(frozenset({"a", "a/b"}))
+    assert kernelopaque.marks(marked) == frozenset({"a", "a/b"})
+
+    unmarked = tmp_path / "unmarked" / "id"
+    no_admin = ["setpriv", "--inh-caps=-sys_admin", "--bounding-set=-sys_admin"]
+    fresh, why, again = stage(unmarked, *no_admin)
+    assert (fresh, again) == (True, False) and "Operation not permitted" in why
+    assert kerneltrees.synced(unmarked) == kerneltrees.Synced(None, why)
+    assert kernelopaque.marks(unmarked) == frozenset()
+    assert stage(unmarked) == [False, why, False]  # with the right: still current
+
+    kerneltrees.synced_path(marked).write_bytes(b"")  # as written before marks were recorded
+    assert stage(marked) == [True, "", False]  # built again, once
+    synced = kerneltrees.synced_path(marked)
+    synced.unlink()
+    synced.mkdir()  # unreadable as a record: not current, and no exception
+    entries = [binds.TreeEntry(rel, None, 0, 0) for rel in ("a/1", "a/b/2", "top")]
+    layout = kerneltrees.Layout(entries, frozenset(), [None] * 3, frozenset(), frozenset())
+    assert kerneltrees.current(marked, layout) is None
