@@ -51,6 +51,7 @@ STOP_SECONDS = 0.5  # a worker's own exit on its socket's EOF, before a SIGKILL
 # not AWS_SECRET_ACCESS_KEY and the like (credentials come frozen, over its socket).
 WORKER_ENV = (
     "PATH",
+    "LD_LIBRARY_PATH",
     "LANG",
     "LC_ALL",
     "LC_CTYPE",
