@@ -10,6 +10,7 @@ which a prefetch started on the first job used to wait for after its listing.
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import re
 import socket
@@ -23,6 +24,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+import boto3
 import pytest
 import trio
 from botocore.auth import S3SigV4Auth
@@ -170,6 +172,80 @@ def test_a_prefetch_through_the_workers_against_a_server_that_verifies_signature
     assert result.returncode == 0, result.stderr
     assert proxy.faults["SignatureDoesNotMatch"] == 0
     assert bulk_gets(proxy) > 0
+    drop_page_cache()
+    check_tree(mount, files)
+
+
+@dataclass
+class IamS3:
+    endpoint_url: str
+    access_key: str
+    secret_key: str
+
+
+@pytest.fixture
+def iam_s3(tmp_path: Path) -> Iterator[IamS3]:
+    """A moto server of its own that authenticates every request (IAM on: its SigV4
+    check of the request as it arrived), and the access key of a user allowed s3:*."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="3")  # the 3 IAM calls below
+    with (tmp_path / "moto.log").open("wb") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for("the moto server", lambda: _listening(port))
+        iam = boto3.client("iam", endpoint_url=url, region_name="us-east-1")
+        iam.create_user(UserName="prefetcher")
+        allow = {"Effect": "Allow", "Action": "s3:*", "Resource": "*"}
+        policy = json.dumps({"Version": "2012-10-17", "Statement": [allow]})
+        iam.put_user_policy(UserName="prefetcher", PolicyName="s3", PolicyDocument=policy)
+        key = iam.create_access_key(UserName="prefetcher")["AccessKey"]
+        yield IamS3(url, key["AccessKeyId"], key["SecretAccessKey"])
+    finally:
+        server.kill()
+        server.wait()
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "LOCALHOST"])
+def test_a_prefetch_through_the_workers_against_moto_checking_signatures(
+    mounter: Mounter, iam_s3: IamS3, monkeypatch: pytest.MonkeyPatch, host: str
+) -> None:
+    """End to end against a server that verifies SigV4 itself (moto with IAM on),
+    the lean signer's real guard."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", iam_s3.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", iam_s3.secret_key)
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=iam_s3.endpoint_url,
+        region_name="us-east-1",
+        aws_access_key_id=iam_s3.access_key,
+        aws_secret_access_key=iam_s3.secret_key,
+    )
+    s3.create_bucket(Bucket="signed")
+    names = [f"dataset-v3/{'a b+ü~' if i % 2 else 'x'}/page-{i}.bin" for i in range(4)]
+    files = {name: os.urandom(50_000 + i) for i, name in enumerate(names)}
+    for key, data in files.items():
+        s3.put_object(Bucket="signed", Key=key, Body=data)
+    endpoint = iam_s3.endpoint_url.replace("127.0.0.1", host)
+    mount = mounter("signed", "--prefetch-workers", "2", server=Server(endpoint))
+    assert len(workers_of(mount.proc.pid)) == 2
+    result = prefetch(mount, "dataset-v3")
+    assert result.returncode == 0, result.stderr
     drop_page_cache()
     check_tree(mount, files)
 
