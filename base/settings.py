@@ -231,7 +231,7 @@ SETTINGS: tuple[Setting, ...] = (
         "prefetch-workers",
         v.workers,
         "auto",
-        "worker processes that download prefetches (auto: one per CPU; 0: in the daemon)",
+        "worker processes that download prefetches (auto: one per usable CPU; 0: in the daemon)",
     ),
     # Read by `s3cachefs prefetch --config`, not by the mount.
     Setting("prefetch", v.datasets, None, "datasets to prefetch", "file", field=None),

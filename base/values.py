@@ -202,13 +202,51 @@ def count(value: Any) -> int:
 
 
 def workers(value: Any) -> int:
-    """A count of processes: "auto" (one per CPU) or a number, 0 for none."""
+    """A count of processes: "auto" (one per usable CPU) or a number, 0 for none."""
     if isinstance(value, str) and value.strip().lower() == "auto":
-        return os.cpu_count() or 1
+        return usable_cpus()
     number = integer(value)
     if number < 0:
         raise ConfigError(f"bad number {value!r}: auto, 0 or more")
     return number
+
+
+def usable_cpus(root: str = "/sys/fs/cgroup") -> int:
+    """The CPUs this process may run on (affinity), capped by its cgroup v2 quotas (its
+    cgroup's and its parents'): a 2-CPU pod on a 96-core node is 2, not 96."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    try:
+        with open("/proc/self/cgroup") as f:
+            own = next((line[3:].strip() for line in f if line.startswith("0::")), "/")
+    except OSError:
+        own = "/"
+    parts = [p for p in own.split("/") if p and p != ".."]
+    for depth in range(len(parts), -1, -1):  # a quota anywhere above applies too
+        try:
+            with open(os.path.join(root, *parts[:depth], "cpu.max")) as f:
+                quota = cpu_quota(f.read())
+        except OSError:
+            continue
+        if quota is not None:
+            cpus = min(cpus, quota)
+    return max(1, cpus)
+
+
+def cpu_quota(text: str) -> int | None:
+    """CPUs of a cgroup v2 ``cpu.max`` ("QUOTA PERIOD", or "max PERIOD": none), rounded up."""
+    fields = text.split()
+    if len(fields) != 2 or fields[0] == "max":
+        return None
+    try:
+        quota, period = int(fields[0]), int(fields[1])
+    except ValueError:
+        return None
+    if quota <= 0 or period <= 0:
+        return None
+    return max(1, math.ceil(quota / period))
 
 
 def datasets(value: Any) -> list[str]:

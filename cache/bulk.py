@@ -35,7 +35,7 @@ import trio
 from s3cachefs.base.errors import CredentialsError
 from s3cachefs.cache.blocks import ObjectVersion
 from s3cachefs.cache.bulkpool import JobKey, WorkerPool
-from s3cachefs.cache.bulkworker import Done, Job, error_of
+from s3cachefs.cache.bulkworker import EXPIRED, Done, Job, error_of
 from s3cachefs.cache.fetcher import Fetcher
 from s3cachefs.cache.flights import Flight
 from s3cachefs.store.checksums import Check
@@ -91,14 +91,14 @@ class BulkEngine:
         await self.pool.run(task_status=task_status)
 
     def start_workers(self) -> None:
-        """Start the workers with the daemon, not on a prefetch's first job (which would
-        wait for them after its listing). Cheap since they import no botocore (the
-        daemon sends them frozen credentials): spawn to ready 0.08-0.14 s, 0.08-0.10
-        CPU-s and 14 MiB unique RSS each, was 0.24-0.29 s, 0.22 CPU-s and 27 MiB (2
-        cores, load 2.8); started on the prefetch request instead, before its listing,
-        they could still delay a loopback prefetch's first GET by ~0.1 s. Idle, they
-        wait on their socket."""
-        self.pool.ready(self.ledger.block_size)
+        """Start `bulkpool.BOOT_WORKERS` with the daemon, not on a prefetch's first job
+        (which would wait for them after its listing); the rest start on that job.
+        Cheap since they import no botocore (the daemon sends them frozen credentials):
+        spawn to ready 0.08-0.14 s, 0.08-0.10 CPU-s and 14 MiB unique RSS each, was
+        0.24-0.29 s, 0.22 CPU-s and 27 MiB (2 cores, load 2.8); started on the prefetch
+        request instead, before its listing, they could still delay a loopback
+        prefetch's first GET by ~0.1 s. Idle, they wait on their socket."""
+        self.pool.ready(self.ledger.block_size, boot=True)
 
     def _getter(self) -> RangeGetter | None:
         getter = getattr(self.store, "range_getter", None)
@@ -226,8 +226,9 @@ class BulkEngine:
         if waiting is None:
             return None
         if done.error:
-            # The cache's disk failed it: the in-daemon path tries, and says so.
-            done.lost = done.error_kind == "DiskError"
+            # The cache's disk failed it, or the credentials it was signed with expired
+            # meanwhile: the in-daemon path tries (its credential chain refreshes).
+            done.lost = done.error_kind in ("DiskError", EXPIRED)
             self._release(waiting, done)
             return None
         check = waiting.job.check

@@ -39,11 +39,14 @@ class GetConnection:
     def __init__(self, endpoint: Endpoint, credentials: list[Secrets]) -> None:
         self.endpoint = endpoint
         url = urllib.parse.urlsplit(endpoint.base_url)
-        self.host, self.prefix, self.https = url.netloc, url.path, url.scheme == "https"
+        # The host as signed (lowercase): http.client sends the Host it connects to, and
+        # one that differs from the signed one is SignatureDoesNotMatch (MinIO).
+        self.host = signed_host(endpoint.base_url)
+        self.prefix, self.https = url.path, url.scheme == "https"
         self.credentials = credentials  # [the latest], shared by the threads of a worker
         self.retry = RetryPolicy(endpoint.attempts)
         self.http: http.client.HTTPConnection | None = None
-        self.signer = GetSigner(signed_host(endpoint.base_url), endpoint.region)
+        self.signer = GetSigner(self.host, endpoint.region)
 
     def get(self, key: str, etag: str, start: int, end: int) -> http.client.HTTPResponse:
         path = self.prefix + urllib.parse.quote(key, safe="/~")

@@ -5,10 +5,13 @@ and knows which jobs each one holds; what a job means (its reservation, its
 flights, its rows) is the engine's (`cache.bulk`), told through three callbacks:
 a batch of results came in, a worker died with these jobs, a job could not be sent.
 
-- Workers start with the daemon (`ready`, once the cache's block size is known),
-  else on the first job, and are replaced when they die, at most ``size`` times;
-  after that, or when one cannot start, the pool says it is not ready and the
-  caller uses the in-daemon path.
+- Up to `BOOT_WORKERS` start with the daemon (`ready(boot=True)`, once the cache's
+  block size is known), the rest on the first job (``auto`` is one per usable CPU:
+  a mount that never prefetches keeps two); they are replaced when they die, at
+  most ``size`` times; after that, or when one cannot start on a job, the pool says
+  it is not ready and the caller uses the in-daemon path (a failure at boot is
+  tried again on the first job).
+- A worker gets a minimal environment (`WORKER_ENV`): not the daemon's secrets.
 - Jobs queued in one trio tick go to a worker in one message, with the
   credentials frozen in a thread (a refresh may be an STS/IMDS round trip).
 - Results are read on the trio thread (no thread hand-off per block).
@@ -24,16 +27,41 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 
 import trio
 
-from s3cachefs.cache.bulkworker import Done, Endpoint, Job, WireSecrets
+from s3cachefs.cache.bulkworker import NICE, Done, Endpoint, Job, WireSecrets
 from s3cachefs.store.rangeget import RangeGetter
 
 log = logging.getLogger(__name__)
+
+BOOT_WORKERS = 2  # started with the daemon; the rest on the first job
+# A worker is niced before its imports (most of its start's CPU), and imports its module
+# by that name, so that the Done it sends unpickles as the daemon's.
+LAUNCH = (
+    f"import os; os.nice({NICE}); import sys, s3cachefs.cache.bulkworker as w; "
+    "sys.exit(w.main(sys.argv))"
+)
+STOP_SECONDS = 0.5  # a worker's own exit on its socket's EOF, before a SIGKILL
+# What a worker may see of the daemon's environment: how to run Python and find CAs;
+# not AWS_SECRET_ACCESS_KEY and the like (credentials come frozen, over its socket).
+WORKER_ENV = (
+    "PATH",
+    "LD_LIBRARY_PATH",
+    "LANG",
+    "LC_ALL",
+    "LC_CTYPE",
+    "PYTHONPATH",
+    "PYTHONHOME",
+    "PYTHONWARNINGS",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+    "TMPDIR",
+)
 
 JobKey = tuple[str, int]  # (oid, start): one job of one object version
 
@@ -99,16 +127,25 @@ class WorkerPool:
                 # Its reader task may be parked on the fd: wake it before the fd goes.
                 trio.lowlevel.notify_closing(worker.conn.fileno())
                 worker.conn.close()  # EOF: the worker exits
-            self._died(worker)  # nothing of it is indexed: its bytes are lost, not wrong
+        deadline = time.monotonic() + STOP_SECONDS
+        for worker in self.workers:
+            if worker.alive:  # its own exit, not a SIGKILL, for a clean stop
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    worker.proc.wait(max(0.0, deadline - time.monotonic()))
+            self._died(worker, stopping=True)  # nothing of it is indexed: lost, not wrong
         self.workers.clear()
 
-    def ready(self, block_size: int) -> bool:
-        """Whether jobs can go to workers now (starting them, or new ones for dead ones)."""
+    def ready(self, block_size: int, *, boot: bool = False) -> bool:
+        """Whether jobs can go to workers now (starting them, or new ones for dead ones).
+
+        ``boot``: at the daemon's start, `BOOT_WORKERS` at most, and a failure to
+        start one is not final (tried again on the first job)."""
         getter = self._getter()
         if self.size < 1 or self._cannot_start or self._nursery is None or getter is None:
             return False
+        want = min(self.size, BOOT_WORKERS) if boot else self.size
         alive = sum(w.alive for w in self.workers)
-        if alive == self.size or (alive and self._deaths > self.size):
+        if alive >= want or (alive and self._deaths > self.size):
             return True
         if self._deaths > self.size:
             return False
@@ -121,9 +158,12 @@ class WorkerPool:
         )
         self.workers = [w for w in self.workers if w.alive or w.jobs]
         try:
-            while sum(w.alive for w in self.workers) < self.size:
+            while sum(w.alive for w in self.workers) < want:
                 self.workers.append(self._spawn(endpoint, block_size))
         except OSError as exc:
+            if boot:  # maybe transient (EAGAIN, ENOMEM): the first job tries again
+                log.warning("bulk workers cannot start yet (%s); tried again on a prefetch", exc)
+                return False
             self._cannot_start = True
             log.warning("bulk workers cannot start (%s); prefetch runs in the daemon", exc)
             self.stop()
@@ -140,9 +180,9 @@ class WorkerPool:
             with theirs:
                 # -P: the daemon's cwd is not on the worker's sys.path (it gets the secrets).
                 proc = subprocess.Popen(  # on the trio thread: PR_SET_PDEATHSIG follows it
-                    [sys.executable, "-P", "-m", "s3cachefs.cache.bulkworker",
-                     str(theirs.fileno()), str(os.getpid())],
+                    [sys.executable, "-P", "-c", LAUNCH, str(theirs.fileno()), str(os.getpid())],
                     pass_fds=(theirs.fileno(),),
+                    env={k: v for k in WORKER_ENV if (v := os.environ.get(k)) is not None},
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.DEVNULL,
                 )  # fmt: skip
@@ -181,7 +221,7 @@ class WorkerPool:
                 worker.jobs.discard((done.oid, done.start))
             await self._on_batch(batch)
 
-    def _died(self, worker: Worker) -> None:
+    def _died(self, worker: Worker, *, stopping: bool = False) -> None:
         if not worker.alive:
             return
         worker.alive = False
@@ -190,12 +230,15 @@ class WorkerPool:
             worker.proc.kill()
         code = worker.proc.wait()
         lost = list(worker.jobs)
-        log.warning(
-            "bulk worker pid=%d ended (status %d) with %d jobs; they run in the daemon",
-            worker.proc.pid,
-            code,
-            len(lost),
-        )
+        if stopping:  # the daemon stops it: not news
+            log.info("bulk worker pid=%d stopped (status %d)", worker.proc.pid, code)
+        else:
+            log.warning(
+                "bulk worker pid=%d ended (status %d) with %d jobs; they run in the daemon",
+                worker.proc.pid,
+                code,
+                len(lost),
+            )
         worker.jobs.clear()
         self._on_lost(lost)
 

@@ -59,7 +59,10 @@ class GetSigner:
         credentials: Secrets,
         now: datetime.datetime,
     ) -> dict[str, str]:
-        """``headers`` and the SigV4 ones; ``path``: already quoted, as sent."""
+        """``headers`` and the SigV4 ones; ``path``: already quoted, as sent; ``now``:
+        any time zone (a naive one is taken as UTC)."""
+        if now.tzinfo is not None:
+            now = now.astimezone(datetime.UTC)  # X-Amz-Date and the scope's day are UTC
         stamp = now.strftime("%Y%m%dT%H%M%SZ")
         day = stamp[:8]
         out = dict(headers)

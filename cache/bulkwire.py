@@ -15,6 +15,7 @@ import struct
 from typing import Any
 
 _LONG = 0x7FFFFFFF  # past this, "!i" -1 then the size as "!Q" (as Connection does)
+_COPY_MAX = 16 * 1024  # as Connection: above this the header goes in its own sendall
 
 
 class Channel:
@@ -27,7 +28,11 @@ class Channel:
         data = pickle.dumps(obj)
         size = len(data)
         header = struct.pack("!i", size) if size <= _LONG else struct.pack("!iQ", -1, size)
-        self._sock.sendall(header + data)
+        if size <= _COPY_MAX:  # one syscall; the copy is cheap
+            self._sock.sendall(header + data)
+        else:  # a big batch: two syscalls rather than a copy of it
+            self._sock.sendall(header)
+            self._sock.sendall(data)
 
     def recv(self) -> Any:
         """The next message; EOFError once the daemon closed its end."""

@@ -15,13 +15,13 @@ The response is checked before a byte is used (`store.responses`), GETs carry
 ``If-Match``, and a failed attempt starts the job again from its first byte
 (the digest must see every byte once, in order), under the store's one retry
 policy (`store.retry`). A whole single-part object whose body is not its MD5
-ETag is such a failed attempt; a job that fails answers an error, never CRCs.
+ETag is such a failed attempt; a job that fails answers an error, never CRCs;
+one whose credentials expired meanwhile is the daemon's to run (`EXPIRED`).
 
 Engines, same jobs, same results: `fetch_jobs` in the calling process (bench,
-the reference), and `main`: a worker process (``python -m
-s3cachefs.cache.bulkworker FD``) with ``threads`` GETs at once, jobs in and
-results out in batches over a socket. It exits when the socket closes or its
-parent dies (``PR_SET_PDEATHSIG``): a ``kill -9`` of the daemon leaves no worker.
+the reference), and `main`: a worker process (`cache.bulkpool.LAUNCH`) with
+``threads`` GETs at once, jobs in and results out in batches over a socket. It
+exits when the socket closes or its parent dies (``PR_SET_PDEATHSIG``).
 """
 
 from __future__ import annotations
@@ -62,6 +62,9 @@ _CODE = re.compile(rb"<Code>([^<]+)</Code>")
 _PR_SET_PDEATHSIG = 1
 # Bulk work yields the CPU to the daemon (reads go first) where the cores are contended.
 NICE = 5
+# Credentials expired since the daemon sent them: its refreshing chain runs the job.
+EXPIRED_CODES = frozenset({"ExpiredToken", "InvalidToken", "TokenRefreshRequired"})
+EXPIRED = "ExpiredCredentials"  # the error_kind of such a job
 
 # Frozen credentials as sent to a worker: (access key, secret key, token); None: the
 # daemon has none (`store.rangeget.RangeGetter.secrets`).
@@ -100,6 +103,10 @@ class _DiskError(Exception):
     """The cache file could not be written (not S3's fault: not retried here)."""
 
 
+class _Expired(StoreError):
+    """S3: the credentials this job was signed with expired (not retried here)."""
+
+
 def _open_target(path: str, size: int) -> int:
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
@@ -117,7 +124,10 @@ def _attempt(conn: GetConnection, job: Job, block_size: int, buf: memoryview, do
     try:
         if response.status not in (200, 206):
             match = _CODE.search(response.read())
-            error = error_for_code(match.group(1).decode() if match else str(response.status), what)
+            code = match.group(1).decode() if match else str(response.status)
+            if code in EXPIRED_CODES:
+                raise _Expired(f"{what}: {code}")
+            error = error_for_code(code, what)
             if conn.retry.retryable_status(response.status):
                 error = TransientError(f"{what}: status {response.status}")
             raise error
@@ -210,8 +220,9 @@ def fetch(conn: GetConnection, job: Job, block_size: int, buf: memoryview) -> Do
                 break
             mismatched = exc.digest
             done.error, done.error_kind = str(exc), BadResponseError.__name__
-        except StoreError as exc:
-            done.error, done.error_kind = str(exc), type(exc).__name__
+        except StoreError as exc:  # _Expired: the daemon runs it with fresh credentials
+            kind = EXPIRED if isinstance(exc, _Expired) else type(exc).__name__
+            done.error, done.error_kind = str(exc), kind
             if not conn.retry.retryable(exc):  # stale, denied, missing: another try is the same
                 break
         except Exception as exc:  # noqa: BLE001  # a bug must fail the job, not the thread
@@ -371,8 +382,7 @@ def main(argv: list[str]) -> int:
     # The daemon stops its workers: a terminal's Ctrl-C reaches the whole process group.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        _die_with_parent()
-        os.nice(NICE)
+        _die_with_parent()  # niced already (`cache.bulkpool.LAUNCH`; ``-m``: below)
         conn = Channel(int(argv[1]))
         if os.getppid() != int(argv[2]):  # the daemon died before the prctl
             return 0
@@ -384,7 +394,7 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    # By its own name, so that the Done it sends unpickles as the daemon's Done.
+    os.nice(NICE)  # ``python -m`` (the bench): by its own name, for Done to unpickle as such
     from s3cachefs.cache import bulkworker
 
     sys.exit(bulkworker.main(sys.argv))

@@ -28,6 +28,14 @@ ETag it sends, in headers (GET, HEAD, PUT) and in XML bodies (listings, complete
 uploads), another 32-hex value, the same one every time (`listing_etag`), and maps
 them back in what it forwards (If-Match, If-None-Match, completion bodies): a
 consistent server whose single-part ETags are not the MD5 of the bytes.
+
+And a server that checks auth: ``expired_tokens`` answers 400 ExpiredToken to a
+request signed with one of those session tokens (credentials that expired); with
+``verify_secrets`` (access key -> secret key) a request whose SigV4 signature is not
+right for what arrived, Host header included, is answered 403 SignatureDoesNotMatch
+(`tests.sigv4check`). Each refusal counts in ``faults`` under its code. Object GETs
+are counted by client in ``get_agents`` (the User-Agent's first word; the bulk
+workers send none: "").
 """
 
 from __future__ import annotations
@@ -44,6 +52,8 @@ from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
+
+from tests import sigv4check
 
 SLOWDOWN = (
     b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
@@ -139,6 +149,9 @@ class FaultProxy:
         self.strip_checksum_headers = False
         self.etag_not_md5 = False
         self._real_etags: dict[bytes, bytes] = {}  # what etag_not_md5 sent -> upstream's
+        self.expired_tokens: set[str] = set()
+        self.verify_secrets: dict[str, str] = {}
+        self.get_agents: Counter[str] = Counter()
         self.faults: Counter[str] = Counter()
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
@@ -260,6 +273,8 @@ class FaultProxy:
             return
         length = int(req.headers.get("Content-Length") or 0)
         body = req.rfile.read(length) if length else None
+        if self._refused(req):
+            return
         listing, path = self._listing(req)
         asked = _RANGE.match(req.headers.get("Range", "")) if req.command == "GET" else None
         outcome = self._draw(req.command, self._applicable(req, listing, asked))
@@ -307,6 +322,31 @@ class FaultProxy:
             req.connection.shutdown(socket.SHUT_RDWR)
             return
         req.wfile.write(data)
+
+    def _refused(self, req: BaseHTTPRequestHandler) -> bool:
+        """Answer a request whose auth a server refuses (``expired_tokens``,
+        ``verify_secrets``); True if it was. Object GETs are counted by client first."""
+        if req.command == "GET" and "list-type" not in req.path:
+            with self._lock:
+                self.get_agents[req.headers.get("User-Agent", "").split("/")[0]] += 1
+        if req.headers.get("X-Amz-Security-Token") in self.expired_tokens:
+            status, code = 400, "ExpiredToken"
+        elif self.verify_secrets and not sigv4check.valid(
+            req.command, req.path, req.headers.items(), self.verify_secrets
+        ):
+            status, code = 403, "SignatureDoesNotMatch"
+        else:
+            return False
+        with self._lock:
+            self.faults[code] += 1
+        payload = f"<Error><Code>{code}</Code><Message>refused</Message></Error>".encode()
+        req.send_response(status)
+        req.send_header("Content-Type", "application/xml")
+        req.send_header("Content-Length", str(len(payload)))
+        req.end_headers()
+        if req.command != "HEAD":
+            req.wfile.write(payload)
+        return True
 
     def _forward(
         self,
