@@ -25,6 +25,14 @@ from s3cachefs.datasets.readserve import ReadServe
 log = logging.getLogger(__name__)
 
 
+class Unsealed:
+    """A promoted tree's record until it is sealed; compared by identity (a tree promoted
+    again while its sync ran is not sealed by that sync)."""
+
+    def __init__(self, record: kerneltrees.Synced) -> None:
+        self.record = record
+
+
 class DatasetMounts:
     """The state of a daemon's kernel-served datasets, and the steps that change it."""
 
@@ -62,6 +70,9 @@ class DatasetMounts:
         self._stopping = False
         self._paused = False  # `s3cachefs unmount` is unmounting: no mount until `resume`
         self._told_unmarked = False  # the warning that marks cannot be held: once a life
+        # Trees built and promoted, not yet synced and sealed (`seal_trees`): their records.
+        self.unsealed: dict[Path, Unsealed] = {}
+        self._seal_wanted = trio.Event()
         # The root overlay of files cached by reading: it goes before a dataset under this
         # mount is mounted (a mount inside it would be hidden by its next swap).
         self.readserve: ReadServe | None = None
@@ -174,7 +185,8 @@ class DatasetMounts:
             layout = await self._with_opaque(prefix, layout)
         ids = frozenset(m.id for m, _ in chosen)
         tree = self.trees / gid
-        if await trio.to_thread.run_sync(kerneltrees.current, tree, layout) is not None:
+        unsealed = self.unsealed[tree].record if tree in self.unsealed else None
+        if await trio.to_thread.run_sync(kerneltrees.current, tree, layout, unsealed) is not None:
             if bind is not None:
                 self._drop(bind)
                 bind.members = ids
@@ -226,10 +238,11 @@ class DatasetMounts:
         for oid in oids:
             self.pins.hold(owner, oid)
         staged = kerneltrees.next_path(tree)
+        unsealed = self.unsealed[tree].record if tree in self.unsealed else None
         try:
-            fresh, record = await trio.to_thread.run_sync(kerneltrees.stage, tree, layout)
+            fresh, record = await trio.to_thread.run_sync(kerneltrees.stage, tree, layout, unsealed)
             if fresh and previous is None:  # nothing mounts the tree: its final name first
-                await trio.to_thread.run_sync(kerneltrees.promote, tree, record)
+                await self._promote(tree, record)
                 fresh = False
             source = staged if fresh else tree
             ready = await trio.to_thread.run_sync(self.mounts.ready, target, previous is not None)
@@ -242,7 +255,7 @@ class DatasetMounts:
             else:
                 mount_id = await self._swap(source, previous)
             if fresh:
-                await trio.to_thread.run_sync(kerneltrees.promote, tree, record)
+                await self._promote(tree, record)
         except OSError as exc:
             self.pins.release(owner)
             for member in ids:
@@ -272,6 +285,41 @@ class DatasetMounts:
         )
         if previous is not None:
             await self._release_hold(previous)
+
+    async def _promote(self, tree: Path, record: kerneltrees.Synced) -> None:
+        self.unsealed.pop(tree, None)
+        await trio.to_thread.run_sync(kerneltrees.promote, tree)
+        self.unsealed[tree] = Unsealed(record)
+        self._seal_wanted.set()
+
+    async def seal_trees(self) -> None:
+        """For the daemon's life: sync and seal the trees promoted since the last pass, after
+        their mount (a prefetch's reply does not wait for the flush of what it wrote)."""
+        while True:
+            await self._seal_wanted.wait()
+            self._seal_wanted = trio.Event()
+            await self.seal_now()
+
+    async def seal_now(self) -> None:
+        """Sync the trees' file system, then record each tree promoted before the sync and
+        not replaced or removed since. One that stays unsealed is built again at start."""
+        pending = dict(self.unsealed)
+        if not pending:
+            return
+        try:
+            await trio.to_thread.run_sync(kerneltrees.sync, self.trees)
+        except OSError as exc:
+            log.warning("kernel-serve: syncfs of %s failed: %s", self.trees, exc)
+            return
+        async with self.lock:
+            for tree, entry in pending.items():
+                if self.unsealed.get(tree) is not entry:
+                    continue
+                try:
+                    await trio.to_thread.run_sync(kerneltrees.seal, tree, entry.record)
+                except OSError as exc:
+                    log.warning("kernel-serve tree %s: record not written: %s", tree, exc)
+                del self.unsealed[tree]
 
     def _tell_unmarked(self, record: kerneltrees.Synced, layout: Layout) -> None:
         if record.opaque is None and layout.opaque and not self._told_unmarked:
@@ -309,8 +357,12 @@ class DatasetMounts:
         await self._detach(bind, why)
         self._drop(bind)
         await self._close_handles()  # also when another mount covers the overlay
-        await trio.to_thread.run_sync(kerneltrees.remove, bind.tree)
+        await self.remove_tree(bind.tree)
         await self._release_hold(bind)
+
+    async def remove_tree(self, tree: Path) -> None:
+        self.unsealed.pop(tree, None)
+        await trio.to_thread.run_sync(kerneltrees.remove, tree)
 
     async def _release_hold(self, bind: Bind) -> None:
         """Objects only the old tree kept pinned are freed whole (unlinked): a reader that

@@ -17,7 +17,8 @@ Rules that keep every guarantee of the FUSE path:
 - Objects a tree links stay pinned while the tree exists (a hold on the pin
   store): the cache never punches holes in a linked inode. A whole-object free
   is an unlink, so readers holding a file open keep its bytes.
-- A tree is built completely, ``syncfs``'d, and only then mounted. A mounted
+- A tree is built completely, and only then mounted; it is ``syncfs``'d and
+  recorded as synced after (`kerneltrees.seal`), off the prefetch's reply. A mounted
   tree is never changed (an overlay's lower layer must not change): a rebuild
   (re-prefetch that changed objects, another shard, a tree that no longer
   matches, `verify`'s repairs) builds a new tree and swaps (beneath, then
@@ -94,6 +95,7 @@ class KernelServe(DatasetMounts):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.checks.run_schedule)
             nursery.start_soon(self._watch_mounts)
+            nursery.start_soon(self.seal_trees)
             while True:
                 wanted = await self.checks.next_wanted()
                 await self._check_at_start(wanted)
@@ -141,6 +143,7 @@ class KernelServe(DatasetMounts):
                     self._drop(bind)
                     await self._release_hold(bind)
                 await self._close_handles()  # of covered overlays and failed mounts too
+            await self.seal_now()  # the trees stay for the next start: current if sealed
         if scope.cancelled_caught:
             log.warning(
                 "kernel-serve: gave up unmounting after %.0fs; still mounted: %s",
@@ -188,7 +191,7 @@ class KernelServe(DatasetMounts):
                 await self.unbind(bind, "dataset evicted")
             else:  # a tree that is not mounted (mount failed, or served off)
                 tree = self.trees / self.group_id(manifest.prefix)
-                await trio.to_thread.run_sync(kerneltrees.remove, tree)
+                await self.remove_tree(tree)
             self.notes.pop(manifest.id, None)
             self.checked.discard(manifest.id)
             self.checks.forget(manifest.id)

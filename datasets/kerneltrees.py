@@ -11,8 +11,11 @@ is the dataset as a plain directory. Per manifest id::
                         the opaque marks it was built with (JSON, `Synced`)
     trees/<id>.old      the tree the last swap replaced (`promote`)
 
-A tree is built completely and synced before it is bound. A tree without its
-``.synced`` mark (crash, power loss), or one that no longer matches its
+A tree is built completely before it is bound; it is ``syncfs``'d and its
+``.synced`` record written after (`seal`): the page cache serves the same bytes
+meanwhile, and a flush of the gigabytes a prefetch just wrote would hold its
+reply. A tree without its ``.synced`` record (not sealed yet, crash, power
+loss), or one that no longer matches its
 manifest, is built again from the cache files, which the check at start has
 just read back against their block CRC32s (not S3's digest: that is `verify`'s).
 The tree shows the same directories as the FUSE view: those of its files, and
@@ -175,15 +178,16 @@ def synced(tree: Path) -> Synced | None:
     return Synced(None if opaque is None else frozenset(opaque), str(why or ""))
 
 
-def current(tree: Path, layout: Layout) -> Synced | None:
+def current(tree: Path, layout: Layout, unsealed: Synced | None = None) -> Synced | None:
     """The record of ``tree`` if it was synced with the marks ``layout`` wants (or none, where
     its file system cannot hold them) and still matches ``layout``'s files; else None.
+    ``unsealed``: the record of a tree this daemon built and has not sealed yet.
 
     Never raises an OSError: a tree that cannot be read is not current, and its rebuild
     goes through the caller's handling of a failed mount (the daemon stays up).
     """
     try:
-        record = synced(tree)
+        record = unsealed or synced(tree)
         if record is None or record.opaque not in (None, layout.opaque):
             return None
         return record if binds.tree_matches(tree, layout.entries, layout.dirs) else None
@@ -209,36 +213,42 @@ def sweep(trees: Path, manifest_ids: Container[str]) -> None:
                 path.unlink(missing_ok=True)
 
 
-def stage(tree: Path, layout: Layout) -> Staged:
-    """Build the tree at its ``.next`` path unless ``tree`` is current; sync."""
+def stage(tree: Path, layout: Layout, unsealed: Synced | None = None) -> Staged:
+    """Build the tree at its ``.next`` path unless ``tree`` is current (not synced: `seal`)."""
     tree.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    record = current(tree, layout)
+    record = current(tree, layout, unsealed)
     if record is not None:
-        staged = Staged(fresh=False, record=record)
-    else:
-        binds.build_tree(next_path(tree), layout.entries, layout.dirs)
-        why = kernelopaque.mark(next_path(tree), layout.opaque)
-        staged = Staged(True, Synced(layout.opaque) if why is None else Synced(None, why))
-    binds.syncfs(tree.parent)
-    return staged
+        return Staged(fresh=False, record=record)
+    binds.build_tree(next_path(tree), layout.entries, layout.dirs)
+    why = kernelopaque.mark(next_path(tree), layout.opaque)
+    return Staged(True, Synced(layout.opaque) if why is None else Synced(None, why))
 
 
-def promote(tree: Path, record: Synced) -> None:
-    """The staged tree becomes ``trees/<id>``; the tree it replaces is set aside whole.
+def promote(tree: Path) -> None:
+    """The staged tree becomes ``trees/<id>`` (unsealed); the tree it replaces is set aside
+    whole.
 
     Set aside (``<id>.old``), not removed: a swap detaches the old mount lazily,
     and a reader still walking it would see its directories empty if the tree
     were emptied under it (a lower layer must not change). The tree set aside
     one swap earlier goes now; what is left goes at unmount and at start.
     """
-    synced = synced_path(tree)
-    synced.unlink(missing_ok=True)
+    synced_path(tree).unlink(missing_ok=True)
     aside = old_path(tree)
     discard(aside)
     if tree.exists():
         os.replace(tree, aside)
     os.replace(next_path(tree), tree)
-    fd = os.open(synced, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+
+
+def sync(trees: Path) -> None:
+    """Flush the file system of the trees: what they link (and the files) is on disk."""
+    binds.syncfs(trees)
+
+
+def seal(tree: Path, record: Synced) -> None:
+    """Record that ``tree`` is on disk, with its marks; call after `sync`, only."""
+    fd = os.open(synced_path(tree), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as out:  # lost or cut short by a crash: the tree is built again
         out.write(record.dumps())
 
