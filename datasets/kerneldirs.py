@@ -18,6 +18,7 @@ from s3cachefs.cache.blockcache import BlockCache
 from s3cachefs.datasets import binds, kernelopaque, kernelpolicy, kerneltrees, overlay
 from s3cachefs.datasets.kernelcheck import KernelChecks
 from s3cachefs.datasets.kernelmounts import OVERLAY, KernelMounts, choose
+from s3cachefs.datasets.kernelprestage import PreStages
 from s3cachefs.datasets.kerneltrees import Bind, Layout
 from s3cachefs.datasets.pins import Manifest, PinStore, manifest_id
 from s3cachefs.datasets.readserve import ReadServe
@@ -72,6 +73,7 @@ class DatasetMounts:
         self._told_unmarked = False  # the warning that marks cannot be held: once a life
         # Trees built and promoted, not yet synced and sealed (`seal_trees`): their records.
         self.unsealed: dict[Path, Unsealed] = {}
+        self.prestages = PreStages(cache)  # first prefetches' files, linked as pinned
         self._seal_wanted = trio.Event()
         # The root overlay of files cached by reading: it goes before a dataset under this
         # mount is mounted (a mount inside it would be hidden by its next swap).
@@ -151,6 +153,10 @@ class DatasetMounts:
     async def _refresh_dir(self, prefix: str) -> None:
         """Mount, swap or unmount the tree of one dataset directory: the complete files of
         every manifest pinned there that may be kernel-served."""
+        await self._refresh_tree(prefix)
+        await self.prestages.drop(self.trees / self.group_id(prefix))  # used, or not needed
+
+    async def _refresh_tree(self, prefix: str) -> None:
         gid = self.group_id(prefix)
         bind = next((b for b in self._mounted() if b.manifest_id == gid), None)
         if bind is not None and bind.mount_id not in await trio.to_thread.run_sync(self._live_ids):
@@ -239,6 +245,7 @@ class DatasetMounts:
             self.pins.hold(owner, oid)
         staged = kerneltrees.next_path(tree)
         unsealed = self.unsealed[tree].record if tree in self.unsealed else None
+        await self.prestages.flush(tree)  # every file pinned so far is in its .pre
         try:
             fresh, record = await trio.to_thread.run_sync(kerneltrees.stage, tree, layout, unsealed)
             if fresh and previous is None:  # nothing mounts the tree: its final name first
@@ -362,6 +369,7 @@ class DatasetMounts:
 
     async def remove_tree(self, tree: Path) -> None:
         self.unsealed.pop(tree, None)
+        await self.prestages.drop(tree)
         await trio.to_thread.run_sync(kerneltrees.remove, tree)
 
     async def _release_hold(self, bind: Bind) -> None:

@@ -48,6 +48,7 @@ import trio
 from s3cachefs.cache.blocks import ObjectVersion
 from s3cachefs.datasets import kerneltrees
 from s3cachefs.datasets.kerneldirs import DatasetMounts
+from s3cachefs.datasets.kernelprestage import OnPin
 from s3cachefs.datasets.kerneltrees import Bind
 from s3cachefs.datasets.pins import Manifest
 
@@ -96,6 +97,7 @@ class KernelServe(DatasetMounts):
             nursery.start_soon(self.checks.run_schedule)
             nursery.start_soon(self._watch_mounts)
             nursery.start_soon(self.seal_trees)
+            nursery.start_soon(self.prestages.run)
             while True:
                 wanted = await self.checks.next_wanted()
                 await self._check_at_start(wanted)
@@ -162,6 +164,16 @@ class KernelServe(DatasetMounts):
             await self.refresh(manifest_id_)
 
     # ---- what changes the mounts ---------------------------------------------
+
+    def prestage(self, manifest: Manifest) -> OnPin | None:
+        """What a first prefetch calls for each object it pins: its file is linked into the
+        tree's ``.pre`` meanwhile (`datasets.kernelprestage`); None where the dataset, once
+        complete, would not be kernel-served."""
+        whole = Manifest(manifest.bucket, manifest.prefix, manifest.shard, complete=True)
+        if self._paused or self._ineligible(whole) is not None:
+            return None
+        prefix = manifest.prefix
+        return self.prestages.on_pin(self.trees / self.group_id(prefix), prefix)
 
     async def refresh(self, manifest_id_: str) -> None:
         """Make the mount of one dataset's directory match its manifests: mount, rebuild
