@@ -332,6 +332,7 @@ def test_a_tree_is_sealed_after_its_mount_and_an_unsealed_one_is_built_again(
     ``.synced`` record). A daemon killed before the seal leaves a tree with no record: the
     next start builds it again from the checked cache files and serves the same bytes."""
     files, mount, tree = kernel_served(bucket, mounter)
+    assert not kerneltrees.pre_path(tree).exists()  # linked while it downloaded, then used
     wait_for(lambda: kerneltrees.synced(tree) is not None, "the tree's record")
     inode = tree.stat().st_ino
     mount.kill9()
