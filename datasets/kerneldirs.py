@@ -245,9 +245,11 @@ class DatasetMounts:
             self.pins.hold(owner, oid)
         staged = kerneltrees.next_path(tree)
         unsealed = self.unsealed[tree].record if tree in self.unsealed else None
-        await self.prestages.flush(tree)  # every file pinned so far is in its .pre
         try:
-            fresh, record = await trio.to_thread.run_sync(kerneltrees.stage, tree, layout, unsealed)
+            async with self.prestages.flushed(tree):  # its .pre (if any): every file pinned
+                fresh, record = await trio.to_thread.run_sync(
+                    kerneltrees.stage, tree, layout, unsealed
+                )
             if fresh and previous is None:  # nothing mounts the tree: its final name first
                 await self._promote(tree, record)
                 fresh = False

@@ -14,7 +14,9 @@ refresh that followed its prefetch.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import trio
@@ -23,6 +25,8 @@ from s3cachefs.cache.blockcache import BlockCache
 from s3cachefs.cache.blocks import ObjectVersion
 from s3cachefs.datasets import binds, kerneltrees
 from s3cachefs.store.types import ObjectInfo
+
+log = logging.getLogger(__name__)
 
 OnPin = Callable[[ObjectInfo, ObjectVersion], None]
 
@@ -56,14 +60,28 @@ class PreStages:
             self._wanted = trio.Event()
             await self.flush()
 
-    async def flush(self, only: Path | None = None) -> None:
-        """Link every pending file (of ``only``); returns once none is being linked."""
+    async def flush(self) -> None:
+        """Link every pending file."""
         async with self._lock:
-            for tree in [only] if only is not None else list(self.pending):
-                batch = self.pending.pop(tree, [])
-                if batch:
-                    pre = kerneltrees.pre_path(tree)
-                    await trio.to_thread.run_sync(kerneltrees.prelink, pre, batch)
+            for tree in list(self.pending):
+                await self._link(tree)
+
+    @asynccontextmanager
+    async def flushed(self, tree: Path) -> AsyncIterator[None]:
+        """Every file of ``tree`` pinned so far is in its ``.pre``, and nothing is linked
+        into it while the caller makes the tree of it."""
+        async with self._lock:
+            await self._link(tree)
+            yield
+
+    async def _link(self, tree: Path) -> None:
+        batch = self.pending.pop(tree, [])
+        if not batch:
+            return
+        try:
+            await trio.to_thread.run_sync(kerneltrees.prelink, kerneltrees.pre_path(tree), batch)
+        except OSError as exc:  # the tree is then built at the end, as without this
+            log.info("kernel-serve tree %s: linking ahead failed: %s", tree, exc)
 
     async def drop(self, tree: Path) -> None:
         """Forget and remove ``tree``'s ``.pre`` (its refresh is over, or it is evicted)."""

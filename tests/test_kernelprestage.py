@@ -80,3 +80,53 @@ def test_a_pre_tree_is_removed_with_its_tree(tmp_path: Path) -> None:
     kerneltrees.remove(tree)
     assert not kerneltrees.pre_path(tree).exists()
     assert source.stat().st_nlink == 1
+
+
+def test_files_pinned_are_linked_in_batches_and_none_while_the_tree_is_made(
+    tmp_path: Path,
+) -> None:
+    """`PreStages`: what a prefetch pins is linked by its own task; ``flushed`` links what
+    is pending first and holds back the task while the caller makes the tree."""
+    import trio
+
+    from s3cachefs.cache.blocks import ObjectVersion
+    from s3cachefs.datasets.kernelprestage import PreStages
+    from s3cachefs.store.types import ObjectInfo
+
+    class Cache:
+        def object_path(self, oid: str) -> Path:
+            return tmp_path / "cache" / oid
+
+    (tmp_path / "cache").mkdir()
+    tree = tmp_path / "trees" / "id"
+    tree.parent.mkdir()
+    stages = PreStages(Cache())  # type: ignore[arg-type]
+    pinned = stages.on_pin(tree, "ds/")
+
+    def pin(key: str, data: bytes) -> None:
+        info = ObjectInfo(key, len(data), "etag", 7)
+        version = ObjectVersion("b", key, "etag", len(data))
+        if data:
+            (tmp_path / "cache" / version.oid).write_bytes(data)
+        pinned(info, version)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stages.run)
+            pin("ds/a/1", b"one")
+            pin("ds/empty", b"")  # no cache file: made when the tree is completed
+            pre = kerneltrees.pre_path(tree)
+            await stages.flush()  # after the batch the task may be linking
+            assert (pre / "a" / "1").read_bytes() == b"one"
+            assert not (pre / "empty").exists()
+            async with stages.flushed(tree):
+                pin("ds/b", b"two")  # pinned while the tree is made: not linked now
+                await trio.sleep(0.2)  # the task is waiting for the lock the caller holds
+                assert not (pre / "b").exists()
+            await stages.flush()
+            assert (pre / "b").read_bytes() == b"two"
+            await stages.drop(tree)
+            assert not pre.exists()
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
