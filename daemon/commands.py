@@ -217,6 +217,8 @@ class Daemon:
         self.jobs[job_id] = job
         log.info("prefetch dataset=%s shard=%s jobs=%d started", prefix, shard, job.jobs)
         readserve = self.kernel.readserve if self.kernel is not None and not job.dry_run else None
+        if self.kernel is not None and not job.dry_run and job.previous is None:
+            job.on_pin = self.kernel.prestage(job.manifest)  # its tree, linked while it downloads
         try:
             if readserve is not None:  # the room its linked files hold is the prefetch's
                 await readserve.step_aside()

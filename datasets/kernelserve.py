@@ -17,7 +17,8 @@ Rules that keep every guarantee of the FUSE path:
 - Objects a tree links stay pinned while the tree exists (a hold on the pin
   store): the cache never punches holes in a linked inode. A whole-object free
   is an unlink, so readers holding a file open keep its bytes.
-- A tree is built completely, ``syncfs``'d, and only then mounted. A mounted
+- A tree is built completely, and only then mounted; it is ``syncfs``'d and
+  recorded as synced after (`kerneltrees.seal`), off the prefetch's reply. A mounted
   tree is never changed (an overlay's lower layer must not change): a rebuild
   (re-prefetch that changed objects, another shard, a tree that no longer
   matches, `verify`'s repairs) builds a new tree and swaps (beneath, then
@@ -47,6 +48,7 @@ import trio
 from s3cachefs.cache.blocks import ObjectVersion
 from s3cachefs.datasets import kerneltrees
 from s3cachefs.datasets.kerneldirs import DatasetMounts
+from s3cachefs.datasets.kernelprestage import OnPin
 from s3cachefs.datasets.kerneltrees import Bind
 from s3cachefs.datasets.pins import Manifest
 
@@ -94,6 +96,8 @@ class KernelServe(DatasetMounts):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.checks.run_schedule)
             nursery.start_soon(self._watch_mounts)
+            nursery.start_soon(self.seal_trees)
+            nursery.start_soon(self.prestages.run)
             while True:
                 wanted = await self.checks.next_wanted()
                 await self._check_at_start(wanted)
@@ -141,6 +145,7 @@ class KernelServe(DatasetMounts):
                     self._drop(bind)
                     await self._release_hold(bind)
                 await self._close_handles()  # of covered overlays and failed mounts too
+            await self.seal_now()  # the trees stay for the next start: current if sealed
         if scope.cancelled_caught:
             log.warning(
                 "kernel-serve: gave up unmounting after %.0fs; still mounted: %s",
@@ -159,6 +164,16 @@ class KernelServe(DatasetMounts):
             await self.refresh(manifest_id_)
 
     # ---- what changes the mounts ---------------------------------------------
+
+    def prestage(self, manifest: Manifest) -> OnPin | None:
+        """What a first prefetch calls for each object it pins: its file is linked into the
+        tree's ``.pre`` meanwhile (`datasets.kernelprestage`); None where the dataset, once
+        complete, would not be kernel-served."""
+        whole = Manifest(manifest.bucket, manifest.prefix, manifest.shard, complete=True)
+        if self._paused or self._ineligible(whole) is not None:
+            return None
+        prefix = manifest.prefix
+        return self.prestages.on_pin(self.trees / self.group_id(prefix), prefix)
 
     async def refresh(self, manifest_id_: str) -> None:
         """Make the mount of one dataset's directory match its manifests: mount, rebuild
@@ -188,7 +203,7 @@ class KernelServe(DatasetMounts):
                 await self.unbind(bind, "dataset evicted")
             else:  # a tree that is not mounted (mount failed, or served off)
                 tree = self.trees / self.group_id(manifest.prefix)
-                await trio.to_thread.run_sync(kerneltrees.remove, tree)
+                await self.remove_tree(tree)
             self.notes.pop(manifest.id, None)
             self.checked.discard(manifest.id)
             self.checks.forget(manifest.id)

@@ -10,9 +10,13 @@ is the dataset as a plain directory. Per manifest id::
     trees/<id>.synced   records that <id> was ``syncfs``'d after it was built, and
                         the opaque marks it was built with (JSON, `Synced`)
     trees/<id>.old      the tree the last swap replaced (`promote`)
+    trees/<id>.pre      files linked while a first prefetch ran (`datasets.kernelprestage`)
 
-A tree is built completely and synced before it is bound. A tree without its
-``.synced`` mark (crash, power loss), or one that no longer matches its
+A tree is built completely before it is bound; it is ``syncfs``'d and its
+``.synced`` record written after (`seal`): the page cache serves the same bytes
+meanwhile, and a flush of the gigabytes a prefetch just wrote would hold its
+reply. A tree without its ``.synced`` record (not sealed yet, crash, power
+loss), or one that no longer matches its
 manifest, is built again from the cache files, which the check at start has
 just read back against their block CRC32s (not S3's digest: that is `verify`'s).
 The tree shows the same directories as the FUSE view: those of its files, and
@@ -31,6 +35,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 from collections.abc import Container, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,15 +180,16 @@ def synced(tree: Path) -> Synced | None:
     return Synced(None if opaque is None else frozenset(opaque), str(why or ""))
 
 
-def current(tree: Path, layout: Layout) -> Synced | None:
+def current(tree: Path, layout: Layout, unsealed: Synced | None = None) -> Synced | None:
     """The record of ``tree`` if it was synced with the marks ``layout`` wants (or none, where
     its file system cannot hold them) and still matches ``layout``'s files; else None.
+    ``unsealed``: the record of a tree this daemon built and has not sealed yet.
 
     Never raises an OSError: a tree that cannot be read is not current, and its rebuild
     goes through the caller's handling of a failed mount (the daemon stays up).
     """
     try:
-        record = synced(tree)
+        record = unsealed or synced(tree)
         if record is None or record.opaque not in (None, layout.opaque):
             return None
         return record if binds.tree_matches(tree, layout.entries, layout.dirs) else None
@@ -209,38 +215,140 @@ def sweep(trees: Path, manifest_ids: Container[str]) -> None:
                 path.unlink(missing_ok=True)
 
 
-def stage(tree: Path, layout: Layout) -> Staged:
-    """Build the tree at its ``.next`` path unless ``tree`` is current; sync."""
+def stage(tree: Path, layout: Layout, unsealed: Synced | None = None) -> Staged:
+    """Build the tree at its ``.next`` path unless ``tree`` is current (not synced: `seal`);
+    from its ``.pre`` if there is one."""
     tree.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    record = current(tree, layout)
+    record = current(tree, layout, unsealed)
     if record is not None:
-        staged = Staged(fresh=False, record=record)
+        return Staged(fresh=False, record=record)
+    pre = pre_path(tree)
+    if pre.is_dir():
+        complete(pre, layout.entries, layout.dirs)
+        discard(next_path(tree))
+        os.replace(pre, next_path(tree))
     else:
         binds.build_tree(next_path(tree), layout.entries, layout.dirs)
-        why = kernelopaque.mark(next_path(tree), layout.opaque)
-        staged = Staged(True, Synced(layout.opaque) if why is None else Synced(None, why))
-    binds.syncfs(tree.parent)
-    return staged
+    why = kernelopaque.mark(next_path(tree), layout.opaque)
+    return Staged(True, Synced(layout.opaque) if why is None else Synced(None, why))
 
 
-def promote(tree: Path, record: Synced) -> None:
-    """The staged tree becomes ``trees/<id>``; the tree it replaces is set aside whole.
+def promote(tree: Path) -> None:
+    """The staged tree becomes ``trees/<id>`` (unsealed); the tree it replaces is set aside
+    whole.
 
     Set aside (``<id>.old``), not removed: a swap detaches the old mount lazily,
     and a reader still walking it would see its directories empty if the tree
     were emptied under it (a lower layer must not change). The tree set aside
     one swap earlier goes now; what is left goes at unmount and at start.
     """
-    synced = synced_path(tree)
-    synced.unlink(missing_ok=True)
+    synced_path(tree).unlink(missing_ok=True)
     aside = old_path(tree)
     discard(aside)
     if tree.exists():
         os.replace(tree, aside)
     os.replace(next_path(tree), tree)
-    fd = os.open(synced, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+
+
+def sync(trees: Path) -> None:
+    """Flush the file system of the trees: what they link (and the files) is on disk."""
+    binds.syncfs(trees)
+
+
+def seal(tree: Path, record: Synced) -> None:
+    """Record that ``tree`` is on disk, with its marks; call after `sync`, only."""
+    fd = os.open(synced_path(tree), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as out:  # lost or cut short by a crash: the tree is built again
         out.write(record.dumps())
+
+
+def pre_path(tree: Path) -> Path:
+    return tree.with_name(f"{tree.name}.pre")
+
+
+def prelink(pre: Path, entries: list[binds.TreeEntry], dir_mode: int = 0o755) -> None:
+    """Link these files into ``pre`` as `binds.build_tree` would; what fails is left to
+    `complete` (a name that is a directory in another key, a file freed meanwhile)."""
+    if not pre.is_dir():
+        pre.mkdir(mode=dir_mode)
+        os.chmod(pre, dir_mode)
+    for entry in entries:
+        path = pre / entry.rel
+        try:
+            _mkdirs(pre, path.parent, dir_mode)
+            _place(path, entry)
+        except OSError:
+            continue
+
+
+def complete(
+    pre: Path, entries: list[binds.TreeEntry], dirs: frozenset[str], dir_mode: int = 0o755
+) -> None:
+    """Make ``pre`` exactly the tree `binds.build_tree` makes of ``entries`` and ``dirs``:
+    what is not one of them (or not a 0444 link to its file, with its size and mtime) goes,
+    what is missing is made."""
+    files = {e.rel: e for e in entries}
+    wanted = binds.tree_dirs(entries, dirs)
+    for dirpath, dirnames, filenames in os.walk(pre, topdown=False, onerror=_raise):
+        top = Path(dirpath)
+        rel_dir = os.path.relpath(dirpath, pre)
+        for name in filenames:
+            rel = os.path.normpath(os.path.join(rel_dir, name))
+            entry = files.get(rel)
+            if entry is None or not _placed(top / name, entry):
+                os.unlink(top / name)
+        for name in dirnames:
+            if os.path.normpath(os.path.join(rel_dir, name)) not in wanted:
+                shutil.rmtree(top / name)  # its files were visited (bottom-up): it is empty
+    os.chmod(pre, dir_mode)
+    for rel in sorted(wanted):
+        _mkdirs(pre, pre / rel, dir_mode)
+    for entry in entries:
+        path = pre / entry.rel
+        if not os.path.lexists(path):
+            _place(path, entry)
+
+
+def _raise(exc: OSError) -> None:
+    raise exc
+
+
+def _mkdirs(root: Path, directory: Path, mode: int) -> None:
+    """``directory`` (below ``root``) and its parents, each ``mode``."""
+    if directory == root or directory.is_dir():
+        return
+    _mkdirs(root, directory.parent, mode)
+    directory.mkdir(mode=mode)
+    os.chmod(directory, mode)
+
+
+def _place(path: Path, entry: binds.TreeEntry) -> None:
+    """One file of a tree, as `binds.build_tree` makes it."""
+    if entry.source is None:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444))
+        os.chmod(path, 0o444)
+        os.utime(path, ns=(entry.mtime_ns, entry.mtime_ns))
+        return
+    # The link shares the cache file's inode: its mode and mtime are the cache file's.
+    os.chmod(entry.source, 0o444)
+    os.utime(entry.source, ns=(entry.mtime_ns, entry.mtime_ns))
+    os.link(entry.source, path)
+
+
+def _placed(path: Path, entry: binds.TreeEntry) -> bool:
+    """Whether ``path`` is what `_place` makes of ``entry`` now."""
+    st = os.lstat(path)
+    if not stat.S_ISREG(st.st_mode) or stat.S_IMODE(st.st_mode) != 0o444:
+        return False
+    if (st.st_size, st.st_mtime_ns) != (entry.size, entry.mtime_ns):
+        return False
+    if entry.source is None:
+        return st.st_nlink == 1
+    try:
+        src = os.stat(entry.source)
+    except FileNotFoundError:
+        return False
+    return (src.st_ino, src.st_dev) == (st.st_ino, st.st_dev)
 
 
 def old_path(tree: Path) -> Path:
@@ -251,6 +359,7 @@ def remove(tree: Path) -> None:
     synced_path(tree).unlink(missing_ok=True)
     binds.remove_tree(tree)
     discard(old_path(tree))
+    discard(pre_path(tree))
 
 
 def discard(path: Path) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -92,6 +93,8 @@ class PrefetchJob:
         self.accepted: set[str] = set()  # keys verified (or known good) in this run
         self.owner = f"prefetch:{self.manifest.id}"
         self._all_done = trio.Event()
+        # Called for each object pinned (`datasets.kernelprestage`: linked into its tree).
+        self.on_pin: Callable[[ObjectInfo, ObjectVersion], None] | None = None
 
     async def run(self, report: Report) -> dict[str, Any]:
         """Run to the end; raises PrefetchRefused or StoreError (listing) with the reason."""
@@ -231,6 +234,8 @@ class PrefetchJob:
         version = ObjectVersion(self.store.bucket, info.key, info.etag, info.size)
         self.pins.hold(self.owner, version.oid)
         self._accept(info, check)
+        if self.on_pin is not None:
+            self.on_pin(info, version)
 
     def _refuse(self, key: str, check: Check) -> None:
         self._fail(

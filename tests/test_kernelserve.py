@@ -324,6 +324,26 @@ def test_sigterm_unbinds_then_restart_rebinds_and_kill9_leaks_nothing(
     assert fuse_reads(third) == before and bucket.server.counts()["get"] == 0
 
 
+def test_a_tree_is_sealed_after_its_mount_and_an_unsealed_one_is_built_again(
+    bucket: Bucket, mounter: Mounter
+) -> None:
+    """Issue 12: a prefetch's reply no longer waits for the ``syncfs`` of its tree (the
+    flush of everything it wrote): the tree is mounted first, then synced and sealed (its
+    ``.synced`` record). A daemon killed before the seal leaves a tree with no record: the
+    next start builds it again from the checked cache files and serves the same bytes."""
+    files, mount, tree = kernel_served(bucket, mounter)
+    assert not kerneltrees.pre_path(tree).exists()  # linked while it downloaded, then used
+    wait_for(lambda: kerneltrees.synced(tree) is not None, "the tree's record")
+    inode = tree.stat().st_ino
+    mount.kill9()
+    kerneltrees.synced_path(tree).unlink()  # as a kill before the seal leaves it
+    again = mounter(bucket.name, "--min-free", "0", name="mnt")  # same mountpoint
+    assert wait_bound(again)["kernel_served"]
+    assert tree.stat().st_ino != inode  # built again, not trusted
+    check_tree(again, files)
+    wait_for(lambda: kerneltrees.synced(tree) is not None, "the rebuilt tree's record")
+
+
 def test_a_tree_that_no_longer_matches_is_rebuilt_at_start(
     bucket: Bucket, mounter: Mounter
 ) -> None:

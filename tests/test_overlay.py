@@ -283,7 +283,10 @@ layout = kerneltrees.Layout(entries, frozenset(), [None] * 3, frozenset(), froze
 tree = Path(sys.argv[1])
 staged = kerneltrees.stage(tree, layout)
 if staged.fresh:
-    kerneltrees.promote(tree, staged.record)
+    kerneltrees.promote(tree)
+    assert kerneltrees.synced(tree) is None  # unsealed: not current for a later start
+    kerneltrees.sync(tree.parent)
+    kerneltrees.seal(tree, staged.record)
 again = kerneltrees.stage(tree, layout)
 print(json.dumps([staged.fresh, staged.record.why, again.fresh]))
 """

@@ -1,0 +1,90 @@
+"""A first prefetch's tree, linked while it downloads: ``trees/<id>.pre``.
+
+After a prefetch's last byte, the tree of its dataset was built from nothing:
+a hard link, a chmod and a utime per object, which on a cache disk busy
+writing back what the prefetch just wrote stall behind its journal (1.1 s for
+the 4,000 files of W1's full set; its whole download is network-bound). So
+each object is linked into ``<id>.pre`` in a worker thread as soon as it is
+verified and pinned; the tree is still made from the manifest's layout, not
+from this: `kerneltrees.complete` removes what the layout does not have, and
+links what is missing, then the tree is staged as before. A ``.pre`` left by a
+crash goes at start (`kerneltrees.sweep`); one no mount used goes after the
+refresh that followed its prefetch.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import trio
+
+from s3cachefs.cache.blockcache import BlockCache
+from s3cachefs.cache.blocks import ObjectVersion
+from s3cachefs.datasets import binds, kerneltrees
+from s3cachefs.store.types import ObjectInfo
+
+log = logging.getLogger(__name__)
+
+OnPin = Callable[[ObjectInfo, ObjectVersion], None]
+
+
+class PreStages:
+    """The files waiting to be linked into each tree's ``.pre``; one batch at a time."""
+
+    def __init__(self, cache: BlockCache) -> None:
+        self.cache = cache
+        self.pending: dict[Path, list[binds.TreeEntry]] = {}
+        self._wanted = trio.Event()
+        self._lock = trio.Lock()  # one batch in a thread at a time
+
+    def on_pin(self, tree: Path, prefix: str) -> OnPin:
+        """What a prefetch calls (in the trio thread) for each object it pinned."""
+
+        def pinned(info: ObjectInfo, version: ObjectVersion) -> None:
+            if not info.size:  # an empty object has no cache file: made by `complete`
+                return
+            source = self.cache.object_path(version.oid)
+            entry = binds.TreeEntry(info.key[len(prefix) :], source, info.size, info.mtime_ns)
+            self.pending.setdefault(tree, []).append(entry)
+            self._wanted.set()
+
+        return pinned
+
+    async def run(self) -> None:
+        """For the daemon's life: link what was pinned, in batches."""
+        while True:
+            await self._wanted.wait()
+            self._wanted = trio.Event()
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Link every pending file."""
+        async with self._lock:
+            for tree in list(self.pending):
+                await self._link(tree)
+
+    @asynccontextmanager
+    async def flushed(self, tree: Path) -> AsyncIterator[None]:
+        """Every file of ``tree`` pinned so far is in its ``.pre``, and nothing is linked
+        into it while the caller makes the tree of it."""
+        async with self._lock:
+            await self._link(tree)
+            yield
+
+    async def _link(self, tree: Path) -> None:
+        batch = self.pending.pop(tree, [])
+        if not batch:
+            return
+        try:
+            await trio.to_thread.run_sync(kerneltrees.prelink, kerneltrees.pre_path(tree), batch)
+        except OSError as exc:  # the tree is then built at the end, as without this
+            log.info("kernel-serve tree %s: linking ahead failed: %s", tree, exc)
+
+    async def drop(self, tree: Path) -> None:
+        """Forget and remove ``tree``'s ``.pre`` (its refresh is over, or it is evicted)."""
+        self.pending.pop(tree, None)
+        async with self._lock:
+            await trio.to_thread.run_sync(kerneltrees.discard, kerneltrees.pre_path(tree))

@@ -1,0 +1,132 @@
+"""A first prefetch's tree linked while it downloads (`datasets.kernelprestage`): what the
+links made then become is exactly the tree built from the manifest's layout at the end."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from s3cachefs.datasets import binds, kerneltrees
+
+
+def cache_file(root: Path, name: str, data: bytes) -> Path:
+    path = root / name
+    path.write_bytes(data)
+    return path
+
+
+def snapshot(tree: Path) -> dict[str, tuple[int, int, int, int]]:
+    """Every path below ``tree``: (mode, size, mtime, inode); 0 for what a directory or an
+    empty file (a file of its own in either tree) has no equal of."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(tree):
+        for name in [*dirnames, *filenames]:
+            st = os.lstat(Path(dirpath) / name)
+            rel = os.path.relpath(Path(dirpath) / name, tree)
+            ino = 0 if stat.S_ISDIR(st.st_mode) or not st.st_size else st.st_ino
+            mtime = 0 if stat.S_ISDIR(st.st_mode) else st.st_mtime_ns
+            out[rel] = (st.st_mode, st.st_size, mtime, ino)
+    return out
+
+
+def test_a_tree_linked_while_downloading_ends_as_the_layout_built_from_nothing(
+    tmp_path: Path,
+) -> None:
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    a = cache_file(cache, "a", b"aaaa")
+    b = cache_file(cache, "b", b"bb")
+    c = cache_file(cache, "c", b"c")
+    d = cache_file(cache, "d", b"ddd")
+    wrong = cache_file(cache, "wrong", b"ww")
+    entries = [
+        binds.TreeEntry("x/a.bin", a, 4, 1_000_000_000),  # linked meanwhile: kept
+        binds.TreeEntry("x/y/b.bin", b, 2, 2_000_000_000),  # linked to another file: relinked
+        binds.TreeEntry("c.bin", c, 1, 3_000_000_000),  # never linked: made at the end
+        binds.TreeEntry("empty", None, 0, 4_000_000_000),  # an empty object: made at the end
+        binds.TreeEntry("z", d, 3, 5_000_000_000),  # linked under a name now a directory
+    ]
+    dirs = frozenset({"marker"})  # a `dir/` key with no file of its own
+    tree = tmp_path / "trees" / "id"
+    tree.parent.mkdir()
+    pre = kerneltrees.pre_path(tree)
+    kerneltrees.prelink(pre, [entries[0], entries[4]])
+    kerneltrees.prelink(pre, [binds.TreeEntry("x/y/b.bin", wrong, 2, 2_000_000_000)])
+    kerneltrees.prelink(pre, [binds.TreeEntry("gone/old.bin", d, 3, 5_000_000_000)])
+    # a key that had a file named "z" listed, then "z/inner" in a later page: "z" is a
+    # directory in the layout, and the file hidden (as in the FUSE view)
+    entries = [e for e in entries if e.rel != "z"] + [binds.TreeEntry("z/inner", d, 3, 5 * 10**9)]
+    kept = os.lstat(pre / "x" / "a.bin").st_ino
+    layout = kerneltrees.Layout(entries, dirs, [None] * len(entries), frozenset())
+
+    staged = kerneltrees.stage(tree, layout)
+    assert staged.fresh and not pre.exists()
+    built = kerneltrees.next_path(tree)
+    assert binds.tree_matches(built, entries, dirs)
+    assert os.lstat(built / "x" / "a.bin").st_ino == kept == a.stat().st_ino
+
+    reference = tmp_path / "reference"
+    binds.build_tree(reference, entries, dirs)
+    assert snapshot(built) == snapshot(reference)
+    assert stat.S_IMODE(built.stat().st_mode) == stat.S_IMODE(reference.stat().st_mode)
+
+
+def test_a_pre_tree_is_removed_with_its_tree(tmp_path: Path) -> None:
+    source = cache_file(tmp_path, "f", b"f")
+    tree = tmp_path / "trees" / "id"
+    tree.parent.mkdir()
+    kerneltrees.prelink(kerneltrees.pre_path(tree), [binds.TreeEntry("f", source, 1, 0)])
+    kerneltrees.remove(tree)
+    assert not kerneltrees.pre_path(tree).exists()
+    assert source.stat().st_nlink == 1
+
+
+def test_files_pinned_are_linked_in_batches_and_none_while_the_tree_is_made(
+    tmp_path: Path,
+) -> None:
+    """`PreStages`: what a prefetch pins is linked by its own task; ``flushed`` links what
+    is pending first and holds back the task while the caller makes the tree."""
+    import trio
+
+    from s3cachefs.cache.blocks import ObjectVersion
+    from s3cachefs.datasets.kernelprestage import PreStages
+    from s3cachefs.store.types import ObjectInfo
+
+    class Cache:
+        def object_path(self, oid: str) -> Path:
+            return tmp_path / "cache" / oid
+
+    (tmp_path / "cache").mkdir()
+    tree = tmp_path / "trees" / "id"
+    tree.parent.mkdir()
+    stages = PreStages(Cache())  # type: ignore[arg-type]
+    pinned = stages.on_pin(tree, "ds/")
+
+    def pin(key: str, data: bytes) -> None:
+        info = ObjectInfo(key, len(data), "etag", 7)
+        version = ObjectVersion("b", key, "etag", len(data))
+        if data:
+            (tmp_path / "cache" / version.oid).write_bytes(data)
+        pinned(info, version)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stages.run)
+            pin("ds/a/1", b"one")
+            pin("ds/empty", b"")  # no cache file: made when the tree is completed
+            pre = kerneltrees.pre_path(tree)
+            await stages.flush()  # after the batch the task may be linking
+            assert (pre / "a" / "1").read_bytes() == b"one"
+            assert not (pre / "empty").exists()
+            async with stages.flushed(tree):
+                pin("ds/b", b"two")  # pinned while the tree is made: not linked now
+                await trio.sleep(0.2)  # the task is waiting for the lock the caller holds
+                assert not (pre / "b").exists()
+            await stages.flush()
+            assert (pre / "b").read_bytes() == b"two"
+            await stages.drop(tree)
+            assert not pre.exists()
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
