@@ -211,32 +211,55 @@ def workers(value: Any) -> int:
     return number
 
 
-def usable_cpus(root: str = "/sys/fs/cgroup") -> int:
-    """The CPUs this process may run on (affinity), capped by its cgroup v2 quotas (its
-    cgroup's and its parents'): a 2-CPU pod on a 96-core node is 2, not 96."""
+def usable_cpus(root: str = "/sys/fs/cgroup", own: str = "/proc/self/cgroup") -> int:
+    """The CPUs this process may run on (affinity), capped by its cgroup's CPU quota and
+    its parents': v2 ``cpu.max``, or v1 ``cpu.cfs_quota_us`` (EKS AL2, RHEL 8 nodes): a
+    2-CPU pod on a 96-core node is 2, not 96."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cpus = os.cpu_count() or 1
     try:
-        with open("/proc/self/cgroup") as f:
-            own = next((line[3:].strip() for line in f if line.startswith("0::")), "/")
+        with open(own) as f:
+            lines = f.read().splitlines()
     except OSError:
-        own = "/"
-    parts = [p for p in own.split("/") if p and p != ".."]
-    for depth in range(len(parts), -1, -1):  # a quota anywhere above applies too
-        try:
-            with open(os.path.join(root, *parts[:depth], "cpu.max")) as f:
-                quota = cpu_quota(f.read())
-        except OSError:
+        lines = ["0::/"]
+    for line in lines:
+        fields = line.split(":", 2)
+        if len(fields) != 3:
             continue
-        if quota is not None:
-            cpus = min(cpus, quota)
+        number, controllers, path = fields
+        v1 = number != "0"
+        if v1 and "cpu" not in controllers.split(","):
+            continue
+        parts = [p for p in path.strip().split("/") if p]
+        if ".." in parts:  # outside our cgroup namespace: those files are another cgroup's
+            continue
+        # v1: the cgroup's path from the host's root, or (a container's view) the root.
+        mounts = [os.path.join(root, "cpu,cpuacct"), os.path.join(root, "cpu")] if v1 else [root]
+        for mount in mounts:
+            for depth in range(len(parts), -1, -1):  # a quota anywhere above applies too
+                quota = _cgroup_quota(os.path.join(mount, *parts[:depth]), v1=v1)
+                if quota is not None:
+                    cpus = min(cpus, quota)
     return max(1, cpus)
 
 
+def _cgroup_quota(directory: str, *, v1: bool) -> int | None:
+    try:
+        if not v1:
+            with open(os.path.join(directory, "cpu.max")) as f:
+                return cpu_quota(f.read())
+        files = [os.path.join(directory, f"cpu.cfs_{name}_us") for name in ("quota", "period")]
+        with open(files[0]) as quota, open(files[1]) as period:
+            return cpu_quota(f"{quota.read()} {period.read()}")  # quota -1: none
+    except OSError:
+        return None
+
+
 def cpu_quota(text: str) -> int | None:
-    """CPUs of a cgroup v2 ``cpu.max`` ("QUOTA PERIOD", or "max PERIOD": none), rounded up."""
+    """CPUs of a cgroup v2 ``cpu.max`` ("QUOTA PERIOD", or "max PERIOD": none), or of
+    v1's quota and period ("-1 PERIOD": none), rounded up."""
     fields = text.split()
     if len(fields) != 2 or fields[0] == "max":
         return None

@@ -80,7 +80,7 @@ class BlockCache:
             disk_limiter=disk_limiter,
             readahead_bytes=config.readahead_size,
             fetch_bytes=config.fetch_size,
-            bulk_workers=config.prefetch_workers,  # a prefetch's GETs spread over them:
+            bulk_workers=min(config.prefetch_workers, config.prefetch_jobs),  # never more jobs
             bulk_threads=-(-config.prefetch_jobs // max(1, config.prefetch_workers)),
         )
 

@@ -10,8 +10,9 @@ a batch of results came in, a worker died with these jobs, a job could not be se
   a mount that never prefetches keeps two); they are replaced when they die, at
   most ``size`` times; after that, or when one cannot start on a job, the pool says
   it is not ready and the caller uses the in-daemon path (a failure at boot is
-  tried again on the first job).
-- A worker gets a minimal environment (`WORKER_ENV`): not the daemon's secrets.
+  tried again on the first job; one while growing past live workers, none dead
+  yet, shrinks ``size`` to them instead).
+- A worker gets a minimal environment (`worker_env`): not the daemon's secrets.
 - Jobs queued in one trio tick go to a worker in one message, with the
   credentials frozen in a thread (a refresh may be an STS/IMDS round trip).
 - Results are read on the trio thread (no thread hand-off per block).
@@ -28,7 +29,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 
@@ -47,21 +48,36 @@ LAUNCH = (
     "sys.exit(w.main(sys.argv))"
 )
 STOP_SECONDS = 0.5  # a worker's own exit on its socket's EOF, before a SIGKILL
-# What a worker may see of the daemon's environment: how to run Python and find CAs;
-# not AWS_SECRET_ACCESS_KEY and the like (credentials come frozen, over its socket).
+# What a worker may see of the daemon's environment: how to run Python, find its user
+# site and CAs; not AWS_SECRET_ACCESS_KEY and the like (credentials come over its socket).
 WORKER_ENV = (
     "PATH",
     "LD_LIBRARY_PATH",
     "LANG",
     "LC_ALL",
     "LC_CTYPE",
-    "PYTHONPATH",
+    "HOME",
     "PYTHONHOME",
+    "PYTHONUSERBASE",
+    "PYTHONNOUSERSITE",
     "PYTHONWARNINGS",
     "SSL_CERT_FILE",
     "SSL_CERT_DIR",
     "TMPDIR",
 )
+
+
+def worker_env(environ: Mapping[str, str], path: Sequence[str]) -> dict[str, str]:
+    """A worker's environment: `WORKER_ENV`, and the daemon's ``sys.path`` as its
+    PYTHONPATH, so it imports what the daemon imported (a ``pip --user`` or PYTHONPATH
+    install, which ``-P -c`` alone does not find). Absolute entries only: an empty or
+    relative one is the worker's cwd, which ``-P`` keeps off its path."""
+    env = {k: v for k in WORKER_ENV if (v := environ.get(k)) is not None}
+    dirs = [p for p in path if os.path.isabs(p) and os.pathsep not in p]
+    if dirs:
+        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(dirs))
+    return env
+
 
 JobKey = tuple[str, int]  # (oid, start): one job of one object version
 
@@ -161,14 +177,25 @@ class WorkerPool:
             while sum(w.alive for w in self.workers) < want:
                 self.workers.append(self._spawn(endpoint, block_size))
         except OSError as exc:
-            if boot:  # maybe transient (EAGAIN, ENOMEM): the first job tries again
-                log.warning("bulk workers cannot start yet (%s); tried again on a prefetch", exc)
-                return False
-            self._cannot_start = True
-            log.warning("bulk workers cannot start (%s); prefetch runs in the daemon", exc)
-            self.stop()
-            return False
+            return self._cannot_spawn(exc, boot=boot)
         return True
+
+    def _cannot_spawn(self, exc: OSError, *, boot: bool) -> bool:
+        """Whether jobs can go to workers after one failed to start."""
+        if boot:  # maybe transient (EAGAIN, ENOMEM): the first job tries again
+            log.warning("bulk workers cannot start yet (%s); tried again on a prefetch", exc)
+            return False
+        alive = sum(w.alive for w in self.workers)
+        # Growing past healthy ones (a pids or memory limit): fewer workers, not none, nor
+        # a retry per job. A replacement that cannot start: workers fail, the daemon serves.
+        if alive and not self._deaths:
+            log.warning("bulk workers: %d of %d started (%s)", alive, self.size, exc)
+            self.size = alive
+            return True
+        self._cannot_start = True
+        log.warning("bulk workers cannot start (%s); prefetch runs in the daemon", exc)
+        self.stop()
+        return False
 
     def least_busy(self) -> Worker | None:
         pool = [w for w in self.workers if w.alive]
@@ -182,7 +209,7 @@ class WorkerPool:
                 proc = subprocess.Popen(  # on the trio thread: PR_SET_PDEATHSIG follows it
                     [sys.executable, "-P", "-c", LAUNCH, str(theirs.fileno()), str(os.getpid())],
                     pass_fds=(theirs.fileno(),),
-                    env={k: v for k in WORKER_ENV if (v := os.environ.get(k)) is not None},
+                    env=worker_env(os.environ, sys.path),
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.DEVNULL,
                 )  # fmt: skip

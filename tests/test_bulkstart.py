@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import os
 import re
 import socket
@@ -31,13 +32,16 @@ from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
+from s3cachefs.base.config import MountConfig
 from s3cachefs.base.values import cpu_quota, usable_cpus, workers
-from s3cachefs.cache.bulkpool import WorkerPool
+from s3cachefs.cache.blockcache import BlockCache
+from s3cachefs.cache.bulkpool import WorkerPool, worker_env
 from s3cachefs.cache.bulksign import GetSigner, Secrets, signed_host
 from s3cachefs.cache.bulkwire import Channel
 from s3cachefs.cli.locals3 import LocalS3
 from s3cachefs.store.rangeget import RangeGetter
 from s3cachefs.store.retry import RetryPolicy
+from s3cachefs.testing.memorystore import MemoryStore
 from tests import sigv4check
 from tests.conftest import CREDENTIALS, Bucket, Mounter, drop_page_cache
 from tests.faultproxy import FaultProxy
@@ -433,11 +437,120 @@ def test_auto_workers_are_the_usable_cpus_capped_by_the_cgroup_quotas(tmp_path: 
     assert workers("3") == 3
 
 
-def test_workers_that_cannot_start_at_boot_are_tried_again_on_the_first_job(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def _own_cgroup(tmp_path: Path, text: str) -> str:
+    own = tmp_path / "self-cgroup"
+    own.write_text(text)
+    return str(own)
+
+
+@pytest.mark.parametrize(
+    ("line", "mount"),
+    [
+        ("2:cpu,cpuacct:/kubepods/burstable/pod1/c1", "cpu,cpuacct"),  # EKS AL2, RHEL 8
+        ("1:cpu:/kubepods/burstable/pod1/c1", "cpu"),  # cpu and cpuacct apart (this machine)
+    ],
+)
+def test_auto_workers_are_capped_by_a_cgroup_v1_cpu_quota(
+    tmp_path: Path, line: str, mount: str
 ) -> None:
-    """A spawn failure at the daemon's start (EAGAIN, ENOMEM: maybe transient) is not
-    final: the first job tries again (it used to leave prefetch in the daemon for good)."""
+    """A --cpus=1 container on a cgroup v1 node: 1 worker, not one per core of the node."""
+    own = _own_cgroup(tmp_path, f"4:memory:/kubepods/burstable/pod1/c1\n{line}\n0::/\n")
+    affinity = len(os.sched_getaffinity(0))
+    assert affinity > 1  # or a quota of 1 would not show
+    assert usable_cpus(str(tmp_path), own) == affinity  # no cgroup files: no quota
+
+    def quota(path: Path, cpus: float) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "cpu.cfs_quota_us").write_text(f"{int(cpus * 100000) or -1}\n")
+        (path / "cpu.cfs_period_us").write_text("100000\n")
+
+    cgroup = tmp_path / mount / "kubepods/burstable/pod1/c1"
+    quota(cgroup, 0)  # -1: no quota
+    assert usable_cpus(str(tmp_path), own) == affinity
+    quota(cgroup.parent, 1)  # a parent's quota applies too
+    assert usable_cpus(str(tmp_path), own) == 1
+    quota(cgroup.parent, 0)
+    quota(tmp_path / mount, 0.5)  # a container's view: its own cgroup is the root
+    assert usable_cpus(str(tmp_path), own) == 1
+    # The memory controller's files are no CPU quota.
+    quota(tmp_path / mount, 0)
+    quota(tmp_path / "memory", 1)
+    assert usable_cpus(str(tmp_path), own) == affinity
+
+
+@pytest.mark.parametrize("line", ["0::/../../other/c2", "3:cpu,cpuacct:/../other/c2"])
+def test_a_cgroup_path_outside_the_namespace_gives_no_quota(tmp_path: Path, line: str) -> None:
+    """``..``: our cgroup is above the namespace's root; dropping the ``..`` read another
+    cgroup's quota."""
+    own = _own_cgroup(tmp_path, line + "\n")
+    for mount in ("", "cpu,cpuacct"):
+        other = tmp_path / mount / "other/c2"
+        other.mkdir(parents=True)
+        (other / "cpu.max").write_text("100000 100000\n")
+        (other / "cpu.cfs_quota_us").write_text("100000\n")
+        (other / "cpu.cfs_period_us").write_text("100000\n")
+    assert usable_cpus(str(tmp_path), own) == len(os.sched_getaffinity(0)) > 1
+
+
+def test_a_worker_gets_the_daemons_absolute_sys_path(tmp_path: Path) -> None:
+    """A daemon that found its packages on PYTHONPATH or in a user site (``pip --user``):
+    its ``-P -c`` workers must find them too, or every one dies at its imports. An empty
+    or relative entry would put the worker's cwd back on its path (what ``-P`` is for)."""
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    (extra / "only_here.py").write_text("")
+    environ = {"PATH": "/usr/bin", "HOME": "/home/u", "PYTHONUSERBASE": "/opt/py"}
+    environ |= {"PYTHONNOUSERSITE": "1", "AWS_SECRET_ACCESS_KEY": "s", "PYTHONPATH": "rel"}
+    env = worker_env(environ, ["", "rel/dir", *sys.path, str(extra), str(extra)])
+    assert env["PYTHONPATH"].split(os.pathsep) == [p for p in sys.path if p] + [str(extra)]
+    assert {k: env[k] for k in ("HOME", "PYTHONUSERBASE", "PYTHONNOUSERSITE")} == {
+        "HOME": "/home/u",
+        "PYTHONUSERBASE": "/opt/py",
+        "PYTHONNOUSERSITE": "1",
+    }
+    assert "AWS_SECRET_ACCESS_KEY" not in env
+    # Launched as a worker is (-P -c), from a cwd with a module of the same name.
+    (tmp_path / "here.py").write_text("")
+    probe = "import only_here, sys; print(sys.path.count(''))\ntry:\n import here\n"
+    probe += "except ImportError:\n print('no cwd')"
+    env["PATH"] = os.environ["PATH"]
+    result = subprocess.run(
+        [sys.executable, "-P", "-c", probe],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert result.stdout.split() == ["0", "no", "cwd"]
+
+
+@pytest.mark.parametrize(("workers", "concurrency", "size"), [(8, 4, 2), (8, 64, 8), (3, 4, 2)])
+def test_the_pool_is_no_bigger_than_a_prefetchs_jobs(
+    tmp_path: Path, workers: int, concurrency: int, size: int
+) -> None:
+    """A prefetch has at most ``prefetch_jobs`` (half of --s3-concurrency) GETs out:
+    more workers than that would idle (``auto`` on a 96-core node, 32 jobs)."""
+    config = MountConfig(
+        bucket="b",
+        prefix="",
+        mountpoint=tmp_path / "mnt",
+        cache_dir=tmp_path / "cache",
+        s3_concurrency=concurrency,
+        prefetch_workers=workers,
+    )
+    cache = BlockCache.from_config(
+        config,
+        MemoryStore(),
+        s3_limiter=trio.CapacityLimiter(1),
+        disk_limiter=trio.CapacityLimiter(1),
+    )
+    assert cache.bulk.pool.size == size
+    assert cache.bulk.pool.size * cache.bulk.pool.threads >= config.prefetch_jobs
+
+
+def _pool(size: int) -> WorkerPool:
     getter = RangeGetter(
         base_url="http://127.0.0.1:9/bucket/",
         region="us-east-1",
@@ -452,14 +565,22 @@ def test_workers_that_cannot_start_at_boot_are_tried_again_on_the_first_job(
     async def nothing(_: object) -> None:
         pass
 
-    pool = WorkerPool(
-        size=2,
+    return WorkerPool(
+        size=size,
         threads=1,
         getter=lambda: getter,
         on_batch=nothing,
         on_lost=lambda _: None,
         on_unsent=lambda _job, _error: None,
     )
+
+
+def test_workers_that_cannot_start_at_boot_are_tried_again_on_the_first_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A spawn failure at the daemon's start (EAGAIN, ENOMEM: maybe transient) is not
+    final: the first job tries again (it used to leave prefetch in the daemon for good)."""
+    pool = _pool(2)
 
     async def boot_then_job() -> list[int]:
         async with trio.open_nursery() as nursery:
@@ -476,6 +597,36 @@ def test_workers_that_cannot_start_at_boot_are_tried_again_on_the_first_job(
     assert len(pids) == 2
     assert pool.pids == []  # stopped with the nursery
     assert not any(alive(pid) for pid in pids)
+
+
+def test_workers_that_cannot_start_on_the_first_job_leave_the_boot_ones_serving(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Growing past the boot workers on the first job fails (EAGAIN, a pids limit): the
+    two healthy ones serve, the pool shrinks to them (it stopped them: all in the daemon)."""
+    pool = _pool(4)
+
+    async def boot_then_job() -> list[int]:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(pool.run)
+            assert pool.ready(4096, boot=True)
+            boot = pool.pids
+            with monkeypatch.context() as patch:  # exec fails: a real OSError from Popen
+                patch.setattr(sys, "executable", str(tmp_path / "no-python"))
+                assert pool.ready(4096)
+                assert pool.pids == boot
+                assert pool.ready(4096)  # no second try, no second warning
+            nursery.cancel_scope.cancel()
+        return boot
+
+    with caplog.at_level(logging.WARNING, logger="s3cachefs.cache.bulkpool"):
+        boot = trio.run(boot_then_job)
+    assert len(boot) == 2
+    assert pool.size == 2
+    assert [r.getMessage().split(" (")[0] for r in caplog.records] == [
+        "bulk workers: 2 of 4 started"
+    ]
+    assert not any(alive(pid) for pid in boot)
 
 
 def test_the_wire_carries_a_big_message_as_connection_frames_it() -> None:
