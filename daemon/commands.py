@@ -227,15 +227,18 @@ class Daemon:
             if readserve is not None:
                 readserve.prefetch_done()
             del self.jobs[job_id]
-            if not job.dry_run:
-                self.core.pins_changed()
-                if self.kernel is not None:  # bind, swap or unbind to match the manifest
-                    if job.previous is None:  # every object was read back from disk, verified
-                        self.kernel.checked.add(job.manifest.id)
-                    with trio.CancelScope(shield=True):
-                        await self.kernel.refresh(job.manifest.id)
-            with trio.CancelScope(shield=True):  # the buffers it used go back to the OS
-                await trio.to_thread.run_sync(memory.trim)
+            with trio.CancelScope(shield=True):
+                try:
+                    if not job.dry_run:
+                        self.core.pins_changed()
+                        if self.kernel is not None:  # bind, swap or unbind to match the manifest
+                            if job.previous is None:  # every object was read back, verified
+                                self.kernel.checked.add(job.manifest.id)
+                            await self.kernel.refresh(job.manifest.id)
+                finally:
+                    if self.kernel is not None and job.on_pin is not None:  # used or not
+                        await self.kernel.prestaged(job.manifest)
+                    await trio.to_thread.run_sync(memory.trim)  # its buffers go back to the OS
         log.info(
             "prefetch dataset=%s files=%d/%d bytes_fetched=%d failed=%d size_only=%d complete=%s",
             prefix,

@@ -19,19 +19,12 @@ from s3cachefs.datasets import binds, kernelopaque, kernelpolicy, kerneltrees, o
 from s3cachefs.datasets.kernelcheck import KernelChecks
 from s3cachefs.datasets.kernelmounts import OVERLAY, KernelMounts, choose
 from s3cachefs.datasets.kernelprestage import PreStages
+from s3cachefs.datasets.kernelseal import Seals
 from s3cachefs.datasets.kerneltrees import Bind, Layout
 from s3cachefs.datasets.pins import Manifest, PinStore, manifest_id
 from s3cachefs.datasets.readserve import ReadServe
 
 log = logging.getLogger(__name__)
-
-
-class Unsealed:
-    """A promoted tree's record until it is sealed; compared by identity (a tree promoted
-    again while its sync ran is not sealed by that sync)."""
-
-    def __init__(self, record: kerneltrees.Synced) -> None:
-        self.record = record
 
 
 class DatasetMounts:
@@ -71,10 +64,8 @@ class DatasetMounts:
         self._stopping = False
         self._paused = False  # `s3cachefs unmount` is unmounting: no mount until `resume`
         self._told_unmarked = False  # the warning that marks cannot be held: once a life
-        # Trees built and promoted, not yet synced and sealed (`seal_trees`): their records.
-        self.unsealed: dict[Path, Unsealed] = {}
+        self.seals = Seals(self)  # trees promoted, not yet synced and sealed
         self.prestages = PreStages(cache)  # first prefetches' files, linked as pinned
-        self._seal_wanted = trio.Event()
         # The root overlay of files cached by reading: it goes before a dataset under this
         # mount is mounted (a mount inside it would be hidden by its next swap).
         self.readserve: ReadServe | None = None
@@ -191,7 +182,7 @@ class DatasetMounts:
             layout = await self._with_opaque(prefix, layout)
         ids = frozenset(m.id for m, _ in chosen)
         tree = self.trees / gid
-        unsealed = self.unsealed[tree].record if tree in self.unsealed else None
+        unsealed = self.seals.record(tree)
         if await trio.to_thread.run_sync(kerneltrees.current, tree, layout, unsealed) is not None:
             if bind is not None:
                 self._drop(bind)
@@ -244,7 +235,7 @@ class DatasetMounts:
         for oid in oids:
             self.pins.hold(owner, oid)
         staged = kerneltrees.next_path(tree)
-        unsealed = self.unsealed[tree].record if tree in self.unsealed else None
+        unsealed = self.seals.record(tree)
         try:
             async with self.prestages.flushed(tree):  # its .pre (if any): every file pinned
                 fresh, record = await trio.to_thread.run_sync(
@@ -296,39 +287,9 @@ class DatasetMounts:
             await self._release_hold(previous)
 
     async def _promote(self, tree: Path, record: kerneltrees.Synced) -> None:
-        self.unsealed.pop(tree, None)
+        self.seals.forget(tree)
         await trio.to_thread.run_sync(kerneltrees.promote, tree)
-        self.unsealed[tree] = Unsealed(record)
-        self._seal_wanted.set()
-
-    async def seal_trees(self) -> None:
-        """For the daemon's life: sync and seal the trees promoted since the last pass, after
-        their mount (a prefetch's reply does not wait for the flush of what it wrote)."""
-        while True:
-            await self._seal_wanted.wait()
-            self._seal_wanted = trio.Event()
-            await self.seal_now()
-
-    async def seal_now(self) -> None:
-        """Sync the trees' file system, then record each tree promoted before the sync and
-        not replaced or removed since. One that stays unsealed is built again at start."""
-        pending = dict(self.unsealed)
-        if not pending:
-            return
-        try:
-            await trio.to_thread.run_sync(kerneltrees.sync, self.trees)
-        except OSError as exc:
-            log.warning("kernel-serve: syncfs of %s failed: %s", self.trees, exc)
-            return
-        async with self.lock:
-            for tree, entry in pending.items():
-                if self.unsealed.get(tree) is not entry:
-                    continue
-                try:
-                    await trio.to_thread.run_sync(kerneltrees.seal, tree, entry.record)
-                except OSError as exc:
-                    log.warning("kernel-serve tree %s: record not written: %s", tree, exc)
-                del self.unsealed[tree]
+        self.seals.add(tree, record)
 
     def _tell_unmarked(self, record: kerneltrees.Synced, layout: Layout) -> None:
         if record.opaque is None and layout.opaque and not self._told_unmarked:
@@ -370,7 +331,7 @@ class DatasetMounts:
         await self._release_hold(bind)
 
     async def remove_tree(self, tree: Path) -> None:
-        self.unsealed.pop(tree, None)
+        self.seals.forget(tree)
         await self.prestages.drop(tree)
         await trio.to_thread.run_sync(kerneltrees.remove, tree)
 

@@ -18,7 +18,8 @@ Rules that keep every guarantee of the FUSE path:
   store): the cache never punches holes in a linked inode. A whole-object free
   is an unlink, so readers holding a file open keep its bytes.
 - A tree is built completely, and only then mounted; it is ``syncfs``'d and
-  recorded as synced after (`kerneltrees.seal`), off the prefetch's reply. A mounted
+  recorded as synced after (`datasets.kernelseal`), off the prefetch's reply; a
+  failed ``syncfs`` unmounts it (the FUSE view serves). A mounted
   tree is never changed (an overlay's lower layer must not change): a rebuild
   (re-prefetch that changed objects, another shard, a tree that no longer
   matches, `verify`'s repairs) builds a new tree and swaps (beneath, then
@@ -96,7 +97,7 @@ class KernelServe(DatasetMounts):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.checks.run_schedule)
             nursery.start_soon(self._watch_mounts)
-            nursery.start_soon(self.seal_trees)
+            nursery.start_soon(self.seals.run)
             nursery.start_soon(self.prestages.run)
             while True:
                 wanted = await self.checks.next_wanted()
@@ -145,7 +146,7 @@ class KernelServe(DatasetMounts):
                     self._drop(bind)
                     await self._release_hold(bind)
                 await self._close_handles()  # of covered overlays and failed mounts too
-            await self.seal_now()  # the trees stay for the next start: current if sealed
+            await self.seals.now()  # the trees stay for the next start: current if sealed
         if scope.cancelled_caught:
             log.warning(
                 "kernel-serve: gave up unmounting after %.0fs; still mounted: %s",
@@ -174,6 +175,11 @@ class KernelServe(DatasetMounts):
             return None
         prefix = manifest.prefix
         return self.prestages.on_pin(self.trees / self.group_id(prefix), prefix)
+
+    async def prestaged(self, manifest: Manifest) -> None:
+        """A first prefetch ended, however: its ``.pre`` goes (its refresh used it, or none
+        will: its links would keep files the cache evicts on disk, outside its accounting)."""
+        await self.prestages.drop(self.trees / self.group_id(manifest.prefix))
 
     async def refresh(self, manifest_id_: str) -> None:
         """Make the mount of one dataset's directory match its manifests: mount, rebuild

@@ -4,10 +4,20 @@ links made then become is exactly the tree built from the manifest's layout at t
 from __future__ import annotations
 
 import os
+import random
 import stat
+import subprocess
+import threading
+import time
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
+from s3cachefs.cli.locals3 import LocalS3
 from s3cachefs.datasets import binds, kerneltrees
+from tests.conftest import Bucket, Mounter, s3cachefs_cmd
+from tests.faultproxy import FaultProxy
+from tests.test_prefetch import MIB
 
 
 def cache_file(root: Path, name: str, data: bytes) -> Path:
@@ -130,3 +140,67 @@ def test_files_pinned_are_linked_in_batches_and_none_while_the_tree_is_made(
             nursery.cancel_scope.cancel()
 
     trio.run(main)
+
+
+class PagedProxy(FaultProxy):
+    """Whole listings of ``ds/`` in pages of three keys; each page after the first is held
+    until ``gate`` opens."""
+
+    def __init__(self, upstream: str) -> None:
+        super().__init__(upstream)
+        self.gate = threading.Event()
+
+    def _listing(self, req: BaseHTTPRequestHandler) -> tuple[bool, str]:
+        listing, path = super()._listing(req)
+        url = urlsplit(path)
+        query = dict(parse_qsl(url.query, keep_blank_values=True))
+        if not listing or not query.get("prefix", "").startswith("ds/") or query.get("delimiter"):
+            return listing, path
+        if "continuation-token" in query:
+            self.gate.wait(60)
+        query["max-keys"] = "3"
+        return True, url._replace(query=urlencode(query)).geturl()
+
+
+def linked_ahead(cache_dir: Path) -> list[Path]:
+    """The files of every ``trees/<id>.pre`` below ``cache_dir``."""
+    return [p for pre in cache_dir.rglob("trees/*.pre") for p in pre.rglob("*") if p.is_file()]
+
+
+def test_a_first_prefetch_refused_after_pinning_leaves_no_pre_tree(
+    bucket: Bucket, mounter: Mounter, s3_server: LocalS3
+) -> None:
+    """Review of W1's tail, M2: a first prefetch refused on a later listing page (the
+    dataset does not fit) after objects of the first were pinned and linked into its
+    ``.pre`` left that tree behind, and its hard links kept the cache files the cache
+    then evicts on disk, outside its accounting. The prefetch's end drops it, however
+    it ended."""
+    rng = random.Random(7)
+    files = {f"ds/a/{i}": rng.randbytes(50_000) for i in range(6)}
+    files["ds/z/huge"] = rng.randbytes(8 * MIB)  # on a later page: does not fit
+    bucket.put_many(files)
+    proxy = PagedProxy(s3_server.endpoint_url)
+    proxy.start()
+    job: subprocess.Popen[str] | None = None
+    try:
+        mount = mounter(bucket.name, "--min-free", "0", "--cache-size", "4M", server=proxy)
+        job = subprocess.Popen(
+            s3cachefs_cmd("prefetch", "ds", "--mount", str(mount.path)),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 60
+        while not linked_ahead(mount.cache_dir) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert linked_ahead(mount.cache_dir), "nothing was linked while the listing was held"
+        proxy.gate.set()
+        _, stderr = job.communicate(timeout=120)
+        assert job.returncode == 2 and "does not fit" in stderr, stderr
+        assert not list(mount.cache_dir.rglob("trees/*.pre"))
+    finally:
+        proxy.gate.set()
+        if job is not None and job.poll() is None:
+            job.kill()
+            job.wait()
+        proxy.stop()

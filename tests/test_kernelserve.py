@@ -832,3 +832,120 @@ def test_a_scan_whose_tree_went_away_ends_in_one_line(
     tree.mkdir(parents=True)  # the tree is there, a file is not: that is damage
     assert scan(files[:2], 4096, None, tree) == ["ds/0", "ds/1"]
     assert "cannot open" in caplog.text
+
+
+async def bound_unsealed(kernel: Any, manifest: Any) -> tuple[Path, Any]:
+    """The dataset's tree built and "bound" (no mount in process), promoted and not sealed."""
+    from s3cachefs.datasets import binds
+    from s3cachefs.datasets.kerneltrees import Bind, Synced
+
+    layout = await kernel.layout(manifest)
+    tree = kernel.trees / kernel.group_id(manifest.prefix)
+    kernel.trees.mkdir(mode=0o700)
+    binds.build_tree(tree, layout.entries, layout.dirs)
+    bind = Bind(tree.name, kernel.mountpoint / "ds", tree, -1, "kernel:x:1", layout.oids)
+    for oid in layout.oids:
+        kernel.pins.hold(bind.owner, oid)
+    kernel.binds[manifest.id] = bind
+    kernel.checked.add(manifest.id)
+    kernel.seals.add(tree, Synced(frozenset()))
+    return tree, bind
+
+
+def test_a_failed_sync_unbinds_the_trees_it_would_have_sealed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review of W1's tail, M1: a tree is mounted before its ``syncfs``; a sync that
+    failed was only logged, and the tree stayed mounted for good (what it links may not
+    be on disk). Now each tree of that batch is unbound, the FUSE view serves, status says
+    why, and its files are read back before it is bound again."""
+
+    def sync_fails(trees: Path) -> None:
+        raise OSError(5, "Input/output error")
+
+    async def body(kernel: Any, manifest: Any, version: Any) -> None:
+        tree, bind = await bound_unsealed(kernel, manifest)
+        monkeypatch.setattr(kerneltrees, "sync", sync_fails)
+        await kernel.seals.now()
+        assert kernel.binds == {} and not tree.exists() and kerneltrees.synced(tree) is None
+        assert bind.owner not in kernel.pins._held and not kernel.seals.unsealed
+        assert manifest.id not in kernel.checked  # checked again before a new bind
+        found = (await kernel.describe())[manifest.id]
+        assert not found["kernel_served"]
+        assert "syncfs of its tree failed" in found["kernel_note"], found
+        await kernel.refresh(manifest.id)
+        assert kernel.binds == {}
+        assert kernel.notes[manifest.id].startswith("its files are checked before it is bound")
+
+    in_process(tmp_path, body)
+
+
+def test_a_record_not_written_is_kept_and_sealed_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review of W1's tail, L2: a failed write of a tree's ``.synced`` record dropped the
+    tree from those to seal (never recorded: built again at every start). It stays
+    unsealed (current for this daemon) and the seal is tried again."""
+    import trio
+
+    seal = kerneltrees.seal
+    calls: list[Path] = []
+    sealed: list[trio.Event] = []
+
+    def seal_fails_once(tree: Path, record: kerneltrees.Synced) -> None:
+        calls.append(tree)
+        if len(calls) == 1:
+            raise OSError(28, "No space left on device")
+        seal(tree, record)
+        trio.from_thread.run_sync(sealed[0].set)
+
+    async def body(kernel: Any, manifest: Any, version: Any) -> None:
+        monkeypatch.setattr(kerneltrees, "seal", seal_fails_once)
+        kernel.seals.retry = 0.01
+        sealed.append(trio.Event())
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(kernel.seals.run)
+            tree, _ = await bound_unsealed(kernel, manifest)
+            with trio.fail_after(60):
+                await sealed[0].wait()
+            async with kernel.lock:  # the pass that sealed it is over
+                assert kerneltrees.synced(tree) is not None
+            assert calls == [tree, tree] and not kernel.seals.unsealed
+            assert kernel.binds[manifest.id].tree == tree
+            nursery.cancel_scope.cancel()
+
+    in_process(tmp_path, body)
+
+
+def test_stop_does_not_wait_for_a_sync_beyond_its_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review of W1's tail, L1: stop sealed the trees with a ``syncfs`` in a thread that a
+    cancel could not abandon: a slow flush held the stop past STOP_TIMEOUT. Now the sync is
+    abandoned at the budget; the tree stays unsealed (built again at start)."""
+    import threading
+
+    from s3cachefs.datasets import kernelserve
+
+    flushing = threading.Event()
+    release = threading.Event()
+    flushed = threading.Event()
+
+    def slow_sync(trees: Path) -> None:
+        flushing.set()
+        release.wait(90)
+        flushed.set()
+
+    async def body(kernel: Any, manifest: Any, version: Any) -> None:
+        tree, _ = await bound_unsealed(kernel, manifest)
+        del kernel.binds[manifest.id]  # detached (no mount in process)
+        monkeypatch.setattr(kerneltrees, "sync", slow_sync)
+        monkeypatch.setattr(kernelserve, "STOP_TIMEOUT", 0.2)
+        try:
+            await kernel.stop(final=True)  # before: returned once the sync did
+            assert flushing.is_set() and not flushed.is_set()
+            assert kerneltrees.synced(tree) is None and tree in kernel.seals.unsealed
+        finally:
+            release.set()
+
+    in_process(tmp_path, body)
