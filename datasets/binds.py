@@ -294,16 +294,20 @@ def build_tree(
         directory.mkdir(mode=dir_mode)
         os.chmod(directory, dir_mode)
     for entry in entries:
-        path = dest / entry.rel
-        if entry.source is None:
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444))
-            os.chmod(path, 0o444)
-            os.utime(path, ns=(entry.mtime_ns, entry.mtime_ns))
-            continue
-        # The link shares the cache file's inode: its mode and mtime are the cache file's.
-        os.chmod(entry.source, 0o444)
-        os.utime(entry.source, ns=(entry.mtime_ns, entry.mtime_ns))
-        os.link(entry.source, path)
+        place(dest / entry.rel, entry)
+
+
+def place(path: Path, entry: TreeEntry) -> None:
+    """One file of a tree: an empty 0444 file, or a hard link to its cache file."""
+    if entry.source is None:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444))
+        os.chmod(path, 0o444)
+        os.utime(path, ns=(entry.mtime_ns, entry.mtime_ns))
+        return
+    # The link shares the cache file's inode: its mode and mtime are the cache file's.
+    os.chmod(entry.source, 0o444)
+    os.utime(entry.source, ns=(entry.mtime_ns, entry.mtime_ns))
+    os.link(entry.source, path)
 
 
 def tree_dirs(entries: list[TreeEntry], dirs: frozenset[str]) -> set[str]:

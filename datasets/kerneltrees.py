@@ -276,7 +276,7 @@ def prelink(pre: Path, entries: list[binds.TreeEntry], dir_mode: int = 0o755) ->
         path = pre / entry.rel
         try:
             _mkdirs(pre, path.parent, dir_mode)
-            _place(path, entry)
+            binds.place(path, entry)
         except OSError:
             continue
 
@@ -306,7 +306,7 @@ def complete(
     for entry in entries:
         path = pre / entry.rel
         if not os.path.lexists(path):
-            _place(path, entry)
+            binds.place(path, entry)
 
 
 def _raise(exc: OSError) -> None:
@@ -322,21 +322,8 @@ def _mkdirs(root: Path, directory: Path, mode: int) -> None:
     os.chmod(directory, mode)
 
 
-def _place(path: Path, entry: binds.TreeEntry) -> None:
-    """One file of a tree, as `binds.build_tree` makes it."""
-    if entry.source is None:
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444))
-        os.chmod(path, 0o444)
-        os.utime(path, ns=(entry.mtime_ns, entry.mtime_ns))
-        return
-    # The link shares the cache file's inode: its mode and mtime are the cache file's.
-    os.chmod(entry.source, 0o444)
-    os.utime(entry.source, ns=(entry.mtime_ns, entry.mtime_ns))
-    os.link(entry.source, path)
-
-
 def _placed(path: Path, entry: binds.TreeEntry) -> bool:
-    """Whether ``path`` is what `_place` makes of ``entry`` now."""
+    """Whether ``path`` is what `binds.place` makes of ``entry`` now."""
     st = os.lstat(path)
     if not stat.S_ISREG(st.st_mode) or stat.S_IMODE(st.st_mode) != 0o444:
         return False
