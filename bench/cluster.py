@@ -25,7 +25,6 @@ Then the same pages through two other paths:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -48,14 +47,7 @@ READERS = 8
 
 def fuse_requests(mount: peers.S3CacheFS) -> dict[str, int]:
     """The daemon's FUSE request counters (``status --json``): 0 opens = the kernel served."""
-    out = subprocess.run(
-        [mount.cli, "status", str(mount.mnt), "--json"],
-        check=True,
-        capture_output=True,
-        text=True,
-        env=peers.env(),
-    ).stdout
-    counts: dict[str, int] = json.loads(out)["fuse_requests"]
+    counts: dict[str, int] = mount.status()["fuse_requests"]
     return counts
 
 
@@ -290,14 +282,7 @@ def wait_linked(fs: peers.S3CacheFS, files: int, timeout: float = 120) -> int:
     deadline = time.monotonic() + timeout
     linked = 0
     while time.monotonic() < deadline:
-        out = subprocess.run(
-            [fs.cli, "status", str(fs.mnt), "--json"],
-            check=True,
-            capture_output=True,
-            text=True,
-            env=peers.env(),
-        ).stdout
-        state = json.loads(out).get("read_serve") or {}
+        state = fs.status().get("read_serve") or {}
         linked = int(state.get("files", 0))
         if linked >= files or (linked and not state.get("waiting")):
             break

@@ -12,6 +12,7 @@ by its PID after ``fusermount3 -u`` (``-uz`` if busy).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from bench.dataset import PREFIX
 
@@ -202,6 +204,10 @@ class S3CacheFS(Mount):
         if done.returncode:
             raise RuntimeError(f"prefetch exit {done.returncode}: {done.stderr.strip()[-500:]}")
 
+    def status(self) -> dict[str, Any]:
+        """``s3cachefs status --json`` of this mount."""
+        return status(self.mnt, self.cli)
+
     def stop(self) -> None:
         done = subprocess.run(
             [self.cli, "unmount", str(self.mnt)], check=False, env=env(), stdout=subprocess.DEVNULL
@@ -280,3 +286,13 @@ class S3fsMount(Mount):
             stderr=subprocess.DEVNULL,
         )
         _wait_mounted(self.mnt, self.proc)
+
+
+def status(mnt: Path, cli: str | None = None) -> dict[str, Any]:
+    """``s3cachefs status --json`` of the mount at ``mnt`` (default: this interpreter's)."""
+    cmd = [cli] if cli else [sys.executable, "-m", "s3cachefs"]
+    out = subprocess.run(
+        [*cmd, "status", str(mnt), "--json"], check=True, capture_output=True, text=True, env=env()
+    ).stdout
+    found: dict[str, Any] = json.loads(out)
+    return found

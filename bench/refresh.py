@@ -66,15 +66,8 @@ def prefetch(fs: peers.S3CacheFS, dataset: str) -> tuple[float, dict[str, Any]]:
 def served_by(fs: peers.S3CacheFS, dataset: str) -> str | None:
     """The id of the mount the kernel serves ``dataset`` through (the top one on its
     directory, /proc/self/mountinfo) if ``status --json`` says it is kernel-served."""
-    out = subprocess.run(
-        [fs.cli, "status", str(fs.mnt), "--json"],
-        check=True,
-        capture_output=True,
-        text=True,
-        env=peers.env(),
-    ).stdout
     served = any(
-        e["dataset"] == dataset and e.get("kernel_served") for e in json.loads(out)["datasets"]
+        e["dataset"] == dataset and e.get("kernel_served") for e in fs.status()["datasets"]
     )
     target = str(fs.mnt / dataset)
     ids = [

@@ -24,7 +24,6 @@ FUSE requests each mount's daemon served during the walks (``status --json``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import shutil
@@ -35,6 +34,7 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
+from bench import peers
 from bench.common import cli, drop_caches, mount
 from bench.dirs3 import DirS3
 from bench.workloads import walk
@@ -45,13 +45,7 @@ OWN = ("unmarked", "marked", "empty")  # the overlays walkstat mounts itself
 
 
 def fuse_requests(mnt: Path) -> dict[str, int]:
-    out = subprocess.run(
-        [sys.executable, "-m", "s3cachefs", "status", str(mnt), "--json"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    counts: dict[str, int] = json.loads(out)["fuse_requests"]
+    counts: dict[str, int] = peers.status(mnt)["fuse_requests"]
     return counts
 
 
