@@ -136,14 +136,16 @@ class WorkerPool:
             self._nursery = None
             self.stop()
 
-    def stop(self) -> None:
-        """Stop every worker; their outstanding jobs are given back (no reader waits on them)."""
+    def stop(self, grace: float = STOP_SECONDS) -> None:
+        """Stop every worker; their outstanding jobs are given back (no reader waits on them).
+
+        ``grace``: how long they may take to exit on their own (blocks the trio thread)."""
         for worker in self.workers:
             if not worker.conn.closed:
                 # Its reader task may be parked on the fd: wake it before the fd goes.
                 trio.lowlevel.notify_closing(worker.conn.fileno())
                 worker.conn.close()  # EOF: the worker exits
-        deadline = time.monotonic() + STOP_SECONDS
+        deadline = time.monotonic() + grace
         for worker in self.workers:
             if worker.alive:  # its own exit, not a SIGKILL, for a clean stop
                 with contextlib.suppress(subprocess.TimeoutExpired):
@@ -194,7 +196,7 @@ class WorkerPool:
             return True
         self._cannot_start = True
         log.warning("bulk workers cannot start (%s); prefetch runs in the daemon", exc)
-        self.stop()
+        self.stop(grace=0)  # mid-job: reads wait on this thread, so no clean-exit wait
         return False
 
     def least_busy(self) -> Worker | None:
