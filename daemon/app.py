@@ -47,6 +47,7 @@ from s3cachefs.daemon.runtime import (
     remove_record,
     write_record,
 )
+from s3cachefs.datasets import readtrees
 from s3cachefs.datasets.binds import MountEntry
 from s3cachefs.datasets.kernelserve import KernelServe
 from s3cachefs.datasets.pins import PinStore
@@ -269,6 +270,7 @@ async def _serve(
     async with trio.open_nursery() as nursery:
         await nursery.start(daemon.cache.run)
         daemon.cache.bulk.start_workers()  # warm before a prefetch comes (`cache.bulk`)
+        await readtrees.free_left(daemon.cache)  # a dead daemon's, before any read
         await nursery.start(functools.partial(control.serve, socket_path, daemon.handlers()))
         nursery.start_soon(_terminate_on_signal, daemon)
         nursery.start_soon(_announce_ready, daemon, on_ready, own)

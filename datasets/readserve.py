@@ -20,7 +20,7 @@ every other name falls through to FUSE, listings are merged.
   never let go without freeing the object whole (an unlink: a reader holding it
   open keeps its bytes): what leaves (`datasets.readcheck`: failed a check, over
   the hold cap) after the swap, all at stop and when a prefetch starts
-  (`step_aside`), a dead daemon's at start (`readtrees.sweep`). Never punched.
+  (`step_aside`), a dead daemon's at start (`readtrees.free_left`). Never punched.
 - Linked only when it reads back against its CRC32s (`datasets.readcheck`) at the
   version the FUSE view names (the daemon offers a file at its last close).
 - Opt-in (``--read-serve``), and only with ``--metadata-ttl indefinite``
@@ -148,8 +148,6 @@ class ReadServe:
                 await self._switch_off(f"failed: {exc!r}")
 
     async def _run(self) -> None:
-        left = await trio.to_thread.run_sync(readtrees.sweep, self.trees)
-        await self._free(left)  # a previous daemon's links: never held, so freed whole
         async with trio.open_nursery() as nursery:
             if self.verify_interval is not None:
                 nursery.start_soon(self._checks)

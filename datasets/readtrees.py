@@ -7,7 +7,7 @@ left (`daemon.mountpoint` removes them before the FUSE mount), so they all go,
 and the objects linked in them (``read-N.oids``) are freed whole: the holds
 died with that daemon, and eviction must never punch a file still open.
 
-Blocking functions (the caller runs them in worker threads), but `live`.
+Blocking functions (the caller runs them in worker threads), but `live` and `free_left`.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import trio
 
+from s3cachefs.cache.blockcache import BlockCache
 from s3cachefs.datasets import binds, overlay
 
 PREFIX = "read-"
@@ -48,6 +49,14 @@ def sweep(trees: Path) -> set[str]:
         if path.name.startswith(PREFIX):
             path.unlink(missing_ok=True)
     return linked
+
+
+async def free_left(cache: BlockCache) -> None:
+    """`sweep`, then free the objects linked there whole. Before the FUSE loop answers,
+    whether or not this daemon serves reads: a read first would cache an object again into
+    the inode this then frees, and that file would never reach the overlay."""
+    left = await trio.to_thread.run_sync(sweep, cache.root / "trees")
+    await cache.free(left - cache.pinned)
 
 
 def build(tree: Path, entries: list[binds.TreeEntry], oids: set[str], *, allow_other: bool) -> None:
