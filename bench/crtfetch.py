@@ -23,7 +23,8 @@ from typing import Any
 
 from awscrt import auth, http, io, s3
 
-from s3cachefs.cache.bulkworker import Done, Endpoint, Job, _open_target
+from s3cachefs.cache.bulkjob import _open_target
+from s3cachefs.cache.bulkworker import Done, Endpoint, Job
 from s3cachefs.store.checksums import Digest
 from s3cachefs.store.responses import same_etag
 
