@@ -23,13 +23,13 @@ import http.client
 import os
 import re
 import time
-import zlib
 from dataclasses import dataclass, field
 
 from s3cachefs.base.errors import BadResponseError, StaleError, StoreError, TransientError
 from s3cachefs.cache.bulkconn import GetConnection
 from s3cachefs.store.bodies import Md5Mismatch
 from s3cachefs.store.checksums import Check, Digest
+from s3cachefs.store.crc import crc32
 from s3cachefs.store.errorcodes import error_for_code
 from s3cachefs.store.responses import body_md5, check_get_response
 
@@ -153,7 +153,7 @@ def _write_body(
             raise _DiskError(exc) from None
         if written != want:  # e.g. ENOSPC part-way: not all of the block is on disk
             raise _DiskError(f"short write: {written} of {want} bytes at {pos}")
-        done.crcs.append(zlib.crc32(view))
+        done.crcs.append(crc32(view))
         if digest is not None:
             digest.update(view)  # type: ignore[arg-type]  # a memoryview is fine
         pos += want
