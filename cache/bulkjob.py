@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 
 from s3cachefs.base.errors import BadResponseError, StaleError, StoreError, TransientError
-from s3cachefs.cache.bulkconn import GetConnection
+from s3cachefs.cache.bulkconn import GetConnection, Response
 from s3cachefs.store.bodies import Md5Mismatch
 from s3cachefs.store.checksums import Check, Digest
 from s3cachefs.store.crc import crc32
@@ -126,7 +126,7 @@ def _attempt(conn: GetConnection, job: Job, block_size: int, buf: memoryview, do
 
 
 def _write_body(
-    response: http.client.HTTPResponse,
+    response: Response,
     fd: int,
     job: Job,
     block_size: int,

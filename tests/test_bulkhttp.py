@@ -1,0 +1,266 @@
+"""The bulk worker's own HTTP/1.1 (`cache.bulkhttp`) against a server that says exactly
+what each test scripts, byte for byte, on a real socket.
+
+What S3 and the proxies in front of it send that the fault proxy never does:
+chunked bodies (S3's error answers), ``Connection: close``, interim 100
+answers, heads and bodies cut anywhere across ``recv`` calls. The lies of the
+fault proxy (wrong status, short or ignored ranges, cut bodies, flipped bytes,
+other versions) run through this path in tests/test_bulk.py and
+tests/test_wire_lies.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from s3cachefs.cache.bulkhttp import RawConnection
+from s3cachefs.cache.bulkworker import Endpoint, Job, Secrets, fetch_jobs
+from s3cachefs.store.checksums import Check
+
+
+class Scripted:
+    """Accepts connections on loopback; answers the n-th request with ``answers[n]``
+    (bytes, sent in pieces of ``piece`` bytes; then the socket is closed if ``close``)."""
+
+    def __init__(self, answers: list[bytes], *, piece: int = 0, close: bool = False) -> None:
+        self.answers = answers
+        self.piece = piece
+        self.close = close
+        self.requests: list[bytes] = []
+        self.connections = 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            with conn:
+                head = b""
+                while self.answers:
+                    while b"\r\n\r\n" not in head:
+                        more = conn.recv(65536)
+                        if not more:
+                            break
+                        head += more
+                    if b"\r\n\r\n" not in head:
+                        break
+                    request, _, head = head.partition(b"\r\n\r\n")
+                    self.requests.append(request)
+                    answer = self.answers.pop(0)
+                    step = self.piece or len(answer) or 1
+                    for i in range(0, len(answer), step):
+                        conn.sendall(answer[i : i + step])
+                        if self.piece:
+                            time.sleep(0.001)
+                    if self.close:
+                        break
+
+    def connection(self) -> RawConnection:
+        return RawConnection("127.0.0.1", self.port, f"127.0.0.1:{self.port}", 10.0)
+
+    def stop(self) -> None:
+        self.listener.close()
+
+
+@pytest.fixture
+def scripted() -> Iterator[list[Scripted]]:
+    made: list[Scripted] = []
+    yield made
+    for server in made:
+        server.stop()
+
+
+def serve(made: list[Scripted], answers: list[bytes], **kw: bool | int) -> Scripted:
+    server = Scripted(answers, **kw)  # type: ignore[arg-type]
+    made.append(server)
+    return server
+
+
+def ok(body: bytes, *extra: str, status: str = "206 Partial Content") -> bytes:
+    head = [f"HTTP/1.1 {status}", f"Content-Length: {len(body)}", 'ETag: "e"', *extra]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+def body_of(conn: RawConnection, size: int) -> bytes:
+    response = conn.getresponse()
+    buf = memoryview(bytearray(size + 10))
+    got = 0
+    while n := response.readinto(buf[got:]):
+        got += n
+    return bytes(buf[:got])
+
+
+@pytest.mark.parametrize("piece", [0, 1, 7])
+def test_bodies_on_one_kept_alive_connection_whatever_the_pieces(
+    scripted: list[Scripted], piece: int
+) -> None:
+    """Heads and bodies split anywhere across recv calls (even byte by byte), the body's
+    start arriving with the head: each body exact, one connection for both."""
+    bodies = [os.urandom(3000), os.urandom(10)]
+    server = serve(scripted, [ok(b) for b in bodies], piece=piece)
+    conn = server.connection()
+    for body in bodies:
+        conn.request("/b/k", {"Range": "bytes=0-9"})
+        assert body_of(conn, len(body)) == body
+    conn.close()
+    assert server.connections == 1
+    first = server.requests[0].decode().split("\r\n")
+    assert first[0] == "GET /b/k HTTP/1.1"
+    assert f"Host: 127.0.0.1:{server.port}" in first
+    assert "Range: bytes=0-9" in first
+    assert "Accept-Encoding: identity" in first
+
+
+def test_headers_as_sent_and_the_status(scripted: list[Scripted]) -> None:
+    server = serve(scripted, [ok(b"xy", "Content-Range: bytes 0-1/9", status="206 Partial")])
+    conn = server.connection()
+    conn.request("/b/k", {})
+    response = conn.getresponse()
+    assert response.status == 206
+    assert dict(response.getheaders()) == {
+        "Content-Length": "2",
+        "ETag": '"e"',
+        "Content-Range": "bytes 0-1/9",
+    }
+    assert response.read() == b"xy"
+    conn.close()
+
+
+def test_a_chunked_error_body_is_read_whole(scripted: list[Scripted]) -> None:
+    """S3 sends its error answers chunked: the <Code> must reach the error table."""
+    xml = b"<Error><Code>ExpiredToken</Code><Message>x</Message></Error>"
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in (xml[:20], xml[20:])) + b"0\r\n\r\n"
+    answer = b"HTTP/1.1 400 Bad Request\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks
+    server = serve(scripted, [answer, ok(b"after")], piece=5)
+    conn = server.connection()
+    conn.request("/b/k", {})
+    response = conn.getresponse()
+    assert (response.status, response.read()) == (400, xml)
+    conn.request("/b/k", {})  # read to its end: the connection is reused
+    assert body_of(conn, 5) == b"after"
+    assert server.connections == 1
+    conn.close()
+
+
+def test_a_chunked_body_is_never_read_into_a_block(scripted: list[Scripted]) -> None:
+    answer = (
+        b"HTTP/1.1 206 Partial Content\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+    )
+    server = serve(scripted, [answer])
+    conn = server.connection()
+    conn.request("/b/k", {})
+    with pytest.raises(http.client.HTTPException, match="chunked"):
+        conn.getresponse().readinto(memoryview(bytearray(10)))
+    conn.close()
+
+
+def test_connection_close_and_a_body_to_the_end(scripted: list[Scripted]) -> None:
+    """``Connection: close``, and a body with no length (read to the connection's end):
+    the socket is not used again."""
+    server = serve(scripted, [ok(b"abc", "Connection: close")], close=True)
+    conn = server.connection()
+    conn.request("/b/k", {})
+    assert body_of(conn, 3) == b"abc"
+    assert conn.sock is None
+    server = serve(scripted, [b"HTTP/1.1 500 Internal\r\n\r\n<Error/>"], close=True)
+    conn = server.connection()
+    conn.request("/b/k", {})
+    response = conn.getresponse()
+    assert (response.status, response.read()) == (500, b"<Error/>")
+    assert conn.sock is None
+
+
+def test_an_interim_100_is_skipped(scripted: list[Scripted]) -> None:
+    server = serve(scripted, [b"HTTP/1.1 100 Continue\r\n\r\n" + ok(b"body")])
+    conn = server.connection()
+    conn.request("/b/k", {})
+    assert body_of(conn, 4) == b"body"
+    conn.close()
+
+
+def test_a_cut_body_and_a_closed_kept_alive_socket(scripted: list[Scripted]) -> None:
+    """A body shorter than its Content-Length is an error (never a short block); a
+    request on a socket the server closed says so as http.client does."""
+    server = serve(scripted, [ok(b"abcdef")[:-3]], close=True)
+    conn = server.connection()
+    conn.request("/b/k", {})
+    response = conn.getresponse()
+    buf = memoryview(bytearray(10))
+    assert response.readinto(buf) == 3
+    with pytest.raises(http.client.IncompleteRead):
+        response.readinto(buf[3:])
+    conn.close()
+    server = serve(scripted, [ok(b"one")], close=True)
+    conn = server.connection()
+    conn.request("/b/k", {})
+    assert body_of(conn, 3) == b"one"
+    time.sleep(0.1)  # the server has closed its end
+    with pytest.raises((http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)):
+        conn.request("/b/k", {})
+        conn.getresponse()
+    conn.close()
+
+
+@pytest.mark.parametrize(
+    "head",
+    [b"HTTP/1.1 2xx Odd\r\n\r\n", b"garbage\r\n\r\n", b"HTTP/1.1 200 OK\r\nno colon\r\n\r\n"],
+)
+def test_a_malformed_head_is_an_error(scripted: list[Scripted], head: bytes) -> None:
+    server = serve(scripted, [head])
+    conn = server.connection()
+    conn.request("/b/k", {})
+    with pytest.raises(http.client.HTTPException):
+        conn.getresponse()
+    conn.close()
+
+
+def job_against(server: Scripted, tmp_path: Path, body: bytes) -> Job:
+    md5 = hashlib.md5(body).hexdigest()
+    return Job("k", "k", f'"{md5}"', len(body), 0, len(body), str(tmp_path / "k"),
+               Check("md5", md5))  # fmt: skip
+
+
+def run_one(server: Scripted, job: Job) -> tuple[str, str, list[int]]:
+    endpoint = Endpoint(f"http://127.0.0.1:{server.port}/b/", "us-east-1", attempts=1)
+    (done,) = fetch_jobs(endpoint, [job], secrets=Secrets("a", "b"), block_size=4096, threads=1)
+    return done.error_kind, done.error, done.crcs
+
+
+def test_jobs_over_chunked_answers(scripted: list[Scripted], tmp_path: Path) -> None:
+    """Through a worker's job: a chunked 206 has no length to check (failed, no CRCs); a
+    chunked ExpiredToken is the daemon's to run; the truth is fetched and checked."""
+    body = os.urandom(10_000)
+    md5 = hashlib.md5(body).hexdigest()
+    head = f'HTTP/1.1 200 OK\r\nETag: "{md5}"\r\nTransfer-Encoding: chunked\r\n\r\n'
+    chunked = head.encode() + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    xml = b"<Error><Code>ExpiredToken</Code></Error>"
+    expired = b"HTTP/1.1 400 Bad\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (
+        len(xml),
+        xml,
+    )
+    truth = f'HTTP/1.1 200 OK\r\nETag: "{md5}"\r\nContent-Length: {len(body)}\r\n\r\n'
+    server = serve(scripted, [chunked, expired, truth.encode() + body])
+    job = job_against(server, tmp_path, body)
+    kind, error, crcs = run_one(server, job)
+    assert (kind, crcs) == ("BadResponseError", []), error
+    assert "Content-Length" in error
+    kind, error, crcs = run_one(server, job)
+    assert (kind, crcs) == ("ExpiredCredentials", []), error
+    kind, error, crcs = run_one(server, job)
+    assert (kind, error, len(crcs)) == ("", "", 3)
+    assert (tmp_path / "k").read_bytes() == body
