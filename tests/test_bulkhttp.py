@@ -11,14 +11,18 @@ tests/test_wire_lies.py.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import http.client
+import ipaddress
 import os
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -31,8 +35,16 @@ class Scripted:
     """Accepts connections on loopback; answers the n-th request with ``answers[n]``
     (bytes, sent in pieces of ``piece`` bytes; then the socket is closed if ``close``)."""
 
-    def __init__(self, answers: list[bytes], *, piece: int = 0, close: bool = False) -> None:
+    def __init__(
+        self,
+        answers: list[bytes],
+        *,
+        piece: int = 0,
+        close: bool = False,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.answers = answers
+        self.tls = tls
         self.piece = piece
         self.close = close
         self.requests: list[bytes] = []
@@ -49,6 +61,12 @@ class Scripted:
             except OSError:
                 return
             self.connections += 1
+            if self.tls is not None:
+                try:
+                    conn = self.tls.wrap_socket(conn, server_side=True)
+                except OSError:
+                    conn.close()
+                    continue
             with conn:
                 head = b""
                 while self.answers:
@@ -85,8 +103,8 @@ def scripted() -> Iterator[list[Scripted]]:
         server.stop()
 
 
-def serve(made: list[Scripted], answers: list[bytes], **kw: bool | int) -> Scripted:
-    server = Scripted(answers, **kw)  # type: ignore[arg-type]
+def serve(made: list[Scripted], answers: list[bytes], **kw: Any) -> Scripted:
+    server = Scripted(answers, **kw)
     made.append(server)
     return server
 
@@ -264,3 +282,63 @@ def test_jobs_over_chunked_answers(scripted: list[Scripted], tmp_path: Path) -> 
     kind, error, crcs = run_one(server, job)
     assert (kind, error, len(crcs)) == ("", "", 3)
     assert (tmp_path / "k").read_bytes() == body
+
+
+def self_signed(folder: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key (cryptography: moto's own dependency)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = folder / "cert.pem", folder / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_file, key_file
+
+
+def test_https_jobs_go_over_tls(scripted: list[Scripted], tmp_path: Path) -> None:
+    """https endpoints keep http.client over TLS (the CA bundle honoured): the job is
+    fetched and checked; the same job against an untrusted certificate fails."""
+    cert, key = self_signed(tmp_path)
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert, key)
+    body = os.urandom(20_000)
+    md5 = hashlib.md5(body).hexdigest()
+    truth = f'HTTP/1.1 200 OK\r\nETag: "{md5}"\r\nContent-Length: {len(body)}\r\n\r\n'
+    server = serve(scripted, [truth.encode() + body], tls=tls)
+    job = job_against(server, tmp_path, body)
+    base = f"https://127.0.0.1:{server.port}/b/"
+    secrets = Secrets("a", "b")
+    endpoint = Endpoint(base, "us-east-1", attempts=1, ca_bundle=str(cert))
+    (done,) = fetch_jobs(endpoint, [job], secrets=secrets, block_size=4096, threads=1)
+    assert (done.error, len(done.crcs), done.matches) == ("", 5, True)
+    assert (tmp_path / "k").read_bytes() == body
+    assert server.requests[0].startswith(b"GET /b/k HTTP/1.1")
+    untrusted = Endpoint(base, "us-east-1", attempts=1, ca_bundle=None)
+    (done,) = fetch_jobs(untrusted, [job], secrets=secrets, block_size=4096, threads=1)
+    assert done.error_kind == "TransientError" and "CERTIFICATE_VERIFY_FAILED" in done.error
