@@ -75,7 +75,7 @@ class _Expired(StoreError):
     """S3: the credentials this job was signed with expired (not retried here)."""
 
 
-def _open_target(path: str, size: int) -> int:
+def open_target(path: str, size: int) -> int:
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
     except FileNotFoundError:
@@ -105,7 +105,7 @@ def _attempt(conn: GetConnection, job: Job, block_size: int, buf: memoryview, do
         )
         digest = Digest(job.check) if job.check is not None else None
         try:
-            fd = _open_target(job.path, job.size)
+            fd = open_target(job.path, job.size)
         except OSError as exc:
             raise _DiskError(exc) from None
         try:
