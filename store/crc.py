@@ -5,8 +5,9 @@ Every block the cache holds carries its CRC-32, computed as the bytes arrive
 (reads from disk, copies, kernel-served trees). ``isal.isal_zlib.crc32`` returns
 zlib's values (same polynomial, reflected, same start value) about five times
 faster on this project's machines (0.048 against 0.242 CPU-s/GB, 64 MiB
-buffers); both release the GIL on large buffers. zlib stays the fallback where
-the ``isal`` wheel is not installed. One function, so callers never pick.
+buffers); both release the GIL on large buffers. ``isal`` is a dependency (a
+manylinux wheel for the platforms this runs on); zlib is the fallback only for a
+platform without a wheel. One function, so callers never pick.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
 def _engine() -> tuple[Callable[[Data, int], int], str]:
     try:
         from isal.isal_zlib import crc32 as fast
-    except ImportError:  # the wheel is not installed here: zlib, ~5x the CPU
+    except ImportError:  # a platform without an isal wheel: zlib, ~5x the CPU
         return zlib.crc32, "zlib"
     return fast, "isal"
 
