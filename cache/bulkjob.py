@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 from s3cachefs.base.errors import BadResponseError, StaleError, StoreError, TransientError
 from s3cachefs.cache.bulkconn import GetConnection, Response
+from s3cachefs.cache.bulkhttp import SINGLE_HEADERS
 from s3cachefs.store.bodies import Md5Mismatch
 from s3cachefs.store.checksums import Check, Digest
 from s3cachefs.store.crc import crc32
@@ -99,7 +100,7 @@ def _attempt(conn: GetConnection, job: Job, block_size: int, buf: memoryview, do
             if conn.retry.retryable_status(response.status):
                 error = TransientError(f"{what}: status {response.status}")
             raise error
-        headers = dict(response.getheaders())
+        headers = _fields(response, what)
         check_get_response(
             response.status, headers, job.start, job.end, job.size, job.etag, what=what
         )
@@ -123,6 +124,18 @@ def _attempt(conn: GetConnection, job: Job, block_size: int, buf: memoryview, do
     except BaseException:
         conn.close()  # mid-body: the connection cannot be reused
         raise
+
+
+def _fields(response: Response, what: str) -> dict[str, str]:
+    """The headers by lowercase name, as checked: one value each of those the framing and
+    the checks read (http.client would frame by the first, a dict keeps the last)."""
+    fields: dict[str, str] = {}
+    for name, value in response.getheaders():
+        key = name.lower()
+        if key in fields and key in SINGLE_HEADERS:
+            raise BadResponseError(what, "duplicate_header", f"S3 server sent {name} twice")
+        fields[key] = value
+    return fields
 
 
 def _write_body(

@@ -42,8 +42,10 @@ class Scripted:
         piece: int = 0,
         close: bool = False,
         tls: ssl.SSLContext | None = None,
+        pause: float = 0.001,
     ) -> None:
         self.answers = answers
+        self.pause = pause
         self.tls = tls
         self.piece = piece
         self.close = close
@@ -68,28 +70,35 @@ class Scripted:
                     conn.close()
                     continue
             with conn:
-                head = b""
-                while self.answers:
-                    while b"\r\n\r\n" not in head:
-                        more = conn.recv(65536)
-                        if not more:
-                            break
-                        head += more
-                    if b"\r\n\r\n" not in head:
-                        break
-                    request, _, head = head.partition(b"\r\n\r\n")
-                    self.requests.append(request)
-                    answer = self.answers.pop(0)
-                    step = self.piece or len(answer) or 1
-                    for i in range(0, len(answer), step):
-                        conn.sendall(answer[i : i + step])
-                        if self.piece:
-                            time.sleep(0.001)
-                    if self.close:
-                        break
+                self._answer(conn)
 
-    def connection(self) -> RawConnection:
-        return RawConnection("127.0.0.1", self.port, f"127.0.0.1:{self.port}", 10.0)
+    def _answer(self, conn: socket.socket) -> None:
+        head = b""
+        while self.answers:
+            while b"\r\n\r\n" not in head:
+                try:
+                    more = conn.recv(65536)
+                except OSError:  # reset: closed with our bytes unread
+                    more = b""
+                if not more:
+                    return
+                head += more
+            request, _, head = head.partition(b"\r\n\r\n")
+            self.requests.append(request)
+            answer = self.answers.pop(0)
+            step = self.piece or len(answer) or 1
+            try:
+                for i in range(0, len(answer), step):
+                    conn.sendall(answer[i : i + step])
+                    if self.piece:
+                        time.sleep(self.pause)
+            except OSError:  # the client hung up mid-answer (a timeout, a bound)
+                return
+            if self.close:
+                return
+
+    def connection(self, timeout: float = 10.0) -> RawConnection:
+        return RawConnection("127.0.0.1", self.port, f"127.0.0.1:{self.port}", timeout)
 
     def stop(self) -> None:
         self.listener.close()
@@ -342,3 +351,260 @@ def test_https_jobs_go_over_tls(scripted: list[Scripted], tmp_path: Path) -> Non
     untrusted = Endpoint(base, "us-east-1", attempts=1, ca_bundle=None)
     (done,) = fetch_jobs(untrusted, [job], secrets=secrets, block_size=4096, threads=1)
     assert done.error_kind == "TransientError" and "CERTIFICATE_VERIFY_FAILED" in done.error
+
+
+# What a malformed or lying upstream can send, byte for byte (review of issue 12's lean HTTP).
+
+MULTIPART = '"0123456789abcdef0123456789abcdef-2"'  # no MD5 to check: only the framing decides
+
+
+def part(first: int, last: int, body: bytes, *extra: str) -> bytes:
+    """A 206 for bytes ``first-last`` of a 16-byte object, its body as given."""
+    head = ["HTTP/1.1 206 Partial Content", f"ETag: {MULTIPART}", f"Content-Length: {len(body)}"]
+    head += [f"Content-Range: bytes {first}-{last}/16", *extra]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+def jobs_at(
+    server: Scripted, jobs: list[Job], attempts: int = 1, timeout: float = 10.0
+) -> list[Any]:
+    base = f"http://127.0.0.1:{server.port}/b/"
+    endpoint = Endpoint(base, "us-east-1", timeout=timeout, attempts=attempts)
+    return list(fetch_jobs(endpoint, jobs, secrets=Secrets("a", "b"), block_size=4, threads=1))
+
+
+def halves(tmp_path: Path) -> list[Job]:
+    path = str(tmp_path / "o")
+    return [Job("o", "k", MULTIPART, 16, 0, 8, path), Job("o", "k", MULTIPART, 16, 8, 16, path)]
+
+
+def test_bytes_past_a_body_are_never_the_next_answer(
+    scripted: list[Scripted], tmp_path: Path
+) -> None:
+    """Bytes after a complete body (here a whole forged answer to the next job) are not an
+    answer to a request not yet sent: the next GET goes on a new connection."""
+    forged = part(8, 15, b"FAKEFAKE")
+    server = serve(scripted, [part(0, 7, b"realreal") + forged, part(8, 15, b"REALREAL")])
+    done = jobs_at(server, halves(tmp_path))
+    assert [d.error for d in done] == ["", ""]
+    assert (tmp_path / "o").read_bytes() == b"realrealREALREAL"
+    assert (len(server.requests), server.connections) == (2, 2)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["Transfer-Encoding: chunked", "transfer-encoding: identity"],
+        ["content-length: 8"],
+        ["Content-Range: bytes 0-7/16"],
+        [f"etag: {MULTIPART}"],
+        ["Transfer-Encoding: identity"],
+    ],
+)
+def test_framing_headers_twice_or_a_transfer_encoding_on_a_2xx_are_refused(
+    scripted: list[Scripted], tmp_path: Path, extra: list[str]
+) -> None:
+    """Content-Length, Transfer-Encoding, Content-Range, ETag: once each (whatever their
+    case), and a 2xx's length is its Content-Length alone: else nothing is stored."""
+    body = b"4\r\nreal\r\n4\r\nreal\r\n0\r\n\r\n"[:8]  # what a chunked reading would store
+    server = serve(scripted, [part(0, 7, body, *extra)])
+    (done,) = jobs_at(server, halves(tmp_path)[:1])
+    assert (done.error_kind, done.crcs) == ("TransientError", []), done.error
+
+
+def test_a_2xx_chunked_with_a_length_fails_the_job(
+    scripted: list[Scripted], tmp_path: Path
+) -> None:
+    """Past the checks (its Content-Length is right), a chunked 206 is still not read."""
+    chunked = b"8\r\nrealreal\r\n0\r\n\r\n"
+    answer = part(0, 7, chunked, "Transfer-Encoding: chunked")
+    answer = answer.replace(b"Content-Length: %d" % len(chunked), b"Content-Length: 8")
+    server = serve(scripted, [answer])
+    (done,) = jobs_at(server, halves(tmp_path)[:1])
+    assert (done.error_kind, done.crcs) == ("TransientError", []), done.error
+    assert "Transfer-Encoding" in done.error
+
+
+@pytest.mark.parametrize("size", [b"-5", b"+5", b"0x5", b"1" + b"0" * 40, b"100000000"])
+def test_a_chunk_size_is_hex_digits_only(scripted: list[Scripted], size: bytes) -> None:
+    head = b"HTTP/1.1 500 X\r\nTransfer-Encoding: chunked\r\n\r\n"
+    if size == b"100000000":  # 4 GiB: must be refused before anything is allocated
+        server = serve(scripted, [head + size + b"\r\nab"])
+    else:
+        server = serve(scripted, [head + size + b"\r\nabcde\r\n0\r\n\r\n"])
+    conn = server.connection(timeout=2.0)
+    conn.request("/b/k", {})
+    response = conn.getresponse()
+    with pytest.raises(http.client.HTTPException, match="chunk size"):
+        response.read()
+    conn.close()
+
+
+def test_a_huge_chunk_is_read_to_the_bound_only(scripted: list[Scripted]) -> None:
+    """An error body's chunk of 128 MiB: 1 MiB is read (what the <Code> needs), the
+    connection is not used again."""
+    head = b"HTTP/1.1 500 X\r\nTransfer-Encoding: chunked\r\n\r\n8000000\r\n"
+    server = serve(scripted, [head + b"x" * ((1 << 20) + 10)], close=True)
+    conn = server.connection(timeout=5.0)
+    conn.request("/b/k", {})
+    assert conn.getresponse().read() == b"x" * (1 << 20)
+    assert conn.sock is None
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HTTP/1.1 2\xb206 X\r\nContent-Length: 0\r\n\r\n",  # a superscript 2: str.isdigit()
+        b"HTTP/1.1 206 X\r\nContent-Length: \xb9\r\n\r\n",
+        b"HTTP/1.1 2065 X\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 206X\r\nContent-Length: 0\r\n\r\n",
+    ],
+)
+def test_only_ascii_digits_make_a_status_or_a_length(scripted: list[Scripted], head: bytes) -> None:
+    server = serve(scripted, [head])
+    conn = server.connection()
+    conn.request("/b/k", {})
+    with pytest.raises(http.client.HTTPException):
+        conn.getresponse()
+    conn.close()
+
+
+def test_a_status_line_without_a_reason(scripted: list[Scripted]) -> None:
+    server = serve(scripted, [b"HTTP/1.1 206\r\nContent-Length: 2\r\n\r\nab"])
+    conn = server.connection()
+    conn.request("/b/k", {})
+    assert conn.getresponse().status == 206
+    conn.close()
+
+
+def test_a_non_ascii_status_is_a_failed_attempt(scripted: list[Scripted], tmp_path: Path) -> None:
+    """Retried as any malformed answer (not a worker error that ends the job)."""
+    server = serve(scripted, [b"HTTP/1.1 2\xb206 X\r\n\r\n", part(0, 7, b"realreal")])
+    (done,) = jobs_at(server, halves(tmp_path)[:1], attempts=2)
+    assert (done.error, done.attempts, len(done.crcs)) == ("", 2, 2)
+
+
+def test_a_non_ascii_length_over_https_is_a_bad_response(
+    scripted: list[Scripted], tmp_path: Path
+) -> None:
+    """http.client gives up on the length; the checks (`store.responses`) refuse it."""
+    cert, key = self_signed(tmp_path)
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert, key)
+    answer = part(0, 7, b"realreal").replace(b"Content-Length: 8", b"Content-Length: \xb9")
+    server = serve(scripted, [answer], tls=tls, close=True)
+    base = f"https://127.0.0.1:{server.port}/b/"
+    endpoint = Endpoint(base, "us-east-1", attempts=1, ca_bundle=str(cert))
+    job = halves(tmp_path)[0]
+    (done,) = fetch_jobs(endpoint, [job], secrets=Secrets("a", "b"), block_size=4, threads=1)
+    assert (done.error_kind, done.crcs) == ("BadResponseError", []), done.error
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{"If-Match": '"e"\r\n\r\nGET /b/other HTTP/1.1\r\nX: y'}, {"X": "a\nb"}, {"X": "a\0b"},
+     {"X\r\nY": "a"}],
+)  # fmt: skip
+def test_cr_lf_or_nul_in_a_header_is_never_sent(
+    scripted: list[Scripted], headers: dict[str, str]
+) -> None:
+    server = serve(scripted, [b"HTTP/1.1 404 X\r\nContent-Length: 0\r\n\r\n"] * 2)
+    conn = server.connection()
+    with pytest.raises(ValueError, match="CR, LF or NUL"):
+        conn.request("/b/k", headers)
+    conn.close()
+    assert server.requests == []
+
+
+def test_an_etag_with_a_request_in_it_fails_the_job_once(
+    scripted: list[Scripted], tmp_path: Path
+) -> None:
+    """An ETag from a LIST (XML entities decoded) can hold CR LF: the job fails, not
+    retried (the same ETag again is the same), and nothing is sent."""
+    etag = '"e"\r\n\r\nGET /b/other HTTP/1.1\r\nX: y'
+    server = serve(scripted, [b"HTTP/1.1 404 X\r\nContent-Length: 0\r\n\r\n"] * 4)
+    job = Job("o", "k", etag, 16, 0, 8, str(tmp_path / "o"))
+    (done,) = jobs_at(server, [job], attempts=3)
+    assert (done.error_kind, done.attempts, done.crcs) == ("StoreError", 1, []), done.error
+    assert server.requests == []
+
+
+def test_interim_answers_are_bounded(scripted: list[Scripted]) -> None:
+    interim = b"HTTP/1.1 102 Processing\r\n\r\n"
+    server = serve(scripted, [interim * 8 + ok(b"ab"), interim * 9 + ok(b"ab")])
+    conn = server.connection()
+    conn.request("/b/k", {})
+    assert body_of(conn, 2) == b"ab"  # 8: accepted
+    conn.request("/b/k", {})
+    with pytest.raises(http.client.HTTPException, match="interim"):
+        conn.getresponse()
+    conn.close()
+
+
+def test_a_head_has_one_deadline_however_it_trickles(scripted: list[Scripted]) -> None:
+    """Each byte of the head well within the socket timeout, the whole head not: a
+    timeout (the head is bounded in time as in size)."""
+    server = serve(scripted, [ok(b"ab")], piece=1, pause=0.05)  # ~2.5 s for the head
+    conn = server.connection(timeout=0.5)
+    conn.request("/b/k", {})
+    with pytest.raises(TimeoutError):
+        conn.getresponse()
+    conn.close()
+
+
+def test_a_superseded_response_reads_nothing(scripted: list[Scripted]) -> None:
+    """A response whose connection moved on (a new request) never reads the new socket."""
+    server = serve(scripted, [ok(b"AAAAAAAAAA")[:-5], ok(b"BBB")])
+    conn = server.connection()
+    conn.request("/b/k", {})
+    old = conn.getresponse()
+    assert old.readinto(memoryview(bytearray(5))) == 5
+    conn.request("/b/k", {})
+    time.sleep(0.1)  # the new answer is there to be (wrongly) read
+    with pytest.raises(http.client.HTTPException):
+        old.readinto(memoryview(bytearray(100)))
+    assert body_of(conn, 3) == b"BBB"
+    conn.close()
+
+
+@pytest.mark.parametrize("status", [b"204 No Content", b"304 Not Modified"])
+def test_204_and_304_have_no_body_whatever_their_length(
+    scripted: list[Scripted], status: bytes
+) -> None:
+    server = serve(scripted, [b"HTTP/1.1 %s\r\nContent-Length: 5\r\n\r\n" % status, ok(b"next")])
+    conn = server.connection()
+    conn.request("/b/k", {})
+    response = conn.getresponse()
+    assert response.read() == b""
+    conn.request("/b/k", {})
+    assert body_of(conn, 4) == b"next"
+    assert server.connections == 1
+    conn.close()
+
+
+def test_a_timeout_mid_body_retries_on_a_new_connection(
+    scripted: list[Scripted], tmp_path: Path
+) -> None:
+    """A body that stops part-way (the socket kept open): the attempt times out, the
+    connection is dropped, the job is fetched whole again on a new one."""
+    server = serve(scripted, [part(0, 7, b"realreal")[:-3], part(0, 7, b"realreal")])
+    (done,) = jobs_at(server, halves(tmp_path)[:1], attempts=2, timeout=0.5)
+    assert (done.error, done.attempts, len(done.crcs)) == ("", 2, 2)
+    assert server.connections == 2
+    assert (tmp_path / "o").read_bytes()[:8] == b"realreal"
+
+
+def test_an_answer_sent_while_idle_is_nobodys(scripted: list[Scripted]) -> None:
+    """A proxy's unsolicited 408 on an idle kept-alive socket (after the last body was
+    read whole): the next request goes on a new connection, its answer is its own."""
+    first = ok(b"one")
+    late = b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n\r\n"
+    server = serve(scripted, [first + late, ok(b"two")], piece=len(first), pause=0.05)
+    conn = server.connection()
+    conn.request("/b/k", {})
+    assert body_of(conn, 3) == b"one"
+    time.sleep(0.3)  # the 408 has come
+    conn.request("/b/k", {})
+    assert body_of(conn, 3) == b"two"
+    assert server.connections == 2
+    conn.close()
