@@ -23,7 +23,8 @@ from typing import Any
 
 from awscrt import auth, http, io, s3
 
-from s3cachefs.cache.bulkworker import Done, Endpoint, Job, _open_target
+from s3cachefs.cache.bulkjob import open_target
+from s3cachefs.cache.bulkworker import Done, Endpoint, Job
 from s3cachefs.store.checksums import Digest
 from s3cachefs.store.responses import same_etag
 
@@ -59,7 +60,7 @@ def _start(
 ) -> Any:
     done = Done(job.oid, job.start, job.end)
     digest = Digest(job.check) if job.check is not None else None
-    fd = _open_target(job.path, job.size)
+    fd = open_target(job.path, job.size)
     started = time.perf_counter()
     lock = threading.Lock()
     carry = bytearray()  # a block split across two chunks

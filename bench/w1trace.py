@@ -9,8 +9,8 @@ then the server's own log of requests (`bench.dirs3` ``/_bench/events``) and
 its bytes sent (polled every 50 ms). Printed, from the moment the client
 started: when each LIST arrived and ended, when the first GET arrived, when
 the job said its listing was done, when the last byte left, the end; and the
-MB/s overall and from the first GET to the last byte, and the daemon's own
-CPU seconds (not its workers'). ``--peer`` times ``s5cmd cp`` the same way
+MB/s overall and from the first GET to the last byte, the daemon's own
+CPU seconds and its bulk workers' (per GB). ``--peer`` times ``s5cmd cp`` the same way
 once per run; ``--before`` runs another checkout's install alternately with
 this one, each going first in every other run (before/after in one run);
 ``--log`` prints the daemon's log lines on the same clock. At the end, the
@@ -94,7 +94,12 @@ def _timeline(net: Network, total: int, cmd: list[str], environ: dict[str, str])
 
 def _print(name: str, t: dict[str, Any], total: int) -> None:
     lists = " ".join(f"[{a:.2f}-{e:.2f}]" for a, e in t["lists"])
-    cpu = f"; daemon CPU {t['daemon_cpu']:.2f} s" if "daemon_cpu" in t else ""
+    cpu = (
+        f"; daemon CPU {t['daemon_cpu']:.2f} s, workers {t['workers_cpu']:.2f} s "
+        f"({t['workers_cpu'] / total * 1e9:.2f} CPU-s/GB)"
+        if "daemon_cpu" in t
+        else ""
+    )
     print(f"{name}: LISTs {lists}; first GET {t['first_get']:.2f} s; {t['gets']} GETs{cpu}")
     at = t["listed"] if t["listed"] is not None else (t["lists"][-1][1] if t["lists"] else 0.0)
     before = max((b for s, b in t["sent"] if s <= at), default=0)
@@ -145,8 +150,13 @@ def _prefetch(net: Network, total: int, work: Path, cli: str | None, log: bool) 
         cmd, environ = fs.prefetch_command()
         daemon = psutil.Process(fs.pid)
         cpu = sum(daemon.cpu_times()[:2])
+        workers = {p.pid: sum(p.cpu_times()[:2]) for p in daemon.children()}
         t = _timeline(net, total, cmd, environ)
         t["daemon_cpu"] = sum(daemon.cpu_times()[:2]) - cpu  # its own, not the workers'
+        # The bulk workers (started with the daemon; any started since: their whole life).
+        t["workers_cpu"] = sum(
+            sum(p.cpu_times()[:2]) - workers.get(p.pid, 0.0) for p in daemon.children()
+        )
         if log:
             _print_log(fs.cache / "daemon.log", t["wall"])
         return t
@@ -172,7 +182,8 @@ def _summary(name: str, runs: list[dict[str, Any]], total: int, best: float, lin
         f"{med(lambda t: t['last_byte']):.2f} / rest {med(lambda t: t['end'] - t['last_byte']):.2f}"
         f" s"
         + (
-            f"; daemon CPU {med(lambda t: t['daemon_cpu']):.2f} s"
+            f"; daemon CPU {med(lambda t: t['daemon_cpu']):.2f} s, workers "
+            f"{med(lambda t: t['workers_cpu'] / total * 1e9):.2f} CPU-s/GB"
             if "daemon_cpu" in runs[0]
             else ""
         )

@@ -1,5 +1,6 @@
 """The bulk worker's HTTP side: where to GET (`Endpoint`) and one signed keep-alive
-connection per thread (`GetConnection`), signing with the credentials it is given.
+connection per thread (`GetConnection`), signing with the credentials it is given:
+its own lean HTTP/1.1 (`cache.bulkhttp`) for http endpoints, http.client for https.
 
 No trio, no cache and no botocore (the daemon owns the credential chain and sends
 `Secrets`): used by `cache.bulkworker` (and the bench), in worker threads.
@@ -14,12 +15,15 @@ import urllib.parse
 from dataclasses import dataclass
 
 from s3cachefs.base.errors import CredentialsError
+from s3cachefs.cache.bulkhttp import RawConnection, RawResponse
 from s3cachefs.cache.bulksign import GetSigner, Secrets, signed_host
 from s3cachefs.store.retry import RetryPolicy
 
 NO_CREDENTIALS = "no AWS credentials found"
 # What a keep-alive connection the server closed while idle says on its next request.
 _STALE_CONNECTION = (ConnectionResetError, BrokenPipeError, http.client.BadStatusLine)
+# What `cache.bulkjob` reads of a response (http.client's for https).
+Response = http.client.HTTPResponse | RawResponse
 
 
 @dataclass(frozen=True)
@@ -45,10 +49,11 @@ class GetConnection:
         self.prefix, self.https = url.path, url.scheme == "https"
         self.credentials = credentials  # [the latest], shared by the threads of a worker
         self.retry = RetryPolicy(endpoint.attempts)
-        self.http: http.client.HTTPConnection | None = None
+        self.address = (url.hostname or "", url.port or (443 if self.https else 80))
+        self.http: http.client.HTTPConnection | RawConnection | None = None
         self.signer = GetSigner(self.host, endpoint.region)
 
-    def get(self, key: str, etag: str, start: int, end: int) -> http.client.HTTPResponse:
+    def get(self, key: str, etag: str, start: int, end: int) -> Response:
         path = self.prefix + urllib.parse.quote(key, safe="/~")
         headers = {"Range": f"bytes={start}-{end - 1}", "If-Match": etag}
         if not self.credentials:  # the daemon sends them with the first jobs: not reached
@@ -65,7 +70,7 @@ class GetConnection:
                 raise
         return self._send(path, signed)
 
-    def _send(self, path: str, headers: dict[str, str]) -> http.client.HTTPResponse:
+    def _send(self, path: str, headers: dict[str, str]) -> Response:
         if self.http is None:
             if self.https:
                 context = ssl.create_default_context(cafile=self.endpoint.ca_bundle)
@@ -73,9 +78,12 @@ class GetConnection:
                     self.host, timeout=self.endpoint.timeout, context=context
                 )
             else:
-                self.http = http.client.HTTPConnection(self.host, timeout=self.endpoint.timeout)
+                self.http = RawConnection(*self.address, self.host, self.endpoint.timeout)
         try:
-            self.http.request("GET", path, headers=headers)
+            if isinstance(self.http, RawConnection):
+                self.http.request(path, headers)
+            else:
+                self.http.request("GET", path, headers=headers)
             return self.http.getresponse()
         except (OSError, http.client.HTTPException):
             self.close()

@@ -16,12 +16,12 @@ import logging
 import os
 import tempfile
 import threading
-import zlib
 from pathlib import Path
 
 import trio
 
 from s3cachefs.cache.blocks import block_span
+from s3cachefs.store.crc import crc32
 
 FICLONE = 0x40049409  # _IOW(0x94, 9, int), linux/fs.h
 WAYS = ("clone", "copy_file_range", "read-write")
@@ -125,6 +125,6 @@ def _first_bad(fd: int, crcs: dict[int, int], block_size: int, size: int) -> int
     for idx in range(-(-size // block_size)):
         start, end = block_span(idx, block_size, size)
         data = os.pread(fd, end - start, start)
-        if len(data) != end - start or zlib.crc32(data) != crcs.get(idx):
+        if len(data) != end - start or crc32(data) != crcs.get(idx):
             return idx
     return None

@@ -23,7 +23,6 @@ not written, and nothing is left on disk that the start cannot find:
 from __future__ import annotations
 
 import os
-import zlib
 from pathlib import Path
 
 from s3cachefs.cache.blocks import ObjectVersion, block_span
@@ -31,6 +30,7 @@ from s3cachefs.cache.index import Index
 from s3cachefs.cache.layout import Layout
 from s3cachefs.cache.ledger import Victim
 from s3cachefs.store.checksums import Digest
+from s3cachefs.store.crc import crc32
 
 
 class Disk:
@@ -140,7 +140,7 @@ class Disk:
             for idx in sorted(crcs):
                 start, end = block_span(idx, block_size, version.size)
                 data = os.pread(fd, end - start, start)
-                if len(data) != end - start or zlib.crc32(data) != crcs[idx]:
+                if len(data) != end - start or crc32(data) != crcs[idx]:
                     bad.append(idx)
                 digest.update(data)
         finally:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-import zlib
 
 import diskcache
 import trio
@@ -30,6 +29,7 @@ from s3cachefs.cache.ledger import Bounds, Ledger
 from s3cachefs.cache.memory import MemoryBlocks
 from s3cachefs.cache.state import BlockState, block_state
 from s3cachefs.cache.stats import CacheStats
+from s3cachefs.store.crc import crc32
 from s3cachefs.store.types import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -279,7 +279,7 @@ class Fetcher:
             await self._written.wait()
 
     async def _store_block(self, version: ObjectVersion, index: int, data: bytes) -> None:
-        crc = zlib.crc32(data)
+        crc = crc32(data)
         victims, fits = self.ledger.reserve(len(data), self.bounds)
         if not fits:
             self.stats.counts["store_skipped_full"] += 1

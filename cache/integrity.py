@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import logging
-import zlib
 from pathlib import Path
 
 import trio
@@ -24,6 +23,7 @@ from s3cachefs.cache.ledger import Bounds, Ledger, Victim
 from s3cachefs.cache.memory import MemoryBlocks
 from s3cachefs.cache.stats import CacheStats
 from s3cachefs.store.checksums import Check, Digest
+from s3cachefs.store.crc import crc32
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class Integrity:
         except OSError as exc:
             log.warning("cache read failed for %s: %s; refetching", version.key, exc.strerror)
             data = b""
-        if len(data) == end - start and zlib.crc32(data) == crc:
+        if len(data) == end - start and crc32(data) == crc:
             return data
         self.stats.counts["corrupt_blocks"] += 1
         log.warning(

@@ -30,7 +30,6 @@ import mmap
 import os
 import threading
 import time
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,8 @@ from typing import TypeVar
 
 import psutil
 import trio
+
+from s3cachefs.store.crc import crc32
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +143,7 @@ def _blocks_intact(fd: int, check: FileCheck, buffer: mmap.mmap, block_size: int
             length = min(block_size, check.size - start)
             if index not in check.crcs or os.preadv(fd, [buffer], start) < length:
                 return False
-            if zlib.crc32(view[:length]) != check.crcs[index]:
+            if crc32(view[:length]) != check.crcs[index]:
                 return False
     return True
 

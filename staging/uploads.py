@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import zlib
 from pathlib import Path
 
 import trio
@@ -26,6 +25,7 @@ import trio
 from s3cachefs.base.errors import AlreadyExistsError, ChecksumsRefusedError, StoreError
 from s3cachefs.staging.records import Staged, StagingReadError, save_record
 from s3cachefs.store import checksums
+from s3cachefs.store.crc import crc32
 from s3cachefs.store.types import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ class Uploads:
         """CRC32 per cache block of ``data``, which starts at block-aligned ``offset``."""
         bs = self.block_size
         view = memoryview(data)
-        return {(offset + i) // bs: zlib.crc32(view[i : i + bs]) for i in range(0, len(data), bs)}
+        return {(offset + i) // bs: crc32(view[i : i + bs]) for i in range(0, len(data), bs)}
 
     async def _multipart(self, staged: Staged) -> tuple[str, dict[int, int]]:
         """One multipart upload; refused for its checksums, all of it again without them."""

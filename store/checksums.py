@@ -26,7 +26,7 @@ preference (which one S3 offers for an object is `store.checkplan`):
 - ``local-md5``: only in manifests written before these checks existed: the MD5
   of what was pinned, recorded by this cache, not by S3 (not end to end).
 
-Digests run in worker threads over the cached file; hashlib, zlib and awscrt
+Digests run in worker threads over the cached file; hashlib, `store.crc` and awscrt
 release the GIL on large buffers. awscrt (CRC32C, CRC64NVME) is imported on
 first use: the bulk worker process imports this module and starts without it.
 """
@@ -35,9 +35,10 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
+
+from s3cachefs.store.crc import crc32
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -135,7 +136,7 @@ def new_hasher(algorithm: str) -> _Hasher:
     if algorithm == "sha256":
         return hashlib.sha256()
     if algorithm == "crc32":
-        return _Crc(zlib.crc32, 4)
+        return _Crc(crc32, 4)
     if algorithm == "crc32c":
         return _Crc(_crt().crc32c, 4)
     if algorithm == "crc64nvme":

@@ -21,7 +21,8 @@ from collections.abc import Mapping
 
 from s3cachefs.base.errors import BadResponseError, StaleError
 
-_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+)$")
+_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+)$", re.ASCII)
+_DIGITS = re.compile(r"[0-9]+")  # not str.isdigit(): "\u00b9" is one, and int() refuses it
 _MD5_ETAG = re.compile(r'^"?([0-9a-f]{32})"?$')
 # With these, S3's ETag of a single-part object is not the MD5 of its content.
 NOT_MD5_ENCRYPTION = {"aws:kms", "aws:kms:dsse"}
@@ -82,7 +83,7 @@ def check_get_response(
     else:
         _check_content_range(lower.get("content-range", ""), start, end, size, what)
     length = lower.get("content-length")
-    if length is None or not length.isdigit() or int(length) != end - start:
+    if length is None or not _DIGITS.fullmatch(length) or int(length) != end - start:
         raise BadResponseError(
             what,
             "bad_length",
