@@ -6,6 +6,7 @@ the GETs of chosen keys until the test lets them go, and lies (`tests.faultproxy
 
 from __future__ import annotations
 
+import datetime
 import errno
 import hashlib
 import json
@@ -472,6 +473,69 @@ def test_engine_survives_credentials_that_fail_to_refresh(
         assert await cache.read(other, 0, len(other_data)) == other_data
 
     run_engine(cache, body)
+
+
+def _credentials(kind: str, getter_credentials: object) -> object:
+    """The getter's own keys, static or refreshable with an expiry ``kind`` away."""
+    if kind == "static":
+        return getter_credentials
+    assert isinstance(getter_credentials, botocore.credentials.Credentials)
+    frozen = getter_credentials.get_frozen_credentials()
+    minutes = {"refreshable in 1 h": 60, "refreshable in 5 min": 5}[kind]
+
+    def metadata() -> dict[str, str]:
+        expiry = datetime.datetime.now(datetime.UTC) + datetime.timedelta(minutes=minutes)
+        return {
+            "access_key": str(frozen.access_key),
+            "secret_key": str(frozen.secret_key),
+            "token": "t",
+            "expiry_time": expiry.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        }
+
+    return botocore.credentials.RefreshableCredentials.create_from_metadata(
+        metadata(), refresh_using=metadata, method="test"
+    )
+
+
+@pytest.mark.parametrize(
+    ("kind", "asked"),
+    [("static", 1), ("refreshable in 1 h", 1), ("refreshable in 5 min", 3)],
+)
+def test_engine_freezes_credentials_for_a_batch_only_when_they_may_have_changed(
+    bucket: Bucket,
+    tmp_path: Path,
+    gate_proxy: GateProxy,
+    monkeypatch: pytest.MonkeyPatch,
+    kind: str,
+    asked: int,
+) -> None:
+    """Each batch of jobs goes out with the daemon's credentials; they are frozen in a
+    thread (a refresh may be a round trip) only when they may have changed: static keys
+    once, refreshable ones again only within botocore's refresh window of their expiry
+    (5 min: every batch, refreshed ahead of it), not once per batch."""
+    store = make_store(bucket, tmp_path, gate_proxy.endpoint_url)
+    objects = [put_object(bucket, store, f"k{i}", BS + 1 + i) for i in range(3)]
+    cache = engine_cache(store, tmp_path / "c")
+    getter = store.range_getter
+    assert getter is not None
+    getter._credentials = _credentials(kind, getter._credentials)  # type: ignore[assignment]
+    secrets = getter.secrets
+    calls: list[int] = []
+
+    def counted() -> tuple[str, str, str | None] | None:
+        calls.append(1)
+        return secrets()
+
+    monkeypatch.setattr(getter, "secrets", counted)
+
+    async def body() -> None:
+        for version, data in objects:  # one after the other: a batch each
+            done = await cache.bulk.fetch(version, range(2), md5_check(data))
+            assert done is not None and done.matches
+            assert await cache.read(version, 0, len(data)) == data
+
+    run_engine(cache, body)
+    assert len(calls) == asked
 
 
 def test_engine_releases_a_survivors_jobs_when_no_worker_can_be_started(
