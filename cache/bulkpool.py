@@ -30,7 +30,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 
@@ -100,7 +100,7 @@ class WorkerPool:
         size: int,
         threads: int,
         getter: Callable[[], RangeGetter | None],
-        on_batch: Callable[[list[Done]], Awaitable[None]],
+        on_batch: Callable[[list[Done]], None],
         on_lost: Callable[[list[JobKey]], None],
         on_unsent: Callable[[Job, str], None],
     ) -> None:
@@ -249,7 +249,7 @@ class WorkerPool:
                 return
             for done in batch:
                 worker.jobs.discard((done.oid, done.start))
-            await self._on_batch(batch)
+            self._on_batch(batch)
 
     def _died(self, worker: Worker, *, stopping: bool = False) -> None:
         if not worker.alive:

@@ -607,6 +607,64 @@ def test_workers_do_not_import_from_the_daemons_cwd(
     assert not marker.exists()
 
 
+def test_engine_indexes_batches_that_come_in_meanwhile_together_with_its_riders(
+    bucket: Bucket, tmp_path: Path, gate_proxy: GateProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One commit at a time: results that come in while a commit waits on the index go
+    together in the next one; work that rides on commits (`BulkEngine.riders`: a first
+    prefetch's links) runs in the same thread call, after the rows, and its ``then`` on
+    the trio thread."""
+    store = make_store(bucket, tmp_path, gate_proxy.endpoint_url)
+    objects = [put_object(bucket, store, f"k{i}", BS + 1 + i) for i in range(3)]
+    cache = engine_cache(store, tmp_path / "c", workers=2)
+    index_written = cache.bulk.disk.index_written
+    rows: list[int] = []
+    local = threading.local()
+
+    def counted(batch: list[tuple[ObjectVersion, bool, int, list[int], int]]) -> list[bool]:
+        rows.append(len(batch))
+        kept = index_written(batch)
+        local.indexed = True  # the ride below runs next, in this thread call
+        return kept
+
+    monkeypatch.setattr(cache.bulk.disk, "index_written", counted)
+    rode: list[str] = []
+
+    def work() -> None:
+        rode.append("after the rows" if getattr(local, "indexed", False) else "alone")
+        local.indexed = False
+
+    cache.bulk.riders.append(lambda: (work, lambda: rode.append("then")))
+    lock = sqlite3.connect(cache._layout.index_dir / "cache.db", isolation_level=None)
+
+    async def body() -> None:
+        async def fetch(version: ObjectVersion, data: bytes) -> None:
+            done = await cache.bulk.fetch(version, range(2), md5_check(data))
+            assert done is not None and done.matches
+
+        lock.execute("BEGIN EXCLUSIVE")
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(fetch, *objects[0])
+                await until(lambda: rows == [1])  # its commit waits on the lock
+                for version, data in objects[1:]:
+                    nursery.start_soon(fetch, version, data)
+                await until(lambda: len(cache.bulk._queued) == 2)
+                lock.execute("ROLLBACK")
+        finally:
+            if lock.in_transaction:
+                lock.execute("ROLLBACK")
+        for version, data in objects:
+            assert await cache.read(version, 0, len(data)) == data
+
+    try:
+        run_engine(cache, body)
+    finally:
+        lock.close()
+    assert rows == [1, 2]
+    assert rode == ["after the rows", "then"] * 2
+
+
 def test_engine_survives_an_index_that_stays_locked(
     bucket: Bucket, tmp_path: Path, gate_proxy: GateProxy, monkeypatch: pytest.MonkeyPatch
 ) -> None:
