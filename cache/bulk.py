@@ -86,6 +86,7 @@ class BulkEngine:
         self._waiting: dict[JobKey, _Waiting] = {}
         self._queued: list[tuple[_Waiting, Done, bool]] = []  # accepted, not yet indexed
         self._wanted = trio.Event()  # something is queued
+        self._committing = False  # while `_committer` runs
         # Blocking work that rides on the next commit's thread call (`Rider`).
         self.riders: list[Rider] = []
         self.pool = WorkerPool(
@@ -213,7 +214,10 @@ class BulkEngine:
     def _commit(self, batch: list[Done]) -> None:
         """A batch of finished jobs to index (by `_committer`); those that failed released."""
         self._queued += [g for done in batch if (g := self._accept(done)) is not None]
-        if self._queued:
+        if not self._committing:  # stopped (or not started): nothing will index them
+            good, self._queued = self._queued, []
+            self._settle(good, [False] * len(good))
+        elif self._queued:
             self._wanted.set()
 
     async def _committer(self) -> None:
@@ -221,6 +225,7 @@ class BulkEngine:
         is in its thread (from any worker: their readers never wait on it) goes together
         in the next, in one transaction, with the work riding on commits (`riders`): one
         trio<->thread hop where there were two or three."""
+        self._committing = True
         try:
             while True:
                 await self._wanted.wait()
@@ -229,6 +234,7 @@ class BulkEngine:
                     good, self._queued = self._queued, []
                     await self._commit_now(good)
         finally:  # the engine stops: what was not indexed is given back
+            self._committing = False
             good, self._queued = self._queued, []
             self._settle(good, [False] * len(good))
 
