@@ -96,19 +96,22 @@ class Disk:
     ) -> list[bool]:
         """Rows for runs a bulk worker wrote (version, new object, first block, CRCs,
         inode), in one transaction; False for a run whose file is no longer that inode
-        (evicted and made anew while it was written): nothing indexed for it."""
-        kept, objects, blocks = [], [], []
+        (evicted and made anew while it was written): nothing indexed for it.
+        A kept run writes its object row even if the object was not new: the row of
+        whoever made the record may be in a commit that failed (an UPSERT, once per oid)."""
+        kept, blocks = [], []
+        objects: dict[str, ObjectVersion] = {}
         with self.index.transaction():
-            for version, new, first, crcs, inode in rows:
+            for version, _new, first, crcs, inode in rows:
                 try:
                     same = os.stat(self.layout.path(version.oid)).st_ino == inode
                 except FileNotFoundError:
                     same = False
                 kept.append(same)
                 if same:
-                    objects += [version] if new else []
+                    objects[version.oid] = version
                     blocks += [(version.oid, first + i, crc) for i, crc in enumerate(crcs)]
-            self.index.put_rows(objects, blocks)  # one statement
+            self.index.put_rows(list(objects.values()), blocks)  # one statement
         return kept
 
     def free(self, oid: str, blocks: list[int]) -> None:
