@@ -48,9 +48,9 @@ log = logging.getLogger(__name__)
 
 # Blocking work to do in a commit's thread call, after its rows (`datasets.kernelprestage`:
 # links of objects pinned since the last one): asked on the trio thread before the call,
-# a rider gives (work, then) or None; ``work`` runs in the thread (and must not raise),
-# ``then`` on the trio thread once the call is over, whatever happened. Nothing a rider
-# does may need the commit's rows: they are indexed first, and may fail.
+# a rider gives (work, then) or None; ``work`` runs in the thread (one that raises is
+# logged), ``then`` on the trio thread once the call is over, whatever happened. Nothing
+# a rider does may need the commit's rows: they are indexed first, and may fail.
 Ride = tuple[Callable[[], None], Callable[[], None]]
 Rider = Callable[[], Ride | None]
 
@@ -334,9 +334,14 @@ class BulkEngine:
 def _index_then(
     index: Callable[[list[Any]], list[bool]], rows: list[Any], rides: list[Ride]
 ) -> list[bool]:
-    """In a worker thread: the rows, then what rides on them (even if indexing failed)."""
+    """In a worker thread: the rows, then what rides on them (even if indexing failed).
+    A rider that raises is logged: it must not turn rows that were committed into a
+    commit that failed (the caller would give back what the index holds)."""
     try:
         return index(rows)
     finally:
         for work, _ in rides:
-            work()
+            try:
+                work()
+            except Exception:  # a rider's bug: its own loss, not the rows'
+                log.exception("work riding on a bulk commit failed")

@@ -116,5 +116,5 @@ def _link_all(batches: dict[Path, list[binds.TreeEntry]]) -> None:
     for tree, batch in batches.items():
         try:
             kerneltrees.prelink(kerneltrees.pre_path(tree), batch)
-        except OSError as exc:  # the tree is then built at the end, as without this
+        except (OSError, ValueError) as exc:  # built at the end then, as without this
             log.info("kernel-serve tree %s: linking ahead failed: %s", tree, exc)

@@ -32,7 +32,9 @@ import trio
 from s3cachefs.base.errors import CredentialsError
 from s3cachefs.cache.blockcache import BlockCache
 from s3cachefs.cache.blocks import ObjectVersion
+from s3cachefs.cache.bulk import _Waiting
 from s3cachefs.cache.bulkworker import Done, Endpoint, Job, Secrets, fetch_jobs
+from s3cachefs.cache.flights import Flight
 from s3cachefs.cache.index import Index
 from s3cachefs.cli.locals3 import LocalS3
 from s3cachefs.store.checksums import Check
@@ -880,3 +882,55 @@ def test_a_short_write_is_a_disk_error_not_crcs(
     kind, crcs, error = result.stdout.split(" ", 2)
     assert (kind, crcs) == ("DiskError", "0"), result.stdout
     assert "short write" in error
+
+
+def test_a_rider_that_raises_does_not_unindex_the_commit_it_rode_on(
+    bucket: Bucket, tmp_path: Path, gate_proxy: GateProxy
+) -> None:
+    """Review finding 2: a rider's work that raises is logged; the rows committed before it
+    stay the job's (kept in the ledger, read from disk), not given back as not indexed."""
+    store = make_store(bucket, tmp_path, gate_proxy.endpoint_url)
+    version, data = put_object(bucket, store, "one", BS + 7)
+    cache = engine_cache(store, tmp_path / "c")
+    thens: list[str] = []
+
+    def work() -> None:
+        raise ValueError("embedded null byte")
+
+    cache.bulk.riders.append(lambda: (work, lambda: thens.append("then")))
+
+    async def body() -> None:
+        done = await cache.bulk.fetch(version, range(2), md5_check(data))
+        assert done is not None and done.matches
+        assert cache.missing_blocks(version) == []
+        assert await cache.read(version, 0, len(data)) == data
+        assert gate_proxy.gets["one"] == 1
+
+    run_engine(cache, body)
+    assert thens == ["then"]
+
+
+def test_results_that_come_in_once_the_committer_stopped_are_given_back(
+    bucket: Bucket, tmp_path: Path
+) -> None:
+    """Review finding 7 (commit 7f95a47): a batch the workers answer after the engine's
+    committer stopped (or before it started) is released at once: its waiter wakes (lost,
+    so its caller runs the in-daemon path), its reservation and flights are given back,
+    and the new object's record goes."""
+    store = make_store(bucket, tmp_path)
+    version, data = put_object(bucket, store, "one", BS + 7)
+    cache = engine_cache(store, tmp_path / "c")
+    engine, books = cache.bulk, cache.bulk.ledger
+    used = books.used
+    assert books.reserve(len(data), engine.bounds)[1]
+    job = Job(version.oid, version.key, version.etag, version.size, 0, len(data), "/nowhere")
+    flights = [engine.flights.start((version.oid, idx), Flight(remember=False)) for idx in (0, 1)]
+    waiting = _Waiting(job, version, range(2), flights)
+    engine._waiting[(version.oid, 0)] = waiting
+    assert not engine._committing
+    engine._commit([Done(version.oid, 0, len(data), crcs=[1, 2], inode=1, matches=True)])
+    assert waiting.event.is_set()
+    assert waiting.done is not None and waiting.done.lost
+    assert books.used == used and version.oid not in books
+    assert not engine._waiting and not engine._queued
+    assert all(engine.flights.get((version.oid, idx)) is None for idx in (0, 1))
