@@ -12,7 +12,8 @@ downgrade reads these; the UPSERT fires the same triggers (``count``, ``size``).
 
 Checked when the index opens: the key encoding against diskcache's ``Disk.put``,
 the table's columns, an UPSERT-capable SQLite. If any differs (another diskcache,
-another pickle), every row goes through ``Cache.set`` as before.
+another pickle, values kept in files below diskcache's default 32 KiB), every row goes
+through ``Cache.set`` as before; so does any row whose value is kept in a file.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ _UPSERT = (
     " size = excluded.size, mode = excluded.mode, filename = excluded.filename,"
     " value = excluded.value"
 )
+_MIN_FILE_SIZE = 2**15  # diskcache's default ``disk_min_file_size``
 _SAMPLE_OID = "0123456789abcdef0123456789abcdef01234567"
 _SAMPLE_INDICES = (0, 1, 127, 128, 255, 256, 65535, 65536, 2**24, 2**31 - 1)
 
@@ -96,7 +98,9 @@ class RowWriter:
             log.info("cache index rows written one by one (%s)", exc)
             return False
         upsert = sqlite3.sqlite_version_info >= (3, 24, 0)
-        if not (same and columns == _COLUMNS and upsert):
+        # Values kept in files from under diskcache's 32 KiB: not this index's settings.
+        inline = getattr(disk, "min_file_size", 0) >= _MIN_FILE_SIZE
+        if not (same and columns == _COLUMNS and upsert and inline):
             log.info("cache index rows written one by one (not diskcache's known encoding)")
             return False
         return True
@@ -108,11 +112,18 @@ class RowWriter:
                 self._db.set(key, value)
             return
         now = time.time()
-        store = self._db._disk.store
-        params = []
+        disk = self._db._disk
+        params: list[tuple[Any, ...]] = []
         for key, value in rows:
-            # Our values are far below diskcache's file size (32 KiB): no file, no old
-            # file to clean up as `set` would.
-            size, mode, filename, data = store(value, False, key=key)
+            size, mode, filename, data = disk.store(value, False, key=key)
+            if filename is not None:
+                # A value kept in a file (32 KiB or more: not one of ours, in practice):
+                # `set` writes it, and removes the file of the value it replaces, which
+                # the UPSERT would leave behind. The rows before it first, in order.
+                disk.remove(filename)
+                self._db._con.executemany(_UPSERT, params)
+                params = []
+                self._db.set(key, value)
+                continue
             params.append((sqlite3.Binary(pickled_key(key)), now, now, size, mode, filename, data))
         self._db._con.executemany(_UPSERT, params)

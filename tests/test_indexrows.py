@@ -157,3 +157,56 @@ def test_a_kept_run_writes_its_object_row_even_when_the_object_was_known(
     assert books.block_crcs(v) == {0: 11, 1: 12}
     index.close()
     layout.release()
+
+
+def val_files(path: Path) -> list[Path]:
+    return sorted(path.rglob("*.val"))
+
+
+def unnamed(path: Path) -> list[tuple[Any, ...]]:
+    """`table`, each value file's name (random, each write's own) as whether it has one."""
+    return [(*r[:7], r[7] is not None, *r[8:]) if len(r) > 7 else r for r in table(path)]
+
+
+def test_a_value_kept_in_a_file_is_replaced_as_cache_set_replaces_it(tmp_path: Path) -> None:
+    """Review finding 3: a value at or over diskcache's file size (32 KiB) lives in a file;
+    written again, the old file goes (as ``Cache.set`` does), none is left behind."""
+    by_set, by_writer = open_db(tmp_path / "set"), open_db(tmp_path / "writer")
+    writer = RowWriter(by_writer)
+    assert writer.fast
+    key = ("o", ObjectVersion("bucket", "big", '"e"', 1).oid)
+    small = [(("b", key[1], i), i) for i in range(3)]
+    for value in ("a" * 40_000, "b" * 50_000):
+        with by_set.transact():
+            for k, v in [(key, value), *small]:
+                by_set.set(k, v)
+        with by_writer.transact():
+            writer.put([(key, value), *small])
+        assert by_writer.get(key) == value
+        assert len(val_files(tmp_path / "writer")) == len(val_files(tmp_path / "set")) == 1
+    by_set.close()
+    by_writer.close()
+
+
+def test_rows_go_through_cache_set_when_the_writer_cannot_write_them(tmp_path: Path) -> None:
+    """Review findings 3 and 7: a diskcache whose values go to files from under 32 KiB is
+    not one `RowWriter` writes; every row then goes through ``Cache.set``: the same rows."""
+    rows = sample_rows(20)
+    by_set = open_db(tmp_path / "set")
+    by_writer = diskcache.Cache(
+        str(tmp_path / "writer"), eviction_policy="none", size_limit=2**62, cull_limit=0,
+        statistics=False, disk_min_file_size=256,
+    )  # fmt: skip
+    writer = RowWriter(by_writer)
+    assert not writer.fast
+    by_set.reset("disk_min_file_size", 256)
+    for batch in (rows, [(key, 7 if key[0] == "b" else value) for key, value in rows[::3]]):
+        with by_set.transact():
+            for key, value in batch:
+                by_set.set(key, value)
+        with by_writer.transact():
+            writer.put(batch)
+        assert unnamed(tmp_path / "writer") == unnamed(tmp_path / "set")
+        assert len(val_files(tmp_path / "writer")) == len(val_files(tmp_path / "set")) > 0
+    by_set.close()
+    by_writer.close()
