@@ -41,6 +41,7 @@ from s3cachefs.cache.bulkpool import JobKey, WorkerPool
 from s3cachefs.cache.bulkworker import EXPIRED, Done, Job, error_of
 from s3cachefs.cache.fetcher import Fetcher
 from s3cachefs.cache.flights import Flight
+from s3cachefs.cache.ledger import Victim
 from s3cachefs.store.checksums import Check
 from s3cachefs.store.rangeget import RangeGetter
 
@@ -183,12 +184,12 @@ class BulkEngine:
         victims, fits = self.ledger.reserve(end - start, self.bounds)
         if not fits:
             if victims:
-                await trio.to_thread.run_sync(self.disk.evict, victims, limiter=self.disk_limiter)
+                await self._evict(victims)
             return None
         # Evict before anything is registered: this await may be cancelled or fail.
         if victims:
             try:
-                await trio.to_thread.run_sync(self.disk.evict, victims, limiter=self.disk_limiter)
+                await self._evict(victims)
             except Exception as exc:  # noqa: BLE001  a full or locked index: the daemon's path
                 self.ledger.unreserve(end - start)
                 log.warning("cache could not evict for a bulk job: %s", exc)
@@ -210,6 +211,13 @@ class BulkEngine:
         self._waiting[(oid, start)] = waiting
         self.pool.send(worker, job)
         return waiting
+
+    async def _evict(self, victims: list[Victim]) -> None:
+        try:
+            await trio.to_thread.run_sync(self.disk.evict, victims, limiter=self.disk_limiter)
+        except BaseException:  # their bytes, counted as freed, may still be on the disk
+            self.ledger.recount_free()
+            raise
 
     def _commit(self, batch: list[Done]) -> None:
         """A batch of finished jobs to index (by `_committer`); those that failed released."""

@@ -74,6 +74,10 @@ class FreeSpace:
             self._sample, self._at, self._since = bounds.disk_free(), now, 0
         return self._sample - self._since
 
+    def forget(self) -> None:
+        """Ask the disk at the next `free`."""
+        self._at = -math.inf
+
     def took(self, nbytes: int) -> None:
         """``nbytes`` more reserved on the disk (negative: freed)."""
         self._since += nbytes
@@ -321,6 +325,11 @@ class Ledger:
         # already): free space under-counted until the next statvfs, never over-counted.
         self._free.took((new_disk if fits else 0) - freed)
         return victims, fits
+
+    def recount_free(self) -> None:
+        """An eviction (or a write) failed: the bytes `reserve` counted as freed may still
+        be on the disk; the next reservation asks the disk rather than trust the count."""
+        self._free.forget()
 
     def unreserve(self, nbytes: int) -> None:
         """Bytes reserved for a write that did not land."""

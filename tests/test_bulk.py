@@ -20,6 +20,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -30,12 +31,14 @@ import pytest
 import trio
 
 from s3cachefs.base.errors import CredentialsError
+from s3cachefs.cache import ledger
 from s3cachefs.cache.blockcache import BlockCache
 from s3cachefs.cache.blocks import ObjectVersion
 from s3cachefs.cache.bulk import _Waiting
 from s3cachefs.cache.bulkworker import Done, Endpoint, Job, Secrets, fetch_jobs
 from s3cachefs.cache.flights import Flight
 from s3cachefs.cache.index import Index
+from s3cachefs.cache.ledger import Bounds
 from s3cachefs.cli.locals3 import LocalS3
 from s3cachefs.store.checksums import Check
 from s3cachefs.store.responses import etag_md5
@@ -934,3 +937,42 @@ def test_results_that_come_in_once_the_committer_stopped_are_given_back(
     assert books.used == used and version.oid not in books
     assert not engine._waiting and not engine._queued
     assert all(engine.flights.get((version.oid, idx)) is None for idx in (0, 1))
+
+
+@dataclass(frozen=True)
+class CountingBounds(Bounds):
+    """`Bounds` that counts its statvfs calls."""
+
+    calls: list[int] = field(default_factory=list)
+
+    def disk_free(self) -> int:
+        self.calls.append(1)
+        return super().disk_free()
+
+
+def test_an_eviction_that_failed_has_the_disk_asked_again(
+    bucket: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review finding 5: the bytes of a failed eviction, counted as freed by the ledger,
+    may still be on the disk: the next reservation asks the disk (statvfs), not the count."""
+    monkeypatch.setattr(ledger, "FREE_SAMPLE_SECONDS", 3600.0)  # one statvfs, but for this
+    store = make_store(bucket, tmp_path)
+    first, first_data = put_object(bucket, store, "one", BS + 7)
+    second, second_data = put_object(bucket, store, "two", BS + 7)
+    cache = engine_cache(store, tmp_path / "c")
+    engine = cache.bulk
+
+    def broken(victims: list[object]) -> None:
+        raise OSError(errno.EIO, "the index disk failed")
+
+    async def body() -> None:
+        assert await engine.fetch(first, range(2), md5_check(first_data)) is not None
+        bounds = CountingBounds(engine.bounds.cache_dir, engine.ledger.used + BS, 0)
+        engine.bounds = bounds
+        monkeypatch.setattr(engine.disk, "evict", broken)
+        assert await engine.fetch(second, range(2), md5_check(second_data)) is None
+        asked = len(bounds.calls)
+        engine.ledger.reserve(0, bounds)
+        assert len(bounds.calls) == asked + 1
+
+    run_engine(cache, body)
