@@ -53,15 +53,19 @@ class Bounds:
 # The disk's free bytes are asked (statvfs) at most every FREE_SAMPLE_SECONDS, or once
 # the reservations since the last answer moved FREE_SAMPLE_BYTES: one statvfs per
 # reservation was a tenth of the daemon's CPU in a prefetch of small objects (issue 12).
-# Between two answers the ledger counts what it reserved on the disk itself, so a burst
-# of reservations cannot promise the same free bytes twice (a statvfs each could not see
-# bytes reserved and not yet written either); another process's writes show at the next.
+# Between two answers the ledger counts what it reserved on the disk itself, so within
+# one answer's window a burst of reservations cannot promise the same free bytes twice.
+# Each answer starts that count again: bytes reserved before it and not yet written (bulk
+# jobs out) are in neither, so across windows they can be promised twice, by at most what
+# is reserved and unwritten (as with a statvfs per reservation, which never saw them
+# either; `--min-free` is the margin). Another process's writes show at the next answer.
 FREE_SAMPLE_SECONDS = 0.05
 FREE_SAMPLE_BYTES = 64 * 1024 * 1024
 
 
 class FreeSpace:
-    """The disk's free bytes as of the last statvfs, less what was reserved on it since."""
+    """The disk's free bytes as of the last statvfs, less what was reserved on it since
+    (not what was reserved before it and is not written yet: see above)."""
 
     def __init__(self) -> None:
         self._at = -math.inf  # time.monotonic() of the last statvfs

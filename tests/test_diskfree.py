@@ -1,6 +1,7 @@
 """The ledger's view of the cache disk's free space (`cache.ledger.FreeSpace`): a statvfs
 at most every 50 ms (or 64 MiB reserved), the reservations in between counted, so a full
-disk is still refused and a burst of reservations never promises the same bytes twice."""
+disk is still refused and a burst of reservations within one sample's window never
+promises the same bytes twice."""
 
 from __future__ import annotations
 
