@@ -976,3 +976,28 @@ def test_an_eviction_that_failed_has_the_disk_asked_again(
         assert len(bounds.calls) == asked + 1
 
     run_engine(cache, body)
+
+
+def test_a_commits_waiters_are_woken_before_the_work_riding_on_it(
+    bucket: Bucket, tmp_path: Path, gate_proxy: GateProxy
+) -> None:
+    """Review finding 6: links riding on a commit (thousands under a journal stall) must not
+    delay the readers and prefetches waiting on that commit's rows: they are woken once the
+    rows are committed, while the rider's work still runs in the thread."""
+    store = make_store(bucket, tmp_path, gate_proxy.endpoint_url)
+    version, data = put_object(bucket, store, "one", BS + 7)
+    cache = engine_cache(store, tmp_path / "c")
+    woken = threading.Event()
+    seen: list[bool] = []
+    rides = [(lambda: seen.append(woken.wait(30)), lambda: seen.append(True))]
+    cache.bulk.riders.append(lambda: rides.pop() if rides else None)
+
+    async def body() -> None:
+        done = await cache.bulk.fetch(version, range(2), md5_check(data))
+        woken.set()  # the rider's work (still in its thread) sees it
+        assert done is not None and done.matches
+        await until(lambda: len(seen) == 2)
+        assert await cache.read(version, 0, len(data)) == data
+
+    run_engine(cache, body)
+    assert seen == [True, True], "the waiter was woken only after the rider's work"
