@@ -233,7 +233,8 @@ class BulkEngine:
         """Index what the workers finished, one commit at a time: what comes in while one
         is in its thread (from any worker: their readers never wait on it) goes together
         in the next, in one transaction, with the work riding on commits (`riders`): one
-        trio<->thread hop where there were two or three."""
+        trio<->thread hop where there were two or three (and one back into trio between
+        the rows and the work, when work rides: `_index_then`)."""
         self._committing = True
         try:
             while True:
