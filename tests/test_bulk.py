@@ -1001,3 +1001,33 @@ def test_a_commits_waiters_are_woken_before_the_work_riding_on_it(
 
     run_engine(cache, body)
     assert seen == [True, True], "the waiter was woken only after the rider's work"
+
+
+def test_a_write_whose_eviction_failed_has_the_disk_asked_again(
+    bucket: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review finding 5, the in-daemon path: a block write that evicts first and fails
+    (a full or failing disk) has the next reservation ask the disk, not the count."""
+    monkeypatch.setattr(ledger, "FREE_SAMPLE_SECONDS", 3600.0)
+    store = make_store(bucket, tmp_path)
+    first, first_data = put_object(bucket, store, "one", BS + 7)
+    second, second_data = put_object(bucket, store, "two", BS + 7)
+    cache = engine_cache(store, tmp_path / "c", workers=0)
+    fetcher = cache._fetcher
+
+    def broken(*args: object) -> None:
+        raise OSError(errno.EIO, "the cache disk failed")
+
+    async def body() -> None:
+        assert await cache.read(first, 0, len(first_data)) == first_data
+        await until(lambda: cache.missing_blocks(first) == [])  # written after the read
+        bounds = CountingBounds(fetcher.bounds.cache_dir, cache.ledger.used + BS, 0)
+        fetcher.bounds = bounds
+        monkeypatch.setattr(fetcher.disk, "write_block", broken)
+        assert await cache.read(second, 0, len(second_data)) == second_data
+        await until(lambda: cache.stats.counts["disk_errors"] >= 2)  # both blocks' writes
+        asked = len(bounds.calls)
+        cache.ledger.reserve(0, bounds)
+        assert len(bounds.calls) == asked + 1
+
+    run_engine(cache, body)
