@@ -14,7 +14,8 @@ a batch of results came in, a worker died with these jobs, a job could not be se
   yet, shrinks ``size`` to them instead).
 - A worker gets a minimal environment (`worker_env`): not the daemon's secrets.
 - Jobs queued in one trio tick go to a worker in one message, with the
-  credentials frozen in a thread (a refresh may be an STS/IMDS round trip).
+  credentials frozen in a thread (a refresh may be an STS/IMDS round trip) when
+  they may have changed since (`RangeGetter.known_secrets`), else as last frozen.
 - Results are read on the trio thread (no thread hand-off per block).
 - They stop with the engine's nursery; they also die with the daemon
   (``PR_SET_PDEATHSIG``, and the socket's EOF).
@@ -29,7 +30,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 
@@ -99,7 +100,7 @@ class WorkerPool:
         size: int,
         threads: int,
         getter: Callable[[], RangeGetter | None],
-        on_batch: Callable[[list[Done]], Awaitable[None]],
+        on_batch: Callable[[list[Done]], None],
         on_lost: Callable[[list[JobKey]], None],
         on_unsent: Callable[[Job, str], None],
     ) -> None:
@@ -248,7 +249,7 @@ class WorkerPool:
                 return
             for done in batch:
                 worker.jobs.discard((done.oid, done.start))
-            await self._on_batch(batch)
+            self._on_batch(batch)
 
     def _died(self, worker: Worker, *, stopping: bool = False) -> None:
         if not worker.alive:
@@ -284,11 +285,12 @@ class WorkerPool:
         self._flush_pending = False
         outbox, self._outbox = self._outbox, []  # jobs queued while we wait: the next flush
         getter = self._getter()
+        secrets: WireSecrets = None
         try:
-            # A refresh may be an STS/IMDS round trip: not on the trio thread.
-            secrets: WireSecrets = (
-                None if getter is None else await trio.to_thread.run_sync(getter.secrets)
-            )
+            if getter is not None:
+                known = getter.known_secrets()
+                # Not known: a refresh may be an STS/IMDS round trip, not on the trio thread.
+                secrets = await trio.to_thread.run_sync(getter.secrets) if known is False else known
         except Exception as exc:  # noqa: BLE001  no credentials: these jobs fail, not the daemon
             log.warning("bulk jobs not sent: no credentials (%s)", exc)
             for worker, job in outbox:

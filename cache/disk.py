@@ -85,9 +85,8 @@ class Disk:
         target = self.layout.place(version.oid, path)
         try:
             with self.index.transaction():  # one SQLite commit, not one per block
-                self.index.put_object(version)
-                for idx, crc in crcs.items():
-                    self.index.put_block(version.oid, idx, crc)
+                blocks = [(version.oid, idx, crc) for idx, crc in crcs.items()]
+                self.index.put_rows([version], blocks)
         except BaseException:
             target.unlink(missing_ok=True)  # no row, no file: S3 has the bytes
             raise
@@ -97,21 +96,22 @@ class Disk:
     ) -> list[bool]:
         """Rows for runs a bulk worker wrote (version, new object, first block, CRCs,
         inode), in one transaction; False for a run whose file is no longer that inode
-        (evicted and made anew while it was written): nothing indexed for it."""
-        kept = []
+        (evicted and made anew while it was written): nothing indexed for it.
+        A kept run writes its object row even if the object was not new: the row of
+        whoever made the record may be in a commit that failed (an UPSERT, once per oid)."""
+        kept, blocks = [], []
+        objects: dict[str, ObjectVersion] = {}
         with self.index.transaction():
-            for version, new, first, crcs, inode in rows:
+            for version, _new, first, crcs, inode in rows:
                 try:
                     same = os.stat(self.layout.path(version.oid)).st_ino == inode
                 except FileNotFoundError:
                     same = False
                 kept.append(same)
-                if not same:
-                    continue
-                if new:
-                    self.index.put_object(version)
-                for offset, crc in enumerate(crcs):
-                    self.index.put_block(version.oid, first + offset, crc)
+                if same:
+                    objects[version.oid] = version
+                    blocks += [(version.oid, first + i, crc) for i, crc in enumerate(crcs)]
+            self.index.put_rows(list(objects.values()), blocks)  # one statement
         return kept
 
     def free(self, oid: str, blocks: list[int]) -> None:

@@ -309,6 +309,8 @@ class Fetcher:
             # is full" on the index: the same condition, one line, the room given back.
             if fits:
                 self.ledger.unreserve(len(data))
+            if victims:
+                self.ledger.recount_free()
             self.stats.counts["disk_errors"] += 1
             reason = exc.strerror if isinstance(exc, OSError) else f"index: {exc}"
             log.warning("cache write failed for %s: %s; reads go to S3", version.key, reason)

@@ -24,6 +24,7 @@ from typing import Any
 import diskcache
 
 from s3cachefs.cache.blocks import ObjectVersion
+from s3cachefs.cache.indexrows import Row, RowWriter
 from s3cachefs.cache.layout import Layout
 from s3cachefs.cache.ledger import Ledger
 
@@ -39,6 +40,7 @@ class Index:
     def __init__(self, layout: Layout) -> None:
         self.layout = layout
         self._db: Any = None
+        self._rows: RowWriter
 
     def open(self, ledger: Ledger) -> None:
         """Open the database and load it into ``ledger``, repairing on the way. Blocking."""
@@ -63,7 +65,7 @@ class Index:
             self._load(ledger)
 
     def _open_db(self) -> Any:
-        return diskcache.Cache(
+        db = diskcache.Cache(
             str(self.layout.index_dir),
             eviction_policy="none",  # we evict; diskcache's LRU would write on every get
             size_limit=2**62,
@@ -71,6 +73,8 @@ class Index:
             statistics=False,
             timeout=self.LOCK_TIMEOUT,
         )
+        self._rows = RowWriter(db)
+        return db
 
     def close(self) -> None:
         if self._db is not None:
@@ -80,10 +84,17 @@ class Index:
     # ---- rows ------------------------------------------------------------
 
     def put_object(self, version: ObjectVersion) -> None:
-        self._db.set(("o", version.oid), (version.bucket, version.key, version.etag, version.size))
+        self._db.set(("o", version.oid), _object_value(version))
 
     def put_block(self, oid: str, index: int, crc: int) -> None:
         self._db.set(("b", oid, index), crc)
+
+    def put_rows(self, objects: list[ObjectVersion], blocks: list[tuple[str, int, int]]) -> None:
+        """Object rows, then block rows (oid, index, crc32), the rows `put_object` and
+        `put_block` write, in one statement (`cache.indexrows`); inside a `transaction`."""
+        rows: list[Row] = [(("o", v.oid), _object_value(v)) for v in objects]
+        rows += [(("b", oid, idx), crc) for oid, idx, crc in blocks]
+        self._rows.put(rows)
 
     def delete_block(self, oid: str, index: int) -> None:
         self._db.delete(("b", oid, index))
@@ -141,3 +152,7 @@ class Index:
             self.delete_block(oid, idx)
         self.delete_object(oid)
         return len(record.blocks)
+
+
+def _object_value(version: ObjectVersion) -> tuple[str, str, str, int]:
+    return version.bucket, version.key, version.etag, version.size

@@ -14,6 +14,8 @@ thread: it must not await, so no other task sees the books half changed.
 
 from __future__ import annotations
 
+import math
+import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -48,6 +50,43 @@ class Bounds:
         return psutil.disk_usage(str(self.cache_dir)).free
 
 
+# The disk's free bytes are asked (statvfs) at most every FREE_SAMPLE_SECONDS, or once
+# the reservations since the last answer moved FREE_SAMPLE_BYTES: one statvfs per
+# reservation was a tenth of the daemon's CPU in a prefetch of small objects (issue 12).
+# Between two answers the ledger counts what it reserved on the disk itself, so within
+# one answer's window a burst of reservations cannot promise the same free bytes twice.
+# Each answer starts that count again: bytes reserved before it and not yet written (bulk
+# jobs out) are in neither, so across windows they can be promised twice, by at most what
+# is reserved and unwritten (as with a statvfs per reservation, which never saw them
+# either; `--min-free` is the margin). Another process's writes show at the next answer.
+FREE_SAMPLE_SECONDS = 0.05
+FREE_SAMPLE_BYTES = 64 * 1024 * 1024
+
+
+class FreeSpace:
+    """The disk's free bytes as of the last statvfs, less what was reserved on it since
+    (not what was reserved before it and is not written yet: see above)."""
+
+    def __init__(self) -> None:
+        self._at = -math.inf  # time.monotonic() of the last statvfs
+        self._sample = 0
+        self._since = 0  # bytes reserved on the disk since (net of evictions)
+
+    def free(self, bounds: Bounds) -> int:
+        now = time.monotonic()
+        if now - self._at >= FREE_SAMPLE_SECONDS or abs(self._since) >= FREE_SAMPLE_BYTES:
+            self._sample, self._at, self._since = bounds.disk_free(), now, 0
+        return self._sample - self._since
+
+    def forget(self) -> None:
+        """Ask the disk at the next `free`."""
+        self._at = -math.inf
+
+    def took(self, nbytes: int) -> None:
+        """``nbytes`` more reserved on the disk (negative: freed)."""
+        self._since += nbytes
+
+
 class Ledger:
     """Records, the eviction order, the pinned set and the bytes used. Must not await."""
 
@@ -61,6 +100,7 @@ class Ledger:
         # Bytes of the pinned versions' blocks, kept as they change: every room check
         # asks, and summing them each time is O(cached blocks) (`cache.reuse` per object).
         self._pinned_bytes = 0
+        self._free = FreeSpace()
 
     # ---- what is held ----------------------------------------------------
 
@@ -260,7 +300,7 @@ class Ledger:
         ``on_disk``: the bytes are on the disk already (an adopted file): they
         count against ``--cache-size`` but take no more disk space.
         """
-        free = bounds.disk_free()
+        free = self._free.free(bounds)
         victims: list[Victim] = []
         freed = 0
         new_disk = 0 if on_disk else nbytes
@@ -285,7 +325,15 @@ class Ledger:
         self.stats.counts["evictions"] += len(victims)
         fits = not over()
         self._used += (nbytes if fits else 0) - freed
+        # Not given back by `unreserve` (nor for an adopted file's bytes, on the disk
+        # already): free space under-counted until the next statvfs, never over-counted.
+        self._free.took((new_disk if fits else 0) - freed)
         return victims, fits
+
+    def recount_free(self) -> None:
+        """An eviction (or a write) failed: the bytes `reserve` counted as freed may still
+        be on the disk; the next reservation asks the disk rather than trust the count."""
+        self._free.forget()
 
     def unreserve(self, nbytes: int) -> None:
         """Bytes reserved for a write that did not land."""

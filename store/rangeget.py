@@ -22,9 +22,10 @@ urllib3 does not read the proxy environment.
 from __future__ import annotations
 
 import re
+import time
 import urllib.parse
 import urllib.request
-from typing import Any
+from typing import Any, Literal
 
 import botocore.auth
 import botocore.awsrequest
@@ -36,6 +37,9 @@ from s3cachefs.store.errortable import error_for_code
 from s3cachefs.store.retry import RetryPolicy
 
 _CODE = re.compile(rb"<Code>([^<]+)</Code>")
+# Seconds `RangeGetter.known_secrets` answers from what `secrets` froze: a minute of
+# worker batches share one thread hop (was one per batch: 255 in W1's small set).
+SECRETS_KEPT = 60.0
 
 
 def proxy_applies(url: str) -> bool:
@@ -64,6 +68,8 @@ class RangeGetter:
         self.base_url = base_url.rstrip("/") + "/"
         self.region = region
         self._credentials = credentials
+        # The credentials `secrets` last froze, and what it gave (`known_secrets`).
+        self._frozen: tuple[Any, tuple[str, str, str | None], float] | None = None
         self._retry = retry
         # What a bulk worker process needs to GET the same way (`cache.bulk`).
         self.ca_bundle, self.read_timeout = ca_bundle, read_timeout
@@ -80,11 +86,40 @@ class RangeGetter:
         return self._retry.max_attempts
 
     def secrets(self) -> tuple[str, str, str | None] | None:
-        """The current credentials, frozen (refreshed first if they expire), for a worker."""
-        if self._credentials is None:
+        """The current credentials, frozen (refreshed first if they expire), for a worker.
+        Blocking: a refresh may be an STS/IMDS round trip."""
+        credentials = self._credentials
+        if credentials is None:
             return None
-        frozen = self._credentials.get_frozen_credentials()
-        return str(frozen.access_key), str(frozen.secret_key), frozen.token
+        frozen = credentials.get_frozen_credentials()
+        secrets = str(frozen.access_key), str(frozen.secret_key), frozen.token
+        self._frozen = credentials, secrets, time.monotonic()
+        return secrets
+
+    def known_secrets(self) -> tuple[str, str, str | None] | Literal[False] | None:
+        """What `secrets` would return, if that is known without asking it; else False.
+
+        Known: what `secrets` gave less than `SECRETS_KEPT` seconds ago, unless the
+        credentials are refreshable and within botocore's own advisory refresh window
+        of their expiry (`refresh_needed`: `secrets` then refreshes them ahead of it).
+        Static keys never change; the age bound covers a refresh made meanwhile by
+        another thread. No lock, no I/O: the trio thread asks this for each batch of
+        worker jobs instead of a thread hop (`cache.bulkpool`)."""
+        credentials = self._credentials
+        if credentials is None:
+            return None
+        frozen = self._frozen
+        if (
+            frozen is None
+            or frozen[0] is not credentials
+            or time.monotonic() - frozen[2] > SECRETS_KEPT
+            or (
+                isinstance(credentials, botocore.credentials.RefreshableCredentials)
+                and credentials.refresh_needed()
+            )
+        ):
+            return False
+        return frozen[1]
 
     def url(self, key: str) -> str:
         return self.base_url + urllib.parse.quote(key, safe="/~")

@@ -6,6 +6,7 @@ the GETs of chosen keys until the test lets them go, and lies (`tests.faultproxy
 
 from __future__ import annotations
 
+import datetime
 import errno
 import hashlib
 import json
@@ -19,6 +20,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -29,10 +31,14 @@ import pytest
 import trio
 
 from s3cachefs.base.errors import CredentialsError
+from s3cachefs.cache import ledger
 from s3cachefs.cache.blockcache import BlockCache
 from s3cachefs.cache.blocks import ObjectVersion
+from s3cachefs.cache.bulk import _Waiting
 from s3cachefs.cache.bulkworker import Done, Endpoint, Job, Secrets, fetch_jobs
+from s3cachefs.cache.flights import Flight
 from s3cachefs.cache.index import Index
+from s3cachefs.cache.ledger import Bounds
 from s3cachefs.cli.locals3 import LocalS3
 from s3cachefs.store.checksums import Check
 from s3cachefs.store.responses import etag_md5
@@ -474,6 +480,69 @@ def test_engine_survives_credentials_that_fail_to_refresh(
     run_engine(cache, body)
 
 
+def _credentials(kind: str, getter_credentials: object) -> object:
+    """The getter's own keys, static or refreshable with an expiry ``kind`` away."""
+    if kind == "static":
+        return getter_credentials
+    assert isinstance(getter_credentials, botocore.credentials.Credentials)
+    frozen = getter_credentials.get_frozen_credentials()
+    minutes = {"refreshable in 1 h": 60, "refreshable in 5 min": 5}[kind]
+
+    def metadata() -> dict[str, str]:
+        expiry = datetime.datetime.now(datetime.UTC) + datetime.timedelta(minutes=minutes)
+        return {
+            "access_key": str(frozen.access_key),
+            "secret_key": str(frozen.secret_key),
+            "token": "t",
+            "expiry_time": expiry.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        }
+
+    return botocore.credentials.RefreshableCredentials.create_from_metadata(
+        metadata(), refresh_using=metadata, method="test"
+    )
+
+
+@pytest.mark.parametrize(
+    ("kind", "asked"),
+    [("static", 1), ("refreshable in 1 h", 1), ("refreshable in 5 min", 3)],
+)
+def test_engine_freezes_credentials_for_a_batch_only_when_they_may_have_changed(
+    bucket: Bucket,
+    tmp_path: Path,
+    gate_proxy: GateProxy,
+    monkeypatch: pytest.MonkeyPatch,
+    kind: str,
+    asked: int,
+) -> None:
+    """Each batch of jobs goes out with the daemon's credentials; they are frozen in a
+    thread (a refresh may be a round trip) only when they may have changed: static keys
+    once, refreshable ones again only within botocore's refresh window of their expiry
+    (5 min: every batch, refreshed ahead of it), not once per batch."""
+    store = make_store(bucket, tmp_path, gate_proxy.endpoint_url)
+    objects = [put_object(bucket, store, f"k{i}", BS + 1 + i) for i in range(3)]
+    cache = engine_cache(store, tmp_path / "c")
+    getter = store.range_getter
+    assert getter is not None
+    getter._credentials = _credentials(kind, getter._credentials)  # type: ignore[assignment]
+    secrets = getter.secrets
+    calls: list[int] = []
+
+    def counted() -> tuple[str, str, str | None] | None:
+        calls.append(1)
+        return secrets()
+
+    monkeypatch.setattr(getter, "secrets", counted)
+
+    async def body() -> None:
+        for version, data in objects:  # one after the other: a batch each
+            done = await cache.bulk.fetch(version, range(2), md5_check(data))
+            assert done is not None and done.matches
+            assert await cache.read(version, 0, len(data)) == data
+
+    run_engine(cache, body)
+    assert len(calls) == asked
+
+
 def test_engine_releases_a_survivors_jobs_when_no_worker_can_be_started(
     bucket: Bucket,
     tmp_path: Path,
@@ -541,6 +610,64 @@ def test_workers_do_not_import_from_the_daemons_cwd(
 
     run_engine(cache, body)
     assert not marker.exists()
+
+
+def test_engine_indexes_batches_that_come_in_meanwhile_together_with_its_riders(
+    bucket: Bucket, tmp_path: Path, gate_proxy: GateProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One commit at a time: results that come in while a commit waits on the index go
+    together in the next one; work that rides on commits (`BulkEngine.riders`: a first
+    prefetch's links) runs in the same thread call, after the rows, and its ``then`` on
+    the trio thread."""
+    store = make_store(bucket, tmp_path, gate_proxy.endpoint_url)
+    objects = [put_object(bucket, store, f"k{i}", BS + 1 + i) for i in range(3)]
+    cache = engine_cache(store, tmp_path / "c", workers=2)
+    index_written = cache.bulk.disk.index_written
+    rows: list[int] = []
+    local = threading.local()
+
+    def counted(batch: list[tuple[ObjectVersion, bool, int, list[int], int]]) -> list[bool]:
+        rows.append(len(batch))
+        kept = index_written(batch)
+        local.indexed = True  # the ride below runs next, in this thread call
+        return kept
+
+    monkeypatch.setattr(cache.bulk.disk, "index_written", counted)
+    rode: list[str] = []
+
+    def work() -> None:
+        rode.append("after the rows" if getattr(local, "indexed", False) else "alone")
+        local.indexed = False
+
+    cache.bulk.riders.append(lambda: (work, lambda: rode.append("then")))
+    lock = sqlite3.connect(cache._layout.index_dir / "cache.db", isolation_level=None)
+
+    async def body() -> None:
+        async def fetch(version: ObjectVersion, data: bytes) -> None:
+            done = await cache.bulk.fetch(version, range(2), md5_check(data))
+            assert done is not None and done.matches
+
+        lock.execute("BEGIN EXCLUSIVE")
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(fetch, *objects[0])
+                await until(lambda: rows == [1])  # its commit waits on the lock
+                for version, data in objects[1:]:
+                    nursery.start_soon(fetch, version, data)
+                await until(lambda: len(cache.bulk._queued) == 2)
+                lock.execute("ROLLBACK")
+        finally:
+            if lock.in_transaction:
+                lock.execute("ROLLBACK")
+        for version, data in objects:
+            assert await cache.read(version, 0, len(data)) == data
+
+    try:
+        run_engine(cache, body)
+    finally:
+        lock.close()
+    assert rows == [1, 2]
+    assert rode == ["after the rows", "then"] * 2
 
 
 def test_engine_survives_an_index_that_stays_locked(
@@ -758,3 +885,149 @@ def test_a_short_write_is_a_disk_error_not_crcs(
     kind, crcs, error = result.stdout.split(" ", 2)
     assert (kind, crcs) == ("DiskError", "0"), result.stdout
     assert "short write" in error
+
+
+def test_a_rider_that_raises_does_not_unindex_the_commit_it_rode_on(
+    bucket: Bucket, tmp_path: Path, gate_proxy: GateProxy
+) -> None:
+    """Review finding 2: a rider's work that raises is logged; the rows committed before it
+    stay the job's (kept in the ledger, read from disk), not given back as not indexed."""
+    store = make_store(bucket, tmp_path, gate_proxy.endpoint_url)
+    version, data = put_object(bucket, store, "one", BS + 7)
+    cache = engine_cache(store, tmp_path / "c")
+    thens: list[str] = []
+
+    def work() -> None:
+        raise ValueError("embedded null byte")
+
+    cache.bulk.riders.append(lambda: (work, lambda: thens.append("then")))
+
+    async def body() -> None:
+        done = await cache.bulk.fetch(version, range(2), md5_check(data))
+        assert done is not None and done.matches
+        assert cache.missing_blocks(version) == []
+        assert await cache.read(version, 0, len(data)) == data
+        assert gate_proxy.gets["one"] == 1
+
+    run_engine(cache, body)
+    assert thens == ["then"]
+
+
+def test_results_that_come_in_once_the_committer_stopped_are_given_back(
+    bucket: Bucket, tmp_path: Path
+) -> None:
+    """Review finding 7 (commit 7f95a47): a batch the workers answer after the engine's
+    committer stopped (or before it started) is released at once: its waiter wakes (lost,
+    so its caller runs the in-daemon path), its reservation and flights are given back,
+    and the new object's record goes."""
+    store = make_store(bucket, tmp_path)
+    version, data = put_object(bucket, store, "one", BS + 7)
+    cache = engine_cache(store, tmp_path / "c")
+    engine, books = cache.bulk, cache.bulk.ledger
+    used = books.used
+    assert books.reserve(len(data), engine.bounds)[1]
+    job = Job(version.oid, version.key, version.etag, version.size, 0, len(data), "/nowhere")
+    flights = [engine.flights.start((version.oid, idx), Flight(remember=False)) for idx in (0, 1)]
+    waiting = _Waiting(job, version, range(2), flights)
+    engine._waiting[(version.oid, 0)] = waiting
+    assert not engine._committing
+    engine._commit([Done(version.oid, 0, len(data), crcs=[1, 2], inode=1, matches=True)])
+    assert waiting.event.is_set()
+    assert waiting.done is not None and waiting.done.lost
+    assert books.used == used and version.oid not in books
+    assert not engine._waiting and not engine._queued
+    assert all(engine.flights.get((version.oid, idx)) is None for idx in (0, 1))
+
+
+@dataclass(frozen=True)
+class CountingBounds(Bounds):
+    """`Bounds` that counts its statvfs calls."""
+
+    calls: list[int] = field(default_factory=list)
+
+    def disk_free(self) -> int:
+        self.calls.append(1)
+        return super().disk_free()
+
+
+def test_an_eviction_that_failed_has_the_disk_asked_again(
+    bucket: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review finding 5: the bytes of a failed eviction, counted as freed by the ledger,
+    may still be on the disk: the next reservation asks the disk (statvfs), not the count."""
+    monkeypatch.setattr(ledger, "FREE_SAMPLE_SECONDS", 3600.0)  # one statvfs, but for this
+    store = make_store(bucket, tmp_path)
+    first, first_data = put_object(bucket, store, "one", BS + 7)
+    second, second_data = put_object(bucket, store, "two", BS + 7)
+    cache = engine_cache(store, tmp_path / "c")
+    engine = cache.bulk
+
+    def broken(victims: list[object]) -> None:
+        raise OSError(errno.EIO, "the index disk failed")
+
+    async def body() -> None:
+        assert await engine.fetch(first, range(2), md5_check(first_data)) is not None
+        bounds = CountingBounds(engine.bounds.cache_dir, engine.ledger.used + BS, 0)
+        engine.bounds = bounds
+        monkeypatch.setattr(engine.disk, "evict", broken)
+        assert await engine.fetch(second, range(2), md5_check(second_data)) is None
+        asked = len(bounds.calls)
+        engine.ledger.reserve(0, bounds)
+        assert len(bounds.calls) == asked + 1
+
+    run_engine(cache, body)
+
+
+def test_a_commits_waiters_are_woken_before_the_work_riding_on_it(
+    bucket: Bucket, tmp_path: Path, gate_proxy: GateProxy
+) -> None:
+    """Review finding 6: links riding on a commit (thousands under a journal stall) must not
+    delay the readers and prefetches waiting on that commit's rows: they are woken once the
+    rows are committed, while the rider's work still runs in the thread."""
+    store = make_store(bucket, tmp_path, gate_proxy.endpoint_url)
+    version, data = put_object(bucket, store, "one", BS + 7)
+    cache = engine_cache(store, tmp_path / "c")
+    woken = threading.Event()
+    seen: list[bool] = []
+    rides = [(lambda: seen.append(woken.wait(30)), lambda: seen.append(True))]
+    cache.bulk.riders.append(lambda: rides.pop() if rides else None)
+
+    async def body() -> None:
+        done = await cache.bulk.fetch(version, range(2), md5_check(data))
+        woken.set()  # the rider's work (still in its thread) sees it
+        assert done is not None and done.matches
+        await until(lambda: len(seen) == 2)
+        assert await cache.read(version, 0, len(data)) == data
+
+    run_engine(cache, body)
+    assert seen == [True, True], "the waiter was woken only after the rider's work"
+
+
+def test_a_write_whose_eviction_failed_has_the_disk_asked_again(
+    bucket: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review finding 5, the in-daemon path: a block write that evicts first and fails
+    (a full or failing disk) has the next reservation ask the disk, not the count."""
+    monkeypatch.setattr(ledger, "FREE_SAMPLE_SECONDS", 3600.0)
+    store = make_store(bucket, tmp_path)
+    first, first_data = put_object(bucket, store, "one", BS + 7)
+    second, second_data = put_object(bucket, store, "two", BS)  # one block: one write
+    cache = engine_cache(store, tmp_path / "c", workers=0)
+    fetcher = cache._fetcher
+
+    def broken(*args: object) -> None:
+        raise OSError(errno.EIO, "the cache disk failed")
+
+    async def body() -> None:
+        assert await cache.read(first, 0, len(first_data)) == first_data
+        await until(lambda: cache.missing_blocks(first) == [])  # written after the read
+        bounds = CountingBounds(fetcher.bounds.cache_dir, cache.ledger.used + BS // 2, 0)
+        fetcher.bounds = bounds
+        monkeypatch.setattr(fetcher.disk, "write_block", broken)
+        assert await cache.read(second, 0, len(second_data)) == second_data
+        await until(lambda: cache.stats.counts["disk_errors"] >= 1)
+        asked = len(bounds.calls)
+        cache.ledger.reserve(0, bounds)
+        assert len(bounds.calls) == asked + 1
+
+    run_engine(cache, body)

@@ -562,14 +562,11 @@ def _pool(size: int) -> WorkerPool:
         retry=RetryPolicy(1),
     )
 
-    async def nothing(_: object) -> None:
-        pass
-
     return WorkerPool(
         size=size,
         threads=1,
         getter=lambda: getter,
-        on_batch=nothing,
+        on_batch=lambda _: None,
         on_lost=lambda _: None,
         on_unsent=lambda _job, _error: None,
     )

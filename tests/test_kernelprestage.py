@@ -98,12 +98,20 @@ def test_files_pinned_are_linked_in_batches_and_none_while_the_tree_is_made(
     """`PreStages`: what a prefetch pins is linked by its own task; ``flushed`` links what
     is pending first and holds back the task while the caller makes the tree."""
     import trio
+    import trio.testing
 
     from s3cachefs.cache.blocks import ObjectVersion
+    from s3cachefs.cache.bulk import Rider
     from s3cachefs.datasets.kernelprestage import PreStages
     from s3cachefs.store.types import ObjectInfo
 
+    class Bulk:
+        def __init__(self) -> None:
+            self.riders: list[Rider] = []
+
     class Cache:
+        bulk = Bulk()
+
         def object_path(self, oid: str) -> Path:
             return tmp_path / "cache" / oid
 
@@ -123,6 +131,8 @@ def test_files_pinned_are_linked_in_batches_and_none_while_the_tree_is_made(
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(stages.run)
+            await trio.testing.wait_all_tasks_blocked()
+            assert Cache.bulk.riders == [stages.ride]
             pin("ds/a/1", b"one")
             pin("ds/empty", b"")  # no cache file: made when the tree is completed
             pre = kerneltrees.pre_path(tree)
@@ -131,13 +141,34 @@ def test_files_pinned_are_linked_in_batches_and_none_while_the_tree_is_made(
             assert not (pre / "empty").exists()
             async with stages.flushed(tree):
                 pin("ds/b", b"two")  # pinned while the tree is made: not linked now
+                assert Cache.bulk.riders[0]() is None  # not by a bulk commit either
                 await trio.sleep(0.2)  # the task is waiting for the lock the caller holds
                 assert not (pre / "b").exists()
             await stages.flush()
             assert (pre / "b").read_bytes() == b"two"
+            # A bulk commit's thread call takes what is pending (`cache.bulk.Rider`); the
+            # tree is not made meanwhile (the lock), and the task links nothing more.
+            pin("ds/c", b"three")
+            ride = Cache.bulk.riders[0]()
+            assert ride is not None and not stages.pending
+            work, then = ride
+            made = trio.Event()
+
+            async def make() -> None:
+                async with stages.flushed(tree):
+                    made.set()
+
+            nursery.start_soon(make)
+            await trio.sleep(0.2)
+            assert not made.is_set()
+            await trio.to_thread.run_sync(work)
+            then()
+            assert (pre / "c").read_bytes() == b"three"
+            await made.wait()
             await stages.drop(tree)
             assert not pre.exists()
             nursery.cancel_scope.cancel()
+        assert Cache.bulk.riders == []
 
     trio.run(main)
 
