@@ -276,6 +276,18 @@ def mounter(s3_server: LocalS3, tmp_path: Path) -> Iterator[Mounter]:
         pytest.fail(f"mounts left behind: {[e.mount_point for e in leaked]}")
 
 
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A small filesystem of its own at ``path`` (made here): no other process's writes
+    change its free space; unmounted whatever happens."""
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
 def drop_page_cache() -> None:
     os.sync()
     Path("/proc/sys/vm/drop_caches").write_text("3\n")

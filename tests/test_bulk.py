@@ -20,7 +20,6 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -38,7 +37,6 @@ from s3cachefs.cache.bulk import _Waiting
 from s3cachefs.cache.bulkworker import Done, Endpoint, Job, Secrets, fetch_jobs
 from s3cachefs.cache.flights import Flight
 from s3cachefs.cache.index import Index
-from s3cachefs.cache.ledger import Bounds
 from s3cachefs.cli.locals3 import LocalS3
 from s3cachefs.store.checksums import Check
 from s3cachefs.store.responses import etag_md5
@@ -53,6 +51,7 @@ from tests.conftest import (
     s3cachefs_cmd,
 )
 from tests.faultproxy import FaultProxy
+from tests.test_diskfree import CountingBounds
 from tests.test_prefetch import check_tree, fill, prefetch
 
 WORKER = "s3cachefs.cache.bulkworker"
@@ -937,17 +936,6 @@ def test_results_that_come_in_once_the_committer_stopped_are_given_back(
     assert books.used == used and version.oid not in books
     assert not engine._waiting and not engine._queued
     assert all(engine.flights.get((version.oid, idx)) is None for idx in (0, 1))
-
-
-@dataclass(frozen=True)
-class CountingBounds(Bounds):
-    """`Bounds` that counts its statvfs calls."""
-
-    calls: list[int] = field(default_factory=list)
-
-    def disk_free(self) -> int:
-        self.calls.append(1)
-        return super().disk_free()
 
 
 def test_an_eviction_that_failed_has_the_disk_asked_again(

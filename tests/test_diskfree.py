@@ -6,7 +6,6 @@ promises the same bytes twice."""
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,7 @@ import pytest
 
 from s3cachefs.cache import ledger
 from s3cachefs.cache.ledger import Bounds, Ledger
+from tests.conftest import tmpfs
 
 MIB = 1024 * 1024
 
@@ -33,13 +33,8 @@ class CountingBounds(Bounds):
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 32 MiB tmpfs of its own: no other process's writes change its free space."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(disk)], check=True)
-    try:
+    with tmpfs(tmp_path / "disk", "32m") as disk:
         yield disk
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
 def fill(path: Path, nbytes: int) -> None:

@@ -6,13 +6,12 @@ import contextlib
 import errno
 import hashlib
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Bucket, Mounter, run_cli
+from tests.conftest import Bucket, Mounter, run_cli, tmpfs
 from tests.faultproxy import FaultProxy
 
 MIB = 1024 * 1024
@@ -21,13 +20,8 @@ MIB = 1024 * 1024
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 24 MiB filesystem of its own, unmounted whatever happens."""
-    path = tmp_path / "small-disk"
-    path.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(path)], check=True)
-    try:
+    with tmpfs(tmp_path / "small-disk", "24m") as path:
         yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 def _fill(disk: Path) -> None:
