@@ -320,6 +320,7 @@ class BulkEngine:
         for (waiting, done, new), ok in zip(good, kept, strict=True):
             record = self.ledger.record(done.oid)
             if ok and record is not None:
+                record.indexed = True  # a kept run's object row is in its commit
                 self.ledger.add_blocks(record, dict(zip(waiting.run, done.crcs, strict=True)))
                 self.stats.counts["blocks_from_s3"] += len(done.crcs)
                 self.stats.counts["bytes_from_s3"] += done.end - done.start
