@@ -34,7 +34,7 @@ from s3cachefs.base.errors import CredentialsError
 from s3cachefs.cache import ledger
 from s3cachefs.cache.blockcache import BlockCache
 from s3cachefs.cache.blocks import ObjectVersion
-from s3cachefs.cache.bulk import _Waiting
+from s3cachefs.cache.bulk import Ride, _Waiting
 from s3cachefs.cache.bulkworker import Done, Endpoint, Job, Secrets, fetch_jobs
 from s3cachefs.cache.flights import Flight
 from s3cachefs.cache.index import Index
@@ -409,6 +409,19 @@ async def until(condition: Callable[[], bool]) -> None:
         await trio.sleep(0.02)
 
 
+class Riding:
+    """A rider (`cache.bulk.Rider`) that always wants to ride; ``take`` gives its ride."""
+
+    def __init__(self, take: Callable[[], Ride | None]) -> None:
+        self.take = take
+
+    def wants(self) -> bool:
+        return True
+
+    def ride(self) -> Ride | None:
+        return self.take()
+
+
 def run_engine(cache: BlockCache, body: object) -> None:
     assert callable(body)
 
@@ -639,7 +652,7 @@ def test_engine_indexes_batches_that_come_in_meanwhile_together_with_its_riders(
         rode.append("after the rows" if getattr(local, "indexed", False) else "alone")
         local.indexed = False
 
-    cache.bulk.riders.append(lambda: (work, lambda: rode.append("then")))
+    cache.bulk.riders.append(Riding(lambda: (work, lambda: rode.append("then"))))
     lock = sqlite3.connect(cache._layout.index_dir / "cache.db", isolation_level=None)
 
     async def body() -> None:
@@ -900,7 +913,7 @@ def test_a_rider_that_raises_does_not_unindex_the_commit_it_rode_on(
     def work() -> None:
         raise ValueError("embedded null byte")
 
-    cache.bulk.riders.append(lambda: (work, lambda: thens.append("then")))
+    cache.bulk.riders.append(Riding(lambda: (work, lambda: thens.append("then"))))
 
     async def body() -> None:
         done = await cache.bulk.fetch(version, range(2), md5_check(data))
@@ -979,7 +992,7 @@ def test_a_commits_waiters_are_woken_before_the_work_riding_on_it(
     woken = threading.Event()
     seen: list[bool] = []
     rides = [(lambda: seen.append(woken.wait(30)), lambda: seen.append(True))]
-    cache.bulk.riders.append(lambda: rides.pop() if rides else None)
+    cache.bulk.riders.append(Riding(lambda: rides.pop() if rides else None))
 
     async def body() -> None:
         done = await cache.bulk.fetch(version, range(2), md5_check(data))
