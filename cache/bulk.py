@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
@@ -48,13 +48,22 @@ from s3cachefs.store.rangeget import RangeGetter
 log = logging.getLogger(__name__)
 
 # Blocking work to do in a commit's thread call, after its rows (`datasets.kernelprestage`:
-# links of objects pinned since the last one): asked on the trio thread before the call,
-# a rider gives (work, then) or None; ``work`` runs in the thread (one that raises is
-# logged), ``then`` on the trio thread once the call is over, whatever happened. Nothing
-# a rider does may need the commit's rows: they are indexed first (what waits on them is
-# woken before ``work`` runs), and may fail.
+# links of objects pinned since the last one): ``work`` runs in the thread (one that raises
+# is logged), ``then`` on the trio thread once the call is over, whatever happened.
 Ride = tuple[Callable[[], None], Callable[[], None]]
-Rider = Callable[[], Ride | None]
+
+
+class Rider(Protocol):
+    """What may give work to ride on commits (`BulkEngine.riders`), asked on the trio thread
+    once a commit's rows are in (their waiters woken first): what it holds until ``then``
+    is never held while the commit waits on the index (up to its lock timeout)."""
+
+    def wants(self) -> bool:
+        """Before the thread call (cheap): ask me after the rows (one hop back into trio)."""
+
+    def ride(self) -> Ride | None:
+        """The rows are in (a commit that failed asks none): work for its thread, or None."""
+
 
 # Jobs out at most while a read waits on S3. One, not one per worker: p50 first byte
 # during a prefetch 1.17x, 1.17x, 2.67x idle against 2.03x, 1.85x, 1.76x with two
@@ -234,7 +243,7 @@ class BulkEngine:
         is in its thread (from any worker: their readers never wait on it) goes together
         in the next, in one transaction, with the work riding on commits (`riders`): one
         trio<->thread hop where there were two or three (and one back into trio between
-        the rows and the work, when work rides: `_index_then`)."""
+        the rows and the work, when a rider wants to ride: `_index_then`)."""
         self._committing = True
         try:
             while True:
@@ -250,20 +259,28 @@ class BulkEngine:
 
     async def _commit_now(self, good: list[tuple[_Waiting, Done, bool]]) -> None:
         rows = [(w.version, new, w.run.start, d.crcs, d.inode) for w, d, new in good]
-        rides = [ride for rider in self.riders if (ride := rider()) is not None]
+        asking = [rider for rider in self.riders if rider.wants()]
+        rides: list[Ride] = []
         orphans: list[tuple[str, list[int]]] | None = None  # once settled
 
-        def indexed(kept: list[bool]) -> None:
+        def indexed(kept: list[bool]) -> list[Ride]:
             # From the thread, once the rows are committed and before the rides' work (a
             # first prefetch's links: 1.1 s for 4,000 under a journal stall): the readers
-            # and fetches waiting on these rows go now.
+            # and fetches waiting on these rows go now; then the riders are asked.
             nonlocal orphans
             orphans = []
             orphans += self._settle(good, kept)
+            for rider in asking:
+                try:
+                    if (ride := rider.ride()) is not None:
+                        rides.append(ride)
+                except Exception:  # a rider's bug: its own loss, not the rows'
+                    log.exception("a rider of a bulk commit failed")
+            return rides
 
         try:
             kept = await trio.to_thread.run_sync(
-                _index_then, self.disk.index_written, rows, rides, indexed,
+                _index_then, self.disk.index_written, rows, indexed if asking else None,
                 limiter=self.disk_limiter,
             )  # fmt: skip
         except Exception as exc:  # noqa: BLE001  a full index DB, a sqlite timeout: none indexed
@@ -320,6 +337,7 @@ class BulkEngine:
         for (waiting, done, new), ok in zip(good, kept, strict=True):
             record = self.ledger.record(done.oid)
             if ok and record is not None:
+                record.indexed = True  # a kept run's object row is in its commit
                 self.ledger.add_blocks(record, dict(zip(waiting.run, done.crcs, strict=True)))
                 self.stats.counts["blocks_from_s3"] += len(done.crcs)
                 self.stats.counts["bytes_from_s3"] += done.end - done.start
@@ -356,22 +374,19 @@ class BulkEngine:
 def _index_then(
     index: Callable[[list[Any]], list[bool]],
     rows: list[Any],
-    rides: list[Ride],
-    indexed: Callable[[list[bool]], None],
+    indexed: Callable[[list[bool]], list[Ride]] | None,
 ) -> list[bool]:
-    """In a worker thread: the rows, then what rides on them (even if indexing failed).
-    With rides, ``indexed`` runs on the trio thread between the two (one hop back, only
-    then): what waits on the rows does not wait on the rides. A rider that raises is
-    logged: it must not turn rows that were committed into a commit that failed (the
-    caller would give back what the index holds)."""
-    try:
-        kept = index(rows)
-        if rides:
-            trio.from_thread.run_sync(indexed, kept)
+    """In a worker thread: the rows, then, if ``indexed`` (a rider wants to ride), one hop
+    back to the trio thread for it (it wakes what waits on the rows and asks the riders)
+    and the work of the rides it gives. A ride whose work raises is logged: it must not
+    turn rows that were committed into a commit that failed (the caller would give back
+    what the index holds)."""
+    kept = index(rows)
+    if indexed is None:
         return kept
-    finally:
-        for work, _ in rides:
-            try:
-                work()
-            except Exception:  # a rider's bug: its own loss, not the rows'
-                log.exception("work riding on a bulk commit failed")
+    for work, _ in trio.from_thread.run_sync(indexed, kept):
+        try:
+            work()
+        except Exception:  # a rider's bug: its own loss, not the rows'
+            log.exception("work riding on a bulk commit failed")
+    return kept

@@ -8,9 +8,9 @@ first read from disk (`cache.integrity`), and a block that fails is a miss.
 What the order below guarantees is that nothing is ever *indexed* that was
 not written, and nothing is left on disk that the start cannot find:
 
-- a block: the object row (for its first block), its bytes, then its block
-  row. A crash in between leaves bytes that no row points at: never served,
-  and a file with no object row is swept at start (`cache.index`).
+- a block: the object row (unless one was committed before: `ledger.Record.indexed`),
+  its bytes, then its block row. A crash in between leaves bytes that no row points
+  at: never served, and a file with no object row is swept at start (`cache.index`).
 - eviction: the block row first, then its hole; for an object's last block,
   its object row, then its file.
 - a bulk worker's run (`cache.bulk`): its bytes, then (the daemon) its rows in one
@@ -48,14 +48,15 @@ class Disk:
         data: bytes | None,
         crc: int,
         victims: list[Victim],
-        new_object: bool,
+        object_row: bool,
     ) -> None:
-        """Evict ``victims``, then (unless ``data`` is None: no room) write one block."""
+        """Evict ``victims``, then (unless ``data`` is None: no room) write one block,
+        and first its object row if ``object_row``."""
         self.evict(victims)
         if data is None:
             return
         oid = version.oid
-        if new_object:
+        if object_row:
             self.index.put_object(version)
         self.layout.write_block(oid, version.size, offset, data)
         self.index.put_block(oid, index, crc)

@@ -289,9 +289,11 @@ class Fetcher:
                 self.bounds.min_free,
             )
         oid = version.oid
-        new_object = fits and oid not in self.ledger
-        if new_object:
-            self.ledger.new_record(version)
+        record = self.ledger.record(oid)
+        if fits and record is None:
+            record = self.ledger.new_record(version)
+        # The object row too while the index may not have it (`Record.indexed`).
+        object_row = fits and record is not None and not record.indexed
         try:
             await trio.to_thread.run_sync(
                 self.disk.write_block,
@@ -301,7 +303,7 @@ class Fetcher:
                 data if fits else None,
                 crc,
                 victims,
-                new_object,
+                object_row,
                 limiter=self.disk_limiter,
             )
         except (OSError, sqlite3.Error, diskcache.Timeout) as exc:
@@ -315,9 +317,11 @@ class Fetcher:
             reason = exc.strerror if isinstance(exc, OSError) else f"index: {exc}"
             log.warning("cache write failed for %s: %s; reads go to S3", version.key, reason)
             return
-        record = self.ledger.record(oid)
-        if not fits or record is None:  # evicted whole while we wrote: do not index it
+        current = self.ledger.record(oid)
+        if not fits or current is None:  # evicted whole while we wrote: do not index it
             if fits:
                 self.ledger.unreserve(len(data))
             return
-        self.ledger.add_block(record, index, crc)
+        if object_row and current is record:
+            current.indexed = True
+        self.ledger.add_block(current, index, crc)

@@ -31,6 +31,10 @@ from s3cachefs.cache.stats import CacheStats
 class Record:
     version: ObjectVersion
     blocks: dict[int, int] = field(default_factory=dict)  # block index -> crc32
+    # Its object row is committed in the index (loaded, or written by a commit that
+    # succeeded). Until then every block write writes it too: a block row with no object
+    # row is dropped at start (a bulk commit that failed, a first write that failed).
+    indexed: bool = False
 
 
 # A block taken off the books to make room: (oid, block index, start, length), the
@@ -261,7 +265,7 @@ class Ledger:
     def load_object(self, oid: str, version: ObjectVersion) -> None:
         """An object row from the index (its blocks follow)."""
         self._pinned_bytes -= self._pinned_part(oid)
-        self._objects[oid] = Record(version)
+        self._objects[oid] = Record(version, indexed=True)
 
     def load_block(self, oid: str, index: int, crc: int) -> bool:
         """A block row from the index, in the order rows were written; False if orphaned."""

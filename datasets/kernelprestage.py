@@ -6,7 +6,7 @@ writing back what the prefetch just wrote stall behind its journal (1.1 s for
 the 4,000 files of W1's full set; its whole download is network-bound). So
 each object is linked into ``<id>.pre`` in a worker thread soon after it is
 verified and pinned: in the thread call of the bulk engine's next index commit
-(after its rows: `cache.bulk.Rider`), else in one of its own. The tree is still
+(after its rows, asked then: `cache.bulk.Rider`), else in one of its own. The tree is still
 made from the manifest's layout, not from this: `kerneltrees.complete` removes
 what the layout does not have, and links what is missing, then the tree is
 staged as before. A ``.pre`` left by a crash goes at start
@@ -65,7 +65,7 @@ class PreStages:
         call of the bulk engine's next commit (`ride`); what no commit took within
         `LINGER` (the in-daemon path, the last objects), in a thread of its own."""
         riders = self.cache.bulk.riders
-        riders.append(self.ride)
+        riders.append(self)
         try:
             while True:
                 await self._wanted.wait()
@@ -73,12 +73,17 @@ class PreStages:
                 await trio.sleep(LINGER)
                 await self.flush()
         finally:
-            riders.remove(self.ride)
+            riders.remove(self)
+
+    def wants(self) -> bool:
+        """Whether a bulk commit about to index should ask `ride` once its rows are in."""
+        return bool(self.pending) and not self._lock.locked()
 
     def ride(self) -> Ride | None:
         """Every pending link, to make in a bulk commit's thread call after its rows
         (`cache.bulk.Rider`); None while a batch is linked or a tree made (the lock).
-        The lock is held by the committing task until the call is over."""
+        Asked once the rows are committed, so a tree made (`flushed`) never waits on a
+        commit's index lock; the lock is then held until the call is over."""
         if not self.pending or self._lock.locked():
             return None
         self._lock.acquire_nowait()

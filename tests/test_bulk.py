@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import botocore.credentials
@@ -33,7 +34,7 @@ from s3cachefs.base.errors import CredentialsError
 from s3cachefs.cache import ledger
 from s3cachefs.cache.blockcache import BlockCache
 from s3cachefs.cache.blocks import ObjectVersion
-from s3cachefs.cache.bulk import _Waiting
+from s3cachefs.cache.bulk import Ride, _Waiting
 from s3cachefs.cache.bulkworker import Done, Endpoint, Job, Secrets, fetch_jobs
 from s3cachefs.cache.flights import Flight
 from s3cachefs.cache.index import Index
@@ -408,6 +409,19 @@ async def until(condition: Callable[[], bool]) -> None:
         await trio.sleep(0.02)
 
 
+class Riding:
+    """A rider (`cache.bulk.Rider`) that always wants to ride; ``take`` gives its ride."""
+
+    def __init__(self, take: Callable[[], Ride | None]) -> None:
+        self.take = take
+
+    def wants(self) -> bool:
+        return True
+
+    def ride(self) -> Ride | None:
+        return self.take()
+
+
 def run_engine(cache: BlockCache, body: object) -> None:
     assert callable(body)
 
@@ -638,7 +652,7 @@ def test_engine_indexes_batches_that_come_in_meanwhile_together_with_its_riders(
         rode.append("after the rows" if getattr(local, "indexed", False) else "alone")
         local.indexed = False
 
-    cache.bulk.riders.append(lambda: (work, lambda: rode.append("then")))
+    cache.bulk.riders.append(Riding(lambda: (work, lambda: rode.append("then"))))
     lock = sqlite3.connect(cache._layout.index_dir / "cache.db", isolation_level=None)
 
     async def body() -> None:
@@ -899,7 +913,7 @@ def test_a_rider_that_raises_does_not_unindex_the_commit_it_rode_on(
     def work() -> None:
         raise ValueError("embedded null byte")
 
-    cache.bulk.riders.append(lambda: (work, lambda: thens.append("then")))
+    cache.bulk.riders.append(Riding(lambda: (work, lambda: thens.append("then"))))
 
     async def body() -> None:
         done = await cache.bulk.fetch(version, range(2), md5_check(data))
@@ -978,7 +992,7 @@ def test_a_commits_waiters_are_woken_before_the_work_riding_on_it(
     woken = threading.Event()
     seen: list[bool] = []
     rides = [(lambda: seen.append(woken.wait(30)), lambda: seen.append(True))]
-    cache.bulk.riders.append(lambda: rides.pop() if rides else None)
+    cache.bulk.riders.append(Riding(lambda: rides.pop() if rides else None))
 
     async def body() -> None:
         done = await cache.bulk.fetch(version, range(2), md5_check(data))
@@ -1019,3 +1033,80 @@ def test_a_write_whose_eviction_failed_has_the_disk_asked_again(
         assert len(bounds.calls) == asked + 1
 
     run_engine(cache, body)
+
+
+def test_a_block_written_in_the_daemon_while_a_bulk_commit_fails_survives_a_restart(
+    bucket: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Leftover of review finding 1: a bulk job's object record made at accept, a block of
+    the same object written by the in-daemon path (a read) before the job's commit, which
+    then fails. The record is kept (it has that block); its block row had no object row,
+    so the next start dropped it and swept the file, unless the in-daemon write wrote the
+    object row itself (`Record.indexed`)."""
+    store = make_store(bucket, tmp_path)
+    version, data = put_object(bucket, store, "one", 2 * BS + 7)
+    cache = engine_cache(store, tmp_path / "c")
+
+    async def read_last_block() -> None:  # the in-daemon path: a read's GET, then its write
+        assert await cache.read(version, 2 * BS, 7) == data[2 * BS :]
+        await until(lambda: cache.ledger.has_block(version.oid, 2))
+
+    def failing(rows: list[object]) -> list[bool]:  # in the commit's thread call
+        trio.from_thread.run(read_last_block)
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(cache.bulk.disk, "index_written", failing)
+
+    async def body() -> None:
+        assert await cache.bulk.fetch(version, range(2), None) is None  # not indexed
+        assert cache.missing_blocks(version) == [0, 1]
+        await cache.drain()
+
+    run_engine(cache, body)
+    cache.close()
+    again = engine_cache(store, tmp_path / "c")
+    try:
+        assert again.missing_blocks(version) == [0, 1]
+
+        async def read() -> None:
+            assert await again.read(version, 2 * BS, 7) == data[2 * BS :]
+
+        run_engine(again, read)
+    finally:
+        again.close()
+
+
+def test_a_block_written_after_its_objects_first_write_failed_survives_a_restart(
+    bucket: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The in-daemon path alone: the write that made the object's record failed (its object
+    row with it), the record stayed; the next block written needs the object row too."""
+    store = make_store(bucket, tmp_path)
+    version, data = put_object(bucket, store, "one", BS + 7)
+    cache = engine_cache(store, tmp_path / "c", workers=0)
+    write_block = cache._fetcher.disk.write_block
+    calls: list[int] = []
+
+    def first_fails(*args: Any) -> None:
+        calls.append(args[1])
+        if len(calls) == 1:
+            raise OSError(errno.EIO, "the cache disk failed")
+        write_block(*args)
+
+    monkeypatch.setattr(cache._fetcher.disk, "write_block", first_fails)
+
+    async def body() -> None:
+        assert await cache.read(version, 0, 10) == data[:10]
+        await until(lambda: cache.stats.counts["disk_errors"] == 1)
+        assert await cache.read(version, BS, 7) == data[BS:]
+        await until(lambda: cache.ledger.has_block(version.oid, 1))
+        assert cache.missing_blocks(version) == [0]
+
+    run_engine(cache, body)
+    cache.close()
+    assert calls == [0, 1]
+    again = engine_cache(store, tmp_path / "c", workers=0)
+    try:
+        assert again.missing_blocks(version) == [0]
+    finally:
+        again.close()

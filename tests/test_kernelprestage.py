@@ -13,10 +13,16 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
+import pytest
+import trio
+import trio.testing
+
 from s3cachefs.cli.locals3 import LocalS3
-from s3cachefs.datasets import binds, kerneltrees
-from tests.conftest import Bucket, Mounter, s3cachefs_cmd
+from s3cachefs.datasets import binds, kernelprestage, kerneltrees
+from s3cachefs.store.types import ObjectInfo
+from tests.conftest import Bucket, Mounter, make_store, s3cachefs_cmd
 from tests.faultproxy import FaultProxy
+from tests.test_bulk import BS, engine_cache, md5_check, put_object, run_engine, until
 from tests.test_prefetch import MIB
 
 
@@ -132,7 +138,7 @@ def test_files_pinned_are_linked_in_batches_and_none_while_the_tree_is_made(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(stages.run)
             await trio.testing.wait_all_tasks_blocked()
-            assert Cache.bulk.riders == [stages.ride]
+            assert Cache.bulk.riders == [stages]
             pin("ds/a/1", b"one")
             pin("ds/empty", b"")  # no cache file: made when the tree is completed
             pre = kerneltrees.pre_path(tree)
@@ -141,7 +147,7 @@ def test_files_pinned_are_linked_in_batches_and_none_while_the_tree_is_made(
             assert not (pre / "empty").exists()
             async with stages.flushed(tree):
                 pin("ds/b", b"two")  # pinned while the tree is made: not linked now
-                assert Cache.bulk.riders[0]() is None  # not by a bulk commit either
+                assert not stages.wants() and stages.ride() is None  # nor by a bulk commit
                 await trio.sleep(0.2)  # the task is waiting for the lock the caller holds
                 assert not (pre / "b").exists()
             await stages.flush()
@@ -149,7 +155,8 @@ def test_files_pinned_are_linked_in_batches_and_none_while_the_tree_is_made(
             # A bulk commit's thread call takes what is pending (`cache.bulk.Rider`); the
             # tree is not made meanwhile (the lock), and the task links nothing more.
             pin("ds/c", b"three")
-            ride = Cache.bulk.riders[0]()
+            assert stages.wants()
+            ride = stages.ride()
             assert ride is not None and not stages.pending
             work, then = ride
             made = trio.Event()
@@ -171,6 +178,69 @@ def test_files_pinned_are_linked_in_batches_and_none_while_the_tree_is_made(
         assert Cache.bulk.riders == []
 
     trio.run(main)
+
+
+def test_a_tree_is_made_while_a_bulk_commit_waits_on_the_index(
+    bucket: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Leftover of review finding 6: the links riding on a bulk commit took the tree lock
+    when the commit was asked for them, before its rows, so a tree made meanwhile
+    (`PreStages.flushed`, a prefetch's end) waited on the commit's index (its lock timeout
+    is 30 s). The rides are asked once the rows are in: the tree is made while the commit
+    waits, and the pending links still ride on that commit, after its rows."""
+    monkeypatch.setattr(kernelprestage, "LINGER", 3600.0)  # only a commit links here
+    store = make_store(bucket, tmp_path)
+    first, first_data = put_object(bucket, store, "ds/a", BS + 7)
+    second, second_data = put_object(bucket, store, "ds/b", BS + 7)
+    cache = engine_cache(store, tmp_path / "c")
+    stages = kernelprestage.PreStages(cache)
+    trees = tmp_path / "trees"
+    trees.mkdir()
+    made_tree, linked_tree = trees / "made", trees / "linked"
+    in_index, release = threading.Event(), threading.Event()
+    index_written = cache.bulk.disk.index_written
+
+    def held(rows: list[tuple[object, ...]]) -> list[bool]:  # the commit's thread call
+        if rows[0][0] == second:
+            in_index.set()
+            release.wait(60)
+        return index_written(rows)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(cache.bulk.disk, "index_written", held)
+
+    async def fetch_second() -> None:
+        done = await cache.bulk.fetch(second, range(2), md5_check(second_data))
+        assert done is not None and done.matches
+
+    async def body() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stages.run)
+            assert await cache.bulk.fetch(first, range(2), md5_check(first_data)) is not None
+            info = ObjectInfo("ds/a", len(first_data), first.etag, 7)
+            stages.on_pin(linked_tree, "ds/")(info, first)  # to link on the next commit
+            made = trio.Event()
+
+            async def make() -> None:
+                async with stages.flushed(made_tree):  # nothing of its own to link
+                    made.set()
+
+            try:
+                nursery.start_soon(fetch_second)
+                assert await trio.to_thread.run_sync(in_index.wait, 60)
+                nursery.start_soon(make)
+                await trio.testing.wait_all_tasks_blocked()
+                assert made.is_set(), "the tree waited on a bulk commit's index"
+                assert stages.pending, "taken before the commit's rows were in"
+            finally:
+                release.set()
+            pre = kerneltrees.pre_path(linked_tree)
+            await until(lambda: (pre / "a").exists() and not stages.pending)
+            assert (pre / "a").stat().st_ino == cache.object_path(first.oid).stat().st_ino
+            assert cache.missing_blocks(second) == []
+            nursery.cancel_scope.cancel()
+
+    run_engine(cache, body)
+    cache.close()
 
 
 class PagedProxy(FaultProxy):
