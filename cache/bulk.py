@@ -29,15 +29,15 @@ stopped with the cache's nursery) are `cache.bulkpool`'s.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import trio
 
 from s3cachefs.base.errors import CredentialsError
 from s3cachefs.cache.blocks import ObjectVersion
 from s3cachefs.cache.bulkpool import JobKey, WorkerPool
+from s3cachefs.cache.bulkriders import Ride, Rider, index_then, wants
 from s3cachefs.cache.bulkworker import EXPIRED, Done, Job, error_of
 from s3cachefs.cache.fetcher import Fetcher
 from s3cachefs.cache.flights import Flight
@@ -46,24 +46,6 @@ from s3cachefs.store.checksums import Check
 from s3cachefs.store.rangeget import RangeGetter
 
 log = logging.getLogger(__name__)
-
-# Blocking work to do in a commit's thread call, after its rows (`datasets.kernelprestage`:
-# links of objects pinned since the last one): ``work`` runs in the thread (one that raises
-# is logged), ``then`` on the trio thread once the call is over, whatever happened.
-Ride = tuple[Callable[[], None], Callable[[], None]]
-
-
-class Rider(Protocol):
-    """What may give work to ride on commits (`BulkEngine.riders`), asked on the trio thread
-    once a commit's rows are in (their waiters woken first): what it holds until ``then``
-    is never held while the commit waits on the index (up to its lock timeout)."""
-
-    def wants(self) -> bool:
-        """Before the thread call (cheap): ask me after the rows (one hop back into trio)."""
-
-    def ride(self) -> Ride | None:
-        """The rows are in (a commit that failed asks none): work for its thread, or None."""
-
 
 # Jobs out at most while a read waits on S3. One, not one per worker: p50 first byte
 # during a prefetch 1.17x, 1.17x, 2.67x idle against 2.03x, 1.85x, 1.76x with two
@@ -259,7 +241,7 @@ class BulkEngine:
 
     async def _commit_now(self, good: list[tuple[_Waiting, Done, bool]]) -> None:
         rows = [(w.version, new, w.run.start, d.crcs, d.inode) for w, d, new in good]
-        asking = [rider for rider in self.riders if rider.wants()]
+        asking = [rider for rider in self.riders if wants(rider)]
         rides: list[Ride] = []
         orphans: list[tuple[str, list[int]]] | None = None  # once settled
 
@@ -280,7 +262,7 @@ class BulkEngine:
 
         try:
             kept = await trio.to_thread.run_sync(
-                _index_then, self.disk.index_written, rows, indexed if asking else None,
+                index_then, self.disk.index_written, rows, indexed if asking else None,
                 limiter=self.disk_limiter,
             )  # fmt: skip
         except Exception as exc:  # noqa: BLE001  a full index DB, a sqlite timeout: none indexed
@@ -293,7 +275,10 @@ class BulkEngine:
             raise
         finally:
             for _, then in rides:
-                then()
+                try:  # each runs (for `PreStages`, its lock's release), whatever one raises
+                    then()
+                except Exception:
+                    log.exception("a rider of a bulk commit failed after its ride")
         limiter = self.disk_limiter
         for oid, blocks in self._settle(good, kept) if orphans is None else orphans:
             if oid in self.ledger:  # back meanwhile (another fetch): the rows are its own now
@@ -369,24 +354,3 @@ class BulkEngine:
         waiting.done = done
         waiting.event.set()
         self.reads_waiting.nudge()  # one job fewer out: one held back may go
-
-
-def _index_then(
-    index: Callable[[list[Any]], list[bool]],
-    rows: list[Any],
-    indexed: Callable[[list[bool]], list[Ride]] | None,
-) -> list[bool]:
-    """In a worker thread: the rows, then, if ``indexed`` (a rider wants to ride), one hop
-    back to the trio thread for it (it wakes what waits on the rows and asks the riders)
-    and the work of the rides it gives. A ride whose work raises is logged: it must not
-    turn rows that were committed into a commit that failed (the caller would give back
-    what the index holds)."""
-    kept = index(rows)
-    if indexed is None:
-        return kept
-    for work, _ in trio.from_thread.run_sync(indexed, kept):
-        try:
-            work()
-        except Exception:  # a rider's bug: its own loss, not the rows'
-            log.exception("work riding on a bulk commit failed")
-    return kept

@@ -160,7 +160,9 @@ class Integrity:
             )
         except BaseException as exc:  # a full disk, a locked index (diskcache.Timeout)
             if fits:
-                self.ledger.discard(oid)
+                record = self.ledger.record(oid)
+                if record is not None and not record.blocks:  # else a read's blocks are in it
+                    self.ledger.discard(oid)
                 self.ledger.unreserve(version.size)
             if not isinstance(exc, Exception):
                 raise
@@ -172,6 +174,7 @@ class Integrity:
             if fits:
                 self.ledger.unreserve(version.size)
             return False
+        record.indexed = True  # its object row came in the same transaction
         self.ledger.add_blocks(record, crcs)
         self.stats.counts["adopted_bytes"] += version.size
         return True

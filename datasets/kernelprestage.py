@@ -6,7 +6,7 @@ writing back what the prefetch just wrote stall behind its journal (1.1 s for
 the 4,000 files of W1's full set; its whole download is network-bound). So
 each object is linked into ``<id>.pre`` in a worker thread soon after it is
 verified and pinned: in the thread call of the bulk engine's next index commit
-(after its rows, asked then: `cache.bulk.Rider`), else in one of its own. The tree is still
+(after its rows, asked then: `cache.bulkriders.Rider`), else in one of its own. The tree is still
 made from the manifest's layout, not from this: `kerneltrees.complete` removes
 what the layout does not have, and links what is missing, then the tree is
 staged as before. A ``.pre`` left by a crash goes at start
@@ -26,7 +26,7 @@ import trio
 
 from s3cachefs.cache.blockcache import BlockCache
 from s3cachefs.cache.blocks import ObjectVersion
-from s3cachefs.cache.bulk import Ride
+from s3cachefs.cache.bulkriders import Ride
 from s3cachefs.datasets import binds, kerneltrees
 from s3cachefs.store.types import ObjectInfo
 
@@ -81,7 +81,7 @@ class PreStages:
 
     def ride(self) -> Ride | None:
         """Every pending link, to make in a bulk commit's thread call after its rows
-        (`cache.bulk.Rider`); None while a batch is linked or a tree made (the lock).
+        (`cache.bulkriders.Rider`); None while a batch is linked or a tree made (the lock).
         Asked once the rows are committed, so a tree made (`flushed`) never waits on a
         commit's index lock; the lock is then held until the call is over."""
         if not self.pending or self._lock.locked():

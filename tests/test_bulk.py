@@ -34,7 +34,8 @@ from s3cachefs.base.errors import CredentialsError
 from s3cachefs.cache import ledger
 from s3cachefs.cache.blockcache import BlockCache
 from s3cachefs.cache.blocks import ObjectVersion
-from s3cachefs.cache.bulk import Ride, _Waiting
+from s3cachefs.cache.bulk import _Waiting
+from s3cachefs.cache.bulkriders import Ride
 from s3cachefs.cache.bulkworker import Done, Endpoint, Job, Secrets, fetch_jobs
 from s3cachefs.cache.flights import Flight
 from s3cachefs.cache.index import Index
@@ -410,7 +411,7 @@ async def until(condition: Callable[[], bool]) -> None:
 
 
 class Riding:
-    """A rider (`cache.bulk.Rider`) that always wants to ride; ``take`` gives its ride."""
+    """A rider (`cache.bulkriders.Rider`) that always wants to ride; ``take`` gives its ride."""
 
     def __init__(self, take: Callable[[], Ride | None]) -> None:
         self.take = take
@@ -924,6 +925,47 @@ def test_a_rider_that_raises_does_not_unindex_the_commit_it_rode_on(
 
     run_engine(cache, body)
     assert thens == ["then"]
+
+
+class Faulty(Riding):
+    """A rider whose ``wants`` raises (``broken`` true), else rides with ``then`` raising."""
+
+    def __init__(self, broken: bool, thens: list[str]) -> None:
+        super().__init__(lambda: (lambda: None, self._then))
+        self.broken, self.thens = broken, thens
+
+    def wants(self) -> bool:
+        if self.broken:
+            raise RuntimeError("a rider's bug in wants")
+        return True
+
+    def _then(self) -> None:
+        self.thens.append("then")
+        raise RuntimeError("a rider's bug in then")
+
+
+@pytest.mark.parametrize("broken", [True, False], ids=["wants raises", "then raises"])
+def test_a_rider_whose_wants_or_then_raises_leaves_the_commit_and_other_riders_whole(
+    bucket: Bucket, tmp_path: Path, gate_proxy: GateProxy, broken: bool
+) -> None:
+    """A rider's bug in ``wants`` or ``then`` is logged: the batch is still settled (its
+    fetch returns, its blocks are indexed), and every other rider's ``then`` runs (for
+    `PreStages`, the release of its lock)."""
+    store = make_store(bucket, tmp_path, gate_proxy.endpoint_url)
+    version, data = put_object(bucket, store, "one", BS + 7)
+    cache = engine_cache(store, tmp_path / "c")
+    thens: list[str] = []
+    cache.bulk.riders.append(Faulty(broken, thens))
+    cache.bulk.riders.append(Riding(lambda: (lambda: None, lambda: thens.append("other"))))
+
+    async def body() -> None:
+        done = await cache.bulk.fetch(version, range(2), md5_check(data))
+        assert done is not None and done.matches
+        assert cache.missing_blocks(version) == []
+        assert await cache.read(version, 0, len(data)) == data
+
+    run_engine(cache, body)
+    assert thens == (["other"] if broken else ["then", "other"])
 
 
 def test_results_that_come_in_once_the_committer_stopped_are_given_back(

@@ -107,7 +107,7 @@ def test_files_pinned_are_linked_in_batches_and_none_while_the_tree_is_made(
     import trio.testing
 
     from s3cachefs.cache.blocks import ObjectVersion
-    from s3cachefs.cache.bulk import Rider
+    from s3cachefs.cache.bulkriders import Rider
     from s3cachefs.datasets.kernelprestage import PreStages
     from s3cachefs.store.types import ObjectInfo
 
@@ -152,7 +152,7 @@ def test_files_pinned_are_linked_in_batches_and_none_while_the_tree_is_made(
                 assert not (pre / "b").exists()
             await stages.flush()
             assert (pre / "b").read_bytes() == b"two"
-            # A bulk commit's thread call takes what is pending (`cache.bulk.Rider`); the
+            # A bulk commit's thread call takes what is pending (`cache.bulkriders.Rider`); the
             # tree is not made meanwhile (the lock), and the task links nothing more.
             pin("ds/c", b"three")
             assert stages.wants()
