@@ -253,6 +253,8 @@ class BulkEngine:
             orphans = []
             orphans += self._settle(good, kept)
             for rider in asking:
+                if rider not in self.riders:  # left meanwhile (its task was cancelled)
+                    continue
                 try:
                     if (ride := rider.ride()) is not None:
                         rides.append(ride)
@@ -307,6 +309,12 @@ class BulkEngine:
             # guessed parts): never indexed; the in-daemon path fetches it, checked its way.
             log.warning("bulk job of %s: not %s; fetched again", done.oid, check.describe())
             done.error, done.lost = "the digest does not match", True
+            self._release(waiting, done)
+            return None
+        if len(done.crcs) != len(waiting.run):  # a worker's bug: rows for blocks it did not own
+            log.warning("bulk job of %s: %d CRCs for %d blocks", done.oid, len(done.crcs),
+                        len(waiting.run))  # fmt: skip
+            done.error, done.lost = "the worker's CRCs do not match its run", True
             self._release(waiting, done)
             return None
         new = done.oid not in self.ledger

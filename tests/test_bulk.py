@@ -994,6 +994,40 @@ def test_results_that_come_in_once_the_committer_stopped_are_given_back(
     assert all(engine.flights.get((version.oid, idx)) is None for idx in (0, 1))
 
 
+@pytest.mark.parametrize("crcs", [[1], [1, 2, 3]], ids=["fewer", "more"])
+def test_a_result_whose_crcs_do_not_match_its_run_is_never_indexed(
+    bucket: Bucket, tmp_path: Path, crcs: list[int]
+) -> None:
+    """A worker's answer with another count of block CRCs than its run has blocks (a bug
+    or a broken worker) is released, never indexed: before, the settle after the commit
+    raised half-way, and the rest of the batch's waiters were never woken."""
+    store = make_store(bucket, tmp_path)
+    version, data = put_object(bucket, store, "one", BS + 7)
+    cache = engine_cache(store, tmp_path / "c")
+    engine, books = cache.bulk, cache.bulk.ledger
+    path = engine.disk.layout.path(version.oid)  # the file "the worker wrote": its inode
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+    async def body() -> None:
+        used = books.used
+        assert books.reserve(len(data), engine.bounds)[1]
+        job = Job(version.oid, version.key, version.etag, version.size, 0, len(data), str(path))
+        flights = [engine.flights.start((version.oid, i), Flight(remember=False)) for i in (0, 1)]
+        waiting = _Waiting(job, version, range(2), flights)
+        engine._waiting[(version.oid, 0)] = waiting
+        inode = path.stat().st_ino
+        engine._commit([Done(version.oid, 0, len(data), crcs=crcs, inode=inode, matches=True)])
+        with trio.fail_after(10):
+            await waiting.event.wait()
+        assert waiting.done is not None and waiting.done.lost
+        assert books.used == used and version.oid not in books
+        assert not engine._waiting and not engine._queued
+        assert cache.missing_blocks(version) == [0, 1]
+
+    run_engine(cache, body)
+
+
 def test_an_eviction_that_failed_has_the_disk_asked_again(
     bucket: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
