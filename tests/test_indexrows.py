@@ -53,6 +53,15 @@ def sample_rows(n: int) -> list[tuple[tuple[Any, ...], Any]]:
     return rows
 
 
+def write_both(by_set: Any, by_writer: Any, writer: RowWriter, rows: list[Any]) -> None:
+    """The same rows, one way through ``Cache.set``, the other through ``writer``."""
+    with by_set.transact():
+        for key, value in rows:
+            by_set.set(key, value)
+    with by_writer.transact():
+        writer.put(rows)
+
+
 def test_keys_are_pickled_as_diskcache_pickles_them(tmp_path: Path) -> None:
     disk = open_db(tmp_path / "db")._disk
     rng = random.Random(1)
@@ -71,19 +80,11 @@ def test_rows_are_the_rows_cache_set_writes(tmp_path: Path) -> None:
     by_set, by_writer = open_db(tmp_path / "set"), open_db(tmp_path / "writer")
     writer = RowWriter(by_writer)
     assert writer.fast
-    with by_set.transact():
-        for key, value in rows:
-            by_set.set(key, value)
-    with by_writer.transact():
-        writer.put(rows)
+    write_both(by_set, by_writer, writer, rows)
     assert table(tmp_path / "writer") == table(tmp_path / "set")
     # Written again with other values (a block fetched anew): updated in place, as `set` does.
     again = [(key, 7 if key[0] == "b" else value) for key, value in rows[::3]]
-    with by_set.transact():
-        for key, value in again:
-            by_set.set(key, value)
-    with by_writer.transact():
-        writer.put(again)
+    write_both(by_set, by_writer, writer, again)
     assert table(tmp_path / "writer") == table(tmp_path / "set")
     for key, value in again:
         assert by_writer.get(key) == value
@@ -177,11 +178,7 @@ def test_a_value_kept_in_a_file_is_replaced_as_cache_set_replaces_it(tmp_path: P
     key = ("o", ObjectVersion("bucket", "big", '"e"', 1).oid)
     small = [(("b", key[1], i), i) for i in range(3)]
     for value in ("a" * 40_000, "b" * 50_000):
-        with by_set.transact():
-            for k, v in [(key, value), *small]:
-                by_set.set(k, v)
-        with by_writer.transact():
-            writer.put([(key, value), *small])
+        write_both(by_set, by_writer, writer, [(key, value), *small])
         assert by_writer.get(key) == value
         assert len(val_files(tmp_path / "writer")) == len(val_files(tmp_path / "set")) == 1
     by_set.close()
@@ -201,11 +198,7 @@ def test_rows_go_through_cache_set_when_the_writer_cannot_write_them(tmp_path: P
     assert not writer.fast
     by_set.reset("disk_min_file_size", 256)
     for batch in (rows, [(key, 7 if key[0] == "b" else value) for key, value in rows[::3]]):
-        with by_set.transact():
-            for key, value in batch:
-                by_set.set(key, value)
-        with by_writer.transact():
-            writer.put(batch)
+        write_both(by_set, by_writer, writer, batch)
         assert unnamed(tmp_path / "writer") == unnamed(tmp_path / "set")
         assert len(val_files(tmp_path / "writer")) == len(val_files(tmp_path / "set")) > 0
     by_set.close()
