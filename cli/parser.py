@@ -4,7 +4,9 @@ that runs it (``args.func``)."""
 from __future__ import annotations
 
 import argparse
+import importlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from s3cachefs import __version__
@@ -21,64 +23,19 @@ SYNC_JOBS = 16
 
 # Each command imports its module when it runs: `status`, `prefetch`, `unmount` only
 # talk to a daemon and must not pay for boto3 and awscrt (`sync`'s) at every start.
-def cmd_mount(args: argparse.Namespace) -> int:
-    from s3cachefs.cli.mount import cmd_mount
+@dataclass(frozen=True)
+class lazy:
+    """The `Command` ``s3cachefs.cli.MODULE.NAME``, imported when the command runs."""
 
-    return cmd_mount(args)
+    module: str
+    name: str
 
+    def target(self) -> Command:
+        found: Command = getattr(importlib.import_module(f"s3cachefs.cli.{self.module}"), self.name)
+        return found
 
-def cmd_unmount(args: argparse.Namespace) -> int:
-    from s3cachefs.cli.mount import cmd_unmount
-
-    return cmd_unmount(args)
-
-
-def cmd_prefetch(args: argparse.Namespace) -> int:
-    from s3cachefs.cli.jobs import cmd_prefetch
-
-    return cmd_prefetch(args)
-
-
-def cmd_status(args: argparse.Namespace) -> int:
-    from s3cachefs.cli.jobs import cmd_status
-
-    return cmd_status(args)
-
-
-def cmd_verify(args: argparse.Namespace) -> int:
-    from s3cachefs.cli.sync import cmd_verify
-
-    return cmd_verify(args)
-
-
-def cmd_sync(args: argparse.Namespace) -> int:
-    from s3cachefs.cli.sync import cmd_sync
-
-    return cmd_sync(args)
-
-
-def cmd_evict(args: argparse.Namespace) -> int:
-    from s3cachefs.cli.jobs import cmd_evict
-
-    return cmd_evict(args)
-
-
-def cmd_staged(args: argparse.Namespace) -> int:
-    from s3cachefs.cli.jobs import cmd_staged
-
-    return cmd_staged(args)
-
-
-def cmd_sentry_test(args: argparse.Namespace) -> int:
-    from s3cachefs.cli.jobs import cmd_sentry_test
-
-    return cmd_sentry_test(args)
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from s3cachefs.cli.demo import cmd_demo
-
-    return cmd_demo(args)
+    def __call__(self, args: argparse.Namespace) -> int:
+        return self.target()(args)
 
 
 DESCRIPTION = "s3cachefs command line: parse, run, print one clear line on failure."
@@ -103,12 +60,20 @@ def build_parser() -> argparse.ArgumentParser:
         parsed.set_defaults(func=func)
         return parsed
 
-    m = command("mount", cmd_mount, "mount BUCKET[/PREFIX] at MOUNTPOINT (read-only by default)")
+    m = command(
+        "mount",
+        lazy("mount", "cmd_mount"),
+        "mount BUCKET[/PREFIX] at MOUNTPOINT (read-only by default)",
+    )
     add_mount_options(m)
     m.add_argument("--foreground", action="store_true", help="stay attached (systemd, debugging)")
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
 
-    u = command("unmount", cmd_unmount, "unmount (also cleans a stale mount of a dead daemon)")
+    u = command(
+        "unmount",
+        lazy("mount", "cmd_unmount"),
+        "unmount (also cleans a stale mount of a dead daemon)",
+    )
     u.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
     u.add_argument(
         "--lazy",
@@ -116,7 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="detach it here now, even if files are open or other mount namespaces hold it",
     )
 
-    p = command("prefetch", cmd_prefetch, "download a dataset into the cache, verify and pin it")
+    p = command(
+        "prefetch",
+        lazy("jobs", "cmd_prefetch"),
+        "download a dataset into the cache, verify and pin it",
+    )
     p.add_argument(
         "dataset",
         metavar="DATASET",
@@ -142,13 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list-out", type=Path, help="write the (shard's) keys to this file")
     p.add_argument("--json", action="store_true", help="machine-readable progress events")
 
-    st = command("status", cmd_status, "mounts, cache, pinned datasets, jobs, recent errors")
+    st = command(
+        "status", lazy("jobs", "cmd_status"), "mounts, cache, pinned datasets, jobs, recent errors"
+    )
     st.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path, nargs="?")
     st.add_argument("--json", action="store_true")
 
     v = command(
         "verify",
-        cmd_verify,
+        lazy("sync", "cmd_verify"),
         "re-check a pinned dataset (re-fetch what fails), or a synced directory (--dir)",
     )
     v.add_argument("dataset", metavar="DATASET", nargs="?")
@@ -158,13 +129,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     v.add_argument("--json", action="store_true")
 
-    _add_sync(command("sync", cmd_sync, "Sync-before-Run: a dataset into a plain directory"))
+    _add_sync(
+        command(
+            "sync", lazy("sync", "cmd_sync"), "Sync-before-Run: a dataset into a plain directory"
+        )
+    )
 
-    e = command("evict", cmd_evict, "unpin a dataset and free its cache space")
+    e = command("evict", lazy("jobs", "cmd_evict"), "unpin a dataset and free its cache space")
     e.add_argument("dataset", metavar="DATASET")
     e.add_argument("--mount", type=Path)
 
-    w = command("staged", cmd_staged, "files written but not uploaded: list, --upload, --discard")
+    w = command(
+        "staged",
+        lazy("jobs", "cmd_staged"),
+        "files written but not uploaded: list, --upload, --discard",
+    )
     w.add_argument("targets", metavar="ID|KEY", nargs="*", help="staged files (see the list)")
     action = w.add_mutually_exclusive_group()
     action.add_argument("--upload", action="store_true", help="upload them now")
@@ -173,10 +152,16 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--mount", type=Path)
     w.add_argument("--json", action="store_true")
 
-    t = command("sentry-test", cmd_sentry_test, "make the daemon report a test error to Sentry")
+    t = command(
+        "sentry-test",
+        lazy("jobs", "cmd_sentry_test"),
+        "make the daemon report a test error to Sentry",
+    )
     t.add_argument("--mount", type=Path)
 
-    d = command("demo", cmd_demo, "run the quick start against an embedded local S3 server")
+    d = command(
+        "demo", lazy("demo", "cmd_demo"), "run the quick start against an embedded local S3 server"
+    )
     d.add_argument("--workdir", type=Path, help="where to mount and cache (default: a temp dir)")
     return parser
 

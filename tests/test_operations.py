@@ -26,7 +26,7 @@ import pytest
 from s3cachefs.base.config import MountConfig
 from s3cachefs.base.errors import ConfigError
 from s3cachefs.base.settings import SETTINGS
-from s3cachefs.cli.parser import build_parser
+from s3cachefs.cli.parser import build_parser, lazy
 from s3cachefs.cli.settings import mount_config, resolve
 from s3cachefs.datasets.dirsync import DEFAULT_JOBS
 from s3cachefs.fs.operations import ThrottledWarnings, _errno_mapped
@@ -86,6 +86,12 @@ def test_the_command_line_loads_s3_and_fuse_libraries_only_for_the_commands_usin
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True
     ).stdout.split()
     assert loaded == []
+    # Each subcommand's lazy target is there (a typo would only show when it runs).
+    parser = build_parser()
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in subs.choices.items():
+        func = sub.get_default("func")
+        assert isinstance(func, lazy) and callable(func.target()), name
     # sync's default --jobs is written down in the parser (to leave dirsync unloaded).
     sync = build_parser().parse_args(["sync", "s3://b/d", "dest"])
     assert sync.jobs == DEFAULT_JOBS
