@@ -169,6 +169,7 @@ class BulkEngine:
         self, version: ObjectVersion, run: range, check: Check | None
     ) -> _Waiting | None:
         """Register and send the job of ``run``; None if it is not for a worker."""
+        await self.ledger.deleting.settled((version.oid,))  # its worker writes its file
         if not self.pool.ready(self.ledger.block_size) or self.missing_runs(version, run) != [run]:
             return None
         block_size = self.ledger.block_size
@@ -210,6 +211,8 @@ class BulkEngine:
         except BaseException:  # their bytes, counted as freed, may still be on the disk
             self.ledger.recount_free()
             raise
+        finally:
+            self.ledger.evicted(victims)
 
     def _commit(self, batch: list[Done]) -> None:
         """A batch of finished jobs to index (by `_committer`); those that failed released."""
@@ -263,6 +266,10 @@ class BulkEngine:
             return rides
 
         try:
+            # Deletes of these objects taken off the books before go first (`cache.deleting`):
+            # landing after the rows, they would take them (and the file) from the books'
+            # blocks. After them the inode check sees a file they removed.
+            await self.ledger.deleting.settled(w.version.oid for w, _, _ in good)
             kept = await trio.to_thread.run_sync(
                 index_then, self.disk.index_written, rows, indexed if asking else None,
                 limiter=self.disk_limiter,
@@ -285,10 +292,13 @@ class BulkEngine:
         for oid, blocks in self._settle(good, kept) if orphans is None else orphans:
             if oid in self.ledger:  # back meanwhile (another fetch): the rows are its own now
                 continue
+            self.ledger.deleting.begin((oid,))  # a fetch of it meanwhile waits for this
             try:
                 await trio.to_thread.run_sync(self.disk.free, oid, blocks, limiter=limiter)
             except Exception as exc:  # noqa: BLE001  the rows stay, unserved: no ledger record
                 log.warning("cache could not drop the rows of %s: %s", oid, exc)
+            finally:
+                self.ledger.deleting.end((oid,))
 
     def _accept(self, done: Done) -> tuple[_Waiting, Done, bool] | None:
         """A finished job to index (its waiting, done, new object), or None: released."""
