@@ -12,6 +12,12 @@ thread) waits until every delete of that oid taken off the books before has run*
 are on the books only once it returned, and a whole-object delete of the record it wrote
 for leaves that write unindexed (`Fetcher._store_block`, `BulkEngine._settle`).
 
+Deletes are kept by what they take: a whole object (its object row, every block row,
+its file) or one block (its row, a hole punched). A write of some blocks waits only for
+the first kind and for its own blocks' of the second: a read streaming an object larger
+than the cache evicts the same object's first blocks, and its writes must not queue
+behind each other for that.
+
 Every ``begin`` is matched by one ``end`` once the delete's thread call returned or
 raised, or was cancelled before its thread started (a delete that never ran leaves
 rows and bytes of the same immutable version: still right, CRC-checked when read).
@@ -21,35 +27,66 @@ All methods run on the trio thread; only `settled` awaits, and only while one is
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
+from typing import TypeVar
 
 import trio
 
+WHOLE = -1  # the block index of a whole object's delete
+
+# A delete on its way: (oid, block index), or (oid, WHOLE).
+Key = tuple[str, int]
+# A write that must not be taken: (oid, its block indices), None for all (a whole file).
+Write = tuple[str, Collection[int] | None]
+
+T = TypeVar("T")
+
 
 class Deleting:
-    """Oids with deletes on their way to the disk, counted per delete."""
+    """Deletes on their way to the disk, counted per delete."""
 
     def __init__(self) -> None:
-        self._pending: Counter[str] = Counter()
+        self._keys: Counter[Key] = Counter()
+        self._oids: Counter[str] = Counter()  # the same, per oid
         self._ended = trio.Event()  # set (and replaced) whenever one ends
 
     def __contains__(self, oid: object) -> bool:
-        return oid in self._pending
+        """Whether any delete of ``oid`` is pending."""
+        return oid in self._oids
 
-    def begin(self, oids: Iterable[str]) -> None:
-        self._pending.update(oids)
+    def begin(self, keys: Iterable[Key]) -> None:
+        for key in keys:
+            self._keys[key] += 1
+            self._oids[key[0]] += 1
 
-    def end(self, oids: Iterable[str]) -> None:
-        for oid in oids:
-            self._pending[oid] -= 1
-            if self._pending[oid] <= 0:
-                del self._pending[oid]
+    def end(self, keys: Iterable[Key]) -> None:
+        for key in keys:
+            _less(self._keys, key)
+            _less(self._oids, key[0])
         self._ended.set()
         self._ended = trio.Event()
 
-    async def settled(self, oids: Iterable[str]) -> None:
-        """Return once none of ``oids`` has a delete pending; no checkpoint if none has
-        (the caller's next steps up to its thread call run before any other task)."""
-        wanted = set(oids)
-        while any(oid in self._pending for oid in wanted):
+    def pending(self, oid: str, blocks: Iterable[int] | None = None) -> bool:
+        """Whether a delete that would take a write of ``blocks`` of ``oid`` (None: of
+        any of its blocks, or its file) is pending."""
+        if oid not in self._oids:
+            return False
+        if blocks is None or (oid, WHOLE) in self._keys:
+            return True
+        return any((oid, idx) in self._keys for idx in blocks)
+
+    async def settled(self, writes: Iterable[Write]) -> None:
+        """Return once no delete that would take one of ``writes`` is pending; with no
+        checkpoint if none is (the caller's next steps up to its thread call then run
+        before any other task)."""
+        if not self._oids:  # the usual case: nothing on its way
+            return
+        wanted = list(writes)
+        while any(self.pending(oid, blocks) for oid, blocks in wanted):
             await self._ended.wait()
+
+
+def _less(counter: Counter[T], key: T) -> None:
+    counter[key] -= 1
+    if counter[key] <= 0:
+        del counter[key]

@@ -281,10 +281,11 @@ class Fetcher:
     async def _store_block(self, version: ObjectVersion, index: int, data: bytes) -> None:
         crc = crc32(data)
         oid = version.oid
-        # Deletes of this object taken off the books before (an eviction, a free) run
-        # first: landing after this write, they would take its rows or bytes while the
-        # ledger kept them (`cache.deleting`). From here to the thread call, no await.
-        await self.ledger.deleting.settled((oid,))
+        # Deletes of this block or object taken off the books before (an eviction, a
+        # free) run first: landing after this write, they would take its rows or bytes
+        # while the ledger kept them (`cache.deleting`). From here to the thread call,
+        # no await.
+        await self.ledger.deleting.settled([(oid, (index,))])
         victims, fits = self.ledger.reserve(len(data), self.bounds)
         if not fits:
             self.stats.counts["store_skipped_full"] += 1

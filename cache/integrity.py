@@ -18,6 +18,7 @@ import trio
 
 from s3cachefs.cache.blocks import ObjectVersion, block_span
 from s3cachefs.cache.copies import Copies
+from s3cachefs.cache.deleting import WHOLE
 from s3cachefs.cache.disk import Disk
 from s3cachefs.cache.ledger import Bounds, Ledger, Victim
 from s3cachefs.cache.memory import MemoryBlocks
@@ -74,13 +75,14 @@ class Integrity:
         """Forget a block that failed its check (unless it was replaced meanwhile)."""
         if self.ledger.drop_block(version, index, crc):
             self.memory.drop((version.oid, index))
-            self.ledger.deleting.begin((version.oid,))  # its refetch's row goes after this
+            key = [(version.oid, index)]  # its refetch's row goes after this
+            self.ledger.deleting.begin(key)
             try:
                 await trio.to_thread.run_sync(
                     self.disk.forget_block, version.oid, index, limiter=self.disk_limiter
                 )
             finally:
-                self.ledger.deleting.end((version.oid,))
+                self.ledger.deleting.end(key)
 
     async def forget_object(self, version: ObjectVersion) -> None:
         """Drop every cached block of this version (its content failed a whole-object check)."""
@@ -144,7 +146,7 @@ class Integrity:
         is kept. Returns whether the object is now cached (by this copy or not).
         """
         oid = version.oid
-        await self.ledger.deleting.settled((oid,))  # deletes of it before go first
+        await self.ledger.deleting.settled([(oid, None)])  # deletes of it before go first
         if oid in self.ledger or version.size == 0:  # nothing to add (same bytes, or empty)
             if reserved:
                 self.ledger.unreserve(version.size)
@@ -199,7 +201,7 @@ class Integrity:
                 gone.append((oid, *removed))
         # Their deletes are pending until each ran: a read of one meanwhile fetches it
         # again, and its write waits (`cache.deleting`).
-        self.ledger.deleting.begin(oid for oid, _, _ in gone)
+        self.ledger.deleting.begin((oid, WHOLE) for oid, _, _ in gone)
         ran = 0
         try:
             for oid, record, nbytes in gone:
@@ -211,7 +213,7 @@ class Integrity:
                     )
                 finally:
                     ran += 1
-                    self.ledger.deleting.end((oid,))
+                    self.ledger.deleting.end([(oid, WHOLE)])
         finally:
-            self.ledger.deleting.end(oid for oid, _, _ in gone[ran:])
+            self.ledger.deleting.end((oid, WHOLE) for oid, _, _ in gone[ran:])
         return freed

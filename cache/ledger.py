@@ -24,7 +24,7 @@ from pathlib import Path
 import psutil
 
 from s3cachefs.cache.blocks import BlockKey, ObjectVersion, block_len, block_span
-from s3cachefs.cache.deleting import Deleting
+from s3cachefs.cache.deleting import WHOLE, Deleting, Key
 from s3cachefs.cache.stats import CacheStats
 
 
@@ -42,6 +42,12 @@ class Record:
 # A block taken off the books to make room: (oid, block index, start, length), the
 # length -1 when it was the object's last block (its whole file goes).
 Victim = tuple[str, int, int, int]
+
+
+def victim_key(victim: Victim) -> Key:
+    """What a victim's delete takes (`cache.deleting`): its block, or its whole object."""
+    oid, idx, _, length = victim
+    return oid, WHOLE if length < 0 else idx
 
 
 @dataclass(frozen=True)
@@ -332,7 +338,7 @@ class Ledger:
             victims.append((oid, idx, start, -1 if last else end - start))
             freed += end - start
         self.stats.counts["evictions"] += len(victims)
-        self.deleting.begin(victim[0] for victim in victims)
+        self.deleting.begin(map(victim_key, victims))
         fits = not over()
         self._used += (nbytes if fits else 0) - freed
         # Not given back by `unreserve` (nor for an adopted file's bytes, on the disk
@@ -344,7 +350,7 @@ class Ledger:
         """The thread call that evicts ``victims`` returned, raised, or never started:
         writes of their oids may go (`cache.deleting`)."""
         if victims:
-            self.deleting.end(victim[0] for victim in victims)
+            self.deleting.end(map(victim_key, victims))
 
     def recount_free(self) -> None:
         """An eviction (or a write) failed: the bytes `reserve` counted as freed may still

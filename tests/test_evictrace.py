@@ -28,7 +28,7 @@ from s3cachefs.cache.blockcache import BlockCache
 from s3cachefs.cache.blocks import ObjectVersion
 from s3cachefs.cache.bulk import _Waiting
 from s3cachefs.cache.bulkworker import Done, Job
-from s3cachefs.cache.deleting import Deleting
+from s3cachefs.cache.deleting import WHOLE, Deleting
 from s3cachefs.cache.flights import Flight
 from s3cachefs.testing.memorystore import MemoryStore
 from tests.test_blockcache import BS, make_cache, version_of
@@ -297,29 +297,31 @@ def test_an_adoption_of_an_object_lands_after_its_eviction(
 
 def test_a_write_waits_only_while_a_delete_of_its_object_is_pending() -> None:
     """`Deleting.settled` returns at once (no checkpoint: the writer's steps up to its
-    thread call stay atomic) when nothing is pending, and once every delete ended."""
+    thread call stay atomic) when nothing it writes is pending, and once every such delete
+    ended. A block's delete holds back writes of that block (and whole files); an object's,
+    every write of it."""
     deleting = Deleting()
 
     async def main() -> None:
+        deleting.begin([("a", WHOLE), ("a", WHOLE), ("c", 3), ("d", 1)])
         with trio.testing.assert_no_checkpoints():
-            await deleting.settled(["a", "b"])
-        deleting.begin(["a", "a", "c"])
+            await deleting.settled([("b", None), ("c", [0, 1, 2]), ("d", range(0))])
         woken: list[str] = []
 
-        async def write(oid: str) -> None:
-            await deleting.settled([oid])
-            woken.append(oid)
+        async def write(name: str, oid: str, blocks: list[int] | None) -> None:
+            await deleting.settled([(oid, blocks)])
+            woken.append(name)
 
         async with trio.open_nursery() as nursery:
-            for oid in "abc":
-                nursery.start_soon(write, oid)
+            for name, oid, blocks in [("a0", "a", [0]), ("c3", "c", [2, 3]), ("c*", "c", None)]:
+                nursery.start_soon(write, name, oid, blocks)
             await trio.testing.wait_all_tasks_blocked()
-            assert woken == ["b"]
-            deleting.end(["a", "c"])
+            assert woken == []
+            deleting.end([("a", WHOLE), ("c", 3)])
             await trio.testing.wait_all_tasks_blocked()
-            assert woken == ["b", "c"] and "a" in deleting
-            deleting.end(["a"])
-        assert woken == ["b", "c", "a"] and "a" not in deleting
+            assert sorted(woken) == ["c*", "c3"] and "a" in deleting
+            deleting.end([("a", WHOLE)])
+        assert woken[-1] == "a0" and "a" not in deleting and "d" in deleting
 
     trio.run(main)
 
