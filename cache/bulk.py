@@ -39,6 +39,7 @@ from s3cachefs.cache.blocks import ObjectVersion
 from s3cachefs.cache.bulkpool import JobKey, WorkerPool
 from s3cachefs.cache.bulkriders import Ride, Rider, index_then, wants
 from s3cachefs.cache.bulkworker import EXPIRED, Done, Job, error_of
+from s3cachefs.cache.deleting import WHOLE
 from s3cachefs.cache.fetcher import Fetcher
 from s3cachefs.cache.flights import Flight
 from s3cachefs.cache.ledger import Victim
@@ -169,6 +170,7 @@ class BulkEngine:
         self, version: ObjectVersion, run: range, check: Check | None
     ) -> _Waiting | None:
         """Register and send the job of ``run``; None if it is not for a worker."""
+        await self.ledger.deleting.settled([(version.oid, run)])  # its worker writes its file
         if not self.pool.ready(self.ledger.block_size) or self.missing_runs(version, run) != [run]:
             return None
         block_size = self.ledger.block_size
@@ -210,6 +212,8 @@ class BulkEngine:
         except BaseException:  # their bytes, counted as freed, may still be on the disk
             self.ledger.recount_free()
             raise
+        finally:
+            self.ledger.evicted(victims)
 
     def _commit(self, batch: list[Done]) -> None:
         """A batch of finished jobs to index (by `_committer`); those that failed released."""
@@ -263,6 +267,10 @@ class BulkEngine:
             return rides
 
         try:
+            # Deletes of these objects taken off the books before go first (`cache.deleting`):
+            # landing after the rows, they would take them (and the file) from the books'
+            # blocks. After them the inode check sees a file they removed.
+            await self.ledger.deleting.settled((w.version.oid, w.run) for w, _, _ in good)
             kept = await trio.to_thread.run_sync(
                 index_then, self.disk.index_written, rows, indexed if asking else None,
                 limiter=self.disk_limiter,
@@ -285,10 +293,14 @@ class BulkEngine:
         for oid, blocks in self._settle(good, kept) if orphans is None else orphans:
             if oid in self.ledger:  # back meanwhile (another fetch): the rows are its own now
                 continue
+            gone = [(oid, WHOLE)]  # a fetch of it meanwhile waits for this
+            self.ledger.deleting.begin(gone)
             try:
                 await trio.to_thread.run_sync(self.disk.free, oid, blocks, limiter=limiter)
             except Exception as exc:  # noqa: BLE001  the rows stay, unserved: no ledger record
                 log.warning("cache could not drop the rows of %s: %s", oid, exc)
+            finally:
+                self.ledger.deleting.end(gone)
 
     def _accept(self, done: Done) -> tuple[_Waiting, Done, bool] | None:
         """A finished job to index (its waiting, done, new object), or None: released."""

@@ -18,6 +18,10 @@ not written, and nothing is left on disk that the start cannot find:
 - adoption (a finished upload): the file moved into place, then every row in
   one transaction; no rows, no file.
 - free: the rows, then the file.
+
+Deletes (eviction, free, a failed block's row) run after the ledger let the object
+go, so a read may fetch it again meanwhile: its write (rows, bytes, file) waits
+until every delete of that object taken before has run (`cache.deleting`).
 """
 
 from __future__ import annotations

@@ -280,6 +280,12 @@ class Fetcher:
 
     async def _store_block(self, version: ObjectVersion, index: int, data: bytes) -> None:
         crc = crc32(data)
+        oid = version.oid
+        # Deletes of this block or object taken off the books before (an eviction, a
+        # free) run first: landing after this write, they would take its rows or bytes
+        # while the ledger kept them (`cache.deleting`). From here to the thread call,
+        # no await.
+        await self.ledger.deleting.settled([(oid, (index,))])
         victims, fits = self.ledger.reserve(len(data), self.bounds)
         if not fits:
             self.stats.counts["store_skipped_full"] += 1
@@ -288,7 +294,6 @@ class Fetcher:
                 self.bounds.cache_size,
                 self.bounds.min_free,
             )
-        oid = version.oid
         record = self.ledger.record(oid)
         if fits and record is None:
             record = self.ledger.new_record(version)
@@ -317,6 +322,8 @@ class Fetcher:
             reason = exc.strerror if isinstance(exc, OSError) else f"index: {exc}"
             log.warning("cache write failed for %s: %s; reads go to S3", version.key, reason)
             return
+        finally:
+            self.ledger.evicted(victims)
         current = self.ledger.record(oid)
         if not fits or current is None:  # evicted whole while we wrote: do not index it
             if fits:

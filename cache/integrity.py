@@ -18,6 +18,7 @@ import trio
 
 from s3cachefs.cache.blocks import ObjectVersion, block_span
 from s3cachefs.cache.copies import Copies
+from s3cachefs.cache.deleting import WHOLE
 from s3cachefs.cache.disk import Disk
 from s3cachefs.cache.ledger import Bounds, Ledger, Victim
 from s3cachefs.cache.memory import MemoryBlocks
@@ -74,9 +75,14 @@ class Integrity:
         """Forget a block that failed its check (unless it was replaced meanwhile)."""
         if self.ledger.drop_block(version, index, crc):
             self.memory.drop((version.oid, index))
-            await trio.to_thread.run_sync(
-                self.disk.forget_block, version.oid, index, limiter=self.disk_limiter
-            )
+            key = [(version.oid, index)]  # its refetch's row goes after this
+            self.ledger.deleting.begin(key)
+            try:
+                await trio.to_thread.run_sync(
+                    self.disk.forget_block, version.oid, index, limiter=self.disk_limiter
+                )
+            finally:
+                self.ledger.deleting.end(key)
 
     async def forget_object(self, version: ObjectVersion) -> None:
         """Drop every cached block of this version (its content failed a whole-object check)."""
@@ -124,6 +130,8 @@ class Integrity:
             if fits:
                 self.ledger.unreserve(version.size)
             raise
+        finally:
+            self.ledger.evicted(victims)
         return fits
 
     async def adopt(
@@ -138,6 +146,7 @@ class Integrity:
         is kept. Returns whether the object is now cached (by this copy or not).
         """
         oid = version.oid
+        await self.ledger.deleting.settled([(oid, None)])  # deletes of it before go first
         if oid in self.ledger or version.size == 0:  # nothing to add (same bytes, or empty)
             if reserved:
                 self.ledger.unreserve(version.size)
@@ -159,6 +168,7 @@ class Integrity:
                 self.disk.adopt, version, path, crcs, victims, fits, limiter=self.disk_limiter
             )
         except BaseException as exc:  # a full disk, a locked index (diskcache.Timeout)
+            self.ledger.evicted(victims)
             if fits:
                 record = self.ledger.record(oid)
                 if record is not None and not record.blocks:  # else a read's blocks are in it
@@ -169,6 +179,7 @@ class Integrity:
             reason = exc.strerror if isinstance(exc, OSError) else str(exc) or repr(exc)
             log.warning("cache could not keep %s: %s", version.key, reason)
             return False
+        self.ledger.evicted(victims)
         record = self.ledger.record(oid)
         if not fits or record is None:  # no room, or freed whole while we wrote
             if fits:
@@ -188,10 +199,21 @@ class Integrity:
             removed = self.ledger.remove(oid)
             if removed is not None:
                 gone.append((oid, *removed))
-        for oid, record, nbytes in gone:
-            self.memory.drop_object(oid)
-            freed += nbytes
-            await trio.to_thread.run_sync(
-                self.disk.free, oid, list(record.blocks), limiter=self.disk_limiter
-            )
+        # Their deletes are pending until each ran: a read of one meanwhile fetches it
+        # again, and its write waits (`cache.deleting`).
+        self.ledger.deleting.begin((oid, WHOLE) for oid, _, _ in gone)
+        ran = 0
+        try:
+            for oid, record, nbytes in gone:
+                self.memory.drop_object(oid)
+                freed += nbytes
+                try:
+                    await trio.to_thread.run_sync(
+                        self.disk.free, oid, list(record.blocks), limiter=self.disk_limiter
+                    )
+                finally:
+                    ran += 1
+                    self.ledger.deleting.end([(oid, WHOLE)])
+        finally:
+            self.ledger.deleting.end((oid, WHOLE) for oid, _, _ in gone[ran:])
         return freed

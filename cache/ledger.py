@@ -24,6 +24,7 @@ from pathlib import Path
 import psutil
 
 from s3cachefs.cache.blocks import BlockKey, ObjectVersion, block_len, block_span
+from s3cachefs.cache.deleting import WHOLE, Deleting, Key
 from s3cachefs.cache.stats import CacheStats
 
 
@@ -34,12 +35,19 @@ class Record:
     # Its object row is committed in the index (loaded, or written by a commit that
     # succeeded). Until then every block write writes it too: a block row with no object
     # row is dropped at start (a bulk commit that failed, a first write that failed).
+    # A delete of an earlier record's rows cannot land after it: `cache.deleting`.
     indexed: bool = False
 
 
 # A block taken off the books to make room: (oid, block index, start, length), the
 # length -1 when it was the object's last block (its whole file goes).
 Victim = tuple[str, int, int, int]
+
+
+def victim_key(victim: Victim) -> Key:
+    """What a victim's delete takes (`cache.deleting`): its block, or its whole object."""
+    oid, idx, _, length = victim
+    return oid, WHOLE if length < 0 else idx
 
 
 @dataclass(frozen=True)
@@ -105,6 +113,8 @@ class Ledger:
         # asks, and summing them each time is O(cached blocks) (`cache.reuse` per object).
         self._pinned_bytes = 0
         self._free = FreeSpace()
+        # Oids whose rows or file are being deleted: their writes wait (`cache.deleting`).
+        self.deleting = Deleting()
 
     # ---- what is held ----------------------------------------------------
 
@@ -300,7 +310,8 @@ class Ledger:
         """Take LRU victims off the books until ``nbytes`` fit.
 
         Returns the victims (to be removed from disk) and whether the block fits;
-        ``--min-free`` can make the cache shrink below what it holds now.
+        ``--min-free`` can make the cache shrink below what it holds now. The
+        victims' deletes are pending (`deleting`) until the caller's `evicted`.
         ``on_disk``: the bytes are on the disk already (an adopted file): they
         count against ``--cache-size`` but take no more disk space.
         """
@@ -327,12 +338,19 @@ class Ledger:
             victims.append((oid, idx, start, -1 if last else end - start))
             freed += end - start
         self.stats.counts["evictions"] += len(victims)
+        self.deleting.begin(map(victim_key, victims))
         fits = not over()
         self._used += (nbytes if fits else 0) - freed
         # Not given back by `unreserve` (nor for an adopted file's bytes, on the disk
         # already): free space under-counted until the next statvfs, never over-counted.
         self._free.took((new_disk if fits else 0) - freed)
         return victims, fits
+
+    def evicted(self, victims: list[Victim]) -> None:
+        """The thread call that evicts ``victims`` returned, raised, or never started:
+        writes of their oids may go (`cache.deleting`)."""
+        if victims:
+            self.deleting.end(map(victim_key, victims))
 
     def recount_free(self) -> None:
         """An eviction (or a write) failed: the bytes `reserve` counted as freed may still

@@ -1,0 +1,356 @@
+"""A delete of an object's rows or file, taken off the books on the trio thread and run later
+in a worker thread, must not land on a newer write of the same object (review finding).
+
+Each test holds the disk side of one delete (its worker thread waits on an event), lets a
+read (or a bulk commit) write the same object meanwhile, then lets the delete go. Before
+the fix the late delete took the new write's object row (a block row with no object row is
+dropped at the next start, its file swept), its file, or its block's row and bytes (a
+hole): the ledger still counted the blocks, so the next read of one found no file or a
+failed CRC (a warning, a miss, a second GET; never wrong bytes), and a restart lost them.
+Now a write of an object waits until every delete of it taken before has run.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import zlib
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from s3cachefs.cache.blockcache import BlockCache
+from s3cachefs.cache.blocks import ObjectVersion
+from s3cachefs.cache.bulk import _Waiting
+from s3cachefs.cache.bulkworker import Done, Job
+from s3cachefs.cache.deleting import WHOLE, Deleting
+from s3cachefs.cache.flights import Flight
+from s3cachefs.testing.memorystore import MemoryStore
+from tests.test_blockcache import BS, make_cache, version_of
+
+
+class HeldDeletes:
+    """Holds, in their worker thread, the disk deletes (evictions, frees) of one oid until
+    ``release``; also tells when a block write of that oid has been made on the disk."""
+
+    def __init__(self, cache: BlockCache, oid: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.held = threading.Event()
+        self.release = threading.Event()
+        self.written = threading.Event()
+        disk = cache._disk
+        self.limiter = cache.disk_limiter
+        evict, free, write_block = disk.evict, disk.free, disk.write_block
+        index_written, adopt = disk.index_written, disk.adopt
+
+        def hold() -> None:
+            self.written.clear()  # a write of the oid from now on is the newer one
+            self.held.set()
+            assert self.release.wait(30), "the test never let the delete go"
+
+        def held_evict(victims: list[Any]) -> None:
+            if any(victim[0] == oid for victim in victims):
+                hold()
+            evict(victims)
+
+        def held_free(victim: str, blocks: list[int]) -> None:
+            if victim == oid:
+                hold()
+            free(victim, blocks)
+
+        def noted_write(version: ObjectVersion, *args: Any) -> None:
+            write_block(version, *args)
+            if version.oid == oid and args[2] is not None:  # data written, not only evictions
+                self.written.set()
+
+        def noted_commit(rows: list[Any]) -> list[bool]:
+            kept = index_written(rows)
+            self.written.set()
+            return kept
+
+        def noted_adopt(version: ObjectVersion, *args: Any) -> None:
+            adopt(version, *args)
+            if version.oid == oid:
+                self.written.set()
+
+        # Instance attributes: `Disk.write_block` calls ``self.evict``, so it is held too.
+        monkeypatch.setattr(disk, "evict", held_evict)
+        monkeypatch.setattr(disk, "free", held_free)
+        monkeypatch.setattr(disk, "write_block", noted_write)
+        monkeypatch.setattr(disk, "index_written", noted_commit)
+        monkeypatch.setattr(disk, "adopt", noted_adopt)
+
+    async def until_held(self) -> None:
+        assert await trio.to_thread.run_sync(self.held.wait, 30)
+
+    async def let_go(self) -> None:
+        """Let the delete go once the newer write is on the disk if it went ahead (the old
+        order: the late delete then lands on it), or at once if it waits (the new order).
+        Once every task waits, a write that went ahead is done, or holds a disk slot (its
+        thread started) beside the held delete's; one that waits for the delete holds none."""
+        await trio.testing.wait_all_tasks_blocked()
+        if self.limiter.borrowed_tokens > 1 or self.written.is_set():
+            assert await trio.to_thread.run_sync(self.written.wait, 30)
+        self.release.set()
+
+
+def run(cache: BlockCache, body: Callable[[], Awaitable[None]]) -> None:
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(cache.run)
+            with trio.fail_after(60):  # a hang is a failure
+                await body()
+                await cache.drain()
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def put(store: MemoryStore, key: str, size: int = BS) -> tuple[ObjectVersion, bytes]:
+    data = os.urandom(size)
+    return version_of(store, key, data), data
+
+
+def outcome(
+    cache: BlockCache, store: MemoryStore, path: Path, v: ObjectVersion, data: bytes
+) -> tuple[list[int], int, int, list[int]]:
+    """What the books say of ``v``, what a read of the blocks they hold costs, what a
+    restart keeps: (missing blocks, extra GETs, corrupt blocks, missing after a restart)."""
+    missing = cache.missing_blocks(v)
+    gets, corrupt = store.requests["get"], cache.stats["corrupt_blocks"]
+
+    async def read_held() -> None:
+        for idx in set(range(-(-v.size // BS))) - set(missing):
+            assert await cache.read(v, idx * BS, BS) == data[idx * BS : (idx + 1) * BS]
+
+    run(cache, read_held)
+    extra = (store.requests["get"] - gets, cache.stats["corrupt_blocks"] - corrupt)
+    cache.close()
+    again = make_cache(path, store, cache_size=1 << 30)
+    try:
+        return (missing, *extra, again.missing_blocks(v))
+    finally:
+        again.close()
+
+
+def test_an_eviction_of_an_object_lands_before_its_next_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A's last block evicted (by B's write, held); A read again meanwhile: its new record's
+    first write puts the object row and marks it indexed. Before: the late delete took that
+    row and the new file (a read then found no file: a warning, a second GET), and a
+    restart dropped the block row and swept the file."""
+    store = MemoryStore()
+    (a, data), (c, _), (b, _) = (put(store, k) for k in "acb")
+    cache = make_cache(tmp_path, store, cache_size=2 * BS)
+    held = HeldDeletes(cache, a.oid, monkeypatch)
+
+    async def body() -> None:
+        for v in (a, c):
+            await cache.read(v, 0, BS)
+            await cache.drain_object(v)
+        assert await cache.read(b, 0, BS)  # its write evicts A (the least recent): held
+        await held.until_held()
+        assert cache.missing_blocks(a) == [0]
+        assert await cache.read(a, 0, BS)  # a GET; its write evicts C
+        await held.let_go()
+
+    run(cache, body)
+    assert store.requests["get"] == 4
+    assert outcome(cache, store, tmp_path, a, data) == ([], 0, 0, [])
+
+
+def test_a_punched_block_lands_before_the_blocks_next_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One block of A evicted (a hole punched, held) while A keeps another; the block read
+    again meanwhile. Before: the late punch made a hole of the new bytes and took their
+    row (the read after it failed its CRC: a warning, a second GET; with no such read, a
+    restart lost the block)."""
+    store = MemoryStore()
+    a, data = put(store, "a", 2 * BS)
+    (c, _), (b, _) = (put(store, k) for k in "cb")
+    cache = make_cache(tmp_path, store, cache_size=3 * BS)
+    held = HeldDeletes(cache, a.oid, monkeypatch)
+
+    async def body() -> None:
+        await cache.read(a, 0, 2 * BS)
+        await cache.drain_object(a)
+        await cache.read(c, 0, BS)
+        await cache.drain_object(c)
+        await cache.read(a, BS, BS)  # from disk: A1 goes last; the LRU is A0, C0, A1
+        assert await cache.read(b, 0, BS)  # its write punches A0: held
+        await held.until_held()
+        assert cache.missing_blocks(a) == [0]
+        assert await cache.read(a, 0, BS)  # a GET; its write evicts C
+        await held.let_go()
+
+    run(cache, body)
+    assert store.requests["get"] == 4
+    assert outcome(cache, store, tmp_path, a, data) == ([], 0, 0, [])
+
+
+def test_a_free_of_an_object_lands_before_its_next_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A freed (`BlockCache.free`: its rows and file deleted, held) and read again meanwhile.
+    Before: the late free took the new record's object row and file."""
+    store = MemoryStore()
+    a, data = put(store, "a")
+    cache = make_cache(tmp_path, store)
+    held = HeldDeletes(cache, a.oid, monkeypatch)
+
+    async def body() -> None:
+        await cache.read(a, 0, BS)
+        await cache.drain_object(a)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(cache.free, {a.oid})
+            await held.until_held()
+            assert cache.missing_blocks(a) == [0]
+            assert await cache.read(a, 0, BS)  # a GET
+            await held.let_go()
+
+    run(cache, body)
+    assert store.requests["get"] == 2
+    assert outcome(cache, store, tmp_path, a, data) == ([], 0, 0, [])
+
+
+def test_a_bulk_commit_of_an_object_lands_after_its_eviction(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A evicted whole (held) while a bulk job's run of A comes back: its commit writes A's
+    object row and marks the record indexed. Before: the late delete took that row and the
+    file the worker wrote; the books kept the blocks. Now the commit waits for the delete,
+    then finds the worker's file gone and indexes nothing (its caller fetches again): what
+    the books hold is on the disk, and a restart keeps exactly that."""
+    store = MemoryStore()
+    (a, data), (c, _), (b, _) = (put(store, k) for k in "acb")
+    cache = make_cache(tmp_path, store, cache_size=2 * BS)
+    held = HeldDeletes(cache, a.oid, monkeypatch)
+    engine = cache.bulk
+    waiting: list[_Waiting] = []
+
+    async def body() -> None:
+        for v in (a, c):
+            await cache.read(v, 0, BS)
+            await cache.drain_object(v)
+        assert await cache.read(b, 0, BS)  # its write evicts A: held
+        await held.until_held()
+        # A bulk job of A (as `BulkEngine._dispatch` sends it): room reserved (C evicted),
+        # flights claimed; its worker wrote A's file (the one still in place).
+        victims, fits = cache.ledger.reserve(BS, cache.bounds)
+        assert fits and [victim[0] for victim in victims] == [c.oid]
+        await engine._evict(victims)
+        path = engine.disk.layout.path(a.oid)
+        path.write_bytes(data)
+        job = Job(a.oid, a.key, a.etag, a.size, 0, BS, str(path))
+        flights = [engine.flights.start((a.oid, 0), Flight(remember=False))]
+        waiting.append(_Waiting(job, a, range(1), flights))
+        engine._waiting[(a.oid, 0)] = waiting[0]
+        inode = path.stat().st_ino
+        engine._commit([Done(a.oid, 0, BS, crcs=[zlib.crc32(data)], inode=inode, matches=True)])
+        await held.let_go()
+        await waiting[0].event.wait()
+
+    run(cache, body)
+    missing, gets, corrupt, after = outcome(cache, store, tmp_path, a, data)
+    assert (gets, corrupt, after) == (0, 0, missing)
+    done = waiting[0].done
+    assert done is not None and done.lost and missing == [0]  # the file it wrote went
+
+
+def test_an_adoption_of_an_object_lands_after_its_eviction(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A evicted whole (held) while an upload of the same version finishes and is adopted
+    (its file moved into place, its rows in one transaction). Before: the late delete took
+    the adopted file and rows; the books kept the blocks."""
+    store = MemoryStore()
+    (a, data), (c, _), (b, _) = (put(store, k) for k in "acb")
+    cache = make_cache(tmp_path / "c", store, cache_size=2 * BS)
+    held = HeldDeletes(cache, a.oid, monkeypatch)
+    upload = tmp_path / "c" / "upload"
+    kept: list[bool] = []
+
+    async def adopt() -> None:
+        kept.append(await cache.adopt(a, upload, {0: zlib.crc32(data)}))
+
+    async def body() -> None:
+        for v in (a, c):
+            await cache.read(v, 0, BS)
+            await cache.drain_object(v)
+        assert await cache.read(b, 0, BS)  # its write evicts A: held
+        await held.until_held()
+        upload.write_bytes(data)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(adopt)  # its room evicts C
+            await held.let_go()
+
+    run(cache, body)
+    assert kept == [True] and store.requests["get"] == 3
+    assert outcome(cache, store, tmp_path / "c", a, data) == ([], 0, 0, [])
+
+
+def test_a_write_waits_only_while_a_delete_of_its_object_is_pending() -> None:
+    """`Deleting.settled` returns at once (no checkpoint: the writer's steps up to its
+    thread call stay atomic) when nothing it writes is pending, and once every such delete
+    ended. A block's delete holds back writes of that block (and whole files); an object's,
+    every write of it."""
+    deleting = Deleting()
+
+    async def main() -> None:
+        deleting.begin([("a", WHOLE), ("a", WHOLE), ("c", 3), ("d", 1)])
+        with trio.testing.assert_no_checkpoints():
+            await deleting.settled([("b", None), ("c", [0, 1, 2]), ("d", range(0))])
+        woken: list[str] = []
+
+        async def write(name: str, oid: str, blocks: list[int] | None) -> None:
+            await deleting.settled([(oid, blocks)])
+            woken.append(name)
+
+        async with trio.open_nursery() as nursery:
+            for name, oid, blocks in [("a0", "a", [0]), ("c3", "c", [2, 3]), ("c*", "c", None)]:
+                nursery.start_soon(write, name, oid, blocks)
+            await trio.testing.wait_all_tasks_blocked()
+            assert woken == []
+            deleting.end([("a", WHOLE), ("c", 3)])
+            await trio.testing.wait_all_tasks_blocked()
+            assert sorted(woken) == ["c*", "c3"] and "a" in deleting
+            deleting.end([("a", WHOLE)])
+        assert woken[-1] == "a0" and "a" not in deleting and "d" in deleting
+
+    trio.run(main)
+
+
+def test_an_eviction_that_failed_lets_the_next_write_of_its_object_go(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write whose eviction raised (a failing disk) still ends its victims' deletes: a
+    later write of the victim's object does not wait for ever."""
+    store = MemoryStore()
+    (a, data), (b, _) = (put(store, k) for k in "ab")
+    cache = make_cache(tmp_path, store, cache_size=BS)
+    write_block = cache._disk.write_block
+
+    def failing(version: ObjectVersion, *args: Any) -> None:
+        if version.oid == b.oid:
+            raise OSError(errno.EIO, "the cache disk failed")
+        write_block(version, *args)
+
+    monkeypatch.setattr(cache._disk, "write_block", failing)
+
+    async def body() -> None:
+        await cache.read(a, 0, BS)
+        await cache.drain_object(a)
+        await cache.read(b, 0, BS)  # its write evicts A, then fails
+        await cache.drain_object(b)
+        assert cache.stats["disk_errors"] == 1 and cache.missing_blocks(a) == [0]
+        assert await cache.read(a, 0, BS) == data
+        await cache.drain_object(a)  # its write went
+        assert cache.missing_blocks(a) == []
+
+    run(cache, body)
