@@ -247,6 +247,8 @@ class Cluster:
         systems = {
             "fuse": ("s3cachefs", {}),
             "passthrough": ("s3cachefs passthrough", passthrough),
+            "passthrough-memo": ("s3cachefs passthrough memo", {"S3CACHEFS_PASSTHROUGH": "memo"}),
+            "passthrough-keep": ("s3cachefs passthrough keep", {"S3CACHEFS_PASSTHROUGH": "keep"}),
             "read-serve": ("s3cachefs --read-serve", on),
         }
         for system, extra in (systems[name] for name in self.read_systems):
@@ -316,7 +318,7 @@ def main() -> None:
     parser.add_argument(
         "--read-systems",
         default="fuse,read-serve",
-        help="cached_by_reading: comma list of fuse, passthrough (spike), read-serve",
+        help="cached_by_reading: comma list of fuse, passthrough[-memo|-keep], read-serve",
     )
     standalone.main(
         parser,

@@ -167,13 +167,15 @@ class Operations(pyfuse3.Operations):
         # Spike (issue 13): needs the patched pyfuse3 (`packaging/build-passthrough.sh`).
         self.passthrough: Passthrough | None = None
         register = getattr(pyfuse3, "passthrough_open", None)
-        if os.environ.get(PASSTHROUGH_ENV) == "1" and register and core.pins is not None:
+        mode = os.environ.get(PASSTHROUGH_ENV, "")
+        if mode in ("1", "memo", "keep") and register and core.pins is not None:
             self.enable_passthrough = True  # read by the patched pyfuse3's init
             self.passthrough = Passthrough(
                 core.cache,
                 core.pins,
                 register,
                 pyfuse3.passthrough_close,  # type: ignore[attr-defined,unused-ignore]
+                mode=mode,
             )
 
     def invalidate(self, entries: list[tuple[int, str]]) -> None:
