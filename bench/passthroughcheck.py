@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -59,6 +60,7 @@ def run(mode: str, net: Network, bucket: Path, local: Path, data: Dataset, work:
         check_pages(fs, local, pages)
         check_damage(fs, local, pages[0])
         check_change(fs, net, bucket, local, pages[1])
+        check_kill(fs, local, pages[2])
     finally:
         fs.stop()
         shutil.rmtree(work, ignore_errors=True)
@@ -114,6 +116,29 @@ def check_change(fs: peers.S3CacheFS, net: Network, bucket: Path, local: Path, k
     check(second == new and passed == 1, "the new version, cached, is passed through")
     (bucket / key).write_bytes(old)
     net.rescan()
+
+
+def check_kill(fs: peers.S3CacheFS, local: Path, key: str) -> None:
+    """kill -9 of the daemon under a reader of a passed-through file (then the stale
+    mount is cleaned by ``stop``: ``s3cachefs unmount``)."""
+    right = (local / key).read_bytes()
+    with open(fs.mnt / key, "rb") as held:
+        head = held.read(1000)
+        os.kill(fs.pid, signal.SIGKILL)
+        time.sleep(1)
+        try:
+            rest = held.read()
+            outcome = "read on" if head + rest == right else "WRONG BYTES"
+        except OSError as exc:
+            outcome = f"{exc.strerror}"
+    print(f"info kill -9 under an open passed-through file: the reader got: {outcome}")
+    check(outcome != "WRONG BYTES", "no wrong bytes after kill -9")
+    try:
+        (fs.mnt / key).read_bytes()
+        after = "read"
+    except OSError as exc:
+        after = exc.strerror or str(exc)
+    print(f"info a new open after kill -9: {after}")
 
 
 def main() -> None:
