@@ -47,6 +47,8 @@ from s3cachefs.base.errors import (
 from s3cachefs.fs.attributes import Attributes
 from s3cachefs.fs.core import FsCore
 from s3cachefs.fs.nodes import Node
+from s3cachefs.fs.passthrough import ENV as PASSTHROUGH_ENV
+from s3cachefs.fs.passthrough import Passthrough
 
 if TYPE_CHECKING:
     from pyfuse3 import (
@@ -162,6 +164,19 @@ class Operations(pyfuse3.Operations):
         self.core = core
         self.counts: Counter[str] = Counter()  # FUSE requests by operation (stats, tests)
         core.on_invalidate(self.invalidate)
+        # Spike (issue 13): needs the patched pyfuse3 (`packaging/build-passthrough.sh`).
+        self.passthrough: Passthrough | None = None
+        register = getattr(pyfuse3, "passthrough_open", None)
+        mode = os.environ.get(PASSTHROUGH_ENV, "")
+        if mode in ("1", "memo", "keep") and register and core.pins is not None:
+            self.enable_passthrough = True  # read by the patched pyfuse3's init
+            self.passthrough = Passthrough(
+                core.cache,
+                core.pins,
+                register,
+                pyfuse3.passthrough_close,  # type: ignore[attr-defined,unused-ignore]
+                mode=mode,
+            )
 
     def invalidate(self, entries: list[tuple[int, str]]) -> None:
         """Make the kernel forget these directory entries (queued: safe inside a handler)."""
@@ -222,6 +237,14 @@ class Operations(pyfuse3.Operations):
             return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh))
         with self._op("open"):
             fh, keep_cache = await self.core.open(inode)
+            backing_id = 0
+            if self.passthrough is not None and getattr(pyfuse3, "passthrough_enabled", False):
+                backing_id = await self.passthrough.open(fh, self.core.file_handle(fh))
+        if backing_id:  # the kernel reads the cache file: no page cache of ours to keep
+            self.counts["open_passthrough"] += 1
+            info = pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=False)
+            setattr(info, "backing_id", backing_id)  # noqa: B010 (absent from stock stubs)
+            return info
         return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=keep_cache)
 
     async def read(self, fh: FileHandleT, off: int, size: int) -> bytes:
@@ -231,6 +254,8 @@ class Operations(pyfuse3.Operations):
 
     async def release(self, fh: FileHandleT) -> None:
         with self._op("release"):
+            if self.passthrough is not None:
+                self.passthrough.release(fh)
             await self.core.close(fh)
 
     async def statfs(self, ctx: RequestContext) -> pyfuse3.StatvfsData:
