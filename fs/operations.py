@@ -47,7 +47,6 @@ from s3cachefs.base.errors import (
 from s3cachefs.fs.attributes import Attributes
 from s3cachefs.fs.core import FsCore
 from s3cachefs.fs.nodes import Node
-from s3cachefs.fs.passthrough import ENV as PASSTHROUGH_ENV
 from s3cachefs.fs.passthrough import Passthrough
 
 if TYPE_CHECKING:
@@ -164,19 +163,14 @@ class Operations(pyfuse3.Operations):
         self.core = core
         self.counts: Counter[str] = Counter()  # FUSE requests by operation (stats, tests)
         core.on_invalidate(self.invalidate)
-        # Spike (issue 13): needs the patched pyfuse3 (`packaging/build-passthrough.sh`).
+        # --passthrough (`daemon.passthroughing` decides): needs the patched pyfuse3.
         self.passthrough: Passthrough | None = None
-        register = getattr(pyfuse3, "passthrough_open", None)
-        mode = os.environ.get(PASSTHROUGH_ENV, "")
-        if mode in ("1", "memo", "keep") and register and core.pins is not None:
-            self.enable_passthrough = True  # read by the patched pyfuse3's init
-            self.passthrough = Passthrough(
-                core.cache,
-                core.pins,
-                register,
-                pyfuse3.passthrough_close,  # type: ignore[attr-defined,unused-ignore]
-                mode=mode,
-            )
+
+    def use_passthrough(self, passthrough: Passthrough) -> None:
+        """Pass files complete in the cache through (before `pyfuse3.init`: its INIT
+        asks the kernel for FUSE_CAP_PASSTHROUGH when ``enable_passthrough`` is set)."""
+        self.passthrough = passthrough
+        self.enable_passthrough = True
 
     def invalidate(self, entries: list[tuple[int, str]]) -> None:
         """Make the kernel forget these directory entries (queued: safe inside a handler)."""
@@ -238,7 +232,8 @@ class Operations(pyfuse3.Operations):
         with self._op("open"):
             fh, keep_cache = await self.core.open(inode)
             backing_id = 0
-            if self.passthrough is not None and getattr(pyfuse3, "passthrough_enabled", False):
+            if self.passthrough is not None:
+                self._check_granted(self.passthrough)
                 backing_id = await self.passthrough.open(fh, self.core.file_handle(fh))
         if backing_id:  # the kernel reads the cache file: no page cache of ours to keep
             self.counts["open_passthrough"] += 1
@@ -246,6 +241,13 @@ class Operations(pyfuse3.Operations):
             setattr(info, "backing_id", backing_id)  # noqa: B010 (absent from stock stubs)
             return info
         return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=keep_cache)
+
+    @staticmethod
+    def _check_granted(passthrough: Passthrough) -> None:
+        """Off (one line) if the kernel did not grant passthrough at INIT."""
+        if passthrough.enabled and not getattr(pyfuse3, "passthrough_enabled", False):
+            log.warning("passthrough off: the kernel did not offer it at INIT")
+            passthrough.enabled = False
 
     async def read(self, fh: FileHandleT, off: int, size: int) -> bytes:
         self.counts["read_bytes_asked"] += size

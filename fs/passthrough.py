@@ -1,28 +1,33 @@
-"""FUSE passthrough of files complete in the cache (issue 13, option 2): a spike.
+"""FUSE passthrough of files complete in the cache (``--passthrough``, issue 13).
 
-Off unless ``S3CACHEFS_PASSTHROUGH=1`` and pyfuse3 is the patched build
-(`packaging/build-passthrough.sh`: libfuse 3.17 + `pyfuse3.passthrough_open`).
-An open of a file whose blocks are all on disk, each passing its CRC read
-through the very descriptor handed over, gives the kernel that descriptor as
-the backing file: its READs (and mmap) then never reach the daemon. The
-daemon still answers every LOOKUP and OPEN, so an object changed in S3 gets a
-new inode after the TTL (`fs.tree`), and an open of it is checked again.
+An open of a file whose blocks are all on disk, each passing its CRC read through
+the very descriptor handed over, gives the kernel that file as the backing file:
+its READs (and mmap) then never reach the daemon. The daemon still answers every
+LOOKUP and OPEN, so an object changed in S3 gets a new inode (and oid) after the
+TTL (`fs.tree`), and an open of it is checked on its own.
+
+Never zeros, never wrong bytes:
+- while any handle of a passed-through inode is open, its version is held in the
+  ledger (`Ledger.hold`, counted): eviction, which punches holes, never takes it;
+- an open takes the hold, then waits for that object's deletes taken off the books
+  before (`cache.deleting`), then needs the ledger to have every block, then reads
+  every block's CRC through the descriptor it registers;
+- a registration outlives its handles (kept, up to KEEP_MAX, least recently used
+  first out), unheld: the next open re-uses it only if, under a new hold, the ledger
+  has every block, its record is the one checked and none of its blocks was taken
+  off the books since (`Record.taken`: eviction and drops count), and the cache file
+  at its path is the inode checked, same size and times. Else it is checked anew.
 
 The kernel's rules shape the bookkeeping (fs/fuse/iomode.c, Linux >= 6.9):
 - one backing file per inode: every handle of an inode passing through shares
-  one backing id, closed when its last handle is released;
-- an inode is either passed through or cached, never both at once (ETXTBSY
-  for the open): an open while other handles of the inode are open in cached
-  mode stays cached, and opens of one inode are settled one at a time;
-- FOPEN_KEEP_CACHE and FOPEN_DIRECT_IO are not combined with it (the adapter
-  clears them): the pages live in the cache file's page cache.
+  one backing id;
+- an inode is either passed through or cached, never both at once (ETXTBSY for
+  the open): an open while other handles of the inode are open in cached mode
+  stays cached, and opens of one inode are settled one at a time;
+- FOPEN_KEEP_CACHE and FOPEN_DIRECT_IO are not combined with it (`fs.operations`
+  answers keep_cache=0): the pages live in the cache file's page cache.
 
-Held while passed through: the object version is held in the pin store
-(eviction punches holes: a reader would see zeros). A real hold needs a
-counted hold in the ledger (``PinStore.release`` re-derives the whole pinned
-set); see the spike's report.
-
-Concurrency: state changes on the trio thread only; `_verify` runs in a
+Concurrency: state changes on the trio thread only; `_verified_fd` runs in a
 worker thread on plain values.
 """
 
@@ -38,35 +43,35 @@ import trio
 
 from s3cachefs.cache.blockcache import BlockCache
 from s3cachefs.cache.blocks import ObjectVersion, block_span
-from s3cachefs.datasets.pins import PinStore
+from s3cachefs.cache.ledger import Record
 from s3cachefs.fs.nodes import FileHandle
 from s3cachefs.store.crc import crc32
 
 log = logging.getLogger(__name__)
 
-# "1": read and check the whole file at every open; "memo": once per file as it is on
-# disk (device, inode, size, mtime, CRCs); "keep": as "memo", and its descriptor and
-# backing id are kept for the next open (up to KEEP_MAX), so that open makes no syscall
-# but an fstat.
-ENV = "S3CACHEFS_PASSTHROUGH"
+# Registrations kept for the next open: a kernel file reference each (no descriptor).
 KEEP_MAX = 4096
 
-# A cache file as checked: device, inode, size, mtime, and the CRCs it was checked against.
+# A cache file as checked: device, inode, size, mtime, ctime.
 Identity = tuple[int, int, int, int, int]
 
 
 @dataclass
 class Backing:
+    """An inode passed through: its backing id and how many of its handles are open."""
+
     backing_id: int
     oid: str
     handles: int = 1
-    kept: bool = False  # in `Passthrough._kept`: its id outlives its handles
 
 
 @dataclass
 class Kept:
-    fd: int
+    """A checked, registered cache file; valid while the ledger took none of its blocks."""
+
     backing_id: int
+    record: Record
+    taken: int
     identity: Identity
 
 
@@ -76,112 +81,61 @@ class Passthrough:
     def __init__(
         self,
         cache: BlockCache,
-        pins: PinStore,
         register: Callable[[int], int],
         unregister: Callable[[int], None],
         *,
-        mode: str = "1",
+        keep_max: int = KEEP_MAX,
     ) -> None:
         self.cache = cache
-        self.pins = pins
+        self.ledger = cache.ledger
         self.register = register  # fd -> backing id (pyfuse3.passthrough_open)
-        self.unregister = unregister
+        self.unregister = unregister  # backing id -> None (pyfuse3.passthrough_close)
+        self.keep_max = keep_max
         self.enabled = True
         self._inodes: dict[int, Backing] = {}
         self._by_fh: dict[int, int] = {}  # fh -> inode, handles passed through
         self._settling: dict[int, trio.Event] = {}  # inode -> its open being settled
-        self.counts = {"opens": 0, "refused": 0}
-        self.memo = mode in ("memo", "keep")
-        self.keep = mode == "keep"
-        self._verified: dict[str, Identity] = {}  # oid -> identity of its file when checked
         self._kept: OrderedDict[str, Kept] = OrderedDict()  # oid -> checked, registered
+        # opens passed through; files checked (read whole); refused (not complete, a
+        # failed check); kept registrations re-used
+        self.counts = {"opens": 0, "checked": 0, "refused": 0, "reused": 0}
+
+    def describe(self) -> dict[str, int | bool]:
+        """For `status --json`."""
+        return {
+            "enabled": self.enabled,
+            **self.counts,
+            "open_inodes": len(self._inodes),
+            "kept": len(self._kept),
+        }
 
     async def open(self, fh: int, handle: FileHandle) -> int:
         """The backing id to answer this open with, or 0 (the CRC-checked FUSE path)."""
         node = handle.node
         while (settling := self._settling.get(node.ino)) is not None:
             await settling.wait()
-        if not self.enabled or handle.staged is not None or handle.fd is not None:
-            return 0
         backing = self._inodes.get(node.ino)
-        if backing is None:
-            if node.handles > 1 or not self._complete(handle.version):
-                return 0  # cached handles are open (the kernel would refuse), or not all here
+        if backing is not None:  # the inode passes through: so must every open of it
+            backing.handles += 1
+        elif (
+            not self.enabled
+            or handle.staged is not None
+            or handle.fd is not None
+            or handle.writable
+            or node.handles > 1  # cached handles are open: the kernel would refuse
+            or not self._complete(handle.version)
+        ):
+            return 0
+        else:
             backing = await self._start(node.ino, handle.version)
             if backing is None:
                 return 0
-        elif backing.oid != handle.version.oid:
-            return 0  # cannot happen (an inode is one version); the kernel would refuse
-        else:
-            backing.handles += 1
         self._by_fh[fh] = node.ino
         self.counts["opens"] += 1
         return backing.backing_id
 
-    async def _start(self, ino: int, version: ObjectVersion) -> Backing | None:
-        """Hold, check and register ``version``'s cache file for inode ``ino``."""
-        done = self._settling[ino] = trio.Event()
-        owner = f"passthrough:{ino}"
-        self.pins.hold(owner, version.oid)  # before the check: nothing evicted after it
-        kept = self._reuse(version)
-        if kept is not None:
-            del self._settling[ino]
-            done.set()
-            backing = self._inodes[ino] = Backing(kept.backing_id, version.oid, kept=True)
-            return backing
-        try:
-            backing_id, fd, identity = await self._register_verified(version)
-        finally:
-            del self._settling[ino]
-            done.set()
-        if backing_id == 0:
-            self.pins.release(owner)
-            self.counts["refused"] += 1
-            return None
-        if self.keep:
-            self._keep(version.oid, Kept(fd, backing_id, identity))
-        else:
-            os.close(fd)
-        backing = self._inodes[ino] = Backing(backing_id, version.oid, kept=self.keep)
-        return backing
-
-    def _reuse(self, version: ObjectVersion) -> Kept | None:
-        """A kept registration of ``version``'s file if that file is still as checked."""
-        kept = self._kept.get(version.oid)
-        if kept is None:
-            return None
-        try:  # an fstat of an open descriptor: no disk I/O
-            now = _identity(kept.fd, self.cache.block_crcs(version))
-        except OSError:
-            now = None
-        if now == kept.identity:
-            self._kept.move_to_end(version.oid)
-            return kept
-        self._forget(version.oid)
-        return None
-
-    def _keep(self, oid: str, kept: Kept) -> None:
-        self._forget(oid)
-        self._kept[oid] = kept
-        in_use = {b.oid for b in self._inodes.values()} | {oid}
-        for old in [o for o in self._kept if o not in in_use][: max(0, len(self._kept) - KEEP_MAX)]:
-            self._forget(old)
-
-    def _forget(self, oid: str) -> None:
-        """Close a kept registration (files opened with it keep theirs)."""
-        kept = self._kept.pop(oid, None)
-        if kept is not None:
-            os.close(kept.fd)
-            self._unregister(kept.backing_id)
-
-    def _unregister(self, backing_id: int) -> None:
-        try:
-            self.unregister(backing_id)
-        except OSError as exc:
-            log.warning("passthrough: closing backing id failed: %s", exc.strerror)
-
     def release(self, fh: int) -> None:
-        """A handle's RELEASE: the inode's backing id goes with its last one. Must not await."""
+        """A handle's RELEASE: the hold goes with the inode's last one. Must not await."""
         ino = self._by_fh.pop(fh, None)
         if ino is None:
             return
@@ -189,25 +143,54 @@ class Passthrough:
         backing.handles -= 1
         if backing.handles == 0:
             del self._inodes[ino]
-            if not backing.kept:
-                self._unregister(backing.backing_id)
-            self.pins.release(f"passthrough:{ino}")
+            self.ledger.release(backing.oid)
 
-    def _complete(self, version: ObjectVersion) -> bool:
-        return (
-            version.size > 0
-            and version.oid in self.cache.ledger
-            and not (self.cache.missing_blocks(version))
-        )
+    async def _start(self, ino: int, version: ObjectVersion) -> Backing | None:
+        """Hold, check and register ``version``'s cache file for inode ``ino``."""
+        done = self._settling[ino] = trio.Event()
+        oid = version.oid
+        self.ledger.hold(oid)  # from here on no block of it is taken to make room
+        backing_id = 0
+        try:
+            # Deletes taken off the books before the hold land first: after them, what
+            # the ledger holds is on disk (`cache.deleting`).
+            await self.ledger.deleting.settled([(oid, None)])
+            record = self.ledger.record(oid)
+            if record is not None and self._complete(version):
+                backing_id = self._reuse(oid, record) or await self._check(version, record)
+        finally:
+            del self._settling[ino]
+            done.set()
+            if not backing_id:
+                self.ledger.release(oid)
+        if not backing_id:
+            self.counts["refused"] += 1
+            return None
+        backing = self._inodes[ino] = Backing(backing_id, oid)
+        return backing
 
-    async def _register_verified(self, version: ObjectVersion) -> tuple[int, int, Identity]:
-        """A backing id of ``version``'s checked file (0: not passed through), its
-        descriptor (to close) and its identity."""
-        crcs = self.cache.block_crcs(version)
+    def _reuse(self, oid: str, record: Record) -> int:
+        """The kept registration of ``oid`` if its file is still as checked, else 0."""
+        kept = self._kept.get(oid)
+        if kept is None:
+            return 0
+        try:  # a stat of a cached dentry: no disk I/O
+            now = _identity(os.stat(self.cache.object_path(oid)))
+        except OSError:
+            now = None
+        if kept.record is record and kept.taken == record.taken and now == kept.identity:
+            self._kept.move_to_end(oid)
+            self.counts["reused"] += 1
+            return kept.backing_id
+        self._forget(oid)
+        return 0
+
+    async def _check(self, version: ObjectVersion, record: Record) -> int:
+        """Read every block of ``version``'s file through one descriptor, check its CRC,
+        register that descriptor: its backing id, kept; 0 if it is not passed through."""
+        crcs, taken = dict(record.blocks), record.taken
         path = str(self.cache.object_path(version.oid))
-        # "memo": a file verified once by this process, same inode, size, mtime and CRCs,
-        # is not read again (the kernel-served trees' policy); else every open reads it.
-        known = self._verified.get(version.oid) if self.memo else None
+        self.counts["checked"] += 1
         try:
             fd, identity = await trio.to_thread.run_sync(
                 _verified_fd,
@@ -215,36 +198,54 @@ class Passthrough:
                 version.size,
                 self.cache.block_size,
                 crcs,
-                known,
                 limiter=self.cache.disk_limiter,
             )
         except OSError as exc:
             log.warning("passthrough: cannot open %s: %s", version.key, exc.strerror)
-            return 0, -1, identity_none()
+            return 0
         if fd is None:  # a block failed its CRC: the FUSE path reads, drops and refetches it
-            self._verified.pop(version.oid, None)
-            return 0, -1, identity
-        if self.memo:
-            self._verified[version.oid] = identity
+            return 0
         try:
-            return self.register(fd), fd, identity
-        except OSError as exc:  # not root, or the kernel said no: stop trying
-            log.warning("passthrough: off: registering a backing file failed: %s", exc.strerror)
+            if self.ledger.record(version.oid) is not record or record.taken != taken:
+                return 0  # a block was dropped while it was read (held: not evicted)
+            backing_id = self.register(fd)
+        except OSError as exc:  # not root, the cache dir on overlayfs: stop trying
+            log.warning("passthrough off: registering a backing file failed: %s", exc.strerror)
             self.enabled = False
-            os.close(fd)
-            return 0, -1, identity
+            return 0
+        finally:
+            os.close(fd)  # the kernel holds its own reference
+        self._forget(version.oid)
+        self._kept[version.oid] = Kept(backing_id, record, taken, identity)
+        in_use = {b.oid for b in self._inodes.values()} | {version.oid}
+        extra = len(self._kept) - self.keep_max
+        for old in [o for o in self._kept if o not in in_use][: max(0, extra)]:
+            self._forget(old)
+        return backing_id
+
+    def _forget(self, oid: str) -> None:
+        """Close a kept registration (inodes opened with it keep theirs)."""
+        kept = self._kept.pop(oid, None)
+        if kept is None:
+            return
+        try:
+            self.unregister(kept.backing_id)
+        except OSError as exc:
+            log.warning("passthrough: closing backing id failed: %s", exc.strerror)
+
+    def _complete(self, version: ObjectVersion) -> bool:
+        ledger = self.ledger
+        return version.size > 0 and version.oid in ledger and not ledger.missing_blocks(version)
 
 
 def _verified_fd(
-    path: str, size: int, block_size: int, crcs: dict[int, int], known: Identity | None
+    path: str, size: int, block_size: int, crcs: dict[int, int]
 ) -> tuple[int | None, Identity]:
     """A read-only descriptor of a cache file whose every block passed its CRC through it
-    (or whose identity is ``known``: checked so before), and the file's identity."""
+    (None if one failed), and the file's identity as it was read."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        identity = _identity(fd, crcs)
-        if identity == known:
-            return fd, identity
+        identity = _identity(os.fstat(fd))
         if identity[2] != size:
             os.close(fd)
             return None, identity
@@ -260,10 +261,5 @@ def _verified_fd(
     return fd, identity
 
 
-def _identity(fd: int, crcs: dict[int, int]) -> Identity:
-    st = os.fstat(fd)
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, hash(frozenset(crcs.items())))
-
-
-def identity_none() -> Identity:
-    return (0, 0, 0, 0, 0)
+def _identity(st: os.stat_result) -> Identity:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)

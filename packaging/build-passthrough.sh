@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Spike (issue 13, FUSE passthrough): build libfuse 3.17.2 into a private prefix and
+# FUSE passthrough (`--passthrough`, issue 13): build libfuse 3.17.2 into a private prefix and
 # pyfuse3 3.5.0 + packaging/pyfuse3-passthrough.patch against it, into a virtualenv.
 #
 #   packaging/build-passthrough.sh [VENV]      # default: .venv of this checkout
@@ -10,7 +10,7 @@
 # can pick it up by accident). Needs: Linux >= 6.9 for passthrough at run time, root
 # (CAP_SYS_ADMIN) for FUSE_DEV_IOC_BACKING_OPEN; to build: meson, ninja-build, gcc,
 # pkg-config, python3-dev (apt), Cython (pip, a build dependency of pyfuse3).
-# Re-running rebuilds both from scratch.
+# Re-running rebuilds both from scratch (`quickstart` skips it while its stamp matches).
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 venv="$(realpath -m "${1:-$repo/.venv}")"
