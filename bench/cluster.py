@@ -243,12 +243,10 @@ class Cluster:
         root overlay of read files (`datasets.readserve`: opt-in, `--read-serve
         --metadata-ttl indefinite`, immutable data) and without it (the FUSE path)."""
         on = {"S3CACHEFS_READ_SERVE": "true", "S3CACHEFS_METADATA_TTL": "indefinite"}
-        passthrough = {"S3CACHEFS_PASSTHROUGH": "1"}  # spike: needs the patched pyfuse3
+        passthrough = {"S3CACHEFS_PASSTHROUGH": "true"}  # needs the patched pyfuse3
         systems = {
             "fuse": ("s3cachefs", {}),
-            "passthrough": ("s3cachefs passthrough", passthrough),
-            "passthrough-memo": ("s3cachefs passthrough memo", {"S3CACHEFS_PASSTHROUGH": "memo"}),
-            "passthrough-keep": ("s3cachefs passthrough keep", {"S3CACHEFS_PASSTHROUGH": "keep"}),
+            "passthrough": ("s3cachefs --passthrough", passthrough),
             "read-serve": ("s3cachefs --read-serve", on),
         }
         for system, extra in (systems[name] for name in self.read_systems):
@@ -318,7 +316,7 @@ def main() -> None:
     parser.add_argument(
         "--read-systems",
         default="fuse,read-serve",
-        help="cached_by_reading: comma list of fuse, passthrough[-memo|-keep], read-serve",
+        help="cached_by_reading: comma list of fuse, passthrough, read-serve (repeats alternate)",
     )
     standalone.main(
         parser,
