@@ -16,8 +16,11 @@ from typing import Any
 
 import pyfuse3
 import pytest
+import trio
+import trio.testing
 
 from s3cachefs.base.config import MountConfig
+from s3cachefs.cache.deleting import WHOLE
 from s3cachefs.cache.ledger import Bounds
 from s3cachefs.daemon.passthroughing import unavailable
 from s3cachefs.fs.nodes import FileHandle, Node
@@ -103,6 +106,35 @@ def test_a_kept_registration_is_checked_anew_once_a_block_was_taken(tmp_path: Pa
         await cache.drain()
         assert await opened(5) == 2 and registered[2] == data  # checked anew, not re-used
         assert passthrough.counts["checked"] == 2
+
+    run_with(cache, body)
+
+
+def test_an_open_waits_for_the_deletes_taken_before_its_hold(tmp_path: Path) -> None:
+    """A delete of the object taken off the books before the open (its thread not run yet)
+    lands before the file is checked and handed to the kernel."""
+    store = MemoryStore()
+    data = os.urandom(2 * BS)
+    version = version_of(store, "k", data)
+    cache = make_cache(tmp_path, store)
+    passthrough = Passthrough(cache, lambda _fd: 7, lambda _id: None)
+    node = Node(ino=5, parent=1, name="k", key="k", is_dir=False, size=len(data), handles=1)
+    got: list[int] = []
+
+    async def body() -> None:
+        assert await cache.read(version, 0, len(data)) == data
+        await cache.drain()
+        delete = [(version.oid, WHOLE)]
+        cache.ledger.deleting.begin(delete)  # e.g. a free's, its thread still to run
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: opening(got))
+            await trio.testing.wait_all_tasks_blocked()
+            assert got == [] and passthrough.counts["checked"] == 0  # waiting, nothing read
+            cache.ledger.deleting.end(delete)
+        assert got == [7]
+
+    async def opening(into: list[int]) -> None:
+        into.append(await passthrough.open(1, FileHandle(node, version)))
 
     run_with(cache, body)
 
