@@ -59,6 +59,8 @@ class MountConfig:
     # Complete pinned datasets served by the kernel (datasets/kernelserve.py).
     kernel_serve_pinned: bool = default("kernel_serve_pinned")
     read_serve: bool = default("read_serve")
+    # Files complete in the cache read by the kernel itself (fs/passthrough.py).
+    passthrough: bool = default("passthrough")
     # How often the files of kernel-served datasets are read back and checked (None: only
     # at start and by `verify`).
     verify_interval: float | None = default("verify_interval")

@@ -209,6 +209,16 @@ SETTINGS: tuple[Setting, ...] = (
         "kernel-serve files complete in the cache after a read; needs --metadata-ttl indefinite",
         "toggle",
     ),
+    # FUSE passthrough (fs/passthrough.py): an open of a file complete in the cache,
+    # CRC-checked, hands the kernel the cache file: its reads never reach the daemon.
+    # Opt-in; needs root, Linux >= 6.9, the patched pyfuse3 and a read-only mount.
+    Setting(
+        "passthrough",
+        v.boolean,
+        False,
+        "kernel-read files complete in the cache (FUSE passthrough; root, Linux >= 6.9)",
+        "toggle",
+    ),
     # Between checks the kernel serves disk bytes unchecked.
     Setting(
         "verify-interval",

@@ -79,8 +79,10 @@ class Cluster:
         scratch: Callable[[str], Path],
         rounds: int = 3,
         parts: str = "",
+        read_systems: str = "fuse,read-serve",
     ) -> None:
         self.parts = parts.split(",") if parts else []  # of shard, mount_root, cached_by_reading
+        self.read_systems = read_systems.split(",")  # of fuse, passthrough, read-serve
         self.report = report
         self.net = net
         self.local = local  # holds dataset-v3/... exactly as the bucket does
@@ -241,9 +243,15 @@ class Cluster:
         root overlay of read files (`datasets.readserve`: opt-in, `--read-serve
         --metadata-ttl indefinite`, immutable data) and without it (the FUSE path)."""
         on = {"S3CACHEFS_READ_SERVE": "true", "S3CACHEFS_METADATA_TTL": "indefinite"}
-        for system, extra in (("s3cachefs", {}), ("s3cachefs --read-serve", on)):
+        passthrough = {"S3CACHEFS_PASSTHROUGH": "true"}  # needs the patched pyfuse3
+        systems = {
+            "fuse": ("s3cachefs", {}),
+            "passthrough": ("s3cachefs --passthrough", passthrough),
+            "read-serve": ("s3cachefs --read-serve", on),
+        }
+        for system, extra in (systems[name] for name in self.read_systems):
             fs = peers.S3CacheFS(self.net.endpoint_url, self.scratch("w6-read"))
-            saved = {k: os.environ.pop(k, None) for k in on}
+            saved = {k: os.environ.pop(k, None) for k in {**on, **passthrough}}
             os.environ.update(extra)
             try:
                 fs.start()
@@ -253,7 +261,7 @@ class Cluster:
                     if value is not None:
                         os.environ[key] = value
             try:
-                self._cached_by_reading(fs, system, not extra)
+                self._cached_by_reading(fs, system, "S3CACHEFS_READ_SERVE" not in extra)
             finally:
                 fs.stop()
                 shutil.rmtree(fs.cache.parent, ignore_errors=True)
@@ -268,9 +276,17 @@ class Cluster:
             linked = wait_linked(fs, len(pages))
             self.report.note(f"{W} cached by reading: {linked} of {len(pages)} files linked")
         self.net.reset()
-        before = fuse_requests(fs).get("open", 0)
+        before = fuse_requests(fs)
         self.compare(system, [self.local / k for k in pages], ours, "cached by reading")
-        opens = fuse_requests(fs).get("open", 0) - before
+        after = fuse_requests(fs)
+        opens = after.get("open", 0) - before.get("open", 0)
+        reads = len(pages) * self.rounds * 2  # cold and warm passes
+        per_file = {
+            op: (after.get(op, 0) - before.get(op, 0)) / reads
+            for op in ("lookup", "getattr", "open", "open_passthrough", "read", "release")
+        }
+        shown = ", ".join(f"{op} {n:.2f}" for op, n in per_file.items())
+        self.report.note(f"{W} cached by reading, {system}: FUSE requests per file read: {shown}")
         measure = "cached by reading: S3 requests in the timed passes"
         self.report.add(Row(W, system, "-", measure, self.net.requests(), "requests"))
         measure = "cached by reading: FUSE opens in the timed passes"
@@ -297,11 +313,16 @@ def main() -> None:
     parser.add_argument(
         "--parts", default="", help="comma list of shard, mount_root, cached_by_reading (all)"
     )
+    parser.add_argument(
+        "--read-systems",
+        default="fuse,read-serve",
+        help="cached_by_reading: comma list of fuse, passthrough, read-serve (repeats alternate)",
+    )
     standalone.main(
         parser,
         "s3cachefs-w6-",
         lambda args, report, net, _bucket, local, data, scratch: Cluster(
-            report, net, local, data, scratch, args.rounds, args.parts
+            report, net, local, data, scratch, args.rounds, args.parts, args.read_systems
         ).run(),
     )
 

@@ -1,9 +1,11 @@
 """The cache's books: what it holds, what goes first, what never goes, how much room is left.
 
 Per object version a `Record` (the version and the CRC32 of every block on disk);
-the least-recently-used order of unpinned blocks (eviction takes from its
-front); the pinned set, oids never evicted, of which this ledger is the one
-owner (the pin store tells it every change, `datasets.pins`); the bytes used,
+the least-recently-used order of blocks neither pinned nor held (eviction takes
+from its front); the pinned set, oids never evicted, of which this ledger is the
+one owner (the pin store tells it every change, `datasets.pins`); counted holds,
+oids not evicted while held (a file the kernel reads itself: `fs.passthrough`,
+whose reader would see a punched block as zeros); the bytes used,
 and reservations against ``--cache-size`` and ``--min-free`` (`Bounds`).
 
 The ledger lives in memory only: the index on disk follows it (`cache.disk`)
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +39,9 @@ class Record:
     # row is dropped at start (a bulk commit that failed, a first write that failed).
     # A delete of an earlier record's rows cannot land after it: `cache.deleting`.
     indexed: bool = False
+    # Blocks taken off the books (evicted, dropped): a check of the file made before
+    # this changed is stale (`fs.passthrough` keeps registrations of checked files).
+    taken: int = 0
 
 
 # A block taken off the books to make room: (oid, block index, start, length), the
@@ -106,11 +111,12 @@ class Ledger:
         self.block_size = block_size  # the cache dir's own (its format file) once open
         self.stats = stats or CacheStats()
         self._objects: dict[str, Record] = {}
-        self._lru: OrderedDict[BlockKey, None] = OrderedDict()  # unpinned blocks only
+        self._lru: OrderedDict[BlockKey, None] = OrderedDict()  # not pinned, not held
         self._pinned: set[str] = set()  # oids of pinned object versions: never evicted
+        self._held: Counter[str] = Counter()  # oids held (`hold`): not evicted meanwhile
         self._used = 0
-        # Bytes of the pinned versions' blocks, kept as they change: every room check
-        # asks, and summing them each time is O(cached blocks) (`cache.reuse` per object).
+        # Bytes of the pinned (and held) versions' blocks, kept as they change: every room
+        # check asks, and summing them each time is O(cached blocks) (`cache.reuse`).
         self._pinned_bytes = 0
         self._free = FreeSpace()
         # Oids whose rows or file are being deleted: their writes wait (`cache.deleting`).
@@ -166,11 +172,15 @@ class Ledger:
     def pinned_bytes(self) -> int:
         return self._pinned_bytes
 
+    def _kept(self, oid: str) -> bool:
+        """Whether ``oid`` is out of the eviction order: pinned or held."""
+        return oid in self._pinned or oid in self._held
+
     def _pinned_part(self, oid: str, indices: Iterable[int] | None = None) -> int:
-        """Bytes of ``oid``'s blocks (of ``indices`` only, if given) if it is pinned, else
-        0: what a change to them changes in ``pinned_bytes``."""
+        """Bytes of ``oid``'s blocks (of ``indices`` only, if given) if it is pinned or
+        held, else 0: what a change to them changes in ``pinned_bytes``."""
         record = self._objects.get(oid)
-        if record is None or oid not in self._pinned:
+        if record is None or not self._kept(oid):
             return 0
         blocks = record.blocks if indices is None else indices
         return sum(self.block_len(record.version, idx) for idx in blocks)
@@ -179,26 +189,50 @@ class Ledger:
         """Add one version to the pinned set (prefetch, per verified object)."""
         if oid in self._pinned:
             return
+        if oid in self._held:  # out of the LRU and counted already
+            self._pinned.add(oid)
+            return
         self._pinned.add(oid)
         self._pinned_bytes += self._pinned_part(oid)
         record = self._objects.get(oid)
         for idx in record.blocks if record else ():
             self._lru.pop((oid, idx), None)
 
+    def hold(self, oid: str) -> None:
+        """One more hold on ``oid``: none of its blocks is taken to make room until every
+        hold is released (`release`). A delete taken before may still be pending."""
+        self._held[oid] += 1
+        if self._held[oid] == 1 and oid not in self._pinned:
+            self._pinned_bytes += self._pinned_part(oid)
+            record = self._objects.get(oid)
+            for idx in record.blocks if record else ():
+                self._lru.pop((oid, idx), None)
+
+    def release(self, oid: str) -> None:
+        """One hold less; with the last, ``oid``'s blocks rejoin the LRU (unless pinned)."""
+        self._held[oid] -= 1
+        if self._held[oid] > 0:
+            return
+        if oid not in self._pinned:
+            self._pinned_bytes -= self._pinned_part(oid)
+            record = self._objects.get(oid)
+            self._lru.update(((oid, idx), None) for idx in (record.blocks if record else ()))
+        del self._held[oid]
+
     def set_pinned(self, oids: set[str]) -> None:
         """Make exactly ``oids`` pinned: their blocks leave the LRU; unpinned ones rejoin it."""
         before = self._pinned
-        for oid in self._pinned - oids:
+        for oid in self._pinned - oids - self._held.keys():
             self._pinned_bytes -= self._pinned_part(oid)
             record = self._objects.get(oid)
             for idx in record.blocks if record else ():
                 self._lru[(oid, idx)] = None
-        for oid in oids - self._pinned:
+        for oid in oids - self._pinned - self._held.keys():
             record = self._objects.get(oid)
             for idx in record.blocks if record else ():
                 self._lru.pop((oid, idx), None)
         self._pinned = set(oids)
-        self._pinned_bytes += sum(self._pinned_part(oid) for oid in oids - before)
+        self._pinned_bytes += sum(map(self._pinned_part, oids - before - self._held.keys()))
 
     # ---- changes ---------------------------------------------------------
 
@@ -216,7 +250,7 @@ class Ledger:
         else:
             self._pinned_bytes += self._pinned_part(oid, (index,))
         record.blocks[index] = crc
-        if oid not in self._pinned:
+        if not self._kept(oid):
             self._lru[(oid, index)] = None
 
     def add_blocks(self, record: Record, crcs: dict[int, int]) -> None:
@@ -227,7 +261,7 @@ class Ledger:
         self._used -= sum(self.block_len(record.version, i) for i in crcs if i in record.blocks)
         self._pinned_bytes += self._pinned_part(oid, new)
         record.blocks.update(crcs)
-        if oid not in self._pinned:
+        if not self._kept(oid):
             self._lru.update((k, None) for k in ((oid, idx) for idx in sorted(crcs)))
 
     def touch(self, key: BlockKey) -> None:
@@ -242,6 +276,7 @@ class Ledger:
             return False
         self._pinned_bytes -= self._pinned_part(version.oid, (index,))
         record.blocks.pop(index)
+        record.taken += 1
         self._lru.pop((version.oid, index), None)
         self._used -= self.block_len(version, index)
         return True
@@ -331,6 +366,7 @@ class Ledger:
             record = self._objects[oid]
             self._pinned_bytes -= self._pinned_part(oid, (idx,))  # 0: the LRU holds no pins
             del record.blocks[idx]
+            record.taken += 1
             start, end = block_span(idx, self.block_size, record.version.size)
             last = not record.blocks
             if last:

@@ -37,6 +37,7 @@ from s3cachefs.daemon.mountpoint import (
     set_kernel_readahead,
 )
 from s3cachefs.daemon.notify import notify
+from s3cachefs.daemon.passthroughing import passthrough
 from s3cachefs.daemon.readserving import read_serve
 from s3cachefs.daemon.reporting import flush as flush_sentry
 from s3cachefs.daemon.reporting import setup_sentry
@@ -138,6 +139,7 @@ def run_daemon(config: MountConfig, on_ready: Callable[[str], None]) -> None:
             allow_delete=config.allow_delete,
         )
         ops = Operations(core)
+        passthrough(config, ops, cache)  # --passthrough: before pyfuse3.init asks the kernel
         kernel = KernelServe(
             mountpoint=config.mountpoint,
             mount_prefix=config.prefix,

@@ -160,6 +160,7 @@ class Daemon:
                 for m in self.pins.manifests.values()
             ],
             "read_serve": readserve.describe() if readserve is not None else None,
+            "passthrough": self.ops.passthrough.describe() if self.ops.passthrough else None,
             "jobs": [
                 {"dataset": self.dataset_name(j.prefix), **j.progress.event("progress")}
                 for j in self.jobs.values()

@@ -47,6 +47,7 @@ from s3cachefs.base.errors import (
 from s3cachefs.fs.attributes import Attributes
 from s3cachefs.fs.core import FsCore
 from s3cachefs.fs.nodes import Node
+from s3cachefs.fs.passthrough import Passthrough
 
 if TYPE_CHECKING:
     from pyfuse3 import (
@@ -162,6 +163,14 @@ class Operations(pyfuse3.Operations):
         self.core = core
         self.counts: Counter[str] = Counter()  # FUSE requests by operation (stats, tests)
         core.on_invalidate(self.invalidate)
+        # --passthrough (`daemon.passthroughing` decides): needs the patched pyfuse3.
+        self.passthrough: Passthrough | None = None
+
+    def use_passthrough(self, passthrough: Passthrough) -> None:
+        """Pass files complete in the cache through (before `pyfuse3.init`: its INIT
+        asks the kernel for FUSE_CAP_PASSTHROUGH when ``enable_passthrough`` is set)."""
+        self.passthrough = passthrough
+        self.enable_passthrough = True
 
     def invalidate(self, entries: list[tuple[int, str]]) -> None:
         """Make the kernel forget these directory entries (queued: safe inside a handler)."""
@@ -222,7 +231,23 @@ class Operations(pyfuse3.Operations):
             return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh))
         with self._op("open"):
             fh, keep_cache = await self.core.open(inode)
+            backing_id = 0
+            if self.passthrough is not None:
+                self._check_granted(self.passthrough)
+                backing_id = await self.passthrough.open(fh, self.core.file_handle(fh))
+        if backing_id:  # the kernel reads the cache file: no page cache of ours to keep
+            self.counts["open_passthrough"] += 1
+            info = pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=False)
+            setattr(info, "backing_id", backing_id)  # noqa: B010 (absent from stock stubs)
+            return info
         return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=keep_cache)
+
+    @staticmethod
+    def _check_granted(passthrough: Passthrough) -> None:
+        """Off (one line) if the kernel did not grant passthrough at INIT."""
+        if passthrough.enabled and not getattr(pyfuse3, "passthrough_enabled", False):
+            log.warning("passthrough off: the kernel did not offer it at INIT")
+            passthrough.enabled = False
 
     async def read(self, fh: FileHandleT, off: int, size: int) -> bytes:
         self.counts["read_bytes_asked"] += size
@@ -231,6 +256,8 @@ class Operations(pyfuse3.Operations):
 
     async def release(self, fh: FileHandleT) -> None:
         with self._op("release"):
+            if self.passthrough is not None:
+                self.passthrough.release(fh)
             await self.core.close(fh)
 
     async def statfs(self, ctx: RequestContext) -> pyfuse3.StatvfsData:

@@ -1,0 +1,305 @@
+"""FUSE passthrough of files complete in the cache (``--passthrough``, issue 13).
+
+Real mounts, real S3 server; as root on Linux >= 6.9 with the patched pyfuse3 that
+``./quickstart test`` builds. "Passed through" is what the daemon did not see: its
+FUSE READ counter stays still while a passed-through file is read. The first tests
+are the ledger's counted hold and the kept registration's re-check, without FUSE.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import pyfuse3
+import pytest
+import trio
+import trio.testing
+
+from s3cachefs.base.config import MountConfig
+from s3cachefs.cache.deleting import WHOLE
+from s3cachefs.cache.ledger import Bounds
+from s3cachefs.daemon.passthroughing import unavailable
+from s3cachefs.fs.nodes import FileHandle, Node
+from s3cachefs.fs.passthrough import Passthrough
+from s3cachefs.testing.memorystore import MemoryStore
+from tests.conftest import Bucket, Mount, Mounter, drop_page_cache, status
+from tests.test_blockcache import BS, make_cache, run_with, version_of
+from tests.test_kernelserve import wait_for
+
+MIB = 1024 * 1024
+ON = ("--passthrough", "--min-free", "0")
+
+
+# ---- the ledger's hold, the kept registration (no FUSE) ---------------------------
+
+
+def test_a_held_object_is_never_an_eviction_victim(tmp_path: Path) -> None:
+    store = MemoryStore()
+    held, other = os.urandom(3 * BS), os.urandom(3 * BS)
+    vh, vo = version_of(store, "held", held), version_of(store, "other", other)
+    cache = make_cache(tmp_path, store)
+    ledger = cache.ledger
+
+    async def body() -> None:
+        assert await cache.read(vh, 0, len(held)) == held
+        assert await cache.read(vo, 0, len(other)) == other
+        await cache.drain()  # the blocks on disk and on the books
+        ledger.hold(vh.oid)
+        ledger.hold(vh.oid)  # counted: two holds, two releases
+        bounds = Bounds(tmp_path, 6 * BS, 0)
+        victims, fits = ledger.reserve(6 * BS, bounds)
+        assert {v[0] for v in victims} == {vo.oid} and not fits  # only the unheld one
+        ledger.evicted(victims)
+        assert ledger.pinned_bytes == len(held)
+        ledger.release(vh.oid)
+        assert ledger.reserve(BS, bounds) == ([], True)  # still held once: nothing to take
+        ledger.unreserve(BS)
+        ledger.release(vh.oid)
+        assert ledger.pinned_bytes == 0
+        victims, _ = ledger.reserve(BS, Bounds(tmp_path, 3 * BS, 0))
+        assert [v[0] for v in victims] == [vh.oid]  # released: back in the eviction order
+        ledger.evicted(victims)
+
+    run_with(cache, body)
+
+
+def test_a_kept_registration_is_checked_anew_once_a_block_was_taken(tmp_path: Path) -> None:
+    """A registration outlives its handles unheld; eviction may take its blocks meanwhile.
+    The next open re-uses it only if the ledger took none of its blocks since the check."""
+    store = MemoryStore()
+    data = os.urandom(3 * BS)
+    version = version_of(store, "k", data)
+    cache = make_cache(tmp_path, store)
+    registered: dict[int, bytes] = {}
+
+    def register(fd: int) -> int:
+        registered[len(registered) + 1] = os.pread(fd, len(data) + 1, 0)
+        return len(registered)
+
+    passthrough = Passthrough(cache, register, lambda _id: None)
+    node = Node(ino=5, parent=1, name="k", key="k", is_dir=False, size=len(data))
+
+    async def opened(fh: int) -> int:
+        node.handles += 1
+        backing = await passthrough.open(fh, FileHandle(node, version))
+        passthrough.release(fh)
+        node.handles -= 1
+        return backing
+
+    async def body() -> None:
+        assert await opened(1) == 0  # not in the cache: the FUSE path
+        assert await cache.read(version, 0, len(data)) == data
+        await cache.drain()
+        assert await opened(2) == 1 and registered[1] == data  # checked, registered
+        assert await opened(3) == 1  # kept: re-used, not read again
+        assert passthrough.counts["checked"] == 1 and passthrough.counts["reused"] == 1
+        victims, _ = cache.ledger.reserve(BS, Bounds(tmp_path, 3 * BS, 0))  # unheld: one block
+        assert [v[0] for v in victims] == [version.oid]
+        cache._disk.evict(victims)  # punched, as the fetcher's eviction does
+        cache.ledger.evicted(victims)
+        assert await opened(4) == 0  # a block missing: the FUSE path
+        assert await cache.read(version, 0, len(data)) == data  # fetched again
+        await cache.drain()
+        assert await opened(5) == 2 and registered[2] == data  # checked anew, not re-used
+        assert passthrough.counts["checked"] == 2
+
+    run_with(cache, body)
+
+
+def test_an_open_waits_for_the_deletes_taken_before_its_hold(tmp_path: Path) -> None:
+    """A delete of the object taken off the books before the open (its thread not run yet)
+    lands before the file is checked and handed to the kernel."""
+    store = MemoryStore()
+    data = os.urandom(2 * BS)
+    version = version_of(store, "k", data)
+    cache = make_cache(tmp_path, store)
+    passthrough = Passthrough(cache, lambda _fd: 7, lambda _id: None)
+    node = Node(ino=5, parent=1, name="k", key="k", is_dir=False, size=len(data), handles=1)
+    got: list[int] = []
+
+    async def body() -> None:
+        assert await cache.read(version, 0, len(data)) == data
+        await cache.drain()
+        delete = [(version.oid, WHOLE)]
+        cache.ledger.deleting.begin(delete)  # e.g. a free's, its thread still to run
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: opening(got))
+            await trio.testing.wait_all_tasks_blocked()
+            assert got == [] and passthrough.counts["checked"] == 0  # waiting, nothing read
+            cache.ledger.deleting.end(delete)
+        assert got == [7]
+
+    async def opening(into: list[int]) -> None:
+        into.append(await passthrough.open(1, FileHandle(node, version)))
+
+    run_with(cache, body)
+
+
+def test_passthrough_says_why_it_cannot_run(tmp_path: Path) -> None:
+    config = MountConfig("b", "", tmp_path, tmp_path)
+    assert unavailable(config, "6.8.0-1-amd64") == "Linux >= 6.9 needed"
+    writable = MountConfig("b", "", tmp_path, tmp_path, writable=True)
+    assert unavailable(writable) == "the mount is writable (--writable)"
+    # CI runs as root on a new kernel with the patched build: it must be usable there.
+    assert hasattr(pyfuse3, "passthrough_open"), "pyfuse3 is not the patched build"
+    assert unavailable(config) is None
+
+
+# ---- real mounts --------------------------------------------------------------
+
+
+def fill(bucket: Bucket, count: int = 20, prefix: str = "pages") -> dict[str, bytes]:
+    rng = random.Random(count)
+    files = {
+        f"{prefix}/p-{i:03d}.bin": rng.randbytes(rng.randint(20_000, 300_000)) for i in range(count)
+    }
+    bucket.put_many(files)
+    return files
+
+
+def counters(mount: Mount) -> dict[str, Any]:
+    found = status(mount)
+    return {**found["fuse_requests"], "passthrough": found["passthrough"], "cache": found["cache"]}
+
+
+def settled(mount: Mount) -> None:
+    wait_for(lambda: status(mount)["cache"]["in_flight_blocks"] == 0, "blocks on disk")
+
+
+def read_pass(mount: Mount, files: dict[str, bytes]) -> tuple[int, int]:
+    """Read every file byte-exact, page cache dropped; (opens passed through, READs)."""
+    drop_page_cache()
+    before = counters(mount)
+    for key, body in files.items():
+        assert (mount.path / key).read_bytes() == body, key
+    after = counters(mount)
+    return (
+        after.get("open_passthrough", 0) - before.get("open_passthrough", 0),
+        after.get("read", 0) - before.get("read", 0),
+    )
+
+
+def cache_file_of(cache: Path, content: bytes) -> Path:
+    for path in cache.rglob("*"):
+        if path.is_file() and path.stat().st_size == len(content) and path.read_bytes() == content:
+            return path
+    raise LookupError("no cache file holds these bytes")
+
+
+@pytest.mark.mount
+def test_off_by_default_and_on_a_writable_mount(bucket: Bucket, mounter: Mounter) -> None:
+    files = fill(bucket, count=4)
+    mount = mounter(bucket.name, "--min-free", "0")
+    read_pass(mount, files)
+    settled(mount)
+    passed, reads = read_pass(mount, files)
+    assert passed == 0 and reads > 0 and status(mount)["passthrough"] is None
+    mount.stop()
+    writable = mounter(bucket.name, *ON, "--writable", name="rw", cache_dir=mounter.tmp_path / "c2")
+    read_pass(writable, files)
+    settled(writable)
+    assert read_pass(writable, files)[0] == 0 and status(writable)["passthrough"] is None
+    assert "passthrough off: the mount is writable" in writable.log_text()
+
+
+@pytest.mark.mount
+def test_second_pass_is_byte_exact_with_no_read_at_the_daemon(
+    bucket: Bucket, mounter: Mounter
+) -> None:
+    files = fill(bucket)
+    mount = mounter(bucket.name, *ON)
+    passed, reads = read_pass(mount, files)
+    assert passed == 0 and reads > 0  # the first pass: the FUSE path, from S3
+    settled(mount)
+    bucket.server.reset()
+    assert read_pass(mount, files) == (len(files), 0)
+    assert read_pass(mount, files) == (len(files), 0)  # kept registrations
+    found = counters(mount)["passthrough"]
+    assert found["enabled"] and found["checked"] == len(files) and found["reused"] == len(files)
+    assert sum(bucket.server.counts().values()) == 0
+
+
+@pytest.mark.mount
+def test_a_damaged_cache_file_is_not_passed_through_and_reads_right(
+    bucket: Bucket, mounter: Mounter
+) -> None:
+    files = fill(bucket, count=3)
+    key, right = next(iter(files.items()))
+    mount = mounter(bucket.name, *ON, "--memory-cache-size", "0")  # reads go to the disk
+    read_pass(mount, files)
+    settled(mount)
+    damaged = cache_file_of(mount.cache_dir, right)
+    with open(damaged, "r+b") as f:  # one byte flipped inside the first block
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    assert read_pass(mount, {key: right})[0] == 0  # checked, refused: the CRC-checked path
+    assert counters(mount)["cache"]["corrupt_blocks"] >= 1
+    settled(mount)
+    assert read_pass(mount, {key: right}) == (1, 0)  # refetched whole: passed through again
+
+
+@pytest.mark.mount
+def test_an_object_changed_in_s3_is_followed_after_the_ttl_whole(
+    bucket: Bucket, mounter: Mounter
+) -> None:
+    files = fill(bucket, count=2)
+    key, old = next(iter(files.items()))
+    new = bytes(b ^ 0x5A for b in old)
+    mount = mounter(bucket.name, *ON, "--metadata-ttl", "1")
+    read_pass(mount, files)
+    settled(mount)
+    with open(mount.path / key, "rb") as held:  # passed through, opened before the change
+        head = held.read(1000)
+        bucket.put(key, new)
+        time.sleep(2)
+        drop_page_cache()
+        assert head + held.read() == old  # the old version whole
+    assert (mount.path / key).read_bytes() == new  # after the TTL: the new one whole
+    settled(mount)
+    assert read_pass(mount, {key: new}) == (1, 0)  # cached: passed through
+
+
+@pytest.mark.mount
+def test_eviction_under_a_reader_of_a_passed_through_file_gives_no_zeros(
+    bucket: Bucket, mounter: Mounter
+) -> None:
+    rng = random.Random(7)
+    big = {f"big/{n}.bin": rng.randbytes(3 * MIB + 1234) for n in "abcd"}
+    bucket.put_many(big)
+    mount = mounter(bucket.name, *ON, "--cache-size", "8M", "--memory-cache-size", "0")
+    first, *others = big
+    assert (mount.path / first).read_bytes() == big[first]
+    settled(mount)
+    with open(mount.path / first, "rb") as reader:
+        head = reader.read(MIB)
+        assert counters(mount)["passthrough"]["open_inodes"] == 1  # passed through, held
+        for key in others:  # 9 MiB more through an 8 MiB cache: evictions
+            assert (mount.path / key).read_bytes() == big[key]
+        settled(mount)
+        assert counters(mount)["cache"]["evictions"] > 0
+        drop_page_cache()  # the rest from the cache file itself
+        assert head + reader.read() == big[first]  # never a punched hole's zeros
+    drop_page_cache()
+    assert (mount.path / first).read_bytes() == big[first]
+
+
+@pytest.mark.mount
+def test_kill_9_leaves_no_mount_and_a_restart_serves(bucket: Bucket, mounter: Mounter) -> None:
+    files = fill(bucket, count=5)
+    key, right = next(iter(files.items()))
+    mount = mounter(bucket.name, *ON)
+    read_pass(mount, files)
+    settled(mount)
+    with open(mount.path / key, "rb") as held:
+        head = held.read(1000)
+        mount.kill9()
+        drop_page_cache()
+        assert head + held.read() == right  # the kernel holds the backing file: reads on
+    again = mounter(bucket.name, *ON, cache_dir=mount.cache_dir)  # cleans the stale mount
+    assert read_pass(again, files) == (len(files), 0)  # the cache it left: passed through
