@@ -7,7 +7,8 @@ the fix the late delete took the new write's object row (a block row with no obj
 dropped at the next start, its file swept), its file, or its block's row and bytes (a
 hole): the ledger still counted the blocks, so the next read of one found no file or a
 failed CRC (a warning, a miss, a second GET; never wrong bytes), and a restart lost them.
-Now a write of an object waits until every delete of it taken before has run.
+Now a write of an object that must stay on disk (a prefetch's) waits until every delete of
+it taken before has run; a read's is not kept this time instead (it must not stall downloads).
 """
 
 from __future__ import annotations
@@ -110,6 +111,13 @@ def run(cache: BlockCache, body: Callable[[], Awaitable[None]]) -> None:
     trio.run(main)
 
 
+async def fetch(cache: BlockCache, v: ObjectVersion) -> bytes:
+    """Block 0 of ``v`` fetched to stay on disk (as a prefetch does: its write waits for
+    a pending delete of it; a read's is not kept instead: `Fetcher._store_block`)."""
+    cache.start_fetch(v, range(1), persist=True)
+    return await cache.get_block(v, 0)
+
+
 def put(store: MemoryStore, key: str, size: int = BS) -> tuple[ObjectVersion, bytes]:
     data = os.urandom(size)
     return version_of(store, key, data), data
@@ -140,7 +148,7 @@ def outcome(
 def test_an_eviction_of_an_object_lands_before_its_next_write(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A's last block evicted (by B's write, held); A read again meanwhile: its new record's
+    """A's last block evicted (by B's write, held); A fetched again meanwhile: its new record's
     first write puts the object row and marks it indexed. Before: the late delete took that
     row and the new file (a read then found no file: a warning, a second GET), and a
     restart dropped the block row and swept the file."""
@@ -156,7 +164,7 @@ def test_an_eviction_of_an_object_lands_before_its_next_write(
         assert await cache.read(b, 0, BS)  # its write evicts A (the least recent): held
         await held.until_held()
         assert cache.missing_blocks(a) == [0]
-        assert await cache.read(a, 0, BS)  # a GET; its write evicts C
+        assert await fetch(cache, a)  # a GET; its write evicts C
         await held.let_go()
 
     run(cache, body)
@@ -167,8 +175,8 @@ def test_an_eviction_of_an_object_lands_before_its_next_write(
 def test_a_punched_block_lands_before_the_blocks_next_write(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """One block of A evicted (a hole punched, held) while A keeps another; the block read
-    again meanwhile. Before: the late punch made a hole of the new bytes and took their
+    """One block of A evicted (a hole punched, held) while A keeps another; the block
+    fetched again meanwhile. Before: the late punch made a hole of the new bytes and took their
     row (the read after it failed its CRC: a warning, a second GET; with no such read, a
     restart lost the block)."""
     store = MemoryStore()
@@ -186,7 +194,7 @@ def test_a_punched_block_lands_before_the_blocks_next_write(
         assert await cache.read(b, 0, BS)  # its write punches A0: held
         await held.until_held()
         assert cache.missing_blocks(a) == [0]
-        assert await cache.read(a, 0, BS)  # a GET; its write evicts C
+        assert await fetch(cache, a)  # a GET; its write evicts C
         await held.let_go()
 
     run(cache, body)
@@ -197,7 +205,7 @@ def test_a_punched_block_lands_before_the_blocks_next_write(
 def test_a_free_of_an_object_lands_before_its_next_write(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A freed (`BlockCache.free`: its rows and file deleted, held) and read again meanwhile.
+    """A freed (`BlockCache.free`: its rows and file deleted, held) and fetched again meanwhile.
     Before: the late free took the new record's object row and file."""
     store = MemoryStore()
     a, data = put(store, "a")
@@ -211,7 +219,7 @@ def test_a_free_of_an_object_lands_before_its_next_write(
             nursery.start_soon(cache.free, {a.oid})
             await held.until_held()
             assert cache.missing_blocks(a) == [0]
-            assert await cache.read(a, 0, BS)  # a GET
+            assert await fetch(cache, a)  # a GET
             await held.let_go()
 
     run(cache, body)
@@ -354,3 +362,59 @@ def test_an_eviction_that_failed_lets_the_next_write_of_its_object_go(
         assert cache.missing_blocks(a) == []
 
     run(cache, body)
+
+
+def test_a_free_of_many_objects_stalls_no_download(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """F and S freed together (`Integrity.free` runs their deletes one by one); the first
+    one's delete is held (a slow disk, many rows), so the second's waits behind it. The
+    second is read again meanwhile, and Z (never freed, never cached) too, with the
+    unwritten-bytes limit at 2 blocks: a read's write of an object whose delete is pending
+    is not kept this time, so no bytes stay counted as unwritten and both reads finish while
+    the delete is held. Before: those writes waited for the delete, their bytes counted as
+    unwritten, and at the limit every download of the daemon (Z's too) stopped."""
+    from s3cachefs.cache import fetcher
+
+    monkeypatch.setattr(fetcher, "UNWRITTEN_LIMIT", 2 * BS)
+    store = MemoryStore()
+    (f, f_data), (s, s_data), (z, z_data) = (put(store, k, 4 * BS) for k in "fsz")
+    cache = make_cache(tmp_path, store)
+    disk = cache._disk
+    free = disk.free
+    held, release = threading.Event(), threading.Event()
+    order: list[str] = []
+
+    def held_free(oid: str, blocks: list[int]) -> None:
+        order.append(oid)
+        if len(order) == 1:
+            held.set()
+            assert release.wait(30), "the test never let the delete go"
+        free(oid, blocks)
+
+    monkeypatch.setattr(disk, "free", held_free)
+
+    async def body() -> None:
+        for v in (f, s):
+            await cache.read(v, 0, v.size)
+            await cache.drain_object(v)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(cache.free, {f.oid, s.oid})
+            try:
+                assert await trio.to_thread.run_sync(held.wait, 30)
+                second, data = (s, s_data) if order[0] == f.oid else (f, f_data)
+                assert await cache.read(second, 0, 2 * BS) == data[: 2 * BS]
+                await trio.testing.wait_all_tasks_blocked()  # its writes ran (or wait)
+                assert cache._fetcher._unwritten == 0
+                assert await cache.read(second, 0, second.size) == data
+                assert await cache.read(z, 0, z.size) == z_data  # a download never stalled
+            finally:
+                release.set()
+            assert cache.stats["store_skipped_deleting"] >= 4  # the second's 4 blocks
+
+    run(cache, body)
+    assert cache.missing_blocks(z) == []
+    for v, data in ((f, f_data), (s, s_data)):
+        missing = cache.missing_blocks(v)
+        assert outcome(cache, store, tmp_path, v, data)[1:] == (0, 0, missing)
+        cache = make_cache(tmp_path, store)
