@@ -337,11 +337,28 @@ class Fetcher:
             return
         finally:
             self.ledger.evicted(victims)
-        current = self.ledger.record(oid)
-        if not fits or current is None:  # evicted whole while we wrote: do not index it
-            if fits:
-                self.ledger.unreserve(len(data))
+        if not fits:
             return
-        if object_row and current is record:
-            current.indexed = True
-        self.ledger.add_block(current, index, crc)
+        assert record is not None
+        if self.ledger.record(oid) is not record:
+            # Deleted whole while we wrote (and maybe made anew): not indexed into a newer
+            # record (its file may have lost our bytes), and our block row, which that
+            # delete did not know of, goes too, or a restart would point at a hole.
+            self.ledger.unreserve(len(data))
+            await self._forget_row(oid, index)
+            return
+        if object_row:
+            record.indexed = True
+        self.ledger.add_block(record, index, crc)
+
+    async def _forget_row(self, oid: str, index: int) -> None:
+        """Delete a block row no record holds; a write of that block waits for it (its
+        flight is still registered: no fetch of it starts meanwhile)."""
+        key = [(oid, index)]
+        self.ledger.deleting.begin(key)
+        try:
+            await trio.to_thread.run_sync(
+                self.disk.forget_block, oid, index, limiter=self.disk_limiter
+            )
+        finally:
+            self.ledger.deleting.end(key)

@@ -418,3 +418,44 @@ def test_a_free_of_many_objects_stalls_no_download(
         missing = cache.missing_blocks(v)
         assert outcome(cache, store, tmp_path, v, data)[1:] == (0, 0, missing)
         cache = make_cache(tmp_path, store)
+
+
+def test_a_write_in_flight_whose_record_is_evicted_whole_and_made_anew(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """X0 on the books (X's only block); X1's write in flight (its thread wrote); X2's write
+    evicts X0 as X's last block: a whole-object delete taken after X1's write started, which
+    removes the file with X1's bytes (and not X1's row); X2 makes a new record. X1 then
+    returns: it must not be indexed into the new record, and its row must go. Before: the
+    books held X1 (a hole: a CRC failure, a second GET), and a restart too (its row)."""
+    store = MemoryStore()
+    x, data = put(store, "x", 3 * BS)
+    cache = make_cache(tmp_path, store, cache_size=2 * BS)
+    disk = cache._disk
+    write_block = disk.write_block
+    wrote, release = threading.Event(), threading.Event()
+
+    def held(version: ObjectVersion, index: int, *args: Any) -> None:
+        write_block(version, index, *args)
+        if version.oid == x.oid and index == 1:
+            wrote.set()
+            assert release.wait(30), "the test never let the write return"
+
+    monkeypatch.setattr(disk, "write_block", held)
+
+    async def body() -> None:
+        for idx in range(3):
+            cache.start_fetch(x, range(idx, idx + 1), persist=True)
+            await cache.get_block(x, idx)
+            if idx == 0:
+                await cache.drain_object(x)
+            if idx == 1:
+                assert await trio.to_thread.run_sync(wrote.wait, 30)  # X1's bytes are in
+        # X2's write evicts X0 (X's last block on the books): its file removed, made anew
+        await trio.testing.wait_all_tasks_blocked()  # X2's write is in its thread
+        assert cache.missing_blocks(x) == [0, 1, 2]  # a new record, nothing in it yet
+        release.set()
+
+    run(cache, body)
+    assert cache.missing_blocks(x) == [0, 1]
+    assert outcome(cache, store, tmp_path, x, data) == ([0, 1], 0, 0, [0, 1])
