@@ -459,3 +459,47 @@ def test_a_write_in_flight_whose_record_is_evicted_whole_and_made_anew(
     run(cache, body)
     assert cache.missing_blocks(x) == [0, 1]
     assert outcome(cache, store, tmp_path, x, data) == ([0, 1], 0, 0, [0, 1])
+
+
+def test_an_adoption_whose_record_is_freed_and_made_anew_is_not_indexed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upload of A is adopted (its file placed, its rows in); before `adopt` returns, A
+    is freed (the file and the object row go) and its block 0 fetched again (a new record,
+    a new file with a hole at block 1). The adoption must not be indexed into that record,
+    and its row of block 1 must go. Before: the books held block 1 (a hole: a CRC failure,
+    a second GET), and a restart too."""
+    store = MemoryStore()
+    a, data = put(store, "a", 2 * BS)
+    cache = make_cache(tmp_path / "c", store)
+    adopt = cache._disk.adopt
+    adopted, release = threading.Event(), threading.Event()
+
+    def held(*args: Any) -> None:
+        adopt(*args)
+        adopted.set()
+        assert release.wait(30), "the test never let the adoption return"
+
+    monkeypatch.setattr(cache._disk, "adopt", held)
+    upload = tmp_path / "c" / "upload"
+    upload.write_bytes(data)
+    crcs = {idx: zlib.crc32(data[idx * BS : (idx + 1) * BS]) for idx in range(2)}
+    kept: list[bool] = []
+
+    async def body() -> None:
+        async with trio.open_nursery() as nursery:
+
+            async def adopt_it() -> None:
+                kept.append(await cache.adopt(a, upload, crcs))
+
+            nursery.start_soon(adopt_it)
+            assert await trio.to_thread.run_sync(adopted.wait, 30)
+            await cache.free({a.oid})
+            assert await fetch(cache, a) == data[:BS]
+            await cache.drain_object(a)
+            assert cache.missing_blocks(a) == [1]  # the new record's
+            release.set()
+
+    run(cache, body)
+    assert outcome(cache, store, tmp_path / "c", a, data) == ([1], 0, 0, [1])
+    assert kept == [False]
