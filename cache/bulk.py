@@ -42,7 +42,7 @@ from s3cachefs.cache.bulkworker import EXPIRED, Done, Job, error_of
 from s3cachefs.cache.deleting import WHOLE
 from s3cachefs.cache.fetcher import Fetcher
 from s3cachefs.cache.flights import Flight
-from s3cachefs.cache.ledger import Victim
+from s3cachefs.cache.ledger import Record, Victim
 from s3cachefs.store.checksums import Check
 from s3cachefs.store.rangeget import RangeGetter
 
@@ -62,6 +62,7 @@ class _Waiting:
     flights: list[Flight]
     event: trio.Event = field(default_factory=trio.Event)
     done: Done | None = None
+    record: Record | None = None  # the one its rows are for (`_accept`)
 
 
 class BulkEngine:
@@ -291,12 +292,18 @@ class BulkEngine:
                     log.exception("a rider of a bulk commit failed after its ride")
         limiter = self.disk_limiter
         for oid, blocks in self._settle(good, kept) if orphans is None else orphans:
-            if oid in self.ledger:  # back meanwhile (another fetch): the rows are its own now
-                continue
-            gone = [(oid, WHOLE)]  # a fetch of it meanwhile waits for this
-            self.ledger.deleting.begin(gone)
+            record = self.ledger.record(oid)
+            # Made anew meanwhile (another fetch): its object row and file are its own, and
+            # only the run's block rows it does not hold go; else the object's rows and file.
+            stray = [] if record is None else [i for i in blocks if i not in record.blocks]
+            gone = [(oid, WHOLE)] if record is None else [(oid, i) for i in stray]
+            self.ledger.deleting.begin(gone)  # a write of them meanwhile waits for this
             try:
-                await trio.to_thread.run_sync(self.disk.free, oid, blocks, limiter=limiter)
+                if record is None:
+                    await trio.to_thread.run_sync(self.disk.free, oid, blocks, limiter=limiter)
+                elif stray:
+                    forget = self.disk.forget_blocks
+                    await trio.to_thread.run_sync(forget, oid, stray, limiter=limiter)
             except Exception as exc:  # noqa: BLE001  the rows stay, unserved: no ledger record
                 log.warning("cache could not drop the rows of %s: %s", oid, exc)
             finally:
@@ -329,9 +336,9 @@ class BulkEngine:
             done.error, done.lost = "the worker's CRCs do not match its run", True
             self._release(waiting, done)
             return None
-        new = done.oid not in self.ledger
-        if new:
-            self.ledger.new_record(waiting.version)
+        record = self.ledger.record(done.oid)
+        new = record is None
+        waiting.record = self.ledger.new_record(waiting.version) if new else record
         return waiting, done, new
 
     def _settle(
@@ -340,8 +347,10 @@ class BulkEngine:
         """Index in the ledger what the disk kept, release the rest; the rows to drop."""
         orphans: list[tuple[str, list[int]]] = []
         for (waiting, done, new), ok in zip(good, kept, strict=True):
+            # Only into the record it was accepted for: one made anew after a whole delete
+            # (during the commit's thread) has a file without these bytes.
             record = self.ledger.record(done.oid)
-            if ok and record is not None:
+            if ok and record is not None and record is waiting.record:
                 record.indexed = True  # a kept run's object row is in its commit
                 self.ledger.add_blocks(record, dict(zip(waiting.run, done.crcs, strict=True)))
                 self.stats.counts["blocks_from_s3"] += len(done.crcs)
@@ -353,7 +362,7 @@ class BulkEngine:
                 done.error = "the object left the cache while it was written"
             else:
                 done.error = "the cache file changed while it was written, or was not indexed"
-                if new and record is not None and not record.blocks:
+                if new and record is not None and record is waiting.record and not record.blocks:
                     self.ledger.discard(done.oid)
             done.lost = True
             self._release(waiting, done)

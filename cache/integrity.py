@@ -89,13 +89,11 @@ class Integrity:
         keys = [(oid, idx) for idx in blocks]
         self.ledger.deleting.begin(keys)
         try:
-            await trio.to_thread.run_sync(self._forget_all, oid, blocks, limiter=self.disk_limiter)
+            await trio.to_thread.run_sync(
+                self.disk.forget_blocks, oid, blocks, limiter=self.disk_limiter
+            )
         finally:
             self.ledger.deleting.end(keys)
-
-    def _forget_all(self, oid: str, blocks: list[int]) -> None:  # in a worker thread
-        for idx in blocks:
-            self.disk.forget_block(oid, idx)
 
     async def forget_object(self, version: ObjectVersion) -> None:
         """Drop every cached block of this version (its content failed a whole-object check)."""

@@ -503,3 +503,55 @@ def test_an_adoption_whose_record_is_freed_and_made_anew_is_not_indexed(
     run(cache, body)
     assert outcome(cache, store, tmp_path / "c", a, data) == ([1], 0, 0, [1])
     assert kept == [False]
+
+
+def test_a_bulk_run_whose_record_is_freed_and_made_anew_is_not_indexed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bulk run of A's block 1 is committed (its rows in, the file still the worker's);
+    before it is settled, A is freed (its file and rows go) and its block 0 fetched again
+    (a new record, a new file with a hole at block 1). The run must not be indexed into
+    that record, and its block row must go. Before: the books held block 1 (a hole: a CRC
+    failure, a second GET), and a restart too."""
+    store = MemoryStore()
+    a, data = put(store, "a", 2 * BS)
+    cache = make_cache(tmp_path, store)
+    engine = cache.bulk
+    index_written = cache._disk.index_written
+    committed, release = threading.Event(), threading.Event()
+
+    def held(rows: list[Any]) -> list[bool]:
+        kept = index_written(rows)
+        committed.set()
+        assert release.wait(30), "the test never let the commit return"
+        return kept
+
+    monkeypatch.setattr(cache._disk, "index_written", held)
+    waiting: list[_Waiting] = []
+
+    async def body() -> None:
+        await cache.read(a, 0, BS)
+        await cache.drain_object(a)
+        # A bulk job of A's block 1 (as `BulkEngine._dispatch` sends it); its worker wrote it.
+        assert cache.ledger.reserve(BS, cache.bounds) == ([], True)
+        path = engine.disk.layout.path(a.oid)
+        with path.open("r+b") as file:
+            file.seek(BS)
+            file.write(data[BS:])
+        job = Job(a.oid, a.key, a.etag, a.size, BS, 2 * BS, str(path))
+        flights = [engine.flights.start((a.oid, 1), Flight(remember=False))]
+        waiting.append(_Waiting(job, a, range(1, 2), flights))
+        engine._waiting[(a.oid, BS)] = waiting[0]
+        crc = zlib.crc32(data[BS:])
+        engine._commit([Done(a.oid, BS, 2 * BS, crcs=[crc], inode=path.stat().st_ino)])
+        assert await trio.to_thread.run_sync(committed.wait, 30)
+        await cache.free({a.oid})
+        assert await fetch(cache, a) == data[:BS]
+        await trio.testing.wait_all_tasks_blocked()  # its record made, its write under way
+        release.set()
+        await waiting[0].event.wait()
+
+    run(cache, body)
+    assert outcome(cache, store, tmp_path, a, data) == ([1], 0, 0, [1])
+    done = waiting[0].done
+    assert done is not None and done.lost
