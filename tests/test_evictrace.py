@@ -330,6 +330,9 @@ def test_a_write_waits_only_while_a_delete_of_its_object_is_pending() -> None:
             assert sorted(woken) == ["c*", "c3"] and "a" in deleting
             deleting.end([("a", WHOLE)])
         assert woken[-1] == "a0" and "a" not in deleting and "d" in deleting
+        with pytest.raises(AssertionError, match="never began"):  # it would let a write go
+            deleting.end([("d", WHOLE)])
+        assert deleting.pending("d", [1])
 
     trio.run(main)
 
