@@ -36,7 +36,8 @@ from tests.test_blockcache import BS, make_cache, version_of
 
 
 class HeldDeletes:
-    """Holds, in their worker thread, the disk deletes (evictions, frees) of one oid until
+    """Holds, in their worker thread, the disk deletes (evictions, frees, a failed block's
+    row) of one oid until
     ``release``; also tells when a block write of that oid has been made on the disk."""
 
     def __init__(self, cache: BlockCache, oid: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -46,6 +47,7 @@ class HeldDeletes:
         disk = cache._disk
         self.limiter = cache.disk_limiter
         evict, free, write_block = disk.evict, disk.free, disk.write_block
+        forget_block = disk.forget_block
         index_written, adopt = disk.index_written, disk.adopt
 
         def hold() -> None:
@@ -62,6 +64,11 @@ class HeldDeletes:
             if victim == oid:
                 hold()
             free(victim, blocks)
+
+        def held_forget(victim: str, index: int) -> None:
+            if victim == oid:
+                hold()
+            forget_block(victim, index)
 
         def noted_write(version: ObjectVersion, *args: Any) -> None:
             write_block(version, *args)
@@ -81,6 +88,7 @@ class HeldDeletes:
         # Instance attributes: `Disk.write_block` calls ``self.evict``, so it is held too.
         monkeypatch.setattr(disk, "evict", held_evict)
         monkeypatch.setattr(disk, "free", held_free)
+        monkeypatch.setattr(disk, "forget_block", held_forget)
         monkeypatch.setattr(disk, "write_block", noted_write)
         monkeypatch.setattr(disk, "index_written", noted_commit)
         monkeypatch.setattr(disk, "adopt", noted_adopt)
@@ -558,3 +566,58 @@ def test_a_bulk_run_whose_record_is_freed_and_made_anew_is_not_indexed(
     assert outcome(cache, store, tmp_path, a, data) == ([1], 0, 0, [1])
     done = waiting[0].done
     assert done is not None and done.lost
+
+
+def test_a_failed_blocks_row_delete_lands_before_the_blocks_next_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A's block fails its CRC when read: it is dropped, its row's delete held; the block
+    fetched again meanwhile. Its write waits for that delete (`Integrity.drop_block`'s
+    pending delete of the block): landing after the write, it would take the new row (the
+    block lost at the next start)."""
+    store = MemoryStore()
+    a, data = put(store, "a")
+    cache = make_cache(tmp_path, store)
+    held = HeldDeletes(cache, a.oid, monkeypatch)
+
+    async def body() -> None:
+        await cache.read(a, 0, BS)
+        await cache.drain_object(a)
+        cache._disk.layout.path(a.oid).write_bytes(os.urandom(BS))  # a torn block
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(cache.read, a, 0, BS)  # fails its CRC: dropped, held
+            await held.until_held()
+            assert cache.missing_blocks(a) == [0]
+            assert await fetch(cache, a) == data
+            await held.let_go()
+
+    run(cache, body)
+    assert cache.stats["corrupt_blocks"] == 1
+    assert outcome(cache, store, tmp_path, a, data) == ([], 0, 0, [])
+
+
+def test_a_whole_reservation_whose_eviction_failed_lets_the_next_write_go(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`Integrity.reserve_whole` (a copy's room) evicts A, and the eviction raises: A's
+    pending delete still ends, so a later write of A does not wait for ever."""
+    store = MemoryStore()
+    (a, data), (b, _) = (put(store, k) for k in "ab")
+    cache = make_cache(tmp_path, store, cache_size=BS)
+
+    def failing(victims: list[Any]) -> None:
+        raise OSError(errno.EIO, "the cache disk failed")
+
+    async def body() -> None:
+        await cache.read(a, 0, BS)
+        await cache.drain_object(a)
+        with monkeypatch.context() as patch:
+            patch.setattr(cache._disk, "evict", failing)
+            with pytest.raises(OSError):
+                await cache.integrity.reserve_whole(b)
+        assert cache.missing_blocks(a) == [0]
+        assert await fetch(cache, a) == data
+        await cache.drain_object(a)  # its write went
+        assert cache.missing_blocks(a) == []
+
+    run(cache, body)
