@@ -146,6 +146,9 @@ class BulkEngine:
         # Reads go first: while one waits on S3 (or did a moment ago), the jobs out
         # drain down to one before another goes: the link, the server and the cores
         # are the reads'; that one job keeps the prefetch going under any stream of reads.
+        # A pending delete of the run is waited for first: woken by a job's end, this
+        # task would otherwise sit in it with the free slot, and nobody else woken.
+        await self.ledger.deleting.settled([(version.oid, run)])
         await self.reads_waiting.give_way(lambda: self.pool.held >= READS_FIRST_JOBS)
         try:
             waiting = await self._dispatch(version, run, check)
@@ -171,7 +174,8 @@ class BulkEngine:
         self, version: ObjectVersion, run: range, check: Check | None
     ) -> _Waiting | None:
         """Register and send the job of ``run``; None if it is not for a worker."""
-        await self.ledger.deleting.settled([(version.oid, run)])  # its worker writes its file
+        # Again (none began meanwhile, as a rule: no checkpoint): its worker writes its file.
+        await self.ledger.deleting.settled([(version.oid, run)])
         if not self.pool.ready(self.ledger.block_size) or self.missing_runs(version, run) != [run]:
             return None
         block_size = self.ledger.block_size
