@@ -249,6 +249,12 @@ class BulkEngine:
             self._settle(good, [False] * len(good))
 
     async def _commit_now(self, good: list[tuple[_Waiting, Done, bool]]) -> None:
+        # A run with a delete of it pending (`cache.deleting`) waits for the next commit,
+        # not the whole batch with it; when all do, this commit waits for them below.
+        pending = [self.ledger.deleting.pending(w.version.oid, w.run) for w, _, _ in good]
+        if any(pending) and not all(pending):
+            self._queued += [g for g, later in zip(good, pending, strict=True) if later]
+            good = [g for g, later in zip(good, pending, strict=True) if not later]
         rows = [(w.version, new, w.run.start, d.crcs, d.inode) for w, d, new in good]
         asking = [rider for rider in self.riders if wants(rider)]
         rides: list[Ride] = []

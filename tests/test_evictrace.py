@@ -621,3 +621,46 @@ def test_a_whole_reservation_whose_eviction_failed_lets_the_next_write_go(
         assert cache.missing_blocks(a) == []
 
     run(cache, body)
+
+
+def test_a_bulk_commit_holds_back_only_the_runs_whose_delete_is_pending(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch of two runs, A's (A being freed: its delete held) and D's: D's is indexed
+    and its waiter goes while A's delete is held; A's waits for the delete, then finds its
+    file gone (nothing indexed). Before: the whole batch waited for A's delete."""
+    store = MemoryStore()
+    (a, a_data), (d, d_data) = (put(store, k) for k in "ad")
+    cache = make_cache(tmp_path, store)
+    held = HeldDeletes(cache, a.oid, monkeypatch)
+    engine = cache.bulk
+    waiting: dict[str, _Waiting] = {}
+
+    def job_of(v: ObjectVersion, data: bytes) -> Done:
+        """A bulk job of ``v``'s block 0 (as `_dispatch` sends it), its worker done."""
+        assert cache.ledger.reserve(BS, cache.bounds) == ([], True)
+        path = engine.disk.layout.path(v.oid)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        job = Job(v.oid, v.key, v.etag, v.size, 0, BS, str(path))
+        flights = [engine.flights.start((v.oid, 0), Flight(remember=False))]
+        waiting[v.key] = engine._waiting[(v.oid, 0)] = _Waiting(job, v, range(1), flights)
+        return Done(v.oid, 0, BS, crcs=[zlib.crc32(data)], inode=path.stat().st_ino)
+
+    async def body() -> None:
+        await cache.read(a, 0, BS)
+        await cache.drain_object(a)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(cache.free, {a.oid})
+            await held.until_held()
+            engine._commit([job_of(a, a_data), job_of(d, d_data)])
+            await waiting["d"].event.wait()  # while A's delete is held
+            assert not waiting["a"].event.is_set()
+            await held.let_go()
+            await waiting["a"].event.wait()
+
+    run(cache, body)
+    done_a, done_d = waiting["a"].done, waiting["d"].done
+    assert done_a is not None and done_a.lost and done_d is not None and not done_d.error
+    assert cache.missing_blocks(a) == [0]
+    assert outcome(cache, store, tmp_path, d, d_data) == ([], 0, 0, [])
