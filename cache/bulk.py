@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 # during a prefetch 1.17x, 1.17x, 2.67x idle against 2.03x, 1.85x, 1.76x with two
 # (`python -m bench --small --profile local --only readsfirst`, 2 cores, load 3-5).
 READS_FIRST_JOBS = 1
+_Queued = tuple["_Waiting", Done, bool]  # accepted, not yet indexed: (waiting, done, new)
 
 
 @dataclass
@@ -79,7 +80,7 @@ class BulkEngine:
         self.missing_runs = fetcher.missing_runs
         self.reads_waiting = fetcher.reads_waiting
         self._waiting: dict[JobKey, _Waiting] = {}
-        self._queued: list[tuple[_Waiting, Done, bool]] = []  # accepted, not yet indexed
+        self._queued: list[_Queued] = []
         self._wanted = trio.Event()  # something is queued
         self._committing = False  # while `_committer` runs
         # Blocking work that rides on the next commit's thread call (`Rider`).
@@ -241,20 +242,23 @@ class BulkEngine:
                 await self._wanted.wait()
                 self._wanted = trio.Event()
                 while self._queued:
-                    good, self._queued = self._queued, []
+                    good, self._queued = self._split(self._queued)
                     await self._commit_now(good)
         finally:  # the engine stops: what was not indexed is given back
             self._committing = False
             good, self._queued = self._queued, []
             self._settle(good, [False] * len(good))
 
+    def _split(self, queued: list[_Queued]) -> tuple[list[_Queued], list[_Queued]]:
+        """The runs to commit now, and those put back: a run whose delete is pending waits
+        for a later commit, not its batch with it (all do: that commit waits for them)."""
+        later = [self.ledger.deleting.pending(w.version.oid, w.run) for w, _, _ in queued]
+        if all(later) or not any(later):
+            return queued, []
+        pairs = list(zip(queued, later, strict=True))
+        return [g for g, wait in pairs if not wait], [g for g, wait in pairs if wait]
+
     async def _commit_now(self, good: list[tuple[_Waiting, Done, bool]]) -> None:
-        # A run with a delete of it pending (`cache.deleting`) waits for the next commit,
-        # not the whole batch with it; when all do, this commit waits for them below.
-        pending = [self.ledger.deleting.pending(w.version.oid, w.run) for w, _, _ in good]
-        if any(pending) and not all(pending):
-            self._queued += [g for g, later in zip(good, pending, strict=True) if later]
-            good = [g for g, later in zip(good, pending, strict=True) if not later]
         rows = [(w.version, new, w.run.start, d.crcs, d.inode) for w, d, new in good]
         asking = [rider for rider in self.riders if wants(rider)]
         rides: list[Ride] = []
