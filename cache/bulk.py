@@ -42,7 +42,7 @@ from s3cachefs.cache.bulkworker import EXPIRED, Done, Job, error_of
 from s3cachefs.cache.deleting import WHOLE
 from s3cachefs.cache.fetcher import Fetcher
 from s3cachefs.cache.flights import Flight
-from s3cachefs.cache.ledger import Victim
+from s3cachefs.cache.ledger import Record, Victim
 from s3cachefs.store.checksums import Check
 from s3cachefs.store.rangeget import RangeGetter
 
@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 # during a prefetch 1.17x, 1.17x, 2.67x idle against 2.03x, 1.85x, 1.76x with two
 # (`python -m bench --small --profile local --only readsfirst`, 2 cores, load 3-5).
 READS_FIRST_JOBS = 1
+_Queued = tuple["_Waiting", Done, bool]  # accepted, not yet indexed: (waiting, done, new)
 
 
 @dataclass
@@ -62,6 +63,7 @@ class _Waiting:
     flights: list[Flight]
     event: trio.Event = field(default_factory=trio.Event)
     done: Done | None = None
+    record: Record | None = None  # the one its rows are for (`_accept`)
 
 
 class BulkEngine:
@@ -78,7 +80,7 @@ class BulkEngine:
         self.missing_runs = fetcher.missing_runs
         self.reads_waiting = fetcher.reads_waiting
         self._waiting: dict[JobKey, _Waiting] = {}
-        self._queued: list[tuple[_Waiting, Done, bool]] = []  # accepted, not yet indexed
+        self._queued: list[_Queued] = []
         self._wanted = trio.Event()  # something is queued
         self._committing = False  # while `_committer` runs
         # Blocking work that rides on the next commit's thread call (`Rider`).
@@ -145,6 +147,9 @@ class BulkEngine:
         # Reads go first: while one waits on S3 (or did a moment ago), the jobs out
         # drain down to one before another goes: the link, the server and the cores
         # are the reads'; that one job keeps the prefetch going under any stream of reads.
+        # A pending delete of the run is waited for first: woken by a job's end, this
+        # task would otherwise sit in it with the free slot, and nobody else woken.
+        await self.ledger.deleting.settled([(version.oid, run)])
         await self.reads_waiting.give_way(lambda: self.pool.held >= READS_FIRST_JOBS)
         try:
             waiting = await self._dispatch(version, run, check)
@@ -170,7 +175,8 @@ class BulkEngine:
         self, version: ObjectVersion, run: range, check: Check | None
     ) -> _Waiting | None:
         """Register and send the job of ``run``; None if it is not for a worker."""
-        await self.ledger.deleting.settled([(version.oid, run)])  # its worker writes its file
+        # Again (none began meanwhile, as a rule: no checkpoint): its worker writes its file.
+        await self.ledger.deleting.settled([(version.oid, run)])
         if not self.pool.ready(self.ledger.block_size) or self.missing_runs(version, run) != [run]:
             return None
         block_size = self.ledger.block_size
@@ -236,12 +242,21 @@ class BulkEngine:
                 await self._wanted.wait()
                 self._wanted = trio.Event()
                 while self._queued:
-                    good, self._queued = self._queued, []
+                    good, self._queued = self._split(self._queued)
                     await self._commit_now(good)
         finally:  # the engine stops: what was not indexed is given back
             self._committing = False
             good, self._queued = self._queued, []
             self._settle(good, [False] * len(good))
+
+    def _split(self, queued: list[_Queued]) -> tuple[list[_Queued], list[_Queued]]:
+        """The runs to commit now, and those put back: a run whose delete is pending waits
+        for a later commit, not its batch with it (all do: that commit waits for them)."""
+        later = [self.ledger.deleting.pending(w.version.oid, w.run) for w, _, _ in queued]
+        if all(later) or not any(later):
+            return queued, []
+        pairs = list(zip(queued, later, strict=True))
+        return [g for g, wait in pairs if not wait], [g for g, wait in pairs if wait]
 
     async def _commit_now(self, good: list[tuple[_Waiting, Done, bool]]) -> None:
         rows = [(w.version, new, w.run.start, d.crcs, d.inode) for w, d, new in good]
@@ -291,12 +306,18 @@ class BulkEngine:
                     log.exception("a rider of a bulk commit failed after its ride")
         limiter = self.disk_limiter
         for oid, blocks in self._settle(good, kept) if orphans is None else orphans:
-            if oid in self.ledger:  # back meanwhile (another fetch): the rows are its own now
-                continue
-            gone = [(oid, WHOLE)]  # a fetch of it meanwhile waits for this
-            self.ledger.deleting.begin(gone)
+            record = self.ledger.record(oid)
+            # Made anew meanwhile (another fetch): its object row and file are its own, and
+            # only the run's block rows it does not hold go; else the object's rows and file.
+            stray = [] if record is None else [i for i in blocks if i not in record.blocks]
+            gone = [(oid, WHOLE)] if record is None else [(oid, i) for i in stray]
+            self.ledger.deleting.begin(gone)  # a write of them meanwhile waits for this
             try:
-                await trio.to_thread.run_sync(self.disk.free, oid, blocks, limiter=limiter)
+                if record is None:
+                    await trio.to_thread.run_sync(self.disk.free, oid, blocks, limiter=limiter)
+                elif stray:
+                    forget = self.disk.forget_blocks
+                    await trio.to_thread.run_sync(forget, oid, stray, limiter=limiter)
             except Exception as exc:  # noqa: BLE001  the rows stay, unserved: no ledger record
                 log.warning("cache could not drop the rows of %s: %s", oid, exc)
             finally:
@@ -329,9 +350,9 @@ class BulkEngine:
             done.error, done.lost = "the worker's CRCs do not match its run", True
             self._release(waiting, done)
             return None
-        new = done.oid not in self.ledger
-        if new:
-            self.ledger.new_record(waiting.version)
+        record = self.ledger.record(done.oid)
+        new = record is None
+        waiting.record = self.ledger.new_record(waiting.version) if new else record
         return waiting, done, new
 
     def _settle(
@@ -340,8 +361,10 @@ class BulkEngine:
         """Index in the ledger what the disk kept, release the rest; the rows to drop."""
         orphans: list[tuple[str, list[int]]] = []
         for (waiting, done, new), ok in zip(good, kept, strict=True):
+            # Only into the record it was accepted for: one made anew after a whole delete
+            # (during the commit's thread) has a file without these bytes.
             record = self.ledger.record(done.oid)
-            if ok and record is not None:
+            if ok and record is not None and record is waiting.record:
                 record.indexed = True  # a kept run's object row is in its commit
                 self.ledger.add_blocks(record, dict(zip(waiting.run, done.crcs, strict=True)))
                 self.stats.counts["blocks_from_s3"] += len(done.crcs)
@@ -353,7 +376,7 @@ class BulkEngine:
                 done.error = "the object left the cache while it was written"
             else:
                 done.error = "the cache file changed while it was written, or was not indexed"
-                if new and record is not None and not record.blocks:
+                if new and record is not None and record is waiting.record and not record.blocks:
                     self.ledger.discard(done.oid)
             done.lost = True
             self._release(waiting, done)

@@ -8,9 +8,12 @@ object row, a block's row and bytes, its file) that ran before the late delete w
 deleted by it, while the ledger kept the blocks (`Record.indexed` says the object row is
 in). So: **a write of an oid (the step that reserves, makes its record and starts its
 thread) waits until every delete of that oid taken off the books before has run**
-(`settled`). A delete taken after the write started cannot touch it: the write's blocks
-are on the books only once it returned, and a whole-object delete of the record it wrote
-for leaves that write unindexed (`Fetcher._store_block`, `BulkEngine._settle`).
+(`settled`), or is not made: a read's block is served uncached rather than wait
+(`Fetcher._store_block`: its bytes hold the daemon's download backpressure). A delete
+taken after the write started cannot touch it: the write's blocks are on the books only
+once it returned, and only into the very record it wrote for; if that record was deleted
+whole meanwhile, the write is not indexed and its block rows are deleted (the fetcher,
+`Integrity.adopt`, `BulkEngine._settle`).
 
 Deletes are kept by what they take: a whole object (its object row, every block row,
 its file) or one block (its row, a hole punched). A write of some blocks waits only for
@@ -61,6 +64,8 @@ class Deleting:
 
     def end(self, keys: Iterable[Key]) -> None:
         for key in keys:
+            # An extra end would let a write go while the delete it must wait for runs.
+            assert self._keys[key] > 0, f"a delete ended that never began: {key}"
             _less(self._keys, key)
             _less(self._oids, key[0])
         self._ended.set()

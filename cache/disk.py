@@ -132,6 +132,11 @@ class Disk:
         """A block that failed its check: its row goes (its bytes are overwritten later)."""
         self.index.delete_block(oid, index)
 
+    def forget_blocks(self, oid: str, blocks: list[int]) -> None:
+        """Rows a write made for a record deleted whole meanwhile (its bytes went with it)."""
+        for idx in blocks:
+            self.index.delete_block(oid, idx)
+
     def verify(
         self, version: ObjectVersion, block_size: int, crcs: dict[int, int], digest: Digest
     ) -> list[int]:

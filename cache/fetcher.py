@@ -118,7 +118,7 @@ class Fetcher:
                     assert data is not None
                     flight = self.flights.start(key, Flight(data=data))
                     flight.done.set()
-                    self._spawn_store(version, idx, data)
+                    self._spawn_store(version, idx, data, persist=True)
         for run in self.missing_runs(version, indices):  # a prefetch passes gigabytes
             self.start_run(version, run, readahead=False, remember=not persist)
 
@@ -219,7 +219,7 @@ class Fetcher:
             flight.finish(data)  # final: early readers see ``done``
             # The flight stays registered, with its data, until the block is on disk: a
             # reader arriving in between gets these bytes instead of starting a GET.
-            self._spawn_store(version, idx, data)
+            self._spawn_store(version, idx, data, persist=not flight.remember)
 
         def stream() -> None:  # in a worker thread
             first = EAGER_FIRST_PIECE if eager else 0
@@ -255,15 +255,20 @@ class Fetcher:
 
     # ---- to disk, with backpressure ------------------------------------------
 
-    def _spawn_store(self, version: ObjectVersion, index: int, data: bytes) -> None:
-        """Write a block in the background; its bytes count as unwritten until then."""
+    def _spawn_store(
+        self, version: ObjectVersion, index: int, data: bytes, *, persist: bool
+    ) -> None:
+        """Write a block in the background; its bytes count as unwritten until then.
+        ``persist``: a prefetch's, which must reach the disk (else a read's: best effort)."""
         assert self._nursery is not None
         self._unwritten += len(data)
-        self._nursery.start_soon(self._store_and_land, version, index, data)
+        self._nursery.start_soon(self._store_and_land, version, index, data, persist)
 
-    async def _store_and_land(self, version: ObjectVersion, index: int, data: bytes) -> None:
+    async def _store_and_land(
+        self, version: ObjectVersion, index: int, data: bytes, persist: bool
+    ) -> None:
         try:
-            await self._store_block(version, index, data)
+            await self._store_block(version, index, data, persist)
         except Exception:  # a full index DB, a sqlite timeout: the read was served; log it
             self.stats.counts["disk_errors"] += 1
             log.exception("cache write failed for %s block %d", version.key, index)
@@ -278,13 +283,21 @@ class Fetcher:
         while self._unwritten >= UNWRITTEN_LIMIT:
             await self._written.wait()
 
-    async def _store_block(self, version: ObjectVersion, index: int, data: bytes) -> None:
+    async def _store_block(
+        self, version: ObjectVersion, index: int, data: bytes, persist: bool
+    ) -> None:
         crc = crc32(data)
         oid = version.oid
         # Deletes of this block or object taken off the books before (an eviction, a
         # free) run first: landing after this write, they would take its rows or bytes
-        # while the ledger kept them (`cache.deleting`). From here to the thread call,
-        # no await.
+        # while the ledger kept them (`cache.deleting`). A read's block is not kept this
+        # time rather than wait: its bytes count in `_unwritten`, and a long free (many
+        # objects, one by one) would stall every download of the daemon. A prefetch's
+        # waits. From here to the thread call, no await.
+        if not persist and self.ledger.deleting.pending(oid, (index,)):
+            self.stats.counts["store_skipped_deleting"] += 1
+            log.debug("%s block %d served uncached: a delete of it is pending", version.key, index)
+            return
         await self.ledger.deleting.settled([(oid, (index,))])
         victims, fits = self.ledger.reserve(len(data), self.bounds)
         if not fits:
@@ -324,11 +337,28 @@ class Fetcher:
             return
         finally:
             self.ledger.evicted(victims)
-        current = self.ledger.record(oid)
-        if not fits or current is None:  # evicted whole while we wrote: do not index it
-            if fits:
-                self.ledger.unreserve(len(data))
+        if not fits:
             return
-        if object_row and current is record:
-            current.indexed = True
-        self.ledger.add_block(current, index, crc)
+        assert record is not None
+        if self.ledger.record(oid) is not record:
+            # Deleted whole while we wrote (and maybe made anew): not indexed into a newer
+            # record (its file may have lost our bytes), and our block row, which that
+            # delete did not know of, goes too, or a restart would point at a hole.
+            self.ledger.unreserve(len(data))
+            await self._forget_row(oid, index)
+            return
+        if object_row:
+            record.indexed = True
+        self.ledger.add_block(record, index, crc)
+
+    async def _forget_row(self, oid: str, index: int) -> None:
+        """Delete a block row no record holds; a write of that block waits for it (its
+        flight is still registered: no fetch of it starts meanwhile)."""
+        key = [(oid, index)]
+        self.ledger.deleting.begin(key)
+        try:
+            await trio.to_thread.run_sync(
+                self.disk.forget_block, oid, index, limiter=self.disk_limiter
+            )
+        finally:
+            self.ledger.deleting.end(key)

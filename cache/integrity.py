@@ -84,6 +84,17 @@ class Integrity:
             finally:
                 self.ledger.deleting.end(key)
 
+    async def _forget_rows(self, oid: str, blocks: list[int]) -> None:
+        """Delete block rows no record holds; writes of those blocks wait for it."""
+        keys = [(oid, idx) for idx in blocks]
+        self.ledger.deleting.begin(keys)
+        try:
+            await trio.to_thread.run_sync(
+                self.disk.forget_blocks, oid, blocks, limiter=self.disk_limiter
+            )
+        finally:
+            self.ledger.deleting.end(keys)
+
     async def forget_object(self, version: ObjectVersion) -> None:
         """Drop every cached block of this version (its content failed a whole-object check)."""
         for idx, crc in self.ledger.block_crcs(version).items():
@@ -161,8 +172,7 @@ class Integrity:
             return False
         else:
             victims, fits = self.ledger.reserve(version.size, self.bounds, on_disk=True)
-        if fits:
-            self.ledger.new_record(version)
+        made = self.ledger.new_record(version) if fits else None
         try:
             await trio.to_thread.run_sync(
                 self.disk.adopt, version, path, crcs, victims, fits, limiter=self.disk_limiter
@@ -170,9 +180,8 @@ class Integrity:
         except BaseException as exc:  # a full disk, a locked index (diskcache.Timeout)
             self.ledger.evicted(victims)
             if fits:
-                record = self.ledger.record(oid)
-                if record is not None and not record.blocks:  # else a read's blocks are in it
-                    self.ledger.discard(oid)
+                if self.ledger.record(oid) is made and made is not None and not made.blocks:
+                    self.ledger.discard(oid)  # else a read's blocks are in it
                 self.ledger.unreserve(version.size)
             if not isinstance(exc, Exception):
                 raise
@@ -180,10 +189,16 @@ class Integrity:
             log.warning("cache could not keep %s: %s", version.key, reason)
             return False
         self.ledger.evicted(victims)
+        if made is None:  # no room
+            return False
         record = self.ledger.record(oid)
-        if not fits or record is None:  # no room, or freed whole while we wrote
-            if fits:
-                self.ledger.unreserve(version.size)
+        if record is not made:
+            # Freed whole while we wrote (and maybe made anew): not indexed into a newer
+            # record, and our block rows (bar those a newer record holds) go, or a restart
+            # would point at what that delete removed.
+            self.ledger.unreserve(version.size)
+            held = set() if record is None else set(record.blocks)
+            await self._forget_rows(oid, [idx for idx in crcs if idx not in held])
             return False
         record.indexed = True  # its object row came in the same transaction
         self.ledger.add_blocks(record, crcs)

@@ -346,7 +346,8 @@ class Ledger:
 
         Returns the victims (to be removed from disk) and whether the block fits;
         ``--min-free`` can make the cache shrink below what it holds now. The
-        victims' deletes are pending (`deleting`) until the caller's `evicted`.
+        victims' deletes are pending (`deleting`) until the caller's `evicted`: the
+        caller MUST call it (in a ``finally``), or writes of those oids wait for ever.
         ``on_disk``: the bytes are on the disk already (an adopted file): they
         count against ``--cache-size`` but take no more disk space.
         """

@@ -390,9 +390,9 @@ def test_a_disk_slower_than_the_network_makes_the_download_wait(
     peak = 0
     spawn = cache._fetcher._spawn_store
 
-    def spawn_and_measure(version: ObjectVersion, index: int, block: bytes) -> None:
+    def spawn_and_measure(version: ObjectVersion, index: int, block: bytes, **kw: Any) -> None:
         nonlocal peak
-        spawn(version, index, block)
+        spawn(version, index, block, **kw)
         peak = max(peak, cache._fetcher._unwritten)
 
     monkeypatch.setattr(cache._fetcher, "_spawn_store", spawn_and_measure)

@@ -7,7 +7,8 @@ the fix the late delete took the new write's object row (a block row with no obj
 dropped at the next start, its file swept), its file, or its block's row and bytes (a
 hole): the ledger still counted the blocks, so the next read of one found no file or a
 failed CRC (a warning, a miss, a second GET; never wrong bytes), and a restart lost them.
-Now a write of an object waits until every delete of it taken before has run.
+Now a write of an object that must stay on disk (a prefetch's) waits until every delete of
+it taken before has run; a read's is not kept this time instead (it must not stall downloads).
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ from tests.test_blockcache import BS, make_cache, version_of
 
 
 class HeldDeletes:
-    """Holds, in their worker thread, the disk deletes (evictions, frees) of one oid until
+    """Holds, in their worker thread, the disk deletes (evictions, frees, a failed block's
+    row) of one oid until
     ``release``; also tells when a block write of that oid has been made on the disk."""
 
     def __init__(self, cache: BlockCache, oid: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -45,6 +47,7 @@ class HeldDeletes:
         disk = cache._disk
         self.limiter = cache.disk_limiter
         evict, free, write_block = disk.evict, disk.free, disk.write_block
+        forget_block = disk.forget_block
         index_written, adopt = disk.index_written, disk.adopt
 
         def hold() -> None:
@@ -61,6 +64,11 @@ class HeldDeletes:
             if victim == oid:
                 hold()
             free(victim, blocks)
+
+        def held_forget(victim: str, index: int) -> None:
+            if victim == oid:
+                hold()
+            forget_block(victim, index)
 
         def noted_write(version: ObjectVersion, *args: Any) -> None:
             write_block(version, *args)
@@ -80,6 +88,7 @@ class HeldDeletes:
         # Instance attributes: `Disk.write_block` calls ``self.evict``, so it is held too.
         monkeypatch.setattr(disk, "evict", held_evict)
         monkeypatch.setattr(disk, "free", held_free)
+        monkeypatch.setattr(disk, "forget_block", held_forget)
         monkeypatch.setattr(disk, "write_block", noted_write)
         monkeypatch.setattr(disk, "index_written", noted_commit)
         monkeypatch.setattr(disk, "adopt", noted_adopt)
@@ -108,6 +117,13 @@ def run(cache: BlockCache, body: Callable[[], Awaitable[None]]) -> None:
             nursery.cancel_scope.cancel()
 
     trio.run(main)
+
+
+async def fetch(cache: BlockCache, v: ObjectVersion) -> bytes:
+    """Block 0 of ``v`` fetched to stay on disk (as a prefetch does: its write waits for
+    a pending delete of it; a read's is not kept instead: `Fetcher._store_block`)."""
+    cache.start_fetch(v, range(1), persist=True)
+    return await cache.get_block(v, 0)
 
 
 def put(store: MemoryStore, key: str, size: int = BS) -> tuple[ObjectVersion, bytes]:
@@ -140,7 +156,7 @@ def outcome(
 def test_an_eviction_of_an_object_lands_before_its_next_write(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A's last block evicted (by B's write, held); A read again meanwhile: its new record's
+    """A's last block evicted (by B's write, held); A fetched again meanwhile: its new record's
     first write puts the object row and marks it indexed. Before: the late delete took that
     row and the new file (a read then found no file: a warning, a second GET), and a
     restart dropped the block row and swept the file."""
@@ -156,7 +172,7 @@ def test_an_eviction_of_an_object_lands_before_its_next_write(
         assert await cache.read(b, 0, BS)  # its write evicts A (the least recent): held
         await held.until_held()
         assert cache.missing_blocks(a) == [0]
-        assert await cache.read(a, 0, BS)  # a GET; its write evicts C
+        assert await fetch(cache, a)  # a GET; its write evicts C
         await held.let_go()
 
     run(cache, body)
@@ -167,8 +183,8 @@ def test_an_eviction_of_an_object_lands_before_its_next_write(
 def test_a_punched_block_lands_before_the_blocks_next_write(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """One block of A evicted (a hole punched, held) while A keeps another; the block read
-    again meanwhile. Before: the late punch made a hole of the new bytes and took their
+    """One block of A evicted (a hole punched, held) while A keeps another; the block
+    fetched again meanwhile. Before: the late punch made a hole of the new bytes and took their
     row (the read after it failed its CRC: a warning, a second GET; with no such read, a
     restart lost the block)."""
     store = MemoryStore()
@@ -186,7 +202,7 @@ def test_a_punched_block_lands_before_the_blocks_next_write(
         assert await cache.read(b, 0, BS)  # its write punches A0: held
         await held.until_held()
         assert cache.missing_blocks(a) == [0]
-        assert await cache.read(a, 0, BS)  # a GET; its write evicts C
+        assert await fetch(cache, a)  # a GET; its write evicts C
         await held.let_go()
 
     run(cache, body)
@@ -197,7 +213,7 @@ def test_a_punched_block_lands_before_the_blocks_next_write(
 def test_a_free_of_an_object_lands_before_its_next_write(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A freed (`BlockCache.free`: its rows and file deleted, held) and read again meanwhile.
+    """A freed (`BlockCache.free`: its rows and file deleted, held) and fetched again meanwhile.
     Before: the late free took the new record's object row and file."""
     store = MemoryStore()
     a, data = put(store, "a")
@@ -211,7 +227,7 @@ def test_a_free_of_an_object_lands_before_its_next_write(
             nursery.start_soon(cache.free, {a.oid})
             await held.until_held()
             assert cache.missing_blocks(a) == [0]
-            assert await cache.read(a, 0, BS)  # a GET
+            assert await fetch(cache, a)  # a GET
             await held.let_go()
 
     run(cache, body)
@@ -322,6 +338,9 @@ def test_a_write_waits_only_while_a_delete_of_its_object_is_pending() -> None:
             assert sorted(woken) == ["c*", "c3"] and "a" in deleting
             deleting.end([("a", WHOLE)])
         assert woken[-1] == "a0" and "a" not in deleting and "d" in deleting
+        with pytest.raises(AssertionError, match="never began"):  # it would let a write go
+            deleting.end([("d", WHOLE)])
+        assert deleting.pending("d", [1])
 
     trio.run(main)
 
@@ -354,3 +373,294 @@ def test_an_eviction_that_failed_lets_the_next_write_of_its_object_go(
         assert cache.missing_blocks(a) == []
 
     run(cache, body)
+
+
+def test_a_free_of_many_objects_stalls_no_download(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """F and S freed together (`Integrity.free` runs their deletes one by one); the first
+    one's delete is held (a slow disk, many rows), so the second's waits behind it. The
+    second is read again meanwhile, and Z (never freed, never cached) too, with the
+    unwritten-bytes limit at 2 blocks: a read's write of an object whose delete is pending
+    is not kept this time, so no bytes stay counted as unwritten and both reads finish while
+    the delete is held. Before: those writes waited for the delete, their bytes counted as
+    unwritten, and at the limit every download of the daemon (Z's too) stopped."""
+    from s3cachefs.cache import fetcher
+
+    monkeypatch.setattr(fetcher, "UNWRITTEN_LIMIT", 2 * BS)
+    store = MemoryStore()
+    (f, f_data), (s, s_data), (z, z_data) = (put(store, k, 4 * BS) for k in "fsz")
+    cache = make_cache(tmp_path, store)
+    disk = cache._disk
+    free = disk.free
+    held, release = threading.Event(), threading.Event()
+    order: list[str] = []
+
+    def held_free(oid: str, blocks: list[int]) -> None:
+        order.append(oid)
+        if len(order) == 1:
+            held.set()
+            assert release.wait(30), "the test never let the delete go"
+        free(oid, blocks)
+
+    monkeypatch.setattr(disk, "free", held_free)
+
+    async def body() -> None:
+        for v in (f, s):
+            await cache.read(v, 0, v.size)
+            await cache.drain_object(v)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(cache.free, {f.oid, s.oid})
+            try:
+                assert await trio.to_thread.run_sync(held.wait, 30)
+                second, data = (s, s_data) if order[0] == f.oid else (f, f_data)
+                assert await cache.read(second, 0, 2 * BS) == data[: 2 * BS]
+                await trio.testing.wait_all_tasks_blocked()  # its writes ran (or wait)
+                assert cache._fetcher._unwritten == 0
+                assert await cache.read(second, 0, second.size) == data
+                assert await cache.read(z, 0, z.size) == z_data  # a download never stalled
+            finally:
+                release.set()
+            assert cache.stats["store_skipped_deleting"] >= 4  # the second's 4 blocks
+
+    run(cache, body)
+    assert cache.missing_blocks(z) == []
+    for v, data in ((f, f_data), (s, s_data)):
+        missing = cache.missing_blocks(v)
+        assert outcome(cache, store, tmp_path, v, data)[1:] == (0, 0, missing)
+        cache = make_cache(tmp_path, store)
+
+
+def test_a_write_in_flight_whose_record_is_evicted_whole_and_made_anew(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """X0 on the books (X's only block); X1's write in flight (its thread wrote); X2's write
+    evicts X0 as X's last block: a whole-object delete taken after X1's write started, which
+    removes the file with X1's bytes (and not X1's row); X2 makes a new record. X1 then
+    returns: it must not be indexed into the new record, and its row must go. Before: the
+    books held X1 (a hole: a CRC failure, a second GET), and a restart too (its row)."""
+    store = MemoryStore()
+    x, data = put(store, "x", 3 * BS)
+    cache = make_cache(tmp_path, store, cache_size=2 * BS)
+    disk = cache._disk
+    write_block = disk.write_block
+    wrote, release = threading.Event(), threading.Event()
+
+    def held(version: ObjectVersion, index: int, *args: Any) -> None:
+        write_block(version, index, *args)
+        if version.oid == x.oid and index == 1:
+            wrote.set()
+            assert release.wait(30), "the test never let the write return"
+
+    monkeypatch.setattr(disk, "write_block", held)
+
+    async def body() -> None:
+        for idx in range(3):
+            cache.start_fetch(x, range(idx, idx + 1), persist=True)
+            await cache.get_block(x, idx)
+            if idx == 0:
+                await cache.drain_object(x)
+            if idx == 1:
+                assert await trio.to_thread.run_sync(wrote.wait, 30)  # X1's bytes are in
+        # X2's write evicts X0 (X's last block on the books): its file removed, made anew
+        await trio.testing.wait_all_tasks_blocked()  # X2's write is in its thread
+        assert cache.missing_blocks(x) == [0, 1, 2]  # a new record, nothing in it yet
+        release.set()
+
+    run(cache, body)
+    assert cache.missing_blocks(x) == [0, 1]
+    assert outcome(cache, store, tmp_path, x, data) == ([0, 1], 0, 0, [0, 1])
+
+
+def test_an_adoption_whose_record_is_freed_and_made_anew_is_not_indexed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upload of A is adopted (its file placed, its rows in); before `adopt` returns, A
+    is freed (the file and the object row go) and its block 0 fetched again (a new record,
+    a new file with a hole at block 1). The adoption must not be indexed into that record,
+    and its row of block 1 must go. Before: the books held block 1 (a hole: a CRC failure,
+    a second GET), and a restart too."""
+    store = MemoryStore()
+    a, data = put(store, "a", 2 * BS)
+    cache = make_cache(tmp_path / "c", store)
+    adopt = cache._disk.adopt
+    adopted, release = threading.Event(), threading.Event()
+
+    def held(*args: Any) -> None:
+        adopt(*args)
+        adopted.set()
+        assert release.wait(30), "the test never let the adoption return"
+
+    monkeypatch.setattr(cache._disk, "adopt", held)
+    upload = tmp_path / "c" / "upload"
+    upload.write_bytes(data)
+    crcs = {idx: zlib.crc32(data[idx * BS : (idx + 1) * BS]) for idx in range(2)}
+    kept: list[bool] = []
+
+    async def body() -> None:
+        async with trio.open_nursery() as nursery:
+
+            async def adopt_it() -> None:
+                kept.append(await cache.adopt(a, upload, crcs))
+
+            nursery.start_soon(adopt_it)
+            assert await trio.to_thread.run_sync(adopted.wait, 30)
+            await cache.free({a.oid})
+            assert await fetch(cache, a) == data[:BS]
+            await cache.drain_object(a)
+            assert cache.missing_blocks(a) == [1]  # the new record's
+            release.set()
+
+    run(cache, body)
+    assert outcome(cache, store, tmp_path / "c", a, data) == ([1], 0, 0, [1])
+    assert kept == [False]
+
+
+def test_a_bulk_run_whose_record_is_freed_and_made_anew_is_not_indexed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bulk run of A's block 1 is committed (its rows in, the file still the worker's);
+    before it is settled, A is freed (its file and rows go) and its block 0 fetched again
+    (a new record, a new file with a hole at block 1). The run must not be indexed into
+    that record, and its block row must go. Before: the books held block 1 (a hole: a CRC
+    failure, a second GET), and a restart too."""
+    store = MemoryStore()
+    a, data = put(store, "a", 2 * BS)
+    cache = make_cache(tmp_path, store)
+    engine = cache.bulk
+    index_written = cache._disk.index_written
+    committed, release = threading.Event(), threading.Event()
+
+    def held(rows: list[Any]) -> list[bool]:
+        kept = index_written(rows)
+        committed.set()
+        assert release.wait(30), "the test never let the commit return"
+        return kept
+
+    monkeypatch.setattr(cache._disk, "index_written", held)
+    waiting: list[_Waiting] = []
+
+    async def body() -> None:
+        await cache.read(a, 0, BS)
+        await cache.drain_object(a)
+        # A bulk job of A's block 1 (as `BulkEngine._dispatch` sends it); its worker wrote it.
+        assert cache.ledger.reserve(BS, cache.bounds) == ([], True)
+        path = engine.disk.layout.path(a.oid)
+        with path.open("r+b") as file:
+            file.seek(BS)
+            file.write(data[BS:])
+        job = Job(a.oid, a.key, a.etag, a.size, BS, 2 * BS, str(path))
+        flights = [engine.flights.start((a.oid, 1), Flight(remember=False))]
+        waiting.append(_Waiting(job, a, range(1, 2), flights))
+        engine._waiting[(a.oid, BS)] = waiting[0]
+        crc = zlib.crc32(data[BS:])
+        engine._commit([Done(a.oid, BS, 2 * BS, crcs=[crc], inode=path.stat().st_ino)])
+        assert await trio.to_thread.run_sync(committed.wait, 30)
+        await cache.free({a.oid})
+        assert await fetch(cache, a) == data[:BS]
+        await trio.testing.wait_all_tasks_blocked()  # its record made, its write under way
+        release.set()
+        await waiting[0].event.wait()
+
+    run(cache, body)
+    assert outcome(cache, store, tmp_path, a, data) == ([1], 0, 0, [1])
+    done = waiting[0].done
+    assert done is not None and done.lost
+
+
+def test_a_failed_blocks_row_delete_lands_before_the_blocks_next_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A's block fails its CRC when read: it is dropped, its row's delete held; the block
+    fetched again meanwhile. Its write waits for that delete (`Integrity.drop_block`'s
+    pending delete of the block): landing after the write, it would take the new row (the
+    block lost at the next start)."""
+    store = MemoryStore()
+    a, data = put(store, "a")
+    cache = make_cache(tmp_path, store)
+    held = HeldDeletes(cache, a.oid, monkeypatch)
+
+    async def body() -> None:
+        await cache.read(a, 0, BS)
+        await cache.drain_object(a)
+        cache._disk.layout.path(a.oid).write_bytes(os.urandom(BS))  # a torn block
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(cache.read, a, 0, BS)  # fails its CRC: dropped, held
+            await held.until_held()
+            assert cache.missing_blocks(a) == [0]
+            assert await fetch(cache, a) == data
+            await held.let_go()
+
+    run(cache, body)
+    assert cache.stats["corrupt_blocks"] == 1
+    assert outcome(cache, store, tmp_path, a, data) == ([], 0, 0, [])
+
+
+def test_a_whole_reservation_whose_eviction_failed_lets_the_next_write_go(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`Integrity.reserve_whole` (a copy's room) evicts A, and the eviction raises: A's
+    pending delete still ends, so a later write of A does not wait for ever."""
+    store = MemoryStore()
+    (a, data), (b, _) = (put(store, k) for k in "ab")
+    cache = make_cache(tmp_path, store, cache_size=BS)
+
+    def failing(victims: list[Any]) -> None:
+        raise OSError(errno.EIO, "the cache disk failed")
+
+    async def body() -> None:
+        await cache.read(a, 0, BS)
+        await cache.drain_object(a)
+        with monkeypatch.context() as patch:
+            patch.setattr(cache._disk, "evict", failing)
+            with pytest.raises(OSError):
+                await cache.integrity.reserve_whole(b)
+        assert cache.missing_blocks(a) == [0]
+        assert await fetch(cache, a) == data
+        await cache.drain_object(a)  # its write went
+        assert cache.missing_blocks(a) == []
+
+    run(cache, body)
+
+
+def test_a_bulk_commit_holds_back_only_the_runs_whose_delete_is_pending(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch of two runs, A's (A being freed: its delete held) and D's: D's is indexed
+    and its waiter goes while A's delete is held; A's waits for the delete, then finds its
+    file gone (nothing indexed). Before: the whole batch waited for A's delete."""
+    store = MemoryStore()
+    (a, a_data), (d, d_data) = (put(store, k) for k in "ad")
+    cache = make_cache(tmp_path, store)
+    held = HeldDeletes(cache, a.oid, monkeypatch)
+    engine = cache.bulk
+    waiting: dict[str, _Waiting] = {}
+
+    def job_of(v: ObjectVersion, data: bytes) -> Done:
+        """A bulk job of ``v``'s block 0 (as `_dispatch` sends it), its worker done."""
+        assert cache.ledger.reserve(BS, cache.bounds) == ([], True)
+        path = engine.disk.layout.path(v.oid)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        job = Job(v.oid, v.key, v.etag, v.size, 0, BS, str(path))
+        flights = [engine.flights.start((v.oid, 0), Flight(remember=False))]
+        waiting[v.key] = engine._waiting[(v.oid, 0)] = _Waiting(job, v, range(1), flights)
+        return Done(v.oid, 0, BS, crcs=[zlib.crc32(data)], inode=path.stat().st_ino)
+
+    async def body() -> None:
+        await cache.read(a, 0, BS)
+        await cache.drain_object(a)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(cache.free, {a.oid})
+            await held.until_held()
+            engine._commit([job_of(a, a_data), job_of(d, d_data)])
+            await waiting["d"].event.wait()  # while A's delete is held
+            assert not waiting["a"].event.is_set()
+            await held.let_go()
+            await waiting["a"].event.wait()
+
+    run(cache, body)
+    done_a, done_d = waiting["a"].done, waiting["d"].done
+    assert done_a is not None and done_a.lost and done_d is not None and not done_d.error
+    assert cache.missing_blocks(a) == [0]
+    assert outcome(cache, store, tmp_path, d, d_data) == ([], 0, 0, [])
