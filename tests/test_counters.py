@@ -155,7 +155,7 @@ def test_scrapes_never_iterate_what_the_trio_thread_changes(tmp_path: Path) -> N
     daemon = SimpleNamespace(
         cache=cache,
         store=store,
-        ops=SimpleNamespace(counts=empty),
+        ops=SimpleNamespace(counts=empty, passthrough=None),  # as Operations: None when off
         jobs={},
         pins=SimpleNamespace(manifests={}),
         writeback=SimpleNamespace(stats=empty, left=list),
@@ -265,7 +265,7 @@ def test_request_counts_are_copied_under_the_store_lock_while_workers_count(
     store._requests = counts
     cache = make_cache(tmp_path / "blocks", MemoryStore())
     empty: Counter[str] = Counter()
-    ops = SimpleNamespace(counts=empty)
+    ops = SimpleNamespace(counts=empty, passthrough=None)  # as Operations: None when off
     daemon: Any = SimpleNamespace(
         config=SimpleNamespace(
             mountpoint=tmp_path / "mnt",
