@@ -30,7 +30,7 @@ All methods run on the trio thread; only `settled` awaits, and only while one is
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import TypeVar
 
 import trio
@@ -89,6 +89,22 @@ class Deleting:
         wanted = list(writes)
         while any(self.pending(oid, blocks) for oid, blocks in wanted):
             await self._ended.wait()
+
+
+async def delete_in_thread(
+    deleting: Deleting,
+    keys: list[Key],
+    delete: Callable[..., None],
+    *args: object,
+    limiter: trio.CapacityLimiter,
+) -> None:
+    """Run ``delete(*args)`` in a worker thread, pending under ``keys`` until it ran (a
+    write of what it deletes waits for it). Begun before the first await."""
+    deleting.begin(keys)
+    try:
+        await trio.to_thread.run_sync(delete, *args, limiter=limiter)
+    finally:
+        deleting.end(keys)
 
 
 def _less(counter: Counter[T], key: T) -> None:

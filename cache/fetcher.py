@@ -23,6 +23,7 @@ import trio
 
 from s3cachefs.base.errors import StoreError, TransientError
 from s3cachefs.cache.blocks import BlockKey, ObjectVersion
+from s3cachefs.cache.deleting import WHOLE, delete_in_thread
 from s3cachefs.cache.disk import Disk
 from s3cachefs.cache.flights import Flight, Flights, ReadsWaiting
 from s3cachefs.cache.ledger import Bounds, Ledger
@@ -340,25 +341,22 @@ class Fetcher:
         if not fits:
             return
         assert record is not None
-        if self.ledger.record(oid) is not record:
-            # Deleted whole while we wrote (and maybe made anew): not indexed into a newer
-            # record (its file may have lost our bytes), and our block row, which that
-            # delete did not know of, goes too, or a restart would point at a hole.
+        current = self.ledger.record(oid)
+        if current is not record:
+            # Deleted whole while we wrote: not indexed into a newer record (its file may
+            # have lost our bytes). Made anew: our block row, which that delete did not
+            # know of, goes. Not made anew: nothing newer writes it, and our write may have
+            # made the file and rows again after the delete ran: all of it goes, or it
+            # would stay on disk on no books (a restart loads an empty record).
             self.ledger.unreserve(len(data))
-            await self._forget_row(oid, index)
+            if current is None:
+                keys, delete, what = [(oid, WHOLE)], self.disk.free, [index]
+            else:
+                keys, delete, what = [(oid, index)], self.disk.forget_blocks, [index]
+            await delete_in_thread(
+                self.ledger.deleting, keys, delete, oid, what, limiter=self.disk_limiter
+            )
             return
         if object_row:
             record.indexed = True
         self.ledger.add_block(record, index, crc)
-
-    async def _forget_row(self, oid: str, index: int) -> None:
-        """Delete a block row no record holds; a write of that block waits for it (its
-        flight is still registered: no fetch of it starts meanwhile)."""
-        key = [(oid, index)]
-        self.ledger.deleting.begin(key)
-        try:
-            await trio.to_thread.run_sync(
-                self.disk.forget_block, oid, index, limiter=self.disk_limiter
-            )
-        finally:
-            self.ledger.deleting.end(key)

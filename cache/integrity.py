@@ -18,9 +18,9 @@ import trio
 
 from s3cachefs.cache.blocks import ObjectVersion, block_span
 from s3cachefs.cache.copies import Copies
-from s3cachefs.cache.deleting import WHOLE
+from s3cachefs.cache.deleting import WHOLE, delete_in_thread
 from s3cachefs.cache.disk import Disk
-from s3cachefs.cache.ledger import Bounds, Ledger, Victim
+from s3cachefs.cache.ledger import Bounds, Ledger, Record, Victim
 from s3cachefs.cache.memory import MemoryBlocks
 from s3cachefs.cache.stats import CacheStats
 from s3cachefs.store.checksums import Check, Digest
@@ -83,17 +83,6 @@ class Integrity:
                 )
             finally:
                 self.ledger.deleting.end(key)
-
-    async def _forget_rows(self, oid: str, blocks: list[int]) -> None:
-        """Delete block rows no record holds; writes of those blocks wait for it."""
-        keys = [(oid, idx) for idx in blocks]
-        self.ledger.deleting.begin(keys)
-        try:
-            await trio.to_thread.run_sync(
-                self.disk.forget_blocks, oid, blocks, limiter=self.disk_limiter
-            )
-        finally:
-            self.ledger.deleting.end(keys)
 
     async def forget_object(self, version: ObjectVersion) -> None:
         """Drop every cached block of this version (its content failed a whole-object check)."""
@@ -193,17 +182,34 @@ class Integrity:
             return False
         record = self.ledger.record(oid)
         if record is not made:
-            # Freed whole while we wrote (and maybe made anew): not indexed into a newer
-            # record, and our block rows (bar those a newer record holds) go, or a restart
-            # would point at what that delete removed.
             self.ledger.unreserve(version.size)
-            held = set() if record is None else set(record.blocks)
-            await self._forget_rows(oid, [idx for idx in crcs if idx not in held])
+            await self._drop_unmade(version, record, crcs)
             return False
         record.indexed = True  # its object row came in the same transaction
         self.ledger.add_blocks(record, crcs)
         self.stats.counts["adopted_bytes"] += version.size
         return True
+
+    async def _drop_unmade(
+        self, version: ObjectVersion, record: Record | None, crcs: dict[int, int]
+    ) -> None:
+        """An adopted copy whose record was freed whole while it was placed: not indexed
+        into a newer record. Made anew: our block rows (bar those it holds) go, or a
+        restart would point at what that delete removed. Not made anew: the free may have
+        run before the file was placed; nothing newer writes it, so the file and every row
+        go, or they would stay on disk on no books (a restart loads an empty record)."""
+        oid = version.oid
+        if record is None:
+            keys, delete, what = [(oid, WHOLE)], self.disk.free, list(crcs)
+        else:
+            what = [idx for idx in crcs if idx not in record.blocks]
+            keys, delete = [(oid, idx) for idx in what], self.disk.forget_blocks
+        try:
+            await delete_in_thread(
+                self.ledger.deleting, keys, delete, oid, what, limiter=self.disk_limiter
+            )
+        except Exception as exc:  # noqa: BLE001  a locked index: rows left, not raised
+            log.warning("cache could not drop the rows of %s: %s", version.key, exc)
 
     async def free(self, oids: set[str]) -> int:
         """Delete the cached data of these (unpinned) object versions; returns bytes freed."""
