@@ -147,12 +147,23 @@ class Layout:
             os.close(fd)
 
     def punch(self, oid: str, offset: int, length: int) -> None:
-        """Give an evicted block's bytes back to the disk (a file already gone: nothing)."""
+        """Give an evicted block's bytes back to the disk (a file already gone: nothing).
+
+        Not while the kernel reads the file as a FUSE passthrough backing file: that
+        file holds a shared flock (`fs.passthrough`) for as long as the kernel holds it,
+        also past a kill -9 of the daemon that registered it (a reader of the old mount
+        reads on), and a hole would be zeros to that reader. The block is off the books
+        either way; its bytes stay until the file is deleted."""
         try:
             fd = os.open(self.path(oid), os.O_WRONLY)
         except FileNotFoundError:
             return
         try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.debug("%s: read by the kernel (passthrough), not punched", oid)
+                return
             _punch_hole(fd, offset, length)
         finally:
             os.close(fd)

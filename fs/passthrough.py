@@ -33,6 +33,7 @@ worker thread on plain values.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 from collections import OrderedDict
@@ -245,6 +246,13 @@ def _verified_fd(
     (None if one failed), and the file's identity as it was read."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
+        # Held for as long as the kernel holds this open file (past our close, and past a
+        # kill -9 of this daemon): eviction never punches a file locked so (`cache.layout`).
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:  # a punch is under way: not this time
+            os.close(fd)
+            return None, (0, 0, 0, 0, 0)
         identity = _identity(os.fstat(fd))
         if identity[2] != size:
             os.close(fd)

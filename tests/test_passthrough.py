@@ -303,3 +303,32 @@ def test_kill_9_leaves_no_mount_and_a_restart_serves(bucket: Bucket, mounter: Mo
         assert head + held.read() == right  # the kernel holds the backing file: reads on
     again = mounter(bucket.name, *ON, cache_dir=mount.cache_dir)  # cleans the stale mount
     assert read_pass(again, files) == (len(files), 0)  # the cache it left: passed through
+
+
+@pytest.mark.mount
+def test_a_reader_left_by_kill_9_never_reads_zeros_when_the_restart_evicts(
+    bucket: Bucket, mounter: Mounter
+) -> None:
+    """After kill -9 the kernel goes on serving a passed-through file to a reader that has
+    it open. The restarted daemon holds nothing for it, and its eviction punched the cache
+    file under that reader: zeros, no error (review of the passthrough landing, R5; this
+    test failed on ffe2ea5 with every page of the rest zeros). The file's flock, held as
+    long as the kernel holds it, keeps the punch away."""
+    big = {f"big/{n}.bin": os.urandom(3 * MIB + 1234) for n in "abcd"}
+    bucket.put_many(big)
+    args = ("--passthrough", "--min-free", "0", "--cache-size", "8M", "--memory-cache-size", "0")
+    mount = mounter(bucket.name, *args)
+    first, *others = big
+    assert (mount.path / first).read_bytes() == big[first]
+    settled(mount)
+    with open(mount.path / first, "rb") as reader:
+        head = reader.read(MIB)
+        assert status(mount)["passthrough"]["open_inodes"] == 1
+        mount.kill9()
+        again = mounter(bucket.name, *args, cache_dir=mount.cache_dir)
+        for key in others:  # 9 MiB through an 8 MiB cache: the restart evicts
+            assert (again.path / key).read_bytes() == big[key]
+        settled(again)
+        assert status(again)["cache"]["evictions"] > 0
+        drop_page_cache()
+        assert head + reader.read() == big[first]
