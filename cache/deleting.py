@@ -52,6 +52,9 @@ class Deleting:
         self._keys: Counter[Key] = Counter()
         self._oids: Counter[str] = Counter()  # the same, per oid
         self._ended = trio.Event()  # set (and replaced) whenever one ends
+        # Told the oid of each delete as it begins (`fs.passthrough` lets go of a kept
+        # kernel registration, which would keep the file on the disk and unpunched).
+        self.on_begin: Callable[[str], None] | None = None
 
     def __contains__(self, oid: object) -> bool:
         """Whether any delete of ``oid`` is pending."""
@@ -61,6 +64,8 @@ class Deleting:
         for key in keys:
             self._keys[key] += 1
             self._oids[key[0]] += 1
+            if self.on_begin is not None:
+                self.on_begin(key[0])
 
     def end(self, keys: Iterable[Key]) -> None:
         for key in keys:

@@ -100,6 +100,15 @@ class Passthrough:
         # opens passed through; files checked (read whole); refused (not complete, a
         # failed check); kept registrations re-used
         self.counts = {"opens": 0, "checked": 0, "refused": 0, "reused": 0}
+        self.ledger.deleting.on_begin = self._let_go
+
+    def _let_go(self, oid: str) -> None:
+        """A delete of ``oid`` begins (eviction, a free, a dropped block): its kept
+        registration goes, unless an open inode uses it. Kept, the kernel would hold the
+        file on the disk (and its flock would keep eviction's punch away) while the ledger
+        counts its room free."""
+        if oid in self._kept and all(b.oid != oid for b in self._inodes.values()):
+            self._forget(oid)
 
     def describe(self) -> dict[str, int | bool]:
         """For `status --json`."""

@@ -9,7 +9,7 @@
 # (a root daemon mounts directly; libfuse 3.17 has soname libfuse3.so.4, so nothing else
 # can pick it up by accident). Needs: Linux >= 6.9 for passthrough at run time, root
 # (CAP_SYS_ADMIN) for FUSE_DEV_IOC_BACKING_OPEN; to build: meson, ninja-build, gcc,
-# pkg-config, python3-dev (apt), Cython (pip, a build dependency of pyfuse3).
+# pkg-config, python3-dev, curl, patch (apt), Cython (pip, a build dependency of pyfuse3).
 # Re-running rebuilds both from scratch (`quickstart` skips it while its stamp matches).
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
@@ -26,7 +26,7 @@ PYFUSE3_VERSION=3.5.0
 
 [ -x "$venv/bin/python" ] || { echo "build-passthrough: no virtualenv at $venv" >&2; exit 2; }
 missing=()
-for pkg in meson ninja-build gcc pkg-config python3-dev; do
+for pkg in meson ninja-build gcc pkg-config python3-dev curl patch ca-certificates; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
 done
 if [ "${#missing[@]}" -gt 0 ]; then
