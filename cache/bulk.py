@@ -39,7 +39,7 @@ from s3cachefs.cache.blocks import ObjectVersion
 from s3cachefs.cache.bulkpool import JobKey, WorkerPool
 from s3cachefs.cache.bulkriders import Ride, Rider, index_then, wants
 from s3cachefs.cache.bulkworker import EXPIRED, Done, Job, error_of
-from s3cachefs.cache.deleting import WHOLE
+from s3cachefs.cache.deleting import drop_written
 from s3cachefs.cache.fetcher import Fetcher
 from s3cachefs.cache.flights import Flight
 from s3cachefs.cache.ledger import Record, Victim
@@ -309,19 +309,13 @@ class BulkEngine:
             record = self.ledger.record(oid)
             # Made anew meanwhile (another fetch): its object row and file are its own, and
             # only the run's block rows it does not hold go; else the object's rows and file.
-            stray = [] if record is None else [i for i in blocks if i not in record.blocks]
-            gone = [(oid, WHOLE)] if record is None else [(oid, i) for i in stray]
-            self.ledger.deleting.begin(gone)  # a write of them meanwhile waits for this
+            held = None if record is None else record.blocks
             try:
-                if record is None:
-                    await trio.to_thread.run_sync(self.disk.free, oid, blocks, limiter=limiter)
-                elif stray:
-                    forget = self.disk.forget_blocks
-                    await trio.to_thread.run_sync(forget, oid, stray, limiter=limiter)
+                await drop_written(
+                    self.ledger.deleting, self.disk, oid, held, blocks, limiter=limiter
+                )
             except Exception as exc:  # noqa: BLE001  the rows stay, unserved: no ledger record
                 log.warning("cache could not drop the rows of %s: %s", oid, exc)
-            finally:
-                self.ledger.deleting.end(gone)
 
     def _accept(self, done: Done) -> tuple[_Waiting, Done, bool] | None:
         """A finished job to index (its waiting, done, new object), or None: released."""

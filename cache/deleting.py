@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import trio
 
@@ -110,6 +110,37 @@ async def delete_in_thread(
         await trio.to_thread.run_sync(delete, *args, limiter=limiter)
     finally:
         deleting.end(keys)
+
+
+class RowDeleter(Protocol):
+    """The blocking deletes `drop_written` runs (`cache.disk.Disk`)."""
+
+    def free(self, oid: str, blocks: list[int]) -> None: ...
+
+    def forget_blocks(self, oid: str, blocks: list[int]) -> None: ...
+
+
+async def drop_written(
+    deleting: Deleting,
+    disk: RowDeleter,
+    oid: str,
+    held: Collection[int] | None,
+    blocks: list[int],
+    *,
+    limiter: trio.CapacityLimiter,
+) -> None:
+    """Undo what a write put on the disk for a record deleted whole while it wrote (never
+    indexed). ``held``: the blocks of the record made anew since: only our rows it does
+    not hold go. None, none was made: nothing newer writes the object (its writes wait
+    for this), and the delete may have run before our write made the file and rows
+    again: the file and every row go, or they would stay on disk on no books."""
+    if held is None:
+        keys, delete, what = [(oid, WHOLE)], disk.free, blocks
+    else:
+        what = [idx for idx in blocks if idx not in held]
+        keys, delete = [(oid, idx) for idx in what], disk.forget_blocks
+    if what:
+        await delete_in_thread(deleting, keys, delete, oid, what, limiter=limiter)
 
 
 def _less(counter: Counter[T], key: T) -> None:

@@ -23,7 +23,7 @@ import trio
 
 from s3cachefs.base.errors import StoreError, TransientError
 from s3cachefs.cache.blocks import BlockKey, ObjectVersion
-from s3cachefs.cache.deleting import WHOLE, delete_in_thread
+from s3cachefs.cache.deleting import drop_written
 from s3cachefs.cache.disk import Disk
 from s3cachefs.cache.flights import Flight, Flights, ReadsWaiting
 from s3cachefs.cache.ledger import Bounds, Ledger
@@ -343,18 +343,12 @@ class Fetcher:
         assert record is not None
         current = self.ledger.record(oid)
         if current is not record:
-            # Deleted whole while we wrote: not indexed into a newer record (its file may
-            # have lost our bytes). Made anew: our block row, which that delete did not
-            # know of, goes. Not made anew: nothing newer writes it, and our write may have
-            # made the file and rows again after the delete ran: all of it goes, or it
-            # would stay on disk on no books (a restart loads an empty record).
+            # Deleted whole while we wrote (and maybe made anew): not indexed into a newer
+            # record (its file may have lost our bytes); what we wrote goes (`drop_written`).
             self.ledger.unreserve(len(data))
-            if current is None:
-                keys, delete, what = [(oid, WHOLE)], self.disk.free, [index]
-            else:
-                keys, delete, what = [(oid, index)], self.disk.forget_blocks, [index]
-            await delete_in_thread(
-                self.ledger.deleting, keys, delete, oid, what, limiter=self.disk_limiter
+            held = None if current is None else current.blocks
+            await drop_written(
+                self.ledger.deleting, self.disk, oid, held, [index], limiter=self.disk_limiter
             )
             return
         if object_row:

@@ -18,9 +18,9 @@ import trio
 
 from s3cachefs.cache.blocks import ObjectVersion, block_span
 from s3cachefs.cache.copies import Copies
-from s3cachefs.cache.deleting import WHOLE, delete_in_thread
+from s3cachefs.cache.deleting import WHOLE, drop_written
 from s3cachefs.cache.disk import Disk
-from s3cachefs.cache.ledger import Bounds, Ledger, Record, Victim
+from s3cachefs.cache.ledger import Bounds, Ledger, Victim
 from s3cachefs.cache.memory import MemoryBlocks
 from s3cachefs.cache.stats import CacheStats
 from s3cachefs.store.checksums import Check, Digest
@@ -182,34 +182,26 @@ class Integrity:
             return False
         record = self.ledger.record(oid)
         if record is not made:
+            # Freed whole while it was placed (and maybe made anew): not indexed into a
+            # newer record; what it put on the disk goes (`drop_written`).
             self.ledger.unreserve(version.size)
-            await self._drop_unmade(version, record, crcs)
+            held = None if record is None else record.blocks
+            try:
+                await drop_written(
+                    self.ledger.deleting,
+                    self.disk,
+                    oid,
+                    held,
+                    list(crcs),
+                    limiter=self.disk_limiter,
+                )
+            except Exception as exc:  # noqa: BLE001  a locked index: rows left, not raised
+                log.warning("cache could not drop the rows of %s: %s", version.key, exc)
             return False
         record.indexed = True  # its object row came in the same transaction
         self.ledger.add_blocks(record, crcs)
         self.stats.counts["adopted_bytes"] += version.size
         return True
-
-    async def _drop_unmade(
-        self, version: ObjectVersion, record: Record | None, crcs: dict[int, int]
-    ) -> None:
-        """An adopted copy whose record was freed whole while it was placed: not indexed
-        into a newer record. Made anew: our block rows (bar those it holds) go, or a
-        restart would point at what that delete removed. Not made anew: the free may have
-        run before the file was placed; nothing newer writes it, so the file and every row
-        go, or they would stay on disk on no books (a restart loads an empty record)."""
-        oid = version.oid
-        if record is None:
-            keys, delete, what = [(oid, WHOLE)], self.disk.free, list(crcs)
-        else:
-            what = [idx for idx in crcs if idx not in record.blocks]
-            keys, delete = [(oid, idx) for idx in what], self.disk.forget_blocks
-        try:
-            await delete_in_thread(
-                self.ledger.deleting, keys, delete, oid, what, limiter=self.disk_limiter
-            )
-        except Exception as exc:  # noqa: BLE001  a locked index: rows left, not raised
-            log.warning("cache could not drop the rows of %s: %s", version.key, exc)
 
     async def free(self, oids: set[str]) -> int:
         """Delete the cached data of these (unpinned) object versions; returns bytes freed."""

@@ -189,50 +189,47 @@ class Ledger:
         """Add one version to the pinned set (prefetch, per verified object)."""
         if oid in self._pinned:
             return
-        if oid in self._held:  # out of the LRU and counted already
-            self._pinned.add(oid)
-            return
+        if oid not in self._held:
+            self._set_kept(oid, True)
         self._pinned.add(oid)
-        self._pinned_bytes += self._pinned_part(oid)
-        record = self._objects.get(oid)
-        for idx in record.blocks if record else ():
-            self._lru.pop((oid, idx), None)
 
     def hold(self, oid: str) -> None:
         """One more hold on ``oid``: none of its blocks is taken to make room until every
         hold is released (`release`). A delete taken before may still be pending."""
         self._held[oid] += 1
         if self._held[oid] == 1 and oid not in self._pinned:
-            self._pinned_bytes += self._pinned_part(oid)
-            record = self._objects.get(oid)
-            for idx in record.blocks if record else ():
-                self._lru.pop((oid, idx), None)
+            self._set_kept(oid, True)
 
     def release(self, oid: str) -> None:
         """One hold less; with the last, ``oid``'s blocks rejoin the LRU (unless pinned)."""
         self._held[oid] -= 1
         if self._held[oid] > 0:
             return
-        if oid not in self._pinned:
-            self._pinned_bytes -= self._pinned_part(oid)
-            record = self._objects.get(oid)
-            self._lru.update(((oid, idx), None) for idx in (record.blocks if record else ()))
         del self._held[oid]
+        if oid not in self._pinned:
+            self._set_kept(oid, False)
 
     def set_pinned(self, oids: set[str]) -> None:
         """Make exactly ``oids`` pinned: their blocks leave the LRU; unpinned ones rejoin it."""
-        before = self._pinned
         for oid in self._pinned - oids - self._held.keys():
-            self._pinned_bytes -= self._pinned_part(oid)
-            record = self._objects.get(oid)
-            for idx in record.blocks if record else ():
-                self._lru[(oid, idx)] = None
+            self._set_kept(oid, False)
         for oid in oids - self._pinned - self._held.keys():
-            record = self._objects.get(oid)
-            for idx in record.blocks if record else ():
-                self._lru.pop((oid, idx), None)
+            self._set_kept(oid, True)
         self._pinned = set(oids)
-        self._pinned_bytes += sum(map(self._pinned_part, oids - before - self._held.keys()))
+
+    def _set_kept(self, oid: str, kept: bool) -> None:
+        """``oid`` becomes pinned or held from neither (``kept``: out of the LRU, its bytes
+        counted in ``pinned_bytes``), or neither from either (the reverse)."""
+        record = self._objects.get(oid)
+        if record is None:
+            return
+        for idx in record.blocks:
+            if kept:
+                self._lru.pop((oid, idx), None)
+            else:
+                self._lru[(oid, idx)] = None
+        nbytes = sum(self.block_len(record.version, idx) for idx in record.blocks)
+        self._pinned_bytes += nbytes if kept else -nbytes
 
     # ---- changes ---------------------------------------------------------
 
