@@ -802,3 +802,34 @@ def test_a_first_write_whose_free_ran_before_it_leaves_nothing(
     assert cache.missing_blocks(a) == [0, 1]
     cache.close()
     assert after_restart(tmp_path, store, a) == (False, [0, 1])
+
+
+def test_a_bulk_fetch_of_an_object_being_freed_waits_for_the_free_before_it_dispatches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bulk job's worker writes the object's file: sent while A's free is pending (held),
+    the late delete would take the file under it. The fetch waits until the free ran, and
+    only then looks whether it is a worker's job."""
+    store = MemoryStore()
+    a, _ = put(store, "a")
+    cache = make_cache(tmp_path, store)
+    held = HeldDeletes(cache, a.oid, monkeypatch)
+    steps: list[str] = []
+
+    async def bulk_fetch() -> None:
+        await cache.bulk.fetch(a, range(1), None)
+        steps.append("fetch returned")
+
+    async def body() -> None:
+        await cache.read(a, 0, BS)
+        await cache.drain_object(a)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(cache.free, {a.oid})
+            await held.until_held()
+            nursery.start_soon(bulk_fetch)
+            await trio.testing.wait_all_tasks_blocked()
+            steps.append("free let go")
+            held.release.set()
+
+    run(cache, body)
+    assert steps == ["free let go", "fetch returned"]
