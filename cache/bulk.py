@@ -39,7 +39,7 @@ from s3cachefs.cache.blocks import ObjectVersion
 from s3cachefs.cache.bulkpool import JobKey, WorkerPool
 from s3cachefs.cache.bulkriders import Ride, Rider, index_then, wants
 from s3cachefs.cache.bulkworker import EXPIRED, Done, Job, error_of
-from s3cachefs.cache.deleting import drop_written
+from s3cachefs.cache.deleting import Write, drop_written
 from s3cachefs.cache.fetcher import Fetcher
 from s3cachefs.cache.flights import Flight
 from s3cachefs.cache.ledger import Record, Victim
@@ -64,6 +64,10 @@ class _Waiting:
     event: trio.Event = field(default_factory=trio.Event)
     done: Done | None = None
     record: Record | None = None  # the one its rows are for (`_accept`)
+
+
+def _write(queued: _Queued) -> Write:
+    return queued[0].version.oid, queued[0].run
 
 
 class BulkEngine:
@@ -242,21 +246,18 @@ class BulkEngine:
                 await self._wanted.wait()
                 self._wanted = trio.Event()
                 while self._queued:
-                    good, self._queued = self._split(self._queued)
-                    await self._commit_now(good)
+                    # A run whose delete is pending waits for a later commit, and not in
+                    # one (that commit would wait for it, and every run behind it).
+                    good, self._queued = self.ledger.deleting.hold_back(self._queued, _write)
+                    if good:
+                        await self._commit_now(good)
+                    else:  # every run waits: until a delete ends or new runs come
+                        await self.ledger.deleting.one_ends_or(self._wanted)
+                        self._wanted = trio.Event()
         finally:  # the engine stops: what was not indexed is given back
             self._committing = False
             good, self._queued = self._queued, []
             self._settle(good, [False] * len(good))
-
-    def _split(self, queued: list[_Queued]) -> tuple[list[_Queued], list[_Queued]]:
-        """The runs to commit now, and those put back: a run whose delete is pending waits
-        for a later commit, not its batch with it (all do: that commit waits for them)."""
-        later = [self.ledger.deleting.pending(w.version.oid, w.run) for w, _, _ in queued]
-        if all(later) or not any(later):
-            return queued, []
-        pairs = list(zip(queued, later, strict=True))
-        return [g for g, wait in pairs if not wait], [g for g, wait in pairs if wait]
 
     async def _commit_now(self, good: list[tuple[_Waiting, Done, bool]]) -> None:
         rows = [(w.version, new, w.run.start, d.crcs, d.inode) for w, d, new in good]

@@ -95,6 +95,24 @@ class Deleting:
         while any(self.pending(oid, blocks) for oid, blocks in wanted):
             await self._ended.wait()
 
+    async def one_ends_or(self, other: trio.Event) -> None:
+        """Return once a delete ends or ``other`` is set, whichever comes first."""
+        ended = self._ended
+        async with trio.open_nursery() as nursery:
+            for event in (ended, other):
+                nursery.start_soon(_set_then_cancel, event, nursery.cancel_scope)
+
+    def hold_back(self, writes: list[T], of: Callable[[T], Write]) -> tuple[list[T], list[T]]:
+        """``writes`` split into those to make now and those a pending delete would take."""
+        later = [self.pending(*of(w)) for w in writes]
+        pairs = list(zip(writes, later, strict=True))
+        return [w for w, wait in pairs if not wait], [w for w, wait in pairs if wait]
+
+
+async def _set_then_cancel(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
+
 
 async def delete_in_thread(
     deleting: Deleting,

@@ -626,6 +626,25 @@ def test_a_whole_reservation_whose_eviction_failed_lets_the_next_write_go(
     run(cache, body)
 
 
+class BulkJobs:
+    """Bulk jobs of block 0 of an object (as `_dispatch` sends them), their workers done."""
+
+    def __init__(self, cache: BlockCache) -> None:
+        self.cache = cache
+        self.waiting: dict[str, _Waiting] = {}
+
+    def done(self, v: ObjectVersion, data: bytes) -> Done:
+        cache, engine = self.cache, self.cache.bulk
+        assert cache.ledger.reserve(BS, cache.bounds) == ([], True)
+        path = engine.disk.layout.path(v.oid)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        job = Job(v.oid, v.key, v.etag, v.size, 0, BS, str(path))
+        flights = [engine.flights.start((v.oid, 0), Flight(remember=False))]
+        self.waiting[v.key] = engine._waiting[(v.oid, 0)] = _Waiting(job, v, range(1), flights)
+        return Done(v.oid, 0, BS, crcs=[zlib.crc32(data)], inode=path.stat().st_ino)
+
+
 def test_a_bulk_commit_holds_back_only_the_runs_whose_delete_is_pending(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -636,19 +655,8 @@ def test_a_bulk_commit_holds_back_only_the_runs_whose_delete_is_pending(
     (a, a_data), (d, d_data) = (put(store, k) for k in "ad")
     cache = make_cache(tmp_path, store)
     held = HeldDeletes(cache, a.oid, monkeypatch)
-    engine = cache.bulk
-    waiting: dict[str, _Waiting] = {}
-
-    def job_of(v: ObjectVersion, data: bytes) -> Done:
-        """A bulk job of ``v``'s block 0 (as `_dispatch` sends it), its worker done."""
-        assert cache.ledger.reserve(BS, cache.bounds) == ([], True)
-        path = engine.disk.layout.path(v.oid)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-        job = Job(v.oid, v.key, v.etag, v.size, 0, BS, str(path))
-        flights = [engine.flights.start((v.oid, 0), Flight(remember=False))]
-        waiting[v.key] = engine._waiting[(v.oid, 0)] = _Waiting(job, v, range(1), flights)
-        return Done(v.oid, 0, BS, crcs=[zlib.crc32(data)], inode=path.stat().st_ino)
+    jobs = BulkJobs(cache)
+    waiting = jobs.waiting
 
     async def body() -> None:
         await cache.read(a, 0, BS)
@@ -656,8 +664,45 @@ def test_a_bulk_commit_holds_back_only_the_runs_whose_delete_is_pending(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(cache.free, {a.oid})
             await held.until_held()
-            engine._commit([job_of(a, a_data), job_of(d, d_data)])
+            cache.bulk._commit([jobs.done(a, a_data), jobs.done(d, d_data)])
             await waiting["d"].event.wait()  # while A's delete is held
+            assert not waiting["a"].event.is_set()
+            await held.let_go()
+            await waiting["a"].event.wait()
+
+    run(cache, body)
+    done_a, done_d = waiting["a"].done, waiting["d"].done
+    assert done_a is not None and done_a.lost and done_d is not None and not done_d.error
+    assert cache.missing_blocks(a) == [0]
+    assert outcome(cache, store, tmp_path, d, d_data) == ([], 0, 0, [])
+
+
+def test_a_lone_run_whose_delete_is_pending_holds_back_no_later_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A's run arrives alone while A's free is held, then D's (another object): D's is
+    indexed and its waiter goes while A's delete is still held. Before: the lone pending
+    run went to a commit that waited for the delete, and D's sat in the queue behind it
+    (review of i-evictfix, finding 3)."""
+    store = MemoryStore()
+    (a, a_data), (d, d_data) = (put(store, k) for k in "ad")
+    cache = make_cache(tmp_path, store)
+    held = HeldDeletes(cache, a.oid, monkeypatch)
+    jobs = BulkJobs(cache)
+    waiting = jobs.waiting
+
+    async def body() -> None:
+        await cache.read(a, 0, BS)
+        await cache.drain_object(a)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(cache.free, {a.oid})
+            await held.until_held()
+            cache.bulk._commit([jobs.done(a, a_data)])
+            await trio.testing.wait_all_tasks_blocked()
+            cache.bulk._commit([jobs.done(d, d_data)])
+            with trio.move_on_after(30):  # the old order: D's waits for A's delete
+                await waiting["d"].event.wait()
+            assert waiting["d"].event.is_set(), "D's run waited behind A's pending delete"
             assert not waiting["a"].event.is_set()
             await held.let_go()
             await waiting["a"].event.wait()
@@ -757,3 +802,34 @@ def test_a_first_write_whose_free_ran_before_it_leaves_nothing(
     assert cache.missing_blocks(a) == [0, 1]
     cache.close()
     assert after_restart(tmp_path, store, a) == (False, [0, 1])
+
+
+def test_a_bulk_fetch_of_an_object_being_freed_waits_for_the_free_before_it_dispatches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bulk job's worker writes the object's file: sent while A's free is pending (held),
+    the late delete would take the file under it. The fetch waits until the free ran, and
+    only then looks whether it is a worker's job."""
+    store = MemoryStore()
+    a, _ = put(store, "a")
+    cache = make_cache(tmp_path, store)
+    held = HeldDeletes(cache, a.oid, monkeypatch)
+    steps: list[str] = []
+
+    async def bulk_fetch() -> None:
+        await cache.bulk.fetch(a, range(1), None)
+        steps.append("fetch returned")
+
+    async def body() -> None:
+        await cache.read(a, 0, BS)
+        await cache.drain_object(a)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(cache.free, {a.oid})
+            await held.until_held()
+            nursery.start_soon(bulk_fetch)
+            await trio.testing.wait_all_tasks_blocked()
+            steps.append("free let go")
+            held.release.set()
+
+    run(cache, body)
+    assert steps == ["free let go", "fetch returned"]
