@@ -83,6 +83,9 @@ class Fetcher:
         self.reads_waiting = ReadsWaiting(READS_LINGER)
         self._readahead_inflight = 0  # readahead blocks requested and not yet arrived
         self._unwritten = 0  # bytes handed to _store_and_land and not yet on disk
+        # Of those, a prefetch's waiting for a delete of their block (`_store_block`):
+        # counted apart, they hold back prefetch downloads only.
+        self._parked = 0
         self._written = trio.Event()  # set whenever some of them land
         self._nursery: trio.Nursery | None = None
 
@@ -199,6 +202,7 @@ class Fetcher:
         start = run.start * block_size
         end = min(run.stop * block_size, version.size)
         delivered = 0
+        persist = not flights[0].remember  # a prefetch's run: its writes must be made
         finished = False  # set once this task gave up: a late piece must not be delivered
 
         def arrived(piece: bytes) -> None:  # on the trio thread, between two pieces
@@ -229,8 +233,9 @@ class Fetcher:
             ):
                 if finished:
                     return
-                if self._unwritten >= UNWRITTEN_LIMIT:  # a racy read is fine: a hint
-                    trio.from_thread.run(self._room_to_write)
+                # A racy read of the counts is fine: a hint.
+                if self._unwritten + (self._parked if persist else 0) >= UNWRITTEN_LIMIT:
+                    trio.from_thread.run(self._room_to_write, persist)
                 trio.from_thread.run_sync(arrived, piece)
 
         error: BaseException | None = None
@@ -275,14 +280,32 @@ class Fetcher:
             log.exception("cache write failed for %s block %d", version.key, index)
         finally:
             self._unwritten -= len(data)
-            self._written.set()
-            self._written = trio.Event()
+            self._wake_writers()
             self.flights.end((version.oid, index))
 
-    async def _room_to_write(self) -> None:
-        """Wait while too much downloaded data waits for the disk (backpressure)."""
-        while self._unwritten >= UNWRITTEN_LIMIT:
+    async def _room_to_write(self, persist: bool) -> None:
+        """Wait while too much downloaded data waits for the disk (backpressure); for a
+        prefetch's download, also its writes parked behind deletes."""
+        while self._unwritten + (self._parked if persist else 0) >= UNWRITTEN_LIMIT:
             await self._written.wait()
+
+    def _wake_writers(self) -> None:
+        self._written.set()
+        self._written = trio.Event()
+
+    async def _park_until_settled(self, oid: str, index: int, size: int) -> None:
+        """Wait for deletes of block ``index`` of ``oid`` taken off the books before, the
+        block's bytes counted as parked, not unwritten, meanwhile. No checkpoint if none."""
+        if not self.ledger.deleting.pending(oid, (index,)):
+            return
+        self._unwritten -= size
+        self._parked += size
+        self._wake_writers()
+        try:
+            await self.ledger.deleting.settled([(oid, (index,))])
+        finally:
+            self._parked -= size
+            self._unwritten += size
 
     async def _store_block(
         self, version: ObjectVersion, index: int, data: bytes, persist: bool
@@ -294,12 +317,12 @@ class Fetcher:
         # while the ledger kept them (`cache.deleting`). A read's block is not kept this
         # time rather than wait: its bytes count in `_unwritten`, and a long free (many
         # objects, one by one) would stall every download of the daemon. A prefetch's
-        # waits. From here to the thread call, no await.
+        # waits, parked: holding back prefetches only. From here to the thread call, no await.
         if not persist and self.ledger.deleting.pending(oid, (index,)):
             self.stats.counts["store_skipped_deleting"] += 1
             log.debug("%s block %d served uncached: a delete of it is pending", version.key, index)
             return
-        await self.ledger.deleting.settled([(oid, (index,))])
+        await self._park_until_settled(oid, index, len(data))
         victims, fits = self.ledger.reserve(len(data), self.bounds)
         if not fits:
             self.stats.counts["store_skipped_full"] += 1

@@ -431,6 +431,62 @@ def test_a_free_of_many_objects_stalls_no_download(
         cache = make_cache(tmp_path, store)
 
 
+def test_a_prefetch_whose_object_is_being_freed_stalls_no_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As above, but the second object is prefetched again (its writes must be kept, so
+    they wait for its delete): its waiting bytes hold back prefetch downloads only, and Z's
+    read (never freed) goes on while the delete is held. Before: they counted as unwritten,
+    and at the limit every download of the daemon stopped until the free ended."""
+    from s3cachefs.cache import fetcher
+
+    monkeypatch.setattr(fetcher, "UNWRITTEN_LIMIT", 2 * BS)
+    store = MemoryStore()
+    (f, f_data), (s, s_data), (z, z_data) = (put(store, k, 4 * BS) for k in "fsz")
+    cache = make_cache(tmp_path, store)
+    disk = cache._disk
+    free = disk.free
+    held, release = threading.Event(), threading.Event()
+    order: list[str] = []
+
+    def held_free(oid: str, blocks: list[int]) -> None:
+        order.append(oid)
+        if len(order) == 1:
+            held.set()
+            assert release.wait(30), "the test never let the delete go"
+        free(oid, blocks)
+
+    monkeypatch.setattr(disk, "free", held_free)
+    z_read: list[bool] = []
+
+    async def body() -> None:
+        for v in (f, s):
+            await cache.read(v, 0, v.size)
+            await cache.drain_object(v)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(cache.free, {f.oid, s.oid})
+            try:
+                assert await trio.to_thread.run_sync(held.wait, 30)
+                second = s if order[0] == f.oid else f
+                cache.start_fetch(second, range(4), persist=True)
+                await trio.testing.wait_all_tasks_blocked()
+                with trio.move_on_after(30):  # before: stalled until the free ended
+                    z_read.append(await cache.read(z, 0, z.size) == z_data)
+                assert z_read == [True], "a read stalled behind a prefetch's parked writes"
+                assert cache._fetcher._parked > 0  # its writes wait for the delete
+            finally:
+                release.set()
+
+    run(cache, body)
+    assert cache.missing_blocks(z) == []
+    second = s if order[0] == f.oid else f
+    assert cache.missing_blocks(second) == []  # the prefetch's writes made, after the delete
+    for v, data in ((f, f_data), (s, s_data)):
+        missing = cache.missing_blocks(v)
+        assert outcome(cache, store, tmp_path, v, data)[1:] == (0, 0, missing)
+        cache = make_cache(tmp_path, store)
+
+
 def test_a_write_in_flight_whose_record_is_evicted_whole_and_made_anew(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
