@@ -20,10 +20,14 @@ Never zeros, never wrong bytes:
 
 The kernel's rules shape the bookkeeping (fs/fuse/iomode.c, Linux >= 6.9):
 - one backing file per inode: every handle of an inode passing through shares
-  one backing id;
+  one backing id, and every later open of the inode is answered with that id, so
+  it stays registered while that inode uses it (a closed id is EIO to open(2)): an
+  id is counted, one for its kept registration and one per inode using it, and
+  closed at zero;
 - an inode is either passed through or cached, never both at once (ETXTBSY for
   the open): an open while other handles of the inode are open in cached mode
-  stays cached, and opens of one inode are settled one at a time;
+  stays cached, and opens of one inode, and of one oid (two inodes of one object
+  version: a retired node looked up again), are settled one at a time;
 - FOPEN_KEEP_CACHE and FOPEN_DIRECT_IO are not combined with it (`fs.operations`
   answers keep_cache=0): the pages live in the cache file's page cache.
 
@@ -36,7 +40,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -95,7 +99,8 @@ class Passthrough:
         self.enabled = True
         self._inodes: dict[int, Backing] = {}
         self._by_fh: dict[int, int] = {}  # fh -> inode, handles passed through
-        self._settling: dict[int, trio.Event] = {}  # inode -> its open being settled
+        self._settling: dict[int | str, trio.Event] = {}  # inode, oid -> an open settling
+        self._refs: Counter[int] = Counter()  # backing id -> kept (1) + inodes using it
         self._kept: OrderedDict[str, Kept] = OrderedDict()  # oid -> checked, registered
         # opens passed through; files checked (read whole); refused (not complete, a
         # failed check); kept registrations re-used
@@ -104,11 +109,10 @@ class Passthrough:
 
     def _let_go(self, oid: str) -> None:
         """A delete of ``oid`` begins (eviction, a free, a dropped block): its kept
-        registration goes, unless an open inode uses it. Kept, the kernel would hold the
-        file on the disk (and its flock would keep eviction's punch away) while the ledger
-        counts its room free."""
-        if oid in self._kept and all(b.oid != oid for b in self._inodes.values()):
-            self._forget(oid)
+        registration goes (its id stays while an open inode uses it). Kept, the kernel
+        would hold the file on the disk (and its flock would keep eviction's punch away)
+        while the ledger counts its room free."""
+        self._forget(oid)  # an inode using its id keeps it registered
 
     def describe(self) -> dict[str, int | bool]:
         """For `status --json`."""
@@ -121,8 +125,8 @@ class Passthrough:
 
     async def open(self, fh: int, handle: FileHandle) -> int:
         """The backing id to answer this open with, or 0 (the CRC-checked FUSE path)."""
-        node = handle.node
-        while (settling := self._settling.get(node.ino)) is not None:
+        node, oid = handle.node, handle.version.oid
+        while (settling := self._settling.get(node.ino) or self._settling.get(oid)) is not None:
             await settling.wait()
         backing = self._inodes.get(node.ino)
         if backing is not None:  # the inode passes through: so must every open of it
@@ -153,12 +157,13 @@ class Passthrough:
         backing.handles -= 1
         if backing.handles == 0:
             del self._inodes[ino]
+            self._unref(backing.backing_id)
             self.ledger.release(backing.oid)
 
     async def _start(self, ino: int, version: ObjectVersion) -> Backing | None:
         """Hold, check and register ``version``'s cache file for inode ``ino``."""
-        done = self._settling[ino] = trio.Event()
         oid = version.oid
+        done = self._settling[ino] = self._settling[oid] = trio.Event()
         self.ledger.hold(oid)  # from here on no block of it is taken to make room
         backing_id = 0
         try:
@@ -169,13 +174,14 @@ class Passthrough:
             if record is not None and self._complete(version):
                 backing_id = self._reuse(oid, record) or await self._check(version, record)
         finally:
-            del self._settling[ino]
+            del self._settling[ino], self._settling[oid]
             done.set()
             if not backing_id:
                 self.ledger.release(oid)
         if not backing_id:
             self.counts["refused"] += 1
             return None
+        self._refs[backing_id] += 1
         backing = self._inodes[ino] = Backing(backing_id, oid)
         return backing
 
@@ -227,6 +233,7 @@ class Passthrough:
             os.close(fd)  # the kernel holds its own reference
         self._forget(version.oid)
         self._kept[version.oid] = Kept(backing_id, record, taken, identity)
+        self._refs[backing_id] += 1
         in_use = {b.oid for b in self._inodes.values()} | {version.oid}
         extra = len(self._kept) - self.keep_max
         for old in [o for o in self._kept if o not in in_use][: max(0, extra)]:
@@ -234,12 +241,19 @@ class Passthrough:
         return backing_id
 
     def _forget(self, oid: str) -> None:
-        """Close a kept registration (inodes opened with it keep theirs)."""
+        """Let a kept registration go (its id stays while an inode uses it)."""
         kept = self._kept.pop(oid, None)
-        if kept is None:
+        if kept is not None:
+            self._unref(kept.backing_id)
+
+    def _unref(self, backing_id: int) -> None:
+        """One use of ``backing_id`` less; the last closes it."""
+        self._refs[backing_id] -= 1
+        if self._refs[backing_id] > 0:
             return
+        del self._refs[backing_id]
         try:
-            self.unregister(kept.backing_id)
+            self.unregister(backing_id)
         except OSError as exc:
             log.warning("passthrough: closing backing id failed: %s", exc.strerror)
 

@@ -8,6 +8,7 @@ are the ledger's counted hold and the kept registration's re-check, without FUSE
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import subprocess
@@ -136,6 +137,90 @@ def test_an_open_waits_for_the_deletes_taken_before_its_hold(tmp_path: Path) -> 
 
     async def opening(into: list[int]) -> None:
         into.append(await passthrough.open(1, FileHandle(node, version)))
+
+    run_with(cache, body)
+
+
+def test_a_backing_id_in_use_by_an_open_inode_stays_registered(tmp_path: Path) -> None:
+    """Two inodes of one oid (a retired node looked up again with the same ETag). Inode 5
+    is open with id 1; the kept registration goes stale (the file's times changed), inode 6
+    opens and is checked anew. Id 1 must stay registered while inode 5 uses it: its next
+    open is answered with it, and the kernel's lookup of a closed id is EIO to open(2)
+    (review of the landing, R1: answered with the closed id 1 before)."""
+    store = MemoryStore()
+    data = os.urandom(2 * BS)
+    version = version_of(store, "k", data)
+    cache = make_cache(tmp_path, store)
+    live: set[int] = set()
+    closed: list[int] = []
+    ids = itertools.count(1)
+
+    def register(_fd: int) -> int:
+        live.add(backing_id := next(ids))
+        return backing_id
+
+    def unregister(backing_id: int) -> None:
+        live.remove(backing_id)
+        closed.append(backing_id)
+
+    passthrough = Passthrough(cache, register, unregister)
+    one = Node(ino=5, parent=1, name="k", key="k", is_dir=False, size=len(data))
+    two = Node(ino=6, parent=1, name="k", key="k", is_dir=False, size=len(data))
+
+    async def open_(node: Node, fh: int) -> int:
+        node.handles += 1
+        return await passthrough.open(fh, FileHandle(node, version))
+
+    async def body() -> None:
+        assert await cache.read(version, 0, len(data)) == data
+        await cache.drain()
+        assert await open_(one, 1) == 1
+        path = cache.object_path(version.oid)
+        st = os.stat(path)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1))  # the kept one is stale
+        assert await open_(two, 2) == 2  # checked anew
+        assert await open_(one, 3) == 1 and 1 in live  # inode 5 keeps its id, registered
+        assert closed == []
+        for fh in (1, 3):
+            passthrough.release(fh)
+        assert closed == [1]  # no kept registration and no inode uses it: closed
+        passthrough.release(2)
+        assert 2 in live  # kept for the next open
+
+    run_with(cache, body)
+
+
+def test_two_inodes_of_one_oid_are_settled_one_at_a_time(tmp_path: Path) -> None:
+    """Opens of two inodes of one oid at once: the second waits for the first one's check
+    and re-uses its registration; before, both checked, and the second one's check closed
+    the id the first inode was answered with (review of the landing, R1 (b))."""
+    store = MemoryStore()
+    data = os.urandom(2 * BS)
+    version = version_of(store, "k", data)
+    cache = make_cache(tmp_path, store)
+    live: set[int] = set()
+    ids = itertools.count(1)
+
+    def register(_fd: int) -> int:
+        live.add(backing_id := next(ids))
+        return backing_id
+
+    passthrough = Passthrough(cache, register, live.remove)
+    nodes = [Node(ino=i, parent=1, name="k", key="k", is_dir=False, size=len(data)) for i in (5, 6)]
+    got: list[int] = []
+
+    async def open_(node: Node, fh: int) -> None:
+        node.handles += 1
+        got.append(await passthrough.open(fh, FileHandle(node, version)))
+
+    async def body() -> None:
+        assert await cache.read(version, 0, len(data)) == data
+        await cache.drain()
+        async with trio.open_nursery() as nursery:
+            for fh, node in enumerate(nodes, 1):
+                nursery.start_soon(open_, node, fh)
+        assert got == [1, 1] and live == {1}
+        assert passthrough.counts["checked"] == 1 and passthrough.counts["reused"] == 1
 
     run_with(cache, body)
 
