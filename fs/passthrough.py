@@ -137,6 +137,7 @@ class Passthrough:
             or handle.fd is not None
             or handle.writable
             or node.handles > 1  # cached handles are open: the kernel would refuse
+            or node.served_etag not in (None, handle.version.etag)  # ESTALE on the FUSE path
             or not self._complete(handle.version)
         ):
             return 0
@@ -146,6 +147,10 @@ class Passthrough:
                 return 0
         self._by_fh[fh] = node.ino
         self.counts["opens"] += 1
+        # The kernel reads it without a READ here: served, as a READ marks it
+        # (`VersionGuard.served`): never re-bound in place to another version.
+        node.served_etag = handle.version.etag
+        handle.served = True
         return backing.backing_id
 
     def release(self, fh: int) -> None:

@@ -27,6 +27,7 @@ from s3cachefs.cache.ledger import Bounds
 from s3cachefs.daemon.passthroughing import unavailable
 from s3cachefs.fs.nodes import FileHandle, Node
 from s3cachefs.fs.passthrough import Passthrough
+from s3cachefs.fs.versions import VersionGuard
 from s3cachefs.testing.memorystore import MemoryStore
 from tests.conftest import Bucket, Mount, Mounter, drop_page_cache, status
 from tests.test_blockcache import BS, make_cache, run_with, version_of
@@ -221,6 +222,36 @@ def test_two_inodes_of_one_oid_are_settled_one_at_a_time(tmp_path: Path) -> None
                 nursery.start_soon(open_, node, fh)
         assert got == [1, 1] and live == {1}
         assert passthrough.counts["checked"] == 1 and passthrough.counts["reused"] == 1
+
+    run_with(cache, body)
+
+
+def test_a_passed_through_inode_is_served_and_never_re_bound(tmp_path: Path) -> None:
+    """The kernel reads a passed-through file without a READ at the daemon: its open marks
+    the inode (and handle) served as a READ does. Else a later open that S3 refuses (the
+    object re-put with the same size) re-binds the inode in place to the new version, and
+    the same inode returns B after A (review of the landing, #7)."""
+    store = MemoryStore()
+    old = os.urandom(2 * BS)
+    version = version_of(store, "k", old)
+    cache = make_cache(tmp_path, store)
+    passthrough = Passthrough(cache, lambda _fd: 1, lambda _id: None)
+    guard = VersionGuard(store, trio.CapacityLimiter(1))
+    node = Node(ino=5, parent=1, name="k", key="k", is_dir=False, size=len(old))
+    node.etag = version.etag
+
+    async def body() -> None:
+        assert await cache.read(version, 0, len(old)) == old
+        await cache.drain()
+        node.handles += 1
+        first = FileHandle(node, version)
+        assert await passthrough.open(1, first) == 1
+        assert node.served_etag == version.etag and first.served
+        store.put("k", bytes(b ^ 1 for b in old))  # same size, another ETag
+        node.handles += 1
+        later = FileHandle(node, version)  # e.g. an open the kernel keeps cached (mmap)
+        assert not await guard.rebind(later, version)  # ESTALE, not version B in place
+        assert node.etag == version.etag
 
     run_with(cache, body)
 
