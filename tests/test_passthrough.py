@@ -256,6 +256,90 @@ def test_a_passed_through_inode_is_served_and_never_re_bound(tmp_path: Path) -> 
     run_with(cache, body)
 
 
+def flip_byte(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def test_a_kept_registration_of_a_file_changed_on_the_disk_is_checked_anew(
+    tmp_path: Path,
+) -> None:
+    """A cache file changed outside the ledger (a byte flipped in place: same size, the
+    ledger's books unchanged) is not what was checked: the next open checks it anew, and a
+    block failing its CRC is not passed through (review of the landing, M2: no test failed
+    with the identity check removed)."""
+    store = MemoryStore()
+    data = os.urandom(3 * BS)
+    version = version_of(store, "k", data)
+    cache = make_cache(tmp_path, store)
+    passthrough = Passthrough(cache, lambda _fd: 1, lambda _id: None)
+    node = Node(ino=5, parent=1, name="k", key="k", is_dir=False, size=len(data))
+
+    async def opened(fh: int) -> int:
+        node.handles += 1
+        backing = await passthrough.open(fh, FileHandle(node, version))
+        passthrough.release(fh)
+        node.handles -= 1
+        return backing
+
+    async def body() -> None:
+        assert await cache.read(version, 0, len(data)) == data
+        await cache.drain()
+        assert await opened(1) == 1  # checked, kept
+        flip_byte(cache.object_path(version.oid), BS + 10)  # in place: same size
+        assert await opened(2) == 0  # checked anew: block 1 fails its CRC
+        assert passthrough.counts["checked"] == 2 and passthrough.counts["reused"] == 0
+
+    run_with(cache, body)
+
+
+def test_a_block_dropped_while_the_file_is_checked_keeps_it_off_passthrough(
+    tmp_path: Path,
+) -> None:
+    """The check reads the blocks' CRCs as they were when it began; a block dropped while
+    it reads (a failed check of another reader: held, so not evicted) makes it stale: not
+    registered (review of the landing, M3: no test failed with the after-read check
+    removed). The disk limiter, held by the test, keeps the check's read waiting."""
+    store = MemoryStore()
+    data = os.urandom(3 * BS)
+    version = version_of(store, "k", data)
+    cache = make_cache(tmp_path, store)
+    registered: list[int] = []
+
+    def register(fd: int) -> int:
+        registered.append(fd)
+        return 1
+
+    passthrough = Passthrough(cache, register, lambda _id: None)
+    node = Node(ino=5, parent=1, name="k", key="k", is_dir=False, size=len(data), handles=1)
+    got: list[int] = []
+
+    async def opening() -> None:
+        got.append(await passthrough.open(1, FileHandle(node, version)))
+
+    async def body() -> None:
+        assert await cache.read(version, 0, len(data)) == data
+        await cache.drain()
+        limiter = cache.disk_limiter
+        borrowers = [object() for _ in range(int(limiter.total_tokens))]
+        for borrower in borrowers:
+            await limiter.acquire_on_behalf_of(borrower)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(opening)
+            await trio.testing.wait_all_tasks_blocked()
+            assert passthrough.counts["checked"] == 1 and got == []  # waiting to read
+            crc = cache.ledger.block_crc(version.oid, 2)
+            assert crc is not None and cache.ledger.drop_block(version, 2, crc)
+            for borrower in borrowers:
+                limiter.release_on_behalf_of(borrower)
+        assert got == [0] and registered == []
+
+    run_with(cache, body)
+
+
 def test_passthrough_says_why_it_cannot_run(tmp_path: Path) -> None:
     config = MountConfig("b", "", tmp_path, tmp_path)
     assert unavailable(config, "6.8.0-1-amd64") == "Linux >= 6.9 needed"
