@@ -61,6 +61,7 @@ class MountConfig:
     read_serve: bool = default("read_serve")
     # Files complete in the cache read by the kernel itself (fs/passthrough.py).
     passthrough: bool = default("passthrough")
+    passthrough_check_max: int = default("passthrough_check_max")
     # How often the files of kernel-served datasets are read back and checked (None: only
     # at start and by `verify`).
     verify_interval: float | None = default("verify_interval")

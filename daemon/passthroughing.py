@@ -52,6 +52,7 @@ def passthrough(config: MountConfig, ops: Operations, cache: BlockCache) -> Pass
         cache,
         pyfuse3.passthrough_open,  # type: ignore[attr-defined,unused-ignore]
         pyfuse3.passthrough_close,  # type: ignore[attr-defined,unused-ignore]
+        check_max=config.passthrough_check_max,
     )
     ops.use_passthrough(p)
     log.info("passthrough on: files complete in the cache are read by the kernel")

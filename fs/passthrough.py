@@ -12,6 +12,10 @@ Never zeros, never wrong bytes:
 - an open takes the hold, then waits for that object's deletes taken off the books
   before (`cache.deleting`), then needs the ledger to have every block, then reads
   every block's CRC through the descriptor it registers;
+- a file over ``check_max`` (``--passthrough-check-max``) is not read whole inside
+  its OPEN (a big file opened for a few bytes paid a read of all of it): that open
+  takes the FUSE path, and a background check (BACKGROUND_CHECKS at a time, under
+  the disk limiter, stopped at unmount) registers it, kept, for the next open;
 - a registration outlives its handles (kept, up to KEEP_MAX, least recently used
   first out), unheld: the next open re-uses it only if, under a new hold, the ledger
   has every block, its record is the one checked and none of its blocks was taken
@@ -40,6 +44,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import threading
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,6 +61,10 @@ log = logging.getLogger(__name__)
 
 # Registrations kept for the next open: a kernel file reference each (no descriptor).
 KEEP_MAX = 4096
+# Big files checked in the background at once (each reads its file whole), and waiting
+# at most (more are dropped: a later open asks again).
+BACKGROUND_CHECKS = 2
+BACKGROUND_QUEUE = 64
 
 # A cache file as checked: device, inode, size, mtime, ctime.
 Identity = tuple[int, int, int, int, int]
@@ -90,21 +99,31 @@ class Passthrough:
         unregister: Callable[[int], None],
         *,
         keep_max: int = KEEP_MAX,
+        check_max: int = 1 << 62,
     ) -> None:
         self.cache = cache
         self.ledger = cache.ledger
         self.register = register  # fd -> backing id (pyfuse3.passthrough_open)
         self.unregister = unregister  # backing id -> None (pyfuse3.passthrough_close)
         self.keep_max = keep_max
+        self.check_max = check_max  # bigger files are checked in the background
         self.enabled = True
         self._inodes: dict[int, Backing] = {}
         self._by_fh: dict[int, int] = {}  # fh -> inode, handles passed through
         self._settling: dict[int | str, trio.Event] = {}  # inode, oid -> an open settling
         self._refs: Counter[int] = Counter()  # backing id -> kept (1) + inodes using it
         self._kept: OrderedDict[str, Kept] = OrderedDict()  # oid -> checked, registered
+        # Background checks: waiting or running (oids); their nursery (`run`); set at
+        # unmount, it stops a check's read between two blocks.
+        self._later: set[str] = set()
+        self._later_ended = trio.Event()  # set (and replaced) as each one ends
+        self._later_limiter = trio.CapacityLimiter(BACKGROUND_CHECKS)
+        self._nursery: trio.Nursery | None = None
+        self._stop = threading.Event()
         # opens passed through; files checked (read whole); refused (not complete, a
-        # failed check); kept registrations re-used
-        self.counts = {"opens": 0, "checked": 0, "refused": 0, "reused": 0}
+        # failed check); kept registrations re-used; opens of big files left to the FUSE
+        # path while a background check runs
+        self.counts = {"opens": 0, "checked": 0, "refused": 0, "reused": 0, "deferred": 0}
         self.ledger.deleting.on_begin = self._let_go
 
     def _let_go(self, oid: str) -> None:
@@ -113,6 +132,17 @@ class Passthrough:
         would hold the file on the disk (and its flock would keep eviction's punch away)
         while the ledger counts its room free."""
         self._forget(oid)  # an inode using its id keeps it registered
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Own the nursery background checks run in, until cancelled (unmount)."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            try:
+                await trio.sleep_forever()
+            finally:
+                self._nursery = None
+                self._stop.set()  # a check's thread ends at its next block
 
     def describe(self) -> dict[str, int | bool]:
         """For `status --json`."""
@@ -177,7 +207,12 @@ class Passthrough:
             await self.ledger.deleting.settled([(oid, None)])
             record = self.ledger.record(oid)
             if record is not None and self._complete(version):
-                backing_id = self._reuse(oid, record) or await self._check(version, record)
+                backing_id = self._reuse(oid, record)
+                if not backing_id and version.size <= self.check_max:
+                    backing_id = await self._check(version, record)
+                elif not backing_id:
+                    self.counts["deferred"] += 1
+                    self._check_later(version)
         finally:
             del self._settling[ino], self._settling[oid]
             done.set()
@@ -190,16 +225,53 @@ class Passthrough:
         backing = self._inodes[ino] = Backing(backing_id, oid)
         return backing
 
+    def _check_later(self, version: ObjectVersion) -> None:
+        """Check ``version``'s file in the background (one at a time per oid), so that a
+        later open re-uses its registration."""
+        oid = version.oid
+        if self._nursery is None or oid in self._later or len(self._later) >= BACKGROUND_QUEUE:
+            return
+        self._later.add(oid)
+        self._nursery.start_soon(self._background, version)
+
+    async def _background(self, version: ObjectVersion) -> None:
+        oid = version.oid
+        try:
+            async with self._later_limiter:
+                self.ledger.hold(oid)  # as an open's check: nothing taken while it reads
+                try:
+                    await self.ledger.deleting.settled([(oid, None)])
+                    record = self.ledger.record(oid)
+                    if record is not None and self._complete(version):
+                        kept = self._kept.get(oid)
+                        if kept is None or not self._valid(kept, oid, record):
+                            await self._check(version, record)
+                finally:
+                    self.ledger.release(oid)
+        finally:
+            self._later.discard(oid)
+            self._later_ended.set()
+            self._later_ended = trio.Event()
+
+    async def drain(self) -> None:
+        """Wait until no background check is waiting or running (tests)."""
+        while self._later:
+            await self._later_ended.wait()
+
+    def _valid(self, kept: Kept, oid: str, record: Record) -> bool:
+        """Whether a kept registration's file is still as it was checked."""
+        try:  # a stat of a cached dentry: no disk I/O
+            now = _identity(os.stat(self.cache.object_path(oid)))
+        except OSError:
+            return False
+        return kept.record is record and kept.taken == record.taken and now == kept.identity
+
     def _reuse(self, oid: str, record: Record) -> int:
         """The kept registration of ``oid`` if its file is still as checked, else 0."""
         kept = self._kept.get(oid)
         if kept is None:
             return 0
-        try:  # a stat of a cached dentry: no disk I/O
-            now = _identity(os.stat(self.cache.object_path(oid)))
-        except OSError:
-            now = None
-        if kept.record is record and kept.taken == record.taken and now == kept.identity:
+        if self._valid(kept, oid, record):
             self._kept.move_to_end(oid)
             self.counts["reused"] += 1
             return kept.backing_id
@@ -219,6 +291,7 @@ class Passthrough:
                 version.size,
                 self.cache.block_size,
                 crcs,
+                self._stop,
                 limiter=self.cache.disk_limiter,
             )
         except OSError as exc:
@@ -229,6 +302,8 @@ class Passthrough:
         try:
             if self.ledger.record(version.oid) is not record or record.taken != taken:
                 return 0  # a block was dropped while it was read (held: not evicted)
+            if self._stop.is_set():
+                return 0  # unmounting
             backing_id = self.register(fd)
         except OSError as exc:  # not root, the cache dir on overlayfs: stop trying
             log.warning("passthrough off: registering a backing file failed: %s", exc.strerror)
@@ -268,10 +343,10 @@ class Passthrough:
 
 
 def _verified_fd(
-    path: str, size: int, block_size: int, crcs: dict[int, int]
+    path: str, size: int, block_size: int, crcs: dict[int, int], stop: threading.Event
 ) -> tuple[int | None, Identity]:
     """A read-only descriptor of a cache file whose every block passed its CRC through it
-    (None if one failed), and the file's identity as it was read."""
+    (None if one failed, or ``stop`` was set), and the file's identity as it was read."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         # Held for as long as the kernel holds this open file (past our close, and past a
@@ -287,6 +362,9 @@ def _verified_fd(
             return None, identity
         for idx in range(-(-size // block_size)):
             start, end = block_span(idx, block_size, size)
+            if stop.is_set():  # unmounting
+                os.close(fd)
+                return None, identity
             data = os.pread(fd, end - start, start)
             if idx not in crcs or len(data) != end - start or crc32(data) != crcs[idx]:
                 os.close(fd)

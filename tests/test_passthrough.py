@@ -22,6 +22,7 @@ import trio
 import trio.testing
 
 from s3cachefs.base.config import MountConfig
+from s3cachefs.cache.blocks import ObjectVersion
 from s3cachefs.cache.deleting import WHOLE
 from s3cachefs.cache.ledger import Bounds
 from s3cachefs.daemon.passthroughing import unavailable
@@ -340,6 +341,50 @@ def test_a_block_dropped_while_the_file_is_checked_keeps_it_off_passthrough(
     run_with(cache, body)
 
 
+def test_a_big_file_is_checked_in_the_background_and_passed_through_at_the_next_open(
+    tmp_path: Path,
+) -> None:
+    """A file over check_max is not read whole inside its open (review #4: a 256 MiB file's
+    first open took 8-16x the FUSE path's): that open takes the FUSE path, a background
+    check registers the file, and the next open re-uses the registration."""
+    store = MemoryStore()
+    big, small = os.urandom(3 * BS), os.urandom(BS)
+    vb, vs = version_of(store, "big", big), version_of(store, "small", small)
+    cache = make_cache(tmp_path, store)
+    ids = itertools.count(1)
+    passthrough = Passthrough(cache, lambda _fd: next(ids), lambda _id: None, check_max=BS)
+    nodes = {
+        v.oid: Node(ino=i, parent=1, name=v.key, key=v.key, is_dir=False, size=v.size)
+        for i, v in ((5, vb), (6, vs))
+    }
+
+    async def opened(fh: int, version: ObjectVersion) -> int:
+        node = nodes[version.oid]
+        node.handles += 1
+        backing = await passthrough.open(fh, FileHandle(node, version))
+        passthrough.release(fh)
+        node.handles -= 1
+        return backing
+
+    async def body() -> None:
+        for version, data in ((vb, big), (vs, small)):
+            assert await cache.read(version, 0, len(data)) == data
+        await cache.drain()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(passthrough.run)
+            assert await opened(1, vs) == 1  # small: checked in its open
+            assert await opened(2, vb) == 0  # big: the FUSE path this time
+            assert passthrough.counts["deferred"] == 1
+            await passthrough.drain()
+            assert passthrough.describe()["kept"] == 2
+            assert await opened(3, vb) == 2  # registered in the background: re-used
+            assert passthrough.counts["checked"] == 2 and passthrough.counts["reused"] == 1
+            assert cache.ledger.pinned_bytes == 0  # the background check's hold is gone
+            nursery.cancel_scope.cancel()
+
+    run_with(cache, body)
+
+
 def test_passthrough_says_why_it_cannot_run(tmp_path: Path) -> None:
     config = MountConfig("b", "", tmp_path, tmp_path)
     assert unavailable(config, "6.8.0-1-amd64") == "Linux >= 6.9 needed"
@@ -581,6 +626,25 @@ def test_an_evicted_file_is_not_kept_on_the_disk_by_a_kept_registration(
         mount.stop()
     finally:
         subprocess.run(["umount", "-l", str(fs)], check=False)
+
+
+@pytest.mark.mount
+def test_a_file_over_the_check_bound_passes_through_from_its_second_open(
+    bucket: Bucket, mounter: Mounter
+) -> None:
+    """--passthrough-check-max: the first open of a bigger cached file reads through FUSE
+    while it is checked in the background; the next open passes through, no READ."""
+    big = {"big.bin": os.urandom(3 * MIB + 5)}
+    bucket.put_many(big)
+    mount = mounter(bucket.name, *ON, "--passthrough-check-max", "1M")
+    read_pass(mount, big)
+    settled(mount)
+    passed, reads = read_pass(mount, big)
+    assert passed == 0 and reads > 0  # complete, but over the bound: the FUSE path
+    wait_for(lambda: counters(mount)["passthrough"]["kept"] == 1, "checked in the background")
+    assert read_pass(mount, big) == (1, 0)
+    found = counters(mount)["passthrough"]
+    assert found["deferred"] == 1 and found["checked"] == 1 and found["reused"] == 1
 
 
 @pytest.mark.mount
