@@ -165,8 +165,17 @@ class Ledger:
 
     @property
     def pinned_bytes(self) -> int:
-        """Bytes of the pinned (and held) versions' blocks."""
-        return self._keeping.pinned_bytes + self._keeping.held_bytes
+        """Bytes of the pinned versions' blocks (what prefetch pinned)."""
+        return self._keeping.pinned_bytes
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of the held versions' blocks not pinned (`fs.passthrough` bounds them)."""
+        return self._keeping.held_bytes
+
+    def is_kept(self, oid: str) -> bool:
+        """Whether ``oid`` is pinned or held (a hold adds no held bytes)."""
+        return oid in self._keeping
 
     def _kept_part(self, oid: str, indices: Iterable[int] | None = None) -> int:
         """Bytes of ``oid``'s blocks (of ``indices`` only, if given) if it is pinned or
@@ -311,7 +320,7 @@ class Ledger:
 
     def room_for(self, nbytes: int, bounds: Bounds) -> tuple[bool, int]:
         """Whether ``nbytes`` more can be cached without evicting pinned data, and the room."""
-        evictable = self._used - self.pinned_bytes
+        evictable = self._used - self.pinned_bytes - self.held_bytes
         free = bounds.disk_free()
         room = min(bounds.cache_size - self._used, free - bounds.min_free) + evictable
         return nbytes <= room, max(0, room)

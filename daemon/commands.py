@@ -134,6 +134,7 @@ class Daemon:
                 "min_free_bytes": cache.min_free,
                 "disk_free_bytes": disk.free,
                 "pinned_bytes": cache.pinned_bytes,
+                "held_bytes": cache.ledger.held_bytes,  # read by the kernel now (passthrough)
                 "block_size": cache.block_size,
                 "hit_ratio": round(hits / lookups, 4) if lookups else None,
                 "hits": hits,

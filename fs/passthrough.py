@@ -16,6 +16,11 @@ Never zeros, never wrong bytes:
   its OPEN (a big file opened for a few bytes paid a read of all of it): that open
   takes the FUSE path, and a background check (BACKGROUND_CHECKS at a time, under
   the disk limiter, stopped at unmount) registers it, kept, for the next open;
+- held bytes are bounded (``held_max``, half of ``--cache-size``): held blocks
+  cannot be evicted, so long-lived readers (data loaders, mmapped shards) could
+  otherwise hold the whole cache and leave the FUSE path's fetches and prefetch no
+  room; half leaves the other half to the LRU. An open that would go over it (or a
+  background check) takes the FUSE path;
 - a registration outlives its handles (kept, up to KEEP_MAX, least recently used
   first out), unheld: the next open re-uses it only if, under a new hold, the ledger
   has every block, its record is the one checked and none of its blocks was taken
@@ -100,6 +105,7 @@ class Passthrough:
         *,
         keep_max: int = KEEP_MAX,
         check_max: int = 1 << 62,
+        held_max: int | None = None,
     ) -> None:
         self.cache = cache
         self.ledger = cache.ledger
@@ -107,6 +113,7 @@ class Passthrough:
         self.unregister = unregister  # backing id -> None (pyfuse3.passthrough_close)
         self.keep_max = keep_max
         self.check_max = check_max  # bigger files are checked in the background
+        self.held_max = cache.cache_size // 2 if held_max is None else held_max
         self.enabled = True
         self._inodes: dict[int, Backing] = {}
         self._by_fh: dict[int, int] = {}  # fh -> inode, handles passed through
@@ -122,8 +129,9 @@ class Passthrough:
         self._stop = threading.Event()
         # opens passed through; files checked (read whole); refused (not complete, a
         # failed check); kept registrations re-used; opens of big files left to the FUSE
-        # path while a background check runs
-        self.counts = {"opens": 0, "checked": 0, "refused": 0, "reused": 0, "deferred": 0}
+        # path while a background check runs; opens over ``held_max``
+        names = ("opens", "checked", "refused", "reused", "deferred", "over_held")
+        self.counts = dict.fromkeys(names, 0)
         self.ledger.deleting.on_begin = self._let_go
 
     def _let_go(self, oid: str) -> None:
@@ -170,6 +178,9 @@ class Passthrough:
             or node.served_etag not in (None, handle.version.etag)  # ESTALE on the FUSE path
             or not self._complete(handle.version)
         ):
+            return 0
+        elif self._over_held(handle.version):
+            self.counts["over_held"] += 1
             return 0
         else:
             backing = await self._start(node.ino, handle.version)
@@ -225,6 +236,12 @@ class Passthrough:
         backing = self._inodes[ino] = Backing(backing_id, oid)
         return backing
 
+    def _over_held(self, version: ObjectVersion) -> bool:
+        """Whether holding ``version`` would take the held bytes over ``held_max``."""
+        ledger = self.ledger
+        held = ledger.held_bytes
+        return not ledger.is_kept(version.oid) and held + version.size > self.held_max
+
     def _check_later(self, version: ObjectVersion) -> None:
         """Check ``version``'s file in the background (one at a time per oid), so that a
         later open re-uses its registration."""
@@ -238,6 +255,8 @@ class Passthrough:
         oid = version.oid
         try:
             async with self._later_limiter:
+                if self._over_held(version):
+                    return
                 self.ledger.hold(oid)  # as an open's check: nothing taken while it reads
                 try:
                     await self.ledger.deleting.settled([(oid, None)])

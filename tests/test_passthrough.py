@@ -58,12 +58,12 @@ def test_a_held_object_is_never_an_eviction_victim(tmp_path: Path) -> None:
         victims, fits = ledger.reserve(6 * BS, bounds)
         assert {v[0] for v in victims} == {vo.oid} and not fits  # only the unheld one
         ledger.evicted(victims)
-        assert ledger.pinned_bytes == len(held)
+        assert ledger.held_bytes == len(held) and ledger.pinned_bytes == 0  # apart
         ledger.release(vh.oid)
         assert ledger.reserve(BS, bounds) == ([], True)  # still held once: nothing to take
         ledger.unreserve(BS)
         ledger.release(vh.oid)
-        assert ledger.pinned_bytes == 0
+        assert ledger.pinned_bytes == ledger.held_bytes == 0
         victims, _ = ledger.reserve(BS, Bounds(tmp_path, 3 * BS, 0))
         assert [v[0] for v in victims] == [vh.oid]  # released: back in the eviction order
         ledger.evicted(victims)
@@ -379,8 +379,78 @@ def test_a_big_file_is_checked_in_the_background_and_passed_through_at_the_next_
             assert passthrough.describe()["kept"] == 2
             assert await opened(3, vb) == 2  # registered in the background: re-used
             assert passthrough.counts["checked"] == 2 and passthrough.counts["reused"] == 1
-            assert cache.ledger.pinned_bytes == 0  # the background check's hold is gone
+            assert cache.ledger.held_bytes == 0  # the background check's hold is gone
             nursery.cancel_scope.cancel()
+
+    run_with(cache, body)
+
+
+def test_held_bytes_are_counted_apart_from_pinned_ones(tmp_path: Path) -> None:
+    """Held (passed-through) bytes are not "pinned" (what prefetch pinned): each counted
+    on its own, a version both pinned and held counted once, as pinned (review #6)."""
+    store = MemoryStore()
+    data = os.urandom(3 * BS)
+    version = version_of(store, "k", data)
+    cache = make_cache(tmp_path, store)
+    ledger = cache.ledger
+
+    async def body() -> None:
+        assert await cache.read(version, 0, len(data)) == data
+        await cache.drain()
+        oid = version.oid
+
+        def books() -> tuple[int, int]:
+            return ledger.pinned_bytes, ledger.held_bytes
+
+        ledger.hold(oid)
+        assert books() == (0, len(data))
+        ledger.pin(oid)
+        assert books() == (len(data), 0)
+        ledger.set_pinned(set())  # unpinned, still held
+        assert books() == (0, len(data))
+        ledger.set_pinned({oid})
+        ledger.release(oid)
+        assert books() == (len(data), 0)
+        ledger.hold(oid)
+        ledger.set_pinned(set())
+        ledger.release(oid)
+        assert books() == (0, 0) and ledger.evictable_blocks == 3
+
+    run_with(cache, body)
+
+
+def test_an_open_that_would_hold_over_half_the_cache_reads_through_fuse(tmp_path: Path) -> None:
+    """Held blocks cannot be evicted: holds are bounded (half of --cache-size), and an open
+    that would go over takes the FUSE path (review #6: unbounded, readers could hold the
+    whole cache)."""
+    store = MemoryStore()
+    one, two = os.urandom(2 * BS), os.urandom(2 * BS)
+    v1, v2 = version_of(store, "one", one), version_of(store, "two", two)
+    cache = make_cache(tmp_path, store, cache_size=6 * BS)  # held at most 3 blocks
+    ids = itertools.count(1)
+    passthrough = Passthrough(cache, lambda _fd: next(ids), lambda _id: None)
+    nodes = {
+        v.oid: Node(ino=i, parent=1, name=v.key, key=v.key, is_dir=False, size=v.size)
+        for i, v in ((5, v1), (6, v2))
+    }
+
+    async def open_(fh: int, version: ObjectVersion) -> int:
+        nodes[version.oid].handles += 1
+        return await passthrough.open(fh, FileHandle(nodes[version.oid], version))
+
+    async def body() -> None:
+        for version, data in ((v1, one), (v2, two)):
+            assert await cache.read(version, 0, len(data)) == data
+        await cache.drain()
+        assert await open_(1, v1) == 1 and cache.ledger.held_bytes == 2 * BS
+        assert await open_(2, v2) == 0  # 4 blocks held would be over 3
+        assert passthrough.counts["over_held"] == 1 and cache.ledger.held_bytes == 2 * BS
+        assert await open_(3, v1) == 1  # held already: no more bytes
+        passthrough.release(1)
+        passthrough.release(3)
+        assert cache.ledger.held_bytes == 0
+        nodes[v2.oid].handles -= 1  # the FUSE-path handle closed
+        assert await open_(4, v2) == 2
 
     run_with(cache, body)
 
@@ -525,6 +595,8 @@ def test_eviction_under_a_reader_of_a_passed_through_file_gives_no_zeros(
     with open(mount.path / first, "rb") as reader:
         head = reader.read(MIB)
         assert counters(mount)["passthrough"]["open_inodes"] == 1  # passed through, held
+        held = counters(mount)["cache"]
+        assert held["held_bytes"] == len(big[first]) and held["pinned_bytes"] == 0
         for key in others:  # 9 MiB more through an 8 MiB cache: evictions
             assert (mount.path / key).read_bytes() == big[key]
         settled(mount)
