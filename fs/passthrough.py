@@ -40,13 +40,12 @@ The kernel's rules shape the bookkeeping (fs/fuse/iomode.c, Linux >= 6.9):
 - FOPEN_KEEP_CACHE and FOPEN_DIRECT_IO are not combined with it (`fs.operations`
   answers keep_cache=0): the pages live in the cache file's page cache.
 
-Concurrency: state changes on the trio thread only; `_verified_fd` runs in a
+Concurrency: state changes on the trio thread only; `verified_fd` runs in a
 worker thread on plain values.
 """
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import threading
@@ -57,10 +56,10 @@ from dataclasses import dataclass
 import trio
 
 from s3cachefs.cache.blockcache import BlockCache
-from s3cachefs.cache.blocks import ObjectVersion, block_span
+from s3cachefs.cache.blocks import ObjectVersion
 from s3cachefs.cache.ledger import Record
 from s3cachefs.fs.nodes import FileHandle
-from s3cachefs.store.crc import crc32
+from s3cachefs.fs.passthroughcheck import Identity, identity_of, verified_fd
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +69,6 @@ KEEP_MAX = 4096
 # at most (more are dropped: a later open asks again).
 BACKGROUND_CHECKS = 2
 BACKGROUND_QUEUE = 64
-
-# A cache file as checked: device, inode, size, mtime, ctime.
-Identity = tuple[int, int, int, int, int]
 
 
 @dataclass
@@ -280,7 +276,7 @@ class Passthrough:
     def _valid(self, kept: Kept, oid: str, record: Record) -> bool:
         """Whether a kept registration's file is still as it was checked."""
         try:  # a stat of a cached dentry: no disk I/O
-            now = _identity(os.stat(self.cache.object_path(oid)))
+            now = identity_of(os.stat(self.cache.object_path(oid)))
         except OSError:
             return False
         return kept.record is record and kept.taken == record.taken and now == kept.identity
@@ -305,7 +301,7 @@ class Passthrough:
         self.counts["checked"] += 1
         try:
             fd, identity = await trio.to_thread.run_sync(
-                _verified_fd,
+                verified_fd,
                 path,
                 version.size,
                 self.cache.block_size,
@@ -359,40 +355,3 @@ class Passthrough:
     def _complete(self, version: ObjectVersion) -> bool:
         ledger = self.ledger
         return version.size > 0 and version.oid in ledger and not ledger.missing_blocks(version)
-
-
-def _verified_fd(
-    path: str, size: int, block_size: int, crcs: dict[int, int], stop: threading.Event
-) -> tuple[int | None, Identity]:
-    """A read-only descriptor of a cache file whose every block passed its CRC through it
-    (None if one failed, or ``stop`` was set), and the file's identity as it was read."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        # Held for as long as the kernel holds this open file (past our close, and past a
-        # kill -9 of this daemon): eviction never punches a file locked so (`cache.layout`).
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:  # a punch is under way: not this time
-            os.close(fd)
-            return None, (0, 0, 0, 0, 0)
-        identity = _identity(os.fstat(fd))
-        if identity[2] != size:
-            os.close(fd)
-            return None, identity
-        for idx in range(-(-size // block_size)):
-            start, end = block_span(idx, block_size, size)
-            if stop.is_set():  # unmounting
-                os.close(fd)
-                return None, identity
-            data = os.pread(fd, end - start, start)
-            if idx not in crcs or len(data) != end - start or crc32(data) != crcs[idx]:
-                os.close(fd)
-                return None, identity
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd, identity
-
-
-def _identity(st: os.stat_result) -> Identity:
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
