@@ -15,7 +15,7 @@ import trio
 from s3cachefs.base.errors import ConfigError, S3CacheFSError, StoreError
 from s3cachefs.base.values import parse_shard
 from s3cachefs.cache.blockcache import BlockCache
-from s3cachefs.daemon import memory
+from s3cachefs.daemon import memory, passthroughing
 from s3cachefs.daemon.control import Handler, Send
 from s3cachefs.datasets.pins import Manifest, PinStore, Shard
 from s3cachefs.datasets.prefetch import SIZE_ONLY_SHOWN, PrefetchJob
@@ -161,7 +161,7 @@ class Daemon:
                 for m in self.pins.manifests.values()
             ],
             "read_serve": readserve.describe() if readserve is not None else None,
-            "passthrough": self.ops.passthrough.describe() if self.ops.passthrough else None,
+            "passthrough": passthroughing.describe(self.config, self.ops),
             "jobs": [
                 {"dataset": self.dataset_name(j.prefix), **j.progress.event("progress")}
                 for j in self.jobs.values()

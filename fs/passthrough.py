@@ -102,6 +102,7 @@ class Passthrough:
         keep_max: int = KEEP_MAX,
         check_max: int = 1 << 62,
         held_max: int | None = None,
+        asked: bool = False,
     ) -> None:
         self.cache = cache
         self.ledger = cache.ledger
@@ -111,6 +112,8 @@ class Passthrough:
         self.check_max = check_max  # bigger files are checked in the background
         self.held_max = cache.cache_size // 2 if held_max is None else held_max
         self.enabled = True
+        self.asked = asked  # --passthrough given: turning off is a warning, else info
+        self.why_off: str | None = None
         self._inodes: dict[int, Backing] = {}
         self._by_fh: dict[int, int] = {}  # fh -> inode, handles passed through
         self._settling: dict[int | str, trio.Event] = {}  # inode, oid -> an open settling
@@ -148,10 +151,11 @@ class Passthrough:
                 self._nursery = None
                 self._stop.set()  # a check's thread ends at its next block
 
-    def describe(self) -> dict[str, int | bool]:
+    def describe(self) -> dict[str, int | bool | str | None]:
         """For `status --json`."""
         return {
             "enabled": self.enabled,
+            "why_off": self.why_off,
             **self.counts,
             "open_inodes": len(self._inodes),
             "kept": len(self._kept),
@@ -321,8 +325,7 @@ class Passthrough:
                 return 0  # unmounting
             backing_id = self.register(fd)
         except OSError as exc:  # not root, the cache dir on overlayfs: stop trying
-            log.warning("passthrough off: registering a backing file failed: %s", exc.strerror)
-            self.enabled = False
+            self.turn_off(f"registering a backing file failed: {exc.strerror}")
             return 0
         finally:
             os.close(fd)  # the kernel holds its own reference
@@ -334,6 +337,12 @@ class Passthrough:
         for old in [o for o in self._kept if o not in in_use][: max(0, extra)]:
             self._forget(old)
         return backing_id
+
+    def turn_off(self, why: str) -> None:
+        """No more opens pass through (one line: a warning if it was asked for)."""
+        self.enabled, self.why_off = False, why
+        level = logging.WARNING if self.asked else logging.INFO
+        log.log(level, "passthrough off: %s; files are read through FUSE", why)
 
     def _forget(self, oid: str) -> None:
         """Let a kept registration go (its id stays while an inode uses it)."""

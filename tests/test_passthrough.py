@@ -463,6 +463,19 @@ def test_passthrough_says_why_it_cannot_run(tmp_path: Path) -> None:
     # CI runs as root on a new kernel with the patched build: it must be usable there.
     assert hasattr(pyfuse3, "passthrough_open"), "pyfuse3 is not the patched build"
     assert unavailable(config) is None
+    on_overlay = tmp_path / "merged"
+    lower, upper, work = (tmp_path / n for n in ("lower", "upper", "work"))
+    for d in (on_overlay, lower, upper, work):
+        d.mkdir()
+    options = f"lowerdir={lower},upperdir={upper},workdir={work}"
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", options, on_overlay], check=True)
+    try:
+        cache_on_overlay = MountConfig("b", "", tmp_path, on_overlay / "cache")
+        assert unavailable(cache_on_overlay) == (
+            "the cache dir is on overlayfs (backing files must be on a non-stacked fs)"
+        )
+    finally:
+        subprocess.run(["umount", on_overlay], check=True)
 
 
 # ---- real mounts --------------------------------------------------------------
@@ -507,19 +520,47 @@ def cache_file_of(cache: Path, content: bytes) -> Path:
 
 
 @pytest.mark.mount
-def test_off_by_default_and_on_a_writable_mount(bucket: Bucket, mounter: Mounter) -> None:
+def test_on_by_default_off_when_asked_and_on_a_writable_mount(
+    bucket: Bucket, mounter: Mounter
+) -> None:
+    """No flag: on where available, and status says so. --no-passthrough: off, silent.
+    A writable mount cannot pass through: one INFO line when nobody asked, a WARNING when
+    --passthrough was given."""
     files = fill(bucket, count=4)
     mount = mounter(bucket.name, "--min-free", "0")
     read_pass(mount, files)
     settled(mount)
-    passed, reads = read_pass(mount, files)
-    assert passed == 0 and reads > 0 and status(mount)["passthrough"] is None
+    assert read_pass(mount, files) == (len(files), 0)
+    found = status(mount)["passthrough"]
+    assert found["setting"] == "auto" and found["enabled"] and found["why_off"] is None
     mount.stop()
-    writable = mounter(bucket.name, *ON, "--writable", name="rw", cache_dir=mounter.tmp_path / "c2")
-    read_pass(writable, files)
-    settled(writable)
-    assert read_pass(writable, files)[0] == 0 and status(writable)["passthrough"] is None
-    assert "passthrough off: the mount is writable" in writable.log_text()
+    off = mounter(bucket.name, "--min-free", "0", "--no-passthrough", name="off")
+    read_pass(off, files)
+    settled(off)
+    passed, reads = read_pass(off, files)
+    assert passed == 0 and reads > 0
+    found = status(off)["passthrough"]
+    assert found == {"setting": "off", "enabled": False, "why_off": "--no-passthrough"}
+    assert "passthrough off" not in off.log_text()
+    off.stop()
+    for args, level in (((), "INFO"), (("--passthrough",), "WARNING")):
+        rw = mounter(
+            bucket.name,
+            "--min-free",
+            "0",
+            *args,
+            "--writable",
+            name=f"rw{len(args)}",
+            cache_dir=mounter.tmp_path / f"c{len(args)}",
+        )
+        read_pass(rw, files)
+        settled(rw)
+        assert read_pass(rw, files)[0] == 0
+        found = status(rw)["passthrough"]
+        assert not found["enabled"] and found["why_off"] == "the mount is writable (--writable)"
+        lines = [x for x in rw.log_text().splitlines() if "passthrough off" in x]
+        assert len(lines) == 1 and f"{level} " in lines[0], lines
+        rw.stop()
 
 
 @pytest.mark.mount
