@@ -255,7 +255,7 @@ class Passthrough:
         oid = version.oid
         try:
             async with self._later_limiter:
-                if self._over_held(version):
+                if not self.enabled or self._over_held(version):
                     return
                 self.ledger.hold(oid)  # as an open's check: nothing taken while it reads
                 try:
@@ -340,6 +340,8 @@ class Passthrough:
 
     def turn_off(self, why: str) -> None:
         """No more opens pass through (one line: a warning if it was asked for)."""
+        if not self.enabled:
+            return
         self.enabled, self.why_off = False, why
         level = logging.WARNING if self.asked else logging.INFO
         log.log(level, "passthrough off: %s; files are read through FUSE", why)

@@ -8,7 +8,9 @@ are the ledger's counted hold and the kept registration's re-check, without FUSE
 
 from __future__ import annotations
 
+import errno
 import itertools
+import logging
 import os
 import random
 import subprocess
@@ -453,6 +455,43 @@ def test_an_open_that_would_hold_over_half_the_cache_reads_through_fuse(tmp_path
         assert await open_(4, v2) == 2
 
     run_with(cache, body)
+
+
+def test_a_failed_registration_turns_it_off_with_one_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Registering fails (the cache dir on a stacked fs, no CAP_SYS_ADMIN): off, one
+    INFO line when nobody asked (a WARNING under --passthrough), and a background check
+    waiting then does not try again."""
+    store = MemoryStore()
+    versions = [version_of(store, k, os.urandom(3 * BS)) for k in ("a", "b", "c")]
+    cache = make_cache(tmp_path, store)
+
+    def register(_fd: int) -> int:
+        raise OSError(errno.ELOOP, os.strerror(errno.ELOOP))
+
+    passthrough = Passthrough(cache, register, lambda _id: None, check_max=BS)
+
+    async def body() -> None:
+        for v in versions:
+            assert await cache.read(v, 0, v.size) is not None
+        await cache.drain()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(passthrough.run)
+            for ino, v in enumerate(versions, 5):
+                node = Node(ino=ino, parent=1, name=v.key, key=v.key, is_dir=False, size=v.size)
+                node.handles = 1
+                assert await passthrough.open(ino, FileHandle(node, v)) == 0  # deferred
+            await passthrough.drain()
+            nursery.cancel_scope.cancel()
+        # two checks at once; the third, waiting, found it off
+        assert not passthrough.enabled and passthrough.counts["checked"] == 2
+
+    with caplog.at_level(logging.INFO, logger="s3cachefs.fs.passthrough"):
+        run_with(cache, body)
+    lines = [r for r in caplog.records if "passthrough off" in r.getMessage()]
+    assert [r.levelname for r in lines] == ["INFO"]
+    assert passthrough.why_off == f"registering a backing file failed: {os.strerror(errno.ELOOP)}"
 
 
 def test_passthrough_says_why_it_cannot_run(tmp_path: Path) -> None:
