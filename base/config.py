@@ -60,7 +60,8 @@ class MountConfig:
     kernel_serve_pinned: bool = default("kernel_serve_pinned")
     read_serve: bool = default("read_serve")
     # Files complete in the cache read by the kernel itself (fs/passthrough.py).
-    passthrough: bool = default("passthrough")
+    passthrough: bool | None = default("passthrough")  # None: where available
+    passthrough_check_max: int = default("passthrough_check_max")
     # How often the files of kernel-served datasets are read back and checked (None: only
     # at start and by `verify`).
     verify_interval: float | None = default("verify_interval")

@@ -2,11 +2,9 @@
 
 Per object version a `Record` (the version and the CRC32 of every block on disk);
 the least-recently-used order of blocks neither pinned nor held (eviction takes
-from its front); the pinned set, oids never evicted, of which this ledger is the
-one owner (the pin store tells it every change, `datasets.pins`); counted holds,
-oids not evicted while held (a file the kernel reads itself: `fs.passthrough`,
-whose reader would see a punched block as zeros); the bytes used,
-and reservations against ``--cache-size`` and ``--min-free`` (`Bounds`).
+from its front); the pinned set and counted holds, oids never evicted, with their
+bytes (`cache.keeping`); the bytes used, and reservations against ``--cache-size``
+and ``--min-free`` (`Bounds`).
 
 The ledger lives in memory only: the index on disk follows it (`cache.disk`)
 and refills it at start (`cache.index`), so after a restart blocks start in
@@ -18,7 +16,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +25,7 @@ import psutil
 
 from s3cachefs.cache.blocks import BlockKey, ObjectVersion, block_len, block_span
 from s3cachefs.cache.deleting import WHOLE, Deleting, Key
+from s3cachefs.cache.keeping import Keeping
 from s3cachefs.cache.stats import CacheStats
 
 
@@ -112,12 +111,8 @@ class Ledger:
         self.stats = stats or CacheStats()
         self._objects: dict[str, Record] = {}
         self._lru: OrderedDict[BlockKey, None] = OrderedDict()  # not pinned, not held
-        self._pinned: set[str] = set()  # oids of pinned object versions: never evicted
-        self._held: Counter[str] = Counter()  # oids held (`hold`): not evicted meanwhile
+        self._keeping = Keeping(self._oid_bytes, self._set_kept)  # pinned or held oids
         self._used = 0
-        # Bytes of the pinned (and held) versions' blocks, kept as they change: every room
-        # check asks, and summing them each time is O(cached blocks) (`cache.reuse`).
-        self._pinned_bytes = 0
         self._free = FreeSpace()
         # Oids whose rows or file are being deleted: their writes wait (`cache.deleting`).
         self.deleting = Deleting()
@@ -166,60 +161,56 @@ class Ledger:
 
     @property
     def pinned(self) -> set[str]:
-        return set(self._pinned)
+        return set(self._keeping.pinned)
 
     @property
     def pinned_bytes(self) -> int:
-        return self._pinned_bytes
+        """Bytes of the pinned versions' blocks (what prefetch pinned)."""
+        return self._keeping.pinned_bytes
 
-    def _kept(self, oid: str) -> bool:
-        """Whether ``oid`` is out of the eviction order: pinned or held."""
-        return oid in self._pinned or oid in self._held
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of the held versions' blocks not pinned (`fs.passthrough` bounds them)."""
+        return self._keeping.held_bytes
 
-    def _pinned_part(self, oid: str, indices: Iterable[int] | None = None) -> int:
+    def is_kept(self, oid: str) -> bool:
+        """Whether ``oid`` is pinned or held (a hold adds no held bytes)."""
+        return oid in self._keeping
+
+    def _kept_part(self, oid: str, indices: Iterable[int] | None = None) -> int:
         """Bytes of ``oid``'s blocks (of ``indices`` only, if given) if it is pinned or
-        held, else 0: what a change to them changes in ``pinned_bytes``."""
+        held, else 0: what a change to them changes in the kept bytes."""
         record = self._objects.get(oid)
-        if record is None or not self._kept(oid):
+        if record is None or oid not in self._keeping:
             return 0
         blocks = record.blocks if indices is None else indices
         return sum(self.block_len(record.version, idx) for idx in blocks)
 
+    def _oid_bytes(self, oid: str) -> int:
+        record = self._objects.get(oid)
+        if record is None:
+            return 0
+        return sum(self.block_len(record.version, idx) for idx in record.blocks)
+
     def pin(self, oid: str) -> None:
         """Add one version to the pinned set (prefetch, per verified object)."""
-        if oid in self._pinned:
-            return
-        if oid not in self._held:
-            self._set_kept(oid, True)
-        self._pinned.add(oid)
+        self._keeping.pin(oid)
 
     def hold(self, oid: str) -> None:
         """One more hold on ``oid``: none of its blocks is taken to make room until every
         hold is released (`release`). A delete taken before may still be pending."""
-        self._held[oid] += 1
-        if self._held[oid] == 1 and oid not in self._pinned:
-            self._set_kept(oid, True)
+        self._keeping.hold(oid)
 
     def release(self, oid: str) -> None:
         """One hold less; with the last, ``oid``'s blocks rejoin the LRU (unless pinned)."""
-        self._held[oid] -= 1
-        if self._held[oid] > 0:
-            return
-        del self._held[oid]
-        if oid not in self._pinned:
-            self._set_kept(oid, False)
+        self._keeping.release(oid)
 
     def set_pinned(self, oids: set[str]) -> None:
         """Make exactly ``oids`` pinned: their blocks leave the LRU; unpinned ones rejoin it."""
-        for oid in self._pinned - oids - self._held.keys():
-            self._set_kept(oid, False)
-        for oid in oids - self._pinned - self._held.keys():
-            self._set_kept(oid, True)
-        self._pinned = set(oids)
+        self._keeping.set_pinned(oids)
 
     def _set_kept(self, oid: str, kept: bool) -> None:
-        """``oid`` becomes pinned or held from neither (``kept``: out of the LRU, its bytes
-        counted in ``pinned_bytes``), or neither from either (the reverse)."""
+        """``oid``'s blocks leave the LRU (``kept``: pinned or held) or rejoin it."""
         record = self._objects.get(oid)
         if record is None:
             return
@@ -228,13 +219,11 @@ class Ledger:
                 self._lru.pop((oid, idx), None)
             else:
                 self._lru[(oid, idx)] = None
-        nbytes = sum(self.block_len(record.version, idx) for idx in record.blocks)
-        self._pinned_bytes += nbytes if kept else -nbytes
 
     # ---- changes ---------------------------------------------------------
 
     def new_record(self, version: ObjectVersion) -> Record:
-        self._pinned_bytes -= self._pinned_part(version.oid)  # a record it replaces
+        self._keeping.add(version.oid, -self._kept_part(version.oid))  # a record it replaces
         record = self._objects[version.oid] = Record(version)
         return record
 
@@ -245,9 +234,9 @@ class Ledger:
         if index in record.blocks:
             self._used -= self.block_len(record.version, index)
         else:
-            self._pinned_bytes += self._pinned_part(oid, (index,))
+            self._keeping.add(oid, self._kept_part(oid, (index,)))
         record.blocks[index] = crc
-        if not self._kept(oid):
+        if oid not in self._keeping:
             self._lru[(oid, index)] = None
 
     def add_blocks(self, record: Record, crcs: dict[int, int]) -> None:
@@ -256,9 +245,9 @@ class Ledger:
         oid = record.version.oid
         new = [i for i in crcs if i not in record.blocks]
         self._used -= sum(self.block_len(record.version, i) for i in crcs if i in record.blocks)
-        self._pinned_bytes += self._pinned_part(oid, new)
+        self._keeping.add(oid, self._kept_part(oid, new))
         record.blocks.update(crcs)
-        if not self._kept(oid):
+        if oid not in self._keeping:
             self._lru.update((k, None) for k in ((oid, idx) for idx in sorted(crcs)))
 
     def touch(self, key: BlockKey) -> None:
@@ -271,7 +260,7 @@ class Ledger:
         record = self._objects.get(version.oid)
         if record is None or record.blocks.get(index) != crc:
             return False
-        self._pinned_bytes -= self._pinned_part(version.oid, (index,))
+        self._keeping.add(version.oid, -self._kept_part(version.oid, (index,)))
         record.blocks.pop(index)
         record.taken += 1
         self._lru.pop((version.oid, index), None)
@@ -280,7 +269,7 @@ class Ledger:
 
     def remove(self, oid: str) -> tuple[Record, int] | None:
         """Take a whole object version off the books: its record and the bytes it held."""
-        self._pinned_bytes -= self._pinned_part(oid)
+        self._keeping.add(oid, -self._kept_part(oid))
         record = self._objects.pop(oid, None)
         if record is None:
             return None
@@ -293,20 +282,20 @@ class Ledger:
 
     def discard(self, oid: str) -> None:
         """Drop a record that never got its blocks (a failed adoption)."""
-        self._pinned_bytes -= self._pinned_part(oid)
+        self._keeping.add(oid, -self._kept_part(oid))
         self._objects.pop(oid, None)
 
     def clear(self) -> None:
         self._objects.clear()
         self._lru.clear()
         self._used = 0
-        self._pinned_bytes = 0
+        self._keeping.clear()
 
     # ---- loading (cache.index) -------------------------------------------
 
     def load_object(self, oid: str, version: ObjectVersion) -> None:
         """An object row from the index (its blocks follow)."""
-        self._pinned_bytes -= self._pinned_part(oid)
+        self._keeping.add(oid, -self._kept_part(oid))
         self._objects[oid] = Record(version, indexed=True)
 
     def load_block(self, oid: str, index: int, crc: int) -> bool:
@@ -315,7 +304,7 @@ class Ledger:
         if record is None:
             return False
         if index not in record.blocks:
-            self._pinned_bytes += self._pinned_part(oid, (index,))
+            self._keeping.add(oid, self._kept_part(oid, (index,)))
         record.blocks[index] = crc
         self._lru[(oid, index)] = None
         self._used += self.block_len(record.version, index)
@@ -331,7 +320,7 @@ class Ledger:
 
     def room_for(self, nbytes: int, bounds: Bounds) -> tuple[bool, int]:
         """Whether ``nbytes`` more can be cached without evicting pinned data, and the room."""
-        evictable = self._used - self.pinned_bytes
+        evictable = self._used - self.pinned_bytes - self.held_bytes
         free = bounds.disk_free()
         room = min(bounds.cache_size - self._used, free - bounds.min_free) + evictable
         return nbytes <= room, max(0, room)
@@ -362,7 +351,7 @@ class Ledger:
         while over() and self._lru:
             (oid, idx), _ = self._lru.popitem(last=False)
             record = self._objects[oid]
-            self._pinned_bytes -= self._pinned_part(oid, (idx,))  # 0: the LRU holds no pins
+            self._keeping.add(oid, -self._kept_part(oid, (idx,)))  # 0: the LRU holds no pins
             del record.blocks[idx]
             record.taken += 1
             start, end = block_span(idx, self.block_size, record.version.size)

@@ -271,6 +271,8 @@ async def _serve(
         metrics.attach()  # scrapes take their snapshot on this thread from now on
     async with trio.open_nursery() as nursery:
         await nursery.start(daemon.cache.run)
+        if daemon.ops.passthrough is not None:  # its background checks
+            await nursery.start(daemon.ops.passthrough.run)
         daemon.cache.bulk.start_workers()  # warm before a prefetch comes (`cache.bulk`)
         await readtrees.free_left(daemon.cache)  # a dead daemon's, before any read
         await nursery.start(functools.partial(control.serve, socket_path, daemon.handlers()))

@@ -15,7 +15,7 @@ import trio
 from s3cachefs.base.errors import ConfigError, S3CacheFSError, StoreError
 from s3cachefs.base.values import parse_shard
 from s3cachefs.cache.blockcache import BlockCache
-from s3cachefs.daemon import memory
+from s3cachefs.daemon import memory, passthroughing
 from s3cachefs.daemon.control import Handler, Send
 from s3cachefs.datasets.pins import Manifest, PinStore, Shard
 from s3cachefs.datasets.prefetch import SIZE_ONLY_SHOWN, PrefetchJob
@@ -134,6 +134,7 @@ class Daemon:
                 "min_free_bytes": cache.min_free,
                 "disk_free_bytes": disk.free,
                 "pinned_bytes": cache.pinned_bytes,
+                "held_bytes": cache.ledger.held_bytes,  # read by the kernel now (passthrough)
                 "block_size": cache.block_size,
                 "hit_ratio": round(hits / lookups, 4) if lookups else None,
                 "hits": hits,
@@ -160,7 +161,7 @@ class Daemon:
                 for m in self.pins.manifests.values()
             ],
             "read_serve": readserve.describe() if readserve is not None else None,
-            "passthrough": self.ops.passthrough.describe() if self.ops.passthrough else None,
+            "passthrough": passthroughing.describe(self.config, self.ops),
             "jobs": [
                 {"dataset": self.dataset_name(j.prefix), **j.progress.event("progress")}
                 for j in self.jobs.values()

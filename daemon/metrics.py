@@ -163,6 +163,11 @@ def _daemon_metrics(snap: Snapshot) -> Iterator[Metric]:
         ("s3cachefs_cache_evictions", "evictions", "Blocks evicted"),
         ("s3cachefs_cache_corrupt_blocks", "corrupt_blocks", "Blocks that failed their CRC"),
         ("s3cachefs_cache_disk_errors", "disk_errors", "Failed cache writes"),
+        (
+            "s3cachefs_cache_store_skipped_deleting",
+            "store_skipped_deleting",
+            "Blocks read served uncached: a delete of them was pending",
+        ),
     ):
         yield CounterMetricFamily(name, doc, value=counts.get(key, 0))
     for name, value, doc in (

@@ -165,6 +165,7 @@ class Operations(pyfuse3.Operations):
         core.on_invalidate(self.invalidate)
         # --passthrough (`daemon.passthroughing` decides): needs the patched pyfuse3.
         self.passthrough: Passthrough | None = None
+        self.passthrough_off: str | None = None  # why it is None (status)
 
     def use_passthrough(self, passthrough: Passthrough) -> None:
         """Pass files complete in the cache through (before `pyfuse3.init`: its INIT
@@ -246,8 +247,7 @@ class Operations(pyfuse3.Operations):
     def _check_granted(passthrough: Passthrough) -> None:
         """Off (one line) if the kernel did not grant passthrough at INIT."""
         if passthrough.enabled and not getattr(pyfuse3, "passthrough_enabled", False):
-            log.warning("passthrough off: the kernel did not offer it at INIT")
-            passthrough.enabled = False
+            passthrough.turn_off("the kernel did not offer it at INIT")
 
     async def read(self, fh: FileHandleT, off: int, size: int) -> bytes:
         self.counts["read_bytes_asked"] += size

@@ -12,6 +12,15 @@ Never zeros, never wrong bytes:
 - an open takes the hold, then waits for that object's deletes taken off the books
   before (`cache.deleting`), then needs the ledger to have every block, then reads
   every block's CRC through the descriptor it registers;
+- a file over ``check_max`` (``--passthrough-check-max``) is not read whole inside
+  its OPEN (a big file opened for a few bytes paid a read of all of it): that open
+  takes the FUSE path, and a background check (BACKGROUND_CHECKS at a time, under
+  the disk limiter, stopped at unmount) registers it, kept, for the next open;
+- held bytes are bounded (``held_max``, half of ``--cache-size``): held blocks
+  cannot be evicted, so long-lived readers (data loaders, mmapped shards) could
+  otherwise hold the whole cache and leave the FUSE path's fetches and prefetch no
+  room; half leaves the other half to the LRU. An open that would go over it (or a
+  background check) takes the FUSE path;
 - a registration outlives its handles (kept, up to KEEP_MAX, least recently used
   first out), unheld: the next open re-uses it only if, under a new hold, the ledger
   has every block, its record is the one checked and none of its blocks was taken
@@ -20,41 +29,46 @@ Never zeros, never wrong bytes:
 
 The kernel's rules shape the bookkeeping (fs/fuse/iomode.c, Linux >= 6.9):
 - one backing file per inode: every handle of an inode passing through shares
-  one backing id;
+  one backing id, and every later open of the inode is answered with that id, so
+  it stays registered while that inode uses it (a closed id is EIO to open(2)): an
+  id is counted, one for its kept registration and one per inode using it, and
+  closed at zero;
 - an inode is either passed through or cached, never both at once (ETXTBSY for
   the open): an open while other handles of the inode are open in cached mode
-  stays cached, and opens of one inode are settled one at a time;
+  stays cached, and opens of one inode, and of one oid (two inodes of one object
+  version: a retired node looked up again), are settled one at a time;
 - FOPEN_KEEP_CACHE and FOPEN_DIRECT_IO are not combined with it (`fs.operations`
   answers keep_cache=0): the pages live in the cache file's page cache.
 
-Concurrency: state changes on the trio thread only; `_verified_fd` runs in a
+Concurrency: state changes on the trio thread only; `verified_fd` runs in a
 worker thread on plain values.
 """
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
-from collections import OrderedDict
+import threading
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
 
 from s3cachefs.cache.blockcache import BlockCache
-from s3cachefs.cache.blocks import ObjectVersion, block_span
+from s3cachefs.cache.blocks import ObjectVersion
 from s3cachefs.cache.ledger import Record
 from s3cachefs.fs.nodes import FileHandle
-from s3cachefs.store.crc import crc32
+from s3cachefs.fs.passthroughcheck import Identity, identity_of, verified_fd
 
 log = logging.getLogger(__name__)
 
 # Registrations kept for the next open: a kernel file reference each (no descriptor).
 KEEP_MAX = 4096
-
-# A cache file as checked: device, inode, size, mtime, ctime.
-Identity = tuple[int, int, int, int, int]
+# Big files checked in the background at once (each reads its file whole), and waiting
+# at most (more are dropped: a later open asks again).
+BACKGROUND_CHECKS = 2
+BACKGROUND_QUEUE = 64
 
 
 @dataclass
@@ -86,34 +100,62 @@ class Passthrough:
         unregister: Callable[[int], None],
         *,
         keep_max: int = KEEP_MAX,
+        check_max: int = 1 << 62,
+        held_max: int | None = None,
+        asked: bool = False,
     ) -> None:
         self.cache = cache
         self.ledger = cache.ledger
         self.register = register  # fd -> backing id (pyfuse3.passthrough_open)
         self.unregister = unregister  # backing id -> None (pyfuse3.passthrough_close)
         self.keep_max = keep_max
+        self.check_max = check_max  # bigger files are checked in the background
+        self.held_max = cache.cache_size // 2 if held_max is None else held_max
         self.enabled = True
+        self.asked = asked  # --passthrough given: turning off is a warning, else info
+        self.why_off: str | None = None
         self._inodes: dict[int, Backing] = {}
         self._by_fh: dict[int, int] = {}  # fh -> inode, handles passed through
-        self._settling: dict[int, trio.Event] = {}  # inode -> its open being settled
+        self._settling: dict[int | str, trio.Event] = {}  # inode, oid -> an open settling
+        self._refs: Counter[int] = Counter()  # backing id -> kept (1) + inodes using it
         self._kept: OrderedDict[str, Kept] = OrderedDict()  # oid -> checked, registered
+        # Background checks: waiting or running (oids); their nursery (`run`); set at
+        # unmount, it stops a check's read between two blocks.
+        self._later: set[str] = set()
+        self._later_ended = trio.Event()  # set (and replaced) as each one ends
+        self._later_limiter = trio.CapacityLimiter(BACKGROUND_CHECKS)
+        self._nursery: trio.Nursery | None = None
+        self._stop = threading.Event()
         # opens passed through; files checked (read whole); refused (not complete, a
-        # failed check); kept registrations re-used
-        self.counts = {"opens": 0, "checked": 0, "refused": 0, "reused": 0}
+        # failed check); kept registrations re-used; opens of big files left to the FUSE
+        # path while a background check runs; opens over ``held_max``
+        names = ("opens", "checked", "refused", "reused", "deferred", "over_held")
+        self.counts = dict.fromkeys(names, 0)
         self.ledger.deleting.on_begin = self._let_go
 
     def _let_go(self, oid: str) -> None:
         """A delete of ``oid`` begins (eviction, a free, a dropped block): its kept
-        registration goes, unless an open inode uses it. Kept, the kernel would hold the
-        file on the disk (and its flock would keep eviction's punch away) while the ledger
-        counts its room free."""
-        if oid in self._kept and all(b.oid != oid for b in self._inodes.values()):
-            self._forget(oid)
+        registration goes (its id stays while an open inode uses it). Kept, the kernel
+        would hold the file on the disk (and its flock would keep eviction's punch away)
+        while the ledger counts its room free."""
+        self._forget(oid)  # an inode using its id keeps it registered
 
-    def describe(self) -> dict[str, int | bool]:
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Own the nursery background checks run in, until cancelled (unmount)."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            try:
+                await trio.sleep_forever()
+            finally:
+                self._nursery = None
+                self._stop.set()  # a check's thread ends at its next block
+
+    def describe(self) -> dict[str, int | bool | str | None]:
         """For `status --json`."""
         return {
             "enabled": self.enabled,
+            "why_off": self.why_off,
             **self.counts,
             "open_inodes": len(self._inodes),
             "kept": len(self._kept),
@@ -121,8 +163,8 @@ class Passthrough:
 
     async def open(self, fh: int, handle: FileHandle) -> int:
         """The backing id to answer this open with, or 0 (the CRC-checked FUSE path)."""
-        node = handle.node
-        while (settling := self._settling.get(node.ino)) is not None:
+        node, oid = handle.node, handle.version.oid
+        while (settling := self._settling.get(node.ino) or self._settling.get(oid)) is not None:
             await settling.wait()
         backing = self._inodes.get(node.ino)
         if backing is not None:  # the inode passes through: so must every open of it
@@ -133,8 +175,12 @@ class Passthrough:
             or handle.fd is not None
             or handle.writable
             or node.handles > 1  # cached handles are open: the kernel would refuse
+            or node.served_etag not in (None, handle.version.etag)  # ESTALE on the FUSE path
             or not self._complete(handle.version)
         ):
+            return 0
+        elif self._over_held(handle.version):
+            self.counts["over_held"] += 1
             return 0
         else:
             backing = await self._start(node.ino, handle.version)
@@ -142,6 +188,10 @@ class Passthrough:
                 return 0
         self._by_fh[fh] = node.ino
         self.counts["opens"] += 1
+        # The kernel reads it without a READ here: served, as a READ marks it
+        # (`VersionGuard.served`): never re-bound in place to another version.
+        node.served_etag = handle.version.etag
+        handle.served = True
         return backing.backing_id
 
     def release(self, fh: int) -> None:
@@ -153,12 +203,13 @@ class Passthrough:
         backing.handles -= 1
         if backing.handles == 0:
             del self._inodes[ino]
+            self._unref(backing.backing_id)
             self.ledger.release(backing.oid)
 
     async def _start(self, ino: int, version: ObjectVersion) -> Backing | None:
         """Hold, check and register ``version``'s cache file for inode ``ino``."""
-        done = self._settling[ino] = trio.Event()
         oid = version.oid
+        done = self._settling[ino] = self._settling[oid] = trio.Event()
         self.ledger.hold(oid)  # from here on no block of it is taken to make room
         backing_id = 0
         try:
@@ -167,28 +218,79 @@ class Passthrough:
             await self.ledger.deleting.settled([(oid, None)])
             record = self.ledger.record(oid)
             if record is not None and self._complete(version):
-                backing_id = self._reuse(oid, record) or await self._check(version, record)
+                backing_id = self._reuse(oid, record)
+                if not backing_id and version.size <= self.check_max:
+                    backing_id = await self._check(version, record)
+                elif not backing_id:
+                    self.counts["deferred"] += 1
+                    self._check_later(version)
         finally:
-            del self._settling[ino]
+            del self._settling[ino], self._settling[oid]
             done.set()
             if not backing_id:
                 self.ledger.release(oid)
         if not backing_id:
             self.counts["refused"] += 1
             return None
+        self._refs[backing_id] += 1
         backing = self._inodes[ino] = Backing(backing_id, oid)
         return backing
+
+    def _over_held(self, version: ObjectVersion) -> bool:
+        """Whether holding ``version`` would take the held bytes over ``held_max``."""
+        ledger = self.ledger
+        held = ledger.held_bytes
+        return not ledger.is_kept(version.oid) and held + version.size > self.held_max
+
+    def _check_later(self, version: ObjectVersion) -> None:
+        """Check ``version``'s file in the background (one at a time per oid), so that a
+        later open re-uses its registration."""
+        oid = version.oid
+        if self._nursery is None or oid in self._later or len(self._later) >= BACKGROUND_QUEUE:
+            return
+        self._later.add(oid)
+        self._nursery.start_soon(self._background, version)
+
+    async def _background(self, version: ObjectVersion) -> None:
+        oid = version.oid
+        try:
+            async with self._later_limiter:
+                if not self.enabled or self._over_held(version):
+                    return
+                self.ledger.hold(oid)  # as an open's check: nothing taken while it reads
+                try:
+                    await self.ledger.deleting.settled([(oid, None)])
+                    record = self.ledger.record(oid)
+                    if record is not None and self._complete(version):
+                        kept = self._kept.get(oid)
+                        if kept is None or not self._valid(kept, oid, record):
+                            await self._check(version, record)
+                finally:
+                    self.ledger.release(oid)
+        finally:
+            self._later.discard(oid)
+            self._later_ended.set()
+            self._later_ended = trio.Event()
+
+    async def drain(self) -> None:
+        """Wait until no background check is waiting or running (tests)."""
+        while self._later:
+            await self._later_ended.wait()
+
+    def _valid(self, kept: Kept, oid: str, record: Record) -> bool:
+        """Whether a kept registration's file is still as it was checked."""
+        try:  # a stat of a cached dentry: no disk I/O
+            now = identity_of(os.stat(self.cache.object_path(oid)))
+        except OSError:
+            return False
+        return kept.record is record and kept.taken == record.taken and now == kept.identity
 
     def _reuse(self, oid: str, record: Record) -> int:
         """The kept registration of ``oid`` if its file is still as checked, else 0."""
         kept = self._kept.get(oid)
         if kept is None:
             return 0
-        try:  # a stat of a cached dentry: no disk I/O
-            now = _identity(os.stat(self.cache.object_path(oid)))
-        except OSError:
-            now = None
-        if kept.record is record and kept.taken == record.taken and now == kept.identity:
+        if self._valid(kept, oid, record):
             self._kept.move_to_end(oid)
             self.counts["reused"] += 1
             return kept.backing_id
@@ -203,11 +305,12 @@ class Passthrough:
         self.counts["checked"] += 1
         try:
             fd, identity = await trio.to_thread.run_sync(
-                _verified_fd,
+                verified_fd,
                 path,
                 version.size,
                 self.cache.block_size,
                 crcs,
+                self._stop,
                 limiter=self.cache.disk_limiter,
             )
         except OSError as exc:
@@ -218,65 +321,48 @@ class Passthrough:
         try:
             if self.ledger.record(version.oid) is not record or record.taken != taken:
                 return 0  # a block was dropped while it was read (held: not evicted)
+            if self._stop.is_set():
+                return 0  # unmounting
             backing_id = self.register(fd)
         except OSError as exc:  # not root, the cache dir on overlayfs: stop trying
-            log.warning("passthrough off: registering a backing file failed: %s", exc.strerror)
-            self.enabled = False
+            self.turn_off(f"registering a backing file failed: {exc.strerror}")
             return 0
         finally:
             os.close(fd)  # the kernel holds its own reference
         self._forget(version.oid)
         self._kept[version.oid] = Kept(backing_id, record, taken, identity)
+        self._refs[backing_id] += 1
         in_use = {b.oid for b in self._inodes.values()} | {version.oid}
         extra = len(self._kept) - self.keep_max
         for old in [o for o in self._kept if o not in in_use][: max(0, extra)]:
             self._forget(old)
         return backing_id
 
-    def _forget(self, oid: str) -> None:
-        """Close a kept registration (inodes opened with it keep theirs)."""
-        kept = self._kept.pop(oid, None)
-        if kept is None:
+    def turn_off(self, why: str) -> None:
+        """No more opens pass through (one line: a warning if it was asked for)."""
+        if not self.enabled:
             return
+        self.enabled, self.why_off = False, why
+        level = logging.WARNING if self.asked else logging.INFO
+        log.log(level, "passthrough off: %s; files are read through FUSE", why)
+
+    def _forget(self, oid: str) -> None:
+        """Let a kept registration go (its id stays while an inode uses it)."""
+        kept = self._kept.pop(oid, None)
+        if kept is not None:
+            self._unref(kept.backing_id)
+
+    def _unref(self, backing_id: int) -> None:
+        """One use of ``backing_id`` less; the last closes it."""
+        self._refs[backing_id] -= 1
+        if self._refs[backing_id] > 0:
+            return
+        del self._refs[backing_id]
         try:
-            self.unregister(kept.backing_id)
+            self.unregister(backing_id)
         except OSError as exc:
             log.warning("passthrough: closing backing id failed: %s", exc.strerror)
 
     def _complete(self, version: ObjectVersion) -> bool:
         ledger = self.ledger
         return version.size > 0 and version.oid in ledger and not ledger.missing_blocks(version)
-
-
-def _verified_fd(
-    path: str, size: int, block_size: int, crcs: dict[int, int]
-) -> tuple[int | None, Identity]:
-    """A read-only descriptor of a cache file whose every block passed its CRC through it
-    (None if one failed), and the file's identity as it was read."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        # Held for as long as the kernel holds this open file (past our close, and past a
-        # kill -9 of this daemon): eviction never punches a file locked so (`cache.layout`).
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:  # a punch is under way: not this time
-            os.close(fd)
-            return None, (0, 0, 0, 0, 0)
-        identity = _identity(os.fstat(fd))
-        if identity[2] != size:
-            os.close(fd)
-            return None, identity
-        for idx in range(-(-size // block_size)):
-            start, end = block_span(idx, block_size, size)
-            data = os.pread(fd, end - start, start)
-            if idx not in crcs or len(data) != end - start or crc32(data) != crcs[idx]:
-                os.close(fd)
-                return None, identity
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd, identity
-
-
-def _identity(st: os.stat_result) -> Identity:
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)

@@ -54,7 +54,9 @@ def _cache_counts(mount: Mount) -> dict[str, Any]:
 def test_status_counts_each_read_of_the_mount_once(bucket: Bucket, mounter: Mounter) -> None:
     body = os.urandom(50_000)  # one block, one kernel read
     bucket.put("one.bin", body)
-    mount = mounter(bucket.name)
+    # The FUSE path's count: passed through, the second read never reaches the daemon
+    # (tests/test_passthrough.py counts that no READ does).
+    mount = mounter(bucket.name, "--no-passthrough")
     assert (mount.path / "one.bin").read_bytes() == body
     cold = _cache_counts(mount)
     assert (cold["hits"], cold["misses"], cold["hit_ratio"]) == (0, 1, 0.0)
@@ -265,9 +267,11 @@ def test_request_counts_are_copied_under_the_store_lock_while_workers_count(
     store._requests = counts
     cache = make_cache(tmp_path / "blocks", MemoryStore())
     empty: Counter[str] = Counter()
-    ops = SimpleNamespace(counts=empty, passthrough=None)  # as Operations: None when off
+    # as Operations and MountConfig: passthrough off, and why
+    ops = SimpleNamespace(counts=empty, passthrough=None, passthrough_off="--no-passthrough")
     daemon: Any = SimpleNamespace(
         config=SimpleNamespace(
+            passthrough=False,
             mountpoint=tmp_path / "mnt",
             source="b",
             metrics_address=None,

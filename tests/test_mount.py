@@ -239,7 +239,8 @@ def test_page_cache_is_kept_across_opens_of_an_unchanged_file(
 ) -> None:
     data = os.urandom(2 * MIB)
     bucket.put("page.png", data)
-    extra = () if keep_cache else ("--no-keep-cache",)
+    # keep_cache is the FUSE path's (a passed-through file's pages are its cache file's)
+    extra = ("--no-passthrough",) if keep_cache else ("--no-passthrough", "--no-keep-cache")
     first = mounter(bucket.name, *extra)
     drop_page_cache()
     assert (first.path / "page.png").read_bytes() == data

@@ -8,6 +8,9 @@ are the ledger's counted hold and the kept registration's re-check, without FUSE
 
 from __future__ import annotations
 
+import errno
+import itertools
+import logging
 import os
 import random
 import subprocess
@@ -21,11 +24,13 @@ import trio
 import trio.testing
 
 from s3cachefs.base.config import MountConfig
+from s3cachefs.cache.blocks import ObjectVersion
 from s3cachefs.cache.deleting import WHOLE
 from s3cachefs.cache.ledger import Bounds
 from s3cachefs.daemon.passthroughing import unavailable
 from s3cachefs.fs.nodes import FileHandle, Node
 from s3cachefs.fs.passthrough import Passthrough
+from s3cachefs.fs.versions import VersionGuard
 from s3cachefs.testing.memorystore import MemoryStore
 from tests.conftest import Bucket, Mount, Mounter, drop_page_cache, status
 from tests.test_blockcache import BS, make_cache, run_with, version_of
@@ -55,12 +60,12 @@ def test_a_held_object_is_never_an_eviction_victim(tmp_path: Path) -> None:
         victims, fits = ledger.reserve(6 * BS, bounds)
         assert {v[0] for v in victims} == {vo.oid} and not fits  # only the unheld one
         ledger.evicted(victims)
-        assert ledger.pinned_bytes == len(held)
+        assert ledger.held_bytes == len(held) and ledger.pinned_bytes == 0  # apart
         ledger.release(vh.oid)
         assert ledger.reserve(BS, bounds) == ([], True)  # still held once: nothing to take
         ledger.unreserve(BS)
         ledger.release(vh.oid)
-        assert ledger.pinned_bytes == 0
+        assert ledger.pinned_bytes == ledger.held_bytes == 0
         victims, _ = ledger.reserve(BS, Bounds(tmp_path, 3 * BS, 0))
         assert [v[0] for v in victims] == [vh.oid]  # released: back in the eviction order
         ledger.evicted(victims)
@@ -140,6 +145,355 @@ def test_an_open_waits_for_the_deletes_taken_before_its_hold(tmp_path: Path) -> 
     run_with(cache, body)
 
 
+def test_a_backing_id_in_use_by_an_open_inode_stays_registered(tmp_path: Path) -> None:
+    """Two inodes of one oid (a retired node looked up again with the same ETag). Inode 5
+    is open with id 1; the kept registration goes stale (the file's times changed), inode 6
+    opens and is checked anew. Id 1 must stay registered while inode 5 uses it: its next
+    open is answered with it, and the kernel's lookup of a closed id is EIO to open(2)
+    (review of the landing, R1: answered with the closed id 1 before)."""
+    store = MemoryStore()
+    data = os.urandom(2 * BS)
+    version = version_of(store, "k", data)
+    cache = make_cache(tmp_path, store)
+    live: set[int] = set()
+    closed: list[int] = []
+    ids = itertools.count(1)
+
+    def register(_fd: int) -> int:
+        live.add(backing_id := next(ids))
+        return backing_id
+
+    def unregister(backing_id: int) -> None:
+        live.remove(backing_id)
+        closed.append(backing_id)
+
+    passthrough = Passthrough(cache, register, unregister)
+    one = Node(ino=5, parent=1, name="k", key="k", is_dir=False, size=len(data))
+    two = Node(ino=6, parent=1, name="k", key="k", is_dir=False, size=len(data))
+
+    async def open_(node: Node, fh: int) -> int:
+        node.handles += 1
+        return await passthrough.open(fh, FileHandle(node, version))
+
+    async def body() -> None:
+        assert await cache.read(version, 0, len(data)) == data
+        await cache.drain()
+        assert await open_(one, 1) == 1
+        path = cache.object_path(version.oid)
+        st = os.stat(path)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1))  # the kept one is stale
+        assert await open_(two, 2) == 2  # checked anew
+        assert await open_(one, 3) == 1 and 1 in live  # inode 5 keeps its id, registered
+        assert closed == []
+        for fh in (1, 3):
+            passthrough.release(fh)
+        assert closed == [1]  # no kept registration and no inode uses it: closed
+        passthrough.release(2)
+        assert 2 in live  # kept for the next open
+
+    run_with(cache, body)
+
+
+def test_two_inodes_of_one_oid_are_settled_one_at_a_time(tmp_path: Path) -> None:
+    """Opens of two inodes of one oid at once: the second waits for the first one's check
+    and re-uses its registration; before, both checked, and the second one's check closed
+    the id the first inode was answered with (review of the landing, R1 (b))."""
+    store = MemoryStore()
+    data = os.urandom(2 * BS)
+    version = version_of(store, "k", data)
+    cache = make_cache(tmp_path, store)
+    live: set[int] = set()
+    ids = itertools.count(1)
+
+    def register(_fd: int) -> int:
+        live.add(backing_id := next(ids))
+        return backing_id
+
+    passthrough = Passthrough(cache, register, live.remove)
+    nodes = [Node(ino=i, parent=1, name="k", key="k", is_dir=False, size=len(data)) for i in (5, 6)]
+    got: list[int] = []
+
+    async def open_(node: Node, fh: int) -> None:
+        node.handles += 1
+        got.append(await passthrough.open(fh, FileHandle(node, version)))
+
+    async def body() -> None:
+        assert await cache.read(version, 0, len(data)) == data
+        await cache.drain()
+        async with trio.open_nursery() as nursery:
+            for fh, node in enumerate(nodes, 1):
+                nursery.start_soon(open_, node, fh)
+        assert got == [1, 1] and live == {1}
+        assert passthrough.counts["checked"] == 1 and passthrough.counts["reused"] == 1
+
+    run_with(cache, body)
+
+
+def test_a_passed_through_inode_is_served_and_never_re_bound(tmp_path: Path) -> None:
+    """The kernel reads a passed-through file without a READ at the daemon: its open marks
+    the inode (and handle) served as a READ does. Else a later open that S3 refuses (the
+    object re-put with the same size) re-binds the inode in place to the new version, and
+    the same inode returns B after A (review of the landing, #7)."""
+    store = MemoryStore()
+    old = os.urandom(2 * BS)
+    version = version_of(store, "k", old)
+    cache = make_cache(tmp_path, store)
+    passthrough = Passthrough(cache, lambda _fd: 1, lambda _id: None)
+    guard = VersionGuard(store, trio.CapacityLimiter(1))
+    node = Node(ino=5, parent=1, name="k", key="k", is_dir=False, size=len(old))
+    node.etag = version.etag
+
+    async def body() -> None:
+        assert await cache.read(version, 0, len(old)) == old
+        await cache.drain()
+        node.handles += 1
+        first = FileHandle(node, version)
+        assert await passthrough.open(1, first) == 1
+        assert node.served_etag == version.etag and first.served
+        store.put("k", bytes(b ^ 1 for b in old))  # same size, another ETag
+        node.handles += 1
+        later = FileHandle(node, version)  # e.g. an open the kernel keeps cached (mmap)
+        assert not await guard.rebind(later, version)  # ESTALE, not version B in place
+        assert node.etag == version.etag
+
+    run_with(cache, body)
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def test_a_kept_registration_of_a_file_changed_on_the_disk_is_checked_anew(
+    tmp_path: Path,
+) -> None:
+    """A cache file changed outside the ledger (a byte flipped in place: same size, the
+    ledger's books unchanged) is not what was checked: the next open checks it anew, and a
+    block failing its CRC is not passed through (review of the landing, M2: no test failed
+    with the identity check removed)."""
+    store = MemoryStore()
+    data = os.urandom(3 * BS)
+    version = version_of(store, "k", data)
+    cache = make_cache(tmp_path, store)
+    passthrough = Passthrough(cache, lambda _fd: 1, lambda _id: None)
+    node = Node(ino=5, parent=1, name="k", key="k", is_dir=False, size=len(data))
+
+    async def opened(fh: int) -> int:
+        node.handles += 1
+        backing = await passthrough.open(fh, FileHandle(node, version))
+        passthrough.release(fh)
+        node.handles -= 1
+        return backing
+
+    async def body() -> None:
+        assert await cache.read(version, 0, len(data)) == data
+        await cache.drain()
+        assert await opened(1) == 1  # checked, kept
+        flip_byte(cache.object_path(version.oid), BS + 10)  # in place: same size
+        assert await opened(2) == 0  # checked anew: block 1 fails its CRC
+        assert passthrough.counts["checked"] == 2 and passthrough.counts["reused"] == 0
+
+    run_with(cache, body)
+
+
+def test_a_block_dropped_while_the_file_is_checked_keeps_it_off_passthrough(
+    tmp_path: Path,
+) -> None:
+    """The check reads the blocks' CRCs as they were when it began; a block dropped while
+    it reads (a failed check of another reader: held, so not evicted) makes it stale: not
+    registered (review of the landing, M3: no test failed with the after-read check
+    removed). The disk limiter, held by the test, keeps the check's read waiting."""
+    store = MemoryStore()
+    data = os.urandom(3 * BS)
+    version = version_of(store, "k", data)
+    cache = make_cache(tmp_path, store)
+    registered: list[int] = []
+
+    def register(fd: int) -> int:
+        registered.append(fd)
+        return 1
+
+    passthrough = Passthrough(cache, register, lambda _id: None)
+    node = Node(ino=5, parent=1, name="k", key="k", is_dir=False, size=len(data), handles=1)
+    got: list[int] = []
+
+    async def opening() -> None:
+        got.append(await passthrough.open(1, FileHandle(node, version)))
+
+    async def body() -> None:
+        assert await cache.read(version, 0, len(data)) == data
+        await cache.drain()
+        limiter = cache.disk_limiter
+        borrowers = [object() for _ in range(int(limiter.total_tokens))]
+        for borrower in borrowers:
+            await limiter.acquire_on_behalf_of(borrower)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(opening)
+            await trio.testing.wait_all_tasks_blocked()
+            assert passthrough.counts["checked"] == 1 and got == []  # waiting to read
+            crc = cache.ledger.block_crc(version.oid, 2)
+            assert crc is not None and cache.ledger.drop_block(version, 2, crc)
+            for borrower in borrowers:
+                limiter.release_on_behalf_of(borrower)
+        assert got == [0] and registered == []
+
+    run_with(cache, body)
+
+
+def test_a_big_file_is_checked_in_the_background_and_passed_through_at_the_next_open(
+    tmp_path: Path,
+) -> None:
+    """A file over check_max is not read whole inside its open (review #4: a 256 MiB file's
+    first open took 8-16x the FUSE path's): that open takes the FUSE path, a background
+    check registers the file, and the next open re-uses the registration."""
+    store = MemoryStore()
+    big, small = os.urandom(3 * BS), os.urandom(BS)
+    vb, vs = version_of(store, "big", big), version_of(store, "small", small)
+    cache = make_cache(tmp_path, store)
+    ids = itertools.count(1)
+    passthrough = Passthrough(cache, lambda _fd: next(ids), lambda _id: None, check_max=BS)
+    nodes = {
+        v.oid: Node(ino=i, parent=1, name=v.key, key=v.key, is_dir=False, size=v.size)
+        for i, v in ((5, vb), (6, vs))
+    }
+
+    async def opened(fh: int, version: ObjectVersion) -> int:
+        node = nodes[version.oid]
+        node.handles += 1
+        backing = await passthrough.open(fh, FileHandle(node, version))
+        passthrough.release(fh)
+        node.handles -= 1
+        return backing
+
+    async def body() -> None:
+        for version, data in ((vb, big), (vs, small)):
+            assert await cache.read(version, 0, len(data)) == data
+        await cache.drain()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(passthrough.run)
+            assert await opened(1, vs) == 1  # small: checked in its open
+            assert await opened(2, vb) == 0  # big: the FUSE path this time
+            assert passthrough.counts["deferred"] == 1
+            await passthrough.drain()
+            assert passthrough.describe()["kept"] == 2
+            assert await opened(3, vb) == 2  # registered in the background: re-used
+            assert passthrough.counts["checked"] == 2 and passthrough.counts["reused"] == 1
+            assert cache.ledger.held_bytes == 0  # the background check's hold is gone
+            nursery.cancel_scope.cancel()
+
+    run_with(cache, body)
+
+
+def test_held_bytes_are_counted_apart_from_pinned_ones(tmp_path: Path) -> None:
+    """Held (passed-through) bytes are not "pinned" (what prefetch pinned): each counted
+    on its own, a version both pinned and held counted once, as pinned (review #6)."""
+    store = MemoryStore()
+    data = os.urandom(3 * BS)
+    version = version_of(store, "k", data)
+    cache = make_cache(tmp_path, store)
+    ledger = cache.ledger
+
+    async def body() -> None:
+        assert await cache.read(version, 0, len(data)) == data
+        await cache.drain()
+        oid = version.oid
+
+        def books() -> tuple[int, int]:
+            return ledger.pinned_bytes, ledger.held_bytes
+
+        ledger.hold(oid)
+        assert books() == (0, len(data))
+        ledger.pin(oid)
+        assert books() == (len(data), 0)
+        ledger.set_pinned(set())  # unpinned, still held
+        assert books() == (0, len(data))
+        ledger.set_pinned({oid})
+        ledger.release(oid)
+        assert books() == (len(data), 0)
+        ledger.hold(oid)
+        ledger.set_pinned(set())
+        ledger.release(oid)
+        assert books() == (0, 0) and ledger.evictable_blocks == 3
+
+    run_with(cache, body)
+
+
+def test_an_open_that_would_hold_over_half_the_cache_reads_through_fuse(tmp_path: Path) -> None:
+    """Held blocks cannot be evicted: holds are bounded (half of --cache-size), and an open
+    that would go over takes the FUSE path (review #6: unbounded, readers could hold the
+    whole cache)."""
+    store = MemoryStore()
+    one, two = os.urandom(2 * BS), os.urandom(2 * BS)
+    v1, v2 = version_of(store, "one", one), version_of(store, "two", two)
+    cache = make_cache(tmp_path, store, cache_size=6 * BS)  # held at most 3 blocks
+    ids = itertools.count(1)
+    passthrough = Passthrough(cache, lambda _fd: next(ids), lambda _id: None)
+    nodes = {
+        v.oid: Node(ino=i, parent=1, name=v.key, key=v.key, is_dir=False, size=v.size)
+        for i, v in ((5, v1), (6, v2))
+    }
+
+    async def open_(fh: int, version: ObjectVersion) -> int:
+        nodes[version.oid].handles += 1
+        return await passthrough.open(fh, FileHandle(nodes[version.oid], version))
+
+    async def body() -> None:
+        for version, data in ((v1, one), (v2, two)):
+            assert await cache.read(version, 0, len(data)) == data
+        await cache.drain()
+        assert await open_(1, v1) == 1 and cache.ledger.held_bytes == 2 * BS
+        assert await open_(2, v2) == 0  # 4 blocks held would be over 3
+        assert passthrough.counts["over_held"] == 1 and cache.ledger.held_bytes == 2 * BS
+        assert await open_(3, v1) == 1  # held already: no more bytes
+        passthrough.release(1)
+        passthrough.release(3)
+        assert cache.ledger.held_bytes == 0
+        nodes[v2.oid].handles -= 1  # the FUSE-path handle closed
+        assert await open_(4, v2) == 2
+
+    run_with(cache, body)
+
+
+def test_a_failed_registration_turns_it_off_with_one_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Registering fails (the cache dir on a stacked fs, no CAP_SYS_ADMIN): off, one
+    INFO line when nobody asked (a WARNING under --passthrough), and a background check
+    waiting then does not try again."""
+    store = MemoryStore()
+    versions = [version_of(store, k, os.urandom(3 * BS)) for k in ("a", "b", "c")]
+    cache = make_cache(tmp_path, store)
+
+    def register(_fd: int) -> int:
+        raise OSError(errno.ELOOP, os.strerror(errno.ELOOP))
+
+    passthrough = Passthrough(cache, register, lambda _id: None, check_max=BS)
+
+    async def body() -> None:
+        for v in versions:
+            assert await cache.read(v, 0, v.size) is not None
+        await cache.drain()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(passthrough.run)
+            for ino, v in enumerate(versions, 5):
+                node = Node(ino=ino, parent=1, name=v.key, key=v.key, is_dir=False, size=v.size)
+                node.handles = 1
+                assert await passthrough.open(ino, FileHandle(node, v)) == 0  # deferred
+            await passthrough.drain()
+            nursery.cancel_scope.cancel()
+        # two checks at once; the third, waiting, found it off
+        assert not passthrough.enabled and passthrough.counts["checked"] == 2
+
+    with caplog.at_level(logging.INFO, logger="s3cachefs.fs.passthrough"):
+        run_with(cache, body)
+    lines = [r for r in caplog.records if "passthrough off" in r.getMessage()]
+    assert [r.levelname for r in lines] == ["INFO"]
+    assert passthrough.why_off == f"registering a backing file failed: {os.strerror(errno.ELOOP)}"
+
+
 def test_passthrough_says_why_it_cannot_run(tmp_path: Path) -> None:
     config = MountConfig("b", "", tmp_path, tmp_path)
     assert unavailable(config, "6.8.0-1-amd64") == "Linux >= 6.9 needed"
@@ -148,6 +502,19 @@ def test_passthrough_says_why_it_cannot_run(tmp_path: Path) -> None:
     # CI runs as root on a new kernel with the patched build: it must be usable there.
     assert hasattr(pyfuse3, "passthrough_open"), "pyfuse3 is not the patched build"
     assert unavailable(config) is None
+    on_overlay = tmp_path / "merged"
+    lower, upper, work = (tmp_path / n for n in ("lower", "upper", "work"))
+    for d in (on_overlay, lower, upper, work):
+        d.mkdir()
+    options = f"lowerdir={lower},upperdir={upper},workdir={work}"
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", options, on_overlay], check=True)
+    try:
+        cache_on_overlay = MountConfig("b", "", tmp_path, on_overlay / "cache")
+        assert unavailable(cache_on_overlay) == (
+            "the cache dir is on overlayfs (backing files must be on a non-stacked fs)"
+        )
+    finally:
+        subprocess.run(["umount", on_overlay], check=True)
 
 
 # ---- real mounts --------------------------------------------------------------
@@ -192,19 +559,47 @@ def cache_file_of(cache: Path, content: bytes) -> Path:
 
 
 @pytest.mark.mount
-def test_off_by_default_and_on_a_writable_mount(bucket: Bucket, mounter: Mounter) -> None:
+def test_on_by_default_off_when_asked_and_on_a_writable_mount(
+    bucket: Bucket, mounter: Mounter
+) -> None:
+    """No flag: on where available, and status says so. --no-passthrough: off, silent.
+    A writable mount cannot pass through: one INFO line when nobody asked, a WARNING when
+    --passthrough was given."""
     files = fill(bucket, count=4)
     mount = mounter(bucket.name, "--min-free", "0")
     read_pass(mount, files)
     settled(mount)
-    passed, reads = read_pass(mount, files)
-    assert passed == 0 and reads > 0 and status(mount)["passthrough"] is None
+    assert read_pass(mount, files) == (len(files), 0)
+    found = status(mount)["passthrough"]
+    assert found["setting"] == "auto" and found["enabled"] and found["why_off"] is None
     mount.stop()
-    writable = mounter(bucket.name, *ON, "--writable", name="rw", cache_dir=mounter.tmp_path / "c2")
-    read_pass(writable, files)
-    settled(writable)
-    assert read_pass(writable, files)[0] == 0 and status(writable)["passthrough"] is None
-    assert "passthrough off: the mount is writable" in writable.log_text()
+    off = mounter(bucket.name, "--min-free", "0", "--no-passthrough", name="off")
+    read_pass(off, files)
+    settled(off)
+    passed, reads = read_pass(off, files)
+    assert passed == 0 and reads > 0
+    found = status(off)["passthrough"]
+    assert found == {"setting": "off", "enabled": False, "why_off": "--no-passthrough"}
+    assert "passthrough off" not in off.log_text()
+    off.stop()
+    for args, level in (((), "INFO"), (("--passthrough",), "WARNING")):
+        rw = mounter(
+            bucket.name,
+            "--min-free",
+            "0",
+            *args,
+            "--writable",
+            name=f"rw{len(args)}",
+            cache_dir=mounter.tmp_path / f"c{len(args)}",
+        )
+        read_pass(rw, files)
+        settled(rw)
+        assert read_pass(rw, files)[0] == 0
+        found = status(rw)["passthrough"]
+        assert not found["enabled"] and found["why_off"] == "the mount is writable (--writable)"
+        lines = [x for x in rw.log_text().splitlines() if "passthrough off" in x]
+        assert len(lines) == 1 and f"{level} " in lines[0], lines
+        rw.stop()
 
 
 @pytest.mark.mount
@@ -280,6 +675,8 @@ def test_eviction_under_a_reader_of_a_passed_through_file_gives_no_zeros(
     with open(mount.path / first, "rb") as reader:
         head = reader.read(MIB)
         assert counters(mount)["passthrough"]["open_inodes"] == 1  # passed through, held
+        held = counters(mount)["cache"]
+        assert held["held_bytes"] == len(big[first]) and held["pinned_bytes"] == 0
         for key in others:  # 9 MiB more through an 8 MiB cache: evictions
             assert (mount.path / key).read_bytes() == big[key]
         settled(mount)
@@ -381,6 +778,25 @@ def test_an_evicted_file_is_not_kept_on_the_disk_by_a_kept_registration(
         mount.stop()
     finally:
         subprocess.run(["umount", "-l", str(fs)], check=False)
+
+
+@pytest.mark.mount
+def test_a_file_over_the_check_bound_passes_through_from_its_second_open(
+    bucket: Bucket, mounter: Mounter
+) -> None:
+    """--passthrough-check-max: the first open of a bigger cached file reads through FUSE
+    while it is checked in the background; the next open passes through, no READ."""
+    big = {"big.bin": os.urandom(3 * MIB + 5)}
+    bucket.put_many(big)
+    mount = mounter(bucket.name, *ON, "--passthrough-check-max", "1M")
+    read_pass(mount, big)
+    settled(mount)
+    passed, reads = read_pass(mount, big)
+    assert passed == 0 and reads > 0  # complete, but over the bound: the FUSE path
+    wait_for(lambda: counters(mount)["passthrough"]["kept"] == 1, "checked in the background")
+    assert read_pass(mount, big) == (1, 0)
+    found = counters(mount)["passthrough"]
+    assert found["deferred"] == 1 and found["checked"] == 1 and found["reused"] == 1
 
 
 @pytest.mark.mount
