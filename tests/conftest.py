@@ -8,8 +8,10 @@ unmounts, lazily as the fallback.
 
 from __future__ import annotations
 
+import compileall
 import concurrent.futures
 import contextlib
+import importlib.util
 import itertools
 import json
 import os
@@ -25,6 +27,7 @@ from typing import Any, Protocol
 import boto3
 import pytest
 
+import s3cachefs
 from s3cachefs.base.config import MountConfig
 from s3cachefs.cli.locals3 import LocalS3
 from s3cachefs.daemon.holders import holders
@@ -60,6 +63,24 @@ def aws_env() -> Iterator[None]:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+@pytest.fixture(scope="session", autouse=True)
+def bytecode() -> None:
+    """The project's modules compiled once, up front, for every process the tests start.
+
+    With PYTHONDONTWRITEBYTECODE set (the shells on our CI machine have it), nothing
+    writes them otherwise: every daemon, bulk worker and CLI run compiled the project's
+    ~250 modules from source again (0.15 s of CPU in a daemon's 0.65 s start). A .pyc
+    that is up to date is left as it is; it only changes how fast the code loads.
+    """
+    folders = list(s3cachefs.__path__)
+    for folder in Path(__file__).parent.parent.iterdir():  # each is s3cachefs.<folder>
+        if folder.is_dir() and folder.name.isidentifier():
+            spec = importlib.util.find_spec(f"s3cachefs.{folder.name}")
+            folders += spec.submodule_search_locations or [] if spec else []
+    for path in folders:
+        compileall.compile_dir(path, maxlevels=0, quiet=1)
 
 
 @pytest.fixture(scope="session")
