@@ -32,7 +32,7 @@ from s3cachefs.base.config import MountConfig
 from s3cachefs.cli.locals3 import LocalS3
 from s3cachefs.daemon.holders import holders
 from s3cachefs.daemon.mountpoint import mount_at
-from s3cachefs.datasets.binds import MountEntry, mounts_below
+from s3cachefs.datasets.binds import mounts_below
 from s3cachefs.store import s3 as store_s3
 from s3cachefs.store.s3 import S3Store
 from tests.faultproxy import FaultProxy
@@ -212,7 +212,8 @@ class Mount:
         finally:
             notify.close()
         # Ours, read before the kernel-serve binds go on it (READY comes first).
-        self.entry: MountEntry | None = mount_at(os.path.realpath(path))
+        entry = mount_at(os.path.realpath(path))
+        self.entry = entry if entry is not None and entry.fstype.startswith("fuse") else None
 
     def log_text(self) -> str:
         return self.log.read_text()
