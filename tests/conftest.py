@@ -69,7 +69,7 @@ def aws_env() -> Iterator[None]:
 def bytecode() -> None:
     """The project's modules compiled once, up front, for every process the tests start.
 
-    With PYTHONDONTWRITEBYTECODE set (the shells on our CI machine have it), nothing
+    With PYTHONDONTWRITEBYTECODE set (this machine's shells have it), nothing
     writes them otherwise: every daemon, bulk worker and CLI run compiled the project's
     ~250 modules from source again (0.15 s of CPU in a daemon's 0.65 s start). A .pyc
     that is up to date is left as it is; it only changes how fast the code loads.
