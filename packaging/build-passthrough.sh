@@ -19,7 +19,7 @@
 # daemon mounts directly; libfuse 3.17 has soname libfuse3.so.4, so nothing else can pick it
 # up by accident). Needs: Linux >= 6.9 for passthrough at run time, root (CAP_SYS_ADMIN) for
 # FUSE_DEV_IOC_BACKING_OPEN; to build: meson, ninja-build, gcc, pkg-config, python3-dev,
-# python3-venv, curl, patch (apt; installed when missing), PyPI for pyfuse3 and its build pins.
+# python3-venv, curl, patch, ca-certificates (apt; installed when missing), PyPI for pyfuse3 and its build pins.
 # Offline: S3CACHEFS_LIBFUSE_TARBALL=/path/fuse-3.17.2.tar.gz (checked against the same sha256).
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
@@ -64,15 +64,21 @@ work="$(mktemp -d)"
 trap 'rm -rf "$work" "$entry.tmp.$$"' EXIT
 
 build() {
-    local missing=()
-    for pkg in meson ninja-build gcc pkg-config python3-dev python3-venv curl patch ca-certificates; do
-        dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+    # Debian packages for what is missing (by command, not by package: an image's own
+    # Python, e.g. python:3.11-slim's, has its headers and venv outside dpkg).
+    local missing=() tool
+    for tool in meson:meson ninja:ninja-build gcc:gcc pkg-config:pkg-config curl:curl patch:patch; do
+        command -v "${tool%%:*}" >/dev/null || missing+=("${tool#*:}")
     done
+    [ -e /etc/ssl/certs/ca-certificates.crt ] || missing+=(ca-certificates)
+    "$python" -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(sysconfig.get_paths()["include"] + "/Python.h"))' ||
+        missing+=(python3-dev)
+    "$python" -c 'import ensurepip' 2>/dev/null || missing+=(python3-venv)
     if [ "${#missing[@]}" -gt 0 ]; then
         local sudo=""
         [ "$(id -u)" -eq 0 ] || sudo="sudo"
         $sudo apt-get -o DPkg::Lock::Timeout=600 update -qq
-        DEBIAN_FRONTEND=noninteractive $sudo apt-get -o DPkg::Lock::Timeout=600 install -y -qq "${missing[@]}" >/dev/null
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
     fi
 
     # --- libfuse sources: the offline tarball, else the first URL that serves the right bytes
@@ -101,7 +107,8 @@ build() {
     meson setup "$work/fuse-build" "$work/fuse-$FUSE_VERSION" --prefix="$new/libfuse" --libdir=lib \
         -Dutils=false -Dexamples=false -Dtests=false -Dinitscriptdir= -Duseroot=false >/dev/null
     ninja -C "$work/fuse-build" >/dev/null
-    ninja -C "$work/fuse-build" install >/dev/null
+    # Not into $DESTDIR: `quickstart install` stages under one, and meson honours it.
+    DESTDIR= ninja -C "$work/fuse-build" install >/dev/null
 
     # --- pyfuse3, patched, compiled by the pinned Cython in a throwaway venv --
     "$python" -m venv "$work/buildenv"
