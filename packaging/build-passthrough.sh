@@ -83,7 +83,7 @@ build() {
 
     # --- libfuse sources: the offline tarball, else the first URL that serves the right bytes
     local tarball="$work/fuse.tar.gz" sources=("${FUSE_URLS[@]}") got=""
-    [ -z "${S3CACHEFS_LIBFUSE_TARBALL:-}" ] || sources=("file://$(realpath "$S3CACHEFS_LIBFUSE_TARBALL")")
+    [ -z "${S3CACHEFS_LIBFUSE_TARBALL:-}" ] || sources=("file://$(realpath -m "$S3CACHEFS_LIBFUSE_TARBALL")")
     for url in "${sources[@]}"; do
         if ! curl -sSfL --connect-timeout 20 -o "$tarball" "$url" 2>"$work/curl.err"; then
             echo "build-passthrough: $url: $(tr '\n' ' ' <"$work/curl.err")" >&2
@@ -125,7 +125,8 @@ build() {
     "$work/buildenv/bin/python" -c 'import Cython; print(Cython.__version__)' >"$new/cython-version"
     mkdir -p "$cache"
     rm -rf "$entry"
-    mv "$new" "$entry"
+    # A concurrent build of the same key may have won: its entry is as good as ours.
+    mv -T "$new" "$entry" 2>/dev/null || [ -n "$(ls "$entry"/wheel/*.whl 2>/dev/null)" ]
 }
 
 [ -n "$(ls "$entry"/wheel/*.whl 2>/dev/null)" ] || build

@@ -17,9 +17,14 @@ the mount on the host, the worker's bytes, a kill -9 of the daemon, `down -v`.
 About 70 s the first time (images imported from podman, the moto image
 built), 21 s later.
 
-Both took about 4 min the first time on this 2-core machine (debootstrap and
-base image 75 s, project image 65 s, the node's install 45 s) and about 25 s
-with the images cached; `-m "not container"` skips them.
+The first two took about 4 min the first time on this 2-core machine
+(debootstrap and base image 75 s, project image 65 s, the node's install 45 s);
+the image's passthrough build (libfuse 3.17 and the patched pyfuse3) adds a few
+minutes to the first project image on a machine, then stays a cached layer until
+packaging/ changes, and the systemd node reuses it (see SYSTEMD_CONTAINERFILE).
+After a source edit, with those layers cached: project image 15 s, node image
+21 s (it was 50 s before its slow steps got layers of their own).
+`-m "not container"` skips them.
 """
 
 from __future__ import annotations
