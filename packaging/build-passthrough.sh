@@ -120,7 +120,10 @@ build() {
     patch -s -p1 -d "$src" <"$here/pyfuse3-passthrough.patch"
     rm -f "$src/src/pyfuse3/__init__.c" # generated from the patched .pyx, not the shipped one
     # pkg-config --libs adds -L of the build prefix; the runtime path is relative only.
+    # -g0: Debian's Python compiles extensions with -g, which triples the time of this
+    # one large generated C file (3m40s against 1m13s in the image's build stage).
     PKG_CONFIG_PATH="$new/libfuse/lib/pkgconfig" LDFLAGS="-Wl,-rpath,\$ORIGIN/../../../../libfuse/lib" \
+        CFLAGS="${CFLAGS:-} -g0" \
         "${pip[@]}" wheel --no-deps --no-build-isolation --no-cache-dir -w "$new/wheel" "$src"
     "$work/buildenv/bin/python" -c 'import Cython; print(Cython.__version__)' >"$new/cython-version"
     mkdir -p "$cache"
