@@ -156,6 +156,19 @@ def test_quickstart_install_is_idempotent_passes_systemd_verify_and_uninstalls(
     assert os.readlink(link) == "../../../opt/s3cachefs/bin/s3cachefs"
     version = subprocess.run([str(link), "--version"], capture_output=True, text=True, check=True)
     assert version.stdout.strip() == "s3cachefs 0.1.0"
+    # The daemon's python has the patched pyfuse3, on its private libfuse 3.17.
+    assert "passthrough build failed" not in first.stderr, first.stderr
+    venv = root / "opt" / "s3cachefs"
+    probe = "import pyfuse3; pyfuse3.passthrough_open; print(pyfuse3.__file__)"
+    patched = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", probe], capture_output=True, text=True, check=False
+    )
+    assert patched.returncode == 0, patched.stderr
+    ldd = subprocess.run(
+        ["ldd", patched.stdout.strip()], capture_output=True, text=True, check=True
+    )
+    [libfuse] = [line.split()[2] for line in ldd.stdout.splitlines() if "libfuse3" in line]
+    assert Path(libfuse).resolve().parent == (venv / "libfuse" / "lib").resolve(), ldd.stdout
     for unit in UNITS:
         installed = root / "etc" / "systemd" / "system" / unit
         assert installed.read_bytes() == (REPO / "systemd" / unit).read_bytes()
