@@ -316,13 +316,18 @@ class Daemon:
         }
 
     async def unbind(self, request: dict[str, Any], send: Send) -> dict[str, Any]:
-        """`s3cachefs unmount`: unmount the binds so that the FUSE mount can go."""
+        """`s3cachefs unmount`: unmount the binds so that the FUSE mount can go; kept
+        passthrough registrations go too (a lazy unmount under a reader)."""
+        if self.ops.passthrough is not None:
+            self.ops.passthrough.stop()
         if self.kernel is not None:
             await self.kernel.stop()
         return {"event": "done", "ok": True}
 
     async def rebind(self, request: dict[str, Any], send: Send) -> dict[str, Any]:
         """`s3cachefs unmount` failed after `unbind` (busy): bind the datasets again."""
+        if self.ops.passthrough is not None:
+            self.ops.passthrough.resume()
         if self.kernel is not None:
             await self.kernel.resume()
         return {"event": "done", "ok": True}

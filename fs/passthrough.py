@@ -149,7 +149,21 @@ class Passthrough:
                 await trio.sleep_forever()
             finally:
                 self._nursery = None
-                self._stop.set()  # a check's thread ends at its next block
+                self.stop()
+
+    def stop(self) -> None:
+        """Unmount begins (a signal, `s3cachefs unmount`, the FUSE loop ended): nothing
+        is registered from now on, a check's thread ends at its next block, and every
+        kept registration no open inode uses is closed now, while the connection is
+        ours. Kept, each would hold its cache file allocated (and flocked: never punched)
+        for as long as any file of this mount stays open, past this daemon (review #1)."""
+        self._stop.set()
+        for oid in list(self._kept):
+            self._forget(oid)  # an inode using its id keeps it registered
+
+    def resume(self) -> None:
+        """The unmount failed (busy): registering again."""
+        self._stop.clear()
 
     def describe(self) -> dict[str, int | bool | str | None]:
         """For `status --json`."""
