@@ -21,11 +21,9 @@ Never zeros, never wrong bytes:
   otherwise hold the whole cache and leave the FUSE path's fetches and prefetch no
   room; half leaves the other half to the LRU. An open that would go over it (or a
   background check) takes the FUSE path;
-- a registration outlives its handles (kept, up to KEEP_MAX, least recently used
-  first out), unheld: the next open re-uses it only if, under a new hold, the ledger
-  has every block, its record is the one checked and none of its blocks was taken
-  off the books since (`Record.taken`: eviction and drops count), and the cache file
-  at its path is the inode checked, same size and times. Else it is checked anew.
+- a registration outlives its handles (kept, `fs.passthroughkept`), unheld: the
+  next open re-uses it only if the file is still as checked; kept ones go at a stop
+  and when idle (a kept file outlives a kill -9 while any file of the mount is open).
 
 The kernel's rules shape the bookkeeping (fs/fuse/iomode.c, Linux >= 6.9):
 - one backing file per inode: every handle of an inode passing through shares
@@ -49,7 +47,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -58,13 +55,13 @@ import trio
 from s3cachefs.cache.blockcache import BlockCache
 from s3cachefs.cache.blocks import ObjectVersion
 from s3cachefs.cache.ledger import Record
+from s3cachefs.fs import passthroughkept
 from s3cachefs.fs.nodes import FileHandle
-from s3cachefs.fs.passthroughcheck import Identity, identity_of, verified_fd
+from s3cachefs.fs.passthroughcheck import verified_fd
+from s3cachefs.fs.passthroughkept import Registration
 
 log = logging.getLogger(__name__)
 
-# Registrations kept for the next open: a kernel file reference each (no descriptor).
-KEEP_MAX = 4096
 # Big files checked in the background at once (each reads its file whole), and waiting
 # at most (more are dropped: a later open asks again).
 BACKGROUND_CHECKS = 2
@@ -80,16 +77,6 @@ class Backing:
     handles: int = 1
 
 
-@dataclass
-class Kept:
-    """A checked, registered cache file; valid while the ledger took none of its blocks."""
-
-    backing_id: int
-    record: Record
-    taken: int
-    identity: Identity
-
-
 class Passthrough:
     """Backing ids of passed-through inodes, registered and closed by given callables."""
 
@@ -99,7 +86,7 @@ class Passthrough:
         register: Callable[[int], int],
         unregister: Callable[[int], None],
         *,
-        keep_max: int = KEEP_MAX,
+        keep_max: int = passthroughkept.KEEP_MAX,
         check_max: int = 1 << 62,
         held_max: int | None = None,
         asked: bool = False,
@@ -107,8 +94,6 @@ class Passthrough:
         self.cache = cache
         self.ledger = cache.ledger
         self.register = register  # fd -> backing id (pyfuse3.passthrough_open)
-        self.unregister = unregister  # backing id -> None (pyfuse3.passthrough_close)
-        self.keep_max = keep_max
         self.check_max = check_max  # bigger files are checked in the background
         self.held_max = cache.cache_size // 2 if held_max is None else held_max
         self.enabled = True
@@ -117,8 +102,7 @@ class Passthrough:
         self._inodes: dict[int, Backing] = {}
         self._by_fh: dict[int, int] = {}  # fh -> inode, handles passed through
         self._settling: dict[int | str, trio.Event] = {}  # inode, oid -> an open settling
-        self._refs: Counter[int] = Counter()  # backing id -> kept (1) + inodes using it
-        self._kept: OrderedDict[str, Kept] = OrderedDict()  # oid -> checked, registered
+        self._kept = passthroughkept.Kept(unregister, keep_max)  # and every id's count
         # Background checks: waiting or running (oids); their nursery (`run`); set at
         # unmount, it stops a check's read between two blocks.
         self._later: set[str] = set()
@@ -138,12 +122,13 @@ class Passthrough:
         registration goes (its id stays while an open inode uses it). Kept, the kernel
         would hold the file on the disk (and its flock would keep eviction's punch away)
         while the ledger counts its room free."""
-        self._forget(oid)  # an inode using its id keeps it registered
+        self._kept.forget(oid)  # an inode using its id keeps it registered
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Own the nursery background checks run in, until cancelled (unmount)."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            nursery.start_soon(self._sweep)
             task_status.started()
             try:
                 await trio.sleep_forever()
@@ -158,8 +143,15 @@ class Passthrough:
         ours. Kept, each would hold its cache file allocated (and flocked: never punched)
         for as long as any file of this mount stays open, past this daemon (review #1)."""
         self._stop.set()
-        for oid in list(self._kept):
-            self._forget(oid)  # an inode using its id keeps it registered
+        self._kept.close_unused()
+
+    async def _sweep(self) -> None:
+        """Close kept registrations idle over KEEP_IDLE (review #1b: a kill -9 cannot
+        close them; this bounds what it leaves the kernel)."""
+        while True:
+            await trio.sleep(passthroughkept.KEEP_IDLE / 4)
+            before = trio.current_time() - passthroughkept.KEEP_IDLE
+            self._kept.close_idle(before, (b.oid for b in self._inodes.values()))
 
     def resume(self) -> None:
         """The unmount failed (busy): registering again."""
@@ -217,7 +209,8 @@ class Passthrough:
         backing.handles -= 1
         if backing.handles == 0:
             del self._inodes[ino]
-            self._unref(backing.backing_id)
+            self._kept.idle_from_now(backing.oid)
+            self._kept.unref(backing.backing_id)
             self.ledger.release(backing.oid)
 
     async def _start(self, ino: int, version: ObjectVersion) -> Backing | None:
@@ -232,7 +225,8 @@ class Passthrough:
             await self.ledger.deleting.settled([(oid, None)])
             record = self.ledger.record(oid)
             if record is not None and self._complete(version):
-                backing_id = self._reuse(oid, record)
+                backing_id = self._kept.reuse(oid, record)
+                self.counts["reused"] += bool(backing_id)
                 if not backing_id and version.size <= self.check_max:
                     backing_id = await self._check(version, record)
                 elif not backing_id:
@@ -246,7 +240,7 @@ class Passthrough:
         if not backing_id:
             self.counts["refused"] += 1
             return None
-        self._refs[backing_id] += 1
+        self._kept.refs[backing_id] += 1
         backing = self._inodes[ino] = Backing(backing_id, oid)
         return backing
 
@@ -275,10 +269,9 @@ class Passthrough:
                 try:
                     await self.ledger.deleting.settled([(oid, None)])
                     record = self.ledger.record(oid)
-                    if record is not None and self._complete(version):
-                        kept = self._kept.get(oid)
-                        if kept is None or not self._valid(kept, oid, record):
-                            await self._check(version, record)
+                    fresh = record is not None and self._complete(version)
+                    if fresh and record is not None and not self._kept.valid(oid, record):
+                        await self._check(version, record)
                 finally:
                     self.ledger.release(oid)
         finally:
@@ -290,26 +283,6 @@ class Passthrough:
         """Wait until no background check is waiting or running (tests)."""
         while self._later:
             await self._later_ended.wait()
-
-    def _valid(self, kept: Kept, oid: str, record: Record) -> bool:
-        """Whether a kept registration's file is still as it was checked."""
-        try:  # a stat of a cached dentry: no disk I/O
-            now = identity_of(os.stat(self.cache.object_path(oid)))
-        except OSError:
-            return False
-        return kept.record is record and kept.taken == record.taken and now == kept.identity
-
-    def _reuse(self, oid: str, record: Record) -> int:
-        """The kept registration of ``oid`` if its file is still as checked, else 0."""
-        kept = self._kept.get(oid)
-        if kept is None:
-            return 0
-        if self._valid(kept, oid, record):
-            self._kept.move_to_end(oid)
-            self.counts["reused"] += 1
-            return kept.backing_id
-        self._forget(oid)
-        return 0
 
     async def _check(self, version: ObjectVersion, record: Record) -> int:
         """Read every block of ``version``'s file through one descriptor, check its CRC,
@@ -343,13 +316,8 @@ class Passthrough:
             return 0
         finally:
             os.close(fd)  # the kernel holds its own reference
-        self._forget(version.oid)
-        self._kept[version.oid] = Kept(backing_id, record, taken, identity)
-        self._refs[backing_id] += 1
-        in_use = {b.oid for b in self._inodes.values()} | {version.oid}
-        extra = len(self._kept) - self.keep_max
-        for old in [o for o in self._kept if o not in in_use][: max(0, extra)]:
-            self._forget(old)
+        kept = Registration(backing_id, record, taken, identity, path, trio.current_time())
+        self._kept.add(version.oid, kept, (b.oid for b in self._inodes.values()))
         return backing_id
 
     def turn_off(self, why: str) -> None:
@@ -359,23 +327,6 @@ class Passthrough:
         self.enabled, self.why_off = False, why
         level = logging.WARNING if self.asked else logging.INFO
         log.log(level, "passthrough off: %s; files are read through FUSE", why)
-
-    def _forget(self, oid: str) -> None:
-        """Let a kept registration go (its id stays while an inode uses it)."""
-        kept = self._kept.pop(oid, None)
-        if kept is not None:
-            self._unref(kept.backing_id)
-
-    def _unref(self, backing_id: int) -> None:
-        """One use of ``backing_id`` less; the last closes it."""
-        self._refs[backing_id] -= 1
-        if self._refs[backing_id] > 0:
-            return
-        del self._refs[backing_id]
-        try:
-            self.unregister(backing_id)
-        except OSError as exc:
-            log.warning("passthrough: closing backing id failed: %s", exc.strerror)
 
     def _complete(self, version: ObjectVersion) -> bool:
         ledger = self.ledger

@@ -29,6 +29,7 @@ from s3cachefs.cache.blocks import ObjectVersion
 from s3cachefs.cache.deleting import WHOLE
 from s3cachefs.cache.ledger import Bounds
 from s3cachefs.daemon.passthroughing import unavailable
+from s3cachefs.fs import passthroughkept
 from s3cachefs.fs.nodes import FileHandle, Node
 from s3cachefs.fs.passthrough import Passthrough
 from s3cachefs.fs.versions import VersionGuard
@@ -193,6 +194,64 @@ def test_a_backing_id_in_use_by_an_open_inode_stays_registered(tmp_path: Path) -
         assert 2 in live  # kept for the next open
 
     run_with(cache, body)
+
+
+def test_a_kept_registration_unused_for_keep_idle_is_closed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kill -9 cannot close kept registrations, and the kernel keeps their files (and
+    flocks) while any file of the dead mount is open (review of ed4df5f, #1b): one unused
+    for KEEP_IDLE is closed by a sweep, so a kill leaves at most those used that recently.
+    One in use by an open inode stays; the next open after the sweep checks anew."""
+    monkeypatch.setattr(passthroughkept, "KEEP_IDLE", 8.0)  # swept every 2 s
+    store = MemoryStore()
+    data = os.urandom(2 * BS)
+    version = version_of(store, "k", data)
+    cache = make_cache(tmp_path, store)
+    live: set[int] = set()
+    ids = itertools.count(1)
+
+    def register(_fd: int) -> int:
+        live.add(backing_id := next(ids))
+        return backing_id
+
+    passthrough = Passthrough(cache, register, live.remove)
+    node = Node(ino=5, parent=1, name="k", key="k", is_dir=False, size=len(data))
+    clock = trio.testing.MockClock()
+
+    async def open_(fh: int) -> int:
+        node.handles += 1
+        return await passthrough.open(fh, FileHandle(node, version))
+
+    def release(fh: int) -> None:
+        passthrough.release(fh)
+        node.handles -= 1
+
+    async def later(seconds: float) -> None:
+        clock.jump(seconds)
+        await trio.testing.wait_all_tasks_blocked()  # the sweep ran
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(cache.run)
+            await nursery.start(passthrough.run)
+            assert await cache.read(version, 0, len(data)) == data
+            await cache.drain()
+            assert await open_(1) == 1  # checked, kept
+            await later(20)
+            assert live == {1}  # its inode is open: in use, not idle
+            release(1)
+            await later(4)
+            assert live == {1}  # idle for 4 s only
+            assert await open_(2) == 1 and passthrough.counts["reused"] == 1
+            release(2)
+            await later(12)
+            assert live == set() and passthrough.describe()["kept"] == 0  # idle 12 s: closed
+            assert await open_(3) == 2 and passthrough.counts["checked"] == 2  # checked anew
+            release(3)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=clock)
 
 
 def test_two_inodes_of_one_oid_are_settled_one_at_a_time(tmp_path: Path) -> None:
