@@ -201,9 +201,15 @@ class Ledger:
         hold is released (`release`). A delete taken before may still be pending."""
         self._keeping.hold(oid)
 
-    def release(self, oid: str) -> None:
-        """One hold less; with the last, ``oid``'s blocks rejoin the LRU (unless pinned)."""
-        self._keeping.release(oid)
+    def release(self, oid: str) -> bool:
+        """One hold less; with the last, ``oid``'s blocks rejoin the LRU (unless pinned).
+        True if a free waited for it (`free_when_released`): the caller frees it now."""
+        return self._keeping.release(oid)
+
+    def free_when_released(self, oid: str) -> bool:
+        """Whether ``oid`` is held (the kernel reads its file: its blocks stay allocated
+        while it does); if so, it is to be freed at its last release, not now."""
+        return self._keeping.free_when_released(oid)
 
     def set_pinned(self, oids: set[str]) -> None:
         """Make exactly ``oids`` pinned: their blocks leave the LRU; unpinned ones rejoin it."""

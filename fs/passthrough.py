@@ -211,7 +211,7 @@ class Passthrough:
             del self._inodes[ino]
             self._kept.idle_from_now(backing.oid)
             self._kept.unref(backing.backing_id)
-            self.ledger.release(backing.oid)
+            self._release(backing.oid)
 
     async def _start(self, ino: int, version: ObjectVersion) -> Backing | None:
         """Hold, check and register ``version``'s cache file for inode ``ino``."""
@@ -236,13 +236,18 @@ class Passthrough:
             del self._settling[ino], self._settling[oid]
             done.set()
             if not backing_id:
-                self.ledger.release(oid)
+                self._release(oid)
         if not backing_id:
             self.counts["refused"] += 1
             return None
         self._kept.refs[backing_id] += 1
         backing = self._inodes[ino] = Backing(backing_id, oid)
         return backing
+
+    def _release(self, oid: str) -> None:
+        """One hold of ``oid`` less; a free that waited for its last one runs now."""
+        if self.ledger.release(oid) and self._nursery is not None:
+            self._nursery.start_soon(self.cache.free, {oid})
 
     def _over_held(self, version: ObjectVersion) -> bool:
         """Whether holding ``version`` would take the held bytes over ``held_max``."""
@@ -273,7 +278,7 @@ class Passthrough:
                     if fresh and record is not None and not self._kept.valid(oid, record):
                         await self._check(version, record)
                 finally:
-                    self.ledger.release(oid)
+                    self._release(oid)
         finally:
             self._later.discard(oid)
             self._later_ended.set()

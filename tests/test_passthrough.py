@@ -254,6 +254,45 @@ def test_a_kept_registration_unused_for_keep_idle_is_closed(
     trio.run(main, clock=clock)
 
 
+def test_a_free_of_a_passed_through_file_waits_for_its_last_release(tmp_path: Path) -> None:
+    """A free (evict DATASET, readserve, a later version's prefetch) of an object a
+    passthrough reader has open: the kernel keeps its blocks allocated until the last
+    close, so they are not counted free before; the free runs at the last release
+    (review of ed4df5f, #2: freed at once, its bytes counted free while allocated). The
+    registered descriptor, dup'ed until unregistered, stands in for the kernel's."""
+    store = MemoryStore()
+    data = os.urandom(4 * BS)
+    version = version_of(store, "k", data)
+    cache = make_cache(tmp_path, store)
+    kernel: dict[int, int] = {}
+
+    def register(fd: int) -> int:
+        kernel[len(kernel) + 1] = os.dup(fd)
+        return len(kernel)
+
+    passthrough = Passthrough(cache, register, lambda backing_id: os.close(kernel[backing_id]))
+    node = Node(ino=5, parent=1, name="k", key="k", is_dir=False, size=len(data), handles=1)
+    path = cache.object_path(version.oid)
+
+    async def body() -> None:
+        assert await cache.read(version, 0, len(data)) == data
+        await cache.drain()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(passthrough.run)
+            assert await passthrough.open(1, FileHandle(node, version)) == 1  # a reader
+            assert await cache.free({version.oid}) == 0
+            assert cache.ledger.used == cache.ledger.held_bytes == len(data) and path.exists()
+            passthrough.release(1)  # the last one: the free runs
+            await trio.testing.wait_all_tasks_blocked()  # it took the object off the books
+            assert version.oid not in cache.ledger
+            await cache.ledger.deleting.settled([(version.oid, None)])
+            assert cache.ledger.used == cache.ledger.held_bytes == 0
+            assert not path.exists() and passthrough.describe()["kept"] == 0
+            nursery.cancel_scope.cancel()
+
+    run_with(cache, body)
+
+
 def test_two_inodes_of_one_oid_are_settled_one_at_a_time(tmp_path: Path) -> None:
     """Opens of two inodes of one oid at once: the second waits for the first one's check
     and re-uses its registration; before, both checked, and the second one's check closed
