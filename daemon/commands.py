@@ -139,6 +139,8 @@ class Daemon:
                 "hit_ratio": round(hits / lookups, 4) if lookups else None,
                 "hits": hits,
                 "misses": counts["misses"],
+                "passthrough_opens": counts["passthrough_opens"],  # reads not in hits
+                "passthrough_bytes_opened": counts["passthrough_bytes_opened"],
                 "bytes_from_s3": counts["bytes_from_s3"],
                 "corrupt_blocks": counts["corrupt_blocks"],
                 "reused_objects": counts["reused_objects"],  # copied from the same content

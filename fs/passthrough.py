@@ -194,6 +194,9 @@ class Passthrough:
                 return 0
         self._by_fh[fh] = node.ino
         self.counts["opens"] += 1
+        # Its reads are not counted as hits (the daemon sees none): its opens are.
+        self.cache.stats.counts["passthrough_opens"] += 1
+        self.cache.stats.counts["passthrough_bytes_opened"] += handle.version.size
         # The kernel reads it without a READ here: served, as a READ marks it
         # (`VersionGuard.served`): never re-bound in place to another version.
         node.served_etag = handle.version.etag

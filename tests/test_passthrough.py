@@ -16,6 +16,7 @@ import random
 import signal
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ from s3cachefs.fs.versions import VersionGuard
 from s3cachefs.testing.memorystore import MemoryStore
 from tests.conftest import Bucket, Mount, Mounter, drop_page_cache, status
 from tests.test_blockcache import BS, make_cache, run_with, version_of
-from tests.test_kernelserve import wait_for
+from tests.test_kernelserve import free_port, wait_for
 
 MIB = 1024 * 1024
 ON = ("--passthrough", "--min-free", "0")
@@ -968,3 +969,40 @@ def test_a_stop_under_a_reader_closes_the_kept_registrations_before_the_unmount(
         if reader is not None:
             reader.close()
         subprocess.run(["umount", "-l", str(fs)], check=False)
+
+
+@pytest.mark.mount
+def test_status_and_metrics_count_the_opens_passed_through_under_the_default(
+    bucket: Bucket, mounter: Mounter
+) -> None:
+    """Under the default (passthrough where available) a warm pass never reaches the
+    daemon: no hits. Its opens are counted, with their sizes, in status and /metrics
+    (review of ed4df5f, #3: a warm workload showed hits/misses 0/1, nothing else)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    body = os.urandom(50_000)
+    bucket.put("one.bin", body)
+    port = free_port()
+    mount = mounter(bucket.name, "--min-free", "0", "--metrics-address", f"127.0.0.1:{port}")
+    assert (mount.path / "one.bin").read_bytes() == body
+    settled(mount)
+    cold = status(mount)
+    assert cold["passthrough"]["setting"] == "auto" and cold["passthrough"]["enabled"]
+    for _ in range(3):
+        drop_page_cache()
+        assert (mount.path / "one.bin").read_bytes() == body
+    warm = status(mount)["cache"]
+    assert warm["passthrough_opens"] - cold["cache"]["passthrough_opens"] == 3
+    assert warm["passthrough_bytes_opened"] - cold["cache"]["passthrough_bytes_opened"] == 150_000
+    assert (warm["hits"], warm["misses"]) == (cold["cache"]["hits"], cold["cache"]["misses"])
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        samples = {
+            s.name: s.value
+            for family in text_string_to_metric_families(r.read().decode())
+            for s in family.samples
+        }
+    assert samples["s3cachefs_cache_passthrough_opens_total"] == warm["passthrough_opens"]
+    assert (
+        samples["s3cachefs_cache_passthrough_bytes_opened_total"]
+        == (warm["passthrough_bytes_opened"])
+    )
