@@ -359,6 +359,134 @@ def test_a_passed_through_inode_is_served_and_never_re_bound(tmp_path: Path) -> 
     run_with(cache, body)
 
 
+def test_an_inode_that_served_another_version_is_not_passed_through(tmp_path: Path) -> None:
+    """An old handle served version A of an inode from the cache, the inode was re-bound
+    to B (`VersionGuard`), A's handle closed: a lone open of B must not pass B through on
+    the inode that returned A (the FUSE path answers it ESTALE). No test covered the
+    refusal (review of ed4df5f, #5: ``no_served_etag_refusal`` survived)."""
+    store = MemoryStore()
+    data = os.urandom(2 * BS)
+    version = version_of(store, "k", data)
+    cache = make_cache(tmp_path, store)
+    passthrough = Passthrough(cache, lambda _fd: 1, lambda _id: None)
+    node = Node(ino=5, parent=1, name="k", key="k", is_dir=False, size=len(data), handles=1)
+
+    async def body() -> None:
+        assert await cache.read(version, 0, len(data)) == data
+        await cache.drain()
+        node.served_etag = "an-etag-of-version-a"
+        assert await passthrough.open(1, FileHandle(node, version)) == 0
+        assert passthrough.counts["checked"] == 0
+        node.served_etag = version.etag  # served this very version: passed through
+        assert await passthrough.open(2, FileHandle(node, version)) == 1
+        passthrough.release(2)
+
+    run_with(cache, body)
+
+
+def test_a_held_or_pinned_object_is_not_counted_again_against_the_held_bound(
+    tmp_path: Path,
+) -> None:
+    """An open of an object held already (a second inode of it: a retired node looked up
+    again) or pinned adds no held bytes: the bound does not refuse it (review of ed4df5f,
+    #5: ``over_held_ignores_kept`` survived, the first inode's opens never reach it)."""
+    store = MemoryStore()
+    one, two = os.urandom(2 * BS), os.urandom(2 * BS)
+    v1, v2 = version_of(store, "one", one), version_of(store, "two", two)
+    cache = make_cache(tmp_path, store)
+    ids = itertools.count(1)
+    passthrough = Passthrough(cache, lambda _fd: next(ids), lambda _id: None, held_max=2 * BS)
+    nodes = [
+        Node(ino=i, parent=1, name=v.key, key=v.key, is_dir=False, size=v.size, handles=1)
+        for i, v in ((5, v1), (6, v1), (7, v2))
+    ]
+
+    async def body() -> None:
+        for version, data in ((v1, one), (v2, two)):
+            assert await cache.read(version, 0, len(data)) == data
+        await cache.drain()
+        assert await passthrough.open(1, FileHandle(nodes[0], v1)) == 1  # 2 blocks held
+        assert await passthrough.open(2, FileHandle(nodes[1], v1)) == 1  # held: no more
+        assert passthrough.counts["over_held"] == 0 and cache.ledger.held_bytes == 2 * BS
+        cache.ledger.pin(v2.oid)  # pinned bytes are not held ones
+        assert await passthrough.open(3, FileHandle(nodes[2], v2)) == 2
+        assert passthrough.counts["over_held"] == 0
+        for fh in (1, 2, 3):
+            passthrough.release(fh)
+
+    run_with(cache, body)
+
+
+def test_room_for_counts_held_bytes_as_not_evictable(tmp_path: Path) -> None:
+    """Held blocks are never eviction victims, so they are no room for new blocks
+    (prefetch admission asks `room_for`); review of ed4df5f, #5: ``room_ignores_held``
+    survived."""
+    store = MemoryStore()
+    data = os.urandom(3 * BS)
+    version = version_of(store, "k", data)
+    cache = make_cache(tmp_path, store)
+    ledger = cache.ledger
+
+    async def body() -> None:
+        assert await cache.read(version, 0, len(data)) == data
+        await cache.drain()
+        bounds = Bounds(tmp_path, 3 * BS, 0)  # full: room is what eviction can take
+        assert ledger.room_for(BS, bounds) == (True, 3 * BS)
+        ledger.hold(version.oid)
+        assert ledger.room_for(BS, bounds) == (False, 0)
+        ledger.release(version.oid)
+        assert ledger.room_for(BS, bounds) == (True, 3 * BS)
+
+    run_with(cache, body)
+
+
+def test_a_background_check_registers_nothing_once_unmount_begins(tmp_path: Path) -> None:
+    """Unmount begins (`Passthrough.stop`) while a background check waits for the disk:
+    it reads no further and registers nothing (review of ed4df5f, #5: the three stop
+    mutations survived); the kept registration of a small file is closed at once (#1)."""
+    store = MemoryStore()
+    big, small = os.urandom(3 * BS), os.urandom(BS)
+    version, vs = version_of(store, "big", big), version_of(store, "small", small)
+    cache = make_cache(tmp_path, store)
+    registered: list[int] = []
+    closed: list[int] = []
+
+    def register(_fd: int) -> int:
+        registered.append(len(registered) + 1)
+        return len(registered)
+
+    passthrough = Passthrough(cache, register, closed.append, check_max=BS)
+    node = Node(ino=5, parent=1, name="big", key="big", is_dir=False, size=len(big), handles=1)
+    other = Node(ino=6, parent=1, name="small", key="small", is_dir=False, size=BS, handles=1)
+    limiter = cache.disk_limiter
+    borrowers = [object() for _ in range(int(limiter.total_tokens))]
+
+    async def body() -> None:
+        assert await cache.read(version, 0, len(big)) == big
+        assert await cache.read(vs, 0, BS) == small
+        await cache.drain()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(passthrough.run)
+            assert await passthrough.open(9, FileHandle(other, vs)) == 1
+            passthrough.release(9)  # kept
+            for borrower in borrowers:  # the disk is busy: the check waits for it
+                limiter.acquire_on_behalf_of_nowait(borrower)
+            assert await passthrough.open(1, FileHandle(node, version)) == 0  # deferred
+            passthrough.release(1)
+            await trio.testing.wait_all_tasks_blocked()
+            assert limiter.statistics().tasks_waiting == 1  # the background check
+            passthrough.stop()
+            assert closed == [1]  # the small file's kept registration
+            for borrower in borrowers:
+                limiter.release_on_behalf_of(borrower)
+            await passthrough.drain()
+            assert registered == [1] and passthrough.describe()["kept"] == 0
+            assert cache.ledger.held_bytes == 0
+            nursery.cancel_scope.cancel()
+
+    run_with(cache, body)
+
+
 def flip_byte(path: Path, offset: int) -> None:
     with open(path, "r+b") as f:
         f.seek(offset)
