@@ -331,6 +331,12 @@ class Ledger:
         room = min(bounds.cache_size - self._used, free - bounds.min_free) + evictable
         return nbytes <= room, max(0, room)
 
+    def disk_room(self, bounds: Bounds) -> int:
+        """What the cache can hold: --cache-size, or less where --min-free leaves the disk
+        less room (its free bytes as last sampled, `FreeSpace`: no statvfs per call)."""
+        disk = self._used + self._free.free(bounds) - bounds.min_free
+        return max(0, min(bounds.cache_size, disk))
+
     def reserve(
         self, nbytes: int, bounds: Bounds, *, on_disk: bool = False
     ) -> tuple[list[Victim], bool]:

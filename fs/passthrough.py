@@ -16,7 +16,8 @@ Never zeros, never wrong bytes:
   its OPEN (a big file opened for a few bytes paid a read of all of it): that open
   takes the FUSE path, and a background check (BACKGROUND_CHECKS at a time, under
   the disk limiter, stopped at unmount) registers it, kept, for the next open;
-- held bytes are bounded (``held_max``, half of ``--cache-size``): held blocks
+- held bytes are bounded (``held_max``: half of what the cache can hold at the
+  decision, ``--cache-size`` or less where ``--min-free`` leaves less): held blocks
   cannot be evicted, so long-lived readers (data loaders, mmapped shards) could
   otherwise hold the whole cache and leave the FUSE path's fetches and prefetch no
   room; half leaves the other half to the LRU. An open that would go over it (or a
@@ -55,9 +56,8 @@ import trio
 from s3cachefs.cache.blockcache import BlockCache
 from s3cachefs.cache.blocks import ObjectVersion
 from s3cachefs.cache.ledger import Record
-from s3cachefs.fs import passthroughkept
+from s3cachefs.fs import passthroughcheck, passthroughkept
 from s3cachefs.fs.nodes import FileHandle
-from s3cachefs.fs.passthroughcheck import verified_fd
 from s3cachefs.fs.passthroughkept import Registration
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ class Passthrough:
         self.ledger = cache.ledger
         self.register = register  # fd -> backing id (pyfuse3.passthrough_open)
         self.check_max = check_max  # bigger files are checked in the background
-        self.held_max = cache.cache_size // 2 if held_max is None else held_max
+        self.held_max = held_max  # None: half of what the cache can hold (`_over_held`)
         self.enabled = True
         self.asked = asked  # --passthrough given: turning off is a warning, else info
         self.why_off: str | None = None
@@ -253,10 +253,15 @@ class Passthrough:
             self._nursery.start_soon(self.cache.free, {oid})
 
     def _over_held(self, version: ObjectVersion) -> bool:
-        """Whether holding ``version`` would take the held bytes over ``held_max``."""
+        """Whether holding ``version`` would take the held bytes over ``held_max``: half
+        of what the cache can hold now (review #6: where the disk binds before
+        --cache-size, half of --cache-size could be all the cache that fits)."""
         ledger = self.ledger
         held = ledger.held_bytes
-        return not ledger.is_kept(version.oid) and held + version.size > self.held_max
+        held_max = self.held_max
+        if held_max is None:
+            held_max = ledger.disk_room(self.cache.bounds) // 2
+        return not ledger.is_kept(version.oid) and held + version.size > held_max
 
     def _check_later(self, version: ObjectVersion) -> None:
         """Check ``version``'s file in the background (one at a time per oid), so that a
@@ -297,36 +302,62 @@ class Passthrough:
         register that descriptor: its backing id, kept; 0 if it is not passed through."""
         crcs, taken = dict(record.blocks), record.taken
         path = str(self.cache.object_path(version.oid))
+        size, bs = version.size, self.cache.block_size
+        nblocks, per = -(-size // bs), max(1, passthroughcheck.CHECK_CHUNK // bs)
         self.counts["checked"] += 1
-        try:
+        try:  # the first chunk in the call that opens it: one thread call for a small file
             fd, identity = await trio.to_thread.run_sync(
-                verified_fd,
-                path,
-                version.size,
-                self.cache.block_size,
-                crcs,
-                self._stop,
+                passthroughcheck.verified_fd, path, size, bs, crcs, min(per, nblocks),
                 limiter=self.cache.disk_limiter,
-            )
+            )  # fmt: skip
         except OSError as exc:
             log.warning("passthrough: cannot open %s: %s", version.key, exc.strerror)
             return 0
         if fd is None:  # a block failed its CRC: the FUSE path reads, drops and refetches it
             return 0
         try:
-            if self.ledger.record(version.oid) is not record or record.taken != taken:
-                return 0  # a block was dropped while it was read (held: not evicted)
+            passed = await self._rest_passes(fd, version, crcs, range(per, nblocks, per))
+            # Not after a block was dropped while it was read (held: not evicted), nor once
+            # unmounting.
+            current = self.ledger.record(version.oid) is record and record.taken == taken
+            backing_id = self._register(fd) if passed and current else 0
+        finally:
+            os.close(fd)  # the kernel holds its own reference
+        if backing_id:
+            kept = Registration(backing_id, record, taken, identity, path, trio.current_time())
+            self._kept.add(version.oid, kept, (b.oid for b in self._inodes.values()))
+        return backing_id
+
+    async def _rest_passes(
+        self, fd: int, version: ObjectVersion, crcs: dict[int, int], firsts: range
+    ) -> bool:
+        """Whether the chunks from each of ``firsts`` pass, one thread call (and one disk
+        token) each: a multi-GiB file takes no token for its whole read; False once
+        unmount begins."""
+        size, bs = version.size, self.cache.block_size
+        nblocks = -(-size // bs)
+        for first in firsts:
             if self._stop.is_set():
-                return 0  # unmounting
-            backing_id = self.register(fd)
+                return False
+            last = min(first + firsts.step, nblocks)
+            try:
+                if not await trio.to_thread.run_sync(
+                    passthroughcheck.blocks_pass, fd, size, bs, crcs, first, last,
+                    limiter=self.cache.disk_limiter,
+                ):  # fmt: skip
+                    return False
+            except OSError as exc:
+                log.warning("passthrough: cannot read %s: %s", version.key, exc.strerror)
+                return False
+        return not self._stop.is_set()
+
+    def _register(self, fd: int) -> int:
+        """``fd``'s backing id; 0 if registering fails (then passthrough turns off)."""
+        try:
+            return self.register(fd)
         except OSError as exc:  # not root, the cache dir on overlayfs: stop trying
             self.turn_off(f"registering a backing file failed: {exc.strerror}")
             return 0
-        finally:
-            os.close(fd)  # the kernel holds its own reference
-        kept = Registration(backing_id, record, taken, identity, path, trio.current_time())
-        self._kept.add(version.oid, kept, (b.oid for b in self._inodes.values()))
-        return backing_id
 
     def turn_off(self, why: str) -> None:
         """No more opens pass through (one line: a warning if it was asked for)."""

@@ -20,6 +20,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pyfuse3
 import pytest
 import trio
@@ -30,7 +31,7 @@ from s3cachefs.cache.blocks import ObjectVersion
 from s3cachefs.cache.deleting import WHOLE
 from s3cachefs.cache.ledger import Bounds
 from s3cachefs.daemon.passthroughing import unavailable
-from s3cachefs.fs import passthroughkept
+from s3cachefs.fs import passthroughcheck, passthroughkept
 from s3cachefs.fs.nodes import FileHandle, Node
 from s3cachefs.fs.passthrough import Passthrough
 from s3cachefs.fs.versions import VersionGuard
@@ -681,6 +682,95 @@ def test_an_open_that_would_hold_over_half_the_cache_reads_through_fuse(tmp_path
         assert cache.ledger.held_bytes == 0
         nodes[v2.oid].handles -= 1  # the FUSE-path handle closed
         assert await open_(4, v2) == 2
+
+    run_with(cache, body)
+
+
+def test_the_held_bound_is_half_of_what_the_disk_holds_above_min_free(tmp_path: Path) -> None:
+    """Where --min-free binds before --cache-size (a small disk), half of --cache-size can
+    be all the cache that fits: the bound is half of what the cache can hold at the
+    decision (review of ed4df5f, #6). An 8 MiB tmpfs, --cache-size 1 GiB, --min-free
+    leaving 32 blocks: an 18-block file is over the bound, a 4-block one is not."""
+    fs = tmp_path / "fs"
+    fs.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8M", "tmpfs", str(fs)], check=True)
+    try:
+        store = MemoryStore()
+        big, small = os.urandom(18 * BS), os.urandom(4 * BS)
+        vb, vs = version_of(store, "big", big), version_of(store, "small", small)
+        min_free = psutil.disk_usage(str(fs)).total - 32 * BS
+        cache = make_cache(fs / "cache", store, cache_size=1 << 30, min_free=min_free)
+        ids = itertools.count(1)
+        passthrough = Passthrough(cache, lambda _fd: next(ids), lambda _id: None)
+        nodes = [
+            Node(ino=i, parent=1, name=v.key, key=v.key, is_dir=False, size=v.size, handles=1)
+            for i, v in ((5, vb), (6, vs))
+        ]
+
+        async def body() -> None:
+            for version, data in ((vb, big), (vs, small)):
+                assert await cache.read(version, 0, len(data)) == data
+            await cache.drain()
+            assert cache.ledger.used == 22 * BS  # both cached, none evicted
+            assert await passthrough.open(1, FileHandle(nodes[0], vb)) == 0
+            assert passthrough.counts["over_held"] == 1
+            assert await passthrough.open(2, FileHandle(nodes[1], vs)) == 1
+            passthrough.release(2)
+
+        run_with(cache, body)
+        cache.close()
+    finally:
+        subprocess.run(["umount", "-l", str(fs)], check=False)
+
+
+def test_a_background_check_takes_a_disk_token_per_chunk_and_stops_between_two(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A background check reads CHECK_CHUNK per worker-thread call, each under its own
+    disk token (review of ed4df5f, #6: a whole multi-GiB file under one of the daemon's 8
+    tokens), and stops between two chunks once unmount begins."""
+    monkeypatch.setattr(passthroughcheck, "CHECK_CHUNK", BS)  # a chunk per block
+    store = MemoryStore()
+    big = os.urandom(4 * BS)
+    version = version_of(store, "big", big)
+    cache = make_cache(tmp_path, store)
+    registered: list[int] = []
+
+    def register(fd: int) -> int:
+        registered.append(fd)
+        return 1
+
+    passthrough = Passthrough(cache, register, lambda _id: None, check_max=BS)
+    node = Node(ino=5, parent=1, name="big", key="big", is_dir=False, size=len(big), handles=1)
+    limiter = cache.disk_limiter
+    borrowers = [object() for _ in range(int(limiter.total_tokens))]
+    got = trio.Event()
+
+    async def take_back() -> None:  # queued behind the check: its token comes back here
+        await limiter.acquire_on_behalf_of(borrowers[0])
+        got.set()
+
+    async def body() -> None:
+        assert await cache.read(version, 0, len(big)) == big
+        await cache.drain()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(passthrough.run)
+            for borrower in borrowers:
+                limiter.acquire_on_behalf_of_nowait(borrower)
+            assert await passthrough.open(1, FileHandle(node, version)) == 0  # deferred
+            passthrough.release(1)
+            await trio.testing.wait_all_tasks_blocked()
+            limiter.release_on_behalf_of(borrowers[0])  # the check's first chunk
+            nursery.start_soon(take_back)
+            await got.wait()  # the first chunk is read: its token was given back
+            await trio.testing.wait_all_tasks_blocked()
+            assert limiter.statistics().tasks_waiting == 1  # the check, for its second
+            passthrough.stop()
+            for borrower in borrowers:
+                limiter.release_on_behalf_of(borrower)
+            await passthrough.drain()
+            assert registered == [] and cache.ledger.held_bytes == 0
+            nursery.cancel_scope.cancel()
 
     run_with(cache, body)
 
