@@ -187,10 +187,14 @@ class Ledger:
         return sum(self.block_len(record.version, idx) for idx in blocks)
 
     def _oid_bytes(self, oid: str) -> int:
+        """Bytes of ``oid``'s blocks, in O(1): each hold and release (per open) asks."""
         record = self._objects.get(oid)
         if record is None:
             return 0
-        return sum(self.block_len(record.version, idx) for idx in record.blocks)
+        size, bs = record.version.size, self.block_size  # every block full but the last
+        last = -(-size // bs) - 1
+        short = bs - block_len(last, bs, size) if last in record.blocks else 0
+        return len(record.blocks) * bs - short
 
     def pin(self, oid: str) -> None:
         """Add one version to the pinned set (prefetch, per verified object)."""
@@ -332,8 +336,7 @@ class Ledger:
         return nbytes <= room, max(0, room)
 
     def disk_room(self, bounds: Bounds) -> int:
-        """What the cache can hold: --cache-size, or less where --min-free leaves the disk
-        less room (its free bytes as last sampled, `FreeSpace`: no statvfs per call)."""
+        """What the cache can hold: --cache-size, or less where --min-free binds (sampled)."""
         disk = self._used + self._free.free(bounds) - bounds.min_free
         return max(0, min(bounds.cache_size, disk))
 

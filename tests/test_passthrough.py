@@ -650,6 +650,33 @@ def test_held_bytes_are_counted_apart_from_pinned_ones(tmp_path: Path) -> None:
     run_with(cache, body)
 
 
+def test_held_bytes_of_a_partly_cached_object_count_its_short_last_block(
+    tmp_path: Path,
+) -> None:
+    """A hold counts an object's bytes on the books in O(1) (review of ed4df5f, #7: a sum
+    over its blocks per open): every block full-size but the version's last."""
+    store = MemoryStore()
+    data = os.urandom(3 * BS + 1000)
+    version = version_of(store, "k", data)
+    cache = make_cache(tmp_path, store)
+    ledger = cache.ledger
+
+    async def body() -> None:
+        for start, expected in ((3 * BS, 1000), (0, BS + 1000), (BS, 2 * BS + 1000)):
+            assert await cache.read(version, start, BS) == data[start : start + BS]
+            await cache.drain()
+            ledger.hold(version.oid)
+            assert ledger.held_bytes == expected == ledger.used
+            ledger.release(version.oid)
+        assert await cache.read(version, 0, len(data)) == data
+        await cache.drain()
+        ledger.hold(version.oid)
+        assert ledger.held_bytes == len(data)
+        ledger.release(version.oid)
+
+    run_with(cache, body)
+
+
 def test_an_open_that_would_hold_over_half_the_cache_reads_through_fuse(tmp_path: Path) -> None:
     """Held blocks cannot be evicted: holds are bounded (half of --cache-size), and an open
     that would go over takes the FUSE path (review #6: unbounded, readers could hold the
