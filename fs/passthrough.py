@@ -138,7 +138,7 @@ class Passthrough:
 
     def stop(self) -> None:
         """Unmount begins (a signal, `s3cachefs unmount`, the FUSE loop ended): nothing
-        is registered from now on, a check's thread ends at its next block, and every
+        is registered from now on, a check stops before its next chunk, and every
         kept registration no open inode uses is closed now, while the connection is
         ours. Kept, each would hold its cache file allocated (and flocked: never punched)
         for as long as any file of this mount stays open, past this daemon (review #1)."""
