@@ -204,11 +204,15 @@ class Integrity:
         return True
 
     async def free(self, oids: set[str]) -> int:
-        """Delete the cached data of these (unpinned) object versions; returns bytes freed."""
+        """Delete the cached data of these (unpinned) object versions; returns bytes freed.
+        A held one (a passthrough reader's) is freed at its last release instead: until
+        then the kernel keeps its blocks allocated, so they are not counted free now."""
         freed, gone = 0, []
         # Out of the ledger all at once, before any await: eviction (which punches holes)
         # never picks one of them meanwhile (a kernel-served link may still be open).
         for oid in oids - self.ledger.pinned:
+            if self.ledger.free_when_released(oid):
+                continue
             removed = self.ledger.remove(oid)
             if removed is not None:
                 gone.append((oid, *removed))

@@ -4,7 +4,9 @@ Pinned: a prefetched dataset's versions, never evicted; this is the pinned set's
 one owner (the pin store tells the ledger every change, `datasets.pins`). Held:
 counted holds, versions not evicted while held (a file the kernel reads itself,
 `fs.passthrough`, whose reader would see a punched block as zeros). A version both
-pinned and held counts as pinned. The bytes of each kind are kept as they change:
+pinned and held counts as pinned. A free of a held version waits for its last
+release (`free_when_released`): the kernel's reference keeps its blocks allocated
+until then, so they are not counted free before. The bytes of each kind are kept as they change:
 every room check asks, and summing them each time is O(cached blocks)
 (`cache.reuse`).
 
@@ -29,6 +31,7 @@ class Keeping:
         self.held: Counter[str] = Counter()
         self.pinned_bytes = 0
         self.held_bytes = 0
+        self._free_at_release: set[str] = set()  # held oids a free waits for
 
     def __contains__(self, oid: object) -> bool:
         """Whether ``oid`` is out of the eviction order: pinned or held."""
@@ -58,14 +61,26 @@ class Keeping:
             self._move(oid, True)
             self.held_bytes += self._nbytes(oid)
 
-    def release(self, oid: str) -> None:
+    def release(self, oid: str) -> bool:
+        """One hold less; True at the last one of an oid a free waits for."""
         self.held[oid] -= 1
         if self.held[oid] > 0:
-            return
+            return False
         del self.held[oid]
         if oid not in self.pinned:
             self._move(oid, False)
             self.held_bytes -= self._nbytes(oid)
+        if oid in self._free_at_release:
+            self._free_at_release.discard(oid)
+            return True
+        return False
+
+    def free_when_released(self, oid: str) -> bool:
+        """Whether ``oid`` is held; if so, its last release says it is to be freed."""
+        if oid not in self.held:
+            return False
+        self._free_at_release.add(oid)
+        return True
 
     def set_pinned(self, oids: set[str]) -> None:
         for oid in self.pinned - oids:

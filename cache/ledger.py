@@ -187,10 +187,14 @@ class Ledger:
         return sum(self.block_len(record.version, idx) for idx in blocks)
 
     def _oid_bytes(self, oid: str) -> int:
+        """Bytes of ``oid``'s blocks, in O(1): each hold and release (per open) asks."""
         record = self._objects.get(oid)
         if record is None:
             return 0
-        return sum(self.block_len(record.version, idx) for idx in record.blocks)
+        size, bs = record.version.size, self.block_size  # every block full but the last
+        last = -(-size // bs) - 1
+        short = bs - block_len(last, bs, size) if last in record.blocks else 0
+        return len(record.blocks) * bs - short
 
     def pin(self, oid: str) -> None:
         """Add one version to the pinned set (prefetch, per verified object)."""
@@ -201,9 +205,15 @@ class Ledger:
         hold is released (`release`). A delete taken before may still be pending."""
         self._keeping.hold(oid)
 
-    def release(self, oid: str) -> None:
-        """One hold less; with the last, ``oid``'s blocks rejoin the LRU (unless pinned)."""
-        self._keeping.release(oid)
+    def release(self, oid: str) -> bool:
+        """One hold less; with the last, ``oid``'s blocks rejoin the LRU (unless pinned).
+        True if a free waited for it (`free_when_released`): the caller frees it now."""
+        return self._keeping.release(oid)
+
+    def free_when_released(self, oid: str) -> bool:
+        """Whether ``oid`` is held (the kernel reads its file: its blocks stay allocated
+        while it does); if so, it is to be freed at its last release, not now."""
+        return self._keeping.free_when_released(oid)
 
     def set_pinned(self, oids: set[str]) -> None:
         """Make exactly ``oids`` pinned: their blocks leave the LRU; unpinned ones rejoin it."""
@@ -324,6 +334,11 @@ class Ledger:
         free = bounds.disk_free()
         room = min(bounds.cache_size - self._used, free - bounds.min_free) + evictable
         return nbytes <= room, max(0, room)
+
+    def disk_room(self, bounds: Bounds) -> int:
+        """What the cache can hold: --cache-size, or less where --min-free binds (sampled)."""
+        disk = self._used + self._free.free(bounds) - bounds.min_free
+        return max(0, min(bounds.cache_size, disk))
 
     def reserve(
         self, nbytes: int, bounds: Bounds, *, on_disk: bool = False

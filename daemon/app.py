@@ -282,6 +282,8 @@ async def _serve(
             nursery.start_soon(offline.reconnect, daemon.store, daemon.s3_state, s3_limiter)
         await pyfuse3.main(max_tasks=FUSE_MAX_TASKS)
         notify("STOPPING=1", "STATUS=unmounting")
+        if daemon.ops.passthrough is not None:  # an external unmount: its checks stop now
+            daemon.ops.passthrough.stop()
         with trio.move_on_after(DRAIN_TIMEOUT):  # keep what was fetched: finish disk writes
             await daemon.cache.drain()
         nursery.cancel_scope.cancel()
@@ -324,6 +326,8 @@ async def _terminate_on_signal(daemon: Daemon) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
             log.info("signal=%s; unmounting", signal.Signals(signum).name)
+            if daemon.ops.passthrough is not None:  # kept registrations go before the unmount
+                daemon.ops.passthrough.stop()
             if daemon.kernel is not None:  # binds first, while the FUSE loop still answers
                 await daemon.kernel.stop(final=True)
             pyfuse3.terminate()

@@ -139,6 +139,8 @@ class Daemon:
                 "hit_ratio": round(hits / lookups, 4) if lookups else None,
                 "hits": hits,
                 "misses": counts["misses"],
+                "passthrough_opens": counts["passthrough_opens"],  # reads not in hits
+                "passthrough_bytes_opened": counts["passthrough_bytes_opened"],
                 "bytes_from_s3": counts["bytes_from_s3"],
                 "corrupt_blocks": counts["corrupt_blocks"],
                 "reused_objects": counts["reused_objects"],  # copied from the same content
@@ -316,13 +318,18 @@ class Daemon:
         }
 
     async def unbind(self, request: dict[str, Any], send: Send) -> dict[str, Any]:
-        """`s3cachefs unmount`: unmount the binds so that the FUSE mount can go."""
+        """`s3cachefs unmount`: unmount the binds so that the FUSE mount can go; kept
+        passthrough registrations go too (a lazy unmount under a reader)."""
+        if self.ops.passthrough is not None:
+            self.ops.passthrough.stop()
         if self.kernel is not None:
             await self.kernel.stop()
         return {"event": "done", "ok": True}
 
     async def rebind(self, request: dict[str, Any], send: Send) -> dict[str, Any]:
         """`s3cachefs unmount` failed after `unbind` (busy): bind the datasets again."""
+        if self.ops.passthrough is not None:
+            self.ops.passthrough.resume()
         if self.kernel is not None:
             await self.kernel.resume()
         return {"event": "done", "ok": True}

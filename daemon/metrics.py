@@ -161,6 +161,16 @@ def _daemon_metrics(snap: Snapshot) -> Iterator[Metric]:
         ),
         ("s3cachefs_cache_bytes_from_s3", "bytes_from_s3", "Bytes fetched from S3"),
         ("s3cachefs_cache_evictions", "evictions", "Blocks evicted"),
+        (
+            "s3cachefs_cache_passthrough_opens",
+            "passthrough_opens",
+            "Opens of complete cached files the kernel reads itself (their reads: no hits)",
+        ),
+        (
+            "s3cachefs_cache_passthrough_bytes_opened",
+            "passthrough_bytes_opened",
+            "File sizes of the opens passed through",
+        ),
         ("s3cachefs_cache_corrupt_blocks", "corrupt_blocks", "Blocks that failed their CRC"),
         ("s3cachefs_cache_disk_errors", "disk_errors", "Failed cache writes"),
         (

@@ -16,16 +16,15 @@ Never zeros, never wrong bytes:
   its OPEN (a big file opened for a few bytes paid a read of all of it): that open
   takes the FUSE path, and a background check (BACKGROUND_CHECKS at a time, under
   the disk limiter, stopped at unmount) registers it, kept, for the next open;
-- held bytes are bounded (``held_max``, half of ``--cache-size``): held blocks
+- held bytes are bounded (``held_max``: half of what the cache can hold at the
+  decision, ``--cache-size`` or less where ``--min-free`` leaves less): held blocks
   cannot be evicted, so long-lived readers (data loaders, mmapped shards) could
   otherwise hold the whole cache and leave the FUSE path's fetches and prefetch no
   room; half leaves the other half to the LRU. An open that would go over it (or a
   background check) takes the FUSE path;
-- a registration outlives its handles (kept, up to KEEP_MAX, least recently used
-  first out), unheld: the next open re-uses it only if, under a new hold, the ledger
-  has every block, its record is the one checked and none of its blocks was taken
-  off the books since (`Record.taken`: eviction and drops count), and the cache file
-  at its path is the inode checked, same size and times. Else it is checked anew.
+- a registration outlives its handles (kept, `fs.passthroughkept`), unheld: the
+  next open re-uses it only if the file is still as checked; kept ones go at a stop
+  and when idle (a kept file outlives a kill -9 while any file of the mount is open).
 
 The kernel's rules shape the bookkeeping (fs/fuse/iomode.c, Linux >= 6.9):
 - one backing file per inode: every handle of an inode passing through shares
@@ -49,7 +48,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -58,13 +56,12 @@ import trio
 from s3cachefs.cache.blockcache import BlockCache
 from s3cachefs.cache.blocks import ObjectVersion
 from s3cachefs.cache.ledger import Record
+from s3cachefs.fs import passthroughcheck, passthroughkept
 from s3cachefs.fs.nodes import FileHandle
-from s3cachefs.fs.passthroughcheck import Identity, identity_of, verified_fd
+from s3cachefs.fs.passthroughkept import Registration
 
 log = logging.getLogger(__name__)
 
-# Registrations kept for the next open: a kernel file reference each (no descriptor).
-KEEP_MAX = 4096
 # Big files checked in the background at once (each reads its file whole), and waiting
 # at most (more are dropped: a later open asks again).
 BACKGROUND_CHECKS = 2
@@ -80,16 +77,6 @@ class Backing:
     handles: int = 1
 
 
-@dataclass
-class Kept:
-    """A checked, registered cache file; valid while the ledger took none of its blocks."""
-
-    backing_id: int
-    record: Record
-    taken: int
-    identity: Identity
-
-
 class Passthrough:
     """Backing ids of passed-through inodes, registered and closed by given callables."""
 
@@ -99,7 +86,7 @@ class Passthrough:
         register: Callable[[int], int],
         unregister: Callable[[int], None],
         *,
-        keep_max: int = KEEP_MAX,
+        keep_max: int = passthroughkept.KEEP_MAX,
         check_max: int = 1 << 62,
         held_max: int | None = None,
         asked: bool = False,
@@ -107,18 +94,15 @@ class Passthrough:
         self.cache = cache
         self.ledger = cache.ledger
         self.register = register  # fd -> backing id (pyfuse3.passthrough_open)
-        self.unregister = unregister  # backing id -> None (pyfuse3.passthrough_close)
-        self.keep_max = keep_max
         self.check_max = check_max  # bigger files are checked in the background
-        self.held_max = cache.cache_size // 2 if held_max is None else held_max
+        self.held_max = held_max  # None: half of what the cache can hold (`_over_held`)
         self.enabled = True
         self.asked = asked  # --passthrough given: turning off is a warning, else info
         self.why_off: str | None = None
         self._inodes: dict[int, Backing] = {}
         self._by_fh: dict[int, int] = {}  # fh -> inode, handles passed through
         self._settling: dict[int | str, trio.Event] = {}  # inode, oid -> an open settling
-        self._refs: Counter[int] = Counter()  # backing id -> kept (1) + inodes using it
-        self._kept: OrderedDict[str, Kept] = OrderedDict()  # oid -> checked, registered
+        self._kept = passthroughkept.Kept(unregister, keep_max)  # and every id's count
         # Background checks: waiting or running (oids); their nursery (`run`); set at
         # unmount, it stops a check's read between two blocks.
         self._later: set[str] = set()
@@ -138,18 +122,40 @@ class Passthrough:
         registration goes (its id stays while an open inode uses it). Kept, the kernel
         would hold the file on the disk (and its flock would keep eviction's punch away)
         while the ledger counts its room free."""
-        self._forget(oid)  # an inode using its id keeps it registered
+        self._kept.forget(oid)  # an inode using its id keeps it registered
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Own the nursery background checks run in, until cancelled (unmount)."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            nursery.start_soon(self._sweep)
             task_status.started()
             try:
                 await trio.sleep_forever()
             finally:
                 self._nursery = None
-                self._stop.set()  # a check's thread ends at its next block
+                self.stop()
+
+    def stop(self) -> None:
+        """Unmount begins (a signal, `s3cachefs unmount`, the FUSE loop ended): nothing
+        is registered from now on, a check stops before its next chunk, and every
+        kept registration no open inode uses is closed now, while the connection is
+        ours. Kept, each would hold its cache file allocated (and flocked: never punched)
+        for as long as any file of this mount stays open, past this daemon (review #1)."""
+        self._stop.set()
+        self._kept.close_unused()
+
+    async def _sweep(self) -> None:
+        """Close kept registrations idle over KEEP_IDLE (review #1b: a kill -9 cannot
+        close them; this bounds what it leaves the kernel)."""
+        while True:
+            await trio.sleep(passthroughkept.KEEP_IDLE / 4)
+            before = trio.current_time() - passthroughkept.KEEP_IDLE
+            self._kept.close_idle(before, (b.oid for b in self._inodes.values()))
+
+    def resume(self) -> None:
+        """The unmount failed (busy): registering again."""
+        self._stop.clear()
 
     def describe(self) -> dict[str, int | bool | str | None]:
         """For `status --json`."""
@@ -188,6 +194,9 @@ class Passthrough:
                 return 0
         self._by_fh[fh] = node.ino
         self.counts["opens"] += 1
+        # Its reads are not counted as hits (the daemon sees none): its opens are.
+        self.cache.stats.counts["passthrough_opens"] += 1
+        self.cache.stats.counts["passthrough_bytes_opened"] += handle.version.size
         # The kernel reads it without a READ here: served, as a READ marks it
         # (`VersionGuard.served`): never re-bound in place to another version.
         node.served_etag = handle.version.etag
@@ -203,8 +212,9 @@ class Passthrough:
         backing.handles -= 1
         if backing.handles == 0:
             del self._inodes[ino]
-            self._unref(backing.backing_id)
-            self.ledger.release(backing.oid)
+            self._kept.idle_from_now(backing.oid)
+            self._kept.unref(backing.backing_id)
+            self._release(backing.oid)
 
     async def _start(self, ino: int, version: ObjectVersion) -> Backing | None:
         """Hold, check and register ``version``'s cache file for inode ``ino``."""
@@ -218,7 +228,8 @@ class Passthrough:
             await self.ledger.deleting.settled([(oid, None)])
             record = self.ledger.record(oid)
             if record is not None and self._complete(version):
-                backing_id = self._reuse(oid, record)
+                backing_id = self._kept.reuse(oid, record)
+                self.counts["reused"] += bool(backing_id)
                 if not backing_id and version.size <= self.check_max:
                     backing_id = await self._check(version, record)
                 elif not backing_id:
@@ -228,19 +239,29 @@ class Passthrough:
             del self._settling[ino], self._settling[oid]
             done.set()
             if not backing_id:
-                self.ledger.release(oid)
+                self._release(oid)
         if not backing_id:
             self.counts["refused"] += 1
             return None
-        self._refs[backing_id] += 1
+        self._kept.refs[backing_id] += 1
         backing = self._inodes[ino] = Backing(backing_id, oid)
         return backing
 
+    def _release(self, oid: str) -> None:
+        """One hold of ``oid`` less; a free that waited for its last one runs now."""
+        if self.ledger.release(oid) and self._nursery is not None:
+            self._nursery.start_soon(self.cache.free, {oid})
+
     def _over_held(self, version: ObjectVersion) -> bool:
-        """Whether holding ``version`` would take the held bytes over ``held_max``."""
+        """Whether holding ``version`` would take the held bytes over ``held_max``: half
+        of what the cache can hold now (review #6: where the disk binds before
+        --cache-size, half of --cache-size could be all the cache that fits)."""
         ledger = self.ledger
         held = ledger.held_bytes
-        return not ledger.is_kept(version.oid) and held + version.size > self.held_max
+        held_max = self.held_max
+        if held_max is None:
+            held_max = ledger.disk_room(self.cache.bounds) // 2
+        return not ledger.is_kept(version.oid) and held + version.size > held_max
 
     def _check_later(self, version: ObjectVersion) -> None:
         """Check ``version``'s file in the background (one at a time per oid), so that a
@@ -261,12 +282,11 @@ class Passthrough:
                 try:
                     await self.ledger.deleting.settled([(oid, None)])
                     record = self.ledger.record(oid)
-                    if record is not None and self._complete(version):
-                        kept = self._kept.get(oid)
-                        if kept is None or not self._valid(kept, oid, record):
-                            await self._check(version, record)
+                    fresh = record is not None and self._complete(version)
+                    if fresh and record is not None and not self._kept.valid(oid, record):
+                        await self._check(version, record)
                 finally:
-                    self.ledger.release(oid)
+                    self._release(oid)
         finally:
             self._later.discard(oid)
             self._later_ended.set()
@@ -277,66 +297,67 @@ class Passthrough:
         while self._later:
             await self._later_ended.wait()
 
-    def _valid(self, kept: Kept, oid: str, record: Record) -> bool:
-        """Whether a kept registration's file is still as it was checked."""
-        try:  # a stat of a cached dentry: no disk I/O
-            now = identity_of(os.stat(self.cache.object_path(oid)))
-        except OSError:
-            return False
-        return kept.record is record and kept.taken == record.taken and now == kept.identity
-
-    def _reuse(self, oid: str, record: Record) -> int:
-        """The kept registration of ``oid`` if its file is still as checked, else 0."""
-        kept = self._kept.get(oid)
-        if kept is None:
-            return 0
-        if self._valid(kept, oid, record):
-            self._kept.move_to_end(oid)
-            self.counts["reused"] += 1
-            return kept.backing_id
-        self._forget(oid)
-        return 0
-
     async def _check(self, version: ObjectVersion, record: Record) -> int:
         """Read every block of ``version``'s file through one descriptor, check its CRC,
         register that descriptor: its backing id, kept; 0 if it is not passed through."""
         crcs, taken = dict(record.blocks), record.taken
         path = str(self.cache.object_path(version.oid))
+        size, bs = version.size, self.cache.block_size
+        nblocks, per = -(-size // bs), max(1, passthroughcheck.CHECK_CHUNK // bs)
         self.counts["checked"] += 1
-        try:
+        try:  # the first chunk in the call that opens it: one thread call for a small file
             fd, identity = await trio.to_thread.run_sync(
-                verified_fd,
-                path,
-                version.size,
-                self.cache.block_size,
-                crcs,
-                self._stop,
+                passthroughcheck.verified_fd, path, size, bs, crcs, min(per, nblocks),
                 limiter=self.cache.disk_limiter,
-            )
+            )  # fmt: skip
         except OSError as exc:
             log.warning("passthrough: cannot open %s: %s", version.key, exc.strerror)
             return 0
         if fd is None:  # a block failed its CRC: the FUSE path reads, drops and refetches it
             return 0
         try:
-            if self.ledger.record(version.oid) is not record or record.taken != taken:
-                return 0  # a block was dropped while it was read (held: not evicted)
+            passed = await self._rest_passes(fd, version, crcs, range(per, nblocks, per))
+            # Not after a block was dropped while it was read (held: not evicted), nor once
+            # unmounting.
+            current = self.ledger.record(version.oid) is record and record.taken == taken
+            backing_id = self._register(fd) if passed and current else 0
+        finally:
+            os.close(fd)  # the kernel holds its own reference
+        if backing_id:
+            kept = Registration(backing_id, record, taken, identity, path, trio.current_time())
+            self._kept.add(version.oid, kept, (b.oid for b in self._inodes.values()))
+        return backing_id
+
+    async def _rest_passes(
+        self, fd: int, version: ObjectVersion, crcs: dict[int, int], firsts: range
+    ) -> bool:
+        """Whether the chunks from each of ``firsts`` pass, one thread call (and one disk
+        token) each: a multi-GiB file takes no token for its whole read; False once
+        unmount begins."""
+        size, bs = version.size, self.cache.block_size
+        nblocks = -(-size // bs)
+        for first in firsts:
             if self._stop.is_set():
-                return 0  # unmounting
-            backing_id = self.register(fd)
+                return False
+            last = min(first + firsts.step, nblocks)
+            try:
+                if not await trio.to_thread.run_sync(
+                    passthroughcheck.blocks_pass, fd, size, bs, crcs, first, last,
+                    limiter=self.cache.disk_limiter,
+                ):  # fmt: skip
+                    return False
+            except OSError as exc:
+                log.warning("passthrough: cannot read %s: %s", version.key, exc.strerror)
+                return False
+        return not self._stop.is_set()
+
+    def _register(self, fd: int) -> int:
+        """``fd``'s backing id; 0 if registering fails (then passthrough turns off)."""
+        try:
+            return self.register(fd)
         except OSError as exc:  # not root, the cache dir on overlayfs: stop trying
             self.turn_off(f"registering a backing file failed: {exc.strerror}")
             return 0
-        finally:
-            os.close(fd)  # the kernel holds its own reference
-        self._forget(version.oid)
-        self._kept[version.oid] = Kept(backing_id, record, taken, identity)
-        self._refs[backing_id] += 1
-        in_use = {b.oid for b in self._inodes.values()} | {version.oid}
-        extra = len(self._kept) - self.keep_max
-        for old in [o for o in self._kept if o not in in_use][: max(0, extra)]:
-            self._forget(old)
-        return backing_id
 
     def turn_off(self, why: str) -> None:
         """No more opens pass through (one line: a warning if it was asked for)."""
@@ -346,23 +367,9 @@ class Passthrough:
         level = logging.WARNING if self.asked else logging.INFO
         log.log(level, "passthrough off: %s; files are read through FUSE", why)
 
-    def _forget(self, oid: str) -> None:
-        """Let a kept registration go (its id stays while an inode uses it)."""
-        kept = self._kept.pop(oid, None)
-        if kept is not None:
-            self._unref(kept.backing_id)
-
-    def _unref(self, backing_id: int) -> None:
-        """One use of ``backing_id`` less; the last closes it."""
-        self._refs[backing_id] -= 1
-        if self._refs[backing_id] > 0:
-            return
-        del self._refs[backing_id]
-        try:
-            self.unregister(backing_id)
-        except OSError as exc:
-            log.warning("passthrough: closing backing id failed: %s", exc.strerror)
-
     def _complete(self, version: ObjectVersion) -> bool:
-        ledger = self.ledger
-        return version.size > 0 and version.oid in ledger and not ledger.missing_blocks(version)
+        """Whether the ledger has every block: a count, not a walk over the blocks (a
+        record's blocks are its version's, so as many as it has means all)."""
+        record = self.ledger.record(version.oid)
+        nblocks = -(-version.size // self.ledger.block_size)
+        return nblocks > 0 and record is not None and len(record.blocks) == nblocks
