@@ -248,8 +248,9 @@ class Passthrough:
         return backing
 
     def _release(self, oid: str) -> None:
-        """One hold of ``oid`` less; a free that waited for its last one runs now."""
-        if self.ledger.release(oid) and self._nursery is not None:
+        """One hold of ``oid`` less; a free that waited for its last one runs now (its
+        blocks stay out of the LRU until it does; with no nursery they rejoin it)."""
+        if self.ledger.release(oid, self._nursery is not None) and self._nursery is not None:
             self._nursery.start_soon(self.cache.free, {oid})
 
     def _over_held(self, version: ObjectVersion) -> bool:

@@ -295,6 +295,58 @@ def test_a_free_of_a_passed_through_file_waits_for_its_last_release(tmp_path: Pa
     run_with(cache, body)
 
 
+def test_a_deferred_free_keeps_the_blocks_out_of_the_eviction_order_until_it_runs(
+    tmp_path: Path,
+) -> None:
+    """The last release of an object a free waits for only starts the free (a task, one
+    scheduling step later): its blocks must not rejoin the LRU meanwhile (review of
+    43f360f, #1). A fetch's eviction runnable in that step would punch a file that a
+    reader of its hard link (kernel-served trees, read-serve) is promised is freed whole,
+    never punched; here no kept registration's flock keeps the punch away (a stop and a
+    resume: a busy `s3cachefs unmount`). The sync `reserve` after the release stands for
+    that fetch, its `Disk.evict` for the punch that races the free's unlink."""
+    store = MemoryStore()
+    data = os.urandom(4 * BS)
+    version = version_of(store, "k", data)
+    cache = make_cache(tmp_path, store, cache_size=4 * BS)
+    kernel: dict[int, int] = {}
+
+    def register(fd: int) -> int:
+        kernel[len(kernel) + 1] = os.dup(fd)  # the kernel's reference (and its flock)
+        return len(kernel)
+
+    passthrough = Passthrough(cache, register, lambda i: os.close(kernel.pop(i)), held_max=1 << 40)
+    node = Node(ino=5, parent=1, name="k", key="k", is_dir=False, size=len(data), handles=1)
+    path = cache.object_path(version.oid)
+
+    async def body() -> None:
+        assert await cache.read(version, 0, len(data)) == data
+        await cache.drain()
+        link = os.open(path, os.O_RDONLY)  # a kernel-tree reader of the hard link
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(passthrough.run)
+                assert await passthrough.open(1, FileHandle(node, version)) == 1
+                passthrough.stop()
+                passthrough.resume()  # the kept registration (and its flock) is gone
+                assert await cache.free({version.oid}) == 0  # deferred: held
+                passthrough.release(1)  # the last: the free is started, not run yet
+                victims, _fits = cache.ledger.reserve(BS, cache.bounds)
+                try:
+                    cache._disk.evict(victims)
+                finally:
+                    cache.ledger.evicted(victims)
+                assert victims == []
+                await trio.testing.wait_all_tasks_blocked()  # the free ran
+                assert version.oid not in cache.ledger and cache.ledger.used == 0
+                assert os.pread(link, len(data), 0) == data
+                nursery.cancel_scope.cancel()
+        finally:
+            os.close(link)
+
+    run_with(cache, body)
+
+
 def test_two_inodes_of_one_oid_are_settled_one_at_a_time(tmp_path: Path) -> None:
     """Opens of two inodes of one oid at once: the second waits for the first one's check
     and re-uses its registration; before, both checked, and the second one's check closed
