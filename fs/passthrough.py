@@ -138,7 +138,8 @@ class Passthrough:
 
     def stop(self) -> None:
         """Unmount begins (a signal, `s3cachefs unmount`, the FUSE loop ended): nothing
-        is registered from now on, a check stops before its next chunk, and every
+        is registered from now on (an open of an inode not passing through answers 0 at
+        once: no hold, no check), a check stops before its next chunk, and every
         kept registration no open inode uses is closed now, while the connection is
         ours. Kept, each would hold its cache file allocated (and flocked: never punched)
         for as long as any file of this mount stays open, past this daemon (review #1)."""
@@ -177,6 +178,7 @@ class Passthrough:
             backing.handles += 1
         elif (
             not self.enabled
+            or self._stop.is_set()  # unmounting: no hold, no check (review of 43f360f, #2)
             or handle.staged is not None
             or handle.fd is not None
             or handle.writable
@@ -268,7 +270,9 @@ class Passthrough:
         """Check ``version``'s file in the background (one at a time per oid), so that a
         later open re-uses its registration."""
         oid = version.oid
-        if self._nursery is None or oid in self._later or len(self._later) >= BACKGROUND_QUEUE:
+        if self._nursery is None or self._stop.is_set():  # unmounting
+            return
+        if oid in self._later or len(self._later) >= BACKGROUND_QUEUE:
             return
         self._later.add(oid)
         self._nursery.start_soon(self._background, version)
@@ -277,7 +281,7 @@ class Passthrough:
         oid = version.oid
         try:
             async with self._later_limiter:
-                if not self.enabled or self._over_held(version):
+                if not self.enabled or self._stop.is_set() or self._over_held(version):
                     return
                 self.ledger.hold(oid)  # as an open's check: nothing taken while it reads
                 try:

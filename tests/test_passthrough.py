@@ -347,6 +347,65 @@ def test_a_deferred_free_keeps_the_blocks_out_of_the_eviction_order_until_it_run
     run_with(cache, body)
 
 
+def test_after_a_stop_an_open_takes_the_fuse_path_at_once_but_an_inode_passing_through_keeps_its_id(
+    tmp_path: Path,
+) -> None:
+    """After `stop()` (a signal, `s3cachefs unmount`; for good if a lazy unmount left the
+    mount alive in another namespace) an open of an inode not passing through answers 0
+    at once: no hold, no check (review of 43f360f, #2: each open read and CRC'd the file
+    whole, then refused, and the FUSE path read it again). An inode already passing
+    through still gets its id: the kernel answers its opens with it."""
+    store = MemoryStore()
+    data = os.urandom(4 * BS)
+    version = version_of(store, "k", data)
+    other = version_of(store, "o", data[::-1])
+    cache = make_cache(tmp_path, store)
+    passthrough = Passthrough(cache, lambda _fd: 1, lambda _id: None)
+    node = Node(ino=5, parent=1, name="k", key="k", is_dir=False, size=len(data), handles=1)
+    onode = Node(ino=6, parent=1, name="o", key="o", is_dir=False, size=len(data), handles=1)
+
+    async def body() -> None:
+        assert await cache.read(version, 0, len(data)) == data
+        assert await cache.read(other, 0, len(data)) == data[::-1]
+        await cache.drain()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(passthrough.run)
+            assert await passthrough.open(1, FileHandle(node, version)) == 1
+            passthrough.stop()
+            assert await passthrough.open(2, FileHandle(onode, other)) == 0
+            assert passthrough.counts["checked"] == 1 and not cache.ledger.is_kept(other.oid)
+            node.handles += 1
+            assert await passthrough.open(3, FileHandle(node, version)) == 1  # passing through
+            passthrough.release(1)
+            passthrough.release(3)
+            nursery.cancel_scope.cancel()
+
+    run_with(cache, body)
+
+
+def test_a_failed_unmount_resumes_passthrough(tmp_path: Path) -> None:
+    """`rebind` after a busy unmount (`resume()`): opens pass through again."""
+    store = MemoryStore()
+    data = os.urandom(2 * BS)
+    version = version_of(store, "k", data)
+    cache = make_cache(tmp_path, store)
+    passthrough = Passthrough(cache, lambda _fd: 7, lambda _id: None)
+    node = Node(ino=5, parent=1, name="k", key="k", is_dir=False, size=len(data), handles=1)
+
+    async def body() -> None:
+        assert await cache.read(version, 0, len(data)) == data
+        await cache.drain()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(passthrough.run)
+            passthrough.stop()
+            passthrough.resume()
+            assert await passthrough.open(1, FileHandle(node, version)) == 7
+            passthrough.release(1)
+            nursery.cancel_scope.cancel()
+
+    run_with(cache, body)
+
+
 def test_two_inodes_of_one_oid_are_settled_one_at_a_time(tmp_path: Path) -> None:
     """Opens of two inodes of one oid at once: the second waits for the first one's check
     and re-uses its registration; before, both checked, and the second one's check closed
