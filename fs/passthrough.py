@@ -58,6 +58,7 @@ from s3cachefs.cache.blocks import ObjectVersion
 from s3cachefs.cache.ledger import Record
 from s3cachefs.fs import passthroughcheck, passthroughkept
 from s3cachefs.fs.nodes import FileHandle
+from s3cachefs.fs.passthroughcheck import Identity
 from s3cachefs.fs.passthroughkept import Registration
 
 log = logging.getLogger(__name__)
@@ -231,6 +232,8 @@ class Passthrough:
             record = self.ledger.record(oid)
             if record is not None and self._complete(version):
                 backing_id = self._kept.reuse(oid, record)
+                if not backing_id and (seen := self._kept.seen(oid, record)) is not None:
+                    backing_id = await self._check(version, record, seen.identity)
                 self.counts["reused"] += bool(backing_id)
                 if not backing_id and version.size <= self.check_max:
                     backing_id = await self._check(version, record)
@@ -302,17 +305,22 @@ class Passthrough:
         while self._later:
             await self._later_ended.wait()
 
-    async def _check(self, version: ObjectVersion, record: Record) -> int:
+    async def _check(
+        self, version: ObjectVersion, record: Record, known: Identity | None = None
+    ) -> int:
         """Read every block of ``version``'s file through one descriptor, check its CRC,
-        register that descriptor: its backing id, kept; 0 if it is not passed through."""
+        register that descriptor: its backing id, kept; 0 if it is not passed through.
+        With ``known`` (a check of this record whose registration was closed, `Kept.seen`):
+        no read, the descriptor's file must have that identity."""
         crcs, taken = dict(record.blocks), record.taken
         path = str(self.cache.object_path(version.oid))
         size, bs = version.size, self.cache.block_size
         nblocks, per = -(-size // bs), max(1, passthroughcheck.CHECK_CHUNK // bs)
-        self.counts["checked"] += 1
+        upto = 0 if known is not None else min(per, nblocks)
+        self.counts["checked"] += known is None
         try:  # the first chunk in the call that opens it: one thread call for a small file
             fd, identity = await trio.to_thread.run_sync(
-                passthroughcheck.verified_fd, path, size, bs, crcs, min(per, nblocks),
+                passthroughcheck.verified_fd, path, size, bs, crcs, upto,
                 limiter=self.cache.disk_limiter,
             )  # fmt: skip
         except OSError as exc:
@@ -321,7 +329,10 @@ class Passthrough:
         if fd is None:  # a block failed its CRC: the FUSE path reads, drops and refetches it
             return 0
         try:
-            passed = await self._rest_passes(fd, version, crcs, range(per, nblocks, per))
+            if known is not None:  # as checked: flocked now, so no punch comes after
+                passed = identity == known and not self._stop.is_set()
+            else:
+                passed = await self._rest_passes(fd, version, crcs, range(per, nblocks, per))
             # Not after a block was dropped while it was read (held: not evicted), nor once
             # unmounting.
             current = self.ledger.record(version.oid) is record and record.taken == taken

@@ -249,7 +249,8 @@ def test_a_kept_registration_unused_for_keep_idle_is_closed(
             release(2)
             await later(12)
             assert live == set() and passthrough.describe()["kept"] == 0  # idle 12 s: closed
-            assert await open_(3) == 2 and passthrough.counts["checked"] == 2  # checked anew
+            # Registered anew, the check's result re-used: no read (review of 43f360f, #3).
+            assert await open_(3) == 2 and passthrough.counts["checked"] == 1
             release(3)
             nursery.cancel_scope.cancel()
 
@@ -725,6 +726,53 @@ def test_a_big_file_is_checked_in_the_background_and_passed_through_at_the_next_
             nursery.cancel_scope.cancel()
 
     run_with(cache, body)
+
+
+def test_a_big_file_reopened_less_often_than_keep_idle_passes_through_without_a_new_read(
+    tmp_path: Path,
+) -> None:
+    """A file over check_max opened once per epoch, epochs longer than KEEP_IDLE (review
+    of 43f360f, #3): the sweep closes its registration, and each open took the FUSE path
+    and started another background whole-file read: no passthrough for big files, twice
+    the disk reads. The check's result outlives the close: the next open registers a
+    new descriptor of the same file, flocked, without reading it. A file changed on the
+    disk since (another identity) is not: checked anew."""
+    store = MemoryStore()
+    big = os.urandom(4 * BS)
+    version = version_of(store, "big", big)
+    cache = make_cache(tmp_path, store)
+    ids = itertools.count(1)
+    passthrough = Passthrough(cache, lambda _fd: next(ids), lambda _id: None, check_max=BS)
+    node = Node(ino=5, parent=1, name="big", key="big", is_dir=False, size=len(big))
+    clock = trio.testing.MockClock()
+
+    async def epoch(fh: int) -> int:
+        node.handles += 1
+        backing_id = await passthrough.open(fh, FileHandle(node, version))
+        passthrough.release(fh)
+        node.handles -= 1
+        await passthrough.drain()
+        clock.jump(80)  # the rest of the epoch: other files
+        await trio.testing.wait_all_tasks_blocked()  # the sweep ran
+        assert passthrough.describe()["kept"] == 0
+        return backing_id
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(cache.run)
+            await nursery.start(passthrough.run)
+            assert await cache.read(version, 0, len(big)) == big
+            await cache.drain()
+            got = [await epoch(fh) for fh in range(4)]
+            assert got == [0, 2, 3, 4]  # 1: the background check's, swept
+            assert passthrough.counts["checked"] == 1 and passthrough.counts["deferred"] == 1
+            path = cache.object_path(version.oid)
+            os.utime(path, ns=(1, 1))  # another identity: no trust in the old check
+            assert await epoch(4) == 0
+            assert passthrough.counts["checked"] == 2 and passthrough.counts["deferred"] == 2
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=clock)
 
 
 def test_held_bytes_are_counted_apart_from_pinned_ones(tmp_path: Path) -> None:
