@@ -321,7 +321,7 @@ class Daemon:
         """`s3cachefs unmount`: unmount the binds so that the FUSE mount can go; kept
         passthrough registrations go too (a lazy unmount under a reader)."""
         if self.ops.passthrough is not None:
-            self.ops.passthrough.stop()
+            self.ops.passthrough.stop("s3cachefs unmount")
         if self.kernel is not None:
             await self.kernel.stop()
         return {"event": "done", "ok": True}

@@ -137,7 +137,7 @@ class Passthrough:
                 self._nursery = None
                 self.stop()
 
-    def stop(self) -> None:
+    def stop(self, why: str = "unmount") -> None:
         """Unmount begins (a signal, `s3cachefs unmount`, the FUSE loop ended): nothing
         is registered from now on (an open of an inode not passing through answers 0 at
         once: no hold, no check), a check stops before its next chunk, and every
@@ -145,7 +145,10 @@ class Passthrough:
         ours. Kept, each would hold its cache file allocated (and flocked: never punched)
         for as long as any file of this mount stays open, past this daemon (review #1)."""
         self._stop.set()
+        kept = len(self._kept)
         self._kept.close_unused()
+        if kept:  # which stop let them go: the first one, before the unmount (tests)
+            log.info("passthrough stopped (%s): %d kept registrations let go", why, kept)
 
     async def _sweep(self) -> None:
         """Close kept registrations idle over KEEP_IDLE (review #1b: a kill -9 cannot

@@ -36,7 +36,7 @@ from s3cachefs.fs.nodes import FileHandle, Node
 from s3cachefs.fs.passthrough import Passthrough
 from s3cachefs.fs.versions import VersionGuard
 from s3cachefs.testing.memorystore import MemoryStore
-from tests.conftest import Bucket, Mount, Mounter, drop_page_cache, status
+from tests.conftest import Bucket, Mount, Mounter, drop_page_cache, run_cli, status
 from tests.test_blockcache import BS, make_cache, run_with, version_of
 from tests.test_kernelserve import free_port, wait_for
 
@@ -1373,6 +1373,32 @@ def test_a_stop_under_a_reader_closes_the_kept_registrations_before_the_unmount(
         if reader is not None:
             reader.close()
         subprocess.run(["umount", "-l", str(fs)], check=False)
+
+
+@pytest.mark.mount
+@pytest.mark.parametrize("how", ["signal", "s3cachefs unmount"])
+def test_a_signal_or_s3cachefs_unmount_lets_the_kept_registrations_go_before_the_unmount(
+    bucket: Bucket, mounter: Mounter, how: str
+) -> None:
+    """SIGTERM's handler and `s3cachefs unmount`'s unbind stop passthrough before the
+    unmount begins: the kept registrations go while the connection is surely ours (review
+    of 43f360f, #5: with both calls removed, the stop after the FUSE loop still closed
+    them, and no test told). The daemon's log says which stop let them go."""
+    objs = {f"o/{i}.bin": os.urandom(100_000) for i in range(3)}
+    bucket.put_many(objs)
+    mount = mounter(bucket.name, "--min-free", "0")
+    for _ in range(2):
+        for key, body in objs.items():
+            assert (mount.path / key).read_bytes() == body
+        settled(mount)
+    assert status(mount)["passthrough"]["kept"] == 3
+    if how == "signal":
+        mount.proc.send_signal(signal.SIGTERM)
+    else:
+        assert run_cli("unmount", str(mount.path)).returncode == 0
+    assert mount.proc.wait(timeout=60) == 0
+    lines = [ln for ln in mount.log_text().splitlines() if "passthrough stopped" in ln]
+    assert len(lines) == 1 and f"passthrough stopped ({how}): 3 kept" in lines[0], lines
 
 
 @pytest.mark.mount
