@@ -29,6 +29,7 @@ import trio.testing
 from s3cachefs.base.config import MountConfig
 from s3cachefs.cache.blocks import ObjectVersion
 from s3cachefs.cache.deleting import WHOLE
+from s3cachefs.cache.integrity import held_bytes
 from s3cachefs.cache.ledger import Bounds
 from s3cachefs.daemon.passthroughing import unavailable
 from s3cachefs.fs import passthroughcheck, passthroughkept
@@ -283,6 +284,8 @@ def test_a_free_of_a_passed_through_file_waits_for_its_last_release(tmp_path: Pa
         async with trio.open_nursery() as nursery:
             await nursery.start(passthrough.run)
             assert await passthrough.open(1, FileHandle(node, version)) == 1  # a reader
+            # What `evict` says waits for the reader (review of 43f360f, #4).
+            assert held_bytes(cache.ledger, {version.oid}) == len(data)
             assert await cache.free({version.oid}) == 0
             assert cache.ledger.used == cache.ledger.held_bytes == len(data) and path.exists()
             passthrough.release(1)  # the last one: the free runs
@@ -1399,6 +1402,29 @@ def test_a_signal_or_s3cachefs_unmount_lets_the_kept_registrations_go_before_the
     assert mount.proc.wait(timeout=60) == 0
     lines = [ln for ln in mount.log_text().splitlines() if "passthrough stopped" in ln]
     assert len(lines) == 1 and f"passthrough stopped ({how}): 3 kept" in lines[0], lines
+
+
+@pytest.mark.mount
+def test_evict_under_a_passthrough_reader_says_what_waits_for_its_last_close(
+    bucket: Bucket, mounter: Mounter
+) -> None:
+    """`evict DATASET` of a file a passthrough reader has open: its bytes are freed at
+    that reader's last close, not now; the answer and the CLI say how many (review of
+    43f360f, #4: `freed_bytes: 0` and nothing else)."""
+    body = os.urandom(300_000)
+    bucket.put("ds/one.bin", body)
+    mount = mounter(bucket.name, "--min-free", "0", "--no-kernel-serve-pinned")
+    assert run_cli("prefetch", "ds", "--mount", str(mount.path)).returncode == 0
+    with open(mount.path / "ds/one.bin", "rb") as reader:
+        assert reader.read(10) == body[:10]
+        assert status(mount)["passthrough"]["open_inodes"] == 1
+        result = run_cli("evict", "ds", "--mount", str(mount.path))
+        assert result.returncode == 0, result.stderr
+        assert "freed at their readers' last close" in result.stdout, result.stdout
+        assert f"deferred_bytes={len(body)}" in mount.log_text()
+        assert reader.read() == body[10:]
+    settled(mount)
+    assert status(mount)["cache"]["used_bytes"] == 0
 
 
 @pytest.mark.mount
