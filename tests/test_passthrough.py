@@ -932,6 +932,14 @@ def test_a_background_check_takes_a_disk_token_per_chunk_and_stops_between_two(
     passthrough = Passthrough(cache, register, lambda _id: None, check_max=BS)
     node = Node(ino=5, parent=1, name="big", key="big", is_dir=False, size=len(big), handles=1)
     limiter = cache.disk_limiter
+    firsts: list[int] = []  # the first block of each chunk read
+    blocks_pass = passthroughcheck.blocks_pass
+
+    def counted(fd: int, size: int, bs: int, crcs: dict[int, int], first: int, last: int) -> bool:
+        firsts.append(first)
+        return blocks_pass(fd, size, bs, crcs, first, last)
+
+    monkeypatch.setattr(passthroughcheck, "blocks_pass", counted)
     borrowers = [object() for _ in range(int(limiter.total_tokens))]
     got = trio.Event()
 
@@ -959,6 +967,9 @@ def test_a_background_check_takes_a_disk_token_per_chunk_and_stops_between_two(
                 limiter.release_on_behalf_of(borrower)
             await passthrough.drain()
             assert registered == [] and cache.ledger.held_bytes == 0
+            # The chunk waiting for its token when the stop came is read, no later one
+            # (review of 43f360f, #5: the stop test between chunks was not tested).
+            assert firsts == [0, 1]
             nursery.cancel_scope.cancel()
 
     run_with(cache, body)
