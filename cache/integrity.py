@@ -234,3 +234,10 @@ class Integrity:
         finally:
             self.ledger.deleting.end((oid, WHOLE) for oid, _, _ in gone[ran:])
         return freed
+
+
+def held_bytes(ledger: Ledger, oids: set[str]) -> int:
+    """Bytes of those of ``oids`` held and not pinned: what a free of them now leaves for
+    the last release (a passthrough reader's: `Integrity.free`), for `evict` to say."""
+    held = (ledger.record(o) for o in oids - ledger.pinned if ledger.is_kept(o))
+    return sum(ledger.block_len(r.version, i) for r in held if r is not None for i in r.blocks)

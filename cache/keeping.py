@@ -61,19 +61,23 @@ class Keeping:
             self._move(oid, True)
             self.held_bytes += self._nbytes(oid)
 
-    def release(self, oid: str) -> bool:
-        """One hold less; True at the last one of an oid a free waits for."""
+    def release(self, oid: str, can_free: bool = True) -> bool:
+        """One hold less; True at the last one of an oid a free waits for. Its blocks
+        then stay out of the LRU: the free runs a scheduling step later (a task), and an
+        eviction in between would punch a file a hard-link reader is promised is freed
+        whole (review of 43f360f, #1); the free takes them off the books. Unless the
+        caller cannot start a free (``can_free`` False): then they rejoin it now."""
         self.held[oid] -= 1
         if self.held[oid] > 0:
             return False
         del self.held[oid]
+        free = oid in self._free_at_release and can_free
+        self._free_at_release.discard(oid)
         if oid not in self.pinned:
-            self._move(oid, False)
+            if not free:
+                self._move(oid, False)
             self.held_bytes -= self._nbytes(oid)
-        if oid in self._free_at_release:
-            self._free_at_release.discard(oid)
-            return True
-        return False
+        return free
 
     def free_when_released(self, oid: str) -> bool:
         """Whether ``oid`` is held; if so, its last release says it is to be freed."""

@@ -205,10 +205,10 @@ class Ledger:
         hold is released (`release`). A delete taken before may still be pending."""
         self._keeping.hold(oid)
 
-    def release(self, oid: str) -> bool:
+    def release(self, oid: str, can_free: bool = True) -> bool:
         """One hold less; with the last, ``oid``'s blocks rejoin the LRU (unless pinned).
-        True if a free waited for it (`free_when_released`): the caller frees it now."""
-        return self._keeping.release(oid)
+        True if a free waited for it: the caller frees it now (`Keeping.release`)."""
+        return self._keeping.release(oid, can_free)
 
     def free_when_released(self, oid: str) -> bool:
         """Whether ``oid`` is held (the kernel reads its file: its blocks stay allocated

@@ -221,6 +221,8 @@ def cmd_evict(args: argparse.Namespace) -> int:
     record = find_daemon(args.mount, args.dataset)
     final = _last(request(record, {"op": "evict", "dataset": dataset_in(record, args.dataset)}))
     print(f"{final['dataset']}: unpinned, {human_bytes(final['freed_bytes'])} freed")
+    if final.get("deferred_bytes"):  # an older daemon does not say
+        print(f"{human_bytes(final['deferred_bytes'])} freed at their readers' last close")
     return EXIT_OK
 
 

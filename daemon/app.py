@@ -283,7 +283,7 @@ async def _serve(
         await pyfuse3.main(max_tasks=FUSE_MAX_TASKS)
         notify("STOPPING=1", "STATUS=unmounting")
         if daemon.ops.passthrough is not None:  # an external unmount: its checks stop now
-            daemon.ops.passthrough.stop()
+            daemon.ops.passthrough.stop("the FUSE loop ended")
         with trio.move_on_after(DRAIN_TIMEOUT):  # keep what was fetched: finish disk writes
             await daemon.cache.drain()
         nursery.cancel_scope.cancel()
@@ -327,7 +327,7 @@ async def _terminate_on_signal(daemon: Daemon) -> None:
         async for signum in signals:
             log.info("signal=%s; unmounting", signal.Signals(signum).name)
             if daemon.ops.passthrough is not None:  # kept registrations go before the unmount
-                daemon.ops.passthrough.stop()
+                daemon.ops.passthrough.stop("signal")
             if daemon.kernel is not None:  # binds first, while the FUSE loop still answers
                 await daemon.kernel.stop(final=True)
             pyfuse3.terminate()

@@ -15,6 +15,7 @@ import trio
 from s3cachefs.base.errors import ConfigError, S3CacheFSError, StoreError
 from s3cachefs.base.values import parse_shard
 from s3cachefs.cache.blockcache import BlockCache
+from s3cachefs.cache.integrity import held_bytes
 from s3cachefs.daemon import memory, passthroughing
 from s3cachefs.daemon.control import Handler, Send
 from s3cachefs.datasets.pins import Manifest, PinStore, Shard
@@ -321,7 +322,7 @@ class Daemon:
         """`s3cachefs unmount`: unmount the binds so that the FUSE mount can go; kept
         passthrough registrations go too (a lazy unmount under a reader)."""
         if self.ops.passthrough is not None:
-            self.ops.passthrough.stop()
+            self.ops.passthrough.stop("s3cachefs unmount")
         if self.kernel is not None:
             await self.kernel.stop()
         return {"event": "done", "ok": True}
@@ -345,14 +346,16 @@ class Daemon:
                 await self.kernel.release(manifest)
             self.pins.delete(manifest)
         self.core.pins_changed()
+        deferred = held_bytes(self.cache.ledger, oids)  # no await before the free: exact
         freed = await self.cache.free(oids)
-        log.info("evict dataset=%s freed_bytes=%d", prefix, freed)
+        log.info("evict dataset=%s freed_bytes=%d deferred_bytes=%d", prefix, freed, deferred)
         await trio.lowlevel.checkpoint()
         return {
             "event": "done",
             "ok": True,
             "dataset": self.dataset_name(prefix),
             "freed_bytes": freed,
+            "deferred_bytes": deferred,  # freed at a passthrough reader's last close
         }
 
     async def staged(self, request: dict[str, Any], send: Send) -> dict[str, Any]:

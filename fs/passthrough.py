@@ -58,6 +58,7 @@ from s3cachefs.cache.blocks import ObjectVersion
 from s3cachefs.cache.ledger import Record
 from s3cachefs.fs import passthroughcheck, passthroughkept
 from s3cachefs.fs.nodes import FileHandle
+from s3cachefs.fs.passthroughcheck import Identity
 from s3cachefs.fs.passthroughkept import Registration
 
 log = logging.getLogger(__name__)
@@ -136,14 +137,18 @@ class Passthrough:
                 self._nursery = None
                 self.stop()
 
-    def stop(self) -> None:
+    def stop(self, why: str = "unmount") -> None:
         """Unmount begins (a signal, `s3cachefs unmount`, the FUSE loop ended): nothing
-        is registered from now on, a check stops before its next chunk, and every
+        is registered from now on (an open of an inode not passing through answers 0 at
+        once: no hold, no check), a check stops before its next chunk, and every
         kept registration no open inode uses is closed now, while the connection is
         ours. Kept, each would hold its cache file allocated (and flocked: never punched)
         for as long as any file of this mount stays open, past this daemon (review #1)."""
         self._stop.set()
+        kept = len(self._kept)
         self._kept.close_unused()
+        if kept:  # which stop let them go: the first one, before the unmount (tests)
+            log.info("passthrough stopped (%s): %d kept registrations let go", why, kept)
 
     async def _sweep(self) -> None:
         """Close kept registrations idle over KEEP_IDLE (review #1b: a kill -9 cannot
@@ -177,6 +182,7 @@ class Passthrough:
             backing.handles += 1
         elif (
             not self.enabled
+            or self._stop.is_set()  # unmounting: no hold, no check (review of 43f360f, #2)
             or handle.staged is not None
             or handle.fd is not None
             or handle.writable
@@ -229,6 +235,8 @@ class Passthrough:
             record = self.ledger.record(oid)
             if record is not None and self._complete(version):
                 backing_id = self._kept.reuse(oid, record)
+                if not backing_id and (seen := self._kept.seen(oid, record)) is not None:
+                    backing_id = await self._check(version, record, seen.identity)
                 self.counts["reused"] += bool(backing_id)
                 if not backing_id and version.size <= self.check_max:
                     backing_id = await self._check(version, record)
@@ -248,8 +256,9 @@ class Passthrough:
         return backing
 
     def _release(self, oid: str) -> None:
-        """One hold of ``oid`` less; a free that waited for its last one runs now."""
-        if self.ledger.release(oid) and self._nursery is not None:
+        """One hold of ``oid`` less; a free that waited for its last one runs now (its
+        blocks stay out of the LRU until it does; with no nursery they rejoin it)."""
+        if self.ledger.release(oid, self._nursery is not None) and self._nursery is not None:
             self._nursery.start_soon(self.cache.free, {oid})
 
     def _over_held(self, version: ObjectVersion) -> bool:
@@ -267,7 +276,9 @@ class Passthrough:
         """Check ``version``'s file in the background (one at a time per oid), so that a
         later open re-uses its registration."""
         oid = version.oid
-        if self._nursery is None or oid in self._later or len(self._later) >= BACKGROUND_QUEUE:
+        if self._nursery is None or self._stop.is_set():  # unmounting
+            return
+        if oid in self._later or len(self._later) >= BACKGROUND_QUEUE:
             return
         self._later.add(oid)
         self._nursery.start_soon(self._background, version)
@@ -276,7 +287,7 @@ class Passthrough:
         oid = version.oid
         try:
             async with self._later_limiter:
-                if not self.enabled or self._over_held(version):
+                if not self.enabled or self._stop.is_set() or self._over_held(version):
                     return
                 self.ledger.hold(oid)  # as an open's check: nothing taken while it reads
                 try:
@@ -297,17 +308,22 @@ class Passthrough:
         while self._later:
             await self._later_ended.wait()
 
-    async def _check(self, version: ObjectVersion, record: Record) -> int:
+    async def _check(
+        self, version: ObjectVersion, record: Record, known: Identity | None = None
+    ) -> int:
         """Read every block of ``version``'s file through one descriptor, check its CRC,
-        register that descriptor: its backing id, kept; 0 if it is not passed through."""
+        register that descriptor: its backing id, kept; 0 if it is not passed through.
+        With ``known`` (a check of this record whose registration was closed, `Kept.seen`):
+        no read, the descriptor's file must have that identity."""
         crcs, taken = dict(record.blocks), record.taken
         path = str(self.cache.object_path(version.oid))
         size, bs = version.size, self.cache.block_size
         nblocks, per = -(-size // bs), max(1, passthroughcheck.CHECK_CHUNK // bs)
-        self.counts["checked"] += 1
+        upto = 0 if known is not None else min(per, nblocks)
+        self.counts["checked"] += known is None
         try:  # the first chunk in the call that opens it: one thread call for a small file
             fd, identity = await trio.to_thread.run_sync(
-                passthroughcheck.verified_fd, path, size, bs, crcs, min(per, nblocks),
+                passthroughcheck.verified_fd, path, size, bs, crcs, upto,
                 limiter=self.cache.disk_limiter,
             )  # fmt: skip
         except OSError as exc:
@@ -316,7 +332,10 @@ class Passthrough:
         if fd is None:  # a block failed its CRC: the FUSE path reads, drops and refetches it
             return 0
         try:
-            passed = await self._rest_passes(fd, version, crcs, range(per, nblocks, per))
+            if known is not None:  # as checked: flocked now, so no punch comes after
+                passed = identity == known and not self._stop.is_set()
+            else:
+                passed = await self._rest_passes(fd, version, crcs, range(per, nblocks, per))
             # Not after a block was dropped while it was read (held: not evicted), nor once
             # unmounting.
             current = self.ledger.record(version.oid) is record and record.taken == taken

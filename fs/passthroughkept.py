@@ -12,6 +12,11 @@ A kept registration is a kernel reference to its cache file (and its shared floc
 freed with the connection's backing-id table only: while any file of the mount
 stays open, even past this daemon. So they go at a stop (`Kept.close_unused`) and
 when idle: a kill -9 leaves the kernel at most those used in the last KEEP_IDLE.
+The check's result outlives such a close (`Kept.seen`, up to ``keep_max``): the next
+open registers a new descriptor of the same file, flocked, without reading it again
+(the same trust as a re-use); a file over --passthrough-check-max swept between two
+epochs lost passthrough for good, each open starting a background whole-file read
+(review of 43f360f, #3). A delete lets the result go as it does a registration.
 
 Runs on the trio thread; must not await.
 """
@@ -58,6 +63,8 @@ class Kept:
         self.keep_max = keep_max
         self.refs: Counter[int] = Counter()  # backing id -> kept (1) + inodes using it
         self.by_oid: OrderedDict[str, Registration] = OrderedDict()
+        # Checks whose registration a sweep or a stop closed (their backing ids are stale).
+        self.checked: OrderedDict[str, Registration] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self.by_oid)
@@ -67,13 +74,19 @@ class Kept:
 
     def valid(self, oid: str, record: Record) -> bool:
         """Whether ``oid``'s kept registration's file is still as it was checked."""
-        kept = self.by_oid.get(oid)
-        if kept is None or kept.record is not record or kept.taken != record.taken:
-            return False
-        try:  # a stat of a cached dentry: no disk I/O
-            return identity_of(os.stat(kept.path)) == kept.identity
-        except OSError:
-            return False
+        return as_checked(self.by_oid.get(oid), record)
+
+    def seen(self, oid: str, record: Record) -> Registration | None:
+        """``oid``'s check whose registration was closed (idle, a stop), if its file is
+        still as checked: a descriptor of it with that identity needs no read."""
+        checked = self.checked.get(oid)
+        if checked is None:
+            return None
+        if not as_checked(checked, record):
+            del self.checked[oid]
+            return None
+        self.checked.move_to_end(oid)
+        return checked
 
     def reuse(self, oid: str, record: Record) -> int:
         """The kept registration of ``oid`` if its file is still as checked, else 0."""
@@ -107,15 +120,26 @@ class Kept:
         """Let go of kept registrations unused since ``before`` (trio time)."""
         busy = set(in_use)
         for oid in [o for o, k in self.by_oid.items() if k.used < before and o not in busy]:
-            self.forget(oid)
+            self._close(oid)
 
     def close_unused(self) -> None:
         """Let go of every kept registration (an inode using its id keeps the id)."""
         for oid in list(self.by_oid):
-            self.forget(oid)
+            self._close(oid)
+
+    def _close(self, oid: str) -> None:
+        """Let a kept registration go, its check's result remembered (`seen`)."""
+        kept = self.by_oid.pop(oid)
+        self.unref(kept.backing_id)
+        self.checked[oid] = kept
+        self.checked.move_to_end(oid)
+        if len(self.checked) > self.keep_max:
+            self.checked.popitem(last=False)
 
     def forget(self, oid: str) -> None:
-        """Let a kept registration go (its id stays while an inode uses it)."""
+        """Let a kept registration go (its id stays while an inode uses it), and any
+        check's result remembered."""
+        self.checked.pop(oid, None)
         kept = self.by_oid.pop(oid, None)
         if kept is not None:
             self.unref(kept.backing_id)
@@ -130,3 +154,13 @@ class Kept:
             self.unregister(backing_id)
         except OSError as exc:
             log.warning("passthrough: closing backing id failed: %s", exc.strerror)
+
+
+def as_checked(checked: Registration | None, record: Record) -> bool:
+    """Whether the file ``checked`` is still as it was checked, for ``record``."""
+    if checked is None or checked.record is not record or checked.taken != record.taken:
+        return False
+    try:  # a stat of a cached dentry: no disk I/O
+        return identity_of(os.stat(checked.path)) == checked.identity
+    except OSError:
+        return False

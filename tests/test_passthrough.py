@@ -29,6 +29,7 @@ import trio.testing
 from s3cachefs.base.config import MountConfig
 from s3cachefs.cache.blocks import ObjectVersion
 from s3cachefs.cache.deleting import WHOLE
+from s3cachefs.cache.integrity import held_bytes
 from s3cachefs.cache.ledger import Bounds
 from s3cachefs.daemon.passthroughing import unavailable
 from s3cachefs.fs import passthroughcheck, passthroughkept
@@ -36,7 +37,7 @@ from s3cachefs.fs.nodes import FileHandle, Node
 from s3cachefs.fs.passthrough import Passthrough
 from s3cachefs.fs.versions import VersionGuard
 from s3cachefs.testing.memorystore import MemoryStore
-from tests.conftest import Bucket, Mount, Mounter, drop_page_cache, status
+from tests.conftest import Bucket, Mount, Mounter, drop_page_cache, run_cli, status
 from tests.test_blockcache import BS, make_cache, run_with, version_of
 from tests.test_kernelserve import free_port, wait_for
 
@@ -249,7 +250,8 @@ def test_a_kept_registration_unused_for_keep_idle_is_closed(
             release(2)
             await later(12)
             assert live == set() and passthrough.describe()["kept"] == 0  # idle 12 s: closed
-            assert await open_(3) == 2 and passthrough.counts["checked"] == 2  # checked anew
+            # Registered anew, the check's result re-used: no read (review of 43f360f, #3).
+            assert await open_(3) == 2 and passthrough.counts["checked"] == 1
             release(3)
             nursery.cancel_scope.cancel()
 
@@ -282,6 +284,8 @@ def test_a_free_of_a_passed_through_file_waits_for_its_last_release(tmp_path: Pa
         async with trio.open_nursery() as nursery:
             await nursery.start(passthrough.run)
             assert await passthrough.open(1, FileHandle(node, version)) == 1  # a reader
+            # What `evict` says waits for the reader (review of 43f360f, #4).
+            assert held_bytes(cache.ledger, {version.oid}) == len(data)
             assert await cache.free({version.oid}) == 0
             assert cache.ledger.used == cache.ledger.held_bytes == len(data) and path.exists()
             passthrough.release(1)  # the last one: the free runs
@@ -290,6 +294,117 @@ def test_a_free_of_a_passed_through_file_waits_for_its_last_release(tmp_path: Pa
             await cache.ledger.deleting.settled([(version.oid, None)])
             assert cache.ledger.used == cache.ledger.held_bytes == 0
             assert not path.exists() and passthrough.describe()["kept"] == 0
+            nursery.cancel_scope.cancel()
+
+    run_with(cache, body)
+
+
+def test_a_deferred_free_keeps_the_blocks_out_of_the_eviction_order_until_it_runs(
+    tmp_path: Path,
+) -> None:
+    """The last release of an object a free waits for only starts the free (a task, one
+    scheduling step later): its blocks must not rejoin the LRU meanwhile (review of
+    43f360f, #1). A fetch's eviction runnable in that step would punch a file that a
+    reader of its hard link (kernel-served trees, read-serve) is promised is freed whole,
+    never punched; here no kept registration's flock keeps the punch away (a stop and a
+    resume: a busy `s3cachefs unmount`). The sync `reserve` after the release stands for
+    that fetch, its `Disk.evict` for the punch that races the free's unlink."""
+    store = MemoryStore()
+    data = os.urandom(4 * BS)
+    version = version_of(store, "k", data)
+    cache = make_cache(tmp_path, store, cache_size=4 * BS)
+    kernel: dict[int, int] = {}
+
+    def register(fd: int) -> int:
+        kernel[len(kernel) + 1] = os.dup(fd)  # the kernel's reference (and its flock)
+        return len(kernel)
+
+    passthrough = Passthrough(cache, register, lambda i: os.close(kernel.pop(i)), held_max=1 << 40)
+    node = Node(ino=5, parent=1, name="k", key="k", is_dir=False, size=len(data), handles=1)
+    path = cache.object_path(version.oid)
+
+    async def body() -> None:
+        assert await cache.read(version, 0, len(data)) == data
+        await cache.drain()
+        link = os.open(path, os.O_RDONLY)  # a kernel-tree reader of the hard link
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(passthrough.run)
+                assert await passthrough.open(1, FileHandle(node, version)) == 1
+                passthrough.stop()
+                passthrough.resume()  # the kept registration (and its flock) is gone
+                assert await cache.free({version.oid}) == 0  # deferred: held
+                passthrough.release(1)  # the last: the free is started, not run yet
+                victims, _fits = cache.ledger.reserve(BS, cache.bounds)
+                try:
+                    cache._disk.evict(victims)
+                finally:
+                    cache.ledger.evicted(victims)
+                assert victims == []
+                await trio.testing.wait_all_tasks_blocked()  # the free ran
+                assert version.oid not in cache.ledger and cache.ledger.used == 0
+                assert os.pread(link, len(data), 0) == data
+                nursery.cancel_scope.cancel()
+        finally:
+            os.close(link)
+
+    run_with(cache, body)
+
+
+def test_after_a_stop_an_open_takes_the_fuse_path_at_once_but_an_inode_passing_through_keeps_its_id(
+    tmp_path: Path,
+) -> None:
+    """After `stop()` (a signal, `s3cachefs unmount`; for good if a lazy unmount left the
+    mount alive in another namespace) an open of an inode not passing through answers 0
+    at once: no hold, no check (review of 43f360f, #2: each open read and CRC'd the file
+    whole, then refused, and the FUSE path read it again). An inode already passing
+    through still gets its id: the kernel answers its opens with it."""
+    store = MemoryStore()
+    data = os.urandom(4 * BS)
+    version = version_of(store, "k", data)
+    other = version_of(store, "o", data[::-1])
+    cache = make_cache(tmp_path, store)
+    passthrough = Passthrough(cache, lambda _fd: 1, lambda _id: None)
+    node = Node(ino=5, parent=1, name="k", key="k", is_dir=False, size=len(data), handles=1)
+    onode = Node(ino=6, parent=1, name="o", key="o", is_dir=False, size=len(data), handles=1)
+
+    async def body() -> None:
+        assert await cache.read(version, 0, len(data)) == data
+        assert await cache.read(other, 0, len(data)) == data[::-1]
+        await cache.drain()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(passthrough.run)
+            assert await passthrough.open(1, FileHandle(node, version)) == 1
+            passthrough.stop()
+            assert await passthrough.open(2, FileHandle(onode, other)) == 0
+            assert passthrough.counts["checked"] == 1 and not cache.ledger.is_kept(other.oid)
+            node.handles += 1
+            assert await passthrough.open(3, FileHandle(node, version)) == 1  # passing through
+            passthrough.release(1)
+            passthrough.release(3)
+            nursery.cancel_scope.cancel()
+
+    run_with(cache, body)
+
+
+def test_a_failed_unmount_resumes_passthrough(tmp_path: Path) -> None:
+    """`rebind` after a busy unmount (`resume()`): opens pass through again."""
+    store = MemoryStore()
+    data = os.urandom(2 * BS)
+    version = version_of(store, "k", data)
+    cache = make_cache(tmp_path, store)
+    passthrough = Passthrough(cache, lambda _fd: 7, lambda _id: None)
+    node = Node(ino=5, parent=1, name="k", key="k", is_dir=False, size=len(data), handles=1)
+
+    async def body() -> None:
+        assert await cache.read(version, 0, len(data)) == data
+        await cache.drain()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(passthrough.run)
+            passthrough.stop()
+            passthrough.resume()
+            assert await passthrough.open(1, FileHandle(node, version)) == 7
+            passthrough.release(1)
             nursery.cancel_scope.cancel()
 
     run_with(cache, body)
@@ -616,6 +731,53 @@ def test_a_big_file_is_checked_in_the_background_and_passed_through_at_the_next_
     run_with(cache, body)
 
 
+def test_a_big_file_reopened_less_often_than_keep_idle_passes_through_without_a_new_read(
+    tmp_path: Path,
+) -> None:
+    """A file over check_max opened once per epoch, epochs longer than KEEP_IDLE (review
+    of 43f360f, #3): the sweep closes its registration, and each open took the FUSE path
+    and started another background whole-file read: no passthrough for big files, twice
+    the disk reads. The check's result outlives the close: the next open registers a
+    new descriptor of the same file, flocked, without reading it. A file changed on the
+    disk since (another identity) is not: checked anew."""
+    store = MemoryStore()
+    big = os.urandom(4 * BS)
+    version = version_of(store, "big", big)
+    cache = make_cache(tmp_path, store)
+    ids = itertools.count(1)
+    passthrough = Passthrough(cache, lambda _fd: next(ids), lambda _id: None, check_max=BS)
+    node = Node(ino=5, parent=1, name="big", key="big", is_dir=False, size=len(big))
+    clock = trio.testing.MockClock()
+
+    async def epoch(fh: int) -> int:
+        node.handles += 1
+        backing_id = await passthrough.open(fh, FileHandle(node, version))
+        passthrough.release(fh)
+        node.handles -= 1
+        await passthrough.drain()
+        clock.jump(80)  # the rest of the epoch: other files
+        await trio.testing.wait_all_tasks_blocked()  # the sweep ran
+        assert passthrough.describe()["kept"] == 0
+        return backing_id
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(cache.run)
+            await nursery.start(passthrough.run)
+            assert await cache.read(version, 0, len(big)) == big
+            await cache.drain()
+            got = [await epoch(fh) for fh in range(4)]
+            assert got == [0, 2, 3, 4]  # 1: the background check's, swept
+            assert passthrough.counts["checked"] == 1 and passthrough.counts["deferred"] == 1
+            path = cache.object_path(version.oid)
+            os.utime(path, ns=(1, 1))  # another identity: no trust in the old check
+            assert await epoch(4) == 0
+            assert passthrough.counts["checked"] == 2 and passthrough.counts["deferred"] == 2
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=clock)
+
+
 def test_held_bytes_are_counted_apart_from_pinned_ones(tmp_path: Path) -> None:
     """Held (passed-through) bytes are not "pinned" (what prefetch pinned): each counted
     on its own, a version both pinned and held counted once, as pinned (review #6)."""
@@ -770,6 +932,14 @@ def test_a_background_check_takes_a_disk_token_per_chunk_and_stops_between_two(
     passthrough = Passthrough(cache, register, lambda _id: None, check_max=BS)
     node = Node(ino=5, parent=1, name="big", key="big", is_dir=False, size=len(big), handles=1)
     limiter = cache.disk_limiter
+    firsts: list[int] = []  # the first block of each chunk read
+    blocks_pass = passthroughcheck.blocks_pass
+
+    def counted(fd: int, size: int, bs: int, crcs: dict[int, int], first: int, last: int) -> bool:
+        firsts.append(first)
+        return blocks_pass(fd, size, bs, crcs, first, last)
+
+    monkeypatch.setattr(passthroughcheck, "blocks_pass", counted)
     borrowers = [object() for _ in range(int(limiter.total_tokens))]
     got = trio.Event()
 
@@ -797,6 +967,9 @@ def test_a_background_check_takes_a_disk_token_per_chunk_and_stops_between_two(
                 limiter.release_on_behalf_of(borrower)
             await passthrough.drain()
             assert registered == [] and cache.ledger.held_bytes == 0
+            # The chunk waiting for its token when the stop came is read, no later one
+            # (review of 43f360f, #5: the stop test between chunks was not tested).
+            assert firsts == [0, 1]
             nursery.cancel_scope.cancel()
 
     run_with(cache, body)
@@ -1214,6 +1387,55 @@ def test_a_stop_under_a_reader_closes_the_kept_registrations_before_the_unmount(
         if reader is not None:
             reader.close()
         subprocess.run(["umount", "-l", str(fs)], check=False)
+
+
+@pytest.mark.mount
+@pytest.mark.parametrize("how", ["signal", "s3cachefs unmount"])
+def test_a_signal_or_s3cachefs_unmount_lets_the_kept_registrations_go_before_the_unmount(
+    bucket: Bucket, mounter: Mounter, how: str
+) -> None:
+    """SIGTERM's handler and `s3cachefs unmount`'s unbind stop passthrough before the
+    unmount begins: the kept registrations go while the connection is surely ours (review
+    of 43f360f, #5: with both calls removed, the stop after the FUSE loop still closed
+    them, and no test told). The daemon's log says which stop let them go."""
+    objs = {f"o/{i}.bin": os.urandom(100_000) for i in range(3)}
+    bucket.put_many(objs)
+    mount = mounter(bucket.name, "--min-free", "0")
+    for _ in range(2):
+        for key, body in objs.items():
+            assert (mount.path / key).read_bytes() == body
+        settled(mount)
+    assert status(mount)["passthrough"]["kept"] == 3
+    if how == "signal":
+        mount.proc.send_signal(signal.SIGTERM)
+    else:
+        assert run_cli("unmount", str(mount.path)).returncode == 0
+    assert mount.proc.wait(timeout=60) == 0
+    lines = [ln for ln in mount.log_text().splitlines() if "passthrough stopped" in ln]
+    assert len(lines) == 1 and f"passthrough stopped ({how}): 3 kept" in lines[0], lines
+
+
+@pytest.mark.mount
+def test_evict_under_a_passthrough_reader_says_what_waits_for_its_last_close(
+    bucket: Bucket, mounter: Mounter
+) -> None:
+    """`evict DATASET` of a file a passthrough reader has open: its bytes are freed at
+    that reader's last close, not now; the answer and the CLI say how many (review of
+    43f360f, #4: `freed_bytes: 0` and nothing else)."""
+    body = os.urandom(300_000)
+    bucket.put("ds/one.bin", body)
+    mount = mounter(bucket.name, "--min-free", "0", "--no-kernel-serve-pinned")
+    assert run_cli("prefetch", "ds", "--mount", str(mount.path)).returncode == 0
+    with open(mount.path / "ds/one.bin", "rb") as reader:
+        assert reader.read(10) == body[:10]
+        assert status(mount)["passthrough"]["open_inodes"] == 1
+        result = run_cli("evict", "ds", "--mount", str(mount.path))
+        assert result.returncode == 0, result.stderr
+        assert "freed at their readers' last close" in result.stdout, result.stdout
+        assert f"deferred_bytes={len(body)}" in mount.log_text()
+        assert reader.read() == body[10:]
+    settled(mount)
+    assert status(mount)["cache"]["used_bytes"] == 0
 
 
 @pytest.mark.mount
