@@ -375,6 +375,32 @@ def test_an_eviction_that_failed_lets_the_next_write_of_its_object_go(
     run(cache, body)
 
 
+class FirstFreeHeld:
+    """F, S and Z (4 blocks each) with the unwritten-bytes limit at 2 blocks; of a free of
+    several objects, the first delete is held in its thread until ``release``."""
+
+    def __init__(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        from s3cachefs.cache import fetcher
+
+        monkeypatch.setattr(fetcher, "UNWRITTEN_LIMIT", 2 * BS)
+        self.store = store = MemoryStore()
+        self.objects = [put(store, k, 4 * BS) for k in "fsz"]
+        self.cache = make_cache(tmp_path, store)
+        self.held, self.release = threading.Event(), threading.Event()
+        self.order: list[str] = []
+        disk = self.cache._disk
+        free = disk.free
+
+        def held_free(oid: str, blocks: list[int]) -> None:
+            self.order.append(oid)
+            if len(self.order) == 1:
+                self.held.set()
+                assert self.release.wait(30), "the test never let the delete go"
+            free(oid, blocks)
+
+        monkeypatch.setattr(disk, "free", held_free)
+
+
 def test_a_free_of_many_objects_stalls_no_download(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -385,25 +411,15 @@ def test_a_free_of_many_objects_stalls_no_download(
     is not kept this time, so no bytes stay counted as unwritten and both reads finish while
     the delete is held. Before: those writes waited for the delete, their bytes counted as
     unwritten, and at the limit every download of the daemon (Z's too) stopped."""
-    from s3cachefs.cache import fetcher
-
-    monkeypatch.setattr(fetcher, "UNWRITTEN_LIMIT", 2 * BS)
-    store = MemoryStore()
-    (f, f_data), (s, s_data), (z, z_data) = (put(store, k, 4 * BS) for k in "fsz")
-    cache = make_cache(tmp_path, store)
-    disk = cache._disk
-    free = disk.free
-    held, release = threading.Event(), threading.Event()
-    order: list[str] = []
-
-    def held_free(oid: str, blocks: list[int]) -> None:
-        order.append(oid)
-        if len(order) == 1:
-            held.set()
-            assert release.wait(30), "the test never let the delete go"
-        free(oid, blocks)
-
-    monkeypatch.setattr(disk, "free", held_free)
+    setup = FirstFreeHeld(tmp_path, monkeypatch)
+    store, cache, held, release, order = (
+        setup.store,
+        setup.cache,
+        setup.held,
+        setup.release,
+        setup.order,
+    )
+    (f, f_data), (s, s_data), (z, z_data) = setup.objects
 
     async def body() -> None:
         for v in (f, s):
@@ -438,25 +454,15 @@ def test_a_prefetch_whose_object_is_being_freed_stalls_no_read(
     they wait for its delete): its waiting bytes hold back prefetch downloads only, and Z's
     read (never freed) goes on while the delete is held. Before: they counted as unwritten,
     and at the limit every download of the daemon stopped until the free ended."""
-    from s3cachefs.cache import fetcher
-
-    monkeypatch.setattr(fetcher, "UNWRITTEN_LIMIT", 2 * BS)
-    store = MemoryStore()
-    (f, f_data), (s, s_data), (z, z_data) = (put(store, k, 4 * BS) for k in "fsz")
-    cache = make_cache(tmp_path, store)
-    disk = cache._disk
-    free = disk.free
-    held, release = threading.Event(), threading.Event()
-    order: list[str] = []
-
-    def held_free(oid: str, blocks: list[int]) -> None:
-        order.append(oid)
-        if len(order) == 1:
-            held.set()
-            assert release.wait(30), "the test never let the delete go"
-        free(oid, blocks)
-
-    monkeypatch.setattr(disk, "free", held_free)
+    setup = FirstFreeHeld(tmp_path, monkeypatch)
+    store, cache, held, release, order = (
+        setup.store,
+        setup.cache,
+        setup.held,
+        setup.release,
+        setup.order,
+    )
+    (f, f_data), (s, s_data), (z, z_data) = setup.objects
     z_read: list[bool] = []
 
     async def body() -> None:

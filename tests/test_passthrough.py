@@ -48,6 +48,24 @@ ON = ("--passthrough", "--min-free", "0")
 # ---- the ledger's hold, the kept registration (no FUSE) ---------------------------
 
 
+class BackingIds:
+    """The kernel's backing-id table, as `Passthrough` sees it: ids from 1, closed ones
+    gone from ``live`` and listed in ``closed``."""
+
+    def __init__(self) -> None:
+        self.live: set[int] = set()
+        self.closed: list[int] = []
+        self._ids = itertools.count(1)
+
+    def register(self, _fd: int) -> int:
+        self.live.add(backing_id := next(self._ids))
+        return backing_id
+
+    def unregister(self, backing_id: int) -> None:
+        self.live.remove(backing_id)
+        self.closed.append(backing_id)
+
+
 def test_a_held_object_is_never_an_eviction_victim(tmp_path: Path) -> None:
     store = MemoryStore()
     held, other = os.urandom(3 * BS), os.urandom(3 * BS)
@@ -160,19 +178,9 @@ def test_a_backing_id_in_use_by_an_open_inode_stays_registered(tmp_path: Path) -
     data = os.urandom(2 * BS)
     version = version_of(store, "k", data)
     cache = make_cache(tmp_path, store)
-    live: set[int] = set()
-    closed: list[int] = []
-    ids = itertools.count(1)
-
-    def register(_fd: int) -> int:
-        live.add(backing_id := next(ids))
-        return backing_id
-
-    def unregister(backing_id: int) -> None:
-        live.remove(backing_id)
-        closed.append(backing_id)
-
-    passthrough = Passthrough(cache, register, unregister)
+    kernel = BackingIds()
+    live, closed = kernel.live, kernel.closed
+    passthrough = Passthrough(cache, kernel.register, kernel.unregister)
     one = Node(ino=5, parent=1, name="k", key="k", is_dir=False, size=len(data))
     two = Node(ino=6, parent=1, name="k", key="k", is_dir=False, size=len(data))
 
@@ -211,14 +219,9 @@ def test_a_kept_registration_unused_for_keep_idle_is_closed(
     data = os.urandom(2 * BS)
     version = version_of(store, "k", data)
     cache = make_cache(tmp_path, store)
-    live: set[int] = set()
-    ids = itertools.count(1)
-
-    def register(_fd: int) -> int:
-        live.add(backing_id := next(ids))
-        return backing_id
-
-    passthrough = Passthrough(cache, register, live.remove)
+    kernel = BackingIds()
+    live = kernel.live
+    passthrough = Passthrough(cache, kernel.register, kernel.unregister)
     node = Node(ino=5, parent=1, name="k", key="k", is_dir=False, size=len(data))
     clock = trio.testing.MockClock()
 
@@ -418,14 +421,9 @@ def test_two_inodes_of_one_oid_are_settled_one_at_a_time(tmp_path: Path) -> None
     data = os.urandom(2 * BS)
     version = version_of(store, "k", data)
     cache = make_cache(tmp_path, store)
-    live: set[int] = set()
-    ids = itertools.count(1)
-
-    def register(_fd: int) -> int:
-        live.add(backing_id := next(ids))
-        return backing_id
-
-    passthrough = Passthrough(cache, register, live.remove)
+    kernel = BackingIds()
+    live = kernel.live
+    passthrough = Passthrough(cache, kernel.register, kernel.unregister)
     nodes = [Node(ino=i, parent=1, name="k", key="k", is_dir=False, size=len(data)) for i in (5, 6)]
     got: list[int] = []
 
