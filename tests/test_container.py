@@ -56,7 +56,7 @@ from tests.containers import (
     containers_conf,
 )
 
-pytestmark = [pytest.mark.container, pytest.mark.timeout(1800)]
+pytestmark = [pytest.mark.container, pytest.mark.exclusive, pytest.mark.timeout(1800)]
 
 REPO = Path(__file__).resolve().parent.parent
 DAEMON = "s3cachefs"  # the README's container name

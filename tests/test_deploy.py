@@ -25,6 +25,8 @@ import yaml
 from s3cachefs.cli.parser import build_parser
 from s3cachefs.cli.settings import mount_config, resolve
 
+pytestmark = pytest.mark.exclusive  # see the marker in pyproject.toml
+
 REPO = Path(__file__).resolve().parent.parent
 
 

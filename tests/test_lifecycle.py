@@ -24,6 +24,8 @@ from tests.faultproxy import FaultProxy
 from tests.test_kernelserve import wait_bound, wait_for
 from tests.test_prefetch import check_tree, fill, prefetch
 
+pytestmark = pytest.mark.exclusive  # see the marker in pyproject.toml
+
 
 class Holder:
     """A process in a mount namespace of its own (its cwd inside ``path``, if given).

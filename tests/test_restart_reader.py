@@ -26,6 +26,8 @@ from tests.conftest import Bucket, Mount, Mounter
 from tests.test_kernelserve import wait_bound
 from tests.test_prefetch import fill, prefetch
 
+pytestmark = pytest.mark.exclusive  # see the marker in pyproject.toml
+
 READER = """
 import hashlib, os, sys, time
 path, digest = sys.argv[1], sys.argv[2]
