@@ -35,6 +35,11 @@ def block_span(index: int, block_size: int, size: int) -> tuple[int, int]:
     return start, min(start + block_size, size)
 
 
+def block_count(block_size: int, size: int) -> int:
+    """How many blocks an object of ``size`` bytes has."""
+    return -(-size // block_size)
+
+
 def block_len(index: int, block_size: int, size: int) -> int:
     """How many bytes block ``index`` holds (the last one may be short)."""
     start, end = block_span(index, block_size, size)

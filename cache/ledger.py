@@ -23,7 +23,7 @@ from pathlib import Path
 
 import psutil
 
-from s3cachefs.cache.blocks import BlockKey, ObjectVersion, block_len, block_span
+from s3cachefs.cache.blocks import BlockKey, ObjectVersion, block_count, block_len, block_span
 from s3cachefs.cache.deleting import WHOLE, Deleting, Key
 from s3cachefs.cache.keeping import Keeping
 from s3cachefs.cache.stats import CacheStats
@@ -145,7 +145,7 @@ class Ledger:
 
     def missing_blocks(self, version: ObjectVersion) -> list[int]:
         record = self._objects.get(version.oid)
-        nblocks = -(-version.size // self.block_size)
+        nblocks = block_count(self.block_size, version.size)
         have = record.blocks if record else {}
         return [idx for idx in range(nblocks) if idx not in have]
 
@@ -192,7 +192,7 @@ class Ledger:
         if record is None:
             return 0
         size, bs = record.version.size, self.block_size  # every block full but the last
-        last = -(-size // bs) - 1
+        last = block_count(bs, size) - 1
         short = bs - block_len(last, bs, size) if last in record.blocks else 0
         return len(record.blocks) * bs - short
 

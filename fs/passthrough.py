@@ -54,7 +54,7 @@ from dataclasses import dataclass
 import trio
 
 from s3cachefs.cache.blockcache import BlockCache
-from s3cachefs.cache.blocks import ObjectVersion
+from s3cachefs.cache.blocks import ObjectVersion, block_count
 from s3cachefs.cache.ledger import Record
 from s3cachefs.fs import passthroughcheck, passthroughkept
 from s3cachefs.fs.nodes import FileHandle
@@ -318,7 +318,7 @@ class Passthrough:
         crcs, taken = dict(record.blocks), record.taken
         path = str(self.cache.object_path(version.oid))
         size, bs = version.size, self.cache.block_size
-        nblocks, per = -(-size // bs), max(1, passthroughcheck.CHECK_CHUNK // bs)
+        nblocks, per = block_count(bs, size), max(1, passthroughcheck.CHECK_CHUNK // bs)
         upto = 0 if known is not None else min(per, nblocks)
         self.counts["checked"] += known is None
         try:  # the first chunk in the call that opens it: one thread call for a small file
@@ -354,11 +354,10 @@ class Passthrough:
         token) each: a multi-GiB file takes no token for its whole read; False once
         unmount begins."""
         size, bs = version.size, self.cache.block_size
-        nblocks = -(-size // bs)
         for first in firsts:
             if self._stop.is_set():
                 return False
-            last = min(first + firsts.step, nblocks)
+            last = min(first + firsts.step, firsts.stop)
             try:
                 if not await trio.to_thread.run_sync(
                     passthroughcheck.blocks_pass, fd, size, bs, crcs, first, last,
@@ -390,5 +389,5 @@ class Passthrough:
         """Whether the ledger has every block: a count, not a walk over the blocks (a
         record's blocks are its version's, so as many as it has means all)."""
         record = self.ledger.record(version.oid)
-        nblocks = -(-version.size // self.ledger.block_size)
+        nblocks = block_count(self.ledger.block_size, version.size)
         return nblocks > 0 and record is not None and len(record.blocks) == nblocks
