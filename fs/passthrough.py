@@ -175,7 +175,7 @@ class Passthrough:
     async def open(self, fh: int, handle: FileHandle) -> int:
         """The backing id to answer this open with, or 0 (the CRC-checked FUSE path)."""
         node, oid = handle.node, handle.version.oid
-        while (settling := self._settling.get(node.ino) or self._settling.get(oid)) is not None:
+        while (settling := self._settling_of(node.ino, oid)) is not None:
             await settling.wait()
         backing = self._inodes.get(node.ino)
         if backing is not None:  # the inode passes through: so must every open of it
@@ -254,6 +254,11 @@ class Passthrough:
         self._kept.refs[backing_id] += 1
         backing = self._inodes[ino] = Backing(backing_id, oid)
         return backing
+
+    def _settling_of(self, ino: int, oid: str) -> trio.Event | None:
+        """The open of this inode, or of this oid, being settled (an Event is no bool)."""
+        settling = self._settling.get(ino)
+        return self._settling.get(oid) if settling is None else settling
 
     def _release(self, oid: str) -> None:
         """One hold of ``oid`` less; a free that waited for its last one runs now (its

@@ -443,6 +443,35 @@ def test_two_inodes_of_one_oid_are_settled_one_at_a_time(tmp_path: Path) -> None
     run_with(cache, body)
 
 
+def test_two_opens_of_one_inode_at_once_share_its_check(tmp_path: Path) -> None:
+    """A second open of an inode whose first open is being checked waits for it and is
+    answered with the same id. Before: the wait tested the inode's Event as a bool, which
+    trio refuses (NotImplementedError): EIO to that open(2), seen in the soak."""
+    store = MemoryStore()
+    data = os.urandom(2 * BS)
+    version = version_of(store, "k", data)
+    cache = make_cache(tmp_path, store)
+    kernel = BackingIds()
+    passthrough = Passthrough(cache, kernel.register, kernel.unregister)
+    node = Node(ino=5, parent=1, name="k", key="k", is_dir=False, size=len(data))
+    got: list[int] = []
+
+    async def open_(fh: int) -> None:
+        node.handles += 1
+        got.append(await passthrough.open(fh, FileHandle(node, version)))
+
+    async def body() -> None:
+        assert await cache.read(version, 0, len(data)) == data
+        await cache.drain()
+        async with trio.open_nursery() as nursery:
+            for fh in (1, 2):
+                nursery.start_soon(open_, fh)
+        assert got == [1, 1] and kernel.live == {1}
+        assert passthrough.counts["checked"] == 1
+
+    run_with(cache, body)
+
+
 def test_a_passed_through_inode_is_served_and_never_re_bound(tmp_path: Path) -> None:
     """The kernel reads a passed-through file without a READ at the daemon: its open marks
     the inode (and handle) served as a READ does. Else a later open that S3 refuses (the
